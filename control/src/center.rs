@@ -1,0 +1,541 @@
+//! The center: Herald's HTTP API for business servers (axum, JSON).
+//!
+//! Every `/v1/apps/{app}/...` route needs `Authorization: Bearer <api key>`
+//! of that app. Errors are `{"error": {"code": "...", "message": "..."}}`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::delivery::{Delivery, PushResult};
+use crate::{AppConfig, ControlConfig};
+
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
+
+/// Renders the gateway's metrics (the control plane cannot see them itself).
+pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
+
+pub struct CenterState {
+    config: ControlConfig,
+    apps: HashMap<String, AppConfig>,
+    delivery: Arc<Delivery>,
+    gateway_metrics: MetricsRenderer,
+    requests_by_status: Mutex<BTreeMap<u16, u64>>,
+}
+
+/// A JSON error reply.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn storage(error: herald_storage::StorageError) -> ApiError {
+        tracing::warn!(%error, "storage call failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            "storage is unavailable; retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body, whatever its Content-Type (so a plain `curl -d` works),
+/// with errors in the API's own format.
+struct JsonBody<T>(T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection: BytesRejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "request body is too large",
+                    )
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|error| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("request body is not valid JSON for this call: {error}"),
+            )
+        })
+    }
+}
+
+pub fn router(
+    config: ControlConfig,
+    delivery: Arc<Delivery>,
+    gateway_metrics: MetricsRenderer,
+) -> Router {
+    // Base64 grows a payload by a third, JSON escaping can double text;
+    // allow for both and let the payload check give the precise error.
+    let body_limit = config.payload_bytes_max * 2 + 64 * 1024;
+    let state = Arc::new(CenterState {
+        apps: config
+            .apps
+            .iter()
+            .map(|app| (app.id.clone(), app.clone()))
+            .collect(),
+        config,
+        delivery,
+        gateway_metrics,
+        requests_by_status: Mutex::default(),
+    });
+    Router::new()
+        .route("/v1/apps/{app}/users/{user}/messages", post(push).get(pull))
+        .route("/v1/apps/{app}/messages", post(multicast))
+        .route("/v1/apps/{app}/users/{user}/presence", get(presence))
+        .route("/v1/apps/{app}/users/{user}/kick", post(kick))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(
+    State(state): State<Arc<CenterState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    *state
+        .requests_by_status
+        .lock()
+        .expect("metrics lock")
+        .entry(response.status().as_u16())
+        .or_default() += 1;
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Finds the app and checks the request's API key for it.
+fn authorize<'a>(
+    state: &'a CenterState,
+    app: &str,
+    headers: &HeaderMap,
+) -> Result<&'a AppConfig, ApiError> {
+    let Some(config) = state.apps.get(app) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_app",
+            format!("no app {app:?} on this server"),
+        ));
+    };
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing `Authorization: Bearer <api key>` header",
+            )
+        })?;
+    if !constant_time_eq(key.trim().as_bytes(), config.api_key.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this API key is not valid for app {app:?}"),
+        ));
+    }
+    Ok(config)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn check_user(user: &str) -> Result<(), ApiError> {
+    if user.is_empty() || user.len() > herald_proto::limits::USER_ID_LEN_MAX {
+        return Err(ApiError::bad_request(format!(
+            "user id must be 1 to {} bytes",
+            herald_proto::limits::USER_ID_LEN_MAX
+        )));
+    }
+    Ok(())
+}
+
+/// The message fields shared by unicast and multicast.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    payload: Option<String>,
+    payload_base64: Option<String>,
+    ttl_secs: Option<u64>,
+    idempotency_key: Option<String>,
+    /// Multicast only.
+    users: Option<Vec<String>>,
+}
+
+struct CheckedMessage {
+    payload: Vec<u8>,
+    ttl: Duration,
+    idempotency_key: Option<String>,
+}
+
+fn check_message(
+    state: &CenterState,
+    app: &AppConfig,
+    body: MessageBody,
+) -> Result<CheckedMessage, ApiError> {
+    let payload = match (body.payload, body.payload_base64) {
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(encoded)) => BASE64.decode(encoded.as_bytes()).map_err(|error| {
+            ApiError::bad_request(format!("payload_base64 is not valid base64: {error}"))
+        })?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of \"payload\" (UTF-8 text) or \"payload_base64\"",
+            ));
+        }
+    };
+    if payload.len() > state.config.payload_bytes_max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "payload is {} bytes; the limit is {}",
+                payload.len(),
+                state.config.payload_bytes_max
+            ),
+        ));
+    }
+    let ttl_secs = body.ttl_secs.unwrap_or(app.default_ttl_secs);
+    if ttl_secs == 0 || ttl_secs > state.config.ttl_secs_max {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs must be 1 to {}",
+            state.config.ttl_secs_max
+        )));
+    }
+    if let Some(key) = &body.idempotency_key
+        && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX)
+    {
+        return Err(ApiError::bad_request(format!(
+            "idempotency_key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} bytes"
+        )));
+    }
+    Ok(CheckedMessage {
+        payload,
+        ttl: Duration::from_secs(ttl_secs),
+        idempotency_key: body.idempotency_key,
+    })
+}
+
+fn result_json(result: &PushResult) -> Value {
+    json!({
+        "user": result.stored.user,
+        "seq": result.stored.seq,
+        "message_id": result.stored.message_id.to_string(),
+        "online": result.online,
+    })
+}
+
+async fn push(
+    State(state): State<Arc<CenterState>>,
+    Path((app, user)): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<MessageBody>,
+) -> Result<Json<Value>, ApiError> {
+    let app_config = authorize(&state, &app, &headers)?;
+    check_user(&user)?;
+    if body.users.is_some() {
+        return Err(ApiError::bad_request(
+            "\"users\" belongs to POST /v1/apps/{app}/messages",
+        ));
+    }
+    let message = check_message(&state, app_config, body)?;
+    let (results, replayed) = state
+        .delivery
+        .push(
+            &app,
+            &[user],
+            &message.payload,
+            message.ttl,
+            message.idempotency_key.as_deref(),
+        )
+        .await
+        .map_err(ApiError::storage)?;
+    let result = results.first().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "storage returned no result",
+        )
+    })?;
+    Ok(Json(json!({
+        "seq": result.stored.seq,
+        "message_id": result.stored.message_id.to_string(),
+        "online": result.online,
+        "replayed": replayed,
+    })))
+}
+
+async fn multicast(
+    State(state): State<Arc<CenterState>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    JsonBody(mut body): JsonBody<MessageBody>,
+) -> Result<Json<Value>, ApiError> {
+    let app_config = authorize(&state, &app, &headers)?;
+    let users = body
+        .users
+        .take()
+        .ok_or_else(|| ApiError::bad_request("\"users\" (a list of user ids) is required"))?;
+    if users.is_empty() || users.len() > state.config.multicast_users_max {
+        return Err(ApiError::bad_request(format!(
+            "\"users\" must list 1 to {} users",
+            state.config.multicast_users_max
+        )));
+    }
+    // One copy per user, even if the caller listed someone twice.
+    let mut seen = HashSet::new();
+    let users: Vec<String> = users
+        .into_iter()
+        .filter(|user| seen.insert(user.clone()))
+        .collect();
+    for user in &users {
+        check_user(user)?;
+    }
+    let message = check_message(&state, app_config, body)?;
+    let (results, replayed) = state
+        .delivery
+        .push(
+            &app,
+            &users,
+            &message.payload,
+            message.ttl,
+            message.idempotency_key.as_deref(),
+        )
+        .await
+        .map_err(ApiError::storage)?;
+    Ok(Json(json!({
+        "results": results.iter().map(result_json).collect::<Vec<_>>(),
+        "replayed": replayed,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PullQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn pull(
+    State(state): State<Arc<CenterState>>,
+    Path((app, user)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: Result<Query<PullQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &app, &headers)?;
+    check_user(&user)?;
+    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let limit = query.limit.unwrap_or(state.config.pull_limit_max);
+    if limit == 0 || limit > state.config.pull_limit_max {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {}",
+            state.config.pull_limit_max
+        )));
+    }
+    let (messages, more) = state
+        .delivery
+        .saver()
+        .messages_after(
+            &app,
+            &user,
+            query.after.unwrap_or(0),
+            limit,
+            crate::delivery::unix_ms(),
+        )
+        .await
+        .map_err(ApiError::storage)?;
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            json!({
+                "seq": m.seq,
+                "message_id": m.message_id.to_string(),
+                "payload": std::str::from_utf8(&m.payload).ok(),
+                "payload_base64": BASE64.encode(&m.payload),
+                "created_at_ms": m.created_at_ms,
+                "expires_at_ms": m.expires_at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"messages": messages, "more": more})))
+}
+
+async fn presence(
+    State(state): State<Arc<CenterState>>,
+    Path((app, user)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &app, &headers)?;
+    check_user(&user)?;
+    let sessions = state.delivery.sessions(&app, &user).await;
+    let connections: Vec<Value> = sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "node": s.node,
+                "conn_id": s.conn.to_string(),
+                "device_id": s.device_id,
+                "connected_at_ms": s.connected_at_ms,
+                "network": s.network.as_str(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "online": !connections.is_empty(),
+        "connections": connections,
+    })))
+}
+
+async fn kick(
+    State(state): State<Arc<CenterState>>,
+    Path((app, user)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &app, &headers)?;
+    check_user(&user)?;
+    let kicked = state.delivery.kick(&app, &user).await;
+    Ok(Json(json!({"kicked": kicked})))
+}
+
+async fn livez() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when listening (this answer proves the API listener; the gateway
+/// listens before the API starts), storage answers and not draining.
+async fn readyz(State(state): State<Arc<CenterState>>) -> Response {
+    if state.delivery.is_draining() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "server is shutting down",
+        )
+        .into_response();
+    }
+    match state.delivery.saver().ping().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(error) => ApiError::storage(error).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
+    let mut text = String::new();
+    (state.gateway_metrics)(&mut text);
+    let counters = &state.delivery.counters;
+    for (name, help, value) in [
+        (
+            "herald_messages_stored_total",
+            "Messages stored (one per recipient inbox).",
+            &counters.messages_stored,
+        ),
+        (
+            "herald_deliveries_total",
+            "Stored messages handed to a connection's shard.",
+            &counters.deliveries,
+        ),
+        (
+            "herald_fills_total",
+            "Catch-up reads from storage sent to connections.",
+            &counters.fills,
+        ),
+        (
+            "herald_acks_saved_total",
+            "Device ack cursors written to storage.",
+            &counters.acks_saved,
+        ),
+        (
+            "herald_upstreams_total",
+            "UPSTREAM frames received from clients.",
+            &counters.upstreams,
+        ),
+    ] {
+        let _ = writeln!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP herald_api_requests_total API requests by HTTP status.\n# TYPE herald_api_requests_total counter"
+    );
+    for (status, count) in state
+        .requests_by_status
+        .lock()
+        .expect("metrics lock")
+        .iter()
+    {
+        let _ = writeln!(
+            text,
+            "herald_api_requests_total{{status=\"{status}\"}} {count}"
+        );
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
+}

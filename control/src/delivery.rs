@@ -1,0 +1,436 @@
+//! Delivery: store first, then send; answer the shards' events.
+//!
+//! A push is made durable by the saver before anything else, then handed to
+//! every connection the register knows for the user. Shards ask for stored
+//! messages when a client binds or falls behind (`CatchUp`), and this module
+//! answers with a `Fill` read from storage, so a shard never waits on
+//! storage and never holds more than its delivery window per binding.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
+use herald_proto::{GoAwayReason, UpstreamStatus};
+use herald_storage::{AckCursor, NewMessage, Saver, StorageError, StoredRef};
+use tokio::sync::Notify;
+
+use crate::register::{Register, Session};
+
+/// Longest wait between two tries of a fill storage could not serve.
+const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Counters the control plane keeps (summed with the gateway's at scrape).
+#[derive(Debug, Default)]
+pub struct DeliveryCounters {
+    pub messages_stored: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub fills: AtomicU64,
+    pub acks_saved: AtomicU64,
+    pub upstreams: AtomicU64,
+}
+
+/// One recipient's result of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushResult {
+    pub stored: StoredRef,
+    pub online: bool,
+}
+
+pub struct Delivery {
+    node_id: String,
+    saver: Saver,
+    register: Arc<dyn Register>,
+    shards: Vec<async_channel::Sender<ShardCommand>>,
+    /// Messages read for a connection's first fill: its delivery window.
+    fill_limit: u32,
+    /// Acks not yet written: the highest seq per (app, user, device).
+    pending_acks: Mutex<HashMap<(String, String, String), u64>>,
+    drained_shards: AtomicU64,
+    drained: Notify,
+    draining: AtomicBool,
+    pub counters: DeliveryCounters,
+}
+
+impl Delivery {
+    pub fn new(
+        node_id: String,
+        saver: Saver,
+        register: Arc<dyn Register>,
+        shards: Vec<async_channel::Sender<ShardCommand>>,
+        fill_limit: u32,
+    ) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            node_id,
+            saver,
+            register,
+            shards,
+            fill_limit,
+            pending_acks: Mutex::default(),
+            drained_shards: AtomicU64::new(0),
+            drained: Notify::new(),
+            draining: AtomicBool::new(false),
+            counters: DeliveryCounters::default(),
+        })
+    }
+
+    pub fn saver(&self) -> &Saver {
+        &self.saver
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, command: ShardCommand, conn: ConnId) {
+        // A closed channel means the shard is gone (shutdown): nothing to do.
+        if let Some(shard) = self.shards.get(usize::from(conn.shard)) {
+            let _ = shard.send(command).await;
+        }
+    }
+
+    /// Stores `payload` for every user, then hands it to their connections.
+    /// Returns once stored (durable) and handed to the shards.
+    pub async fn push(
+        &self,
+        app: &str,
+        users: &[String],
+        payload: &[u8],
+        ttl: Duration,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Vec<PushResult>, bool), StorageError> {
+        let outcome = self
+            .saver
+            .store(NewMessage {
+                app,
+                users,
+                payload,
+                ttl_ms: ttl.as_millis() as u64,
+                now_ms: unix_ms(),
+                idempotency_key,
+            })
+            .await?;
+        if !outcome.replayed {
+            self.counters
+                .messages_stored
+                .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
+        }
+        let payload = bytes::Bytes::copy_from_slice(payload);
+        let mut results = Vec::with_capacity(outcome.stored.len());
+        for stored in outcome.stored {
+            let sessions = self.sessions(app, &stored.user).await;
+            // A replay was handed over the first time; only report presence.
+            if !outcome.replayed {
+                for session in &sessions {
+                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    let message = PushMessage {
+                        seq: stored.seq,
+                        message_id: stored.message_id,
+                        payload: payload.clone(),
+                    };
+                    let command = ShardCommand::Deliver {
+                        conn: session.conn,
+                        app: app.to_owned(),
+                        message,
+                    };
+                    self.send(command, session.conn).await;
+                }
+            }
+            results.push(PushResult {
+                online: !sessions.is_empty(),
+                stored,
+            });
+        }
+        Ok((results, outcome.replayed))
+    }
+
+    /// The user's connections. A register failure counts as offline: the
+    /// message is stored and reaches the user on the next bind.
+    pub async fn sessions(&self, app: &str, user: &str) -> Vec<Session> {
+        match self.register.sessions(app, user).await {
+            Ok(sessions) => sessions,
+            Err(error) => {
+                tracing::warn!(%error, app.id = app, "register lookup failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sends GOAWAY(kicked) to every connection of the user; returns how many.
+    pub async fn kick(&self, app: &str, user: &str) -> usize {
+        let sessions = self.sessions(app, user).await;
+        for session in &sessions {
+            let command = ShardCommand::Kick {
+                conn: session.conn,
+                reason: GoAwayReason::KICKED,
+            };
+            self.send(command, session.conn).await;
+        }
+        sessions.len()
+    }
+
+    /// Handles shard events until every shard's sender is gone.
+    pub async fn run_events(self: Arc<Self>, events: async_channel::Receiver<ShardEvent>) {
+        while let Ok(event) = events.recv().await {
+            self.handle_event(event).await;
+        }
+    }
+
+    async fn handle_event(self: &Arc<Self>, event: ShardEvent) {
+        // Register changes happen here, in event order, so a Closed can never
+        // overtake the Bound before it. Storage reads run in their own tasks.
+        match event {
+            ShardEvent::Bound {
+                conn,
+                app,
+                user,
+                device_id,
+                network,
+                client_last_seq,
+                connected_at_ms,
+            } => {
+                let session = Session {
+                    conn,
+                    node: self.node_id.clone(),
+                    device_id: device_id.clone(),
+                    network,
+                    connected_at_ms,
+                };
+                if let Err(error) = self.register.add(&app, &user, session).await {
+                    tracing::warn!(%error, conn.id = %conn, "register add failed");
+                }
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let after = match client_last_seq {
+                        Some(seq) => Some(seq),
+                        None => this.resume_point(&app, &user, &device_id).await,
+                    };
+                    if let Some(after) = after {
+                        this.fill(conn, app, user, after, this.fill_limit).await;
+                    }
+                });
+            }
+            ShardEvent::Unbound { conn, app, user } => {
+                self.remove_session(&app, &user, conn).await;
+            }
+            ShardEvent::Closed { conn, bindings } => {
+                for (app, user) in bindings {
+                    self.remove_session(&app, &user, conn).await;
+                }
+            }
+            ShardEvent::Ack {
+                app,
+                user,
+                device_id,
+                seq,
+                ..
+            } => {
+                let mut pending = self.pending_acks.lock().expect("ack lock");
+                let acked = pending.entry((app, user, device_id)).or_insert(seq);
+                *acked = (*acked).max(seq);
+            }
+            ShardEvent::CatchUp {
+                conn,
+                app,
+                user,
+                after,
+                limit,
+            } => {
+                let this = self.clone();
+                tokio::spawn(async move { this.fill(conn, app, user, after, limit).await });
+            }
+            ShardEvent::Upstream {
+                conn,
+                app,
+                request_id,
+                ..
+            } => {
+                // Forwarding to business servers is the coordinator's job,
+                // which this build does not have yet: say so, never pretend.
+                self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
+                let command = ShardCommand::UpstreamAck {
+                    conn,
+                    app,
+                    request_id,
+                    status: UpstreamStatus::NO_ENDPOINT,
+                };
+                self.send(command, conn).await;
+            }
+            ShardEvent::Drained { .. } => {
+                self.drained_shards.fetch_add(1, Ordering::SeqCst);
+                self.drained.notify_waiters();
+            }
+        }
+    }
+
+    async fn remove_session(&self, app: &str, user: &str, conn: ConnId) {
+        if let Err(error) = self.register.remove(app, user, conn).await {
+            tracing::warn!(%error, conn.id = %conn, "register remove failed");
+        }
+    }
+
+    /// Where a device without a reported last seq resumes: the higher of its
+    /// stored cursor and an ack not yet written. `None` if storage failed
+    /// (the connection then gets nothing until it reconnects, rather than
+    /// everything again).
+    async fn resume_point(&self, app: &str, user: &str, device_id: &str) -> Option<u64> {
+        let pending = self
+            .pending_acks
+            .lock()
+            .expect("ack lock")
+            .get(&(app.to_owned(), user.to_owned(), device_id.to_owned()))
+            .copied();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.saver.device_cursor(app, user, device_id).await {
+                Ok(stored) => return Some(stored.unwrap_or(0).max(pending.unwrap_or(0))),
+                Err(error) => {
+                    tracing::warn!(%error, app.id = app, "reading a device cursor failed");
+                    if !self.still_bound(app, user).await {
+                        return None;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(FILL_RETRY_DELAY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn still_bound(&self, app: &str, user: &str) -> bool {
+        !self.is_draining() && !self.sessions(app, user).await.is_empty()
+    }
+
+    /// Reads stored messages after `after` and sends them to the connection.
+    /// Retries while storage is down and the user is still connected.
+    async fn fill(&self, conn: ConnId, app: String, user: String, after: u64, limit: u32) {
+        let mut delay = Duration::from_millis(100);
+        let (messages, more) = loop {
+            match self
+                .saver
+                .messages_after(&app, &user, after, limit, unix_ms())
+                .await
+            {
+                Ok(found) => break found,
+                Err(error) => {
+                    tracing::warn!(%error, conn.id = %conn, "reading an inbox failed");
+                    if !self.still_bound(&app, &user).await {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(FILL_RETRY_DELAY_MAX);
+                }
+            }
+        };
+        self.counters.fills.fetch_add(1, Ordering::Relaxed);
+        let messages = messages
+            .into_iter()
+            .map(|m| PushMessage {
+                seq: m.seq,
+                message_id: m.message_id,
+                payload: m.payload,
+            })
+            .collect();
+        let command = ShardCommand::Fill {
+            conn,
+            app,
+            after,
+            messages,
+            more,
+        };
+        self.send(command, conn).await;
+    }
+
+    /// Writes pending acks. On failure they are merged back for next time.
+    pub async fn flush_acks(&self) -> Result<(), StorageError> {
+        let pending = std::mem::take(&mut *self.pending_acks.lock().expect("ack lock"));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let cursors: Vec<AckCursor> = pending
+            .iter()
+            .map(|((app, user, device_id), &acked_seq)| AckCursor {
+                app: app.clone(),
+                user: user.clone(),
+                device_id: device_id.clone(),
+                acked_seq,
+            })
+            .collect();
+        match self.saver.save_acks(&cursors, unix_ms()).await {
+            Ok(()) => {
+                self.counters
+                    .acks_saved
+                    .fetch_add(cursors.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                let mut current = self.pending_acks.lock().expect("ack lock");
+                for (key, seq) in pending {
+                    let acked = current.entry(key).or_insert(seq);
+                    *acked = (*acked).max(seq);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes acks every `interval` until the process ends.
+    pub async fn run_ack_flusher(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(error) = self.flush_acks().await {
+                tracing::warn!(%error, "saving acks failed; will retry");
+            }
+        }
+    }
+
+    /// Deletes expired messages every `interval`.
+    pub async fn run_purger(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.saver.purge_expired(unix_ms()).await {
+                Ok(purged) if purged > 0 => tracing::info!(purged, "purged expired messages"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "purging expired messages failed"),
+            }
+        }
+    }
+
+    /// Graceful stop:
+    /// 1. mark draining, so /readyz answers 503 and load balancers move away;
+    /// 2. tell every shard to drain: clients get GOAWAY(server_shutdown) with
+    ///    a reconnect hint, and each shard reports `Drained` when it is empty;
+    /// 3. wait for that (bounded by `timeout`: a shard that cannot flush its
+    ///    clients in time must not hold the process);
+    /// 4. write the acks that arrived meanwhile.
+    ///
+    /// The caller closes storage afterwards.
+    pub async fn drain(&self, reconnect_delay_ms: u32, timeout: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        for shard in &self.shards {
+            let _ = shard.send(ShardCommand::Drain { reconnect_delay_ms }).await;
+        }
+        let all = self.shards.len() as u64;
+        let wait = async {
+            loop {
+                let notified = self.drained.notified();
+                if self.drained_shards.load(Ordering::SeqCst) >= all {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::warn!("shards did not drain in time; closing anyway");
+        }
+        if let Err(error) = self.flush_acks().await {
+            tracing::warn!(%error, "saving the last acks failed");
+        }
+    }
+}

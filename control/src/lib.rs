@@ -1,0 +1,39 @@
+//! herald-control: the control plane, on tokio.
+//!
+//! It owns the center (the HTTP API business servers call), the register
+//! (which connections each user has) and delivery (store first, then send;
+//! answer the shards' requests for stored messages; batch ack cursors).
+//! It reaches the gateway only through `herald_proto::plane` commands and
+//! events over bounded channels, and storage only through `herald-storage`.
+//!
+//! It does not hold client connections and does not know about sockets.
+
+pub mod center;
+pub mod delivery;
+pub mod register;
+
+use std::time::Duration;
+
+pub use center::{MetricsRenderer, router};
+pub use delivery::Delivery;
+pub use register::{MemoryRegister, Register, Session};
+
+/// An app as the control plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    pub id: String,
+    pub api_key: String,
+    pub default_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    pub apps: Vec<AppConfig>,
+    /// Largest push payload, in bytes.
+    pub payload_bytes_max: usize,
+    pub multicast_users_max: usize,
+    pub pull_limit_max: u32,
+    pub ttl_secs_max: u64,
+    pub ack_flush_interval: Duration,
+    pub purge_interval: Duration,
+}

@@ -1,0 +1,462 @@
+//! The client side of one connection, as a state machine with no I/O.
+//!
+//! A driver (the tokio SDK, the benchmark) feeds it frames and timeouts and
+//! drains `poll_transmit` and `poll_event`. It sends HELLO, binds every
+//! configured app once the server answers, pings at the interval the server
+//! chose, drops pushes it already delivered, and sends cumulative ACKs.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::frame::{
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, UpstreamStatus,
+};
+
+/// How long the server may take to answer HELLO.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One app to bind, with the last sequence the client holds for it (sent in
+/// BIND so the server resumes after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppCredentials {
+    pub app: String,
+    pub token: String,
+    pub last_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    pub device_id: String,
+    pub client_version: String,
+    pub network: NetworkType,
+    pub apps: Vec<AppCredentials>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    pub app: String,
+    pub message_id: MessageId,
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The server answered HELLO.
+    Ready { heartbeat_interval: Duration },
+    Bound { app: String, user: String },
+    BindFailed {
+        app: String,
+        code: BindErrorCode,
+        message: String,
+    },
+    /// A message not delivered before on this connection or an earlier one
+    /// (as far as the resume point tells).
+    Push(Push),
+    UpstreamAck {
+        app: String,
+        request_id: u64,
+        status: UpstreamStatus,
+    },
+    /// The server is closing the connection.
+    GoAway {
+        reason: GoAwayReason,
+        reconnect_delay_ms: Option<u32>,
+    },
+    /// The server reported a protocol error and is closing.
+    ServerError { code: ErrorCode, message: String },
+    /// The server sent nothing within twice the heartbeat interval (or did
+    /// not answer HELLO in time): the connection is dead.
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHelloOk,
+    Open,
+    Closed,
+}
+
+#[derive(Debug)]
+struct AppState {
+    credentials: AppCredentials,
+    user: Option<String>,
+    /// Highest seq handed to the application.
+    delivered: Option<u64>,
+    /// Highest seq acked to the server.
+    acked: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("app is not bound on this connection")]
+    NotBound,
+    #[error("connection is closed")]
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct ClientConn {
+    phase: Phase,
+    heartbeat_interval: Option<Duration>,
+    next_ping: Option<Instant>,
+    silence_deadline: Instant,
+    apps: Vec<AppState>,
+    next_request_id: u64,
+    transmit: VecDeque<Frame>,
+    events: VecDeque<ClientEvent>,
+}
+
+impl ClientConn {
+    /// Starts a connection: HELLO is queued at once.
+    pub fn new(now: Instant, config: ClientConfig) -> ClientConn {
+        let mut transmit = VecDeque::new();
+        transmit.push_back(Frame::Hello {
+            device_id: config.device_id,
+            client_version: config.client_version,
+            network: config.network,
+        });
+        ClientConn {
+            phase: Phase::AwaitHelloOk,
+            heartbeat_interval: None,
+            next_ping: None,
+            silence_deadline: now + HANDSHAKE_TIMEOUT,
+            apps: config
+                .apps
+                .into_iter()
+                .map(|credentials| AppState {
+                    delivered: credentials.last_seq,
+                    acked: credentials.last_seq,
+                    credentials,
+                    user: None,
+                })
+                .collect(),
+            next_request_id: 1,
+            transmit,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next instant `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Closed {
+            return None;
+        }
+        Some(match self.next_ping {
+            Some(ping) => ping.min(self.silence_deadline),
+            None => self.silence_deadline,
+        })
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if now >= self.silence_deadline {
+            self.phase = Phase::Closed;
+            self.events.push_back(ClientEvent::TimedOut);
+            return;
+        }
+        if let (Some(next), Some(interval)) = (self.next_ping, self.heartbeat_interval)
+            && now >= next
+        {
+            self.transmit.push_back(Frame::Ping);
+            self.next_ping = Some(now + interval);
+        }
+    }
+
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if let Some(interval) = self.heartbeat_interval {
+            self.silence_deadline = now + interval * 2;
+        }
+        match frame {
+            Frame::HelloOk {
+                heartbeat_interval_ms,
+            } if self.phase == Phase::AwaitHelloOk => {
+                // A zero interval would make the client ping in a busy loop.
+                let interval = Duration::from_millis(u64::from(heartbeat_interval_ms.max(100)));
+                self.phase = Phase::Open;
+                self.heartbeat_interval = Some(interval);
+                self.next_ping = Some(now + interval);
+                self.silence_deadline = now + interval * 2;
+                for app in &self.apps {
+                    self.transmit.push_back(Frame::Bind {
+                        app: app.credentials.app.clone(),
+                        token: app.credentials.token.clone(),
+                        last_seq: app.acked,
+                    });
+                }
+                self.events.push_back(ClientEvent::Ready {
+                    heartbeat_interval: interval,
+                });
+            }
+            Frame::BindOk { app, user } => {
+                if let Some(state) = self.app_mut(&app) {
+                    state.user = Some(user.clone());
+                }
+                self.events.push_back(ClientEvent::Bound { app, user });
+            }
+            Frame::BindErr { app, code, message } => {
+                self.events
+                    .push_back(ClientEvent::BindFailed { app, code, message });
+            }
+            Frame::Pong => {}
+            Frame::Push {
+                app,
+                message_id,
+                seq,
+                payload,
+            } => {
+                let Some(state) = self.app_mut(&app) else {
+                    return;
+                };
+                if state.delivered.is_some_and(|delivered| seq <= delivered) {
+                    return;
+                }
+                state.delivered = Some(seq);
+                self.events.push_back(ClientEvent::Push(Push {
+                    app,
+                    message_id,
+                    seq,
+                    payload,
+                }));
+            }
+            Frame::UpstreamAck {
+                app,
+                request_id,
+                status,
+            } => self.events.push_back(ClientEvent::UpstreamAck {
+                app,
+                request_id,
+                status,
+            }),
+            Frame::GoAway {
+                reason,
+                reconnect_delay_ms,
+            } => {
+                self.phase = Phase::Closed;
+                self.events.push_back(ClientEvent::GoAway {
+                    reason,
+                    reconnect_delay_ms,
+                });
+            }
+            Frame::Error { code, message } => {
+                self.phase = Phase::Closed;
+                self.events
+                    .push_back(ClientEvent::ServerError { code, message });
+            }
+            other => {
+                self.phase = Phase::Closed;
+                let message = format!("unexpected {:?} frame from the server", other.op());
+                self.transmit.push_back(Frame::Error {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    message: message.clone(),
+                });
+                self.events.push_back(ClientEvent::ServerError {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    message,
+                });
+            }
+        }
+    }
+
+    /// Acks every message of `app` up to `seq`. Returns false (and sends
+    /// nothing) if that acks nothing new.
+    pub fn ack(&mut self, app: &str, seq: u64) -> bool {
+        if self.phase != Phase::Open {
+            return false;
+        }
+        let Some(state) = self.app_mut(app) else {
+            return false;
+        };
+        if state.acked.is_some_and(|acked| seq <= acked)
+            || state.delivered.is_none_or(|delivered| seq > delivered)
+        {
+            return false;
+        }
+        state.acked = Some(seq);
+        self.transmit.push_back(Frame::Ack {
+            app: app.to_owned(),
+            seq,
+        });
+        true
+    }
+
+    /// Queues data for the app's business server; returns its request id.
+    pub fn upstream(&mut self, app: &str, payload: Bytes) -> Result<u64, ClientError> {
+        if self.phase != Phase::Open {
+            return Err(ClientError::Closed);
+        }
+        if self.app_mut(app).and_then(|s| s.user.as_ref()).is_none() {
+            return Err(ClientError::NotBound);
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.transmit.push_back(Frame::Upstream {
+            app: app.to_owned(),
+            request_id,
+            payload,
+        });
+        Ok(request_id)
+    }
+
+    /// The highest acked seq of each app, to resume from on reconnect.
+    pub fn resume_points(&self) -> impl Iterator<Item = (&str, Option<u64>)> {
+        self.apps
+            .iter()
+            .map(|s| (s.credentials.app.as_str(), s.acked))
+    }
+
+    fn app_mut(&mut self, app: &str) -> Option<&mut AppState> {
+        self.apps.iter_mut().find(|s| s.credentials.app == app)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(now: Instant, last_seq: Option<u64>) -> ClientConn {
+        ClientConn::new(
+            now,
+            ClientConfig {
+                device_id: "phone".to_owned(),
+                client_version: "test".to_owned(),
+                network: NetworkType::Wifi,
+                apps: vec![AppCredentials {
+                    app: "chat".to_owned(),
+                    token: "t".to_owned(),
+                    last_seq,
+                }],
+            },
+        )
+    }
+
+    fn drain(conn: &mut ClientConn) -> Vec<Frame> {
+        std::iter::from_fn(|| conn.poll_transmit()).collect()
+    }
+
+    fn push(seq: u64) -> Frame {
+        Frame::Push {
+            app: "chat".to_owned(),
+            message_id: MessageId([0; 16]),
+            seq,
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn handshake_binds_with_the_resume_point_and_pings_on_interval() {
+        let now = Instant::now();
+        let mut conn = start(now, Some(4));
+        assert!(matches!(drain(&mut conn)[..], [Frame::Hello { .. }]));
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+            },
+        );
+        assert_eq!(
+            drain(&mut conn),
+            vec![Frame::Bind {
+                app: "chat".to_owned(),
+                token: "t".to_owned(),
+                last_seq: Some(4)
+            }]
+        );
+        assert_eq!(conn.poll_timeout(), Some(now + Duration::from_secs(1)));
+        conn.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(drain(&mut conn), vec![Frame::Ping]);
+    }
+
+    #[test]
+    fn silent_server_times_out() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+            },
+        );
+        conn.handle_timeout(now + Duration::from_millis(1_999));
+        assert!(!conn.is_closed());
+        conn.handle_timeout(now + Duration::from_secs(2));
+        assert!(conn.is_closed());
+        assert!(
+            std::iter::from_fn(|| conn.poll_event()).any(|e| e == ClientEvent::TimedOut)
+        );
+    }
+
+    #[test]
+    fn duplicate_pushes_are_dropped_and_acks_are_cumulative() {
+        let now = Instant::now();
+        let mut conn = start(now, Some(2));
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+            },
+        );
+        drain(&mut conn);
+        for seq in [2, 3, 3, 4] {
+            conn.handle_frame(now, push(seq));
+        }
+        let seqs: Vec<u64> = std::iter::from_fn(|| conn.poll_event())
+            .filter_map(|e| match e {
+                ClientEvent::Push(p) => Some(p.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [3, 4]);
+        assert!(conn.ack("chat", 4));
+        assert!(!conn.ack("chat", 3));
+        assert!(!conn.ack("chat", 9), "never delivered");
+        assert_eq!(
+            drain(&mut conn),
+            vec![Frame::Ack {
+                app: "chat".to_owned(),
+                seq: 4
+            }]
+        );
+        assert_eq!(conn.resume_points().collect::<Vec<_>>(), [("chat", Some(4))]);
+    }
+
+    #[test]
+    fn goaway_closes_and_is_reported() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        conn.handle_frame(
+            now,
+            Frame::GoAway {
+                reason: GoAwayReason::KICKED,
+                reconnect_delay_ms: None,
+            },
+        );
+        assert!(conn.is_closed());
+        assert_eq!(
+            conn.poll_event(),
+            Some(ClientEvent::GoAway {
+                reason: GoAwayReason::KICKED,
+                reconnect_delay_ms: None
+            })
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! The frames of wire protocol v1 and the small value types they carry.
+//!
+//! Codes (GOAWAY reasons, BIND_ERR codes, ERROR codes, UPSTREAM_ACK statuses)
+//! are `u16` newtypes rather than closed enums so that a v1 peer can carry a
+//! code a newer peer defined without failing to decode it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+
+/// One frame of wire protocol v1. Both directions share the type; which side
+/// may send which op is the connection state machines' business, not the
+/// codec's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Client -> server, first frame of a connection.
+    Hello {
+        device_id: String,
+        client_version: String,
+        network: NetworkType,
+    },
+    /// Server -> client, reply to HELLO: the heartbeat interval the client
+    /// must keep (it depends on the network type the client reported).
+    HelloOk { heartbeat_interval_ms: u32 },
+    /// Client -> server: bind an app on this connection. `last_seq` is the
+    /// last sequence the client holds for this app, if it knows it.
+    Bind {
+        app: String,
+        token: String,
+        last_seq: Option<u64>,
+    },
+    /// Server -> client: the app is bound for `user`.
+    BindOk { app: String, user: String },
+    /// Server -> client: the app could not be bound.
+    BindErr {
+        app: String,
+        code: BindErrorCode,
+        message: String,
+    },
+    /// Client -> server heartbeat.
+    Ping,
+    /// Server -> client heartbeat reply.
+    Pong,
+    /// Server -> client: one message of the app's inbox for the bound user.
+    Push {
+        app: String,
+        message_id: MessageId,
+        seq: u64,
+        payload: Bytes,
+    },
+    /// Client -> server: the client holds every message of `app` up to and
+    /// including `seq`.
+    Ack { app: String, seq: u64 },
+    /// Client -> server: data for the app's business server.
+    Upstream {
+        app: String,
+        request_id: u64,
+        payload: Bytes,
+    },
+    /// Server -> client: the outcome of an UPSTREAM.
+    UpstreamAck {
+        app: String,
+        request_id: u64,
+        status: UpstreamStatus,
+    },
+    /// Client -> server: stop receiving pushes for `app` on this connection.
+    Unbind { app: String },
+    /// Server -> client: the server is about to close the connection.
+    GoAway {
+        reason: GoAwayReason,
+        reconnect_delay_ms: Option<u32>,
+    },
+    /// Either direction: a protocol error; the sender closes after it.
+    Error { code: ErrorCode, message: String },
+}
+
+/// The op byte of each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 0x01,
+    HelloOk = 0x02,
+    Bind = 0x03,
+    BindOk = 0x04,
+    BindErr = 0x05,
+    Ping = 0x06,
+    Pong = 0x07,
+    Push = 0x08,
+    Ack = 0x09,
+    Upstream = 0x0A,
+    UpstreamAck = 0x0B,
+    Unbind = 0x0C,
+    GoAway = 0x0D,
+    Error = 0x0E,
+}
+
+impl Op {
+    pub fn from_u8(byte: u8) -> Option<Op> {
+        Some(match byte {
+            0x01 => Op::Hello,
+            0x02 => Op::HelloOk,
+            0x03 => Op::Bind,
+            0x04 => Op::BindOk,
+            0x05 => Op::BindErr,
+            0x06 => Op::Ping,
+            0x07 => Op::Pong,
+            0x08 => Op::Push,
+            0x09 => Op::Ack,
+            0x0A => Op::Upstream,
+            0x0B => Op::UpstreamAck,
+            0x0C => Op::Unbind,
+            0x0D => Op::GoAway,
+            0x0E => Op::Error,
+            _ => return None,
+        })
+    }
+}
+
+impl Frame {
+    pub fn op(&self) -> Op {
+        match self {
+            Frame::Hello { .. } => Op::Hello,
+            Frame::HelloOk { .. } => Op::HelloOk,
+            Frame::Bind { .. } => Op::Bind,
+            Frame::BindOk { .. } => Op::BindOk,
+            Frame::BindErr { .. } => Op::BindErr,
+            Frame::Ping => Op::Ping,
+            Frame::Pong => Op::Pong,
+            Frame::Push { .. } => Op::Push,
+            Frame::Ack { .. } => Op::Ack,
+            Frame::Upstream { .. } => Op::Upstream,
+            Frame::UpstreamAck { .. } => Op::UpstreamAck,
+            Frame::Unbind { .. } => Op::Unbind,
+            Frame::GoAway { .. } => Op::GoAway,
+            Frame::Error { .. } => Op::Error,
+        }
+    }
+}
+
+/// The kind of network the client is on; the server picks the heartbeat
+/// interval from it (cellular NATs drop idle mappings sooner than wifi ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum NetworkType {
+    Unknown = 0,
+    Wifi = 1,
+    Cellular = 2,
+    Wired = 3,
+}
+
+impl NetworkType {
+    /// Unknown bytes decode as `Unknown` so that a newer client's network
+    /// type never fails a HELLO.
+    pub fn from_u8(byte: u8) -> NetworkType {
+        match byte {
+            1 => NetworkType::Wifi,
+            2 => NetworkType::Cellular,
+            3 => NetworkType::Wired,
+            _ => NetworkType::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkType::Unknown => "unknown",
+            NetworkType::Wifi => "wifi",
+            NetworkType::Cellular => "cellular",
+            NetworkType::Wired => "wired",
+        }
+    }
+}
+
+impl FromStr for NetworkType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unknown" => Ok(NetworkType::Unknown),
+            "wifi" => Ok(NetworkType::Wifi),
+            "cellular" => Ok(NetworkType::Cellular),
+            "wired" => Ok(NetworkType::Wired),
+            other => Err(format!(
+                "unknown network type {other:?} (expected unknown, wifi, cellular or wired)"
+            )),
+        }
+    }
+}
+
+/// A message's id: 16 bytes, shown as 32 lowercase hex digits. Clients
+/// de-duplicate redelivered messages by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(s, &mut id)
+            .map_err(|_| format!("message id {s:?} is not 32 hex digits"))?;
+        Ok(MessageId(id))
+    }
+}
+
+macro_rules! code_type {
+    ($(#[$doc:meta])* $name:ident { $($(#[$cdoc:meta])* $const:ident = $value:literal => $label:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name(pub u16);
+
+        impl $name {
+            $($(#[$cdoc])* pub const $const: $name = $name($value);)*
+
+            /// A stable snake_case name for logs and metrics; codes this
+            /// version does not know are "unknown".
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($value => $label,)*
+                    _ => "unknown",
+                }
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({} {})", stringify!($name), self.0, self.name())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+code_type! {
+    /// Why the server sends GOAWAY.
+    GoAwayReason {
+        /// The business server kicked the user; do not reconnect.
+        KICKED = 1 => "kicked",
+        /// The server is shutting down or draining; reconnect after the delay.
+        SERVER_SHUTDOWN = 2 => "server_shutdown",
+        /// HELLO and BIND did not both arrive within the auth timeout.
+        AUTH_TIMEOUT = 3 => "auth_timeout",
+        /// Too many failed BINDs on this connection.
+        AUTH_FAILED = 4 => "auth_failed",
+        /// The client did not read fast enough and its queue hit the limit.
+        SLOW_CONSUMER = 5 => "slow_consumer",
+        /// The client broke the protocol (garbage, oversized or unexpected frame).
+        PROTOCOL_ERROR = 6 => "protocol_error",
+        /// No frame arrived within the heartbeat deadline.
+        HEARTBEAT_TIMEOUT = 7 => "heartbeat_timeout",
+    }
+}
+
+code_type! {
+    /// Why a BIND failed.
+    BindErrorCode {
+        /// The token's signature, format or claims are wrong.
+        INVALID_TOKEN = 1 => "invalid_token",
+        /// The token expired.
+        TOKEN_EXPIRED = 2 => "token_expired",
+        /// The server knows no such app.
+        UNKNOWN_APP = 3 => "unknown_app",
+        /// The connection already has the maximum number of apps bound.
+        TOO_MANY_APPS = 4 => "too_many_apps",
+        /// The app is already bound on this connection.
+        ALREADY_BOUND = 5 => "already_bound",
+    }
+}
+
+code_type! {
+    /// ERROR frame codes.
+    ErrorCode {
+        /// A frame could not be decoded.
+        MALFORMED_FRAME = 1 => "malformed_frame",
+        /// A frame's length exceeded the protocol maximum.
+        FRAME_TOO_LARGE = 2 => "frame_too_large",
+        /// The frame's version byte is not one the receiver speaks.
+        UNSUPPORTED_VERSION = 3 => "unsupported_version",
+        /// A valid frame arrived in a state where it is not allowed.
+        UNEXPECTED_FRAME = 4 => "unexpected_frame",
+        /// A frame named an app that is not bound on this connection.
+        NOT_BOUND = 5 => "not_bound",
+    }
+}
+
+code_type! {
+    /// The outcome of an UPSTREAM.
+    UpstreamStatus {
+        /// The business server accepted the data.
+        ACCEPTED = 0 => "accepted",
+        /// The app has no business-server endpoint configured.
+        NO_ENDPOINT = 1 => "no_endpoint",
+        /// The business server answered with an error.
+        REJECTED = 2 => "rejected",
+        /// The business server could not be reached; retrying may help.
+        UNAVAILABLE = 3 => "unavailable",
+        /// The app named in the UPSTREAM is not bound on this connection.
+        NOT_BOUND = 4 => "not_bound",
+    }
+}

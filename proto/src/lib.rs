@@ -1,0 +1,22 @@
+//! herald-proto: wire protocol v1 of Herald, with no I/O.
+//!
+//! This crate owns the frames a client and a gateway exchange, their binary
+//! encoding (an encoder into `bytes::BytesMut` and an incremental decoder that
+//! accepts any split of the byte stream), the client tokens, and the
+//! per-connection state machines (`ServerConn`, `ClientConn`) that run the
+//! handshake, heartbeats and ack bookkeeping. It also defines the messages the
+//! control plane and the gateway shards exchange (`plane`).
+//!
+//! It deliberately does no networking, spawns nothing and never reads the
+//! clock: time is passed in, so the gateway, the client SDK and tests (with a
+//! fake clock) all drive the same logic.
+
+pub mod client;
+pub mod frame;
+pub mod limits;
+pub mod plane;
+pub mod server;
+
+pub use frame::{
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, UpstreamStatus,
+};

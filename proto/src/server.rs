@@ -1,0 +1,1010 @@
+//! The server side of one client connection, as a state machine with no I/O.
+//!
+//! The gateway feeds it decoded frames (`handle_frame`), deadlines
+//! (`handle_timeout`) and control-plane commands (`deliver`, `fill`, `kick`,
+//! ...). It answers through an [`Output`] the caller owns and reuses for every
+//! connection of a shard, so an idle connection carries no output queue.
+//!
+//! Delivery is windowed per bound app: at most `inflight_pushes_max` pushes
+//! are unacked at a time. A message that arrives out of order, before the
+//! first fill, or while the window is full is not queued here: the binding is
+//! marked behind and asks the control plane for a catch-up from storage once
+//! it has room. Memory per connection therefore stays bounded however much a
+//! user's inbox holds.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::frame::{BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, UpstreamStatus};
+use crate::limits::APPS_PER_CONN_MAX;
+use crate::plane::PushMessage;
+
+/// Per-network heartbeat intervals the server hands out in HELLO_OK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatIntervals {
+    pub unknown: Duration,
+    pub wifi: Duration,
+    pub cellular: Duration,
+    pub wired: Duration,
+}
+
+impl HeartbeatIntervals {
+    pub fn for_network(&self, network: NetworkType) -> Duration {
+        match network {
+            NetworkType::Unknown => self.unknown,
+            NetworkType::Wifi => self.wifi,
+            NetworkType::Cellular => self.cellular,
+            NetworkType::Wired => self.wired,
+        }
+    }
+}
+
+/// The settings every connection of a gateway shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub heartbeat: HeartbeatIntervals,
+    /// HELLO and a first successful BIND must both arrive within this time.
+    pub auth_timeout: Duration,
+    /// Failed BINDs a connection may make before it is closed.
+    pub bind_failures_max: u32,
+    /// Apps one connection may bind (at most `limits::APPS_PER_CONN_MAX`).
+    pub apps_per_conn_max: usize,
+    /// Pushes a binding may have sent and not yet acked.
+    pub inflight_pushes_max: u32,
+}
+
+impl ServerConfig {
+    /// The time a connection may stay silent: one interval plus half of one
+    /// more for network jitter, so a client that pings on time is never cut.
+    pub fn heartbeat_deadline(&self, network: NetworkType) -> Duration {
+        let interval = self.heartbeat.for_network(network);
+        interval + interval / 2
+    }
+}
+
+/// Why a BIND's token was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindRejection {
+    pub code: BindErrorCode,
+    pub message: String,
+}
+
+/// Checks BIND tokens. The gateway implements it over its app table and the
+/// wall clock; tests implement it with a fixed answer.
+pub trait Authenticator {
+    /// Returns the user the token was issued to.
+    fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection>;
+}
+
+/// What the connection asks of the control plane. The gateway adds the
+/// connection's id and device before sending it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEvent {
+    Bound {
+        app: String,
+        user: String,
+        client_last_seq: Option<u64>,
+    },
+    Unbound {
+        app: String,
+        user: String,
+    },
+    Ack {
+        app: String,
+        user: String,
+        seq: u64,
+    },
+    CatchUp {
+        app: String,
+        user: String,
+        after: u64,
+        limit: u32,
+    },
+    Upstream {
+        app: String,
+        user: String,
+        request_id: u64,
+        payload: Bytes,
+    },
+}
+
+/// Why a connection ends. The label doubles as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a frame it must not send, or bytes that do not decode.
+    ProtocolError(ErrorCode),
+    /// The client reported an error of its own and is going away.
+    ClientError,
+    AuthTimeout,
+    AuthFailed,
+    HeartbeatTimeout,
+    Kicked,
+    Drained,
+    /// The gateway cut the client off because its queue hit the limit.
+    SlowConsumer,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ProtocolError(_) => "protocol_error",
+            CloseReason::ClientError => "client_error",
+            CloseReason::AuthTimeout => "auth_timeout",
+            CloseReason::AuthFailed => "auth_failed",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Drained => "drained",
+            CloseReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Output of one call into a [`ServerConn`]: frames to send, events for the
+/// control plane, and whether to close once the frames are flushed. Owned by
+/// the caller and drained after every call.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub transmit: Vec<Frame>,
+    pub events: Vec<ConnEvent>,
+    pub close: Option<CloseReason>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.transmit.is_empty() && self.events.is_empty() && self.close.is_none()
+    }
+
+    pub fn clear(&mut self) {
+        self.transmit.clear();
+        self.events.clear();
+        self.close = None;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    Open,
+    Closing,
+}
+
+/// One app bound on the connection, with its delivery window.
+#[derive(Debug)]
+struct Binding {
+    app: String,
+    user: String,
+    /// Highest seq sent on this connection; `None` until the control plane's
+    /// first fill tells where the device resumes.
+    sent: Option<u64>,
+    /// Highest seq the client acked on this connection (starts at the resume
+    /// point).
+    acked: u64,
+    /// A catch-up request is outstanding; at most one at a time.
+    fill_pending: bool,
+    /// Storage holds messages this connection is owed and has not been sent.
+    behind: bool,
+}
+
+impl Binding {
+    fn window_room(&self, window: u32) -> u32 {
+        let sent = self.sent.unwrap_or(self.acked);
+        let inflight = sent.saturating_sub(self.acked);
+        window.saturating_sub(u32::try_from(inflight).unwrap_or(u32::MAX))
+    }
+
+    /// Asks for a catch-up if the binding is behind, has room and has no
+    /// request outstanding.
+    fn request_catch_up(&mut self, window: u32, out: &mut Output) {
+        let Some(sent) = self.sent else { return };
+        let room = self.window_room(window);
+        if !self.behind || self.fill_pending || room == 0 {
+            return;
+        }
+        self.behind = false;
+        self.fill_pending = true;
+        out.events.push(ConnEvent::CatchUp {
+            app: self.app.clone(),
+            user: self.user.clone(),
+            after: sent,
+            limit: room,
+        });
+    }
+
+    fn push(&mut self, message: &PushMessage, out: &mut Output) {
+        self.sent = Some(message.seq);
+        out.transmit.push(Frame::Push {
+            app: self.app.clone(),
+            message_id: message.message_id,
+            seq: message.seq,
+            payload: message.payload.clone(),
+        });
+    }
+}
+
+/// The server side of one connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    phase: Phase,
+    device_id: String,
+    network: NetworkType,
+    /// Set until the first successful BIND.
+    auth_deadline: Option<Instant>,
+    heartbeat_deadline: Instant,
+    bind_failures: u32,
+    bindings: Vec<Binding>,
+}
+
+impl ServerConn {
+    pub fn new(now: Instant, config: &ServerConfig) -> ServerConn {
+        debug_assert!(config.apps_per_conn_max <= APPS_PER_CONN_MAX);
+        ServerConn {
+            phase: Phase::AwaitHello,
+            device_id: String::new(),
+            network: NetworkType::Unknown,
+            auth_deadline: Some(now + config.auth_timeout),
+            heartbeat_deadline: now + config.heartbeat_deadline(NetworkType::Unknown),
+            bind_failures: 0,
+            bindings: Vec::new(),
+        }
+    }
+
+    /// The device id from HELLO (empty before it).
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    pub fn network(&self) -> NetworkType {
+        self.network
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// The (app, user) pairs bound now.
+    pub fn bindings(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.bindings
+            .iter()
+            .map(|b| (b.app.as_str(), b.user.as_str()))
+    }
+
+    /// The earliest instant at which `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.auth_deadline {
+            Some(auth) => auth.min(self.heartbeat_deadline),
+            None => self.heartbeat_deadline,
+        }
+    }
+
+    /// Closes the connection if a deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Output) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        if self.auth_deadline.is_some_and(|deadline| now >= deadline) {
+            self.close_with_goaway(GoAwayReason::AUTH_TIMEOUT, CloseReason::AuthTimeout, out);
+        } else if now >= self.heartbeat_deadline {
+            self.close_with_goaway(
+                GoAwayReason::HEARTBEAT_TIMEOUT,
+                CloseReason::HeartbeatTimeout,
+                out,
+            );
+        }
+    }
+
+    /// Handles bytes that could not be decoded: tell the client why, close.
+    pub fn handle_decode_error(&mut self, code: ErrorCode, message: String, out: &mut Output) {
+        self.protocol_error(code, message, out);
+    }
+
+    pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        frame: Frame,
+        config: &ServerConfig,
+        auth: &dyn Authenticator,
+        out: &mut Output,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        // Any frame proves the client alive, not only PING.
+        self.heartbeat_deadline = now + config.heartbeat_deadline(self.network);
+        match (self.phase, frame) {
+            (
+                Phase::AwaitHello,
+                Frame::Hello {
+                    device_id,
+                    client_version: _,
+                    network,
+                },
+            ) => {
+                self.device_id = device_id;
+                self.network = network;
+                self.phase = Phase::Open;
+                self.heartbeat_deadline = now + config.heartbeat_deadline(network);
+                let interval = config.heartbeat.for_network(network);
+                out.transmit.push(Frame::HelloOk {
+                    heartbeat_interval_ms: u32::try_from(interval.as_millis())
+                        .unwrap_or(u32::MAX),
+                });
+            }
+            (Phase::Open, Frame::Bind { app, token, last_seq }) => {
+                self.handle_bind(app, token, last_seq, config, auth, out);
+            }
+            (Phase::Open, Frame::Ping) => out.transmit.push(Frame::Pong),
+            (Phase::Open, Frame::Ack { app, seq }) => self.handle_ack(&app, seq, config, out),
+            (
+                Phase::Open,
+                Frame::Upstream {
+                    app,
+                    request_id,
+                    payload,
+                },
+            ) => match self.binding_mut(&app) {
+                Some(binding) => out.events.push(ConnEvent::Upstream {
+                    user: binding.user.clone(),
+                    app,
+                    request_id,
+                    payload,
+                }),
+                None => out.transmit.push(Frame::UpstreamAck {
+                    app,
+                    request_id,
+                    status: UpstreamStatus::NOT_BOUND,
+                }),
+            },
+            (Phase::Open, Frame::Unbind { app }) => {
+                if let Some(index) = self.bindings.iter().position(|b| b.app == app) {
+                    let binding = self.bindings.swap_remove(index);
+                    out.events.push(ConnEvent::Unbound {
+                        app: binding.app,
+                        user: binding.user,
+                    });
+                }
+            }
+            (_, Frame::Error { .. }) => {
+                self.phase = Phase::Closing;
+                out.close = Some(CloseReason::ClientError);
+            }
+            (phase, frame) => {
+                let expected = match phase {
+                    Phase::AwaitHello => "HELLO must be the first frame",
+                    _ => "only the server sends this frame",
+                };
+                self.protocol_error(
+                    ErrorCode::UNEXPECTED_FRAME,
+                    format!("unexpected {:?} frame: {expected}", frame.op()),
+                    out,
+                );
+            }
+        }
+    }
+
+    fn handle_bind(
+        &mut self,
+        app: String,
+        token: String,
+        last_seq: Option<u64>,
+        config: &ServerConfig,
+        auth: &dyn Authenticator,
+        out: &mut Output,
+    ) {
+        let rejection = if self.bindings.iter().any(|b| b.app == app) {
+            Some(BindRejection {
+                code: BindErrorCode::ALREADY_BOUND,
+                message: format!("app {app:?} is already bound on this connection"),
+            })
+        } else if self.bindings.len() >= config.apps_per_conn_max {
+            Some(BindRejection {
+                code: BindErrorCode::TOO_MANY_APPS,
+                message: format!(
+                    "a connection may bind at most {} apps",
+                    config.apps_per_conn_max
+                ),
+            })
+        } else {
+            match auth.authenticate(&app, &token) {
+                Ok(user) => {
+                    self.auth_deadline = None;
+                    out.transmit.push(Frame::BindOk {
+                        app: app.clone(),
+                        user: user.clone(),
+                    });
+                    out.events.push(ConnEvent::Bound {
+                        app: app.clone(),
+                        user: user.clone(),
+                        client_last_seq: last_seq,
+                    });
+                    self.bindings.push(Binding {
+                        app,
+                        user,
+                        sent: None,
+                        acked: 0,
+                        fill_pending: true,
+                        behind: false,
+                    });
+                    return;
+                }
+                Err(rejection) => {
+                    self.bind_failures += 1;
+                    Some(rejection)
+                }
+            }
+        };
+        if let Some(BindRejection { code, message }) = rejection {
+            out.transmit.push(Frame::BindErr { app, code, message });
+        }
+        if self.bind_failures >= config.bind_failures_max {
+            self.close_with_goaway(GoAwayReason::AUTH_FAILED, CloseReason::AuthFailed, out);
+        }
+    }
+
+    /// An ACK for an app not bound here, for a seq never sent on this
+    /// connection, or at or below the current ack is ignored.
+    fn handle_ack(&mut self, app: &str, seq: u64, config: &ServerConfig, out: &mut Output) {
+        let Some(binding) = self.binding_mut(app) else {
+            return;
+        };
+        let Some(sent) = binding.sent else { return };
+        if seq > sent || seq <= binding.acked {
+            return;
+        }
+        binding.acked = seq;
+        out.events.push(ConnEvent::Ack {
+            app: binding.app.clone(),
+            user: binding.user.clone(),
+            seq,
+        });
+        binding.request_catch_up(config.inflight_pushes_max, out);
+    }
+
+    /// A message was just stored for this binding's user. It goes out only if
+    /// it is the next one owed and the window has room; otherwise the binding
+    /// catches up from storage.
+    pub fn deliver(
+        &mut self,
+        app: &str,
+        message: &PushMessage,
+        config: &ServerConfig,
+        out: &mut Output,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let window = config.inflight_pushes_max;
+        let Some(binding) = self.binding_mut(app) else {
+            return;
+        };
+        let Some(sent) = binding.sent else {
+            // The first fill is on its way; it may have been read from
+            // storage before this message was stored, so check again after.
+            binding.behind = true;
+            return;
+        };
+        if message.seq <= sent {
+            return;
+        }
+        if message.seq == sent + 1 && binding.window_room(window) > 0 {
+            binding.push(message, out);
+        } else {
+            binding.behind = true;
+            binding.request_catch_up(window, out);
+        }
+    }
+
+    /// Stored messages after `after`, in ascending order, in answer to a
+    /// `Bound` or `CatchUp` event. The first fill sets the resume point.
+    pub fn fill(
+        &mut self,
+        app: &str,
+        after: u64,
+        messages: &[PushMessage],
+        more: bool,
+        config: &ServerConfig,
+        out: &mut Output,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let window = config.inflight_pushes_max;
+        let Some(binding) = self.binding_mut(app) else {
+            return;
+        };
+        binding.fill_pending = false;
+        if binding.sent.is_none() {
+            binding.sent = Some(after);
+            binding.acked = after;
+        }
+        for message in messages {
+            let sent = binding.sent.unwrap_or(after);
+            if message.seq <= sent {
+                continue;
+            }
+            if binding.window_room(window) == 0 {
+                binding.behind = true;
+                break;
+            }
+            binding.push(message, out);
+        }
+        if more {
+            binding.behind = true;
+        }
+        binding.request_catch_up(window, out);
+    }
+
+    pub fn upstream_ack(
+        &mut self,
+        app: &str,
+        request_id: u64,
+        status: UpstreamStatus,
+        out: &mut Output,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        out.transmit.push(Frame::UpstreamAck {
+            app: app.to_owned(),
+            request_id,
+            status,
+        });
+    }
+
+    /// The business server kicked a user bound here.
+    pub fn kick(&mut self, reason: GoAwayReason, out: &mut Output) {
+        if self.phase != Phase::Closing {
+            self.close_with_goaway(reason, CloseReason::Kicked, out);
+        }
+    }
+
+    /// The gateway is shutting down.
+    pub fn drain(&mut self, reconnect_delay_ms: u32, out: &mut Output) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        out.transmit.push(Frame::GoAway {
+            reason: GoAwayReason::SERVER_SHUTDOWN,
+            reconnect_delay_ms: Some(reconnect_delay_ms),
+        });
+        out.close = Some(CloseReason::Drained);
+    }
+
+    /// The client's queue hit its limit: close without queueing more.
+    pub fn close_slow_consumer(&mut self, out: &mut Output) {
+        self.phase = Phase::Closing;
+        out.close = Some(CloseReason::SlowConsumer);
+    }
+
+    fn binding_mut(&mut self, app: &str) -> Option<&mut Binding> {
+        self.bindings.iter_mut().find(|b| b.app == app)
+    }
+
+    fn protocol_error(&mut self, code: ErrorCode, message: String, out: &mut Output) {
+        self.phase = Phase::Closing;
+        out.transmit.push(Frame::Error { code, message });
+        out.close = Some(CloseReason::ProtocolError(code));
+    }
+
+    fn close_with_goaway(&mut self, reason: GoAwayReason, close: CloseReason, out: &mut Output) {
+        self.phase = Phase::Closing;
+        out.transmit.push(Frame::GoAway {
+            reason,
+            reconnect_delay_ms: None,
+        });
+        out.close = Some(close);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::MessageId;
+
+    struct FixedAuth;
+
+    impl Authenticator for FixedAuth {
+        fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection> {
+            match token.strip_prefix("ok:") {
+                Some(user) if app != "unknown" => Ok(user.to_owned()),
+                _ => Err(BindRejection {
+                    code: BindErrorCode::INVALID_TOKEN,
+                    message: "bad token".to_owned(),
+                }),
+            }
+        }
+    }
+
+    fn config() -> ServerConfig {
+        ServerConfig {
+            heartbeat: HeartbeatIntervals {
+                unknown: Duration::from_secs(60),
+                wifi: Duration::from_secs(120),
+                cellular: Duration::from_secs(30),
+                wired: Duration::from_secs(240),
+            },
+            auth_timeout: Duration::from_secs(10),
+            bind_failures_max: 3,
+            apps_per_conn_max: 2,
+            inflight_pushes_max: 3,
+        }
+    }
+
+    fn message(seq: u64) -> PushMessage {
+        PushMessage {
+            seq,
+            message_id: MessageId([seq as u8; 16]),
+            payload: Bytes::from(format!("m{seq}")),
+        }
+    }
+
+    fn pushed_seqs(out: &Output) -> Vec<u64> {
+        out.transmit
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Push { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn catch_ups(out: &Output) -> Vec<(u64, u32)> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                ConnEvent::CatchUp { after, limit, .. } => Some((*after, *limit)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    struct Harness {
+        now: Instant,
+        conn: ServerConn,
+        config: ServerConfig,
+        out: Output,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let now = Instant::now();
+            let config = config();
+            Harness {
+                now,
+                conn: ServerConn::new(now, &config),
+                config,
+                out: Output::default(),
+            }
+        }
+
+        fn frame(&mut self, frame: Frame) -> &Output {
+            self.out.clear();
+            self.conn
+                .handle_frame(self.now, frame, &self.config, &FixedAuth, &mut self.out);
+            &self.out
+        }
+
+        fn hello(&mut self, network: NetworkType) -> &Output {
+            self.frame(Frame::Hello {
+                device_id: "phone".to_owned(),
+                client_version: "1.0".to_owned(),
+                network,
+            })
+        }
+
+        fn bind(&mut self, app: &str, token: &str, last_seq: Option<u64>) -> &Output {
+            self.frame(Frame::Bind {
+                app: app.to_owned(),
+                token: token.to_owned(),
+                last_seq,
+            })
+        }
+
+        fn open_bound(&mut self, after: u64) {
+            self.hello(NetworkType::Wifi);
+            self.bind("chat", "ok:alice", None);
+            self.fill(after, &[], false);
+        }
+
+        fn deliver(&mut self, seq: u64) -> &Output {
+            self.out.clear();
+            self.conn
+                .deliver("chat", &message(seq), &self.config, &mut self.out);
+            &self.out
+        }
+
+        fn fill(&mut self, after: u64, seqs: &[u64], more: bool) -> &Output {
+            self.out.clear();
+            let messages: Vec<_> = seqs.iter().map(|&s| message(s)).collect();
+            self.conn
+                .fill("chat", after, &messages, more, &self.config, &mut self.out);
+            &self.out
+        }
+
+        fn ack(&mut self, seq: u64) -> &Output {
+            self.frame(Frame::Ack {
+                app: "chat".to_owned(),
+                seq,
+            })
+        }
+
+        fn advance(&mut self, by: Duration) -> &Output {
+            self.now += by;
+            self.out.clear();
+            self.conn.handle_timeout(self.now, &mut self.out);
+            &self.out
+        }
+    }
+
+    #[test]
+    fn hello_gets_the_interval_of_its_network() {
+        let mut h = Harness::new();
+        let out = h.hello(NetworkType::Cellular);
+        assert_eq!(
+            out.transmit,
+            vec![Frame::HelloOk {
+                heartbeat_interval_ms: 30_000
+            }]
+        );
+        assert_eq!(h.conn.device_id(), "phone");
+    }
+
+    #[test]
+    fn frames_before_hello_are_a_protocol_error() {
+        let mut h = Harness::new();
+        let out = h.bind("chat", "ok:alice", None);
+        assert!(matches!(
+            out.transmit[..],
+            [Frame::Error {
+                code: ErrorCode::UNEXPECTED_FRAME,
+                ..
+            }]
+        ));
+        assert_eq!(
+            out.close,
+            Some(CloseReason::ProtocolError(ErrorCode::UNEXPECTED_FRAME))
+        );
+        assert!(h.conn.is_closing());
+    }
+
+    #[test]
+    fn server_only_frames_from_a_client_close_it() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        let out = h.frame(Frame::Pong);
+        assert!(matches!(out.close, Some(CloseReason::ProtocolError(_))));
+    }
+
+    #[test]
+    fn bind_ok_reports_bound_with_the_client_last_seq() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        let out = h.bind("chat", "ok:alice", Some(7));
+        assert_eq!(
+            out.transmit,
+            vec![Frame::BindOk {
+                app: "chat".to_owned(),
+                user: "alice".to_owned()
+            }]
+        );
+        assert_eq!(
+            out.events,
+            vec![ConnEvent::Bound {
+                app: "chat".to_owned(),
+                user: "alice".to_owned(),
+                client_last_seq: Some(7)
+            }]
+        );
+        assert_eq!(h.conn.bindings().collect::<Vec<_>>(), [("chat", "alice")]);
+    }
+
+    #[test]
+    fn repeated_bind_failures_close_the_connection() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        for attempt in 1..=3 {
+            let out = h.bind("chat", "forged", None);
+            assert!(matches!(
+                out.transmit[0],
+                Frame::BindErr {
+                    code: BindErrorCode::INVALID_TOKEN,
+                    ..
+                }
+            ));
+            let closed = out.close == Some(CloseReason::AuthFailed);
+            assert_eq!(closed, attempt == 3, "attempt {attempt}");
+        }
+    }
+
+    #[test]
+    fn bind_limits_apps_and_refuses_duplicates() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        let out = h.bind("chat", "ok:alice", None);
+        assert!(matches!(
+            out.transmit[0],
+            Frame::BindErr {
+                code: BindErrorCode::ALREADY_BOUND,
+                ..
+            }
+        ));
+        h.bind("news", "ok:alice", None);
+        let out = h.bind("mail", "ok:alice", None);
+        assert!(matches!(
+            out.transmit[0],
+            Frame::BindErr {
+                code: BindErrorCode::TOO_MANY_APPS,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unbound_connection_times_out_with_goaway() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wired);
+        assert!(h.advance(Duration::from_secs(9)).is_empty());
+        let out = h.advance(Duration::from_secs(1));
+        assert_eq!(out.close, Some(CloseReason::AuthTimeout));
+        assert!(matches!(
+            out.transmit[..],
+            [Frame::GoAway {
+                reason: GoAwayReason::AUTH_TIMEOUT,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn silent_connection_is_closed_and_a_pinging_one_is_not() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Cellular); // 30 s interval, 45 s deadline
+        h.bind("chat", "ok:alice", None);
+        for _ in 0..10 {
+            assert!(h.advance(Duration::from_secs(30)).is_empty());
+            assert_eq!(h.frame(Frame::Ping).transmit, vec![Frame::Pong]);
+        }
+        assert!(h.advance(Duration::from_secs(44)).is_empty());
+        let out = h.advance(Duration::from_secs(1));
+        assert_eq!(out.close, Some(CloseReason::HeartbeatTimeout));
+    }
+
+    #[test]
+    fn first_fill_sets_the_resume_point_and_sends_within_the_window() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        let out = h.fill(4, &[5, 6, 7, 8], true);
+        assert_eq!(pushed_seqs(out), [5, 6, 7]);
+        assert!(catch_ups(out).is_empty(), "window full: no catch-up yet");
+        let out = h.ack(6);
+        assert_eq!(catch_ups(out), [(7, 2)]);
+        let out = h.fill(7, &[8, 9], false);
+        assert_eq!(pushed_seqs(out), [8, 9]);
+    }
+
+    #[test]
+    fn deliver_before_the_first_fill_is_caught_up_after_it() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        assert!(h.deliver(1).is_empty());
+        let out = h.fill(0, &[], false);
+        assert_eq!(catch_ups(out), [(0, 3)]);
+    }
+
+    #[test]
+    fn in_order_deliveries_go_straight_out_and_duplicates_are_dropped() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        assert_eq!(pushed_seqs(h.deliver(1)), [1]);
+        assert_eq!(pushed_seqs(h.deliver(2)), [2]);
+        assert!(h.deliver(2).is_empty());
+        assert!(h.deliver(1).is_empty());
+    }
+
+    #[test]
+    fn a_gap_asks_for_a_catch_up_once() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let out = h.deliver(3);
+        assert!(pushed_seqs(out).is_empty());
+        assert_eq!(catch_ups(out), [(0, 3)]);
+        assert!(h.deliver(4).events.is_empty(), "one request at a time");
+        let out = h.fill(0, &[1, 2, 3], false);
+        assert_eq!(pushed_seqs(out), [1, 2, 3]);
+        let out = h.ack(3);
+        assert_eq!(catch_ups(out), [(3, 3)], "4 was dropped, so catch up again");
+    }
+
+    #[test]
+    fn full_window_defers_delivery_until_acked() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        for seq in 1..=3 {
+            assert_eq!(pushed_seqs(h.deliver(seq)), [seq]);
+        }
+        let out = h.deliver(4);
+        assert!(pushed_seqs(out).is_empty());
+        assert!(catch_ups(out).is_empty());
+        assert_eq!(catch_ups(h.ack(1)), [(3, 1)]);
+    }
+
+    #[test]
+    fn acks_are_ignored_unless_they_advance_over_sent_messages() {
+        let mut h = Harness::new();
+        h.open_bound(10);
+        assert!(h.ack(11).events.is_empty(), "never sent");
+        h.deliver(11);
+        h.deliver(12);
+        assert!(h.ack(10).events.is_empty(), "at the resume point");
+        let out = h.ack(12);
+        assert_eq!(
+            out.events,
+            vec![ConnEvent::Ack {
+                app: "chat".to_owned(),
+                user: "alice".to_owned(),
+                seq: 12
+            }]
+        );
+        assert!(h.ack(11).events.is_empty(), "below the current ack");
+        let out = h.frame(Frame::Ack {
+            app: "other".to_owned(),
+            seq: 1,
+        });
+        assert!(out.events.is_empty() && out.close.is_none(), "app not bound");
+    }
+
+    #[test]
+    fn upstream_for_an_unbound_app_is_refused() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let out = h.frame(Frame::Upstream {
+            app: "other".to_owned(),
+            request_id: 9,
+            payload: Bytes::from_static(b"x"),
+        });
+        assert_eq!(
+            out.transmit,
+            vec![Frame::UpstreamAck {
+                app: "other".to_owned(),
+                request_id: 9,
+                status: UpstreamStatus::NOT_BOUND
+            }]
+        );
+        let out = h.frame(Frame::Upstream {
+            app: "chat".to_owned(),
+            request_id: 10,
+            payload: Bytes::from_static(b"y"),
+        });
+        assert!(matches!(
+            out.events[..],
+            [ConnEvent::Upstream { request_id: 10, .. }]
+        ));
+    }
+
+    #[test]
+    fn unbind_stops_delivery() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let out = h.frame(Frame::Unbind {
+            app: "chat".to_owned(),
+        });
+        assert!(matches!(out.events[..], [ConnEvent::Unbound { .. }]));
+        assert!(h.deliver(1).is_empty());
+        assert_eq!(h.conn.bindings().count(), 0);
+    }
+
+    #[test]
+    fn kick_sends_goaway_then_nothing_more() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        h.out.clear();
+        h.conn.kick(GoAwayReason::KICKED, &mut h.out);
+        assert_eq!(h.out.close, Some(CloseReason::Kicked));
+        assert!(h.deliver(1).is_empty());
+        assert!(h.frame(Frame::Ping).is_empty());
+    }
+}

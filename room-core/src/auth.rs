@@ -1,0 +1,48 @@
+//! Token checks for BIND, over the gateway's table of app secrets.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use herald_proto::server::{Authenticator, BindRejection};
+use herald_proto::{BindErrorCode, TokenError, verify_token};
+
+/// Each shard holds its own copy, so token checks share nothing.
+#[derive(Debug, Clone, Default)]
+pub struct AppSecrets {
+    secrets: HashMap<String, Vec<u8>>,
+}
+
+impl AppSecrets {
+    pub fn new(apps: impl IntoIterator<Item = (String, Vec<u8>)>) -> AppSecrets {
+        AppSecrets {
+            secrets: apps.into_iter().collect(),
+        }
+    }
+}
+
+impl Authenticator for AppSecrets {
+    fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection> {
+        let Some(secret) = self.secrets.get(app) else {
+            return Err(BindRejection {
+                code: BindErrorCode::UNKNOWN_APP,
+                message: format!("no app {app:?} on this server"),
+            });
+        };
+        // Token expiry is wall-clock time, unlike connection deadlines.
+        let now_unix_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match verify_token(secret, app, token, now_unix_secs) {
+            Ok(claims) => Ok(claims.user),
+            Err(error) => Err(BindRejection {
+                code: error.bind_error_code(),
+                message: match error {
+                    TokenError::Expired => "token expired".to_owned(),
+                    TokenError::WrongApp => format!("token was not issued for app {app:?}"),
+                    TokenError::BadSignature => "token signature does not match".to_owned(),
+                    TokenError::Malformed => "token is malformed".to_owned(),
+                },
+            }),
+        }
+    }
+}

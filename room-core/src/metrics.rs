@@ -1,0 +1,165 @@
+//! Gateway counters: one set per shard, each written only by its shard and
+//! summed when scraped, so counting never contends across cores.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
+use herald_proto::server::CloseReason;
+
+/// Why connections ended, as metric labels, in a fixed order.
+pub const CLOSE_REASONS: [&str; 11] = [
+    "protocol_error",
+    "client_error",
+    "auth_timeout",
+    "auth_failed",
+    "heartbeat_timeout",
+    "kicked",
+    "drained",
+    "slow_consumer",
+    "peer_closed",
+    "io_error",
+    "flush_timeout",
+];
+
+/// How a connection ended, from the gateway's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEnd {
+    /// The connection logic decided to close and its output was flushed.
+    Closed(CloseReason),
+    /// The client closed its side.
+    PeerClosed,
+    Io,
+    /// The connection was closing but the client did not take the last
+    /// frames in time.
+    FlushTimeout,
+}
+
+impl ConnEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnEnd::Closed(reason) => reason.as_str(),
+            ConnEnd::PeerClosed => "peer_closed",
+            ConnEnd::Io => "io_error",
+            ConnEnd::FlushTimeout => "flush_timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        let label = self.label();
+        CLOSE_REASONS
+            .iter()
+            .position(|&known| known == label)
+            .expect("every ConnEnd label is in CLOSE_REASONS")
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counter(CachePadded<AtomicU64>);
+
+impl Counter {
+    /// Only the owning shard writes, so a load and a store suffice.
+    fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed) - n, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    connections_open: Counter,
+    connections_accepted: Counter,
+    connections_refused: Counter,
+    frames_in: Counter,
+    frames_out: Counter,
+    pushes_out: Counter,
+    acks_in: Counter,
+    closed: [Counter; CLOSE_REASONS.len()],
+}
+
+impl ShardCounters {
+    pub fn connection_opened(&self) {
+        self.connections_open.add(1);
+        self.connections_accepted.add(1);
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.add(1);
+    }
+
+    pub fn connection_closed(&self, end: ConnEnd) {
+        self.connections_open.sub(1);
+        self.closed[end.index()].add(1);
+    }
+
+    pub fn frames_in(&self, n: u64) {
+        self.frames_in.add(n);
+    }
+
+    pub fn frames_out(&self, n: u64) {
+        self.frames_out.add(n);
+    }
+
+    pub fn pushes_out(&self, n: u64) {
+        self.pushes_out.add(n);
+    }
+
+    pub fn acks_in(&self, n: u64) {
+        self.acks_in.add(n);
+    }
+}
+
+/// The sum over every shard at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewaySnapshot {
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub pushes_out: u64,
+    pub acks_in: u64,
+    /// Indexed like [`CLOSE_REASONS`].
+    pub closed: [u64; CLOSE_REASONS.len()],
+}
+
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    shards: Vec<ShardCounters>,
+}
+
+impl GatewayMetrics {
+    pub fn new(shards: usize) -> GatewayMetrics {
+        GatewayMetrics {
+            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+        }
+    }
+
+    pub fn shard(&self, shard: usize) -> &ShardCounters {
+        &self.shards[shard]
+    }
+
+    pub fn snapshot(&self) -> GatewaySnapshot {
+        let mut sum = GatewaySnapshot::default();
+        for shard in &self.shards {
+            sum.connections_open += shard.connections_open.get();
+            sum.connections_accepted += shard.connections_accepted.get();
+            sum.connections_refused += shard.connections_refused.get();
+            sum.frames_in += shard.frames_in.get();
+            sum.frames_out += shard.frames_out.get();
+            sum.pushes_out += shard.pushes_out.get();
+            sum.acks_in += shard.acks_in.get();
+            for (total, counter) in sum.closed.iter_mut().zip(&shard.closed) {
+                *total += counter.get();
+            }
+        }
+        sum
+    }
+}

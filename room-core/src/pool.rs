@@ -1,0 +1,81 @@
+//! A shard's free list of byte buffers.
+//!
+//! Connections borrow a buffer only while they hold a partial frame or
+//! unsent output, and give it back as soon as it drains, so an idle
+//! connection owns no buffer at all.
+
+use bytes::BytesMut;
+
+/// Buffers of one standard capacity, recycled.
+#[derive(Debug)]
+pub struct BufferPool {
+    free: Vec<BytesMut>,
+    buffer_capacity: usize,
+    free_max: usize,
+}
+
+impl BufferPool {
+    /// `free_max` bounds the memory the pool keeps while nobody uses it:
+    /// `free_max * buffer_capacity` bytes.
+    pub fn new(buffer_capacity: usize, free_max: usize) -> BufferPool {
+        assert!(buffer_capacity > 0);
+        BufferPool {
+            free: Vec::with_capacity(free_max),
+            buffer_capacity,
+            free_max,
+        }
+    }
+
+    pub fn take(&mut self) -> BytesMut {
+        self.free
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(self.buffer_capacity))
+    }
+
+    /// Returns a buffer. One that grew past twice the standard size (a large
+    /// frame went through it) is freed instead, so the pool never hoards
+    /// large allocations.
+    pub fn give(&mut self, mut buffer: BytesMut) {
+        buffer.clear();
+        // `reserve` on an emptied, unshared buffer moves its start back to
+        // the beginning of the allocation instead of allocating.
+        buffer.reserve(self.buffer_capacity);
+        if buffer.capacity() <= self.buffer_capacity * 2 && self.free.len() < self.free_max {
+            self.free.push(buffer);
+        }
+    }
+
+    pub fn free_len(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_recycled_with_their_capacity_restored() {
+        let mut pool = BufferPool::new(1024, 2);
+        let mut buffer = pool.take();
+        buffer.extend_from_slice(&[7; 1000]);
+        let _ = buffer.split_to(600);
+        pool.give(buffer);
+        assert_eq!(pool.free_len(), 1);
+        let again = pool.take();
+        assert!(again.is_empty());
+        assert!(again.capacity() >= 1024);
+    }
+
+    #[test]
+    fn grown_buffers_and_overflow_are_freed() {
+        let mut pool = BufferPool::new(16, 1);
+        let mut big = pool.take();
+        big.extend_from_slice(&[0; 100]);
+        pool.give(big);
+        assert_eq!(pool.free_len(), 0);
+        pool.give(BytesMut::with_capacity(16));
+        pool.give(BytesMut::with_capacity(16));
+        assert_eq!(pool.free_len(), 1);
+    }
+}

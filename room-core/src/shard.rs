@@ -1,0 +1,667 @@
+//! One shard: a glommio executor pinned to a core that owns its connections.
+//!
+//! A shard runs four kinds of task, all on its own thread and sharing its
+//! state through one `RefCell` that is never borrowed across an await:
+//! the accept loop, one task per connection, the command loop (control plane
+//! -> shard), the event forwarder (shard -> control plane), and the timer
+//! tick that sweeps the shard's wheel.
+//!
+//! A connection task waits for readiness, then reads into the shard's one
+//! scratch buffer and decodes in place; only the tail of a partial frame is
+//! copied into a small pooled buffer, and output is encoded into a pooled
+//! buffer that goes back to the pool once the socket took it all. An idle
+//! connection therefore owns no buffer.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BytesMut};
+use futures_io::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{Task, spawn_local};
+use herald_proto::plane::{ConnId, ShardCommand, ShardEvent};
+use herald_proto::server::{ConnEvent, Output, ServerConfig, ServerConn};
+use herald_proto::{Frame, decode_slice, encode, encoded_len};
+use slab::Slab;
+
+use crate::auth::AppSecrets;
+use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
+use crate::pool::BufferPool;
+use crate::wheel::{TICK, TimerKey, TimerWheel};
+
+/// The shard's read buffer: one maximum frame plus its prefix, so a single
+/// read can always complete any frame.
+const SCRATCH_LEN: usize =
+    herald_proto::limits::FRAME_BODY_LEN_MAX + herald_proto::limits::LENGTH_PREFIX_LEN;
+
+/// Starting size of a partial-frame buffer. Most frames (pings, acks) are a
+/// few dozen bytes; a larger partial frame grows its buffer, which the pool
+/// then frees rather than keeps.
+const READ_BUFFER_CAPACITY: usize = 512;
+
+/// Starting size of an output buffer: a handful of typical pushes.
+const WRITE_BUFFER_CAPACITY: usize = 4 * 1024;
+
+/// Buffers a pool keeps while unused: bounds idle pool memory to about
+/// 4.5 MiB per shard.
+const POOL_FREE_MAX: usize = 1024;
+
+/// Rounds of flush-then-read one connection gets per wakeup before it yields,
+/// so a busy client cannot starve the others on its shard.
+const CONN_POLL_ROUNDS_MAX: usize = 16;
+
+/// Events a shard holds for the control plane before its connections stop
+/// reading (backpressure instead of an unbounded queue). Commands may still
+/// add catch-up requests past it, at most one per binding.
+const OUTBOX_LEN_MAX: usize = 4096;
+
+/// Commands handled per wakeup of the command loop before it yields.
+const COMMAND_BATCH_MAX: usize = 256;
+
+/// How long a closing connection may take to accept its last frames
+/// (GOAWAY, ERROR) before it is cut.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything a shard is told at startup.
+pub struct ShardSettings {
+    pub id: u16,
+    pub server: ServerConfig,
+    pub auth: AppSecrets,
+    pub connections_max: usize,
+    pub send_queue_bytes_max: usize,
+    pub metrics: Arc<GatewayMetrics>,
+}
+
+struct Conn {
+    generation: u32,
+    server: ServerConn,
+    connected_at_ms: u64,
+    /// The start of a frame whose end has not arrived yet.
+    partial: Option<BytesMut>,
+    /// Encoded frames the socket has not taken yet.
+    queue: Option<BytesMut>,
+    /// The connection task, when it waits for the socket.
+    waker: Option<Waker>,
+    /// Set once the connection must close; it does after the queue drains.
+    closing: Option<ConnEnd>,
+    flush_deadline: Option<Instant>,
+    flush_timed_out: bool,
+}
+
+struct Shard {
+    settings: ShardSettings,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    scratch: Box<[u8]>,
+    out: Output,
+    read_pool: BufferPool,
+    write_pool: BufferPool,
+    wheel: TimerWheel,
+    expired: Vec<TimerKey>,
+    outbox: VecDeque<ShardEvent>,
+    forwarder: Option<Waker>,
+    /// Connections that stopped reading because the outbox was full.
+    readers_waiting: Vec<Waker>,
+    accept_task: Option<Task<()>>,
+    draining: bool,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shard {
+    fn new(settings: ShardSettings, now: Instant) -> Shard {
+        Shard {
+            conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
+            settings,
+            next_generation: 0,
+            scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
+            out: Output::default(),
+            read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
+            write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
+            wheel: TimerWheel::new(now),
+            expired: Vec::new(),
+            outbox: VecDeque::new(),
+            forwarder: None,
+            readers_waiting: Vec::new(),
+            accept_task: None,
+            draining: false,
+        }
+    }
+
+    fn counters(&self) -> &ShardCounters {
+        self.settings.metrics.shard(usize::from(self.settings.id))
+    }
+
+    fn conn_id(&self, slot: usize) -> ConnId {
+        ConnId {
+            shard: self.settings.id,
+            slot: slot as u32,
+            generation: self.conns[slot].generation,
+        }
+    }
+
+    /// The slot of a live connection, or `None` for a stale id.
+    fn live_slot(&self, conn: ConnId) -> Option<usize> {
+        let slot = conn.slot as usize;
+        match self.conns.get(slot) {
+            Some(c) if c.generation == conn.generation && conn.shard == self.settings.id => {
+                Some(slot)
+            }
+            _ => None,
+        }
+    }
+
+    fn open_conn(&mut self, now: Instant) -> usize {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let server = ServerConn::new(now, &self.settings.server);
+        let deadline = server.poll_timeout();
+        let slot = self.conns.insert(Conn {
+            generation,
+            server,
+            connected_at_ms: unix_ms(),
+            partial: None,
+            queue: None,
+            waker: None,
+            closing: None,
+            flush_deadline: None,
+            flush_timed_out: false,
+        });
+        self.wheel.insert(
+            deadline,
+            TimerKey {
+                slot: slot as u32,
+                generation,
+            },
+        );
+        self.counters().connection_opened();
+        slot
+    }
+
+    fn remove_conn(&mut self, slot: usize, end: ConnEnd) {
+        let id = self.conn_id(slot);
+        let conn = self.conns.remove(slot);
+        if let Some(partial) = conn.partial {
+            self.read_pool.give(partial);
+        }
+        if let Some(queue) = conn.queue {
+            self.write_pool.give(queue);
+        }
+        self.counters().connection_closed(end);
+        let bindings: Vec<(String, String)> = conn
+            .server
+            .bindings()
+            .map(|(app, user)| (app.to_owned(), user.to_owned()))
+            .collect();
+        if !bindings.is_empty() {
+            self.push_event(ShardEvent::Closed { conn: id, bindings });
+        }
+        if self.draining && self.conns.is_empty() {
+            self.push_event(ShardEvent::Drained {
+                shard: self.settings.id,
+            });
+        }
+    }
+
+    fn push_event(&mut self, event: ShardEvent) {
+        self.outbox.push_back(event);
+        if let Some(waker) = self.forwarder.take() {
+            waker.wake();
+        }
+    }
+
+    /// Sends what the connection logic produced: encodes frames into the
+    /// connection's queue, forwards events, starts a close.
+    fn apply(&mut self, slot: usize, now: Instant) {
+        let id = self.conn_id(slot);
+        let shard_id = usize::from(self.settings.id);
+        let Shard {
+            settings,
+            conns,
+            out,
+            write_pool,
+            outbox,
+            forwarder,
+            wheel,
+            ..
+        } = self;
+        let counters = settings.metrics.shard(shard_id);
+        let conn = &mut conns[slot];
+
+        let mut frames = 0;
+        let mut pushes = 0;
+        let mut overflow = false;
+        if conn.closing.is_some() {
+            out.transmit.clear();
+        } else if !out.transmit.is_empty() {
+            let queue = conn.queue.get_or_insert_with(|| write_pool.take());
+            for frame in out.transmit.drain(..) {
+                if queue.len() + encoded_len(&frame) > settings.send_queue_bytes_max {
+                    overflow = true;
+                    break;
+                }
+                if let Err(error) = encode(&frame, queue) {
+                    // The connection logic only builds frames from checked
+                    // input, so this is a bug: close this one connection.
+                    debug_assert!(false, "unencodable frame {frame:?}: {error}");
+                    tracing::error!(conn.id = %id, %error, "unencodable frame");
+                    overflow = true;
+                    break;
+                }
+                frames += 1;
+                if matches!(frame, Frame::Push { .. }) {
+                    pushes += 1;
+                }
+            }
+            out.transmit.clear();
+        }
+        counters.frames_out(frames);
+        counters.pushes_out(pushes);
+        if overflow {
+            // A slow consumer: drop what it has not read and cut it off.
+            if let Some(queue) = conn.queue.take() {
+                write_pool.give(queue);
+            }
+            conn.server.close_slow_consumer(out);
+        }
+
+        for event in out.events.drain(..) {
+            let device_id = || conn.server.device_id().to_owned();
+            outbox.push_back(match event {
+                ConnEvent::Bound {
+                    app,
+                    user,
+                    client_last_seq,
+                } => ShardEvent::Bound {
+                    conn: id,
+                    app,
+                    user,
+                    device_id: device_id(),
+                    network: conn.server.network(),
+                    client_last_seq,
+                    connected_at_ms: conn.connected_at_ms,
+                },
+                ConnEvent::Unbound { app, user } => ShardEvent::Unbound { conn: id, app, user },
+                ConnEvent::Ack { app, user, seq } => {
+                    counters.acks_in(1);
+                    ShardEvent::Ack {
+                        conn: id,
+                        app,
+                        user,
+                        device_id: device_id(),
+                        seq,
+                    }
+                }
+                ConnEvent::CatchUp {
+                    app,
+                    user,
+                    after,
+                    limit,
+                } => ShardEvent::CatchUp {
+                    conn: id,
+                    app,
+                    user,
+                    after,
+                    limit,
+                },
+                ConnEvent::Upstream {
+                    app,
+                    user,
+                    request_id,
+                    payload,
+                } => ShardEvent::Upstream {
+                    conn: id,
+                    app,
+                    user,
+                    device_id: device_id(),
+                    request_id,
+                    payload,
+                },
+            });
+            if let Some(waker) = forwarder.take() {
+                waker.wake();
+            }
+        }
+
+        if let Some(reason) = out.close.take()
+            && conn.closing.is_none()
+        {
+            let deadline = now + CLOSE_FLUSH_TIMEOUT;
+            conn.closing = Some(ConnEnd::Closed(reason));
+            conn.flush_deadline = Some(deadline);
+            wheel.insert(
+                deadline,
+                TimerKey {
+                    slot: id.slot,
+                    generation: id.generation,
+                },
+            );
+        }
+        if (conn.queue.is_some() || conn.closing.is_some())
+            && let Some(waker) = conn.waker.take()
+        {
+            waker.wake();
+        }
+    }
+
+    /// Decodes the `len` bytes just read into the scratch buffer (after any
+    /// partial frame held from before) and runs them through the connection
+    /// logic.
+    fn handle_input(&mut self, slot: usize, len: usize, now: Instant) {
+        let Shard {
+            settings,
+            conns,
+            scratch,
+            out,
+            read_pool,
+            ..
+        } = self;
+        let Conn { server, partial, .. } = &mut conns[slot];
+        if let Some(partial) = partial.as_mut() {
+            partial.extend_from_slice(&scratch[..len]);
+        }
+        let input: &[u8] = match partial {
+            Some(partial) => partial,
+            None => &scratch[..len],
+        };
+        let mut consumed = 0;
+        let mut frames = 0;
+        while !server.is_closing() {
+            match decode_slice(&input[consumed..]) {
+                Ok(Some((frame, used))) => {
+                    consumed += used;
+                    frames += 1;
+                    server.handle_frame(now, frame, &settings.server, &settings.auth, out);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    server.handle_decode_error(error.error_code(), error.to_string(), out);
+                    break;
+                }
+            }
+        }
+        let rest = input.len() - consumed;
+        match partial {
+            Some(buffer) => {
+                buffer.advance(consumed);
+                if buffer.is_empty() {
+                    read_pool.give(partial.take().expect("partial is some"));
+                }
+            }
+            None if rest > 0 && !server.is_closing() => {
+                let mut buffer = read_pool.take();
+                buffer.extend_from_slice(&scratch[consumed..len]);
+                *partial = Some(buffer);
+            }
+            None => {}
+        }
+        self.counters().frames_in(frames);
+        self.apply(slot, now);
+    }
+
+    /// Drives one connection's socket: flush output, read input, until both
+    /// would block or the connection ends.
+    fn poll_conn(
+        &mut self,
+        cx: &mut Context<'_>,
+        slot: usize,
+        stream: &mut TcpStream,
+    ) -> Poll<ConnEnd> {
+        self.conns[slot].waker = None;
+        for _ in 0..CONN_POLL_ROUNDS_MAX {
+            let mut progressed = false;
+
+            let conn = &mut self.conns[slot];
+            if conn.flush_timed_out {
+                return Poll::Ready(ConnEnd::FlushTimeout);
+            }
+            if let Some(queue) = conn.queue.as_mut() {
+                match Pin::new(&mut *stream).poll_write(cx, queue) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
+                    Poll::Ready(Ok(written)) => {
+                        queue.advance(written);
+                        if queue.is_empty() {
+                            let queue = conn.queue.take().expect("queue is some");
+                            self.write_pool.give(queue);
+                        }
+                        progressed = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let conn = &mut self.conns[slot];
+            if let Some(end) = conn.closing {
+                if conn.queue.is_none() {
+                    return Poll::Ready(end);
+                }
+            } else if self.outbox.len() >= OUTBOX_LEN_MAX {
+                self.readers_waiting.push(cx.waker().clone());
+            } else {
+                match Pin::new(&mut *stream).poll_read(cx, &mut self.scratch) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(ConnEnd::PeerClosed),
+                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
+                    Poll::Ready(Ok(len)) => {
+                        self.handle_input(slot, len, Instant::now());
+                        progressed = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            if !progressed {
+                self.conns[slot].waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn handle_command(&mut self, command: ShardCommand, now: Instant) {
+        let config = &self.settings.server;
+        match command {
+            ShardCommand::Deliver { conn, app, message } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot]
+                        .server
+                        .deliver(&app, &message, config, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
+            ShardCommand::Fill {
+                conn,
+                app,
+                after,
+                messages,
+                more,
+            } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot]
+                        .server
+                        .fill(&app, after, &messages, more, config, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
+            ShardCommand::UpstreamAck {
+                conn,
+                app,
+                request_id,
+                status,
+            } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot]
+                        .server
+                        .upstream_ack(&app, request_id, status, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
+            ShardCommand::Kick { conn, reason } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot].server.kick(reason, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
+            ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
+        }
+    }
+
+    /// Stops accepting and closes every connection with GOAWAY. `Drained` is
+    /// reported when the last one is gone (at once if there are none).
+    fn drain(&mut self, reconnect_delay_ms: u32, now: Instant) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        // Dropping the accept task cancels it and closes this shard's
+        // listening socket.
+        self.accept_task = None;
+        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            self.conns[slot]
+                .server
+                .drain(reconnect_delay_ms, &mut self.out);
+            self.apply(slot, now);
+        }
+        if self.conns.is_empty() {
+            self.push_event(ShardEvent::Drained {
+                shard: self.settings.id,
+            });
+        }
+    }
+
+    /// Fires the wheel: deadlines that moved are put back, closing
+    /// connections past their flush deadline are cut, the rest time out.
+    fn handle_tick(&mut self, now: Instant) {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(now, &mut expired);
+        for key in expired.drain(..) {
+            let slot = key.slot as usize;
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.generation != key.generation {
+                continue;
+            }
+            if conn.closing.is_some() {
+                if conn.flush_deadline.is_some_and(|deadline| now >= deadline) {
+                    conn.flush_timed_out = true;
+                    if let Some(waker) = conn.waker.take() {
+                        waker.wake();
+                    }
+                }
+                continue;
+            }
+            let deadline = conn.server.poll_timeout();
+            if now >= deadline {
+                conn.server.handle_timeout(now, &mut self.out);
+                self.apply(slot, now);
+            } else {
+                self.wheel.insert(deadline, key);
+            }
+        }
+        self.expired = expired;
+    }
+}
+
+/// Runs a shard until the control plane drops its command channel.
+pub(crate) async fn run_shard(
+    settings: ShardSettings,
+    listener: TcpListener,
+    commands: async_channel::Receiver<ShardCommand>,
+    events: async_channel::Sender<ShardEvent>,
+) {
+    let connections_max = settings.connections_max;
+    let shard = Rc::new(RefCell::new(Shard::new(settings, Instant::now())));
+    let accept = spawn_local(accept_loop(shard.clone(), listener, connections_max));
+    shard.borrow_mut().accept_task = Some(accept);
+    let _timer = spawn_local(timer_loop(shard.clone()));
+    let _forwarder = spawn_local(forward_events(shard.clone(), events));
+
+    while let Ok(command) = commands.recv().await {
+        let mut shard = shard.borrow_mut();
+        let now = Instant::now();
+        shard.handle_command(command, now);
+        for _ in 1..COMMAND_BATCH_MAX {
+            match commands.try_recv() {
+                Ok(command) => shard.handle_command(command, now),
+                Err(_) => break,
+            }
+        }
+    }
+    // The accept task holds the shard; break the cycle so it is freed.
+    shard.borrow_mut().accept_task = None;
+}
+
+async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener, connections_max: usize) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of
+                // spinning on the same error.
+                tracing::warn!(%error, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut state = shard.borrow_mut();
+        if state.conns.len() >= connections_max {
+            state.counters().connection_refused();
+            continue;
+        }
+        // Small frames both ways: don't hold them back for coalescing.
+        let _ = stream.set_nodelay(true);
+        let slot = state.open_conn(Instant::now());
+        drop(state);
+        spawn_local(run_conn(shard.clone(), slot, stream)).detach();
+    }
+}
+
+async fn run_conn(shard: Rc<RefCell<Shard>>, slot: usize, mut stream: TcpStream) {
+    let end = poll_fn(|cx| shard.borrow_mut().poll_conn(cx, slot, &mut stream)).await;
+    drop(stream);
+    shard.borrow_mut().remove_conn(slot, end);
+}
+
+async fn timer_loop(shard: Rc<RefCell<Shard>>) {
+    loop {
+        glommio::timer::sleep(TICK).await;
+        shard.borrow_mut().handle_tick(Instant::now());
+    }
+}
+
+async fn forward_events(shard: Rc<RefCell<Shard>>, events: async_channel::Sender<ShardEvent>) {
+    loop {
+        let event = poll_fn(|cx| {
+            let mut shard = shard.borrow_mut();
+            match shard.outbox.pop_front() {
+                Some(event) => {
+                    if shard.outbox.len() < OUTBOX_LEN_MAX / 2 {
+                        for waker in shard.readers_waiting.drain(..) {
+                            waker.wake();
+                        }
+                    }
+                    Poll::Ready(event)
+                }
+                None => {
+                    shard.forwarder = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        if events.send(event).await.is_err() {
+            return;
+        }
+    }
+}

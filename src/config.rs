@@ -1,0 +1,396 @@
+//! `herald serve` configuration: a TOML file, defaults for everything but
+//! the apps, and command-line overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use herald_proto::limits::{APP_ID_LEN_MAX, APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_NODE_ID: &str = "node-1";
+pub const DEFAULT_DATA_DIR: &str = "herald-data";
+pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:7070";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8080";
+/// 0 = one shard per core.
+pub const DEFAULT_SHARDS: usize = 0;
+pub const DEFAULT_CONNECTIONS_PER_SHARD_MAX: usize = 1_000_000;
+/// 256 KiB: room for a full delivery window of 4 KiB pushes, several times.
+pub const DEFAULT_SEND_QUEUE_BYTES_MAX: usize = 256 * 1024;
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_BIND_FAILURES_MAX: u32 = 3;
+pub const DEFAULT_INFLIGHT_PUSHES_MAX: u32 = 32;
+pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 16 * 1024;
+pub const DEFAULT_HEARTBEAT_UNKNOWN_SECS: u64 = 60;
+pub const DEFAULT_HEARTBEAT_WIFI_SECS: u64 = 120;
+/// Cellular carriers' NATs drop idle mappings sooner than home routers.
+pub const DEFAULT_HEARTBEAT_CELLULAR_SECS: u64 = 45;
+pub const DEFAULT_HEARTBEAT_WIRED_SECS: u64 = 240;
+/// 4 KiB, the customary push payload limit of mobile push services.
+pub const DEFAULT_PAYLOAD_BYTES_MAX: usize = 4 * 1024;
+pub const DEFAULT_MULTICAST_USERS_MAX: usize = 1_000;
+pub const DEFAULT_PULL_LIMIT_MAX: u32 = 100;
+/// 30 days.
+pub const DEFAULT_TTL_SECS_MAX: u64 = 30 * 24 * 3600;
+/// 1 day.
+pub const DEFAULT_APP_TTL_SECS: u64 = 24 * 3600;
+pub const DEFAULT_ACK_FLUSH_INTERVAL_MS: u64 = 200;
+pub const DEFAULT_PURGE_INTERVAL_SECS: u64 = 60;
+pub const DEFAULT_DRAIN_RECONNECT_DELAY_MS: u32 = 1_000;
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub gateway: GatewaySection,
+    pub api: ApiSection,
+    pub storage: StorageSection,
+    pub apps: Vec<AppSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub connections_per_shard_max: usize,
+    pub send_queue_bytes_max: usize,
+    pub auth_timeout_secs: u64,
+    pub bind_failures_max: u32,
+    pub apps_per_connection_max: usize,
+    pub inflight_pushes_max: u32,
+    pub command_queue_len: usize,
+    pub drain_reconnect_delay_ms: u32,
+    pub drain_timeout_secs: u64,
+    pub heartbeat_secs: HeartbeatSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatSection {
+    pub unknown: u64,
+    pub wifi: u64,
+    pub cellular: u64,
+    pub wired: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+    pub payload_bytes_max: usize,
+    pub multicast_users_max: usize,
+    pub pull_limit_max: u32,
+    pub ttl_secs_max: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    pub ack_flush_interval_ms: u64,
+    pub purge_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSection {
+    pub id: String,
+    pub api_key: String,
+    pub token_secret: String,
+    #[serde(default = "default_app_ttl")]
+    pub default_ttl_secs: u64,
+}
+
+fn default_app_ttl() -> u64 {
+    DEFAULT_APP_TTL_SECS
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: DEFAULT_NODE_ID.to_owned(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            gateway: GatewaySection::default(),
+            api: ApiSection::default(),
+            storage: StorageSection::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            listen: DEFAULT_GATEWAY_LISTEN.parse().expect("valid default"),
+            shards: DEFAULT_SHARDS,
+            connections_per_shard_max: DEFAULT_CONNECTIONS_PER_SHARD_MAX,
+            send_queue_bytes_max: DEFAULT_SEND_QUEUE_BYTES_MAX,
+            auth_timeout_secs: DEFAULT_AUTH_TIMEOUT_SECS,
+            bind_failures_max: DEFAULT_BIND_FAILURES_MAX,
+            apps_per_connection_max: APPS_PER_CONN_MAX,
+            inflight_pushes_max: DEFAULT_INFLIGHT_PUSHES_MAX,
+            command_queue_len: DEFAULT_COMMAND_QUEUE_LEN,
+            drain_reconnect_delay_ms: DEFAULT_DRAIN_RECONNECT_DELAY_MS,
+            drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            heartbeat_secs: HeartbeatSection::default(),
+        }
+    }
+}
+
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        HeartbeatSection {
+            unknown: DEFAULT_HEARTBEAT_UNKNOWN_SECS,
+            wifi: DEFAULT_HEARTBEAT_WIFI_SECS,
+            cellular: DEFAULT_HEARTBEAT_CELLULAR_SECS,
+            wired: DEFAULT_HEARTBEAT_WIRED_SECS,
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: DEFAULT_API_LISTEN.parse().expect("valid default"),
+            payload_bytes_max: DEFAULT_PAYLOAD_BYTES_MAX,
+            multicast_users_max: DEFAULT_MULTICAST_USERS_MAX,
+            pull_limit_max: DEFAULT_PULL_LIMIT_MAX,
+            ttl_secs_max: DEFAULT_TTL_SECS_MAX,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            ack_flush_interval_ms: DEFAULT_ACK_FLUSH_INTERVAL_MS,
+            purge_interval_secs: DEFAULT_PURGE_INTERVAL_SECS,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Refuses settings that cannot work, with the reason.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.apps.is_empty() {
+            bail!("the config defines no [[apps]]");
+        }
+        let mut ids = std::collections::HashSet::new();
+        for app in &self.apps {
+            check_app_id(&app.id)?;
+            if !ids.insert(&app.id) {
+                bail!("app {:?} is defined twice", app.id);
+            }
+            if app.api_key.len() < 16 {
+                bail!("app {:?}: api_key must be at least 16 characters", app.id);
+            }
+            if app.token_secret.len() < 16 {
+                bail!(
+                    "app {:?}: token_secret must be at least 16 characters",
+                    app.id
+                );
+            }
+            if app.default_ttl_secs == 0 || app.default_ttl_secs > self.api.ttl_secs_max {
+                bail!(
+                    "app {:?}: default_ttl_secs must be 1 to api.ttl_secs_max ({})",
+                    app.id,
+                    self.api.ttl_secs_max
+                );
+            }
+        }
+        let gateway = &self.gateway;
+        if gateway.apps_per_connection_max == 0 || gateway.apps_per_connection_max > APPS_PER_CONN_MAX
+        {
+            bail!("gateway.apps_per_connection_max must be 1 to {APPS_PER_CONN_MAX}");
+        }
+        if gateway.inflight_pushes_max == 0 {
+            bail!("gateway.inflight_pushes_max must be at least 1");
+        }
+        if self.api.payload_bytes_max == 0 || self.api.payload_bytes_max > PAYLOAD_LEN_MAX {
+            bail!("api.payload_bytes_max must be 1 to {PAYLOAD_LEN_MAX} (the protocol's limit)");
+        }
+        // A full window of the largest pushes must fit in a connection's
+        // queue, or a client that reads normally could be cut as slow.
+        let window_bytes = gateway.inflight_pushes_max as usize * (self.api.payload_bytes_max + 128);
+        if gateway.send_queue_bytes_max < window_bytes {
+            bail!(
+                "gateway.send_queue_bytes_max ({}) must hold a full delivery window: \
+                 inflight_pushes_max x (payload_bytes_max + 128) = {window_bytes}",
+                gateway.send_queue_bytes_max
+            );
+        }
+        let heartbeat = &gateway.heartbeat_secs;
+        for (name, secs) in [
+            ("unknown", heartbeat.unknown),
+            ("wifi", heartbeat.wifi),
+            ("cellular", heartbeat.cellular),
+            ("wired", heartbeat.wired),
+        ] {
+            if secs == 0 || secs > 3600 {
+                bail!("gateway.heartbeat_secs.{name} must be 1 to 3600");
+            }
+        }
+        if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == 0 {
+            bail!("gateway.command_queue_len and connections_per_shard_max must be positive");
+        }
+        if self.api.multicast_users_max == 0 || self.api.pull_limit_max == 0 {
+            bail!("api.multicast_users_max and api.pull_limit_max must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn app(&self, id: &str) -> anyhow::Result<&AppSection> {
+        self.apps
+            .iter()
+            .find(|app| app.id == id)
+            .with_context(|| format!("no app {id:?} in the configuration"))
+    }
+
+    pub fn shards(&self) -> usize {
+        match self.gateway.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    pub fn heartbeat(&self) -> herald_proto::server::HeartbeatIntervals {
+        let h = &self.gateway.heartbeat_secs;
+        herald_proto::server::HeartbeatIntervals {
+            unknown: Duration::from_secs(h.unknown),
+            wifi: Duration::from_secs(h.wifi),
+            cellular: Duration::from_secs(h.cellular),
+            wired: Duration::from_secs(h.wired),
+        }
+    }
+}
+
+fn check_app_id(id: &str) -> anyhow::Result<()> {
+    let valid = !id.is_empty()
+        && id.len() <= APP_ID_LEN_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !valid {
+        bail!(
+            "app id {id:?} must be 1 to {APP_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '-', '_', '.'"
+        );
+    }
+    Ok(())
+}
+
+/// The file that keeps the generated `demo` app's keys across restarts.
+pub fn demo_app_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("demo-app.toml")
+}
+
+/// Loads the `demo` app from the data dir, creating it with fresh random
+/// keys on first use. Returns the app and whether it was just created.
+pub fn demo_app(data_dir: &Path) -> anyhow::Result<(AppSection, bool)> {
+    let path = demo_app_path(data_dir);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let app: AppSection =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        return Ok((app, false));
+    }
+    let app = AppSection {
+        id: "demo".to_owned(),
+        api_key: random_hex(16),
+        token_secret: random_hex(32),
+        default_ttl_secs: DEFAULT_APP_TTL_SECS,
+    };
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::write(&path, toml::to_string(&app)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((app, true))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let key: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> AppSection {
+        AppSection {
+            id: "chat".to_owned(),
+            api_key: "k".repeat(16),
+            token_secret: "s".repeat(16),
+            default_ttl_secs: 60,
+        }
+    }
+
+    #[test]
+    fn defaults_with_one_app_are_valid() {
+        let config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = toml::from_str::<Config>("nod_id = \"x\"").unwrap_err();
+        assert!(error.to_string().contains("unknown field"), "{error}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let mut config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        config.gateway.send_queue_bytes_max = 1024;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("send_queue_bytes_max"), "{error}");
+
+        let mut config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        config.apps[0].id = "bad id".to_owned();
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let text = r#"
+            node_id = "edge-7"
+            data_dir = "/var/lib/herald"
+            [gateway]
+            listen = "0.0.0.0:7000"
+            shards = 4
+            [gateway.heartbeat_secs]
+            cellular = 30
+            [api]
+            listen = "127.0.0.1:9000"
+            payload_bytes_max = 2048
+            [[apps]]
+            id = "chat"
+            api_key = "0123456789abcdef"
+            token_secret = "0123456789abcdef0123"
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.gateway.heartbeat_secs.cellular, 30);
+        assert_eq!(config.gateway.heartbeat_secs.wifi, DEFAULT_HEARTBEAT_WIFI_SECS);
+        assert_eq!(config.apps[0].default_ttl_secs, DEFAULT_APP_TTL_SECS);
+    }
+}

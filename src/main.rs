@@ -1,0 +1,371 @@
+//! The `herald` command: load the configuration, build the gateway, the
+//! control plane and storage, and wire them together. Nothing else lives
+//! here; each part's logic is in its crate.
+
+mod config;
+mod listen;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald_control::{AppConfig, ControlConfig, Delivery, MemoryRegister};
+use herald_proto::server::ServerConfig;
+use herald_proto::{TokenClaims, sign_token};
+use herald_room::metrics::CLOSE_REASONS;
+use herald_room::{Gateway, GatewayConfig, GatewayError, GatewayMetrics};
+
+use crate::config::Config;
+
+/// Capacity of the channel that carries every shard's events to the control
+/// plane: a burst of binds or acks from all shards at once.
+const EVENT_QUEUE_LEN: usize = 64 * 1024;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Herald: long-connection push and messaging")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Herald: gateway, API and storage in one process.
+    Serve {
+        /// TOML configuration file. Without one, Herald runs a `demo` app
+        /// whose keys it keeps in the data dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where clients connect, e.g. 0.0.0.0:7070.
+        #[arg(long)]
+        gateway_listen: Option<std::net::SocketAddr>,
+        /// Where business servers call the HTTP API, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+    },
+    /// Print a client token for a user of an app.
+    Token {
+        /// The configuration that holds the app's token secret; without one,
+        /// the `demo` app of the data dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        user: String,
+        /// How long the token is valid.
+        #[arg(long, default_value_t = 24 * 3600)]
+        ttl_secs: u64,
+    },
+    /// Connect as a client and print each push as one JSON line, acking it.
+    Listen(listen::ListenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            gateway_listen,
+            api_listen,
+        } => load_serve_config(config, data_dir, gateway_listen, api_listen).and_then(serve),
+        Command::Token {
+            config,
+            data_dir,
+            app,
+            user,
+            ttl_secs,
+        } => token(config, data_dir, &app, &user, ttl_secs),
+        Command::Listen(args) => listen::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The file's settings, or the defaults with the generated `demo` app, then
+/// the command-line overrides.
+fn load_serve_config(
+    path: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    gateway_listen: Option<std::net::SocketAddr>,
+    api_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Config> {
+    let mut config = match &path {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(addr) = gateway_listen {
+        config.gateway.listen = addr;
+    }
+    if let Some(addr) = api_listen {
+        config.api.listen = addr;
+    }
+    if path.is_none() {
+        let (demo, created) = config::demo_app(&config.data_dir)?;
+        print_demo_banner(&config, &demo, created);
+        config.apps.push(demo);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn print_demo_banner(config: &Config, demo: &config::AppSection, created: bool) {
+    let data_dir = config.data_dir.display();
+    let origin = if created {
+        "created"
+    } else {
+        "loaded"
+    };
+    println!(
+        "herald: no --config given: serving the `demo` app ({origin} in {})\n\
+         herald:   API key:      {}\n\
+         herald:   mint a token: herald token --data-dir {data_dir} --app demo --user alice",
+        config::demo_app_path(&config.data_dir).display(),
+        demo.api_key,
+    );
+}
+
+fn token(
+    path: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    app: &str,
+    user: &str,
+    ttl_secs: u64,
+) -> anyhow::Result<()> {
+    let secret = match path {
+        Some(path) => Config::load(&path)?.app(app)?.token_secret.clone(),
+        None => {
+            let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+            let demo_path = config::demo_app_path(&data_dir);
+            anyhow::ensure!(
+                app == "demo" && demo_path.exists(),
+                "without --config only the `demo` app of a data dir that `herald serve` \
+                 has used is known (looked for {})",
+                demo_path.display()
+            );
+            config::demo_app(&data_dir)?.0.token_secret
+        }
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = TokenClaims {
+        app: app.to_owned(),
+        user: user.to_owned(),
+        expires_at_unix_secs: now.saturating_add(ttl_secs),
+    };
+    let token = sign_token(secret.as_bytes(), &claims)
+        .map_err(|error| anyhow::anyhow!("cannot sign a token for user {user:?}: {error}"))?;
+    println!("{token}");
+    Ok(())
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let shards = config.shards();
+    let (events_tx, events_rx) = async_channel::bounded(EVENT_QUEUE_LEN);
+    let gateway_config = GatewayConfig {
+        listen: config.gateway.listen,
+        shards,
+        server: ServerConfig {
+            heartbeat: config.heartbeat(),
+            auth_timeout: Duration::from_secs(config.gateway.auth_timeout_secs),
+            bind_failures_max: config.gateway.bind_failures_max,
+            apps_per_conn_max: config.gateway.apps_per_connection_max,
+            inflight_pushes_max: config.gateway.inflight_pushes_max,
+        },
+        apps: config
+            .apps
+            .iter()
+            .map(|app| (app.id.clone(), app.token_secret.as_bytes().to_vec()))
+            .collect(),
+        connections_per_shard_max: config.gateway.connections_per_shard_max,
+        send_queue_bytes_max: config.gateway.send_queue_bytes_max,
+        command_queue_len: config.gateway.command_queue_len,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("herald-control")
+        .build()
+        .context("cannot start the control plane runtime")?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("herald.db");
+    let saver = runtime
+        .block_on(herald_storage::Saver::open_sqlite(&db_path))
+        .with_context(|| format!("cannot open storage at {}", db_path.display()))?;
+
+    let gateway = match Gateway::start(gateway_config, events_tx) {
+        Ok(gateway) => gateway,
+        Err(error @ GatewayError::IoUringUnavailable(_)) => {
+            anyhow::bail!("{error}");
+        }
+        Err(error) => return Err(error).context("cannot start the gateway"),
+    };
+    let delivery = Delivery::new(
+        config.node_id.clone(),
+        saver.clone(),
+        Arc::new(MemoryRegister::default()),
+        gateway.commands(),
+        config.gateway.inflight_pushes_max,
+    );
+    let control_config = ControlConfig {
+        apps: config
+            .apps
+            .iter()
+            .map(|app| AppConfig {
+                id: app.id.clone(),
+                api_key: app.api_key.clone(),
+                default_ttl_secs: app.default_ttl_secs,
+            })
+            .collect(),
+        payload_bytes_max: config.api.payload_bytes_max,
+        multicast_users_max: config.api.multicast_users_max,
+        pull_limit_max: config.api.pull_limit_max,
+        ttl_secs_max: config.api.ttl_secs_max,
+        ack_flush_interval: Duration::from_millis(config.storage.ack_flush_interval_ms),
+        purge_interval: Duration::from_secs(config.storage.purge_interval_secs),
+    };
+    let metrics = gateway.metrics();
+    let router = herald_control::router(
+        control_config.clone(),
+        delivery.clone(),
+        Box::new(move |text| render_gateway_metrics(&metrics, text)),
+    );
+
+    runtime.block_on(async {
+        tokio::spawn(delivery.clone().run_events(events_rx));
+        tokio::spawn(
+            delivery
+                .clone()
+                .run_ack_flusher(control_config.ack_flush_interval),
+        );
+        tokio::spawn(delivery.clone().run_purger(control_config.purge_interval));
+        let listener = tokio::net::TcpListener::bind(config.api.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+        println!(
+            "herald: gateway listening on {} ({shards} shards)",
+            gateway.local_addr()
+        );
+        println!("herald: api listening on {}", listener.local_addr()?);
+        tracing::info!(node.id = %config.node_id, "herald is ready");
+
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped_rx.await;
+                })
+                .into_future(),
+        );
+        shutdown_signal().await;
+        tracing::info!("draining: clients get GOAWAY, acks are flushed");
+        delivery
+            .drain(
+                config.gateway.drain_reconnect_delay_ms,
+                Duration::from_secs(config.gateway.drain_timeout_secs),
+            )
+            .await;
+        let _ = stopped_tx.send(());
+        let _ = server.await;
+        saver.close().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn render_gateway_metrics(metrics: &GatewayMetrics, text: &mut String) {
+    let s = metrics.snapshot();
+    for (name, kind, help, value) in [
+        (
+            "herald_connections",
+            "gauge",
+            "Client connections open now.",
+            s.connections_open,
+        ),
+        (
+            "herald_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            s.connections_accepted,
+        ),
+        (
+            "herald_connections_refused_total",
+            "counter",
+            "Client connections refused at the per-shard limit.",
+            s.connections_refused,
+        ),
+        (
+            "herald_frames_in_total",
+            "counter",
+            "Frames received from clients.",
+            s.frames_in,
+        ),
+        (
+            "herald_frames_out_total",
+            "counter",
+            "Frames sent to clients.",
+            s.frames_out,
+        ),
+        (
+            "herald_pushes_sent_total",
+            "counter",
+            "PUSH frames sent to clients.",
+            s.pushes_out,
+        ),
+        (
+            "herald_acks_total",
+            "counter",
+            "ACKs from clients that advanced a cursor.",
+            s.acks_in,
+        ),
+    ] {
+        let _ = writeln!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP herald_connections_closed_total Client connections closed, by reason.\n\
+         # TYPE herald_connections_closed_total counter"
+    );
+    for (reason, count) in CLOSE_REASONS.iter().zip(s.closed) {
+        let _ = writeln!(
+            text,
+            "herald_connections_closed_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+}

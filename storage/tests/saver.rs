@@ -1,0 +1,514 @@
+//! The saver against a real SQLite file in a temporary directory.
+
+use std::collections::HashSet;
+
+use herald_storage::{
+    AckCursor, MESSAGES_AFTER_LIMIT_MAX, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError,
+    StoreOutcome,
+};
+use tempfile::TempDir;
+
+const APP: &str = "app1";
+const T0: u64 = 1_700_000_000_000;
+const HOUR_MS: u64 = 3_600_000;
+
+async fn open() -> (TempDir, Saver) {
+    let dir = tempfile::tempdir().unwrap();
+    let saver = Saver::open_sqlite(&dir.path().join("herald.db"))
+        .await
+        .unwrap();
+    (dir, saver)
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|name| name.to_string()).collect()
+}
+
+/// Stores `payload` for `users` of `app` with a one-hour TTL and no key.
+async fn store(
+    saver: &Saver,
+    app: &str,
+    users: &[String],
+    payload: &[u8],
+    now_ms: u64,
+) -> StoreOutcome {
+    saver
+        .store(NewMessage {
+            app,
+            users,
+            payload,
+            ttl_ms: HOUR_MS,
+            now_ms,
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+}
+
+async fn seqs_of(saver: &Saver, app: &str, user: &str, now_ms: u64) -> Vec<u64> {
+    let (messages, more) = saver
+        .messages_after(app, user, 0, MESSAGES_AFTER_LIMIT_MAX, now_ms)
+        .await
+        .unwrap();
+    assert!(!more);
+    messages.iter().map(|message| message.seq).collect()
+}
+
+#[tokio::test]
+async fn seqs_rise_per_inbox_and_are_independent_across_users_and_apps() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    let bob = users(&["bob"]);
+    for expected in 1..=3 {
+        assert_eq!(
+            store(&saver, APP, &alice, b"a", T0).await.stored[0].seq,
+            expected
+        );
+    }
+    assert_eq!(store(&saver, APP, &bob, b"b", T0).await.stored[0].seq, 1);
+    assert_eq!(
+        store(&saver, "app2", &alice, b"c", T0).await.stored[0].seq,
+        1
+    );
+    assert_eq!(store(&saver, APP, &alice, b"d", T0).await.stored[0].seq, 4);
+
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1, 2, 3, 4]);
+    assert_eq!(seqs_of(&saver, APP, "bob", T0).await, [1]);
+    assert_eq!(seqs_of(&saver, "app2", "alice", T0).await, [1]);
+}
+
+#[tokio::test]
+async fn stored_message_reads_back_as_written() {
+    let (_dir, saver) = open().await;
+    let outcome = store(&saver, APP, &users(&["alice"]), b"hello", T0).await;
+    assert!(!outcome.replayed);
+    let (messages, more) = saver.messages_after(APP, "alice", 0, 10, T0).await.unwrap();
+    assert!(!more);
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(message.seq, 1);
+    assert_eq!(message.message_id, outcome.stored[0].message_id);
+    assert_eq!(&message.payload[..], b"hello");
+    assert_eq!(message.created_at_ms, T0);
+    assert_eq!(message.expires_at_ms, T0 + HOUR_MS);
+    assert_eq!(message.message_id.0[..6], T0.to_be_bytes()[2..]);
+}
+
+#[tokio::test]
+async fn seq_is_not_reused_after_purge() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    store(&saver, APP, &alice, b"1", T0).await;
+    store(&saver, APP, &alice, b"2", T0).await;
+    let later = T0 + 2 * HOUR_MS;
+    assert_eq!(saver.purge_expired(later).await.unwrap(), 2);
+    assert!(seqs_of(&saver, APP, "alice", later).await.is_empty());
+    assert_eq!(
+        store(&saver, APP, &alice, b"3", later).await.stored[0].seq,
+        3
+    );
+}
+
+#[tokio::test]
+async fn multicast_shares_one_message_id_and_gives_each_user_one_seq() {
+    let (_dir, saver) = open().await;
+    store(&saver, APP, &users(&["bob"]), b"earlier", T0).await;
+    let outcome = store(&saver, APP, &users(&["alice", "bob", "carol"]), b"all", T0).await;
+    let summary: Vec<(&str, u64)> = outcome
+        .stored
+        .iter()
+        .map(|stored| (stored.user.as_str(), stored.seq))
+        .collect();
+    assert_eq!(summary, [("alice", 1), ("bob", 2), ("carol", 1)]);
+    let message_id = outcome.stored[0].message_id;
+    assert!(
+        outcome
+            .stored
+            .iter()
+            .all(|stored| stored.message_id == message_id)
+    );
+    for stored in &outcome.stored {
+        let (messages, _) = saver
+            .messages_after(APP, &stored.user, stored.seq - 1, 10, T0)
+            .await
+            .unwrap();
+        assert_eq!(messages[0].message_id, message_id);
+        assert_eq!(&messages[0].payload[..], b"all");
+    }
+
+    // A separate call is a separate logical message.
+    let next = store(&saver, APP, &users(&["alice"]), b"next", T0).await;
+    assert_ne!(next.stored[0].message_id, message_id);
+}
+
+#[tokio::test]
+async fn idempotent_replay_returns_the_first_result_and_stores_nothing() {
+    let (_dir, saver) = open().await;
+    let alice_bob = users(&["alice", "bob"]);
+    let send = |payload: &'static [u8], now_ms| NewMessage {
+        app: APP,
+        users: &alice_bob,
+        payload,
+        ttl_ms: HOUR_MS,
+        now_ms,
+        idempotency_key: Some("send-1"),
+    };
+    let first = saver.store(send(b"first", T0)).await.unwrap();
+    assert!(!first.replayed);
+
+    let retry = saver.store(send(b"retry", T0 + HOUR_MS - 1)).await.unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.stored, first.stored);
+    for user in ["alice", "bob"] {
+        assert_eq!(seqs_of(&saver, APP, user, T0).await, [1]);
+    }
+
+    // The same key in another app is another send.
+    let other_app = saver
+        .store(NewMessage {
+            app: "app2",
+            ..send(b"other app", T0)
+        })
+        .await
+        .unwrap();
+    assert!(!other_app.replayed);
+}
+
+#[tokio::test]
+async fn idempotency_key_past_its_ttl_stores_anew() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    let send = |now_ms| NewMessage {
+        app: APP,
+        users: &alice,
+        payload: b"x",
+        ttl_ms: HOUR_MS,
+        now_ms,
+        idempotency_key: Some("send-1"),
+    };
+    let first = saver.store(send(T0)).await.unwrap();
+    let expired = T0 + HOUR_MS;
+    let second = saver.store(send(expired)).await.unwrap();
+    assert!(!second.replayed);
+    assert_eq!(second.stored[0].seq, 2);
+    assert_ne!(second.stored[0].message_id, first.stored[0].message_id);
+
+    // The replaced key now replays the second result.
+    let third = saver.store(send(expired + 1)).await.unwrap();
+    assert!(third.replayed);
+    assert_eq!(third.stored, second.stored);
+}
+
+#[tokio::test]
+async fn messages_after_pages_in_order_and_flags_more() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    for payload in [b"1", b"2", b"3", b"4", b"5"] {
+        store(&saver, APP, &alice, payload, T0).await;
+    }
+    let page = |after, limit| saver.messages_after(APP, "alice", after, limit, T0);
+
+    let (messages, more) = page(0, 2).await.unwrap();
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(&messages[1].payload[..], b"2");
+    assert!(more);
+    let (messages, more) = page(2, 2).await.unwrap();
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+    assert!(more);
+    let (messages, more) = page(4, 2).await.unwrap();
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
+    assert!(!more);
+    let (messages, more) = page(3, 2).await.unwrap();
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [4, 5]);
+    assert!(!more, "exactly `limit` left is not more");
+    let (messages, more) = page(5, 2).await.unwrap();
+    assert!(messages.is_empty() && !more);
+    let (messages, more) = page(0, 0).await.unwrap();
+    assert!(messages.is_empty() && more);
+    let (messages, more) = page(u64::MAX, 10).await.unwrap();
+    assert!(messages.is_empty() && !more);
+}
+
+#[tokio::test]
+async fn messages_after_caps_the_limit() {
+    let (_dir, saver) = open().await;
+    // A user listed n times gets n seqs in one transaction.
+    let many = vec!["alice".to_string(); MESSAGES_AFTER_LIMIT_MAX as usize + 1];
+    store(&saver, APP, &many, b"x", T0).await;
+    let (messages, more) = saver
+        .messages_after(APP, "alice", 0, u32::MAX, T0)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), MESSAGES_AFTER_LIMIT_MAX as usize);
+    assert!(more);
+}
+
+#[tokio::test]
+async fn messages_after_skips_expired_messages() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    let send = |ttl_ms| NewMessage {
+        app: APP,
+        users: &alice,
+        payload: b"x",
+        ttl_ms,
+        now_ms: T0,
+        idempotency_key: None,
+    };
+    saver.store(send(HOUR_MS)).await.unwrap(); // seq 1
+    saver.store(send(10)).await.unwrap(); // seq 2, expires first
+    saver.store(send(HOUR_MS)).await.unwrap(); // seq 3
+
+    assert_eq!(seqs_of(&saver, APP, "alice", T0 + 9).await, [1, 2, 3]);
+    assert_eq!(seqs_of(&saver, APP, "alice", T0 + 10).await, [1, 3]);
+    // The `more` flag counts only unexpired messages.
+    let (messages, more) = saver
+        .messages_after(APP, "alice", 0, 1, T0 + HOUR_MS - 1)
+        .await
+        .unwrap();
+    assert_eq!(messages[0].seq, 1);
+    assert!(more);
+    let (messages, more) = saver
+        .messages_after(APP, "alice", 1, 1, T0 + HOUR_MS)
+        .await
+        .unwrap();
+    assert!(messages.is_empty() && !more);
+}
+
+#[tokio::test]
+async fn device_cursors_only_rise() {
+    let (_dir, saver) = open().await;
+    let ack = |device: &str, acked_seq| AckCursor {
+        app: APP.into(),
+        user: "alice".into(),
+        device_id: device.into(),
+        acked_seq,
+    };
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
+        None
+    );
+
+    saver
+        .save_acks(&[ack("phone", 5), ack("laptop", 2)], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
+        Some(5)
+    );
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "laptop").await.unwrap(),
+        Some(2)
+    );
+
+    saver.save_acks(&[ack("phone", 3)], T0 + 1).await.unwrap();
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
+        Some(5)
+    );
+
+    // Within one batch the highest wins whatever the order.
+    saver
+        .save_acks(&[ack("phone", 9), ack("phone", 7)], T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
+        Some(9)
+    );
+
+    saver.save_acks(&[], T0 + 3).await.unwrap();
+    assert_eq!(
+        saver.device_cursor(APP, "bob", "phone").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        saver.device_cursor("app2", "alice", "phone").await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn purge_removes_only_expired_rows() {
+    let (_dir, saver) = open().await;
+    let alice = users(&["alice"]);
+    let send = |ttl_ms, idempotency_key| NewMessage {
+        app: APP,
+        users: &alice,
+        payload: b"x",
+        ttl_ms,
+        now_ms: T0,
+        idempotency_key,
+    };
+    saver.store(send(10, Some("short"))).await.unwrap(); // seq 1
+    saver.store(send(HOUR_MS, Some("long"))).await.unwrap(); // seq 2
+    saver.store(send(20, None)).await.unwrap(); // seq 3
+
+    assert_eq!(saver.purge_expired(T0 + 9).await.unwrap(), 0);
+    assert_eq!(saver.purge_expired(T0 + 20).await.unwrap(), 2);
+    // Read with a clock before any expiry: only what purge left is there.
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [2]);
+    assert_eq!(saver.purge_expired(T0 + 20).await.unwrap(), 0);
+
+    // The unexpired key still replays.
+    assert!(
+        saver
+            .store(send(HOUR_MS, Some("long")))
+            .await
+            .unwrap()
+            .replayed
+    );
+}
+
+#[tokio::test]
+async fn purge_loops_over_batches() {
+    let (_dir, saver) = open().await;
+    let rows = PURGE_BATCH_ROWS as usize + 1;
+    let many = vec!["alice".to_string(); rows];
+    store(&saver, APP, &many, b"x", T0).await;
+    assert_eq!(
+        saver.purge_expired(T0 + HOUR_MS).await.unwrap(),
+        rows as u64
+    );
+}
+
+#[tokio::test]
+async fn stored_messages_survive_close_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herald.db");
+    let alice = users(&["alice"]);
+
+    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let first = store(&saver, APP, &alice, b"before close", T0).await;
+    saver
+        .save_acks(
+            &[AckCursor {
+                app: APP.into(),
+                user: "alice".into(),
+                device_id: "phone".into(),
+                acked_seq: 1,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    saver.close().await;
+    saver.close().await; // A second close is harmless.
+    assert!(matches!(
+        saver.ping().await,
+        Err(StorageError::Unavailable(_))
+    ));
+
+    // Opening again runs the (already applied) migrations a second time.
+    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let (messages, _) = saver.messages_after(APP, "alice", 0, 10, T0).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].message_id, first.stored[0].message_id);
+    assert_eq!(&messages[0].payload[..], b"before close");
+    assert_eq!(
+        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store(&saver, APP, &alice, b"after", T0).await.stored[0].seq,
+        2
+    );
+
+    // Dropped without close: committed data is still there.
+    drop(saver);
+    let saver = Saver::open_sqlite(&path).await.unwrap();
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1, 2]);
+    saver.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stores_get_gapless_distinct_seqs() {
+    const STORES: u64 = 200;
+    let (_dir, saver) = open().await;
+    let tasks: Vec<_> = (0..STORES)
+        .map(|i| {
+            let saver = saver.clone();
+            tokio::spawn(async move {
+                let alice = vec!["alice".to_string()];
+                saver
+                    .store(NewMessage {
+                        app: APP,
+                        users: &alice,
+                        payload: &i.to_be_bytes(),
+                        ttl_ms: HOUR_MS,
+                        now_ms: T0,
+                        idempotency_key: None,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut seqs = HashSet::new();
+    for task in tasks {
+        let outcome = task.await.unwrap().expect("store failed under concurrency");
+        assert!(seqs.insert(outcome.stored[0].seq), "duplicate seq");
+    }
+    assert_eq!(seqs, (1..=STORES).collect::<HashSet<_>>());
+    assert_eq!(
+        seqs_of(&saver, APP, "alice", T0).await,
+        (1..=STORES).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn empty_recipient_list_stores_nothing() {
+    let (_dir, saver) = open().await;
+    let outcome = store(&saver, APP, &[], b"x", T0).await;
+    assert_eq!(
+        outcome,
+        StoreOutcome {
+            stored: Vec::new(),
+            replayed: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn ping_answers_while_open() {
+    let (_dir, saver) = open().await;
+    saver.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_idempotency_record_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herald.db");
+    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let raw =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) VALUES (?, ?, ?, ?)",
+    )
+    .bind(APP)
+    .bind("broken")
+    .bind("not json")
+    .bind(i64::MAX)
+    .execute(&raw)
+    .await
+    .unwrap();
+    raw.close().await;
+
+    let alice = users(&["alice"]);
+    let result = saver
+        .store(NewMessage {
+            app: APP,
+            users: &alice,
+            payload: b"x",
+            ttl_ms: HOUR_MS,
+            now_ms: T0,
+            idempotency_key: Some("broken"),
+        })
+        .await;
+    assert!(
+        matches!(result, Err(StorageError::Corrupt(_))),
+        "{result:?}"
+    );
+}

@@ -1,0 +1,207 @@
+//! Bad input gets the documented error, and the server keeps serving
+//! everyone else. Also heartbeats: silent clients are cut, pinging ones not.
+
+mod support;
+
+use std::time::Duration;
+
+use herald_proto::{BindErrorCode, ErrorCode, Frame, GoAwayReason};
+use support::{API_KEY, APP, OTHER_API_KEY, RawClient, Server, token};
+
+fn error_code(body: &serde_json::Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+#[tokio::test]
+async fn api_errors_have_the_documented_status_and_code() {
+    let server = Server::start();
+    let path = format!("/v1/apps/{APP}/users/alice/messages");
+    let ok = r#"{"payload": "x"}"#.to_owned();
+
+    let (status, body) = server.post(&path, "wrong-key", ok.clone()).await;
+    assert_eq!((status, error_code(&body)), (403, "forbidden"));
+    // Another app's key is wrong for this app.
+    let (status, _) = server.post(&path, OTHER_API_KEY, ok.clone()).await;
+    assert_eq!(status, 403);
+
+    let response = reqwest::Client::new()
+        .post(server.url(&path))
+        .body(ok.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+
+    let (status, body) = server
+        .post("/v1/apps/nope/users/alice/messages", API_KEY, ok.clone())
+        .await;
+    assert_eq!((status, error_code(&body)), (404, "unknown_app"));
+
+    let (status, body) = server.post(&path, API_KEY, "{not json".to_owned()).await;
+    assert_eq!((status, error_code(&body)), (400, "malformed_json"));
+
+    let (status, body) = server
+        .post(&path, API_KEY, r#"{"payload": "a", "payload_base64": "YQ=="}"#.to_owned())
+        .await;
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+
+    let (status, body) = server
+        .post(&path, API_KEY, r#"{"payload_base64": "%%%"}"#.to_owned())
+        .await;
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+
+    // The test config allows 1024-byte payloads.
+    let big = serde_json::json!({ "payload": "x".repeat(1025) }).to_string();
+    let (status, body) = server.post(&path, API_KEY, big).await;
+    assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
+    let huge = serde_json::json!({ "payload": "x".repeat(10 << 20) }).to_string();
+    let (status, body) = server.post(&path, API_KEY, huge).await;
+    assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
+
+    let (status, _) = server
+        .post(&path, API_KEY, r#"{"payload": "x", "ttl_secs": 0}"#.to_owned())
+        .await;
+    assert_eq!(status, 400);
+
+    // Nothing bad was stored, and good requests still work.
+    assert_eq!(server.push("alice", "fine").await["seq"], 1);
+    let metrics = server.metrics().await;
+    assert!(metrics.contains("herald_api_requests_total{status=\"413\"} 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn health_endpoints_answer() {
+    let server = Server::start();
+    for path in ["/livez", "/readyz", "/healthz"] {
+        let response = reqwest::get(server.url(path)).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+    }
+    let metrics = server.metrics().await;
+    assert!(metrics.contains("# TYPE herald_connections gauge"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close() {
+    let server = Server::start();
+    let mut client = RawClient::connect(&server.gateway).await;
+    client.hello("phone").await;
+    client
+        .send(Frame::Bind {
+            app: APP.to_owned(),
+            token: token("alice", -10),
+            last_seq: None,
+        })
+        .await;
+    assert!(matches!(
+        client.recv().await,
+        Some(Frame::BindErr { code: BindErrorCode::TOKEN_EXPIRED, .. })
+    ));
+    for _ in 0..2 {
+        client
+            .send(Frame::Bind {
+                app: APP.to_owned(),
+                token: "forged.token".to_owned(),
+                last_seq: None,
+            })
+            .await;
+        assert!(matches!(
+            client.recv().await,
+            Some(Frame::BindErr { code: BindErrorCode::INVALID_TOKEN, .. })
+        ));
+    }
+    assert_eq!(
+        client.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::AUTH_FAILED,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(client.recv().await, None);
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
+    let server = Server::start();
+    let mut bystander = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+
+    let mut garbage = RawClient::connect(&server.gateway).await;
+    // A valid length prefix around a body with version 9.
+    garbage.send_raw(&[0, 0, 0, 3, 9, 1, 0]).await;
+    assert!(matches!(
+        garbage.recv().await,
+        Some(Frame::Error { code: ErrorCode::UNSUPPORTED_VERSION, .. })
+    ));
+    assert_eq!(garbage.recv().await, None);
+
+    let mut garbage = RawClient::connect(&server.gateway).await;
+    garbage.hello("phone").await;
+    garbage.send_raw(&[0, 0, 0, 2, 1, 0xEE]).await;
+    assert!(matches!(
+        garbage.recv().await,
+        Some(Frame::Error { code: ErrorCode::MALFORMED_FRAME, .. })
+    ));
+    assert_eq!(garbage.recv().await, None);
+
+    let mut oversized = RawClient::connect(&server.gateway).await;
+    oversized.send_raw(&[0, 0x10, 0, 0, 1, 1]).await;
+    assert!(matches!(
+        oversized.recv().await,
+        Some(Frame::Error { code: ErrorCode::FRAME_TOO_LARGE, .. })
+    ));
+    assert_eq!(oversized.recv().await, None);
+
+    let mut early = RawClient::connect(&server.gateway).await;
+    early.send(Frame::Ping).await;
+    assert!(matches!(
+        early.recv().await,
+        Some(Frame::Error { code: ErrorCode::UNEXPECTED_FRAME, .. })
+    ));
+
+    server.push("alice", "still here").await;
+    assert_eq!(bystander.recv_push().await, (1, "still here".to_owned()));
+}
+
+#[tokio::test]
+async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout() {
+    let server = Server::start();
+    let mut client = RawClient::connect(&server.gateway).await;
+    client.hello("phone").await;
+    // auth_timeout_secs = 3 in the test config.
+    assert_eq!(
+        client.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::AUTH_TIMEOUT,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(client.recv().await, None);
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_and_a_pinging_one_is_not() {
+    // 1 s heartbeat: a client silent for 1.5 s is past its deadline.
+    let server = Server::start_with(1, "");
+    let mut silent = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+    let mut pinging = RawClient::bound(&server.gateway, "laptop", "alice", None).await;
+    let started = tokio::time::Instant::now();
+    let pinger = tokio::spawn(async move {
+        while started.elapsed() < Duration::from_secs(4) {
+            pinging.send(Frame::Ping).await;
+            assert_eq!(pinging.recv().await, Some(Frame::Pong));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        pinging
+    });
+    assert_eq!(
+        silent.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::HEARTBEAT_TIMEOUT,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(silent.recv().await, None);
+    assert!(started.elapsed() >= Duration::from_millis(1_400));
+    let mut pinging = pinger.await.unwrap();
+    pinging.send(Frame::Ping).await;
+    assert_eq!(pinging.recv().await, Some(Frame::Pong), "the pinging client is still served");
+}

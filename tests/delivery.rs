@@ -1,0 +1,206 @@
+//! End to end, with the real `herald` binary on loopback: store-then-send,
+//! acks, offline delivery, redelivery, restarts, several devices, kick.
+
+mod support;
+
+use std::time::Duration;
+
+use herald_proto::{Frame, GoAwayReason};
+use support::{API_KEY, APP, RawClient, Server};
+
+#[tokio::test]
+async fn push_to_an_online_user_arrives_and_its_ack_is_kept() {
+    let server = Server::start();
+    let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+    phone.expect_silence(Duration::from_millis(100)).await;
+
+    let reply = server.push("alice", "hello alice").await;
+    assert_eq!(reply["seq"], 1);
+    assert_eq!(reply["online"], true);
+    assert_eq!(reply["message_id"].as_str().unwrap().len(), 32);
+    assert_eq!(phone.recv_push().await, (1, "hello alice".to_owned()));
+    phone.ack(1).await;
+    phone.expect_silence(Duration::from_millis(100)).await;
+    drop(phone);
+
+    // The same device reconnecting without a resume point gets nothing
+    // again: the server kept its ack.
+    let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+    phone.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(server.push("alice", "second").await["seq"], 2);
+    assert_eq!(phone.recv_push().await, (2, "second".to_owned()));
+}
+
+#[tokio::test]
+async fn push_to_an_offline_user_arrives_when_it_connects() {
+    let server = Server::start();
+    let reply = server.push("bob", "while you were away").await;
+    assert_eq!(reply["online"], false);
+    server.push("bob", "and another").await;
+    let mut phone = RawClient::bound(&server.gateway, "phone", "bob", None).await;
+    assert_eq!(phone.recv_push().await, (1, "while you were away".to_owned()));
+    assert_eq!(phone.recv_push().await, (2, "and another".to_owned()));
+}
+
+#[tokio::test]
+async fn unacked_messages_come_again_and_acked_ones_never_do() {
+    let server = Server::start();
+    for text in ["one", "two", "three"] {
+        server.push("carol", text).await;
+    }
+    let mut phone = RawClient::bound(&server.gateway, "phone", "carol", None).await;
+    for seq in 1..=3 {
+        assert_eq!(phone.recv_push().await.0, seq);
+    }
+    phone.ack(1).await;
+    phone.expect_silence(Duration::from_millis(50)).await;
+    // Killed before acking 2 and 3.
+    drop(phone);
+
+    let mut phone = RawClient::bound(&server.gateway, "phone", "carol", None).await;
+    assert_eq!(phone.recv_push().await, (2, "two".to_owned()));
+    assert_eq!(phone.recv_push().await, (3, "three".to_owned()));
+    phone.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn the_client_reported_last_seq_wins_over_the_server_cursor() {
+    let server = Server::start();
+    for text in ["one", "two", "three"] {
+        server.push("dave", text).await;
+    }
+    let mut phone = RawClient::bound(&server.gateway, "phone", "dave", Some(2)).await;
+    assert_eq!(phone.recv_push().await, (3, "three".to_owned()));
+    phone.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_message_stored_before_a_hard_restart_is_still_delivered() {
+    let server = Server::start();
+    assert_eq!(server.push("erin", "durable").await["online"], false);
+    let server = server.kill_and_restart();
+    let mut phone = RawClient::bound(&server.gateway, "phone", "erin", None).await;
+    assert_eq!(phone.recv_push().await, (1, "durable".to_owned()));
+    // Sequences continue after the restart.
+    assert_eq!(server.push("erin", "after").await["seq"], 2);
+}
+
+#[tokio::test]
+async fn every_device_of_a_user_gets_the_push() {
+    let server = Server::start();
+    let mut phone = RawClient::bound(&server.gateway, "phone", "frank", None).await;
+    let mut laptop = RawClient::bound(&server.gateway, "laptop", "frank", None).await;
+    let (status, presence) = server
+        .get(&format!("/v1/apps/{APP}/users/frank/presence"), API_KEY)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(presence["connections"].as_array().unwrap().len(), 2);
+    assert_eq!(presence["connections"][0]["node"], "test-node");
+    assert_eq!(presence["connections"][0]["network"], "wifi");
+
+    server.push("frank", "to both").await;
+    assert_eq!(phone.recv_push().await, (1, "to both".to_owned()));
+    assert_eq!(laptop.recv_push().await, (1, "to both".to_owned()));
+
+    // The phone acks; a third device still gets the message from the inbox.
+    phone.ack(1).await;
+    let mut tablet = RawClient::bound(&server.gateway, "tablet", "frank", None).await;
+    assert_eq!(tablet.recv_push().await, (1, "to both".to_owned()));
+}
+
+#[tokio::test]
+async fn multicast_stores_one_copy_per_user() {
+    let server = Server::start();
+    let mut gina = RawClient::bound(&server.gateway, "phone", "gina", None).await;
+    let (status, reply) = server
+        .post(
+            &format!("/v1/apps/{APP}/messages"),
+            API_KEY,
+            r#"{"users": ["gina", "hank", "gina"], "payload": "hi all"}"#.to_owned(),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let results = reply["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["online"], true);
+    assert_eq!(results[1]["online"], false);
+    assert_eq!(results[0]["message_id"], results[1]["message_id"]);
+    assert_eq!(gina.recv_push().await, (1, "hi all".to_owned()));
+
+    let (status, pulled) = server
+        .get(&format!("/v1/apps/{APP}/users/hank/messages?after=0&limit=10"), API_KEY)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(pulled["messages"][0]["payload"], "hi all");
+    assert_eq!(pulled["more"], false);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_stores_once() {
+    let server = Server::start();
+    let body = r#"{"payload": "once", "idempotency_key": "order-17"}"#.to_owned();
+    let path = format!("/v1/apps/{APP}/users/ivy/messages");
+    let (_, first) = server.post(&path, API_KEY, body.clone()).await;
+    let (status, second) = server.post(&path, API_KEY, body).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["seq"], second["seq"]);
+    assert_eq!(first["message_id"], second["message_id"]);
+    assert_eq!(second["replayed"], true);
+    let mut phone = RawClient::bound(&server.gateway, "phone", "ivy", None).await;
+    assert_eq!(phone.recv_push().await, (1, "once".to_owned()));
+    phone.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn kick_sends_goaway_and_closes() {
+    let server = Server::start();
+    let mut phone = RawClient::bound(&server.gateway, "phone", "jack", None).await;
+    let (status, reply) = server
+        .post(&format!("/v1/apps/{APP}/users/jack/kick"), API_KEY, String::new())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["kicked"], 1);
+    assert_eq!(
+        phone.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::KICKED,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(phone.recv().await, None, "closed after GOAWAY");
+    let (_, presence) = server
+        .get(&format!("/v1/apps/{APP}/users/jack/presence"), API_KEY)
+        .await;
+    assert_eq!(presence["online"], false);
+}
+
+#[tokio::test]
+async fn a_large_backlog_is_delivered_in_order_through_the_window() {
+    let server = Server::start();
+    // More than the default delivery window (32) and than one fill.
+    for i in 1..=100 {
+        server.push("kate", &format!("m{i}")).await;
+    }
+    let mut phone = RawClient::bound(&server.gateway, "phone", "kate", None).await;
+    for seq in 1..=100u64 {
+        let (got, payload) = phone.recv_push().await;
+        assert_eq!((got, payload), (seq, format!("m{seq}")));
+        phone.ack(seq).await;
+    }
+    phone.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_clients_with_goaway_and_exits_cleanly() {
+    let mut server = Server::start();
+    let mut phone = RawClient::bound(&server.gateway, "phone", "liam", None).await;
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    match phone.recv().await {
+        Some(Frame::GoAway {
+            reason: GoAwayReason::SERVER_SHUTDOWN,
+            reconnect_delay_ms: Some(_),
+        }) => {}
+        other => panic!("expected GOAWAY(server_shutdown), got {other:?}"),
+    }
+}

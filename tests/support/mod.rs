@@ -1,0 +1,322 @@
+//! Test support: a real `herald serve` process on loopback, a raw protocol
+//! client, and API helpers.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const APP: &str = "chat";
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
+pub const OTHER_APP: &str = "news";
+pub const OTHER_API_KEY: &str = "other-api-key-0123456789";
+
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn herald_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herald")
+}
+
+/// A `herald serve` child process with its own data dir and ephemeral ports.
+pub struct Server {
+    pub child: Child,
+    pub gateway: String,
+    pub api: String,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn write_config(dir: &Path, heartbeat_secs: u64, extra: &str) -> PathBuf {
+    let path = dir.join("herald.toml");
+    let text = format!(
+        r#"
+node_id = "test-node"
+{extra}
+[gateway]
+shards = 2
+auth_timeout_secs = 3
+drain_timeout_secs = 5
+[gateway.heartbeat_secs]
+unknown = {heartbeat_secs}
+wifi = {heartbeat_secs}
+cellular = {heartbeat_secs}
+wired = {heartbeat_secs}
+[api]
+payload_bytes_max = 1024
+[storage]
+ack_flush_interval_ms = 50
+[[apps]]
+id = "{APP}"
+api_key = "{API_KEY}"
+token_secret = "{TOKEN_SECRET}"
+[[apps]]
+id = "{OTHER_APP}"
+api_key = "{OTHER_API_KEY}"
+token_secret = "other-secret-0123456789"
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(60, "")
+    }
+
+    pub fn start_with(heartbeat_secs: u64, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = write_config(dir.path(), heartbeat_secs, extra);
+        let data_dir = dir.path().join("data");
+        let mut server = Server::spawn(&config_path, &data_dir);
+        server._dir = Some(dir);
+        server
+    }
+
+    fn spawn(config_path: &Path, data_dir: &Path) -> Server {
+        let mut child = Command::new(herald_bin())
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--gateway-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn herald serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut gateway, mut api) = (None, None);
+        while gateway.is_none() || api.is_none() {
+            let line = lines
+                .next()
+                .expect("herald serve exited before listening")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
+                gateway = rest.split_whitespace().next().map(str::to_owned);
+            } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
+                api = Some(rest.trim().to_owned());
+            }
+        }
+        // Keep reading stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            gateway: gateway.unwrap(),
+            api: api.unwrap(),
+            data_dir: data_dir.to_owned(),
+            config_path: config_path.to_owned(),
+            _dir: None,
+        }
+    }
+
+    /// Kills the process hard (no drain) and starts it again on the same
+    /// data dir and config.
+    pub fn kill_and_restart(mut self) -> Server {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let mut next = Server::spawn(&self.config_path, &self.data_dir);
+        next._dir = self._dir.take();
+        next
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    pub async fn push(&self, user: &str, payload: &str) -> Value {
+        let (status, body) = self
+            .post(
+                &format!("/v1/apps/{APP}/users/{user}/messages"),
+                API_KEY,
+                serde_json::json!({ "payload": payload }).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "push failed: {body}");
+        body
+    }
+
+    pub async fn post(&self, path: &str, api_key: &str, body: String) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(self.url(path))
+            .bearer_auth(api_key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str, api_key: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(api_key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn token(user: &str, ttl_secs: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    sign_token(
+        TOKEN_SECRET.as_bytes(),
+        &TokenClaims {
+            app: APP.to_owned(),
+            user: user.to_owned(),
+            expires_at_unix_secs: (now + ttl_secs).max(0) as u64,
+        },
+    )
+    .unwrap()
+}
+
+/// A client that speaks the wire protocol frame by frame, so tests control
+/// exactly what is sent and when (or that nothing is acked).
+pub struct RawClient {
+    stream: TcpStream,
+    buffer: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: &str) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buffer: BytesMut::new(),
+        }
+    }
+
+    /// Connects, says HELLO as `device` and binds `user` to the test app.
+    pub async fn bound(addr: &str, device: &str, user: &str, last_seq: Option<u64>) -> RawClient {
+        let mut client = RawClient::connect(addr).await;
+        client.hello(device).await;
+        client
+            .send(Frame::Bind {
+                app: APP.to_owned(),
+                token: token(user, 3600),
+                last_seq,
+            })
+            .await;
+        match client.recv().await {
+            Some(Frame::BindOk { user: bound, .. }) => assert_eq!(bound, user),
+            other => panic!("expected BIND_OK, got {other:?}"),
+        }
+        client
+    }
+
+    pub async fn hello(&mut self, device: &str) -> u32 {
+        self.send(Frame::Hello {
+            device_id: device.to_owned(),
+            client_version: "test".to_owned(),
+            network: NetworkType::Wifi,
+        })
+        .await;
+        match self.recv().await {
+            Some(Frame::HelloOk {
+                heartbeat_interval_ms,
+            }) => heartbeat_interval_ms,
+            other => panic!("expected HELLO_OK, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: Frame) {
+        let mut bytes = BytesMut::new();
+        encode(&frame, &mut bytes).unwrap();
+        self.send_raw(&bytes).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        tokio::time::timeout(WAIT, self.recv_inner())
+            .await
+            .expect("timed out waiting for a frame")
+    }
+
+    async fn recv_inner(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = decode(&mut self.buffer).expect("server sent a bad frame") {
+                return Some(frame);
+            }
+            match self.stream.read_buf(&mut self.buffer).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The next PUSH's (seq, payload), skipping nothing else silently.
+    pub async fn recv_push(&mut self) -> (u64, String) {
+        match self.recv().await {
+            Some(Frame::Push { seq, payload, .. }) => {
+                (seq, String::from_utf8(payload.to_vec()).unwrap())
+            }
+            other => panic!("expected PUSH, got {other:?}"),
+        }
+    }
+
+    pub async fn ack(&mut self, seq: u64) {
+        self.send(Frame::Ack {
+            app: APP.to_owned(),
+            seq,
+        })
+        .await;
+    }
+
+    /// Asserts nothing arrives within `quiet` (used only to check that
+    /// something does NOT happen; a round trip bounds it first).
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        self.send(Frame::Ping).await;
+        assert_eq!(self.recv().await, Some(Frame::Pong), "expected nothing but PONG");
+        if let Ok(frame) = tokio::time::timeout(quiet, self.recv_inner()).await {
+            panic!("expected silence, got {frame:?}");
+        }
+    }
+}
