@@ -210,7 +210,8 @@ impl Config {
             }
         }
         let gateway = &self.gateway;
-        if gateway.apps_per_connection_max == 0 || gateway.apps_per_connection_max > APPS_PER_CONN_MAX
+        if gateway.apps_per_connection_max == 0
+            || gateway.apps_per_connection_max > APPS_PER_CONN_MAX
         {
             bail!("gateway.apps_per_connection_max must be 1 to {APPS_PER_CONN_MAX}");
         }
@@ -222,7 +223,8 @@ impl Config {
         }
         // A full window of the largest pushes must fit in a connection's
         // queue, or a client that reads normally could be cut as slow.
-        let window_bytes = gateway.inflight_pushes_max as usize * (self.api.payload_bytes_max + 128);
+        let window_bytes =
+            gateway.inflight_pushes_max as usize * (self.api.payload_bytes_max + 128);
         if gateway.send_queue_bytes_max < window_bytes {
             bail!(
                 "gateway.send_queue_bytes_max ({}) must hold a full delivery window: \
@@ -390,7 +392,10 @@ mod tests {
         let config: Config = toml::from_str(text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.gateway.heartbeat_secs.cellular, 30);
-        assert_eq!(config.gateway.heartbeat_secs.wifi, DEFAULT_HEARTBEAT_WIFI_SECS);
+        assert_eq!(
+            config.gateway.heartbeat_secs.wifi,
+            DEFAULT_HEARTBEAT_WIFI_SECS
+        );
         assert_eq!(config.apps[0].default_ttl_secs, DEFAULT_APP_TTL_SECS);
     }
 }

@@ -3,7 +3,6 @@
 //! here; each part's logic is in its crate.
 
 mod config;
-mod listen;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -26,7 +25,11 @@ use crate::config::Config;
 const EVENT_QUEUE_LEN: usize = 64 * 1024;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Herald: long-connection push and messaging")]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: long-connection push and messaging"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,16 +68,13 @@ enum Command {
         #[arg(long, default_value_t = 24 * 3600)]
         ttl_secs: u64,
     },
-    /// Connect as a client and print each push as one JSON line, acking it.
-    Listen(listen::ListenArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -92,7 +92,6 @@ fn main() -> ExitCode {
             user,
             ttl_secs,
         } => token(config, data_dir, &app, &user, ttl_secs),
-        Command::Listen(args) => listen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,11 +134,7 @@ fn load_serve_config(
 
 fn print_demo_banner(config: &Config, demo: &config::AppSection, created: bool) {
     let data_dir = config.data_dir.display();
-    let origin = if created {
-        "created"
-    } else {
-        "loaded"
-    };
+    let origin = if created { "created" } else { "loaded" };
     println!(
         "herald: no --config given: serving the `demo` app ({origin} in {})\n\
          herald:   API key:      {}\n\

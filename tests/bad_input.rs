@@ -41,7 +41,11 @@ async fn api_errors_have_the_documented_status_and_code() {
     assert_eq!((status, error_code(&body)), (400, "malformed_json"));
 
     let (status, body) = server
-        .post(&path, API_KEY, r#"{"payload": "a", "payload_base64": "YQ=="}"#.to_owned())
+        .post(
+            &path,
+            API_KEY,
+            r#"{"payload": "a", "payload_base64": "YQ=="}"#.to_owned(),
+        )
         .await;
     assert_eq!((status, error_code(&body)), (400, "bad_request"));
 
@@ -54,19 +58,27 @@ async fn api_errors_have_the_documented_status_and_code() {
     let big = serde_json::json!({ "payload": "x".repeat(1025) }).to_string();
     let (status, body) = server.post(&path, API_KEY, big).await;
     assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
-    let huge = serde_json::json!({ "payload": "x".repeat(10 << 20) }).to_string();
+    // Past the HTTP body limit the body is refused before it is parsed.
+    let huge = serde_json::json!({ "payload": "x".repeat(100 << 10) }).to_string();
     let (status, body) = server.post(&path, API_KEY, huge).await;
     assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
 
     let (status, _) = server
-        .post(&path, API_KEY, r#"{"payload": "x", "ttl_secs": 0}"#.to_owned())
+        .post(
+            &path,
+            API_KEY,
+            r#"{"payload": "x", "ttl_secs": 0}"#.to_owned(),
+        )
         .await;
     assert_eq!(status, 400);
 
     // Nothing bad was stored, and good requests still work.
     assert_eq!(server.push("alice", "fine").await["seq"], 1);
     let metrics = server.metrics().await;
-    assert!(metrics.contains("herald_api_requests_total{status=\"413\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("herald_api_requests_total{status=\"413\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -77,7 +89,10 @@ async fn health_endpoints_answer() {
         assert_eq!(response.status().as_u16(), 200, "{path}");
     }
     let metrics = server.metrics().await;
-    assert!(metrics.contains("# TYPE herald_connections gauge"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE herald_connections gauge"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -94,7 +109,10 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close() 
         .await;
     assert!(matches!(
         client.recv().await,
-        Some(Frame::BindErr { code: BindErrorCode::TOKEN_EXPIRED, .. })
+        Some(Frame::BindErr {
+            code: BindErrorCode::TOKEN_EXPIRED,
+            ..
+        })
     ));
     for _ in 0..2 {
         client
@@ -106,7 +124,10 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close() 
             .await;
         assert!(matches!(
             client.recv().await,
-            Some(Frame::BindErr { code: BindErrorCode::INVALID_TOKEN, .. })
+            Some(Frame::BindErr {
+                code: BindErrorCode::INVALID_TOKEN,
+                ..
+            })
         ));
     }
     assert_eq!(
@@ -129,7 +150,10 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     garbage.send_raw(&[0, 0, 0, 3, 9, 1, 0]).await;
     assert!(matches!(
         garbage.recv().await,
-        Some(Frame::Error { code: ErrorCode::UNSUPPORTED_VERSION, .. })
+        Some(Frame::Error {
+            code: ErrorCode::UNSUPPORTED_VERSION,
+            ..
+        })
     ));
     assert_eq!(garbage.recv().await, None);
 
@@ -138,7 +162,10 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     garbage.send_raw(&[0, 0, 0, 2, 1, 0xEE]).await;
     assert!(matches!(
         garbage.recv().await,
-        Some(Frame::Error { code: ErrorCode::MALFORMED_FRAME, .. })
+        Some(Frame::Error {
+            code: ErrorCode::MALFORMED_FRAME,
+            ..
+        })
     ));
     assert_eq!(garbage.recv().await, None);
 
@@ -146,7 +173,10 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     oversized.send_raw(&[0, 0x10, 0, 0, 1, 1]).await;
     assert!(matches!(
         oversized.recv().await,
-        Some(Frame::Error { code: ErrorCode::FRAME_TOO_LARGE, .. })
+        Some(Frame::Error {
+            code: ErrorCode::FRAME_TOO_LARGE,
+            ..
+        })
     ));
     assert_eq!(oversized.recv().await, None);
 
@@ -154,7 +184,10 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     early.send(Frame::Ping).await;
     assert!(matches!(
         early.recv().await,
-        Some(Frame::Error { code: ErrorCode::UNEXPECTED_FRAME, .. })
+        Some(Frame::Error {
+            code: ErrorCode::UNEXPECTED_FRAME,
+            ..
+        })
     ));
 
     server.push("alice", "still here").await;
@@ -203,5 +236,9 @@ async fn a_silent_client_is_closed_and_a_pinging_one_is_not() {
     assert!(started.elapsed() >= Duration::from_millis(1_400));
     let mut pinging = pinger.await.unwrap();
     pinging.send(Frame::Ping).await;
-    assert_eq!(pinging.recv().await, Some(Frame::Pong), "the pinging client is still served");
+    assert_eq!(
+        pinging.recv().await,
+        Some(Frame::Pong),
+        "the pinging client is still served"
+    );
 }

@@ -38,7 +38,10 @@ async fn push_to_an_offline_user_arrives_when_it_connects() {
     assert_eq!(reply["online"], false);
     server.push("bob", "and another").await;
     let mut phone = RawClient::bound(&server.gateway, "phone", "bob", None).await;
-    assert_eq!(phone.recv_push().await, (1, "while you were away".to_owned()));
+    assert_eq!(
+        phone.recv_push().await,
+        (1, "while you were away".to_owned())
+    );
     assert_eq!(phone.recv_push().await, (2, "and another".to_owned()));
 }
 
@@ -128,7 +131,10 @@ async fn multicast_stores_one_copy_per_user() {
     assert_eq!(gina.recv_push().await, (1, "hi all".to_owned()));
 
     let (status, pulled) = server
-        .get(&format!("/v1/apps/{APP}/users/hank/messages?after=0&limit=10"), API_KEY)
+        .get(
+            &format!("/v1/apps/{APP}/users/hank/messages?after=0&limit=10"),
+            API_KEY,
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(pulled["messages"][0]["payload"], "hi all");
@@ -156,7 +162,11 @@ async fn kick_sends_goaway_and_closes() {
     let server = Server::start();
     let mut phone = RawClient::bound(&server.gateway, "phone", "jack", None).await;
     let (status, reply) = server
-        .post(&format!("/v1/apps/{APP}/users/jack/kick"), API_KEY, String::new())
+        .post(
+            &format!("/v1/apps/{APP}/users/jack/kick"),
+            API_KEY,
+            String::new(),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(reply["kicked"], 1);

@@ -112,11 +112,23 @@ mod tests {
     #[tokio::test]
     async fn a_user_may_have_several_devices_and_each_leaves_alone() {
         let register = MemoryRegister::default();
-        register.add("chat", "alice", session(1, "phone")).await.unwrap();
-        register.add("chat", "alice", session(2, "laptop")).await.unwrap();
-        register.add("chat", "bob", session(3, "phone")).await.unwrap();
+        register
+            .add("chat", "alice", session(1, "phone"))
+            .await
+            .unwrap();
+        register
+            .add("chat", "alice", session(2, "laptop"))
+            .await
+            .unwrap();
+        register
+            .add("chat", "bob", session(3, "phone"))
+            .await
+            .unwrap();
         assert_eq!(register.sessions("chat", "alice").await.unwrap().len(), 2);
-        register.remove("chat", "alice", session(1, "phone").conn).await.unwrap();
+        register
+            .remove("chat", "alice", session(1, "phone").conn)
+            .await
+            .unwrap();
         let left = register.sessions("chat", "alice").await.unwrap();
         assert_eq!(left, [session(2, "laptop")]);
         assert!(register.sessions("news", "alice").await.unwrap().is_empty());

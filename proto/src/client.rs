@@ -45,8 +45,13 @@ pub struct Push {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     /// The server answered HELLO.
-    Ready { heartbeat_interval: Duration },
-    Bound { app: String, user: String },
+    Ready {
+        heartbeat_interval: Duration,
+    },
+    Bound {
+        app: String,
+        user: String,
+    },
     BindFailed {
         app: String,
         code: BindErrorCode,
@@ -66,7 +71,10 @@ pub enum ClientEvent {
         reconnect_delay_ms: Option<u32>,
     },
     /// The server reported a protocol error and is closing.
-    ServerError { code: ErrorCode, message: String },
+    ServerError {
+        code: ErrorCode,
+        message: String,
+    },
     /// The server sent nothing within twice the heartbeat interval (or did
     /// not answer HELLO in time): the connection is dead.
     TimedOut,
@@ -400,9 +408,7 @@ mod tests {
         assert!(!conn.is_closed());
         conn.handle_timeout(now + Duration::from_secs(2));
         assert!(conn.is_closed());
-        assert!(
-            std::iter::from_fn(|| conn.poll_event()).any(|e| e == ClientEvent::TimedOut)
-        );
+        assert!(std::iter::from_fn(|| conn.poll_event()).any(|e| e == ClientEvent::TimedOut));
     }
 
     #[test]
@@ -436,7 +442,10 @@ mod tests {
                 seq: 4
             }]
         );
-        assert_eq!(conn.resume_points().collect::<Vec<_>>(), [("chat", Some(4))]);
+        assert_eq!(
+            conn.resume_points().collect::<Vec<_>>(),
+            [("chat", Some(4))]
+        );
     }
 
     #[test]

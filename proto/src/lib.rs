@@ -12,11 +12,15 @@
 //! fake clock) all drive the same logic.
 
 pub mod client;
+pub mod codec;
 pub mod frame;
 pub mod limits;
 pub mod plane;
 pub mod server;
+pub mod token;
 
+pub use codec::{DecodeError, EncodeError, decode, decode_slice, encode, encoded_len};
 pub use frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, UpstreamStatus,
 };
+pub use token::{TokenClaims, TokenError, sign_token, verify_token};

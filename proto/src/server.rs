@@ -326,11 +326,17 @@ impl ServerConn {
                 self.heartbeat_deadline = now + config.heartbeat_deadline(network);
                 let interval = config.heartbeat.for_network(network);
                 out.transmit.push(Frame::HelloOk {
-                    heartbeat_interval_ms: u32::try_from(interval.as_millis())
-                        .unwrap_or(u32::MAX),
+                    heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
                 });
             }
-            (Phase::Open, Frame::Bind { app, token, last_seq }) => {
+            (
+                Phase::Open,
+                Frame::Bind {
+                    app,
+                    token,
+                    last_seq,
+                },
+            ) => {
                 self.handle_bind(app, token, last_seq, config, auth, out);
             }
             (Phase::Open, Frame::Ping) => out.transmit.push(Frame::Pong),
@@ -954,7 +960,10 @@ mod tests {
             app: "other".to_owned(),
             seq: 1,
         });
-        assert!(out.events.is_empty() && out.close.is_none(), "app not bound");
+        assert!(
+            out.events.is_empty() && out.close.is_none(),
+            "app not bound"
+        );
     }
 
     #[test]

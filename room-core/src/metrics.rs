@@ -59,11 +59,13 @@ struct Counter(CachePadded<AtomicU64>);
 impl Counter {
     /// Only the owning shard writes, so a load and a store suffice.
     fn add(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        self.0
+            .store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
     }
 
     fn sub(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed) - n, Ordering::Relaxed);
+        self.0
+            .store(self.0.load(Ordering::Relaxed) - n, Ordering::Relaxed);
     }
 
     fn get(&self) -> u64 {

@@ -45,7 +45,8 @@ impl BufferPool {
         }
     }
 
-    pub fn free_len(&self) -> usize {
+    #[cfg(test)]
+    fn free_len(&self) -> usize {
         self.free.len()
     }
 }

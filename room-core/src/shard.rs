@@ -291,7 +291,11 @@ impl Shard {
                     client_last_seq,
                     connected_at_ms: conn.connected_at_ms,
                 },
-                ConnEvent::Unbound { app, user } => ShardEvent::Unbound { conn: id, app, user },
+                ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
+                    conn: id,
+                    app,
+                    user,
+                },
                 ConnEvent::Ack { app, user, seq } => {
                     counters.acks_in(1);
                     ShardEvent::Ack {
@@ -366,7 +370,9 @@ impl Shard {
             read_pool,
             ..
         } = self;
-        let Conn { server, partial, .. } = &mut conns[slot];
+        let Conn {
+            server, partial, ..
+        } = &mut conns[slot];
         if let Some(partial) = partial.as_mut() {
             partial.extend_from_slice(&scratch[..len]);
         }
@@ -486,9 +492,14 @@ impl Shard {
                 more,
             } => {
                 if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot]
-                        .server
-                        .fill(&app, after, &messages, more, config, &mut self.out);
+                    self.conns[slot].server.fill(
+                        &app,
+                        after,
+                        &messages,
+                        more,
+                        config,
+                        &mut self.out,
+                    );
                     self.apply(slot, now);
                 }
             }

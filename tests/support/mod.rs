@@ -90,7 +90,12 @@ impl Server {
             .arg(config_path)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--gateway-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args([
+                "--gateway-listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -314,7 +319,11 @@ impl RawClient {
     /// something does NOT happen; a round trip bounds it first).
     pub async fn expect_silence(&mut self, quiet: Duration) {
         self.send(Frame::Ping).await;
-        assert_eq!(self.recv().await, Some(Frame::Pong), "expected nothing but PONG");
+        assert_eq!(
+            self.recv().await,
+            Some(Frame::Pong),
+            "expected nothing but PONG"
+        );
         if let Ok(frame) = tokio::time::timeout(quiet, self.recv_inner()).await {
             panic!("expected silence, got {frame:?}");
         }

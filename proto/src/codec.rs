@@ -1,0 +1,712 @@
+//! The binary encoding of wire protocol v1 (see `docs/protocol.md`).
+//!
+//! Every frame is a big-endian `u32` body length, then the body: the version
+//! byte, the op byte and the op's fields. The decoder is incremental: it
+//! accepts any split of the byte stream, answering `Ok(None)` until a whole
+//! frame is there, and it rejects an oversized length from the prefix alone,
+//! before anything is buffered for it.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, UpstreamStatus,
+};
+use crate::limits::{
+    APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,
+    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, TEXT_LEN_MAX,
+    TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame length {len} exceeds the maximum of {FRAME_BODY_LEN_MAX} bytes")]
+    FrameTooLarge { len: u32 },
+    #[error("frame length {len} is below the minimum of {FRAME_BODY_LEN_MIN} bytes")]
+    FrameTooShort { len: u32 },
+    #[error("unsupported protocol version {0} (this side speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("unknown op 0x{0:02x}")]
+    UnknownOp(u8),
+    #[error("{op:?} frame ends in the middle of a field")]
+    Truncated { op: Op },
+    #[error("{op:?} frame has bytes after its last field")]
+    TrailingBytes { op: Op },
+    #[error("field {field} is longer than its limit")]
+    FieldTooLong { field: &'static str },
+    #[error("field {field} must not be empty")]
+    EmptyField { field: &'static str },
+    #[error("field {field} is not valid UTF-8")]
+    InvalidUtf8 { field: &'static str },
+    #[error("field {field} has an invalid presence tag")]
+    InvalidTag { field: &'static str },
+}
+
+impl DecodeError {
+    /// The ERROR code to report to the peer.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UNSUPPORTED_VERSION,
+            _ => ErrorCode::MALFORMED_FRAME,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("field {field} is longer than its limit")]
+    FieldTooLong { field: &'static str },
+    #[error("field {field} must not be empty")]
+    EmptyField { field: &'static str },
+}
+
+/// A string field: its name, its byte limit, whether it may be empty, and
+/// whether its length prefix is a u16 (else a u8).
+#[derive(Clone, Copy)]
+struct StrField {
+    name: &'static str,
+    len_max: usize,
+    non_empty: bool,
+    wide: bool,
+}
+
+const APP: StrField = StrField {
+    name: "app",
+    len_max: APP_ID_LEN_MAX,
+    non_empty: true,
+    wide: false,
+};
+const USER: StrField = StrField {
+    name: "user",
+    len_max: USER_ID_LEN_MAX,
+    non_empty: true,
+    wide: false,
+};
+const DEVICE_ID: StrField = StrField {
+    name: "device_id",
+    len_max: DEVICE_ID_LEN_MAX,
+    non_empty: true,
+    wide: false,
+};
+const CLIENT_VERSION: StrField = StrField {
+    name: "client_version",
+    len_max: CLIENT_VERSION_LEN_MAX,
+    non_empty: false,
+    wide: false,
+};
+const TOKEN: StrField = StrField {
+    name: "token",
+    len_max: TOKEN_LEN_MAX,
+    non_empty: false,
+    wide: true,
+};
+const TEXT: StrField = StrField {
+    name: "message",
+    len_max: TEXT_LEN_MAX,
+    non_empty: false,
+    wide: true,
+};
+
+fn check_str(field: StrField, value: &str) -> Result<(), EncodeError> {
+    if value.len() > field.len_max {
+        return Err(EncodeError::FieldTooLong { field: field.name });
+    }
+    if field.non_empty && value.is_empty() {
+        return Err(EncodeError::EmptyField { field: field.name });
+    }
+    Ok(())
+}
+
+fn check_payload(payload: &[u8]) -> Result<(), EncodeError> {
+    if payload.len() > PAYLOAD_LEN_MAX {
+        return Err(EncodeError::FieldTooLong { field: "payload" });
+    }
+    Ok(())
+}
+
+fn str_len(field: StrField, value: &str) -> usize {
+    (if field.wide { 2 } else { 1 }) + value.len()
+}
+
+fn opt_len<T>(value: &Option<T>, size: usize) -> usize {
+    1 + if value.is_some() { size } else { 0 }
+}
+
+fn body_len(frame: &Frame) -> usize {
+    2 + match frame {
+        Frame::Hello {
+            device_id,
+            client_version,
+            ..
+        } => str_len(DEVICE_ID, device_id) + str_len(CLIENT_VERSION, client_version) + 1,
+        Frame::HelloOk { .. } => 4,
+        Frame::Bind {
+            app,
+            token,
+            last_seq,
+        } => str_len(APP, app) + str_len(TOKEN, token) + opt_len(last_seq, 8),
+        Frame::BindOk { app, user } => str_len(APP, app) + str_len(USER, user),
+        Frame::BindErr { app, message, .. } => str_len(APP, app) + 2 + str_len(TEXT, message),
+        Frame::Ping | Frame::Pong => 0,
+        Frame::Push { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
+        Frame::Ack { app, .. } => str_len(APP, app) + 8,
+        Frame::Upstream { app, payload, .. } => str_len(APP, app) + 8 + payload.len(),
+        Frame::UpstreamAck { app, .. } => str_len(APP, app) + 8 + 2,
+        Frame::Unbind { app } => str_len(APP, app),
+        Frame::GoAway {
+            reconnect_delay_ms, ..
+        } => 2 + opt_len(reconnect_delay_ms, 4),
+        Frame::Error { message, .. } => 2 + str_len(TEXT, message),
+    }
+}
+
+/// Total bytes `encode` writes for `frame`, length prefix included.
+pub fn encoded_len(frame: &Frame) -> usize {
+    LENGTH_PREFIX_LEN + body_len(frame)
+}
+
+fn check(frame: &Frame) -> Result<(), EncodeError> {
+    match frame {
+        Frame::Hello {
+            device_id,
+            client_version,
+            ..
+        } => {
+            check_str(DEVICE_ID, device_id)?;
+            check_str(CLIENT_VERSION, client_version)
+        }
+        Frame::HelloOk { .. } | Frame::Ping | Frame::Pong | Frame::GoAway { .. } => Ok(()),
+        Frame::Bind { app, token, .. } => {
+            check_str(APP, app)?;
+            check_str(TOKEN, token)
+        }
+        Frame::BindOk { app, user } => {
+            check_str(APP, app)?;
+            check_str(USER, user)
+        }
+        Frame::BindErr { app, message, .. } => {
+            check_str(APP, app)?;
+            check_str(TEXT, message)
+        }
+        Frame::Push { app, payload, .. } | Frame::Upstream { app, payload, .. } => {
+            check_str(APP, app)?;
+            check_payload(payload)
+        }
+        Frame::Ack { app, .. } | Frame::UpstreamAck { app, .. } | Frame::Unbind { app } => {
+            check_str(APP, app)
+        }
+        Frame::Error { message, .. } => check_str(TEXT, message),
+    }
+}
+
+fn put_str(dst: &mut BytesMut, field: StrField, value: &str) {
+    if field.wide {
+        dst.put_u16(value.len() as u16);
+    } else {
+        dst.put_u8(value.len() as u8);
+    }
+    dst.put_slice(value.as_bytes());
+}
+
+fn put_opt_u64(dst: &mut BytesMut, value: Option<u64>) {
+    match value {
+        Some(v) => {
+            dst.put_u8(1);
+            dst.put_u64(v);
+        }
+        None => dst.put_u8(0),
+    }
+}
+
+/// Appends `frame` to `dst`. Every limit the decoder enforces is checked
+/// first, so nothing this writes is refused by a conforming peer; on error
+/// nothing is written.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    check(frame)?;
+    let body = body_len(frame);
+    debug_assert!(body <= FRAME_BODY_LEN_MAX);
+    dst.reserve(LENGTH_PREFIX_LEN + body);
+    dst.put_u32(body as u32);
+    dst.put_u8(PROTOCOL_VERSION);
+    dst.put_u8(frame.op() as u8);
+    match frame {
+        Frame::Hello {
+            device_id,
+            client_version,
+            network,
+        } => {
+            put_str(dst, DEVICE_ID, device_id);
+            put_str(dst, CLIENT_VERSION, client_version);
+            dst.put_u8(*network as u8);
+        }
+        Frame::HelloOk {
+            heartbeat_interval_ms,
+        } => dst.put_u32(*heartbeat_interval_ms),
+        Frame::Bind {
+            app,
+            token,
+            last_seq,
+        } => {
+            put_str(dst, APP, app);
+            put_str(dst, TOKEN, token);
+            put_opt_u64(dst, *last_seq);
+        }
+        Frame::BindOk { app, user } => {
+            put_str(dst, APP, app);
+            put_str(dst, USER, user);
+        }
+        Frame::BindErr { app, code, message } => {
+            put_str(dst, APP, app);
+            dst.put_u16(code.0);
+            put_str(dst, TEXT, message);
+        }
+        Frame::Ping | Frame::Pong => {}
+        Frame::Push {
+            app,
+            message_id,
+            seq,
+            payload,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_slice(&message_id.0);
+            dst.put_u64(*seq);
+            dst.put_slice(payload);
+        }
+        Frame::Ack { app, seq } => {
+            put_str(dst, APP, app);
+            dst.put_u64(*seq);
+        }
+        Frame::Upstream {
+            app,
+            request_id,
+            payload,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_u64(*request_id);
+            dst.put_slice(payload);
+        }
+        Frame::UpstreamAck {
+            app,
+            request_id,
+            status,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_u64(*request_id);
+            dst.put_u16(status.0);
+        }
+        Frame::Unbind { app } => put_str(dst, APP, app),
+        Frame::GoAway {
+            reason,
+            reconnect_delay_ms,
+        } => {
+            dst.put_u16(reason.0);
+            match reconnect_delay_ms {
+                Some(delay) => {
+                    dst.put_u8(1);
+                    dst.put_u32(*delay);
+                }
+                None => dst.put_u8(0),
+            }
+        }
+        Frame::Error { code, message } => {
+            dst.put_u16(code.0);
+            put_str(dst, TEXT, message);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the fields of one frame body.
+struct Reader<'a> {
+    op: Op,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.rest.len() < n {
+            return Err(DecodeError::Truncated { op: self.op });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn str(&mut self, field: StrField) -> Result<String, DecodeError> {
+        let len = if field.wide {
+            usize::from(self.u16()?)
+        } else {
+            usize::from(self.u8()?)
+        };
+        if len > field.len_max {
+            return Err(DecodeError::FieldTooLong { field: field.name });
+        }
+        if field.non_empty && len == 0 {
+            return Err(DecodeError::EmptyField { field: field.name });
+        }
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8 { field: field.name })
+    }
+
+    fn tag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::InvalidTag { field }),
+        }
+    }
+
+    fn payload(&mut self) -> Result<Bytes, DecodeError> {
+        if self.rest.len() > PAYLOAD_LEN_MAX {
+            return Err(DecodeError::FieldTooLong { field: "payload" });
+        }
+        let payload = Bytes::copy_from_slice(self.rest);
+        self.rest = &[];
+        Ok(payload)
+    }
+
+    fn finish(self) -> Result<(), DecodeError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes { op: self.op })
+        }
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    debug_assert!(body.len() >= FRAME_BODY_LEN_MIN);
+    if body[0] != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(body[0]));
+    }
+    let op = Op::from_u8(body[1]).ok_or(DecodeError::UnknownOp(body[1]))?;
+    let mut r = Reader {
+        op,
+        rest: &body[2..],
+    };
+    let frame = match op {
+        Op::Hello => Frame::Hello {
+            device_id: r.str(DEVICE_ID)?,
+            client_version: r.str(CLIENT_VERSION)?,
+            network: NetworkType::from_u8(r.u8()?),
+        },
+        Op::HelloOk => Frame::HelloOk {
+            heartbeat_interval_ms: r.u32()?,
+        },
+        Op::Bind => Frame::Bind {
+            app: r.str(APP)?,
+            token: r.str(TOKEN)?,
+            last_seq: if r.tag("last_seq")? {
+                Some(r.u64()?)
+            } else {
+                None
+            },
+        },
+        Op::BindOk => Frame::BindOk {
+            app: r.str(APP)?,
+            user: r.str(USER)?,
+        },
+        Op::BindErr => Frame::BindErr {
+            app: r.str(APP)?,
+            code: BindErrorCode(r.u16()?),
+            message: r.str(TEXT)?,
+        },
+        Op::Ping => Frame::Ping,
+        Op::Pong => Frame::Pong,
+        Op::Push => Frame::Push {
+            app: r.str(APP)?,
+            message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
+            seq: r.u64()?,
+            payload: r.payload()?,
+        },
+        Op::Ack => Frame::Ack {
+            app: r.str(APP)?,
+            seq: r.u64()?,
+        },
+        Op::Upstream => Frame::Upstream {
+            app: r.str(APP)?,
+            request_id: r.u64()?,
+            payload: r.payload()?,
+        },
+        Op::UpstreamAck => Frame::UpstreamAck {
+            app: r.str(APP)?,
+            request_id: r.u64()?,
+            status: UpstreamStatus(r.u16()?),
+        },
+        Op::Unbind => Frame::Unbind { app: r.str(APP)? },
+        Op::GoAway => Frame::GoAway {
+            reason: GoAwayReason(r.u16()?),
+            reconnect_delay_ms: if r.tag("reconnect_delay_ms")? {
+                Some(r.u32()?)
+            } else {
+                None
+            },
+        },
+        Op::Error => Frame::Error {
+            code: ErrorCode(r.u16()?),
+            message: r.str(TEXT)?,
+        },
+    };
+    r.finish()?;
+    Ok(frame)
+}
+
+/// Decodes one frame from the start of `src`. `Ok(None)`: more bytes are
+/// needed. `Ok(Some((frame, used)))`: the frame and how many bytes of `src`
+/// it took. Payloads are copied, so the caller may reuse `src`.
+pub fn decode_slice(src: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+    let Some(prefix) = src.get(..LENGTH_PREFIX_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes"));
+    if len as usize > FRAME_BODY_LEN_MAX {
+        return Err(DecodeError::FrameTooLarge { len });
+    }
+    if (len as usize) < FRAME_BODY_LEN_MIN {
+        return Err(DecodeError::FrameTooShort { len });
+    }
+    let end = LENGTH_PREFIX_LEN + len as usize;
+    let Some(body) = src.get(LENGTH_PREFIX_LEN..end) else {
+        return Ok(None);
+    };
+    decode_body(body).map(|frame| Some((frame, end)))
+}
+
+/// Decodes one frame from `src` and removes its bytes (the tokio-util codec
+/// contract). On `Ok(None)`, room for the rest of the frame is reserved if
+/// its length is known.
+pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+    match decode_slice(src)? {
+        Some((frame, used)) => {
+            let _ = src.split_to(used);
+            Ok(Some(frame))
+        }
+        None => {
+            if let Some(prefix) = src.get(..LENGTH_PREFIX_LEN) {
+                let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+                src.reserve(LENGTH_PREFIX_LEN + len - src.len());
+            }
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One golden vector per op; `docs/protocol.md` shows the same bytes.
+    fn vectors() -> Vec<(Frame, &'static str)> {
+        let id = MessageId(*b"0123456789abcdef");
+        vec![
+            (
+                Frame::Hello {
+                    device_id: "dev1".into(),
+                    client_version: "1.0".into(),
+                    network: NetworkType::Wifi,
+                },
+                "0000000c 01 01 04 64657631 03 312e30 01",
+            ),
+            (
+                Frame::HelloOk {
+                    heartbeat_interval_ms: 120_000,
+                },
+                "00000006 01 02 0001d4c0",
+            ),
+            (
+                Frame::Bind {
+                    app: "chat".into(),
+                    token: "tok".into(),
+                    last_seq: Some(7),
+                },
+                "00000015 01 03 04 63686174 0003 746f6b 01 0000000000000007",
+            ),
+            (
+                Frame::BindOk {
+                    app: "chat".into(),
+                    user: "alice".into(),
+                },
+                "0000000d 01 04 04 63686174 05 616c696365",
+            ),
+            (
+                Frame::BindErr {
+                    app: "chat".into(),
+                    code: BindErrorCode::TOKEN_EXPIRED,
+                    message: "expired".into(),
+                },
+                "00000012 01 05 04 63686174 0002 0007 65787069726564",
+            ),
+            (Frame::Ping, "00000002 01 06"),
+            (Frame::Pong, "00000002 01 07"),
+            (
+                Frame::Push {
+                    app: "chat".into(),
+                    message_id: id,
+                    seq: 1,
+                    payload: Bytes::from_static(b"hi"),
+                },
+                "00000021 01 08 04 63686174 30313233343536373839616263646566 0000000000000001 6869",
+            ),
+            (
+                Frame::Ack {
+                    app: "chat".into(),
+                    seq: 1,
+                },
+                "0000000f 01 09 04 63686174 0000000000000001",
+            ),
+            (
+                Frame::Upstream {
+                    app: "chat".into(),
+                    request_id: 5,
+                    payload: Bytes::from_static(b"up"),
+                },
+                "00000011 01 0a 04 63686174 0000000000000005 7570",
+            ),
+            (
+                Frame::UpstreamAck {
+                    app: "chat".into(),
+                    request_id: 5,
+                    status: UpstreamStatus::ACCEPTED,
+                },
+                "00000011 01 0b 04 63686174 0000000000000005 0000",
+            ),
+            (
+                Frame::Unbind { app: "chat".into() },
+                "00000007 01 0c 04 63686174",
+            ),
+            (
+                Frame::GoAway {
+                    reason: GoAwayReason::SERVER_SHUTDOWN,
+                    reconnect_delay_ms: Some(1000),
+                },
+                "00000009 01 0d 0002 01 000003e8",
+            ),
+            (
+                Frame::Error {
+                    code: ErrorCode::MALFORMED_FRAME,
+                    message: "bad".into(),
+                },
+                "00000009 01 0e 0001 0003 626164",
+            ),
+        ]
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        hex::decode(text.replace(' ', "")).unwrap()
+    }
+
+    #[test]
+    fn golden_vectors_encode_and_decode() {
+        for (frame, text) in vectors() {
+            let expected = unhex(text);
+            let mut encoded = BytesMut::new();
+            encode(&frame, &mut encoded).unwrap();
+            assert_eq!(hex::encode(&encoded), hex::encode(&expected), "{frame:?}");
+            assert_eq!(encoded_len(&frame), expected.len());
+            let mut src = BytesMut::from(&expected[..]);
+            assert_eq!(decode(&mut src).unwrap(), Some(frame));
+            assert!(src.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_from_the_prefix_alone() {
+        assert_eq!(
+            decode_slice(&[0, 1, 0, 1]),
+            Err(DecodeError::FrameTooLarge { len: 65_537 })
+        );
+        assert_eq!(
+            decode_slice(&[0, 0, 0, 1]),
+            Err(DecodeError::FrameTooShort { len: 1 })
+        );
+    }
+
+    #[test]
+    fn partial_input_needs_more() {
+        let bytes = unhex("0000000f 01 09 04 63686174 0000000000000001");
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_slice(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn malformed_bodies_are_named() {
+        assert_eq!(
+            decode_slice(&unhex("00000002 02 06")),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000002 01 ee")),
+            Err(DecodeError::UnknownOp(0xee))
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000003 01 06 00")),
+            Err(DecodeError::TrailingBytes { op: Op::Ping })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000004 01 09 04 63")),
+            Err(DecodeError::Truncated { op: Op::Ack })
+        );
+        assert_eq!(
+            decode_slice(&unhex("0000000b 01 09 00 0000000000000001")),
+            Err(DecodeError::EmptyField { field: "app" })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000005 01 0d 0002 07")),
+            Err(DecodeError::InvalidTag {
+                field: "reconnect_delay_ms"
+            })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000005 01 0c 02 ffff")),
+            Err(DecodeError::InvalidUtf8 { field: "app" })
+        );
+    }
+
+    #[test]
+    fn the_encoder_refuses_what_the_decoder_would() {
+        let mut dst = BytesMut::new();
+        let long_app = Frame::Unbind {
+            app: "a".repeat(APP_ID_LEN_MAX + 1),
+        };
+        assert_eq!(
+            encode(&long_app, &mut dst),
+            Err(EncodeError::FieldTooLong { field: "app" })
+        );
+        let big = Frame::Push {
+            app: "chat".into(),
+            message_id: MessageId([0; 16]),
+            seq: 1,
+            payload: Bytes::from(vec![0; PAYLOAD_LEN_MAX + 1]),
+        };
+        assert_eq!(
+            encode(&big, &mut dst),
+            Err(EncodeError::FieldTooLong { field: "payload" })
+        );
+        assert!(dst.is_empty());
+    }
+}
