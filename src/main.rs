@@ -3,6 +3,7 @@
 //! here; each part's logic is in its crate.
 
 mod config;
+mod listen;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ enum Command {
         #[arg(long, default_value_t = 24 * 3600)]
         ttl_secs: u64,
     },
+    /// Connect as a client and print each push as one JSON line, acking it.
+    Listen(listen::ListenArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,7 +87,9 @@ fn main() -> ExitCode {
             data_dir,
             gateway_listen,
             api_listen,
-        } => load_serve_config(config, data_dir, gateway_listen, api_listen).and_then(serve),
+        } => check_io_uring()
+            .and_then(|()| load_serve_config(config, data_dir, gateway_listen, api_listen))
+            .and_then(serve),
         Command::Token {
             config,
             data_dir,
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
             user,
             ttl_secs,
         } => token(config, data_dir, &app, &user, ttl_secs),
+        Command::Listen(args) => listen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,6 +106,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fails with one clear line, before anything is created, on a host
+/// where the gateway cannot run.
+fn check_io_uring() -> anyhow::Result<()> {
+    herald_room::probe_io_uring()
+        .map_err(|error| anyhow::anyhow!("{}", GatewayError::IoUringUnavailable(error)))
 }
 
 /// The file's settings, or the defaults with the generated `demo` app, then
@@ -212,13 +225,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .block_on(herald_storage::Saver::open_sqlite(&db_path))
         .with_context(|| format!("cannot open storage at {}", db_path.display()))?;
 
-    let gateway = match Gateway::start(gateway_config, events_tx) {
-        Ok(gateway) => gateway,
-        Err(error @ GatewayError::IoUringUnavailable(_)) => {
-            anyhow::bail!("{error}");
-        }
-        Err(error) => return Err(error).context("cannot start the gateway"),
-    };
+    let gateway = Gateway::start(gateway_config, events_tx).context("cannot start the gateway")?;
     let delivery = Delivery::new(
         config.node_id.clone(),
         saver.clone(),

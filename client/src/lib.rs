@@ -1,1 +1,458 @@
+//! herald-client: the Rust client SDK for Herald.
+//!
+//! It drives `herald_proto::client::ClientConn` (handshake, binds,
+//! heartbeats, de-duplication, cumulative acks) over a tokio TCP connection
+//! in a background task, and reconnects with exponential backoff and full
+//! jitter, resuming every app from its last acked sequence. It does not
+//! persist anything: a process that restarts resumes from the server's ack
+//! cursor for its device id.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event};
+//! use std::time::Duration;
+//!
+//! let mut client = Client::start(ClientOptions {
+//!     gateway: "127.0.0.1:7070".into(),
+//!     device_id: "phone-1".into(),
+//!     network: herald_proto::NetworkType::Wifi,
+//!     client_version: "my-app/1.0".into(),
+//!     apps: vec![AppToken { app: "chat".into(), token: "<token>".into() }],
+//!     ack_mode: AckMode::Auto,
+//!     reconnect: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(30) },
+//!     connect_timeout: Duration::from_secs(10),
+//! });
+//! while let Some(event) = client.next_event().await {
+//!     match event {
+//!         // Acked automatically when next_event is called again.
+//!         Event::Push(push) => println!("{} #{}", push.app, push.seq),
+//!         Event::Closed(why) => eprintln!("closed: {why}"),
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
 
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
+use herald_proto::{BindErrorCode, GoAwayReason, NetworkType, UpstreamStatus, decode, encode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+pub use herald_proto::client::Push;
+
+/// Events the driver holds for the application before it stops reading the
+/// socket: a slow application slows the connection, it never grows memory.
+const EVENT_QUEUE_LEN: usize = 64;
+
+/// Requests (acks, upstream sends) queued from the application.
+const COMMAND_QUEUE_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppToken {
+    pub app: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// A push returned by `next_event` is acked when `next_event` is called
+    /// again, that is, after the application's handler for it ran.
+    Auto,
+    /// The application calls `ack`.
+    Manual,
+}
+
+/// Reconnect delays: doubling from `initial` up to `max`, each drawn at
+/// random below the current bound (full jitter), reset after a connection
+/// that completed its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// "host:port" of a gateway.
+    pub gateway: String,
+    pub device_id: String,
+    pub network: NetworkType,
+    pub client_version: String,
+    pub apps: Vec<AppToken>,
+    pub ack_mode: AckMode,
+    pub reconnect: Backoff,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Connected {
+        heartbeat_interval: Duration,
+    },
+    Bound {
+        app: String,
+        user: String,
+    },
+    BindFailed {
+        app: String,
+        code: BindErrorCode,
+        message: String,
+    },
+    Push(Push),
+    UpstreamAck {
+        app: String,
+        request_id: u64,
+        status: UpstreamStatus,
+    },
+    /// The connection was lost; the client reconnects by itself.
+    Disconnected {
+        error: String,
+        reconnect_in: Duration,
+    },
+    /// The last event: the client stopped and will not reconnect.
+    Closed(Terminal),
+}
+
+/// Why a client stopped for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Terminal {
+    /// The business server kicked the user (GOAWAY kicked).
+    Kicked,
+    /// Every app's BIND failed; retrying the same tokens cannot help.
+    AuthFailed {
+        app: String,
+        code: BindErrorCode,
+        message: String,
+    },
+    /// The application closed the client.
+    ClosedByClient,
+}
+
+impl fmt::Display for Terminal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Terminal::Kicked => f.write_str("kicked by the server (GOAWAY kicked)"),
+            Terminal::AuthFailed { app, code, message } => {
+                write!(f, "binding app {app:?} failed: {code} ({message})")
+            }
+            Terminal::ClosedByClient => f.write_str("closed by the client"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("the client is closed")]
+    Closed,
+    #[error("not connected, or the app is not bound")]
+    NotBound,
+}
+
+enum Command {
+    Ack {
+        app: String,
+        seq: u64,
+    },
+    Upstream {
+        app: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<u64, ClientError>>,
+    },
+    Close,
+}
+
+/// A Herald client. Its connection runs in a background task on the tokio
+/// runtime it was started on.
+pub struct Client {
+    events: mpsc::Receiver<Event>,
+    commands: mpsc::Sender<Command>,
+    ack_mode: AckMode,
+    /// Auto mode: the last push handed out, acked on the next call.
+    unacked: Option<(String, u64)>,
+}
+
+impl Client {
+    pub fn start(options: ClientOptions) -> Client {
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE_LEN);
+        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE_LEN);
+        let ack_mode = options.ack_mode;
+        tokio::spawn(drive(options, events_tx, commands_rx));
+        Client {
+            events,
+            commands,
+            ack_mode,
+            unacked: None,
+        }
+    }
+
+    /// The next event; `None` after `Event::Closed`.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        if let Some((app, seq)) = self.unacked.take() {
+            let _ = self.commands.send(Command::Ack { app, seq }).await;
+        }
+        let event = self.events.recv().await?;
+        if let (AckMode::Auto, Event::Push(push)) = (self.ack_mode, &event) {
+            self.unacked = Some((push.app.clone(), push.seq));
+        }
+        Some(event)
+    }
+
+    /// Acks every push of `app` up to `seq`.
+    pub async fn ack(&self, app: &str, seq: u64) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Ack {
+                app: app.to_owned(),
+                seq,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Sends data for the app's business server; the returned request id
+    /// comes back in `Event::UpstreamAck`.
+    pub async fn upstream(&self, app: &str, payload: Bytes) -> Result<u64, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Upstream {
+                app: app.to_owned(),
+                payload,
+                reply,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        answer.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Closes the connection and waits for the driver to stop.
+    pub async fn close(mut self) {
+        let _ = self.commands.send(Command::Close).await;
+        while self.events.recv().await.is_some() {}
+    }
+}
+
+/// How one connection ended.
+enum Ended {
+    Terminal(Terminal),
+    Lost {
+        error: String,
+        handshake_done: bool,
+        /// The server's reconnect hint (GOAWAY server_shutdown).
+        hint: Option<Duration>,
+    },
+}
+
+async fn drive(
+    options: ClientOptions,
+    events: mpsc::Sender<Event>,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let mut resume: HashMap<String, Option<u64>> =
+        options.apps.iter().map(|a| (a.app.clone(), None)).collect();
+    let mut delay = options.reconnect.initial;
+    loop {
+        let ended = connect_and_run(&options, &mut resume, &events, &mut commands).await;
+        let (error, hint) = match ended {
+            Ended::Terminal(terminal) => {
+                let _ = events.send(Event::Closed(terminal)).await;
+                return;
+            }
+            Ended::Lost {
+                error,
+                handshake_done,
+                hint,
+            } => {
+                if handshake_done {
+                    delay = options.reconnect.initial;
+                }
+                (error, hint)
+            }
+        };
+        let wait = match hint {
+            Some(hint) => hint + jitter(hint / 2),
+            None => jitter(delay),
+        };
+        delay = (delay * 2).min(options.reconnect.max);
+        let disconnected = Event::Disconnected {
+            error,
+            reconnect_in: wait,
+        };
+        if events.send(disconnected).await.is_err() {
+            return;
+        }
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                command = commands.recv() => match command {
+                    None | Some(Command::Close) => {
+                        let _ = events.send(Event::Closed(Terminal::ClosedByClient)).await;
+                        return;
+                    }
+                    Some(Command::Upstream { reply, .. }) => {
+                        let _ = reply.send(Err(ClientError::NotBound));
+                    }
+                    // Unsent acks are not lost: the server redelivers and
+                    // the application sees the push again.
+                    Some(Command::Ack { .. }) => {}
+                },
+            }
+        }
+    }
+}
+
+/// A random duration in [0, bound].
+fn jitter(bound: Duration) -> Duration {
+    bound.mul_f64(rand::random::<f64>())
+}
+
+fn lost(error: impl fmt::Display, handshake_done: bool) -> Ended {
+    Ended::Lost {
+        error: error.to_string(),
+        handshake_done,
+        hint: None,
+    }
+}
+
+async fn connect_and_run(
+    options: &ClientOptions,
+    resume: &mut HashMap<String, Option<u64>>,
+    events: &mpsc::Sender<Event>,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Ended {
+    let connect = TcpStream::connect(&options.gateway);
+    let mut stream = match tokio::time::timeout(options.connect_timeout, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return lost(format!("connect: {error}"), false),
+        Err(_) => return lost("connect: timed out", false),
+    };
+    let _ = stream.set_nodelay(true);
+    let apps = options
+        .apps
+        .iter()
+        .map(|a| AppCredentials {
+            app: a.app.clone(),
+            token: a.token.clone(),
+            last_seq: resume.get(&a.app).copied().flatten(),
+        })
+        .collect();
+    let mut conn = ClientConn::new(
+        Instant::now().into_std(),
+        ClientConfig {
+            device_id: options.device_id.clone(),
+            client_version: options.client_version.clone(),
+            network: options.network,
+            apps,
+        },
+    );
+    let mut input = BytesMut::with_capacity(4 * 1024);
+    let mut output = BytesMut::new();
+    let mut handshake_done = false;
+    let mut bind_failures = 0;
+    loop {
+        while let Some(frame) = conn.poll_transmit() {
+            if let Err(error) = encode(&frame, &mut output) {
+                return lost(
+                    format!("cannot encode {:?}: {error}", frame.op()),
+                    handshake_done,
+                );
+            }
+        }
+        if !output.is_empty() {
+            if let Err(error) = stream.write_all(&output).await {
+                return lost(format!("write: {error}"), handshake_done);
+            }
+            output.clear();
+        }
+        for (app, acked) in conn.resume_points() {
+            if acked.is_some() {
+                resume.insert(app.to_owned(), acked);
+            }
+        }
+        while let Some(event) = conn.poll_event() {
+            let event = match event {
+                ClientEvent::Ready { heartbeat_interval } => {
+                    handshake_done = true;
+                    Event::Connected { heartbeat_interval }
+                }
+                ClientEvent::Bound { app, user } => Event::Bound { app, user },
+                ClientEvent::BindFailed { app, code, message } => {
+                    bind_failures += 1;
+                    if bind_failures >= options.apps.len() {
+                        return Ended::Terminal(Terminal::AuthFailed { app, code, message });
+                    }
+                    Event::BindFailed { app, code, message }
+                }
+                ClientEvent::Push(push) => Event::Push(push),
+                ClientEvent::UpstreamAck {
+                    app,
+                    request_id,
+                    status,
+                } => Event::UpstreamAck {
+                    app,
+                    request_id,
+                    status,
+                },
+                ClientEvent::GoAway { reason, .. } if reason == GoAwayReason::KICKED => {
+                    return Ended::Terminal(Terminal::Kicked);
+                }
+                ClientEvent::GoAway {
+                    reason,
+                    reconnect_delay_ms,
+                } => {
+                    return Ended::Lost {
+                        error: format!("server sent GOAWAY ({reason})"),
+                        handshake_done,
+                        hint: reconnect_delay_ms.map(|ms| Duration::from_millis(u64::from(ms))),
+                    };
+                }
+                ClientEvent::ServerError { code, message } => {
+                    return lost(format!("protocol error {code}: {message}"), handshake_done);
+                }
+                ClientEvent::TimedOut => return lost("server went silent", handshake_done),
+            };
+            if events.send(event).await.is_err() {
+                return Ended::Terminal(Terminal::ClosedByClient);
+            }
+        }
+        let Some(deadline) = conn.poll_timeout() else {
+            return lost("connection closed", handshake_done);
+        };
+        tokio::select! {
+            read = stream.read_buf(&mut input) => match read {
+                Ok(0) => return lost("connection closed by the server", handshake_done),
+                Err(error) => return lost(format!("read: {error}"), handshake_done),
+                Ok(_) => loop {
+                    match decode(&mut input) {
+                        Ok(Some(frame)) => conn.handle_frame(Instant::now().into_std(), frame),
+                        Ok(None) => break,
+                        Err(error) => return lost(format!("bad frame from the server: {error}"), handshake_done),
+                    }
+                },
+            },
+            () = tokio::time::sleep_until(Instant::from_std(deadline)) => {
+                conn.handle_timeout(Instant::now().into_std());
+            }
+            command = commands.recv() => match command {
+                Some(Command::Ack { app, seq }) => {
+                    conn.ack(&app, seq);
+                }
+                Some(Command::Upstream { app, payload, reply }) => {
+                    let result = conn.upstream(&app, payload).map_err(|_| ClientError::NotBound);
+                    let _ = reply.send(result);
+                }
+                None | Some(Command::Close) => {
+                    let _ = stream.shutdown().await;
+                    return Ended::Terminal(Terminal::ClosedByClient);
+                }
+            },
+        }
+    }
+}

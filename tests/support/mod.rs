@@ -79,12 +79,12 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let config_path = write_config(dir.path(), heartbeat_secs, extra);
         let data_dir = dir.path().join("data");
-        let mut server = Server::spawn(&config_path, &data_dir);
+        let mut server = Server::spawn(&config_path, &data_dir, "127.0.0.1:0");
         server._dir = Some(dir);
         server
     }
 
-    fn spawn(config_path: &Path, data_dir: &Path) -> Server {
+    fn spawn(config_path: &Path, data_dir: &Path, gateway_listen: &str) -> Server {
         let mut child = Command::new(herald_bin())
             .args(["serve", "--config"])
             .arg(config_path)
@@ -92,7 +92,7 @@ impl Server {
             .arg(data_dir)
             .args([
                 "--gateway-listen",
-                "127.0.0.1:0",
+                gateway_listen,
                 "--api-listen",
                 "127.0.0.1:0",
             ])
@@ -128,11 +128,11 @@ impl Server {
     }
 
     /// Kills the process hard (no drain) and starts it again on the same
-    /// data dir and config.
+    /// data dir, config and gateway address, so clients can reconnect.
     pub fn kill_and_restart(mut self) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let mut next = Server::spawn(&self.config_path, &self.data_dir);
+        let mut next = Server::spawn(&self.config_path, &self.data_dir, &self.gateway);
         next._dir = self._dir.take();
         next
     }

@@ -1,0 +1,88 @@
+//! `herald listen`: a client on the SDK that prints each push as one JSON
+//! line and acks it.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event};
+use herald_proto::NetworkType;
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// Gateway address, e.g. 127.0.0.1:7070.
+    #[arg(long)]
+    gateway: String,
+    #[arg(long)]
+    app: String,
+    /// The user the token was issued to (checked against the server's answer).
+    #[arg(long)]
+    user: String,
+    #[arg(long)]
+    token: String,
+    /// This device's id; the server keeps an ack cursor per device.
+    #[arg(long, default_value = "cli")]
+    device: String,
+}
+
+pub fn run(args: ListenArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(listen(args))
+}
+
+async fn listen(args: ListenArgs) -> anyhow::Result<()> {
+    let mut client = Client::start(ClientOptions {
+        gateway: args.gateway.clone(),
+        device_id: args.device.clone(),
+        network: NetworkType::Wired,
+        client_version: concat!("herald-listen/", env!("CARGO_PKG_VERSION")).to_owned(),
+        apps: vec![AppToken {
+            app: args.app.clone(),
+            token: args.token.clone(),
+        }],
+        ack_mode: AckMode::Auto,
+        reconnect: Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        },
+        connect_timeout: Duration::from_secs(10),
+    });
+    let mut stdout = std::io::stdout();
+    while let Some(event) = client.next_event().await {
+        match event {
+            Event::Push(push) => {
+                let line = serde_json::json!({
+                    "app": push.app,
+                    "seq": push.seq,
+                    "message_id": push.message_id.to_string(),
+                    "payload": String::from_utf8_lossy(&push.payload),
+                });
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            }
+            Event::Bound { app, user } => {
+                if user != args.user {
+                    eprintln!(
+                        "herald listen: warning: the token is for user {user:?}, not {:?}",
+                        args.user
+                    );
+                }
+                eprintln!("herald listen: bound app {app:?} as user {user:?}");
+            }
+            Event::Disconnected {
+                error,
+                reconnect_in,
+            } => {
+                eprintln!(
+                    "herald listen: disconnected ({error}); reconnecting in {reconnect_in:?}"
+                );
+            }
+            Event::Closed(terminal) => bail!("{terminal}"),
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! The Rust SDK and `herald listen` against the real server.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event, Terminal};
+use herald_proto::{BindErrorCode, NetworkType, UpstreamStatus};
+use support::{API_KEY, APP, Server, WAIT, herald_bin, token};
+
+fn options(server: &Server, token: String, ack_mode: AckMode) -> ClientOptions {
+    ClientOptions {
+        gateway: server.gateway.clone(),
+        device_id: "sdk".to_owned(),
+        network: NetworkType::Cellular,
+        client_version: "test".to_owned(),
+        apps: vec![AppToken {
+            app: APP.to_owned(),
+            token,
+        }],
+        ack_mode,
+        reconnect: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn next(client: &mut Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("timed out waiting for an event")
+        .expect("client stopped")
+}
+
+/// Skips connection-state events up to the next push.
+async fn next_push(client: &mut Client) -> (u64, String) {
+    tokio::time::timeout(WAIT, next_push_inner(client))
+        .await
+        .expect("timed out waiting for a push")
+}
+
+async fn next_push_inner(client: &mut Client) -> (u64, String) {
+    loop {
+        match next(client).await {
+            Event::Push(push) => {
+                return (push.seq, String::from_utf8(push.payload.to_vec()).unwrap());
+            }
+            Event::Closed(why) => panic!("closed: {why}"),
+            _ => {}
+        }
+    }
+}
+
+async fn wait_bound(client: &mut Client) {
+    loop {
+        match next(client).await {
+            Event::Bound { .. } => return,
+            Event::Closed(why) => panic!("closed: {why}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn sdk_receives_acks_and_resumes_after_a_server_restart() {
+    let server = Server::start();
+    let mut client = Client::start(options(&server, token("alice", 3600), AckMode::Manual));
+    wait_bound(&mut client).await;
+    server.push("alice", "one").await;
+    assert_eq!(next_push(&mut client).await, (1, "one".to_owned()));
+    client.ack(APP, 1).await.unwrap();
+    // A round trip through the driver: the ack before it was applied.
+    let request_id = client
+        .upstream(APP, Bytes::from_static(b"ping"))
+        .await
+        .unwrap();
+    loop {
+        if let Event::UpstreamAck {
+            request_id: id,
+            status,
+            ..
+        } = next(&mut client).await
+        {
+            assert_eq!(id, request_id);
+            assert_eq!(status, UpstreamStatus::NO_ENDPOINT);
+            break;
+        }
+    }
+
+    let server = server.kill_and_restart();
+    server.push("alice", "two").await;
+    // Reconnected by itself, resumed after the acked 1: only 2 arrives.
+    assert_eq!(next_push(&mut client).await, (2, "two".to_owned()));
+    client.close().await;
+}
+
+#[tokio::test]
+async fn sdk_auto_ack_acks_after_the_handler() {
+    let server = Server::start();
+    for text in ["a", "b"] {
+        server.push("bob", text).await;
+    }
+    let mut client = Client::start(options(&server, token("bob", 3600), AckMode::Auto));
+    assert_eq!(next_push(&mut client).await.0, 1);
+    assert_eq!(next_push(&mut client).await.0, 2);
+    // Calling next_event again acks 2; a new device session sees nothing old.
+    let _ = tokio::time::timeout(Duration::from_millis(300), client.next_event()).await;
+    client.close().await;
+    let mut again = Client::start(options(&server, token("bob", 3600), AckMode::Auto));
+    wait_bound(&mut again).await;
+    server.push("bob", "c").await;
+    assert_eq!(next_push(&mut again).await, (3, "c".to_owned()));
+}
+
+#[tokio::test]
+async fn sdk_stops_when_every_bind_fails() {
+    let server = Server::start();
+    let mut client = Client::start(options(&server, token("carol", -5), AckMode::Auto));
+    loop {
+        match next(&mut client).await {
+            Event::Closed(Terminal::AuthFailed { code, .. }) => {
+                assert_eq!(code, BindErrorCode::TOKEN_EXPIRED);
+                break;
+            }
+            Event::Closed(other) => panic!("unexpected terminal {other}"),
+            _ => {}
+        }
+    }
+    assert_eq!(client.next_event().await, None);
+}
+
+#[tokio::test]
+async fn listen_prints_pushes_as_json_lines_and_exits_nonzero_when_kicked() {
+    let server = Server::start();
+    let mut listen = Command::new(herald_bin())
+        .args(["listen", "--gateway", &server.gateway, "--app", APP])
+        .args(["--user", "dave", "--token", &token("dave", 3600)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(listen.stderr.take().unwrap()).lines();
+    // The listener says when it is bound.
+    loop {
+        let line = stderr.next().expect("listen exited early").unwrap();
+        if line.contains("bound app") {
+            break;
+        }
+    }
+    let reply = server.push("dave", "hello dave").await;
+    let line = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap())
+        .await
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(printed["app"], APP);
+    assert_eq!(printed["seq"], 1);
+    assert_eq!(printed["payload"], "hello dave");
+    assert_eq!(printed["message_id"], reply["message_id"]);
+
+    let (status, _) = server
+        .post(
+            &format!("/v1/apps/{APP}/users/dave/kick"),
+            API_KEY,
+            String::new(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let status = tokio::task::spawn_blocking(move || listen.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(!status.success());
+    let said: Vec<String> = stderr.map_while(Result::ok).collect();
+    assert!(said.iter().any(|l| l.contains("kicked")), "{said:?}");
+}
