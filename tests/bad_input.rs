@@ -72,6 +72,11 @@ async fn api_errors_have_the_documented_status_and_code() {
         .await;
     assert_eq!(status, 400);
 
+    let (status, body) = server.get("/no/such/route", API_KEY).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = server.post("/livez", API_KEY, String::new()).await;
+    assert_eq!((status, error_code(&body)), (405, "method_not_allowed"));
+
     // Nothing bad was stored, and good requests still work.
     assert_eq!(server.push("alice", "fine").await["seq"], 1);
     let metrics = server.metrics().await;

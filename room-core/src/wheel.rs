@@ -114,10 +114,12 @@ mod tests {
         let mut expired = Vec::new();
         wheel.advance(start + Duration::from_millis(999), &mut expired);
         assert!(expired.is_empty());
-        wheel.advance(start + Duration::from_millis(1_250), &mut expired);
-        assert_eq!(expired, [key(1)]);
+        wheel.advance(start + Duration::from_millis(1_100), &mut expired);
+        assert_eq!(expired, [key(1)], "1 100 ms is due only from the next tick");
         expired.clear();
-        wheel.advance(start + Duration::from_millis(1_500), &mut expired);
+        wheel.advance(start + Duration::from_millis(1_249), &mut expired);
+        assert!(expired.is_empty());
+        wheel.advance(start + Duration::from_millis(1_250), &mut expired);
         assert_eq!(expired, [key(2)]);
         assert!(wheel.is_empty());
     }

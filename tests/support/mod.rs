@@ -161,30 +161,13 @@ impl Server {
     }
 
     pub async fn post(&self, path: &str, api_key: &str, body: String) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .post(self.url(path))
-            .bearer_auth(api_key)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, body)
+        let request = reqwest::Client::new().post(self.url(path)).body(body);
+        send(request.bearer_auth(api_key)).await
     }
 
     pub async fn get(&self, path: &str, api_key: &str) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .get(self.url(path))
-            .bearer_auth(api_key)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, body)
+        let request = reqwest::Client::new().get(self.url(path));
+        send(request.bearer_auth(api_key)).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -195,6 +178,15 @@ impl Server {
             .await
             .unwrap()
     }
+}
+
+/// The status and the JSON body (or the raw text if it is not JSON).
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
 }
 
 impl Drop for Server {
