@@ -94,6 +94,11 @@ struct Conn {
     flush_timed_out: bool,
 }
 
+// A slab slot is 208 bytes today (the connection logic is 88 of them);
+// heap strings for device and bindings come on top. Growing a connection
+// multiplies by millions, so it takes a deliberate change of this budget.
+const _: () = assert!(size_of::<Conn>() <= 256);
+
 struct Shard {
     settings: ShardSettings,
     conns: Slab<Conn>,
@@ -676,3 +681,4 @@ async fn forward_events(shard: Rc<RefCell<Shard>>, events: async_channel::Sender
         }
     }
 }
+
