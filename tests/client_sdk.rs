@@ -178,3 +178,75 @@ async fn listen_prints_pushes_as_json_lines_and_exits_nonzero_when_kicked() {
     let said: Vec<String> = stderr.map_while(Result::ok).collect();
     assert!(said.iter().any(|l| l.contains("kicked")), "{said:?}");
 }
+
+/// The README quick start: serve with no config, mint a token with the CLI,
+/// push with the printed API key, receive.
+#[tokio::test]
+async fn the_demo_quick_start_works_with_cli_tokens() {
+    let server = Server::start_demo();
+    let api_key = server
+        .demo_api_key
+        .clone()
+        .expect("serve printed the API key");
+    let output = Command::new(herald_bin())
+        .args(["token", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--app", "demo", "--user", "alice", "--ttl-secs", "600"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let demo_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    let mut options = options(&server, demo_token, AckMode::Auto);
+    options.apps[0].app = "demo".to_owned();
+    let mut client = Client::start(options);
+    wait_bound(&mut client).await;
+    let (status, reply) = server
+        .post(
+            "/v1/apps/demo/users/alice/messages",
+            &api_key,
+            r#"{"payload": "hello alice"}"#.to_owned(),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["online"], true);
+    assert_eq!(next_push(&mut client).await, (1, "hello alice".to_owned()));
+
+    // A token for an app the data dir does not have is refused clearly.
+    let output = Command::new(herald_bin())
+        .args(["token", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--app", "other", "--user", "alice"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("demo"));
+}
+
+#[tokio::test]
+async fn token_from_a_config_file_binds() {
+    let server = Server::start();
+    let output = Command::new(herald_bin())
+        .args(["token", "--config"])
+        .arg(server.config_path.as_ref().unwrap())
+        .args(["--app", APP, "--user", "zed"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let cli_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let mut client = Client::start(options(&server, cli_token, AckMode::Auto));
+    match next(&mut client).await {
+        Event::Connected { heartbeat_interval } => {
+            // Cellular in `options`, 60 s for every network in the test config.
+            assert_eq!(heartbeat_interval, Duration::from_secs(60));
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    assert_eq!(
+        next(&mut client).await,
+        Event::Bound {
+            app: APP.to_owned(),
+            user: "zed".to_owned()
+        }
+    );
+}

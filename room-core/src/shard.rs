@@ -681,4 +681,3 @@ async fn forward_events(shard: Rc<RefCell<Shard>>, events: async_channel::Sender
         }
     }
 }
-

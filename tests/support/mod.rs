@@ -33,7 +33,10 @@ pub struct Server {
     pub gateway: String,
     pub api: String,
     pub data_dir: PathBuf,
-    config_path: PathBuf,
+    /// `None`: the no-config `demo` mode.
+    pub config_path: Option<PathBuf>,
+    /// The demo app's API key, as `serve` printed it.
+    pub demo_api_key: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -79,15 +82,26 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let config_path = write_config(dir.path(), heartbeat_secs, extra);
         let data_dir = dir.path().join("data");
-        let mut server = Server::spawn(&config_path, &data_dir, "127.0.0.1:0");
+        let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0");
         server._dir = Some(dir);
         server
     }
 
-    fn spawn(config_path: &Path, data_dir: &Path, gateway_listen: &str) -> Server {
-        let mut child = Command::new(herald_bin())
-            .args(["serve", "--config"])
-            .arg(config_path)
+    /// `herald serve` with no config: the generated `demo` app.
+    pub fn start_demo() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server::spawn(None, &dir.path().join("data"), "127.0.0.1:0");
+        server._dir = Some(dir);
+        server
+    }
+
+    fn spawn(config_path: Option<&Path>, data_dir: &Path, gateway_listen: &str) -> Server {
+        let mut command = Command::new(herald_bin());
+        command.arg("serve");
+        if let Some(path) = config_path {
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args([
@@ -103,7 +117,7 @@ impl Server {
             .expect("spawn herald serve");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut gateway, mut api) = (None, None);
+        let (mut gateway, mut api, mut demo_api_key) = (None, None, None);
         while gateway.is_none() || api.is_none() {
             let line = lines
                 .next()
@@ -113,6 +127,8 @@ impl Server {
                 gateway = rest.split_whitespace().next().map(str::to_owned);
             } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
                 api = Some(rest.trim().to_owned());
+            } else if let Some(rest) = line.strip_prefix("herald:   API key:") {
+                demo_api_key = Some(rest.trim().to_owned());
             }
         }
         // Keep reading stdout so the child never blocks on a full pipe.
@@ -122,7 +138,8 @@ impl Server {
             gateway: gateway.unwrap(),
             api: api.unwrap(),
             data_dir: data_dir.to_owned(),
-            config_path: config_path.to_owned(),
+            config_path: config_path.map(Path::to_owned),
+            demo_api_key,
             _dir: None,
         }
     }
@@ -132,7 +149,7 @@ impl Server {
     pub fn kill_and_restart(mut self) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let mut next = Server::spawn(&self.config_path, &self.data_dir, &self.gateway);
+        let mut next = Server::spawn(self.config_path.as_deref(), &self.data_dir, &self.gateway);
         next._dir = self._dir.take();
         next
     }
