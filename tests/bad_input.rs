@@ -283,7 +283,10 @@ async fn a_client_that_never_reads_is_cut_off_at_the_queue_limit() {
             break;
         }
     }
-    assert!(cut_off, "the server kept reading from a client that never reads");
+    assert!(
+        cut_off,
+        "the server kept reading from a client that never reads"
+    );
     let metrics = server.metrics().await;
     assert!(
         metrics.contains("herald_connections_closed_total{reason=\"slow_consumer\"} 1"),

@@ -12,6 +12,7 @@ use support::{API_KEY, APP, RawClient, Server};
 async fn push_to_an_online_user_arrives_and_its_ack_is_kept() {
     let server = Server::start();
     let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+    server.wait_connections("alice", 1).await;
     phone.expect_silence(Duration::from_millis(100)).await;
 
     let reply = server.push("alice", "hello alice").await;
@@ -20,7 +21,7 @@ async fn push_to_an_online_user_arrives_and_its_ack_is_kept() {
     assert_eq!(reply["message_id"].as_str().unwrap().len(), 32);
     assert_eq!(phone.recv_push().await, (1, "hello alice".to_owned()));
     phone.ack(1).await;
-    phone.expect_silence(Duration::from_millis(100)).await;
+    server.wait_for_metric("herald_acks_saved_total", 1).await;
     drop(phone);
 
     // The same device reconnecting without a resume point gets nothing
@@ -56,7 +57,7 @@ async fn unacked_messages_come_again_and_acked_ones_never_do() {
         assert_eq!(phone.recv_push().await.0, seq);
     }
     phone.ack(1).await;
-    phone.expect_silence(Duration::from_millis(50)).await;
+    server.wait_for_metric("herald_acks_saved_total", 1).await;
     // Killed before acking 2 and 3.
     drop(phone);
 
@@ -93,6 +94,7 @@ async fn every_device_of_a_user_gets_the_push() {
     let server = Server::start();
     let mut phone = RawClient::bound(&server.gateway, "phone", "frank", None).await;
     let mut laptop = RawClient::bound(&server.gateway, "laptop", "frank", None).await;
+    server.wait_connections("frank", 2).await;
     let (status, presence) = server
         .get(&format!("/v1/apps/{APP}/users/frank/presence"), API_KEY)
         .await;
@@ -115,6 +117,7 @@ async fn every_device_of_a_user_gets_the_push() {
 async fn multicast_stores_one_copy_per_user() {
     let server = Server::start();
     let mut gina = RawClient::bound(&server.gateway, "phone", "gina", None).await;
+    server.wait_connections("gina", 1).await;
     let (status, reply) = server
         .post(
             &format!("/v1/apps/{APP}/messages"),
@@ -161,6 +164,7 @@ async fn the_same_idempotency_key_stores_once() {
 async fn kick_sends_goaway_and_closes() {
     let server = Server::start();
     let mut phone = RawClient::bound(&server.gateway, "phone", "jack", None).await;
+    server.wait_connections("jack", 1).await;
     let (status, reply) = server
         .post(
             &format!("/v1/apps/{APP}/users/jack/kick"),
@@ -178,10 +182,7 @@ async fn kick_sends_goaway_and_closes() {
         })
     );
     assert_eq!(phone.recv().await, None, "closed after GOAWAY");
-    let (_, presence) = server
-        .get(&format!("/v1/apps/{APP}/users/jack/presence"), API_KEY)
-        .await;
-    assert_eq!(presence["online"], false);
+    server.wait_connections("jack", 0).await;
 }
 
 #[tokio::test]

@@ -187,6 +187,48 @@ impl Server {
         send(request.bearer_auth(api_key)).await
     }
 
+    /// Waits until the counter `name` reaches `at_least` (the control plane
+    /// applies shard events asynchronously).
+    pub async fn wait_for_metric(&self, name: &str, at_least: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let metrics = self.metrics().await;
+            let value = metrics.lines().find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if value.is_some_and(|v| v >= at_least) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never reached {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the register lists exactly `connections` connections of
+    /// `user`: BIND_OK reaches the client before the control plane has
+    /// registered the connection.
+    pub async fn wait_connections(&self, user: &str, connections: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let path = format!("/v1/apps/{APP}/users/{user}/presence");
+        loop {
+            let (_, presence) = self.get(&path, API_KEY).await;
+            if presence["connections"].as_array().map(Vec::len) == Some(connections) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} never had {connections} connections: {presence}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(self.url("/metrics"))
             .await
