@@ -4,7 +4,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use herald_proto::{decode, decode_slice, encode};
+use herald_proto::{decode, decode_slice, encode, encoded_len};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(frame)) => {
                     let mut again = BytesMut::new();
                     encode(&frame, &mut again).expect("a decoded frame re-encodes");
+                    assert_eq!(again.len(), encoded_len(&frame));
                     let (decoded, used) = decode_slice(&again)
                         .expect("re-encoded bytes decode")
                         .expect("re-encoded bytes are a whole frame");

@@ -17,6 +17,8 @@ use crate::limits::{
     TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 
+/// Why bytes from the peer are not a v1 frame. Every variant is final for
+/// the connection: the stream cannot be resynchronised after a bad frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("frame length {len} exceeds the maximum of {FRAME_BODY_LEN_MAX} bytes")]
@@ -42,7 +44,8 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The ERROR code to report to the peer.
+    /// The ERROR code to report to the peer. Only the two failures a peer
+    /// can act on (a smaller frame, another version) get their own code.
     pub fn error_code(&self) -> ErrorCode {
         match self {
             DecodeError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
@@ -52,6 +55,8 @@ impl DecodeError {
     }
 }
 
+/// Why a frame cannot be encoded: one of its fields breaks a limit the
+/// decoder enforces, so a conforming peer would refuse it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     #[error("field {field} is longer than its limit")]
@@ -218,6 +223,16 @@ fn put_opt_u64(dst: &mut BytesMut, value: Option<u64>) {
     }
 }
 
+fn put_opt_u32(dst: &mut BytesMut, value: Option<u32>) {
+    match value {
+        Some(v) => {
+            dst.put_u8(1);
+            dst.put_u32(v);
+        }
+        None => dst.put_u8(0),
+    }
+}
+
 /// Appends `frame` to `dst`. Every limit the decoder enforces is checked
 /// first, so nothing this writes is refused by a conforming peer; on error
 /// nothing is written.
@@ -300,13 +315,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             reconnect_delay_ms,
         } => {
             dst.put_u16(reason.0);
-            match reconnect_delay_ms {
-                Some(delay) => {
-                    dst.put_u8(1);
-                    dst.put_u32(*delay);
-                }
-                None => dst.put_u8(0),
-            }
+            put_opt_u32(dst, *reconnect_delay_ms);
         }
         Frame::Error { code, message } => {
             dst.put_u16(code.0);
@@ -498,7 +507,8 @@ pub fn decode_slice(src: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
 
 /// Decodes one frame from `src` and removes its bytes (the tokio-util codec
 /// contract). On `Ok(None)`, room for the rest of the frame is reserved if
-/// its length is known.
+/// its length is known, so the next read can land in one piece. On error
+/// `src` is left as it was; the caller answers ERROR and closes.
 pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
     match decode_slice(src)? {
         Some((frame, used)) => {
@@ -633,6 +643,21 @@ mod tests {
         }
     }
 
+    /// The protocol document shows every golden vector, spelled the same
+    /// way, so the two cannot drift apart.
+    #[test]
+    fn golden_vectors_are_the_documented_examples() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
+        let doc = std::fs::read_to_string(path).expect("docs/protocol.md");
+        let examples: Vec<&str> = doc.split("```").skip(1).step_by(2).map(str::trim).collect();
+        for (frame, text) in vectors() {
+            assert!(
+                examples.contains(&text),
+                "docs/protocol.md has no example block `{text}` for {frame:?}"
+            );
+        }
+    }
+
     #[test]
     fn an_oversized_length_is_refused_from_the_prefix_alone() {
         assert_eq!(
@@ -708,5 +733,194 @@ mod tests {
             Err(EncodeError::FieldTooLong { field: "payload" })
         );
         assert!(dst.is_empty());
+    }
+
+    #[test]
+    fn encode_leaves_existing_bytes_and_writes_nothing_on_error() {
+        let mut dst = BytesMut::from(&b"xyz"[..]);
+        let refused = [
+            (
+                Frame::Hello {
+                    device_id: String::new(),
+                    client_version: "1.0".into(),
+                    network: NetworkType::Wifi,
+                },
+                EncodeError::EmptyField { field: "device_id" },
+            ),
+            (
+                Frame::Hello {
+                    device_id: "d".repeat(DEVICE_ID_LEN_MAX + 1),
+                    client_version: String::new(),
+                    network: NetworkType::Wifi,
+                },
+                EncodeError::FieldTooLong { field: "device_id" },
+            ),
+            (
+                Frame::Hello {
+                    device_id: "dev1".into(),
+                    client_version: "v".repeat(CLIENT_VERSION_LEN_MAX + 1),
+                    network: NetworkType::Wifi,
+                },
+                EncodeError::FieldTooLong {
+                    field: "client_version",
+                },
+            ),
+            (
+                Frame::Bind {
+                    app: "chat".into(),
+                    token: "t".repeat(TOKEN_LEN_MAX + 1),
+                    last_seq: None,
+                },
+                EncodeError::FieldTooLong { field: "token" },
+            ),
+            (
+                Frame::BindOk {
+                    app: "chat".into(),
+                    user: String::new(),
+                },
+                EncodeError::EmptyField { field: "user" },
+            ),
+            (
+                Frame::Ack {
+                    app: String::new(),
+                    seq: 1,
+                },
+                EncodeError::EmptyField { field: "app" },
+            ),
+            (
+                Frame::Error {
+                    code: ErrorCode::MALFORMED_FRAME,
+                    message: "m".repeat(TEXT_LEN_MAX + 1),
+                },
+                EncodeError::FieldTooLong { field: "message" },
+            ),
+        ];
+        for (frame, error) in refused {
+            assert_eq!(encode(&frame, &mut dst), Err(error), "{frame:?}");
+        }
+        assert_eq!(&dst[..], b"xyz");
+
+        encode(&Frame::Ping, &mut dst).unwrap();
+        assert_eq!(&dst[..], b"xyz\x00\x00\x00\x02\x01\x06");
+    }
+
+    #[test]
+    fn the_largest_frames_fit_and_one_byte_more_is_refused() {
+        let push = Frame::Push {
+            app: "a".repeat(APP_ID_LEN_MAX),
+            message_id: MessageId([0xff; 16]),
+            seq: u64::MAX,
+            payload: Bytes::from(vec![7; PAYLOAD_LEN_MAX]),
+        };
+        let bind = Frame::Bind {
+            app: "a".repeat(APP_ID_LEN_MAX),
+            token: "t".repeat(TOKEN_LEN_MAX),
+            last_seq: Some(u64::MAX),
+        };
+        for frame in [push, bind] {
+            let mut dst = BytesMut::new();
+            encode(&frame, &mut dst).unwrap();
+            assert_eq!(dst.len(), encoded_len(&frame));
+            assert!(dst.len() <= LENGTH_PREFIX_LEN + FRAME_BODY_LEN_MAX);
+            assert_eq!(decode(&mut dst), Ok(Some(frame)));
+        }
+
+        // A PUSH whose payload is one byte over the limit, though the frame
+        // itself is within FRAME_BODY_LEN_MAX: the decoder must still refuse.
+        let body_len = 2 + 2 + 16 + 8 + PAYLOAD_LEN_MAX + 1;
+        let mut bytes = (body_len as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[PROTOCOL_VERSION, Op::Push as u8, 1, b'a']);
+        bytes.extend_from_slice(&[0; 24]);
+        bytes.resize(LENGTH_PREFIX_LEN + body_len, 0);
+        assert_eq!(
+            decode_slice(&bytes),
+            Err(DecodeError::FieldTooLong { field: "payload" })
+        );
+    }
+
+    #[test]
+    fn decode_takes_one_frame_and_leaves_the_next() {
+        let mut bytes = unhex("00000002 01 06 00000002 01 07 000000");
+        assert_eq!(decode_slice(&bytes), Ok(Some((Frame::Ping, 6))));
+        let mut src = BytesMut::from(&bytes[..]);
+        assert_eq!(decode(&mut src), Ok(Some(Frame::Ping)));
+        assert_eq!(decode(&mut src), Ok(Some(Frame::Pong)));
+        assert_eq!(decode(&mut src), Ok(None));
+        assert_eq!(&src[..], &[0, 0, 0]);
+
+        // Once the length is known, room for the whole frame is reserved.
+        bytes = unhex("000003e8 01 08");
+        let mut src = BytesMut::from(&bytes[..]);
+        assert_eq!(decode(&mut src), Ok(None));
+        assert!(src.capacity() >= LENGTH_PREFIX_LEN + 1_000);
+        assert_eq!(src.len(), 6);
+    }
+
+    #[test]
+    fn an_unknown_network_byte_decodes_as_unknown() {
+        assert_eq!(
+            decode_slice(&unhex("0000000c 01 01 04 64657631 03 312e30 09"))
+                .unwrap()
+                .map(|(frame, _)| frame),
+            Some(Frame::Hello {
+                device_id: "dev1".into(),
+                client_version: "1.0".into(),
+                network: NetworkType::Unknown,
+            })
+        );
+    }
+
+    #[test]
+    fn field_limits_are_checked_before_the_bytes_are_read() {
+        // The app claims 65 bytes: refused from the length byte alone.
+        assert_eq!(
+            decode_slice(&unhex("00000003 01 0c 41")),
+            Err(DecodeError::FieldTooLong { field: "app" })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000009 01 03 04 63686174 0401")),
+            Err(DecodeError::FieldTooLong { field: "token" })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000003 01 01 00")),
+            Err(DecodeError::EmptyField { field: "device_id" })
+        );
+        assert_eq!(
+            decode_slice(&unhex("0000000c 01 03 04 63686174 0000 02 00000000")),
+            Err(DecodeError::InvalidTag { field: "last_seq" })
+        );
+        assert_eq!(
+            decode_slice(&unhex("00000000")),
+            Err(DecodeError::FrameTooShort { len: 0 })
+        );
+        // The version is checked before the op.
+        assert_eq!(
+            decode_slice(&unhex("00000002 00 ee")),
+            Err(DecodeError::UnsupportedVersion(0))
+        );
+    }
+
+    #[test]
+    fn decode_errors_map_to_error_codes() {
+        assert_eq!(
+            DecodeError::FrameTooLarge { len: 1 << 20 }.error_code(),
+            ErrorCode::FRAME_TOO_LARGE
+        );
+        assert_eq!(
+            DecodeError::UnsupportedVersion(2).error_code(),
+            ErrorCode::UNSUPPORTED_VERSION
+        );
+        for error in [
+            DecodeError::FrameTooShort { len: 1 },
+            DecodeError::UnknownOp(0),
+            DecodeError::Truncated { op: Op::Ack },
+            DecodeError::TrailingBytes { op: Op::Ping },
+            DecodeError::FieldTooLong { field: "app" },
+            DecodeError::EmptyField { field: "app" },
+            DecodeError::InvalidUtf8 { field: "app" },
+            DecodeError::InvalidTag { field: "last_seq" },
+        ] {
+            assert_eq!(error.error_code(), ErrorCode::MALFORMED_FRAME, "{error}");
+        }
     }
 }
