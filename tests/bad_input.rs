@@ -162,6 +162,23 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     ));
     assert_eq!(garbage.recv().await, None);
 
+    // The bad frame is followed by 16 MiB, more than the socket buffers
+    // hold, that the server never parses. The client still gets the ERROR:
+    // closing with its input unread would reset the connection, failing
+    // the client's write and losing the ERROR.
+    let mut burst = RawClient::connect(&server.gateway).await;
+    let mut bytes = vec![0, 0, 0, 3, 9, 1, 0];
+    bytes.resize(16 << 20, 0xAB);
+    burst.send_raw(&bytes).await;
+    assert!(matches!(
+        burst.recv().await,
+        Some(Frame::Error {
+            code: ErrorCode::UNSUPPORTED_VERSION,
+            ..
+        })
+    ));
+    assert_eq!(burst.recv().await, None);
+
     let mut garbage = RawClient::connect(&server.gateway).await;
     garbage.hello("phone").await;
     garbage.send_raw(&[0, 0, 0, 2, 1, 0xEE]).await;

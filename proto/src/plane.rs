@@ -97,7 +97,8 @@ pub enum ShardEvent {
         app: String,
         user: String,
     },
-    /// The connection closed; these were its bindings.
+    /// The connection is closing or closed and takes no more pushes:
+    /// unregister these bindings. Sent once, when the close begins.
     Closed {
         conn: ConnId,
         bindings: Vec<(String, String)>,

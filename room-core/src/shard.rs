@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{Task, spawn_local};
 use herald_proto::plane::{ConnId, ShardCommand, ShardEvent};
-use herald_proto::server::{ConnEvent, Output, ServerConfig, ServerConn};
+use herald_proto::server::{CloseReason, ConnEvent, Output, ServerConfig, ServerConn};
 use herald_proto::{Frame, decode_slice, encode, encoded_len};
 use slab::Slab;
 
@@ -65,7 +66,7 @@ const OUTBOX_LEN_MAX: usize = 4096;
 const COMMAND_BATCH_MAX: usize = 256;
 
 /// How long a closing connection may take to accept its last frames
-/// (GOAWAY, ERROR) before it is cut.
+/// (GOAWAY, ERROR) and to close its side, before it is cut.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything a shard is told at startup.
@@ -88,10 +89,13 @@ struct Conn {
     queue: Option<BytesMut>,
     /// The connection task, when it waits for the socket.
     waker: Option<Waker>,
-    /// Set once the connection must close; it does after the queue drains.
+    /// Set once the connection must close; it does after the queue drains
+    /// and the client closes its side (or the flush deadline passes).
     closing: Option<ConnEnd>,
     flush_deadline: Option<Instant>,
     flush_timed_out: bool,
+    /// Our side is shut down: the last frame is out, we wait for EOF.
+    write_shut: bool,
 }
 
 // A slab slot is 208 bytes today (the connection logic is 88 of them);
@@ -181,6 +185,7 @@ impl Shard {
             closing: None,
             flush_deadline: None,
             flush_timed_out: false,
+            write_shut: false,
         });
         self.wheel.insert(
             deadline,
@@ -203,13 +208,11 @@ impl Shard {
             self.write_pool.give(queue);
         }
         self.counters().connection_closed(end);
-        let bindings: Vec<(String, String)> = conn
-            .server
-            .bindings()
-            .map(|(app, user)| (app.to_owned(), user.to_owned()))
-            .collect();
-        if !bindings.is_empty() {
-            self.push_event(ShardEvent::Closed { conn: id, bindings });
+        // A connection that began a close was unregistered then.
+        if conn.closing.is_none()
+            && let Some(event) = closed_event(id, &conn.server)
+        {
+            self.push_event(event);
         }
         if self.draining && self.conns.is_empty() {
             self.push_event(ShardEvent::Drained {
@@ -345,6 +348,14 @@ impl Shard {
         if let Some(reason) = out.close.take()
             && conn.closing.is_none()
         {
+            // Unregister now, not when the socket is finally gone: from
+            // here on the connection takes no more pushes.
+            if let Some(event) = closed_event(id, &conn.server) {
+                outbox.push_back(event);
+                if let Some(waker) = forwarder.take() {
+                    waker.wake();
+                }
+            }
             let deadline = now + CLOSE_FLUSH_TIMEOUT;
             conn.closing = Some(ConnEnd::Closed(reason));
             conn.flush_deadline = Some(deadline);
@@ -434,7 +445,12 @@ impl Shard {
 
             let conn = &mut self.conns[slot];
             if conn.flush_timed_out {
-                return Poll::Ready(ConnEnd::FlushTimeout);
+                // Everything was sent and only the client's EOF is missing:
+                // the close went as intended.
+                return Poll::Ready(match conn.closing {
+                    Some(end) if conn.write_shut => end,
+                    _ => ConnEnd::FlushTimeout,
+                });
             }
             if let Some(queue) = conn.queue.as_mut() {
                 match Pin::new(&mut *stream).poll_write(cx, queue) {
@@ -452,8 +468,26 @@ impl Shard {
             }
             let conn = &mut self.conns[slot];
             if let Some(end) = conn.closing {
-                if conn.queue.is_none() {
+                // A slow consumer's output was dropped: nothing to protect.
+                if end == ConnEnd::Closed(CloseReason::SlowConsumer) {
                     return Poll::Ready(end);
+                }
+                if conn.queue.is_none() {
+                    // Lingering close: shut our side, then read and discard
+                    // until the client's EOF. Closing with its bytes still
+                    // unread would make the kernel send a reset, and the
+                    // client could lose the GOAWAY or ERROR just sent.
+                    if !conn.write_shut {
+                        conn.write_shut = true;
+                        // SAFETY: shutdown(2) on the descriptor this task
+                        // owns; it only changes the socket's state.
+                        unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                    }
+                    match Pin::new(&mut *stream).poll_read(cx, &mut self.scratch) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(end),
+                        Poll::Ready(Ok(_)) => progressed = true,
+                        Poll::Pending => {}
+                    }
                 }
             } else if self.outbox.len() >= OUTBOX_LEN_MAX {
                 self.readers_waiting.push(cx.waker().clone());
@@ -587,6 +621,15 @@ impl Shard {
         }
         self.expired = expired;
     }
+}
+
+/// The event that unregisters a connection's bindings, if it has any.
+fn closed_event(conn: ConnId, server: &ServerConn) -> Option<ShardEvent> {
+    let bindings: Vec<(String, String)> = server
+        .bindings()
+        .map(|(app, user)| (app.to_owned(), user.to_owned()))
+        .collect();
+    (!bindings.is_empty()).then_some(ShardEvent::Closed { conn, bindings })
 }
 
 /// Runs a shard until the control plane drops its command channel.
