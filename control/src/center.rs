@@ -215,6 +215,18 @@ fn authorize<'a>(
     Ok(config)
 }
 
+/// `authorize`, then checks the user id of a `/users/{user}/` route.
+fn authorize_user<'a>(
+    state: &'a CenterState,
+    app: &str,
+    user: &str,
+    headers: &HeaderMap,
+) -> Result<&'a AppConfig, ApiError> {
+    let config = authorize(state, app, headers)?;
+    check_user(user)?;
+    Ok(config)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -310,8 +322,7 @@ async fn push(
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let app_config = authorize(&state, &app, &headers)?;
-    check_user(&user)?;
+    let app_config = authorize_user(&state, &app, &user, &headers)?;
     if body.users.is_some() {
         return Err(ApiError::bad_request(
             "\"users\" belongs to POST /v1/apps/{app}/messages",
@@ -400,8 +411,7 @@ async fn pull(
     headers: HeaderMap,
     query: Result<Query<PullQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &app, &headers)?;
-    check_user(&user)?;
+    authorize_user(&state, &app, &user, &headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let limit = query.limit.unwrap_or(state.config.pull_limit_max);
     if limit == 0 || limit > state.config.pull_limit_max {
@@ -443,8 +453,7 @@ async fn presence(
     Path((app, user)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &app, &headers)?;
-    check_user(&user)?;
+    authorize_user(&state, &app, &user, &headers)?;
     let sessions = state.delivery.sessions(&app, &user).await;
     let connections: Vec<Value> = sessions
         .iter()
@@ -469,8 +478,7 @@ async fn kick(
     Path((app, user)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &app, &headers)?;
-    check_user(&user)?;
+    authorize_user(&state, &app, &user, &headers)?;
     let kicked = state.delivery.kick(&app, &user).await;
     Ok(Json(json!({"kicked": kicked})))
 }
