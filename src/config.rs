@@ -54,6 +54,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
+    pub io: IoSetting,
     pub listen: SocketAddr,
     pub shards: usize,
     pub connections_per_shard_max: usize,
@@ -66,6 +67,26 @@ pub struct GatewaySection {
     pub drain_reconnect_delay_ms: u32,
     pub drain_timeout_secs: u64,
     pub heartbeat_secs: HeartbeatSection,
+}
+
+/// `gateway.io`: how the gateway waits for its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoSetting {
+    /// io_uring (glommio): the default.
+    #[default]
+    Uring,
+    /// epoll (tokio): for hosts where io_uring is blocked.
+    Epoll,
+}
+
+impl IoSetting {
+    pub fn driver(self) -> herald_room::IoDriver {
+        match self {
+            IoSetting::Uring => herald_room::IoDriver::Uring,
+            IoSetting::Epoll => herald_room::IoDriver::Epoll,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +145,7 @@ impl Default for Config {
 impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
+            io: IoSetting::default(),
             listen: DEFAULT_GATEWAY_LISTEN.parse().expect("valid default"),
             shards: DEFAULT_SHARDS,
             connections_per_shard_max: DEFAULT_CONNECTIONS_PER_SHARD_MAX,

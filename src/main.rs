@@ -19,7 +19,7 @@ use herald_proto::{TokenClaims, sign_token};
 use herald_room::metrics::CLOSE_REASONS;
 use herald_room::{Gateway, GatewayConfig, GatewayError, GatewayMetrics};
 
-use crate::config::Config;
+use crate::config::{Config, IoSetting};
 
 /// Capacity of the channel that carries every shard's events to the control
 /// plane: a burst of binds or acks from all shards at once.
@@ -52,6 +52,10 @@ enum Command {
         /// Where business servers call the HTTP API, e.g. 127.0.0.1:8080.
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
+        /// How the gateway waits for sockets: io_uring (default) or epoll,
+        /// for hosts where io_uring is blocked.
+        #[arg(long, value_enum)]
+        io: Option<IoSetting>,
     },
     /// Print a client token for a user of an app.
     Token {
@@ -87,9 +91,8 @@ fn main() -> ExitCode {
             data_dir,
             gateway_listen,
             api_listen,
-        } => check_io_uring()
-            .and_then(|()| load_serve_config(config, data_dir, gateway_listen, api_listen))
-            .and_then(serve),
+            io,
+        } => load_serve_config(config, data_dir, gateway_listen, api_listen, io).and_then(serve),
         Command::Token {
             config,
             data_dir,
@@ -109,10 +112,41 @@ fn main() -> ExitCode {
 }
 
 /// Fails with one clear line, before anything is created, on a host
-/// where the gateway cannot run.
+/// where the io_uring gateway cannot run.
 fn check_io_uring() -> anyhow::Result<()> {
-    herald_room::probe_io_uring()
-        .map_err(|error| anyhow::anyhow!("{}", GatewayError::IoUringUnavailable(error)))
+    herald_room::probe_io_uring().map_err(|error| {
+        anyhow::anyhow!(
+            "{}; run with --io epoll to use epoll instead",
+            GatewayError::IoUringUnavailable(error)
+        )
+    })
+}
+
+/// Warns when the process may not open as many sockets as the gateway is
+/// configured to hold: the excess would fail at accept time.
+fn warn_on_low_file_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let connections_max =
+        (config.gateway.connections_per_shard_max as u64).saturating_mul(config.shards() as u64);
+    if limit.rlim_cur < connections_max {
+        let message = format!(
+            "open-file limit is {} (hard {}) but the gateway may hold {connections_max} \
+             connections ({} shards x gateway.connections_per_shard_max); raise `ulimit -n` \
+             (see kernel-tuning/) or lower connections_per_shard_max",
+            limit.rlim_cur,
+            limit.rlim_max,
+            config.shards(),
+        );
+        eprintln!("herald: warning: {message}");
+        tracing::warn!("{message}");
+    }
 }
 
 /// The file's settings, or the defaults with the generated `demo` app, then
@@ -122,6 +156,7 @@ fn load_serve_config(
     data_dir: Option<PathBuf>,
     gateway_listen: Option<std::net::SocketAddr>,
     api_listen: Option<std::net::SocketAddr>,
+    io: Option<IoSetting>,
 ) -> anyhow::Result<Config> {
     let mut config = match &path {
         Some(path) => Config::load(path)?,
@@ -135,6 +170,12 @@ fn load_serve_config(
     }
     if let Some(addr) = api_listen {
         config.api.listen = addr;
+    }
+    if let Some(io) = io {
+        config.gateway.io = io;
+    }
+    if config.gateway.io == IoSetting::Uring {
+        check_io_uring()?;
     }
     if path.is_none() {
         let (demo, created) = config::demo_app(&config.data_dir)?;
@@ -193,7 +234,9 @@ fn token(
 fn serve(config: Config) -> anyhow::Result<()> {
     let shards = config.shards();
     let (events_tx, events_rx) = async_channel::bounded(EVENT_QUEUE_LEN);
+    warn_on_low_file_limit(&config);
     let gateway_config = GatewayConfig {
+        io: config.gateway.io.driver(),
         listen: config.gateway.listen,
         shards,
         server: ServerConfig {
@@ -269,8 +312,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.api.listen))?;
         println!(
-            "herald: gateway listening on {} ({shards} shards)",
-            gateway.local_addr()
+            "herald: gateway listening on {} ({shards} shards, {})",
+            gateway.local_addr(),
+            config.gateway.io.driver().as_str()
         );
         println!("herald: api listening on {}", listener.local_addr()?);
         tracing::info!(node.id = %config.node_id, "herald is ready");

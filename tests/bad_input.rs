@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use herald_proto::{BindErrorCode, ErrorCode, Frame, GoAwayReason};
-use support::{API_KEY, APP, OTHER_API_KEY, RawClient, Server, token};
+use support::{API_KEY, APP, Io, OTHER_API_KEY, RawClient, Server, token};
 
 fn error_code(body: &serde_json::Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
@@ -100,9 +100,8 @@ async fn health_endpoints_answer() {
     );
 }
 
-#[tokio::test]
-async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close() {
-    let server = Server::start();
+async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close(io: Io) {
+    let server = Server::start_on(io);
     let mut client = RawClient::connect(&server.gateway).await;
     client.hello("phone").await;
     client
@@ -145,9 +144,8 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close() 
     assert_eq!(client.recv().await, None);
 }
 
-#[tokio::test]
-async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
-    let server = Server::start();
+async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed(io: Io) {
+    let server = Server::start_on(io);
     let mut bystander = RawClient::bound(&server.gateway, "phone", "alice", None).await;
 
     let mut garbage = RawClient::connect(&server.gateway).await;
@@ -216,9 +214,8 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed() {
     assert_eq!(bystander.recv_push().await, (1, "still here".to_owned()));
 }
 
-#[tokio::test]
-async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout() {
-    let server = Server::start();
+async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout(io: Io) {
+    let server = Server::start_on(io);
     let mut client = RawClient::connect(&server.gateway).await;
     client.hello("phone").await;
     // auth_timeout_secs = 3 in the test config.
@@ -232,10 +229,9 @@ async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout() {
     assert_eq!(client.recv().await, None);
 }
 
-#[tokio::test]
-async fn a_silent_client_is_closed_and_a_pinging_one_is_not() {
+async fn a_silent_client_is_closed_and_a_pinging_one_is_not(io: Io) {
     // 1 s heartbeat: a client silent for 1.5 s is past its deadline.
-    let server = Server::start_with(1, "");
+    let server = Server::start_with_on(1, "", io);
     let mut silent = RawClient::bound(&server.gateway, "phone", "alice", None).await;
     let mut pinging = RawClient::bound(&server.gateway, "laptop", "alice", None).await;
     let started = tokio::time::Instant::now();
@@ -265,9 +261,8 @@ async fn a_silent_client_is_closed_and_a_pinging_one_is_not() {
     );
 }
 
-#[tokio::test]
-async fn a_client_that_never_reads_is_cut_off_at_the_queue_limit() {
-    let server = Server::start();
+async fn a_client_that_never_reads_is_cut_off_at_the_queue_limit(io: Io) {
+    let server = Server::start_on(io);
     // A tiny receive buffer, so the server's output backs up quickly.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -310,3 +305,11 @@ async fn a_client_that_never_reads_is_cut_off_at_the_queue_limit() {
         "{metrics}"
     );
 }
+
+on_both_drivers!(
+    an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close,
+    garbage_and_oversized_frames_get_an_error_and_others_are_unharmed,
+    a_connection_that_never_binds_is_closed_after_the_auth_timeout,
+    a_silent_client_is_closed_and_a_pinging_one_is_not,
+    a_client_that_never_reads_is_cut_off_at_the_queue_limit,
+);

@@ -6,11 +6,10 @@ mod support;
 use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
-use support::{API_KEY, APP, RawClient, Server};
+use support::{API_KEY, APP, Io, RawClient, Server};
 
-#[tokio::test]
-async fn push_to_an_online_user_arrives_and_its_ack_is_kept() {
-    let server = Server::start();
+async fn push_to_an_online_user_arrives_and_its_ack_is_kept(io: Io) {
+    let server = Server::start_on(io);
     let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
     server.wait_connections("alice", 1).await;
     phone.expect_silence(Duration::from_millis(100)).await;
@@ -32,9 +31,8 @@ async fn push_to_an_online_user_arrives_and_its_ack_is_kept() {
     assert_eq!(phone.recv_push().await, (2, "second".to_owned()));
 }
 
-#[tokio::test]
-async fn push_to_an_offline_user_arrives_when_it_connects() {
-    let server = Server::start();
+async fn push_to_an_offline_user_arrives_when_it_connects(io: Io) {
+    let server = Server::start_on(io);
     let reply = server.push("bob", "while you were away").await;
     assert_eq!(reply["online"], false);
     server.push("bob", "and another").await;
@@ -46,9 +44,8 @@ async fn push_to_an_offline_user_arrives_when_it_connects() {
     assert_eq!(phone.recv_push().await, (2, "and another".to_owned()));
 }
 
-#[tokio::test]
-async fn unacked_messages_come_again_and_acked_ones_never_do() {
-    let server = Server::start();
+async fn unacked_messages_come_again_and_acked_ones_never_do(io: Io) {
+    let server = Server::start_on(io);
     for text in ["one", "two", "three"] {
         server.push("carol", text).await;
     }
@@ -67,9 +64,8 @@ async fn unacked_messages_come_again_and_acked_ones_never_do() {
     phone.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn the_client_reported_last_seq_wins_over_the_server_cursor() {
-    let server = Server::start();
+async fn the_client_reported_last_seq_wins_over_the_server_cursor(io: Io) {
+    let server = Server::start_on(io);
     for text in ["one", "two", "three"] {
         server.push("dave", text).await;
     }
@@ -78,9 +74,8 @@ async fn the_client_reported_last_seq_wins_over_the_server_cursor() {
     phone.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn a_message_stored_before_a_hard_restart_is_still_delivered() {
-    let server = Server::start();
+async fn a_message_stored_before_a_hard_restart_is_still_delivered(io: Io) {
+    let server = Server::start_on(io);
     assert_eq!(server.push("erin", "durable").await["online"], false);
     let server = server.kill_and_restart();
     let mut phone = RawClient::bound(&server.gateway, "phone", "erin", None).await;
@@ -89,9 +84,8 @@ async fn a_message_stored_before_a_hard_restart_is_still_delivered() {
     assert_eq!(server.push("erin", "after").await["seq"], 2);
 }
 
-#[tokio::test]
-async fn every_device_of_a_user_gets_the_push() {
-    let server = Server::start();
+async fn every_device_of_a_user_gets_the_push(io: Io) {
+    let server = Server::start_on(io);
     let mut phone = RawClient::bound(&server.gateway, "phone", "frank", None).await;
     let mut laptop = RawClient::bound(&server.gateway, "laptop", "frank", None).await;
     server.wait_connections("frank", 2).await;
@@ -113,9 +107,8 @@ async fn every_device_of_a_user_gets_the_push() {
     assert_eq!(tablet.recv_push().await, (1, "to both".to_owned()));
 }
 
-#[tokio::test]
-async fn multicast_stores_one_copy_per_user() {
-    let server = Server::start();
+async fn multicast_stores_one_copy_per_user(io: Io) {
+    let server = Server::start_on(io);
     let mut gina = RawClient::bound(&server.gateway, "phone", "gina", None).await;
     server.wait_connections("gina", 1).await;
     let (status, reply) = server
@@ -144,9 +137,8 @@ async fn multicast_stores_one_copy_per_user() {
     assert_eq!(pulled["more"], false);
 }
 
-#[tokio::test]
-async fn the_same_idempotency_key_stores_once() {
-    let server = Server::start();
+async fn the_same_idempotency_key_stores_once(io: Io) {
+    let server = Server::start_on(io);
     let body = r#"{"payload": "once", "idempotency_key": "order-17"}"#.to_owned();
     let path = format!("/v1/apps/{APP}/users/ivy/messages");
     let (_, first) = server.post(&path, API_KEY, body.clone()).await;
@@ -160,9 +152,8 @@ async fn the_same_idempotency_key_stores_once() {
     phone.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn kick_sends_goaway_and_closes() {
-    let server = Server::start();
+async fn kick_sends_goaway_and_closes(io: Io) {
+    let server = Server::start_on(io);
     let mut phone = RawClient::bound(&server.gateway, "phone", "jack", None).await;
     server.wait_connections("jack", 1).await;
     let (status, reply) = server
@@ -185,9 +176,8 @@ async fn kick_sends_goaway_and_closes() {
     server.wait_connections("jack", 0).await;
 }
 
-#[tokio::test]
-async fn a_large_backlog_is_delivered_in_order_through_the_window() {
-    let server = Server::start();
+async fn a_large_backlog_is_delivered_in_order_through_the_window(io: Io) {
+    let server = Server::start_on(io);
     // More than the default delivery window (32) and than one fill.
     for i in 1..=100 {
         server.push("kate", &format!("m{i}")).await;
@@ -201,9 +191,8 @@ async fn a_large_backlog_is_delivered_in_order_through_the_window() {
     phone.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn sigterm_drains_clients_with_goaway_and_exits_cleanly() {
-    let mut server = Server::start();
+async fn sigterm_drains_clients_with_goaway_and_exits_cleanly(io: Io) {
+    let mut server = Server::start_on(io);
     let mut phone = RawClient::bound(&server.gateway, "phone", "liam", None).await;
     let status = server.terminate();
     assert!(status.success(), "exit status {status}");
@@ -215,3 +204,17 @@ async fn sigterm_drains_clients_with_goaway_and_exits_cleanly() {
         other => panic!("expected GOAWAY(server_shutdown), got {other:?}"),
     }
 }
+
+on_both_drivers!(
+    push_to_an_online_user_arrives_and_its_ack_is_kept,
+    push_to_an_offline_user_arrives_when_it_connects,
+    unacked_messages_come_again_and_acked_ones_never_do,
+    the_client_reported_last_seq_wins_over_the_server_cursor,
+    a_message_stored_before_a_hard_restart_is_still_delivered,
+    every_device_of_a_user_gets_the_push,
+    multicast_stores_one_copy_per_user,
+    the_same_idempotency_key_stores_once,
+    kick_sends_goaway_and_closes,
+    a_large_backlog_is_delivered_in_order_through_the_window,
+    sigterm_drains_clients_with_goaway_and_exits_cleanly,
+);

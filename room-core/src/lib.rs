@@ -1,40 +1,59 @@
 //! herald-room: the gateway ("room") that holds client connections.
 //!
-//! One glommio executor per shard, pinned to a core; every shard listens on
-//! the same port (SO_REUSEPORT) and owns its connections outright in a
-//! `slab`, with no lock and no shared map on the per-connection path. The
-//! per-connection logic (handshake, auth, heartbeats, framing, acks) is
+//! One thread per shard, pinned to a core; every shard listens on the same
+//! port (SO_REUSEPORT) and owns its connections outright in a `slab`, with no
+//! lock and no shared map on the per-connection path. The per-connection
+//! logic (handshake, auth, heartbeats, framing, acks) is
 //! `herald_proto::server::ServerConn`; this crate only drives it with sockets,
-//! a timer wheel and buffer pools.
+//! a timer wheel and buffer pools. Two drivers run the same shard code:
+//! io_uring on glommio (the default) and epoll on tokio (the fallback where
+//! io_uring is blocked).
 //!
 //! It does not store messages or know where users are: it talks to the
 //! control plane only through bounded channels of `ShardCommand` and
 //! `ShardEvent` (`herald_proto::plane`), and it never waits on storage.
 
 mod auth;
+mod epoll;
 pub mod metrics;
 mod pool;
 mod shard;
+mod uring;
 mod wheel;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use glommio::net::TcpListener;
-use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use glommio::ExecutorJoinHandle;
 use herald_proto::plane::{ShardCommand, ShardEvent};
 use herald_proto::server::ServerConfig;
 
 pub use auth::AppSecrets;
 pub use metrics::{GatewayMetrics, GatewaySnapshot};
 
-/// Memory glommio registers with io_uring for file I/O. The gateway does no
-/// file I/O, so it asks for the minimum instead of the 10 MiB default.
-const IO_MEMORY_BYTES: usize = 64 * 1024;
+/// How the shards wait for their sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoDriver {
+    /// io_uring, through glommio.
+    #[default]
+    Uring,
+    /// epoll, through one tokio current-thread runtime per shard.
+    Epoll,
+}
+
+impl IoDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoDriver::Uring => "uring",
+            IoDriver::Epoll => "epoll",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    pub io: IoDriver,
     pub listen: SocketAddr,
     pub shards: usize,
     pub server: ServerConfig,
@@ -66,7 +85,12 @@ pub struct Gateway {
     local_addr: SocketAddr,
     commands: Vec<async_channel::Sender<ShardCommand>>,
     metrics: Arc<GatewayMetrics>,
-    executors: Vec<ExecutorJoinHandle<()>>,
+    threads: Vec<ShardThread>,
+}
+
+enum ShardThread {
+    Uring(ExecutorJoinHandle<()>),
+    Epoll(std::thread::JoinHandle<()>),
 }
 
 impl Gateway {
@@ -78,7 +102,9 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         assert!(config.shards > 0 && config.shards <= usize::from(u16::MAX));
         assert!(config.connections_per_shard_max <= u32::MAX as usize);
-        probe_io_uring().map_err(GatewayError::IoUringUnavailable)?;
+        if config.io == IoDriver::Uring {
+            probe_io_uring().map_err(GatewayError::IoUringUnavailable)?;
+        }
 
         // Resolve port 0 once, so that every shard joins one SO_REUSEPORT
         // group on the same port. The reservation never listens, so it never
@@ -96,7 +122,7 @@ impl Gateway {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
         let mut commands = Vec::with_capacity(config.shards);
-        let mut executors = Vec::with_capacity(config.shards);
+        let mut threads = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
             let (command_tx, command_rx) = async_channel::bounded(config.command_queue_len);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -108,25 +134,23 @@ impl Gateway {
                 send_queue_bytes_max: config.send_queue_bytes_max,
                 metrics: metrics.clone(),
             };
+            let cpu = shard % cpus;
             let events = events.clone();
-            let executor = LocalExecutorBuilder::new(Placement::Fixed(shard % cpus))
-                .name(&format!("herald-shard-{shard}"))
-                .io_memory(IO_MEMORY_BYTES)
-                .spawn(move || async move {
-                    let listener = match TcpListener::bind(local_addr) {
-                        Ok(listener) => listener,
-                        Err(error) => {
-                            let _ = ready_tx.send(Err(io::Error::other(error.to_string())));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    shard::run_shard(settings, listener, command_rx, events).await;
-                })
-                .map_err(|error| GatewayError::Shard {
-                    shard,
-                    message: error.to_string(),
-                })?;
+            let thread = match config.io {
+                IoDriver::Uring => {
+                    uring::spawn_shard(settings, local_addr, cpu, command_rx, events, ready_tx)
+                        .map(ShardThread::Uring)
+                        .map_err(|message| GatewayError::Shard { shard, message })?
+                }
+                IoDriver::Epoll => {
+                    epoll::spawn_shard(settings, local_addr, cpu, command_rx, events, ready_tx)
+                        .map(ShardThread::Epoll)
+                        .map_err(|error| GatewayError::Shard {
+                            shard,
+                            message: error.to_string(),
+                        })?
+                }
+            };
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(source)) => {
@@ -138,19 +162,19 @@ impl Gateway {
                 Err(_) => {
                     return Err(GatewayError::Shard {
                         shard,
-                        message: "the shard's executor stopped while starting".to_owned(),
+                        message: "the shard's thread stopped while starting".to_owned(),
                     });
                 }
             }
+            threads.push(thread);
             commands.push(command_tx);
-            executors.push(executor);
         }
         drop(reservation);
         Ok(Gateway {
             local_addr,
             commands,
             metrics,
-            executors,
+            threads,
         })
     }
 
@@ -171,8 +195,15 @@ impl Gateway {
     /// command channel is dropped, so callers drop theirs first.
     pub fn join(self) {
         drop(self.commands);
-        for executor in self.executors {
-            let _ = executor.join();
+        for thread in self.threads {
+            match thread {
+                ShardThread::Uring(handle) => {
+                    let _ = handle.join();
+                }
+                ShardThread::Epoll(handle) => {
+                    let _ = handle.join();
+                }
+            }
         }
     }
 }

@@ -1,10 +1,12 @@
-//! One shard: a glommio executor pinned to a core that owns its connections.
+//! One shard: a thread pinned to a core that owns its connections.
 //!
-//! A shard runs four kinds of task, all on its own thread and sharing its
+//! A shard runs five kinds of task, all on its own thread and sharing its
 //! state through one `RefCell` that is never borrowed across an await:
 //! the accept loop, one task per connection, the command loop (control plane
 //! -> shard), the event forwarder (shard -> control plane), and the timer
-//! tick that sweeps the shard's wheel.
+//! tick that sweeps the shard's wheel. This module is the same for both
+//! drivers; `uring` and `epoll` only supply sockets, spawning and a clock
+//! tick.
 //!
 //! A connection task waits for readiness, then reads into the shard's one
 //! scratch buffer and decodes in place; only the tail of a partial frame is
@@ -12,20 +14,17 @@
 //! buffer that goes back to the pool once the socket took it all. An idle
 //! connection therefore owns no buffer.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
-use futures_io::{AsyncRead, AsyncWrite};
-use glommio::net::{TcpListener, TcpStream};
-use glommio::{Task, spawn_local};
 use herald_proto::plane::{ConnId, ShardCommand, ShardEvent};
 use herald_proto::server::{CloseReason, ConnEvent, Output, ServerConfig, ServerConn};
 use herald_proto::{Frame, decode_slice, encode, encoded_len};
@@ -34,7 +33,7 @@ use slab::Slab;
 use crate::auth::AppSecrets;
 use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
 use crate::pool::BufferPool;
-use crate::wheel::{TICK, TimerKey, TimerWheel};
+use crate::wheel::{TimerKey, TimerWheel};
 
 /// The shard's read buffer: one maximum frame plus its prefix, so a single
 /// read can always complete any frame.
@@ -68,6 +67,20 @@ const COMMAND_BATCH_MAX: usize = 256;
 /// How long a closing connection may take to accept its last frames
 /// (GOAWAY, ERROR) and to close its side, before it is cut.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a shard needs from a connection's socket, whichever driver owns it.
+/// Both calls are non-blocking and register the task's waker when they
+/// return `Pending`, like `futures::AsyncRead`/`AsyncWrite`.
+pub(crate) trait ConnSocket {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Shuts our sending side: the last frame is out.
+    fn shutdown_write(&mut self);
+}
+
+/// The driver's accept task; dropping it stops accepting and closes the
+/// shard's listening socket.
+pub(crate) type AcceptTask = Box<dyn Any>;
 
 /// Everything a shard is told at startup.
 pub struct ShardSettings {
@@ -103,7 +116,7 @@ struct Conn {
 // multiplies by millions, so it takes a deliberate change of this budget.
 const _: () = assert!(size_of::<Conn>() <= 256);
 
-struct Shard {
+pub(crate) struct Shard {
     settings: ShardSettings,
     conns: Slab<Conn>,
     next_generation: u32,
@@ -117,7 +130,7 @@ struct Shard {
     forwarder: Option<Waker>,
     /// Connections that stopped reading because the outbox was full.
     readers_waiting: Vec<Waker>,
-    accept_task: Option<Task<()>>,
+    accept_task: Option<AcceptTask>,
     draining: bool,
 }
 
@@ -128,7 +141,7 @@ fn unix_ms() -> u64 {
 }
 
 impl Shard {
-    fn new(settings: ShardSettings, now: Instant) -> Shard {
+    pub(crate) fn new(settings: ShardSettings, now: Instant) -> Shard {
         Shard {
             conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
             settings,
@@ -168,6 +181,20 @@ impl Shard {
             }
             _ => None,
         }
+    }
+
+    pub(crate) fn set_accept_task(&mut self, task: AcceptTask) {
+        self.accept_task = Some(task);
+    }
+
+    /// Takes a just-accepted connection into the slab, or refuses it (the
+    /// caller drops the socket) when the shard is full.
+    pub(crate) fn admit(&mut self, now: Instant) -> Option<usize> {
+        if self.conns.len() >= self.settings.connections_max {
+            self.counters().connection_refused();
+            return None;
+        }
+        Some(self.open_conn(now))
     }
 
     fn open_conn(&mut self, now: Instant) -> usize {
@@ -437,7 +464,7 @@ impl Shard {
         &mut self,
         cx: &mut Context<'_>,
         slot: usize,
-        stream: &mut TcpStream,
+        stream: &mut impl ConnSocket,
     ) -> Poll<ConnEnd> {
         self.conns[slot].waker = None;
         for _ in 0..CONN_POLL_ROUNDS_MAX {
@@ -453,7 +480,7 @@ impl Shard {
                 });
             }
             if let Some(queue) = conn.queue.as_mut() {
-                match Pin::new(&mut *stream).poll_write(cx, queue) {
+                match stream.poll_write(cx, queue) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
                     Poll::Ready(Ok(written)) => {
                         queue.advance(written);
@@ -479,11 +506,9 @@ impl Shard {
                     // client could lose the GOAWAY or ERROR just sent.
                     if !conn.write_shut {
                         conn.write_shut = true;
-                        // SAFETY: shutdown(2) on the descriptor this task
-                        // owns; it only changes the socket's state.
-                        unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                        stream.shutdown_write();
                     }
-                    match Pin::new(&mut *stream).poll_read(cx, &mut self.scratch) {
+                    match stream.poll_read(cx, &mut self.scratch) {
                         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(end),
                         Poll::Ready(Ok(_)) => progressed = true,
                         Poll::Pending => {}
@@ -492,7 +517,7 @@ impl Shard {
             } else if self.outbox.len() >= OUTBOX_LEN_MAX {
                 self.readers_waiting.push(cx.waker().clone());
             } else {
-                match Pin::new(&mut *stream).poll_read(cx, &mut self.scratch) {
+                match stream.poll_read(cx, &mut self.scratch) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(ConnEnd::PeerClosed),
                     Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
                     Poll::Ready(Ok(len)) => {
@@ -591,7 +616,7 @@ impl Shard {
 
     /// Fires the wheel: deadlines that moved are put back, closing
     /// connections past their flush deadline are cut, the rest time out.
-    fn handle_tick(&mut self, now: Instant) {
+    pub(crate) fn handle_tick(&mut self, now: Instant) {
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {
@@ -632,20 +657,11 @@ fn closed_event(conn: ConnId, server: &ServerConn) -> Option<ShardEvent> {
     (!bindings.is_empty()).then_some(ShardEvent::Closed { conn, bindings })
 }
 
-/// Runs a shard until the control plane drops its command channel.
-pub(crate) async fn run_shard(
-    settings: ShardSettings,
-    listener: TcpListener,
+/// Handles commands until the control plane drops its command channel.
+pub(crate) async fn run_commands(
+    shard: Rc<RefCell<Shard>>,
     commands: async_channel::Receiver<ShardCommand>,
-    events: async_channel::Sender<ShardEvent>,
 ) {
-    let connections_max = settings.connections_max;
-    let shard = Rc::new(RefCell::new(Shard::new(settings, Instant::now())));
-    let accept = spawn_local(accept_loop(shard.clone(), listener, connections_max));
-    shard.borrow_mut().accept_task = Some(accept);
-    let _timer = spawn_local(timer_loop(shard.clone()));
-    let _forwarder = spawn_local(forward_events(shard.clone(), events));
-
     while let Ok(command) = commands.recv().await {
         let mut shard = shard.borrow_mut();
         let now = Instant::now();
@@ -661,45 +677,22 @@ pub(crate) async fn run_shard(
     shard.borrow_mut().accept_task = None;
 }
 
-async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener, connections_max: usize) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok(stream) => stream,
-            Err(error) => {
-                // Out of file descriptors or similar: back off instead of
-                // spinning on the same error.
-                tracing::warn!(%error, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let mut state = shard.borrow_mut();
-        if state.conns.len() >= connections_max {
-            state.counters().connection_refused();
-            continue;
-        }
-        // Small frames both ways: don't hold them back for coalescing.
-        let _ = stream.set_nodelay(true);
-        let slot = state.open_conn(Instant::now());
-        drop(state);
-        spawn_local(run_conn(shard.clone(), slot, stream)).detach();
-    }
-}
-
-async fn run_conn(shard: Rc<RefCell<Shard>>, slot: usize, mut stream: TcpStream) {
+/// Drives one connection until it ends, then frees its slot.
+pub(crate) async fn serve_conn(
+    shard: Rc<RefCell<Shard>>,
+    slot: usize,
+    mut stream: impl ConnSocket,
+) {
     let end = poll_fn(|cx| shard.borrow_mut().poll_conn(cx, slot, &mut stream)).await;
     drop(stream);
     shard.borrow_mut().remove_conn(slot, end);
 }
 
-async fn timer_loop(shard: Rc<RefCell<Shard>>) {
-    loop {
-        glommio::timer::sleep(TICK).await;
-        shard.borrow_mut().handle_tick(Instant::now());
-    }
-}
-
-async fn forward_events(shard: Rc<RefCell<Shard>>, events: async_channel::Sender<ShardEvent>) {
+/// Moves the shard's outbox to the control plane's event channel.
+pub(crate) async fn forward_events(
+    shard: Rc<RefCell<Shard>>,
+    events: async_channel::Sender<ShardEvent>,
+) {
     loop {
         let event = poll_fn(|cx| {
             let mut shard = shard.borrow_mut();

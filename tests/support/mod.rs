@@ -27,9 +27,44 @@ pub fn herald_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herald")
 }
 
+/// The gateway driver a test server runs (`herald serve --io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    Uring,
+    Epoll,
+}
+
+impl Io {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Io::Uring => "uring",
+            Io::Epoll => "epoll",
+        }
+    }
+}
+
+/// Defines a test module `$name` that runs the async fn `$name(io: Io)`
+/// once on each gateway driver.
+#[macro_export]
+macro_rules! on_both_drivers {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn uring() {
+                super::$name($crate::support::Io::Uring).await
+            }
+            #[tokio::test]
+            async fn epoll() {
+                super::$name($crate::support::Io::Epoll).await
+            }
+        }
+    )+};
+}
+
 /// A `herald serve` child process with its own data dir and ephemeral ports.
 pub struct Server {
     pub child: Child,
+    pub io: Io,
     pub gateway: String,
     pub api: String,
     pub data_dir: PathBuf,
@@ -78,11 +113,19 @@ impl Server {
         Server::start_with(60, "")
     }
 
+    pub fn start_on(io: Io) -> Server {
+        Server::start_with_on(60, "", io)
+    }
+
     pub fn start_with(heartbeat_secs: u64, extra: &str) -> Server {
+        Server::start_with_on(heartbeat_secs, extra, Io::Uring)
+    }
+
+    pub fn start_with_on(heartbeat_secs: u64, extra: &str, io: Io) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config_path = write_config(dir.path(), heartbeat_secs, extra);
         let data_dir = dir.path().join("data");
-        let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0");
+        let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0", io);
         server._dir = Some(dir);
         server
     }
@@ -90,14 +133,14 @@ impl Server {
     /// `herald serve` with no config: the generated `demo` app.
     pub fn start_demo() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = Server::spawn(None, &dir.path().join("data"), "127.0.0.1:0");
+        let mut server = Server::spawn(None, &dir.path().join("data"), "127.0.0.1:0", Io::Uring);
         server._dir = Some(dir);
         server
     }
 
-    fn spawn(config_path: Option<&Path>, data_dir: &Path, gateway_listen: &str) -> Server {
+    fn spawn(config_path: Option<&Path>, data_dir: &Path, gateway_listen: &str, io: Io) -> Server {
         let mut command = Command::new(herald_bin());
-        command.arg("serve");
+        command.args(["serve", "--io", io.as_arg()]);
         if let Some(path) = config_path {
             command.arg("--config").arg(path);
         }
@@ -135,6 +178,7 @@ impl Server {
         std::thread::spawn(move || for _ in lines {});
         Server {
             child,
+            io,
             gateway: gateway.unwrap(),
             api: api.unwrap(),
             data_dir: data_dir.to_owned(),
@@ -149,7 +193,12 @@ impl Server {
     pub fn kill_and_restart(mut self) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let mut next = Server::spawn(self.config_path.as_deref(), &self.data_dir, &self.gateway);
+        let mut next = Server::spawn(
+            self.config_path.as_deref(),
+            &self.data_dir,
+            &self.gateway,
+            self.io,
+        );
         next._dir = self._dir.take();
         next
     }
