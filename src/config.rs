@@ -73,7 +73,7 @@ pub struct GatewaySection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoSetting {
-    /// io_uring (glommio): the default.
+    /// io_uring: the default.
     #[default]
     Uring,
     /// epoll (tokio): for hosts where io_uring is blocked.

@@ -423,6 +423,10 @@ impl ServerConn {
                         user: user.clone(),
                         client_last_seq: last_seq,
                     });
+                    // Most connections bind one app: grow one at a time
+                    // rather than by Vec's usual four, since this is
+                    // multiplied by every connection.
+                    self.bindings.reserve_exact(1);
                     self.bindings.push(Binding {
                         app,
                         user,

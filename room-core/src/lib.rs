@@ -5,8 +5,8 @@
 //! lock and no shared map on the per-connection path. The per-connection
 //! logic (handshake, auth, heartbeats, framing, acks) is
 //! `herald_proto::server::ServerConn`; this crate only drives it with sockets,
-//! a timer wheel and buffer pools. Two drivers run the same shard code:
-//! io_uring on glommio (the default) and epoll on tokio (the fallback where
+//! a readiness poller, a timer wheel and buffer pools. Two pollers run the
+//! same shard loop: io_uring (the default) and epoll (the fallback where
 //! io_uring is blocked).
 //!
 //! It does not store messages or know where users are: it talks to the
@@ -14,18 +14,17 @@
 //! `ShardEvent` (`herald_proto::plane`), and it never waits on storage.
 
 mod auth;
-mod epoll;
 pub mod metrics;
+mod poller;
 mod pool;
 mod shard;
-mod uring;
 mod wheel;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use glommio::ExecutorJoinHandle;
 use herald_proto::plane::{ShardCommand, ShardEvent};
 use herald_proto::server::ServerConfig;
 
@@ -35,10 +34,10 @@ pub use metrics::{GatewayMetrics, GatewaySnapshot};
 /// How the shards wait for their sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoDriver {
-    /// io_uring, through glommio.
+    /// io_uring: multishot poll requests, submitted in batches.
     #[default]
     Uring,
-    /// epoll, through one tokio current-thread runtime per shard.
+    /// epoll, through mio.
     Epoll,
 }
 
@@ -50,6 +49,10 @@ impl IoDriver {
         }
     }
 }
+
+/// Pending connections the kernel queues for each shard's listener (capped
+/// by net.core.somaxconn): room for a reconnect storm's burst.
+const LISTEN_BACKLOG: i32 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -85,12 +88,7 @@ pub struct Gateway {
     local_addr: SocketAddr,
     commands: Vec<async_channel::Sender<ShardCommand>>,
     metrics: Arc<GatewayMetrics>,
-    threads: Vec<ShardThread>,
-}
-
-enum ShardThread {
-    Uring(ExecutorJoinHandle<()>),
-    Epoll(std::thread::JoinHandle<()>),
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -136,21 +134,16 @@ impl Gateway {
             };
             let cpu = shard % cpus;
             let events = events.clone();
-            let thread = match config.io {
-                IoDriver::Uring => {
-                    uring::spawn_shard(settings, local_addr, cpu, command_rx, events, ready_tx)
-                        .map(ShardThread::Uring)
-                        .map_err(|message| GatewayError::Shard { shard, message })?
-                }
-                IoDriver::Epoll => {
-                    epoll::spawn_shard(settings, local_addr, cpu, command_rx, events, ready_tx)
-                        .map(ShardThread::Epoll)
-                        .map_err(|error| GatewayError::Shard {
-                            shard,
-                            message: error.to_string(),
-                        })?
-                }
-            };
+            let io = config.io;
+            let thread = std::thread::Builder::new()
+                .name(format!("herald-shard-{shard}"))
+                .spawn(move || {
+                    run_shard_thread(io, cpu, local_addr, settings, command_rx, events, ready_tx)
+                })
+                .map_err(|error| GatewayError::Shard {
+                    shard,
+                    message: error.to_string(),
+                })?;
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(source)) => {
@@ -196,15 +189,71 @@ impl Gateway {
     pub fn join(self) {
         drop(self.commands);
         for thread in self.threads {
-            match thread {
-                ShardThread::Uring(handle) => {
-                    let _ = handle.join();
-                }
-                ShardThread::Epoll(handle) => {
-                    let _ = handle.join();
-                }
-            }
+            let _ = thread.join();
         }
+    }
+}
+
+/// A shard's thread: pins itself, sets up its poller and listener, reports
+/// whether it listens, then runs the shard loop.
+fn run_shard_thread(
+    io: IoDriver,
+    cpu: usize,
+    listen: SocketAddr,
+    settings: shard::ShardSettings,
+    commands: async_channel::Receiver<ShardCommand>,
+    events: async_channel::Sender<ShardEvent>,
+    ready: std::sync::mpsc::Sender<io::Result<()>>,
+) {
+    pin_to_cpu(cpu);
+    let setup = || -> io::Result<(std::net::TcpListener, Arc<poller::WakeFd>)> {
+        Ok((bind_listener(listen)?, Arc::new(poller::WakeFd::new()?)))
+    };
+    let id = settings.id;
+    let result = match io {
+        IoDriver::Uring => poller::uring::UringPoller::new().and_then(|poller| {
+            let (listener, wake) = setup()?;
+            let _ = ready.send(Ok(()));
+            shard::Shard::new(settings, poller, listener, Instant::now())
+                .run(commands, events, wake)
+        }),
+        IoDriver::Epoll => poller::epoll::EpollPoller::new().and_then(|poller| {
+            let (listener, wake) = setup()?;
+            let _ = ready.send(Ok(()));
+            shard::Shard::new(settings, poller, listener, Instant::now())
+                .run(commands, events, wake)
+        }),
+    };
+    if let Err(error) = result {
+        // Before `ready` was sent this reaches the caller; after, the log.
+        tracing::error!(shard = id, %error, "gateway shard stopped");
+        let _ = ready.send(Err(error));
+    }
+}
+
+/// A non-blocking listener in the port's SO_REUSEPORT group, so the kernel
+/// spreads new connections over the shards.
+fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it and
+    // sched_setaffinity only reads it. Failing to pin is harmless.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

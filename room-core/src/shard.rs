@@ -1,30 +1,26 @@
 //! One shard: a thread pinned to a core that owns its connections.
 //!
-//! A shard runs five kinds of task, all on its own thread and sharing its
-//! state through one `RefCell` that is never borrowed across an await:
-//! the accept loop, one task per connection, the command loop (control plane
-//! -> shard), the event forwarder (shard -> control plane), and the timer
-//! tick that sweeps the shard's wheel. This module is the same for both
-//! drivers; `uring` and `epoll` only supply sockets, spawning and a clock
-//! tick.
+//! A shard is one loop, not a set of tasks: it takes commands from the
+//! control plane, accepts, drives the connections that have work, hands its
+//! events to the control plane, sweeps its timer wheel, then waits on its
+//! poller (io_uring or epoll) until a socket, a command or the next tick
+//! needs it. A waiting connection is its slab slot and its socket, nothing
+//! else: no task, no future, no buffer.
 //!
-//! A connection task waits for readiness, then reads into the shard's one
-//! scratch buffer and decodes in place; only the tail of a partial frame is
-//! copied into a small pooled buffer, and output is encoded into a pooled
-//! buffer that goes back to the pool once the socket took it all. An idle
-//! connection therefore owns no buffer.
+//! A connection with work reads into the shard's one scratch buffer and
+//! decodes in place; only the tail of a partial frame is copied into a small
+//! pooled buffer, and output is encoded into a pooled buffer that goes back
+//! to the pool once the socket took it all.
 
-use std::any::Any;
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::io;
-use std::rc::Rc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
+use futures_core::Stream;
 use herald_proto::plane::{ConnId, ShardCommand, ShardEvent};
 use herald_proto::server::{CloseReason, ConnEvent, Output, ServerConfig, ServerConn};
 use herald_proto::{Frame, decode_slice, encode, encoded_len};
@@ -32,8 +28,9 @@ use slab::Slab;
 
 use crate::auth::AppSecrets;
 use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
+use crate::poller::{Poller, Readiness, TOKEN_BITS_MAX, WakeFd};
 use crate::pool::BufferPool;
-use crate::wheel::{TimerKey, TimerWheel};
+use crate::wheel::{TICK, TimerKey, TimerWheel};
 
 /// The shard's read buffer: one maximum frame plus its prefix, so a single
 /// read can always complete any frame.
@@ -52,8 +49,8 @@ const WRITE_BUFFER_CAPACITY: usize = 4 * 1024;
 /// 4.5 MiB per shard.
 const POOL_FREE_MAX: usize = 1024;
 
-/// Rounds of flush-then-read one connection gets per wakeup before it yields,
-/// so a busy client cannot starve the others on its shard.
+/// Rounds of flush-then-read one connection gets per turn before it goes to
+/// the back of the run queue, so a busy client cannot starve the others.
 const CONN_POLL_ROUNDS_MAX: usize = 16;
 
 /// Events a shard holds for the control plane before its connections stop
@@ -61,26 +58,36 @@ const CONN_POLL_ROUNDS_MAX: usize = 16;
 /// add catch-up requests past it, at most one per binding.
 const OUTBOX_LEN_MAX: usize = 4096;
 
-/// Commands handled per wakeup of the command loop before it yields.
+/// Commands handled per turn of the loop.
 const COMMAND_BATCH_MAX: usize = 256;
+
+/// Connections accepted per turn of the loop, so a connect storm leaves
+/// room for the connections already there.
+const ACCEPT_BATCH_MAX: usize = 256;
+
+/// How long accepting pauses after the process ran out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long the loop sleeps while the control plane's event channel is full.
+const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
 /// How long a closing connection may take to accept its last frames
 /// (GOAWAY, ERROR) and to close its side, before it is cut.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a shard needs from a connection's socket, whichever driver owns it.
-/// Both calls are non-blocking and register the task's waker when they
-/// return `Pending`, like `futures::AsyncRead`/`AsyncWrite`.
-pub(crate) trait ConnSocket {
-    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
-    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
-    /// Shuts our sending side: the last frame is out.
-    fn shutdown_write(&mut self);
-}
+/// Poller tokens: a connection's is its slot and the low bits of its
+/// generation; the listener and the wakeup descriptor take slots no
+/// connection can have.
+const GENERATION_TOKEN_MASK: u32 = (1 << (TOKEN_BITS_MAX - 32)) - 1;
+const LISTENER_TOKEN: u64 = u32::MAX as u64;
+const WAKE_TOKEN: u64 = u32::MAX as u64 - 1;
 
-/// The driver's accept task; dropping it stops accepting and closes the
-/// shard's listening socket.
-pub(crate) type AcceptTask = Box<dyn Any>;
+/// The largest slot a connection may have.
+pub(crate) const SLOTS_MAX: usize = u32::MAX as usize - 2;
+
+fn conn_token(slot: usize, generation: u32) -> u64 {
+    (u64::from(generation & GENERATION_TOKEN_MASK) << 32) | slot as u64
+}
 
 /// Everything a shard is told at startup.
 pub struct ShardSettings {
@@ -93,6 +100,7 @@ pub struct ShardSettings {
 }
 
 struct Conn {
+    socket: OwnedFd,
     generation: u32,
     server: ServerConn,
     connected_at_ms: u64,
@@ -100,8 +108,6 @@ struct Conn {
     partial: Option<BytesMut>,
     /// Encoded frames the socket has not taken yet.
     queue: Option<BytesMut>,
-    /// The connection task, when it waits for the socket.
-    waker: Option<Waker>,
     /// Set once the connection must close; it does after the queue drains
     /// and the client closes its side (or the flush deadline passes).
     closing: Option<ConnEnd>,
@@ -109,17 +115,31 @@ struct Conn {
     flush_timed_out: bool,
     /// Our side is shut down: the last frame is out, we wait for EOF.
     write_shut: bool,
+    /// The socket may hold input: the poller said so and no read since has
+    /// come back empty.
+    readable: bool,
+    /// A write would block; the poller will say when it would not.
+    write_blocked: bool,
+    /// The connection is in the run queue.
+    queued: bool,
 }
 
-// A slab slot is 208 bytes today (the connection logic is 88 of them);
+// A slab slot is 200 bytes today (the connection logic is 88 of them);
 // heap strings for device and bindings come on top. Growing a connection
 // multiplies by millions, so it takes a deliberate change of this budget.
 const _: () = assert!(size_of::<Conn>() <= 256);
 
-pub(crate) struct Shard {
+pub(crate) struct Shard<P> {
     settings: ShardSettings,
+    poller: P,
+    listener: Option<OwnedFd>,
+    /// The listener may have connections waiting.
+    accept_ready: bool,
+    accept_paused_until: Option<Instant>,
     conns: Slab<Conn>,
     next_generation: u32,
+    /// Connections with work to do: input, output or a close to finish.
+    run_queue: VecDeque<usize>,
     scratch: Box<[u8]>,
     out: Output,
     read_pool: BufferPool,
@@ -127,10 +147,8 @@ pub(crate) struct Shard {
     wheel: TimerWheel,
     expired: Vec<TimerKey>,
     outbox: VecDeque<ShardEvent>,
-    forwarder: Option<Waker>,
     /// Connections that stopped reading because the outbox was full.
-    readers_waiting: Vec<Waker>,
-    accept_task: Option<AcceptTask>,
+    readers_waiting: Vec<usize>,
     draining: bool,
 }
 
@@ -140,12 +158,63 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Shard {
-    pub(crate) fn new(settings: ShardSettings, now: Instant) -> Shard {
+/// Puts a connection at the back of the run queue unless it is there.
+fn enqueue(run_queue: &mut VecDeque<usize>, conn: &mut Conn, slot: usize) {
+    if !conn.queued {
+        conn.queued = true;
+        run_queue.push_back(slot);
+    }
+}
+
+fn would_block(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::WouldBlock
+}
+
+fn recv(socket: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buffer.len()` bytes into it.
+    let n = unsafe { libc::recv(socket, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn send(socket: RawFd, buffer: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most `buffer.len()` bytes from it.
+    // MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
+    let n = unsafe {
+        libc::send(
+            socket,
+            buffer.as_ptr().cast(),
+            buffer.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+impl<P: Poller> Shard<P> {
+    pub(crate) fn new(
+        settings: ShardSettings,
+        poller: P,
+        listener: std::net::TcpListener,
+        now: Instant,
+    ) -> Shard<P> {
+        assert!(settings.connections_max <= SLOTS_MAX);
         Shard {
             conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
             settings,
+            poller,
+            listener: Some(listener.into()),
+            accept_ready: true,
+            accept_paused_until: None,
             next_generation: 0,
+            run_queue: VecDeque::new(),
             scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
             out: Output::default(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
@@ -153,11 +222,137 @@ impl Shard {
             wheel: TimerWheel::new(now),
             expired: Vec::new(),
             outbox: VecDeque::new(),
-            forwarder: None,
             readers_waiting: Vec::new(),
-            accept_task: None,
             draining: false,
         }
+    }
+
+    /// Runs the shard until the control plane drops its command channel or
+    /// the poller fails.
+    pub(crate) fn run(
+        mut self,
+        commands: async_channel::Receiver<ShardCommand>,
+        events: async_channel::Sender<ShardEvent>,
+        wake: Arc<WakeFd>,
+    ) -> io::Result<()> {
+        self.poller.add(wake.raw_fd(), WAKE_TOKEN)?;
+        if let Some(listener) = &self.listener {
+            self.poller.add(listener.as_raw_fd(), LISTENER_TOKEN)?;
+        }
+        // The command channel wakes the loop through the eventfd.
+        let mut commands = std::pin::pin!(commands);
+        let waker = Waker::from(wake.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut ready = Vec::new();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let mut commands_left = true;
+            for _ in 0..COMMAND_BATCH_MAX {
+                match commands.as_mut().poll_next(&mut cx) {
+                    Poll::Ready(Some(command)) => self.handle_command(command, now),
+                    Poll::Ready(None) => return Ok(()),
+                    Poll::Pending => {
+                        commands_left = false;
+                        break;
+                    }
+                }
+            }
+            if self.accept_ready && self.accept_paused_until.is_none_or(|until| now >= until) {
+                self.accept_paused_until = None;
+                self.accept(now);
+            }
+            self.run_connections(now);
+            let Some(outbox_blocked) = self.flush_outbox(&events) else {
+                return Ok(());
+            };
+            if now >= next_tick {
+                self.handle_tick(now);
+                next_tick = now + TICK;
+            }
+
+            let busy = commands_left
+                || !self.run_queue.is_empty()
+                || (self.accept_ready && self.accept_paused_until.is_none());
+            let timeout = if busy {
+                Duration::ZERO
+            } else if outbox_blocked {
+                OUTBOX_RETRY
+            } else {
+                let mut until = next_tick;
+                if let Some(paused) = self.accept_paused_until {
+                    until = until.min(paused);
+                }
+                until.saturating_duration_since(now)
+            };
+            self.poller.wait(timeout, &mut ready)?;
+            for readiness in ready.drain(..) {
+                self.on_ready(readiness, &wake);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, readiness: Readiness, wake: &WakeFd) {
+        match readiness.token {
+            WAKE_TOKEN => {
+                wake.clear();
+                if readiness.rearm {
+                    let _ = self.poller.add(wake.raw_fd(), WAKE_TOKEN);
+                }
+            }
+            LISTENER_TOKEN => {
+                let Some(listener) = &self.listener else {
+                    return;
+                };
+                self.accept_ready = true;
+                if readiness.rearm {
+                    let _ = self.poller.add(listener.as_raw_fd(), LISTENER_TOKEN);
+                }
+            }
+            token => {
+                let slot = (token & u64::from(u32::MAX)) as usize;
+                let Some(conn) = self.conns.get_mut(slot) else {
+                    return;
+                };
+                if conn_token(slot, conn.generation) != token {
+                    return;
+                }
+                if readiness.readable {
+                    conn.readable = true;
+                }
+                if readiness.writable {
+                    conn.write_blocked = false;
+                }
+                if readiness.rearm
+                    && let Err(error) = self.poller.add(conn.socket.as_raw_fd(), token)
+                {
+                    tracing::warn!(%error, "cannot watch a connection again; closing it");
+                    conn.flush_timed_out = true;
+                }
+                enqueue(&mut self.run_queue, conn, slot);
+            }
+        }
+    }
+
+    /// Hands queued events to the control plane. Returns whether some are
+    /// left because its channel is full, or `None` once it is gone.
+    fn flush_outbox(&mut self, events: &async_channel::Sender<ShardEvent>) -> Option<bool> {
+        while let Some(event) = self.outbox.pop_front() {
+            match events.try_send(event) {
+                Ok(()) => {}
+                Err(async_channel::TrySendError::Full(event)) => {
+                    self.outbox.push_front(event);
+                    return Some(true);
+                }
+                Err(async_channel::TrySendError::Closed(_)) => return None,
+            }
+        }
+        for slot in self.readers_waiting.drain(..) {
+            if let Some(conn) = self.conns.get_mut(slot) {
+                enqueue(&mut self.run_queue, conn, slot);
+            }
+        }
+        Some(false)
     }
 
     fn counters(&self) -> &ShardCounters {
@@ -183,37 +378,74 @@ impl Shard {
         }
     }
 
-    pub(crate) fn set_accept_task(&mut self, task: AcceptTask) {
-        self.accept_task = Some(task);
-    }
-
-    /// Takes a just-accepted connection into the slab, or refuses it (the
-    /// caller drops the socket) when the shard is full.
-    pub(crate) fn admit(&mut self, now: Instant) -> Option<usize> {
-        if self.conns.len() >= self.settings.connections_max {
-            self.counters().connection_refused();
-            return None;
+    /// Accepts waiting connections, at most a batch per turn.
+    fn accept(&mut self, now: Instant) {
+        let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
+            self.accept_ready = false;
+            return;
+        };
+        for _ in 0..ACCEPT_BATCH_MAX {
+            // SAFETY: accept4(2) without an address buffer.
+            let fd = unsafe {
+                libc::accept4(
+                    listener,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EAGAIN) => self.accept_ready = false,
+                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                    _ => {
+                        // Out of descriptors or memory: pause instead of
+                        // spinning on the same error.
+                        tracing::warn!(%error, "accept failed");
+                        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                    }
+                }
+                return;
+            }
+            // SAFETY: fd is the new descriptor accept4 just returned.
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            if self.conns.len() >= self.settings.connections_max {
+                self.counters().connection_refused();
+                continue;
+            }
+            set_nodelay(&socket);
+            self.open_conn(socket, now);
         }
-        Some(self.open_conn(now))
     }
 
-    fn open_conn(&mut self, now: Instant) -> usize {
+    fn open_conn(&mut self, socket: OwnedFd, now: Instant) {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let server = ServerConn::new(now, &self.settings.server);
         let deadline = server.poll_timeout();
+        let fd = socket.as_raw_fd();
         let slot = self.conns.insert(Conn {
+            socket,
             generation,
             server,
             connected_at_ms: unix_ms(),
             partial: None,
             queue: None,
-            waker: None,
             closing: None,
             flush_deadline: None,
             flush_timed_out: false,
             write_shut: false,
+            // HELLO may already be there: look before the poller says so.
+            readable: true,
+            write_blocked: false,
+            queued: false,
         });
+        if let Err(error) = self.poller.add(fd, conn_token(slot, generation)) {
+            tracing::warn!(%error, "cannot watch a new connection; closing it");
+            self.conns.remove(slot);
+            return;
+        }
         self.wheel.insert(
             deadline,
             TimerKey {
@@ -222,12 +454,14 @@ impl Shard {
             },
         );
         self.counters().connection_opened();
-        slot
+        enqueue(&mut self.run_queue, &mut self.conns[slot], slot);
     }
 
     fn remove_conn(&mut self, slot: usize, end: ConnEnd) {
         let id = self.conn_id(slot);
         let conn = self.conns.remove(slot);
+        self.poller
+            .remove(conn.socket.as_raw_fd(), conn_token(slot, conn.generation));
         if let Some(partial) = conn.partial {
             self.read_pool.give(partial);
         }
@@ -239,10 +473,10 @@ impl Shard {
         if conn.closing.is_none()
             && let Some(event) = closed_event(id, &conn.server)
         {
-            self.push_event(event);
+            self.outbox.push_back(event);
         }
         if self.draining && self.conns.is_empty() {
-            self.push_event(ShardEvent::Drained {
+            self.outbox.push_back(ShardEvent::Drained {
                 shard: self.settings.id,
             });
         }
@@ -250,9 +484,111 @@ impl Shard {
 
     fn push_event(&mut self, event: ShardEvent) {
         self.outbox.push_back(event);
-        if let Some(waker) = self.forwarder.take() {
-            waker.wake();
+    }
+
+    /// Drives every connection that was in the run queue when the turn
+    /// began; those that still have work go to the back.
+    fn run_connections(&mut self, now: Instant) {
+        for _ in 0..self.run_queue.len() {
+            let Some(slot) = self.run_queue.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if !conn.queued {
+                continue;
+            }
+            conn.queued = false;
+            if let Some(end) = self.drive(slot, now) {
+                self.remove_conn(slot, end);
+            }
         }
+    }
+
+    /// Flushes output and reads input until both would block, the turn's
+    /// rounds run out (the connection is queued again) or it ends.
+    fn drive(&mut self, slot: usize, now: Instant) -> Option<ConnEnd> {
+        for _ in 0..CONN_POLL_ROUNDS_MAX {
+            let mut progressed = false;
+
+            let conn = &mut self.conns[slot];
+            let fd = conn.socket.as_raw_fd();
+            if conn.flush_timed_out {
+                // Everything was sent and only the client's EOF is missing:
+                // the close went as intended.
+                return Some(match conn.closing {
+                    Some(end) if conn.write_shut => end,
+                    _ => ConnEnd::FlushTimeout,
+                });
+            }
+            if !conn.write_blocked
+                && let Some(queue) = conn.queue.as_mut()
+            {
+                match send(fd, queue) {
+                    Ok(written) => {
+                        queue.advance(written);
+                        if queue.is_empty() {
+                            let queue = conn.queue.take().expect("queue is some");
+                            self.write_pool.give(queue);
+                        }
+                        progressed = written > 0;
+                    }
+                    Err(error) if would_block(&error) => {
+                        conn.write_blocked = true;
+                        let token = conn_token(slot, conn.generation);
+                        if self.poller.want_writable(fd, token).is_err() {
+                            return Some(ConnEnd::Io);
+                        }
+                    }
+                    Err(_) => return Some(ConnEnd::Io),
+                }
+            }
+            let conn = &mut self.conns[slot];
+            if let Some(end) = conn.closing {
+                // A slow consumer's output was dropped: nothing to protect.
+                if end == ConnEnd::Closed(CloseReason::SlowConsumer) {
+                    return Some(end);
+                }
+                if conn.queue.is_none() {
+                    // Lingering close: shut our side, then read and discard
+                    // until the client's EOF. Closing with its bytes still
+                    // unread would make the kernel send a reset, and the
+                    // client could lose the GOAWAY or ERROR just sent.
+                    if !conn.write_shut {
+                        conn.write_shut = true;
+                        // SAFETY: shutdown(2) on the socket this slot owns.
+                        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                    }
+                    if conn.readable {
+                        match recv(fd, &mut self.scratch) {
+                            Ok(0) => return Some(end),
+                            Ok(_) => progressed = true,
+                            Err(error) if would_block(&error) => conn.readable = false,
+                            Err(_) => return Some(end),
+                        }
+                    }
+                }
+            } else if conn.readable && self.outbox.len() >= OUTBOX_LEN_MAX {
+                self.readers_waiting.push(slot);
+            } else if conn.readable {
+                match recv(fd, &mut self.scratch) {
+                    Ok(0) => return Some(ConnEnd::PeerClosed),
+                    Ok(len) => {
+                        self.handle_input(slot, len, now);
+                        progressed = true;
+                    }
+                    Err(error) if would_block(&error) => conn.readable = false,
+                    Err(_) => return Some(ConnEnd::Io),
+                }
+            }
+
+            if !progressed {
+                return None;
+            }
+        }
+        enqueue(&mut self.run_queue, &mut self.conns[slot], slot);
+        None
     }
 
     /// Sends what the connection logic produced: encodes frames into the
@@ -266,8 +602,8 @@ impl Shard {
             out,
             write_pool,
             outbox,
-            forwarder,
             wheel,
+            run_queue,
             ..
         } = self;
         let counters = settings.metrics.shard(shard_id);
@@ -367,9 +703,6 @@ impl Shard {
                     payload,
                 },
             });
-            if let Some(waker) = forwarder.take() {
-                waker.wake();
-            }
         }
 
         if let Some(reason) = out.close.take()
@@ -379,9 +712,6 @@ impl Shard {
             // here on the connection takes no more pushes.
             if let Some(event) = closed_event(id, &conn.server) {
                 outbox.push_back(event);
-                if let Some(waker) = forwarder.take() {
-                    waker.wake();
-                }
             }
             let deadline = now + CLOSE_FLUSH_TIMEOUT;
             conn.closing = Some(ConnEnd::Closed(reason));
@@ -394,10 +724,8 @@ impl Shard {
                 },
             );
         }
-        if (conn.queue.is_some() || conn.closing.is_some())
-            && let Some(waker) = conn.waker.take()
-        {
-            waker.wake();
+        if conn.queue.is_some() || conn.closing.is_some() {
+            enqueue(run_queue, conn, slot);
         }
     }
 
@@ -456,85 +784,6 @@ impl Shard {
         }
         self.counters().frames_in(frames);
         self.apply(slot, now);
-    }
-
-    /// Drives one connection's socket: flush output, read input, until both
-    /// would block or the connection ends.
-    fn poll_conn(
-        &mut self,
-        cx: &mut Context<'_>,
-        slot: usize,
-        stream: &mut impl ConnSocket,
-    ) -> Poll<ConnEnd> {
-        self.conns[slot].waker = None;
-        for _ in 0..CONN_POLL_ROUNDS_MAX {
-            let mut progressed = false;
-
-            let conn = &mut self.conns[slot];
-            if conn.flush_timed_out {
-                // Everything was sent and only the client's EOF is missing:
-                // the close went as intended.
-                return Poll::Ready(match conn.closing {
-                    Some(end) if conn.write_shut => end,
-                    _ => ConnEnd::FlushTimeout,
-                });
-            }
-            if let Some(queue) = conn.queue.as_mut() {
-                match stream.poll_write(cx, queue) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
-                    Poll::Ready(Ok(written)) => {
-                        queue.advance(written);
-                        if queue.is_empty() {
-                            let queue = conn.queue.take().expect("queue is some");
-                            self.write_pool.give(queue);
-                        }
-                        progressed = true;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            let conn = &mut self.conns[slot];
-            if let Some(end) = conn.closing {
-                // A slow consumer's output was dropped: nothing to protect.
-                if end == ConnEnd::Closed(CloseReason::SlowConsumer) {
-                    return Poll::Ready(end);
-                }
-                if conn.queue.is_none() {
-                    // Lingering close: shut our side, then read and discard
-                    // until the client's EOF. Closing with its bytes still
-                    // unread would make the kernel send a reset, and the
-                    // client could lose the GOAWAY or ERROR just sent.
-                    if !conn.write_shut {
-                        conn.write_shut = true;
-                        stream.shutdown_write();
-                    }
-                    match stream.poll_read(cx, &mut self.scratch) {
-                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(end),
-                        Poll::Ready(Ok(_)) => progressed = true,
-                        Poll::Pending => {}
-                    }
-                }
-            } else if self.outbox.len() >= OUTBOX_LEN_MAX {
-                self.readers_waiting.push(cx.waker().clone());
-            } else {
-                match stream.poll_read(cx, &mut self.scratch) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(ConnEnd::PeerClosed),
-                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::Io),
-                    Poll::Ready(Ok(len)) => {
-                        self.handle_input(slot, len, Instant::now());
-                        progressed = true;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-
-            if !progressed {
-                self.conns[slot].waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     fn handle_command(&mut self, command: ShardCommand, now: Instant) {
@@ -597,9 +846,10 @@ impl Shard {
             return;
         }
         self.draining = true;
-        // Dropping the accept task cancels it and closes this shard's
-        // listening socket.
-        self.accept_task = None;
+        if let Some(listener) = self.listener.take() {
+            self.poller.remove(listener.as_raw_fd(), LISTENER_TOKEN);
+        }
+        self.accept_ready = false;
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
             self.conns[slot]
@@ -630,9 +880,7 @@ impl Shard {
             if conn.closing.is_some() {
                 if conn.flush_deadline.is_some_and(|deadline| now >= deadline) {
                     conn.flush_timed_out = true;
-                    if let Some(waker) = conn.waker.take() {
-                        waker.wake();
-                    }
+                    enqueue(&mut self.run_queue, conn, slot);
                 }
                 continue;
             }
@@ -657,63 +905,17 @@ fn closed_event(conn: ConnId, server: &ServerConn) -> Option<ShardEvent> {
     (!bindings.is_empty()).then_some(ShardEvent::Closed { conn, bindings })
 }
 
-/// Handles commands until the control plane drops its command channel.
-pub(crate) async fn run_commands(
-    shard: Rc<RefCell<Shard>>,
-    commands: async_channel::Receiver<ShardCommand>,
-) {
-    while let Ok(command) = commands.recv().await {
-        let mut shard = shard.borrow_mut();
-        let now = Instant::now();
-        shard.handle_command(command, now);
-        for _ in 1..COMMAND_BATCH_MAX {
-            match commands.try_recv() {
-                Ok(command) => shard.handle_command(command, now),
-                Err(_) => break,
-            }
-        }
-    }
-    // The accept task holds the shard; break the cycle so it is freed.
-    shard.borrow_mut().accept_task = None;
-}
-
-/// Drives one connection until it ends, then frees its slot.
-pub(crate) async fn serve_conn(
-    shard: Rc<RefCell<Shard>>,
-    slot: usize,
-    mut stream: impl ConnSocket,
-) {
-    let end = poll_fn(|cx| shard.borrow_mut().poll_conn(cx, slot, &mut stream)).await;
-    drop(stream);
-    shard.borrow_mut().remove_conn(slot, end);
-}
-
-/// Moves the shard's outbox to the control plane's event channel.
-pub(crate) async fn forward_events(
-    shard: Rc<RefCell<Shard>>,
-    events: async_channel::Sender<ShardEvent>,
-) {
-    loop {
-        let event = poll_fn(|cx| {
-            let mut shard = shard.borrow_mut();
-            match shard.outbox.pop_front() {
-                Some(event) => {
-                    if shard.outbox.len() < OUTBOX_LEN_MAX / 2 {
-                        for waker in shard.readers_waiting.drain(..) {
-                            waker.wake();
-                        }
-                    }
-                    Poll::Ready(event)
-                }
-                None => {
-                    shard.forwarder = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await;
-        if events.send(event).await.is_err() {
-            return;
-        }
-    }
+fn set_nodelay(socket: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // Small frames both ways: don't hold them back for coalescing.
+    // SAFETY: setsockopt(2) reads one c_int we own.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
