@@ -1,0 +1,698 @@
+//! herald-bench: Herald's capacity and latency benchmark.
+//!
+//! It starts the servers under test and a pool of load-generator processes
+//! (a process may hold at most 20,000 open files here, so both sides are
+//! spread over several processes, and clients over many source addresses in
+//! 127.0.0.0/8), measures, prints a one-screen summary with the machine and
+//! the command, and writes the figures as JSON. See bench/README.md.
+
+mod pool;
+mod procfs;
+mod systems;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use crate::pool::{Workers, progress_bar};
+use crate::systems::{API_KEY, APP, CONNECTIONS_PER_PROCESS, Server};
+use crate::worker::{Target, user_id};
+
+#[derive(Parser)]
+#[command(
+    name = "herald-bench",
+    about = "Herald's density and latency benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Ramp to N authenticated connections; report the accept+auth rate.
+    Connect(Common),
+    /// Hold N idle connections: bytes per connection, heartbeat CPU, and
+    /// peak memory while pushing to all of them at once.
+    Idle(Common),
+    /// Unicast pushes at a rate through the API: end-to-end latency.
+    Push(Common),
+    /// Drop a fraction of the connections at once and time their return.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// The fraction of connections dropped.
+        #[arg(long, default_value_t = 0.2)]
+        fraction: f64,
+    },
+    /// The same idle connections against Herald, Mosquitto and NATS.
+    Peers(Common),
+    /// Every scenario in turn.
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 0.2)]
+        fraction: f64,
+    },
+    #[command(hide = true)]
+    Worker { spec: String },
+    #[command(hide = true)]
+    Hold,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Connections in all.
+    #[arg(long, default_value_t = 20_000)]
+    connections: u64,
+    /// New connections per second (0: as fast as they go); in `push`,
+    /// pushes per second.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Seconds to hold (idle) or to push (push).
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Client heartbeat interval, and the gateways' configured one.
+    #[arg(long, default_value_t = 60)]
+    heartbeat_secs: u64,
+    /// Gateway processes (default: one per 15,000 connections).
+    #[arg(long)]
+    gateways: Option<usize>,
+    /// The gateway driver: uring or epoll.
+    #[arg(long, default_value = "uring")]
+    io: String,
+    /// The herald binary (default: HERALD_BIN, or beside herald-bench).
+    #[arg(long)]
+    herald: Option<PathBuf>,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A small run for CI: 2,000 connections, 5 s, checks zero failures.
+    #[arg(long)]
+    quick: bool,
+}
+
+impl Common {
+    fn apply_quick(&mut self) {
+        if self.quick {
+            self.connections = self.connections.min(2_000);
+            self.duration = self.duration.min(5);
+            self.gateways = Some(2);
+        }
+    }
+
+    fn gateway_count(&self) -> usize {
+        self.gateways
+            .unwrap_or_else(|| self.connections.div_ceil(CONNECTIONS_PER_PROCESS) as usize)
+            .max(1)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Scenario::Worker { spec } => serde_json::from_str(&spec)
+            .context("bad worker spec")
+            .and_then(worker::run),
+        Scenario::Hold => systems::hold(),
+        scenario => run(scenario),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald-bench: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(scenario: Scenario) -> anyhow::Result<()> {
+    let (name, mut common, fraction) = match scenario {
+        Scenario::Connect(c) => ("connect", c, 0.0),
+        Scenario::Idle(c) => ("idle", c, 0.0),
+        Scenario::Push(c) => ("push", c, 0.0),
+        Scenario::Storm { common, fraction } => ("storm", common, fraction),
+        Scenario::Peers(c) => ("peers", c, 0.0),
+        Scenario::All { common, fraction } => ("all", common, fraction),
+        Scenario::Worker { .. } | Scenario::Hold => unreachable!("handled in main"),
+    };
+    common.apply_quick();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut results = serde_json::Map::new();
+    let mut failures = 0u64;
+    let mut record = |key: &str, value: Value| {
+        failures += value["failures_total"].as_u64().unwrap_or(0);
+        results.insert(key.to_owned(), value);
+    };
+    if matches!(name, "connect" | "all") {
+        record("connect", connect(&common)?);
+    }
+    if matches!(name, "idle" | "all") {
+        record("idle", runtime.block_on(idle(&common))?);
+    }
+    if matches!(name, "push" | "all") {
+        record("push", runtime.block_on(push(&common))?);
+    }
+    if matches!(name, "storm" | "all") {
+        record("storm", storm(&common, fraction)?);
+    }
+    if matches!(name, "peers" | "all") {
+        record("peers", peers(&common)?);
+    }
+    let report = json!({
+        "scenario": name,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": procfs::machine(),
+        "connections": common.connections,
+        "gateways": common.gateway_count(),
+        "io": common.io,
+        "heartbeat_secs": common.heartbeat_secs,
+        "results": results,
+        "failures_total": failures,
+    });
+    print_summary(&report);
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    anyhow::ensure!(
+        !common.quick || failures == 0,
+        "{failures} failures in a --quick run"
+    );
+    Ok(())
+}
+
+struct Gateways {
+    servers: Vec<Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateways {
+    fn start(common: &Common) -> anyhow::Result<Gateways> {
+        let dir = tempfile::tempdir()?;
+        let servers = start_heralds(common, dir.path())?;
+        Ok(Gateways { servers, _dir: dir })
+    }
+
+    fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.servers.iter().map(|s| s.addr).collect()
+    }
+}
+
+fn start_heralds(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<Server>> {
+    let herald = systems::herald_bin(common.herald.as_deref())?;
+    (0..common.gateway_count())
+        .map(|i| systems::start_herald(&herald, dir, i, common.heartbeat_secs, &common.io))
+        .collect()
+}
+
+fn total_rss(servers: &[Server]) -> anyhow::Result<u64> {
+    servers.iter().map(|s| procfs::rss_bytes(s.pid())).sum()
+}
+
+fn total_cpu(servers: &[Server]) -> anyhow::Result<f64> {
+    servers.iter().map(|s| procfs::cpu_seconds(s.pid())).sum()
+}
+
+fn failures_json(failures: &std::collections::BTreeMap<String, u64>) -> (Value, u64) {
+    (json!(failures), failures.values().sum())
+}
+
+/// What N idle connections cost a set of servers: user space (their RSS)
+/// and kernel (slab, both ends on this host, so the server's share is half).
+struct Density {
+    ramp: pool::Ramp,
+    rss_before: u64,
+    rss_after: u64,
+    slab_delta: i64,
+}
+
+impl Density {
+    fn user_per_conn(&self) -> f64 {
+        (self.rss_after as f64 - self.rss_before as f64) / self.ramp.connections as f64
+    }
+
+    fn kernel_per_conn(&self) -> f64 {
+        self.slab_delta as f64 / self.ramp.connections as f64 / 2.0
+    }
+
+    fn json(&self) -> Value {
+        let (failures, total) = failures_json(&self.ramp.failures);
+        json!({
+            "connections": self.ramp.connections,
+            "accept_per_sec": self.ramp.per_second,
+            "ramp_secs": self.ramp.seconds,
+            "rss_before_bytes": self.rss_before,
+            "rss_after_bytes": self.rss_after,
+            "slab_delta_bytes": self.slab_delta,
+            "user_bytes_per_conn": self.user_per_conn(),
+            "kernel_bytes_per_conn": self.kernel_per_conn(),
+            "all_in_bytes_per_conn": self.user_per_conn() + self.kernel_per_conn(),
+            "failures": failures,
+            "failures_total": total,
+        })
+    }
+}
+
+/// Connects N clients of `target` to `servers` and measures the density.
+fn measure_density(
+    servers: &[Server],
+    target: Target,
+    common: &Common,
+    label: &str,
+) -> anyhow::Result<(Density, Workers)> {
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = total_rss(servers)?;
+    let slab_before = procfs::slab_bytes()?;
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let mut workers = Workers::start(
+        target,
+        &addrs,
+        common.connections,
+        common.rate,
+        common.heartbeat_secs,
+    )?;
+    let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
+    // Let late allocations and the kernel's deferred frees settle.
+    std::thread::sleep(Duration::from_secs(2));
+    let density = Density {
+        ramp,
+        rss_before,
+        rss_after: total_rss(servers)?,
+        slab_delta: procfs::slab_bytes()? as i64 - slab_before as i64,
+    };
+    Ok((density, workers))
+}
+
+/// The kernel's own cost of an idle TCP connection: plain sockets to bare
+/// acceptors, measured the same way.
+fn bare_baseline(common: &Common) -> anyhow::Result<Density> {
+    let holders = (0..common.gateway_count())
+        .map(|_| systems::start_holder())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (density, workers) = measure_density(&holders, Target::Bare, common, "bare sockets")?;
+    drop(workers);
+    drop(holders);
+    settle_after_teardown();
+    Ok(density)
+}
+
+fn settle_after_teardown() {
+    // Closed sockets leave the slab over a moment (RCU, TIME_WAIT).
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+fn connect(common: &Common) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common)?;
+    let mut workers = Workers::start(
+        Target::Herald,
+        &gateways.addrs(),
+        common.connections,
+        common.rate,
+        common.heartbeat_secs,
+    )?;
+    let ramp = workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let (failures, total) = failures_json(&ramp.failures);
+    drop(workers);
+    drop(gateways);
+    settle_after_teardown();
+    Ok(json!({
+        "connections": ramp.connections,
+        "target_rate": common.rate,
+        "accept_per_sec": ramp.per_second,
+        "secs_to_all": ramp.seconds,
+        "failures": failures,
+        "failures_total": total,
+    }))
+}
+
+async fn idle(common: &Common) -> anyhow::Result<Value> {
+    let bare = bare_baseline(common)?;
+    let gateways = Gateways::start(common)?;
+    let (density, mut workers) =
+        measure_density(&gateways.servers, Target::Herald, common, "herald idle")?;
+
+    let cpu_before = total_cpu(&gateways.servers)?;
+    let hold = Duration::from_secs(common.duration);
+    let bar = progress_bar(common.duration, "holding (s)");
+    let started = Instant::now();
+    while started.elapsed() < hold {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        bar.set_position(started.elapsed().as_secs());
+    }
+    bar.finish_and_clear();
+    let cpu_secs = total_cpu(&gateways.servers)? - cpu_before;
+    let idle_rss = total_rss(&gateways.servers)?;
+
+    // One message to every connection at once: multicasts of up to 1,000
+    // users to each gateway's API, all in flight together.
+    let client = reqwest::Client::new();
+    let mut calls = tokio::task::JoinSet::new();
+    let count = gateways.servers.len() as u64;
+    for (g, server) in gateways.servers.iter().enumerate() {
+        let api = server.api.context("no api")?;
+        let users: Vec<String> = (0..common.connections)
+            .filter(|u| u % count == g as u64)
+            .map(user_id)
+            .collect();
+        for batch in users.chunks(1000) {
+            let url = format!("http://{api}/v1/apps/{APP}/messages");
+            let body = json!({ "users": batch, "payload": now_nanos().to_string() });
+            let request = client.post(url).bearer_auth(API_KEY).json(&body);
+            calls.spawn(async move { request.send().await.map(|r| r.status().is_success()) });
+        }
+    }
+    let received_before = workers.pushes_received();
+    let bar = progress_bar(common.connections, "push to all");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak_rss = idle_rss;
+    let mut api_errors = 0;
+    loop {
+        peak_rss = peak_rss.max(total_rss(&gateways.servers)?);
+        while let Some(done) = calls.try_join_next() {
+            if !matches!(done, Ok(Ok(true))) {
+                api_errors += 1;
+            }
+        }
+        let received = workers.pushes_received() - received_before;
+        bar.set_position(received);
+        if received >= common.connections && calls.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {received} of {} pushes received in 120 s",
+            common.connections
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bar.finish_and_clear();
+    let (_, latency) = workers.report()?;
+    let failures = workers.failures();
+    let (failures_value, failures_total) = failures_json(&failures);
+    drop(workers);
+    drop(gateways);
+    settle_after_teardown();
+
+    let all_in = density.user_per_conn() + density.kernel_per_conn();
+    Ok(json!({
+        "herald": density.json(),
+        "bare": bare.json(),
+        "all_in_over_bare": all_in / bare.kernel_per_conn(),
+        "heartbeat_cpu_percent_of_one_core": cpu_secs / hold.as_secs_f64() * 100.0,
+        "hold_secs": common.duration,
+        "push_to_all": {
+            "idle_rss_bytes": idle_rss,
+            "peak_rss_bytes": peak_rss,
+            "peak_over_idle": peak_rss as f64 / idle_rss as f64,
+            "latency_us": percentiles(&latency),
+            "api_errors": api_errors,
+        },
+        "failures": failures_value,
+        "failures_total": failures_total + api_errors,
+    }))
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn percentiles(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.50),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+    })
+}
+
+async fn push(common: &Common) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common)?;
+    let mut workers = Workers::start(
+        Target::Herald,
+        &gateways.addrs(),
+        common.connections,
+        0,
+        common.heartbeat_secs,
+    )?;
+    workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let rate = if common.rate == 0 { 1_000 } else { common.rate };
+    let total = rate * common.duration;
+    let client = reqwest::Client::new();
+    let apis: Vec<_> = gateways
+        .servers
+        .iter()
+        .map(|s| s.api.context("no api"))
+        .collect::<anyhow::Result<_>>()?;
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut calls = tokio::task::JoinSet::new();
+    let bar = progress_bar(total, "pushes sent");
+    let start = Instant::now();
+    let received_before = workers.pushes_received();
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let user = rand::random_range(0..common.connections);
+        let api = apis[(user % apis.len() as u64) as usize];
+        let url = format!(
+            "http://{api}/v1/apps/{APP}/users/{}/messages",
+            user_id(user)
+        );
+        let request = client.post(url).bearer_auth(API_KEY);
+        let permit = in_flight.clone().acquire_owned().await?;
+        calls.spawn(async move {
+            let body = json!({ "payload": now_nanos().to_string() });
+            let ok = request
+                .json(&body)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            drop(permit);
+            ok
+        });
+        bar.set_position(i + 1);
+    }
+    let mut api_errors = 0u64;
+    while let Some(done) = calls.join_next().await {
+        if !matches!(done, Ok(true)) {
+            api_errors += 1;
+        }
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers.pushes_received() - received_before < total - api_errors
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = workers.pushes_received() - received_before;
+    let (_, latency) = workers.report()?;
+    let failures = workers.failures();
+    let (failures_value, failures_total) = failures_json(&failures);
+    let lost = (total - api_errors).saturating_sub(received);
+    Ok(json!({
+        "target_rate": rate,
+        "pushes": total,
+        "received": received,
+        "throughput_per_sec": total as f64 / send_secs,
+        "latency_us": percentiles(&latency),
+        "api_errors": api_errors,
+        "not_received": lost,
+        "failures": failures_value,
+        "failures_total": failures_total + api_errors + lost,
+    }))
+}
+
+fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common)?;
+    let mut workers = Workers::start(
+        Target::Herald,
+        &gateways.addrs(),
+        common.connections,
+        common.rate,
+        common.heartbeat_secs,
+    )?;
+    workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let failures_before: u64 = workers.failures().values().sum();
+    let dropped = (common.connections as f64 * fraction) as u64;
+    let started_ms = worker::unix_ms();
+    workers.command(&format!("drop {fraction}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let back_ms = loop {
+        let progress = workers.progress();
+        let back: Vec<u64> = progress
+            .iter()
+            .filter_map(|p| p.storm_back_at_ms.filter(|&at| at >= started_ms))
+            .collect();
+        if back.len() == progress.len() {
+            break back.into_iter().max().unwrap_or(started_ms);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "dropped connections not back in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seconds = back_ms.saturating_sub(started_ms) as f64 / 1000.0;
+    let failures = workers.failures();
+    let failures_total = failures.values().sum::<u64>() - failures_before;
+    Ok(json!({
+        "fraction": fraction,
+        "dropped": dropped,
+        "secs_until_all_back": seconds,
+        "reconnects_per_sec": dropped as f64 / seconds.max(0.001),
+        "failures": failures,
+        "failures_total": failures_total,
+    }))
+}
+
+fn peers(common: &Common) -> anyhow::Result<Value> {
+    let bare = bare_baseline(common)?;
+    let mut rows = serde_json::Map::new();
+    let mut failures_total = 0;
+    for (name, target) in [
+        ("herald", Target::Herald),
+        ("mosquitto", Target::Mqtt),
+        ("nats", Target::Nats),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let servers: Vec<Server> = match target {
+            Target::Herald => start_heralds(common, dir.path())?,
+            Target::Mqtt => (0..common.gateway_count())
+                .map(|i| systems::start_mosquitto(dir.path(), i))
+                .collect::<anyhow::Result<_>>()?,
+            Target::Nats | Target::Bare => (0..common.gateway_count())
+                .map(|_| systems::start_nats())
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let (density, workers) = measure_density(&servers, target, common, name)?;
+        drop(workers);
+        drop(servers);
+        let value = density.json();
+        failures_total += value["failures_total"].as_u64().unwrap_or(0);
+        rows.insert(name.to_owned(), value);
+        settle_after_teardown();
+    }
+    Ok(json!({
+        "bare": bare.json(),
+        "servers": rows,
+        "failures_total": failures_total,
+    }))
+}
+
+fn print_summary(report: &Value) {
+    let m = &report["machine"];
+    println!("herald-bench {}", report["scenario"].as_str().unwrap_or(""));
+    println!(
+        "machine: {} ({} cpus, {:.1} GiB, Linux {})",
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["cpus"],
+        m["memory_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+        m["kernel"].as_str().unwrap_or("?")
+    );
+    println!("command: {}", report["command"].as_str().unwrap_or(""));
+    println!(
+        "connections: {}  gateways: {}  io: {}  heartbeat: {} s",
+        report["connections"], report["gateways"], report["io"], report["heartbeat_secs"]
+    );
+    let r = &report["results"];
+    if let Some(c) = r.get("connect") {
+        println!(
+            "connect: {:.0} conn/s (accept+auth), all up in {:.2} s, failures {}",
+            c["accept_per_sec"].as_f64().unwrap_or(0.0),
+            c["secs_to_all"].as_f64().unwrap_or(0.0),
+            c["failures"]
+        );
+    }
+    if let Some(i) = r.get("idle") {
+        let h = &i["herald"];
+        let b = &i["bare"];
+        println!(
+            "idle: herald user {:.0} B/conn, kernel {:.0} B/conn, all-in {:.0} B/conn; \
+             bare socket kernel {:.0} B/conn; all-in/bare {:.2}",
+            h["user_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            h["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            h["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            b["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            i["all_in_over_bare"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "idle: accept+auth {:.0} conn/s; heartbeats {:.2}% of one core; push to all: \
+             peak/idle RSS {:.3}, receipt p50 {} us p99 {} us max {} us",
+            h["accept_per_sec"].as_f64().unwrap_or(0.0),
+            i["heartbeat_cpu_percent_of_one_core"]
+                .as_f64()
+                .unwrap_or(0.0),
+            i["push_to_all"]["peak_over_idle"].as_f64().unwrap_or(0.0),
+            i["push_to_all"]["latency_us"]["p50"],
+            i["push_to_all"]["latency_us"]["p99"],
+            i["push_to_all"]["latency_us"]["max"]
+        );
+    }
+    if let Some(p) = r.get("push") {
+        println!(
+            "push: {} pushes at {:.0}/s, received {}; latency p50 {} us p99 {} us p99.9 {} us \
+             max {} us; api errors {}",
+            p["pushes"],
+            p["throughput_per_sec"].as_f64().unwrap_or(0.0),
+            p["received"],
+            p["latency_us"]["p50"],
+            p["latency_us"]["p99"],
+            p["latency_us"]["p999"],
+            p["latency_us"]["max"],
+            p["api_errors"]
+        );
+    }
+    if let Some(s) = r.get("storm") {
+        println!(
+            "storm: {} dropped, all back in {:.2} s ({:.0} reconnects/s), failures {}",
+            s["dropped"],
+            s["secs_until_all_back"].as_f64().unwrap_or(0.0),
+            s["reconnects_per_sec"].as_f64().unwrap_or(0.0),
+            s["failures_total"]
+        );
+    }
+    if let Some(p) = r.get("peers") {
+        println!(
+            "peers ({} idle connections each; kernel share = slab delta / N / 2):",
+            report["connections"]
+        );
+        println!(
+            "  {:<10} {:>12} {:>12} {:>12} {:>14}",
+            "server", "user B/conn", "kernel B/c", "all-in B/c", "accept conn/s"
+        );
+        let b = &p["bare"];
+        println!(
+            "  {:<10} {:>12} {:>12.0} {:>12.0} {:>14.0}",
+            "bare",
+            "-",
+            b["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            b["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
+            b["accept_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(servers) = p["servers"].as_object() {
+            for (name, s) in servers {
+                println!(
+                    "  {:<10} {:>12.0} {:>12.0} {:>12.0} {:>14.0}",
+                    name,
+                    s["user_bytes_per_conn"].as_f64().unwrap_or(0.0),
+                    s["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
+                    s["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
+                    s["accept_per_sec"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    println!("failures in all: {}", report["failures_total"]);
+}

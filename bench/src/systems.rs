@@ -1,0 +1,244 @@
+//! The servers under test, as child processes this benchmark starts: Herald
+//! gateways (`herald serve`), Mosquitto, the NATS server, and bare acceptors
+//! (`herald-bench hold`) that measure the kernel's own cost of a socket.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub const APP: &str = "bench";
+pub const API_KEY: &str = "bench-api-key-0123456789";
+pub const TOKEN_SECRET: &str = "bench-token-secret-0123456789";
+
+/// Connections one server process is given: below the 20,000 open files a
+/// process may hold here, with room for its own descriptors.
+pub const CONNECTIONS_PER_PROCESS: u64 = 15_000;
+
+/// A child process killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The HTTP API, for Herald.
+    pub api: Option<SocketAddr>,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `herald` binary: `HERALD_BIN`, or the one beside this executable
+/// (both are built into the same target directory).
+pub fn herald_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    if let Some(path) = std::env::var_os("HERALD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("no parent directory")?;
+    // Tests run from target/<profile>/deps.
+    for candidate in [dir.join("herald"), dir.join("../herald")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "cannot find the herald binary next to {}: build it (cargo build --release --bin herald) \
+         or pass --herald PATH",
+        me.display()
+    )
+}
+
+pub fn herald_config(data_dir: &Path, heartbeat_secs: u64, io: &str) -> String {
+    format!(
+        r#"node_id = "bench"
+data_dir = "{data_dir}"
+[gateway]
+io = "{io}"
+listen = "127.0.0.1:0"
+shards = 1
+connections_per_shard_max = 19000
+[gateway.heartbeat_secs]
+unknown = {heartbeat_secs}
+wifi = {heartbeat_secs}
+cellular = {heartbeat_secs}
+wired = {heartbeat_secs}
+[api]
+listen = "127.0.0.1:0"
+[[apps]]
+id = "{APP}"
+api_key = "{API_KEY}"
+token_secret = "{TOKEN_SECRET}"
+"#,
+        data_dir = data_dir.display()
+    )
+}
+
+/// Starts a `herald serve` and waits until it listens.
+pub fn start_herald(
+    herald: &Path,
+    dir: &Path,
+    index: usize,
+    heartbeat_secs: u64,
+    io: &str,
+) -> anyhow::Result<Server> {
+    let data_dir = dir.join(format!("gateway-{index}"));
+    std::fs::create_dir_all(&data_dir)?;
+    let config = data_dir.join("herald.toml");
+    std::fs::write(&config, herald_config(&data_dir, heartbeat_secs, io))?;
+    let mut child = Command::new(herald)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {}", herald.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut gateway, mut api) = (None, None);
+    while gateway.is_none() || api.is_none() {
+        let line = lines
+            .next()
+            .context("herald serve exited before listening")??;
+        if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
+            gateway = rest.split_whitespace().next().map(str::parse).transpose()?;
+        } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
+            api = Some(rest.trim().parse()?);
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server {
+        child,
+        addr: gateway.context("no gateway address")?,
+        api,
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_listening(child: &mut Child, addr: SocketAddr, name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited with {status} before listening on {addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not listen on {addr} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Starts a Mosquitto broker on a free loopback port.
+pub fn start_mosquitto(dir: &Path, index: usize) -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let config = dir.join(format!("mosquitto-{index}.conf"));
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+             persistence false\nlog_dest none\n"
+        ),
+    )?;
+    let mut child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run mosquitto (Debian package `mosquitto`)")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(&mut child, addr, "mosquitto")?;
+    Ok(Server {
+        child,
+        addr,
+        api: None,
+    })
+}
+
+/// Starts a NATS server (core NATS, no JetStream) on a free loopback port.
+pub fn start_nats() -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let mut child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run nats-server")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(&mut child, addr, "nats-server")?;
+    Ok(Server {
+        child,
+        addr,
+        api: None,
+    })
+}
+
+/// Starts `herald-bench hold`: accepts and keeps sockets, nothing else.
+pub fn start_holder() -> anyhow::Result<Server> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("hold")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = lines.next().context("hold exited")??.trim().parse()?;
+    Ok(Server {
+        child,
+        addr,
+        api: None,
+    })
+}
+
+/// `herald-bench hold`: the bare acceptor.
+pub fn hold() -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?);
+    let mut held = Vec::new();
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => held.push(stream),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_herald_config_is_complete_toml() {
+        let text = herald_config(Path::new("data"), 60, "epoll");
+        let value: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(value["gateway"]["io"].as_str(), Some("epoll"));
+        assert_eq!(value["gateway"]["shards"].as_integer(), Some(1));
+        assert_eq!(
+            value["apps"][0]["token_secret"].as_str(),
+            Some(TOKEN_SECRET)
+        );
+    }
+}

@@ -1,0 +1,521 @@
+//! A load-generator process: holds its share of the client connections.
+//!
+//! The coordinator starts one worker per ~15,000 connections (a process may
+//! hold at most 20,000 files here) and talks to it with JSON lines: the
+//! worker's spec as its argument, commands on stdin (`drop F`, `report`),
+//! progress and the final report on stdout. Each worker is one thread with
+//! a tokio current-thread runtime: shared-nothing, one process per core's
+//! worth of load, and epoll rather than io_uring so that the generator runs
+//! on hosts where io_uring is blocked and never competes with the gateway
+//! for the same kind of kernel resource.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Serializer as _, V2Serializer};
+use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+/// How long a connect or a handshake may take before it counts as failed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a failed client waits before it tries again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Herald's protocol: HELLO, BIND, PING, ACK.
+    Herald,
+    /// A plain TCP connection that sends nothing: the kernel's own cost.
+    Bare,
+    /// MQTT 3.1.1: CONNECT, PINGREQ.
+    Mqtt,
+    /// NATS: CONNECT, PING/PONG.
+    Nats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub target: Target,
+    /// User `u` connects to `servers[u % servers.len()]`.
+    pub servers: Vec<SocketAddr>,
+    pub first_user: u64,
+    pub connections: u64,
+    /// Source addresses, used in turn.
+    pub sources: Vec<Ipv4Addr>,
+    /// New connections per second; 0 is as fast as they go.
+    pub rate_per_sec: u64,
+    pub heartbeat_secs: u64,
+    pub app: String,
+    pub token_secret: String,
+}
+
+/// The user id of user number `u`, as clients bind and the API addresses it.
+pub fn user_id(u: u64) -> String {
+    format!("u{u}")
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    /// Connections bound (or connected, for the peers) now.
+    pub connected: u64,
+    /// Sessions that ever completed their handshake.
+    pub sessions: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub pushes_received: u64,
+    /// Unix ms when the worker started connecting, and when all of its
+    /// connections were first up at once.
+    pub started_at_ms: u64,
+    pub all_up_at_ms: Option<u64>,
+    /// Unix ms when the last storm's dropped connections were all back.
+    pub storm_back_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    Progress(Progress),
+    /// Receipt latency histogram (microseconds), hdrhistogram V2, base64.
+    Report {
+        progress: Progress,
+        latency_us_v2: String,
+    },
+}
+
+struct State {
+    spec: WorkerSpec,
+    progress: RefCell<Progress>,
+    latency_us: RefCell<Histogram<u64>>,
+    /// Connections with index below this are dropped at the next epoch.
+    drop_below: Cell<u64>,
+    storming: Cell<bool>,
+}
+
+enum Ended {
+    Dropped,
+    Failed(&'static str),
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Runs a worker until its stdin closes.
+pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
+    anyhow::ensure!(!spec.servers.is_empty() && !spec.sources.is_empty());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let state = Rc::new(State {
+            progress: RefCell::new(Progress {
+                started_at_ms: unix_ms(),
+                ..Progress::default()
+            }),
+            latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            drop_below: Cell::new(0),
+            storming: Cell::new(false),
+            spec,
+        });
+        let (drop_tx, drop_rx) = watch::channel(0u64);
+        tokio::task::spawn_local(spawn_clients(state.clone(), drop_rx));
+        tokio::task::spawn_local(report_progress(state.clone()));
+
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await? {
+            let line = line.trim();
+            if let Some(fraction) = line.strip_prefix("drop ") {
+                let fraction: f64 = fraction.parse().context("drop takes a fraction")?;
+                let n = (state.spec.connections as f64 * fraction.clamp(0.0, 1.0)) as u64;
+                state.drop_below.set(n);
+                // With nobody to drop, the storm is over at once.
+                state.storming.set(n > 0);
+                state.progress.borrow_mut().storm_back_at_ms = (n == 0).then(unix_ms);
+                drop_tx.send_modify(|epoch| *epoch += 1);
+            } else if line == "report" {
+                let mut bytes = Vec::new();
+                V2Serializer::new()
+                    .serialize(&state.latency_us.borrow(), &mut bytes)
+                    .map_err(|error| anyhow::anyhow!("histogram: {error:?}"))?;
+                emit(&WorkerMessage::Report {
+                    progress: state.progress.borrow().clone(),
+                    latency_us_v2: base64::engine::general_purpose::STANDARD.encode(bytes),
+                });
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn emit(message: &WorkerMessage) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut stdout, message);
+    let _ = stdout.write_all(b"\n");
+    let _ = stdout.flush();
+}
+
+async fn report_progress(state: Rc<State>) {
+    loop {
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        emit(&WorkerMessage::Progress(state.progress.borrow().clone()));
+    }
+}
+
+async fn spawn_clients(state: Rc<State>, drop_rx: watch::Receiver<u64>) {
+    let start = Instant::now();
+    let rate = state.spec.rate_per_sec;
+    for index in 0..state.spec.connections {
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(index as f64 / rate as f64);
+            if due > Instant::now() + Duration::from_millis(1) {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        } else if index % 64 == 0 {
+            // Let the first handshakes run while the rest are spawned.
+            tokio::task::yield_now().await;
+        }
+        tokio::task::spawn_local(client(state.clone(), index, drop_rx.clone()));
+    }
+}
+
+/// One client: connects, holds, and reconnects after a drop or a failure.
+async fn client(state: Rc<State>, index: u64, mut drop_rx: watch::Receiver<u64>) {
+    let spec = &state.spec;
+    let user = spec.first_user + index;
+    let server = spec.servers[(user % spec.servers.len() as u64) as usize];
+    let source = spec.sources[(index % spec.sources.len() as u64) as usize];
+    drop_rx.mark_unchanged();
+    loop {
+        let ended = session(&state, index, user, server, source, &mut drop_rx).await;
+        if let Ended::Failed(kind) = ended {
+            *state
+                .progress
+                .borrow_mut()
+                .failures
+                .entry(kind.to_owned())
+                .or_default() += 1;
+            tokio::time::sleep(RETRY_DELAY).await;
+        }
+    }
+}
+
+fn connect_error_kind(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect_refused",
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => "no_source_port",
+        std::io::ErrorKind::TimedOut => "connect_timeout",
+        _ => "connect_error",
+    }
+}
+
+/// A socket bound to `source` whose port is picked at connect time, so the
+/// same source port can serve several destinations.
+async fn connect_from(source: Ipv4Addr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt(2) reads one c_int we own.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn session(
+    state: &State,
+    index: u64,
+    user: u64,
+    server: SocketAddr,
+    source: Ipv4Addr,
+    drop_rx: &mut watch::Receiver<u64>,
+) -> Ended {
+    let spec = &state.spec;
+    let mut stream =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_from(source, server)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Ended::Failed(connect_error_kind(&error)),
+            Err(_) => return Ended::Failed("connect_timeout"),
+        };
+    let mut input = BytesMut::with_capacity(256);
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(spec, user, &mut stream, &mut input),
+    )
+    .await;
+    match handshake {
+        Ok(Ok(())) => {}
+        Ok(Err(kind)) => return Ended::Failed(kind),
+        Err(_) => return Ended::Failed("handshake_timeout"),
+    }
+    {
+        let mut progress = state.progress.borrow_mut();
+        progress.connected += 1;
+        progress.sessions += 1;
+        if progress.connected == spec.connections {
+            if progress.all_up_at_ms.is_none() {
+                progress.all_up_at_ms = Some(unix_ms());
+            }
+            if state.storming.replace(false) {
+                progress.storm_back_at_ms = Some(unix_ms());
+            }
+        }
+    }
+    let ended = hold(state, index, &mut stream, &mut input, drop_rx).await;
+    state.progress.borrow_mut().connected -= 1;
+    ended
+}
+
+async fn send_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), &'static str> {
+    let mut buffer = BytesMut::new();
+    encode(frame, &mut buffer).map_err(|_| "encode")?;
+    stream.write_all(&buffer).await.map_err(|_| "reset")
+}
+
+async fn read_more(stream: &mut TcpStream, input: &mut BytesMut) -> Result<(), &'static str> {
+    match stream.read_buf(input).await {
+        Ok(0) => Err("closed_by_server"),
+        Ok(_) => Ok(()),
+        Err(_) => Err("reset"),
+    }
+}
+
+async fn next_frame(stream: &mut TcpStream, input: &mut BytesMut) -> Result<Frame, &'static str> {
+    loop {
+        if let Some(frame) = decode(input).map_err(|_| "bad_frame")? {
+            return Ok(frame);
+        }
+        read_more(stream, input).await?;
+    }
+}
+
+/// Reads until `input` holds `needle`, and drops everything up to its end.
+async fn read_until(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    needle: &[u8],
+) -> Result<(), &'static str> {
+    loop {
+        if let Some(at) = input.windows(needle.len()).position(|w| w == needle) {
+            input.advance(at + needle.len());
+            return Ok(());
+        }
+        read_more(stream, input).await?;
+    }
+}
+
+fn mqtt_connect(client_id: &str, keepalive_secs: u16) -> Vec<u8> {
+    let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    variable.extend_from_slice(&keepalive_secs.to_be_bytes());
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    // Remaining length fits one byte for the short ids used here.
+    assert!(variable.len() < 128);
+    let mut packet = vec![0x10, variable.len() as u8];
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+async fn handshake(
+    spec: &WorkerSpec,
+    user: u64,
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+) -> Result<(), &'static str> {
+    match spec.target {
+        Target::Bare => Ok(()),
+        Target::Herald => {
+            let expires = unix_ms() / 1000 + 24 * 3600;
+            let token = sign_token(
+                spec.token_secret.as_bytes(),
+                &TokenClaims {
+                    app: spec.app.clone(),
+                    user: user_id(user),
+                    expires_at_unix_secs: expires,
+                },
+            )
+            .map_err(|_| "token")?;
+            send_frame(
+                stream,
+                &Frame::Hello {
+                    device_id: format!("d{user}"),
+                    client_version: "herald-bench/1".to_owned(),
+                    network: NetworkType::Wifi,
+                },
+            )
+            .await?;
+            send_frame(
+                stream,
+                &Frame::Bind {
+                    app: spec.app.clone(),
+                    token,
+                    last_seq: None,
+                },
+            )
+            .await?;
+            let Frame::HelloOk { .. } = next_frame(stream, input).await? else {
+                return Err("unexpected_frame");
+            };
+            match next_frame(stream, input).await? {
+                Frame::BindOk { .. } => Ok(()),
+                Frame::BindErr { .. } => Err("bind_rejected"),
+                _ => Err("unexpected_frame"),
+            }
+        }
+        Target::Mqtt => {
+            let keepalive = u16::try_from(spec.heartbeat_secs).unwrap_or(u16::MAX);
+            let connect = mqtt_connect(&format!("b{user}"), keepalive);
+            stream.write_all(&connect).await.map_err(|_| "reset")?;
+            while input.len() < 4 {
+                read_more(stream, input).await?;
+            }
+            // CONNACK: 0x20, length 2, session present, return code 0.
+            if input[0] != 0x20 || input[3] != 0 {
+                return Err("connect_rejected");
+            }
+            input.advance(4);
+            Ok(())
+        }
+        Target::Nats => {
+            read_until(stream, input, b"\r\n").await?;
+            stream
+                .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n")
+                .await
+                .map_err(|_| "reset")?;
+            read_until(stream, input, b"PONG\r\n").await
+        }
+    }
+}
+
+/// Keeps a session alive with heartbeats, acks pushes, until it is dropped
+/// or fails.
+async fn hold(
+    state: &State,
+    index: u64,
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    drop_rx: &mut watch::Receiver<u64>,
+) -> Ended {
+    let spec = &state.spec;
+    let interval = Duration::from_secs(spec.heartbeat_secs.max(1));
+    // Spread heartbeats over the interval instead of sending them in waves.
+    let phase = interval.mul_f64((index % 1000) as f64 / 1000.0);
+    let mut heartbeat = tokio::time::interval_at((Instant::now() + phase).into(), interval);
+    loop {
+        tokio::select! {
+            changed = drop_rx.changed() => {
+                if changed.is_err() || index < state.drop_below.get() {
+                    return Ended::Dropped;
+                }
+            }
+            _ = heartbeat.tick() => {
+                let sent = match spec.target {
+                    Target::Bare => Ok(()),
+                    Target::Herald => send_frame(stream, &Frame::Ping).await,
+                    Target::Mqtt => stream.write_all(&[0xC0, 0]).await.map_err(|_| "reset"),
+                    Target::Nats => stream.write_all(b"PING\r\n").await.map_err(|_| "reset"),
+                };
+                if let Err(kind) = sent {
+                    return Ended::Failed(kind);
+                }
+            }
+            read = stream.read_buf(input) => {
+                match read {
+                    Ok(0) => return Ended::Failed("closed_by_server"),
+                    Err(_) => return Ended::Failed("reset"),
+                    Ok(_) => {}
+                }
+                if let Err(kind) = handle_input(state, stream, input).await {
+                    return Ended::Failed(kind);
+                }
+            }
+        }
+    }
+}
+
+async fn handle_input(
+    state: &State,
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+) -> Result<(), &'static str> {
+    match state.spec.target {
+        Target::Herald => {
+            while let Some(frame) = decode(input).map_err(|_| "bad_frame")? {
+                match frame {
+                    Frame::Push {
+                        app, seq, payload, ..
+                    } => {
+                        let sent_nanos = std::str::from_utf8(&payload)
+                            .ok()
+                            .and_then(|text| text.parse::<u128>().ok());
+                        if let Some(sent) = sent_nanos {
+                            let micros = (unix_nanos().saturating_sub(sent) / 1000) as u64;
+                            let _ = state.latency_us.borrow_mut().record(micros.max(1));
+                        }
+                        state.progress.borrow_mut().pushes_received += 1;
+                        send_frame(stream, &Frame::Ack { app, seq }).await?;
+                    }
+                    Frame::GoAway { .. } | Frame::Error { .. } => return Err("closed_by_server"),
+                    _ => {}
+                }
+            }
+        }
+        Target::Nats => {
+            // Answer the server's pings; everything else is a PONG or INFO.
+            while let Some(at) = input.windows(2).position(|w| w == b"\r\n") {
+                let line = input.split_to(at + 2);
+                if line.starts_with(b"PING") {
+                    stream.write_all(b"PONG\r\n").await.map_err(|_| "reset")?;
+                }
+            }
+        }
+        Target::Mqtt | Target::Bare => input.clear(),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_connect_is_a_valid_3_1_1_packet() {
+        let packet = mqtt_connect("b7", 60);
+        assert_eq!(packet[0], 0x10);
+        assert_eq!(packet[1] as usize, packet.len() - 2);
+        assert_eq!(&packet[2..8], &[0, 4, b'M', b'Q', b'T', b'T']);
+        assert_eq!(packet[8], 4, "protocol level 4 is MQTT 3.1.1");
+        assert_eq!(packet[9], 0x02, "clean session");
+        assert_eq!(u16::from_be_bytes([packet[10], packet[11]]), 60);
+        assert_eq!(&packet[12..], &[0, 2, b'b', b'7']);
+    }
+}

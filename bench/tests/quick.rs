@@ -1,0 +1,61 @@
+//! The CI smoke test: `herald-bench all --quick` against real `herald serve`
+//! processes, Mosquitto and NATS, with zero failures and figures that were
+//! really measured.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The herald binary of the same target directory (`cargo test --workspace`
+/// builds it for the root package's tests), or HERALD_BIN.
+fn herald_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("HERALD_BIN") {
+        return PathBuf::from(path);
+    }
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_herald-bench"));
+    let path = bench.with_file_name("herald");
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole workspace's tests (cargo test --workspace) \
+         or `cargo build --bin herald` first, or set HERALD_BIN",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn the_quick_benchmark_runs_every_scenario_without_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("quick.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(["all", "--quick", "--json"])
+        .arg(&json)
+        .arg("--herald")
+        .arg(herald_bin())
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "herald-bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["failures_total"], 0);
+    let results = &report["results"];
+    assert_eq!(results["connect"]["connections"], 2000);
+    assert!(results["connect"]["accept_per_sec"].as_f64().unwrap() > 0.0);
+    let idle = &results["idle"];
+    assert!(idle["bare"]["kernel_bytes_per_conn"].as_f64().unwrap() > 0.0);
+    assert!(idle["herald"]["rss_after_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(idle["push_to_all"]["latency_us"]["count"], 2000);
+    assert_eq!(results["push"]["received"], results["push"]["pushes"]);
+    assert_eq!(results["storm"]["dropped"], 400);
+    for server in ["herald", "mosquitto", "nats"] {
+        assert_eq!(
+            results["peers"]["servers"][server]["connections"], 2000,
+            "{server}"
+        );
+    }
+}
