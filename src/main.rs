@@ -22,8 +22,12 @@ use herald_room::{Gateway, GatewayConfig, GatewayError, GatewayMetrics};
 use crate::config::{Config, IoSetting};
 
 /// Capacity of the channel that carries every shard's events to the control
-/// plane: a burst of binds or acks from all shards at once.
-const EVENT_QUEUE_LEN: usize = 64 * 1024;
+/// plane. Shards hold their own outbox and stop reading when it fills, so
+/// this only smooths bursts; its slots are memory every node pays for.
+const EVENT_QUEUE_LEN: usize = 8 * 1024;
+
+/// How often freed heap memory is handed back to the kernel.
+const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(
@@ -308,6 +312,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                 .run_ack_flusher(control_config.ack_flush_interval),
         );
         tokio::spawn(delivery.clone().run_purger(control_config.purge_interval));
+        tokio::spawn(trim_heap());
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.api.listen))?;
@@ -341,6 +346,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// A connect storm allocates and frees many small objects across threads;
+/// glibc keeps the freed pages in its arenas, so resident memory would stay
+/// at the storm's peak. Trimming returns whole free pages to the kernel, so
+/// steady-state memory tracks the connections actually held.
+async fn trim_heap() {
+    loop {
+        tokio::time::sleep(HEAP_TRIM_INTERVAL).await;
+        // SAFETY: malloc_trim only releases memory the allocator holds free.
+        unsafe { libc::malloc_trim(0) };
+    }
 }
 
 async fn shutdown_signal() {

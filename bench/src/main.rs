@@ -280,8 +280,10 @@ fn measure_density(
         common.heartbeat_secs,
     )?;
     let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
-    // Let late allocations and the kernel's deferred frees settle.
-    std::thread::sleep(Duration::from_secs(2));
+    // Measure the steady state, not the connect storm: let the servers
+    // finish what the storm started and return freed memory (Herald trims
+    // its heap every 10 s), and the kernel run its deferred frees.
+    std::thread::sleep(SETTLE);
     let density = Density {
         ramp,
         rss_before,
@@ -303,6 +305,9 @@ fn bare_baseline(common: &Common) -> anyhow::Result<Density> {
     settle_after_teardown();
     Ok(density)
 }
+
+/// How long after the last connection is up the steady state is measured.
+const SETTLE: Duration = Duration::from_secs(12);
 
 fn settle_after_teardown() {
     // Closed sockets leave the slab over a moment (RCU, TIME_WAIT).

@@ -37,57 +37,154 @@ pub trait Register: Send + Sync {
 /// rarely wait on one another.
 const STRIPES: usize = 16;
 
-type Stripe = Mutex<HashMap<(String, String), Vec<Session>>>;
+/// One session as the in-memory register keeps it: every byte here is
+/// multiplied by every connection of the node, so the node is an index into
+/// a table of names and the device id an exact-size box.
+#[derive(Debug)]
+struct Entry {
+    conn: ConnId,
+    node: u16,
+    network: NetworkType,
+    connected_at_ms: u64,
+    device_id: Box<str>,
+}
+
+/// The sessions of one (app, user): nearly always one device, kept inline.
+#[derive(Debug)]
+enum Entries {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+impl Entries {
+    fn as_slice(&self) -> &[Entry] {
+        match self {
+            Entries::One(entry) => std::slice::from_ref(entry),
+            Entries::Many(entries) => entries,
+        }
+    }
+}
+
+/// The key "app\0user": one allocation instead of two strings. App ids
+/// cannot hold a NUL (they are checked), so the split is unambiguous.
+fn key(app: &str, user: &str) -> Box<str> {
+    let mut key = String::with_capacity(app.len() + 1 + user.len());
+    key.push_str(app);
+    key.push('\0');
+    key.push_str(user);
+    key.into_boxed_str()
+}
+
+type Stripe = Mutex<HashMap<Box<str>, Entries>>;
 
 #[derive(Debug)]
 pub struct MemoryRegister {
     stripes: Vec<Stripe>,
+    /// Node names, indexed by `Entry::node`.
+    nodes: Mutex<Vec<String>>,
 }
 
 impl Default for MemoryRegister {
     fn default() -> Self {
         MemoryRegister {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            nodes: Mutex::default(),
         }
     }
 }
 
 impl MemoryRegister {
-    fn stripe(&self, app: &str, user: &str) -> &Stripe {
+    fn stripe(&self, key: &str) -> &Stripe {
         let mut hasher = DefaultHasher::new();
-        (app, user).hash(&mut hasher);
+        key.hash(&mut hasher);
         &self.stripes[hasher.finish() as usize % STRIPES]
+    }
+
+    fn node_index(&self, node: &str) -> Result<u16, RegisterError> {
+        let mut nodes = self.nodes.lock().expect("register lock");
+        if let Some(index) = nodes.iter().position(|known| known == node) {
+            return Ok(index as u16);
+        }
+        let index = u16::try_from(nodes.len())
+            .map_err(|_| RegisterError("more than 65,536 nodes".to_owned()))?;
+        nodes.push(node.to_owned());
+        Ok(index)
+    }
+
+    fn session(&self, entry: &Entry) -> Session {
+        Session {
+            conn: entry.conn,
+            node: self.nodes.lock().expect("register lock")[usize::from(entry.node)].clone(),
+            device_id: entry.device_id.to_string(),
+            network: entry.network,
+            connected_at_ms: entry.connected_at_ms,
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl Register for MemoryRegister {
     async fn add(&self, app: &str, user: &str, session: Session) -> Result<(), RegisterError> {
-        let mut map = self.stripe(app, user).lock().expect("register lock");
-        let sessions = map.entry((app.to_owned(), user.to_owned())).or_default();
-        sessions.retain(|s| s.conn != session.conn);
-        sessions.push(session);
+        let entry = Entry {
+            conn: session.conn,
+            node: self.node_index(&session.node)?,
+            network: session.network,
+            connected_at_ms: session.connected_at_ms,
+            device_id: session.device_id.into_boxed_str(),
+        };
+        let key = key(app, user);
+        let mut map = self.stripe(&key).lock().expect("register lock");
+        match map.remove(&key) {
+            None => {
+                map.insert(key, Entries::One(entry));
+            }
+            Some(Entries::One(existing)) if existing.conn == entry.conn => {
+                map.insert(key, Entries::One(entry));
+            }
+            Some(Entries::One(existing)) => {
+                map.insert(key, Entries::Many(vec![existing, entry]));
+            }
+            Some(Entries::Many(mut entries)) => {
+                entries.retain(|e| e.conn != entry.conn);
+                entries.push(entry);
+                map.insert(key, Entries::Many(entries));
+            }
+        }
         Ok(())
     }
 
     async fn remove(&self, app: &str, user: &str, conn: ConnId) -> Result<(), RegisterError> {
-        let mut map = self.stripe(app, user).lock().expect("register lock");
-        let key = (app.to_owned(), user.to_owned());
-        if let Some(sessions) = map.get_mut(&key) {
-            sessions.retain(|s| s.conn != conn);
-            if sessions.is_empty() {
-                map.remove(&key);
+        let key = key(app, user);
+        let mut map = self.stripe(&key).lock().expect("register lock");
+        match map.remove(&key) {
+            None => {}
+            Some(Entries::One(existing)) if existing.conn == conn => {}
+            Some(one @ Entries::One(_)) => {
+                map.insert(key, one);
+            }
+            Some(Entries::Many(mut entries)) => {
+                entries.retain(|e| e.conn != conn);
+                match entries.len() {
+                    0 => {}
+                    1 => {
+                        let last = entries.pop().expect("one entry");
+                        map.insert(key, Entries::One(last));
+                    }
+                    _ => {
+                        map.insert(key, Entries::Many(entries));
+                    }
+                }
             }
         }
         Ok(())
     }
 
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError> {
-        let map = self.stripe(app, user).lock().expect("register lock");
-        Ok(map
-            .get(&(app.to_owned(), user.to_owned()))
-            .cloned()
-            .unwrap_or_default())
+        let key = key(app, user);
+        let map = self.stripe(&key).lock().expect("register lock");
+        Ok(map.get(&key).map_or_else(Vec::new, |entries| {
+            entries.as_slice().iter().map(|e| self.session(e)).collect()
+        }))
     }
 }
 
@@ -131,6 +228,20 @@ mod tests {
             .unwrap();
         let left = register.sessions("chat", "alice").await.unwrap();
         assert_eq!(left, [session(2, "laptop")]);
+        register
+            .add("chat", "alice", session(2, "laptop"))
+            .await
+            .unwrap();
+        assert_eq!(
+            register.sessions("chat", "alice").await.unwrap(),
+            [session(2, "laptop")],
+            "adding the same connection again replaces it"
+        );
+        register
+            .remove("chat", "alice", session(2, "laptop").conn)
+            .await
+            .unwrap();
+        assert!(register.sessions("chat", "alice").await.unwrap().is_empty());
         assert!(register.sessions("news", "alice").await.unwrap().is_empty());
     }
 }
