@@ -73,7 +73,7 @@ pub struct GatewayConfig {
 pub enum GatewayError {
     #[error(
         "io_uring is unavailable on this host ({0}); the gateway needs it \
-         (Linux 5.8+, kernel.io_uring_disabled=0, not blocked by a seccomp profile)"
+         (Linux 5.13+, kernel.io_uring_disabled=0, not blocked by a seccomp profile)"
     )]
     IoUringUnavailable(io::Error),
     #[error("cannot listen on {addr}: {source}")]
