@@ -13,13 +13,69 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
 use herald_proto::{GoAwayReason, UpstreamStatus};
-use herald_storage::{AckCursor, NewMessage, Saver, StorageError, StoredRef};
+use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
 use tokio::sync::Notify;
 
-use crate::register::{Register, Session};
+use crate::register::{Change, Register, Session};
 
 /// Longest wait between two tries of a fill storage could not serve.
 const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// Shard events handled as one batch: one register update and one inbox
+/// read for up to this many binds. Large enough that a reconnect storm
+/// (tens of thousands of binds a second) costs tens of round trips a second;
+/// small enough that a batch's work stays in the milliseconds.
+const EVENT_BATCH_MAX: usize = 512;
+
+/// A binding that needs its first fill.
+struct Resume {
+    conn: ConnId,
+    app: String,
+    user: String,
+    device_id: String,
+    /// What the client said it last received; `None`: resume from the
+    /// device's ack cursor.
+    client_last_seq: Option<u64>,
+}
+
+/// The register changes an event makes (none for most events).
+fn register_changes(node_id: &str, event: &ShardEvent) -> Vec<Change> {
+    match event {
+        ShardEvent::Bound {
+            conn,
+            app,
+            user,
+            device_id,
+            network,
+            connected_at_ms,
+            ..
+        } => vec![Change::Add {
+            app: app.clone(),
+            user: user.clone(),
+            session: Session {
+                conn: *conn,
+                node: node_id.to_owned(),
+                device_id: device_id.clone(),
+                network: *network,
+                connected_at_ms: *connected_at_ms,
+            },
+        }],
+        ShardEvent::Unbound { conn, app, user } => vec![Change::Remove {
+            app: app.clone(),
+            user: user.clone(),
+            conn: *conn,
+        }],
+        ShardEvent::Closed { conn, bindings } => bindings
+            .iter()
+            .map(|(app, user)| Change::Remove {
+                app: app.clone(),
+                user: user.clone(),
+                conn: *conn,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -177,128 +233,175 @@ impl Delivery {
     }
 
     /// Handles shard events until every shard's sender is gone.
+    ///
+    /// Events are taken in batches of whatever has queued up (at most
+    /// [`EVENT_BATCH_MAX`]): one register update and one storage read per
+    /// batch, so a reconnect storm costs round trips per batch rather than
+    /// per connection, and a quiet node still answers each event at once.
     pub async fn run_events(self: Arc<Self>, events: async_channel::Receiver<ShardEvent>) {
-        while let Ok(event) = events.recv().await {
-            self.handle_event(event).await;
+        let mut batch = Vec::with_capacity(EVENT_BATCH_MAX);
+        while let Ok(first) = events.recv().await {
+            batch.push(first);
+            while batch.len() < EVENT_BATCH_MAX {
+                match events.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            self.handle_events(&mut batch).await;
         }
     }
 
-    async fn handle_event(self: &Arc<Self>, event: ShardEvent) {
-        // Register changes happen here, in event order, so a Closed can never
-        // overtake the Bound before it. Storage reads run in their own tasks.
-        match event {
-            ShardEvent::Bound {
-                conn,
-                app,
-                user,
-                device_id,
-                network,
-                client_last_seq,
-                connected_at_ms,
-            } => {
-                let session = Session {
+    async fn handle_events(self: &Arc<Self>, batch: &mut Vec<ShardEvent>) {
+        // Register changes are applied first, in event order, so a Closed
+        // can never overtake the Bound before it, and a resume below never
+        // runs before its binding is registered.
+        let changes: Vec<Change> = batch
+            .iter()
+            .flat_map(|event| register_changes(&self.node_id, event))
+            .collect();
+        if !changes.is_empty()
+            && let Err(error) = self.register.apply(changes).await
+        {
+            tracing::warn!(%error, "register update failed");
+        }
+        let mut resumes = Vec::new();
+        for event in batch.drain(..) {
+            match event {
+                ShardEvent::Bound {
                     conn,
-                    node: self.node_id.clone(),
-                    device_id: device_id.clone(),
-                    network,
-                    connected_at_ms,
-                };
-                if let Err(error) = self.register.add(&app, &user, session).await {
-                    tracing::warn!(%error, conn.id = %conn, "register add failed");
+                    app,
+                    user,
+                    device_id,
+                    client_last_seq,
+                    ..
+                } => resumes.push(Resume {
+                    conn,
+                    app,
+                    user,
+                    device_id,
+                    client_last_seq,
+                }),
+                ShardEvent::Unbound { .. } | ShardEvent::Closed { .. } => {}
+                ShardEvent::Ack {
+                    app,
+                    user,
+                    device_id,
+                    seq,
+                    ..
+                } => {
+                    let mut pending = self.pending_acks.lock().expect("ack lock");
+                    let acked = pending.entry((app, user, device_id)).or_insert(seq);
+                    *acked = (*acked).max(seq);
                 }
-                let this = self.clone();
-                tokio::spawn(async move {
-                    let after = match client_last_seq {
-                        Some(seq) => Some(seq),
-                        None => this.resume_point(&app, &user, &device_id).await,
-                    };
-                    if let Some(after) = after {
-                        this.fill(conn, app, user, after, this.fill_limit).await;
-                    }
-                });
-            }
-            ShardEvent::Unbound { conn, app, user } => {
-                self.remove_session(&app, &user, conn).await;
-            }
-            ShardEvent::Closed { conn, bindings } => {
-                for (app, user) in bindings {
-                    self.remove_session(&app, &user, conn).await;
+                ShardEvent::CatchUp {
+                    conn,
+                    app,
+                    user,
+                    after,
+                    limit,
+                } => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.fill(conn, app, user, after, limit).await });
                 }
-            }
-            ShardEvent::Ack {
-                app,
-                user,
-                device_id,
-                seq,
-                ..
-            } => {
-                let mut pending = self.pending_acks.lock().expect("ack lock");
-                let acked = pending.entry((app, user, device_id)).or_insert(seq);
-                *acked = (*acked).max(seq);
-            }
-            ShardEvent::CatchUp {
-                conn,
-                app,
-                user,
-                after,
-                limit,
-            } => {
-                let this = self.clone();
-                tokio::spawn(async move { this.fill(conn, app, user, after, limit).await });
-            }
-            ShardEvent::Upstream {
-                conn,
-                app,
-                request_id,
-                ..
-            } => {
-                // Forwarding to business servers is the coordinator's job,
-                // which this build does not have yet: say so, never pretend.
-                self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
-                let command = ShardCommand::UpstreamAck {
+                ShardEvent::Upstream {
                     conn,
                     app,
                     request_id,
-                    status: UpstreamStatus::NO_ENDPOINT,
-                };
-                self.send(command, conn).await;
+                    ..
+                } => {
+                    // Forwarding to business servers is the coordinator's job,
+                    // which this build does not have yet: say so, never pretend.
+                    self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
+                    let command = ShardCommand::UpstreamAck {
+                        conn,
+                        app,
+                        request_id,
+                        status: UpstreamStatus::NO_ENDPOINT,
+                    };
+                    self.send(command, conn).await;
+                }
+                ShardEvent::Drained { .. } => {
+                    self.drained_shards.fetch_add(1, Ordering::SeqCst);
+                    self.drained.notify_waiters();
+                }
             }
-            ShardEvent::Drained { .. } => {
-                self.drained_shards.fetch_add(1, Ordering::SeqCst);
-                self.drained.notify_waiters();
-            }
+        }
+        if !resumes.is_empty() {
+            // Storage reads run beside the event loop, so a slow read never
+            // holds up registering the next connections.
+            let this = self.clone();
+            tokio::spawn(async move { this.resume(resumes).await });
         }
     }
 
-    async fn remove_session(&self, app: &str, user: &str, conn: ConnId) {
-        if let Err(error) = self.register.remove(app, user, conn).await {
-            tracing::warn!(%error, conn.id = %conn, "register remove failed");
-        }
-    }
-
-    /// Where a device without a reported last seq resumes: the higher of its
-    /// stored cursor and an ack not yet written. `None` if storage failed
-    /// (the connection then gets nothing until it reconnects, rather than
-    /// everything again).
-    async fn resume_point(&self, app: &str, user: &str, device_id: &str) -> Option<u64> {
-        let pending = self
-            .pending_acks
-            .lock()
-            .expect("ack lock")
-            .get(&(app.to_owned(), user.to_owned(), device_id.to_owned()))
-            .copied();
+    /// Sends each new binding its first fill. One read learns where every
+    /// inbox of the batch stands; only the inboxes holding messages past the
+    /// resume point are read further (for an idle reconnect, none are).
+    async fn resume(&self, mut resumes: Vec<Resume>) {
+        // Acks not yet written are read before storage, so an ack flushed
+        // in between is seen in storage instead: a resume point may come out
+        // low (a redelivery), never high (a loss).
+        let pending: Vec<u64> = {
+            let pending = self.pending_acks.lock().expect("ack lock");
+            resumes
+                .iter()
+                .map(|r| {
+                    let key = (r.app.clone(), r.user.clone(), r.device_id.clone());
+                    pending.get(&key).copied().unwrap_or(0)
+                })
+                .collect()
+        };
         let mut delay = Duration::from_millis(100);
-        loop {
-            match self.saver.device_cursor(app, user, device_id).await {
-                Ok(stored) => return Some(stored.unwrap_or(0).max(pending.unwrap_or(0))),
+        let heads = loop {
+            let keys: Vec<InboxKey> = resumes
+                .iter()
+                .map(|r| InboxKey {
+                    app: r.app.clone(),
+                    user: r.user.clone(),
+                    device_id: r.client_last_seq.is_none().then(|| r.device_id.clone()),
+                })
+                .collect();
+            match self.saver.inbox_heads(&keys).await {
+                Ok(heads) => break heads,
                 Err(error) => {
-                    tracing::warn!(%error, app.id = app, "reading a device cursor failed");
-                    if !self.still_bound(app, user).await {
-                        return None;
+                    tracing::warn!(%error, binds = resumes.len(), "reading inbox heads failed");
+                    // A client that left no longer needs its fill; the ones
+                    // still here get nothing until storage answers, rather
+                    // than a guess at where they resume.
+                    let mut still_bound = Vec::with_capacity(resumes.len());
+                    for resume in resumes {
+                        if self.still_bound(&resume.app, &resume.user).await {
+                            still_bound.push(resume);
+                        }
+                    }
+                    resumes = still_bound;
+                    if resumes.is_empty() {
+                        return;
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(FILL_RETRY_DELAY_MAX);
                 }
+            }
+        };
+        for ((resume, head), pending) in resumes.into_iter().zip(heads).zip(pending) {
+            let after = resume
+                .client_last_seq
+                .unwrap_or_else(|| head.acked_seq.unwrap_or(0).max(pending));
+            if head.last_seq <= after {
+                // Nothing stored past the resume point: the fill is empty.
+                self.counters.fills.fetch_add(1, Ordering::Relaxed);
+                let command = ShardCommand::Fill {
+                    conn: resume.conn,
+                    app: resume.app,
+                    after,
+                    messages: Vec::new(),
+                    more: false,
+                };
+                self.send(command, resume.conn).await;
+            } else {
+                self.fill(resume.conn, resume.app, resume.user, after, self.fill_limit)
+                    .await;
             }
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use center::{MetricsRenderer, router};
 pub use delivery::Delivery;
-pub use register::{MemoryRegister, Register, Session};
+pub use register::{Change, MemoryRegister, Register, Session};
 
 /// An app as the control plane sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,10 +26,29 @@ pub struct Session {
 #[error("register unavailable: {0}")]
 pub struct RegisterError(pub String);
 
+/// One update to the register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The connection bound (app, user); binding again replaces the entry.
+    Add {
+        app: String,
+        user: String,
+        session: Session,
+    },
+    /// The connection left (app, user); a connection not there is ignored.
+    Remove {
+        app: String,
+        user: String,
+        conn: ConnId,
+    },
+}
+
 #[async_trait::async_trait]
 pub trait Register: Send + Sync {
-    async fn add(&self, app: &str, user: &str, session: Session) -> Result<(), RegisterError>;
-    async fn remove(&self, app: &str, user: &str, conn: ConnId) -> Result<(), RegisterError>;
+    /// Applies `changes` in order. They come in batches so that a reconnect
+    /// storm costs a networked register one round trip per batch, not one
+    /// per connection.
+    async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError>;
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError>;
 }
 
@@ -120,11 +139,8 @@ impl MemoryRegister {
             connected_at_ms: entry.connected_at_ms,
         }
     }
-}
 
-#[async_trait::async_trait]
-impl Register for MemoryRegister {
-    async fn add(&self, app: &str, user: &str, session: Session) -> Result<(), RegisterError> {
+    fn add(&self, app: &str, user: &str, session: Session) -> Result<(), RegisterError> {
         let entry = Entry {
             conn: session.conn,
             node: self.node_index(&session.node)?,
@@ -153,7 +169,7 @@ impl Register for MemoryRegister {
         Ok(())
     }
 
-    async fn remove(&self, app: &str, user: &str, conn: ConnId) -> Result<(), RegisterError> {
+    fn remove(&self, app: &str, user: &str, conn: ConnId) {
         let key = key(app, user);
         let mut map = self.stripe(&key).lock().expect("register lock");
         match map.remove(&key) {
@@ -174,6 +190,18 @@ impl Register for MemoryRegister {
                         map.insert(key, Entries::Many(entries));
                     }
                 }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Register for MemoryRegister {
+    async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError> {
+        for change in changes {
+            match change {
+                Change::Add { app, user, session } => self.add(&app, &user, session)?,
+                Change::Remove { app, user, conn } => self.remove(&app, &user, conn),
             }
         }
         Ok(())
@@ -206,30 +234,39 @@ mod tests {
         }
     }
 
+    fn add(slot: u32, device: &str, user: &str) -> Change {
+        Change::Add {
+            app: "chat".to_owned(),
+            user: user.to_owned(),
+            session: session(slot, device),
+        }
+    }
+
+    fn remove(slot: u32, user: &str) -> Change {
+        Change::Remove {
+            app: "chat".to_owned(),
+            user: user.to_owned(),
+            conn: session(slot, "").conn,
+        }
+    }
+
     #[tokio::test]
     async fn a_user_may_have_several_devices_and_each_leaves_alone() {
         let register = MemoryRegister::default();
         register
-            .add("chat", "alice", session(1, "phone"))
-            .await
-            .unwrap();
-        register
-            .add("chat", "alice", session(2, "laptop"))
-            .await
-            .unwrap();
-        register
-            .add("chat", "bob", session(3, "phone"))
+            .apply(vec![
+                add(1, "phone", "alice"),
+                add(2, "laptop", "alice"),
+                add(3, "phone", "bob"),
+            ])
             .await
             .unwrap();
         assert_eq!(register.sessions("chat", "alice").await.unwrap().len(), 2);
-        register
-            .remove("chat", "alice", session(1, "phone").conn)
-            .await
-            .unwrap();
+        register.apply(vec![remove(1, "alice")]).await.unwrap();
         let left = register.sessions("chat", "alice").await.unwrap();
         assert_eq!(left, [session(2, "laptop")]);
         register
-            .add("chat", "alice", session(2, "laptop"))
+            .apply(vec![add(2, "laptop", "alice")])
             .await
             .unwrap();
         assert_eq!(
@@ -237,11 +274,30 @@ mod tests {
             [session(2, "laptop")],
             "adding the same connection again replaces it"
         );
-        register
-            .remove("chat", "alice", session(2, "laptop").conn)
-            .await
-            .unwrap();
+        register.apply(vec![remove(2, "alice")]).await.unwrap();
         assert!(register.sessions("chat", "alice").await.unwrap().is_empty());
         assert!(register.sessions("news", "alice").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_in_order() {
+        let register = MemoryRegister::default();
+        // Bound, closed and bound again (a quick reconnect that reused the
+        // slot) within one batch: only the last binding stays.
+        register
+            .apply(vec![
+                add(1, "phone", "alice"),
+                remove(1, "alice"),
+                add(1, "phone", "alice"),
+                add(2, "phone", "bob"),
+                remove(2, "bob"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            register.sessions("chat", "alice").await.unwrap(),
+            [session(1, "phone")]
+        );
+        assert!(register.sessions("chat", "bob").await.unwrap().is_empty());
     }
 }

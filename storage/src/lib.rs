@@ -79,6 +79,25 @@ pub struct StoredMessage {
     pub expires_at_ms: u64,
 }
 
+/// One inbox to look up with [`Saver::inbox_heads`], and the device whose
+/// ack cursor to read with it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxKey {
+    pub app: String,
+    pub user: String,
+    pub device_id: Option<String>,
+}
+
+/// Where one inbox stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxHead {
+    /// The last sequence handed out (0: nothing was ever stored). Nothing
+    /// after it exists, so a reader at or past it has nothing to read.
+    pub last_seq: u64,
+    /// The device's highest ack, if the key named a device that ever acked.
+    pub acked_seq: Option<u64>,
+}
+
 /// A device's ack: it holds every message of (app, user) up to `acked_seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AckCursor {

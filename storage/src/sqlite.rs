@@ -15,8 +15,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Executor, Sqlite, SqlitePool};
 
 use crate::{
-    AckCursor, MessageId, NewMessage, StorageError, StoreOutcome, StoredMessage, StoredRef,
-    new_message_id,
+    AckCursor, InboxHead, InboxKey, MessageId, NewMessage, StorageError, StoreOutcome,
+    StoredMessage, StoredRef, new_message_id,
 };
 
 /// Connections in the read pool. Reads are short indexed range scans, so a
@@ -226,25 +226,64 @@ impl Saver {
         Ok((messages, more))
     }
 
-    /// The device's highest acked seq, if it ever acked.
-    pub async fn device_cursor(
-        &self,
-        app: &str,
-        user: &str,
-        device_id: &str,
-    ) -> Result<Option<u64>, StorageError> {
-        let acked_seq: Option<i64> = sqlx::query_scalar(
-            "SELECT acked_seq FROM device_cursors \
-             WHERE app = ? AND user_id = ? AND device_id = ?",
+    /// Where each inbox stands, for many inboxes in one statement: the last
+    /// sequence handed out and, when the key names a device, the highest
+    /// sequence that device acked. One answer per key, in order.
+    ///
+    /// Binding clients need both before their first fill; asking for a
+    /// batch at once keeps a reconnect storm from becoming one database
+    /// round trip per connection.
+    pub async fn inbox_heads(&self, keys: &[InboxKey]) -> Result<Vec<InboxHead>, StorageError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The batch travels as one JSON array of [app, user, device|null]:
+        // SQLite has no array parameters, and json_each keeps it one statement.
+        let batch = serde_json::to_string(
+            &keys
+                .iter()
+                .map(|key| {
+                    (
+                        key.app.as_str(),
+                        key.user.as_str(),
+                        key.device_id.as_deref(),
+                    )
+                })
+                .collect::<Vec<_>>(),
         )
-        .bind(app)
-        .bind(user)
-        .bind(device_id)
-        .fetch_optional(&self.reader)
+        .expect("strings serialize");
+        let rows: Vec<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT r.key, h.last_seq, c.acked_seq FROM json_each(?) AS r \
+             LEFT JOIN inbox_heads AS h \
+               ON h.app = r.value ->> 0 AND h.user_id = r.value ->> 1 \
+             LEFT JOIN device_cursors AS c \
+               ON c.app = r.value ->> 0 AND c.user_id = r.value ->> 1 \
+              AND c.device_id = r.value ->> 2 \
+             ORDER BY r.key",
+        )
+        .bind(batch)
+        .fetch_all(&self.reader)
         .await?;
-        acked_seq
-            .map(|seq| from_db(seq, "device_cursors.acked_seq"))
-            .transpose()
+        if rows.len() != keys.len() {
+            return Err(StorageError::Corrupt(format!(
+                "{} inbox heads read for {} keys",
+                rows.len(),
+                keys.len()
+            )));
+        }
+        rows.into_iter()
+            .map(|(_, last_seq, acked_seq)| {
+                Ok(InboxHead {
+                    last_seq: last_seq
+                        .map(|seq| from_db(seq, "inbox_heads.last_seq"))
+                        .transpose()?
+                        .unwrap_or(0),
+                    acked_seq: acked_seq
+                        .map(|seq| from_db(seq, "device_cursors.acked_seq"))
+                        .transpose()?,
+                })
+            })
+            .collect()
     }
 
     /// Raises each cursor to acked_seq (never lowers) in one transaction.

@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 
 use herald_storage::{
-    AckCursor, MESSAGES_AFTER_LIMIT_MAX, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError,
-    StoreOutcome,
+    AckCursor, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX, NewMessage, PURGE_BATCH_ROWS, Saver,
+    StorageError, StoreOutcome,
 };
 use tempfile::TempDir;
 
@@ -52,6 +52,23 @@ async fn seqs_of(saver: &Saver, app: &str, user: &str, now_ms: u64) -> Vec<u64> 
         .unwrap();
     assert!(!more);
     messages.iter().map(|message| message.seq).collect()
+}
+
+fn key(app: &str, user: &str, device_id: Option<&str>) -> InboxKey {
+    InboxKey {
+        app: app.to_owned(),
+        user: user.to_owned(),
+        device_id: device_id.map(str::to_owned),
+    }
+}
+
+/// The ack cursor of alice's `device` in APP.
+async fn cursor(saver: &Saver, device: &str) -> Option<u64> {
+    let heads = saver
+        .inbox_heads(&[key(APP, "alice", Some(device))])
+        .await
+        .unwrap();
+    heads[0].acked_seq
 }
 
 #[tokio::test]
@@ -284,49 +301,34 @@ async fn device_cursors_only_rise() {
         device_id: device.into(),
         acked_seq,
     };
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
-        None
-    );
+    assert_eq!(cursor(&saver, "phone").await, None);
 
     saver
         .save_acks(&[ack("phone", 5), ack("laptop", 2)], T0)
         .await
         .unwrap();
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
-        Some(5)
-    );
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "laptop").await.unwrap(),
-        Some(2)
-    );
+    assert_eq!(cursor(&saver, "phone").await, Some(5));
+    assert_eq!(cursor(&saver, "laptop").await, Some(2));
 
     saver.save_acks(&[ack("phone", 3)], T0 + 1).await.unwrap();
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
-        Some(5)
-    );
+    assert_eq!(cursor(&saver, "phone").await, Some(5));
 
     // Within one batch the highest wins whatever the order.
     saver
         .save_acks(&[ack("phone", 9), ack("phone", 7)], T0 + 2)
         .await
         .unwrap();
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
-        Some(9)
-    );
+    assert_eq!(cursor(&saver, "phone").await, Some(9));
 
     saver.save_acks(&[], T0 + 3).await.unwrap();
-    assert_eq!(
-        saver.device_cursor(APP, "bob", "phone").await.unwrap(),
-        None
-    );
-    assert_eq!(
-        saver.device_cursor("app2", "alice", "phone").await.unwrap(),
-        None
-    );
+    let others = saver
+        .inbox_heads(&[
+            key(APP, "bob", Some("phone")),
+            key("app2", "alice", Some("phone")),
+        ])
+        .await
+        .unwrap();
+    assert!(others.iter().all(|head| head.acked_seq.is_none()));
 }
 
 #[tokio::test]
@@ -406,10 +408,7 @@ async fn stored_messages_survive_close_and_reopen() {
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].message_id, first.stored[0].message_id);
     assert_eq!(&messages[0].payload[..], b"before close");
-    assert_eq!(
-        saver.device_cursor(APP, "alice", "phone").await.unwrap(),
-        Some(1)
-    );
+    assert_eq!(cursor(&saver, "phone").await, Some(1));
     assert_eq!(
         store(&saver, APP, &alice, b"after", T0).await.stored[0].seq,
         2
@@ -511,4 +510,61 @@ async fn unreadable_idempotency_record_is_reported_as_corrupt() {
         matches!(result, Err(StorageError::Corrupt(_))),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn inbox_heads_answer_each_key_in_order_in_one_call() {
+    let (_dir, saver) = open().await;
+    assert!(saver.inbox_heads(&[]).await.unwrap().is_empty());
+    for _ in 0..3 {
+        store(&saver, APP, &users(&["alice"]), b"a", T0).await;
+    }
+    store(&saver, APP, &users(&["bob"]), b"b", T0).await;
+    saver
+        .save_acks(
+            &[AckCursor {
+                app: APP.to_owned(),
+                user: "alice".to_owned(),
+                device_id: "phone".to_owned(),
+                acked_seq: 2,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+
+    let keys = [
+        key(APP, "alice", Some("phone")),
+        key(APP, "alice", Some("laptop")),
+        key(APP, "alice", None),
+        key(APP, "carol", Some("phone")),
+        key("app2", "alice", Some("phone")),
+        key(APP, "bob", None),
+        // A name that would break naive string building is just a name.
+        key(APP, "o'hara\"},[", Some("x")),
+    ];
+    let heads = saver.inbox_heads(&keys).await.unwrap();
+    let expected = [
+        (3, Some(2)),
+        (3, None),
+        (3, None),
+        (0, None),
+        (0, None),
+        (1, None),
+        (0, None),
+    ];
+    assert_eq!(
+        heads,
+        expected.map(|(last_seq, acked_seq)| InboxHead {
+            last_seq,
+            acked_seq
+        })
+    );
+
+    // A large batch (as a reconnect storm makes) is still one answer per key.
+    let many: Vec<InboxKey> = (0..5_000)
+        .map(|i| key(APP, &format!("user{i}"), Some("phone")))
+        .collect();
+    let heads = saver.inbox_heads(&many).await.unwrap();
+    assert_eq!(heads.len(), many.len());
 }
