@@ -19,11 +19,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::delivery::{Delivery, PushResult};
+use herald_storage::StoredRef;
+
+use crate::delivery::Delivery;
 use crate::{AppConfig, ControlConfig};
 
 /// Longest idempotency key, in bytes.
@@ -307,13 +309,20 @@ fn check_message(
     })
 }
 
-fn result_json(result: &PushResult) -> Value {
-    json!({
-        "user": result.stored.user,
-        "seq": result.stored.seq,
-        "message_id": result.stored.message_id.to_string(),
-        "online": result.online,
-    })
+/// The reply to a multicast: typed rather than built as a `Value`, since a
+/// reply to thousands of users would otherwise hold a map per user.
+#[derive(Serialize)]
+struct MulticastReply<'a> {
+    results: Vec<PushResultJson<'a>>,
+    replayed: bool,
+}
+
+/// One user's result: `{"user", "seq", "message_id", "online"}`.
+#[derive(Serialize)]
+struct PushResultJson<'a> {
+    #[serde(flatten)]
+    stored: &'a StoredRef,
+    online: bool,
 }
 
 async fn push(
@@ -360,7 +369,7 @@ async fn multicast(
     Path(app): Path<String>,
     headers: HeaderMap,
     JsonBody(mut body): JsonBody<MessageBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let app_config = authorize(&state, &app, &headers)?;
     let users = body
         .users
@@ -373,11 +382,13 @@ async fn multicast(
         )));
     }
     // One copy per user, even if the caller listed someone twice.
-    let mut seen = HashSet::new();
-    let users: Vec<String> = users
-        .into_iter()
-        .filter(|user| seen.insert(user.clone()))
-        .collect();
+    let first_listing: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(users.len());
+        users.iter().map(|user| seen.insert(user.as_str())).collect()
+    };
+    let mut first_listing = first_listing.into_iter();
+    let mut users = users;
+    users.retain(|_| first_listing.next().unwrap_or(false));
     for user in &users {
         check_user(user)?;
     }
@@ -393,10 +404,14 @@ async fn multicast(
         )
         .await
         .map_err(ApiError::storage)?;
-    Ok(Json(json!({
-        "results": results.iter().map(result_json).collect::<Vec<_>>(),
-        "replayed": replayed,
-    })))
+    let results = results
+        .iter()
+        .map(|result| PushResultJson {
+            stored: &result.stored,
+            online: result.online,
+        })
+        .collect();
+    Ok(Json(MulticastReply { results, replayed }).into_response())
 }
 
 #[derive(Debug, Deserialize)]

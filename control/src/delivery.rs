@@ -27,6 +27,39 @@ const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 /// small enough that a batch's work stays in the milliseconds.
 const EVENT_BATCH_MAX: usize = 512;
 
+/// (app, user, device) as one allocation: `[app len][app][user len][user]
+/// [device]`. A node holds one per device that acked in the last flush
+/// interval, which after a push to everyone is every connected device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AckKey(Box<[u8]>);
+
+impl AckKey {
+    fn new(app: &str, user: &str, device_id: &str) -> AckKey {
+        // The protocol caps app and user ids at 255 bytes (limits.rs).
+        let app_len = u8::try_from(app.len()).expect("app id fits a u8 length");
+        let user_len = u8::try_from(user.len()).expect("user id fits a u8 length");
+        let mut key = Vec::with_capacity(2 + app.len() + user.len() + device_id.len());
+        key.push(app_len);
+        key.extend_from_slice(app.as_bytes());
+        key.push(user_len);
+        key.extend_from_slice(user.as_bytes());
+        key.extend_from_slice(device_id.as_bytes());
+        AckKey(key.into_boxed_slice())
+    }
+
+    fn parts(&self) -> (&str, &str, &str) {
+        let app_end = 1 + usize::from(self.0[0]);
+        let user_end = app_end + 1 + usize::from(self.0[app_end]);
+        // Every part was copied whole from a str, so each slice is UTF-8.
+        let part = |bytes| std::str::from_utf8(bytes).expect("AckKey parts are UTF-8");
+        (
+            part(&self.0[1..app_end]),
+            part(&self.0[app_end + 1..user_end]),
+            part(&self.0[user_end..]),
+        )
+    }
+}
+
 /// A binding that needs its first fill.
 struct Resume {
     conn: ConnId,
@@ -108,7 +141,7 @@ pub struct Delivery {
     /// Messages read for a connection's first fill: its delivery window.
     fill_limit: u32,
     /// Acks not yet written: the highest seq per (app, user, device).
-    pending_acks: Mutex<HashMap<(String, String, String), u64>>,
+    pending_acks: Mutex<HashMap<AckKey, u64>>,
     drained_shards: AtomicU64,
     drained: Notify,
     draining: AtomicBool,
@@ -291,7 +324,8 @@ impl Delivery {
                     ..
                 } => {
                     let mut pending = self.pending_acks.lock().expect("ack lock");
-                    let acked = pending.entry((app, user, device_id)).or_insert(seq);
+                    let key = AckKey::new(&app, &user, &device_id);
+                    let acked = pending.entry(key).or_insert(seq);
                     *acked = (*acked).max(seq);
                 }
                 ShardEvent::CatchUp {
@@ -347,7 +381,7 @@ impl Delivery {
             resumes
                 .iter()
                 .map(|r| {
-                    let key = (r.app.clone(), r.user.clone(), r.device_id.clone());
+                    let key = AckKey::new(&r.app, &r.user, &r.device_id);
                     pending.get(&key).copied().unwrap_or(0)
                 })
                 .collect()
@@ -458,11 +492,14 @@ impl Delivery {
         }
         let cursors: Vec<AckCursor> = pending
             .iter()
-            .map(|((app, user, device_id), &acked_seq)| AckCursor {
-                app: app.clone(),
-                user: user.clone(),
-                device_id: device_id.clone(),
-                acked_seq,
+            .map(|(key, &acked_seq)| {
+                let (app, user, device_id) = key.parts();
+                AckCursor {
+                    app: app.to_owned(),
+                    user: user.to_owned(),
+                    device_id: device_id.to_owned(),
+                    acked_seq,
+                }
             })
             .collect();
         match self.saver.save_acks(&cursors, unix_ms()).await {
@@ -535,5 +572,25 @@ impl Delivery {
         if let Err(error) = self.flush_acks().await {
             tracing::warn!(%error, "saving the last acks failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_keys_split_back_into_their_parts() {
+        for (app, user, device) in [
+            ("chat", "alice", "phone"),
+            ("a", "", ""),
+            ("x", "u\0v", "d\u{e9}vice"),
+        ] {
+            assert_eq!(AckKey::new(app, user, device).parts(), (app, user, device));
+        }
+        // Where one part ends and the next begins is part of the key.
+        assert_ne!(AckKey::new("ab", "c", "d"), AckKey::new("a", "bc", "d"));
+        let longest = "u".repeat(herald_proto::limits::USER_ID_LEN_MAX);
+        assert_eq!(AckKey::new("a", &longest, "d").parts().1, longest);
     }
 }

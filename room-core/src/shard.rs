@@ -9,8 +9,9 @@
 //!
 //! A connection with work reads into the shard's one scratch buffer and
 //! decodes in place; only the tail of a partial frame is copied into a small
-//! pooled buffer, and output is encoded into a pooled buffer that goes back
-//! to the pool once the socket took it all.
+//! pooled buffer. Output is encoded into the shard's send buffer and sent at
+//! once; only what the socket does not take waits in a pooled buffer, which
+//! goes back to the pool once the socket took it all.
 
 use std::collections::VecDeque;
 use std::io;
@@ -141,6 +142,9 @@ pub(crate) struct Shard<P> {
     /// Connections with work to do: input, output or a close to finish.
     run_queue: VecDeque<usize>,
     scratch: Box<[u8]>,
+    /// Where output is encoded when nothing is queued ahead of it; empty
+    /// between uses.
+    send_buffer: BytesMut,
     out: Output,
     read_pool: BufferPool,
     write_pool: BufferPool,
@@ -216,6 +220,7 @@ impl<P: Poller> Shard<P> {
             next_generation: 0,
             run_queue: VecDeque::new(),
             scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
+            send_buffer: BytesMut::with_capacity(WRITE_BUFFER_CAPACITY),
             out: Output::default(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
@@ -600,6 +605,7 @@ impl<P: Poller> Shard<P> {
             settings,
             conns,
             out,
+            send_buffer,
             write_pool,
             outbox,
             wheel,
@@ -615,13 +621,23 @@ impl<P: Poller> Shard<P> {
         if conn.closing.is_some() {
             out.transmit.clear();
         } else if !out.transmit.is_empty() {
-            let queue = conn.queue.get_or_insert_with(|| write_pool.take());
+            // With nothing waiting ahead of these frames, they are encoded
+            // into the shard's send buffer and handed to the socket at once;
+            // only what the socket does not take is copied into a pooled
+            // queue. A push to every connection then borrows no buffer per
+            // connection.
+            let direct = conn.queue.is_none() && !conn.write_blocked;
+            let buffer = if direct {
+                &mut *send_buffer
+            } else {
+                conn.queue.get_or_insert_with(|| write_pool.take())
+            };
             for frame in out.transmit.drain(..) {
-                if queue.len() + encoded_len(&frame) > settings.send_queue_bytes_max {
+                if buffer.len() + encoded_len(&frame) > settings.send_queue_bytes_max {
                     overflow = true;
                     break;
                 }
-                if let Err(error) = encode(&frame, queue) {
+                if let Err(error) = encode(&frame, buffer) {
                     // The connection logic only builds frames from checked
                     // input, so this is a bug: close this one connection.
                     debug_assert!(false, "unencodable frame {frame:?}: {error}");
@@ -635,6 +651,21 @@ impl<P: Poller> Shard<P> {
                 }
             }
             out.transmit.clear();
+            if direct && !overflow {
+                // An error (would block, reset) is left to the next flush
+                // of the queue, which handles each kind.
+                if let Ok(written) = send(conn.socket.as_raw_fd(), send_buffer) {
+                    send_buffer.advance(written);
+                }
+                if !send_buffer.is_empty() {
+                    let mut queue = write_pool.take();
+                    queue.extend_from_slice(send_buffer);
+                    conn.queue = Some(queue);
+                }
+            }
+            if direct {
+                send_buffer.clear();
+            }
         }
         counters.frames_out(frames);
         counters.pushes_out(pushes);
