@@ -19,8 +19,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use herald_storage::StoredRef;
@@ -384,7 +384,10 @@ async fn multicast(
     // One copy per user, even if the caller listed someone twice.
     let first_listing: Vec<bool> = {
         let mut seen = HashSet::with_capacity(users.len());
-        users.iter().map(|user| seen.insert(user.as_str())).collect()
+        users
+            .iter()
+            .map(|user| seen.insert(user.as_str()))
+            .collect()
     };
     let mut first_listing = first_listing.into_iter();
     let mut users = users;

@@ -12,6 +12,7 @@
 //! it has room. Memory per connection therefore stays bounded however much a
 //! user's inbox holds.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -73,8 +74,18 @@ pub struct BindRejection {
 /// Checks BIND tokens. The gateway implements it over its app table and the
 /// wall clock; tests implement it with a fixed answer.
 pub trait Authenticator {
-    /// Returns the user the token was issued to.
-    fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection>;
+    /// Returns who the token was issued to.
+    fn authenticate(&self, app: &str, token: &str) -> Result<Authenticated, BindRejection>;
+}
+
+/// A token that checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The app id, shared with the authenticator's table: every binding of
+    /// an app points at one copy instead of holding its own.
+    pub app: Arc<str>,
+    /// The user the token was issued to.
+    pub user: String,
 }
 
 /// What the connection asks of the control plane. The gateway adds the
@@ -172,8 +183,8 @@ enum Phase {
 /// One app bound on the connection, with its delivery window.
 #[derive(Debug)]
 struct Binding {
-    app: String,
-    user: String,
+    app: Arc<str>,
+    user: Box<str>,
     /// Highest seq sent on this connection; `None` until the control plane's
     /// first fill tells where the device resumes.
     sent: Option<u64>,
@@ -204,8 +215,8 @@ impl Binding {
         self.behind = false;
         self.fill_pending = true;
         out.events.push(ConnEvent::CatchUp {
-            app: self.app.clone(),
-            user: self.user.clone(),
+            app: self.app.to_string(),
+            user: self.user.to_string(),
             after: sent,
             limit: room,
         });
@@ -214,7 +225,7 @@ impl Binding {
     fn push(&mut self, message: &PushMessage, out: &mut Output) {
         self.sent = Some(message.seq);
         out.transmit.push(Frame::Push {
-            app: self.app.clone(),
+            app: self.app.to_string(),
             message_id: message.message_id,
             seq: message.seq,
             payload: message.payload.clone(),
@@ -226,7 +237,7 @@ impl Binding {
 #[derive(Debug)]
 pub struct ServerConn {
     phase: Phase,
-    device_id: String,
+    device_id: Box<str>,
     network: NetworkType,
     /// Set until the first successful BIND.
     auth_deadline: Option<Instant>,
@@ -240,7 +251,7 @@ impl ServerConn {
         debug_assert!(config.apps_per_conn_max <= APPS_PER_CONN_MAX);
         ServerConn {
             phase: Phase::AwaitHello,
-            device_id: String::new(),
+            device_id: Box::default(),
             network: NetworkType::Unknown,
             auth_deadline: Some(now + config.auth_timeout),
             heartbeat_deadline: now + config.heartbeat_deadline(NetworkType::Unknown),
@@ -264,9 +275,7 @@ impl ServerConn {
 
     /// The (app, user) pairs bound now.
     pub fn bindings(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.bindings
-            .iter()
-            .map(|b| (b.app.as_str(), b.user.as_str()))
+        self.bindings.iter().map(|b| (&*b.app, &*b.user))
     }
 
     /// The earliest instant at which `handle_timeout` has work to do.
@@ -320,7 +329,7 @@ impl ServerConn {
                     network,
                 },
             ) => {
-                self.device_id = device_id;
+                self.device_id = device_id.into_boxed_str();
                 self.network = network;
                 self.phase = Phase::Open;
                 self.heartbeat_deadline = now + config.heartbeat_deadline(network);
@@ -350,7 +359,7 @@ impl ServerConn {
                 },
             ) => match self.binding_mut(&app) {
                 Some(binding) => out.events.push(ConnEvent::Upstream {
-                    user: binding.user.clone(),
+                    user: binding.user.to_string(),
                     app,
                     request_id,
                     payload,
@@ -362,11 +371,11 @@ impl ServerConn {
                 }),
             },
             (Phase::Open, Frame::Unbind { app }) => {
-                if let Some(index) = self.bindings.iter().position(|b| b.app == app) {
+                if let Some(index) = self.bindings.iter().position(|b| *b.app == *app) {
                     let binding = self.bindings.swap_remove(index);
                     out.events.push(ConnEvent::Unbound {
-                        app: binding.app,
-                        user: binding.user,
+                        app,
+                        user: binding.user.into_string(),
                     });
                 }
             }
@@ -397,7 +406,7 @@ impl ServerConn {
         auth: &dyn Authenticator,
         out: &mut Output,
     ) {
-        let rejection = if self.bindings.iter().any(|b| b.app == app) {
+        let rejection = if self.bindings.iter().any(|b| *b.app == *app) {
             Some(BindRejection {
                 code: BindErrorCode::ALREADY_BOUND,
                 message: format!("app {app:?} is already bound on this connection"),
@@ -412,7 +421,11 @@ impl ServerConn {
             })
         } else {
             match auth.authenticate(&app, &token) {
-                Ok(user) => {
+                Ok(Authenticated {
+                    app: shared_app,
+                    user,
+                }) => {
+                    debug_assert_eq!(*shared_app, *app);
                     self.auth_deadline = None;
                     out.transmit.push(Frame::BindOk {
                         app: app.clone(),
@@ -428,8 +441,8 @@ impl ServerConn {
                     // multiplied by every connection.
                     self.bindings.reserve_exact(1);
                     self.bindings.push(Binding {
-                        app,
-                        user,
+                        app: shared_app,
+                        user: user.into_boxed_str(),
                         sent: None,
                         acked: 0,
                         fill_pending: true,
@@ -463,8 +476,8 @@ impl ServerConn {
         }
         binding.acked = seq;
         out.events.push(ConnEvent::Ack {
-            app: binding.app.clone(),
-            user: binding.user.clone(),
+            app: binding.app.to_string(),
+            user: binding.user.to_string(),
             seq,
         });
         binding.request_catch_up(config.inflight_pushes_max, out);
@@ -588,7 +601,7 @@ impl ServerConn {
     }
 
     fn binding_mut(&mut self, app: &str) -> Option<&mut Binding> {
-        self.bindings.iter_mut().find(|b| b.app == app)
+        self.bindings.iter_mut().find(|b| &*b.app == app)
     }
 
     fn protocol_error(&mut self, code: ErrorCode, message: String, out: &mut Output) {
@@ -615,9 +628,12 @@ mod tests {
     struct FixedAuth;
 
     impl Authenticator for FixedAuth {
-        fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection> {
+        fn authenticate(&self, app: &str, token: &str) -> Result<Authenticated, BindRejection> {
             match token.strip_prefix("ok:") {
-                Some(user) if app != "unknown" => Ok(user.to_owned()),
+                Some(user) if app != "unknown" => Ok(Authenticated {
+                    app: Arc::from(app),
+                    user: user.to_owned(),
+                }),
                 _ => Err(BindRejection {
                     code: BindErrorCode::INVALID_TOKEN,
                     message: "bad token".to_owned(),

@@ -1,28 +1,34 @@
 //! Token checks for BIND, over the gateway's table of app secrets.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use herald_proto::server::{Authenticator, BindRejection};
+use herald_proto::server::{Authenticated, Authenticator, BindRejection};
 use herald_proto::{BindErrorCode, TokenError, verify_token};
 
-/// Each shard holds its own copy, so token checks share nothing.
-#[derive(Debug, Clone, Default)]
+/// Each shard builds its own, so token checks share nothing (not even the
+/// reference counts of the app ids its bindings point at).
+#[derive(Debug, Default)]
 pub struct AppSecrets {
-    secrets: HashMap<String, Vec<u8>>,
+    /// The app id is shared with every binding of the app.
+    secrets: HashMap<Arc<str>, Vec<u8>>,
 }
 
 impl AppSecrets {
     pub fn new(apps: impl IntoIterator<Item = (String, Vec<u8>)>) -> AppSecrets {
         AppSecrets {
-            secrets: apps.into_iter().collect(),
+            secrets: apps
+                .into_iter()
+                .map(|(app, secret)| (Arc::from(app), secret))
+                .collect(),
         }
     }
 }
 
 impl Authenticator for AppSecrets {
-    fn authenticate(&self, app: &str, token: &str) -> Result<String, BindRejection> {
-        let Some(secret) = self.secrets.get(app) else {
+    fn authenticate(&self, app: &str, token: &str) -> Result<Authenticated, BindRejection> {
+        let Some((shared_app, secret)) = self.secrets.get_key_value(app) else {
             return Err(BindRejection {
                 code: BindErrorCode::UNKNOWN_APP,
                 message: format!("no app {app:?} on this server"),
@@ -33,7 +39,10 @@ impl Authenticator for AppSecrets {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         match verify_token(secret, app, token, now_unix_secs) {
-            Ok(claims) => Ok(claims.user),
+            Ok(claims) => Ok(Authenticated {
+                app: shared_app.clone(),
+                user: claims.user,
+            }),
             Err(error) => Err(BindRejection {
                 code: error.bind_error_code(),
                 message: match error {

@@ -58,7 +58,7 @@ const CONNECTIONS: usize = 2_000;
 /// Heap bytes the gateway may hold for one idle connection bound to one
 /// app, on top of its slab slot (see ARCHITECTURE.md, "Memory per
 /// connection").
-const HEAP_BYTES_PER_IDLE_CONN_MAX: i64 = 192;
+const HEAP_BYTES_PER_IDLE_CONN_MAX: i64 = 144;
 
 fn config(io: IoDriver) -> GatewayConfig {
     let interval = Duration::from_secs(60);
