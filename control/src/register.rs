@@ -4,10 +4,10 @@
 //! place in a cluster. A user may have several devices connected; a push
 //! goes to every one of them.
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+
+use hashbrown::HashTable;
 
 use herald_proto::NetworkType;
 use herald_proto::plane::ConnId;
@@ -52,53 +52,64 @@ pub trait Register: Send + Sync {
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError>;
 }
 
-/// Stripes of the in-memory map, so concurrent API calls for different users
-/// rarely wait on one another.
+/// Stripes of the in-memory table, so concurrent API calls for different
+/// users rarely wait on one another.
 const STRIPES: usize = 16;
 
 /// One session as the in-memory register keeps it: every byte here is
-/// multiplied by every connection of the node, so the node is an index into
-/// a table of names and the device id an exact-size box.
+/// multiplied by every connection of the node, so the names share one
+/// exact-size allocation and the node is an index into a table of names.
 #[derive(Debug)]
 struct Entry {
+    /// `app\0user\0device`. App and user ids cannot hold a NUL (they are
+    /// checked), so the first two splits are unambiguous.
+    names: Box<str>,
     conn: ConnId,
     node: u16,
     network: NetworkType,
     connected_at_ms: u64,
-    device_id: Box<str>,
 }
 
-/// The sessions of one (app, user): nearly always one device, kept inline.
-#[derive(Debug)]
-enum Entries {
-    One(Entry),
-    Many(Vec<Entry>),
-}
+impl Entry {
+    /// `app\0user`: what entries are looked up and hashed by.
+    fn key(&self) -> &str {
+        let app_end = self
+            .names
+            .find('\0')
+            .expect("names hold app\\0user\\0device");
+        let user_end = app_end
+            + 1
+            + self.names[app_end + 1..]
+                .find('\0')
+                .expect("names hold app\\0user\\0device");
+        &self.names[..user_end]
+    }
 
-impl Entries {
-    fn as_slice(&self) -> &[Entry] {
-        match self {
-            Entries::One(entry) => std::slice::from_ref(entry),
-            Entries::Many(entries) => entries,
-        }
+    fn device_id(&self) -> &str {
+        &self.names[self.key().len() + 1..]
     }
 }
 
-/// The key "app\0user": one allocation instead of two strings. App ids
-/// cannot hold a NUL (they are checked), so the split is unambiguous.
-fn key(app: &str, user: &str) -> Box<str> {
+/// The lookup key "app\0user".
+fn key(app: &str, user: &str) -> String {
     let mut key = String::with_capacity(app.len() + 1 + user.len());
     key.push_str(app);
     key.push('\0');
     key.push_str(user);
-    key.into_boxed_str()
+    key
 }
 
-type Stripe = Mutex<HashMap<Box<str>, Entries>>;
+/// A user's sessions are the entries whose key matches: nearly always one,
+/// sometimes a few devices. They share a hash, so they sit side by side.
+#[derive(Debug, Default)]
+struct Stripe {
+    table: HashTable<Entry>,
+}
 
 #[derive(Debug)]
 pub struct MemoryRegister {
-    stripes: Vec<Stripe>,
+    stripes: Vec<Mutex<Stripe>>,
+    hasher: RandomState,
     /// Node names, indexed by `Entry::node`.
     nodes: Mutex<Vec<String>>,
 }
@@ -107,16 +118,20 @@ impl Default for MemoryRegister {
     fn default() -> Self {
         MemoryRegister {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
             nodes: Mutex::default(),
         }
     }
 }
 
 impl MemoryRegister {
-    fn stripe(&self, key: &str) -> &Stripe {
-        let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        &self.stripes[hasher.finish() as usize % STRIPES]
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn stripe(&self, hash: u64) -> &Mutex<Stripe> {
+        // The table uses the low bits of the hash; the stripe takes the top.
+        &self.stripes[(hash >> 60) as usize % STRIPES]
     }
 
     fn node_index(&self, node: &str) -> Result<u16, RegisterError> {
@@ -134,36 +149,36 @@ impl MemoryRegister {
         Session {
             conn: entry.conn,
             node: self.nodes.lock().expect("register lock")[usize::from(entry.node)].clone(),
-            device_id: entry.device_id.to_string(),
+            device_id: entry.device_id().to_owned(),
             network: entry.network,
             connected_at_ms: entry.connected_at_ms,
         }
     }
 
     fn add(&self, app: &str, user: &str, session: Session) -> Result<(), RegisterError> {
+        let mut names = key(app, user);
+        let hash = self.hash(&names);
+        names.push('\0');
+        names.push_str(&session.device_id);
         let entry = Entry {
+            names: names.into_boxed_str(),
             conn: session.conn,
             node: self.node_index(&session.node)?,
             network: session.network,
             connected_at_ms: session.connected_at_ms,
-            device_id: session.device_id.into_boxed_str(),
         };
-        let key = key(app, user);
-        let mut map = self.stripe(&key).lock().expect("register lock");
-        match map.remove(&key) {
+        let mut stripe = self.stripe(hash).lock().expect("register lock");
+        let key = entry.key();
+        match stripe
+            .table
+            .find_mut(hash, |e| e.conn == entry.conn && e.key() == key)
+        {
+            // Binding the same connection again replaces its entry.
+            Some(existing) => *existing = entry,
             None => {
-                map.insert(key, Entries::One(entry));
-            }
-            Some(Entries::One(existing)) if existing.conn == entry.conn => {
-                map.insert(key, Entries::One(entry));
-            }
-            Some(Entries::One(existing)) => {
-                map.insert(key, Entries::Many(vec![existing, entry]));
-            }
-            Some(Entries::Many(mut entries)) => {
-                entries.retain(|e| e.conn != entry.conn);
-                entries.push(entry);
-                map.insert(key, Entries::Many(entries));
+                stripe
+                    .table
+                    .insert_unique(hash, entry, |e| self.hash(e.key()));
             }
         }
         Ok(())
@@ -171,26 +186,13 @@ impl MemoryRegister {
 
     fn remove(&self, app: &str, user: &str, conn: ConnId) {
         let key = key(app, user);
-        let mut map = self.stripe(&key).lock().expect("register lock");
-        match map.remove(&key) {
-            None => {}
-            Some(Entries::One(existing)) if existing.conn == conn => {}
-            Some(one @ Entries::One(_)) => {
-                map.insert(key, one);
-            }
-            Some(Entries::Many(mut entries)) => {
-                entries.retain(|e| e.conn != conn);
-                match entries.len() {
-                    0 => {}
-                    1 => {
-                        let last = entries.pop().expect("one entry");
-                        map.insert(key, Entries::One(last));
-                    }
-                    _ => {
-                        map.insert(key, Entries::Many(entries));
-                    }
-                }
-            }
+        let hash = self.hash(&key);
+        let mut stripe = self.stripe(hash).lock().expect("register lock");
+        if let Ok(found) = stripe
+            .table
+            .find_entry(hash, |e| e.conn == conn && e.key() == key)
+        {
+            found.remove();
         }
     }
 }
@@ -209,10 +211,14 @@ impl Register for MemoryRegister {
 
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError> {
         let key = key(app, user);
-        let map = self.stripe(&key).lock().expect("register lock");
-        Ok(map.get(&key).map_or_else(Vec::new, |entries| {
-            entries.as_slice().iter().map(|e| self.session(e)).collect()
-        }))
+        let hash = self.hash(&key);
+        let stripe = self.stripe(hash).lock().expect("register lock");
+        Ok(stripe
+            .table
+            .iter_hash(hash)
+            .filter(|e| e.key() == key)
+            .map(|e| self.session(e))
+            .collect())
     }
 }
 

@@ -16,6 +16,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// than most heartbeat deadlines, so few entries are looked at twice.
 pub const SLOTS: usize = 1024;
 
+/// Entries' room a swept slot keeps without shrinking: with deadlines spread
+/// evenly, a slot holds connections / SLOTS entries.
+const SLOT_CAPACITY_KEPT: usize = 64;
+
 /// A wheel entry: a slab slot and the generation it was inserted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimerKey {
@@ -89,6 +93,12 @@ impl TimerWheel {
                 }
             });
             self.len -= before - slot.len();
+            // A connect storm piles thousands of deadlines into a few slots;
+            // once they are swept, that capacity is given back rather than
+            // kept for good.
+            if slot.capacity() > SLOT_CAPACITY_KEPT && slot.capacity() > 2 * slot.len() {
+                slot.shrink_to(slot.len());
+            }
         }
         self.swept = now_tick;
     }
