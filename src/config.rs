@@ -21,7 +21,11 @@ pub const DEFAULT_SEND_QUEUE_BYTES_MAX: usize = 256 * 1024;
 pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_BIND_FAILURES_MAX: u32 = 3;
 pub const DEFAULT_INFLIGHT_PUSHES_MAX: u32 = 32;
-pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 16 * 1024;
+/// Commands waiting for one shard. A push to every connection fills it, and
+/// every slot touched stays resident, so it is a few turns of the shard's
+/// loop (256 commands each), not a buffer for the whole fan-out: the control
+/// plane waits when it is full.
+pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 4 * 1024;
 pub const DEFAULT_HEARTBEAT_UNKNOWN_SECS: u64 = 60;
 pub const DEFAULT_HEARTBEAT_WIFI_SECS: u64 = 120;
 /// Cellular carriers' NATs drop idle mappings sooner than home routers.

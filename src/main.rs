@@ -239,6 +239,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let shards = config.shards();
     let (events_tx, events_rx) = async_channel::bounded(EVENT_QUEUE_LEN);
     warn_on_low_file_limit(&config);
+    limit_heap_arenas(shards);
     let gateway_config = GatewayConfig {
         io: config.gateway.io.driver(),
         listen: config.gateway.listen,
@@ -346,6 +347,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// glibc gives threads up to eight heap arenas per core, and each arena keeps
+/// its own freed memory: a burst served by many threads (shards, runtime
+/// workers, SQLite's) leaves every arena it touched at its peak. One arena
+/// per shard and one for the control plane are enough for a process that
+/// runs one loop per core.
+fn limit_heap_arenas(shards: usize) {
+    let arenas = libc::c_int::try_from(shards + 1).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only changes allocator tuning; it is called before
+    // the shard and runtime threads start.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// A connect storm allocates and frees many small objects across threads;

@@ -495,9 +495,9 @@ impl Delivery {
             .map(|(key, &acked_seq)| {
                 let (app, user, device_id) = key.parts();
                 AckCursor {
-                    app: app.to_owned(),
-                    user: user.to_owned(),
-                    device_id: device_id.to_owned(),
+                    app,
+                    user,
+                    device_id,
                     acked_seq,
                 }
             })

@@ -99,11 +99,13 @@ pub struct InboxHead {
 }
 
 /// A device's ack: it holds every message of (app, user) up to `acked_seq`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AckCursor {
-    pub app: String,
-    pub user: String,
-    pub device_id: String,
+/// Borrowed: a flush after a push to everyone writes one per device, and
+/// copying every name for it would double the flush's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckCursor<'a> {
+    pub app: &'a str,
+    pub user: &'a str,
+    pub device_id: &'a str,
     pub acked_seq: u64,
 }
 

@@ -295,10 +295,10 @@ async fn messages_after_skips_expired_messages() {
 #[tokio::test]
 async fn device_cursors_only_rise() {
     let (_dir, saver) = open().await;
-    let ack = |device: &str, acked_seq| AckCursor {
-        app: APP.into(),
-        user: "alice".into(),
-        device_id: device.into(),
+    let ack = |device: &'static str, acked_seq| AckCursor {
+        app: APP,
+        user: "alice",
+        device_id: device,
         acked_seq,
     };
     assert_eq!(cursor(&saver, "phone").await, None);
@@ -386,9 +386,9 @@ async fn stored_messages_survive_close_and_reopen() {
     saver
         .save_acks(
             &[AckCursor {
-                app: APP.into(),
-                user: "alice".into(),
-                device_id: "phone".into(),
+                app: APP,
+                user: "alice",
+                device_id: "phone",
                 acked_seq: 1,
             }],
             T0,
@@ -523,9 +523,9 @@ async fn inbox_heads_answer_each_key_in_order_in_one_call() {
     saver
         .save_acks(
             &[AckCursor {
-                app: APP.to_owned(),
-                user: "alice".to_owned(),
-                device_id: "phone".to_owned(),
+                app: APP,
+                user: "alice",
+                device_id: "phone",
                 acked_seq: 2,
             }],
             T0,
