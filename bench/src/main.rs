@@ -11,6 +11,7 @@ mod procfs;
 mod systems;
 mod worker;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::pool::{Workers, progress_bar};
-use crate::systems::{API_KEY, APP, CONNECTIONS_PER_PROCESS, Server};
+use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS, Server};
 use crate::worker::{Target, user_id};
 
 #[derive(Parser)]
@@ -89,6 +90,21 @@ struct Common {
     /// The herald binary (default: HERALD_BIN, or beside herald-bench).
     #[arg(long)]
     herald: Option<PathBuf>,
+    /// A running gateway to load instead of starting them here (repeat
+    /// for several processes). Needs --api and --config.
+    #[arg(long = "gateway", value_name = "ADDR")]
+    gateways_running: Vec<SocketAddr>,
+    /// The HTTP API of the running gateways: once for all of them, or once
+    /// per --gateway in the same order (one `herald serve` each).
+    #[arg(long = "api", value_name = "ADDR")]
+    apis_running: Vec<SocketAddr>,
+    /// The running gateways' config file, for the app's token secret and
+    /// API key.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The app to bind and push to (default: the config's only app).
+    #[arg(long)]
+    app: Option<String>,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -107,9 +123,41 @@ impl Common {
     }
 
     fn gateway_count(&self) -> usize {
+        if !self.gateways_running.is_empty() {
+            return self.gateways_running.len();
+        }
         self.gateways
             .unwrap_or_else(|| self.connections.div_ceil(CONNECTIONS_PER_PROCESS) as usize)
             .max(1)
+    }
+
+    /// Checks the running-gateway flags go together.
+    fn check(&self) -> anyhow::Result<()> {
+        let running = self.gateways_running.len();
+        if running == 0 {
+            anyhow::ensure!(
+                self.apis_running.is_empty() && self.config.is_none() && self.app.is_none(),
+                "--api, --config and --app describe running gateways: give --gateway too"
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            self.config.is_some(),
+            "--gateway needs --config (the gateways' config, for the app's secrets)"
+        );
+        anyhow::ensure!(
+            self.apis_running.len() == 1 || self.apis_running.len() == running,
+            "--gateway needs --api once, or once per --gateway ({running})"
+        );
+        Ok(())
+    }
+
+    /// The app clients bind: the config's, or the one of gateways started here.
+    fn creds(&self) -> anyhow::Result<AppCreds> {
+        match &self.config {
+            Some(path) => AppCreds::from_config(path, self.app.as_deref()),
+            None => Ok(AppCreds::default()),
+        }
     }
 }
 
@@ -142,6 +190,7 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Worker { .. } | Scenario::Hold => unreachable!("handled in main"),
     };
     common.apply_quick();
+    common.check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -195,15 +244,34 @@ struct Gateways {
 }
 
 impl Gateways {
+    /// The gateways under test: the running ones given with --gateway, or
+    /// `herald serve` processes started here.
     fn start(common: &Common) -> anyhow::Result<Gateways> {
         let dir = tempfile::tempdir()?;
-        let servers = start_heralds(common, dir.path())?;
+        let servers = herald_servers(common, dir.path())?;
         Ok(Gateways { servers, _dir: dir })
     }
 
     fn addrs(&self) -> Vec<std::net::SocketAddr> {
         self.servers.iter().map(|s| s.addr).collect()
     }
+}
+
+/// The running gateways given with --gateway, or `herald serve` processes
+/// started here with their data in `dir`.
+fn herald_servers(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<Server>> {
+    if common.gateways_running.is_empty() {
+        return start_heralds(common, dir);
+    }
+    common
+        .gateways_running
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| {
+            let api = common.apis_running[i.min(common.apis_running.len() - 1)];
+            Server::external(addr, api)
+        })
+        .collect()
 }
 
 fn start_heralds(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<Server>> {
@@ -274,6 +342,7 @@ fn measure_density(
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     let mut workers = Workers::start(
         target,
+        &common.creds()?,
         &addrs,
         common.connections,
         common.rate,
@@ -320,6 +389,7 @@ fn connect(common: &Common) -> anyhow::Result<Value> {
     let gateways = Gateways::start(common)?;
     let mut workers = Workers::start(
         Target::Herald,
+        &common.creds()?,
         &gateways.addrs(),
         common.connections,
         common.rate,
@@ -361,6 +431,7 @@ async fn idle(common: &Common) -> anyhow::Result<Value> {
     // One message to every connection at once: multicasts of up to 1,000
     // users to each gateway's API, all in flight together.
     let client = reqwest::Client::new();
+    let creds = common.creds()?;
     let mut calls = tokio::task::JoinSet::new();
     let count = gateways.servers.len() as u64;
     for (g, server) in gateways.servers.iter().enumerate() {
@@ -370,9 +441,9 @@ async fn idle(common: &Common) -> anyhow::Result<Value> {
             .map(user_id)
             .collect();
         for batch in users.chunks(1000) {
-            let url = format!("http://{api}/v1/apps/{APP}/messages");
+            let url = format!("http://{api}/v1/apps/{}/messages", creds.app);
             let body = json!({ "users": batch, "payload": now_nanos().to_string() });
-            let request = client.post(url).bearer_auth(API_KEY).json(&body);
+            let request = client.post(url).bearer_auth(&creds.api_key).json(&body);
             let users = batch.len() as u64;
             calls.spawn(async move {
                 match request.send().await {
@@ -467,6 +538,7 @@ async fn push(common: &Common) -> anyhow::Result<Value> {
     let gateways = Gateways::start(common)?;
     let mut workers = Workers::start(
         Target::Herald,
+        &common.creds()?,
         &gateways.addrs(),
         common.connections,
         0,
@@ -476,6 +548,7 @@ async fn push(common: &Common) -> anyhow::Result<Value> {
     let rate = if common.rate == 0 { 1_000 } else { common.rate };
     let total = rate * common.duration;
     let client = reqwest::Client::new();
+    let creds = common.creds()?;
     let apis: Vec<_> = gateways
         .servers
         .iter()
@@ -492,10 +565,11 @@ async fn push(common: &Common) -> anyhow::Result<Value> {
         let user = rand::random_range(0..common.connections);
         let api = apis[(user % apis.len() as u64) as usize];
         let url = format!(
-            "http://{api}/v1/apps/{APP}/users/{}/messages",
+            "http://{api}/v1/apps/{}/users/{}/messages",
+            creds.app,
             user_id(user)
         );
-        let request = client.post(url).bearer_auth(API_KEY);
+        let request = client.post(url).bearer_auth(&creds.api_key);
         let permit = in_flight.clone().acquire_owned().await?;
         calls.spawn(async move {
             let body = json!({ "payload": now_nanos().to_string() });
@@ -545,6 +619,7 @@ fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
     let gateways = Gateways::start(common)?;
     let mut workers = Workers::start(
         Target::Herald,
+        &common.creds()?,
         &gateways.addrs(),
         common.connections,
         common.rate,
@@ -595,7 +670,7 @@ fn peers(common: &Common) -> anyhow::Result<Value> {
     ] {
         let dir = tempfile::tempdir()?;
         let servers: Vec<Server> = match target {
-            Target::Herald => start_heralds(common, dir.path())?,
+            Target::Herald => herald_servers(common, dir.path())?,
             Target::Mqtt => (0..common.gateway_count())
                 .map(|i| systems::start_mosquitto(dir.path(), i))
                 .collect::<anyhow::Result<_>>()?,

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::systems::{APP, CONNECTIONS_PER_PROCESS, TOKEN_SECRET};
+use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS};
 use crate::worker::{Progress, Target, WorkerMessage, WorkerSpec};
 
 /// Source addresses per worker: 127.(worker + 2).0.1 and up.
@@ -65,6 +65,7 @@ impl Workers {
     /// Starts enough workers for `connections` and lets them connect.
     pub fn start(
         target: Target,
+        creds: &AppCreds,
         servers: &[SocketAddr],
         connections: u64,
         rate_per_sec: u64,
@@ -87,8 +88,8 @@ impl Workers {
                     .collect(),
                 rate_per_sec: rate_per_sec / count,
                 heartbeat_secs,
-                app: APP.to_owned(),
-                token_secret: TOKEN_SECRET.to_owned(),
+                app: creds.app.clone(),
+                token_secret: creds.token_secret.clone(),
             };
             let mut child = Command::new(&exe)
                 .arg("worker")

@@ -21,6 +21,49 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     kib_field(&text, "VmRSS").context("no VmRSS in /proc/PID/status")
 }
 
+/// The process listening on `addr` (TCP, IPv4): the socket's inode from
+/// /proc/net/tcp, then the process holding a descriptor to it.
+pub fn listener_pid(addr: std::net::SocketAddr) -> anyhow::Result<u32> {
+    let std::net::SocketAddr::V4(addr) = addr else {
+        bail!("{addr}: only IPv4 gateways can be measured");
+    };
+    let table = fs::read_to_string("/proc/net/tcp")?;
+    let inode = table
+        .lines()
+        .skip(1)
+        .find_map(|line| listening_inode(line, addr))
+        .with_context(|| format!("nothing listens on {addr}"))?;
+    let target = format!("socket:[{inode}]");
+    for process in fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = process.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
+                return Ok(pid);
+            }
+        }
+    }
+    bail!("no process of this user holds the socket listening on {addr}")
+}
+
+/// The inode of a /proc/net/tcp line if it is a listener on `addr` (or on
+/// the wildcard address with its port).
+fn listening_inode(line: &str, addr: std::net::SocketAddrV4) -> Option<u64> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (ip, port) = fields.get(1)?.split_once(':')?;
+    const LISTEN: &str = "0A";
+    if *fields.get(3)? != LISTEN || u16::from_str_radix(port, 16).ok()? != addr.port() {
+        return None;
+    }
+    // The kernel prints the address's in-memory (network order) u32 in hex.
+    let ip = std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
+    (ip == *addr.ip() || ip.is_unspecified()).then(|| fields.get(9)?.parse().ok())?
+}
+
 /// The kernel's slab memory (`Slab:` of /proc/meminfo), in bytes: where
 /// socket, inode, file and poll structures live.
 pub fn slab_bytes() -> anyhow::Result<u64> {
@@ -81,6 +124,15 @@ pub fn machine() -> Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_is_found_by_its_address_and_its_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(listener_pid(addr).unwrap(), std::process::id());
+        drop(listener);
+        assert!(listener_pid(addr).is_err());
+    }
 
     #[test]
     fn kib_fields_are_read_in_bytes() {

@@ -18,24 +18,105 @@ pub const TOKEN_SECRET: &str = "bench-token-secret-0123456789";
 /// process may hold here, with room for its own descriptors.
 pub const CONNECTIONS_PER_PROCESS: u64 = 15_000;
 
-/// A child process killed when dropped.
+/// A server under test: a child process killed when dropped, or a gateway
+/// someone else started (`--gateway`), left alone.
 pub struct Server {
-    pub child: Child,
+    child: Option<Child>,
+    pid: u32,
     pub addr: SocketAddr,
     /// The HTTP API, for Herald.
     pub api: Option<SocketAddr>,
 }
 
 impl Server {
+    fn child(child: Child, addr: SocketAddr, api: Option<SocketAddr>) -> Server {
+        Server {
+            pid: child.id(),
+            child: Some(child),
+            addr,
+            api,
+        }
+    }
+
+    /// A running gateway, found by the port it listens on: its memory and
+    /// CPU are read from /proc like those of a gateway started here.
+    pub fn external(addr: SocketAddr, api: SocketAddr) -> anyhow::Result<Server> {
+        let pid = crate::procfs::listener_pid(addr)?;
+        Ok(Server {
+            child: None,
+            pid,
+            addr,
+            api: Some(api),
+        })
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The app the clients bind and the API is called for, with its secrets.
+#[derive(Debug, Clone)]
+pub struct AppCreds {
+    pub app: String,
+    pub token_secret: String,
+    pub api_key: String,
+}
+
+impl Default for AppCreds {
+    /// The app of the gateways this benchmark starts itself.
+    fn default() -> AppCreds {
+        AppCreds {
+            app: APP.to_owned(),
+            token_secret: TOKEN_SECRET.to_owned(),
+            api_key: API_KEY.to_owned(),
+        }
+    }
+}
+
+impl AppCreds {
+    /// `app` (or the only app) of a Herald config file.
+    pub fn from_config(path: &Path, app: Option<&str>) -> anyhow::Result<AppCreds> {
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            apps: Vec<App>,
+        }
+        #[derive(serde::Deserialize)]
+        struct App {
+            id: String,
+            api_key: String,
+            token_secret: String,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).with_context(|| format!("{} is not TOML", path.display()))?;
+        let found = match app {
+            Some(app) => config.apps.into_iter().find(|a| a.id == app),
+            None if config.apps.len() == 1 => config.apps.into_iter().next(),
+            None => bail!(
+                "{} has {} apps: say which with --app",
+                path.display(),
+                config.apps.len()
+            ),
+        };
+        let found = found
+            .with_context(|| format!("no app {:?} in {}", app.unwrap_or(""), path.display()))?;
+        Ok(AppCreds {
+            app: found.id,
+            token_secret: found.token_secret,
+            api_key: found.api_key,
+        })
     }
 }
 
@@ -123,11 +204,8 @@ pub fn start_herald(
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Ok(Server {
-        child,
-        addr: gateway.context("no gateway address")?,
-        api,
-    })
+    let addr = gateway.context("no gateway address")?;
+    Ok(Server::child(child, addr, api))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -170,11 +248,7 @@ pub fn start_mosquitto(dir: &Path, index: usize) -> anyhow::Result<Server> {
         .context("cannot run mosquitto (Debian package `mosquitto`)")?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_listening(&mut child, addr, "mosquitto")?;
-    Ok(Server {
-        child,
-        addr,
-        api: None,
-    })
+    Ok(Server::child(child, addr, None))
 }
 
 /// Starts a NATS server (core NATS, no JetStream) on a free loopback port.
@@ -188,11 +262,7 @@ pub fn start_nats() -> anyhow::Result<Server> {
         .context("cannot run nats-server")?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_listening(&mut child, addr, "nats-server")?;
-    Ok(Server {
-        child,
-        addr,
-        api: None,
-    })
+    Ok(Server::child(child, addr, None))
 }
 
 /// Starts `herald-bench hold`: accepts and keeps sockets, nothing else.
@@ -205,11 +275,7 @@ pub fn start_holder() -> anyhow::Result<Server> {
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = lines.next().context("hold exited")??.trim().parse()?;
-    Ok(Server {
-        child,
-        addr,
-        api: None,
-    })
+    Ok(Server::child(child, addr, None))
 }
 
 /// `herald-bench hold`: the bare acceptor.

@@ -59,3 +59,94 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
         );
     }
 }
+
+/// A `herald serve` started by the test, killed when dropped.
+struct RunningHerald(std::process::Child);
+
+impl Drop for RunningHerald {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_benchmark_loads_a_gateway_it_did_not_start() {
+    use std::io::BufRead as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{}"
+[gateway]
+listen = "127.0.0.1:0"
+shards = 1
+[api]
+listen = "127.0.0.1:0"
+[[apps]]
+id = "chat"
+api_key = "external-api-key-0123456789"
+token_secret = "external-token-secret-0123456789"
+"#,
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(herald_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let herald = RunningHerald(child);
+    let (mut gateway, mut api) = (None, None);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
+            gateway = rest.split_whitespace().next().map(str::to_owned);
+        } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
+            api = Some(rest.trim().to_owned());
+        }
+        if gateway.is_some() && api.is_some() {
+            break;
+        }
+    }
+    let (gateway, api) = (gateway.unwrap(), api.unwrap());
+
+    let json = dir.path().join("external.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(["push", "--quick", "--connections", "500", "--rate", "200"])
+        .args(["--gateway", &gateway, "--api", &api, "--config"])
+        .arg(&config)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run herald-bench");
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.status.success(),
+        "herald-bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["failures_total"], 0);
+    assert_eq!(report["gateways"], 1);
+    let push = &report["results"]["push"];
+    assert!(push["pushes"].as_u64().unwrap() > 0);
+    assert_eq!(push["received"], push["pushes"]);
+
+    // Flags that only make sense together are refused with a reason.
+    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(["connect", "--gateway", &gateway])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--config"));
+    drop(herald);
+}
