@@ -193,6 +193,7 @@ impl Server {
     pub fn kill_and_restart(mut self) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+        wait_until_nothing_listens(&self.gateway);
         let mut next = Server::spawn(
             self.config_path.as_deref(),
             &self.data_dir,
@@ -427,5 +428,33 @@ impl RawClient {
         if let Ok(frame) = tokio::time::timeout(quiet, self.recv_inner()).await {
             panic!("expected silence, got {frame:?}");
         }
+    }
+}
+
+/// Waits until no socket listens on `addr` any more. A killed process's
+/// io_uring is torn down by the kernel after the process is gone, and its
+/// poll requests hold the listeners open until then: a successor that joins
+/// the port's SO_REUSEPORT group before that would see some connections land
+/// on a dying listener and be reset.
+fn wait_until_nothing_listens(addr: &str) {
+    let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let listening = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            const LISTEN: &str = "0A";
+            fields[3] == LISTEN
+                && fields[1]
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| u16::from_str_radix(p, 16) == Ok(port))
+        })
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while listening() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} still listens {WAIT:?} after its server was killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
