@@ -22,6 +22,17 @@ fn herald_bin() -> PathBuf {
     path
 }
 
+/// The JSON report of a herald-bench run that must have succeeded.
+fn successful_report(output: &std::process::Output, json: &std::path::Path) -> serde_json::Value {
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.status.success(),
+        "herald-bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 #[test]
 fn the_quick_benchmark_runs_every_scenario_without_failures() {
     let dir = tempfile::tempdir().unwrap();
@@ -33,15 +44,7 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
         .arg(herald_bin())
         .output()
         .expect("run herald-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "herald-bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = successful_report(&output, &json);
     assert_eq!(report["failures_total"], 0);
     let results = &report["results"];
     assert_eq!(results["connect"]["connections"], 2000);
@@ -127,14 +130,7 @@ token_secret = "external-token-secret-0123456789"
         .arg(&json)
         .output()
         .expect("run herald-bench");
-    println!("{}", String::from_utf8_lossy(&output.stdout));
-    assert!(
-        output.status.success(),
-        "herald-bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = successful_report(&output, &json);
     assert_eq!(report["failures_total"], 0);
     assert_eq!(report["gateways"], 1);
     let push = &report["results"]["push"];
