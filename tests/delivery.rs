@@ -137,6 +137,34 @@ async fn multicast_stores_one_copy_per_user(io: Io) {
     assert_eq!(pulled["more"], false);
 }
 
+async fn many_multicasts_at_once_are_all_stored_and_delivered(io: Io) {
+    let server = Server::start_on(io);
+    let mut jo = RawClient::bound(&server.gateway, "phone", "jo", None).await;
+    server.wait_connections("jo", 1).await;
+    // More calls than are handled at a time: the rest wait their turn.
+    const CALLS: u64 = 12;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 1..=CALLS {
+        let request = reqwest::Client::new()
+            .post(server.url(&format!("/v1/apps/{APP}/messages")))
+            .bearer_auth(API_KEY)
+            .body(format!(
+                r#"{{"users": ["jo", "kim"], "payload": "call {i}"}}"#
+            ));
+        calls.spawn(async move { request.send().await.unwrap().status().as_u16() });
+    }
+    while let Some(status) = calls.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let mut seqs: Vec<u64> = Vec::new();
+    for _ in 0..CALLS {
+        let (seq, _) = jo.recv_push().await;
+        jo.ack(seq).await;
+        seqs.push(seq);
+    }
+    assert_eq!(seqs, (1..=CALLS).collect::<Vec<_>>());
+}
+
 async fn the_same_idempotency_key_stores_once(io: Io) {
     let server = Server::start_on(io);
     let body = r#"{"payload": "once", "idempotency_key": "order-17"}"#.to_owned();
@@ -213,6 +241,7 @@ on_both_drivers!(
     a_message_stored_before_a_hard_restart_is_still_delivered,
     every_device_of_a_user_gets_the_push,
     multicast_stores_one_copy_per_user,
+    many_multicasts_at_once_are_all_stored_and_delivered,
     the_same_idempotency_key_stores_once,
     kick_sends_goaway_and_closes,
     a_large_backlog_is_delivered_in_order_through_the_window,

@@ -31,6 +31,13 @@ use crate::{AppConfig, ControlConfig};
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
 
+/// Multicasts being parsed, stored and handed to the shards at once. The
+/// saver writes one transaction at a time anyway, so two keep it busy (one
+/// storing while the other hands over); the rest wait as their raw bodies,
+/// not as parsed user lists and results, which keeps a burst of calls (a
+/// push to every user of an app) from ballooning the node's memory.
+const MULTICASTS_IN_FLIGHT_MAX: usize = 2;
+
 /// Renders the gateway's metrics (the control plane cannot see them itself).
 pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
 
@@ -40,6 +47,7 @@ pub struct CenterState {
     delivery: Arc<Delivery>,
     gateway_metrics: MetricsRenderer,
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
+    multicasts: tokio::sync::Semaphore,
 }
 
 /// A JSON error reply.
@@ -80,8 +88,44 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body, whatever its Content-Type (so a plain `curl -d` works),
-/// with errors in the API's own format.
+/// A request body, read whole (bounded by the body limit), with errors in
+/// the API's own format.
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection: BytesRejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "request body is too large",
+                    )
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })
+    }
+}
+
+/// Parses a JSON body, whatever its Content-Type (so a plain `curl -d`
+/// works).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("request body is not valid JSON for this call: {error}"),
+        )
+    })
+}
+
+/// A JSON body (see [`parse_json`]).
 struct JsonBody<T>(T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -92,29 +136,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection: BytesRejection| {
-                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "payload_too_large",
-                            "request body is too large",
-                        )
-                    } else {
-                        ApiError::bad_request(rejection.body_text())
-                    }
-                })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|error| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    format!("request body is not valid JSON for this call: {error}"),
-                )
-            })
+        let RawBody(bytes) = RawBody::from_request(request, state).await?;
+        parse_json(&bytes).map(JsonBody)
     }
 }
 
@@ -136,6 +159,7 @@ pub fn router(
         delivery,
         gateway_metrics,
         requests_by_status: Mutex::default(),
+        multicasts: tokio::sync::Semaphore::new(MULTICASTS_IN_FLIGHT_MAX),
     });
     Router::new()
         .route("/v1/apps/{app}/users/{user}/messages", post(push).get(pull))
@@ -368,9 +392,15 @@ async fn multicast(
     State(state): State<Arc<CenterState>>,
     Path(app): Path<String>,
     headers: HeaderMap,
-    JsonBody(mut body): JsonBody<MessageBody>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let app_config = authorize(&state, &app, &headers)?;
+    let _turn = state
+        .multicasts
+        .acquire()
+        .await
+        .expect("the multicast semaphore is never closed");
+    let mut body: MessageBody = parse_json(&body)?;
     let users = body
         .users
         .take()
