@@ -7,15 +7,407 @@
 //! delivery or fan-out, and it never reads the clock: every call that
 //! depends on time takes `now_ms` (unix milliseconds) from the caller.
 //!
-//! SQLite (one embedded file) is the only backend so far; the schema and
-//! queries stay simple so MySQL, PostgreSQL and Redis can follow.
+//! Three engines sit behind one [`Saver`]: SQLite (one embedded file, the
+//! default), and MySQL/MariaDB or PostgreSQL for a cluster, where several
+//! control nodes write at once. Each engine has its own migrations
+//! (`migrations/<engine>`) of the same schema and its own statements; what
+//! they must agree on is tested against all three (`tests/saver.rs`).
 
+mod mysql;
+mod postgres;
 mod sqlite;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 pub use herald_proto::MessageId;
 
-pub use sqlite::{MESSAGES_AFTER_LIMIT_MAX, PURGE_BATCH_ROWS, Saver};
+/// The most messages [`Saver::messages_after`] returns in one call, whatever
+/// `limit` asks for, so one call's memory is bounded by this times the
+/// payload size limit. Callers page with `after` and the `more` flag.
+pub const MESSAGES_AFTER_LIMIT_MAX: u32 = 1_000;
+
+/// Rows deleted per statement by [`Saver::purge_expired`]. Each statement is
+/// its own transaction and holds its locks while it runs; 10,000 rows of a
+/// few hundred bytes each take some milliseconds, short enough that a queued
+/// store is not held up noticeably, and large enough that purging a day's
+/// backlog takes few round trips.
+pub const PURGE_BATCH_ROWS: u32 = 10_000;
+
+/// Rows one networked statement carries (inbox heads raised, messages
+/// inserted, cursors saved, heads read). A multicast to 10,000 users is ten
+/// statements rather than 10,000 round trips, and no statement comes near
+/// MySQL's 65,535 placeholders or a server's packet limit.
+const BATCH_ROWS_MAX: usize = 1_000;
+
+/// Attempts at a transaction the database aborted to break a deadlock or a
+/// race on an idempotency key. Either clears on retry (the loser of the race
+/// then finds the winner's record); one that keeps failing is reported.
+const TRANSACTION_ATTEMPTS_MAX: u32 = 8;
+
+/// Durable per-(app, user) inboxes on one of three engines. Cloning is
+/// cheap: clones share the engine's pools.
+#[derive(Debug, Clone)]
+pub struct Saver {
+    engine: Engine,
+}
+
+#[derive(Debug, Clone)]
+enum Engine {
+    Sqlite(sqlite::SqliteSaver),
+    MySql(mysql::MySqlSaver),
+    Postgres(postgres::PgSaver),
+}
+
+/// Runs `$call` on whichever engine `$saver` holds.
+macro_rules! on_engine {
+    ($saver:expr, $engine:ident => $call:expr) => {
+        match &$saver.engine {
+            Engine::Sqlite($engine) => $call,
+            Engine::MySql($engine) => $call,
+            Engine::Postgres($engine) => $call,
+        }
+    };
+}
+
+impl Saver {
+    /// Opens the database a URL names and brings its schema up to date:
+    /// `sqlite:PATH` (created if missing), `mysql://user:password@host/db`
+    /// (MySQL 8 or MariaDB 10.6 and later) or `postgres://user@host/db`.
+    pub async fn open(url: &str) -> Result<Saver, StorageError> {
+        let engine = if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            Engine::Sqlite(sqlite::SqliteSaver::open(std::path::Path::new(path)).await?)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Engine::MySql(mysql::MySqlSaver::open(url).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Engine::Postgres(postgres::PgSaver::open(url).await?)
+        } else {
+            return Err(StorageError::Config(format!(
+                "database URL {:?} names no engine Herald knows: \
+                 use sqlite:PATH, mysql://... or postgres://...",
+                redact(url)
+            )));
+        };
+        Ok(Saver { engine })
+    }
+
+    /// Opens (creating if needed) the SQLite database file at `path`.
+    pub async fn open_sqlite(path: &std::path::Path) -> Result<Saver, StorageError> {
+        Ok(Saver {
+            engine: Engine::Sqlite(sqlite::SqliteSaver::open(path).await?),
+        })
+    }
+
+    /// The engine's name, for logs and metrics.
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::MySql(_) => "mysql",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Stores in ONE transaction: for each user allocate the next seq, insert
+    /// the message (the same message_id for every user of one call: one
+    /// logical message), and, if an idempotency key is given, record the
+    /// results (expires at now_ms + ttl_ms). If the key exists and has not
+    /// expired, store nothing and return the recorded results with
+    /// replayed = true (an expired key is replaced). Durable when it returns Ok.
+    ///
+    /// A replay returns the first call's results even if this call names
+    /// other users or another payload: the key, not the content, identifies
+    /// the send. Sequences stay gapless and distinct per inbox however many
+    /// nodes store into it at once.
+    pub async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.store(msg).await,
+            Engine::MySql(engine) => retried(|| engine.store(msg)).await,
+            Engine::Postgres(engine) => retried(|| engine.store(msg)).await,
+        }
+    }
+
+    /// Up to `limit` unexpired messages of (app, user) with seq > after,
+    /// ascending; bool = more unexpired messages exist beyond those returned.
+    ///
+    /// `limit` is capped at [`MESSAGES_AFTER_LIMIT_MAX`]. A message is
+    /// expired once `now_ms >= expires_at_ms`.
+    pub async fn messages_after(
+        &self,
+        app: &str,
+        user: &str,
+        after: u64,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<(Vec<StoredMessage>, bool), StorageError> {
+        let limit = limit.min(MESSAGES_AFTER_LIMIT_MAX);
+        // One row past the limit tells whether more exist without a COUNT.
+        let rows = on_engine!(self, engine => engine.messages_after(app, user, after, limit + 1, now_ms).await)?;
+        let more = rows.len() > limit as usize;
+        let messages = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|row| row.into_stored(app, user))
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        Ok((messages, more))
+    }
+
+    /// Where each inbox stands, for many inboxes at once: the last sequence
+    /// handed out and, when the key names a device, the highest sequence
+    /// that device acked. One answer per key, in order.
+    ///
+    /// Binding clients need both before their first fill; asking for a
+    /// batch at once keeps a reconnect storm from becoming one database
+    /// round trip per connection.
+    pub async fn inbox_heads(&self, keys: &[InboxKey]) -> Result<Vec<InboxHead>, StorageError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let heads = on_engine!(self, engine => engine.inbox_heads(keys).await)?;
+        if heads.len() != keys.len() {
+            return Err(StorageError::Corrupt(format!(
+                "{} inbox heads read for {} keys",
+                heads.len(),
+                keys.len()
+            )));
+        }
+        Ok(heads)
+    }
+
+    /// Raises each cursor to acked_seq (never lowers) in one transaction.
+    /// `now_ms` for updated_at.
+    ///
+    /// `updated_at_ms` records the last ack seen from the device even when
+    /// it did not raise the cursor: it says the device is alive.
+    pub async fn save_acks(&self, acks: &[AckCursor<'_>], now_ms: u64) -> Result<(), StorageError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.save_acks(acks, now_ms).await,
+            Engine::MySql(engine) => {
+                let acks = highest_per_device(acks);
+                retried(|| engine.save_acks(&acks, now_ms)).await
+            }
+            Engine::Postgres(engine) => {
+                let acks = highest_per_device(acks);
+                retried(|| engine.save_acks(&acks, now_ms)).await
+            }
+        }
+    }
+
+    /// Deletes expired messages and idempotency keys; returns how many
+    /// messages were deleted.
+    ///
+    /// Work per statement is bounded: it deletes [`PURGE_BATCH_ROWS`] rows
+    /// at a time, each batch its own transaction, and loops until a batch
+    /// comes up short, so stores run between batches instead of waiting for
+    /// the whole purge.
+    pub async fn purge_expired(&self, now_ms: u64) -> Result<u64, StorageError> {
+        let messages = on_engine!(self, engine => engine.purge_table("messages", now_ms).await)?;
+        let idempotency_keys =
+            on_engine!(self, engine => engine.purge_table("idempotency_keys", now_ms).await)?;
+        tracing::debug!(messages, idempotency_keys, "purged expired rows");
+        Ok(messages)
+    }
+
+    /// Cheap round trip (SELECT 1) for readiness checks.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        on_engine!(self, engine => engine.ping().await)
+    }
+
+    /// Closes the pools once the calls in flight finish; calls made
+    /// afterwards fail as unavailable. Every clone shares the pools, so this
+    /// closes them all.
+    pub async fn close(&self) {
+        on_engine!(self, engine => engine.close().await)
+    }
+}
+
+/// Runs a transaction again while the database aborts it as a deadlock
+/// victim, a serialization failure or the loser of a unique-key race, with
+/// a short random pause so the contenders do not collide again in step.
+async fn retried<T, F, Fut>(mut attempt: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StorageError>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(StorageError::Unavailable(error))
+                if is_transient(&error) && tries < TRANSACTION_ATTEMPTS_MAX =>
+            {
+                tracing::debug!(%error, tries, "retrying an aborted transaction");
+                tries += 1;
+                let pause_ms = rand::random_range(1..=5u64 << tries.min(6));
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Runs `delete_batch` (one statement deleting at most [`PURGE_BATCH_ROWS`]
+/// rows) until it deletes fewer than a full batch; returns the total.
+async fn delete_in_batches<F, Fut>(mut delete_batch: F) -> Result<u64, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, StorageError>>,
+{
+    let mut deleted_total = 0;
+    loop {
+        let deleted = delete_batch().await?;
+        deleted_total += deleted;
+        if deleted < u64::from(PURGE_BATCH_ROWS) {
+            return Ok(deleted_total);
+        }
+    }
+}
+
+/// Whether the database aborted a statement only because of what ran beside
+/// it: a deadlock (SQLSTATE 40001 on MySQL, 40P01 on PostgreSQL), a
+/// serialization failure (40001) or a unique-key race (23000/23505).
+fn is_transient(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(error) = error else {
+        return false;
+    };
+    if error.kind() == sqlx::error::ErrorKind::UniqueViolation {
+        return true;
+    }
+    matches!(error.code().as_deref(), Some("40001" | "40P01"))
+}
+
+/// One cursor per device, the highest: PostgreSQL refuses an upsert that
+/// touches a row twice, and sorted rows lock in one order on every node,
+/// which keeps two flushes from deadlocking.
+fn highest_per_device<'a>(acks: &[AckCursor<'a>]) -> Vec<AckCursor<'a>> {
+    let mut highest: BTreeMap<(&str, &str, &str), AckCursor<'a>> = BTreeMap::new();
+    for ack in acks {
+        highest
+            .entry((ack.app, ack.user, ack.device_id))
+            .and_modify(|kept| kept.acked_seq = kept.acked_seq.max(ack.acked_seq))
+            .or_insert(*ack);
+    }
+    highest.into_values().collect()
+}
+
+/// How many sequences each distinct recipient needs, in user order: the
+/// order every node locks inbox heads in, so concurrent stores to
+/// overlapping users queue instead of deadlocking.
+fn seqs_needed(users: &[String]) -> BTreeMap<&str, u64> {
+    let mut needed = BTreeMap::new();
+    for user in users {
+        *needed.entry(user.as_str()).or_insert(0) += 1;
+    }
+    needed
+}
+
+/// Gives each recipient its sequence once the heads were raised: `last`
+/// holds each distinct user's new last_seq, so its copies take the
+/// sequences just below it, in the order the users are listed.
+fn assign_seqs(
+    users: &[String],
+    needed: &BTreeMap<&str, u64>,
+    last: &BTreeMap<String, u64>,
+    message_id: MessageId,
+) -> Result<Vec<StoredRef>, StorageError> {
+    let mut next: BTreeMap<&str, u64> = BTreeMap::new();
+    users
+        .iter()
+        .map(|user| {
+            let last_seq = *last.get(user).ok_or_else(|| {
+                StorageError::Corrupt(format!("no inbox head for {user:?} after raising it"))
+            })?;
+            let seq = next
+                .entry(user.as_str())
+                .or_insert(last_seq + 1 - needed[user.as_str()]);
+            let stored = StoredRef {
+                user: user.clone(),
+                seq: *seq,
+                message_id,
+            };
+            *seq += 1;
+            Ok(stored)
+        })
+        .collect()
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// One row of `messages` as [`Saver::messages_after`] selects it; the same
+/// shape on every engine.
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    seq: i64,
+    message_id: Vec<u8>,
+    payload: Vec<u8>,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl MessageRow {
+    fn into_stored(self, app: &str, user: &str) -> Result<StoredMessage, StorageError> {
+        let message_id = <[u8; 16]>::try_from(self.message_id.as_slice())
+            .map(MessageId)
+            .map_err(|_| {
+                StorageError::Corrupt(format!(
+                    "message {} of app {app:?} user {user:?} has a {}-byte id",
+                    self.seq,
+                    self.message_id.len()
+                ))
+            })?;
+        Ok(StoredMessage {
+            seq: from_db(self.seq, "messages.seq")?,
+            message_id,
+            payload: Bytes::from(self.payload),
+            created_at_ms: from_db(self.created_at_ms, "messages.created_at_ms")?,
+            expires_at_ms: from_db(self.expires_at_ms, "messages.expires_at_ms")?,
+        })
+    }
+}
+
+/// Converts a u64 to the i64 SQL stores. Sequences and unix milliseconds
+/// never come near i64::MAX; an input that does (a huge TTL or `after`)
+/// saturates, which keeps its meaning ("never expires", "nothing after").
+fn to_db(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Converts a stored i64 back to u64; a negative value means the row was not
+/// written by this crate.
+fn from_db(value: i64, column: &str) -> Result<u64, StorageError> {
+    u64::try_from(value)
+        .map_err(|_| StorageError::Corrupt(format!("{column} holds negative value {value}")))
+}
+
+/// Decodes the results an idempotency key recorded.
+fn recorded_results(results: &str, app: &str, key: &str) -> Result<Vec<StoredRef>, StorageError> {
+    serde_json::from_str(results).map_err(|error| {
+        StorageError::Corrupt(format!(
+            "idempotency key {key:?} of app {app:?} records unreadable results: {error}"
+        ))
+    })
+}
+
+/// Encodes results for an idempotency key to record.
+fn results_to_record(stored: &[StoredRef]) -> Result<String, StorageError> {
+    serde_json::to_string(stored)
+        .map_err(|error| StorageError::Corrupt(format!("cannot encode store results: {error}")))
+}
 
 /// Why a storage call failed. Every variant comes from storage; only
 /// `Unavailable` can succeed on retry.
@@ -28,6 +420,9 @@ pub enum StorageError {
     /// The schema could not be brought up to date when opening.
     #[error("storage migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL or settings cannot work.
+    #[error("storage configuration: {0}")]
+    Config(String),
     /// A stored value breaks an invariant this crate keeps (a negative
     /// sequence, a message id that is not 16 bytes, unreadable JSON).
     #[error("storage holds invalid data: {0}")]
@@ -96,6 +491,22 @@ pub struct InboxHead {
     pub last_seq: u64,
     /// The device's highest ack, if the key named a device that ever acked.
     pub acked_seq: Option<u64>,
+}
+
+impl InboxHead {
+    /// From the columns as read: a missing head is an inbox never stored
+    /// into, a missing cursor a device that never acked.
+    fn from_db(last_seq: Option<i64>, acked_seq: Option<i64>) -> Result<InboxHead, StorageError> {
+        Ok(InboxHead {
+            last_seq: last_seq
+                .map(|seq| from_db(seq, "inbox_heads.last_seq"))
+                .transpose()?
+                .unwrap_or(0),
+            acked_seq: acked_seq
+                .map(|seq| from_db(seq, "device_cursors.acked_seq"))
+                .transpose()?,
+        })
+    }
 }
 
 /// A device's ack: it holds every message of (app, user) up to `acked_seq`.

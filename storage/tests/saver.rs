@@ -1,24 +1,24 @@
-//! The saver against a real SQLite file in a temporary directory.
+//! The saver's contract, checked on every engine: each test below runs
+//! once on SQLite (a file in a temporary directory), once on MariaDB/MySQL
+//! and once on PostgreSQL, each in a database of its own that is dropped
+//! afterwards. The servers are found at `HERALD_TEST_MYSQL_URL` and
+//! `HERALD_TEST_POSTGRES_URL` (default: the local ones,
+//! `scripts/start-services.sh` starts them). Without a server a test is
+//! skipped with a message, except under CI=true, where it fails.
+
+mod engines;
 
 use std::collections::HashSet;
 
+use engines::TestDb;
 use herald_storage::{
     AckCursor, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX, NewMessage, PURGE_BATCH_ROWS, Saver,
     StorageError, StoreOutcome,
 };
-use tempfile::TempDir;
 
 const APP: &str = "app1";
 const T0: u64 = 1_700_000_000_000;
 const HOUR_MS: u64 = 3_600_000;
-
-async fn open() -> (TempDir, Saver) {
-    let dir = tempfile::tempdir().unwrap();
-    let saver = Saver::open_sqlite(&dir.path().join("herald.db"))
-        .await
-        .unwrap();
-    (dir, saver)
-}
 
 fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|name| name.to_string()).collect()
@@ -71,9 +71,8 @@ async fn cursor(saver: &Saver, device: &str) -> Option<u64> {
     heads[0].acked_seq
 }
 
-#[tokio::test]
-async fn seqs_rise_per_inbox_and_are_independent_across_users_and_apps() {
-    let (_dir, saver) = open().await;
+async fn seqs_rise_per_inbox_and_are_independent_across_users_and_apps(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     let bob = users(&["bob"]);
     for expected in 1..=3 {
@@ -94,9 +93,8 @@ async fn seqs_rise_per_inbox_and_are_independent_across_users_and_apps() {
     assert_eq!(seqs_of(&saver, "app2", "alice", T0).await, [1]);
 }
 
-#[tokio::test]
-async fn stored_message_reads_back_as_written() {
-    let (_dir, saver) = open().await;
+async fn stored_message_reads_back_as_written(db: TestDb) {
+    let saver = db.open().await;
     let outcome = store(&saver, APP, &users(&["alice"]), b"hello", T0).await;
     assert!(!outcome.replayed);
     let (messages, more) = saver.messages_after(APP, "alice", 0, 10, T0).await.unwrap();
@@ -111,9 +109,8 @@ async fn stored_message_reads_back_as_written() {
     assert_eq!(message.message_id.0[..6], T0.to_be_bytes()[2..]);
 }
 
-#[tokio::test]
-async fn seq_is_not_reused_after_purge() {
-    let (_dir, saver) = open().await;
+async fn seq_is_not_reused_after_purge(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     store(&saver, APP, &alice, b"1", T0).await;
     store(&saver, APP, &alice, b"2", T0).await;
@@ -126,9 +123,8 @@ async fn seq_is_not_reused_after_purge() {
     );
 }
 
-#[tokio::test]
-async fn multicast_shares_one_message_id_and_gives_each_user_one_seq() {
-    let (_dir, saver) = open().await;
+async fn multicast_shares_one_message_id_and_gives_each_user_one_seq(db: TestDb) {
+    let saver = db.open().await;
     store(&saver, APP, &users(&["bob"]), b"earlier", T0).await;
     let outcome = store(&saver, APP, &users(&["alice", "bob", "carol"]), b"all", T0).await;
     let summary: Vec<(&str, u64)> = outcome
@@ -158,9 +154,8 @@ async fn multicast_shares_one_message_id_and_gives_each_user_one_seq() {
     assert_ne!(next.stored[0].message_id, message_id);
 }
 
-#[tokio::test]
-async fn idempotent_replay_returns_the_first_result_and_stores_nothing() {
-    let (_dir, saver) = open().await;
+async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestDb) {
+    let saver = db.open().await;
     let alice_bob = users(&["alice", "bob"]);
     let send = |payload: &'static [u8], now_ms| NewMessage {
         app: APP,
@@ -191,9 +186,8 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing() {
     assert!(!other_app.replayed);
 }
 
-#[tokio::test]
-async fn idempotency_key_past_its_ttl_stores_anew() {
-    let (_dir, saver) = open().await;
+async fn idempotency_key_past_its_ttl_stores_anew(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     let send = |now_ms| NewMessage {
         app: APP,
@@ -216,9 +210,8 @@ async fn idempotency_key_past_its_ttl_stores_anew() {
     assert_eq!(third.stored, second.stored);
 }
 
-#[tokio::test]
-async fn messages_after_pages_in_order_and_flags_more() {
-    let (_dir, saver) = open().await;
+async fn messages_after_pages_in_order_and_flags_more(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     for payload in [b"1", b"2", b"3", b"4", b"5"] {
         store(&saver, APP, &alice, payload, T0).await;
@@ -246,9 +239,8 @@ async fn messages_after_pages_in_order_and_flags_more() {
     assert!(messages.is_empty() && !more);
 }
 
-#[tokio::test]
-async fn messages_after_caps_the_limit() {
-    let (_dir, saver) = open().await;
+async fn messages_after_caps_the_limit(db: TestDb) {
+    let saver = db.open().await;
     // A user listed n times gets n seqs in one transaction.
     let many = vec!["alice".to_string(); MESSAGES_AFTER_LIMIT_MAX as usize + 1];
     store(&saver, APP, &many, b"x", T0).await;
@@ -260,9 +252,8 @@ async fn messages_after_caps_the_limit() {
     assert!(more);
 }
 
-#[tokio::test]
-async fn messages_after_skips_expired_messages() {
-    let (_dir, saver) = open().await;
+async fn messages_after_skips_expired_messages(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     let send = |ttl_ms| NewMessage {
         app: APP,
@@ -292,9 +283,8 @@ async fn messages_after_skips_expired_messages() {
     assert!(messages.is_empty() && !more);
 }
 
-#[tokio::test]
-async fn device_cursors_only_rise() {
-    let (_dir, saver) = open().await;
+async fn device_cursors_only_rise(db: TestDb) {
+    let saver = db.open().await;
     let ack = |device: &'static str, acked_seq| AckCursor {
         app: APP,
         user: "alice",
@@ -331,9 +321,8 @@ async fn device_cursors_only_rise() {
     assert!(others.iter().all(|head| head.acked_seq.is_none()));
 }
 
-#[tokio::test]
-async fn purge_removes_only_expired_rows() {
-    let (_dir, saver) = open().await;
+async fn purge_removes_only_expired_rows(db: TestDb) {
+    let saver = db.open().await;
     let alice = users(&["alice"]);
     let send = |ttl_ms, idempotency_key| NewMessage {
         app: APP,
@@ -363,9 +352,8 @@ async fn purge_removes_only_expired_rows() {
     );
 }
 
-#[tokio::test]
-async fn purge_loops_over_batches() {
-    let (_dir, saver) = open().await;
+async fn purge_loops_over_batches(db: TestDb) {
+    let saver = db.open().await;
     let rows = PURGE_BATCH_ROWS as usize + 1;
     let many = vec!["alice".to_string(); rows];
     store(&saver, APP, &many, b"x", T0).await;
@@ -375,13 +363,10 @@ async fn purge_loops_over_batches() {
     );
 }
 
-#[tokio::test]
-async fn stored_messages_survive_close_and_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("herald.db");
+async fn stored_messages_survive_close_and_reopen(db: TestDb) {
     let alice = users(&["alice"]);
 
-    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let saver = db.open().await;
     let first = store(&saver, APP, &alice, b"before close", T0).await;
     saver
         .save_acks(
@@ -403,7 +388,7 @@ async fn stored_messages_survive_close_and_reopen() {
     ));
 
     // Opening again runs the (already applied) migrations a second time.
-    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let saver = db.open().await;
     let (messages, _) = saver.messages_after(APP, "alice", 0, 10, T0).await.unwrap();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].message_id, first.stored[0].message_id);
@@ -416,15 +401,14 @@ async fn stored_messages_survive_close_and_reopen() {
 
     // Dropped without close: committed data is still there.
     drop(saver);
-    let saver = Saver::open_sqlite(&path).await.unwrap();
+    let saver = db.open().await;
     assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1, 2]);
     saver.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_stores_get_gapless_distinct_seqs() {
+async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
     const STORES: u64 = 200;
-    let (_dir, saver) = open().await;
+    let saver = db.open().await;
     let tasks: Vec<_> = (0..STORES)
         .map(|i| {
             let saver = saver.clone();
@@ -455,9 +439,8 @@ async fn concurrent_stores_get_gapless_distinct_seqs() {
     );
 }
 
-#[tokio::test]
-async fn empty_recipient_list_stores_nothing() {
-    let (_dir, saver) = open().await;
+async fn empty_recipient_list_stores_nothing(db: TestDb) {
+    let saver = db.open().await;
     let outcome = store(&saver, APP, &[], b"x", T0).await;
     assert_eq!(
         outcome,
@@ -468,32 +451,18 @@ async fn empty_recipient_list_stores_nothing() {
     );
 }
 
-#[tokio::test]
-async fn ping_answers_while_open() {
-    let (_dir, saver) = open().await;
+async fn ping_answers_while_open(db: TestDb) {
+    let saver = db.open().await;
     saver.ping().await.unwrap();
 }
 
-#[tokio::test]
-async fn unreadable_idempotency_record_is_reported_as_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("herald.db");
-    let saver = Saver::open_sqlite(&path).await.unwrap();
-    let raw =
-        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
-            .await
-            .unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) VALUES (?, ?, ?, ?)",
+async fn unreadable_idempotency_record_is_reported_as_corrupt(db: TestDb) {
+    let saver = db.open().await;
+    db.execute(
+        "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) \
+         VALUES ('app1', 'broken', 'not json', 9223372036854775807)",
     )
-    .bind(APP)
-    .bind("broken")
-    .bind("not json")
-    .bind(i64::MAX)
-    .execute(&raw)
-    .await
-    .unwrap();
-    raw.close().await;
+    .await;
 
     let alice = users(&["alice"]);
     let result = saver
@@ -512,9 +481,8 @@ async fn unreadable_idempotency_record_is_reported_as_corrupt() {
     );
 }
 
-#[tokio::test]
-async fn inbox_heads_answer_each_key_in_order_in_one_call() {
-    let (_dir, saver) = open().await;
+async fn inbox_heads_answer_each_key_in_order_in_one_call(db: TestDb) {
+    let saver = db.open().await;
     assert!(saver.inbox_heads(&[]).await.unwrap().is_empty());
     for _ in 0..3 {
         store(&saver, APP, &users(&["alice"]), b"a", T0).await;
@@ -568,3 +536,110 @@ async fn inbox_heads_answer_each_key_in_order_in_one_call() {
     let heads = saver.inbox_heads(&many).await.unwrap();
     assert_eq!(heads.len(), many.len());
 }
+
+/// Two savers on one database are two control nodes: their stores into one
+/// inbox, and multicasts over overlapping users in opposite orders, must
+/// still give every copy its own sequence with no gap.
+async fn two_nodes_storing_at_once_get_gapless_distinct_seqs(db: TestDb) {
+    const STORES_PER_NODE: u64 = 100;
+    let nodes = [db.open().await, db.open().await];
+    let mut tasks = Vec::new();
+    for (n, saver) in nodes.iter().enumerate() {
+        for i in 0..STORES_PER_NODE {
+            let saver = saver.clone();
+            tasks.push(tokio::spawn(async move {
+                // Half the stores are multicasts whose user order differs
+                // between the nodes: the deadlock-prone case.
+                let recipients = match (i % 2, n) {
+                    (0, _) => users(&["alice"]),
+                    (_, 0) => users(&["alice", "bob", "carol"]),
+                    _ => users(&["carol", "bob", "alice"]),
+                };
+                saver
+                    .store(NewMessage {
+                        app: APP,
+                        users: &recipients,
+                        payload: &i.to_be_bytes(),
+                        ttl_ms: HOUR_MS,
+                        now_ms: T0,
+                        idempotency_key: None,
+                    })
+                    .await
+                    .expect("store failed with two nodes writing")
+            }));
+        }
+    }
+    let mut seqs: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for task in tasks {
+        for stored in task.await.unwrap().stored {
+            seqs.entry(stored.user).or_default().push(stored.seq);
+        }
+    }
+    for (user, mut got) in seqs {
+        got.sort_unstable();
+        let expected: Vec<u64> = (1..=got.len() as u64).collect();
+        assert_eq!(got, expected, "{user}'s sequences have a gap or a repeat");
+        assert_eq!(seqs_of(&nodes[0], APP, &user, T0).await, expected);
+    }
+}
+
+/// The same idempotency key sent to two nodes at once stores once: one
+/// call stores, the other replays its result.
+async fn one_key_sent_to_two_nodes_at_once_stores_once(db: TestDb) {
+    let nodes = [db.open().await, db.open().await];
+    let alice = users(&["alice"]);
+    let calls = nodes.iter().cycle().take(8).map(|saver| {
+        let saver = saver.clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            saver
+                .store(NewMessage {
+                    app: APP,
+                    users: &alice,
+                    payload: b"once",
+                    ttl_ms: HOUR_MS,
+                    now_ms: T0,
+                    idempotency_key: Some("order-7"),
+                })
+                .await
+                .expect("store with a key failed")
+        })
+    });
+    let outcomes: Vec<StoreOutcome> = joined(calls).await;
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+    assert!(outcomes.iter().all(|o| o.stored == outcomes[0].stored));
+    assert_eq!(seqs_of(&nodes[1], APP, "alice", T0).await, [1]);
+}
+
+async fn joined<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut results = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+on_every_engine!(
+    seqs_rise_per_inbox_and_are_independent_across_users_and_apps,
+    stored_message_reads_back_as_written,
+    seq_is_not_reused_after_purge,
+    multicast_shares_one_message_id_and_gives_each_user_one_seq,
+    idempotent_replay_returns_the_first_result_and_stores_nothing,
+    idempotency_key_past_its_ttl_stores_anew,
+    messages_after_pages_in_order_and_flags_more,
+    messages_after_caps_the_limit,
+    messages_after_skips_expired_messages,
+    device_cursors_only_rise,
+    purge_removes_only_expired_rows,
+    purge_loops_over_batches,
+    stored_messages_survive_close_and_reopen,
+    concurrent_stores_get_gapless_distinct_seqs,
+    empty_recipient_list_stores_nothing,
+    ping_answers_while_open,
+    unreadable_idempotency_record_is_reported_as_corrupt,
+    inbox_heads_answer_each_key_in_order_in_one_call,
+    two_nodes_storing_at_once_get_gapless_distinct_seqs,
+    one_key_sent_to_two_nodes_at_once_stores_once,
+);
