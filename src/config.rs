@@ -1,5 +1,6 @@
-//! `herald serve` configuration: a TOML file, defaults for everything but
-//! the apps, and command-line overrides.
+//! Configuration of `herald serve`, `herald room` and `herald control`: one
+//! TOML format, defaults for everything but the apps (and, for the cluster
+//! commands, the `[cluster]` section), and command-line overrides.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,27 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub api: ApiSection,
     pub storage: StorageSection,
+    /// Only for `herald room` and `herald control`.
+    pub cluster: Option<ClusterSection>,
     pub apps: Vec<AppSection>,
+}
+
+/// `[cluster]`: the shared engines and this node's place among the nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The register and the channel between nodes, e.g. redis://127.0.0.1:6379.
+    pub redis_url: String,
+    /// The messages: mysql://user:password@host/db or postgres://user@host/db.
+    pub database_url: String,
+    /// Overrides the top-level `node_id`; unique per node.
+    pub node_id: Option<String>,
+    /// Room nodes: the gateway address the dispatcher gives clients
+    /// (host:port). Default: the gateway's listening address.
+    pub advertise: Option<String>,
+    /// Room nodes: the region the dispatcher matches `region=` against.
+    #[serde(default)]
+    pub region: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +162,7 @@ impl Default for Config {
             gateway: GatewaySection::default(),
             api: ApiSection::default(),
             storage: StorageSection::default(),
+            cluster: None,
             apps: Vec::new(),
         }
     }
@@ -278,6 +300,33 @@ impl Config {
         Ok(())
     }
 
+    /// The `[cluster]` section the cluster commands need, checked.
+    pub fn cluster(&self) -> anyhow::Result<&ClusterSection> {
+        let cluster = self.cluster.as_ref().context(
+            "the config has no [cluster] section (redis_url, database_url): \
+             `herald room` and `herald control` need one",
+        )?;
+        check_node_id(self.node_id())?;
+        if !cluster.redis_url.starts_with("redis://") {
+            bail!("cluster.redis_url must be a redis:// URL");
+        }
+        if cluster.database_url.starts_with("sqlite:") {
+            bail!(
+                "cluster.database_url must name a database every node reaches \
+                 (mysql://... or postgres://...), not a SQLite file"
+            );
+        }
+        Ok(cluster)
+    }
+
+    /// This node's id: `cluster.node_id`, else the top-level `node_id`.
+    pub fn node_id(&self) -> &str {
+        self.cluster
+            .as_ref()
+            .and_then(|cluster| cluster.node_id.as_deref())
+            .unwrap_or(&self.node_id)
+    }
+
     pub fn app(&self, id: &str) -> anyhow::Result<&AppSection> {
         self.apps
             .iter()
@@ -313,6 +362,19 @@ fn check_app_id(id: &str) -> anyhow::Result<()> {
         bail!(
             "app id {id:?} must be 1 to {APP_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '-', '_', '.'"
         );
+    }
+    Ok(())
+}
+
+/// Node ids name Redis keys and channels: keep them to a safe alphabet.
+fn check_node_id(id: &str) -> anyhow::Result<()> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !valid {
+        bail!("node id {id:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'");
     }
     Ok(())
 }
@@ -395,6 +457,30 @@ mod tests {
         };
         config.apps[0].id = "bad id".to_owned();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_cluster_section_is_checked() {
+        let mut config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        let error = config.cluster().unwrap_err().to_string();
+        assert!(error.contains("[cluster]"), "{error}");
+        config.cluster = Some(ClusterSection {
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            database_url: "sqlite:herald.db".to_owned(),
+            node_id: Some("room-1".to_owned()),
+            advertise: None,
+            region: String::new(),
+        });
+        let error = config.cluster().unwrap_err().to_string();
+        assert!(error.contains("database_url"), "{error}");
+        config.cluster.as_mut().unwrap().database_url = "mysql://root@db/herald".to_owned();
+        config.cluster().unwrap();
+        assert_eq!(config.node_id(), "room-1");
+        config.cluster.as_mut().unwrap().node_id = Some("room 1".to_owned());
+        assert!(config.cluster().is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `herald` command: load the configuration, build the gateway, the
-//! control plane and storage, and wire them together. Nothing else lives
-//! here; each part's logic is in its crate.
+//! control plane and storage, and wire them together, as one process
+//! (`serve`) or as a cluster's room and control nodes (`room`, `control`).
+//! Nothing else lives here; each part's logic is in its crate.
 
 mod config;
 mod listen;
@@ -8,18 +9,35 @@ mod listen;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herald_control::{AppConfig, ControlConfig, Delivery, MemoryRegister};
+use herald_control::cluster::{
+    LoadProbe, NodeDirectory, NodeRecord, RedisRegister, RedisRemote, RoomLink,
+};
+use herald_control::{
+    AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
+};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
 use herald_room::metrics::CLOSE_REASONS;
 use herald_room::{Gateway, GatewayConfig, GatewayError, GatewayMetrics};
 
 use crate::config::{Config, IoSetting};
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Everything in one process: gateway, API, SQLite, in-memory register.
+    Embedded,
+    /// A cluster's gateway node: sessions in Redis, messages in MySQL or
+    /// PostgreSQL, deliveries from other nodes over Redis pub/sub.
+    Room,
+    /// A cluster's API node: stores, looks users up, publishes deliveries.
+    Control,
+}
 
 /// Capacity of the channel that carries every shard's events to the control
 /// plane. Shards hold their own outbox and stop reading when it fills, so
@@ -61,6 +79,27 @@ enum Command {
         #[arg(long, value_enum)]
         io: Option<IoSetting>,
     },
+    /// Run a room node of a cluster: a gateway that registers its sessions
+    /// in Redis and takes deliveries from control nodes (needs [cluster]).
+    Room {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        gateway_listen: Option<std::net::SocketAddr>,
+        /// Health, metrics and the API of this node.
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+        #[arg(long, value_enum)]
+        io: Option<IoSetting>,
+    },
+    /// Run a control node of a cluster: the stateless HTTP API and
+    /// dispatcher (needs [cluster]). Run any number behind a load balancer.
+    Control {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+    },
     /// Print a client token for a user of an app.
     Token {
         /// The configuration that holds the app's token secret; without one,
@@ -96,7 +135,19 @@ fn main() -> ExitCode {
             gateway_listen,
             api_listen,
             io,
-        } => load_serve_config(config, data_dir, gateway_listen, api_listen, io).and_then(serve),
+        } => load_serve_config(config, data_dir, gateway_listen, api_listen, io)
+            .and_then(|config| run(config, Role::Embedded)),
+        Command::Room {
+            config,
+            gateway_listen,
+            api_listen,
+            io,
+        } => load_cluster_config(&config, gateway_listen, api_listen, io, Role::Room)
+            .and_then(|config| run(config, Role::Room)),
+        Command::Control { config, api_listen } => {
+            load_cluster_config(&config, None, api_listen, None, Role::Control)
+                .and_then(|config| run(config, Role::Control))
+        }
         Command::Token {
             config,
             data_dir,
@@ -166,6 +217,11 @@ fn load_serve_config(
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    anyhow::ensure!(
+        config.cluster.is_none(),
+        "the config has a [cluster] section: run its nodes with `herald room` and \
+         `herald control`; `herald serve` is the single-process mode"
+    );
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
@@ -187,6 +243,32 @@ fn load_serve_config(
         config.apps.push(demo);
     }
     config.validate()?;
+    Ok(config)
+}
+
+/// A cluster node's config file, checked, with the command-line overrides.
+fn load_cluster_config(
+    path: &std::path::Path,
+    gateway_listen: Option<std::net::SocketAddr>,
+    api_listen: Option<std::net::SocketAddr>,
+    io: Option<IoSetting>,
+    role: Role,
+) -> anyhow::Result<Config> {
+    let mut config = Config::load(path)?;
+    if let Some(addr) = gateway_listen {
+        config.gateway.listen = addr;
+    }
+    if let Some(addr) = api_listen {
+        config.api.listen = addr;
+    }
+    if let Some(io) = io {
+        config.gateway.io = io;
+    }
+    config.validate()?;
+    config.cluster()?;
+    if role == Role::Room && config.gateway.io == IoSetting::Uring {
+        check_io_uring()?;
+    }
     Ok(config)
 }
 
@@ -235,15 +317,11 @@ fn token(
     Ok(())
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
-    let shards = config.shards();
-    let (events_tx, events_rx) = async_channel::bounded(EVENT_QUEUE_LEN);
-    warn_on_low_file_limit(&config);
-    limit_heap_arenas(shards);
-    let gateway_config = GatewayConfig {
+fn gateway_config(config: &Config) -> GatewayConfig {
+    GatewayConfig {
         io: config.gateway.io.driver(),
         listen: config.gateway.listen,
-        shards,
+        shards: config.shards(),
         server: ServerConfig {
             heartbeat: config.heartbeat(),
             auth_timeout: Duration::from_secs(config.gateway.auth_timeout_secs),
@@ -259,29 +337,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
         connections_per_shard_max: config.gateway.connections_per_shard_max,
         send_queue_bytes_max: config.gateway.send_queue_bytes_max,
         command_queue_len: config.gateway.command_queue_len,
-    };
+    }
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("herald-control")
-        .build()
-        .context("cannot start the control plane runtime")?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let db_path = config.data_dir.join("herald.db");
-    let saver = runtime
-        .block_on(herald_storage::Saver::open_sqlite(&db_path))
-        .with_context(|| format!("cannot open storage at {}", db_path.display()))?;
-
-    let gateway = Gateway::start(gateway_config, events_tx).context("cannot start the gateway")?;
-    let delivery = Delivery::new(
-        config.node_id.clone(),
-        saver.clone(),
-        Arc::new(MemoryRegister::default()),
-        gateway.commands(),
-        config.gateway.inflight_pushes_max,
-    );
-    let control_config = ControlConfig {
+fn control_config(config: &Config) -> ControlConfig {
+    ControlConfig {
         apps: config
             .apps
             .iter()
@@ -297,56 +357,290 @@ fn serve(config: Config) -> anyhow::Result<()> {
         ttl_secs_max: config.api.ttl_secs_max,
         ack_flush_interval: Duration::from_millis(config.storage.ack_flush_interval_ms),
         purge_interval: Duration::from_secs(config.storage.purge_interval_secs),
-    };
-    let metrics = gateway.metrics();
-    let router = herald_control::router(
-        control_config.clone(),
-        delivery.clone(),
-        Box::new(move |text| render_gateway_metrics(&metrics, text)),
-    );
+    }
+}
 
-    runtime.block_on(async {
-        tokio::spawn(delivery.clone().run_events(events_rx));
-        tokio::spawn(
-            delivery
-                .clone()
-                .run_ack_flusher(control_config.ack_flush_interval),
+/// This run's instance number: unix milliseconds with random low bits, so
+/// a node restarted within the same millisecond is still another run.
+fn new_instance() -> u64 {
+    (herald_control::delivery::unix_ms() << 12) | u64::from(rand::random::<u16>() & 0xfff)
+}
+
+/// The gateway address clients are told to use: the configured one, else
+/// the listening address (a wildcard listen is given out as loopback).
+fn advertised_gateway(config: &Config, local: std::net::SocketAddr) -> String {
+    if let Some(advertise) = config.cluster.as_ref().and_then(|c| c.advertise.clone()) {
+        return advertise;
+    }
+    let mut local = local;
+    if local.ip().is_unspecified() {
+        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    local.to_string()
+}
+
+fn run(config: Config, role: Role) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("herald-control")
+        .build()
+        .context("cannot start the control plane runtime")?;
+    runtime.block_on(run_node(config, role))
+}
+
+async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
+    let name = NodeName {
+        node: config.node_id().to_owned(),
+        instance: new_instance(),
+    };
+    let saver = match role {
+        Role::Embedded => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+            let db_path = config.data_dir.join("herald.db");
+            herald_storage::Saver::open_sqlite(&db_path)
+                .await
+                .with_context(|| format!("cannot open storage at {}", db_path.display()))?
+        }
+        Role::Room | Role::Control => {
+            let url = &config.cluster()?.database_url;
+            herald_storage::Saver::open(url)
+                .await
+                .context("cannot open the cluster database (cluster.database_url)")?
+        }
+    };
+    let redis = match role {
+        Role::Embedded => None,
+        Role::Room | Role::Control => {
+            let url = &config.cluster()?.redis_url;
+            let client = redis::Client::open(url.as_str())
+                .with_context(|| format!("invalid cluster.redis_url {url:?}"))?;
+            let manager = herald_control::cluster::connect(&client)
+                .await
+                .with_context(|| format!("cannot reach Redis at {url}"))?;
+            Some((client, manager))
+        }
+    };
+
+    // The gateway, on nodes that hold connections.
+    let mut gateway = None;
+    let mut events_rx = None;
+    if role != Role::Control {
+        let shards = config.shards();
+        warn_on_low_file_limit(&config);
+        limit_heap_arenas(shards);
+        let (events_tx, events) = async_channel::bounded(EVENT_QUEUE_LEN);
+        gateway = Some(
+            Gateway::start(gateway_config(&config), events_tx)
+                .context("cannot start the gateway")?,
         );
-        tokio::spawn(delivery.clone().run_purger(control_config.purge_interval));
-        tokio::spawn(trim_heap());
-        let listener = tokio::net::TcpListener::bind(config.api.listen)
+        events_rx = Some(events);
+    }
+    let shard_senders = gateway.as_ref().map_or_else(Vec::new, Gateway::commands);
+
+    let Wiring {
+        register,
+        directory,
+        remote,
+        link,
+    } = wire(&config, &name, redis.as_ref(), gateway.as_ref()).await?;
+
+    let delivery = Delivery::new(
+        name.clone(),
+        saver.clone(),
+        register,
+        shard_senders,
+        remote,
+        config.gateway.inflight_pushes_max,
+    );
+    if let Some(link) = &link {
+        // Deliveries must reach this node before any session is registered.
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        tokio::spawn(link.clone().run_subscriber(delivery.clone(), subscribed_tx));
+        tokio::time::timeout(Duration::from_secs(10), subscribed)
             .await
-            .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+            .context("cannot subscribe to this node's delivery channel in Redis")??;
+        let metrics = gateway
+            .as_ref()
+            .expect("room nodes have a gateway")
+            .metrics();
+        let cpu = Mutex::new(CpuMeter::start());
+        let load: LoadProbe = Box::new(move || {
+            let connections = metrics.snapshot().connections_open;
+            (connections, cpu.lock().expect("cpu meter lock").percent())
+        });
+        tokio::spawn(link.clone().run_heartbeat(delivery.clone(), load));
+    }
+    if let Some(events) = events_rx {
+        tokio::spawn(delivery.clone().run_events(events));
+    }
+    let control_config = control_config(&config);
+    tokio::spawn(
+        delivery
+            .clone()
+            .run_ack_flusher(control_config.ack_flush_interval),
+    );
+    tokio::spawn(delivery.clone().run_purger(control_config.purge_interval));
+    tokio::spawn(trim_heap());
+
+    let gateway_metrics: herald_control::MetricsRenderer = match &gateway {
+        Some(gateway) => {
+            let metrics = gateway.metrics();
+            Box::new(move |text| render_gateway_metrics(&metrics, text))
+        }
+        None => Box::new(|_| {}),
+    };
+    let router =
+        herald_control::router(control_config, delivery.clone(), directory, gateway_metrics);
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+    if let Some(gateway) = &gateway {
         println!(
-            "herald: gateway listening on {} ({shards} shards, {})",
+            "herald: gateway listening on {} ({} shards, {})",
             gateway.local_addr(),
+            config.shards(),
             config.gateway.io.driver().as_str()
         );
-        println!("herald: api listening on {}", listener.local_addr()?);
-        tracing::info!(node.id = %config.node_id, "herald is ready");
+    }
+    println!("herald: api listening on {}", listener.local_addr()?);
+    tracing::info!(node.id = %name.node, role = ?role, "herald is ready");
 
-        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped_rx.await;
-                })
-                .into_future(),
-        );
-        shutdown_signal().await;
-        tracing::info!("draining: clients get GOAWAY, acks are flushed");
-        delivery
-            .drain(
-                config.gateway.drain_reconnect_delay_ms,
-                Duration::from_secs(config.gateway.drain_timeout_secs),
-            )
-            .await;
-        let _ = stopped_tx.send(());
-        let _ = server.await;
-        saver.close().await;
-        tracing::info!("stopped");
-        anyhow::Ok(())
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped_rx.await;
+            })
+            .into_future(),
+    );
+    shutdown_signal().await;
+    tracing::info!("draining: clients get GOAWAY, acks are flushed");
+    delivery
+        .drain(
+            config.gateway.drain_reconnect_delay_ms,
+            Duration::from_secs(config.gateway.drain_timeout_secs),
+        )
+        .await;
+    if let Some(link) = &link {
+        link.leave().await;
+    }
+    let _ = stopped_tx.send(());
+    let _ = server.await;
+    saver.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How a node reaches sessions and other nodes: in memory alone, or
+/// through Redis.
+struct Wiring {
+    register: Arc<dyn Register>,
+    directory: Arc<NodeDirectory>,
+    remote: Option<Arc<dyn Remote>>,
+    /// A room node's heartbeat and delivery channel.
+    link: Option<Arc<RoomLink>>,
+}
+
+async fn wire(
+    config: &Config,
+    name: &NodeName,
+    redis: Option<&(redis::Client, redis::aio::ConnectionManager)>,
+    gateway: Option<&Gateway>,
+) -> anyhow::Result<Wiring> {
+    let Some((client, manager)) = redis else {
+        let gateway = gateway.expect("an embedded node has a gateway");
+        let record = NodeRecord {
+            node: name.node.clone(),
+            instance: name.instance,
+            gateway: advertised_gateway(config, gateway.local_addr()),
+            region: String::new(),
+            connections: 0,
+            cpu_percent: 0.0,
+            heartbeat_at_ms: 0,
+        };
+        return Ok(Wiring {
+            register: Arc::new(MemoryRegister::default()),
+            directory: Arc::new(NodeDirectory::fixed(record)),
+            remote: None,
+            link: None,
+        });
+    };
+    let directory = Arc::new(NodeDirectory::redis(manager.clone()));
+    let remote: Option<Arc<dyn Remote>> = Some(Arc::new(RedisRemote::new(manager.clone())));
+    let Some(gateway) = gateway else {
+        return Ok(Wiring {
+            register: Arc::new(RedisRegister::reader(manager.clone(), directory.clone())),
+            directory,
+            remote,
+            link: None,
+        });
+    };
+    let register = Arc::new(RedisRegister::writer(
+        manager.clone(),
+        directory.clone(),
+        name.node.clone(),
+        name.instance,
+    ));
+    let link = Arc::new(RoomLink {
+        client: client.clone(),
+        redis: manager.clone(),
+        register: register.clone(),
+        node: name.node.clone(),
+        instance: name.instance,
+        gateway: advertised_gateway(config, gateway.local_addr()),
+        region: config.cluster()?.region.clone(),
+    });
+    // Alive before any session names this run.
+    let idle: LoadProbe = Box::new(|| (0, 0.0));
+    link.heartbeat(&idle)
+        .await
+        .context("cannot write this node's liveness record")?;
+    Ok(Wiring {
+        register,
+        directory,
+        remote,
+        link: Some(link),
     })
+}
+
+/// This process's CPU use between two readings, from /proc/self/stat.
+struct CpuMeter {
+    read_at: Instant,
+    cpu_ticks: u64,
+}
+
+impl CpuMeter {
+    fn start() -> CpuMeter {
+        CpuMeter {
+            read_at: Instant::now(),
+            cpu_ticks: process_cpu_ticks().unwrap_or(0),
+        }
+    }
+
+    /// Percent of one core used since the last call.
+    fn percent(&mut self) -> f64 {
+        let Some(ticks) = process_cpu_ticks() else {
+            return 0.0;
+        };
+        // SAFETY: sysconf only reads a system constant.
+        let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let elapsed = self.read_at.elapsed().as_secs_f64().max(1e-3);
+        let used = ticks.saturating_sub(self.cpu_ticks) as f64 / ticks_per_sec;
+        self.read_at = Instant::now();
+        self.cpu_ticks = ticks;
+        100.0 * used / elapsed
+    }
+}
+
+/// utime + stime of this process, in clock ticks.
+fn process_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may itself hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// glibc gives threads up to eight heap arenas per core, and each arena keeps

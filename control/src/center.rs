@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 
 use herald_storage::StoredRef;
 
+use crate::cluster::{NodeDirectory, NodeRecord};
 use crate::delivery::Delivery;
+use crate::dispatcher::{self, Net};
 use crate::{AppConfig, ControlConfig};
 
 /// Longest idempotency key, in bytes.
@@ -45,6 +47,7 @@ pub struct CenterState {
     config: ControlConfig,
     apps: HashMap<String, AppConfig>,
     delivery: Arc<Delivery>,
+    directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
     multicasts: tokio::sync::Semaphore,
@@ -144,6 +147,7 @@ where
 pub fn router(
     config: ControlConfig,
     delivery: Arc<Delivery>,
+    directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
 ) -> Router {
     // Base64 grows a payload by a third, JSON escaping can double text;
@@ -157,6 +161,7 @@ pub fn router(
             .collect(),
         config,
         delivery,
+        directory,
         gateway_metrics,
         requests_by_status: Mutex::default(),
         multicasts: tokio::sync::Semaphore::new(MULTICASTS_IN_FLIGHT_MAX),
@@ -166,6 +171,7 @@ pub fn router(
         .route("/v1/apps/{app}/messages", post(multicast))
         .route("/v1/apps/{app}/users/{user}/presence", get(presence))
         .route("/v1/apps/{app}/users/{user}/kick", post(kick))
+        .route("/v1/dispatch", get(dispatch))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
@@ -529,6 +535,63 @@ async fn kick(
     authorize_user(&state, &app, &user, &headers)?;
     let kicked = state.delivery.kick(&app, &user).await;
     Ok(Json(json!({"kicked": kicked})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DispatchQuery {
+    app: String,
+    user: String,
+    net: Option<String>,
+    region: Option<String>,
+}
+
+/// `GET /v1/dispatch?app=&user=&net=&region=`: the gateways a client should
+/// try, in order. Clients call it before they hold a token's connection, so
+/// it needs no key; it reveals only the public gateway addresses.
+async fn dispatch(
+    State(state): State<Arc<CenterState>>,
+    query: Result<Query<DispatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    if !state.apps.contains_key(&query.app) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_app",
+            format!("no app {:?}", query.app),
+        ));
+    }
+    check_user(&query.user)?;
+    let net = match query.net.as_deref() {
+        None => Net::Wifi,
+        Some(text) => Net::parse(text).ok_or_else(|| {
+            ApiError::bad_request(format!("net {text:?} is not one of wifi, 4g, 3g, 2g"))
+        })?,
+    };
+    let nodes = state.directory.live().await.map_err(|error| {
+        tracing::warn!(%error, "reading the live nodes failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "register_unavailable",
+            "the register is unavailable; retry later",
+        )
+    })?;
+    let nodes: Vec<&NodeRecord> = nodes.values().collect();
+    let gateways = dispatcher::order(
+        &nodes,
+        &query.app,
+        &query.user,
+        query.region.as_deref(),
+        net,
+    );
+    if gateways.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_gateway",
+            "no gateway is alive; retry later",
+        ));
+    }
+    Ok(Json(json!({ "gateways": gateways })))
 }
 
 async fn livez() -> Json<Value> {

@@ -5,6 +5,10 @@
 //! messages when a client binds or falls behind (`CatchUp`), and this module
 //! answers with a `Fill` read from storage, so a shard never waits on
 //! storage and never holds more than its delivery window per binding.
+//!
+//! In a cluster a user's connections may live on other room nodes: what is
+//! for them goes through a [`Remote`] (Redis pub/sub), one message per node
+//! per call however many of its connections it names.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +20,23 @@ use herald_proto::{GoAwayReason, UpstreamStatus};
 use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
 use tokio::sync::Notify;
 
+use crate::cluster::{Arrival, NodeMessage};
 use crate::register::{Change, Register, Session};
+
+/// The way to room nodes other than this one. Sending is fire and forget:
+/// what it carries is stored already, so a message lost on the way is
+/// fetched by the connection's next catch-up, resync or reconnect.
+#[async_trait::async_trait]
+pub trait Remote: Send + Sync {
+    async fn send(&self, node: &str, instance: u64, message: NodeMessage);
+}
+
+/// Where this delivery runs: the node id and this run of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeName {
+    pub node: String,
+    pub instance: u64,
+}
 
 /// Longest wait between two tries of a fill storage could not serve.
 const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
@@ -72,7 +92,7 @@ struct Resume {
 }
 
 /// The register changes an event makes (none for most events).
-fn register_changes(node_id: &str, event: &ShardEvent) -> Vec<Change> {
+fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
     match event {
         ShardEvent::Bound {
             conn,
@@ -87,7 +107,8 @@ fn register_changes(node_id: &str, event: &ShardEvent) -> Vec<Change> {
             user: user.clone(),
             session: Session {
                 conn: *conn,
-                node: node_id.to_owned(),
+                node: name.node.clone(),
+                instance: name.instance,
                 device_id: device_id.clone(),
                 network: *network,
                 connected_at_ms: *connected_at_ms,
@@ -134,10 +155,13 @@ pub struct PushResult {
 }
 
 pub struct Delivery {
-    node_id: String,
+    name: NodeName,
     saver: Saver,
     register: Arc<dyn Register>,
+    /// This node's shards; none on a control node.
     shards: Vec<async_channel::Sender<ShardCommand>>,
+    /// Other room nodes; none when one process is the whole system.
+    remote: Option<Arc<dyn Remote>>,
     /// Messages read for a connection's first fill: its delivery window.
     fill_limit: u32,
     /// Acks not yet written: the highest seq per (app, user, device).
@@ -150,17 +174,19 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(
-        node_id: String,
+        name: NodeName,
         saver: Saver,
         register: Arc<dyn Register>,
         shards: Vec<async_channel::Sender<ShardCommand>>,
+        remote: Option<Arc<dyn Remote>>,
         fill_limit: u32,
     ) -> Arc<Delivery> {
         Arc::new(Delivery {
-            node_id,
+            name,
             saver,
             register,
             shards,
+            remote,
             fill_limit,
             pending_acks: Mutex::default(),
             drained_shards: AtomicU64::new(0),
@@ -212,13 +238,21 @@ impl Delivery {
                 .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
         }
         let payload = bytes::Bytes::copy_from_slice(payload);
+        let mut remote: HashMap<(String, u64), Vec<(ConnId, u64)>> = HashMap::new();
         let mut results = Vec::with_capacity(outcome.stored.len());
         for stored in outcome.stored {
             let sessions = self.sessions(app, &stored.user).await;
             // A replay was handed over the first time; only report presence.
             if !outcome.replayed {
-                for session in &sessions {
+                for session in sessions.iter() {
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    if !self.is_local(session) {
+                        remote
+                            .entry((session.node.clone(), session.instance))
+                            .or_default()
+                            .push((session.conn, stored.seq));
+                        continue;
+                    }
                     let message = PushMessage {
                         seq: stored.seq,
                         message_id: stored.message_id,
@@ -236,6 +270,12 @@ impl Delivery {
                 online: !sessions.is_empty(),
                 stored,
             });
+        }
+        if let Some(message_id) = results.first().map(|result| result.stored.message_id) {
+            for ((node, instance), targets) in remote {
+                let message = NodeMessage::deliver(app, message_id, &payload, &targets);
+                self.send_remote(&node, instance, message).await;
+            }
         }
         Ok((results, outcome.replayed))
     }
@@ -255,14 +295,65 @@ impl Delivery {
     /// Sends GOAWAY(kicked) to every connection of the user; returns how many.
     pub async fn kick(&self, app: &str, user: &str) -> usize {
         let sessions = self.sessions(app, user).await;
+        let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
         for session in &sessions {
-            let command = ShardCommand::Kick {
-                conn: session.conn,
-                reason: GoAwayReason::KICKED,
-            };
-            self.send(command, session.conn).await;
+            if self.is_local(session) {
+                let command = ShardCommand::Kick {
+                    conn: session.conn,
+                    reason: GoAwayReason::KICKED,
+                };
+                self.send(command, session.conn).await;
+            } else {
+                remote
+                    .entry((session.node.clone(), session.instance))
+                    .or_default()
+                    .push(session.conn);
+            }
+        }
+        for ((node, instance), conns) in remote {
+            let message = NodeMessage::kick(GoAwayReason::KICKED, &conns);
+            self.send_remote(&node, instance, message).await;
         }
         sessions.len()
+    }
+
+    fn is_local(&self, session: &Session) -> bool {
+        session.node == self.name.node && session.instance == self.name.instance
+    }
+
+    async fn send_remote(&self, node: &str, instance: u64, message: NodeMessage) {
+        match &self.remote {
+            Some(remote) => remote.send(node, instance, message).await,
+            // Only a cluster registers other nodes' sessions.
+            None => tracing::warn!(node.id = node, "a session on another node, but no cluster"),
+        }
+    }
+
+    /// Hands what another node sent to this node's shards.
+    pub async fn arrive(&self, arrival: Arrival) {
+        match arrival {
+            Arrival::Deliver { app, targets } => {
+                for (conn, message) in targets {
+                    let app = app.clone();
+                    self.send(ShardCommand::Deliver { conn, app, message }, conn)
+                        .await;
+                }
+            }
+            Arrival::Kick { reason, conns } => {
+                for conn in conns {
+                    self.send(ShardCommand::Kick { conn, reason }, conn).await;
+                }
+            }
+        }
+    }
+
+    /// Has every listed binding of this node check storage for messages it
+    /// was not told of (deliveries may have been lost on the way here).
+    pub async fn resync(&self, sessions: Vec<(String, String, Session)>) {
+        for (app, _user, session) in sessions {
+            let conn = session.conn;
+            self.send(ShardCommand::Resync { conn, app }, conn).await;
+        }
     }
 
     /// Handles shard events until every shard's sender is gone.
@@ -291,7 +382,7 @@ impl Delivery {
         // runs before its binding is registered.
         let changes: Vec<Change> = batch
             .iter()
-            .flat_map(|event| register_changes(&self.node_id, event))
+            .flat_map(|event| register_changes(&self.name, event))
             .collect();
         if !changes.is_empty()
             && let Err(error) = self.register.apply(changes).await

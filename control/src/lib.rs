@@ -6,16 +6,21 @@
 //! It reaches the gateway only through `herald_proto::plane` commands and
 //! events over bounded channels, and storage only through `herald-storage`.
 //!
+//! In a cluster (`cluster`) the register lives on Redis, and deliveries for
+//! other room nodes travel over Redis pub/sub.
+//!
 //! It does not hold client connections and does not know about sockets.
 
 pub mod center;
+pub mod cluster;
 pub mod delivery;
+pub mod dispatcher;
 pub mod register;
 
 use std::time::Duration;
 
 pub use center::{MetricsRenderer, router};
-pub use delivery::Delivery;
+pub use delivery::{Delivery, NodeName, Remote};
 pub use register::{Change, MemoryRegister, Register, Session};
 
 /// An app as the control plane sees it.

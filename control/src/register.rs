@@ -1,8 +1,8 @@
 //! The register: which connections each (app, user) has, on which node.
 //!
-//! In-memory here, behind a trait so that a Redis register can take its
-//! place in a cluster. A user may have several devices connected; a push
-//! goes to every one of them.
+//! In memory for one node (`herald serve`), and on Redis for a cluster
+//! (`crate::cluster::RedisRegister`), behind one trait. A user may have
+//! several devices connected; a push goes to every one of them.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
@@ -17,6 +17,9 @@ use herald_proto::plane::ConnId;
 pub struct Session {
     pub conn: ConnId,
     pub node: String,
+    /// Which run of the node: a connection id means nothing to the node's
+    /// next run (after a restart), so the pair names where it lives.
+    pub instance: u64,
     pub device_id: String,
     pub network: NetworkType,
     pub connected_at_ms: u64,
@@ -110,8 +113,8 @@ struct Stripe {
 pub struct MemoryRegister {
     stripes: Vec<Mutex<Stripe>>,
     hasher: RandomState,
-    /// Node names, indexed by `Entry::node`.
-    nodes: Mutex<Vec<String>>,
+    /// Node names and instances, indexed by `Entry::node`.
+    nodes: Mutex<Vec<(String, u64)>>,
 }
 
 impl Default for MemoryRegister {
@@ -134,21 +137,27 @@ impl MemoryRegister {
         &self.stripes[(hash >> 60) as usize % STRIPES]
     }
 
-    fn node_index(&self, node: &str) -> Result<u16, RegisterError> {
+    fn node_index(&self, node: &str, instance: u64) -> Result<u16, RegisterError> {
         let mut nodes = self.nodes.lock().expect("register lock");
-        if let Some(index) = nodes.iter().position(|known| known == node) {
+        if let Some(index) = nodes
+            .iter()
+            .position(|known| known.0 == node && known.1 == instance)
+        {
             return Ok(index as u16);
         }
         let index = u16::try_from(nodes.len())
             .map_err(|_| RegisterError("more than 65,536 nodes".to_owned()))?;
-        nodes.push(node.to_owned());
+        nodes.push((node.to_owned(), instance));
         Ok(index)
     }
 
     fn session(&self, entry: &Entry) -> Session {
+        let (node, instance) =
+            self.nodes.lock().expect("register lock")[usize::from(entry.node)].clone();
         Session {
             conn: entry.conn,
-            node: self.nodes.lock().expect("register lock")[usize::from(entry.node)].clone(),
+            node,
+            instance,
             device_id: entry.device_id().to_owned(),
             network: entry.network,
             connected_at_ms: entry.connected_at_ms,
@@ -163,7 +172,7 @@ impl MemoryRegister {
         let entry = Entry {
             names: names.into_boxed_str(),
             conn: session.conn,
-            node: self.node_index(&session.node)?,
+            node: self.node_index(&session.node, session.instance)?,
             network: session.network,
             connected_at_ms: session.connected_at_ms,
         };
@@ -182,6 +191,20 @@ impl MemoryRegister {
             }
         }
         Ok(())
+    }
+
+    /// Every session held, as (app, user, session): what a room node
+    /// writes again to a register that lost its data.
+    pub fn all(&self) -> Vec<(String, String, Session)> {
+        let mut all = Vec::new();
+        for stripe in &self.stripes {
+            let stripe = stripe.lock().expect("register lock");
+            for entry in stripe.table.iter() {
+                let (app, user) = entry.key().split_once('\0').expect("key holds app\0user");
+                all.push((app.to_owned(), user.to_owned(), self.session(entry)));
+            }
+        }
+        all
     }
 
     fn remove(&self, app: &str, user: &str, conn: ConnId) {
@@ -234,6 +257,7 @@ mod tests {
                 generation: 0,
             },
             node: "n1".to_owned(),
+            instance: 7,
             device_id: device.to_owned(),
             network: NetworkType::Wifi,
             connected_at_ms: 1,
@@ -279,6 +303,15 @@ mod tests {
             register.sessions("chat", "alice").await.unwrap(),
             [session(2, "laptop")],
             "adding the same connection again replaces it"
+        );
+        let mut all = register.all();
+        all.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(
+            all,
+            [
+                ("chat".to_owned(), "alice".to_owned(), session(2, "laptop")),
+                ("chat".to_owned(), "bob".to_owned(), session(3, "phone")),
+            ]
         );
         register.apply(vec![remove(2, "alice")]).await.unwrap();
         assert!(register.sessions("chat", "alice").await.unwrap().is_empty());

@@ -61,6 +61,10 @@ pub enum ShardCommand {
         messages: Vec<PushMessage>,
         more: bool,
     },
+    /// Deliveries to this binding may have been lost (the register or the
+    /// channel between nodes was down for a while): check storage for
+    /// messages past what was sent, as a `CatchUp` does.
+    Resync { conn: ConnId, app: String },
     /// The outcome of an UPSTREAM the connection sent.
     UpstreamAck {
         conn: ConnId,

@@ -557,6 +557,22 @@ impl ServerConn {
         binding.request_catch_up(window, out);
     }
 
+    /// Deliveries may have been lost: catch up from storage once there is
+    /// room. A binding still waiting for its first fill reads storage then
+    /// anyway.
+    pub fn resync(&mut self, app: &str, config: &ServerConfig, out: &mut Output) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let Some(binding) = self.binding_mut(app) else {
+            return;
+        };
+        if binding.sent.is_some() {
+            binding.behind = true;
+            binding.request_catch_up(config.inflight_pushes_max, out);
+        }
+    }
+
     pub fn upstream_ack(
         &mut self,
         app: &str,
@@ -929,6 +945,24 @@ mod tests {
         assert_eq!(pushed_seqs(h.deliver(2)), [2]);
         assert!(h.deliver(2).is_empty());
         assert!(h.deliver(1).is_empty());
+    }
+
+    #[test]
+    fn resync_catches_up_from_what_was_sent_and_waits_for_the_first_fill() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        h.out.clear();
+        h.conn.resync("chat", &h.config, &mut h.out);
+        assert!(h.out.is_empty(), "the first fill reads storage anyway");
+        h.fill(0, &[], false);
+        h.deliver(1);
+        h.out.clear();
+        h.conn.resync("chat", &h.config, &mut h.out);
+        assert_eq!(catch_ups(&h.out), [(1, 2)]);
+        h.out.clear();
+        h.conn.resync("chat", &h.config, &mut h.out);
+        assert!(catch_ups(&h.out).is_empty(), "one request at a time");
     }
 
     #[test]

@@ -847,6 +847,12 @@ impl<P: Poller> Shard<P> {
                     self.apply(slot, now);
                 }
             }
+            ShardCommand::Resync { conn, app } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot].server.resync(&app, config, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
             ShardCommand::UpstreamAck {
                 conn,
                 app,

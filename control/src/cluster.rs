@@ -1,0 +1,757 @@
+//! Cluster mode on Redis: the register every node shares, each room node's
+//! liveness record, and the channel that carries deliveries to a room node.
+//!
+//! Keys (every key of one user shares the hash tag `{app:user}`, so Redis
+//! Cluster keeps them on one slot):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `herald:{app:user}:sessions` | hash | field `instance\|conn\|node`, value `network\|connected_at_ms\|device` |
+//! | `herald:node:<node>` | string, TTL [`LIVENESS_TTL`] | the node's [`NodeRecord`] (JSON) |
+//! | `herald:nodes` | sorted set | node ids by last heartbeat (ms) |
+//! | channel `herald:deliver:<node>:<instance>` | pub/sub | [`NodeMessage`]s (JSON) |
+//!
+//! A session counts only while its node's liveness record names the same
+//! instance: entries of a node that died or restarted are ignored, and
+//! removed by whoever reads them. A room node re-registers every session it
+//! holds whenever it finds its record gone (Redis restarted, or the node was
+//! cut off past the TTL), and asks its connections to re-check storage,
+//! since deliveries in that gap found nobody.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::StreamExt as _;
+use redis::AsyncCommands as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use herald_proto::plane::{ConnId, PushMessage};
+use herald_proto::{GoAwayReason, MessageId, NetworkType};
+
+use crate::delivery::{Delivery, Remote, unix_ms};
+use crate::register::{Change, MemoryRegister, Register, RegisterError, Session};
+
+/// How long a room node's liveness record lives without a heartbeat: how
+/// long a node that died may still be offered by the dispatcher and looked
+/// up for deliveries (which then wait in storage).
+pub const LIVENESS_TTL: Duration = Duration::from_secs(5);
+
+/// How often a room node renews its record (several times per TTL, so one
+/// slow round trip does not make a live node look dead).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a node's view of the live nodes is reused before it is read
+/// again. An entry naming a node or instance the view does not know makes
+/// it read again at once, so a node that just started is never ignored.
+const DIRECTORY_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Commands per pipeline: a reconnect storm of 20,000 binds is 20 round
+/// trips, and one pipeline's reply stays a few hundred KiB.
+const PIPELINE_COMMANDS_MAX: usize = 1_000;
+
+/// How long a user's sessions key outlives its last write. A room node
+/// writes all its sessions again every [`SESSIONS_REWRITE_INTERVAL`], so a
+/// live session never expires, and entries of nodes that died without
+/// anyone reading them are gone within this time.
+const SESSIONS_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+const SESSIONS_REWRITE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+
+/// Redis calls fail after this long rather than hold an API call.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest wait between two tries to subscribe again.
+const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
+
+const NODES_KEY: &str = "herald:nodes";
+
+fn sessions_key(app: &str, user: &str) -> String {
+    format!("herald:{{{app}:{user}}}:sessions")
+}
+
+fn node_key(node: &str) -> String {
+    format!("herald:node:{node}")
+}
+
+/// The channel a room node's run listens on.
+pub fn delivery_channel(node: &str, instance: u64) -> String {
+    format!("herald:deliver:{node}:{instance}")
+}
+
+fn session_field(node: &str, instance: u64, conn: ConnId) -> String {
+    format!("{instance}|{conn}|{node}")
+}
+
+fn session_value(session: &Session) -> String {
+    format!(
+        "{}|{}|{}",
+        session.network as u8, session.connected_at_ms, session.device_id
+    )
+}
+
+/// Reads back a sessions-hash entry; `None` for one this code did not write.
+fn parse_session(field: &str, value: &str) -> Option<Session> {
+    let mut field = field.splitn(3, '|');
+    let instance = field.next()?.parse().ok()?;
+    let mut conn = field.next()?.split('.');
+    let conn = ConnId {
+        shard: conn.next()?.parse().ok()?,
+        slot: conn.next()?.parse().ok()?,
+        generation: conn.next()?.parse().ok()?,
+    };
+    let node = field.next()?.to_owned();
+    let mut value = value.splitn(3, '|');
+    let network = NetworkType::from_u8(value.next()?.parse().ok()?);
+    let connected_at_ms = value.next()?.parse().ok()?;
+    let device_id = value.next()?.to_owned();
+    Some(Session {
+        conn,
+        node,
+        instance,
+        device_id,
+        network,
+        connected_at_ms,
+    })
+}
+
+/// Connects to Redis with bounded timeouts; it reconnects by itself.
+pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RegisterError> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_connection_timeout(Some(REDIS_TIMEOUT));
+    ConnectionManager::new_with_config(client.clone(), config)
+        .await
+        .map_err(redis_error)
+}
+
+fn redis_error(error: redis::RedisError) -> RegisterError {
+    RegisterError(format!("redis: {error}"))
+}
+
+/// What a room node publishes about itself every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    pub instance: u64,
+    /// The address clients connect to.
+    pub gateway: String,
+    pub region: String,
+    pub connections: u64,
+    /// The node's CPU use since its last heartbeat, in percent of one core.
+    pub cpu_percent: f64,
+    pub heartbeat_at_ms: u64,
+}
+
+/// Live room nodes by id.
+pub type LiveNodes = Arc<HashMap<String, NodeRecord>>;
+
+/// The room nodes that are alive, as this node last read them.
+pub struct NodeDirectory {
+    source: DirectorySource,
+    /// When the view was read, and the view.
+    cached: Mutex<Option<(Instant, LiveNodes)>>,
+}
+
+enum DirectorySource {
+    /// One process holds the only gateway (`herald serve`).
+    Fixed(LiveNodes),
+    Redis(ConnectionManager),
+}
+
+impl NodeDirectory {
+    pub fn fixed(record: NodeRecord) -> NodeDirectory {
+        let nodes = HashMap::from([(record.node.clone(), record)]);
+        NodeDirectory {
+            source: DirectorySource::Fixed(Arc::new(nodes)),
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub fn redis(redis: ConnectionManager) -> NodeDirectory {
+        NodeDirectory {
+            source: DirectorySource::Redis(redis),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The live nodes by id, read again when older than [`DIRECTORY_MAX_AGE`].
+    pub async fn live(&self) -> Result<LiveNodes, RegisterError> {
+        if let Some((read_at, nodes)) = &*self.cached.lock().expect("directory lock")
+            && read_at.elapsed() < DIRECTORY_MAX_AGE
+        {
+            return Ok(nodes.clone());
+        }
+        self.read().await
+    }
+
+    /// The live nodes by id, read now.
+    async fn read(&self) -> Result<LiveNodes, RegisterError> {
+        let mut redis = match &self.source {
+            DirectorySource::Fixed(nodes) => return Ok(nodes.clone()),
+            DirectorySource::Redis(redis) => redis.clone(),
+        };
+        let ids: Vec<String> = redis.zrange(NODES_KEY, 0, -1).await.map_err(redis_error)?;
+        let mut nodes = HashMap::with_capacity(ids.len());
+        if !ids.is_empty() {
+            let keys: Vec<String> = ids.iter().map(|id| node_key(id)).collect();
+            let records: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await
+                .map_err(redis_error)?;
+            let mut dead = Vec::new();
+            for (id, record) in ids.into_iter().zip(records) {
+                match record.map(|json| serde_json::from_str::<NodeRecord>(&json)) {
+                    Some(Ok(record)) => {
+                        nodes.insert(id, record);
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(node.id = %id, %error, "unreadable liveness record");
+                    }
+                    None => dead.push(id),
+                }
+            }
+            if !dead.is_empty() {
+                // Only forgets the id; a node that comes back adds it again.
+                let _: Result<(), _> = redis.zrem(NODES_KEY, &dead).await;
+            }
+        }
+        let nodes = Arc::new(nodes);
+        *self.cached.lock().expect("directory lock") = Some((Instant::now(), nodes.clone()));
+        Ok(nodes)
+    }
+
+    /// Whether (node, instance) is alive, reading again once when the
+    /// cached view does not know that instance.
+    async fn is_alive(&self, node: &str, instance: u64) -> Result<bool, RegisterError> {
+        let known = |nodes: &HashMap<String, NodeRecord>| {
+            nodes.get(node).map(|record| record.instance == instance)
+        };
+        if let Some(true) = known(&*self.live().await?) {
+            return Ok(true);
+        }
+        Ok(known(&*self.read().await?) == Some(true))
+    }
+}
+
+/// The register on Redis. A room node's register also keeps its own
+/// sessions in memory, to write them again if Redis loses them.
+pub struct RedisRegister {
+    redis: ConnectionManager,
+    directory: Arc<NodeDirectory>,
+    /// Set on room nodes: who this node is, and its own sessions.
+    own: Option<OwnSessions>,
+}
+
+struct OwnSessions {
+    node: String,
+    instance: u64,
+    sessions: MemoryRegister,
+}
+
+impl RedisRegister {
+    /// The register as a control node uses it: it only reads.
+    pub fn reader(redis: ConnectionManager, directory: Arc<NodeDirectory>) -> RedisRegister {
+        RedisRegister {
+            redis,
+            directory,
+            own: None,
+        }
+    }
+
+    /// The register as room node `node` (run `instance`) writes it.
+    pub fn writer(
+        redis: ConnectionManager,
+        directory: Arc<NodeDirectory>,
+        node: String,
+        instance: u64,
+    ) -> RedisRegister {
+        RedisRegister {
+            redis,
+            directory,
+            own: Some(OwnSessions {
+                node,
+                instance,
+                sessions: MemoryRegister::default(),
+            }),
+        }
+    }
+
+    /// This node's own sessions (room nodes), as (app, user, session).
+    pub fn own_sessions(&self) -> Vec<(String, String, Session)> {
+        self.own
+            .as_ref()
+            .map_or_else(Vec::new, |own| own.sessions.all())
+    }
+
+    /// Writes every session this node holds again, in pipelined batches.
+    /// Returns how many.
+    pub async fn rewrite_own(&self) -> Result<usize, RegisterError> {
+        let sessions = self.own_sessions();
+        let changes: Vec<Change> = sessions
+            .iter()
+            .map(|(app, user, session)| Change::Add {
+                app: app.clone(),
+                user: user.clone(),
+                session: session.clone(),
+            })
+            .collect();
+        self.write(&changes).await?;
+        Ok(sessions.len())
+    }
+
+    async fn write(&self, changes: &[Change]) -> Result<(), RegisterError> {
+        let own = self
+            .own
+            .as_ref()
+            .ok_or_else(|| RegisterError("a control node does not register sessions".into()))?;
+        let mut redis = self.redis.clone();
+        for batch in changes.chunks(PIPELINE_COMMANDS_MAX / 2) {
+            let mut pipe = redis::pipe();
+            for change in batch {
+                match change {
+                    Change::Add { app, user, session } => {
+                        let key = sessions_key(app, user);
+                        let field = session_field(&own.node, own.instance, session.conn);
+                        pipe.hset(&key, field, session_value(session)).ignore();
+                        pipe.expire(&key, SESSIONS_KEY_TTL.as_secs() as i64)
+                            .ignore();
+                    }
+                    Change::Remove { app, user, conn } => {
+                        let field = session_field(&own.node, own.instance, *conn);
+                        pipe.hdel(sessions_key(app, user), field).ignore();
+                    }
+                }
+            }
+            pipe.query_async::<()>(&mut redis)
+                .await
+                .map_err(redis_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Register for RedisRegister {
+    async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError> {
+        // Memory first: if Redis fails now, the next rewrite carries these.
+        if let Some(own) = &self.own {
+            own.sessions.apply(changes.clone()).await?;
+        }
+        self.write(&changes).await
+    }
+
+    async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError> {
+        let key = sessions_key(app, user);
+        let mut redis = self.redis.clone();
+        let entries: HashMap<String, String> = redis.hgetall(&key).await.map_err(redis_error)?;
+        let mut live = Vec::with_capacity(entries.len());
+        let mut stale = Vec::new();
+        for (field, value) in entries {
+            match parse_session(&field, &value) {
+                Some(session)
+                    if self
+                        .directory
+                        .is_alive(&session.node, session.instance)
+                        .await? =>
+                {
+                    live.push(session);
+                }
+                _ => stale.push(field),
+            }
+        }
+        if !stale.is_empty() {
+            tracing::debug!(
+                app.id = app,
+                stale = stale.len(),
+                "removing sessions of dead nodes"
+            );
+            let _: Result<(), _> = redis.hdel(&key, &stale).await;
+        }
+        Ok(live)
+    }
+}
+
+/// What one node tells another over its delivery channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NodeMessage {
+    /// One stored message for connections of this node: the payload once,
+    /// with each connection's sequence.
+    Deliver {
+        app: String,
+        message_id: String,
+        /// Base64.
+        payload: String,
+        /// (shard, slot, generation, seq).
+        targets: Vec<(u16, u32, u32, u64)>,
+    },
+    Kick {
+        reason: u16,
+        /// (shard, slot, generation).
+        conns: Vec<(u16, u32, u32)>,
+    },
+}
+
+impl NodeMessage {
+    pub fn deliver(
+        app: &str,
+        message_id: MessageId,
+        payload: &[u8],
+        targets: &[(ConnId, u64)],
+    ) -> NodeMessage {
+        NodeMessage::Deliver {
+            app: app.to_owned(),
+            message_id: message_id.to_string(),
+            payload: BASE64.encode(payload),
+            targets: targets
+                .iter()
+                .map(|(conn, seq)| (conn.shard, conn.slot, conn.generation, *seq))
+                .collect(),
+        }
+    }
+
+    pub fn kick(reason: GoAwayReason, conns: &[ConnId]) -> NodeMessage {
+        NodeMessage::Kick {
+            reason: reason.0,
+            conns: conns
+                .iter()
+                .map(|conn| (conn.shard, conn.slot, conn.generation))
+                .collect(),
+        }
+    }
+}
+
+/// What a room node does with one [`NodeMessage`] for its shards.
+pub enum Arrival {
+    Deliver {
+        app: String,
+        targets: Vec<(ConnId, PushMessage)>,
+    },
+    Kick {
+        reason: GoAwayReason,
+        conns: Vec<ConnId>,
+    },
+}
+
+impl TryFrom<NodeMessage> for Arrival {
+    type Error = String;
+
+    fn try_from(message: NodeMessage) -> Result<Arrival, String> {
+        let conn = |(shard, slot, generation)| ConnId {
+            shard,
+            slot,
+            generation,
+        };
+        Ok(match message {
+            NodeMessage::Deliver {
+                app,
+                message_id,
+                payload,
+                targets,
+            } => {
+                let message_id: MessageId = message_id
+                    .parse()
+                    .map_err(|error| format!("bad message id: {error}"))?;
+                let payload = bytes::Bytes::from(
+                    BASE64
+                        .decode(payload)
+                        .map_err(|error| format!("bad payload: {error}"))?,
+                );
+                let targets = targets
+                    .into_iter()
+                    .map(|(shard, slot, generation, seq)| {
+                        let message = PushMessage {
+                            seq,
+                            message_id,
+                            payload: payload.clone(),
+                        };
+                        (conn((shard, slot, generation)), message)
+                    })
+                    .collect();
+                Arrival::Deliver { app, targets }
+            }
+            NodeMessage::Kick { reason, conns } => Arrival::Kick {
+                reason: GoAwayReason(reason),
+                conns: conns.into_iter().map(conn).collect(),
+            },
+        })
+    }
+}
+
+/// Publishes to room nodes' channels: fire and forget, as Redis pub/sub is.
+pub struct RedisRemote {
+    redis: ConnectionManager,
+}
+
+impl RedisRemote {
+    pub fn new(redis: ConnectionManager) -> RedisRemote {
+        RedisRemote { redis }
+    }
+}
+
+#[async_trait::async_trait]
+impl Remote for RedisRemote {
+    async fn send(&self, node: &str, instance: u64, message: NodeMessage) {
+        let json = serde_json::to_string(&message).expect("node messages serialize");
+        let channel = delivery_channel(node, instance);
+        let mut redis = self.redis.clone();
+        // A message lost here is stored already: the connection gets it on
+        // its next catch-up, resync or reconnect (ARCHITECTURE.md).
+        if let Err(error) = redis.publish::<_, _, ()>(&channel, json).await {
+            tracing::warn!(%error, node.id = node, "publishing a delivery failed");
+        }
+    }
+}
+
+/// One room node's presence in the cluster: its liveness heartbeat and its
+/// delivery channel.
+pub struct RoomLink {
+    pub client: redis::Client,
+    pub redis: ConnectionManager,
+    pub register: Arc<RedisRegister>,
+    pub node: String,
+    pub instance: u64,
+    pub gateway: String,
+    pub region: String,
+}
+
+/// The node's load, read at each heartbeat.
+pub type LoadProbe = Box<dyn Fn() -> (u64, f64) + Send + Sync>;
+
+impl RoomLink {
+    /// Writes the liveness record once; returns whether Redis had lost the
+    /// previous one (always so on the first beat of a run).
+    pub async fn heartbeat(&self, load: &LoadProbe) -> Result<bool, RegisterError> {
+        let (connections, cpu_percent) = load();
+        let now_ms = unix_ms();
+        let record = NodeRecord {
+            node: self.node.clone(),
+            instance: self.instance,
+            gateway: self.gateway.clone(),
+            region: self.region.clone(),
+            connections,
+            cpu_percent,
+            heartbeat_at_ms: now_ms,
+        };
+        let json = serde_json::to_string(&record).expect("records serialize");
+        let mut redis = self.redis.clone();
+        let (previous, ()): (Option<String>, ()) = redis::pipe()
+            .cmd("SET")
+            .arg(node_key(&self.node))
+            .arg(json)
+            .arg("PX")
+            .arg(LIVENESS_TTL.as_millis() as u64)
+            .arg("GET")
+            .zadd(NODES_KEY, &self.node, now_ms)
+            .ignore()
+            .query_async::<(Option<String>,)>(&mut redis)
+            .await
+            .map(|(previous,)| (previous, ()))
+            .map_err(redis_error)?;
+        let ours = previous
+            .and_then(|json| serde_json::from_str::<NodeRecord>(&json).ok())
+            .is_some_and(|previous| {
+                if previous.instance != self.instance {
+                    tracing::warn!(
+                        node.id = %self.node,
+                        "another run of this node id wrote its liveness record: \
+                         two processes may share one node_id"
+                    );
+                }
+                previous.instance == self.instance
+            });
+        Ok(!ours)
+    }
+
+    /// Removes the liveness record at a graceful stop, so the dispatcher
+    /// stops offering this node at once rather than after the TTL.
+    pub async fn leave(&self) {
+        let mut redis = self.redis.clone();
+        let left: Result<(), _> = redis::pipe()
+            .del(node_key(&self.node))
+            .ignore()
+            .zrem(NODES_KEY, &self.node)
+            .ignore()
+            .query_async(&mut redis)
+            .await;
+        if let Err(error) = left {
+            tracing::warn!(%error, "removing the liveness record failed");
+        }
+    }
+
+    /// Heartbeats until the process ends. Whenever the record was lost, or
+    /// every [`SESSIONS_REWRITE_INTERVAL`], it writes every session again;
+    /// after a loss it also has every binding re-check storage, since pushes
+    /// in the gap found no session.
+    pub async fn run_heartbeat(self: Arc<Self>, delivery: Arc<Delivery>, load: LoadProbe) {
+        let mut rewritten_at = Instant::now();
+        loop {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            match self.heartbeat(&load).await {
+                Ok(lost) if lost || rewritten_at.elapsed() >= SESSIONS_REWRITE_INTERVAL => {
+                    match self.register.rewrite_own().await {
+                        Ok(sessions) => {
+                            rewritten_at = Instant::now();
+                            if lost {
+                                tracing::warn!(
+                                    sessions,
+                                    "the register had lost this node: sessions written again"
+                                );
+                                delivery.resync(self.register.own_sessions()).await;
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "writing sessions again failed"),
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "liveness heartbeat failed"),
+            }
+        }
+    }
+
+    /// Subscribes to this run's delivery channel and hands every message to
+    /// the shards, until the process ends. `subscribed` fires after the
+    /// first subscription, so the gateway opens only once deliveries can
+    /// reach it. After a lost subscription every binding re-checks storage.
+    pub async fn run_subscriber(
+        self: Arc<Self>,
+        delivery: Arc<Delivery>,
+        subscribed: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let channel = delivery_channel(&self.node, self.instance);
+        let mut subscribed = Some(subscribed);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut pubsub = match self.client.get_async_pubsub().await {
+                Ok(pubsub) => pubsub,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot connect to Redis for deliveries");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RESUBSCRIBE_DELAY_MAX);
+                    continue;
+                }
+            };
+            if let Err(error) = pubsub.subscribe(&channel).await {
+                tracing::warn!(%error, "cannot subscribe to deliveries");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            delay = Duration::from_millis(50);
+            match subscribed.take() {
+                Some(first) => {
+                    let _ = first.send(());
+                }
+                None => {
+                    tracing::info!("subscribed again: bindings re-check storage");
+                    delivery.resync(self.register.own_sessions()).await;
+                }
+            }
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let arrival = serde_json::from_slice::<NodeMessage>(message.get_payload_bytes())
+                    .map_err(|error| error.to_string())
+                    .and_then(Arrival::try_from);
+                match arrival {
+                    Ok(arrival) => delivery.arrive(arrival).await,
+                    Err(error) => tracing::warn!(%error, "unreadable node message dropped"),
+                }
+            }
+            tracing::warn!("lost the delivery subscription; subscribing again");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_reads_back_as_written() {
+        let session = Session {
+            conn: ConnId {
+                shard: 3,
+                slot: 70_000,
+                generation: 9,
+            },
+            node: "room-2".to_owned(),
+            instance: 1_764_000_000_123,
+            device_id: "phone|with|bars".to_owned(),
+            network: NetworkType::Cellular,
+            connected_at_ms: 42,
+        };
+        let field = session_field(&session.node, session.instance, session.conn);
+        assert_eq!(
+            parse_session(&field, &session_value(&session)),
+            Some(session)
+        );
+        assert_eq!(parse_session("junk", "1|2|d"), None);
+    }
+
+    /// What Redis Cluster hashes to pick a key's slot: the part between the
+    /// first `{` and the next `}`, when not empty, else the whole key.
+    fn hash_tag(key: &str) -> &str {
+        key.split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(tag, _)| tag)
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or(key)
+    }
+
+    #[test]
+    fn a_users_keys_share_one_cluster_slot() {
+        let key = sessions_key("chat", "alice");
+        assert_eq!(key, "herald:{chat:alice}:sessions");
+        assert_eq!(hash_tag(&key), "chat:alice");
+        // A user id holding braces still hashes by a prefix every key of
+        // that user shares.
+        assert_eq!(hash_tag(&sessions_key("chat", "a}b")), "chat:a");
+    }
+
+    #[test]
+    fn node_messages_carry_the_payload_once_and_come_back_whole() {
+        let conns = [
+            ConnId {
+                shard: 0,
+                slot: 1,
+                generation: 2,
+            },
+            ConnId {
+                shard: 1,
+                slot: 5,
+                generation: 0,
+            },
+        ];
+        let message = NodeMessage::deliver(
+            "chat",
+            MessageId([7; 16]),
+            b"hello",
+            &[(conns[0], 10), (conns[1], 3)],
+        );
+        let json = serde_json::to_string(&message).unwrap();
+        assert_eq!(json.matches("aGVsbG8=").count(), 1, "{json}");
+        let Ok(Arrival::Deliver { app, targets }) =
+            Arrival::try_from(serde_json::from_str::<NodeMessage>(&json).unwrap())
+        else {
+            panic!("not a delivery");
+        };
+        assert_eq!(app, "chat");
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[1].0, conns[1]);
+        assert_eq!(targets[1].1.seq, 3);
+        assert_eq!(&targets[1].1.payload[..], b"hello");
+
+        let kick = NodeMessage::kick(GoAwayReason::KICKED, &conns);
+        let Ok(Arrival::Kick {
+            reason,
+            conns: back,
+        }) = Arrival::try_from(kick)
+        else {
+            panic!("not a kick");
+        };
+        assert_eq!((reason, back), (GoAwayReason::KICKED, conns.to_vec()));
+    }
+}
