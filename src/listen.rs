@@ -36,6 +36,7 @@ pub fn run(args: ListenArgs) -> anyhow::Result<()> {
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let mut client = Client::start(ClientOptions {
         gateway: args.gateway.clone(),
+        dispatch: None,
         device_id: args.device.clone(),
         network: NetworkType::Wired,
         client_version: concat!("herald-listen/", env!("CARGO_PKG_VERSION")).to_owned(),

@@ -14,6 +14,7 @@ use support::{API_KEY, APP, Server, WAIT, herald_bin, token};
 fn options(server: &Server, token: String, ack_mode: AckMode) -> ClientOptions {
     ClientOptions {
         gateway: server.gateway.clone(),
+        dispatch: None,
         device_id: "sdk".to_owned(),
         network: NetworkType::Cellular,
         client_version: "test".to_owned(),
@@ -235,7 +236,11 @@ async fn token_from_a_config_file_binds() {
     let cli_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let mut client = Client::start(options(&server, cli_token, AckMode::Auto));
     match next(&mut client).await {
-        Event::Connected { heartbeat_interval } => {
+        Event::Connected {
+            gateway,
+            heartbeat_interval,
+        } => {
+            assert_eq!(gateway, server.gateway);
             // Cellular in `options`, 60 s for every network in the test config.
             assert_eq!(heartbeat_interval, Duration::from_secs(60));
         }

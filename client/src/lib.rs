@@ -7,6 +7,11 @@
 //! persist anything: a process that restarts resumes from the server's ack
 //! cursor for its device id.
 //!
+//! With a [`Dispatch`], it asks the dispatcher (`GET /v1/dispatch`) which
+//! gateways to use and tries them in order, moving to the next at once when
+//! one cannot be reached; it remembers the last gateway that worked for each
+//! network type and tries that one first next time.
+//!
 //! ```no_run
 //! # async fn example() {
 //! use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event};
@@ -14,6 +19,7 @@
 //!
 //! let mut client = Client::start(ClientOptions {
 //!     gateway: "127.0.0.1:7070".into(),
+//!     dispatch: None,
 //!     device_id: "phone-1".into(),
 //!     network: herald_proto::NetworkType::Wifi,
 //!     client_version: "my-app/1.0".into(),
@@ -78,10 +84,23 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// Where to ask which gateways to use, and for whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The API base URL, e.g. `http://api.example.com:8080`.
+    pub url: String,
+    pub app: String,
+    pub user: String,
+    pub region: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// "host:port" of a gateway.
+    /// "host:port" of a gateway: the one used without `dispatch`, and the
+    /// last resort when the dispatcher cannot be reached and no gateway
+    /// has worked yet.
     pub gateway: String,
+    pub dispatch: Option<Dispatch>,
     pub device_id: String,
     pub network: NetworkType,
     pub client_version: String,
@@ -94,6 +113,8 @@ pub struct ClientOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Connected {
+        /// The gateway this connection reached.
+        gateway: String,
         heartbeat_interval: Duration,
     },
     Bound {
@@ -110,6 +131,11 @@ pub enum Event {
         app: String,
         request_id: u64,
         status: UpstreamStatus,
+    },
+    /// The dispatcher could not be asked; the client tries the gateway that
+    /// last worked, or `ClientOptions::gateway`.
+    DispatchFailed {
+        error: String,
     },
     /// The connection was lost; the client reconnects by itself.
     Disconnected {
@@ -256,8 +282,15 @@ async fn drive(
     let mut resume: HashMap<String, Option<u64>> =
         options.apps.iter().map(|a| (a.app.clone(), None)).collect();
     let mut delay = options.reconnect.initial;
+    let mut gateways = Gateways::default();
     loop {
-        let ended = connect_and_run(&options, &mut resume, &events, &mut commands).await;
+        let (gateway, dispatch_error) = gateways.next(&options).await;
+        if let Some(error) = dispatch_error
+            && events.send(Event::DispatchFailed { error }).await.is_err()
+        {
+            return;
+        }
+        let ended = connect_and_run(&gateway, &options, &mut resume, &events, &mut commands).await;
         let (error, hint) = match ended {
             Ended::Terminal(terminal) => {
                 let _ = events.send(Event::Closed(terminal)).await;
@@ -270,6 +303,10 @@ async fn drive(
             } => {
                 if handshake_done {
                     delay = options.reconnect.initial;
+                    gateways.worked(options.network, gateway);
+                } else if gateways.has_next() {
+                    // Unreachable: fail over to the next gateway at once.
+                    continue;
                 }
                 (error, hint)
             }
@@ -308,6 +345,92 @@ async fn drive(
     }
 }
 
+/// How long the dispatcher may take to answer before the client falls
+/// back to the gateways it knows.
+const DISPATCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gateways to try, in order, and the last that worked per network.
+#[derive(Debug, Default)]
+struct Gateways {
+    queue: std::collections::VecDeque<String>,
+    last_good: HashMap<NetworkType, String>,
+}
+
+impl Gateways {
+    fn has_next(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// The next gateway to try. When the list is used up it is made again:
+    /// the last gateway that worked on this network first, then the
+    /// dispatcher's answer (or `options.gateway` without one).
+    /// Also returns why the dispatcher could not be asked, if it could not.
+    async fn next(&mut self, options: &ClientOptions) -> (String, Option<String>) {
+        let mut dispatch_error = None;
+        if self.queue.is_empty() {
+            let last_good = self.last_good.get(&options.network).cloned();
+            let mut list: Vec<String> = last_good.iter().cloned().collect();
+            match &options.dispatch {
+                Some(dispatch) => match dispatched(dispatch, options.network).await {
+                    Ok(gateways) => list.extend(gateways),
+                    Err(error) => {
+                        dispatch_error = Some(error);
+                        if list.is_empty() {
+                            list.push(options.gateway.clone());
+                        }
+                    }
+                },
+                None => list.push(options.gateway.clone()),
+            }
+            for gateway in list {
+                if !self.queue.contains(&gateway) {
+                    self.queue.push_back(gateway);
+                }
+            }
+        }
+        let gateway = self
+            .queue
+            .pop_front()
+            .unwrap_or_else(|| options.gateway.clone());
+        (gateway, dispatch_error)
+    }
+
+    /// `gateway` completed a handshake: try it first next time, after the
+    /// dispatcher's fresh list once this connection ends.
+    fn worked(&mut self, network: NetworkType, gateway: String) {
+        self.last_good.insert(network, gateway);
+        self.queue.clear();
+    }
+}
+
+/// Asks the dispatcher for the gateways of (app, user), best first.
+async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<String>, String> {
+    let mut query = vec![("app", dispatch.app.as_str()), ("user", dispatch.user.as_str())];
+    match network {
+        NetworkType::Wifi | NetworkType::Wired => query.push(("net", "wifi")),
+        NetworkType::Cellular => query.push(("net", "4g")),
+        NetworkType::Unknown => {}
+    }
+    if let Some(region) = &dispatch.region {
+        query.push(("region", region));
+    }
+    let url = format!("{}/v1/dispatch", dispatch.url.trim_end_matches('/'));
+    let request = reqwest::Client::new()
+        .get(url)
+        .query(&query)
+        .timeout(DISPATCH_TIMEOUT);
+    let response = request.send().await.map_err(|error| error.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("dispatcher answered {}", response.status()));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        gateways: Vec<String>,
+    }
+    let answer: Answer = response.json().await.map_err(|error| error.to_string())?;
+    Ok(answer.gateways)
+}
+
 /// A random duration in [0, bound].
 fn jitter(bound: Duration) -> Duration {
     bound.mul_f64(rand::random::<f64>())
@@ -322,12 +445,13 @@ fn lost(error: impl fmt::Display, handshake_done: bool) -> Ended {
 }
 
 async fn connect_and_run(
+    gateway: &str,
     options: &ClientOptions,
     resume: &mut HashMap<String, Option<u64>>,
     events: &mpsc::Sender<Event>,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
-    let connect = TcpStream::connect(&options.gateway);
+    let connect = TcpStream::connect(gateway);
     let mut stream = match tokio::time::timeout(options.connect_timeout, connect).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return lost(format!("connect: {error}"), false),
@@ -380,7 +504,10 @@ async fn connect_and_run(
             let event = match event {
                 ClientEvent::Ready { heartbeat_interval } => {
                     handshake_done = true;
-                    Event::Connected { heartbeat_interval }
+                    Event::Connected {
+                        gateway: gateway.to_owned(),
+                        heartbeat_interval,
+                    }
                 }
                 ClientEvent::Bound { app, user } => Event::Bound { app, user },
                 ClientEvent::BindFailed { app, code, message } => {

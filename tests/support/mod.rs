@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,27 +146,49 @@ impl Server {
         if let Some(path) = config_path {
             command.arg("--config").arg(path);
         }
-        let mut child = command
+        command
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "--gateway-listen",
-                gateway_listen,
-                "--api-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--gateway-listen", gateway_listen]);
+        let mut server = Server::launch(command, io);
+        server.data_dir = data_dir.to_owned();
+        server.config_path = config_path.map(Path::to_owned);
+        server
+    }
+
+    /// `herald room` or `herald control` on `config`, on ephemeral ports
+    /// (unless the config's gateway listen is fixed and `gateway_listen`
+    /// names it). A control node has no gateway: `gateway` is empty.
+    pub fn spawn_node(role: &str, config: &Path, gateway_listen: Option<&str>) -> Server {
+        let mut command = Command::new(herald_bin());
+        command.arg(role).arg("--config").arg(config);
+        if role == "room" {
+            command.args(["--io", "uring", "--gateway-listen"]);
+            command.arg(gateway_listen.unwrap_or("127.0.0.1:0"));
+        }
+        let mut server = Server::launch(command, Io::Uring);
+        server.config_path = Some(config.to_owned());
+        server
+    }
+
+    /// Starts `command` with an ephemeral API port and reads the addresses
+    /// it prints.
+    fn launch(mut command: Command, io: Io) -> Server {
+        let mut child = command
+            .args(["--api-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn herald serve");
+            .expect("spawn herald");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let (mut gateway, mut api, mut demo_api_key) = (None, None, None);
-        while gateway.is_none() || api.is_none() {
+        // The API line comes last on every role.
+        while api.is_none() {
             let line = lines
                 .next()
-                .expect("herald serve exited before listening")
+                .expect("herald exited before listening")
                 .unwrap();
             if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
                 gateway = rest.split_whitespace().next().map(str::to_owned);
@@ -179,10 +203,10 @@ impl Server {
         Server {
             child,
             io,
-            gateway: gateway.unwrap(),
+            gateway: gateway.unwrap_or_default(),
             api: api.unwrap(),
-            data_dir: data_dir.to_owned(),
-            config_path: config_path.map(Path::to_owned),
+            data_dir: PathBuf::new(),
+            config_path: None,
             demo_api_key,
             _dir: None,
         }
@@ -436,7 +460,7 @@ impl RawClient {
 /// poll requests hold the listeners open until then: a successor that joins
 /// the port's SO_REUSEPORT group before that would see some connections land
 /// on a dying listener and be reset.
-fn wait_until_nothing_listens(addr: &str) {
+pub fn wait_until_nothing_listens(addr: &str) {
     let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
     let listening = || {
         let table = std::fs::read_to_string("/proc/net/tcp").unwrap();

@@ -1,0 +1,276 @@
+//! Cluster test support: room and control nodes as real processes on one
+//! Redis and one MariaDB database, and a TCP relay that can cut a node off
+//! its database.
+//!
+//! Redis and MariaDB are the local services (`HERALD_TEST_REDIS_URL`,
+//! `HERALD_TEST_MYSQL_URL` override them; `scripts/start-services.sh`
+//! starts them). A test whose service is missing is skipped with a message,
+//! except under CI=true, where it fails.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::{API_KEY, APP, OTHER_API_KEY, OTHER_APP, Server, TOKEN_SECRET, WAIT};
+
+pub fn redis_server_url() -> String {
+    std::env::var("HERALD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+pub fn mysql_server_url() -> String {
+    std::env::var("HERALD_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
+}
+
+/// Skips (returns `None` after saying why) when a service is missing,
+/// unless CI=true, where a missing service fails the test.
+fn service_missing(test: &str, message: String) -> Option<std::convert::Infallible> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED {test}: {message}");
+    None
+}
+
+/// A MariaDB database and a Redis logical database of one test's own,
+/// emptied first and dropped afterwards.
+pub struct Engines {
+    pub database_url: String,
+    pub redis_url: String,
+    mysql_server: String,
+    database: String,
+}
+
+/// Redis logical databases 1..=15 go to the tests of one binary in turn
+/// (database 0 is left to whatever else uses the server).
+static NEXT_REDIS_DB: AtomicU32 = AtomicU32::new(1);
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+
+impl Engines {
+    pub async fn create(test: &str) -> Option<Engines> {
+        let redis_db = NEXT_REDIS_DB.fetch_add(1, Ordering::Relaxed);
+        assert!(redis_db <= 15, "more cluster tests than Redis databases");
+        let redis_url = format!("{}/{redis_db}", redis_server_url());
+        if let Err(error) = flush_redis(&redis_url).await {
+            service_missing(
+                test,
+                format!("Redis is not reachable at {redis_url} ({error}); start it with scripts/start-services.sh"),
+            )?;
+        }
+        let mysql_server = mysql_server_url();
+        let database = format!(
+            "herald_cluster_{}_{}",
+            std::process::id(),
+            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
+        );
+        if let Err(error) = mysql_admin(&mysql_server, &format!("CREATE DATABASE {database}")).await {
+            service_missing(
+                test,
+                format!("MariaDB is not reachable at {mysql_server} ({error}); start it with scripts/start-services.sh"),
+            )?;
+        }
+        Some(Engines {
+            database_url: format!("{mysql_server}/{database}"),
+            redis_url,
+            mysql_server,
+            database,
+        })
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        let server = self.mysql_server.clone();
+        let statement = format!("DROP DATABASE IF EXISTS {}", self.database);
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(mysql_admin(&server, &statement))
+        })
+        .join();
+    }
+}
+
+pub async fn flush_redis(url: &str) -> redis::RedisResult<()> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("FLUSHDB").query_async(&mut conn).await
+}
+
+async fn mysql_admin(server: &str, statement: &str) -> Result<(), sqlx::Error> {
+    let mut conn = MySqlConnection::connect(server).await?;
+    sqlx::raw_sql(AssertSqlSafe(statement.to_owned()))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// A config file for one cluster node.
+pub fn write_node_config(dir: &Path, node_id: &str, redis_url: &str, database_url: &str) -> PathBuf {
+    let path = dir.join(format!("{node_id}.toml"));
+    let text = format!(
+        r#"
+[gateway]
+shards = 2
+auth_timeout_secs = 3
+drain_timeout_secs = 5
+[gateway.heartbeat_secs]
+unknown = 60
+wifi = 60
+cellular = 60
+wired = 60
+[api]
+payload_bytes_max = 1024
+[storage]
+ack_flush_interval_ms = 50
+[cluster]
+node_id = "{node_id}"
+redis_url = "{redis_url}"
+database_url = "{database_url}"
+[[apps]]
+id = "{APP}"
+api_key = "{API_KEY}"
+token_secret = "{TOKEN_SECRET}"
+[[apps]]
+id = "{OTHER_APP}"
+api_key = "{OTHER_API_KEY}"
+token_secret = "other-secret-0123456789"
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Room nodes `room-0..` and control nodes `control-0..` on one set of
+/// engines.
+pub struct Cluster {
+    pub rooms: Vec<Server>,
+    pub controls: Vec<Server>,
+    pub dir: tempfile::TempDir,
+    pub engines: Engines,
+}
+
+impl Cluster {
+    pub async fn start(test: &str, rooms: usize, controls: usize) -> Option<Cluster> {
+        let engines = Engines::create(test).await?;
+        Some(Cluster::start_on(engines, rooms, controls, |_| None))
+    }
+
+    /// Starts the nodes; `database_url_of(node_id)` may route a node to
+    /// the database another way (through a [`Relay`]).
+    pub fn start_on(
+        engines: Engines,
+        rooms: usize,
+        controls: usize,
+        database_url_of: impl Fn(&str) -> Option<String>,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |node: &str| {
+            let database_url = database_url_of(node).unwrap_or_else(|| engines.database_url.clone());
+            write_node_config(dir.path(), node, &engines.redis_url, &database_url)
+        };
+        let rooms = (0..rooms)
+            .map(|i| Server::spawn_node("room", &config(&format!("room-{i}")), None))
+            .collect();
+        let controls = (0..controls)
+            .map(|i| Server::spawn_node("control", &config(&format!("control-{i}")), None))
+            .collect();
+        Cluster {
+            rooms,
+            controls,
+            dir,
+            engines,
+        }
+    }
+
+    /// The room node whose gateway is `gateway`.
+    pub fn room_at(&self, gateway: &str) -> usize {
+        self.rooms
+            .iter()
+            .position(|room| room.gateway == gateway)
+            .unwrap_or_else(|| panic!("no room node at {gateway}"))
+    }
+}
+
+/// A TCP relay to `target` that can be cut (every relayed connection
+/// closed, new ones closed at once) and restored: a database that becomes
+/// unreachable without stopping it for everyone else.
+pub struct Relay {
+    pub addr: String,
+    open: Arc<Mutex<bool>>,
+    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: &str) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let open = Arc::new(Mutex::new(true));
+        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = target.to_owned();
+        let accept = tokio::spawn({
+            let open = open.clone();
+            let pipes = pipes.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !*open.lock().unwrap() {
+                        continue; // dropped: closed at once
+                    }
+                    let target = target.clone();
+                    let pipe = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    pipes.lock().unwrap().push(pipe);
+                }
+            }
+        });
+        Relay {
+            addr,
+            open,
+            pipes,
+            accept,
+        }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        *self.open.lock().unwrap() = false;
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        *self.open.lock().unwrap() = true;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Polls `check` until it holds or [`WAIT`] passes.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
