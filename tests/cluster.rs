@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
-use support::cluster::{Cluster, Engines, Relay, eventually, flush_redis};
+use support::cluster::{Cluster, Engines, PrivateRedis, Relay, eventually};
 use support::{API_KEY, APP, RawClient, WAIT};
 
 /// The node ids presence reports for `user`, as asked of `api`.
@@ -47,7 +47,8 @@ async fn dispatch(api: &support::Server, user: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_presence_kicks_and_multicasts_cross_nodes() {
-    let Some(cluster) = Cluster::start("pushes_presence_kicks_and_multicasts_cross_nodes", 3, 2).await
+    let Some(cluster) =
+        Cluster::start("pushes_presence_kicks_and_multicasts_cross_nodes", 3, 2).await
     else {
         return;
     };
@@ -70,7 +71,9 @@ async fn pushes_presence_kicks_and_multicasts_cross_nodes() {
     // A push through either control node reaches the user wherever it is.
     for (j, client) in clients.iter_mut().enumerate() {
         let control = &cluster.controls[j % 2];
-        let reply = control.push(&format!("user{j}"), &format!("hello {j}")).await;
+        let reply = control
+            .push(&format!("user{j}"), &format!("hello {j}"))
+            .await;
         assert_eq!(reply["online"], true, "{reply}");
         assert_eq!(client.recv_push().await, (1, format!("hello {j}")));
         client.ack(1).await;
@@ -98,11 +101,18 @@ async fn pushes_presence_kicks_and_multicasts_cross_nodes() {
     let mut expected: Vec<String> = cluster.rooms.iter().map(|r| r.gateway.clone()).collect();
     expected.sort();
     assert_eq!(sorted, expected);
-    assert_eq!(dispatch(&cluster.controls[1], "user0").await[0], gateways[0]);
+    assert_eq!(
+        dispatch(&cluster.controls[1], "user0").await[0],
+        gateways[0]
+    );
 
     // A kick through a control node reaches the user's room node.
     let (status, reply) = cluster.controls[0]
-        .post(&format!("/v1/apps/{APP}/users/user2/kick"), API_KEY, String::new())
+        .post(
+            &format!("/v1/apps/{APP}/users/user2/kick"),
+            API_KEY,
+            String::new(),
+        )
         .await;
     assert_eq!((status, &reply["kicked"]), (200, &json!(1)), "{reply}");
     match clients[2].recv().await {
@@ -113,4 +123,400 @@ async fn pushes_presence_kicks_and_multicasts_cross_nodes() {
         nodes_of(&cluster.controls[1], "user2").await.is_empty()
     })
     .await;
+}
+
+/// What the SDK clients of one test have seen, by user.
+#[derive(Default)]
+struct Seen {
+    /// Message ids received, in order, duplicates included.
+    received: HashMap<String, Vec<String>>,
+    /// The gateway each user's client last connected to.
+    gateway: HashMap<String, String>,
+}
+
+/// Starts one SDK client per user, dispatched by `api`, recording what it
+/// receives; each push is acked (auto mode) once its next event is asked.
+fn start_clients(
+    api: &support::Server,
+    users: &[String],
+) -> (
+    std::sync::Arc<std::sync::Mutex<Seen>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Dispatch, Event};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let tasks = users
+        .iter()
+        .map(|user| {
+            let options = ClientOptions {
+                gateway: "127.0.0.1:1".to_owned(), // never used: the dispatcher answers
+                dispatch: Some(Dispatch {
+                    url: format!("http://{}", api.api),
+                    app: APP.to_owned(),
+                    user: user.clone(),
+                    region: None,
+                }),
+                device_id: format!("dev-{user}"),
+                network: herald_proto::NetworkType::Wifi,
+                client_version: "cluster-test".to_owned(),
+                apps: vec![AppToken {
+                    app: APP.to_owned(),
+                    token: support::token(user, 3600),
+                }],
+                ack_mode: AckMode::Auto,
+                reconnect: Backoff {
+                    initial: Duration::from_millis(50),
+                    max: Duration::from_millis(500),
+                },
+                connect_timeout: Duration::from_secs(2),
+            };
+            let seen = seen.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                let mut client = Client::start(options);
+                while let Some(event) = client.next_event().await {
+                    let mut seen = seen.lock().unwrap();
+                    match event {
+                        Event::Connected { gateway, .. } => {
+                            seen.gateway.insert(user.clone(), gateway);
+                        }
+                        Event::Push(push) => seen
+                            .received
+                            .entry(user.clone())
+                            .or_default()
+                            .push(push.message_id.to_string()),
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    (seen, tasks)
+}
+
+/// Pushes to `users` in turn through the control nodes in turn, `rate` a
+/// second for `duration`, calling `midway` once half way; returns the ids
+/// of the messages the API accepted (200), by user, and the refusals.
+async fn push_steadily(
+    controls: &[support::Server],
+    users: &[String],
+    rate: u32,
+    duration: Duration,
+    midway: impl FnOnce(),
+) -> (BTreeMap<String, Vec<String>>, usize) {
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut refused = 0;
+    let mut midway = Some(midway);
+    let pushes = (rate as f64 * duration.as_secs_f64()) as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    for n in 0..pushes {
+        tick.tick().await;
+        if n == pushes / 2
+            && let Some(midway) = midway.take()
+        {
+            midway();
+        }
+        let user = &users[n % users.len()];
+        let (status, reply) = controls[n % controls.len()]
+            .post(
+                &format!("/v1/apps/{APP}/users/{user}/messages"),
+                API_KEY,
+                json!({ "payload": format!("m{n}") }).to_string(),
+            )
+            .await;
+        if status == 200 {
+            let id = reply["message_id"].as_str().unwrap().to_owned();
+            accepted.entry(user.clone()).or_default().push(id);
+        } else {
+            refused += 1;
+        }
+    }
+    (accepted, refused)
+}
+
+/// Waits until every user received every accepted message at least once
+/// (a user's SDK sees them in order, possibly some twice after a failover),
+/// and returns (unique deliveries, duplicates).
+async fn all_delivered(
+    seen: &std::sync::Mutex<Seen>,
+    accepted: &BTreeMap<String, Vec<String>>,
+    within: Duration,
+) -> (usize, usize) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (missing, unique, duplicates) = {
+            let seen = seen.lock().unwrap();
+            let mut missing = Vec::new();
+            let (mut unique, mut duplicates) = (0, 0);
+            for (user, ids) in accepted {
+                let received = seen.received.get(user).cloned().unwrap_or_default();
+                let distinct: HashSet<&String> = received.iter().collect();
+                unique += distinct.len();
+                duplicates += received.len() - distinct.len();
+                missing.extend(
+                    ids.iter()
+                        .filter(|id| !distinct.contains(id))
+                        .map(|id| (user.clone(), id.clone())),
+                );
+            }
+            (missing, unique, duplicates)
+        };
+        if missing.is_empty() {
+            return (unique, duplicates);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} accepted messages never arrived, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_node_killed_mid_push_loses_nothing() {
+    let Some(mut cluster) = Cluster::start("a_room_node_killed_mid_push_loses_nothing", 3, 2).await
+    else {
+        return;
+    };
+    let users: Vec<String> = (0..24).map(|i| format!("u{i}")).collect();
+    let (seen, clients) = start_clients(&cluster.controls[0], &users);
+    for user in &users {
+        eventually(&format!("{user} registered"), || async {
+            !nodes_of(&cluster.controls[1], user).await.is_empty()
+        })
+        .await;
+    }
+    // The victim is the room node holding the most clients.
+    let by_room: HashMap<String, usize> =
+        seen.lock()
+            .unwrap()
+            .gateway
+            .values()
+            .fold(HashMap::new(), |mut count, gateway| {
+                *count.entry(gateway.clone()).or_default() += 1;
+                count
+            });
+    let (victim_gateway, victims) = by_room.iter().max_by_key(|(_, n)| **n).unwrap();
+    let (victim_gateway, victims) = (victim_gateway.clone(), *victims);
+    let victim = cluster.room_at(&victim_gateway);
+    let mut victim_node = cluster.rooms.remove(victim);
+
+    let (accepted, refused) = push_steadily(
+        &cluster.controls,
+        &users,
+        40,
+        Duration::from_secs(6),
+        || {
+            victim_node.child.kill().unwrap();
+            victim_node.child.wait().unwrap();
+        },
+    )
+    .await;
+    let accepted_total: usize = accepted.values().map(Vec::len).sum();
+    let (unique, duplicates) = all_delivered(&seen, &accepted, Duration::from_secs(30)).await;
+    let moved = seen
+        .lock()
+        .unwrap()
+        .gateway
+        .values()
+        .filter(|gateway| **gateway == victim_gateway)
+        .count();
+    println!(
+        "kill -9 of {victim_gateway} ({victims} of {} clients) mid-push: accepted {accepted_total}, \
+         refused {refused}, delivered {unique} unique, {duplicates} redelivered (deduped by id), \
+         lost 0; clients still on the dead node: {moved}",
+        users.len()
+    );
+    assert_eq!(
+        refused, 0,
+        "the API refused pushes while only a room node was down"
+    );
+    assert_eq!(unique, accepted_total);
+    assert_eq!(
+        moved, 0,
+        "every client of the dead node moved to a live one"
+    );
+    for client in clients {
+        client.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_loses_nothing() {
+    const TEST: &str = "a_redis_restart_loses_nothing";
+    let Some(mut redis) = PrivateRedis::start(TEST) else {
+        return;
+    };
+    let Some(mut engines) = Engines::create(TEST).await else {
+        return;
+    };
+    engines.redis_url = redis.url.clone();
+    let cluster = Cluster::start_on(engines, 2, 1, |_| None);
+    let users: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+    let (seen, clients) = start_clients(&cluster.controls[0], &users);
+    for user in &users {
+        eventually(&format!("{user} registered"), || async {
+            !nodes_of(&cluster.controls[0], user).await.is_empty()
+        })
+        .await;
+    }
+    let rate = 40;
+    let (before, _) = push_steadily(
+        &cluster.controls,
+        &users,
+        rate,
+        Duration::from_secs(1),
+        || {},
+    )
+    .await;
+    all_delivered(&seen, &before, WAIT).await;
+
+    // Redis dies and comes back empty; pushes go on throughout.
+    redis.kill();
+    let (during, refused_during) = push_steadily(
+        &cluster.controls,
+        &users,
+        rate,
+        Duration::from_secs(1),
+        || {},
+    )
+    .await;
+    redis.restart();
+    let (after, refused_after) = push_steadily(
+        &cluster.controls,
+        &users,
+        rate,
+        Duration::from_secs(3),
+        || {},
+    )
+    .await;
+
+    let mut accepted = before;
+    for (user, ids) in during.into_iter().chain(after) {
+        accepted.entry(user).or_default().extend(ids);
+    }
+    let accepted_total: usize = accepted.values().map(Vec::len).sum();
+    let (unique, duplicates) = all_delivered(&seen, &accepted, Duration::from_secs(20)).await;
+    println!(
+        "Redis killed and restarted empty mid-push: accepted {accepted_total}, refused \
+         {refused_during} during the outage and {refused_after} after, delivered {unique} unique, \
+         {duplicates} redelivered, lost 0"
+    );
+    assert_eq!(unique, accepted_total);
+    assert_eq!(
+        refused_during + refused_after,
+        0,
+        "storage was up: every push is accepted"
+    );
+    // The register was refilled: every user is found on a node again.
+    for user in &users {
+        assert!(
+            !nodes_of(&cluster.controls[0], user).await.is_empty(),
+            "{user} not re-registered"
+        );
+    }
+    for client in clients {
+        client.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_database_gets_503_and_nothing_is_half_stored() {
+    const TEST: &str = "an_unreachable_database_gets_503_and_nothing_is_half_stored";
+    let Some(engines) = Engines::create(TEST).await else {
+        return;
+    };
+    // The control node reaches the database through a relay the test cuts.
+    let database_server = engines.database_url.trim_start_matches("mysql://root@");
+    let (server_addr, database) = database_server.split_once('/').unwrap();
+    let relay = Relay::start(server_addr).await;
+    let relayed = format!("mysql://root@{}/{database}", relay.addr);
+    let cluster = Cluster::start_on(engines, 1, 1, |node| {
+        node.starts_with("control").then(|| relayed.clone())
+    });
+    let control = &cluster.controls[0];
+    let mut client = RawClient::bound(&cluster.rooms[0].gateway, "phone", "dora", None).await;
+    eventually("dora registered", || async {
+        !nodes_of(control, "dora").await.is_empty()
+    })
+    .await;
+    control.push("dora", "before").await;
+    assert_eq!(client.recv_push().await, (1, "before".to_owned()));
+
+    relay.cut();
+    for attempt in 0..3 {
+        let (status, reply) = control
+            .post(
+                &format!("/v1/apps/{APP}/users/dora/messages"),
+                API_KEY,
+                json!({ "payload": format!("refused {attempt}") }).to_string(),
+            )
+            .await;
+        assert_eq!(status, 503, "{reply}");
+        assert_eq!(reply["error"]["code"], "storage_unavailable");
+    }
+    let (status, _) = control.get("/readyz", "").await;
+    assert_eq!(status, 503, "not ready while the database is unreachable");
+
+    relay.restore();
+    eventually("the API takes pushes again", || async {
+        control.get("/readyz", "").await.0 == 200
+    })
+    .await;
+    control.push("dora", "after").await;
+    // Seq 2: the refused pushes stored nothing and used no sequence.
+    assert_eq!(client.recv_push().await, (2, "after".to_owned()));
+    client.ack(2).await;
+    client.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_control_nodes_give_one_user_gapless_seqs() {
+    const PUSHES: usize = 120;
+    let Some(cluster) = Cluster::start("two_control_nodes_give_one_user_gapless_seqs", 0, 2).await
+    else {
+        return;
+    };
+    let calls: Vec<_> = (0..PUSHES)
+        .map(|n| {
+            let control = &cluster.controls[n % 2];
+            let request = reqwest::Client::new()
+                .post(control.url(&format!("/v1/apps/{APP}/users/hot/messages")))
+                .bearer_auth(API_KEY)
+                .body(json!({ "payload": format!("p{n}") }).to_string());
+            tokio::spawn(async move {
+                let reply: Value = request.send().await.unwrap().json().await.unwrap();
+                reply["seq"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("push failed: {reply}"))
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for call in calls {
+        seqs.push(call.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=PUSHES as u64).collect::<Vec<_>>(),
+        "gap or duplicate"
+    );
+    // What was stored agrees with what was answered.
+    let (status, stored) = cluster.controls[1]
+        .get(
+            &format!("/v1/apps/{APP}/users/hot/messages?limit=100"),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let stored_seqs: Vec<u64> = stored["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stored_seqs, (1..=100).collect::<Vec<_>>());
 }

@@ -405,7 +405,10 @@ impl Gateways {
 
 /// Asks the dispatcher for the gateways of (app, user), best first.
 async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<String>, String> {
-    let mut query = vec![("app", dispatch.app.as_str()), ("user", dispatch.user.as_str())];
+    let mut query = vec![
+        ("app", dispatch.app.as_str()),
+        ("user", dispatch.user.as_str()),
+    ];
     match network {
         NetworkType::Wifi | NetworkType::Wired => query.push(("net", "wifi")),
         NetworkType::Cellular => query.push(("net", "4g")),

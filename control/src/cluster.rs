@@ -118,10 +118,15 @@ fn parse_session(field: &str, value: &str) -> Option<Session> {
 }
 
 /// Connects to Redis with bounded timeouts; it reconnects by itself.
+///
+/// Calls made while it reconnects wait for that attempt, so it tries once
+/// per failed call rather than retrying with backoff: while Redis is down
+/// an API call answers within [`REDIS_TIMEOUT`] instead of seconds later.
 pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RegisterError> {
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(REDIS_TIMEOUT))
-        .set_connection_timeout(Some(REDIS_TIMEOUT));
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(0);
     ConnectionManager::new_with_config(client.clone(), config)
         .await
         .map_err(redis_error)

@@ -23,7 +23,8 @@ pub fn redis_server_url() -> String {
 }
 
 pub fn mysql_server_url() -> String {
-    std::env::var("HERALD_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
+    std::env::var("HERALD_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
 }
 
 /// Skips (returns `None` after saying why) when a service is missing,
@@ -58,7 +59,9 @@ impl Engines {
         if let Err(error) = flush_redis(&redis_url).await {
             service_missing(
                 test,
-                format!("Redis is not reachable at {redis_url} ({error}); start it with scripts/start-services.sh"),
+                format!(
+                    "Redis is not reachable at {redis_url} ({error}); start it with scripts/start-services.sh"
+                ),
             )?;
         }
         let mysql_server = mysql_server_url();
@@ -67,10 +70,13 @@ impl Engines {
             std::process::id(),
             NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
         );
-        if let Err(error) = mysql_admin(&mysql_server, &format!("CREATE DATABASE {database}")).await {
+        if let Err(error) = mysql_admin(&mysql_server, &format!("CREATE DATABASE {database}")).await
+        {
             service_missing(
                 test,
-                format!("MariaDB is not reachable at {mysql_server} ({error}); start it with scripts/start-services.sh"),
+                format!(
+                    "MariaDB is not reachable at {mysql_server} ({error}); start it with scripts/start-services.sh"
+                ),
             )?;
         }
         Some(Engines {
@@ -113,12 +119,18 @@ async fn mysql_admin(server: &str, statement: &str) -> Result<(), sqlx::Error> {
 }
 
 /// A config file for one cluster node.
-pub fn write_node_config(dir: &Path, node_id: &str, redis_url: &str, database_url: &str) -> PathBuf {
+pub fn write_node_config(
+    dir: &Path,
+    node_id: &str,
+    redis_url: &str,
+    database_url: &str,
+) -> PathBuf {
     let path = dir.join(format!("{node_id}.toml"));
     let text = format!(
         r#"
 [gateway]
 shards = 2
+connections_per_shard_max = 5000
 auth_timeout_secs = 3
 drain_timeout_secs = 5
 [gateway.heartbeat_secs]
@@ -173,7 +185,8 @@ impl Cluster {
     ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = |node: &str| {
-            let database_url = database_url_of(node).unwrap_or_else(|| engines.database_url.clone());
+            let database_url =
+                database_url_of(node).unwrap_or_else(|| engines.database_url.clone());
             write_node_config(dir.path(), node, &engines.redis_url, &database_url)
         };
         let rooms = (0..rooms)
@@ -227,7 +240,8 @@ impl Relay {
                     let target = target.clone();
                     let pipe = tokio::spawn(async move {
                         if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
                     });
                     pipes.lock().unwrap().push(pipe);
@@ -270,7 +284,75 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis server of one test's own, to restart without disturbing others.
+/// It keeps nothing on disk: a restart loses every key, as a crashed
+/// cache-only Redis does.
+pub struct PrivateRedis {
+    pub url: String,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub fn start(test: &str) -> Option<PrivateRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        match PrivateRedis::spawn(port) {
+            Ok(child) => Some(PrivateRedis {
+                url: format!("redis://127.0.0.1:{port}"),
+                port,
+                child,
+            }),
+            Err(error) => {
+                service_missing(test, format!("cannot run redis-server ({error})"))?;
+                None
+            }
+        }
+    }
+
+    fn spawn(port: u16) -> std::io::Result<std::process::Child> {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    /// Kills the server (SIGKILL: nothing saved).
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.child = PrivateRedis::spawn(self.port).expect("restart redis-server");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
