@@ -19,6 +19,7 @@
 //! since deliveries in that gap found nobody.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,10 @@ const PIPELINE_COMMANDS_MAX: usize = 1_000;
 /// anyone reading them are gone within this time.
 const SESSIONS_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 const SESSIONS_REWRITE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+
+/// Register changes a room node keeps while Redis does not take them. A
+/// longer outage ends in writing every session again instead.
+const UNWRITTEN_CHANGES_MAX: usize = 100_000;
 
 /// Redis calls fail after this long rather than hold an API call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -221,7 +226,7 @@ impl NodeDirectory {
             }
             if !dead.is_empty() {
                 // Only forgets the id; a node that comes back adds it again.
-                let _: Result<(), _> = redis.zrem(NODES_KEY, &dead).await;
+                let _: Result<usize, _> = redis.zrem(NODES_KEY, &dead).await;
             }
         }
         let nodes = Arc::new(nodes);
@@ -229,17 +234,26 @@ impl NodeDirectory {
         Ok(nodes)
     }
 
-    /// Whether (node, instance) is alive, reading again once when the
-    /// cached view does not know that instance.
-    async fn is_alive(&self, node: &str, instance: u64) -> Result<bool, RegisterError> {
-        let known = |nodes: &HashMap<String, NodeRecord>| {
-            nodes.get(node).map(|record| record.instance == instance)
-        };
-        if let Some(true) = known(&*self.live().await?) {
-            return Ok(true);
+    /// The live nodes, read again at once when the cached view does not
+    /// know every (node, instance) in `sessions`: a node that just started
+    /// (or restarted) is then seen, and its previous run is seen dead.
+    async fn live_for(&self, sessions: &[Option<Session>]) -> Result<LiveNodes, RegisterError> {
+        let nodes = self.live().await?;
+        let all_known = sessions
+            .iter()
+            .flatten()
+            .all(|session| is_alive(&nodes, session));
+        if all_known {
+            return Ok(nodes);
         }
-        Ok(known(&*self.read().await?) == Some(true))
+        self.read().await
     }
+}
+
+fn is_alive(nodes: &HashMap<String, NodeRecord>, session: &Session) -> bool {
+    nodes
+        .get(&session.node)
+        .is_some_and(|record| record.instance == session.instance)
 }
 
 /// The register on Redis. A room node's register also keeps its own
@@ -255,6 +269,14 @@ struct OwnSessions {
     node: String,
     instance: u64,
     sessions: MemoryRegister,
+    /// Changes Redis did not take, in order: written before the next ones.
+    unwritten: Mutex<Vec<Change>>,
+    /// Sessions were written late: pushes in between found nobody, so the
+    /// bindings must re-check storage.
+    resync_needed: AtomicBool,
+    /// More changes failed than are kept: only writing every session again
+    /// restores the register.
+    rewrite_needed: AtomicBool,
 }
 
 impl RedisRegister {
@@ -281,6 +303,9 @@ impl RedisRegister {
                 node,
                 instance,
                 sessions: MemoryRegister::default(),
+                unwritten: Mutex::default(),
+                resync_needed: AtomicBool::new(false),
+                rewrite_needed: AtomicBool::new(false),
             }),
         }
     }
@@ -290,6 +315,33 @@ impl RedisRegister {
         self.own
             .as_ref()
             .map_or_else(Vec::new, |own| own.sessions.all())
+    }
+
+    /// Whether changes wait to be written (Redis failed to take them).
+    fn has_unwritten(&self) -> bool {
+        self.own
+            .as_ref()
+            .is_some_and(|own| !own.unwritten.lock().expect("register lock").is_empty())
+    }
+
+    /// Takes the flag that says every session must be written again.
+    fn take_rewrite_needed(&self) -> bool {
+        self.own
+            .as_ref()
+            .is_some_and(|own| own.rewrite_needed.swap(false, Ordering::Relaxed))
+    }
+
+    fn flag_rewrite(&self) {
+        if let Some(own) = &self.own {
+            own.rewrite_needed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the flag that says bindings must re-check storage.
+    fn take_resync_needed(&self) -> bool {
+        self.own
+            .as_ref()
+            .is_some_and(|own| own.resync_needed.swap(false, Ordering::Relaxed))
     }
 
     /// Writes every session this node holds again, in pipelined batches.
@@ -314,23 +366,7 @@ impl RedisRegister {
             .as_ref()
             .ok_or_else(|| RegisterError("a control node does not register sessions".into()))?;
         let mut redis = self.redis.clone();
-        for batch in changes.chunks(PIPELINE_COMMANDS_MAX / 2) {
-            let mut pipe = redis::pipe();
-            for change in batch {
-                match change {
-                    Change::Add { app, user, session } => {
-                        let key = sessions_key(app, user);
-                        let field = session_field(&own.node, own.instance, session.conn);
-                        pipe.hset(&key, field, session_value(session)).ignore();
-                        pipe.expire(&key, SESSIONS_KEY_TTL.as_secs() as i64)
-                            .ignore();
-                    }
-                    Change::Remove { app, user, conn } => {
-                        let field = session_field(&own.node, own.instance, *conn);
-                        pipe.hdel(sessions_key(app, user), field).ignore();
-                    }
-                }
-            }
+        for pipe in pipelines(&own.node, own.instance, changes) {
             pipe.query_async::<()>(&mut redis)
                 .await
                 .map_err(redis_error)?;
@@ -339,32 +375,83 @@ impl RedisRegister {
     }
 }
 
+/// `changes` as pipelines of at most [`PIPELINE_COMMANDS_MAX`] commands,
+/// in order: one round trip each.
+fn pipelines(node: &str, instance: u64, changes: &[Change]) -> Vec<redis::Pipeline> {
+    // An Add is two commands (HSET, EXPIRE).
+    changes
+        .chunks(PIPELINE_COMMANDS_MAX / 2)
+        .map(|batch| {
+            let mut pipe = redis::pipe();
+            for change in batch {
+                match change {
+                    Change::Add { app, user, session } => {
+                        let key = sessions_key(app, user);
+                        let field = session_field(node, instance, session.conn);
+                        pipe.hset(&key, field, session_value(session)).ignore();
+                        pipe.expire(&key, SESSIONS_KEY_TTL.as_secs() as i64)
+                            .ignore();
+                    }
+                    Change::Remove { app, user, conn } => {
+                        let field = session_field(node, instance, *conn);
+                        pipe.hdel(sessions_key(app, user), field).ignore();
+                    }
+                }
+            }
+            pipe
+        })
+        .collect()
+}
+
 #[async_trait::async_trait]
 impl Register for RedisRegister {
+    /// Changes Redis fails to take are kept (up to [`UNWRITTEN_CHANGES_MAX`])
+    /// and written first next time, in order, so a failed Remove cannot
+    /// leave a dead session behind; the heartbeat retries them too.
     async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError> {
-        // Memory first: if Redis fails now, the next rewrite carries these.
-        if let Some(own) = &self.own {
-            own.sessions.apply(changes.clone()).await?;
+        let Some(own) = &self.own else {
+            return self.write(&changes).await;
+        };
+        own.sessions.apply(changes.clone()).await?;
+        let mut batch = std::mem::take(&mut *own.unwritten.lock().expect("register lock"));
+        let late = !batch.is_empty();
+        batch.extend(changes);
+        match self.write(&batch).await {
+            Ok(()) => {
+                if late {
+                    own.resync_needed.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if batch.len() > UNWRITTEN_CHANGES_MAX {
+                    own.rewrite_needed.store(true, Ordering::Relaxed);
+                } else {
+                    *own.unwritten.lock().expect("register lock") = batch;
+                }
+                Err(error)
+            }
         }
-        self.write(&changes).await
     }
 
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError> {
         let key = sessions_key(app, user);
         let mut redis = self.redis.clone();
         let entries: HashMap<String, String> = redis.hgetall(&key).await.map_err(redis_error)?;
-        let mut live = Vec::with_capacity(entries.len());
+        let parsed: Vec<(String, Option<Session>)> = entries
+            .into_iter()
+            .map(|(field, value)| {
+                let session = parse_session(&field, &value);
+                (field, session)
+            })
+            .collect();
+        let sessions: Vec<Option<Session>> = parsed.iter().map(|(_, s)| s.clone()).collect();
+        let nodes = self.directory.live_for(&sessions).await?;
+        let mut live = Vec::with_capacity(parsed.len());
         let mut stale = Vec::new();
-        for (field, value) in entries {
-            match parse_session(&field, &value) {
-                Some(session)
-                    if self
-                        .directory
-                        .is_alive(&session.node, session.instance)
-                        .await? =>
-                {
-                    live.push(session);
-                }
+        for (field, session) in parsed {
+            match session {
+                Some(session) if is_alive(&nodes, &session) => live.push(session),
                 _ => stale.push(field),
             }
         }
@@ -374,7 +461,7 @@ impl Register for RedisRegister {
                 stale = stale.len(),
                 "removing sessions of dead nodes"
             );
-            let _: Result<(), _> = redis.hdel(&key, &stale).await;
+            let _: Result<usize, _> = redis.hdel(&key, &stale).await;
         }
         Ok(live)
     }
@@ -596,24 +683,41 @@ impl RoomLink {
         let mut rewritten_at = Instant::now();
         loop {
             tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-            match self.heartbeat(&load).await {
-                Ok(lost) if lost || rewritten_at.elapsed() >= SESSIONS_REWRITE_INTERVAL => {
-                    match self.register.rewrite_own().await {
-                        Ok(sessions) => {
-                            rewritten_at = Instant::now();
-                            if lost {
-                                tracing::warn!(
-                                    sessions,
-                                    "the register had lost this node: sessions written again"
-                                );
-                                delivery.resync(self.register.own_sessions()).await;
-                            }
+            let lost = match self.heartbeat(&load).await {
+                Ok(lost) => lost,
+                Err(error) => {
+                    tracing::warn!(%error, "liveness heartbeat failed");
+                    continue;
+                }
+            };
+            let register = &self.register;
+            let flagged = register.take_rewrite_needed();
+            if lost || flagged || rewritten_at.elapsed() >= SESSIONS_REWRITE_INTERVAL {
+                match register.rewrite_own().await {
+                    Ok(sessions) => {
+                        rewritten_at = Instant::now();
+                        if lost || flagged {
+                            tracing::warn!(
+                                sessions,
+                                "the register had lost sessions: written again"
+                            );
+                            delivery.resync(register.own_sessions()).await;
                         }
-                        Err(error) => tracing::warn!(%error, "writing sessions again failed"),
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "writing sessions again failed");
+                        if flagged {
+                            register.flag_rewrite();
+                        }
                     }
                 }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "liveness heartbeat failed"),
+            } else if register.has_unwritten()
+                && let Err(error) = register.apply(Vec::new()).await
+            {
+                tracing::warn!(%error, "register changes still not written");
+            }
+            if register.take_resync_needed() {
+                delivery.resync(register.own_sessions()).await;
             }
         }
     }
@@ -714,6 +818,32 @@ mod tests {
         // A user id holding braces still hashes by a prefix every key of
         // that user shares.
         assert_eq!(hash_tag(&sessions_key("chat", "a}b")), "chat:a");
+    }
+
+    #[test]
+    fn a_reconnect_storm_is_a_few_round_trips() {
+        let session = |slot| Session {
+            conn: ConnId {
+                shard: 0,
+                slot,
+                generation: 0,
+            },
+            node: "room-1".to_owned(),
+            instance: 1,
+            device_id: "phone".to_owned(),
+            network: NetworkType::Wifi,
+            connected_at_ms: 0,
+        };
+        let storm: Vec<Change> = (0..20_000)
+            .map(|slot| Change::Add {
+                app: "chat".to_owned(),
+                user: format!("user{slot}"),
+                session: session(slot),
+            })
+            .collect();
+        let pipes = pipelines("room-1", 1, &storm);
+        assert_eq!(pipes.len(), 40, "20,000 binds, 40 round trips");
+        assert!(pipes.iter().all(|pipe| pipe.len() <= PIPELINE_COMMANDS_MAX));
     }
 
     #[test]
