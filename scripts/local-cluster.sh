@@ -35,7 +35,8 @@ stop() {
     wait 2>/dev/null || true
     echo "stopped; configs and logs are in $dir"
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'exit 130' INT TERM
 
 config() { # node_id
     cat >"$dir/$1.toml" <<EOF
