@@ -58,12 +58,39 @@ pub struct Config {
     pub apps: Vec<AppSection>,
 }
 
+impl ClusterSection {
+    /// Where Redis is: exactly one of `redis_url` and `redis_cluster_urls`.
+    pub fn redis_target(&self) -> anyhow::Result<herald_control::cluster::RedisTarget> {
+        use herald_control::cluster::RedisTarget;
+        let target = match (&self.redis_url, self.redis_cluster_urls.as_slice()) {
+            (Some(url), []) => RedisTarget::Single(url.clone()),
+            (None, [_, ..]) => RedisTarget::Cluster(self.redis_cluster_urls.clone()),
+            _ => bail!(
+                "[cluster] needs exactly one of redis_url (one Redis server) and \
+                 redis_cluster_urls (the seed nodes of a Redis Cluster)"
+            ),
+        };
+        let urls = match &target {
+            RedisTarget::Single(url) => std::slice::from_ref(url),
+            RedisTarget::Cluster(urls) => urls.as_slice(),
+        };
+        if let Some(bad) = urls.iter().find(|url| !url.starts_with("redis://")) {
+            bail!("Redis URL {bad:?} must start with redis://");
+        }
+        Ok(target)
+    }
+}
+
 /// `[cluster]`: the shared engines and this node's place among the nodes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
-    /// The register and the channel between nodes, e.g. redis://127.0.0.1:6379.
-    pub redis_url: String,
+    /// The register and the channel between nodes: one Redis server (or a
+    /// proxy), e.g. redis://127.0.0.1:6379 ...
+    pub redis_url: Option<String>,
+    /// ... or the seed nodes of a Redis Cluster.
+    #[serde(default)]
+    pub redis_cluster_urls: Vec<String>,
     /// The messages: mysql://user:password@host/db or postgres://user@host/db.
     pub database_url: String,
     /// Overrides the top-level `node_id`; unique per node.
@@ -307,9 +334,7 @@ impl Config {
              `herald room` and `herald control` need one",
         )?;
         check_node_id(self.node_id())?;
-        if !cluster.redis_url.starts_with("redis://") {
-            bail!("cluster.redis_url must be a redis:// URL");
-        }
+        cluster.redis_target()?;
         if cluster.database_url.starts_with("sqlite:") {
             bail!(
                 "cluster.database_url must name a database every node reaches \
@@ -468,7 +493,8 @@ mod tests {
         let error = config.cluster().unwrap_err().to_string();
         assert!(error.contains("[cluster]"), "{error}");
         config.cluster = Some(ClusterSection {
-            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            redis_url: Some("redis://127.0.0.1:6379".to_owned()),
+            redis_cluster_urls: Vec::new(),
             database_url: "sqlite:herald.db".to_owned(),
             node_id: Some("room-1".to_owned()),
             advertise: None,
@@ -479,6 +505,11 @@ mod tests {
         config.cluster.as_mut().unwrap().database_url = "mysql://root@db/herald".to_owned();
         config.cluster().unwrap();
         assert_eq!(config.node_id(), "room-1");
+        config.cluster.as_mut().unwrap().redis_cluster_urls = vec!["redis://r1:7000".to_owned()];
+        let error = config.cluster().unwrap_err().to_string();
+        assert!(error.contains("exactly one"), "{error}");
+        config.cluster.as_mut().unwrap().redis_url = None;
+        config.cluster().unwrap();
         config.cluster.as_mut().unwrap().node_id = Some("room 1".to_owned());
         assert!(config.cluster().is_err());
     }

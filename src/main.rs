@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use herald_control::cluster::{
-    LoadProbe, NodeDirectory, NodeRecord, RedisRegister, RedisRemote, RoomLink,
+    LoadProbe, NodeDirectory, NodeRecord, RedisConn, RedisRegister, RedisRemote, RedisTarget,
+    RoomLink,
 };
 use herald_control::{
     AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
@@ -412,13 +413,11 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     let redis = match role {
         Role::Embedded => None,
         Role::Room | Role::Control => {
-            let url = &config.cluster()?.redis_url;
-            let client = redis::Client::open(url.as_str())
-                .with_context(|| format!("invalid cluster.redis_url {url:?}"))?;
-            let manager = herald_control::cluster::connect(&client)
+            let target = config.cluster()?.redis_target()?;
+            let conn = herald_control::cluster::connect(&target)
                 .await
-                .with_context(|| format!("cannot reach Redis at {url}"))?;
-            Some((client, manager))
+                .with_context(|| format!("cannot reach Redis at {target:?}"))?;
+            Some((target, conn))
         }
     };
 
@@ -545,10 +544,10 @@ struct Wiring {
 async fn wire(
     config: &Config,
     name: &NodeName,
-    redis: Option<&(redis::Client, redis::aio::ConnectionManager)>,
+    redis: Option<&(RedisTarget, RedisConn)>,
     gateway: Option<&Gateway>,
 ) -> anyhow::Result<Wiring> {
-    let Some((client, manager)) = redis else {
+    let Some((target, manager)) = redis else {
         let gateway = gateway.expect("an embedded node has a gateway");
         let record = NodeRecord {
             node: name.node.clone(),
@@ -583,7 +582,7 @@ async fn wire(
         name.instance,
     ));
     let link = Arc::new(RoomLink {
-        client: client.clone(),
+        target: target.clone(),
         redis: manager.clone(),
         register: register.clone(),
         node: name.node.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
-use support::cluster::{Cluster, Engines, PrivateRedis, Relay, eventually};
+use support::cluster::{Cluster, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually};
 use support::{API_KEY, APP, RawClient, WAIT};
 
 /// The node ids presence reports for `user`, as asked of `api`.
@@ -47,11 +47,29 @@ async fn dispatch(api: &support::Server, user: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_presence_kicks_and_multicasts_cross_nodes() {
-    let Some(cluster) =
-        Cluster::start("pushes_presence_kicks_and_multicasts_cross_nodes", 3, 2).await
-    else {
+    const TEST: &str = "pushes_presence_kicks_and_multicasts_cross_nodes";
+    let Some(cluster) = Cluster::start(TEST, 3, 2).await else {
         return;
     };
+    across_nodes(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_on_a_redis_cluster() {
+    const TEST: &str = "the_same_on_a_redis_cluster";
+    let Some(redis) = PrivateRedisCluster::start(TEST) else {
+        return;
+    };
+    let Some(mut engines) = Engines::create(TEST).await else {
+        return;
+    };
+    engines.redis = redis.target();
+    across_nodes(&Cluster::start_on(engines, 3, 2, |_| None)).await;
+}
+
+/// Pushes through either control node, a multicast over users on every
+/// room node, presence, dispatch and a kick.
+async fn across_nodes(cluster: &Cluster) {
     // One user on each room node.
     let mut clients = Vec::new();
     for (i, room) in cluster.rooms.iter().enumerate() {
@@ -352,7 +370,7 @@ async fn a_redis_restart_loses_nothing() {
     let Some(mut engines) = Engines::create(TEST).await else {
         return;
     };
-    engines.redis_url = redis.url.clone();
+    engines.redis = herald_control::cluster::RedisTarget::Single(redis.url.clone());
     let cluster = Cluster::start_on(engines, 2, 1, |_| None);
     let users: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
     let (seen, clients) = start_clients(&cluster.controls[0], &users);

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use redis::AsyncCommands as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
 use herald_proto::plane::{ConnId, PushMessage};
@@ -65,20 +66,27 @@ const SESSIONS_REWRITE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 /// longer outage ends in writing every session again instead.
 const UNWRITTEN_CHANGES_MAX: usize = 100_000;
 
+/// Per-key pipelines in flight at once on a Redis Cluster: they share each
+/// node's connection, so a storm's writes overlap instead of queueing
+/// behind one another's round trips.
+const CLUSTER_PIPELINES_IN_FLIGHT_MAX: usize = 256;
+
 /// Redis calls fail after this long rather than hold an API call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest wait between two tries to subscribe again.
 const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
 
-const NODES_KEY: &str = "herald:nodes";
+/// Node records share a hash tag, so the directory's reads (ZRANGE, MGET)
+/// and the heartbeat's writes stay on one Redis Cluster slot.
+const NODES_KEY: &str = "herald:{nodes}:live";
 
 fn sessions_key(app: &str, user: &str) -> String {
     format!("herald:{{{app}:{user}}}:sessions")
 }
 
 fn node_key(node: &str) -> String {
-    format!("herald:node:{node}")
+    format!("herald:{{nodes}}:node:{node}")
 }
 
 /// The channel a room node's run listens on.
@@ -122,19 +130,98 @@ fn parse_session(field: &str, value: &str) -> Option<Session> {
     })
 }
 
-/// Connects to Redis with bounded timeouts; it reconnects by itself.
+/// Where Redis is: one server (or a proxy in front of many), or the seed
+/// nodes of a Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Clients to subscribe through, in the order to try them. Redis
+    /// Cluster carries a PUBLISH to every node, so any node will do.
+    fn subscription_clients(&self) -> Result<Vec<redis::Client>, RegisterError> {
+        let urls = match self {
+            RedisTarget::Single(url) => std::slice::from_ref(url),
+            RedisTarget::Cluster(urls) => urls.as_slice(),
+        };
+        urls.iter()
+            .map(|url| redis::Client::open(url.as_str()).map_err(redis_error))
+            .collect()
+    }
+}
+
+/// A connection to Redis that reconnects by itself: to one server, or to a
+/// Redis Cluster (commands are routed by key; every command Herald sends
+/// touches keys of one slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_command(cmd),
+            RedisConn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(conn) => conn.get_db(),
+            RedisConn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Connects to Redis with bounded timeouts.
 ///
-/// Calls made while it reconnects wait for that attempt, so it tries once
-/// per failed call rather than retrying with backoff: while Redis is down
-/// an API call answers within [`REDIS_TIMEOUT`] instead of seconds later.
-pub async fn connect(client: &redis::Client) -> Result<ConnectionManager, RegisterError> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(REDIS_TIMEOUT))
-        .set_connection_timeout(Some(REDIS_TIMEOUT))
-        .set_number_of_retries(0);
-    ConnectionManager::new_with_config(client.clone(), config)
-        .await
-        .map_err(redis_error)
+/// Calls made while a connection is re-established wait for that attempt,
+/// so it tries once per failed call rather than retrying with backoff:
+/// while Redis is down an API call answers within [`REDIS_TIMEOUT`] instead
+/// of seconds later.
+pub async fn connect(target: &RedisTarget) -> Result<RedisConn, RegisterError> {
+    match target {
+        RedisTarget::Single(url) => {
+            let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(REDIS_TIMEOUT))
+                .set_connection_timeout(Some(REDIS_TIMEOUT))
+                .set_number_of_retries(0);
+            let conn = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(redis_error)?;
+            Ok(RedisConn::Single(conn))
+        }
+        RedisTarget::Cluster(seeds) => {
+            let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(REDIS_TIMEOUT)
+                .response_timeout(REDIS_TIMEOUT)
+                .retries(1)
+                .build()
+                .map_err(redis_error)?;
+            let conn = client.get_async_connection().await.map_err(redis_error)?;
+            Ok(RedisConn::Cluster(conn))
+        }
+    }
 }
 
 fn redis_error(error: redis::RedisError) -> RegisterError {
@@ -168,7 +255,7 @@ pub struct NodeDirectory {
 enum DirectorySource {
     /// One process holds the only gateway (`herald serve`).
     Fixed(LiveNodes),
-    Redis(ConnectionManager),
+    Redis(RedisConn),
 }
 
 impl NodeDirectory {
@@ -180,7 +267,7 @@ impl NodeDirectory {
         }
     }
 
-    pub fn redis(redis: ConnectionManager) -> NodeDirectory {
+    pub fn redis(redis: RedisConn) -> NodeDirectory {
         NodeDirectory {
             source: DirectorySource::Redis(redis),
             cached: Mutex::new(None),
@@ -259,7 +346,7 @@ fn is_alive(nodes: &HashMap<String, NodeRecord>, session: &Session) -> bool {
 /// The register on Redis. A room node's register also keeps its own
 /// sessions in memory, to write them again if Redis loses them.
 pub struct RedisRegister {
-    redis: ConnectionManager,
+    redis: RedisConn,
     directory: Arc<NodeDirectory>,
     /// Set on room nodes: who this node is, and its own sessions.
     own: Option<OwnSessions>,
@@ -281,7 +368,7 @@ struct OwnSessions {
 
 impl RedisRegister {
     /// The register as a control node uses it: it only reads.
-    pub fn reader(redis: ConnectionManager, directory: Arc<NodeDirectory>) -> RedisRegister {
+    pub fn reader(redis: RedisConn, directory: Arc<NodeDirectory>) -> RedisRegister {
         RedisRegister {
             redis,
             directory,
@@ -291,7 +378,7 @@ impl RedisRegister {
 
     /// The register as room node `node` (run `instance`) writes it.
     pub fn writer(
-        redis: ConnectionManager,
+        redis: RedisConn,
         directory: Arc<NodeDirectory>,
         node: String,
         instance: u64,
@@ -365,11 +452,28 @@ impl RedisRegister {
             .own
             .as_ref()
             .ok_or_else(|| RegisterError("a control node does not register sessions".into()))?;
-        let mut redis = self.redis.clone();
-        for pipe in pipelines(&own.node, own.instance, changes) {
-            pipe.query_async::<()>(&mut redis)
-                .await
-                .map_err(redis_error)?;
+        match &self.redis {
+            RedisConn::Single(_) => {
+                let mut redis = self.redis.clone();
+                for pipe in pipelines(&own.node, own.instance, changes) {
+                    pipe.query_async::<()>(&mut redis)
+                        .await
+                        .map_err(redis_error)?;
+                }
+            }
+            // A Redis Cluster takes no pipeline across slots: one per key,
+            // many in flight at once over each node's connection.
+            RedisConn::Cluster(_) => {
+                futures_util::stream::iter(pipelines_per_key(&own.node, own.instance, changes))
+                    .map(|pipe| {
+                        let mut redis = self.redis.clone();
+                        async move { pipe.query_async::<()>(&mut redis).await }
+                    })
+                    .buffer_unordered(CLUSTER_PIPELINES_IN_FLIGHT_MAX)
+                    .try_collect::<Vec<()>>()
+                    .await
+                    .map_err(redis_error)?;
+            }
         }
         Ok(())
     }
@@ -384,23 +488,43 @@ fn pipelines(node: &str, instance: u64, changes: &[Change]) -> Vec<redis::Pipeli
         .map(|batch| {
             let mut pipe = redis::pipe();
             for change in batch {
-                match change {
-                    Change::Add { app, user, session } => {
-                        let key = sessions_key(app, user);
-                        let field = session_field(node, instance, session.conn);
-                        pipe.hset(&key, field, session_value(session)).ignore();
-                        pipe.expire(&key, SESSIONS_KEY_TTL.as_secs() as i64)
-                            .ignore();
-                    }
-                    Change::Remove { app, user, conn } => {
-                        let field = session_field(node, instance, *conn);
-                        pipe.hdel(sessions_key(app, user), field).ignore();
-                    }
-                }
+                add_commands(&mut pipe, node, instance, change);
             }
             pipe
         })
         .collect()
+}
+
+/// `changes` as one pipeline per sessions key, each in order (keys are
+/// independent, so their order between keys does not matter).
+fn pipelines_per_key(node: &str, instance: u64, changes: &[Change]) -> Vec<redis::Pipeline> {
+    let mut by_key: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut pipes: Vec<redis::Pipeline> = Vec::new();
+    for change in changes {
+        let (Change::Add { app, user, .. } | Change::Remove { app, user, .. }) = change;
+        let index = *by_key.entry((app, user)).or_insert_with(|| {
+            pipes.push(redis::pipe());
+            pipes.len() - 1
+        });
+        add_commands(&mut pipes[index], node, instance, change);
+    }
+    pipes
+}
+
+fn add_commands(pipe: &mut redis::Pipeline, node: &str, instance: u64, change: &Change) {
+    match change {
+        Change::Add { app, user, session } => {
+            let key = sessions_key(app, user);
+            let field = session_field(node, instance, session.conn);
+            pipe.hset(&key, field, session_value(session)).ignore();
+            pipe.expire(&key, SESSIONS_KEY_TTL.as_secs() as i64)
+                .ignore();
+        }
+        Change::Remove { app, user, conn } => {
+            let field = session_field(node, instance, *conn);
+            pipe.hdel(sessions_key(app, user), field).ignore();
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -576,11 +700,11 @@ impl TryFrom<NodeMessage> for Arrival {
 
 /// Publishes to room nodes' channels: fire and forget, as Redis pub/sub is.
 pub struct RedisRemote {
-    redis: ConnectionManager,
+    redis: RedisConn,
 }
 
 impl RedisRemote {
-    pub fn new(redis: ConnectionManager) -> RedisRemote {
+    pub fn new(redis: RedisConn) -> RedisRemote {
         RedisRemote { redis }
     }
 }
@@ -602,8 +726,9 @@ impl Remote for RedisRemote {
 /// One room node's presence in the cluster: its liveness heartbeat and its
 /// delivery channel.
 pub struct RoomLink {
-    pub client: redis::Client,
-    pub redis: ConnectionManager,
+    /// Where Redis is (the subscription has its own connection).
+    pub target: RedisTarget,
+    pub redis: RedisConn,
     pub register: Arc<RedisRegister>,
     pub node: String,
     pub instance: u64,
@@ -732,10 +857,17 @@ impl RoomLink {
         subscribed: tokio::sync::oneshot::Sender<()>,
     ) {
         let channel = delivery_channel(&self.node, self.instance);
+        let clients = match self.target.subscription_clients() {
+            Ok(clients) => clients,
+            Err(error) => {
+                tracing::error!(%error, "cannot subscribe to deliveries: bad Redis URL");
+                return;
+            }
+        };
         let mut subscribed = Some(subscribed);
         let mut delay = Duration::from_millis(50);
-        loop {
-            let mut pubsub = match self.client.get_async_pubsub().await {
+        for client in clients.iter().cycle() {
+            let mut pubsub = match client.get_async_pubsub().await {
                 Ok(pubsub) => pubsub,
                 Err(error) => {
                     tracing::warn!(%error, "cannot connect to Redis for deliveries");
@@ -818,6 +950,10 @@ mod tests {
         // A user id holding braces still hashes by a prefix every key of
         // that user shares.
         assert_eq!(hash_tag(&sessions_key("chat", "a}b")), "chat:a");
+        // The directory's keys share one slot: ZRANGE then MGET, and the
+        // heartbeat's SET and ZADD, each touch a single slot.
+        assert_eq!(hash_tag(NODES_KEY), "nodes");
+        assert_eq!(hash_tag(&node_key("room-1")), "nodes");
     }
 
     #[test]

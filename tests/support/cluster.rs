@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use herald_control::cluster::RedisTarget;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -41,7 +42,7 @@ fn service_missing(test: &str, message: String) -> Option<std::convert::Infallib
 /// emptied first and dropped afterwards.
 pub struct Engines {
     pub database_url: String,
-    pub redis_url: String,
+    pub redis: RedisTarget,
     mysql_server: String,
     database: String,
 }
@@ -81,7 +82,7 @@ impl Engines {
         }
         Some(Engines {
             database_url: format!("{mysql_server}/{database}"),
-            redis_url,
+            redis: RedisTarget::Single(redis_url),
             mysql_server,
             database,
         })
@@ -122,10 +123,14 @@ async fn mysql_admin(server: &str, statement: &str) -> Result<(), sqlx::Error> {
 pub fn write_node_config(
     dir: &Path,
     node_id: &str,
-    redis_url: &str,
+    redis: &RedisTarget,
     database_url: &str,
 ) -> PathBuf {
     let path = dir.join(format!("{node_id}.toml"));
+    let redis = match redis {
+        RedisTarget::Single(url) => format!("redis_url = {url:?}"),
+        RedisTarget::Cluster(urls) => format!("redis_cluster_urls = {urls:?}"),
+    };
     let text = format!(
         r#"
 [gateway]
@@ -144,7 +149,7 @@ payload_bytes_max = 1024
 ack_flush_interval_ms = 50
 [cluster]
 node_id = "{node_id}"
-redis_url = "{redis_url}"
+{redis}
 database_url = "{database_url}"
 [[apps]]
 id = "{APP}"
@@ -187,7 +192,7 @@ impl Cluster {
         let config = |node: &str| {
             let database_url =
                 database_url_of(node).unwrap_or_else(|| engines.database_url.clone());
-            write_node_config(dir.path(), node, &engines.redis_url, &database_url)
+            write_node_config(dir.path(), node, &engines.redis, &database_url)
         };
         let rooms = (0..rooms)
             .map(|i| Server::spawn_node("room", &config(&format!("room-{i}")), None))
@@ -354,5 +359,140 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A three-node Redis Cluster of one test's own (no replicas, nothing on
+/// disk but each node's cluster state file in a temporary directory).
+pub struct PrivateRedisCluster {
+    pub urls: Vec<String>,
+    nodes: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedisCluster {
+    pub fn start(test: &str) -> Option<PrivateRedisCluster> {
+        let dir = tempfile::tempdir().unwrap();
+        // A cluster node also listens on its port + 10,000 (the bus).
+        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let spawned = std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join(format!("nodes-{port}.conf")))
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            match spawned {
+                Ok(child) => nodes.push(child),
+                Err(error) => {
+                    service_missing(test, format!("cannot run redis-server ({error})"))?;
+                }
+            }
+        }
+        let mut cluster = PrivateRedisCluster {
+            urls: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect(),
+            nodes,
+            _dir: dir,
+        };
+        for port in &ports {
+            wait_for_port(*port);
+        }
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status();
+        match created {
+            Ok(status) if status.success() => {}
+            other => {
+                service_missing(
+                    test,
+                    format!("redis-cli --cluster create failed: {other:?}"),
+                )?;
+            }
+        }
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    fn wait_until_ok(&mut self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        for url in &self.urls {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            loop {
+                let info: String = client
+                    .get_connection()
+                    .and_then(|mut conn| redis::cmd("CLUSTER").arg("INFO").query(&mut conn))
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the Redis Cluster never became ok"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget::Cluster(self.urls.clone())
+    }
+
+    /// Empties every node, as a restart of the whole cluster would.
+    pub fn flush(&self) {
+        for url in &self.urls {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateRedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+/// A free port whose cluster bus port (+10,000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 25_000;
+        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server never listened on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,41 +1,26 @@
-//! The Redis register against a real Redis: what a room node writes, a
-//! control node reads; a node's restart or departure hides its sessions and
-//! they are cleaned up; a lost register is refilled. Redis is found at
-//! `HERALD_TEST_REDIS_URL` (default: the local server, logical database
-//! 15, emptied first). Without it the test is skipped, except under
-//! CI=true, where it fails.
+//! The Redis register against a real Redis and a real Redis Cluster: what
+//! a room node writes, a control node reads; a node's restart or departure
+//! hides its sessions and they are cleaned up; a lost register is refilled.
+//! The single server is `HERALD_TEST_REDIS_URL` (default: the local one,
+//! logical database 15, emptied first); the cluster is three redis-server
+//! processes the test starts. Without them the test is skipped, except
+//! under CI=true, where it fails.
+
+mod support;
 
 use std::sync::Arc;
 
-use herald_control::cluster::{LoadProbe, NodeDirectory, RedisRegister, RoomLink, connect};
+use herald_control::cluster::{
+    LoadProbe, NodeDirectory, RedisConn, RedisRegister, RedisTarget, RoomLink, connect,
+};
 use herald_control::{Change, Register, Session};
 use herald_proto::NetworkType;
 use herald_proto::plane::ConnId;
-
-async fn redis() -> Option<redis::Client> {
-    let server = std::env::var("HERALD_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let url = format!("{server}/15");
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let flushed: redis::RedisResult<()> = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("FLUSHDB").query_async(&mut conn).await
-    }
-    .await;
-    match flushed {
-        Ok(()) => Some(client),
-        Err(error) => {
-            let message = format!("Redis is not reachable at {url} ({error})");
-            assert!(std::env::var_os("CI").is_none(), "{message}");
-            eprintln!("SKIPPED: {message}; start it with scripts/start-services.sh");
-            None
-        }
-    }
-}
+use support::cluster::{PrivateRedisCluster, flush_redis, redis_server_url};
 
 /// A room node's register and heartbeat, as `herald room` wires them.
-async fn room(client: &redis::Client, node: &str, instance: u64) -> Arc<RoomLink> {
-    let manager = connect(client).await.unwrap();
+async fn room(target: &RedisTarget, node: &str, instance: u64) -> Arc<RoomLink> {
+    let manager = connect(target).await.unwrap();
     let directory = Arc::new(NodeDirectory::redis(manager.clone()));
     let register = Arc::new(RedisRegister::writer(
         manager.clone(),
@@ -44,7 +29,7 @@ async fn room(client: &redis::Client, node: &str, instance: u64) -> Arc<RoomLink
         instance,
     ));
     Arc::new(RoomLink {
-        client: client.clone(),
+        target: target.clone(),
         redis: manager,
         register,
         node: node.to_owned(),
@@ -54,8 +39,8 @@ async fn room(client: &redis::Client, node: &str, instance: u64) -> Arc<RoomLink
     })
 }
 
-async fn reader(client: &redis::Client) -> RedisRegister {
-    let manager = connect(client).await.unwrap();
+async fn reader(target: &RedisTarget) -> RedisRegister {
+    let manager = connect(target).await.unwrap();
     RedisRegister::reader(manager.clone(), Arc::new(NodeDirectory::redis(manager)))
 }
 
@@ -87,12 +72,34 @@ fn idle() -> LoadProbe {
 }
 
 #[tokio::test]
-async fn sessions_follow_their_node_through_storms_restarts_and_a_flush() {
-    let Some(client) = redis().await else {
+async fn on_one_redis() {
+    let url = format!("{}/15", redis_server_url());
+    if let Err(error) = flush_redis(&url).await {
+        let message = format!("Redis is not reachable at {url} ({error})");
+        assert!(std::env::var_os("CI").is_none(), "{message}");
+        eprintln!("SKIPPED: {message}; start it with scripts/start-services.sh");
+        return;
+    }
+    let target = RedisTarget::Single(url.clone());
+    sessions_follow_their_node(&target, || async { flush_redis(&url).await.unwrap() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster() {
+    let Some(cluster) = PrivateRedisCluster::start("on_a_redis_cluster") else {
         return;
     };
-    let control = reader(&client).await;
-    let first_run = room(&client, "room-a", 1).await;
+    sessions_follow_their_node(&cluster.target(), || async { cluster.flush() }).await;
+}
+
+/// The scenario on `target`; `flush` empties it.
+async fn sessions_follow_their_node<F, Fut>(target: &RedisTarget, flush: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let control = reader(target).await;
+    let first_run = room(target, "room-a", 1).await;
     assert!(
         first_run.heartbeat(&idle()).await.unwrap(),
         "a first beat finds no record"
@@ -122,11 +129,7 @@ async fn sessions_follow_their_node_through_storms_restarts_and_a_flush() {
 
     // Redis loses everything: the next beat says so, and the node writes
     // its sessions again.
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("FLUSHDB")
-        .query_async::<()>(&mut raw)
-        .await
-        .unwrap();
+    flush().await;
     assert!(control.sessions("chat", "user1").await.unwrap().is_empty());
     assert!(
         first_run.heartbeat(&idle()).await.unwrap(),
@@ -137,7 +140,7 @@ async fn sessions_follow_their_node_through_storms_restarts_and_a_flush() {
 
     // The node restarts: its old run's sessions no longer count, and the
     // reader that finds them removes them.
-    let second_run = room(&client, "room-a", 2).await;
+    let second_run = room(target, "room-a", 2).await;
     second_run.heartbeat(&idle()).await.unwrap();
     second_run
         .register
@@ -147,6 +150,7 @@ async fn sessions_follow_their_node_through_storms_restarts_and_a_flush() {
     let sessions = control.sessions("chat", "user1").await.unwrap();
     assert_eq!(sessions.len(), 1);
     assert_eq!((sessions[0].instance, sessions[0].conn.slot), (2, 7));
+    let mut raw: RedisConn = connect(target).await.unwrap();
     let fields: usize = redis::cmd("HLEN")
         .arg("herald:{chat:user1}:sessions")
         .query_async(&mut raw)
