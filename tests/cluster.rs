@@ -356,9 +356,31 @@ async fn a_room_node_killed_mid_push_loses_nothing() {
         moved, 0,
         "every client of the dead node moved to a live one"
     );
+    // Each device acked everything: its stored cursor reached its inbox's
+    // last sequence (acks are written in batches, so wait for the batch).
+    eventually(
+        "every device's ack cursor reaches its inbox's end",
+        || async { unacked_devices(&cluster.engines.database_url).await == 0 },
+    )
+    .await;
     for client in clients {
         client.abort();
     }
+}
+
+/// Devices whose stored ack cursor is behind their inbox's last sequence
+/// (or that never acked an inbox holding messages).
+async fn unacked_devices(database_url: &str) -> i64 {
+    use sqlx::Connection as _;
+    let mut db = sqlx::MySqlConnection::connect(database_url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM inbox_heads AS h LEFT JOIN device_cursors AS c \
+           ON c.app = h.app AND c.user_id = h.user_id \
+         WHERE c.acked_seq IS NULL OR c.acked_seq < h.last_seq",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -423,6 +445,11 @@ async fn a_redis_restart_loses_nothing() {
          {duplicates} redelivered, lost 0"
     );
     assert_eq!(unique, accepted_total);
+    eventually(
+        "every device's ack cursor reaches its inbox's end",
+        || async { unacked_devices(&cluster.engines.database_url).await == 0 },
+    )
+    .await;
     assert_eq!(
         refused_during + refused_after,
         0,
