@@ -43,6 +43,7 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
         apps: vec![AppToken {
             app: args.app.clone(),
             token: args.token.clone(),
+            tags: Vec::new(),
         }],
         ack_mode: AckMode::Auto,
         reconnect: Backoff {

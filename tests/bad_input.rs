@@ -109,6 +109,8 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close(io
             app: APP.to_owned(),
             token: token("alice", -10),
             last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
         })
         .await;
     assert!(matches!(
@@ -124,6 +126,8 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close(io
                 app: APP.to_owned(),
                 token: "forged.token".to_owned(),
                 last_seq: None,
+                last_broadcast_seq: None,
+                tags: Vec::new(),
             })
             .await;
         assert!(matches!(

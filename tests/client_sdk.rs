@@ -21,6 +21,7 @@ fn options(server: &Server, token: String, ack_mode: AckMode) -> ClientOptions {
         apps: vec![AppToken {
             app: APP.to_owned(),
             token,
+            tags: Vec::new(),
         }],
         ack_mode,
         reconnect: Backoff {

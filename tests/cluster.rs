@@ -180,6 +180,7 @@ fn start_clients(
                 apps: vec![AppToken {
                     app: APP.to_owned(),
                     token: support::token(user, 3600),
+                    tags: Vec::new(),
                 }],
                 ack_mode: AckMode::Auto,
                 reconnect: Backoff {

@@ -379,6 +379,8 @@ async fn handshake(
                     app: spec.app.clone(),
                     token,
                     last_seq: None,
+                    last_broadcast_seq: None,
+                    tags: Vec::new(),
                 },
             )
             .await?;

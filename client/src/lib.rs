@@ -23,7 +23,7 @@
 //!     device_id: "phone-1".into(),
 //!     network: herald_proto::NetworkType::Wifi,
 //!     client_version: "my-app/1.0".into(),
-//!     apps: vec![AppToken { app: "chat".into(), token: "<token>".into() }],
+//!     apps: vec![AppToken { app: "chat".into(), token: "<token>".into(), tags: vec![] }],
 //!     ack_mode: AckMode::Auto,
 //!     reconnect: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(30) },
 //!     connect_timeout: Duration::from_secs(10),
@@ -64,6 +64,8 @@ const COMMAND_QUEUE_LEN: usize = 64;
 pub struct AppToken {
     pub app: String,
     pub token: String,
+    /// What broadcasts may target this client by, e.g. `platform=ios`.
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +129,9 @@ pub enum Event {
         message: String,
     },
     Push(Push),
+    /// A broadcast to the app's users (its `seq` counts the app's
+    /// broadcasts). Acked like a push, with `ack_broadcast` in manual mode.
+    Broadcast(Push),
     UpstreamAck {
         app: String,
         request_id: u64,
@@ -186,6 +191,10 @@ enum Command {
         app: String,
         seq: u64,
     },
+    AckBroadcast {
+        app: String,
+        seq: u64,
+    },
     Upstream {
         app: String,
         payload: Bytes,
@@ -200,8 +209,9 @@ pub struct Client {
     events: mpsc::Receiver<Event>,
     commands: mpsc::Sender<Command>,
     ack_mode: AckMode,
-    /// Auto mode: the last push handed out, acked on the next call.
-    unacked: Option<(String, u64)>,
+    /// Auto mode: the last push or broadcast handed out, acked on the next
+    /// call.
+    unacked: Option<Command>,
 }
 
 impl Client {
@@ -220,12 +230,22 @@ impl Client {
 
     /// The next event; `None` after `Event::Closed`.
     pub async fn next_event(&mut self) -> Option<Event> {
-        if let Some((app, seq)) = self.unacked.take() {
-            let _ = self.commands.send(Command::Ack { app, seq }).await;
+        if let Some(ack) = self.unacked.take() {
+            let _ = self.commands.send(ack).await;
         }
         let event = self.events.recv().await?;
-        if let (AckMode::Auto, Event::Push(push)) = (self.ack_mode, &event) {
-            self.unacked = Some((push.app.clone(), push.seq));
+        if self.ack_mode == AckMode::Auto {
+            self.unacked = match &event {
+                Event::Push(push) => Some(Command::Ack {
+                    app: push.app.clone(),
+                    seq: push.seq,
+                }),
+                Event::Broadcast(broadcast) => Some(Command::AckBroadcast {
+                    app: broadcast.app.clone(),
+                    seq: broadcast.seq,
+                }),
+                _ => None,
+            };
         }
         Some(event)
     }
@@ -234,6 +254,17 @@ impl Client {
     pub async fn ack(&self, app: &str, seq: u64) -> Result<(), ClientError> {
         self.commands
             .send(Command::Ack {
+                app: app.to_owned(),
+                seq,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Acks every broadcast of `app` up to `seq`.
+    pub async fn ack_broadcast(&self, app: &str, seq: u64) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::AckBroadcast {
                 app: app.to_owned(),
                 seq,
             })
@@ -279,8 +310,8 @@ async fn drive(
     events: mpsc::Sender<Event>,
     mut commands: mpsc::Receiver<Command>,
 ) {
-    let mut resume: HashMap<String, Option<u64>> =
-        options.apps.iter().map(|a| (a.app.clone(), None)).collect();
+    // Per app: the last acked seq and broadcast seq, to resume from.
+    let mut resume: HashMap<String, (Option<u64>, Option<u64>)> = HashMap::new();
     let mut delay = options.reconnect.initial;
     let mut gateways = Gateways::default();
     loop {
@@ -338,7 +369,7 @@ async fn drive(
                     }
                     // Unsent acks are not lost: the server redelivers and
                     // the application sees the push again.
-                    Some(Command::Ack { .. }) => {}
+                    Some(Command::Ack { .. } | Command::AckBroadcast { .. }) => {}
                 },
             }
         }
@@ -450,7 +481,7 @@ fn lost(error: impl fmt::Display, handshake_done: bool) -> Ended {
 async fn connect_and_run(
     gateway: &str,
     options: &ClientOptions,
-    resume: &mut HashMap<String, Option<u64>>,
+    resume: &mut HashMap<String, (Option<u64>, Option<u64>)>,
     events: &mpsc::Sender<Event>,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
@@ -464,10 +495,15 @@ async fn connect_and_run(
     let apps = options
         .apps
         .iter()
-        .map(|a| AppCredentials {
-            app: a.app.clone(),
-            token: a.token.clone(),
-            last_seq: resume.get(&a.app).copied().flatten(),
+        .map(|a| {
+            let (last_seq, last_broadcast_seq) = resume.get(&a.app).copied().unwrap_or_default();
+            AppCredentials {
+                app: a.app.clone(),
+                token: a.token.clone(),
+                last_seq,
+                last_broadcast_seq,
+                tags: a.tags.clone(),
+            }
         })
         .collect();
     let mut conn = ClientConn::new(
@@ -498,10 +534,8 @@ async fn connect_and_run(
             }
             output.clear();
         }
-        for (app, acked) in conn.resume_points() {
-            if acked.is_some() {
-                resume.insert(app.to_owned(), acked);
-            }
+        for (app, acked, broadcast_acked) in conn.resume_points() {
+            resume.insert(app.to_owned(), (acked, broadcast_acked));
         }
         while let Some(event) = conn.poll_event() {
             let event = match event {
@@ -521,6 +555,7 @@ async fn connect_and_run(
                     Event::BindFailed { app, code, message }
                 }
                 ClientEvent::Push(push) => Event::Push(push),
+                ClientEvent::Broadcast(broadcast) => Event::Broadcast(broadcast),
                 ClientEvent::UpstreamAck {
                     app,
                     request_id,
@@ -573,6 +608,9 @@ async fn connect_and_run(
             command = commands.recv() => match command {
                 Some(Command::Ack { app, seq }) => {
                     conn.ack(&app, seq);
+                }
+                Some(Command::AckBroadcast { app, seq }) => {
+                    conn.ack_broadcast(&app, seq);
                 }
                 Some(Command::Upstream { app, payload, reply }) => {
                     let result = conn.upstream(&app, payload).map_err(|_| ClientError::NotBound);

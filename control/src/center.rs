@@ -171,6 +171,8 @@ pub fn router(
         .route("/v1/apps/{app}/messages", post(multicast))
         .route("/v1/apps/{app}/users/{user}/presence", get(presence))
         .route("/v1/apps/{app}/users/{user}/kick", post(kick))
+        .route("/v1/apps/{app}/broadcasts", post(broadcast))
+        .route("/v1/apps/{app}/broadcasts/{id}", get(broadcast_progress))
         .route("/v1/dispatch", get(dispatch))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -535,6 +537,105 @@ async fn kick(
     authorize_user(&state, &app, &user, &headers)?;
     let kicked = state.delivery.kick(&app, &user).await;
     Ok(Json(json!({"kicked": kicked})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    payload: Option<String>,
+    payload_base64: Option<String>,
+    ttl_secs: Option<u64>,
+    /// Only clients carrying every one of these tags get it.
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// `POST /v1/apps/{app}/broadcasts`: stores the broadcast once for the app
+/// and fans it out to every online client it targets; replies once stored.
+async fn broadcast(
+    State(state): State<Arc<CenterState>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<BroadcastBody>,
+) -> Result<Json<Value>, ApiError> {
+    let app_config = authorize(&state, &app, &headers)?;
+    if body.tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
+        || body
+            .tags
+            .iter()
+            .any(|tag| tag.is_empty() || tag.len() > herald_proto::limits::TAG_LEN_MAX)
+    {
+        return Err(ApiError::bad_request(format!(
+            "tags: at most {} tags of 1 to {} bytes",
+            herald_proto::limits::TAGS_PER_BIND_MAX,
+            herald_proto::limits::TAG_LEN_MAX
+        )));
+    }
+    let message = check_message(
+        &state,
+        app_config,
+        MessageBody {
+            payload: body.payload,
+            payload_base64: body.payload_base64,
+            ttl_secs: body.ttl_secs,
+            idempotency_key: None,
+            users: None,
+        },
+    )?;
+    let stored = state
+        .delivery
+        .broadcast(&app, &message.payload, message.ttl, &body.tags)
+        .await
+        .map_err(ApiError::storage)?;
+    Ok(Json(json!({
+        "broadcast_id": stored.broadcast_id.to_string(),
+        "seq": stored.seq,
+        "expires_at_ms": stored.expires_at_ms,
+    })))
+}
+
+/// `GET /v1/apps/{app}/broadcasts/{id}`: the broadcast and how far it got
+/// on this node: connections targeted, sent, acked so far.
+async fn broadcast_progress(
+    State(state): State<Arc<CenterState>>,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &app, &headers)?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_broadcast",
+            format!("no broadcast {id:?} in app {app:?}"),
+        )
+    };
+    let broadcast_id = id.parse().map_err(|_| not_found())?;
+    let stored = state
+        .delivery
+        .saver()
+        .broadcast(&app, broadcast_id)
+        .await
+        .map_err(ApiError::storage)?
+        .ok_or_else(not_found)?;
+    let progress = state
+        .delivery
+        .broadcast_progress(&app, stored.seq)
+        .unwrap_or(crate::broadcast::ProgressReport {
+            target: 0,
+            sent: 0,
+            acked: 0,
+        });
+    Ok(Json(json!({
+        "broadcast_id": id,
+        "seq": stored.seq,
+        "tags": stored.required_tags,
+        "created_at_ms": stored.created_at_ms,
+        "expires_at_ms": stored.expires_at_ms,
+        "expired": stored.expires_at_ms <= crate::delivery::unix_ms(),
+        "target": progress.target,
+        "sent": progress.sent,
+        "acked": progress.acked,
+    })))
 }
 
 #[derive(Deserialize)]

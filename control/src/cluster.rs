@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use herald_proto::plane::{ConnId, PushMessage};
 use herald_proto::{GoAwayReason, MessageId, NetworkType};
+use herald_storage::StoredBroadcast;
 
 use crate::delivery::{Delivery, Remote, unix_ms};
 use crate::register::{Change, MemoryRegister, Register, RegisterError, Session};
@@ -88,6 +89,10 @@ fn sessions_key(app: &str, user: &str) -> String {
 fn node_key(node: &str) -> String {
     format!("herald:{{nodes}}:node:{node}")
 }
+
+/// The channel every room node listens on for broadcasts: one publish
+/// reaches them all.
+pub const BROADCAST_CHANNEL: &str = "herald:broadcasts";
 
 /// The channel a room node's run listens on.
 pub fn delivery_channel(node: &str, instance: u64) -> String {
@@ -605,6 +610,17 @@ pub enum NodeMessage {
         /// (shard, slot, generation, seq).
         targets: Vec<(u16, u32, u32, u64)>,
     },
+    /// A stored broadcast for every room node's connections.
+    Broadcast {
+        app: String,
+        seq: u64,
+        broadcast_id: String,
+        /// Base64.
+        payload: String,
+        required_tags: Vec<String>,
+        created_at_ms: u64,
+        expires_at_ms: u64,
+    },
     Kick {
         reason: u16,
         /// (shard, slot, generation).
@@ -630,6 +646,18 @@ impl NodeMessage {
         }
     }
 
+    pub fn broadcast(app: &str, stored: &StoredBroadcast) -> NodeMessage {
+        NodeMessage::Broadcast {
+            app: app.to_owned(),
+            seq: stored.seq,
+            broadcast_id: stored.broadcast_id.to_string(),
+            payload: BASE64.encode(&stored.payload),
+            required_tags: stored.required_tags.clone(),
+            created_at_ms: stored.created_at_ms,
+            expires_at_ms: stored.expires_at_ms,
+        }
+    }
+
     pub fn kick(reason: GoAwayReason, conns: &[ConnId]) -> NodeMessage {
         NodeMessage::Kick {
             reason: reason.0,
@@ -643,6 +671,10 @@ impl NodeMessage {
 
 /// What a room node does with one [`NodeMessage`] for its shards.
 pub enum Arrival {
+    Broadcast {
+        app: String,
+        stored: StoredBroadcast,
+    },
     Deliver {
         app: String,
         targets: Vec<(ConnId, PushMessage)>,
@@ -690,6 +722,31 @@ impl TryFrom<NodeMessage> for Arrival {
                     .collect();
                 Arrival::Deliver { app, targets }
             }
+            NodeMessage::Broadcast {
+                app,
+                seq,
+                broadcast_id,
+                payload,
+                required_tags,
+                created_at_ms,
+                expires_at_ms,
+            } => Arrival::Broadcast {
+                app,
+                stored: StoredBroadcast {
+                    seq,
+                    broadcast_id: broadcast_id
+                        .parse()
+                        .map_err(|error| format!("bad broadcast id: {error}"))?,
+                    payload: bytes::Bytes::from(
+                        BASE64
+                            .decode(payload)
+                            .map_err(|error| format!("bad payload: {error}"))?,
+                    ),
+                    required_tags,
+                    created_at_ms,
+                    expires_at_ms,
+                },
+            },
             NodeMessage::Kick { reason, conns } => Arrival::Kick {
                 reason: GoAwayReason(reason),
                 conns: conns.into_iter().map(conn).collect(),
@@ -719,6 +776,15 @@ impl Remote for RedisRemote {
         // its next catch-up, resync or reconnect (ARCHITECTURE.md).
         if let Err(error) = redis.publish::<_, _, ()>(&channel, json).await {
             tracing::warn!(%error, node.id = node, "publishing a delivery failed");
+        }
+    }
+
+    async fn broadcast(&self, message: NodeMessage) {
+        let json = serde_json::to_string(&message).expect("node messages serialize");
+        let mut redis = self.redis.clone();
+        // Lost in transit, it is stored: clients get it when they bind again.
+        if let Err(error) = redis.publish::<_, _, ()>(BROADCAST_CHANNEL, json).await {
+            tracing::warn!(%error, "publishing a broadcast failed");
         }
     }
 }
@@ -876,7 +942,10 @@ impl RoomLink {
                     continue;
                 }
             };
-            if let Err(error) = pubsub.subscribe(&channel).await {
+            if let Err(error) = pubsub
+                .subscribe(&[channel.as_str(), BROADCAST_CHANNEL])
+                .await
+            {
                 tracing::warn!(%error, "cannot subscribe to deliveries");
                 tokio::time::sleep(delay).await;
                 continue;

@@ -20,6 +20,7 @@ use herald_proto::{GoAwayReason, UpstreamStatus};
 use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
 use tokio::sync::Notify;
 
+use crate::broadcast::{BroadcastRegistry, BroadcastResume};
 use crate::cluster::{Arrival, NodeMessage};
 use crate::register::{Change, Register, Session};
 
@@ -29,6 +30,8 @@ use crate::register::{Change, Register, Session};
 #[async_trait::async_trait]
 pub trait Remote: Send + Sync {
     async fn send(&self, node: &str, instance: u64, message: NodeMessage);
+    /// Sends to every room node at once (a broadcast).
+    async fn broadcast(&self, message: NodeMessage);
 }
 
 /// Where this delivery runs: the node id and this run of it.
@@ -89,6 +92,8 @@ struct Resume {
     /// What the client said it last received; `None`: resume from the
     /// device's ack cursor.
     client_last_seq: Option<u64>,
+    /// The last broadcast the client holds (`None`: it gets them all).
+    client_last_broadcast_seq: Option<u64>,
 }
 
 /// The register changes an event makes (none for most events).
@@ -169,6 +174,7 @@ pub struct Delivery {
     drained_shards: AtomicU64,
     drained: Notify,
     draining: AtomicBool,
+    pub(crate) broadcasts: BroadcastRegistry,
     pub counters: DeliveryCounters,
 }
 
@@ -192,12 +198,25 @@ impl Delivery {
             drained_shards: AtomicU64::new(0),
             drained: Notify::new(),
             draining: AtomicBool::new(false),
+            broadcasts: BroadcastRegistry::default(),
             counters: DeliveryCounters::default(),
         })
     }
 
     pub fn saver(&self) -> &Saver {
         &self.saver
+    }
+
+    pub(crate) fn remote(&self) -> Option<&Arc<dyn Remote>> {
+        self.remote.as_ref()
+    }
+
+    pub(crate) fn shard_senders(&self) -> &[async_channel::Sender<ShardCommand>] {
+        &self.shards
+    }
+
+    pub(crate) async fn send_to_shard(&self, command: ShardCommand, conn: ConnId) {
+        self.send(command, conn).await;
     }
 
     pub fn is_draining(&self) -> bool {
@@ -339,6 +358,7 @@ impl Delivery {
                         .await;
                 }
             }
+            Arrival::Broadcast { app, stored } => self.fan_out(&app, &stored).await,
             Arrival::Kick { reason, conns } => {
                 for conn in conns {
                     self.send(ShardCommand::Kick { conn, reason }, conn).await;
@@ -398,6 +418,7 @@ impl Delivery {
                     user,
                     device_id,
                     client_last_seq,
+                    client_last_broadcast_seq,
                     ..
                 } => resumes.push(Resume {
                     conn,
@@ -405,7 +426,14 @@ impl Delivery {
                     user,
                     device_id,
                     client_last_seq,
+                    client_last_broadcast_seq,
                 }),
+                ShardEvent::BroadcastAck { app, seq, .. } => self.broadcast_acked(&app, seq),
+                ShardEvent::BroadcastCatchUp { conn, app, after } => {
+                    let this = self.clone();
+                    let resume = BroadcastResume { conn, app, after };
+                    tokio::spawn(async move { this.fill_broadcasts(vec![resume]).await });
+                }
                 ShardEvent::Unbound { .. } | ShardEvent::Closed { .. } => {}
                 ShardEvent::Ack {
                     app,
@@ -464,6 +492,15 @@ impl Delivery {
     /// inbox of the batch stands; only the inboxes holding messages past the
     /// resume point are read further (for an idle reconnect, none are).
     async fn resume(&self, mut resumes: Vec<Resume>) {
+        let broadcast_resumes = resumes
+            .iter()
+            .map(|r| BroadcastResume {
+                conn: r.conn,
+                app: r.app.clone(),
+                after: r.client_last_broadcast_seq.unwrap_or(0),
+            })
+            .collect();
+        self.fill_broadcasts(broadcast_resumes).await;
         // Acks not yet written are read before storage, so an ack flushed
         // in between is seen in storage instead: a resume point may come out
         // low (a redelivery), never high (a loss).
@@ -625,6 +662,7 @@ impl Delivery {
     pub async fn run_purger(self: Arc<Self>, interval: Duration) {
         loop {
             tokio::time::sleep(interval).await;
+            self.broadcasts.forget_expired(unix_ms());
             match self.saver.purge_expired(unix_ms()).await {
                 Ok(purged) if purged > 0 => tracing::info!(purged, "purged expired messages"),
                 Ok(_) => {}

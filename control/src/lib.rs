@@ -11,6 +11,7 @@
 //!
 //! It does not hold client connections and does not know about sockets.
 
+pub mod broadcast;
 pub mod center;
 pub mod cluster;
 pub mod delivery;

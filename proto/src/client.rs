@@ -24,6 +24,10 @@ pub struct AppCredentials {
     pub app: String,
     pub token: String,
     pub last_seq: Option<u64>,
+    /// The last broadcast of the app the client holds, if it knows it.
+    pub last_broadcast_seq: Option<u64>,
+    /// What broadcasts may target this client by (`platform=ios`, ...).
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +64,9 @@ pub enum ClientEvent {
     /// A message not delivered before on this connection or an earlier one
     /// (as far as the resume point tells).
     Push(Push),
+    /// A broadcast to the app's users; `seq` is the app's broadcast
+    /// sequence, apart from the inbox's.
+    Broadcast(Push),
     UpstreamAck {
         app: String,
         request_id: u64,
@@ -95,6 +102,9 @@ struct AppState {
     delivered: Option<u64>,
     /// Highest seq acked to the server.
     acked: Option<u64>,
+    /// The same two for the app's broadcasts.
+    broadcast_delivered: Option<u64>,
+    broadcast_acked: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -137,6 +147,8 @@ impl ClientConn {
                 .map(|credentials| AppState {
                     delivered: credentials.last_seq,
                     acked: credentials.last_seq,
+                    broadcast_delivered: credentials.last_broadcast_seq,
+                    broadcast_acked: credentials.last_broadcast_seq,
                     credentials,
                     user: None,
                 })
@@ -209,6 +221,8 @@ impl ClientConn {
                         app: app.credentials.app.clone(),
                         token: app.credentials.token.clone(),
                         last_seq: app.acked,
+                        last_broadcast_seq: app.broadcast_acked,
+                        tags: app.credentials.tags.clone(),
                     });
                 }
                 self.events.push_back(ClientEvent::Ready {
@@ -240,6 +254,29 @@ impl ClientConn {
                 }
                 state.delivered = Some(seq);
                 self.events.push_back(ClientEvent::Push(Push {
+                    app,
+                    message_id,
+                    seq,
+                    payload,
+                }));
+            }
+            Frame::Broadcast {
+                app,
+                message_id,
+                seq,
+                payload,
+            } => {
+                let Some(state) = self.app_mut(&app) else {
+                    return;
+                };
+                if state
+                    .broadcast_delivered
+                    .is_some_and(|delivered| seq <= delivered)
+                {
+                    return;
+                }
+                state.broadcast_delivered = Some(seq);
+                self.events.push_back(ClientEvent::Broadcast(Push {
                     app,
                     message_id,
                     seq,
@@ -307,6 +344,30 @@ impl ClientConn {
         true
     }
 
+    /// Acks every broadcast of `app` up to `seq`. Returns false (and sends
+    /// nothing) if that acks nothing new.
+    pub fn ack_broadcast(&mut self, app: &str, seq: u64) -> bool {
+        if self.phase != Phase::Open {
+            return false;
+        }
+        let Some(state) = self.app_mut(app) else {
+            return false;
+        };
+        if state.broadcast_acked.is_some_and(|acked| seq <= acked)
+            || state
+                .broadcast_delivered
+                .is_none_or(|delivered| seq > delivered)
+        {
+            return false;
+        }
+        state.broadcast_acked = Some(seq);
+        self.transmit.push_back(Frame::BroadcastAck {
+            app: app.to_owned(),
+            seq,
+        });
+        true
+    }
+
     /// Queues data for the app's business server; returns its request id.
     pub fn upstream(&mut self, app: &str, payload: Bytes) -> Result<u64, ClientError> {
         if self.phase != Phase::Open {
@@ -325,11 +386,12 @@ impl ClientConn {
         Ok(request_id)
     }
 
-    /// The highest acked seq of each app, to resume from on reconnect.
-    pub fn resume_points(&self) -> impl Iterator<Item = (&str, Option<u64>)> {
+    /// The highest acked seq and broadcast seq of each app, to resume
+    /// from on reconnect.
+    pub fn resume_points(&self) -> impl Iterator<Item = (&str, Option<u64>, Option<u64>)> {
         self.apps
             .iter()
-            .map(|s| (s.credentials.app.as_str(), s.acked))
+            .map(|s| (s.credentials.app.as_str(), s.acked, s.broadcast_acked))
     }
 
     fn app_mut(&mut self, app: &str) -> Option<&mut AppState> {
@@ -352,6 +414,8 @@ mod tests {
                     app: "chat".to_owned(),
                     token: "t".to_owned(),
                     last_seq,
+                    last_broadcast_seq: None,
+                    tags: Vec::new(),
                 }],
             },
         )
@@ -386,7 +450,9 @@ mod tests {
             vec![Frame::Bind {
                 app: "chat".to_owned(),
                 token: "t".to_owned(),
-                last_seq: Some(4)
+                last_seq: Some(4),
+                last_broadcast_seq: None,
+                tags: Vec::new(),
             }]
         );
         assert_eq!(conn.poll_timeout(), Some(now + Duration::from_secs(1)));
@@ -444,7 +510,7 @@ mod tests {
         );
         assert_eq!(
             conn.resume_points().collect::<Vec<_>>(),
-            [("chat", Some(4))]
+            [("chat", Some(4), None)]
         );
     }
 
@@ -466,6 +532,50 @@ mod tests {
                 reason: GoAwayReason::KICKED,
                 reconnect_delay_ms: None
             })
+        );
+    }
+
+    #[test]
+    fn broadcasts_are_deduplicated_acked_and_resumed_apart_from_pushes() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+            },
+        );
+        drain(&mut conn);
+        for seq in [1, 2, 2] {
+            conn.handle_frame(
+                now,
+                Frame::Broadcast {
+                    app: "chat".to_owned(),
+                    message_id: MessageId([seq as u8; 16]),
+                    seq,
+                    payload: Bytes::from_static(b"all"),
+                },
+            );
+        }
+        let seqs: Vec<u64> = std::iter::from_fn(|| conn.poll_event())
+            .filter_map(|e| match e {
+                ClientEvent::Broadcast(b) => Some(b.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        assert!(conn.ack_broadcast("chat", 2));
+        assert!(!conn.ack_broadcast("chat", 3), "never delivered");
+        assert_eq!(
+            drain(&mut conn),
+            [Frame::BroadcastAck {
+                app: "chat".to_owned(),
+                seq: 2
+            }]
+        );
+        assert_eq!(
+            conn.resume_points().collect::<Vec<_>>(),
+            [("chat", None, Some(2))]
         );
     }
 }

@@ -13,8 +13,8 @@ use crate::frame::{
 };
 use crate::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,
-    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, TEXT_LEN_MAX,
-    TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, TAG_LEN_MAX,
+    TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 
 /// Why bytes from the peer are not a v1 frame. Every variant is final for
@@ -105,6 +105,12 @@ const TOKEN: StrField = StrField {
     non_empty: false,
     wide: true,
 };
+const TAG: StrField = StrField {
+    name: "tag",
+    len_max: TAG_LEN_MAX,
+    non_empty: true,
+    wide: false,
+};
 const TEXT: StrField = StrField {
     name: "message",
     len_max: TEXT_LEN_MAX,
@@ -149,12 +155,24 @@ fn body_len(frame: &Frame) -> usize {
             app,
             token,
             last_seq,
-        } => str_len(APP, app) + str_len(TOKEN, token) + opt_len(last_seq, 8),
+            last_broadcast_seq,
+            tags,
+        } => {
+            let broadcast_fields = if bind_has_broadcast_fields(last_broadcast_seq, tags) {
+                opt_len(last_broadcast_seq, 8)
+                    + 1
+                    + tags.iter().map(|tag| str_len(TAG, tag)).sum::<usize>()
+            } else {
+                0
+            };
+            str_len(APP, app) + str_len(TOKEN, token) + opt_len(last_seq, 8) + broadcast_fields
+        }
         Frame::BindOk { app, user } => str_len(APP, app) + str_len(USER, user),
         Frame::BindErr { app, message, .. } => str_len(APP, app) + 2 + str_len(TEXT, message),
         Frame::Ping | Frame::Pong => 0,
         Frame::Push { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
-        Frame::Ack { app, .. } => str_len(APP, app) + 8,
+        Frame::Ack { app, .. } | Frame::BroadcastAck { app, .. } => str_len(APP, app) + 8,
+        Frame::Broadcast { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
         Frame::Upstream { app, payload, .. } => str_len(APP, app) + 8 + payload.len(),
         Frame::UpstreamAck { app, .. } => str_len(APP, app) + 8 + 2,
         Frame::Unbind { app } => str_len(APP, app),
@@ -181,9 +199,15 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             check_str(CLIENT_VERSION, client_version)
         }
         Frame::HelloOk { .. } | Frame::Ping | Frame::Pong | Frame::GoAway { .. } => Ok(()),
-        Frame::Bind { app, token, .. } => {
+        Frame::Bind {
+            app, token, tags, ..
+        } => {
             check_str(APP, app)?;
-            check_str(TOKEN, token)
+            check_str(TOKEN, token)?;
+            if tags.len() > TAGS_PER_BIND_MAX {
+                return Err(EncodeError::FieldTooLong { field: "tags" });
+            }
+            tags.iter().try_for_each(|tag| check_str(TAG, tag))
         }
         Frame::BindOk { app, user } => {
             check_str(APP, app)?;
@@ -193,15 +217,24 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             check_str(APP, app)?;
             check_str(TEXT, message)
         }
-        Frame::Push { app, payload, .. } | Frame::Upstream { app, payload, .. } => {
+        Frame::Push { app, payload, .. }
+        | Frame::Broadcast { app, payload, .. }
+        | Frame::Upstream { app, payload, .. } => {
             check_str(APP, app)?;
             check_payload(payload)
         }
-        Frame::Ack { app, .. } | Frame::UpstreamAck { app, .. } | Frame::Unbind { app } => {
-            check_str(APP, app)
-        }
+        Frame::Ack { app, .. }
+        | Frame::BroadcastAck { app, .. }
+        | Frame::UpstreamAck { app, .. }
+        | Frame::Unbind { app } => check_str(APP, app),
         Frame::Error { message, .. } => check_str(TEXT, message),
     }
+}
+
+/// A BIND without broadcast fields is written as it was before they
+/// existed, so every v1 peer reads it.
+fn bind_has_broadcast_fields(last_broadcast_seq: &Option<u64>, tags: &[String]) -> bool {
+    last_broadcast_seq.is_some() || !tags.is_empty()
 }
 
 fn put_str(dst: &mut BytesMut, field: StrField, value: &str) {
@@ -261,10 +294,19 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             app,
             token,
             last_seq,
+            last_broadcast_seq,
+            tags,
         } => {
             put_str(dst, APP, app);
             put_str(dst, TOKEN, token);
             put_opt_u64(dst, *last_seq);
+            if bind_has_broadcast_fields(last_broadcast_seq, tags) {
+                put_opt_u64(dst, *last_broadcast_seq);
+                dst.put_u8(tags.len() as u8);
+                for tag in tags {
+                    put_str(dst, TAG, tag);
+                }
+            }
         }
         Frame::BindOk { app, user } => {
             put_str(dst, APP, app);
@@ -281,13 +323,19 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             message_id,
             seq,
             payload,
+        }
+        | Frame::Broadcast {
+            app,
+            message_id,
+            seq,
+            payload,
         } => {
             put_str(dst, APP, app);
             dst.put_slice(&message_id.0);
             dst.put_u64(*seq);
             dst.put_slice(payload);
         }
-        Frame::Ack { app, seq } => {
+        Frame::Ack { app, seq } | Frame::BroadcastAck { app, seq } => {
             put_str(dst, APP, app);
             dst.put_u64(*seq);
         }
@@ -389,6 +437,14 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, DecodeError> {
+        Ok(if self.tag(field)? {
+            Some(self.u64()?)
+        } else {
+            None
+        })
+    }
+
     fn payload(&mut self) -> Result<Bytes, DecodeError> {
         if self.rest.len() > PAYLOAD_LEN_MAX {
             return Err(DecodeError::FieldTooLong { field: "payload" });
@@ -426,15 +482,32 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         Op::HelloOk => Frame::HelloOk {
             heartbeat_interval_ms: r.u32()?,
         },
-        Op::Bind => Frame::Bind {
-            app: r.str(APP)?,
-            token: r.str(TOKEN)?,
-            last_seq: if r.tag("last_seq")? {
-                Some(r.u64()?)
+        Op::Bind => {
+            let app = r.str(APP)?;
+            let token = r.str(TOKEN)?;
+            let last_seq = r.opt_u64("last_seq")?;
+            // The broadcast fields came later in v1: a BIND may end here.
+            let (last_broadcast_seq, tags) = if r.rest.is_empty() {
+                (None, Vec::new())
             } else {
-                None
-            },
-        },
+                let last_broadcast_seq = r.opt_u64("last_broadcast_seq")?;
+                let count = usize::from(r.u8()?);
+                if count > TAGS_PER_BIND_MAX {
+                    return Err(DecodeError::FieldTooLong { field: "tags" });
+                }
+                let tags = (0..count)
+                    .map(|_| r.str(TAG))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (last_broadcast_seq, tags)
+            };
+            Frame::Bind {
+                app,
+                token,
+                last_seq,
+                last_broadcast_seq,
+                tags,
+            }
+        }
         Op::BindOk => Frame::BindOk {
             app: r.str(APP)?,
             user: r.str(USER)?,
@@ -453,6 +526,16 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             payload: r.payload()?,
         },
         Op::Ack => Frame::Ack {
+            app: r.str(APP)?,
+            seq: r.u64()?,
+        },
+        Op::Broadcast => Frame::Broadcast {
+            app: r.str(APP)?,
+            message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
+            seq: r.u64()?,
+            payload: r.payload()?,
+        },
+        Op::BroadcastAck => Frame::BroadcastAck {
             app: r.str(APP)?,
             seq: r.u64()?,
         },
@@ -552,6 +635,8 @@ mod tests {
                     app: "chat".into(),
                     token: "tok".into(),
                     last_seq: Some(7),
+                    last_broadcast_seq: None,
+                    tags: Vec::new(),
                 },
                 "00000015 01 03 04 63686174 0003 746f6b 01 0000000000000007",
             ),
@@ -770,6 +855,8 @@ mod tests {
                     app: "chat".into(),
                     token: "t".repeat(TOKEN_LEN_MAX + 1),
                     last_seq: None,
+                    last_broadcast_seq: None,
+                    tags: Vec::new(),
                 },
                 EncodeError::FieldTooLong { field: "token" },
             ),
@@ -816,6 +903,8 @@ mod tests {
             app: "a".repeat(APP_ID_LEN_MAX),
             token: "t".repeat(TOKEN_LEN_MAX),
             last_seq: Some(u64::MAX),
+            last_broadcast_seq: None,
+            tags: Vec::new(),
         };
         for frame in [push, bind] {
             let mut dst = BytesMut::new();

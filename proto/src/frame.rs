@@ -24,11 +24,17 @@ pub enum Frame {
     /// must keep (it depends on the network type the client reported).
     HelloOk { heartbeat_interval_ms: u32 },
     /// Client -> server: bind an app on this connection. `last_seq` is the
-    /// last sequence the client holds for this app, if it knows it.
+    /// last sequence the client holds for this app, if it knows it;
+    /// `last_broadcast_seq` the last broadcast it holds. `tags` (for example
+    /// `platform=ios`) are what broadcasts may be targeted by. The last two
+    /// fields are optional on the wire: a BIND that ends after `last_seq`
+    /// decodes with none.
     Bind {
         app: String,
         token: String,
         last_seq: Option<u64>,
+        last_broadcast_seq: Option<u64>,
+        tags: Vec<String>,
     },
     /// Server -> client: the app is bound for `user`.
     BindOk { app: String, user: String },
@@ -52,6 +58,17 @@ pub enum Frame {
     /// Client -> server: the client holds every message of `app` up to and
     /// including `seq`.
     Ack { app: String, seq: u64 },
+    /// Server -> client: one broadcast to every (targeted) user of the app.
+    /// `seq` is the app's broadcast sequence, apart from inbox sequences.
+    Broadcast {
+        app: String,
+        message_id: MessageId,
+        seq: u64,
+        payload: Bytes,
+    },
+    /// Client -> server: the client holds every broadcast of `app` up to
+    /// and including `seq`.
+    BroadcastAck { app: String, seq: u64 },
     /// Client -> server: data for the app's business server.
     Upstream {
         app: String,
@@ -93,6 +110,8 @@ pub enum Op {
     Unbind = 0x0C,
     GoAway = 0x0D,
     Error = 0x0E,
+    Broadcast = 0x0F,
+    BroadcastAck = 0x10,
 }
 
 impl Op {
@@ -112,6 +131,8 @@ impl Op {
             0x0C => Op::Unbind,
             0x0D => Op::GoAway,
             0x0E => Op::Error,
+            0x0F => Op::Broadcast,
+            0x10 => Op::BroadcastAck,
             _ => return None,
         })
     }
@@ -134,6 +155,8 @@ impl Frame {
             Frame::Unbind { .. } => Op::Unbind,
             Frame::GoAway { .. } => Op::GoAway,
             Frame::Error { .. } => Op::Error,
+            Frame::Broadcast { .. } => Op::Broadcast,
+            Frame::BroadcastAck { .. } => Op::BroadcastAck,
         }
     }
 }

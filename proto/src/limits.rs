@@ -41,6 +41,10 @@ pub const TOKEN_LEN_MAX: usize = 1024;
 /// Longest human-readable text in BIND_ERR and ERROR frames, in bytes.
 pub const TEXT_LEN_MAX: usize = 1024;
 
+/// Most tags one BIND may carry, and the longest tag, in bytes.
+pub const TAGS_PER_BIND_MAX: usize = 8;
+pub const TAG_LEN_MAX: usize = 64;
+
 /// Most apps one connection may have bound at once.
 pub const APPS_PER_CONN_MAX: usize = 16;
 
@@ -48,7 +52,10 @@ pub const APPS_PER_CONN_MAX: usize = 16;
 // version + op + app (1 + len) + message id (16) + seq (8) + payload.
 const _: () = assert!(2 + 1 + APP_ID_LEN_MAX + 16 + 8 + PAYLOAD_LEN_MAX <= FRAME_BODY_LEN_MAX);
 // A BIND with the longest app id and token must fit too.
-const _: () = assert!(2 + 1 + APP_ID_LEN_MAX + 2 + TOKEN_LEN_MAX + 9 <= FRAME_BODY_LEN_MAX);
+const _: () = assert!(
+    2 + 1 + APP_ID_LEN_MAX + 2 + TOKEN_LEN_MAX + 9 + 9 + 1 + TAGS_PER_BIND_MAX * (1 + TAG_LEN_MAX)
+        <= FRAME_BODY_LEN_MAX
+);
 // Every length-limited string is written with a u8 length prefix except
 // tokens and texts, which use a u16 prefix.
 const _: () = assert!(APP_ID_LEN_MAX <= u8::MAX as usize);

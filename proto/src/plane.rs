@@ -6,6 +6,8 @@
 //! plane.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 
@@ -41,6 +43,29 @@ pub struct PushMessage {
     pub payload: Bytes,
 }
 
+/// One stored broadcast on its way to connections. `seq` is the app's
+/// broadcast sequence; a connection gets it only if its binding carries
+/// every tag in `required_tags`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastMessage {
+    pub seq: u64,
+    pub message_id: MessageId,
+    pub payload: Bytes,
+    pub required_tags: Vec<String>,
+}
+
+/// How far one broadcast got, counted by the shards as they send it and by
+/// the control plane as acks come back.
+#[derive(Debug, Default)]
+pub struct BroadcastProgress {
+    /// Connections it was for: bound to the app, carrying its tags.
+    pub target: AtomicU64,
+    /// Of those, the ones it was written to (the others had it already, or
+    /// get it from their first broadcast fill).
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+}
+
 /// Control plane -> shard.
 #[derive(Debug)]
 pub enum ShardCommand {
@@ -60,6 +85,25 @@ pub enum ShardCommand {
         after: u64,
         messages: Vec<PushMessage>,
         more: bool,
+    },
+    /// A broadcast for every connection of the shard with `app` bound and
+    /// every tag in `required_tags`. `frame` is its BROADCAST frame,
+    /// encoded once for all connections of all shards; each shard adds to
+    /// `progress` what it targeted and sent.
+    Broadcast {
+        app: String,
+        seq: u64,
+        required_tags: Arc<[String]>,
+        frame: Bytes,
+        progress: Arc<BroadcastProgress>,
+    },
+    /// The reply to a `Bound` or `BroadcastCatchUp`: the app's unexpired
+    /// broadcasts after `after`, in order.
+    BroadcastFill {
+        conn: ConnId,
+        app: String,
+        after: u64,
+        broadcasts: Vec<BroadcastMessage>,
     },
     /// Deliveries to this binding may have been lost (the register or the
     /// channel between nodes was down for a while): check storage for
@@ -92,6 +136,9 @@ pub enum ShardEvent {
         device_id: String,
         network: NetworkType,
         client_last_seq: Option<u64>,
+        /// The last broadcast the client holds; `None`: it keeps no count,
+        /// so it gets every unexpired broadcast.
+        client_last_broadcast_seq: Option<u64>,
         /// Unix milliseconds.
         connected_at_ms: u64,
     },
@@ -123,6 +170,15 @@ pub enum ShardEvent {
         user: String,
         after: u64,
         limit: u32,
+    },
+    /// The client holds every broadcast of the app up to `seq`.
+    BroadcastAck { conn: ConnId, app: String, seq: u64 },
+    /// A broadcast reached the connection before its first broadcast fill:
+    /// it is owed the app's broadcasts after `after`.
+    BroadcastCatchUp {
+        conn: ConnId,
+        app: String,
+        after: u64,
     },
     /// Data the client sent for the app's business server.
     Upstream {

@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::frame::{BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, UpstreamStatus};
 use crate::limits::APPS_PER_CONN_MAX;
-use crate::plane::PushMessage;
+use crate::plane::{BroadcastMessage, PushMessage};
 
 /// Per-network heartbeat intervals the server hands out in HELLO_OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,24 @@ impl ServerConfig {
     }
 }
 
+/// What a connection does with a broadcast that reached its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BroadcastFate {
+    /// Not bound to the app, or lacking a required tag.
+    NotFor,
+    /// For it, but it had it already or gets it from its first fill.
+    Later,
+    /// Send it now.
+    Send,
+}
+
+/// Where a BIND says the client stands, and what it is tagged with.
+struct Resume {
+    last_seq: Option<u64>,
+    last_broadcast_seq: Option<u64>,
+    tags: Vec<String>,
+}
+
 /// Why a BIND's token was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindRejection {
@@ -96,6 +114,7 @@ pub enum ConnEvent {
         app: String,
         user: String,
         client_last_seq: Option<u64>,
+        client_last_broadcast_seq: Option<u64>,
     },
     Unbound {
         app: String,
@@ -111,6 +130,17 @@ pub enum ConnEvent {
         user: String,
         after: u64,
         limit: u32,
+    },
+    /// The client holds every broadcast of the app up to `seq`.
+    BroadcastAck {
+        app: String,
+        seq: u64,
+    },
+    /// A broadcast arrived before the binding's first broadcast fill: the
+    /// broadcasts after `after` must be read again.
+    BroadcastCatchUp {
+        app: String,
+        after: u64,
     },
     Upstream {
         app: String,
@@ -195,6 +225,16 @@ struct Binding {
     fill_pending: bool,
     /// Storage holds messages this connection is owed and has not been sent.
     behind: bool,
+    /// What broadcasts may be targeted by (`platform=ios`, ...); empty
+    /// (no allocation) for most clients.
+    tags: Box<[Box<str>]>,
+    /// Highest broadcast seq sent on this connection; meaningful once
+    /// `broadcasts_ready`.
+    broadcast_sent: u64,
+    /// The first broadcast fill arrived, so live broadcasts go out.
+    broadcasts_ready: bool,
+    /// A live broadcast came before that fill and was not sent.
+    broadcast_missed: bool,
 }
 
 impl Binding {
@@ -220,6 +260,13 @@ impl Binding {
             after: sent,
             limit: room,
         });
+    }
+
+    /// Whether a broadcast targeted at `required` tags is for this binding.
+    fn matches(&self, required: &[String]) -> bool {
+        required
+            .iter()
+            .all(|tag| self.tags.iter().any(|own| **own == **tag))
     }
 
     fn push(&mut self, message: &PushMessage, out: &mut Output) {
@@ -344,12 +391,28 @@ impl ServerConn {
                     app,
                     token,
                     last_seq,
+                    last_broadcast_seq,
+                    tags,
                 },
             ) => {
-                self.handle_bind(app, token, last_seq, config, auth, out);
+                let resume = Resume {
+                    last_seq,
+                    last_broadcast_seq,
+                    tags,
+                };
+                self.handle_bind(app, token, resume, config, auth, out);
             }
             (Phase::Open, Frame::Ping) => out.transmit.push(Frame::Pong),
             (Phase::Open, Frame::Ack { app, seq }) => self.handle_ack(&app, seq, config, out),
+            (Phase::Open, Frame::BroadcastAck { app, seq }) => {
+                // Only broadcasts sent here count; an ack past them is ignored.
+                if let Some(binding) = self.binding_mut(&app)
+                    && binding.broadcasts_ready
+                    && seq <= binding.broadcast_sent
+                {
+                    out.events.push(ConnEvent::BroadcastAck { app, seq });
+                }
+            }
             (
                 Phase::Open,
                 Frame::Upstream {
@@ -401,7 +464,7 @@ impl ServerConn {
         &mut self,
         app: String,
         token: String,
-        last_seq: Option<u64>,
+        resume: Resume,
         config: &ServerConfig,
         auth: &dyn Authenticator,
         out: &mut Output,
@@ -434,7 +497,8 @@ impl ServerConn {
                     out.events.push(ConnEvent::Bound {
                         app: app.clone(),
                         user: user.clone(),
-                        client_last_seq: last_seq,
+                        client_last_seq: resume.last_seq,
+                        client_last_broadcast_seq: resume.last_broadcast_seq,
                     });
                     // Most connections bind one app: grow one at a time
                     // rather than by Vec's usual four, since this is
@@ -447,6 +511,14 @@ impl ServerConn {
                         acked: 0,
                         fill_pending: true,
                         behind: false,
+                        tags: resume
+                            .tags
+                            .into_iter()
+                            .map(String::into_boxed_str)
+                            .collect(),
+                        broadcast_sent: 0,
+                        broadcasts_ready: false,
+                        broadcast_missed: false,
                     });
                     return;
                 }
@@ -570,6 +642,72 @@ impl ServerConn {
         if binding.sent.is_some() {
             binding.behind = true;
             binding.request_catch_up(config.inflight_pushes_max, out);
+        }
+    }
+
+    /// A broadcast of `app` reached this connection's shard: says whether
+    /// to send it here (the shard sends the frame it encoded once for all).
+    /// Before the binding's first broadcast fill it is noted, not sent, and
+    /// read again after that fill.
+    pub fn broadcast(&mut self, app: &str, seq: u64, required_tags: &[String]) -> BroadcastFate {
+        if self.phase == Phase::Closing {
+            return BroadcastFate::NotFor;
+        }
+        let Some(binding) = self.binding_mut(app) else {
+            return BroadcastFate::NotFor;
+        };
+        if !binding.matches(required_tags) {
+            return BroadcastFate::NotFor;
+        }
+        if !binding.broadcasts_ready {
+            binding.broadcast_missed = true;
+            return BroadcastFate::Later;
+        }
+        if seq <= binding.broadcast_sent {
+            return BroadcastFate::Later;
+        }
+        binding.broadcast_sent = seq;
+        BroadcastFate::Send
+    }
+
+    /// The broadcasts of `app` after `after` that this binding missed, in
+    /// order (the reply to `Bound` and to `BroadcastCatchUp`). Broadcasts
+    /// whose tags the binding lacks are skipped.
+    pub fn broadcast_fill(
+        &mut self,
+        app: &str,
+        after: u64,
+        broadcasts: &[BroadcastMessage],
+        out: &mut Output,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let Some(binding) = self.binding_mut(app) else {
+            return;
+        };
+        if !binding.broadcasts_ready {
+            binding.broadcasts_ready = true;
+            binding.broadcast_sent = after;
+        }
+        for broadcast in broadcasts {
+            if broadcast.seq <= binding.broadcast_sent || !binding.matches(&broadcast.required_tags)
+            {
+                continue;
+            }
+            binding.broadcast_sent = broadcast.seq;
+            out.transmit.push(Frame::Broadcast {
+                app: binding.app.to_string(),
+                message_id: broadcast.message_id,
+                seq: broadcast.seq,
+                payload: broadcast.payload.clone(),
+            });
+        }
+        if std::mem::take(&mut binding.broadcast_missed) {
+            out.events.push(ConnEvent::BroadcastCatchUp {
+                app: binding.app.to_string(),
+                after: binding.broadcast_sent,
+            });
         }
     }
 
@@ -740,6 +878,8 @@ mod tests {
                 app: app.to_owned(),
                 token: token.to_owned(),
                 last_seq,
+                last_broadcast_seq: None,
+                tags: Vec::new(),
             })
         }
 
@@ -835,7 +975,8 @@ mod tests {
             vec![ConnEvent::Bound {
                 app: "chat".to_owned(),
                 user: "alice".to_owned(),
-                client_last_seq: Some(7)
+                client_last_seq: Some(7),
+                client_last_broadcast_seq: None,
             }]
         );
         assert_eq!(h.conn.bindings().collect::<Vec<_>>(), [("chat", "alice")]);
@@ -945,6 +1086,87 @@ mod tests {
         assert_eq!(pushed_seqs(h.deliver(2)), [2]);
         assert!(h.deliver(2).is_empty());
         assert!(h.deliver(1).is_empty());
+    }
+
+    fn broadcast(seq: u64, required_tags: &[&str]) -> BroadcastMessage {
+        BroadcastMessage {
+            seq,
+            message_id: MessageId([seq as u8; 16]),
+            payload: Bytes::from(format!("b{seq}")),
+            required_tags: required_tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn broadcasts_wait_for_the_first_fill_then_go_out_once_by_tag() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        let out = h.frame(Frame::Bind {
+            app: "chat".to_owned(),
+            token: "ok:alice".to_owned(),
+            last_seq: None,
+            last_broadcast_seq: Some(2),
+            tags: vec!["platform=ios".to_owned()],
+        });
+        assert!(matches!(
+            out.events[..],
+            [ConnEvent::Bound {
+                client_last_broadcast_seq: Some(2),
+                ..
+            }]
+        ));
+        assert_eq!(
+            h.conn.broadcast("chat", 3, &[]),
+            BroadcastFate::Later,
+            "before the first fill"
+        );
+        h.out.clear();
+        let fill = [broadcast(3, &[]), broadcast(4, &["platform=android"])];
+        h.conn.broadcast_fill("chat", 2, &fill, &mut h.out);
+        let sent: Vec<u64> = h
+            .out
+            .transmit
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Broadcast { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [3], "4 targets another platform");
+        assert_eq!(
+            h.out.events,
+            [ConnEvent::BroadcastCatchUp {
+                app: "chat".to_owned(),
+                after: 3
+            }],
+            "the broadcast that came early is read again"
+        );
+        let ios = ["platform=ios".to_owned()];
+        assert_eq!(h.conn.broadcast("chat", 5, &ios), BroadcastFate::Send);
+        assert_eq!(
+            h.conn.broadcast("chat", 5, &[]),
+            BroadcastFate::Later,
+            "once"
+        );
+        let eu = ["region=eu".to_owned()];
+        assert_eq!(h.conn.broadcast("chat", 6, &eu), BroadcastFate::NotFor);
+        assert_eq!(h.conn.broadcast("news", 7, &[]), BroadcastFate::NotFor);
+        let out = h.frame(Frame::BroadcastAck {
+            app: "chat".to_owned(),
+            seq: 5,
+        });
+        assert_eq!(
+            out.events,
+            [ConnEvent::BroadcastAck {
+                app: "chat".to_owned(),
+                seq: 5
+            }]
+        );
+        let out = h.frame(Frame::BroadcastAck {
+            app: "chat".to_owned(),
+            seq: 9,
+        });
+        assert!(out.events.is_empty(), "never sent here");
     }
 
     #[test]

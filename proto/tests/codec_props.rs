@@ -8,7 +8,7 @@
 use bytes::{Bytes, BytesMut};
 use herald_proto::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX, PAYLOAD_LEN_MAX,
-    TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 use herald_proto::{
     BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType,
@@ -109,13 +109,28 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
         (
             app(),
             text(TOKEN_LEN_MAX, false, sizes),
-            any::<Option<u64>>()
+            any::<Option<u64>>(),
+            any::<Option<u64>>(),
+            prop::collection::vec(text(TAG_LEN_MAX, true, sizes), 0..=TAGS_PER_BIND_MAX)
         )
-            .prop_map(|(app, token, last_seq)| Frame::Bind {
+            .prop_map(
+                |(app, token, last_seq, last_broadcast_seq, tags)| Frame::Bind {
+                    app,
+                    token,
+                    last_seq,
+                    last_broadcast_seq,
+                    tags,
+                }
+            ),
+        (app(), any::<[u8; 16]>(), any::<u64>(), payload(sizes)).prop_map(
+            |(app, id, seq, payload)| Frame::Broadcast {
                 app,
-                token,
-                last_seq
-            }),
+                message_id: MessageId(id),
+                seq,
+                payload,
+            }
+        ),
+        (app(), any::<u64>()).prop_map(|(app, seq)| Frame::BroadcastAck { app, seq }),
         (app(), text(USER_ID_LEN_MAX, true, sizes))
             .prop_map(|(app, user)| Frame::BindOk { app, user }),
         (app(), any::<u16>(), text(TEXT_LEN_MAX, false, sizes)).prop_map(|(app, code, message)| {

@@ -17,13 +17,16 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
-use herald_proto::plane::{ConnId, ShardCommand, ShardEvent};
-use herald_proto::server::{CloseReason, ConnEvent, Output, ServerConfig, ServerConn};
+use herald_proto::plane::{BroadcastProgress, ConnId, ShardCommand, ShardEvent};
+use herald_proto::server::{
+    BroadcastFate, CloseReason, ConnEvent, Output, ServerConfig, ServerConn,
+};
 use herald_proto::{Frame, decode_slice, encode, encoded_len};
 use slab::Slab;
 
@@ -146,6 +149,9 @@ pub(crate) struct Shard<P> {
     /// between uses.
     send_buffer: BytesMut,
     out: Output,
+    /// A frame encoded once for many connections (a broadcast), sent by the
+    /// next `apply` ahead of `out`'s frames.
+    encoded: Option<Bytes>,
     read_pool: BufferPool,
     write_pool: BufferPool,
     wheel: TimerWheel,
@@ -222,6 +228,7 @@ impl<P: Poller> Shard<P> {
             scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
             send_buffer: BytesMut::with_capacity(WRITE_BUFFER_CAPACITY),
             out: Output::default(),
+            encoded: None,
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
             wheel: TimerWheel::new(now),
@@ -601,6 +608,7 @@ impl<P: Poller> Shard<P> {
     fn apply(&mut self, slot: usize, now: Instant) {
         let id = self.conn_id(slot);
         let shard_id = usize::from(self.settings.id);
+        let encoded = self.encoded.take();
         let Shard {
             settings,
             conns,
@@ -620,7 +628,7 @@ impl<P: Poller> Shard<P> {
         let mut overflow = false;
         if conn.closing.is_some() {
             out.transmit.clear();
-        } else if !out.transmit.is_empty() {
+        } else if !out.transmit.is_empty() || encoded.is_some() {
             // With nothing waiting ahead of these frames, they are encoded
             // into the shard's send buffer and handed to the socket at once;
             // only what the socket does not take is copied into a pooled
@@ -632,7 +640,19 @@ impl<P: Poller> Shard<P> {
             } else {
                 conn.queue.get_or_insert_with(|| write_pool.take())
             };
+            if let Some(frame) = &encoded {
+                if buffer.len() + frame.len() > settings.send_queue_bytes_max {
+                    overflow = true;
+                } else {
+                    buffer.extend_from_slice(frame);
+                    frames += 1;
+                    pushes += 1;
+                }
+            }
             for frame in out.transmit.drain(..) {
+                if overflow {
+                    break;
+                }
                 if buffer.len() + encoded_len(&frame) > settings.send_queue_bytes_max {
                     overflow = true;
                     break;
@@ -684,6 +704,7 @@ impl<P: Poller> Shard<P> {
                     app,
                     user,
                     client_last_seq,
+                    client_last_broadcast_seq,
                 } => ShardEvent::Bound {
                     conn: id,
                     app,
@@ -691,7 +712,16 @@ impl<P: Poller> Shard<P> {
                     device_id: device_id(),
                     network: conn.server.network(),
                     client_last_seq,
+                    client_last_broadcast_seq,
                     connected_at_ms: conn.connected_at_ms,
+                },
+                ConnEvent::BroadcastAck { app, seq } => {
+                    ShardEvent::BroadcastAck { conn: id, app, seq }
+                }
+                ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
+                    conn: id,
+                    app,
+                    after,
                 },
                 ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
                     conn: id,
@@ -847,6 +877,26 @@ impl<P: Poller> Shard<P> {
                     self.apply(slot, now);
                 }
             }
+            ShardCommand::Broadcast {
+                app,
+                seq,
+                required_tags,
+                frame,
+                progress,
+            } => self.broadcast(&app, seq, &required_tags, &frame, &progress, now),
+            ShardCommand::BroadcastFill {
+                conn,
+                app,
+                after,
+                broadcasts,
+            } => {
+                if let Some(slot) = self.live_slot(conn) {
+                    self.conns[slot]
+                        .server
+                        .broadcast_fill(&app, after, &broadcasts, &mut self.out);
+                    self.apply(slot, now);
+                }
+            }
             ShardCommand::Resync { conn, app } => {
                 if let Some(slot) = self.live_slot(conn) {
                     self.conns[slot].server.resync(&app, config, &mut self.out);
@@ -874,6 +924,39 @@ impl<P: Poller> Shard<P> {
             }
             ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
         }
+    }
+
+    /// Sends a broadcast to every connection it is for, writing the frame
+    /// the control plane encoded once; counts them into `progress`.
+    fn broadcast(
+        &mut self,
+        app: &str,
+        seq: u64,
+        required_tags: &[String],
+        frame: &Bytes,
+        progress: &BroadcastProgress,
+        now: Instant,
+    ) {
+        let (mut target, mut sent) = (0, 0);
+        // By index, not by a collected list of slots: a push to a million
+        // connections allocates nothing per connection.
+        for slot in 0..self.conns.capacity() {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            match conn.server.broadcast(app, seq, required_tags) {
+                BroadcastFate::NotFor => {}
+                BroadcastFate::Later => target += 1,
+                BroadcastFate::Send => {
+                    target += 1;
+                    sent += 1;
+                    self.encoded = Some(frame.clone());
+                    self.apply(slot, now);
+                }
+            }
+        }
+        progress.target.fetch_add(target, Ordering::Relaxed);
+        progress.sent.fetch_add(sent, Ordering::Relaxed);
     }
 
     /// Stops accepting and closes every connection with GOAWAY. `Drained` is

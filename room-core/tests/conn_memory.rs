@@ -138,6 +138,8 @@ fn connect_and_bind(gateway: std::net::SocketAddr, user: usize) -> TcpStream {
             app: APP.to_owned(),
             token,
             last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
         },
     );
     let reply = recv(&mut stream, &mut buffer);

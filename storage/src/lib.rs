@@ -197,6 +197,45 @@ impl Saver {
         }
     }
 
+    /// Stores a broadcast once for its app under the app's next broadcast
+    /// sequence (gapless and distinct with any number of nodes storing).
+    /// Durable when it returns Ok.
+    pub async fn store_broadcast(
+        &self,
+        broadcast: NewBroadcast<'_>,
+    ) -> Result<StoredBroadcast, StorageError> {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.store_broadcast(broadcast).await,
+            Engine::MySql(engine) => retried(|| engine.store_broadcast(broadcast)).await,
+            Engine::Postgres(engine) => retried(|| engine.store_broadcast(broadcast)).await,
+        }
+    }
+
+    /// Up to `limit` (capped at [`BROADCASTS_AFTER_LIMIT_MAX`]) unexpired
+    /// broadcasts of `app` with seq > after, ascending.
+    pub async fn broadcasts_after(
+        &self,
+        app: &str,
+        after: u64,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<Vec<StoredBroadcast>, StorageError> {
+        let limit = limit.min(BROADCASTS_AFTER_LIMIT_MAX);
+        let rows =
+            on_engine!(self, engine => engine.broadcasts_after(app, after, limit, now_ms).await)?;
+        rows.into_iter().map(BroadcastRow::into_stored).collect()
+    }
+
+    /// The broadcast of `app` with this id, expired or not (until purged).
+    pub async fn broadcast(
+        &self,
+        app: &str,
+        broadcast_id: MessageId,
+    ) -> Result<Option<StoredBroadcast>, StorageError> {
+        let row = on_engine!(self, engine => engine.broadcast(app, broadcast_id).await)?;
+        row.map(BroadcastRow::into_stored).transpose()
+    }
+
     /// Deletes expired messages and idempotency keys; returns how many
     /// messages were deleted.
     ///
@@ -208,7 +247,14 @@ impl Saver {
         let messages = on_engine!(self, engine => engine.purge_table("messages", now_ms).await)?;
         let idempotency_keys =
             on_engine!(self, engine => engine.purge_table("idempotency_keys", now_ms).await)?;
-        tracing::debug!(messages, idempotency_keys, "purged expired rows");
+        let broadcasts =
+            on_engine!(self, engine => engine.purge_table("broadcasts", now_ms).await)?;
+        tracing::debug!(
+            messages,
+            idempotency_keys,
+            broadcasts,
+            "purged expired rows"
+        );
         Ok(messages)
     }
 
@@ -380,6 +426,51 @@ impl MessageRow {
     }
 }
 
+/// One row of `broadcasts`; the same shape on every engine.
+#[derive(sqlx::FromRow)]
+struct BroadcastRow {
+    seq: i64,
+    broadcast_id: Vec<u8>,
+    payload: Vec<u8>,
+    required_tags: String,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl BroadcastRow {
+    fn into_stored(self) -> Result<StoredBroadcast, StorageError> {
+        let broadcast_id = <[u8; 16]>::try_from(self.broadcast_id.as_slice())
+            .map(MessageId)
+            .map_err(|_| StorageError::Corrupt(format!("broadcast {} has a bad id", self.seq)))?;
+        let required_tags = serde_json::from_str(&self.required_tags).map_err(|error| {
+            StorageError::Corrupt(format!(
+                "broadcast {} has unreadable tags: {error}",
+                self.seq
+            ))
+        })?;
+        Ok(StoredBroadcast {
+            seq: from_db(self.seq, "broadcasts.seq")?,
+            broadcast_id,
+            payload: Bytes::from(self.payload),
+            required_tags,
+            created_at_ms: from_db(self.created_at_ms, "broadcasts.created_at_ms")?,
+            expires_at_ms: from_db(self.expires_at_ms, "broadcasts.expires_at_ms")?,
+        })
+    }
+}
+
+/// What a newly stored broadcast reads back as.
+fn stored_broadcast(broadcast: &NewBroadcast<'_>, seq: u64, id: MessageId) -> StoredBroadcast {
+    StoredBroadcast {
+        seq,
+        broadcast_id: id,
+        payload: Bytes::copy_from_slice(broadcast.payload),
+        required_tags: broadcast.required_tags.to_vec(),
+        created_at_ms: broadcast.now_ms,
+        expires_at_ms: broadcast.now_ms.saturating_add(broadcast.ttl_ms),
+    }
+}
+
 /// Converts a u64 to the i64 SQL stores. Sequences and unix milliseconds
 /// never come near i64::MAX; an input that does (a huge TTL or `after`)
 /// saturates, which keeps its meaning ("never expires", "nothing after").
@@ -508,6 +599,32 @@ impl InboxHead {
         })
     }
 }
+
+/// A broadcast to store: once for the app, whoever it reaches.
+#[derive(Debug, Clone, Copy)]
+pub struct NewBroadcast<'a> {
+    pub app: &'a str,
+    pub payload: &'a [u8],
+    /// Only clients carrying every one of these tags get it; empty: all.
+    pub required_tags: &'a [String],
+    pub ttl_ms: u64,
+    pub now_ms: u64,
+}
+
+/// A stored broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBroadcast {
+    /// The app's broadcast sequence: 1, 2, ... per app, never reused.
+    pub seq: u64,
+    pub broadcast_id: MessageId,
+    pub payload: Bytes,
+    pub required_tags: Vec<String>,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// The most broadcasts [`Saver::broadcasts_after`] returns in one call.
+pub const BROADCASTS_AFTER_LIMIT_MAX: u32 = 1_000;
 
 /// A device's ack: it holds every message of (app, user) up to `acked_seq`.
 /// Borrowed: a flush after a push to everyone writes one per device, and

@@ -18,9 +18,10 @@ use sqlx::{AssertSqlSafe, Executor, PgPool};
 
 use crate::mysql::{ACQUIRE_TIMEOUT, POOL_CONNECTIONS_MAX};
 use crate::{
-    AckCursor, BATCH_ROWS_MAX, InboxHead, InboxKey, MessageRow, NewMessage, PURGE_BATCH_ROWS,
-    StorageError, StoreOutcome, assign_seqs, delete_in_batches, from_db, new_message_id,
-    recorded_results, results_to_record, seqs_needed, to_db,
+    AckCursor, BATCH_ROWS_MAX, BroadcastRow, InboxHead, InboxKey, MessageId, MessageRow,
+    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome, StoredBroadcast,
+    assign_seqs, delete_in_batches, from_db, new_message_id, recorded_results, results_to_record,
+    seqs_needed, stored_broadcast, to_db,
 };
 
 #[derive(Debug, Clone)]
@@ -254,6 +255,74 @@ impl PgSaver {
                 .rows_affected())
         })
         .await
+    }
+
+    pub(crate) async fn store_broadcast(
+        &self,
+        broadcast: NewBroadcast<'_>,
+    ) -> Result<StoredBroadcast, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO broadcast_heads (app, last_seq) VALUES ($1, 1) \
+             ON CONFLICT (app) DO UPDATE SET last_seq = broadcast_heads.last_seq + 1 \
+             RETURNING last_seq",
+        )
+        .bind(broadcast.app)
+        .fetch_one(&mut *tx)
+        .await?;
+        let seq = from_db(seq, "broadcast_heads.last_seq")?;
+        let id = new_message_id(broadcast.now_ms);
+        let stored = stored_broadcast(&broadcast, seq, id);
+        let tags = serde_json::to_string(broadcast.required_tags).expect("strings serialize");
+        sqlx::query(
+            "INSERT INTO broadcasts \
+             (app, seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(broadcast.app)
+        .bind(to_db(seq))
+        .bind(&id.0[..])
+        .bind(broadcast.payload)
+        .bind(tags)
+        .bind(to_db(stored.created_at_ms))
+        .bind(to_db(stored.expires_at_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    pub(crate) async fn broadcasts_after(
+        &self,
+        app: &str,
+        after: u64,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<Vec<BroadcastRow>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms FROM broadcasts \
+             WHERE app = $1 AND seq > $2 AND expires_at_ms > $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(app)
+        .bind(to_db(after))
+        .bind(to_db(now_ms))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn broadcast(
+        &self,
+        app: &str,
+        broadcast_id: MessageId,
+    ) -> Result<Option<BroadcastRow>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms FROM broadcasts WHERE app = $1 AND broadcast_id = $2",
+        )
+        .bind(app)
+        .bind(&broadcast_id.0[..])
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StorageError> {

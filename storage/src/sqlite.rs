@@ -14,9 +14,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool};
 
 use crate::{
-    AckCursor, InboxHead, InboxKey, MessageRow, NewMessage, PURGE_BATCH_ROWS, StorageError,
-    StoreOutcome, StoredRef, delete_in_batches, from_db, new_message_id, recorded_results,
-    results_to_record, to_db,
+    AckCursor, BroadcastRow, InboxHead, InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage,
+    PURGE_BATCH_ROWS, StorageError, StoreOutcome, StoredBroadcast, StoredRef, delete_in_batches,
+    from_db, new_message_id, recorded_results, results_to_record, stored_broadcast, to_db,
 };
 
 /// Connections in the read pool. Reads are short indexed range scans, so a
@@ -277,6 +277,74 @@ impl SqliteSaver {
                 .rows_affected())
         })
         .await
+    }
+
+    pub(crate) async fn store_broadcast(
+        &self,
+        broadcast: NewBroadcast<'_>,
+    ) -> Result<StoredBroadcast, StorageError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO broadcast_heads (app, last_seq) VALUES (?, 1) \
+             ON CONFLICT (app) DO UPDATE SET last_seq = broadcast_heads.last_seq + 1 \
+             RETURNING last_seq",
+        )
+        .bind(broadcast.app)
+        .fetch_one(&mut *tx)
+        .await?;
+        let seq = from_db(seq, "broadcast_heads.last_seq")?;
+        let id = new_message_id(broadcast.now_ms);
+        let stored = stored_broadcast(&broadcast, seq, id);
+        let tags = serde_json::to_string(broadcast.required_tags).expect("strings serialize");
+        sqlx::query(
+            "INSERT INTO broadcasts \
+             (app, seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(broadcast.app)
+        .bind(to_db(seq))
+        .bind(&id.0[..])
+        .bind(broadcast.payload)
+        .bind(tags)
+        .bind(to_db(stored.created_at_ms))
+        .bind(to_db(stored.expires_at_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    pub(crate) async fn broadcasts_after(
+        &self,
+        app: &str,
+        after: u64,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<Vec<BroadcastRow>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms FROM broadcasts \
+             WHERE app = ? AND seq > ? AND expires_at_ms > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(app)
+        .bind(to_db(after))
+        .bind(to_db(now_ms))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    pub(crate) async fn broadcast(
+        &self,
+        app: &str,
+        broadcast_id: MessageId,
+    ) -> Result<Option<BroadcastRow>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms FROM broadcasts WHERE app = ? AND broadcast_id = ?",
+        )
+        .bind(app)
+        .bind(&broadcast_id.0[..])
+        .fetch_optional(&self.reader)
+        .await?)
     }
 
     /// Uses the read pool, so a long queue of writers does not make a

@@ -12,8 +12,8 @@ use std::collections::HashSet;
 
 use engines::TestDb;
 use herald_storage::{
-    AckCursor, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX, NewMessage, PURGE_BATCH_ROWS, Saver,
-    StorageError, StoreOutcome,
+    AckCursor, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX, NewBroadcast, NewMessage,
+    PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
 };
 
 const APP: &str = "app1";
@@ -621,6 +621,85 @@ async fn joined<T: Send + 'static>(
     results
 }
 
+/// Broadcasts are stored once per app under a gapless per-app sequence,
+/// read back after a point while unexpired, found by id, and purged.
+async fn broadcasts_are_stored_once_per_app_in_sequence(db: TestDb) {
+    let nodes = [db.open().await, db.open().await];
+    let ios = vec!["platform=ios".to_owned()];
+    let calls = (0..20u64).map(|i| {
+        let saver = nodes[i as usize % 2].clone();
+        let tags = if i == 0 { ios.clone() } else { Vec::new() };
+        tokio::spawn(async move {
+            saver
+                .store_broadcast(NewBroadcast {
+                    app: APP,
+                    payload: &i.to_be_bytes(),
+                    required_tags: &tags,
+                    ttl_ms: if i == 19 { 10 } else { HOUR_MS },
+                    now_ms: T0,
+                })
+                .await
+                .expect("broadcast store failed")
+        })
+    });
+    let stored = joined(calls).await;
+    let mut seqs: Vec<u64> = stored.iter().map(|b| b.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "gap or duplicate");
+    let other = nodes[0]
+        .store_broadcast(NewBroadcast {
+            app: "app2",
+            payload: b"x",
+            required_tags: &[],
+            ttl_ms: HOUR_MS,
+            now_ms: T0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(other.seq, 1, "each app counts its own");
+
+    // The one with a 10 ms TTL has expired by T0 + 1 s.
+    let after_5 = nodes[1]
+        .broadcasts_after(APP, 5, 100, T0 + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(after_5.len(), 14);
+    assert!(after_5.windows(2).all(|w| w[0].seq < w[1].seq));
+    let first = &stored[0];
+    let found = nodes[1]
+        .broadcast(APP, first.broadcast_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found, *first);
+    assert_eq!(found.required_tags, ios);
+    assert!(
+        nodes[1]
+            .broadcast("app2", first.broadcast_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        nodes[0]
+            .broadcasts_after(APP, 0, 3, T0)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+
+    nodes[0].purge_expired(T0 + 1_000).await.unwrap();
+    assert_eq!(
+        nodes[0]
+            .broadcasts_after(APP, 0, 100, T0)
+            .await
+            .unwrap()
+            .len(),
+        19
+    );
+}
+
 on_every_engine!(
     seqs_rise_per_inbox_and_are_independent_across_users_and_apps,
     stored_message_reads_back_as_written,
@@ -642,4 +721,5 @@ on_every_engine!(
     inbox_heads_answer_each_key_in_order_in_one_call,
     two_nodes_storing_at_once_get_gapless_distinct_seqs,
     one_key_sent_to_two_nodes_at_once_stores_once,
+    broadcasts_are_stored_once_per_app_in_sequence,
 );

@@ -362,6 +362,18 @@ impl RawClient {
 
     /// Connects, says HELLO as `device` and binds `user` to the test app.
     pub async fn bound(addr: &str, device: &str, user: &str, last_seq: Option<u64>) -> RawClient {
+        RawClient::bound_tagged(addr, device, user, last_seq, None, &[]).await
+    }
+
+    /// `bound`, also saying the last broadcast held and the client's tags.
+    pub async fn bound_tagged(
+        addr: &str,
+        device: &str,
+        user: &str,
+        last_seq: Option<u64>,
+        last_broadcast_seq: Option<u64>,
+        tags: &[&str],
+    ) -> RawClient {
         let mut client = RawClient::connect(addr).await;
         client.hello(device).await;
         client
@@ -369,6 +381,8 @@ impl RawClient {
                 app: APP.to_owned(),
                 token: token(user, 3600),
                 last_seq,
+                last_broadcast_seq,
+                tags: tags.iter().map(|tag| tag.to_string()).collect(),
             })
             .await;
         match client.recv().await {
@@ -376,6 +390,16 @@ impl RawClient {
             other => panic!("expected BIND_OK, got {other:?}"),
         }
         client
+    }
+
+    /// The next BROADCAST's (seq, payload).
+    pub async fn recv_broadcast(&mut self) -> (u64, String) {
+        match self.recv().await {
+            Some(Frame::Broadcast { seq, payload, .. }) => {
+                (seq, String::from_utf8(payload.to_vec()).unwrap())
+            }
+            other => panic!("expected BROADCAST, got {other:?}"),
+        }
     }
 
     pub async fn hello(&mut self, device: &str) -> u32 {

@@ -1,0 +1,205 @@
+//! Broadcasts: one message to every user of an app (or to the clients
+//! carrying some tags). Stored once per app under the app's broadcast
+//! sequence, never once per user; fanned out as one command per shard that
+//! carries the BROADCAST frame encoded once, and in a cluster as one publish
+//! that every room node hears. A client that was away gets the unexpired
+//! broadcasts after the last one it holds when it binds.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use herald_proto::plane::{BroadcastMessage, BroadcastProgress, ConnId, ShardCommand};
+use herald_proto::{Frame, encode};
+use herald_storage::{BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast};
+
+use crate::cluster::NodeMessage;
+use crate::delivery::{Delivery, unix_ms};
+
+/// How far each broadcast this node fanned out got, kept until it expires.
+#[derive(Debug, Default)]
+pub struct BroadcastRegistry {
+    by_seq: Mutex<HashMap<(String, u64), Tracked>>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    expires_at_ms: u64,
+    progress: Arc<BroadcastProgress>,
+}
+
+/// One broadcast's counts, as the API reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ProgressReport {
+    pub target: u64,
+    pub sent: u64,
+    pub acked: u64,
+}
+
+impl BroadcastRegistry {
+    fn track(&self, app: &str, seq: u64, expires_at_ms: u64) -> Arc<BroadcastProgress> {
+        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
+        by_seq
+            .entry((app.to_owned(), seq))
+            .or_insert_with(|| Tracked {
+                expires_at_ms,
+                progress: Arc::default(),
+            })
+            .progress
+            .clone()
+    }
+
+    fn get(&self, app: &str, seq: u64) -> Option<Arc<BroadcastProgress>> {
+        let by_seq = self.by_seq.lock().expect("broadcast lock");
+        by_seq
+            .get(&(app.to_owned(), seq))
+            .map(|tracked| tracked.progress.clone())
+    }
+
+    /// Forgets broadcasts that expired: nobody gets them any more.
+    pub fn forget_expired(&self, now_ms: u64) {
+        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
+        by_seq.retain(|_, tracked| tracked.expires_at_ms > now_ms);
+    }
+}
+
+/// A bound connection owed the app's broadcasts after `after`.
+pub(crate) struct BroadcastResume {
+    pub conn: ConnId,
+    pub app: String,
+    pub after: u64,
+}
+
+fn message(stored: &StoredBroadcast) -> BroadcastMessage {
+    BroadcastMessage {
+        seq: stored.seq,
+        message_id: stored.broadcast_id,
+        payload: stored.payload.clone(),
+        required_tags: stored.required_tags.clone(),
+    }
+}
+
+impl Delivery {
+    /// Stores a broadcast, then hands it to every shard of this node and,
+    /// in a cluster, to every other room node. Returns once stored.
+    pub async fn broadcast(
+        &self,
+        app: &str,
+        payload: &[u8],
+        ttl: Duration,
+        required_tags: &[String],
+    ) -> Result<StoredBroadcast, StorageError> {
+        let stored = self
+            .saver()
+            .store_broadcast(NewBroadcast {
+                app,
+                payload,
+                required_tags,
+                ttl_ms: ttl.as_millis() as u64,
+                now_ms: unix_ms(),
+            })
+            .await?;
+        self.fan_out(app, &stored).await;
+        if let Some(remote) = self.remote() {
+            remote.broadcast(NodeMessage::broadcast(app, &stored)).await;
+        }
+        Ok(stored)
+    }
+
+    /// One command per shard, all sharing one encoded frame.
+    pub(crate) async fn fan_out(&self, app: &str, stored: &StoredBroadcast) {
+        let progress = self.broadcasts.track(app, stored.seq, stored.expires_at_ms);
+        let mut frame = BytesMut::new();
+        let encoded = encode(
+            &Frame::Broadcast {
+                app: app.to_owned(),
+                message_id: stored.broadcast_id,
+                seq: stored.seq,
+                payload: stored.payload.clone(),
+            },
+            &mut frame,
+        );
+        if let Err(error) = encoded {
+            // The API checked the payload against the protocol's limit.
+            tracing::error!(%error, "unencodable broadcast");
+            return;
+        }
+        let frame = frame.freeze();
+        let required_tags: Arc<[String]> = stored.required_tags.clone().into();
+        for shard in self.shard_senders() {
+            let command = ShardCommand::Broadcast {
+                app: app.to_owned(),
+                seq: stored.seq,
+                required_tags: required_tags.clone(),
+                frame: frame.clone(),
+                progress: progress.clone(),
+            };
+            // A closed channel means the shard is gone (shutdown).
+            let _ = shard.send(command).await;
+        }
+    }
+
+    /// How far a broadcast got on this node, if it fanned it out here.
+    pub fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
+        self.broadcasts
+            .get(app, seq)
+            .map(|progress| ProgressReport {
+                target: progress.target.load(Ordering::Relaxed),
+                sent: progress.sent.load(Ordering::Relaxed),
+                acked: progress.acked.load(Ordering::Relaxed),
+            })
+    }
+
+    /// A client acked broadcasts up to `seq`: counted for that broadcast.
+    pub(crate) fn broadcast_acked(&self, app: &str, seq: u64) {
+        if let Some(progress) = self.broadcasts.get(app, seq) {
+            progress.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends each new binding the broadcasts it missed: one storage read
+    /// per app of the batch, however many binds it holds.
+    pub(crate) async fn fill_broadcasts(&self, resumes: Vec<BroadcastResume>) {
+        let mut by_app: HashMap<&str, u64> = HashMap::new();
+        for resume in &resumes {
+            let after = by_app.entry(&resume.app).or_insert(resume.after);
+            *after = (*after).min(resume.after);
+        }
+        let mut found: HashMap<&str, Vec<StoredBroadcast>> = HashMap::new();
+        for (app, after) in by_app {
+            match self
+                .saver()
+                .broadcasts_after(app, after, BROADCASTS_AFTER_LIMIT_MAX, unix_ms())
+                .await
+            {
+                Ok(broadcasts) => {
+                    found.insert(app, broadcasts);
+                }
+                Err(error) => {
+                    // The bindings stay without broadcasts until they bind
+                    // again; their inbox is unaffected.
+                    tracing::warn!(%error, app.id = app, "reading broadcasts failed");
+                }
+            }
+        }
+        for resume in &resumes {
+            let Some(broadcasts) = found.get(resume.app.as_str()) else {
+                continue;
+            };
+            let broadcasts = broadcasts
+                .iter()
+                .filter(|b| b.seq > resume.after)
+                .map(message)
+                .collect();
+            let command = ShardCommand::BroadcastFill {
+                conn: resume.conn,
+                app: resume.app.clone(),
+                after: resume.after,
+                broadcasts,
+            };
+            self.send_to_shard(command, resume.conn).await;
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Broadcasts end to end against a real `herald serve`: every online client
+//! of the app gets one once, tag filters hold, clients that were away get
+//! the unexpired ones they missed when they bind, and the progress report
+//! counts what was targeted, sent and acked.
+
+mod support;
+
+use std::time::Duration;
+
+use herald_proto::Frame;
+use serde_json::{Value, json};
+use support::cluster::eventually;
+use support::{API_KEY, APP, RawClient, Server};
+
+async fn broadcast(server: &Server, body: Value) -> Value {
+    let (status, reply) = server
+        .post(
+            &format!("/v1/apps/{APP}/broadcasts"),
+            API_KEY,
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "broadcast failed: {reply}");
+    reply
+}
+
+async fn progress(server: &Server, id: &str) -> Value {
+    let (status, reply) = server
+        .get(&format!("/v1/apps/{APP}/broadcasts/{id}"), API_KEY)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+#[tokio::test]
+async fn a_broadcast_reaches_every_online_client_once_and_the_rest_on_bind() {
+    let server = Server::start();
+    let mut ios =
+        RawClient::bound_tagged(&server.gateway, "d1", "ann", None, None, &["platform=ios"]).await;
+    let mut android = RawClient::bound_tagged(
+        &server.gateway,
+        "d2",
+        "bob",
+        None,
+        None,
+        &["platform=android"],
+    )
+    .await;
+    // Two devices of one user each get it: a broadcast is per connection.
+    let mut bob_again = RawClient::bound(&server.gateway, "d3", "bob", None).await;
+    server.wait_connections("ann", 1).await;
+    server.wait_connections("bob", 2).await;
+
+    let first = broadcast(&server, json!({"payload": "to everyone"})).await;
+    assert_eq!(first["seq"], 1);
+    for client in [&mut ios, &mut android, &mut bob_again] {
+        assert_eq!(client.recv_broadcast().await, (1, "to everyone".to_owned()));
+        client
+            .send(Frame::BroadcastAck {
+                app: APP.to_owned(),
+                seq: 1,
+            })
+            .await;
+    }
+    let id = first["broadcast_id"].as_str().unwrap().to_owned();
+    eventually("3 targeted, sent and acked", || async {
+        let report = progress(&server, &id).await;
+        report["target"] == 3 && report["sent"] == 3 && report["acked"] == 3
+    })
+    .await;
+
+    // A tag filter: only the iOS client.
+    broadcast(
+        &server,
+        json!({"payload": "ios only", "tags": ["platform=ios"]}),
+    )
+    .await;
+    assert_eq!(ios.recv_broadcast().await, (2, "ios only".to_owned()));
+    android.expect_silence(Duration::from_millis(200)).await;
+    bob_again.expect_silence(Duration::from_millis(200)).await;
+
+    // One that expires before anyone else binds.
+    broadcast(&server, json!({"payload": "short", "ttl_secs": 1})).await;
+    assert_eq!(ios.recv_broadcast().await, (3, "short".to_owned()));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    broadcast(&server, json!({"payload": "latest"})).await;
+    assert_eq!(ios.recv_broadcast().await, (4, "latest".to_owned()));
+
+    // Clients that were away: a new one gets every unexpired broadcast it
+    // is targeted by, in order; one that holds 1 gets what came after.
+    let mut newcomer = RawClient::bound(&server.gateway, "d4", "cat", None).await;
+    assert_eq!(
+        newcomer.recv_broadcast().await,
+        (1, "to everyone".to_owned())
+    );
+    assert_eq!(newcomer.recv_broadcast().await, (4, "latest".to_owned()));
+    newcomer.expect_silence(Duration::from_millis(200)).await;
+    let mut returning = RawClient::bound_tagged(
+        &server.gateway,
+        "d5",
+        "dan",
+        None,
+        Some(1),
+        &["platform=ios"],
+    )
+    .await;
+    assert_eq!(returning.recv_broadcast().await, (2, "ios only".to_owned()));
+    assert_eq!(returning.recv_broadcast().await, (4, "latest".to_owned()));
+    returning.expect_silence(Duration::from_millis(200)).await;
+
+    // The broadcasts reached nobody's inbox.
+    let (_, inbox) = server
+        .get(&format!("/v1/apps/{APP}/users/cat/messages"), API_KEY)
+        .await;
+    assert_eq!(inbox["messages"], json!([]));
+}
+
+#[tokio::test]
+async fn bad_broadcasts_get_clear_errors() {
+    let server = Server::start();
+    let path = format!("/v1/apps/{APP}/broadcasts");
+    let too_many: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
+    for (body, status, code) in [
+        (
+            json!({"payload": "x", "tags": too_many}),
+            400,
+            "bad_request",
+        ),
+        (json!({"payload": "x", "tags": [""]}), 400, "bad_request"),
+        (json!({}), 400, "bad_request"),
+        (json!({"payload": "x", "ttl_secs": 0}), 400, "bad_request"),
+        (
+            json!({"payload": "x", "users": ["a"]}),
+            400,
+            "malformed_json",
+        ),
+    ] {
+        let (got, reply) = server.post(&path, API_KEY, body.to_string()).await;
+        assert_eq!(
+            (got, reply["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    let (status, _) = server
+        .post(
+            &path,
+            "wrong-key-0123456789",
+            json!({"payload": "x"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 403);
+    for id in ["nope", "00000000000000000000000000000000"] {
+        let (status, reply) = server.get(&format!("{path}/{id}"), API_KEY).await;
+        assert_eq!(
+            (status, reply["error"]["code"].as_str()),
+            (404, Some("unknown_broadcast"))
+        );
+    }
+}
