@@ -225,9 +225,9 @@ struct Binding {
     fill_pending: bool,
     /// Storage holds messages this connection is owed and has not been sent.
     behind: bool,
-    /// What broadcasts may be targeted by (`platform=ios`, ...); empty
-    /// (no allocation) for most clients.
-    tags: Box<[Box<str>]>,
+    /// What broadcasts may be targeted by (`platform=ios`, ...); `None`
+    /// for most clients. A thin pointer: every binding pays for this field.
+    tags: Option<Box<Vec<Box<str>>>>,
     /// Highest broadcast seq sent on this connection; meaningful once
     /// `broadcasts_ready`.
     broadcast_sent: u64,
@@ -264,9 +264,10 @@ impl Binding {
 
     /// Whether a broadcast targeted at `required` tags is for this binding.
     fn matches(&self, required: &[String]) -> bool {
+        let own = self.tags.as_deref().map_or(&[][..], Vec::as_slice);
         required
             .iter()
-            .all(|tag| self.tags.iter().any(|own| **own == **tag))
+            .all(|tag| own.iter().any(|own| **own == **tag))
     }
 
     fn push(&mut self, message: &PushMessage, out: &mut Output) {
@@ -511,11 +512,10 @@ impl ServerConn {
                         acked: 0,
                         fill_pending: true,
                         behind: false,
-                        tags: resume
-                            .tags
-                            .into_iter()
-                            .map(String::into_boxed_str)
-                            .collect(),
+                        tags: (!resume.tags.is_empty()).then(|| {
+                            let tags = resume.tags.into_iter().map(String::into_boxed_str);
+                            Box::new(tags.collect())
+                        }),
                         broadcast_sent: 0,
                         broadcasts_ready: false,
                         broadcast_missed: false,
