@@ -124,6 +124,24 @@ async fn across_nodes(cluster: &Cluster) {
         gateways[0]
     );
 
+    // A broadcast through a control node: one publish, every room node.
+    let (status, reply) = cluster.controls[0]
+        .post(
+            &format!("/v1/apps/{APP}/broadcasts"),
+            API_KEY,
+            json!({"payload": "everyone"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    for client in clients.iter_mut() {
+        match client.recv().await {
+            Some(Frame::Broadcast { seq, payload, .. }) => {
+                assert_eq!((seq, &payload[..]), (1, &b"everyone"[..]));
+            }
+            other => panic!("expected BROADCAST, got {other:?}"),
+        }
+    }
+
     // A kick through a control node reaches the user's room node.
     let (status, reply) = cluster.controls[0]
         .post(
