@@ -6,6 +6,7 @@
 //! 127.0.0.0/8), measures, prints a one-screen summary with the machine and
 //! the command, and writes the figures as JSON. See bench/README.md.
 
+mod broadcast;
 mod pool;
 mod procfs;
 mod systems;
@@ -53,6 +54,9 @@ enum Scenario {
     },
     /// The same idle connections against Herald, Mosquitto and NATS.
     Peers(Common),
+    /// One 256-byte message to every connected client, through Herald,
+    /// Mosquitto and NATS: time to the last receipt, and peak memory.
+    Broadcast(Common),
     /// Every scenario in turn.
     All {
         #[command(flatten)]
@@ -186,6 +190,7 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Push(c) => ("push", c, 0.0),
         Scenario::Storm { common, fraction } => ("storm", common, fraction),
         Scenario::Peers(c) => ("peers", c, 0.0),
+        Scenario::Broadcast(c) => ("broadcast", c, 0.0),
         Scenario::All { common, fraction } => ("all", common, fraction),
         Scenario::Worker { .. } | Scenario::Hold => unreachable!("handled in main"),
     };
@@ -214,6 +219,12 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     }
     if matches!(name, "peers" | "all") {
         record("peers", peers(&common)?);
+    }
+    if matches!(name, "broadcast" | "all") {
+        record(
+            "broadcast",
+            runtime.block_on(broadcast::broadcast(&common))?,
+        );
     }
     let report = json!({
         "scenario": name,
@@ -795,6 +806,31 @@ fn print_summary(report: &Value) {
                     s["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
                     s["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
                     s["accept_per_sec"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    if let Some(b) = r.get("broadcast") {
+        println!(
+            "broadcast ({} bytes to {} connected clients, sent once per server process):",
+            b["payload_bytes"], report["connections"]
+        );
+        println!(
+            "  {:<10} {:>9} {:>10} {:>10} {:>12} {:>11} {:>10}",
+            "server", "received", "p50 ms", "p99 ms", "last ms", "idle MiB", "peak/idle"
+        );
+        if let Some(servers) = b["servers"].as_object() {
+            for (name, s) in servers {
+                let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
+                println!(
+                    "  {:<10} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>11.1} {:>10.3}",
+                    name,
+                    s["received"],
+                    ms(&s["latency_us"]["p50"]),
+                    ms(&s["latency_us"]["p99"]),
+                    s["ms_to_last_receipt"].as_f64().unwrap_or(0.0),
+                    s["idle_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+                    s["peak_over_idle"].as_f64().unwrap_or(0.0)
                 );
             }
         }

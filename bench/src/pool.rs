@@ -71,6 +71,27 @@ impl Workers {
         rate_per_sec: u64,
         heartbeat_secs: u64,
     ) -> anyhow::Result<Workers> {
+        Workers::start_subscribed(
+            target,
+            creds,
+            servers,
+            connections,
+            rate_per_sec,
+            heartbeat_secs,
+            None,
+        )
+    }
+
+    /// `start`, with MQTT/NATS clients subscribed to `subscribe`.
+    pub fn start_subscribed(
+        target: Target,
+        creds: &AppCreds,
+        servers: &[SocketAddr],
+        connections: u64,
+        rate_per_sec: u64,
+        heartbeat_secs: u64,
+        subscribe: Option<&str>,
+    ) -> anyhow::Result<Workers> {
         let count = connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1);
         let exe = std::env::current_exe()?;
         let mut workers = Vec::new();
@@ -90,6 +111,7 @@ impl Workers {
                 heartbeat_secs,
                 app: creds.app.clone(),
                 token_secret: creds.token_secret.clone(),
+                subscribe: subscribe.map(str::to_owned),
             };
             let mut child = Command::new(&exe)
                 .arg("worker")

@@ -62,6 +62,10 @@ pub struct WorkerSpec {
     pub heartbeat_secs: u64,
     pub app: String,
     pub token_secret: String,
+    /// MQTT topic or NATS subject to subscribe to after connecting (the
+    /// broadcast scenario); idle peers subscribe to nothing.
+    #[serde(default)]
+    pub subscribe: Option<String>,
 }
 
 /// The user id of user number `u`, as clients bind and the API addresses it.
@@ -333,7 +337,7 @@ async fn read_until(
     }
 }
 
-fn mqtt_connect(client_id: &str, keepalive_secs: u16) -> Vec<u8> {
+pub fn mqtt_connect(client_id: &str, keepalive_secs: u16) -> Vec<u8> {
     let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
     variable.extend_from_slice(&keepalive_secs.to_be_bytes());
     variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
@@ -343,6 +347,32 @@ fn mqtt_connect(client_id: &str, keepalive_secs: u16) -> Vec<u8> {
     let mut packet = vec![0x10, variable.len() as u8];
     packet.extend_from_slice(&variable);
     packet
+}
+
+/// An MQTT 3.1.1 SUBSCRIBE to `topic` at QoS 0, packet id 1.
+fn mqtt_subscribe(topic: &str) -> Vec<u8> {
+    let mut variable = vec![0, 1];
+    variable.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    variable.extend_from_slice(topic.as_bytes());
+    variable.push(0);
+    assert!(variable.len() < 128);
+    let mut packet = vec![0x82, variable.len() as u8];
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+/// Records one receipt: the payload starts with the send time in unix
+/// nanoseconds, in decimal, then a space or the end.
+fn record_receipt(state: &State, payload: &[u8]) {
+    let digits = payload.split(|&b| b == b' ').next().unwrap_or_default();
+    let sent_nanos = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|text| text.parse::<u128>().ok());
+    if let Some(sent) = sent_nanos {
+        let micros = (unix_nanos().saturating_sub(sent) / 1000) as u64;
+        let _ = state.latency_us.borrow_mut().record(micros.max(1));
+    }
+    state.progress.borrow_mut().pushes_received += 1;
 }
 
 async fn handshake(
@@ -405,14 +435,35 @@ async fn handshake(
                 return Err("connect_rejected");
             }
             input.advance(4);
+            if let Some(topic) = &spec.subscribe {
+                stream
+                    .write_all(&mqtt_subscribe(topic))
+                    .await
+                    .map_err(|_| "reset")?;
+                while input.len() < 5 {
+                    read_more(stream, input).await?;
+                }
+                // SUBACK: 0x90, length 3, packet id, granted QoS 0.
+                if input[0] != 0x90 || input[4] != 0 {
+                    return Err("subscribe_rejected");
+                }
+                input.advance(5);
+            }
             Ok(())
         }
         Target::Nats => {
             read_until(stream, input, b"\r\n").await?;
+            let subscribe = spec
+                .subscribe
+                .as_ref()
+                .map_or_else(String::new, |subject| format!("SUB {subject} 1\r\n"));
+            let hello =
+                format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\n{subscribe}PING\r\n");
             stream
-                .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n")
+                .write_all(hello.as_bytes())
                 .await
                 .map_err(|_| "reset")?;
+            // The PONG also says the subscription is in place.
             read_until(stream, input, b"PONG\r\n").await
         }
     }
@@ -476,15 +527,14 @@ async fn handle_input(
                     Frame::Push {
                         app, seq, payload, ..
                     } => {
-                        let sent_nanos = std::str::from_utf8(&payload)
-                            .ok()
-                            .and_then(|text| text.parse::<u128>().ok());
-                        if let Some(sent) = sent_nanos {
-                            let micros = (unix_nanos().saturating_sub(sent) / 1000) as u64;
-                            let _ = state.latency_us.borrow_mut().record(micros.max(1));
-                        }
-                        state.progress.borrow_mut().pushes_received += 1;
+                        record_receipt(state, &payload);
                         send_frame(stream, &Frame::Ack { app, seq }).await?;
+                    }
+                    Frame::Broadcast {
+                        app, seq, payload, ..
+                    } => {
+                        record_receipt(state, &payload);
+                        send_frame(stream, &Frame::BroadcastAck { app, seq }).await?;
                     }
                     Frame::GoAway { .. } | Frame::Error { .. } => return Err("closed_by_server"),
                     _ => {}
@@ -492,17 +542,65 @@ async fn handle_input(
             }
         }
         Target::Nats => {
-            // Answer the server's pings; everything else is a PONG or INFO.
+            // Answer the server's pings, take MSGs; the rest is PONG or INFO.
             while let Some(at) = input.windows(2).position(|w| w == b"\r\n") {
+                if input.starts_with(b"MSG ") {
+                    // MSG <subject> <sid> [reply] <bytes>\r\n<payload>\r\n
+                    let line = std::str::from_utf8(&input[..at]).map_err(|_| "bad_msg")?;
+                    let len: usize = line
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .ok_or("bad_msg")?;
+                    if input.len() < at + 2 + len + 2 {
+                        break; // the payload is still on its way
+                    }
+                    input.advance(at + 2);
+                    let payload = input.split_to(len);
+                    input.advance(2);
+                    record_receipt(state, &payload);
+                    continue;
+                }
                 let line = input.split_to(at + 2);
                 if line.starts_with(b"PING") {
                     stream.write_all(b"PONG\r\n").await.map_err(|_| "reset")?;
                 }
             }
         }
-        Target::Mqtt | Target::Bare => input.clear(),
+        Target::Mqtt => {
+            // Take whole packets: PUBLISH (QoS 0) records a receipt,
+            // anything else (PINGRESP) is dropped.
+            while let Some((header, body_len)) = mqtt_packet_len(input) {
+                if input.len() < header + body_len {
+                    break;
+                }
+                let kind = input[0] & 0xF0;
+                input.advance(header);
+                let body = input.split_to(body_len);
+                if kind == 0x30 && body.len() >= 2 {
+                    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    if body.len() >= 2 + topic_len {
+                        record_receipt(state, &body[2 + topic_len..]);
+                    }
+                }
+            }
+        }
+        Target::Bare => input.clear(),
     }
     Ok(())
+}
+
+/// An MQTT packet's fixed-header length and remaining length, once the
+/// header is all there.
+fn mqtt_packet_len(input: &[u8]) -> Option<(usize, usize)> {
+    let mut len = 0usize;
+    for (i, &byte) in input.iter().enumerate().skip(1).take(4) {
+        len |= usize::from(byte & 0x7F) << (7 * (i - 1));
+        if byte & 0x80 == 0 {
+            return Some((i + 1, len));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

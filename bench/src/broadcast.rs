@@ -1,0 +1,275 @@
+//! The `broadcast` scenario: one 256-byte message to N connected clients,
+//! through Herald (its broadcast API), Mosquitto (one topic, N subscribers)
+//! and the NATS server (one subject, N subscribers), in the same run, with
+//! the same N and payload. It reports the receipt latency percentiles, the
+//! time from the send to the last receipt, and the servers' peak memory
+//! during the fan-out against idle.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::pool::Workers;
+use crate::systems::{self, Server};
+use crate::worker::{Target, mqtt_connect};
+use crate::{Common, herald_servers, now_nanos, percentiles, settle_after_teardown, total_rss};
+
+/// The payload size every system sends.
+const PAYLOAD_LEN: usize = 256;
+/// The MQTT topic and NATS subject the peers' clients subscribe to.
+const TOPIC: &str = "bench";
+/// How long the last receipt may take before the run counts the rest as lost.
+const RECEIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// How often the servers' memory is read during the fan-out.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The payload: the send time (unix ns) first, as the workers expect.
+fn payload(sent_nanos: u128) -> Vec<u8> {
+    let mut payload = format!("{sent_nanos} ").into_bytes();
+    payload.resize(PAYLOAD_LEN, b'x');
+    payload
+}
+
+pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
+    let mut rows = serde_json::Map::new();
+    let mut failures_total = 0;
+    for (name, target) in [
+        ("herald", Target::Herald),
+        ("mosquitto", Target::Mqtt),
+        ("nats", Target::Nats),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let servers: Vec<Server> = match target {
+            Target::Herald => herald_servers(common, dir.path())?,
+            Target::Mqtt => (0..common.gateway_count())
+                .map(|i| systems::start_mosquitto(dir.path(), i))
+                .collect::<anyhow::Result<_>>()?,
+            Target::Nats | Target::Bare => (0..common.gateway_count())
+                .map(|_| systems::start_nats())
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let row = fan_out(common, target, &servers, name).await?;
+        failures_total += row["failures_total"].as_u64().unwrap_or(0);
+        rows.insert(name.to_owned(), row);
+        drop(servers);
+        settle_after_teardown();
+    }
+    Ok(json!({
+        "payload_bytes": PAYLOAD_LEN,
+        "servers": rows,
+        "failures_total": failures_total,
+    }))
+}
+
+async fn fan_out(
+    common: &Common,
+    target: Target,
+    servers: &[Server],
+    label: &str,
+) -> anyhow::Result<Value> {
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let subscribe = (target != Target::Herald).then_some(TOPIC);
+    let mut workers = Workers::start_subscribed(
+        target,
+        &common.creds()?,
+        &addrs,
+        common.connections,
+        common.rate,
+        common.heartbeat_secs,
+        subscribe,
+    )?;
+    workers.wait_all_up(Duration::from_secs(300), label)?;
+    let mut publishers = Publishers::connect(target, servers)?;
+    // Idle: after the connect storm settled.
+    tokio::time::sleep(Duration::from_secs(if common.quick { 2 } else { 5 })).await;
+    let idle_rss = total_rss(servers)?;
+
+    let peak = Arc::new(AtomicU64::new(idle_rss));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+    let sampler = std::thread::spawn({
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        move || {
+            while sampling.load(Ordering::Relaxed) {
+                let rss: u64 = pids
+                    .iter()
+                    .filter_map(|&pid| crate::procfs::rss_bytes(pid).ok())
+                    .sum();
+                peak.fetch_max(rss, Ordering::Relaxed);
+                std::thread::sleep(RSS_SAMPLE_INTERVAL);
+            }
+        }
+    });
+
+    let before = workers.pushes_received();
+    let started = Instant::now();
+    let sent = publishers.send(&payload(now_nanos()), common).await;
+    let deadline = started + RECEIPT_DEADLINE;
+    let expected = common.connections;
+    while workers.pushes_received() - before < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let received = workers.pushes_received() - before;
+    let (_, latency) = workers.report()?;
+    let failures = workers.failures();
+    let not_received = expected.saturating_sub(received);
+    let send_errors = u64::from(sent.is_err());
+    if let Err(error) = &sent {
+        eprintln!("{label}: sending the broadcast failed: {error:#}");
+    }
+    let peak_rss = peak.load(Ordering::Relaxed);
+    Ok(json!({
+        "connections": expected,
+        "received": received,
+        "latency_us": percentiles(&latency),
+        "ms_to_last_receipt": latency.max() as f64 / 1000.0,
+        "idle_rss_bytes": idle_rss,
+        "peak_rss_bytes": peak_rss,
+        "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
+        "failures": failures,
+        "not_received": not_received,
+        "failures_total": failures.values().sum::<u64>() + not_received + send_errors,
+    }))
+}
+
+/// What sends the one message to each server: the HTTP API for Herald, a
+/// publishing client connected ahead of time for the peers.
+enum Publishers {
+    Herald {
+        apis: Vec<SocketAddr>,
+        client: reqwest::Client,
+    },
+    Mqtt(Vec<TcpStream>),
+    Nats(Vec<TcpStream>),
+}
+
+impl Publishers {
+    fn connect(target: Target, servers: &[Server]) -> anyhow::Result<Publishers> {
+        Ok(match target {
+            Target::Herald => Publishers::Herald {
+                apis: servers
+                    .iter()
+                    .map(|s| s.api.context("a gateway without an API"))
+                    .collect::<anyhow::Result<_>>()?,
+                client: reqwest::Client::new(),
+            },
+            Target::Mqtt => Publishers::Mqtt(
+                servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let mut stream = TcpStream::connect(s.addr)?;
+                        stream.write_all(&mqtt_connect(&format!("publisher{i}"), 600))?;
+                        let mut connack = [0u8; 4];
+                        stream.read_exact(&mut connack)?;
+                        anyhow::ensure!(connack[0] == 0x20 && connack[3] == 0, "CONNACK refused");
+                        stream.set_nodelay(true)?;
+                        Ok(stream)
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            Target::Nats | Target::Bare => Publishers::Nats(
+                servers
+                    .iter()
+                    .map(|s| {
+                        let mut stream = TcpStream::connect(s.addr)?;
+                        let mut info = [0u8; 4096];
+                        let _ = stream.read(&mut info)?;
+                        stream.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")?;
+                        stream.set_nodelay(true)?;
+                        Ok(stream)
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+        })
+    }
+
+    /// Sends `payload` to every server, all at once.
+    async fn send(&mut self, payload: &[u8], common: &Common) -> anyhow::Result<()> {
+        match self {
+            Publishers::Herald { apis, client } => {
+                let creds = common.creds()?;
+                let body = json!({ "payload": String::from_utf8_lossy(payload) });
+                let calls = apis.iter().map(|api| {
+                    client
+                        .post(format!("http://{api}/v1/apps/{}/broadcasts", creds.app))
+                        .bearer_auth(&creds.api_key)
+                        .json(&body)
+                        .send()
+                });
+                for response in futures_util::future::join_all(calls).await {
+                    let response = response?;
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "broadcast API answered {}",
+                        response.status()
+                    );
+                }
+            }
+            Publishers::Mqtt(streams) => {
+                let packet = mqtt_publish(TOPIC, payload);
+                for stream in streams {
+                    stream.write_all(&packet)?;
+                }
+            }
+            Publishers::Nats(streams) => {
+                let mut packet = format!("PUB {TOPIC} {}\r\n", payload.len()).into_bytes();
+                packet.extend_from_slice(payload);
+                packet.extend_from_slice(b"\r\n");
+                for stream in streams {
+                    stream.write_all(&packet)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An MQTT 3.1.1 PUBLISH at QoS 0.
+fn mqtt_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x30];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_carries_a_two_byte_remaining_length_past_127() {
+        let packet = mqtt_publish("bench", &[b'x'; 256]);
+        // 2 + 5 + 256 = 263 = 0x07 * 128 + 0x07
+        assert_eq!(&packet[..3], &[0x30, 0x87, 0x02]);
+        assert_eq!(packet.len(), 3 + 263);
+    }
+
+    #[test]
+    fn the_payload_starts_with_the_send_time() {
+        let payload = payload(1_234);
+        assert_eq!(payload.len(), PAYLOAD_LEN);
+        assert!(payload.starts_with(b"1234 x"));
+    }
+}
