@@ -175,6 +175,29 @@ pub struct AppSection {
     pub token_secret: String,
     #[serde(default = "default_app_ttl")]
     pub default_ttl_secs: u64,
+    /// Pushes per second (a multicast counts each user); none: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_rate: Option<RateSection>,
+    /// Broadcasts per second; none: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broadcast_rate: Option<RateSection>,
+}
+
+/// `{ per_sec = 100, burst = 200 }`: a token bucket.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
+impl RateSection {
+    pub fn rate(self) -> herald_control::flow::Rate {
+        herald_control::flow::Rate {
+            per_sec: self.per_sec,
+            burst: self.burst,
+        }
+    }
 }
 
 fn default_app_ttl() -> u64 {
@@ -275,6 +298,19 @@ impl Config {
                     "app {:?}: token_secret must be at least 16 characters",
                     app.id
                 );
+            }
+            for (name, rate) in [
+                ("push_rate", app.push_rate),
+                ("broadcast_rate", app.broadcast_rate),
+            ] {
+                if let Some(rate) = rate
+                    && !(rate.per_sec > 0.0 && rate.per_sec.is_finite() && rate.burst >= 1)
+                {
+                    bail!(
+                        "app {:?}: {name} needs per_sec above 0 and burst of at least 1",
+                        app.id
+                    );
+                }
             }
             if app.default_ttl_secs == 0 || app.default_ttl_secs > self.api.ttl_secs_max {
                 bail!(
@@ -425,6 +461,8 @@ pub fn demo_app(data_dir: &Path) -> anyhow::Result<(AppSection, bool)> {
         api_key: random_hex(16),
         token_secret: random_hex(32),
         default_ttl_secs: DEFAULT_APP_TTL_SECS,
+        push_rate: None,
+        broadcast_rate: None,
     };
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -448,6 +486,8 @@ mod tests {
             api_key: "k".repeat(16),
             token_secret: "s".repeat(16),
             default_ttl_secs: 60,
+            push_rate: None,
+            broadcast_rate: None,
         }
     }
 

@@ -350,6 +350,8 @@ fn control_config(config: &Config) -> ControlConfig {
                 id: app.id.clone(),
                 api_key: app.api_key.clone(),
                 default_ttl_secs: app.default_ttl_secs,
+                push_rate: app.push_rate.map(config::RateSection::rate),
+                broadcast_rate: app.broadcast_rate.map(config::RateSection::rate),
             })
             .collect(),
         payload_bytes_max: config.api.payload_bytes_max,

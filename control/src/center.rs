@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -28,6 +28,7 @@ use herald_storage::StoredRef;
 use crate::cluster::{NodeDirectory, NodeRecord};
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
+use crate::flow::{Rate, TokenBucket};
 use crate::{AppConfig, ControlConfig};
 
 /// Longest idempotency key, in bytes.
@@ -51,6 +52,30 @@ pub struct CenterState {
     gateway_metrics: MetricsRenderer,
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
     multicasts: tokio::sync::Semaphore,
+    /// Per app, where the app has a limit.
+    push_buckets: HashMap<String, TokenBucket>,
+    broadcast_buckets: HashMap<String, TokenBucket>,
+}
+
+impl CenterState {
+    /// Takes `cost` pushes from the app's budget, if it has one.
+    fn admit_pushes(&self, app: &str, cost: u64) -> Result<(), ApiError> {
+        match self.push_buckets.get(app) {
+            Some(bucket) => bucket
+                .take(cost, Instant::now())
+                .map_err(|wait| ApiError::rate_limited("push", wait)),
+            None => Ok(()),
+        }
+    }
+
+    fn admit_broadcast(&self, app: &str) -> Result<(), ApiError> {
+        match self.broadcast_buckets.get(app) {
+            Some(bucket) => bucket
+                .take(1, Instant::now())
+                .map_err(|wait| ApiError::rate_limited("broadcast", wait)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A JSON error reply.
@@ -59,6 +84,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -67,6 +94,19 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn rate_limited(kind: &str, wait: Duration) -> ApiError {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("the app's {kind} rate is used up; retry in {secs} s"),
+            )
         }
     }
 
@@ -87,7 +127,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, wait.as_secs().into());
+        }
+        response
     }
 }
 
@@ -153,6 +199,16 @@ pub fn router(
     // Base64 grows a payload by a third, JSON escaping can double text;
     // allow for both and let the payload check give the precise error.
     let body_limit = config.payload_bytes_max * 2 + 64 * 1024;
+    let now = Instant::now();
+    let buckets = |rate_of: fn(&AppConfig) -> Option<Rate>| -> HashMap<String, TokenBucket> {
+        config
+            .apps
+            .iter()
+            .filter_map(|app| Some((app.id.clone(), TokenBucket::new(rate_of(app)?, now))))
+            .collect()
+    };
+    let push_buckets = buckets(|app| app.push_rate);
+    let broadcast_buckets = buckets(|app| app.broadcast_rate);
     let state = Arc::new(CenterState {
         apps: config
             .apps
@@ -165,6 +221,8 @@ pub fn router(
         gateway_metrics,
         requests_by_status: Mutex::default(),
         multicasts: tokio::sync::Semaphore::new(MULTICASTS_IN_FLIGHT_MAX),
+        push_buckets,
+        broadcast_buckets,
     });
     Router::new()
         .route("/v1/apps/{app}/users/{user}/messages", post(push).get(pull))
@@ -370,6 +428,7 @@ async fn push(
         ));
     }
     let message = check_message(&state, app_config, body)?;
+    state.admit_pushes(&app, 1)?;
     let (results, replayed) = state
         .delivery
         .push(
@@ -434,6 +493,7 @@ async fn multicast(
         check_user(user)?;
     }
     let message = check_message(&state, app_config, body)?;
+    state.admit_pushes(&app, users.len() as u64)?;
     let (results, replayed) = state
         .delivery
         .push(
@@ -582,6 +642,7 @@ async fn broadcast(
             users: None,
         },
     )?;
+    state.admit_broadcast(&app)?;
     let stored = state
         .delivery
         .broadcast(&app, &message.payload, message.ttl, &body.tags)

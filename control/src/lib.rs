@@ -16,6 +16,7 @@ pub mod center;
 pub mod cluster;
 pub mod delivery;
 pub mod dispatcher;
+pub mod flow;
 pub mod register;
 
 use std::time::Duration;
@@ -25,14 +26,18 @@ pub use delivery::{Delivery, NodeName, Remote};
 pub use register::{Change, MemoryRegister, Register, Session};
 
 /// An app as the control plane sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AppConfig {
     pub id: String,
     pub api_key: String,
     pub default_ttl_secs: u64,
+    /// Pushes per second (a multicast counts each user), if limited.
+    pub push_rate: Option<flow::Rate>,
+    /// Broadcasts per second, if limited.
+    pub broadcast_rate: Option<flow::Rate>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ControlConfig {
     pub apps: Vec<AppConfig>,
     /// Largest push payload, in bytes.
