@@ -226,8 +226,8 @@ struct Binding {
     /// Storage holds messages this connection is owed and has not been sent.
     behind: bool,
     /// What broadcasts may be targeted by (`platform=ios`, ...); `None`
-    /// for most clients. A thin pointer: every binding pays for this field.
-    tags: Option<Box<Vec<Box<str>>>>,
+    /// for most clients.
+    tags: Option<Box<Tags>>,
     /// Highest broadcast seq sent on this connection; meaningful once
     /// `broadcasts_ready`.
     broadcast_sent: u64,
@@ -236,6 +236,11 @@ struct Binding {
     /// A live broadcast came before that fill and was not sent.
     broadcast_missed: bool,
 }
+
+/// A binding's tags, boxed so that the field is a thin pointer: every
+/// binding pays for the field, few have tags.
+#[derive(Debug)]
+struct Tags(Vec<Box<str>>);
 
 impl Binding {
     fn window_room(&self, window: u32) -> u32 {
@@ -264,7 +269,7 @@ impl Binding {
 
     /// Whether a broadcast targeted at `required` tags is for this binding.
     fn matches(&self, required: &[String]) -> bool {
-        let own = self.tags.as_deref().map_or(&[][..], Vec::as_slice);
+        let own = self.tags.as_deref().map_or(&[][..], |tags| tags.0.as_slice());
         required
             .iter()
             .all(|tag| own.iter().any(|own| **own == **tag))
@@ -514,7 +519,7 @@ impl ServerConn {
                         behind: false,
                         tags: (!resume.tags.is_empty()).then(|| {
                             let tags = resume.tags.into_iter().map(String::into_boxed_str);
-                            Box::new(tags.collect())
+                            Box::new(Tags(tags.collect()))
                         }),
                         broadcast_sent: 0,
                         broadcasts_ready: false,
