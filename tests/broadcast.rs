@@ -158,3 +158,82 @@ async fn bad_broadcasts_get_clear_errors() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_others_are_not_slowed() {
+    const BROADCASTS: u64 = 120;
+    const PAYLOAD: usize = 60_000;
+    // One unacked frame per binding, so the queue limit can be small.
+    let server = Server::start_with_edited_config(|text| {
+        text.replace(
+            "[gateway]\n",
+            "[gateway]\ninflight_pushes_max = 1\nsend_queue_bytes_max = 131072\n",
+        )
+        .replace("payload_bytes_max = 1024", "payload_bytes_max = 60000")
+    });
+    // The slow one binds, then never reads (a tiny receive buffer, so its
+    // kernel buffers fill soon).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket
+        .connect(server.gateway.parse().unwrap())
+        .await
+        .unwrap();
+    let mut hello = bytes::BytesMut::new();
+    for frame in [
+        Frame::Hello {
+            device_id: "slow".to_owned(),
+            client_version: "test".to_owned(),
+            network: herald_proto::NetworkType::Wifi,
+        },
+        Frame::Bind {
+            app: APP.to_owned(),
+            token: support::token("slow", 3600),
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        },
+    ] {
+        herald_proto::encode(&frame, &mut hello).unwrap();
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut slow, &hello)
+        .await
+        .unwrap();
+    let mut fast = RawClient::bound(&server.gateway, "fast", "fast", None).await;
+    server.wait_connections("slow", 1).await;
+    server.wait_connections("fast", 1).await;
+
+    let reader = tokio::spawn(async move {
+        for expected in 1..=BROADCASTS {
+            let (seq, payload) = fast.recv_broadcast().await;
+            assert_eq!((seq, payload.len()), (expected, PAYLOAD));
+            fast.send(Frame::BroadcastAck {
+                app: APP.to_owned(),
+                seq,
+            })
+            .await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let payload = "x".repeat(PAYLOAD);
+    for _ in 0..BROADCASTS {
+        broadcast(&server, json!({ "payload": payload })).await;
+    }
+    let sent_in = started.elapsed();
+    tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the reading client was held up by the one that stopped")
+        .unwrap();
+    println!(
+        "{BROADCASTS} broadcasts of {PAYLOAD} bytes sent in {sent_in:?}, all received by the \
+         reading client {:?} after the first was sent",
+        started.elapsed()
+    );
+    eventually("the slow consumer is cut off", || async {
+        server
+            .metrics()
+            .await
+            .contains("herald_connections_closed_total{reason=\"slow_consumer\"} 1")
+    })
+    .await;
+}

@@ -269,7 +269,10 @@ impl Binding {
 
     /// Whether a broadcast targeted at `required` tags is for this binding.
     fn matches(&self, required: &[String]) -> bool {
-        let own = self.tags.as_deref().map_or(&[][..], |tags| tags.0.as_slice());
+        let own = self
+            .tags
+            .as_deref()
+            .map_or(&[][..], |tags| tags.0.as_slice());
         required
             .iter()
             .all(|tag| own.iter().any(|own| **own == **tag))

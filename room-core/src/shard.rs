@@ -27,7 +27,7 @@ use herald_proto::plane::{BroadcastProgress, ConnId, ShardCommand, ShardEvent};
 use herald_proto::server::{
     BroadcastFate, CloseReason, ConnEvent, Output, ServerConfig, ServerConn,
 };
-use herald_proto::{Frame, decode_slice, encode, encoded_len};
+use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
 use slab::Slab;
 
 use crate::auth::AppSecrets;
@@ -529,8 +529,10 @@ impl<P: Poller> Shard<P> {
             if conn.flush_timed_out {
                 // Everything was sent and only the client's EOF is missing:
                 // the close went as intended.
+                // A slow consumer that never read its GOAWAY is still that.
                 return Some(match conn.closing {
                     Some(end) if conn.write_shut => end,
+                    Some(end @ ConnEnd::Closed(CloseReason::SlowConsumer)) => end,
                     _ => ConnEnd::FlushTimeout,
                 });
             }
@@ -558,10 +560,6 @@ impl<P: Poller> Shard<P> {
             }
             let conn = &mut self.conns[slot];
             if let Some(end) = conn.closing {
-                // A slow consumer's output was dropped: nothing to protect.
-                if end == ConnEnd::Closed(CloseReason::SlowConsumer) {
-                    return Some(end);
-                }
                 if conn.queue.is_none() {
                     // Lingering close: shut our side, then read and discard
                     // until the client's EOF. Closing with its bytes still
@@ -690,10 +688,17 @@ impl<P: Poller> Shard<P> {
         counters.frames_out(frames);
         counters.pushes_out(pushes);
         if overflow {
-            // A slow consumer: drop what it has not read and cut it off.
-            if let Some(queue) = conn.queue.take() {
-                write_pool.give(queue);
-            }
+            // A slow consumer: what did not fit is dropped, and it is told
+            // why after what it has queued (whole frames only, so the
+            // stream stays readable). It is closed once that is flushed, or
+            // at the flush deadline if it does not read: its queue stays
+            // bounded by the limit plus this one small frame.
+            let queue = conn.queue.get_or_insert_with(|| write_pool.take());
+            let goaway = Frame::GoAway {
+                reason: GoAwayReason::SLOW_CONSUMER,
+                reconnect_delay_ms: None,
+            };
+            encode(&goaway, queue).expect("a GOAWAY encodes");
             conn.server.close_slow_consumer(out);
         }
 

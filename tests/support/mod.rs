@@ -135,12 +135,18 @@ impl Server {
     /// `herald serve` whose test app has the extra settings `app_extra`
     /// (lines of its `[[apps]]` table).
     pub fn start_with_app_settings(app_extra: &str) -> Server {
+        let anchor = format!("token_secret = \"{TOKEN_SECRET}\"\n");
+        Server::start_with_edited_config(|text| {
+            text.replacen(&anchor, &format!("{anchor}{app_extra}\n"), 1)
+        })
+    }
+
+    /// `herald serve` on the test config as `edit` rewrites it.
+    pub fn start_with_edited_config(edit: impl FnOnce(String) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config_path = write_config(dir.path(), 60, "");
         let text = std::fs::read_to_string(&config_path).unwrap();
-        let anchor = format!("token_secret = \"{TOKEN_SECRET}\"\n");
-        let text = text.replacen(&anchor, &format!("{anchor}{app_extra}\n"), 1);
-        std::fs::write(&config_path, text).unwrap();
+        std::fs::write(&config_path, edit(text)).unwrap();
         let data_dir = dir.path().join("data");
         let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0", Io::Uring);
         server._dir = Some(dir);
