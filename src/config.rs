@@ -116,6 +116,9 @@ pub struct GatewaySection {
     pub apps_per_connection_max: usize,
     pub inflight_pushes_max: u32,
     pub command_queue_len: usize,
+    /// New connections per second the gateway takes before it turns the
+    /// rest away with a retry delay; none: no limit.
+    pub accept_rate: Option<RateSection>,
     pub drain_reconnect_delay_ms: u32,
     pub drain_timeout_secs: u64,
     pub heartbeat_secs: HeartbeatSection,
@@ -231,6 +234,7 @@ impl Default for GatewaySection {
             apps_per_connection_max: APPS_PER_CONN_MAX,
             inflight_pushes_max: DEFAULT_INFLIGHT_PUSHES_MAX,
             command_queue_len: DEFAULT_COMMAND_QUEUE_LEN,
+            accept_rate: None,
             drain_reconnect_delay_ms: DEFAULT_DRAIN_RECONNECT_DELAY_MS,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             heartbeat_secs: HeartbeatSection::default(),
@@ -353,6 +357,16 @@ impl Config {
             if secs == 0 || secs > 3600 {
                 bail!("gateway.heartbeat_secs.{name} must be 1 to 3600");
             }
+        }
+        if let Some(rate) = gateway.accept_rate
+            && !(rate.per_sec >= self.shards() as f64
+                && rate.per_sec.is_finite()
+                && rate.burst >= 1)
+        {
+            bail!(
+                "gateway.accept_rate needs per_sec of at least one per shard ({}) and a burst of at least 1",
+                self.shards()
+            );
         }
         if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == 0 {
             bail!("gateway.command_queue_len and connections_per_shard_max must be positive");

@@ -122,3 +122,49 @@ async fn a_rate_that_admits_nothing_is_refused_at_startup() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn past_its_accept_rate_the_gateway_turns_connections_away_with_a_retry_delay() {
+    use herald_proto::{Frame, GoAwayReason};
+    let server = Server::start_with_edited_config(|text| {
+        text.replace(
+            "[gateway]\n",
+            "[gateway]\naccept_rate = { per_sec = 2, burst = 2 }\n",
+        )
+    });
+    let (mut welcomed, mut delays) = (0, Vec::new());
+    for _ in 0..12 {
+        let mut client = support::RawClient::connect(&server.gateway).await;
+        client
+            .send(Frame::Hello {
+                device_id: "storm".to_owned(),
+                client_version: "test".to_owned(),
+                network: herald_proto::NetworkType::Wifi,
+            })
+            .await;
+        match client.recv().await {
+            Some(Frame::HelloOk { .. }) => welcomed += 1,
+            Some(Frame::GoAway {
+                reason,
+                reconnect_delay_ms: Some(delay),
+            }) if reason == GoAwayReason::OVERLOADED => delays.push(delay),
+            other => panic!("expected HELLO_OK or GOAWAY(overloaded), got {other:?}"),
+        }
+    }
+    // Two shards with one token each, refilling at one a second each.
+    assert!((2..=4).contains(&welcomed), "{welcomed} welcomed");
+    assert_eq!(welcomed + delays.len(), 12);
+    assert!(
+        delays.iter().all(|&d| (1_000..=60_000).contains(&d)),
+        "{delays:?}"
+    );
+    let distinct: std::collections::HashSet<_> = delays.iter().collect();
+    assert!(distinct.len() > 1, "retry delays are jittered: {delays:?}");
+    support::cluster::eventually("turned-away connections are counted", || async {
+        !server
+            .metrics()
+            .await
+            .contains("herald_connections_closed_total{reason=\"overloaded\"} 0")
+    })
+    .await;
+}

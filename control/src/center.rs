@@ -28,7 +28,7 @@ use herald_storage::StoredRef;
 use crate::cluster::{NodeDirectory, NodeRecord};
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
-use crate::flow::{Rate, TokenBucket};
+use crate::flow::{Rate, SharedBucket};
 use crate::{AppConfig, ControlConfig};
 
 /// Longest idempotency key, in bytes.
@@ -53,8 +53,8 @@ pub struct CenterState {
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
     multicasts: tokio::sync::Semaphore,
     /// Per app, where the app has a limit.
-    push_buckets: HashMap<String, TokenBucket>,
-    broadcast_buckets: HashMap<String, TokenBucket>,
+    push_buckets: HashMap<String, SharedBucket>,
+    broadcast_buckets: HashMap<String, SharedBucket>,
 }
 
 impl CenterState {
@@ -200,11 +200,11 @@ pub fn router(
     // allow for both and let the payload check give the precise error.
     let body_limit = config.payload_bytes_max * 2 + 64 * 1024;
     let now = Instant::now();
-    let buckets = |rate_of: fn(&AppConfig) -> Option<Rate>| -> HashMap<String, TokenBucket> {
+    let buckets = |rate_of: fn(&AppConfig) -> Option<Rate>| -> HashMap<String, SharedBucket> {
         config
             .apps
             .iter()
-            .filter_map(|app| Some((app.id.clone(), TokenBucket::new(rate_of(app)?, now))))
+            .filter_map(|app| Some((app.id.clone(), SharedBucket::new(rate_of(app)?, now))))
             .collect()
     };
     let push_buckets = buckets(|app| app.push_rate);

@@ -286,6 +286,9 @@ code_type! {
         PROTOCOL_ERROR = 6 => "protocol_error",
         /// No frame arrived within the heartbeat deadline.
         HEARTBEAT_TIMEOUT = 7 => "heartbeat_timeout",
+        /// The gateway is taking connections faster than it may (a
+        /// reconnect storm): reconnect after the delay, which is jittered.
+        OVERLOADED = 8 => "overloaded",
     }
 }
 

@@ -5,7 +5,8 @@
 //! accepts any split of the byte stream), the client tokens, and the
 //! per-connection state machines (`ServerConn`, `ClientConn`) that run the
 //! handshake, heartbeats and ack bookkeeping. It also defines the messages the
-//! control plane and the gateway shards exchange (`plane`).
+//! control plane and the gateway shards exchange (`plane`), and the token
+//! bucket both use for flow control (`rate`).
 //!
 //! It deliberately does no networking, spawns nothing and never reads the
 //! clock: time is passed in, so the gateway, the client SDK and tests (with a
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod frame;
 pub mod limits;
 pub mod plane;
+pub mod rate;
 pub mod server;
 pub mod token;
 

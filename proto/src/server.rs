@@ -164,6 +164,8 @@ pub enum CloseReason {
     Drained,
     /// The gateway cut the client off because its queue hit the limit.
     SlowConsumer,
+    /// The gateway turned the connection away at its accept-rate limit.
+    Overloaded,
 }
 
 impl CloseReason {
@@ -177,6 +179,7 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::Drained => "drained",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Overloaded => "overloaded",
         }
     }
 }
@@ -754,6 +757,17 @@ impl ServerConn {
             reconnect_delay_ms: Some(reconnect_delay_ms),
         });
         out.close = Some(CloseReason::Drained);
+    }
+
+    /// The gateway takes connections faster than it may: tell this one to
+    /// come back after `reconnect_delay_ms` and close it.
+    pub fn turn_away(&mut self, reconnect_delay_ms: u32, out: &mut Output) {
+        self.phase = Phase::Closing;
+        out.transmit.push(Frame::GoAway {
+            reason: GoAwayReason::OVERLOADED,
+            reconnect_delay_ms: Some(reconnect_delay_ms),
+        });
+        out.close = Some(CloseReason::Overloaded);
     }
 
     /// The client's queue hit its limit: close without queueing more.

@@ -67,6 +67,10 @@ pub struct GatewayConfig {
     pub send_queue_bytes_max: usize,
     /// Capacity of each shard's command channel.
     pub command_queue_len: usize,
+    /// New connections per second the whole gateway takes (split evenly
+    /// over the shards); past it they are turned away with
+    /// GOAWAY(overloaded) and a jittered retry delay. `None`: no limit.
+    pub accept_rate: Option<herald_proto::rate::Rate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +134,10 @@ impl Gateway {
                 auth: AppSecrets::new(config.apps.iter().cloned()),
                 connections_max: config.connections_per_shard_max,
                 send_queue_bytes_max: config.send_queue_bytes_max,
+                accept_rate: config.accept_rate.map(|rate| herald_proto::rate::Rate {
+                    per_sec: rate.per_sec / config.shards as f64,
+                    burst: (rate.burst / config.shards as u32).max(1),
+                }),
                 metrics: metrics.clone(),
             };
             let cpu = shard % cpus;

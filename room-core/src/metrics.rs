@@ -7,7 +7,7 @@ use crossbeam_utils::CachePadded;
 use herald_proto::server::CloseReason;
 
 /// Why connections ended, as metric labels, in a fixed order.
-pub const CLOSE_REASONS: [&str; 11] = [
+pub const CLOSE_REASONS: [&str; 12] = [
     "protocol_error",
     "client_error",
     "auth_timeout",
@@ -16,6 +16,7 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "kicked",
     "drained",
     "slow_consumer",
+    "overloaded",
     "peer_closed",
     "io_error",
     "flush_timeout",

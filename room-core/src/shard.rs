@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
 use herald_proto::plane::{BroadcastProgress, ConnId, ShardCommand, ShardEvent};
+use herald_proto::rate::{Rate, TokenBucket};
 use herald_proto::server::{
     BroadcastFate, CloseReason, ConnEvent, Output, ServerConfig, ServerConn,
 };
@@ -65,6 +66,11 @@ const OUTBOX_LEN_MAX: usize = 4096;
 /// Commands handled per turn of the loop.
 const COMMAND_BATCH_MAX: usize = 256;
 
+/// Bounds of the retry delay told to a connection turned away at the
+/// accept-rate limit.
+const TURN_AWAY_DELAY_MIN_MS: u32 = 1_000;
+const TURN_AWAY_DELAY_MAX_MS: u32 = 60_000;
+
 /// Connections accepted per turn of the loop, so a connect storm leaves
 /// room for the connections already there.
 const ACCEPT_BATCH_MAX: usize = 256;
@@ -100,6 +106,8 @@ pub struct ShardSettings {
     pub auth: AppSecrets,
     pub connections_max: usize,
     pub send_queue_bytes_max: usize,
+    /// This shard's share of the gateway's accept-rate limit, if any.
+    pub accept_rate: Option<Rate>,
     pub metrics: Arc<GatewayMetrics>,
 }
 
@@ -140,6 +148,15 @@ pub(crate) struct Shard<P> {
     /// The listener may have connections waiting.
     accept_ready: bool,
     accept_paused_until: Option<Instant>,
+    /// Accepts this shard may still take; over it, new connections are
+    /// turned away with GOAWAY(overloaded) and a jittered retry delay.
+    accept_limiter: Option<TokenBucket>,
+    /// Connections turned away since `turned_away_since` (a second at
+    /// most): how far to spread the next one's retry.
+    turned_away: u32,
+    turned_away_since: Instant,
+    /// xorshift state for the retry jitter.
+    jitter_state: u64,
     conns: Slab<Conn>,
     next_generation: u32,
     /// Connections with work to do: input, output or a close to finish.
@@ -216,6 +233,8 @@ impl<P: Poller> Shard<P> {
         now: Instant,
     ) -> Shard<P> {
         assert!(settings.connections_max <= SLOTS_MAX);
+        let accept_limiter = settings.accept_rate.map(|rate| TokenBucket::new(rate, now));
+        let jitter_state = (unix_ms() << 16) ^ u64::from(settings.id) | 1;
         Shard {
             conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
             settings,
@@ -223,6 +242,10 @@ impl<P: Poller> Shard<P> {
             listener: Some(listener.into()),
             accept_ready: true,
             accept_paused_until: None,
+            accept_limiter,
+            turned_away: 0,
+            turned_away_since: now,
+            jitter_state,
             next_generation: 0,
             run_queue: VecDeque::new(),
             scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
@@ -427,11 +450,47 @@ impl<P: Poller> Shard<P> {
                 continue;
             }
             set_nodelay(&socket);
-            self.open_conn(socket, now);
+            let Some(slot) = self.open_conn(socket, now) else {
+                continue;
+            };
+            let over_limit = self
+                .accept_limiter
+                .as_mut()
+                .is_some_and(|limiter| limiter.take(1, now).is_err());
+            if over_limit {
+                // Told when to come back rather than left to time out; the
+                // usual lingering close makes sure the GOAWAY arrives.
+                let delay_ms = self.turn_away_delay_ms(now);
+                self.conns[slot].server.turn_away(delay_ms, &mut self.out);
+                self.apply(slot, now);
+            }
         }
     }
 
-    fn open_conn(&mut self, socket: OwnedFd, now: Instant) {
+    /// A retry delay for a connection turned away: at least
+    /// [`TURN_AWAY_DELAY_MIN_MS`], plus a random share of the time the
+    /// accept rate needs to take everyone turned away in the last second,
+    /// so a storm's excess comes back spread out instead of all at once.
+    fn turn_away_delay_ms(&mut self, now: Instant) -> u32 {
+        if now.saturating_duration_since(self.turned_away_since) >= Duration::from_secs(1) {
+            self.turned_away = 0;
+            self.turned_away_since = now;
+        }
+        self.turned_away = self.turned_away.saturating_add(1);
+        let per_sec = self
+            .accept_limiter
+            .as_ref()
+            .map_or(1.0, |limiter| limiter.rate().per_sec);
+        let spread_ms = (1000.0 * f64::from(self.turned_away) / per_sec).max(1000.0);
+        // xorshift64: good enough to spread retries, and no dependency.
+        self.jitter_state ^= self.jitter_state << 13;
+        self.jitter_state ^= self.jitter_state >> 7;
+        self.jitter_state ^= self.jitter_state << 17;
+        let jitter = (self.jitter_state % 1_000_000) as f64 / 1_000_000.0 * spread_ms;
+        (TURN_AWAY_DELAY_MIN_MS as f64 + jitter).min(TURN_AWAY_DELAY_MAX_MS as f64) as u32
+    }
+
+    fn open_conn(&mut self, socket: OwnedFd, now: Instant) -> Option<usize> {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let server = ServerConn::new(now, &self.settings.server);
@@ -456,7 +515,7 @@ impl<P: Poller> Shard<P> {
         if let Err(error) = self.poller.add(fd, conn_token(slot, generation)) {
             tracing::warn!(%error, "cannot watch a new connection; closing it");
             self.conns.remove(slot);
-            return;
+            return None;
         }
         self.wheel.insert(
             deadline,
@@ -467,6 +526,7 @@ impl<P: Poller> Shard<P> {
         );
         self.counters().connection_opened();
         enqueue(&mut self.run_queue, &mut self.conns[slot], slot);
+        Some(slot)
     }
 
     fn remove_conn(&mut self, slot: usize, end: ConnEnd) {
