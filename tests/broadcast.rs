@@ -237,3 +237,49 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_are_not_slowed() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_paced_broadcast_takes_the_time_its_rate_implies() {
+    const CLIENTS: usize = 30;
+    const RATE: f64 = 10.0;
+    let server = Server::start();
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(
+            RawClient::bound(&server.gateway, &format!("p{i}"), &format!("p{i}"), None).await,
+        );
+    }
+    for i in 0..CLIENTS {
+        server.wait_connections(&format!("p{i}"), 1).await;
+    }
+    let started = std::time::Instant::now();
+    broadcast(&server, json!({"payload": "slowly", "rate_per_sec": RATE})).await;
+    let mut receipts = Vec::new();
+    for client in &mut clients {
+        assert_eq!(client.recv_broadcast().await.0, 1);
+        receipts.push(started.elapsed());
+    }
+    let last = receipts.iter().max().unwrap().as_secs_f64();
+    // 30 at 10 a second, the first at once: about 2.9 s; the shards move
+    // paced broadcasts on every 250 ms tick.
+    let implied = (CLIENTS as f64 - 1.0) / RATE;
+    println!(
+        "{CLIENTS} clients at {RATE}/s: last receipt after {last:.2} s (the rate implies {implied:.1} s)"
+    );
+    assert!(
+        last >= implied - 0.75 && last <= implied + 1.5,
+        "{last:.2} s"
+    );
+
+    let (status, reply) = server
+        .post(
+            &format!("/v1/apps/{APP}/broadcasts"),
+            API_KEY,
+            json!({"payload": "x", "rate_per_sec": 0}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
+}

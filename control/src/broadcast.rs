@@ -84,12 +84,15 @@ fn message(stored: &StoredBroadcast) -> BroadcastMessage {
 impl Delivery {
     /// Stores a broadcast, then hands it to every shard of this node and,
     /// in a cluster, to every other room node. Returns once stored.
+    /// `rate_per_sec` paces the fan-out: connections a second on this node
+    /// (and on each room node, in a cluster).
     pub async fn broadcast(
         &self,
         app: &str,
         payload: &[u8],
         ttl: Duration,
         required_tags: &[String],
+        rate_per_sec: Option<f64>,
     ) -> Result<StoredBroadcast, StorageError> {
         let stored = self
             .saver()
@@ -101,15 +104,22 @@ impl Delivery {
                 now_ms: unix_ms(),
             })
             .await?;
-        self.fan_out(app, &stored).await;
+        self.fan_out(app, &stored, rate_per_sec).await;
         if let Some(remote) = self.remote() {
-            remote.broadcast(NodeMessage::broadcast(app, &stored)).await;
+            let message = NodeMessage::broadcast(app, &stored, rate_per_sec);
+            remote.broadcast(message).await;
         }
         Ok(stored)
     }
 
-    /// One command per shard, all sharing one encoded frame.
-    pub(crate) async fn fan_out(&self, app: &str, stored: &StoredBroadcast) {
+    /// One command per shard, all sharing one encoded frame; a paced
+    /// broadcast's rate is split evenly over the shards.
+    pub(crate) async fn fan_out(
+        &self,
+        app: &str,
+        stored: &StoredBroadcast,
+        rate_per_sec: Option<f64>,
+    ) {
         let progress = self.broadcasts.track(app, stored.seq, stored.expires_at_ms);
         let mut frame = BytesMut::new();
         let encoded = encode(
@@ -128,6 +138,7 @@ impl Delivery {
         }
         let frame = frame.freeze();
         let required_tags: Arc<[String]> = stored.required_tags.clone().into();
+        let shards = self.shard_senders().len().max(1) as f64;
         for shard in self.shard_senders() {
             let command = ShardCommand::Broadcast {
                 app: app.to_owned(),
@@ -135,6 +146,7 @@ impl Delivery {
                 required_tags: required_tags.clone(),
                 frame: frame.clone(),
                 progress: progress.clone(),
+                rate_per_sec: rate_per_sec.map(|rate| rate / shards),
             };
             // A closed channel means the shard is gone (shutdown).
             let _ = shard.send(command).await;

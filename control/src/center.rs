@@ -608,6 +608,8 @@ struct BroadcastBody {
     /// Only clients carrying every one of these tags get it.
     #[serde(default)]
     tags: Vec<String>,
+    /// Pace the fan-out: connections a second (per room node in a cluster).
+    rate_per_sec: Option<f64>,
 }
 
 /// `POST /v1/apps/{app}/broadcasts`: stores the broadcast once for the app
@@ -631,6 +633,13 @@ async fn broadcast(
             herald_proto::limits::TAG_LEN_MAX
         )));
     }
+    if let Some(rate) = body.rate_per_sec
+        && !(rate >= 1.0 && rate.is_finite())
+    {
+        return Err(ApiError::bad_request(
+            "rate_per_sec must be at least 1 (connections a second)",
+        ));
+    }
     let message = check_message(
         &state,
         app_config,
@@ -645,7 +654,13 @@ async fn broadcast(
     state.admit_broadcast(&app)?;
     let stored = state
         .delivery
-        .broadcast(&app, &message.payload, message.ttl, &body.tags)
+        .broadcast(
+            &app,
+            &message.payload,
+            message.ttl,
+            &body.tags,
+            body.rate_per_sec,
+        )
         .await
         .map_err(ApiError::storage)?;
     Ok(Json(json!({

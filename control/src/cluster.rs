@@ -620,6 +620,8 @@ pub enum NodeMessage {
         required_tags: Vec<String>,
         created_at_ms: u64,
         expires_at_ms: u64,
+        /// Connections a second each room node sends it to, if paced.
+        rate_per_sec: Option<f64>,
     },
     Kick {
         reason: u16,
@@ -646,7 +648,11 @@ impl NodeMessage {
         }
     }
 
-    pub fn broadcast(app: &str, stored: &StoredBroadcast) -> NodeMessage {
+    pub fn broadcast(
+        app: &str,
+        stored: &StoredBroadcast,
+        rate_per_sec: Option<f64>,
+    ) -> NodeMessage {
         NodeMessage::Broadcast {
             app: app.to_owned(),
             seq: stored.seq,
@@ -655,6 +661,7 @@ impl NodeMessage {
             required_tags: stored.required_tags.clone(),
             created_at_ms: stored.created_at_ms,
             expires_at_ms: stored.expires_at_ms,
+            rate_per_sec,
         }
     }
 
@@ -674,6 +681,7 @@ pub enum Arrival {
     Broadcast {
         app: String,
         stored: StoredBroadcast,
+        rate_per_sec: Option<f64>,
     },
     Deliver {
         app: String,
@@ -730,8 +738,10 @@ impl TryFrom<NodeMessage> for Arrival {
                 required_tags,
                 created_at_ms,
                 expires_at_ms,
+                rate_per_sec,
             } => Arrival::Broadcast {
                 app,
+                rate_per_sec,
                 stored: StoredBroadcast {
                     seq,
                     broadcast_id: broadcast_id

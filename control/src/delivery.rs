@@ -358,7 +358,11 @@ impl Delivery {
                         .await;
                 }
             }
-            Arrival::Broadcast { app, stored } => self.fan_out(&app, &stored).await,
+            Arrival::Broadcast {
+                app,
+                stored,
+                rate_per_sec,
+            } => self.fan_out(&app, &stored, rate_per_sec).await,
             Arrival::Kick { reason, conns } => {
                 for conn in conns {
                     self.send(ShardCommand::Kick { conn, reason }, conn).await;

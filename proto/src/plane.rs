@@ -96,6 +96,8 @@ pub enum ShardCommand {
         required_tags: Arc<[String]>,
         frame: Bytes,
         progress: Arc<BroadcastProgress>,
+        /// Connections a second this shard sends it to; `None`: all at once.
+        rate_per_sec: Option<f64>,
     },
     /// The reply to a `Bound` or `BroadcastCatchUp`: the app's unexpired
     /// broadcasts after `after`, in order.

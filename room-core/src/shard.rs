@@ -111,6 +111,21 @@ pub struct ShardSettings {
     pub metrics: Arc<GatewayMetrics>,
 }
 
+/// One broadcast's way through the shard's connections.
+struct Fanout {
+    app: String,
+    seq: u64,
+    required_tags: Arc<[String]>,
+    frame: Bytes,
+    progress: Arc<BroadcastProgress>,
+    /// The slab slot to look at next.
+    next_slot: usize,
+    started: Instant,
+    rate_per_sec: Option<f64>,
+    /// Connections it was written to so far.
+    sent: u64,
+}
+
 struct Conn {
     socket: OwnedFd,
     generation: u32,
@@ -169,6 +184,8 @@ pub(crate) struct Shard<P> {
     /// A frame encoded once for many connections (a broadcast), sent by the
     /// next `apply` ahead of `out`'s frames.
     encoded: Option<Bytes>,
+    /// Broadcasts sent at a rate, moved on every tick.
+    paced: Vec<Fanout>,
     read_pool: BufferPool,
     write_pool: BufferPool,
     wheel: TimerWheel,
@@ -252,6 +269,7 @@ impl<P: Poller> Shard<P> {
             send_buffer: BytesMut::with_capacity(WRITE_BUFFER_CAPACITY),
             out: Output::default(),
             encoded: None,
+            paced: Vec::new(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
             wheel: TimerWheel::new(now),
@@ -948,7 +966,24 @@ impl<P: Poller> Shard<P> {
                 required_tags,
                 frame,
                 progress,
-            } => self.broadcast(&app, seq, &required_tags, &frame, &progress, now),
+                rate_per_sec,
+            } => {
+                let mut broadcast = Fanout {
+                    app,
+                    seq,
+                    required_tags,
+                    frame,
+                    progress,
+                    next_slot: 0,
+                    started: now,
+                    rate_per_sec,
+                    sent: 0,
+                };
+                self.advance(&mut broadcast, now);
+                if broadcast.next_slot < self.conns.capacity() {
+                    self.paced.push(broadcast);
+                }
+            }
             ShardCommand::BroadcastFill {
                 conn,
                 app,
@@ -991,37 +1026,52 @@ impl<P: Poller> Shard<P> {
         }
     }
 
-    /// Sends a broadcast to every connection it is for, writing the frame
-    /// the control plane encoded once; counts them into `progress`.
-    fn broadcast(
-        &mut self,
-        app: &str,
-        seq: u64,
-        required_tags: &[String],
-        frame: &Bytes,
-        progress: &BroadcastProgress,
-        now: Instant,
-    ) {
+    /// Moves a broadcast's fan-out on: to every connection it is for, or,
+    /// when paced, to as many as its rate allows by `now`. Each gets the
+    /// frame the control plane encoded once; counts go into its progress.
+    fn advance(&mut self, fanout: &mut Fanout, now: Instant) {
+        let allowed = fanout.rate_per_sec.map_or(u64::MAX, |per_sec| {
+            let elapsed = now.saturating_duration_since(fanout.started).as_secs_f64();
+            let due = (elapsed * per_sec) as u64 + 1;
+            due.saturating_sub(fanout.sent)
+        });
         let (mut target, mut sent) = (0, 0);
         // By index, not by a collected list of slots: a push to a million
         // connections allocates nothing per connection.
-        for slot in 0..self.conns.capacity() {
+        while fanout.next_slot < self.conns.capacity() && sent < allowed {
+            let slot = fanout.next_slot;
+            fanout.next_slot += 1;
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
-            match conn.server.broadcast(app, seq, required_tags) {
+            match conn
+                .server
+                .broadcast(&fanout.app, fanout.seq, &fanout.required_tags)
+            {
                 BroadcastFate::NotFor => {}
                 BroadcastFate::Later => target += 1,
                 BroadcastFate::Send => {
                     target += 1;
                     sent += 1;
-                    self.encoded = Some(frame.clone());
+                    self.encoded = Some(fanout.frame.clone());
                     self.apply(slot, now);
                 }
             }
         }
-        progress.target.fetch_add(target, Ordering::Relaxed);
-        progress.sent.fetch_add(sent, Ordering::Relaxed);
+        fanout.sent += sent;
+        fanout.progress.target.fetch_add(target, Ordering::Relaxed);
+        fanout.progress.sent.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Moves every paced broadcast on; drops the finished ones.
+    fn advance_paced(&mut self, now: Instant) {
+        let mut paced = std::mem::take(&mut self.paced);
+        for fanout in &mut paced {
+            self.advance(fanout, now);
+        }
+        paced.retain(|fanout| fanout.next_slot < self.conns.capacity());
+        paced.append(&mut self.paced);
+        self.paced = paced;
     }
 
     /// Stops accepting and closes every connection with GOAWAY. `Drained` is
@@ -1052,6 +1102,9 @@ impl<P: Poller> Shard<P> {
     /// Fires the wheel: deadlines that moved are put back, closing
     /// connections past their flush deadline are cut, the rest time out.
     pub(crate) fn handle_tick(&mut self, now: Instant) {
+        if !self.paced.is_empty() {
+            self.advance_paced(now);
+        }
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {
