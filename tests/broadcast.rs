@@ -283,3 +283,62 @@ async fn a_paced_broadcast_takes_the_time_its_rate_implies() {
         (400, Some("bad_request"))
     );
 }
+
+#[tokio::test]
+async fn a_low_priority_broadcast_is_dropped_for_a_client_that_is_behind() {
+    let server = Server::start_with_edited_config(|text| {
+        text.replace("payload_bytes_max = 1024", "payload_bytes_max = 60000")
+            .replace("[gateway]\n", "[gateway]\nsend_queue_bytes_max = 2000000\n")
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket
+        .connect(server.gateway.parse().unwrap())
+        .await
+        .unwrap();
+    let mut hello = bytes::BytesMut::new();
+    for frame in [
+        Frame::Hello {
+            device_id: "behind".to_owned(),
+            client_version: "test".to_owned(),
+            network: herald_proto::NetworkType::Wifi,
+        },
+        Frame::Bind {
+            app: APP.to_owned(),
+            token: support::token("behind", 3600),
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        },
+    ] {
+        herald_proto::encode(&frame, &mut hello).unwrap();
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut slow, &hello)
+        .await
+        .unwrap();
+    server.wait_connections("behind", 1).await;
+    // Normal broadcasts back the client up, past what the kernel buffers,
+    // until a low-priority one finds it behind and is dropped, not queued.
+    let big = "x".repeat(60_000);
+    for _ in 0..400 {
+        broadcast(&server, json!({ "payload": big })).await;
+        let low = broadcast(&server, json!({"payload": "minor", "priority": "low"})).await;
+        let id = low["broadcast_id"].as_str().unwrap().to_owned();
+        // The shard counts it once the command reaches it.
+        eventually("the low-priority broadcast reaches the shard", || async {
+            progress(&server, &id).await["target"] == 1
+        })
+        .await;
+        let report = progress(&server, &id).await;
+        if report["dropped"] == 1 {
+            assert_eq!(report["sent"], 0);
+            let metrics = server.metrics().await;
+            assert!(
+                metrics.contains("herald_connections_closed_total{reason=\"slow_consumer\"} 0"),
+                "dropped before any cut-off"
+            );
+            return;
+        }
+    }
+    panic!("no low-priority broadcast was ever dropped");
+}

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use herald_proto::plane::{BroadcastMessage, BroadcastProgress, ConnId, ShardCommand};
+use herald_proto::plane::{
+    BroadcastMessage, BroadcastMode, BroadcastProgress, ConnId, ShardCommand,
+};
 use herald_proto::{Frame, encode};
 use herald_storage::{BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast};
 
@@ -35,6 +37,7 @@ struct Tracked {
 pub struct ProgressReport {
     pub target: u64,
     pub sent: u64,
+    pub dropped: u64,
     pub acked: u64,
 }
 
@@ -84,15 +87,15 @@ fn message(stored: &StoredBroadcast) -> BroadcastMessage {
 impl Delivery {
     /// Stores a broadcast, then hands it to every shard of this node and,
     /// in a cluster, to every other room node. Returns once stored.
-    /// `rate_per_sec` paces the fan-out: connections a second on this node
-    /// (and on each room node, in a cluster).
+    /// `mode.rate_per_sec` paces the fan-out: connections a second on this
+    /// node (and on each room node, in a cluster).
     pub async fn broadcast(
         &self,
         app: &str,
         payload: &[u8],
         ttl: Duration,
         required_tags: &[String],
-        rate_per_sec: Option<f64>,
+        mode: BroadcastMode,
     ) -> Result<StoredBroadcast, StorageError> {
         let stored = self
             .saver()
@@ -104,9 +107,9 @@ impl Delivery {
                 now_ms: unix_ms(),
             })
             .await?;
-        self.fan_out(app, &stored, rate_per_sec).await;
+        self.fan_out(app, &stored, mode).await;
         if let Some(remote) = self.remote() {
-            let message = NodeMessage::broadcast(app, &stored, rate_per_sec);
+            let message = NodeMessage::broadcast(app, &stored, mode);
             remote.broadcast(message).await;
         }
         Ok(stored)
@@ -114,12 +117,7 @@ impl Delivery {
 
     /// One command per shard, all sharing one encoded frame; a paced
     /// broadcast's rate is split evenly over the shards.
-    pub(crate) async fn fan_out(
-        &self,
-        app: &str,
-        stored: &StoredBroadcast,
-        rate_per_sec: Option<f64>,
-    ) {
+    pub(crate) async fn fan_out(&self, app: &str, stored: &StoredBroadcast, mode: BroadcastMode) {
         let progress = self.broadcasts.track(app, stored.seq, stored.expires_at_ms);
         let mut frame = BytesMut::new();
         let encoded = encode(
@@ -146,7 +144,10 @@ impl Delivery {
                 required_tags: required_tags.clone(),
                 frame: frame.clone(),
                 progress: progress.clone(),
-                rate_per_sec: rate_per_sec.map(|rate| rate / shards),
+                mode: BroadcastMode {
+                    rate_per_sec: mode.rate_per_sec.map(|rate| rate / shards),
+                    ..mode
+                },
             };
             // A closed channel means the shard is gone (shutdown).
             let _ = shard.send(command).await;
@@ -160,6 +161,7 @@ impl Delivery {
             .map(|progress| ProgressReport {
                 target: progress.target.load(Ordering::Relaxed),
                 sent: progress.sent.load(Ordering::Relaxed),
+                dropped: progress.dropped.load(Ordering::Relaxed),
                 acked: progress.acked.load(Ordering::Relaxed),
             })
     }

@@ -30,6 +30,7 @@ use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::flow::{Rate, SharedBucket};
 use crate::{AppConfig, ControlConfig};
+use herald_proto::plane::BroadcastMode;
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
@@ -610,6 +611,9 @@ struct BroadcastBody {
     tags: Vec<String>,
     /// Pace the fan-out: connections a second (per room node in a cluster).
     rate_per_sec: Option<f64>,
+    /// "low": dropped for clients that are behind (output already queued);
+    /// "normal" (the default) is queued like any frame.
+    priority: Option<String>,
 }
 
 /// `POST /v1/apps/{app}/broadcasts`: stores the broadcast once for the app
@@ -640,6 +644,15 @@ async fn broadcast(
             "rate_per_sec must be at least 1 (connections a second)",
         ));
     }
+    let low_priority = match body.priority.as_deref() {
+        None | Some("normal") => false,
+        Some("low") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "priority {other:?} is not one of \"normal\", \"low\""
+            )));
+        }
+    };
     let message = check_message(
         &state,
         app_config,
@@ -659,7 +672,10 @@ async fn broadcast(
             &message.payload,
             message.ttl,
             &body.tags,
-            body.rate_per_sec,
+            BroadcastMode {
+                rate_per_sec: body.rate_per_sec,
+                low_priority,
+            },
         )
         .await
         .map_err(ApiError::storage)?;
@@ -699,6 +715,7 @@ async fn broadcast_progress(
         .unwrap_or(crate::broadcast::ProgressReport {
             target: 0,
             sent: 0,
+            dropped: 0,
             acked: 0,
         });
     Ok(Json(json!({
@@ -710,6 +727,7 @@ async fn broadcast_progress(
         "expired": stored.expires_at_ms <= crate::delivery::unix_ms(),
         "target": progress.target,
         "sent": progress.sent,
+        "dropped": progress.dropped,
         "acked": progress.acked,
     })))
 }

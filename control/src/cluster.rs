@@ -31,7 +31,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
-use herald_proto::plane::{ConnId, PushMessage};
+use herald_proto::plane::{BroadcastMode, ConnId, PushMessage};
 use herald_proto::{GoAwayReason, MessageId, NetworkType};
 use herald_storage::StoredBroadcast;
 
@@ -622,6 +622,8 @@ pub enum NodeMessage {
         expires_at_ms: u64,
         /// Connections a second each room node sends it to, if paced.
         rate_per_sec: Option<f64>,
+        #[serde(default)]
+        low_priority: bool,
     },
     Kick {
         reason: u16,
@@ -648,11 +650,7 @@ impl NodeMessage {
         }
     }
 
-    pub fn broadcast(
-        app: &str,
-        stored: &StoredBroadcast,
-        rate_per_sec: Option<f64>,
-    ) -> NodeMessage {
+    pub fn broadcast(app: &str, stored: &StoredBroadcast, mode: BroadcastMode) -> NodeMessage {
         NodeMessage::Broadcast {
             app: app.to_owned(),
             seq: stored.seq,
@@ -661,7 +659,8 @@ impl NodeMessage {
             required_tags: stored.required_tags.clone(),
             created_at_ms: stored.created_at_ms,
             expires_at_ms: stored.expires_at_ms,
-            rate_per_sec,
+            rate_per_sec: mode.rate_per_sec,
+            low_priority: mode.low_priority,
         }
     }
 
@@ -681,7 +680,7 @@ pub enum Arrival {
     Broadcast {
         app: String,
         stored: StoredBroadcast,
-        rate_per_sec: Option<f64>,
+        mode: BroadcastMode,
     },
     Deliver {
         app: String,
@@ -739,9 +738,13 @@ impl TryFrom<NodeMessage> for Arrival {
                 created_at_ms,
                 expires_at_ms,
                 rate_per_sec,
+                low_priority,
             } => Arrival::Broadcast {
                 app,
-                rate_per_sec,
+                mode: BroadcastMode {
+                    rate_per_sec,
+                    low_priority,
+                },
                 stored: StoredBroadcast {
                     seq,
                     broadcast_id: broadcast_id

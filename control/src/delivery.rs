@@ -358,11 +358,7 @@ impl Delivery {
                         .await;
                 }
             }
-            Arrival::Broadcast {
-                app,
-                stored,
-                rate_per_sec,
-            } => self.fan_out(&app, &stored, rate_per_sec).await,
+            Arrival::Broadcast { app, stored, mode } => self.fan_out(&app, &stored, mode).await,
             Arrival::Kick { reason, conns } => {
                 for conn in conns {
                     self.send(ShardCommand::Kick { conn, reason }, conn).await;

@@ -63,7 +63,19 @@ pub struct BroadcastProgress {
     /// Of those, the ones it was written to (the others had it already, or
     /// get it from their first broadcast fill).
     pub sent: AtomicU64,
+    /// Of those, low-priority ones dropped for connections that were behind.
+    pub dropped: AtomicU64,
     pub acked: AtomicU64,
+}
+
+/// How a broadcast goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BroadcastMode {
+    /// Connections a second it is sent to; `None`: all at once.
+    pub rate_per_sec: Option<f64>,
+    /// Dropped, rather than queued, for a connection that is behind (its
+    /// output already queued): the first thing given up under load.
+    pub low_priority: bool,
 }
 
 /// Control plane -> shard.
@@ -96,8 +108,8 @@ pub enum ShardCommand {
         required_tags: Arc<[String]>,
         frame: Bytes,
         progress: Arc<BroadcastProgress>,
-        /// Connections a second this shard sends it to; `None`: all at once.
-        rate_per_sec: Option<f64>,
+        /// This shard's share of the pace, and the priority.
+        mode: BroadcastMode,
     },
     /// The reply to a `Bound` or `BroadcastCatchUp`: the app's unexpired
     /// broadcasts after `after`, in order.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
-use herald_proto::plane::{BroadcastProgress, ConnId, ShardCommand, ShardEvent};
+use herald_proto::plane::{BroadcastMode, BroadcastProgress, ConnId, ShardCommand, ShardEvent};
 use herald_proto::rate::{Rate, TokenBucket};
 use herald_proto::server::{
     BroadcastFate, CloseReason, ConnEvent, Output, ServerConfig, ServerConn,
@@ -121,7 +121,7 @@ struct Fanout {
     /// The slab slot to look at next.
     next_slot: usize,
     started: Instant,
-    rate_per_sec: Option<f64>,
+    mode: BroadcastMode,
     /// Connections it was written to so far.
     sent: u64,
 }
@@ -966,7 +966,7 @@ impl<P: Poller> Shard<P> {
                 required_tags,
                 frame,
                 progress,
-                rate_per_sec,
+                mode,
             } => {
                 let mut broadcast = Fanout {
                     app,
@@ -976,7 +976,7 @@ impl<P: Poller> Shard<P> {
                     progress,
                     next_slot: 0,
                     started: now,
-                    rate_per_sec,
+                    mode,
                     sent: 0,
                 };
                 self.advance(&mut broadcast, now);
@@ -1030,12 +1030,12 @@ impl<P: Poller> Shard<P> {
     /// when paced, to as many as its rate allows by `now`. Each gets the
     /// frame the control plane encoded once; counts go into its progress.
     fn advance(&mut self, fanout: &mut Fanout, now: Instant) {
-        let allowed = fanout.rate_per_sec.map_or(u64::MAX, |per_sec| {
+        let allowed = fanout.mode.rate_per_sec.map_or(u64::MAX, |per_sec| {
             let elapsed = now.saturating_duration_since(fanout.started).as_secs_f64();
             let due = (elapsed * per_sec) as u64 + 1;
             due.saturating_sub(fanout.sent)
         });
-        let (mut target, mut sent) = (0, 0);
+        let (mut target, mut sent, mut dropped) = (0, 0, 0);
         // By index, not by a collected list of slots: a push to a million
         // connections allocates nothing per connection.
         while fanout.next_slot < self.conns.capacity() && sent < allowed {
@@ -1052,6 +1052,12 @@ impl<P: Poller> Shard<P> {
                 BroadcastFate::Later => target += 1,
                 BroadcastFate::Send => {
                     target += 1;
+                    if fanout.mode.low_priority && (conn.queue.is_some() || conn.write_blocked) {
+                        // Behind already: a low-priority frame is the first
+                        // thing given up, before the client is cut off.
+                        dropped += 1;
+                        continue;
+                    }
                     sent += 1;
                     self.encoded = Some(fanout.frame.clone());
                     self.apply(slot, now);
@@ -1061,6 +1067,10 @@ impl<P: Poller> Shard<P> {
         fanout.sent += sent;
         fanout.progress.target.fetch_add(target, Ordering::Relaxed);
         fanout.progress.sent.fetch_add(sent, Ordering::Relaxed);
+        fanout
+            .progress
+            .dropped
+            .fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Moves every paced broadcast on; drops the finished ones.
