@@ -184,6 +184,13 @@ pub struct AppSection {
     /// Broadcasts per second; none: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broadcast_rate: Option<RateSection>,
+    /// Where clients' upstream data and users' online/offline events go
+    /// (`http://...`, JSON POSTs); none: upstream is answered `no_endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Webhook calls per second; none: as fast as they come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_rate: Option<RateSection>,
 }
 
 /// `{ per_sec = 100, burst = 200 }`: a token bucket.
@@ -303,9 +310,15 @@ impl Config {
                     app.id
                 );
             }
+            if let Some(url) = &app.webhook_url
+                && !url.starts_with("http://")
+            {
+                bail!("app {:?}: webhook_url must be an http:// URL", app.id);
+            }
             for (name, rate) in [
                 ("push_rate", app.push_rate),
                 ("broadcast_rate", app.broadcast_rate),
+                ("webhook_rate", app.webhook_rate),
             ] {
                 if let Some(rate) = rate
                     && !(rate.per_sec > 0.0 && rate.per_sec.is_finite() && rate.burst >= 1)
@@ -477,6 +490,8 @@ pub fn demo_app(data_dir: &Path) -> anyhow::Result<(AppSection, bool)> {
         default_ttl_secs: DEFAULT_APP_TTL_SECS,
         push_rate: None,
         broadcast_rate: None,
+        webhook_url: None,
+        webhook_rate: None,
     };
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -502,6 +517,8 @@ mod tests {
             default_ttl_secs: 60,
             push_rate: None,
             broadcast_rate: None,
+            webhook_url: None,
+            webhook_rate: None,
         }
     }
 

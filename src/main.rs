@@ -18,6 +18,7 @@ use herald_control::cluster::{
     LoadProbe, NodeDirectory, NodeRecord, RedisConn, RedisRegister, RedisRemote, RedisTarget,
     RoomLink,
 };
+use herald_control::coordinator::{Coordinator, Webhook};
 use herald_control::{
     AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
 };
@@ -447,12 +448,24 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         link,
     } = wire(&config, &name, redis.as_ref(), gateway.as_ref()).await?;
 
+    let webhooks = config
+        .apps
+        .iter()
+        .filter_map(|app| {
+            let webhook = Webhook {
+                url: app.webhook_url.clone()?,
+                rate: app.webhook_rate.map(config::RateSection::rate),
+            };
+            Some((app.id.clone(), webhook))
+        })
+        .collect();
     let delivery = Delivery::new(
         name.clone(),
         saver.clone(),
         register,
         shard_senders,
         remote,
+        Coordinator::start(webhooks),
         config.gateway.inflight_pushes_max,
     );
     if let Some(link) = &link {

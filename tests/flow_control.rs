@@ -168,3 +168,110 @@ async fn past_its_accept_rate_the_gateway_turns_connections_away_with_a_retry_de
     })
     .await;
 }
+
+/// A business server's webhook: records each call's arrival time and JSON
+/// body; answers 500 to upstream data that says "reject".
+async fn webhook() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(Instant, serde_json::Value)>>>,
+) {
+    use axum::routing::post;
+    let calls: std::sync::Arc<std::sync::Mutex<Vec<(Instant, serde_json::Value)>>> =
+        Default::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let recorded = recorded.clone();
+            async move {
+                let reject = body["payload_base64"] == "cmVqZWN0"; // "reject"
+                recorded.lock().unwrap().push((Instant::now(), body));
+                if reject {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn upstream_and_user_state_reach_the_webhook_at_the_apps_pace() {
+    use herald_proto::{Frame, UpstreamStatus};
+    const UPSTREAMS: u64 = 20;
+    let (url, calls) = webhook().await;
+    let server = Server::start_with_app_settings(&format!(
+        "webhook_url = \"{url}\"\nwebhook_rate = {{ per_sec = 10, burst = 1 }}"
+    ));
+    let mut client = support::RawClient::bound(&server.gateway, "phone", "ann", None).await;
+    for request_id in 1..=UPSTREAMS {
+        let payload: &[u8] = if request_id == UPSTREAMS {
+            b"reject"
+        } else {
+            b"data"
+        };
+        client
+            .send(Frame::Upstream {
+                app: APP.to_owned(),
+                request_id,
+                payload: bytes::Bytes::copy_from_slice(payload),
+            })
+            .await;
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while statuses.len() < UPSTREAMS as usize {
+        match client.recv().await {
+            Some(Frame::UpstreamAck {
+                request_id, status, ..
+            }) => {
+                statuses.insert(request_id, status);
+            }
+            other => panic!("expected UPSTREAM_ACK, got {other:?}"),
+        }
+    }
+    assert!(
+        statuses
+            .range(..UPSTREAMS)
+            .all(|(_, s)| *s == UpstreamStatus::ACCEPTED),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[&UPSTREAMS], UpstreamStatus::REJECTED);
+
+    drop(client);
+    support::cluster::eventually("the offline event arrives", || async {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, body)| body["kind"] == "offline")
+    })
+    .await;
+    let calls = calls.lock().unwrap();
+    let kinds: Vec<&str> = calls
+        .iter()
+        .map(|(_, b)| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[0], "online");
+    assert_eq!(calls[0].1["device_id"], "phone");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "upstream").count(),
+        UPSTREAMS as usize
+    );
+    let upstream = calls.iter().find(|(_, b)| b["kind"] == "upstream").unwrap();
+    assert_eq!(
+        (
+            upstream.1["user"].as_str(),
+            upstream.1["request_id"].as_u64()
+        ),
+        (Some("ann"), Some(1))
+    );
+    // 22 calls at 10 a second with a burst of 1: paced over about 2.1 s.
+    let spread = calls.last().unwrap().0 - calls[0].0;
+    println!("{} webhook calls spread over {spread:?}", calls.len());
+    assert!(spread >= Duration::from_millis(1_800), "{spread:?}");
+}

@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use herald_proto::GoAwayReason;
 use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
-use herald_proto::{GoAwayReason, UpstreamStatus};
 use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
 use tokio::sync::Notify;
 
 use crate::broadcast::{BroadcastRegistry, BroadcastResume};
 use crate::cluster::{Arrival, NodeMessage};
+use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
 
 /// The way to room nodes other than this one. Sending is fire and forget:
@@ -175,6 +176,8 @@ pub struct Delivery {
     drained: Notify,
     draining: AtomicBool,
     pub(crate) broadcasts: BroadcastRegistry,
+    /// Upstream data and user state toward the apps' business servers.
+    coordinator: Coordinator,
     pub counters: DeliveryCounters,
 }
 
@@ -185,6 +188,7 @@ impl Delivery {
         register: Arc<dyn Register>,
         shards: Vec<async_channel::Sender<ShardCommand>>,
         remote: Option<Arc<dyn Remote>>,
+        coordinator: Coordinator,
         fill_limit: u32,
     ) -> Arc<Delivery> {
         Arc::new(Delivery {
@@ -199,6 +203,7 @@ impl Delivery {
             drained: Notify::new(),
             draining: AtomicBool::new(false),
             broadcasts: BroadcastRegistry::default(),
+            coordinator,
             counters: DeliveryCounters::default(),
         })
     }
@@ -409,6 +414,9 @@ impl Delivery {
         {
             tracing::warn!(%error, "register update failed");
         }
+        for event in batch.iter() {
+            self.report_user_state(event);
+        }
         let mut resumes = Vec::new();
         for event in batch.drain(..) {
             match event {
@@ -460,19 +468,28 @@ impl Delivery {
                 ShardEvent::Upstream {
                     conn,
                     app,
+                    user,
+                    device_id,
                     request_id,
-                    ..
+                    payload,
                 } => {
-                    // Forwarding to business servers is the coordinator's job,
-                    // which this build does not have yet: say so, never pretend.
                     self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
-                    let command = ShardCommand::UpstreamAck {
-                        conn,
-                        app,
-                        request_id,
-                        status: UpstreamStatus::NO_ENDPOINT,
-                    };
-                    self.send(command, conn).await;
+                    // The call waits its turn at the app's pace; the event
+                    // loop does not.
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let status = this
+                            .coordinator
+                            .upstream(&app, &user, &device_id, request_id, &payload)
+                            .await;
+                        let command = ShardCommand::UpstreamAck {
+                            conn,
+                            app,
+                            request_id,
+                            status,
+                        };
+                        this.send(command, conn).await;
+                    });
                 }
                 ShardEvent::Drained { .. } => {
                     self.drained_shards.fetch_add(1, Ordering::SeqCst);
@@ -485,6 +502,31 @@ impl Delivery {
             // holds up registering the next connections.
             let this = self.clone();
             tokio::spawn(async move { this.resume(resumes).await });
+        }
+    }
+
+    /// Tells the app's business server (through the coordinator) who came
+    /// online and who left.
+    fn report_user_state(&self, event: &ShardEvent) {
+        match event {
+            ShardEvent::Bound {
+                conn,
+                app,
+                user,
+                device_id,
+                ..
+            } => self
+                .coordinator
+                .user_state(app, user, *conn, Some(device_id), true),
+            ShardEvent::Unbound { conn, app, user } => {
+                self.coordinator.user_state(app, user, *conn, None, false);
+            }
+            ShardEvent::Closed { conn, bindings } => {
+                for (app, user) in bindings {
+                    self.coordinator.user_state(app, user, *conn, None, false);
+                }
+            }
+            _ => {}
         }
     }
 

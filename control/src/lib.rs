@@ -14,6 +14,7 @@
 pub mod broadcast;
 pub mod center;
 pub mod cluster;
+pub mod coordinator;
 pub mod delivery;
 pub mod dispatcher;
 pub mod flow;
