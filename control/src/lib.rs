@@ -1,8 +1,10 @@
 //! herald-control: the control plane, on tokio.
 //!
 //! It owns the center (the HTTP API business servers call), the register
-//! (which connections each user has) and delivery (store first, then send;
-//! answer the shards' requests for stored messages; batch ack cursors).
+//! (which connections each user has), delivery (store first, then send;
+//! answer the shards' requests for stored messages; batch ack cursors),
+//! broadcasts, the dispatcher, flow control, and the coordinator (upstream
+//! data and user state to the apps' webhooks).
 //! It reaches the gateway only through `herald_proto::plane` commands and
 //! events over bounded channels, and storage only through `herald-storage`.
 //!
