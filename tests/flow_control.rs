@@ -151,8 +151,9 @@ async fn past_its_accept_rate_the_gateway_turns_connections_away_with_a_retry_de
             other => panic!("expected HELLO_OK or GOAWAY(overloaded), got {other:?}"),
         }
     }
-    // Two shards with one token each, refilling at one a second each.
-    assert!((2..=4).contains(&welcomed), "{welcomed} welcomed");
+    // Two shards with one token each, refilling at one a second each (a
+    // shard the port's hash sends nobody to welcomes nobody).
+    assert!((1..=4).contains(&welcomed), "{welcomed} welcomed");
     assert_eq!(welcomed + delays.len(), 12);
     assert!(
         delays.iter().all(|&d| (1_000..=60_000).contains(&d)),
