@@ -266,8 +266,10 @@ async fn a_paced_broadcast_takes_the_time_its_rate_implies() {
     println!(
         "{CLIENTS} clients at {RATE}/s: last receipt after {last:.2} s (the rate implies {implied:.1} s)"
     );
+    // Not at once, and not much later than the rate implies (a loaded
+    // machine may run the ticks late).
     assert!(
-        last >= implied - 0.75 && last <= implied + 1.5,
+        last >= implied - 0.75 && last <= implied + 3.0,
         "{last:.2} s"
     );
 
