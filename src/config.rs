@@ -19,6 +19,9 @@ pub const DEFAULT_SHARDS: usize = 0;
 pub const DEFAULT_CONNECTIONS_PER_SHARD_MAX: usize = 1_000_000;
 /// 256 KiB: room for a full delivery window of 4 KiB pushes, several times.
 pub const DEFAULT_SEND_QUEUE_BYTES_MAX: usize = 256 * 1024;
+/// Frames waiting per connection: many full delivery windows, far more
+/// than a client that reads ever has queued.
+pub const DEFAULT_SEND_QUEUE_FRAMES_MAX: usize = 1_024;
 pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_BIND_FAILURES_MAX: u32 = 3;
 pub const DEFAULT_INFLIGHT_PUSHES_MAX: u32 = 32;
@@ -111,6 +114,7 @@ pub struct GatewaySection {
     pub shards: usize,
     pub connections_per_shard_max: usize,
     pub send_queue_bytes_max: usize,
+    pub send_queue_frames_max: usize,
     pub auth_timeout_secs: u64,
     pub bind_failures_max: u32,
     pub apps_per_connection_max: usize,
@@ -236,6 +240,7 @@ impl Default for GatewaySection {
             shards: DEFAULT_SHARDS,
             connections_per_shard_max: DEFAULT_CONNECTIONS_PER_SHARD_MAX,
             send_queue_bytes_max: DEFAULT_SEND_QUEUE_BYTES_MAX,
+            send_queue_frames_max: DEFAULT_SEND_QUEUE_FRAMES_MAX,
             auth_timeout_secs: DEFAULT_AUTH_TIMEOUT_SECS,
             bind_failures_max: DEFAULT_BIND_FAILURES_MAX,
             apps_per_connection_max: APPS_PER_CONN_MAX,
@@ -358,6 +363,14 @@ impl Config {
                 "gateway.send_queue_bytes_max ({}) must hold a full delivery window: \
                  inflight_pushes_max x (payload_bytes_max + 128) = {window_bytes}",
                 gateway.send_queue_bytes_max
+            );
+        }
+        let frames_min = gateway.inflight_pushes_max as usize * gateway.apps_per_connection_max;
+        if gateway.send_queue_frames_max < frames_min || gateway.send_queue_frames_max > 65_535 {
+            bail!(
+                "gateway.send_queue_frames_max ({}) must hold a full delivery window of every app \
+                 (inflight_pushes_max x apps_per_connection_max = {frames_min}) and be at most 65535",
+                gateway.send_queue_frames_max
             );
         }
         let heartbeat = &gateway.heartbeat_secs;

@@ -338,6 +338,7 @@ fn gateway_config(config: &Config) -> GatewayConfig {
             .collect(),
         connections_per_shard_max: config.gateway.connections_per_shard_max,
         send_queue_bytes_max: config.gateway.send_queue_bytes_max,
+        send_queue_frames_max: config.gateway.send_queue_frames_max,
         command_queue_len: config.gateway.command_queue_len,
         accept_rate: config.gateway.accept_rate.map(config::RateSection::rate),
     }

@@ -65,6 +65,8 @@ pub struct GatewayConfig {
     pub connections_per_shard_max: usize,
     /// A connection whose unsent output would pass this is cut off.
     pub send_queue_bytes_max: usize,
+    /// ... or whose waiting frames would pass this (at most 65,535).
+    pub send_queue_frames_max: usize,
     /// Capacity of each shard's command channel.
     pub command_queue_len: usize,
     /// New connections per second the whole gateway takes (split evenly
@@ -134,6 +136,7 @@ impl Gateway {
                 auth: AppSecrets::new(config.apps.iter().cloned()),
                 connections_max: config.connections_per_shard_max,
                 send_queue_bytes_max: config.send_queue_bytes_max,
+                send_queue_frames_max: config.send_queue_frames_max.min(usize::from(u16::MAX)),
                 accept_rate: config.accept_rate.map(|rate| herald_proto::rate::Rate {
                     per_sec: rate.per_sec / config.shards as f64,
                     burst: (rate.burst / config.shards as u32).max(1),

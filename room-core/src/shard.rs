@@ -106,6 +106,9 @@ pub struct ShardSettings {
     pub auth: AppSecrets,
     pub connections_max: usize,
     pub send_queue_bytes_max: usize,
+    /// Frames a connection may have waiting (queued since its queue was
+    /// last empty) before it is cut off as a slow consumer.
+    pub send_queue_frames_max: usize,
     /// This shard's share of the gateway's accept-rate limit, if any.
     pub accept_rate: Option<Rate>,
     pub metrics: Arc<GatewayMetrics>,
@@ -135,6 +138,9 @@ struct Conn {
     partial: Option<Box<BytesMut>>,
     /// Encoded frames the socket has not taken yet.
     queue: Option<Box<BytesMut>>,
+    /// Frames put in `queue` since it was last empty (an upper bound on
+    /// those still in it).
+    queued_frames: u16,
     /// Set once the connection must close; it does after the queue drains
     /// and the client closes its side (or the flush deadline passes).
     closing: Option<ConnEnd>,
@@ -521,6 +527,7 @@ impl<P: Poller> Shard<P> {
             connected_at_ms: unix_ms(),
             partial: None,
             queue: None,
+            queued_frames: 0,
             closing: None,
             flush_deadline: None,
             flush_timed_out: false,
@@ -623,6 +630,7 @@ impl<P: Poller> Shard<P> {
                         if queue.is_empty() {
                             let queue = conn.queue.take().expect("queue is some");
                             self.write_pool.give(queue);
+                            conn.queued_frames = 0;
                         }
                         progressed = written > 0;
                     }
@@ -716,8 +724,18 @@ impl<P: Poller> Shard<P> {
             } else {
                 conn.queue.get_or_insert_with(|| write_pool.take())
             };
+            // Frames count against the limit only when they queue behind
+            // others: going straight to the socket, a batch of any size
+            // (a fill of many broadcasts) is fine.
+            let frames_room = if direct {
+                usize::MAX
+            } else {
+                settings
+                    .send_queue_frames_max
+                    .saturating_sub(usize::from(conn.queued_frames))
+            };
             if let Some(frame) = &encoded {
-                if buffer.len() + frame.len() > settings.send_queue_bytes_max {
+                if buffer.len() + frame.len() > settings.send_queue_bytes_max || frames_room == 0 {
                     overflow = true;
                 } else {
                     buffer.extend_from_slice(frame);
@@ -729,7 +747,9 @@ impl<P: Poller> Shard<P> {
                 if overflow {
                     break;
                 }
-                if buffer.len() + encoded_len(&frame) > settings.send_queue_bytes_max {
+                if buffer.len() + encoded_len(&frame) > settings.send_queue_bytes_max
+                    || frames as usize >= frames_room
+                {
                     overflow = true;
                     break;
                 }
@@ -757,7 +777,11 @@ impl<P: Poller> Shard<P> {
                     let mut queue = write_pool.take();
                     queue.extend_from_slice(send_buffer);
                     conn.queue = Some(queue);
+                    conn.queued_frames = u16::try_from(frames).unwrap_or(u16::MAX);
                 }
+            } else if !direct {
+                let added = u16::try_from(frames).unwrap_or(u16::MAX);
+                conn.queued_frames = conn.queued_frames.saturating_add(added);
             }
             if direct {
                 send_buffer.clear();

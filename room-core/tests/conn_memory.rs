@@ -82,6 +82,7 @@ fn config(io: IoDriver) -> GatewayConfig {
         connections_per_shard_max: CONNECTIONS * 2,
         send_queue_bytes_max: 256 * 1024,
         command_queue_len: 1024,
+        send_queue_frames_max: 1024,
         accept_rate: None,
     }
 }
