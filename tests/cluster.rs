@@ -140,7 +140,22 @@ async fn across_nodes(cluster: &Cluster) {
             }
             other => panic!("expected BROADCAST, got {other:?}"),
         }
+        client
+            .send(Frame::BroadcastAck {
+                app: APP.to_owned(),
+                seq: 1,
+            })
+            .await;
     }
+    // Each room node adds its share to the cluster-wide progress.
+    let id = reply["broadcast_id"].as_str().unwrap().to_owned();
+    eventually("the progress sums every room node", || async {
+        let (_, report) = cluster.controls[1]
+            .get(&format!("/v1/apps/{APP}/broadcasts/{id}"), API_KEY)
+            .await;
+        report["target"] == 3 && report["sent"] == 3 && report["acked"] == 3
+    })
+    .await;
 
     // A kick through a control node reaches the user's room node.
     let (status, reply) = cluster.controls[0]

@@ -30,6 +30,18 @@ pub struct BroadcastRegistry {
 struct Tracked {
     expires_at_ms: u64,
     progress: Arc<BroadcastProgress>,
+    /// What was last reported to the cluster: target, sent, dropped, acked.
+    reported: [u64; 4],
+}
+
+/// Counts one node adds to a broadcast's cluster-wide progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressDelta {
+    pub app: String,
+    pub seq: u64,
+    pub expires_at_ms: u64,
+    /// target, sent, dropped, acked.
+    pub added: [u64; 4],
 }
 
 /// One broadcast's counts, as the API reports them.
@@ -49,6 +61,7 @@ impl BroadcastRegistry {
             .or_insert_with(|| Tracked {
                 expires_at_ms,
                 progress: Arc::default(),
+                reported: [0; 4],
             })
             .progress
             .clone()
@@ -59,6 +72,25 @@ impl BroadcastRegistry {
         by_seq
             .get(&(app.to_owned(), seq))
             .map(|tracked| tracked.progress.clone())
+    }
+
+    /// What each broadcast's counts grew by since the last call.
+    pub fn deltas(&self) -> Vec<ProgressDelta> {
+        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
+        by_seq
+            .iter_mut()
+            .filter_map(|((app, seq), tracked)| {
+                let now = report(&tracked.progress);
+                let added = [0, 1, 2, 3].map(|i| now[i] - tracked.reported[i]);
+                tracked.reported = now;
+                (added != [0; 4]).then(|| ProgressDelta {
+                    app: app.clone(),
+                    seq: *seq,
+                    expires_at_ms: tracked.expires_at_ms,
+                    added,
+                })
+            })
+            .collect()
     }
 
     /// Forgets broadcasts that expired: nobody gets them any more.
@@ -73,6 +105,16 @@ pub(crate) struct BroadcastResume {
     pub conn: ConnId,
     pub app: String,
     pub after: u64,
+}
+
+/// target, sent, dropped, acked, read now.
+fn report(progress: &BroadcastProgress) -> [u64; 4] {
+    [
+        progress.target.load(Ordering::Relaxed),
+        progress.sent.load(Ordering::Relaxed),
+        progress.dropped.load(Ordering::Relaxed),
+        progress.acked.load(Ordering::Relaxed),
+    ]
 }
 
 fn message(stored: &StoredBroadcast) -> BroadcastMessage {
@@ -154,16 +196,27 @@ impl Delivery {
         }
     }
 
-    /// How far a broadcast got on this node, if it fanned it out here.
-    pub fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
-        self.broadcasts
-            .get(app, seq)
-            .map(|progress| ProgressReport {
-                target: progress.target.load(Ordering::Relaxed),
-                sent: progress.sent.load(Ordering::Relaxed),
-                dropped: progress.dropped.load(Ordering::Relaxed),
-                acked: progress.acked.load(Ordering::Relaxed),
-            })
+    /// How far a broadcast got: in a cluster, summed over the room nodes
+    /// (as they last reported, every second); else on this node.
+    pub async fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
+        if let Some(remote) = self.remote() {
+            return remote.broadcast_progress(app, seq).await;
+        }
+        self.broadcasts.get(app, seq).map(|progress| {
+            let [target, sent, dropped, acked] = report(&progress);
+            ProgressReport {
+                target,
+                sent,
+                dropped,
+                acked,
+            }
+        })
+    }
+
+    /// What this node's broadcasts got to since the last call, for the
+    /// cluster-wide counts.
+    pub fn broadcast_deltas(&self) -> Vec<ProgressDelta> {
+        self.broadcasts.deltas()
     }
 
     /// A client acked broadcasts up to `seq`: counted for that broadcast.

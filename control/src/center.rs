@@ -712,6 +712,7 @@ async fn broadcast_progress(
     let progress = state
         .delivery
         .broadcast_progress(&app, stored.seq)
+        .await
         .unwrap_or(crate::broadcast::ProgressReport {
             target: 0,
             sent: 0,

@@ -35,6 +35,7 @@ use herald_proto::plane::{BroadcastMode, ConnId, PushMessage};
 use herald_proto::{GoAwayReason, MessageId, NetworkType};
 use herald_storage::StoredBroadcast;
 
+use crate::broadcast::{ProgressDelta, ProgressReport};
 use crate::delivery::{Delivery, Remote, unix_ms};
 use crate::register::{Change, MemoryRegister, Register, RegisterError, Session};
 
@@ -97,6 +98,43 @@ pub const BROADCAST_CHANNEL: &str = "herald:broadcasts";
 /// The channel a room node's run listens on.
 pub fn delivery_channel(node: &str, instance: u64) -> String {
     format!("herald:deliver:{node}:{instance}")
+}
+
+/// A broadcast's cluster-wide counts: a hash the room nodes add to.
+fn progress_key(app: &str, seq: u64) -> String {
+    format!("herald:{{{app}}}:broadcast:{seq}")
+}
+
+/// Adds each room node's new counts to the cluster-wide ones, one
+/// pipeline; the keys expire with their broadcasts.
+async fn report_progress(
+    redis: &RedisConn,
+    deltas: Vec<ProgressDelta>,
+) -> Result<(), RegisterError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut redis = redis.clone();
+    for delta in deltas {
+        let key = progress_key(&delta.app, delta.seq);
+        let mut pipe = redis::pipe();
+        for (field, added) in ["target", "sent", "dropped", "acked"]
+            .iter()
+            .zip(delta.added)
+        {
+            if added > 0 {
+                pipe.hincr(&key, *field, added).ignore();
+            }
+        }
+        pipe.cmd("PEXPIREAT")
+            .arg(&key)
+            .arg(delta.expires_at_ms)
+            .ignore();
+        pipe.query_async::<()>(&mut redis)
+            .await
+            .map_err(redis_error)?;
+    }
+    Ok(())
 }
 
 fn session_field(node: &str, instance: u64, conn: ConnId) -> String {
@@ -792,6 +830,22 @@ impl Remote for RedisRemote {
         }
     }
 
+    async fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
+        let mut redis = self.redis.clone();
+        let counts: HashMap<String, u64> = redis
+            .hgetall(progress_key(app, seq))
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "reading broadcast progress failed"))
+            .ok()?;
+        let count = |field: &str| counts.get(field).copied().unwrap_or(0);
+        Some(ProgressReport {
+            target: count("target"),
+            sent: count("sent"),
+            dropped: count("dropped"),
+            acked: count("acked"),
+        })
+    }
+
     async fn broadcast(&self, message: NodeMessage) {
         let json = serde_json::to_string(&message).expect("node messages serialize");
         let mut redis = self.redis.clone();
@@ -922,6 +976,9 @@ impl RoomLink {
             }
             if register.take_resync_needed() {
                 delivery.resync(register.own_sessions()).await;
+            }
+            if let Err(error) = report_progress(&self.redis, delivery.broadcast_deltas()).await {
+                tracing::warn!(%error, "reporting broadcast progress failed");
             }
         }
     }

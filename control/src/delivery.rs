@@ -20,7 +20,7 @@ use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
 use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
 use tokio::sync::Notify;
 
-use crate::broadcast::{BroadcastRegistry, BroadcastResume};
+use crate::broadcast::{BroadcastRegistry, BroadcastResume, ProgressReport};
 use crate::cluster::{Arrival, NodeMessage};
 use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
@@ -33,6 +33,8 @@ pub trait Remote: Send + Sync {
     async fn send(&self, node: &str, instance: u64, message: NodeMessage);
     /// Sends to every room node at once (a broadcast).
     async fn broadcast(&self, message: NodeMessage);
+    /// A broadcast's progress summed over the room nodes.
+    async fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport>;
 }
 
 /// Where this delivery runs: the node id and this run of it.
