@@ -344,3 +344,30 @@ async fn a_low_priority_broadcast_is_dropped_for_a_client_that_is_behind() {
     }
     panic!("no low-priority broadcast was ever dropped");
 }
+
+#[tokio::test]
+async fn missed_broadcasts_come_interleaved_with_the_inbox_in_creation_order() {
+    let server = Server::start();
+    let pause = || tokio::time::sleep(Duration::from_millis(5));
+    server.push("ivy", "m1").await;
+    pause().await;
+    broadcast(&server, json!({"payload": "b1"})).await;
+    pause().await;
+    server.push("ivy", "m2").await;
+    server.push("ivy", "m3").await;
+    pause().await;
+    broadcast(&server, json!({"payload": "b2"})).await;
+
+    let mut ivy = RawClient::bound(&server.gateway, "phone", "ivy", None).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(match ivy.recv().await {
+            Some(Frame::Push { payload, .. }) | Some(Frame::Broadcast { payload, .. }) => {
+                String::from_utf8(payload.to_vec()).unwrap()
+            }
+            other => panic!("expected PUSH or BROADCAST, got {other:?}"),
+        });
+    }
+    assert_eq!(got, ["m1", "b1", "m2", "m3", "b2"]);
+    ivy.expect_silence(Duration::from_millis(200)).await;
+}

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use herald_proto::plane::{
-    BroadcastMessage, BroadcastMode, BroadcastProgress, ConnId, ShardCommand,
+    BroadcastMessage, BroadcastMode, BroadcastProgress, ConnId, PushMessage, ShardCommand,
 };
 use herald_proto::{Frame, encode};
-use herald_storage::{BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast};
+use herald_storage::{
+    BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast, StoredMessage,
+};
 
 use crate::cluster::NodeMessage;
 use crate::delivery::{Delivery, unix_ms};
@@ -226,15 +228,21 @@ impl Delivery {
         }
     }
 
-    /// Sends each new binding the broadcasts it missed: one storage read
-    /// per app of the batch, however many binds it holds.
-    pub(crate) async fn fill_broadcasts(&self, resumes: Vec<BroadcastResume>) {
+    /// The unexpired broadcasts of each app after the lowest point any of
+    /// `wanted` (app, after) asks for: one storage read per app, however
+    /// many binds a batch holds. An app storage cannot answer for is left
+    /// out (its bindings get no broadcasts until they bind again; their
+    /// inbox is unaffected).
+    pub(crate) async fn read_broadcasts<'a>(
+        &self,
+        wanted: impl Iterator<Item = (&'a str, u64)>,
+    ) -> HashMap<String, Vec<StoredBroadcast>> {
         let mut by_app: HashMap<&str, u64> = HashMap::new();
-        for resume in &resumes {
-            let after = by_app.entry(&resume.app).or_insert(resume.after);
-            *after = (*after).min(resume.after);
+        for (app, after) in wanted {
+            let lowest = by_app.entry(app).or_insert(after);
+            *lowest = (*lowest).min(after);
         }
-        let mut found: HashMap<&str, Vec<StoredBroadcast>> = HashMap::new();
+        let mut found = HashMap::new();
         for (app, after) in by_app {
             match self
                 .saver()
@@ -242,17 +250,21 @@ impl Delivery {
                 .await
             {
                 Ok(broadcasts) => {
-                    found.insert(app, broadcasts);
+                    found.insert(app.to_owned(), broadcasts);
                 }
-                Err(error) => {
-                    // The bindings stay without broadcasts until they bind
-                    // again; their inbox is unaffected.
-                    tracing::warn!(%error, app.id = app, "reading broadcasts failed");
-                }
+                Err(error) => tracing::warn!(%error, app.id = app, "reading broadcasts failed"),
             }
         }
-        for resume in &resumes {
-            let Some(broadcasts) = found.get(resume.app.as_str()) else {
+        found
+    }
+
+    /// Sends bindings the broadcasts they missed (a `BroadcastCatchUp`).
+    pub(crate) async fn fill_broadcasts(&self, resumes: Vec<BroadcastResume>) {
+        let found = self
+            .read_broadcasts(resumes.iter().map(|r| (r.app.as_str(), r.after)))
+            .await;
+        for resume in resumes {
+            let Some(broadcasts) = found.get(&resume.app) else {
                 continue;
             };
             let broadcasts = broadcasts
@@ -262,11 +274,122 @@ impl Delivery {
                 .collect();
             let command = ShardCommand::BroadcastFill {
                 conn: resume.conn,
-                app: resume.app.clone(),
+                app: resume.app,
                 after: resume.after,
                 broadcasts,
             };
             self.send_to_shard(command, resume.conn).await;
         }
     }
+
+    /// A new binding's first fills: its inbox from `inbox_after` and the
+    /// broadcasts it missed, sent in the order they were created, as
+    /// alternating `Fill` and `BroadcastFill` commands (each continuing
+    /// where the previous one of its kind ended). When the inbox holds more
+    /// than this first read, the rest follows by catch-up, after these.
+    pub(crate) async fn send_first_fills(&self, first: FirstFills) {
+        let FirstFills {
+            conn,
+            app,
+            mut inbox_after,
+            messages,
+            more,
+            mut broadcast_after,
+            broadcasts,
+        } = first;
+        let mut items: Vec<(u64, bool, usize)> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.created_at_ms, false, i))
+            .chain(
+                broadcasts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| (b.created_at_ms, true, i)),
+            )
+            .collect();
+        // By creation time; at the same millisecond the inbox goes first.
+        items.sort_by_key(|&(at, is_broadcast, i)| (at, is_broadcast, i));
+        let mut commands = Vec::new();
+        let mut inbox_sent = false;
+        let mut broadcasts_sent = false;
+        for group in items.chunk_by(|a, b| a.1 == b.1) {
+            if group[0].1 {
+                let group: Vec<BroadcastMessage> = group
+                    .iter()
+                    .map(|&(_, _, i)| message(&broadcasts[i]))
+                    .collect();
+                let after = broadcast_after;
+                broadcast_after = group.last().map_or(after, |b| b.seq);
+                broadcasts_sent = true;
+                commands.push(ShardCommand::BroadcastFill {
+                    conn,
+                    app: app.clone(),
+                    after,
+                    broadcasts: group,
+                });
+            } else {
+                let group: Vec<PushMessage> = group
+                    .iter()
+                    .map(|&(_, _, i)| {
+                        let m = &messages[i];
+                        PushMessage {
+                            seq: m.seq,
+                            message_id: m.message_id,
+                            payload: m.payload.clone(),
+                        }
+                    })
+                    .collect();
+                let after = inbox_after;
+                inbox_after = group.last().map_or(after, |m| m.seq);
+                inbox_sent = true;
+                commands.push(ShardCommand::Fill {
+                    conn,
+                    app: app.clone(),
+                    after,
+                    messages: group,
+                    more: false,
+                });
+            }
+        }
+        // Every binding gets both first fills, empty or not: they set where
+        // it resumes, and `more` belongs on the inbox's last one.
+        if !inbox_sent {
+            commands.push(ShardCommand::Fill {
+                conn,
+                app: app.clone(),
+                after: inbox_after,
+                messages: Vec::new(),
+                more,
+            });
+        } else if let Some(ShardCommand::Fill { more: last, .. }) = commands
+            .iter_mut()
+            .rev()
+            .find(|c| matches!(c, ShardCommand::Fill { .. }))
+        {
+            *last = more;
+        }
+        if !broadcasts_sent {
+            commands.push(ShardCommand::BroadcastFill {
+                conn,
+                app,
+                after: broadcast_after,
+                broadcasts: Vec::new(),
+            });
+        }
+        for command in commands {
+            self.send_to_shard(command, conn).await;
+        }
+    }
+}
+
+/// What a new binding's first fills are made of.
+pub(crate) struct FirstFills {
+    pub conn: ConnId,
+    pub app: String,
+    pub inbox_after: u64,
+    pub messages: Vec<StoredMessage>,
+    pub more: bool,
+    pub broadcast_after: u64,
+    pub broadcasts: Vec<StoredBroadcast>,
 }

@@ -17,10 +17,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_proto::GoAwayReason;
 use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
-use herald_storage::{AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredRef};
+use herald_storage::{
+    AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
+};
 use tokio::sync::Notify;
 
-use crate::broadcast::{BroadcastRegistry, BroadcastResume, ProgressReport};
+use crate::broadcast::{BroadcastRegistry, BroadcastResume, FirstFills, ProgressReport};
 use crate::cluster::{Arrival, NodeMessage};
 use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
@@ -536,15 +538,13 @@ impl Delivery {
     /// inbox of the batch stands; only the inboxes holding messages past the
     /// resume point are read further (for an idle reconnect, none are).
     async fn resume(&self, mut resumes: Vec<Resume>) {
-        let broadcast_resumes = resumes
-            .iter()
-            .map(|r| BroadcastResume {
-                conn: r.conn,
-                app: r.app.clone(),
-                after: r.client_last_broadcast_seq.unwrap_or(0),
-            })
-            .collect();
-        self.fill_broadcasts(broadcast_resumes).await;
+        let broadcasts = self
+            .read_broadcasts(
+                resumes
+                    .iter()
+                    .map(|r| (r.app.as_str(), r.client_last_broadcast_seq.unwrap_or(0))),
+            )
+            .await;
         // Acks not yet written are read before storage, so an ack flushed
         // in between is seen in storage instead: a resume point may come out
         // low (a redelivery), never high (a loss).
@@ -594,21 +594,43 @@ impl Delivery {
             let after = resume
                 .client_last_seq
                 .unwrap_or_else(|| head.acked_seq.unwrap_or(0).max(pending));
-            if head.last_seq <= after {
-                // Nothing stored past the resume point: the fill is empty.
-                self.counters.fills.fetch_add(1, Ordering::Relaxed);
-                let command = ShardCommand::Fill {
-                    conn: resume.conn,
-                    app: resume.app,
-                    after,
-                    messages: Vec::new(),
-                    more: false,
-                };
-                self.send(command, resume.conn).await;
+            // Nothing stored past the resume point: no read, an empty fill.
+            let (messages, more) = if head.last_seq <= after {
+                (Vec::new(), false)
             } else {
-                self.fill(resume.conn, resume.app, resume.user, after, self.fill_limit)
-                    .await;
-            }
+                let read = self.read_inbox(
+                    resume.conn,
+                    &resume.app,
+                    &resume.user,
+                    after,
+                    self.fill_limit,
+                );
+                match read.await {
+                    Some(found) => found,
+                    None => continue,
+                }
+            };
+            self.counters.fills.fetch_add(1, Ordering::Relaxed);
+            let broadcast_after = resume.client_last_broadcast_seq.unwrap_or(0);
+            let missed = broadcasts
+                .get(&resume.app)
+                .map(|all| {
+                    all.iter()
+                        .filter(|b| b.seq > broadcast_after)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.send_first_fills(FirstFills {
+                conn: resume.conn,
+                app: resume.app,
+                inbox_after: after,
+                messages,
+                more,
+                broadcast_after,
+                broadcasts: missed,
+            })
+            .await;
         }
     }
 
@@ -616,26 +638,41 @@ impl Delivery {
         !self.is_draining() && !self.sessions(app, user).await.is_empty()
     }
 
-    /// Reads stored messages after `after` and sends them to the connection.
-    /// Retries while storage is down and the user is still connected.
-    async fn fill(&self, conn: ConnId, app: String, user: String, after: u64, limit: u32) {
+    /// Reads stored messages after `after`, retrying while storage is down
+    /// and the user is still connected; `None` once the user left.
+    async fn read_inbox(
+        &self,
+        conn: ConnId,
+        app: &str,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Option<(Vec<StoredMessage>, bool)> {
         let mut delay = Duration::from_millis(100);
-        let (messages, more) = loop {
+        loop {
             match self
                 .saver
-                .messages_after(&app, &user, after, limit, unix_ms())
+                .messages_after(app, user, after, limit, unix_ms())
                 .await
             {
-                Ok(found) => break found,
+                Ok(found) => return Some(found),
                 Err(error) => {
                     tracing::warn!(%error, conn.id = %conn, "reading an inbox failed");
-                    if !self.still_bound(&app, &user).await {
-                        return;
+                    if !self.still_bound(app, user).await {
+                        return None;
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(FILL_RETRY_DELAY_MAX);
                 }
             }
+        }
+    }
+
+    /// Reads stored messages after `after` and sends them to the connection
+    /// (the answer to a `CatchUp`).
+    async fn fill(&self, conn: ConnId, app: String, user: String, after: u64, limit: u32) {
+        let Some((messages, more)) = self.read_inbox(conn, &app, &user, after, limit).await else {
+            return;
         };
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
         let messages = messages
