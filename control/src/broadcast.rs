@@ -132,7 +132,8 @@ impl Delivery {
     /// Stores a broadcast, then hands it to every shard of this node and,
     /// in a cluster, to every other room node. Returns once stored.
     /// `mode.rate_per_sec` paces the fan-out: connections a second on this
-    /// node (and on each room node, in a cluster).
+    /// node, and on each room node in a cluster (the caller splits the
+    /// system's pace over them).
     pub async fn broadcast(
         &self,
         app: &str,

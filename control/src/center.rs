@@ -609,7 +609,7 @@ struct BroadcastBody {
     /// Only clients carrying every one of these tags get it.
     #[serde(default)]
     tags: Vec<String>,
-    /// Pace the fan-out: connections a second (per room node in a cluster).
+    /// Pace the fan-out: connections a second, all nodes together.
     rate_per_sec: Option<f64>,
     /// "low": dropped for clients that are behind (output already queued);
     /// "normal" (the default) is queued like any frame.
@@ -665,6 +665,19 @@ async fn broadcast(
         },
     )?;
     state.admit_broadcast(&app)?;
+    // The pace is the whole system's: split it evenly over the room nodes
+    // (one, in a single process), each of which splits it over its shards.
+    let rate_per_sec = match body.rate_per_sec {
+        Some(rate) => {
+            let nodes = state
+                .directory
+                .live()
+                .await
+                .map_or(1, |nodes| nodes.len().max(1));
+            Some(rate / nodes as f64)
+        }
+        None => None,
+    };
     let stored = state
         .delivery
         .broadcast(
@@ -673,7 +686,7 @@ async fn broadcast(
             message.ttl,
             &body.tags,
             BroadcastMode {
-                rate_per_sec: body.rate_per_sec,
+                rate_per_sec,
                 low_priority,
             },
         )
