@@ -107,6 +107,8 @@ pub(crate) struct BroadcastResume {
     pub conn: ConnId,
     pub app: String,
     pub after: u64,
+    /// As the `BroadcastCatchUp` said.
+    pub owed_up_to: u64,
 }
 
 /// target, sent, dropped, acked, read now.
@@ -277,6 +279,7 @@ impl Delivery {
                 conn: resume.conn,
                 app: resume.app,
                 after: resume.after,
+                owed_up_to: resume.owed_up_to,
                 broadcasts,
             };
             self.send_to_shard(command, resume.conn).await;
@@ -327,6 +330,7 @@ impl Delivery {
                     conn,
                     app: app.clone(),
                     after,
+                    owed_up_to: 0,
                     broadcasts: group,
                 });
             } else {
@@ -375,6 +379,7 @@ impl Delivery {
                 conn,
                 app,
                 after: broadcast_after,
+                owed_up_to: 0,
                 broadcasts: Vec::new(),
             });
         }

@@ -441,9 +441,19 @@ impl Delivery {
                     client_last_broadcast_seq,
                 }),
                 ShardEvent::BroadcastAck { app, seq, .. } => self.broadcast_acked(&app, seq),
-                ShardEvent::BroadcastCatchUp { conn, app, after } => {
+                ShardEvent::BroadcastCatchUp {
+                    conn,
+                    app,
+                    after,
+                    owed_up_to,
+                } => {
                     let this = self.clone();
-                    let resume = BroadcastResume { conn, app, after };
+                    let resume = BroadcastResume {
+                        conn,
+                        app,
+                        after,
+                        owed_up_to,
+                    };
                     tokio::spawn(async move { this.fill_broadcasts(vec![resume]).await });
                 }
                 ShardEvent::Unbound { .. } | ShardEvent::Closed { .. } => {}

@@ -117,6 +117,8 @@ pub enum ShardCommand {
         conn: ConnId,
         app: String,
         after: u64,
+        /// From the `BroadcastCatchUp` this answers (0 on a first fill).
+        owed_up_to: u64,
         broadcasts: Vec<BroadcastMessage>,
     },
     /// Deliveries to this binding may have been lost (the register or the
@@ -193,6 +195,9 @@ pub enum ShardEvent {
         conn: ConnId,
         app: String,
         after: u64,
+        /// Broadcasts up to here reached it live (see
+        /// `ServerConn::broadcast_fill`).
+        owed_up_to: u64,
     },
     /// Data the client sent for the app's business server.
     Upstream {

@@ -137,10 +137,13 @@ pub enum ConnEvent {
         seq: u64,
     },
     /// A broadcast arrived before the binding's first broadcast fill: the
-    /// broadcasts after `after` must be read again.
+    /// broadcasts after `after` must be read again; those up to
+    /// `owed_up_to` reached the connection live, and count as sent when the
+    /// reply delivers them.
     BroadcastCatchUp {
         app: String,
         after: u64,
+        owed_up_to: u64,
     },
     Upstream {
         app: String,
@@ -231,13 +234,12 @@ struct Binding {
     /// What broadcasts may be targeted by (`platform=ios`, ...); `None`
     /// for most clients.
     tags: Option<Box<Tags>>,
-    /// Highest broadcast seq sent on this connection; meaningful once
-    /// `broadcasts_ready`.
+    /// Highest broadcast seq sent on this connection once
+    /// `broadcasts_ready`; before that, the highest that came live and was
+    /// not sent (0: none), which the first fill owes.
     broadcast_sent: u64,
     /// The first broadcast fill arrived, so live broadcasts go out.
     broadcasts_ready: bool,
-    /// A live broadcast came before that fill and was not sent.
-    broadcast_missed: bool,
 }
 
 /// A binding's tags, boxed so that the field is a thin pointer: every
@@ -529,7 +531,6 @@ impl ServerConn {
                         }),
                         broadcast_sent: 0,
                         broadcasts_ready: false,
-                        broadcast_missed: false,
                     });
                     return;
                 }
@@ -671,7 +672,7 @@ impl ServerConn {
             return BroadcastFate::NotFor;
         }
         if !binding.broadcasts_ready {
-            binding.broadcast_missed = true;
+            binding.broadcast_sent = binding.broadcast_sent.max(seq);
             return BroadcastFate::Later;
         }
         if seq <= binding.broadcast_sent {
@@ -683,21 +684,32 @@ impl ServerConn {
 
     /// The broadcasts of `app` after `after` that this binding missed, in
     /// order (the reply to `Bound` and to `BroadcastCatchUp`). Broadcasts
-    /// whose tags the binding lacks are skipped.
+    /// whose tags the binding lacks are skipped. Returns the ones sent that
+    /// had reached this connection live before it was ready (their fan-out
+    /// counted it, so their progress counts them as sent now): on a first
+    /// fill the binding knows them, on a catch-up `owed_up_to` says.
     pub fn broadcast_fill(
         &mut self,
         app: &str,
         after: u64,
+        owed_up_to: u64,
         broadcasts: &[BroadcastMessage],
         out: &mut Output,
-    ) {
+    ) -> Vec<u64> {
+        let mut owed_sent = Vec::new();
         if self.phase == Phase::Closing {
-            return;
+            return owed_sent;
         }
         let Some(binding) = self.binding_mut(app) else {
-            return;
+            return owed_sent;
         };
-        if !binding.broadcasts_ready {
+        let first = !binding.broadcasts_ready;
+        let owed_up_to = if first {
+            binding.broadcast_sent
+        } else {
+            owed_up_to
+        };
+        if first {
             binding.broadcasts_ready = true;
             binding.broadcast_sent = after;
         }
@@ -707,6 +719,9 @@ impl ServerConn {
                 continue;
             }
             binding.broadcast_sent = broadcast.seq;
+            if broadcast.seq <= owed_up_to {
+                owed_sent.push(broadcast.seq);
+            }
             out.transmit.push(Frame::Broadcast {
                 app: binding.app.to_string(),
                 message_id: broadcast.message_id,
@@ -714,12 +729,17 @@ impl ServerConn {
                 payload: broadcast.payload.clone(),
             });
         }
-        if std::mem::take(&mut binding.broadcast_missed) {
+        if first && owed_up_to > binding.broadcast_sent {
+            // This fill was read before the missed one was stored: read
+            // once more (a catch-up that still lacks it, say because it
+            // expired meanwhile, ends the matter).
             out.events.push(ConnEvent::BroadcastCatchUp {
                 app: binding.app.to_string(),
                 after: binding.broadcast_sent,
+                owed_up_to,
             });
         }
+        owed_sent
     }
 
     pub fn upstream_ack(
@@ -1143,8 +1163,30 @@ mod tests {
             "before the first fill"
         );
         h.out.clear();
+        // A first fill read before broadcast 3 was stored lacks it: it is
+        // read once more.
+        assert!(
+            h.conn
+                .broadcast_fill("chat", 2, 0, &[], &mut h.out)
+                .is_empty()
+        );
+        assert_eq!(
+            h.out.events,
+            [ConnEvent::BroadcastCatchUp {
+                app: "chat".to_owned(),
+                after: 2,
+                owed_up_to: 3,
+            }],
+            "the broadcast that came early is read again"
+        );
+        h.out.clear();
         let fill = [broadcast(3, &[]), broadcast(4, &["platform=android"])];
-        h.conn.broadcast_fill("chat", 2, &fill, &mut h.out);
+        let owed = h.conn.broadcast_fill("chat", 2, 3, &fill, &mut h.out);
+        assert_eq!(
+            owed,
+            [3],
+            "3 reached this connection live, before it was ready"
+        );
         let sent: Vec<u64> = h
             .out
             .transmit
@@ -1155,14 +1197,7 @@ mod tests {
             })
             .collect();
         assert_eq!(sent, [3], "4 targets another platform");
-        assert_eq!(
-            h.out.events,
-            [ConnEvent::BroadcastCatchUp {
-                app: "chat".to_owned(),
-                after: 3
-            }],
-            "the broadcast that came early is read again"
-        );
+        assert!(h.out.events.is_empty(), "nothing more is owed");
         let ios = ["platform=ios".to_owned()];
         assert_eq!(h.conn.broadcast("chat", 5, &ios), BroadcastFate::Send);
         assert_eq!(

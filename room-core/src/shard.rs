@@ -66,6 +66,10 @@ const OUTBOX_LEN_MAX: usize = 4096;
 /// Commands handled per turn of the loop.
 const COMMAND_BATCH_MAX: usize = 256;
 
+/// Broadcasts a shard remembers for counting late sends (broadcasts are
+/// rare; a connection's first fill follows its bind within milliseconds).
+const RECENT_BROADCASTS_MAX: usize = 64;
+
 /// Bounds of the retry delay told to a connection turned away at the
 /// accept-rate limit.
 const TURN_AWAY_DELAY_MIN_MS: u32 = 1_000;
@@ -192,6 +196,9 @@ pub(crate) struct Shard<P> {
     encoded: Option<Bytes>,
     /// Broadcasts sent at a rate, moved on every tick.
     paced: Vec<Fanout>,
+    /// The last broadcasts fanned out here, to count in their progress the
+    /// connections that get them right after their first fill.
+    recent: VecDeque<((String, u64), Arc<BroadcastProgress>)>,
     read_pool: BufferPool,
     write_pool: BufferPool,
     wheel: TimerWheel,
@@ -276,6 +283,7 @@ impl<P: Poller> Shard<P> {
             out: Output::default(),
             encoded: None,
             paced: Vec::new(),
+            recent: VecDeque::new(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
             wheel: TimerWheel::new(now),
@@ -825,10 +833,15 @@ impl<P: Poller> Shard<P> {
                 ConnEvent::BroadcastAck { app, seq } => {
                     ShardEvent::BroadcastAck { conn: id, app, seq }
                 }
-                ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
+                ConnEvent::BroadcastCatchUp {
+                    app,
+                    after,
+                    owed_up_to,
+                } => ShardEvent::BroadcastCatchUp {
                     conn: id,
                     app,
                     after,
+                    owed_up_to,
                 },
                 ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
                     conn: id,
@@ -992,6 +1005,11 @@ impl<P: Poller> Shard<P> {
                 progress,
                 mode,
             } => {
+                if self.recent.len() == RECENT_BROADCASTS_MAX {
+                    self.recent.pop_front();
+                }
+                self.recent
+                    .push_back(((app.clone(), seq), progress.clone()));
                 let mut broadcast = Fanout {
                     app,
                     seq,
@@ -1012,12 +1030,23 @@ impl<P: Poller> Shard<P> {
                 conn,
                 app,
                 after,
+                owed_up_to,
                 broadcasts,
             } => {
                 if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot]
-                        .server
-                        .broadcast_fill(&app, after, &broadcasts, &mut self.out);
+                    let owed = self.conns[slot].server.broadcast_fill(
+                        &app,
+                        after,
+                        owed_up_to,
+                        &broadcasts,
+                        &mut self.out,
+                    );
+                    for seq in owed {
+                        let key = (app.clone(), seq);
+                        if let Some((_, progress)) = self.recent.iter().find(|(k, _)| *k == key) {
+                            progress.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     self.apply(slot, now);
                 }
             }
