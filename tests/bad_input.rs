@@ -267,38 +267,10 @@ async fn a_silent_client_is_closed_and_a_pinging_one_is_not(io: Io) {
 
 async fn a_client_that_never_reads_is_cut_off_at_the_queue_limit(io: Io) {
     let server = Server::start_on(io);
-    // A tiny receive buffer, so the server's output backs up quickly.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket
-        .connect(server.gateway.parse().unwrap())
-        .await
-        .unwrap();
-    let mut hello = bytes::BytesMut::new();
-    herald_proto::encode(
-        &Frame::Hello {
-            device_id: "flood".to_owned(),
-            client_version: "test".to_owned(),
-            network: herald_proto::NetworkType::Wired,
-        },
-        &mut hello,
-    )
-    .unwrap();
-    let mut pings = bytes::BytesMut::new();
-    for _ in 0..10_000 {
-        herald_proto::encode(&Frame::Ping, &mut pings).unwrap();
-    }
-    use tokio::io::AsyncWriteExt;
-    stream.write_all(&hello).await.unwrap();
+    let mut stream = support::unread_client(&server.gateway, "flood", None).await;
     // Each 60 KB of PINGs asks for 60 KB of PONGs that are never read;
     // the server must cut the client at 256 KiB queued, not buffer on.
-    let mut cut_off = false;
-    for _ in 0..2_000 {
-        if stream.write_all(&pings).await.is_err() {
-            cut_off = true;
-            break;
-        }
-    }
+    let cut_off = support::ping_until_cut_off(&mut stream).await;
     assert!(
         cut_off,
         "the server kept reading from a client that never reads"

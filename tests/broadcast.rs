@@ -171,34 +171,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_others_are_not_slowed() 
         )
         .replace("payload_bytes_max = 1024", "payload_bytes_max = 60000")
     });
-    // The slow one binds, then never reads (a tiny receive buffer, so its
-    // kernel buffers fill soon).
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket
-        .connect(server.gateway.parse().unwrap())
-        .await
-        .unwrap();
-    let mut hello = bytes::BytesMut::new();
-    for frame in [
-        Frame::Hello {
-            device_id: "slow".to_owned(),
-            client_version: "test".to_owned(),
-            network: herald_proto::NetworkType::Wifi,
-        },
-        Frame::Bind {
-            app: APP.to_owned(),
-            token: support::token("slow", 3600),
-            last_seq: None,
-            last_broadcast_seq: None,
-            tags: Vec::new(),
-        },
-    ] {
-        herald_proto::encode(&frame, &mut hello).unwrap();
-    }
-    tokio::io::AsyncWriteExt::write_all(&mut slow, &hello)
-        .await
-        .unwrap();
+    // The slow one binds, then never reads.
+    let _slow = support::unread_client(&server.gateway, "slow", Some("slow")).await;
     let mut fast = RawClient::bound(&server.gateway, "fast", "fast", None).await;
     server.wait_connections("slow", 1).await;
     server.wait_connections("fast", 1).await;
@@ -292,32 +266,7 @@ async fn a_low_priority_broadcast_is_dropped_for_a_client_that_is_behind() {
         text.replace("payload_bytes_max = 1024", "payload_bytes_max = 60000")
             .replace("[gateway]\n", "[gateway]\nsend_queue_bytes_max = 2000000\n")
     });
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket
-        .connect(server.gateway.parse().unwrap())
-        .await
-        .unwrap();
-    let mut hello = bytes::BytesMut::new();
-    for frame in [
-        Frame::Hello {
-            device_id: "behind".to_owned(),
-            client_version: "test".to_owned(),
-            network: herald_proto::NetworkType::Wifi,
-        },
-        Frame::Bind {
-            app: APP.to_owned(),
-            token: support::token("behind", 3600),
-            last_seq: None,
-            last_broadcast_seq: None,
-            tags: Vec::new(),
-        },
-    ] {
-        herald_proto::encode(&frame, &mut hello).unwrap();
-    }
-    tokio::io::AsyncWriteExt::write_all(&mut slow, &hello)
-        .await
-        .unwrap();
+    let _behind = support::unread_client(&server.gateway, "behind", Some("behind")).await;
     server.wait_connections("behind", 1).await;
     // Normal broadcasts back the client up, past what the kernel buffers,
     // until a low-priority one finds it behind and is dropped, not queued.

@@ -279,8 +279,6 @@ async fn upstream_and_user_state_reach_the_webhook_at_the_apps_pace() {
 
 #[tokio::test]
 async fn a_client_with_too_many_frames_waiting_is_cut_off_however_small_they_are() {
-    use herald_proto::Frame;
-    use tokio::io::AsyncWriteExt;
     // A byte limit no client reaches here: only the frame limit can act.
     let server = Server::start_with_edited_config(|text| {
         text.replace(
@@ -288,35 +286,9 @@ async fn a_client_with_too_many_frames_waiting_is_cut_off_however_small_they_are
             "[gateway]\nsend_queue_bytes_max = 67108864\nsend_queue_frames_max = 512\n",
         )
     });
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket
-        .connect(server.gateway.parse().unwrap())
-        .await
-        .unwrap();
-    let mut hello = bytes::BytesMut::new();
-    herald_proto::encode(
-        &Frame::Hello {
-            device_id: "pinger".to_owned(),
-            client_version: "test".to_owned(),
-            network: herald_proto::NetworkType::Wired,
-        },
-        &mut hello,
-    )
-    .unwrap();
-    stream.write_all(&hello).await.unwrap();
+    let mut stream = support::unread_client(&server.gateway, "pinger", None).await;
     // Each PING asks for a 6-byte PONG that is never read.
-    let mut pings = bytes::BytesMut::new();
-    for _ in 0..10_000 {
-        herald_proto::encode(&Frame::Ping, &mut pings).unwrap();
-    }
-    let mut cut_off = false;
-    for _ in 0..2_000 {
-        if stream.write_all(&pings).await.is_err() {
-            cut_off = true;
-            break;
-        }
-    }
+    let cut_off = support::ping_until_cut_off(&mut stream).await;
     assert!(cut_off, "the server queued frames without bound");
     support::cluster::eventually("the cut-off is counted as a slow consumer", || async {
         server

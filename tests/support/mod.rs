@@ -366,6 +366,48 @@ pub fn token(user: &str, ttl_secs: i64) -> String {
     .unwrap()
 }
 
+/// A client that says HELLO (and binds `user`, if given), then never reads:
+/// its tiny receive buffer makes the server's output back up soon.
+pub async fn unread_client(addr: &str, device: &str, user: Option<&str>) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let mut frames = BytesMut::new();
+    let hello = Frame::Hello {
+        device_id: device.to_owned(),
+        client_version: "test".to_owned(),
+        network: NetworkType::Wired,
+    };
+    encode(&hello, &mut frames).unwrap();
+    if let Some(user) = user {
+        let bind = Frame::Bind {
+            app: APP.to_owned(),
+            token: token(user, 3600),
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        };
+        encode(&bind, &mut frames).unwrap();
+    }
+    stream.write_all(&frames).await.unwrap();
+    stream
+}
+
+/// Sends PINGs whose PONGs are never read, 60 KB at a time, until the
+/// server cuts the connection off (true) or 120 MB went unanswered (false).
+pub async fn ping_until_cut_off(stream: &mut TcpStream) -> bool {
+    let mut pings = BytesMut::new();
+    for _ in 0..10_000 {
+        encode(&Frame::Ping, &mut pings).unwrap();
+    }
+    for _ in 0..2_000 {
+        if stream.write_all(&pings).await.is_err() {
+            return true;
+        }
+    }
+    false
+}
+
 /// A client that speaks the wire protocol frame by frame, so tests control
 /// exactly what is sent and when (or that nothing is acked).
 pub struct RawClient {
