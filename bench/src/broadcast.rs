@@ -15,9 +15,11 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::pool::Workers;
-use crate::systems::{self, Server};
+use crate::systems::Server;
 use crate::worker::{Target, mqtt_connect};
-use crate::{Common, herald_servers, now_nanos, percentiles, settle_after_teardown, total_rss};
+use crate::{
+    Common, SYSTEMS, now_nanos, percentiles, settle_after_teardown, start_servers, total_rss,
+};
 
 /// The payload size every system sends.
 const PAYLOAD_LEN: usize = 256;
@@ -38,21 +40,9 @@ fn payload(sent_nanos: u128) -> Vec<u8> {
 pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     let mut failures_total = 0;
-    for (name, target) in [
-        ("herald", Target::Herald),
-        ("mosquitto", Target::Mqtt),
-        ("nats", Target::Nats),
-    ] {
+    for (name, target) in SYSTEMS {
         let dir = tempfile::tempdir()?;
-        let servers: Vec<Server> = match target {
-            Target::Herald => herald_servers(common, dir.path())?,
-            Target::Mqtt => (0..common.gateway_count())
-                .map(|i| systems::start_mosquitto(dir.path(), i))
-                .collect::<anyhow::Result<_>>()?,
-            Target::Nats | Target::Bare => (0..common.gateway_count())
-                .map(|_| systems::start_nats())
-                .collect::<anyhow::Result<_>>()?,
-        };
+        let servers = start_servers(common, target, dir.path())?;
         let row = fan_out(common, target, &servers, name).await?;
         failures_total += row["failures_total"].as_u64().unwrap_or(0);
         rows.insert(name.to_owned(), row);

@@ -670,25 +670,38 @@ fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
     }))
 }
 
+/// The systems compared in one run, by name.
+const SYSTEMS: [(&str, Target); 3] = [
+    ("herald", Target::Herald),
+    ("mosquitto", Target::Mqtt),
+    ("nats", Target::Nats),
+];
+
+/// Herald's gateways (see `herald_servers`), or as many Mosquitto brokers
+/// or NATS servers, with their files in `dir`.
+fn start_servers(
+    common: &Common,
+    target: Target,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Server>> {
+    match target {
+        Target::Herald => herald_servers(common, dir),
+        Target::Mqtt => (0..common.gateway_count())
+            .map(|i| systems::start_mosquitto(dir, i))
+            .collect(),
+        Target::Nats | Target::Bare => (0..common.gateway_count())
+            .map(|_| systems::start_nats())
+            .collect(),
+    }
+}
+
 fn peers(common: &Common) -> anyhow::Result<Value> {
     let bare = bare_baseline(common)?;
     let mut rows = serde_json::Map::new();
     let mut failures_total = 0;
-    for (name, target) in [
-        ("herald", Target::Herald),
-        ("mosquitto", Target::Mqtt),
-        ("nats", Target::Nats),
-    ] {
+    for (name, target) in SYSTEMS {
         let dir = tempfile::tempdir()?;
-        let servers: Vec<Server> = match target {
-            Target::Herald => herald_servers(common, dir.path())?,
-            Target::Mqtt => (0..common.gateway_count())
-                .map(|i| systems::start_mosquitto(dir.path(), i))
-                .collect::<anyhow::Result<_>>()?,
-            Target::Nats | Target::Bare => (0..common.gateway_count())
-                .map(|_| systems::start_nats())
-                .collect::<anyhow::Result<_>>()?,
-        };
+        let servers = start_servers(common, target, dir.path())?;
         let (density, workers) = measure_density(&servers, target, common, name)?;
         drop(workers);
         drop(servers);
