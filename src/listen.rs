@@ -55,8 +55,15 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     while let Some(event) = client.next_event().await {
         match event {
-            Event::Push(push) => {
+            event @ (Event::Push(_) | Event::Broadcast(_)) => {
+                // A broadcast's seq counts the app's broadcasts, not the inbox.
+                let (kind, push) = match event {
+                    Event::Broadcast(push) => ("broadcast", push),
+                    Event::Push(push) => ("push", push),
+                    _ => unreachable!("matched above"),
+                };
                 let line = serde_json::json!({
+                    "kind": kind,
                     "app": push.app,
                     "seq": push.seq,
                     "message_id": push.message_id.to_string(),

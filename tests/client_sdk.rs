@@ -146,7 +146,7 @@ async fn listen_prints_pushes_as_json_lines_and_exits_nonzero_when_kicked() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let lines = BufReader::new(listen.stdout.take().unwrap()).lines();
     let mut stderr = BufReader::new(listen.stderr.take().unwrap()).lines();
     // The listener says when it is bound.
     loop {
@@ -155,15 +155,37 @@ async fn listen_prints_pushes_as_json_lines_and_exits_nonzero_when_kicked() {
             break;
         }
     }
+    // Reads the next line off the blocking pipe, handing the reader back.
+    let next_line = |mut lines: std::io::Lines<BufReader<std::process::ChildStdout>>| {
+        tokio::task::spawn_blocking(move || (lines.next().unwrap().unwrap(), lines))
+    };
     let reply = server.push("dave", "hello dave").await;
-    let line = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap())
-        .await
-        .unwrap();
+    let (line, lines) = next_line(lines).await.unwrap();
     let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(printed["app"], APP);
     assert_eq!(printed["seq"], 1);
     assert_eq!(printed["payload"], "hello dave");
     assert_eq!(printed["message_id"], reply["message_id"]);
+    assert_eq!(printed["kind"], "push");
+
+    let (status, _) = server
+        .post(
+            &format!("/v1/apps/{APP}/broadcasts"),
+            API_KEY,
+            serde_json::json!({"payload": "to all"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (line, _) = next_line(lines).await.unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (&printed["kind"], &printed["seq"], &printed["payload"]),
+        (
+            &serde_json::json!("broadcast"),
+            &serde_json::json!(1),
+            &serde_json::json!("to all")
+        )
+    );
 
     let (status, _) = server
         .post(
