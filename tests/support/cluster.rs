@@ -30,7 +30,7 @@ pub fn mysql_server_url() -> String {
 
 /// Skips (returns `None` after saying why) when a service is missing,
 /// unless CI=true, where a missing service fails the test.
-fn service_missing(test: &str, message: String) -> Option<std::convert::Infallible> {
+pub fn service_missing(test: &str, message: String) -> Option<std::convert::Infallible> {
     if std::env::var_os("CI").is_some() {
         panic!("{message}");
     }
