@@ -354,11 +354,13 @@ impl Delivery {
                     after,
                     messages: group,
                     more: false,
+                    broadcasts_from: None,
                 });
             }
         }
         // Every binding gets both first fills, empty or not: they set where
-        // it resumes, and `more` belongs on the inbox's last one.
+        // it resumes. `more` belongs on the inbox's last one, and without
+        // broadcasts that one is also the first broadcast fill.
         if !inbox_sent {
             commands.push(ShardCommand::Fill {
                 conn,
@@ -366,22 +368,22 @@ impl Delivery {
                 after: inbox_after,
                 messages: Vec::new(),
                 more,
+                broadcasts_from: None,
             });
-        } else if let Some(ShardCommand::Fill { more: last, .. }) = commands
+        }
+        if let Some(ShardCommand::Fill {
+            more: last_more,
+            broadcasts_from,
+            ..
+        }) = commands
             .iter_mut()
             .rev()
             .find(|c| matches!(c, ShardCommand::Fill { .. }))
         {
-            *last = more;
-        }
-        if !broadcasts_sent {
-            commands.push(ShardCommand::BroadcastFill {
-                conn,
-                app,
-                after: broadcast_after,
-                owed_up_to: 0,
-                broadcasts: Vec::new(),
-            });
+            *last_more = more;
+            if !broadcasts_sent {
+                *broadcasts_from = Some(broadcast_after);
+            }
         }
         for command in commands {
             self.send_to_shard(command, conn).await;

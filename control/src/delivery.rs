@@ -699,6 +699,7 @@ impl Delivery {
             after,
             messages,
             more,
+            broadcasts_from: None,
         };
         self.send(command, conn).await;
     }

@@ -97,6 +97,10 @@ pub enum ShardCommand {
         after: u64,
         messages: Vec<PushMessage>,
         more: bool,
+        /// Set on a binding's first fill when it missed no broadcast: it is
+        /// also the first broadcast fill, from this broadcast seq (one
+        /// command instead of two per bind in a reconnect storm).
+        broadcasts_from: Option<u64>,
     },
     /// A broadcast for every connection of the shard with `app` bound and
     /// every tag in `required_tags`. `frame` is its BROADCAST frame,

@@ -984,16 +984,15 @@ impl<P: Poller> Shard<P> {
                 after,
                 messages,
                 more,
+                broadcasts_from,
             } => {
                 if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot].server.fill(
-                        &app,
-                        after,
-                        &messages,
-                        more,
-                        config,
-                        &mut self.out,
-                    );
+                    let server = &mut self.conns[slot].server;
+                    server.fill(&app, after, &messages, more, config, &mut self.out);
+                    if let Some(from) = broadcasts_from {
+                        // Nothing is in it, so nothing sent can be owed.
+                        server.broadcast_fill(&app, from, 0, &[], &mut self.out);
+                    }
                     self.apply(slot, now);
                 }
             }
