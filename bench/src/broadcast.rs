@@ -1,12 +1,15 @@
 //! The `broadcast` scenario: one 256-byte message to N connected clients,
 //! through Herald (its broadcast API), Mosquitto (one topic, N subscribers)
 //! and the NATS server (one subject, N subscribers), in the same run, with
-//! the same N and payload. It reports the receipt latency percentiles, the
-//! time from the send to the last receipt, and the servers' peak memory
-//! during the fan-out against idle.
+//! the same N and payload; and through `bare` acceptors that send it with
+//! one send(2) per socket and nothing else, the kernel's floor on this
+//! machine. It reports the receipt latency percentiles, the time from the
+//! send to the last receipt, the servers' peak memory during the fan-out
+//! against idle, and the CPU time servers and load generator used.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::process::ChildStdin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,9 +20,7 @@ use serde_json::{Value, json};
 use crate::pool::Workers;
 use crate::systems::Server;
 use crate::worker::{Target, mqtt_connect};
-use crate::{
-    Common, SYSTEMS, now_nanos, percentiles, settle_after_teardown, start_servers, total_rss,
-};
+use crate::{Common, now_nanos, percentiles, settle_after_teardown, start_servers, total_rss};
 
 /// The payload size every system sends.
 const PAYLOAD_LEN: usize = 256;
@@ -40,10 +41,10 @@ fn payload(sent_nanos: u128) -> Vec<u8> {
 pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     let mut failures_total = 0;
-    for (name, target) in SYSTEMS {
+    for (name, target) in common.systems() {
         let dir = tempfile::tempdir()?;
-        let servers = start_servers(common, target, dir.path())?;
-        let row = fan_out(common, target, &servers, name).await?;
+        let mut servers = start_servers(common, target, dir.path())?;
+        let row = fan_out(common, target, &mut servers, name).await?;
         failures_total += row["failures_total"].as_u64().unwrap_or(0);
         rows.insert(name.to_owned(), row);
         drop(servers);
@@ -59,11 +60,11 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
 async fn fan_out(
     common: &Common,
     target: Target,
-    servers: &[Server],
+    servers: &mut [Server],
     label: &str,
 ) -> anyhow::Result<Value> {
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let subscribe = (target != Target::Herald).then_some(TOPIC);
+    let subscribe = matches!(target, Target::Mqtt | Target::Nats).then_some(TOPIC);
     let mut workers = Workers::start_subscribed(
         target,
         &common.creds()?,
@@ -83,6 +84,7 @@ async fn fan_out(
     let sampling = Arc::new(AtomicBool::new(true));
     let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
     let sampler = std::thread::spawn({
+        let pids = pids.clone();
         let (peak, sampling) = (peak.clone(), sampling.clone());
         move || {
             while sampling.load(Ordering::Relaxed) {
@@ -96,6 +98,8 @@ async fn fan_out(
         }
     });
 
+    let worker_pids = workers.pids();
+    let cpu_before = (cpu_seconds(&pids), cpu_seconds(&worker_pids));
     let before = workers.pushes_received();
     let started = Instant::now();
     let sent = publishers.send(&payload(now_nanos()), common).await;
@@ -104,6 +108,7 @@ async fn fan_out(
     while workers.pushes_received() - before < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let cpu_after = (cpu_seconds(&pids), cpu_seconds(&worker_pids));
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
     let received = workers.pushes_received() - before;
@@ -123,10 +128,22 @@ async fn fan_out(
         "idle_rss_bytes": idle_rss,
         "peak_rss_bytes": peak_rss,
         "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
+        // CPU time from the send until the last receipt was seen (polled
+        // every 2 ms; workers report every 200 ms), so the load generator's
+        // share of the two cores shows beside the servers'.
+        "server_cpu_seconds": cpu_after.0 - cpu_before.0,
+        "load_generator_cpu_seconds": cpu_after.1 - cpu_before.1,
         "failures": failures,
         "not_received": not_received,
         "failures_total": failures.values().sum::<u64>() + not_received + send_errors,
     }))
+}
+
+/// The CPU time (user and system) the processes used so far, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|&pid| crate::procfs::cpu_seconds(pid).ok())
+        .sum()
 }
 
 /// What sends the one message to each server: the HTTP API for Herald, a
@@ -138,10 +155,12 @@ enum Publishers {
     },
     Mqtt(Vec<TcpStream>),
     Nats(Vec<TcpStream>),
+    /// The bare acceptors' stdin.
+    Bare(Vec<ChildStdin>),
 }
 
 impl Publishers {
-    fn connect(target: Target, servers: &[Server]) -> anyhow::Result<Publishers> {
+    fn connect(target: Target, servers: &mut [Server]) -> anyhow::Result<Publishers> {
         Ok(match target {
             Target::Herald => Publishers::Herald {
                 apis: servers
@@ -165,7 +184,13 @@ impl Publishers {
                     })
                     .collect::<anyhow::Result<_>>()?,
             ),
-            Target::Nats | Target::Bare => Publishers::Nats(
+            Target::Bare => Publishers::Bare(
+                servers
+                    .iter_mut()
+                    .map(|s| s.lines.take().context("a bare acceptor without its stdin"))
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            Target::Nats => Publishers::Nats(
                 servers
                     .iter()
                     .map(|s| {
@@ -207,6 +232,14 @@ impl Publishers {
                 let packet = mqtt_publish(TOPIC, payload);
                 for stream in streams {
                     stream.write_all(&packet)?;
+                }
+            }
+            Publishers::Bare(lines) => {
+                let mut line = payload.to_vec();
+                line.push(b'\n');
+                for stdin in lines {
+                    stdin.write_all(&line)?;
+                    stdin.flush()?;
                 }
             }
             Publishers::Nats(streams) => {

@@ -112,6 +112,10 @@ struct Common {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The systems `peers` and `broadcast` compare (repeat; default: all).
+    #[arg(long = "system", value_name = "NAME",
+          value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS.map(|(name, _)| name)))]
+    systems: Vec<String>,
     /// A small run for CI: 2,000 connections, 5 s, checks zero failures.
     #[arg(long)]
     quick: bool,
@@ -154,6 +158,13 @@ impl Common {
             "--gateway needs --api once, or once per --gateway ({running})"
         );
         Ok(())
+    }
+
+    /// The systems to compare, in the usual order.
+    fn systems(&self) -> impl Iterator<Item = (&'static str, Target)> + '_ {
+        SYSTEMS
+            .into_iter()
+            .filter(|(name, _)| self.systems.is_empty() || self.systems.iter().any(|s| s == name))
     }
 
     /// The app clients bind: the config's, or the one of gateways started here.
@@ -671,10 +682,14 @@ fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
 }
 
 /// The systems compared in one run, by name.
-const SYSTEMS: [(&str, Target); 3] = [
+/// `bare` is the kernel alone (`herald-bench hold`): in `broadcast`, one
+/// plain send(2) per socket, the floor no server can beat on the machine;
+/// `peers` always measures it, as its baseline.
+const SYSTEMS: [(&str, Target); 4] = [
     ("herald", Target::Herald),
     ("mosquitto", Target::Mqtt),
     ("nats", Target::Nats),
+    ("bare", Target::Bare),
 ];
 
 /// Herald's gateways (see `herald_servers`), or as many Mosquitto brokers
@@ -689,8 +704,11 @@ fn start_servers(
         Target::Mqtt => (0..common.gateway_count())
             .map(|i| systems::start_mosquitto(dir, i))
             .collect(),
-        Target::Nats | Target::Bare => (0..common.gateway_count())
+        Target::Nats => (0..common.gateway_count())
             .map(|_| systems::start_nats())
+            .collect(),
+        Target::Bare => (0..common.gateway_count())
+            .map(|_| systems::start_holder())
             .collect(),
     }
 }
@@ -699,7 +717,8 @@ fn peers(common: &Common) -> anyhow::Result<Value> {
     let bare = bare_baseline(common)?;
     let mut rows = serde_json::Map::new();
     let mut failures_total = 0;
-    for (name, target) in SYSTEMS {
+    // The baseline above is the bare row.
+    for (name, target) in common.systems().filter(|&(_, t)| t != Target::Bare) {
         let dir = tempfile::tempdir()?;
         let servers = start_servers(common, target, dir.path())?;
         let (density, workers) = measure_density(&servers, target, common, name)?;
@@ -829,21 +848,31 @@ fn print_summary(report: &Value) {
             b["payload_bytes"], report["connections"]
         );
         println!(
-            "  {:<10} {:>9} {:>10} {:>10} {:>12} {:>11} {:>10}",
-            "server", "received", "p50 ms", "p99 ms", "last ms", "idle MiB", "peak/idle"
+            "  {:<10} {:>9} {:>10} {:>10} {:>12} {:>11} {:>10} {:>11} {:>11}",
+            "server",
+            "received",
+            "p50 ms",
+            "p99 ms",
+            "last ms",
+            "idle MiB",
+            "peak/idle",
+            "server cpu",
+            "loadgen cpu"
         );
         if let Some(servers) = b["servers"].as_object() {
             for (name, s) in servers {
                 let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
                 println!(
-                    "  {:<10} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>11.1} {:>10.3}",
+                    "  {:<10} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>11.1} {:>10.3} {:>10.2}s {:>10.2}s",
                     name,
                     s["received"],
                     ms(&s["latency_us"]["p50"]),
                     ms(&s["latency_us"]["p99"]),
                     s["ms_to_last_receipt"].as_f64().unwrap_or(0.0),
                     s["idle_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
-                    s["peak_over_idle"].as_f64().unwrap_or(0.0)
+                    s["peak_over_idle"].as_f64().unwrap_or(0.0),
+                    s["server_cpu_seconds"].as_f64().unwrap_or(0.0),
+                    s["load_generator_cpu_seconds"].as_f64().unwrap_or(0.0)
                 );
             }
         }

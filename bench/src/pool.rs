@@ -163,6 +163,11 @@ impl Workers {
         self.progress().iter().map(|p| p.connected).sum()
     }
 
+    /// The worker processes, for reading their CPU time.
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.child.id()).collect()
+    }
+
     pub fn pushes_received(&self) -> u64 {
         self.progress().iter().map(|p| p.pushes_received).sum()
     }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -26,6 +26,9 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The HTTP API, for Herald.
     pub api: Option<SocketAddr>,
+    /// A bare acceptor's stdin: each line written to it goes to every
+    /// socket it holds.
+    pub lines: Option<ChildStdin>,
 }
 
 impl Server {
@@ -35,6 +38,7 @@ impl Server {
             child: Some(child),
             addr,
             api,
+            lines: None,
         }
     }
 
@@ -47,6 +51,7 @@ impl Server {
             pid,
             addr,
             api: Some(api),
+            lines: None,
         })
     }
 
@@ -265,28 +270,54 @@ pub fn start_nats() -> anyhow::Result<Server> {
     Ok(Server::child(child, addr, None))
 }
 
-/// Starts `herald-bench hold`: accepts and keeps sockets, nothing else.
+/// Starts `herald-bench hold`: accepts and keeps sockets, and writes each
+/// line given to it to all of them.
 pub fn start_holder() -> anyhow::Result<Server> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("hold")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
+    let stdin = child.stdin.take().context("no stdin")?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = lines.next().context("hold exited")??.trim().parse()?;
-    Ok(Server::child(child, addr, None))
+    let mut server = Server::child(child, addr, None);
+    server.lines = Some(stdin);
+    Ok(server)
 }
 
-/// `herald-bench hold`: the bare acceptor.
+/// `herald-bench hold`: the bare acceptor, and the kernel's floor for a
+/// fan-out: each line read from stdin is written to every socket held, one
+/// plain send(2) each, with nothing else done per socket. It exits when
+/// stdin closes.
 pub fn hold() -> anyhow::Result<()> {
+    use std::io::Write as _;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    // std listens with a backlog of 128: a connect storm past it leaves
+    // clients that think they are connected waiting in SYN-ACK retries.
+    // SAFETY: listen(2) again on our listener only raises its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 65_535) };
     println!("{}", listener.local_addr()?);
-    let mut held = Vec::new();
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => held.push(stream),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let held = held.clone();
+        move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => held.lock().expect("not poisoned").push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    });
+    for line in std::io::stdin().lines() {
+        let mut line = line?.into_bytes();
+        line.push(b'\n');
+        for mut stream in held.lock().expect("not poisoned").iter() {
+            // A reset client only loses its own copy.
+            let _ = stream.write_all(&line);
         }
     }
     Ok(())

@@ -585,7 +585,13 @@ async fn handle_input(
                 }
             }
         }
-        Target::Bare => input.clear(),
+        Target::Bare => {
+            // Lines from `herald-bench hold`, each a payload.
+            while let Some(end) = input.iter().position(|&b| b == b'\n') {
+                let line = input.split_to(end + 1);
+                record_receipt(state, &line[..end]);
+            }
+        }
     }
     Ok(())
 }
