@@ -395,6 +395,7 @@ fn run(config: Config, role: Role) -> anyhow::Result<()> {
 }
 
 async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
+    let mut shutdown = ShutdownSignal::install()?;
     let name = NodeName {
         node: config.node_id().to_owned(),
         instance: new_instance(),
@@ -530,7 +531,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             })
             .into_future(),
     );
-    shutdown_signal().await;
+    shutdown.recv().await;
     tracing::info!("draining: clients get GOAWAY, acks are flushed");
     delivery
         .drain(
@@ -683,12 +684,27 @@ async fn trim_heap() {
     }
 }
 
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGTERM and Ctrl-C, caught from startup on: one that arrives while the
+/// node starts still drains it instead of killing it.
+struct ShutdownSignal {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<ShutdownSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignal {
+            terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 

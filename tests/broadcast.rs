@@ -320,3 +320,44 @@ async fn missed_broadcasts_come_interleaved_with_the_inbox_in_creation_order() {
     assert_eq!(got, ["m1", "b1", "m2", "m3", "b2"]);
     ivy.expect_silence(Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn a_client_more_than_a_window_behind_gets_broadcasts_in_their_place() {
+    // A window of 2: the inbox comes in three reads, each acked.
+    let server = Server::start_with_edited_config(|text| {
+        text.replacen("[gateway]\n", "[gateway]\ninflight_pushes_max = 2\n", 1)
+    });
+    let pause = || tokio::time::sleep(Duration::from_millis(5));
+    let mut expected = Vec::new();
+    for (i, kind) in ["m", "m", "m", "b", "m", "b", "m", "b"].iter().enumerate() {
+        let payload = format!("{kind}{i}");
+        if *kind == "m" {
+            server.push("jay", &payload).await;
+        } else {
+            broadcast(&server, json!({ "payload": payload })).await;
+        }
+        expected.push(payload);
+        pause().await;
+    }
+
+    let mut jay = RawClient::bound(&server.gateway, "phone", "jay", None).await;
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match jay.recv().await {
+            Some(Frame::Push { seq, payload, .. }) => {
+                got.push(String::from_utf8(payload.to_vec()).unwrap());
+                jay.ack(seq).await;
+            }
+            Some(Frame::Broadcast { payload, .. }) => {
+                got.push(String::from_utf8(payload.to_vec()).unwrap());
+            }
+            other => panic!("expected PUSH or BROADCAST, got {other:?}; so far {got:?}"),
+        }
+    }
+    assert_eq!(got, expected);
+    jay.expect_silence(Duration::from_millis(200)).await;
+
+    // Caught up: the next broadcast comes live.
+    broadcast(&server, json!({"payload": "live"})).await;
+    assert_eq!(jay.recv_broadcast().await.1, "live");
+}

@@ -599,3 +599,79 @@ async fn two_control_nodes_give_one_user_gapless_seqs() {
         .collect();
     assert_eq!(stored_seqs, (1..=100).collect::<Vec<_>>());
 }
+
+/// The connections a room node last reported in its liveness record.
+async fn reported_connections(redis_url: &str, node: &str) -> u64 {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let record: Option<String> = redis::cmd("GET")
+        .arg(format!("herald:{{nodes}}:node:{node}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    record.map_or(0, |text| {
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["connections"]
+            .as_u64()
+            .unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paced_broadcast_is_shared_by_the_room_nodes_connections() {
+    const TEST: &str = "a_paced_broadcast_is_shared_by_the_room_nodes_connections";
+    const RATE: f64 = 8.0;
+    // Most clients on one node: split evenly, that node would take about
+    // 2.3 times as long as the rate implies.
+    const SPREAD: [usize; 3] = [20, 2, 2];
+    let Some(cluster) = Cluster::start(TEST, 3, 1).await else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for (r, count) in SPREAD.iter().enumerate() {
+        for i in 0..*count {
+            let name = format!("pace{r}-{i}");
+            clients.push(RawClient::bound(&cluster.rooms[r].gateway, &name, &name, None).await);
+        }
+    }
+    let herald_control::cluster::RedisTarget::Single(redis_url) = &cluster.engines.redis else {
+        panic!("one Redis");
+    };
+    for (r, count) in SPREAD.iter().enumerate() {
+        let node = format!("room-{r}");
+        eventually(
+            &format!("{node} reports its {count} connections"),
+            || async { reported_connections(redis_url, &node).await == *count as u64 },
+        )
+        .await;
+    }
+    // The control node's view of the directory may be a second old.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let started = std::time::Instant::now();
+    let (status, reply) = cluster.controls[0]
+        .post(
+            &format!("/v1/apps/{APP}/broadcasts"),
+            API_KEY,
+            json!({"payload": "paced", "rate_per_sec": RATE}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let mut last = Duration::ZERO;
+    for client in &mut clients {
+        assert_eq!(client.recv_broadcast().await.0, 1);
+        last = last.max(started.elapsed());
+    }
+    let clients_total: usize = SPREAD.iter().sum();
+    let implied = (clients_total as f64 - 1.0) / RATE;
+    let last = last.as_secs_f64();
+    println!(
+        "{clients_total} clients over 3 room nodes ({SPREAD:?}) at {RATE}/s: last receipt \
+         after {last:.2} s (the rate implies {implied:.1} s)"
+    );
+    // Each shard sends its first one at once and moves on 250 ms ticks;
+    // an even split over the nodes would take over 6 s here.
+    assert!(
+        last >= implied * 0.5 && last <= implied + 2.0,
+        "{last:.2} s"
+    );
+}

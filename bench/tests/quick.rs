@@ -67,7 +67,10 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
         // Clock ticks of 10 ms: a quick run's CPU time may read as zero.
         assert!(row["server_cpu_seconds"].is_f64(), "{server}");
         assert!(row["load_generator_cpu_seconds"].is_f64(), "{server}");
-        assert!(row["ms_to_last_receipt"].as_f64().unwrap() > 0.0, "{server}");
+        assert!(
+            row["ms_to_last_receipt"].as_f64().unwrap() > 0.0,
+            "{server}"
+        );
     }
 }
 

@@ -14,12 +14,13 @@ use bytes::BytesMut;
 use herald_proto::plane::{
     BroadcastMessage, BroadcastMode, BroadcastProgress, ConnId, PushMessage, ShardCommand,
 };
+use herald_proto::server::BroadcastsNext;
 use herald_proto::{Frame, encode};
 use herald_storage::{
     BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast, StoredMessage,
 };
 
-use crate::cluster::NodeMessage;
+use crate::cluster::{LiveNodes, NodeMessage};
 use crate::delivery::{Delivery, unix_ms};
 
 /// How far each broadcast this node fanned out got, kept until it expires.
@@ -102,13 +103,43 @@ impl BroadcastRegistry {
     }
 }
 
+/// How a paced broadcast's rate is shared among the room nodes: by the
+/// connections each held when it was sent, as the node directory last read
+/// them, so that every node finishes in about the time the rate implies.
+/// A node gets one connection more than it held, so one that has just
+/// started still moves.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PaceShares(HashMap<String, f64>);
+
+impl PaceShares {
+    pub fn from_nodes(nodes: &LiveNodes) -> PaceShares {
+        let weight = |connections: u64| connections as f64 + 1.0;
+        let total: f64 = nodes.values().map(|n| weight(n.connections)).sum();
+        PaceShares(
+            nodes
+                .iter()
+                .map(|(id, n)| (id.clone(), weight(n.connections) / total))
+                .collect(),
+        )
+    }
+
+    /// `node`'s share: as listed; for a node that joined since, what an
+    /// even split would give it; all of it when nothing is listed (a
+    /// single process, or the directory could not be read).
+    pub fn of(&self, node: &str) -> f64 {
+        match self.0.get(node) {
+            Some(&share) => share,
+            None => 1.0 / (self.0.len() + 1) as f64,
+        }
+    }
+}
+
 /// A bound connection owed the app's broadcasts after `after`.
 pub(crate) struct BroadcastResume {
     pub conn: ConnId,
     pub app: String,
     pub after: u64,
-    /// As the `BroadcastCatchUp` said.
-    pub owed_up_to: u64,
 }
 
 /// target, sent, dropped, acked, read now.
@@ -133,9 +164,8 @@ fn message(stored: &StoredBroadcast) -> BroadcastMessage {
 impl Delivery {
     /// Stores a broadcast, then hands it to every shard of this node and,
     /// in a cluster, to every other room node. Returns once stored.
-    /// `mode.rate_per_sec` paces the fan-out: connections a second on this
-    /// node, and on each room node in a cluster (the caller splits the
-    /// system's pace over them).
+    /// `mode.rate_per_sec` paces the fan-out: connections a second in the
+    /// whole system, of which each room node takes its share.
     pub async fn broadcast(
         &self,
         app: &str,
@@ -143,6 +173,7 @@ impl Delivery {
         ttl: Duration,
         required_tags: &[String],
         mode: BroadcastMode,
+        shares: &PaceShares,
     ) -> Result<StoredBroadcast, StorageError> {
         let stored = self
             .saver()
@@ -154,12 +185,22 @@ impl Delivery {
                 now_ms: unix_ms(),
             })
             .await?;
-        self.fan_out(app, &stored, mode).await;
+        self.fan_out(app, &stored, self.node_pace(mode, shares))
+            .await;
         if let Some(remote) = self.remote() {
-            let message = NodeMessage::broadcast(app, &stored, mode);
+            let message = NodeMessage::broadcast(app, &stored, mode, shares);
             remote.broadcast(message).await;
         }
         Ok(stored)
+    }
+
+    /// This node's part of a broadcast whose pace is the whole system's.
+    pub(crate) fn node_pace(&self, mode: BroadcastMode, shares: &PaceShares) -> BroadcastMode {
+        let share = shares.of(&self.node_name().node);
+        BroadcastMode {
+            rate_per_sec: mode.rate_per_sec.map(|rate| rate * share),
+            ..mode
+        }
     }
 
     /// One command per shard, all sharing one encoded frame; a paced
@@ -279,20 +320,23 @@ impl Delivery {
                 conn: resume.conn,
                 app: resume.app,
                 after: resume.after,
-                owed_up_to: resume.owed_up_to,
                 broadcasts,
+                next: BroadcastsNext::Live,
             };
             self.send_to_shard(command, resume.conn).await;
         }
     }
 
-    /// A new binding's first fills: its inbox from `inbox_after` and the
-    /// broadcasts it missed, sent in the order they were created, as
-    /// alternating `Fill` and `BroadcastFill` commands (each continuing
-    /// where the previous one of its kind ended). When the inbox holds more
-    /// than this first read, the rest follows by catch-up, after these.
-    pub(crate) async fn send_first_fills(&self, first: FirstFills) {
-        let FirstFills {
+    /// A batch of fills answering for a binding's inbox and broadcasts
+    /// (its first fills, or a catch-up that asked for broadcasts): the
+    /// inbox window read and the broadcasts it missed, sent in the order
+    /// they were created, as alternating `Fill` and `BroadcastFill`
+    /// commands (each continuing where the previous one of its kind ended).
+    /// When the inbox holds more than the window, only the broadcasts
+    /// created up to its last message go now; the rest come with the
+    /// catch-ups that follow, in their place.
+    pub(crate) async fn send_fills(&self, fills: Fills) {
+        let Fills {
             conn,
             app,
             mut inbox_after,
@@ -300,7 +344,11 @@ impl Delivery {
             more,
             mut broadcast_after,
             broadcasts,
-        } = first;
+        } = fills;
+        let window_end_ms = match messages.last() {
+            Some(last) if more => last.created_at_ms,
+            _ => u64::MAX,
+        };
         let mut items: Vec<(u64, bool, usize)> = messages
             .iter()
             .enumerate()
@@ -309,14 +357,13 @@ impl Delivery {
                 broadcasts
                     .iter()
                     .enumerate()
+                    .filter(|(_, b)| b.created_at_ms <= window_end_ms)
                     .map(|(i, b)| (b.created_at_ms, true, i)),
             )
             .collect();
         // By creation time; at the same millisecond the inbox goes first.
         items.sort_by_key(|&(at, is_broadcast, i)| (at, is_broadcast, i));
         let mut commands = Vec::new();
-        let mut inbox_sent = false;
-        let mut broadcasts_sent = false;
         for group in items.chunk_by(|a, b| a.1 == b.1) {
             if group[0].1 {
                 let group: Vec<BroadcastMessage> = group
@@ -325,13 +372,12 @@ impl Delivery {
                     .collect();
                 let after = broadcast_after;
                 broadcast_after = group.last().map_or(after, |b| b.seq);
-                broadcasts_sent = true;
                 commands.push(ShardCommand::BroadcastFill {
                     conn,
                     app: app.clone(),
                     after,
-                    owed_up_to: 0,
                     broadcasts: group,
+                    next: BroadcastsNext::Continue,
                 });
             } else {
                 let group: Vec<PushMessage> = group
@@ -347,7 +393,6 @@ impl Delivery {
                     .collect();
                 let after = inbox_after;
                 inbox_after = group.last().map_or(after, |m| m.seq);
-                inbox_sent = true;
                 commands.push(ShardCommand::Fill {
                     conn,
                     app: app.clone(),
@@ -358,32 +403,43 @@ impl Delivery {
                 });
             }
         }
-        // Every binding gets both first fills, empty or not: they set where
-        // it resumes. `more` belongs on the inbox's last one, and without
-        // broadcasts that one is also the first broadcast fill.
-        if !inbox_sent {
-            commands.push(ShardCommand::Fill {
+        // The inbox's last fill carries `more` (a first fill is sent even
+        // when empty: it sets where the binding resumes), and the batch's
+        // last command says how it ends for broadcasts.
+        let last_fill = commands
+            .iter()
+            .rposition(|c| matches!(c, ShardCommand::Fill { .. }));
+        match last_fill {
+            Some(at) => {
+                if let ShardCommand::Fill {
+                    more: last_more, ..
+                } = &mut commands[at]
+                {
+                    *last_more = more;
+                }
+            }
+            None => commands.push(ShardCommand::Fill {
                 conn,
                 app: app.clone(),
                 after: inbox_after,
                 messages: Vec::new(),
                 more,
                 broadcasts_from: None,
-            });
+            }),
         }
-        if let Some(ShardCommand::Fill {
-            more: last_more,
-            broadcasts_from,
-            ..
-        }) = commands
-            .iter_mut()
-            .rev()
-            .find(|c| matches!(c, ShardCommand::Fill { .. }))
-        {
-            *last_more = more;
-            if !broadcasts_sent {
-                *broadcasts_from = Some(broadcast_after);
-            }
+        let next = if more {
+            BroadcastsNext::WithInbox
+        } else {
+            BroadcastsNext::Live
+        };
+        match commands.last_mut() {
+            Some(ShardCommand::BroadcastFill {
+                next: last_next, ..
+            }) => *last_next = next,
+            Some(ShardCommand::Fill {
+                broadcasts_from, ..
+            }) => *broadcasts_from = Some(broadcast_after),
+            _ => unreachable!("a batch ends with a fill"),
         }
         for command in commands {
             self.send_to_shard(command, conn).await;
@@ -391,8 +447,8 @@ impl Delivery {
     }
 }
 
-/// What a new binding's first fills are made of.
-pub(crate) struct FirstFills {
+/// What a batch of fills is made of.
+pub(crate) struct Fills {
     pub conn: ConnId,
     pub app: String,
     pub inbox_after: u64,
@@ -400,4 +456,45 @@ pub(crate) struct FirstFills {
     pub more: bool,
     pub broadcast_after: u64,
     pub broadcasts: Vec<StoredBroadcast>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::NodeRecord;
+
+    fn node(id: &str, connections: u64) -> (String, NodeRecord) {
+        let record = NodeRecord {
+            node: id.to_owned(),
+            instance: 1,
+            gateway: "127.0.0.1:1".to_owned(),
+            region: String::new(),
+            connections,
+            cpu_percent: 0.0,
+            heartbeat_at_ms: 0,
+        };
+        (id.to_owned(), record)
+    }
+
+    #[test]
+    fn a_paced_broadcast_is_shared_by_connections() {
+        let nodes: LiveNodes = Arc::new([node("a", 299), node("b", 99), node("c", 0)].into());
+        let shares = PaceShares::from_nodes(&nodes);
+        // Weights 300, 100 and 1.
+        assert!((shares.of("a") - 300.0 / 401.0).abs() < 1e-9);
+        assert!((shares.of("b") - 100.0 / 401.0).abs() < 1e-9);
+        assert!(shares.of("c") > 0.0, "a node with none still moves");
+        let sum: f64 = ["a", "b", "c"].iter().map(|n| shares.of(n)).sum();
+        assert!((sum - 1.0).abs() < 1e-9);
+        assert_eq!(shares.of("new"), 0.25, "a node that joined since");
+        assert_eq!(PaceShares::default().of("any"), 1.0, "alone");
+    }
+
+    #[test]
+    fn shares_survive_the_node_channel() {
+        let nodes: LiveNodes = Arc::new([node("a", 1), node("b", 3)].into());
+        let shares = PaceShares::from_nodes(&nodes);
+        let text = serde_json::to_string(&shares).unwrap();
+        assert_eq!(serde_json::from_str::<PaceShares>(&text).unwrap(), shares);
+    }
 }

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 
 use herald_storage::StoredRef;
 
+use crate::broadcast::PaceShares;
 use crate::cluster::{NodeDirectory, NodeRecord};
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
@@ -665,18 +666,18 @@ async fn broadcast(
         },
     )?;
     state.admit_broadcast(&app)?;
-    // The pace is the whole system's: split it evenly over the room nodes
-    // (one, in a single process), each of which splits it over its shards.
-    let rate_per_sec = match body.rate_per_sec {
-        Some(rate) => {
-            let nodes = state
-                .directory
-                .live()
-                .await
-                .map_or(1, |nodes| nodes.len().max(1));
-            Some(rate / nodes as f64)
-        }
-        None => None,
+    // The pace is the whole system's: each room node takes a share by its
+    // connections (all of it in a single process), and splits that over
+    // its shards.
+    let shares = match body.rate_per_sec {
+        Some(_) => match state.directory.live().await {
+            Ok(nodes) => PaceShares::from_nodes(&nodes),
+            Err(error) => {
+                tracing::warn!(%error, "no node directory: each room node paces alone");
+                PaceShares::default()
+            }
+        },
+        None => PaceShares::default(),
     };
     let stored = state
         .delivery
@@ -686,9 +687,10 @@ async fn broadcast(
             message.ttl,
             &body.tags,
             BroadcastMode {
-                rate_per_sec,
+                rate_per_sec: body.rate_per_sec,
                 low_priority,
             },
+            &shares,
         )
         .await
         .map_err(ApiError::storage)?;

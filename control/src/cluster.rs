@@ -35,7 +35,7 @@ use herald_proto::plane::{BroadcastMode, ConnId, PushMessage};
 use herald_proto::{GoAwayReason, MessageId, NetworkType};
 use herald_storage::StoredBroadcast;
 
-use crate::broadcast::{ProgressDelta, ProgressReport};
+use crate::broadcast::{PaceShares, ProgressDelta, ProgressReport};
 use crate::delivery::{Delivery, Remote, unix_ms};
 use crate::register::{Change, MemoryRegister, Register, RegisterError, Session};
 
@@ -658,8 +658,11 @@ pub enum NodeMessage {
         required_tags: Vec<String>,
         created_at_ms: u64,
         expires_at_ms: u64,
-        /// Connections a second each room node sends it to, if paced.
+        /// Connections a second in the whole system, if paced; each room
+        /// node takes its part of `pace_shares`.
         rate_per_sec: Option<f64>,
+        #[serde(default)]
+        pace_shares: PaceShares,
         #[serde(default)]
         low_priority: bool,
     },
@@ -688,7 +691,12 @@ impl NodeMessage {
         }
     }
 
-    pub fn broadcast(app: &str, stored: &StoredBroadcast, mode: BroadcastMode) -> NodeMessage {
+    pub fn broadcast(
+        app: &str,
+        stored: &StoredBroadcast,
+        mode: BroadcastMode,
+        shares: &PaceShares,
+    ) -> NodeMessage {
         NodeMessage::Broadcast {
             app: app.to_owned(),
             seq: stored.seq,
@@ -698,6 +706,7 @@ impl NodeMessage {
             created_at_ms: stored.created_at_ms,
             expires_at_ms: stored.expires_at_ms,
             rate_per_sec: mode.rate_per_sec,
+            pace_shares: shares.clone(),
             low_priority: mode.low_priority,
         }
     }
@@ -718,7 +727,9 @@ pub enum Arrival {
     Broadcast {
         app: String,
         stored: StoredBroadcast,
+        /// The whole system's pace; this node takes its share.
         mode: BroadcastMode,
+        shares: PaceShares,
     },
     Deliver {
         app: String,
@@ -776,9 +787,11 @@ impl TryFrom<NodeMessage> for Arrival {
                 created_at_ms,
                 expires_at_ms,
                 rate_per_sec,
+                pace_shares,
                 low_priority,
             } => Arrival::Broadcast {
                 app,
+                shares: pace_shares,
                 mode: BroadcastMode {
                     rate_per_sec,
                     low_priority,

@@ -22,7 +22,7 @@ use herald_storage::{
 };
 use tokio::sync::Notify;
 
-use crate::broadcast::{BroadcastRegistry, BroadcastResume, FirstFills, ProgressReport};
+use crate::broadcast::{BroadcastRegistry, BroadcastResume, Fills, ProgressReport};
 use crate::cluster::{Arrival, NodeMessage};
 use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
@@ -86,6 +86,16 @@ impl AckKey {
             part(&self.0[user_end..]),
         )
     }
+}
+
+/// A binding's request for stored messages (`ShardEvent::CatchUp`).
+struct CatchUp {
+    conn: ConnId,
+    app: String,
+    user: String,
+    after: u64,
+    limit: u32,
+    broadcasts_after: Option<u64>,
 }
 
 /// A binding that needs its first fill.
@@ -214,6 +224,10 @@ impl Delivery {
 
     pub fn saver(&self) -> &Saver {
         &self.saver
+    }
+
+    pub(crate) fn node_name(&self) -> &NodeName {
+        &self.name
     }
 
     pub(crate) fn remote(&self) -> Option<&Arc<dyn Remote>> {
@@ -367,7 +381,15 @@ impl Delivery {
                         .await;
                 }
             }
-            Arrival::Broadcast { app, stored, mode } => self.fan_out(&app, &stored, mode).await,
+            Arrival::Broadcast {
+                app,
+                stored,
+                mode,
+                shares,
+            } => {
+                self.fan_out(&app, &stored, self.node_pace(mode, &shares))
+                    .await;
+            }
             Arrival::Kick { reason, conns } => {
                 for conn in conns {
                     self.send(ShardCommand::Kick { conn, reason }, conn).await;
@@ -441,19 +463,9 @@ impl Delivery {
                     client_last_broadcast_seq,
                 }),
                 ShardEvent::BroadcastAck { app, seq, .. } => self.broadcast_acked(&app, seq),
-                ShardEvent::BroadcastCatchUp {
-                    conn,
-                    app,
-                    after,
-                    owed_up_to,
-                } => {
+                ShardEvent::BroadcastCatchUp { conn, app, after } => {
                     let this = self.clone();
-                    let resume = BroadcastResume {
-                        conn,
-                        app,
-                        after,
-                        owed_up_to,
-                    };
+                    let resume = BroadcastResume { conn, app, after };
                     tokio::spawn(async move { this.fill_broadcasts(vec![resume]).await });
                 }
                 ShardEvent::Unbound { .. } | ShardEvent::Closed { .. } => {}
@@ -475,9 +487,18 @@ impl Delivery {
                     user,
                     after,
                     limit,
+                    broadcasts_after,
                 } => {
                     let this = self.clone();
-                    tokio::spawn(async move { this.fill(conn, app, user, after, limit).await });
+                    let catch_up = CatchUp {
+                        conn,
+                        app,
+                        user,
+                        after,
+                        limit,
+                        broadcasts_after,
+                    };
+                    tokio::spawn(async move { this.fill(catch_up).await });
                 }
                 ShardEvent::Upstream {
                     conn,
@@ -631,7 +652,7 @@ impl Delivery {
                         .collect()
                 })
                 .unwrap_or_default();
-            self.send_first_fills(FirstFills {
+            self.send_fills(Fills {
                 conn: resume.conn,
                 app: resume.app,
                 inbox_after: after,
@@ -679,12 +700,39 @@ impl Delivery {
     }
 
     /// Reads stored messages after `after` and sends them to the connection
-    /// (the answer to a `CatchUp`).
-    async fn fill(&self, conn: ConnId, app: String, user: String, after: u64, limit: u32) {
+    /// (the answer to a `CatchUp`), with the broadcasts it asked for
+    /// interleaved in creation order.
+    async fn fill(&self, catch_up: CatchUp) {
+        let CatchUp {
+            conn,
+            app,
+            user,
+            after,
+            limit,
+            broadcasts_after,
+        } = catch_up;
         let Some((messages, more)) = self.read_inbox(conn, &app, &user, after, limit).await else {
             return;
         };
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
+        if let Some(broadcast_after) = broadcasts_after {
+            let broadcasts = self
+                .read_broadcasts(std::iter::once((app.as_str(), broadcast_after)))
+                .await
+                .remove(&app)
+                .unwrap_or_default();
+            self.send_fills(Fills {
+                conn,
+                app,
+                inbox_after: after,
+                messages,
+                more,
+                broadcast_after,
+                broadcasts,
+            })
+            .await;
+            return;
+        }
         let messages = messages
             .into_iter()
             .map(|m| PushMessage {

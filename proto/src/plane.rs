@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use bytes::Bytes;
 
 use crate::frame::{GoAwayReason, MessageId, NetworkType, UpstreamStatus};
+use crate::server::BroadcastsNext;
 
 /// A connection's address: the shard that owns it, its slab slot and the
 /// slot's generation. Slots are reused, so the generation keeps a stale
@@ -97,9 +98,10 @@ pub enum ShardCommand {
         after: u64,
         messages: Vec<PushMessage>,
         more: bool,
-        /// Set on a binding's first fill when it missed no broadcast: it is
-        /// also the first broadcast fill, from this broadcast seq (one
-        /// command instead of two per bind in a reconnect storm).
+        /// Set on the last fill of a batch answering for broadcasts (a
+        /// bind's first fills, or a catch-up that asked for broadcasts)
+        /// when no broadcast fill ends it: the broadcasts stand at this seq.
+        /// A bind that missed no broadcast is then one command, not two.
         broadcasts_from: Option<u64>,
     },
     /// A broadcast for every connection of the shard with `app` bound and
@@ -115,15 +117,15 @@ pub enum ShardCommand {
         /// This shard's share of the pace, and the priority.
         mode: BroadcastMode,
     },
-    /// The reply to a `Bound` or `BroadcastCatchUp`: the app's unexpired
-    /// broadcasts after `after`, in order.
+    /// Part of the reply to a `Bound` or a `CatchUp` asking for
+    /// broadcasts, or the reply to a `BroadcastCatchUp`: the app's
+    /// unexpired broadcasts after `after`, in order.
     BroadcastFill {
         conn: ConnId,
         app: String,
         after: u64,
-        /// From the `BroadcastCatchUp` this answers (0 on a first fill).
-        owed_up_to: u64,
         broadcasts: Vec<BroadcastMessage>,
+        next: BroadcastsNext,
     },
     /// Deliveries to this binding may have been lost (the register or the
     /// channel between nodes was down for a while): check storage for
@@ -190,18 +192,19 @@ pub enum ShardEvent {
         user: String,
         after: u64,
         limit: u32,
+        /// The broadcasts after this seq are to be interleaved with the
+        /// reply (the binding's inbox was behind when they came).
+        broadcasts_after: Option<u64>,
     },
     /// The client holds every broadcast of the app up to `seq`.
     BroadcastAck { conn: ConnId, app: String, seq: u64 },
-    /// A broadcast reached the connection before its first broadcast fill:
-    /// it is owed the app's broadcasts after `after`.
+    /// Broadcasts reached the connection while it could not take them,
+    /// and its fills since lacked them: it is owed the app's broadcasts
+    /// after `after`.
     BroadcastCatchUp {
         conn: ConnId,
         app: String,
         after: u64,
-        /// Broadcasts up to here reached it live (see
-        /// `ServerConn::broadcast_fill`).
-        owed_up_to: u64,
     },
     /// Data the client sent for the app's business server.
     Upstream {

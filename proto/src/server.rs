@@ -130,20 +130,21 @@ pub enum ConnEvent {
         user: String,
         after: u64,
         limit: u32,
+        /// Set while the binding's broadcasts come with its inbox: the
+        /// broadcasts after this seq are to be interleaved with the reply.
+        broadcasts_after: Option<u64>,
     },
     /// The client holds every broadcast of the app up to `seq`.
     BroadcastAck {
         app: String,
         seq: u64,
     },
-    /// A broadcast arrived before the binding's first broadcast fill: the
-    /// broadcasts after `after` must be read again; those up to
-    /// `owed_up_to` reached the connection live, and count as sent when the
-    /// reply delivers them.
+    /// Broadcasts reached the connection while it could not take them live
+    /// and the fills since did not hold them: those after `after` must be
+    /// read again.
     BroadcastCatchUp {
         app: String,
         after: u64,
-        owed_up_to: u64,
     },
     Upstream {
         app: String,
@@ -221,9 +222,10 @@ enum Phase {
 struct Binding {
     app: Arc<str>,
     user: Box<str>,
-    /// Highest seq sent on this connection; `None` until the control plane's
-    /// first fill tells where the device resumes.
-    sent: Option<u64>,
+    /// Highest seq sent on this connection, once `resumed` (see `sent`).
+    sent_seq: u64,
+    /// The first fill arrived: `sent_seq` holds.
+    resumed: bool,
     /// Highest seq the client acked on this connection (starts at the resume
     /// point).
     acked: u64,
@@ -234,12 +236,63 @@ struct Binding {
     /// What broadcasts may be targeted by (`platform=ios`, ...); `None`
     /// for most clients.
     tags: Option<Box<Tags>>,
-    /// Highest broadcast seq sent on this connection once
-    /// `broadcasts_ready`; before that, the highest that came live and was
-    /// not sent (0: none), which the first fill owes.
+    /// Highest broadcast seq the client holds or was sent, once a first
+    /// broadcast fill said where it resumes.
     broadcast_sent: u64,
-    /// The first broadcast fill arrived, so live broadcasts go out.
-    broadcasts_ready: bool,
+    /// Highest broadcast seq that reached the connection live while it
+    /// could not take it (0: none). Its fan-out counted it as a target; a
+    /// fill that sends it counts it as sent.
+    broadcast_owed: u64,
+    broadcasts: BroadcastPhase,
+}
+
+/// How broadcasts reach a binding. They go out live only while its inbox
+/// is caught up: otherwise they come from storage interleaved with the
+/// inbox's fills, so a client behind on both gets them in the order they
+/// were created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BroadcastPhase {
+    /// The first fills are on their way: where the client resumes is not
+    /// known yet.
+    AwaitingFill,
+    /// A batch of fills holding the broadcasts is on its way.
+    Filling,
+    /// The inbox is behind: its next catch-up asks for the broadcasts too.
+    WithInbox,
+    /// A `BroadcastCatchUp` is out for broadcasts owed.
+    CatchingUp,
+    /// Live broadcasts go out as they come.
+    Live,
+}
+
+/// Stored messages for one binding (see `ServerConn::fill`).
+#[derive(Debug, Clone, Copy)]
+pub struct InboxFill<'a> {
+    /// The seq the messages follow.
+    pub after: u64,
+    /// In ascending order.
+    pub messages: &'a [PushMessage],
+    /// Storage holds further messages.
+    pub more: bool,
+    /// Set on the last fill of a batch that answers for broadcasts without
+    /// holding one: they stand at this seq.
+    pub broadcasts_from: Option<u64>,
+}
+
+/// Where a fill leaves the broadcasts of the binding it is for. The fills
+/// answering a bind, or a catch-up that asked for broadcasts, come as a
+/// batch (inbox and broadcast fills in creation order); the last one says
+/// how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BroadcastsNext {
+    /// More fills of the same batch follow.
+    Continue,
+    /// The batch ends with the inbox still behind: broadcasts keep coming
+    /// with its catch-ups.
+    WithInbox,
+    /// The batch ends with the inbox caught up (or it answers a
+    /// `BroadcastCatchUp`): broadcasts go out live once any owed are in.
+    Live,
 }
 
 /// A binding's tags, boxed so that the field is a thin pointer: every
@@ -247,9 +300,25 @@ struct Binding {
 #[derive(Debug)]
 struct Tags(Vec<Box<str>>);
 
+// Multiplied by every bound connection: `room-core/tests/conn_memory.rs`
+// holds the heap per idle connection to its budget.
+const _: () = assert!(size_of::<Binding>() <= 80);
+
 impl Binding {
+    /// Highest seq sent on this connection; `None` until the control
+    /// plane's first fill tells where the device resumes. (Two fields, not
+    /// an `Option<u64>`, to keep a binding at 80 bytes.)
+    fn sent(&self) -> Option<u64> {
+        self.resumed.then_some(self.sent_seq)
+    }
+
+    fn set_sent(&mut self, seq: u64) {
+        self.sent_seq = seq;
+        self.resumed = true;
+    }
+
     fn window_room(&self, window: u32) -> u32 {
-        let sent = self.sent.unwrap_or(self.acked);
+        let sent = self.sent().unwrap_or(self.acked);
         let inflight = sent.saturating_sub(self.acked);
         window.saturating_sub(u32::try_from(inflight).unwrap_or(u32::MAX))
     }
@@ -257,19 +326,49 @@ impl Binding {
     /// Asks for a catch-up if the binding is behind, has room and has no
     /// request outstanding.
     fn request_catch_up(&mut self, window: u32, out: &mut Output) {
-        let Some(sent) = self.sent else { return };
+        let Some(sent) = self.sent() else { return };
         let room = self.window_room(window);
         if !self.behind || self.fill_pending || room == 0 {
             return;
         }
         self.behind = false;
         self.fill_pending = true;
+        let with_broadcasts = self.broadcasts == BroadcastPhase::WithInbox;
+        if with_broadcasts {
+            self.broadcasts = BroadcastPhase::Filling;
+        }
         out.events.push(ConnEvent::CatchUp {
             app: self.app.to_string(),
             user: self.user.to_string(),
             after: sent,
             limit: room,
+            broadcasts_after: with_broadcasts.then_some(self.broadcast_sent),
         });
+    }
+
+    /// Ends a batch of fills as its last one says. `progressed`: the fill
+    /// held broadcasts past where it started.
+    fn end_broadcast_fills(&mut self, next: BroadcastsNext, progressed: bool, out: &mut Output) {
+        match next {
+            BroadcastsNext::Continue => {}
+            BroadcastsNext::WithInbox => self.broadcasts = BroadcastPhase::WithInbox,
+            BroadcastsNext::Live => {
+                // Owed broadcasts may have been stored after the fills'
+                // read: read again, unless a catch-up just brought nothing
+                // new (what is still owed expired meanwhile).
+                let catching_up = self.broadcasts == BroadcastPhase::CatchingUp;
+                if self.broadcast_owed > self.broadcast_sent && (!catching_up || progressed) {
+                    self.broadcasts = BroadcastPhase::CatchingUp;
+                    out.events.push(ConnEvent::BroadcastCatchUp {
+                        app: self.app.to_string(),
+                        after: self.broadcast_sent,
+                    });
+                } else {
+                    self.broadcasts = BroadcastPhase::Live;
+                    self.broadcast_owed = 0;
+                }
+            }
+        }
     }
 
     /// Whether a broadcast targeted at `required` tags is for this binding.
@@ -284,7 +383,7 @@ impl Binding {
     }
 
     fn push(&mut self, message: &PushMessage, out: &mut Output) {
-        self.sent = Some(message.seq);
+        self.set_sent(message.seq);
         out.transmit.push(Frame::Push {
             app: self.app.to_string(),
             message_id: message.message_id,
@@ -421,7 +520,7 @@ impl ServerConn {
             (Phase::Open, Frame::BroadcastAck { app, seq }) => {
                 // Only broadcasts sent here count; an ack past them is ignored.
                 if let Some(binding) = self.binding_mut(&app)
-                    && binding.broadcasts_ready
+                    && binding.broadcasts != BroadcastPhase::AwaitingFill
                     && seq <= binding.broadcast_sent
                 {
                     out.events.push(ConnEvent::BroadcastAck { app, seq });
@@ -521,7 +620,8 @@ impl ServerConn {
                     self.bindings.push(Binding {
                         app: shared_app,
                         user: user.into_boxed_str(),
-                        sent: None,
+                        sent_seq: 0,
+                        resumed: false,
                         acked: 0,
                         fill_pending: true,
                         behind: false,
@@ -530,7 +630,8 @@ impl ServerConn {
                             Box::new(Tags(tags.collect()))
                         }),
                         broadcast_sent: 0,
-                        broadcasts_ready: false,
+                        broadcast_owed: 0,
+                        broadcasts: BroadcastPhase::AwaitingFill,
                     });
                     return;
                 }
@@ -554,7 +655,7 @@ impl ServerConn {
         let Some(binding) = self.binding_mut(app) else {
             return;
         };
-        let Some(sent) = binding.sent else { return };
+        let Some(sent) = binding.sent() else { return };
         if seq > sent || seq <= binding.acked {
             return;
         }
@@ -584,7 +685,7 @@ impl ServerConn {
         let Some(binding) = self.binding_mut(app) else {
             return;
         };
-        let Some(sent) = binding.sent else {
+        let Some(sent) = binding.sent() else {
             // The first fill is on its way; it may have been read from
             // storage before this message was stored, so check again after.
             binding.behind = true;
@@ -601,17 +702,21 @@ impl ServerConn {
         }
     }
 
-    /// Stored messages after `after`, in ascending order, in answer to a
-    /// `Bound` or `CatchUp` event. The first fill sets the resume point.
+    /// Stored messages in answer to a `Bound` or `CatchUp` event. The
+    /// first fill sets the resume point.
     pub fn fill(
         &mut self,
         app: &str,
-        after: u64,
-        messages: &[PushMessage],
-        more: bool,
+        fill: InboxFill<'_>,
         config: &ServerConfig,
         out: &mut Output,
     ) {
+        let InboxFill {
+            after,
+            messages,
+            more,
+            broadcasts_from,
+        } = fill;
         if self.phase == Phase::Closing {
             return;
         }
@@ -620,12 +725,12 @@ impl ServerConn {
             return;
         };
         binding.fill_pending = false;
-        if binding.sent.is_none() {
-            binding.sent = Some(after);
+        if binding.sent().is_none() {
+            binding.set_sent(after);
             binding.acked = after;
         }
         for message in messages {
-            let sent = binding.sent.unwrap_or(after);
+            let sent = binding.sent().unwrap_or(after);
             if message.seq <= sent {
                 continue;
             }
@@ -638,7 +743,26 @@ impl ServerConn {
         if more {
             binding.behind = true;
         }
+        if let Some(from) = broadcasts_from {
+            if binding.broadcasts == BroadcastPhase::AwaitingFill {
+                binding.broadcast_sent = from;
+            }
+            let next = if more {
+                BroadcastsNext::WithInbox
+            } else {
+                BroadcastsNext::Live
+            };
+            binding.end_broadcast_fills(next, false, out);
+        }
         binding.request_catch_up(window, out);
+        if binding.broadcasts == BroadcastPhase::WithInbox
+            && !binding.behind
+            && !binding.fill_pending
+        {
+            // Broadcasts came while this fill (asked without them) was on
+            // its way, and it caught the inbox up.
+            binding.end_broadcast_fills(BroadcastsNext::Live, false, out);
+        }
     }
 
     /// Deliveries may have been lost: catch up from storage once there is
@@ -651,7 +775,7 @@ impl ServerConn {
         let Some(binding) = self.binding_mut(app) else {
             return;
         };
-        if binding.sent.is_some() {
+        if binding.sent().is_some() {
             binding.behind = true;
             binding.request_catch_up(config.inflight_pushes_max, out);
         }
@@ -659,8 +783,9 @@ impl ServerConn {
 
     /// A broadcast of `app` reached this connection's shard: says whether
     /// to send it here (the shard sends the frame it encoded once for all).
-    /// Before the binding's first broadcast fill it is noted, not sent, and
-    /// read again after that fill.
+    /// While the binding cannot take it live (no broadcast fill yet, or its
+    /// inbox is behind) it is noted as owed, not sent, and a later fill
+    /// brings it in its place.
     pub fn broadcast(&mut self, app: &str, seq: u64, required_tags: &[String]) -> BroadcastFate {
         if self.phase == Phase::Closing {
             return BroadcastFate::NotFor;
@@ -671,8 +796,12 @@ impl ServerConn {
         if !binding.matches(required_tags) {
             return BroadcastFate::NotFor;
         }
-        if !binding.broadcasts_ready {
-            binding.broadcast_sent = binding.broadcast_sent.max(seq);
+        if binding.broadcasts == BroadcastPhase::Live && (binding.behind || binding.fill_pending) {
+            // Stored messages older than this broadcast are still to come.
+            binding.broadcasts = BroadcastPhase::WithInbox;
+        }
+        if binding.broadcasts != BroadcastPhase::Live {
+            binding.broadcast_owed = binding.broadcast_owed.max(seq);
             return BroadcastFate::Later;
         }
         if seq <= binding.broadcast_sent {
@@ -683,17 +812,16 @@ impl ServerConn {
     }
 
     /// The broadcasts of `app` after `after` that this binding missed, in
-    /// order (the reply to `Bound` and to `BroadcastCatchUp`). Broadcasts
-    /// whose tags the binding lacks are skipped. Returns the ones sent that
-    /// had reached this connection live before it was ready (their fan-out
-    /// counted it, so their progress counts them as sent now): on a first
-    /// fill the binding knows them, on a catch-up `owed_up_to` says.
+    /// order: part of a batch of fills answering `Bound` or a `CatchUp`, or
+    /// the answer to a `BroadcastCatchUp`. Broadcasts whose tags the
+    /// binding lacks are skipped. Returns the owed ones sent (their fan-out
+    /// counted this connection, so their progress counts them as sent now).
     pub fn broadcast_fill(
         &mut self,
         app: &str,
         after: u64,
-        owed_up_to: u64,
         broadcasts: &[BroadcastMessage],
+        next: BroadcastsNext,
         out: &mut Output,
     ) -> Vec<u64> {
         let mut owed_sent = Vec::new();
@@ -703,15 +831,9 @@ impl ServerConn {
         let Some(binding) = self.binding_mut(app) else {
             return owed_sent;
         };
-        let first = !binding.broadcasts_ready;
-        let owed_up_to = if first {
-            binding.broadcast_sent
-        } else {
-            owed_up_to
-        };
-        if first {
-            binding.broadcasts_ready = true;
+        if binding.broadcasts == BroadcastPhase::AwaitingFill {
             binding.broadcast_sent = after;
+            binding.broadcasts = BroadcastPhase::Filling;
         }
         for broadcast in broadcasts {
             if broadcast.seq <= binding.broadcast_sent || !binding.matches(&broadcast.required_tags)
@@ -719,7 +841,7 @@ impl ServerConn {
                 continue;
             }
             binding.broadcast_sent = broadcast.seq;
-            if broadcast.seq <= owed_up_to {
+            if broadcast.seq <= binding.broadcast_owed {
                 owed_sent.push(broadcast.seq);
             }
             out.transmit.push(Frame::Broadcast {
@@ -729,16 +851,8 @@ impl ServerConn {
                 payload: broadcast.payload.clone(),
             });
         }
-        if first && owed_up_to > binding.broadcast_sent {
-            // This fill was read before the missed one was stored: read
-            // once more (a catch-up that still lacks it, say because it
-            // expired meanwhile, ends the matter).
-            out.events.push(ConnEvent::BroadcastCatchUp {
-                app: binding.app.to_string(),
-                after: binding.broadcast_sent,
-                owed_up_to,
-            });
-        }
+        let progressed = broadcasts.iter().any(|b| b.seq > after);
+        binding.end_broadcast_fills(next, progressed, out);
         owed_sent
     }
 
@@ -939,10 +1053,27 @@ mod tests {
         }
 
         fn fill(&mut self, after: u64, seqs: &[u64], more: bool) -> &Output {
+            self.fill_then_broadcasts(after, seqs, more, None)
+        }
+
+        /// A fill that also ends a batch answering for broadcasts, which
+        /// stand at `broadcasts_from`.
+        fn fill_then_broadcasts(
+            &mut self,
+            after: u64,
+            seqs: &[u64],
+            more: bool,
+            broadcasts_from: Option<u64>,
+        ) -> &Output {
             self.out.clear();
             let messages: Vec<_> = seqs.iter().map(|&s| message(s)).collect();
-            self.conn
-                .fill("chat", after, &messages, more, &self.config, &mut self.out);
+            let fill = InboxFill {
+                after,
+                messages: &messages,
+                more,
+                broadcasts_from,
+            };
+            self.conn.fill("chat", fill, &self.config, &mut self.out);
             &self.out
         }
 
@@ -1139,6 +1270,123 @@ mod tests {
         }
     }
 
+    fn broadcast_seqs(out: &Output) -> Vec<u64> {
+        out.transmit
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Broadcast { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_binding_behind_on_its_inbox_gets_broadcasts_with_its_catch_ups() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        // The first window holds 1..=3 of more; broadcasts stand at 0.
+        let out = h.fill_then_broadcasts(0, &[1, 2, 3], true, Some(0));
+        assert_eq!(pushed_seqs(out), [1, 2, 3]);
+        assert_eq!(
+            h.conn.broadcast("chat", 5, &[]),
+            BroadcastFate::Later,
+            "older stored messages are still to come"
+        );
+        let out = h.ack(3);
+        assert!(
+            out.events.iter().any(|e| matches!(
+                e,
+                ConnEvent::CatchUp {
+                    after: 3,
+                    broadcasts_after: Some(0),
+                    ..
+                }
+            )),
+            "the catch-up asks for the broadcasts: {:?}",
+            out.events
+        );
+        // The reply, in creation order: broadcast 1, then message 4 (the
+        // inbox's end), read before broadcast 5 was stored.
+        h.out.clear();
+        h.conn.broadcast_fill(
+            "chat",
+            0,
+            &[broadcast(1, &[])],
+            BroadcastsNext::Continue,
+            &mut h.out,
+        );
+        assert_eq!(broadcast_seqs(&h.out), [1]);
+        let out = h.fill_then_broadcasts(3, &[4], false, Some(1));
+        assert_eq!(pushed_seqs(out), [4]);
+        assert_eq!(
+            out.events,
+            [ConnEvent::BroadcastCatchUp {
+                app: "chat".to_owned(),
+                after: 1,
+            }],
+            "5 came live meanwhile: read once more"
+        );
+        h.out.clear();
+        let owed = h.conn.broadcast_fill(
+            "chat",
+            1,
+            &[broadcast(5, &[])],
+            BroadcastsNext::Live,
+            &mut h.out,
+        );
+        assert_eq!(owed, [5]);
+        assert_eq!(broadcast_seqs(&h.out), [5]);
+        assert_eq!(h.conn.broadcast("chat", 6, &[]), BroadcastFate::Send);
+    }
+
+    #[test]
+    fn a_broadcast_that_comes_while_a_catch_up_is_out_follows_its_reply() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        h.out.clear();
+        h.conn
+            .broadcast_fill("chat", 0, &[], BroadcastsNext::Live, &mut h.out);
+        let window = h.config.inflight_pushes_max;
+        assert_eq!(catch_ups(h.deliver(2)), [(0, window)], "1 is missing");
+        assert_eq!(h.conn.broadcast("chat", 1, &[]), BroadcastFate::Later);
+        let out = h.fill(0, &[1, 2], false);
+        assert_eq!(pushed_seqs(out), [1, 2]);
+        assert_eq!(
+            out.events,
+            [ConnEvent::BroadcastCatchUp {
+                app: "chat".to_owned(),
+                after: 0,
+            }]
+        );
+        h.out.clear();
+        let owed = h.conn.broadcast_fill(
+            "chat",
+            0,
+            &[broadcast(1, &[])],
+            BroadcastsNext::Live,
+            &mut h.out,
+        );
+        assert_eq!(owed, [1]);
+        assert_eq!(h.conn.broadcast("chat", 2, &[]), BroadcastFate::Send);
+    }
+
+    #[test]
+    fn a_catch_up_that_finds_nothing_owed_ends_it() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        assert_eq!(h.conn.broadcast("chat", 1, &[]), BroadcastFate::Later);
+        let out = h.fill_then_broadcasts(0, &[], false, Some(0));
+        assert_eq!(out.events.len(), 1, "{:?}", out.events);
+        // Broadcast 1 expired before the catch-up read it.
+        h.out.clear();
+        h.conn
+            .broadcast_fill("chat", 0, &[], BroadcastsNext::Live, &mut h.out);
+        assert!(h.out.events.is_empty(), "no endless catch-ups");
+        assert_eq!(h.conn.broadcast("chat", 2, &[]), BroadcastFate::Send);
+    }
+
     #[test]
     fn broadcasts_wait_for_the_first_fill_then_go_out_once_by_tag() {
         let mut h = Harness::new();
@@ -1162,26 +1410,22 @@ mod tests {
             BroadcastFate::Later,
             "before the first fill"
         );
-        h.out.clear();
         // A first fill read before broadcast 3 was stored lacks it: it is
         // read once more.
-        assert!(
-            h.conn
-                .broadcast_fill("chat", 2, 0, &[], &mut h.out)
-                .is_empty()
-        );
+        let out = h.fill_then_broadcasts(0, &[], false, Some(2));
         assert_eq!(
-            h.out.events,
+            out.events,
             [ConnEvent::BroadcastCatchUp {
                 app: "chat".to_owned(),
                 after: 2,
-                owed_up_to: 3,
             }],
             "the broadcast that came early is read again"
         );
         h.out.clear();
         let fill = [broadcast(3, &[]), broadcast(4, &["platform=android"])];
-        let owed = h.conn.broadcast_fill("chat", 2, 3, &fill, &mut h.out);
+        let owed = h
+            .conn
+            .broadcast_fill("chat", 2, &fill, BroadcastsNext::Live, &mut h.out);
         assert_eq!(
             owed,
             [3],

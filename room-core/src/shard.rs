@@ -26,7 +26,7 @@ use futures_core::Stream;
 use herald_proto::plane::{BroadcastMode, BroadcastProgress, ConnId, ShardCommand, ShardEvent};
 use herald_proto::rate::{Rate, TokenBucket};
 use herald_proto::server::{
-    BroadcastFate, CloseReason, ConnEvent, Output, ServerConfig, ServerConn,
+    BroadcastFate, CloseReason, ConnEvent, InboxFill, Output, ServerConfig, ServerConn,
 };
 use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
 use slab::Slab;
@@ -833,15 +833,10 @@ impl<P: Poller> Shard<P> {
                 ConnEvent::BroadcastAck { app, seq } => {
                     ShardEvent::BroadcastAck { conn: id, app, seq }
                 }
-                ConnEvent::BroadcastCatchUp {
-                    app,
-                    after,
-                    owed_up_to,
-                } => ShardEvent::BroadcastCatchUp {
+                ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
                     conn: id,
                     app,
                     after,
-                    owed_up_to,
                 },
                 ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
                     conn: id,
@@ -863,12 +858,14 @@ impl<P: Poller> Shard<P> {
                     user,
                     after,
                     limit,
+                    broadcasts_after,
                 } => ShardEvent::CatchUp {
                     conn: id,
                     app,
                     user,
                     after,
                     limit,
+                    broadcasts_after,
                 },
                 ConnEvent::Upstream {
                     app,
@@ -987,12 +984,15 @@ impl<P: Poller> Shard<P> {
                 broadcasts_from,
             } => {
                 if let Some(slot) = self.live_slot(conn) {
-                    let server = &mut self.conns[slot].server;
-                    server.fill(&app, after, &messages, more, config, &mut self.out);
-                    if let Some(from) = broadcasts_from {
-                        // Nothing is in it, so nothing sent can be owed.
-                        server.broadcast_fill(&app, from, 0, &[], &mut self.out);
-                    }
+                    let fill = InboxFill {
+                        after,
+                        messages: &messages,
+                        more,
+                        broadcasts_from,
+                    };
+                    self.conns[slot]
+                        .server
+                        .fill(&app, fill, config, &mut self.out);
                     self.apply(slot, now);
                 }
             }
@@ -1029,15 +1029,15 @@ impl<P: Poller> Shard<P> {
                 conn,
                 app,
                 after,
-                owed_up_to,
                 broadcasts,
+                next,
             } => {
                 if let Some(slot) = self.live_slot(conn) {
                     let owed = self.conns[slot].server.broadcast_fill(
                         &app,
                         after,
-                        owed_up_to,
                         &broadcasts,
+                        next,
                         &mut self.out,
                     );
                     for seq in owed {
