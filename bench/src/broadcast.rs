@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::pool::Workers;
+use crate::pool::{Receiving, Workers};
 use crate::systems::Server;
 use crate::worker::{Target, mqtt_connect};
 use crate::{Common, now_nanos, percentiles, settle_after_teardown, start_servers, total_rss};
@@ -46,6 +46,11 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
         let mut servers = start_servers(common, target, dir.path())?;
         let row = fan_out(common, target, &mut servers, name).await?;
         failures_total += row["failures_total"].as_u64().unwrap_or(0);
+        let name = if target == Target::Herald && common.no_broadcast_ack {
+            "herald-unacked"
+        } else {
+            name
+        };
         rows.insert(name.to_owned(), row);
         drop(servers);
         settle_after_teardown();
@@ -64,7 +69,10 @@ async fn fan_out(
     label: &str,
 ) -> anyhow::Result<Value> {
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let subscribe = matches!(target, Target::Mqtt | Target::Nats).then_some(TOPIC);
+    let receiving = Receiving {
+        subscribe: matches!(target, Target::Mqtt | Target::Nats).then_some(TOPIC),
+        ack_broadcasts: !common.no_broadcast_ack,
+    };
     let mut workers = Workers::start_subscribed(
         target,
         &common.creds()?,
@@ -72,7 +80,7 @@ async fn fan_out(
         common.connections,
         common.rate,
         common.heartbeat_secs,
-        subscribe,
+        &receiving,
     )?;
     workers.wait_all_up(Duration::from_secs(300), label)?;
     let mut publishers = Publishers::connect(target, servers)?;
@@ -123,6 +131,7 @@ async fn fan_out(
     Ok(json!({
         "connections": expected,
         "received": received,
+        "clients_ack": target == Target::Herald && !common.no_broadcast_ack,
         "latency_us": percentiles(&latency),
         "ms_to_last_receipt": latency.max() as f64 / 1000.0,
         "idle_rss_bytes": idle_rss,

@@ -112,6 +112,10 @@ struct Common {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// In `broadcast`, Herald's clients do not ack it (the peers' QoS 0
+    /// clients never do): shows what the acks cost.
+    #[arg(long)]
+    no_broadcast_ack: bool,
     /// The systems `peers` and `broadcast` compare (repeat; default: all).
     #[arg(long = "system", value_name = "NAME",
           value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS.map(|(name, _)| name)))]

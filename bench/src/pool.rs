@@ -41,6 +41,23 @@ impl Drop for Workers {
     }
 }
 
+/// How the clients take what is sent to them.
+pub struct Receiving<'a> {
+    /// MQTT topic or NATS subject to subscribe to after connecting.
+    pub subscribe: Option<&'a str>,
+    /// Herald clients ack each broadcast, as the SDK's users do.
+    pub ack_broadcasts: bool,
+}
+
+impl Default for Receiving<'_> {
+    fn default() -> Self {
+        Receiving {
+            subscribe: None,
+            ack_broadcasts: true,
+        }
+    }
+}
+
 /// What ramping up to N connections took.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Ramp {
@@ -78,11 +95,11 @@ impl Workers {
             connections,
             rate_per_sec,
             heartbeat_secs,
-            None,
+            &Receiving::default(),
         )
     }
 
-    /// `start`, with MQTT/NATS clients subscribed to `subscribe`.
+    /// `start`, with clients receiving as `receiving` says.
     pub fn start_subscribed(
         target: Target,
         creds: &AppCreds,
@@ -90,7 +107,7 @@ impl Workers {
         connections: u64,
         rate_per_sec: u64,
         heartbeat_secs: u64,
-        subscribe: Option<&str>,
+        receiving: &Receiving<'_>,
     ) -> anyhow::Result<Workers> {
         let count = connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1);
         let exe = std::env::current_exe()?;
@@ -111,7 +128,8 @@ impl Workers {
                 heartbeat_secs,
                 app: creds.app.clone(),
                 token_secret: creds.token_secret.clone(),
-                subscribe: subscribe.map(str::to_owned),
+                subscribe: receiving.subscribe.map(str::to_owned),
+                ack_broadcasts: receiving.ack_broadcasts,
             };
             let mut child = Command::new(&exe)
                 .arg("worker")

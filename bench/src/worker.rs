@@ -66,6 +66,8 @@ pub struct WorkerSpec {
     /// broadcast scenario); idle peers subscribe to nothing.
     #[serde(default)]
     pub subscribe: Option<String>,
+    /// Herald clients ack each broadcast.
+    pub ack_broadcasts: bool,
 }
 
 /// The user id of user number `u`, as clients bind and the API addresses it.
@@ -534,7 +536,9 @@ async fn handle_input(
                         app, seq, payload, ..
                     } => {
                         record_receipt(state, &payload);
-                        send_frame(stream, &Frame::BroadcastAck { app, seq }).await?;
+                        if state.spec.ack_broadcasts {
+                            send_frame(stream, &Frame::BroadcastAck { app, seq }).await?;
+                        }
                     }
                     Frame::GoAway { .. } | Frame::Error { .. } => return Err("closed_by_server"),
                     _ => {}
