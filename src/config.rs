@@ -126,6 +126,9 @@ pub struct GatewaySection {
     pub drain_reconnect_delay_ms: u32,
     pub drain_timeout_secs: u64,
     pub heartbeat_secs: HeartbeatSection,
+    /// Pin each shard to its own CPU (of those the process may use); turn
+    /// off when several processes share the CPUs.
+    pub pin_shards: bool,
 }
 
 /// `gateway.io`: how the gateway waits for its sockets.
@@ -250,6 +253,7 @@ impl Default for GatewaySection {
             drain_reconnect_delay_ms: DEFAULT_DRAIN_RECONNECT_DELAY_MS,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             heartbeat_secs: HeartbeatSection::default(),
+            pin_shards: true,
         }
     }
 }

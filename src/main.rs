@@ -341,6 +341,7 @@ fn gateway_config(config: &Config) -> GatewayConfig {
         send_queue_frames_max: config.gateway.send_queue_frames_max,
         command_queue_len: config.gateway.command_queue_len,
         accept_rate: config.gateway.accept_rate.map(config::RateSection::rate),
+        pin_shards: config.gateway.pin_shards,
     }
 }
 

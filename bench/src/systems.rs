@@ -158,6 +158,9 @@ io = "{io}"
 listen = "127.0.0.1:0"
 shards = 1
 connections_per_shard_max = 19000
+# Several gateways and the load generator share the CPUs: pinned, every
+# gateway's one shard would sit on the first CPU.
+pin_shards = false
 [gateway.heartbeat_secs]
 unknown = {heartbeat_secs}
 wifi = {heartbeat_secs}
@@ -333,6 +336,7 @@ mod tests {
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["gateway"]["io"].as_str(), Some("epoll"));
         assert_eq!(value["gateway"]["shards"].as_integer(), Some(1));
+        assert_eq!(value["gateway"]["pin_shards"].as_bool(), Some(false));
         assert_eq!(
             value["apps"][0]["token_secret"].as_str(),
             Some(TOKEN_SECRET)

@@ -73,6 +73,11 @@ pub struct GatewayConfig {
     /// over the shards); past it they are turned away with
     /// GOAWAY(overloaded) and a jittered retry delay. `None`: no limit.
     pub accept_rate: Option<herald_proto::rate::Rate>,
+    /// Pin shard `i` to the `i`-th CPU this process may run on (its
+    /// affinity mask, so `taskset` and cpusets choose the CPUs). Off when
+    /// several processes share the CPUs: pinned, they would all crowd the
+    /// first ones.
+    pub pin_shards: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +128,11 @@ impl Gateway {
             .and_then(|addr| addr.as_socket())
             .unwrap_or(config.listen);
 
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = if config.pin_shards {
+            allowed_cpus()
+        } else {
+            Vec::new()
+        };
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
         let mut commands = Vec::with_capacity(config.shards);
         let mut threads = Vec::with_capacity(config.shards);
@@ -143,7 +152,7 @@ impl Gateway {
                 }),
                 metrics: metrics.clone(),
             };
-            let cpu = shard % cpus;
+            let cpu = (!cpus.is_empty()).then(|| cpus[shard % cpus.len()]);
             let events = events.clone();
             let io = config.io;
             let thread = std::thread::Builder::new()
@@ -209,14 +218,16 @@ impl Gateway {
 /// whether it listens, then runs the shard loop.
 fn run_shard_thread(
     io: IoDriver,
-    cpu: usize,
+    cpu: Option<usize>,
     listen: SocketAddr,
     settings: shard::ShardSettings,
     commands: async_channel::Receiver<ShardCommand>,
     events: async_channel::Sender<ShardEvent>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
-    pin_to_cpu(cpu);
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu);
+    }
     let setup = || -> io::Result<(std::net::TcpListener, Arc<poller::WakeFd>)> {
         Ok((bind_listener(listen)?, Arc::new(poller::WakeFd::new()?)))
     };
@@ -256,6 +267,21 @@ fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes inside it,
+    // and CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
 }
 
 fn pin_to_cpu(cpu: usize) {

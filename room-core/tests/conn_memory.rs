@@ -84,6 +84,7 @@ fn config(io: IoDriver) -> GatewayConfig {
         command_queue_len: 1024,
         send_queue_frames_max: 1024,
         accept_rate: None,
+        pin_shards: true,
     }
 }
 
