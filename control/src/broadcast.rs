@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use herald_proto::plane::{
@@ -23,10 +23,29 @@ use herald_storage::{
 use crate::cluster::{LiveNodes, NodeMessage};
 use crate::delivery::{Delivery, unix_ms};
 
-/// How far each broadcast this node fanned out got, kept until it expires.
+/// How long a storage read's word that an app has no broadcast past some
+/// seq is trusted, for binds asking from there on. Broadcasts fanned out
+/// here raise it at once; this bounds how stale it is otherwise.
+const BROADCAST_HEAD_TRUSTED_FOR: Duration = Duration::from_secs(1);
+
+/// How far each broadcast this node fanned out got, kept until it expires;
+/// and where each app's broadcasts end, as far as this node knows.
 #[derive(Debug, Default)]
 pub struct BroadcastRegistry {
     by_seq: Mutex<HashMap<(String, u64), Tracked>>,
+    heads: Mutex<HashMap<String, KnownHead>>,
+}
+
+/// No unexpired broadcast of an app was past `seq` when storage was last
+/// read, at `read_at`, and none has reached this node since past `seq`
+/// (which each one raises).
+#[derive(Debug, Clone, Copy)]
+struct KnownHead {
+    seq: u64,
+    /// `None` until a read completes.
+    read_at: Option<Instant>,
+    /// When a broadcast last reached this node.
+    seen_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -57,7 +76,57 @@ pub struct ProgressReport {
 }
 
 impl BroadcastRegistry {
+    /// Whether binds that hold every broadcast of `app` up to `after` can
+    /// be sure, without reading storage, that they missed none: a recent
+    /// read found nothing past the known head and `after` is at or past it.
+    fn holds_everything(&self, app: &str, after: u64, now: Instant) -> bool {
+        let heads = self.heads.lock().expect("broadcast lock");
+        heads.get(app).is_some_and(|head| {
+            head.read_at.is_some_and(|read_at| {
+                now.saturating_duration_since(read_at) < BROADCAST_HEAD_TRUSTED_FOR
+            }) && after >= head.seq
+        })
+    }
+
+    /// A complete storage read of `app` after `after`, started at
+    /// `read_at`. It sets the head, except that a broadcast that reached
+    /// this node since the read started keeps the head past it. (Set, not
+    /// raised: a client claiming a seq past the real head must not keep
+    /// every later bind reading.)
+    fn read(&self, app: &str, after: u64, found: &[StoredBroadcast], read_at: Instant) {
+        let seq = found.last().map_or(after, |last| last.seq);
+        let mut heads = self.heads.lock().expect("broadcast lock");
+        let head = heads.entry(app.to_owned()).or_insert(KnownHead {
+            seq,
+            read_at: None,
+            seen_at: None,
+        });
+        if head.read_at.is_some_and(|last| read_at < last) {
+            return; // a later read already answered
+        }
+        head.seq = if head.seen_at.is_some_and(|seen| seen >= read_at) {
+            head.seq.max(seq)
+        } else {
+            seq
+        };
+        head.read_at = Some(read_at);
+    }
+
+    /// A broadcast reached this node: binds from before it must read it.
+    fn saw(&self, app: &str, seq: u64) {
+        let now = Instant::now();
+        let mut heads = self.heads.lock().expect("broadcast lock");
+        let head = heads.entry(app.to_owned()).or_insert(KnownHead {
+            seq,
+            read_at: None,
+            seen_at: None,
+        });
+        head.seq = head.seq.max(seq);
+        head.seen_at = Some(now);
+    }
+
     fn track(&self, app: &str, seq: u64, expires_at_ms: u64) -> Arc<BroadcastProgress> {
+        self.saw(app, seq);
         let mut by_seq = self.by_seq.lock().expect("broadcast lock");
         by_seq
             .entry((app.to_owned(), seq))
@@ -288,12 +357,22 @@ impl Delivery {
         }
         let mut found = HashMap::new();
         for (app, after) in by_app {
+            // In a reconnect storm nearly every client holds the latest
+            // broadcast: one read a second per app then answers them all.
+            let now = Instant::now();
+            if self.broadcasts.holds_everything(app, after, now) {
+                found.insert(app.to_owned(), Vec::new());
+                continue;
+            }
             match self
                 .saver()
                 .broadcasts_after(app, after, BROADCASTS_AFTER_LIMIT_MAX, unix_ms())
                 .await
             {
                 Ok(broadcasts) => {
+                    if broadcasts.len() < BROADCASTS_AFTER_LIMIT_MAX as usize {
+                        self.broadcasts.read(app, after, &broadcasts, now);
+                    }
                     found.insert(app.to_owned(), broadcasts);
                 }
                 Err(error) => tracing::warn!(%error, app.id = app, "reading broadcasts failed"),
@@ -488,6 +567,56 @@ mod tests {
         assert!((sum - 1.0).abs() < 1e-9);
         assert_eq!(shares.of("new"), 0.25, "a node that joined since");
         assert_eq!(PaceShares::default().of("any"), 1.0, "alone");
+    }
+
+    #[test]
+    fn binds_skip_the_read_only_while_a_recent_read_covers_them() {
+        let registry = BroadcastRegistry::default();
+        let t0 = Instant::now();
+        assert!(
+            !registry.holds_everything("chat", 9, t0),
+            "nothing read yet"
+        );
+        registry.read("chat", 2, &[stored(3), stored(5)], t0);
+        assert!(registry.holds_everything("chat", 5, t0));
+        assert!(!registry.holds_everything("chat", 4, t0), "it misses 5");
+        registry.saw("chat", 6);
+        assert!(!registry.holds_everything("chat", 5, t0), "6 came since");
+        assert!(registry.holds_everything("chat", 6, t0));
+        let later = t0 + BROADCAST_HEAD_TRUSTED_FOR;
+        assert!(!registry.holds_everything("chat", 6, later), "read again");
+        assert!(!registry.holds_everything("news", 0, t0), "per app");
+    }
+
+    #[test]
+    fn a_broadcast_seen_during_a_read_keeps_the_head_past_it() {
+        let registry = BroadcastRegistry::default();
+        let started = Instant::now();
+        registry.saw("chat", 7);
+        // The read began before 7 was stored, so it lacks it.
+        registry.read("chat", 0, &[stored(5)], started);
+        assert!(!registry.holds_everything("chat", 5, Instant::now()));
+        assert!(registry.holds_everything("chat", 7, Instant::now()));
+    }
+
+    #[test]
+    fn a_client_claiming_a_seq_past_the_head_does_not_keep_others_reading() {
+        let registry = BroadcastRegistry::default();
+        let t0 = Instant::now();
+        registry.read("chat", 1_000_000, &[], t0);
+        registry.read("chat", 4, &[stored(5)], t0 + Duration::from_millis(1));
+        assert!(registry.holds_everything("chat", 5, t0 + Duration::from_millis(2)));
+    }
+
+    fn stored(seq: u64) -> StoredBroadcast {
+        StoredBroadcast {
+            seq,
+            broadcast_id: herald_proto::MessageId([seq as u8; 16]),
+            payload: bytes::Bytes::from_static(b"b"),
+            required_tags: Vec::new(),
+            created_at_ms: seq,
+            expires_at_ms: u64::MAX,
+        }
     }
 
     #[test]

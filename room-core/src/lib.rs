@@ -1,6 +1,7 @@
 //! herald-room: the gateway ("room") that holds client connections.
 //!
-//! One thread per shard, pinned to a core; every shard listens on the same
+//! One thread per shard, pinned to a core of those the process may use
+//! (unless told not to); every shard listens on the same
 //! port (SO_REUSEPORT) and owns its connections outright in a `slab`, with no
 //! lock and no shared map on the per-connection path. The per-connection
 //! logic (handshake, auth, heartbeats, framing, acks) is
