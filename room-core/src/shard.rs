@@ -679,6 +679,15 @@ impl<P: Poller> Shard<P> {
                 match recv(fd, &mut self.scratch) {
                     Ok(0) => return Some(ConnEnd::PeerClosed),
                     Ok(len) => {
+                        // A read that did not fill the buffer took all the
+                        // socket held (TCP returns early only once its
+                        // queue is empty, or at urgent data, which only
+                        // stalls the client that sends it), and the poller
+                        // reports the next data: no second read to learn
+                        // that it would block.
+                        if len < self.scratch.len() {
+                            conn.readable = false;
+                        }
                         self.handle_input(slot, len, now);
                         progressed = true;
                     }
