@@ -62,7 +62,7 @@ pub struct BroadcastProgress {
     /// Connections it was for: bound to the app, carrying its tags.
     pub target: AtomicU64,
     /// Of those, the ones it was written to (the others had it already, or
-    /// get it from their first broadcast fill).
+    /// get it from a fill once their inbox is caught up, and count then).
     pub sent: AtomicU64,
     /// Of those, low-priority ones dropped for connections that were behind.
     pub dropped: AtomicU64,
