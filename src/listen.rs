@@ -89,6 +89,17 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
                     "herald listen: disconnected ({error}); reconnecting in {reconnect_in:?}"
                 );
             }
+            Event::Reset {
+                app,
+                sequence,
+                after,
+            } => {
+                eprintln!(
+                    "herald listen: the server holds less of app {app:?}'s {} than this \
+                     client had (its data was reset or restored); resuming after seq {after}",
+                    sequence.as_str()
+                );
+            }
             Event::Closed(terminal) => bail!("{terminal}"),
             _ => {}
         }

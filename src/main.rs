@@ -319,7 +319,7 @@ fn token(
     Ok(())
 }
 
-fn gateway_config(config: &Config) -> GatewayConfig {
+fn gateway_config(config: &Config, storage_epoch: u64) -> GatewayConfig {
     GatewayConfig {
         io: config.gateway.io.driver(),
         listen: config.gateway.listen,
@@ -330,6 +330,7 @@ fn gateway_config(config: &Config) -> GatewayConfig {
             bind_failures_max: config.gateway.bind_failures_max,
             apps_per_conn_max: config.gateway.apps_per_connection_max,
             inflight_pushes_max: config.gateway.inflight_pushes_max,
+            storage_epoch,
         },
         apps: config
             .apps
@@ -436,8 +437,12 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         warn_on_low_file_limit(&config);
         limit_heap_arenas(shards);
         let (events_tx, events) = async_channel::bounded(EVENT_QUEUE_LEN);
+        let storage_epoch = saver
+            .storage_epoch()
+            .await
+            .context("cannot read the storage epoch")?;
         gateway = Some(
-            Gateway::start(gateway_config(&config), events_tx)
+            Gateway::start(gateway_config(&config, storage_epoch), events_tx)
                 .context("cannot start the gateway")?,
         );
         events_rx = Some(events);

@@ -155,14 +155,7 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed(io: I
     let mut garbage = RawClient::connect(&server.gateway).await;
     // A valid length prefix around a body with version 9.
     garbage.send_raw(&[0, 0, 0, 3, 9, 1, 0]).await;
-    assert!(matches!(
-        garbage.recv().await,
-        Some(Frame::Error {
-            code: ErrorCode::UNSUPPORTED_VERSION,
-            ..
-        })
-    ));
-    assert_eq!(garbage.recv().await, None);
+    expect_protocol_error(&mut garbage, ErrorCode::UNSUPPORTED_VERSION).await;
 
     // The bad frame is followed by 16 MiB, more than the socket buffers
     // hold, that the server never parses. The client still gets the ERROR:
@@ -172,50 +165,93 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed(io: I
     let mut bytes = vec![0, 0, 0, 3, 9, 1, 0];
     bytes.resize(16 << 20, 0xAB);
     burst.send_raw(&bytes).await;
-    assert!(matches!(
-        burst.recv().await,
-        Some(Frame::Error {
-            code: ErrorCode::UNSUPPORTED_VERSION,
-            ..
-        })
-    ));
-    assert_eq!(burst.recv().await, None);
+    expect_protocol_error(&mut burst, ErrorCode::UNSUPPORTED_VERSION).await;
 
     let mut garbage = RawClient::connect(&server.gateway).await;
     garbage.hello("phone").await;
     garbage.send_raw(&[0, 0, 0, 2, 1, 0xEE]).await;
-    assert!(matches!(
-        garbage.recv().await,
-        Some(Frame::Error {
-            code: ErrorCode::MALFORMED_FRAME,
-            ..
-        })
-    ));
-    assert_eq!(garbage.recv().await, None);
+    expect_protocol_error(&mut garbage, ErrorCode::MALFORMED_FRAME).await;
 
     let mut oversized = RawClient::connect(&server.gateway).await;
     oversized.send_raw(&[0, 0x10, 0, 0, 1, 1]).await;
-    assert!(matches!(
-        oversized.recv().await,
-        Some(Frame::Error {
-            code: ErrorCode::FRAME_TOO_LARGE,
-            ..
-        })
-    ));
-    assert_eq!(oversized.recv().await, None);
+    expect_protocol_error(&mut oversized, ErrorCode::FRAME_TOO_LARGE).await;
 
     let mut early = RawClient::connect(&server.gateway).await;
     early.send(Frame::Ping).await;
-    assert!(matches!(
-        early.recv().await,
-        Some(Frame::Error {
-            code: ErrorCode::UNEXPECTED_FRAME,
-            ..
-        })
-    ));
+    expect_protocol_error(&mut early, ErrorCode::UNEXPECTED_FRAME).await;
 
     server.push("alice", "still here").await;
     assert_eq!(bystander.recv_push().await, (1, "still here".to_owned()));
+}
+
+/// ERROR with `code`, then GOAWAY(protocol_error), then the server closes.
+async fn expect_protocol_error(client: &mut RawClient, code: ErrorCode) -> String {
+    let message = match client.recv().await {
+        Some(Frame::Error { code: got, message }) if got == code => message,
+        other => panic!("expected ERROR {code}, got {other:?}"),
+    };
+    assert_eq!(
+        client.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::PROTOCOL_ERROR,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(client.recv().await, None);
+    message
+}
+
+async fn a_second_hello_is_refused_naming_the_reason(io: Io) {
+    let server = Server::start_on(io);
+    let mut client = RawClient::connect(&server.gateway).await;
+    client.hello("phone").await;
+    client
+        .send(Frame::Hello {
+            device_id: "phone".to_owned(),
+            client_version: "test".to_owned(),
+            network: herald_proto::NetworkType::Wifi,
+        })
+        .await;
+    let message = expect_protocol_error(&mut client, ErrorCode::UNEXPECTED_FRAME).await;
+    assert!(
+        message.contains("HELLO was already received"),
+        "the ERROR says why: {message}"
+    );
+}
+
+async fn refused_binds_of_every_kind_count_toward_the_limit(io: Io) {
+    let server = Server::start_on(io);
+    let mut client = RawClient::bound(&server.gateway, "phone", "alice", None).await;
+    // bind_failures_max is 3 in the test config: three already_bound refusals close it.
+    for attempt in 1..=3 {
+        client
+            .send(Frame::Bind {
+                app: APP.to_owned(),
+                token: token("alice", 3600),
+                last_seq: None,
+                last_broadcast_seq: None,
+                tags: Vec::new(),
+            })
+            .await;
+        loop {
+            match client.recv().await {
+                Some(Frame::BindErr { code, .. }) => {
+                    assert_eq!(code, BindErrorCode::ALREADY_BOUND, "attempt {attempt}");
+                    break;
+                }
+                Some(Frame::Push { .. } | Frame::Broadcast { .. }) => continue,
+                other => panic!("attempt {attempt}: expected BIND_ERR, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        client.recv().await,
+        Some(Frame::GoAway {
+            reason: GoAwayReason::AUTH_FAILED,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(client.recv().await, None);
 }
 
 async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout(io: Io) {
@@ -286,6 +322,8 @@ on_both_drivers!(
     an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close,
     garbage_and_oversized_frames_get_an_error_and_others_are_unharmed,
     a_connection_that_never_binds_is_closed_after_the_auth_timeout,
+    a_second_hello_is_refused_naming_the_reason,
+    refused_binds_of_every_kind_count_toward_the_limit,
     a_silent_client_is_closed_and_a_pinging_one_is_not,
     a_client_that_never_reads_is_cut_off_at_the_queue_limit,
 );

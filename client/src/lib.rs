@@ -45,13 +45,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
-use herald_proto::{BindErrorCode, GoAwayReason, NetworkType, UpstreamStatus, decode, encode};
+use herald_proto::{BindErrorCode, GoAwayReason, UpstreamStatus, decode, encode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use herald_proto::client::Push;
+pub use herald_proto::{NetworkType, ResetSequence};
 
 /// Events the driver holds for the application before it stops reading the
 /// socket: a slow application slows the connection, it never grows memory.
@@ -136,6 +137,16 @@ pub enum Event {
         app: String,
         request_id: u64,
         status: UpstreamStatus,
+    },
+    /// The server resumed `app`'s inbox (or its broadcasts) after `after`,
+    /// below what this client held: the server's data was reset or
+    /// restored. The client's resume point is now `after`, and the seqs
+    /// that follow arrive as new messages; forget any record of seqs above
+    /// `after` that the application keeps itself.
+    Reset {
+        app: String,
+        sequence: ResetSequence,
+        after: u64,
     },
     /// The dispatcher could not be asked; the client tries the gateway that
     /// last worked, or `ClientOptions::gateway`.
@@ -310,8 +321,9 @@ async fn drive(
     events: mpsc::Sender<Event>,
     mut commands: mpsc::Receiver<Command>,
 ) {
-    // Per app: the last acked seq and broadcast seq, to resume from.
-    let mut resume: HashMap<String, (Option<u64>, Option<u64>)> = HashMap::new();
+    // Per app: the last acked seq and broadcast seq, to resume from, and
+    // the server storage epoch they belong to.
+    let mut resume = ResumePoints::default();
     let mut delay = options.reconnect.initial;
     let mut gateways = Gateways::default();
     loop {
@@ -478,10 +490,19 @@ fn lost(error: impl fmt::Display, handshake_done: bool) -> Ended {
     }
 }
 
+/// Where the client resumes each app on its next connection.
+#[derive(Debug, Default)]
+struct ResumePoints {
+    /// Per app: the last acked seq and broadcast seq.
+    by_app: HashMap<String, (Option<u64>, Option<u64>)>,
+    /// The server storage epoch the seqs belong to.
+    storage_epoch: Option<u64>,
+}
+
 async fn connect_and_run(
     gateway: &str,
     options: &ClientOptions,
-    resume: &mut HashMap<String, (Option<u64>, Option<u64>)>,
+    resume: &mut ResumePoints,
     events: &mpsc::Sender<Event>,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
@@ -496,7 +517,8 @@ async fn connect_and_run(
         .apps
         .iter()
         .map(|a| {
-            let (last_seq, last_broadcast_seq) = resume.get(&a.app).copied().unwrap_or_default();
+            let (last_seq, last_broadcast_seq) =
+                resume.by_app.get(&a.app).copied().unwrap_or_default();
             AppCredentials {
                 app: a.app.clone(),
                 token: a.token.clone(),
@@ -513,6 +535,7 @@ async fn connect_and_run(
             client_version: options.client_version.clone(),
             network: options.network,
             apps,
+            storage_epoch: resume.storage_epoch,
         },
     );
     let mut input = BytesMut::with_capacity(4 * 1024);
@@ -535,8 +558,11 @@ async fn connect_and_run(
             output.clear();
         }
         for (app, acked, broadcast_acked) in conn.resume_points() {
-            resume.insert(app.to_owned(), (acked, broadcast_acked));
+            resume
+                .by_app
+                .insert(app.to_owned(), (acked, broadcast_acked));
         }
+        resume.storage_epoch = conn.storage_epoch();
         while let Some(event) = conn.poll_event() {
             let event = match event {
                 ClientEvent::Ready { heartbeat_interval } => {
@@ -564,6 +590,15 @@ async fn connect_and_run(
                     app,
                     request_id,
                     status,
+                },
+                ClientEvent::Reset {
+                    app,
+                    sequence,
+                    after,
+                } => Event::Reset {
+                    app,
+                    sequence,
+                    after,
                 },
                 ClientEvent::GoAway { reason, .. } if reason == GoAwayReason::KICKED => {
                     return Ended::Terminal(Terminal::Kicked);

@@ -42,6 +42,10 @@ pub struct BroadcastRegistry {
 #[derive(Debug, Clone, Copy)]
 struct KnownHead {
     seq: u64,
+    /// The last broadcast seq the app handed out, expired or not, as of
+    /// that read (raised by the broadcasts that reached this node since).
+    /// A client claiming more holds broadcasts storage never gave out.
+    last_handed_out: u64,
     /// `None` until a read completes.
     read_at: Option<Instant>,
     /// When a broadcast last reached this node.
@@ -76,39 +80,56 @@ pub struct ProgressReport {
 }
 
 impl BroadcastRegistry {
-    /// Whether binds that hold every broadcast of `app` up to `after` can
-    /// be sure, without reading storage, that they missed none: a recent
-    /// read found nothing past the known head and `after` is at or past it.
-    fn holds_everything(&self, app: &str, after: u64, now: Instant) -> bool {
+    /// The last broadcast seq of `app` handed out, if a recent read (and
+    /// the broadcasts since) tell it: binds that hold every broadcast up to
+    /// `after` missed none, without reading storage, when a recent read
+    /// found nothing past the known head and `after` is at or past it (and
+    /// not past the last seq ever handed out, which a reset leaves behind).
+    fn holds_everything(&self, app: &str, after: u64, now: Instant) -> Option<u64> {
         let heads = self.heads.lock().expect("broadcast lock");
-        heads.get(app).is_some_and(|head| {
-            head.read_at.is_some_and(|read_at| {
-                now.saturating_duration_since(read_at) < BROADCAST_HEAD_TRUSTED_FOR
-            }) && after >= head.seq
-        })
+        let head = heads.get(app)?;
+        let recent = head.read_at.is_some_and(|read_at| {
+            now.saturating_duration_since(read_at) < BROADCAST_HEAD_TRUSTED_FOR
+        });
+        (recent && after >= head.seq && after <= head.last_handed_out)
+            .then_some(head.last_handed_out)
     }
 
     /// A complete storage read of `app` after `after`, started at
-    /// `read_at`. It sets the head, except that a broadcast that reached
-    /// this node since the read started keeps the head past it. (Set, not
-    /// raised: a client claiming a seq past the real head must not keep
-    /// every later bind reading.)
-    fn read(&self, app: &str, after: u64, found: &[StoredBroadcast], read_at: Instant) {
-        let seq = found.last().map_or(after, |last| last.seq);
+    /// `read_at`, which found the app's last seq handed out at
+    /// `last_handed_out`. It sets the head, except that a broadcast that
+    /// reached this node since the read started keeps the head past it.
+    /// (Set, not raised: a client claiming a seq past the real head must
+    /// not keep every later bind reading.)
+    fn read(
+        &self,
+        app: &str,
+        after: u64,
+        found: &[StoredBroadcast],
+        last_handed_out: u64,
+        read_at: Instant,
+    ) {
+        let seq = found
+            .last()
+            .map_or(after.min(last_handed_out), |last| last.seq);
+        let last_handed_out = last_handed_out.max(seq);
         let mut heads = self.heads.lock().expect("broadcast lock");
         let head = heads.entry(app.to_owned()).or_insert(KnownHead {
             seq,
+            last_handed_out,
             read_at: None,
             seen_at: None,
         });
         if head.read_at.is_some_and(|last| read_at < last) {
             return; // a later read already answered
         }
-        head.seq = if head.seen_at.is_some_and(|seen| seen >= read_at) {
-            head.seq.max(seq)
+        if head.seen_at.is_some_and(|seen| seen >= read_at) {
+            head.seq = head.seq.max(seq);
+            head.last_handed_out = head.last_handed_out.max(last_handed_out);
         } else {
-            seq
-        };
+            head.seq = seq;
+            head.last_handed_out = last_handed_out;
+        }
         head.read_at = Some(read_at);
     }
 
@@ -118,10 +139,12 @@ impl BroadcastRegistry {
         let mut heads = self.heads.lock().expect("broadcast lock");
         let head = heads.entry(app.to_owned()).or_insert(KnownHead {
             seq,
+            last_handed_out: seq,
             read_at: None,
             seen_at: None,
         });
         head.seq = head.seq.max(seq);
+        head.last_handed_out = head.last_handed_out.max(seq);
         head.seen_at = Some(now);
     }
 
@@ -170,6 +193,15 @@ impl BroadcastRegistry {
         let mut by_seq = self.by_seq.lock().expect("broadcast lock");
         by_seq.retain(|_, tracked| tracked.expires_at_ms > now_ms);
     }
+}
+
+/// What [`Delivery::read_broadcasts`] found of one app.
+#[derive(Debug, Default)]
+pub(crate) struct AppBroadcasts {
+    /// The last broadcast seq the app handed out, expired or not.
+    pub last_handed_out: u64,
+    /// The unexpired broadcasts after the point read from, ascending.
+    pub unexpired: Vec<StoredBroadcast>,
 }
 
 /// How a paced broadcast's rate is shared among the room nodes: by the
@@ -342,14 +374,14 @@ impl Delivery {
     }
 
     /// The unexpired broadcasts of each app after the lowest point any of
-    /// `wanted` (app, after) asks for: one storage read per app, however
-    /// many binds a batch holds. An app storage cannot answer for is left
-    /// out (its bindings get no broadcasts until they bind again; their
-    /// inbox is unaffected).
+    /// `wanted` (app, after) asks for, and the app's last seq handed out:
+    /// one storage read per app, however many binds a batch holds. An app
+    /// storage cannot answer for is left out (its bindings get no
+    /// broadcasts until they bind again; their inbox is unaffected).
     pub(crate) async fn read_broadcasts<'a>(
         &self,
         wanted: impl Iterator<Item = (&'a str, u64)>,
-    ) -> HashMap<String, Vec<StoredBroadcast>> {
+    ) -> HashMap<String, AppBroadcasts> {
         let mut by_app: HashMap<&str, u64> = HashMap::new();
         for (app, after) in wanted {
             let lowest = by_app.entry(app).or_insert(after);
@@ -360,20 +392,41 @@ impl Delivery {
             // In a reconnect storm nearly every client holds the latest
             // broadcast: one read a second per app then answers them all.
             let now = Instant::now();
-            if self.broadcasts.holds_everything(app, after, now) {
-                found.insert(app.to_owned(), Vec::new());
+            if let Some(last_handed_out) = self.broadcasts.holds_everything(app, after, now) {
+                let none = AppBroadcasts {
+                    last_handed_out,
+                    unexpired: Vec::new(),
+                };
+                found.insert(app.to_owned(), none);
                 continue;
             }
-            match self
-                .saver()
-                .broadcasts_after(app, after, BROADCASTS_AFTER_LIMIT_MAX, unix_ms())
-                .await
-            {
-                Ok(broadcasts) => {
-                    if broadcasts.len() < BROADCASTS_AFTER_LIMIT_MAX as usize {
-                        self.broadcasts.read(app, after, &broadcasts, now);
+            // The head first: the broadcasts read after it may pass it,
+            // never fall short of it.
+            let read = async {
+                let last_handed_out = self.saver().broadcast_head(app).await?;
+                let unexpired = self
+                    .saver()
+                    .broadcasts_after(app, after, BROADCASTS_AFTER_LIMIT_MAX, unix_ms())
+                    .await?;
+                let last_handed_out = unexpired
+                    .last()
+                    .map_or(last_handed_out, |b| b.seq.max(last_handed_out));
+                Ok::<_, StorageError>(AppBroadcasts {
+                    last_handed_out,
+                    unexpired,
+                })
+            };
+            match read.await {
+                Ok(read) => {
+                    if read.unexpired.len() < BROADCASTS_AFTER_LIMIT_MAX as usize {
+                        let AppBroadcasts {
+                            last_handed_out,
+                            unexpired,
+                        } = &read;
+                        self.broadcasts
+                            .read(app, after, unexpired, *last_handed_out, now);
                     }
-                    found.insert(app.to_owned(), broadcasts);
+                    found.insert(app.to_owned(), read);
                 }
                 Err(error) => tracing::warn!(%error, app.id = app, "reading broadcasts failed"),
             }
@@ -387,10 +440,11 @@ impl Delivery {
             .read_broadcasts(resumes.iter().map(|r| (r.app.as_str(), r.after)))
             .await;
         for resume in resumes {
-            let Some(broadcasts) = found.get(&resume.app) else {
+            let Some(read) = found.get(&resume.app) else {
                 continue;
             };
-            let broadcasts = broadcasts
+            let broadcasts = read
+                .unexpired
                 .iter()
                 .filter(|b| b.seq > resume.after)
                 .map(message)
@@ -573,19 +627,37 @@ mod tests {
     fn binds_skip_the_read_only_while_a_recent_read_covers_them() {
         let registry = BroadcastRegistry::default();
         let t0 = Instant::now();
-        assert!(
-            !registry.holds_everything("chat", 9, t0),
+        assert_eq!(
+            registry.holds_everything("chat", 9, t0),
+            None,
             "nothing read yet"
         );
-        registry.read("chat", 2, &[stored(3), stored(5)], t0);
-        assert!(registry.holds_everything("chat", 5, t0));
-        assert!(!registry.holds_everything("chat", 4, t0), "it misses 5");
+        registry.read("chat", 2, &[stored(3), stored(5)], 5, t0);
+        assert_eq!(registry.holds_everything("chat", 5, t0), Some(5));
+        assert_eq!(
+            registry.holds_everything("chat", 4, t0),
+            None,
+            "it misses 5"
+        );
+        assert_eq!(
+            registry.holds_everything("chat", 6, t0),
+            None,
+            "6 was never handed out"
+        );
         registry.saw("chat", 6);
-        assert!(!registry.holds_everything("chat", 5, t0), "6 came since");
-        assert!(registry.holds_everything("chat", 6, t0));
+        assert_eq!(
+            registry.holds_everything("chat", 5, t0),
+            None,
+            "6 came since"
+        );
+        assert_eq!(registry.holds_everything("chat", 6, t0), Some(6));
         let later = t0 + BROADCAST_HEAD_TRUSTED_FOR;
-        assert!(!registry.holds_everything("chat", 6, later), "read again");
-        assert!(!registry.holds_everything("news", 0, t0), "per app");
+        assert_eq!(
+            registry.holds_everything("chat", 6, later),
+            None,
+            "read again"
+        );
+        assert_eq!(registry.holds_everything("news", 0, t0), None, "per app");
     }
 
     #[test]
@@ -594,18 +666,30 @@ mod tests {
         let started = Instant::now();
         registry.saw("chat", 7);
         // The read began before 7 was stored, so it lacks it.
-        registry.read("chat", 0, &[stored(5)], started);
-        assert!(!registry.holds_everything("chat", 5, Instant::now()));
-        assert!(registry.holds_everything("chat", 7, Instant::now()));
+        registry.read("chat", 0, &[stored(5)], 5, started);
+        assert_eq!(registry.holds_everything("chat", 5, Instant::now()), None);
+        assert_eq!(
+            registry.holds_everything("chat", 7, Instant::now()),
+            Some(7)
+        );
     }
 
     #[test]
     fn a_client_claiming_a_seq_past_the_head_does_not_keep_others_reading() {
         let registry = BroadcastRegistry::default();
         let t0 = Instant::now();
-        registry.read("chat", 1_000_000, &[], t0);
-        registry.read("chat", 4, &[stored(5)], t0 + Duration::from_millis(1));
-        assert!(registry.holds_everything("chat", 5, t0 + Duration::from_millis(2)));
+        registry.read("chat", 1_000_000, &[], 5, t0);
+        assert_eq!(
+            registry.holds_everything("chat", 1_000_000, t0),
+            None,
+            "past the last seq handed out: a reset, read again"
+        );
+        assert_eq!(registry.holds_everything("chat", 5, t0), Some(5));
+        registry.read("chat", 4, &[stored(5)], 5, t0 + Duration::from_millis(1));
+        assert_eq!(
+            registry.holds_everything("chat", 5, t0 + Duration::from_millis(2)),
+            Some(5)
+        );
     }
 
     fn stored(seq: u64) -> StoredBroadcast {

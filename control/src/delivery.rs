@@ -10,7 +10,7 @@
 //! for them goes through a [`Remote`] (Redis pub/sub), one message per node
 //! per call however many of its connections it names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -568,14 +568,50 @@ impl Delivery {
     /// Sends each new binding its first fill. One read learns where every
     /// inbox of the batch stands; only the inboxes holding messages past the
     /// resume point are read further (for an idle reconnect, none are).
+    ///
+    /// A client claiming a seq its inbox (or its app's broadcasts) never
+    /// handed out holds data from before a reset or restore of storage: it
+    /// resumes from the device's cursor (or the first broadcast) instead of
+    /// waiting, silently, for the inbox to pass its old seq, and the shard
+    /// tells it so (RESET).
     async fn resume(&self, mut resumes: Vec<Resume>) {
-        let broadcasts = self
+        let mut broadcasts = self
             .read_broadcasts(
                 resumes
                     .iter()
                     .map(|r| (r.app.as_str(), r.client_last_broadcast_seq.unwrap_or(0))),
             )
             .await;
+        let broadcast_afters: Vec<u64> = resumes
+            .iter()
+            .map(|r| {
+                let claimed = r.client_last_broadcast_seq.unwrap_or(0);
+                match broadcasts.get(&r.app) {
+                    Some(read) if claimed > read.last_handed_out => {
+                        tracing::warn!(
+                            app.id = %r.app, user.id = %r.user, claimed,
+                            last_handed_out = read.last_handed_out,
+                            "a client holds broadcasts storage never handed out \
+                             (storage reset or restored): it gets them from the first"
+                        );
+                        0
+                    }
+                    _ => claimed,
+                }
+            })
+            .collect();
+        let reread: HashSet<&str> = resumes
+            .iter()
+            .zip(&broadcast_afters)
+            .filter(|(r, after)| **after == 0 && r.client_last_broadcast_seq.unwrap_or(0) > 0)
+            .map(|(r, _)| r.app.as_str())
+            .collect();
+        if !reread.is_empty() {
+            let from_first = self
+                .read_broadcasts(reread.into_iter().map(|app| (app, 0)))
+                .await;
+            broadcasts.extend(from_first);
+        }
         // Acks not yet written are read before storage, so an ack flushed
         // in between is seen in storage instead: a resume point may come out
         // low (a redelivery), never high (a loss).
@@ -596,7 +632,7 @@ impl Delivery {
                 .map(|r| InboxKey {
                     app: r.app.clone(),
                     user: r.user.clone(),
-                    device_id: r.client_last_seq.is_none().then(|| r.device_id.clone()),
+                    device_id: Some(r.device_id.clone()),
                 })
                 .collect();
             match self.saver.inbox_heads(&keys).await {
@@ -621,10 +657,28 @@ impl Delivery {
                 }
             }
         };
-        for ((resume, head), pending) in resumes.into_iter().zip(heads).zip(pending) {
-            let after = resume
-                .client_last_seq
-                .unwrap_or_else(|| head.acked_seq.unwrap_or(0).max(pending));
+        let resumes = resumes.into_iter().zip(broadcast_afters);
+        for (((resume, broadcast_after), head), pending) in resumes.zip(heads).zip(pending) {
+            let cursor = head.acked_seq.unwrap_or(0).max(pending);
+            let after = match resume.client_last_seq {
+                Some(claimed) if claimed <= head.last_seq => claimed,
+                claimed => {
+                    if let Some(claimed) = claimed {
+                        tracing::warn!(
+                            app.id = %resume.app, user.id = %resume.user, claimed,
+                            inbox_head = head.last_seq,
+                            "a client holds seqs its inbox never handed out \
+                             (storage reset or restored): it resumes from its device's cursor"
+                        );
+                    }
+                    if cursor <= head.last_seq {
+                        cursor
+                    } else {
+                        self.lower_cursor(&resume).await;
+                        0
+                    }
+                }
+            };
             // Nothing stored past the resume point: no read, an empty fill.
             let (messages, more) = if head.last_seq <= after {
                 (Vec::new(), false)
@@ -642,11 +696,11 @@ impl Delivery {
                 }
             };
             self.counters.fills.fetch_add(1, Ordering::Relaxed);
-            let broadcast_after = resume.client_last_broadcast_seq.unwrap_or(0);
             let missed = broadcasts
                 .get(&resume.app)
-                .map(|all| {
-                    all.iter()
+                .map(|read| {
+                    read.unexpired
+                        .iter()
                         .filter(|b| b.seq > broadcast_after)
                         .cloned()
                         .collect()
@@ -662,6 +716,26 @@ impl Delivery {
                 broadcasts: missed,
             })
             .await;
+        }
+    }
+
+    /// A device's cursor past its inbox's head (left by a reset or restore
+    /// of storage) would hold back its resume point until the inbox passed
+    /// it, skipping what came before: it goes back to the start, in memory
+    /// and in storage.
+    async fn lower_cursor(&self, resume: &Resume) {
+        let key = AckKey::new(&resume.app, &resume.user, &resume.device_id);
+        self.pending_acks.lock().expect("ack lock").remove(&key);
+        let cursor = AckCursor {
+            app: &resume.app,
+            user: &resume.user,
+            device_id: &resume.device_id,
+            acked_seq: 0,
+        };
+        if let Err(error) = self.saver.lower_ack_cursor(&cursor).await {
+            // Resuming from the start still delivers everything; the cursor
+            // is lowered on a later bind.
+            tracing::warn!(%error, app.id = %resume.app, "lowering an ack cursor failed");
         }
     }
 
@@ -720,7 +794,8 @@ impl Delivery {
                 .read_broadcasts(std::iter::once((app.as_str(), broadcast_after)))
                 .await
                 .remove(&app)
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .unexpired;
             self.send_fills(Fills {
                 conn,
                 app,

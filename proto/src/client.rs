@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, UpstreamStatus,
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, ResetSequence,
+    UpstreamStatus,
 };
 
 /// How long the server may take to answer HELLO.
@@ -36,6 +37,9 @@ pub struct ClientConfig {
     pub client_version: String,
     pub network: NetworkType,
     pub apps: Vec<AppCredentials>,
+    /// The server storage epoch the apps' resume points came from (what an
+    /// earlier connection's HELLO_OK said), if known.
+    pub storage_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +80,16 @@ pub enum ClientEvent {
     GoAway {
         reason: GoAwayReason,
         reconnect_delay_ms: Option<u32>,
+    },
+    /// The server resumed `app`'s inbox or broadcasts after `after`, below
+    /// what this client said it held (the server's data was reset or
+    /// restored). Seqs after `after` are delivered again as new; an
+    /// application that keeps its own record of seen seqs must forget
+    /// those above `after`.
+    Reset {
+        app: String,
+        sequence: ResetSequence,
+        after: u64,
     },
     /// The server reported a protocol error and is closing.
     ServerError {
@@ -122,6 +136,8 @@ pub struct ClientConn {
     next_ping: Option<Instant>,
     silence_deadline: Instant,
     apps: Vec<AppState>,
+    /// The storage epoch the resume points belong to.
+    storage_epoch: Option<u64>,
     next_request_id: u64,
     transmit: VecDeque<Frame>,
     events: VecDeque<ClientEvent>,
@@ -153,6 +169,7 @@ impl ClientConn {
                     user: None,
                 })
                 .collect(),
+            storage_epoch: config.storage_epoch,
             next_request_id: 1,
             transmit,
             events: VecDeque::new(),
@@ -209,10 +226,17 @@ impl ClientConn {
         match frame {
             Frame::HelloOk {
                 heartbeat_interval_ms,
+                storage_epoch,
             } if self.phase == Phase::AwaitHelloOk => {
                 // A zero interval would make the client ping in a busy loop.
                 let interval = Duration::from_millis(u64::from(heartbeat_interval_ms.max(100)));
                 self.phase = Phase::Open;
+                if let Some(epoch) = storage_epoch {
+                    if self.storage_epoch.is_some_and(|held| held != epoch) {
+                        self.forget_resume_points();
+                    }
+                    self.storage_epoch = Some(epoch);
+                }
                 self.heartbeat_interval = Some(interval);
                 self.next_ping = Some(now + interval);
                 self.silence_deadline = now + interval * 2;
@@ -302,6 +326,28 @@ impl ClientConn {
                     reconnect_delay_ms,
                 });
             }
+            Frame::Reset {
+                app,
+                sequence,
+                after,
+            } => {
+                let Some(state) = self.app_mut(&app) else {
+                    return;
+                };
+                let (delivered, acked) = match sequence {
+                    ResetSequence::Inbox => (&mut state.delivered, &mut state.acked),
+                    ResetSequence::Broadcasts => {
+                        (&mut state.broadcast_delivered, &mut state.broadcast_acked)
+                    }
+                };
+                *delivered = Some(after);
+                *acked = Some(after);
+                self.events.push_back(ClientEvent::Reset {
+                    app,
+                    sequence,
+                    after,
+                });
+            }
             Frame::Error { code, message } => {
                 self.phase = Phase::Closed;
                 self.events
@@ -386,6 +432,39 @@ impl ClientConn {
         Ok(request_id)
     }
 
+    /// The server's storage was created anew since the resume points were
+    /// taken: its sequences start over, so the BINDs claim nothing and the
+    /// server resumes from what it holds.
+    fn forget_resume_points(&mut self) {
+        for state in &mut self.apps {
+            let app = &state.credentials.app;
+            for (sequence, delivered, acked) in [
+                (ResetSequence::Inbox, &mut state.delivered, &mut state.acked),
+                (
+                    ResetSequence::Broadcasts,
+                    &mut state.broadcast_delivered,
+                    &mut state.broadcast_acked,
+                ),
+            ] {
+                if delivered.is_some() || acked.is_some() {
+                    *delivered = None;
+                    *acked = None;
+                    self.events.push_back(ClientEvent::Reset {
+                        app: app.clone(),
+                        sequence,
+                        after: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The storage epoch the resume points belong to, to start the next
+    /// connection with.
+    pub fn storage_epoch(&self) -> Option<u64> {
+        self.storage_epoch
+    }
+
     /// The highest acked seq and broadcast seq of each app, to resume
     /// from on reconnect.
     pub fn resume_points(&self) -> impl Iterator<Item = (&str, Option<u64>, Option<u64>)> {
@@ -417,6 +496,7 @@ mod tests {
                     last_broadcast_seq: None,
                     tags: Vec::new(),
                 }],
+                storage_epoch: None,
             },
         )
     }
@@ -443,6 +523,7 @@ mod tests {
             now,
             Frame::HelloOk {
                 heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
             },
         );
         assert_eq!(
@@ -461,6 +542,113 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_moves_the_resume_point_back_so_what_follows_is_delivered() {
+        let now = Instant::now();
+        let mut conn = start(now, Some(50));
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
+            },
+        );
+        conn.handle_frame(
+            now,
+            Frame::Reset {
+                app: "chat".to_owned(),
+                sequence: ResetSequence::Inbox,
+                after: 0,
+            },
+        );
+        conn.handle_frame(now, push(1));
+        let events: Vec<ClientEvent> = std::iter::from_fn(|| conn.poll_event()).collect();
+        assert!(events.contains(&ClientEvent::Reset {
+            app: "chat".to_owned(),
+            sequence: ResetSequence::Inbox,
+            after: 0,
+        }));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Push(p) if p.seq == 1)),
+            "seq 1 is new after the reset: {events:?}"
+        );
+        assert!(conn.ack("chat", 1));
+        assert_eq!(
+            conn.resume_points().collect::<Vec<_>>(),
+            [("chat", Some(1), None)],
+            "the next BIND resumes from the new point"
+        );
+    }
+
+    #[test]
+    fn a_new_storage_epoch_voids_the_resume_points() {
+        let now = Instant::now();
+        let config = |storage_epoch| ClientConfig {
+            device_id: "phone".to_owned(),
+            client_version: "test".to_owned(),
+            network: NetworkType::Wifi,
+            apps: vec![AppCredentials {
+                app: "chat".to_owned(),
+                token: "t".to_owned(),
+                last_seq: Some(7),
+                last_broadcast_seq: Some(3),
+                tags: Vec::new(),
+            }],
+            storage_epoch,
+        };
+        let hello_ok = |storage_epoch| Frame::HelloOk {
+            heartbeat_interval_ms: 1_000,
+            storage_epoch: Some(storage_epoch),
+        };
+        let bind_claims = |conn: &mut ClientConn| {
+            drain(conn)
+                .into_iter()
+                .find_map(|frame| match frame {
+                    Frame::Bind {
+                        last_seq,
+                        last_broadcast_seq,
+                        ..
+                    } => Some((last_seq, last_broadcast_seq)),
+                    _ => None,
+                })
+                .expect("a BIND")
+        };
+
+        // The same epoch, or none known yet: the claims stand.
+        for known in [Some(5), None] {
+            let mut conn = ClientConn::new(now, config(known));
+            conn.handle_frame(now, hello_ok(5));
+            assert_eq!(bind_claims(&mut conn), (Some(7), Some(3)), "{known:?}");
+            assert_eq!(conn.storage_epoch(), Some(5));
+        }
+
+        // Another epoch: the server's storage is new; claim nothing.
+        let mut conn = ClientConn::new(now, config(Some(4)));
+        conn.handle_frame(now, hello_ok(5));
+        assert_eq!(bind_claims(&mut conn), (None, None));
+        assert_eq!(conn.storage_epoch(), Some(5));
+        let resets: Vec<ClientEvent> = std::iter::from_fn(|| conn.poll_event())
+            .filter(|e| matches!(e, ClientEvent::Reset { .. }))
+            .collect();
+        assert_eq!(
+            resets,
+            [ResetSequence::Inbox, ResetSequence::Broadcasts].map(|sequence| {
+                ClientEvent::Reset {
+                    app: "chat".to_owned(),
+                    sequence,
+                    after: 0,
+                }
+            })
+        );
+        conn.handle_frame(now, push(1));
+        assert!(
+            std::iter::from_fn(|| conn.poll_event())
+                .any(|e| matches!(e, ClientEvent::Push(p) if p.seq == 1))
+        );
+    }
+
+    #[test]
     fn silent_server_times_out() {
         let now = Instant::now();
         let mut conn = start(now, None);
@@ -468,6 +656,7 @@ mod tests {
             now,
             Frame::HelloOk {
                 heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
             },
         );
         conn.handle_timeout(now + Duration::from_millis(1_999));
@@ -485,6 +674,7 @@ mod tests {
             now,
             Frame::HelloOk {
                 heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
             },
         );
         drain(&mut conn);
@@ -543,6 +733,7 @@ mod tests {
             now,
             Frame::HelloOk {
                 heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
             },
         );
         drain(&mut conn);

@@ -9,7 +9,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, UpstreamStatus,
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
+    UpstreamStatus,
 };
 use crate::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,
@@ -41,6 +42,8 @@ pub enum DecodeError {
     InvalidUtf8 { field: &'static str },
     #[error("field {field} has an invalid presence tag")]
     InvalidTag { field: &'static str },
+    #[error("field {field} has a value this version does not define")]
+    InvalidCode { field: &'static str },
 }
 
 impl DecodeError {
@@ -143,6 +146,12 @@ fn opt_len<T>(value: &Option<T>, size: usize) -> usize {
     1 + if value.is_some() { size } else { 0 }
 }
 
+/// A `u64` that came later in v1 and ends its frame: written only when
+/// present, so a frame without it is what every v1 peer reads.
+fn trailing_len(value: &Option<u64>) -> usize {
+    if value.is_some() { 8 } else { 0 }
+}
+
 fn body_len(frame: &Frame) -> usize {
     2 + match frame {
         Frame::Hello {
@@ -150,7 +159,7 @@ fn body_len(frame: &Frame) -> usize {
             client_version,
             ..
         } => str_len(DEVICE_ID, device_id) + str_len(CLIENT_VERSION, client_version) + 1,
-        Frame::HelloOk { .. } => 4,
+        Frame::HelloOk { storage_epoch, .. } => 4 + trailing_len(storage_epoch),
         Frame::Bind {
             app,
             token,
@@ -180,6 +189,7 @@ fn body_len(frame: &Frame) -> usize {
             reconnect_delay_ms, ..
         } => 2 + opt_len(reconnect_delay_ms, 4),
         Frame::Error { message, .. } => 2 + str_len(TEXT, message),
+        Frame::Reset { app, .. } => str_len(APP, app) + 1 + 8,
     }
 }
 
@@ -226,7 +236,8 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
         Frame::Ack { app, .. }
         | Frame::BroadcastAck { app, .. }
         | Frame::UpstreamAck { app, .. }
-        | Frame::Unbind { app } => check_str(APP, app),
+        | Frame::Unbind { app }
+        | Frame::Reset { app, .. } => check_str(APP, app),
         Frame::Error { message, .. } => check_str(TEXT, message),
     }
 }
@@ -289,7 +300,13 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
         }
         Frame::HelloOk {
             heartbeat_interval_ms,
-        } => dst.put_u32(*heartbeat_interval_ms),
+            storage_epoch,
+        } => {
+            dst.put_u32(*heartbeat_interval_ms);
+            if let Some(epoch) = storage_epoch {
+                dst.put_u64(*epoch);
+            }
+        }
         Frame::Bind {
             app,
             token,
@@ -369,6 +386,15 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u16(code.0);
             put_str(dst, TEXT, message);
         }
+        Frame::Reset {
+            app,
+            sequence,
+            after,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_u8(*sequence as u8);
+            dst.put_u64(*after);
+        }
     }
     Ok(())
 }
@@ -445,6 +471,16 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// A field that came later in v1 at the end of its frame: absent when
+    /// the frame ends before it.
+    fn trailing_u64(&mut self) -> Result<Option<u64>, DecodeError> {
+        if self.rest.is_empty() {
+            Ok(None)
+        } else {
+            self.u64().map(Some)
+        }
+    }
+
     fn payload(&mut self) -> Result<Bytes, DecodeError> {
         if self.rest.len() > PAYLOAD_LEN_MAX {
             return Err(DecodeError::FieldTooLong { field: "payload" });
@@ -481,6 +517,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         },
         Op::HelloOk => Frame::HelloOk {
             heartbeat_interval_ms: r.u32()?,
+            storage_epoch: r.trailing_u64()?,
         },
         Op::Bind => {
             let app = r.str(APP)?;
@@ -562,6 +599,12 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             code: ErrorCode(r.u16()?),
             message: r.str(TEXT)?,
         },
+        Op::Reset => Frame::Reset {
+            app: r.str(APP)?,
+            sequence: ResetSequence::from_u8(r.u8()?)
+                .ok_or(DecodeError::InvalidCode { field: "sequence" })?,
+            after: r.u64()?,
+        },
     };
     r.finish()?;
     Ok(frame)
@@ -627,8 +670,9 @@ mod tests {
             (
                 Frame::HelloOk {
                     heartbeat_interval_ms: 120_000,
+                    storage_epoch: Some(7),
                 },
-                "00000006 01 02 0001d4c0",
+                "0000000e 01 02 0001d4c0 0000000000000007",
             ),
             (
                 Frame::Bind {
@@ -706,6 +750,14 @@ mod tests {
                     message: "bad".into(),
                 },
                 "00000009 01 0e 0001 0003 626164",
+            ),
+            (
+                Frame::Reset {
+                    app: "chat".into(),
+                    sequence: ResetSequence::Inbox,
+                    after: 0,
+                },
+                "00000010 01 11 04 63686174 00 0000000000000000",
             ),
         ]
     }

@@ -21,8 +21,14 @@ pub enum Frame {
         network: NetworkType,
     },
     /// Server -> client, reply to HELLO: the heartbeat interval the client
-    /// must keep (it depends on the network type the client reported).
-    HelloOk { heartbeat_interval_ms: u32 },
+    /// must keep (it depends on the network type the client reported), and
+    /// the epoch of the server's storage, which changes when the storage is
+    /// created anew (a wiped database): sequences of one epoch mean nothing
+    /// in another. Optional on the wire: a HELLO_OK may end before it.
+    HelloOk {
+        heartbeat_interval_ms: u32,
+        storage_epoch: Option<u64>,
+    },
     /// Client -> server: bind an app on this connection. `last_seq` is the
     /// last sequence the client holds for this app, if it knows it;
     /// `last_broadcast_seq` the last broadcast it holds. `tags` (for example
@@ -90,6 +96,43 @@ pub enum Frame {
     },
     /// Either direction: a protocol error; the sender closes after it.
     Error { code: ErrorCode, message: String },
+    /// Server -> client: the server resumes `app`'s inbox or broadcasts
+    /// after `after`, below the seq the client's BIND said it holds (the
+    /// server's data was reset or restored): the client's resume point for
+    /// that sequence is now `after`, and it must not drop the seqs that
+    /// follow as duplicates.
+    Reset {
+        app: String,
+        sequence: ResetSequence,
+        after: u64,
+    },
+}
+
+/// Which of an app's two sequences a RESET moves back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ResetSequence {
+    /// The inbox: PUSH and ACK seqs.
+    Inbox = 0,
+    /// The app's broadcasts: BROADCAST and BROADCAST_ACK seqs.
+    Broadcasts = 1,
+}
+
+impl ResetSequence {
+    pub fn from_u8(byte: u8) -> Option<ResetSequence> {
+        match byte {
+            0 => Some(ResetSequence::Inbox),
+            1 => Some(ResetSequence::Broadcasts),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetSequence::Inbox => "inbox",
+            ResetSequence::Broadcasts => "broadcasts",
+        }
+    }
 }
 
 /// The op byte of each frame.
@@ -112,6 +155,7 @@ pub enum Op {
     Error = 0x0E,
     Broadcast = 0x0F,
     BroadcastAck = 0x10,
+    Reset = 0x11,
 }
 
 impl Op {
@@ -133,6 +177,7 @@ impl Op {
             0x0E => Op::Error,
             0x0F => Op::Broadcast,
             0x10 => Op::BroadcastAck,
+            0x11 => Op::Reset,
             _ => return None,
         })
     }
@@ -157,6 +202,7 @@ impl Frame {
             Frame::Error { .. } => Op::Error,
             Frame::Broadcast { .. } => Op::Broadcast,
             Frame::BroadcastAck { .. } => Op::BroadcastAck,
+            Frame::Reset { .. } => Op::Reset,
         }
     }
 }

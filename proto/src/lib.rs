@@ -23,6 +23,7 @@ pub mod token;
 
 pub use codec::{DecodeError, EncodeError, decode, decode_slice, encode, encoded_len};
 pub use frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, UpstreamStatus,
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
+    UpstreamStatus,
 };
 pub use token::{TokenClaims, TokenError, sign_token, verify_token};

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::frame::{BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, UpstreamStatus};
+use crate::frame::{
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UpstreamStatus,
+};
 use crate::limits::APPS_PER_CONN_MAX;
 use crate::plane::{BroadcastMessage, PushMessage};
 
@@ -53,6 +55,9 @@ pub struct ServerConfig {
     pub apps_per_conn_max: usize,
     /// Pushes a binding may have sent and not yet acked.
     pub inflight_pushes_max: u32,
+    /// The storage's epoch, told to clients in HELLO_OK (see
+    /// `Frame::HelloOk`).
+    pub storage_epoch: u64,
 }
 
 impl ServerConfig {
@@ -222,7 +227,8 @@ enum Phase {
 struct Binding {
     app: Arc<str>,
     user: Box<str>,
-    /// Highest seq sent on this connection, once `resumed` (see `sent`).
+    /// Highest seq sent on this connection, once `resumed` (see `sent`);
+    /// until then, the seq the client's BIND said it holds (0: none).
     sent_seq: u64,
     /// The first fill arrived: `sent_seq` holds.
     resumed: bool,
@@ -237,7 +243,8 @@ struct Binding {
     /// for most clients.
     tags: Option<Box<Tags>>,
     /// Highest broadcast seq the client holds or was sent, once a first
-    /// broadcast fill said where it resumes.
+    /// broadcast fill said where it resumes; until then, the broadcast seq
+    /// the client's BIND said it holds (0: none).
     broadcast_sent: u64,
     /// Highest broadcast seq that reached the connection live while it
     /// could not take it (0: none). Its fan-out counted it as a target; a
@@ -315,6 +322,36 @@ impl Binding {
     fn set_sent(&mut self, seq: u64) {
         self.sent_seq = seq;
         self.resumed = true;
+    }
+
+    /// The first inbox fill says where the device resumes. Below what the
+    /// client claimed (its inbox was reset or restored), the client is told,
+    /// before any push, so that it does not drop what follows as seen.
+    fn resume_inbox(&mut self, after: u64, out: &mut Output) {
+        debug_assert!(!self.resumed);
+        if self.sent_seq > after {
+            out.transmit.push(Frame::Reset {
+                app: self.app.to_string(),
+                sequence: ResetSequence::Inbox,
+                after,
+            });
+        }
+        self.set_sent(after);
+        self.acked = after;
+    }
+
+    /// The same for broadcasts, on the first fill that says where they
+    /// resume.
+    fn resume_broadcasts(&mut self, after: u64, out: &mut Output) {
+        debug_assert_eq!(self.broadcasts, BroadcastPhase::AwaitingFill);
+        if self.broadcast_sent > after {
+            out.transmit.push(Frame::Reset {
+                app: self.app.to_string(),
+                sequence: ResetSequence::Broadcasts,
+                after,
+            });
+        }
+        self.broadcast_sent = after;
     }
 
     fn window_room(&self, window: u32) -> u32 {
@@ -496,6 +533,7 @@ impl ServerConn {
                 let interval = config.heartbeat.for_network(network);
                 out.transmit.push(Frame::HelloOk {
                     heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+                    storage_epoch: Some(config.storage_epoch),
                 });
             }
             (
@@ -560,8 +598,9 @@ impl ServerConn {
                 out.close = Some(CloseReason::ClientError);
             }
             (phase, frame) => {
-                let expected = match phase {
-                    Phase::AwaitHello => "HELLO must be the first frame",
+                let expected = match (phase, &frame) {
+                    (Phase::AwaitHello, _) => "HELLO must be the first frame",
+                    (_, Frame::Hello { .. }) => "HELLO was already received on this connection",
                     _ => "only the server sends this frame",
                 };
                 self.protocol_error(
@@ -582,19 +621,19 @@ impl ServerConn {
         auth: &dyn Authenticator,
         out: &mut Output,
     ) {
-        let rejection = if self.bindings.iter().any(|b| *b.app == *app) {
-            Some(BindRejection {
+        let BindRejection { code, message } = if self.bindings.iter().any(|b| *b.app == *app) {
+            BindRejection {
                 code: BindErrorCode::ALREADY_BOUND,
                 message: format!("app {app:?} is already bound on this connection"),
-            })
+            }
         } else if self.bindings.len() >= config.apps_per_conn_max {
-            Some(BindRejection {
+            BindRejection {
                 code: BindErrorCode::TOO_MANY_APPS,
                 message: format!(
                     "a connection may bind at most {} apps",
                     config.apps_per_conn_max
                 ),
-            })
+            }
         } else {
             match auth.authenticate(&app, &token) {
                 Ok(Authenticated {
@@ -620,7 +659,7 @@ impl ServerConn {
                     self.bindings.push(Binding {
                         app: shared_app,
                         user: user.into_boxed_str(),
-                        sent_seq: 0,
+                        sent_seq: resume.last_seq.unwrap_or(0),
                         resumed: false,
                         acked: 0,
                         fill_pending: true,
@@ -629,21 +668,19 @@ impl ServerConn {
                             let tags = resume.tags.into_iter().map(String::into_boxed_str);
                             Box::new(Tags(tags.collect()))
                         }),
-                        broadcast_sent: 0,
+                        broadcast_sent: resume.last_broadcast_seq.unwrap_or(0),
                         broadcast_owed: 0,
                         broadcasts: BroadcastPhase::AwaitingFill,
                     });
                     return;
                 }
-                Err(rejection) => {
-                    self.bind_failures += 1;
-                    Some(rejection)
-                }
+                Err(rejection) => rejection,
             }
         };
-        if let Some(BindRejection { code, message }) = rejection {
-            out.transmit.push(Frame::BindErr { app, code, message });
-        }
+        // Every refusal counts, whatever its code: a client that keeps
+        // sending BINDs the server refuses is broken or probing.
+        self.bind_failures += 1;
+        out.transmit.push(Frame::BindErr { app, code, message });
         if self.bind_failures >= config.bind_failures_max {
             self.close_with_goaway(GoAwayReason::AUTH_FAILED, CloseReason::AuthFailed, out);
         }
@@ -726,8 +763,7 @@ impl ServerConn {
         };
         binding.fill_pending = false;
         if binding.sent().is_none() {
-            binding.set_sent(after);
-            binding.acked = after;
+            binding.resume_inbox(after, out);
         }
         for message in messages {
             let sent = binding.sent().unwrap_or(after);
@@ -745,7 +781,7 @@ impl ServerConn {
         }
         if let Some(from) = broadcasts_from {
             if binding.broadcasts == BroadcastPhase::AwaitingFill {
-                binding.broadcast_sent = from;
+                binding.resume_broadcasts(from, out);
             }
             let next = if more {
                 BroadcastsNext::WithInbox
@@ -832,7 +868,7 @@ impl ServerConn {
             return owed_sent;
         };
         if binding.broadcasts == BroadcastPhase::AwaitingFill {
-            binding.broadcast_sent = after;
+            binding.resume_broadcasts(after, out);
             binding.broadcasts = BroadcastPhase::Filling;
         }
         for broadcast in broadcasts {
@@ -914,9 +950,15 @@ impl ServerConn {
         self.bindings.iter_mut().find(|b| &*b.app == app)
     }
 
+    /// ERROR says what was wrong; GOAWAY, as before every close the
+    /// server makes, says the client must not come back unchanged.
     fn protocol_error(&mut self, code: ErrorCode, message: String, out: &mut Output) {
         self.phase = Phase::Closing;
         out.transmit.push(Frame::Error { code, message });
+        out.transmit.push(Frame::GoAway {
+            reason: GoAwayReason::PROTOCOL_ERROR,
+            reconnect_delay_ms: None,
+        });
         out.close = Some(CloseReason::ProtocolError(code));
     }
 
@@ -964,6 +1006,7 @@ mod tests {
             bind_failures_max: 3,
             apps_per_conn_max: 2,
             inflight_pushes_max: 3,
+            storage_epoch: 7,
         }
     }
 
@@ -1099,7 +1142,8 @@ mod tests {
         assert_eq!(
             out.transmit,
             vec![Frame::HelloOk {
-                heartbeat_interval_ms: 30_000
+                heartbeat_interval_ms: 30_000,
+                storage_epoch: Some(7),
             }]
         );
         assert_eq!(h.conn.device_id(), "phone");
@@ -1111,16 +1155,73 @@ mod tests {
         let out = h.bind("chat", "ok:alice", None);
         assert!(matches!(
             out.transmit[..],
-            [Frame::Error {
-                code: ErrorCode::UNEXPECTED_FRAME,
-                ..
-            }]
+            [
+                Frame::Error {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    ..
+                },
+                Frame::GoAway {
+                    reason: GoAwayReason::PROTOCOL_ERROR,
+                    reconnect_delay_ms: None,
+                }
+            ]
         ));
         assert_eq!(
             out.close,
             Some(CloseReason::ProtocolError(ErrorCode::UNEXPECTED_FRAME))
         );
         assert!(h.conn.is_closing());
+    }
+
+    #[test]
+    fn a_second_hello_is_refused_for_what_it_is() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        let out = h.hello(NetworkType::Wifi);
+        let [Frame::Error { code, message }, Frame::GoAway { reason, .. }] = &out.transmit[..]
+        else {
+            panic!("ERROR then GOAWAY expected: {:?}", out.transmit);
+        };
+        assert_eq!(*code, ErrorCode::UNEXPECTED_FRAME);
+        assert_eq!(*reason, GoAwayReason::PROTOCOL_ERROR);
+        assert!(
+            message.contains("HELLO was already received"),
+            "the text names the reason: {message}"
+        );
+    }
+
+    #[test]
+    fn every_refused_bind_counts_toward_the_limit() {
+        for (refusal, app, token) in [
+            (BindErrorCode::ALREADY_BOUND, "chat", "ok:alice"),
+            (BindErrorCode::INVALID_TOKEN, "news", "forged"),
+        ] {
+            let mut h = Harness::new();
+            h.hello(NetworkType::Wifi);
+            h.bind("chat", "ok:alice", None);
+            for attempt in 1..=3 {
+                let out = h.bind(app, token, None);
+                assert!(
+                    matches!(&out.transmit[0], Frame::BindErr { code, .. } if *code == refusal),
+                    "{refusal}: {:?}",
+                    out.transmit
+                );
+                let closed = out.close == Some(CloseReason::AuthFailed);
+                assert_eq!(closed, attempt == 3, "{refusal}, attempt {attempt}");
+            }
+        }
+        // too_many_apps too (this config allows two apps).
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.bind("chat", "ok:alice", None);
+        h.bind("news", "ok:alice", None);
+        for app in ["mail", "maps"] {
+            assert_eq!(h.bind(app, "ok:alice", None).close, None);
+        }
+        assert_eq!(
+            h.bind("docs", "ok:alice", None).close,
+            Some(CloseReason::AuthFailed)
+        );
     }
 
     #[test]
@@ -1259,6 +1360,99 @@ mod tests {
         assert_eq!(pushed_seqs(h.deliver(2)), [2]);
         assert!(h.deliver(2).is_empty());
         assert!(h.deliver(1).is_empty());
+    }
+
+    fn reset_frame(sequence: ResetSequence, after: u64) -> Frame {
+        Frame::Reset {
+            app: "chat".to_owned(),
+            sequence,
+            after,
+        }
+    }
+
+    #[test]
+    fn a_first_fill_below_the_clients_claim_tells_it_before_any_push() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        // The client holds seq 50, but storage was reset: the inbox resumes at 0.
+        h.bind("chat", "ok:alice", Some(50));
+        let out = h.fill(0, &[1, 2], false);
+        assert_eq!(
+            out.transmit[0],
+            reset_frame(ResetSequence::Inbox, 0),
+            "RESET comes first"
+        );
+        assert_eq!(pushed_seqs(out), [1, 2]);
+        assert_eq!(
+            pushed_seqs(h.deliver(3)),
+            [3],
+            "live delivery goes on from there"
+        );
+        assert_eq!(h.ack(3).events.len(), 1, "acks below the old claim count");
+    }
+
+    #[test]
+    fn a_first_fill_at_the_clients_claim_sends_no_reset() {
+        for (claim, after) in [(Some(7), 7), (None, 4), (Some(0), 0)] {
+            let mut h = Harness::new();
+            h.hello(NetworkType::Wifi);
+            h.bind("chat", "ok:alice", claim);
+            let out = h.fill(after, &[after + 1], false);
+            assert!(
+                !out.transmit
+                    .iter()
+                    .any(|f| matches!(f, Frame::Reset { .. })),
+                "claim {claim:?}: {:?}",
+                out.transmit
+            );
+            // Later fills never reset, whatever they say.
+            h.ack(after + 1);
+            assert!(h.conn.bindings().count() == 1);
+        }
+    }
+
+    #[test]
+    fn broadcasts_resumed_below_the_clients_claim_are_announced() {
+        // From a broadcast fill.
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.frame(Frame::Bind {
+            app: "chat".to_owned(),
+            token: "ok:alice".to_owned(),
+            last_seq: None,
+            last_broadcast_seq: Some(9),
+            tags: Vec::new(),
+        });
+        h.out.clear();
+        h.conn.broadcast_fill(
+            "chat",
+            0,
+            &[broadcast(1, &[])],
+            BroadcastsNext::Continue,
+            &mut h.out,
+        );
+        assert_eq!(h.out.transmit[0], reset_frame(ResetSequence::Broadcasts, 0));
+        assert_eq!(broadcast_seqs(&h.out), [1]);
+        // From an inbox fill that says where broadcasts stand.
+        let out = h.fill_then_broadcasts(0, &[], false, Some(1));
+        assert!(
+            !out.transmit
+                .iter()
+                .any(|f| matches!(f, Frame::Reset { .. })),
+            "once only"
+        );
+        let mut h = Harness::new();
+        h.hello(NetworkType::Wifi);
+        h.frame(Frame::Bind {
+            app: "chat".to_owned(),
+            token: "ok:alice".to_owned(),
+            last_seq: Some(3),
+            last_broadcast_seq: Some(9),
+            tags: Vec::new(),
+        });
+        let out = h.fill_then_broadcasts(3, &[], false, Some(2));
+        assert_eq!(out.transmit, [reset_frame(ResetSequence::Broadcasts, 2)]);
+        assert_eq!(h.conn.broadcast("chat", 3, &[]), BroadcastFate::Send);
     }
 
     fn broadcast(seq: u64, required_tags: &[&str]) -> BroadcastMessage {

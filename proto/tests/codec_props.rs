@@ -12,7 +12,7 @@ use herald_proto::limits::{
 };
 use herald_proto::{
     BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType,
-    UpstreamStatus, decode, decode_slice, encode, encoded_len,
+    ResetSequence, UpstreamStatus, decode, decode_slice, encode, encoded_len,
 };
 use proptest::prelude::*;
 
@@ -103,8 +103,11 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
                 client_version,
                 network
             }),
-        any::<u32>().prop_map(|heartbeat_interval_ms| Frame::HelloOk {
-            heartbeat_interval_ms
+        (any::<u32>(), any::<Option<u64>>()).prop_map(|(heartbeat_interval_ms, storage_epoch)| {
+            Frame::HelloOk {
+                heartbeat_interval_ms,
+                storage_epoch,
+            }
         }),
         (
             app(),
@@ -131,6 +134,15 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
             }
         ),
         (app(), any::<u64>()).prop_map(|(app, seq)| Frame::BroadcastAck { app, seq }),
+        (app(), any::<bool>(), any::<u64>()).prop_map(|(app, broadcasts, after)| Frame::Reset {
+            app,
+            sequence: if broadcasts {
+                ResetSequence::Broadcasts
+            } else {
+                ResetSequence::Inbox
+            },
+            after,
+        }),
         (app(), text(USER_ID_LEN_MAX, true, sizes))
             .prop_map(|(app, user)| Frame::BindOk { app, user }),
         (app(), any::<u16>(), text(TEXT_LEN_MAX, false, sizes)).prop_map(|(app, code, message)| {

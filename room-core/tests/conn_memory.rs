@@ -77,6 +77,7 @@ fn config(io: IoDriver) -> GatewayConfig {
             bind_failures_max: 3,
             apps_per_conn_max: 4,
             inflight_pushes_max: 32,
+            storage_epoch: 1,
         },
         apps: vec![(APP.to_owned(), SECRET.to_vec())],
         connections_per_shard_max: CONNECTIONS * 2,

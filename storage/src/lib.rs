@@ -197,6 +197,39 @@ impl Saver {
         }
     }
 
+    /// The database's epoch: random, written when the first node opens a
+    /// new database, the same for every node on it after that. A wiped
+    /// database has another, which tells clients that its sequences start
+    /// over (HELLO_OK carries it).
+    pub async fn storage_epoch(&self) -> Result<u64, StorageError> {
+        // Positive, to fit every engine's signed BIGINT.
+        let proposed = rand::random::<i64>() & i64::MAX;
+        let epoch = match &self.engine {
+            Engine::Sqlite(engine) => engine.storage_epoch(proposed).await,
+            Engine::MySql(engine) => retried(|| engine.storage_epoch(proposed)).await,
+            Engine::Postgres(engine) => retried(|| engine.storage_epoch(proposed)).await,
+        }?;
+        from_db(epoch, "storage_epoch.epoch")
+    }
+
+    /// Sets a device's cursor down to `acked_seq` where it is above it: for
+    /// a cursor left past its inbox's head by a data reset or restore,
+    /// which acks of the inbox's new messages would otherwise never move.
+    pub async fn lower_ack_cursor(&self, ack: &AckCursor<'_>) -> Result<(), StorageError> {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.lower_ack_cursor(ack).await,
+            Engine::MySql(engine) => retried(|| engine.lower_ack_cursor(ack)).await,
+            Engine::Postgres(engine) => retried(|| engine.lower_ack_cursor(ack)).await,
+        }
+    }
+
+    /// The last broadcast seq `app` handed out (0: none ever), expired or
+    /// not.
+    pub async fn broadcast_head(&self, app: &str) -> Result<u64, StorageError> {
+        let seq = on_engine!(self, engine => engine.broadcast_head(app).await)?;
+        seq.map_or(Ok(0), |seq| from_db(seq, "broadcast_heads.last_seq"))
+    }
+
     /// Stores a broadcast once for its app under the app's next broadcast
     /// sequence (gapless and distinct with any number of nodes storing).
     /// Durable when it returns Ok.

@@ -267,6 +267,44 @@ impl MySqlSaver {
         Ok(())
     }
 
+    /// The database's epoch, written by the first caller (`proposed`).
+    pub(crate) async fn storage_epoch(&self, proposed: i64) -> Result<i64, StorageError> {
+        sqlx::query("INSERT IGNORE INTO storage_epoch (id, epoch) VALUES (1, ?)")
+            .bind(proposed)
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT epoch FROM storage_epoch WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Sets a device's cursor down to `acked_seq` if it is above it.
+    pub(crate) async fn lower_ack_cursor(&self, ack: &AckCursor<'_>) -> Result<(), StorageError> {
+        sqlx::query(
+            "UPDATE device_cursors SET acked_seq = ? \
+             WHERE app = ? AND user_id = ? AND device_id = ? AND acked_seq > ?",
+        )
+        .bind(to_db(ack.acked_seq))
+        .bind(ack.app)
+        .bind(ack.user)
+        .bind(ack.device_id)
+        .bind(to_db(ack.acked_seq))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn broadcast_head(&self, app: &str) -> Result<Option<i64>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT last_seq FROM broadcast_heads WHERE app = ?")
+                .bind(app)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     /// Deletes expired rows of `table` in batches; returns how many.
     pub(crate) async fn purge_table(
         &self,

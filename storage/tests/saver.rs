@@ -321,6 +321,64 @@ async fn device_cursors_only_rise(db: TestDb) {
     assert!(others.iter().all(|head| head.acked_seq.is_none()));
 }
 
+/// A cursor left past its inbox by a reset goes down, and only down.
+async fn a_device_cursor_can_be_lowered_for_a_reset(db: TestDb) {
+    let saver = db.open().await;
+    let ack = |device: &'static str, acked_seq| AckCursor {
+        app: APP,
+        user: "alice",
+        device_id: device,
+        acked_seq,
+    };
+    saver
+        .save_acks(&[ack("phone", 9), ack("laptop", 2)], T0)
+        .await
+        .unwrap();
+    saver.lower_ack_cursor(&ack("phone", 0)).await.unwrap();
+    saver.lower_ack_cursor(&ack("laptop", 5)).await.unwrap();
+    saver.lower_ack_cursor(&ack("tablet", 0)).await.unwrap();
+    assert_eq!(cursor(&saver, "phone").await, Some(0));
+    assert_eq!(cursor(&saver, "laptop").await, Some(2), "never raised");
+    assert_eq!(cursor(&saver, "tablet").await, None, "never created");
+    saver.save_acks(&[ack("phone", 1)], T0 + 1).await.unwrap();
+    assert_eq!(
+        cursor(&saver, "phone").await,
+        Some(1),
+        "rises again from there"
+    );
+}
+
+/// Every node on a database reads one epoch; a new database has another.
+async fn the_storage_epoch_is_written_once_per_database(db: TestDb) {
+    let nodes = [db.open().await, db.open().await];
+    let first = nodes[0].storage_epoch().await.unwrap();
+    assert_eq!(nodes[1].storage_epoch().await.unwrap(), first);
+    assert_eq!(nodes[0].storage_epoch().await.unwrap(), first);
+    db.execute("DELETE FROM storage_epoch").await;
+    let renewed = nodes[1].storage_epoch().await.unwrap();
+    assert_ne!(renewed, first, "an emptied database gets a new epoch");
+}
+
+async fn broadcast_head_counts_expired_ones_too(db: TestDb) {
+    let saver = db.open().await;
+    assert_eq!(saver.broadcast_head(APP).await.unwrap(), 0);
+    for ttl_ms in [10, HOUR_MS, 10] {
+        saver
+            .store_broadcast(NewBroadcast {
+                app: APP,
+                payload: b"b",
+                required_tags: &[],
+                ttl_ms,
+                now_ms: T0,
+            })
+            .await
+            .unwrap();
+    }
+    saver.purge_expired(T0 + 20).await.unwrap();
+    assert_eq!(saver.broadcast_head(APP).await.unwrap(), 3);
+    assert_eq!(saver.broadcast_head("app2").await.unwrap(), 0);
+}
+
 async fn purge_removes_only_expired_rows(db: TestDb) {
     let saver = db.open().await;
     let alice = users(&["alice"]);
@@ -716,6 +774,9 @@ on_every_engine!(
     messages_after_caps_the_limit,
     messages_after_skips_expired_messages,
     device_cursors_only_rise,
+    a_device_cursor_can_be_lowered_for_a_reset,
+    the_storage_epoch_is_written_once_per_database,
+    broadcast_head_counts_expired_ones_too,
     purge_removes_only_expired_rows,
     purge_loops_over_batches,
     stored_messages_survive_close_and_reopen,

@@ -235,10 +235,17 @@ impl Server {
 
     /// Kills the process hard (no drain) and starts it again on the same
     /// data dir, config and gateway address, so clients can reconnect.
-    pub fn kill_and_restart(mut self) -> Server {
+    pub fn kill_and_restart(self) -> Server {
+        self.kill_edit_and_restart(|_| {})
+    }
+
+    /// `kill_and_restart`, with `edit` run on the data dir while nothing
+    /// runs (to wipe or change the stored data, as a restore would).
+    pub fn kill_edit_and_restart(mut self, edit: impl FnOnce(&Path)) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         wait_until_nothing_listens(&self.gateway);
+        edit(&self.data_dir);
         let mut next = Server::spawn(
             self.config_path.as_deref(),
             &self.data_dir,
@@ -475,6 +482,7 @@ impl RawClient {
         match self.recv().await {
             Some(Frame::HelloOk {
                 heartbeat_interval_ms,
+                ..
             }) => heartbeat_interval_ms,
             other => panic!("expected HELLO_OK, got {other:?}"),
         }
