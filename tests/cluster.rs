@@ -417,6 +417,63 @@ async fn unacked_devices(database_url: &str) -> i64 {
     .unwrap()
 }
 
+/// How soon after Redis answers again, empty, every room node has written
+/// all its sessions and subscribed to its delivery channel again: the bound
+/// README's "When a part fails" table states.
+const REDIS_RETURN_BOUND: Duration = Duration::from_millis(500);
+
+/// When Redis had every session again, and when every room node was
+/// subscribed again, after Redis came back.
+struct BackInRedis {
+    sessions: Duration,
+    subscriptions: Duration,
+}
+
+/// Times from `answering` (when the restarted Redis took connections)
+/// until every user has a session in Redis again and until `rooms`
+/// delivery channels are subscribed, polled every 5 ms.
+async fn time_until_back_in_redis(
+    redis_url: String,
+    users: Vec<String>,
+    rooms: usize,
+    answering: std::time::Instant,
+) -> BackInRedis {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (mut sessions_back, mut subscriptions_back) = (None, None);
+    loop {
+        let mut sessions = redis::pipe();
+        for user in &users {
+            sessions.hlen(format!("herald:{{{APP}:{user}}}:sessions"));
+        }
+        let sessions: Vec<u64> = sessions.query_async(&mut conn).await.unwrap();
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("herald:deliver:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let elapsed = answering.elapsed();
+        if sessions.iter().all(|&n| n > 0) {
+            sessions_back.get_or_insert(elapsed);
+        }
+        if channels.len() == rooms {
+            subscriptions_back.get_or_insert(elapsed);
+        }
+        if let (Some(sessions), Some(subscriptions)) = (sessions_back, subscriptions_back) {
+            return BackInRedis {
+                sessions,
+                subscriptions,
+            };
+        }
+        assert!(
+            elapsed < WAIT,
+            "not back in Redis after {WAIT:?}: sessions per user {sessions:?}, channels {channels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_loses_nothing() {
     const TEST: &str = "a_redis_restart_loses_nothing";
@@ -458,6 +515,12 @@ async fn a_redis_restart_loses_nothing() {
     )
     .await;
     redis.restart();
+    let back = tokio::spawn(time_until_back_in_redis(
+        redis.url.clone(),
+        users.clone(),
+        cluster.rooms.len(),
+        std::time::Instant::now(),
+    ));
     let (after, refused_after) = push_steadily(
         &cluster.controls,
         &users,
@@ -466,6 +529,7 @@ async fn a_redis_restart_loses_nothing() {
         || {},
     )
     .await;
+    let back = back.await.unwrap();
 
     let mut accepted = before;
     for (user, ids) in during.into_iter().chain(after) {
@@ -476,7 +540,14 @@ async fn a_redis_restart_loses_nothing() {
     println!(
         "Redis killed and restarted empty mid-push: accepted {accepted_total}, refused \
          {refused_during} during the outage and {refused_after} after, delivered {unique} unique, \
-         {duplicates} redelivered, lost 0"
+         {duplicates} redelivered, lost 0; after Redis answered again, every session was back \
+         in it in {} ms and every room node subscribed in {} ms",
+        back.sessions.as_millis(),
+        back.subscriptions.as_millis()
+    );
+    assert!(
+        back.sessions.max(back.subscriptions) < REDIS_RETURN_BOUND,
+        "the room nodes took too long to come back to Redis (README says under {REDIS_RETURN_BOUND:?})"
     );
     assert_eq!(unique, accepted_total);
     eventually(
