@@ -16,7 +16,6 @@ pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:7070";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8080";
 /// 0 = one shard per core.
 pub const DEFAULT_SHARDS: usize = 0;
-pub const DEFAULT_CONNECTIONS_PER_SHARD_MAX: usize = 1_000_000;
 /// 256 KiB: room for a full delivery window of 4 KiB pushes, several times.
 pub const DEFAULT_SEND_QUEUE_BYTES_MAX: usize = 256 * 1024;
 /// Frames waiting per connection: many full delivery windows, far more
@@ -112,7 +111,8 @@ pub struct GatewaySection {
     pub io: IoSetting,
     pub listen: SocketAddr,
     pub shards: usize,
-    pub connections_per_shard_max: usize,
+    /// None: as many as the open-file limit allows, resolved at startup.
+    pub connections_per_shard_max: Option<usize>,
     pub send_queue_bytes_max: usize,
     pub send_queue_frames_max: usize,
     pub auth_timeout_secs: u64,
@@ -241,7 +241,7 @@ impl Default for GatewaySection {
             io: IoSetting::default(),
             listen: DEFAULT_GATEWAY_LISTEN.parse().expect("valid default"),
             shards: DEFAULT_SHARDS,
-            connections_per_shard_max: DEFAULT_CONNECTIONS_PER_SHARD_MAX,
+            connections_per_shard_max: None,
             send_queue_bytes_max: DEFAULT_SEND_QUEUE_BYTES_MAX,
             send_queue_frames_max: DEFAULT_SEND_QUEUE_FRAMES_MAX,
             auth_timeout_secs: DEFAULT_AUTH_TIMEOUT_SECS,
@@ -398,7 +398,7 @@ impl Config {
                 self.shards()
             );
         }
-        if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == 0 {
+        if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == Some(0) {
             bail!("gateway.command_queue_len and connections_per_shard_max must be positive");
         }
         if self.api.multicast_users_max == 0 || self.api.pull_limit_max == 0 {
@@ -610,6 +610,7 @@ mod tests {
             [gateway]
             listen = "0.0.0.0:7000"
             shards = 4
+            connections_per_shard_max = 1000
             [gateway.heartbeat_secs]
             cellular = 30
             [api]
@@ -628,5 +629,8 @@ mod tests {
             DEFAULT_HEARTBEAT_WIFI_SECS
         );
         assert_eq!(config.apps[0].default_ttl_secs, DEFAULT_APP_TTL_SECS);
+        // Set here; left out, it is resolved from the open-file limit.
+        assert_eq!(config.gateway.connections_per_shard_max, Some(1000));
+        assert_eq!(Config::default().gateway.connections_per_shard_max, None);
     }
 }

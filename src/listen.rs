@@ -5,15 +5,27 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::Args;
-use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event};
+use clap::{ArgGroup, Args};
+use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Dispatch, Event};
 use herald_proto::NetworkType;
 
 #[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("gateways")
+        .args(["gateway", "dispatch"])
+        .required(true)
+        .multiple(true)
+))]
 pub struct ListenArgs {
-    /// Gateway address, e.g. 127.0.0.1:7070.
+    /// Gateway address, e.g. 127.0.0.1:7070. With --dispatch, the one tried
+    /// when the dispatcher cannot be reached and no gateway has worked yet.
     #[arg(long)]
-    gateway: String,
+    gateway: Option<String>,
+    /// The dispatcher (an API base URL, e.g. http://127.0.0.1:8080): asked
+    /// which gateways to try, best first, at start, after a lost connection
+    /// and when every gateway it named failed.
+    #[arg(long, value_name = "URL")]
+    dispatch: Option<String>,
     #[arg(long)]
     app: String,
     /// The user the token was issued to (checked against the server's answer).
@@ -35,8 +47,14 @@ pub fn run(args: ListenArgs) -> anyhow::Result<()> {
 
 async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let mut client = Client::start(ClientOptions {
-        gateway: args.gateway.clone(),
-        dispatch: None,
+        // Empty with only --dispatch: the SDK then has no fallback gateway.
+        gateway: args.gateway.clone().unwrap_or_default(),
+        dispatch: args.dispatch.clone().map(|url| Dispatch {
+            url,
+            app: args.app.clone(),
+            user: args.user.clone(),
+            region: None,
+        }),
         device_id: args.device.clone(),
         network: NetworkType::Wired,
         client_version: concat!("herald-listen/", env!("CARGO_PKG_VERSION")).to_owned(),
@@ -71,6 +89,12 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
                 });
                 writeln!(stdout, "{line}")?;
                 stdout.flush()?;
+            }
+            Event::Connected { gateway, .. } => {
+                eprintln!("herald listen: connected to {gateway}");
+            }
+            Event::DispatchFailed { error } => {
+                eprintln!("herald listen: cannot ask the dispatcher ({error})");
             }
             Event::Bound { app, user } => {
                 if user != args.user {

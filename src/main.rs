@@ -5,6 +5,7 @@
 
 mod config;
 mod listen;
+mod open_files;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -179,33 +180,6 @@ fn check_io_uring() -> anyhow::Result<()> {
     })
 }
 
-/// Warns when the process may not open as many sockets as the gateway is
-/// configured to hold: the excess would fail at accept time.
-fn warn_on_low_file_limit(config: &Config) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    let connections_max =
-        (config.gateway.connections_per_shard_max as u64).saturating_mul(config.shards() as u64);
-    if limit.rlim_cur < connections_max {
-        let message = format!(
-            "open-file limit is {} (hard {}) but the gateway may hold {connections_max} \
-             connections ({} shards x gateway.connections_per_shard_max); raise `ulimit -n` \
-             (see kernel-tuning/) or lower connections_per_shard_max",
-            limit.rlim_cur,
-            limit.rlim_max,
-            config.shards(),
-        );
-        eprintln!("herald: warning: {message}");
-        tracing::warn!("{message}");
-    }
-}
-
 /// The file's settings, or the defaults with the generated `demo` app, then
 /// the command-line overrides.
 fn load_serve_config(
@@ -319,7 +293,11 @@ fn token(
     Ok(())
 }
 
-fn gateway_config(config: &Config, storage_epoch: u64) -> GatewayConfig {
+fn gateway_config(
+    config: &Config,
+    connections_per_shard_max: usize,
+    storage_epoch: u64,
+) -> GatewayConfig {
     GatewayConfig {
         io: config.gateway.io.driver(),
         listen: config.gateway.listen,
@@ -337,7 +315,7 @@ fn gateway_config(config: &Config, storage_epoch: u64) -> GatewayConfig {
             .iter()
             .map(|app| (app.id.clone(), app.token_secret.as_bytes().to_vec()))
             .collect(),
-        connections_per_shard_max: config.gateway.connections_per_shard_max,
+        connections_per_shard_max,
         send_queue_bytes_max: config.gateway.send_queue_bytes_max,
         send_queue_frames_max: config.gateway.send_queue_frames_max,
         command_queue_len: config.gateway.command_queue_len,
@@ -434,7 +412,8 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     let mut events_rx = None;
     if role != Role::Control {
         let shards = config.shards();
-        warn_on_low_file_limit(&config);
+        let connections_per_shard_max =
+            open_files::connections_per_shard(config.gateway.connections_per_shard_max, shards)?;
         limit_heap_arenas(shards);
         let (events_tx, events) = async_channel::bounded(EVENT_QUEUE_LEN);
         let storage_epoch = saver
@@ -442,8 +421,11 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             .await
             .context("cannot read the storage epoch")?;
         gateway = Some(
-            Gateway::start(gateway_config(&config, storage_epoch), events_tx)
-                .context("cannot start the gateway")?,
+            Gateway::start(
+                gateway_config(&config, connections_per_shard_max, storage_epoch),
+                events_tx,
+            )
+            .context("cannot start the gateway")?,
         );
         events_rx = Some(events);
     }

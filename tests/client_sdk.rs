@@ -203,6 +203,20 @@ async fn listen_prints_pushes_as_json_lines_and_exits_nonzero_when_kicked() {
     assert!(said.iter().any(|l| l.contains("kicked")), "{said:?}");
 }
 
+#[test]
+fn listen_needs_a_gateway_or_a_dispatcher() {
+    let output = Command::new(herald_bin())
+        .args(["listen", "--app", APP, "--user", "dave", "--token", "t"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("--gateway") && said.contains("--dispatch"),
+        "{said}"
+    );
+}
+
 /// The README quick start: serve with no config, mint a token with the CLI,
 /// push with the printed API key, receive.
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
 use support::cluster::{Cluster, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually};
-use support::{API_KEY, APP, RawClient, WAIT};
+use support::{API_KEY, APP, RawClient, WAIT, herald_bin, token};
 
 /// The node ids presence reports for `user`, as asked of `api`.
 async fn nodes_of(api: &support::Server, user: &str) -> Vec<String> {
@@ -402,6 +402,129 @@ async fn a_room_node_killed_mid_push_loses_nothing() {
     }
 }
 
+/// The lines a child process writes to one of its pipes, read on a
+/// thread of their own.
+fn lines_of(
+    pipe: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The part after `prefix` of the next line that starts with it, skipping
+/// other lines.
+async fn line_after(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    prefix: &str,
+) -> String {
+    let wanted = async {
+        while let Some(line) = lines.recv().await {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_owned();
+            }
+        }
+        panic!("the process ended before it printed {prefix:?}");
+    };
+    tokio::time::timeout(WAIT, wanted)
+        .await
+        .unwrap_or_else(|_| panic!("no line starting {prefix:?} within {WAIT:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listen_follows_a_failover_through_the_dispatcher() {
+    const TEST: &str = "listen_follows_a_failover_through_the_dispatcher";
+    let Some(mut cluster) = Cluster::start(TEST, 2, 1).await else {
+        return;
+    };
+    let mut listen = Reaped(
+        std::process::Command::new(herald_bin())
+            .args(["listen", "--dispatch"])
+            .arg(format!("http://{}", cluster.controls[0].api))
+            .args([
+                "--app",
+                APP,
+                "--user",
+                "lena",
+                "--token",
+                &token("lena", 3600),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut printed = lines_of(listen.0.stdout.take().unwrap());
+    let mut said = lines_of(listen.0.stderr.take().unwrap());
+
+    // Pushes to lena once the register has her on `node`; returns the line
+    // listen printed for the push, after any earlier push printed again
+    // (one whose ack the dead node never took comes again).
+    async fn push_and_print(
+        cluster: &Cluster,
+        node: &str,
+        payload: &str,
+        printed: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> Value {
+        eventually(&format!("lena registered on {node}"), || async {
+            nodes_of(&cluster.controls[0], "lena")
+                .await
+                .iter()
+                .any(|n| n == node)
+        })
+        .await;
+        cluster.controls[0].push("lena", payload).await;
+        loop {
+            let line: Value = serde_json::from_str(&line_after(printed, "").await).unwrap();
+            if line["payload"] == payload {
+                return line;
+            }
+        }
+    }
+
+    let first = line_after(&mut said, "herald listen: connected to ").await;
+    let first_node = format!("room-{}", cluster.room_at(&first));
+    let line = push_and_print(&cluster, &first_node, "before", &mut printed).await;
+    assert_eq!(
+        (&line["kind"], &line["seq"], &line["payload"]),
+        (&json!("push"), &json!(1), &json!("before"))
+    );
+
+    // kill -9 of lena's room node: listen moves to the other one.
+    let mut dead = cluster.rooms.remove(cluster.room_at(&first));
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let second = line_after(&mut said, "herald listen: connected to ").await;
+    assert_ne!(second, first, "listen reconnected to the dead node");
+    let second_node = format!("room-{}", cluster.room_at(&second));
+    let line = push_and_print(&cluster, &second_node, "after", &mut printed).await;
+    assert_eq!(
+        (&line["kind"], &line["seq"], &line["payload"]),
+        (&json!("push"), &json!(2), &json!("after"))
+    );
+    assert!(
+        listen.0.try_wait().unwrap().is_none(),
+        "the same listen process"
+    );
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Devices whose stored ack cursor is behind their inbox's last sequence
 /// (or that never acked an inbox holding messages).
 async fn unacked_devices(database_url: &str) -> i64 {
@@ -415,6 +538,63 @@ async fn unacked_devices(database_url: &str) -> i64 {
     .fetch_one(&mut db)
     .await
     .unwrap()
+}
+
+/// How soon after Redis answers again, empty, every room node has written
+/// all its sessions and subscribed to its delivery channel again: the bound
+/// README's "When a part fails" table states.
+const REDIS_RETURN_BOUND: Duration = Duration::from_millis(500);
+
+/// When Redis had every session again, and when every room node was
+/// subscribed again, after Redis came back.
+struct BackInRedis {
+    sessions: Duration,
+    subscriptions: Duration,
+}
+
+/// Times from `answering` (when the restarted Redis took connections)
+/// until every user has a session in Redis again and until `rooms`
+/// delivery channels are subscribed, polled every 5 ms.
+async fn time_until_back_in_redis(
+    redis_url: String,
+    users: Vec<String>,
+    rooms: usize,
+    answering: std::time::Instant,
+) -> BackInRedis {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (mut sessions_back, mut subscriptions_back) = (None, None);
+    loop {
+        let mut sessions = redis::pipe();
+        for user in &users {
+            sessions.hlen(format!("herald:{{{APP}:{user}}}:sessions"));
+        }
+        let sessions: Vec<u64> = sessions.query_async(&mut conn).await.unwrap();
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("herald:deliver:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let elapsed = answering.elapsed();
+        if sessions.iter().all(|&n| n > 0) {
+            sessions_back.get_or_insert(elapsed);
+        }
+        if channels.len() == rooms {
+            subscriptions_back.get_or_insert(elapsed);
+        }
+        if let (Some(sessions), Some(subscriptions)) = (sessions_back, subscriptions_back) {
+            return BackInRedis {
+                sessions,
+                subscriptions,
+            };
+        }
+        assert!(
+            elapsed < WAIT,
+            "not back in Redis after {WAIT:?}: sessions per user {sessions:?}, channels {channels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -458,6 +638,12 @@ async fn a_redis_restart_loses_nothing() {
     )
     .await;
     redis.restart();
+    let back = tokio::spawn(time_until_back_in_redis(
+        redis.url.clone(),
+        users.clone(),
+        cluster.rooms.len(),
+        std::time::Instant::now(),
+    ));
     let (after, refused_after) = push_steadily(
         &cluster.controls,
         &users,
@@ -466,6 +652,7 @@ async fn a_redis_restart_loses_nothing() {
         || {},
     )
     .await;
+    let back = back.await.unwrap();
 
     let mut accepted = before;
     for (user, ids) in during.into_iter().chain(after) {
@@ -476,7 +663,14 @@ async fn a_redis_restart_loses_nothing() {
     println!(
         "Redis killed and restarted empty mid-push: accepted {accepted_total}, refused \
          {refused_during} during the outage and {refused_after} after, delivered {unique} unique, \
-         {duplicates} redelivered, lost 0"
+         {duplicates} redelivered, lost 0; after Redis answered again, every session was back \
+         in it in {} ms and every room node subscribed in {} ms",
+        back.sessions.as_millis(),
+        back.subscriptions.as_millis()
+    );
+    assert!(
+        back.sessions.max(back.subscriptions) < REDIS_RETURN_BOUND,
+        "the room nodes took too long to come back to Redis (README says under {REDIS_RETURN_BOUND:?})"
     );
     assert_eq!(unique, accepted_total);
     eventually(

@@ -101,7 +101,8 @@ pub struct Dispatch {
 pub struct ClientOptions {
     /// "host:port" of a gateway: the one used without `dispatch`, and the
     /// last resort when the dispatcher cannot be reached and no gateway
-    /// has worked yet.
+    /// has worked yet. May be empty with `dispatch`: then, until the
+    /// dispatcher answers, the client waits out its backoff and asks again.
     pub gateway: String,
     pub dispatch: Option<Dispatch>,
     pub device_id: String,
@@ -333,7 +334,12 @@ async fn drive(
         {
             return;
         }
-        let ended = connect_and_run(&gateway, &options, &mut resume, &events, &mut commands).await;
+        let ended = if gateway.is_empty() {
+            // Only the dispatcher knows the gateways, and it did not answer.
+            lost("no gateway to try", false)
+        } else {
+            connect_and_run(&gateway, &options, &mut resume, &events, &mut commands).await
+        };
         let (error, hint) = match ended {
             Ended::Terminal(terminal) => {
                 let _ = events.send(Event::Closed(terminal)).await;

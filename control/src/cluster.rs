@@ -48,6 +48,11 @@ pub const LIVENESS_TTL: Duration = Duration::from_secs(5);
 /// slow round trip does not make a live node look dead).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How soon a failed heartbeat is tried again. While Redis does not answer
+/// a room node asks it this often, so that once Redis is back (perhaps
+/// empty) the node's sessions are written again within about this long.
+pub const HEARTBEAT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a node's view of the live nodes is reused before it is read
 /// again. An entry naming a node or instance the view does not know makes
 /// it read again at once, so a node that just started is never ignored.
@@ -76,8 +81,10 @@ const CLUSTER_PIPELINES_IN_FLIGHT_MAX: usize = 256;
 /// Redis calls fail after this long rather than hold an API call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Longest wait between two tries to subscribe again.
-const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
+/// Longest wait between two tries to subscribe again: the pace of the
+/// heartbeat's retries, so deliveries reach the node again about when its
+/// sessions are back in Redis.
+const RESUBSCRIBE_DELAY_MAX: Duration = HEARTBEAT_RETRY_INTERVAL;
 
 /// Node records share a hash tag, so the directory's reads (ZRANGE, MGET)
 /// and the heartbeat's writes stay on one Redis Cluster slot.
@@ -888,19 +895,35 @@ pub type LoadProbe = Box<dyn Fn() -> (u64, f64) + Send + Sync>;
 impl RoomLink {
     /// Writes the liveness record once; returns whether Redis had lost the
     /// previous one (always so on the first beat of a run).
+    ///
+    /// A failed write is tried again at once: a connection to one Redis
+    /// server that could not be made again answers the next call with that
+    /// old attempt's error (say, connection refused while Redis was down)
+    /// and only then connects anew, so it is the second call that finds
+    /// out whether Redis answers now.
     pub async fn heartbeat(&self, load: &LoadProbe) -> Result<bool, RegisterError> {
+        let record = self.record(load);
+        match self.write_record(&record).await {
+            Err(_) => self.write_record(&record).await,
+            written => written,
+        }
+    }
+
+    fn record(&self, load: &LoadProbe) -> NodeRecord {
         let (connections, cpu_percent) = load();
-        let now_ms = unix_ms();
-        let record = NodeRecord {
+        NodeRecord {
             node: self.node.clone(),
             instance: self.instance,
             gateway: self.gateway.clone(),
             region: self.region.clone(),
             connections,
             cpu_percent,
-            heartbeat_at_ms: now_ms,
-        };
-        let json = serde_json::to_string(&record).expect("records serialize");
+            heartbeat_at_ms: unix_ms(),
+        }
+    }
+
+    async fn write_record(&self, record: &NodeRecord) -> Result<bool, RegisterError> {
+        let json = serde_json::to_string(record).expect("records serialize");
         let mut redis = self.redis.clone();
         let (previous, ()): (Option<String>, ()) = redis::pipe()
             .cmd("SET")
@@ -909,7 +932,7 @@ impl RoomLink {
             .arg("PX")
             .arg(LIVENESS_TTL.as_millis() as u64)
             .arg("GET")
-            .zadd(NODES_KEY, &self.node, now_ms)
+            .zadd(NODES_KEY, &self.node, record.heartbeat_at_ms)
             .ignore()
             .query_async::<(Option<String>,)>(&mut redis)
             .await
@@ -952,12 +975,30 @@ impl RoomLink {
     /// in the gap found no session.
     pub async fn run_heartbeat(self: Arc<Self>, delivery: Arc<Delivery>, load: LoadProbe) {
         let mut rewritten_at = Instant::now();
+        // When the heartbeats started failing; the warning is said once.
+        let mut failing_since: Option<Instant> = None;
         loop {
-            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            let pause = match failing_since {
+                Some(_) => HEARTBEAT_RETRY_INTERVAL,
+                None => HEARTBEAT_INTERVAL,
+            };
+            tokio::time::sleep(pause).await;
             let lost = match self.heartbeat(&load).await {
-                Ok(lost) => lost,
+                Ok(lost) => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(failing_for = ?since.elapsed(), "liveness heartbeat works again");
+                    }
+                    lost
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "liveness heartbeat failed");
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(
+                            %error,
+                            retry_every = ?HEARTBEAT_RETRY_INTERVAL,
+                            "liveness heartbeat failed"
+                        );
+                    }
                     continue;
                 }
             };
