@@ -42,6 +42,19 @@ pub const DEFAULT_PULL_LIMIT_MAX: u32 = 100;
 pub const DEFAULT_TTL_SECS_MAX: u64 = 30 * 24 * 3600;
 /// 1 day.
 pub const DEFAULT_APP_TTL_SECS: u64 = 24 * 3600;
+/// A request head is a few hundred bytes: even a slow link sends it in a
+/// second or two.
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// A body is at most a few hundred KiB.
+pub const DEFAULT_BODY_READ_TIMEOUT_SECS: u64 = 30;
+/// Long enough for a business server's connection pool to reuse a
+/// connection between bursts of calls.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// API connections at once; a business server needs a handful, a load
+/// balancer some dozens.
+pub const DEFAULT_API_CONNECTIONS_MAX: usize = 1024;
+/// Longest API timeout a config may set.
+const API_TIMEOUT_SECS_MAX: u64 = 3600;
 pub const DEFAULT_ACK_FLUSH_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_PURGE_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_DRAIN_RECONNECT_DELAY_MS: u32 = 1_000;
@@ -168,6 +181,15 @@ pub struct ApiSection {
     pub multicast_users_max: usize,
     pub pull_limit_max: u32,
     pub ttl_secs_max: u64,
+    /// A request's head must be complete within this, from the accept or
+    /// from its first byte on a kept-alive connection.
+    pub header_read_timeout_secs: u64,
+    /// A request's body must be complete within this, from its head.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// API connections at once; past it new ones wait in the backlog.
+    pub connections_max: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -277,6 +299,10 @@ impl Default for ApiSection {
             multicast_users_max: DEFAULT_MULTICAST_USERS_MAX,
             pull_limit_max: DEFAULT_PULL_LIMIT_MAX,
             ttl_secs_max: DEFAULT_TTL_SECS_MAX,
+            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
+            body_read_timeout_secs: DEFAULT_BODY_READ_TIMEOUT_SECS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            connections_max: DEFAULT_API_CONNECTIONS_MAX,
         }
     }
 }
@@ -404,6 +430,21 @@ impl Config {
         if self.api.multicast_users_max == 0 || self.api.pull_limit_max == 0 {
             bail!("api.multicast_users_max and api.pull_limit_max must be positive");
         }
+        for (name, secs) in [
+            (
+                "header_read_timeout_secs",
+                self.api.header_read_timeout_secs,
+            ),
+            ("body_read_timeout_secs", self.api.body_read_timeout_secs),
+            ("idle_timeout_secs", self.api.idle_timeout_secs),
+        ] {
+            if secs == 0 || secs > API_TIMEOUT_SECS_MAX {
+                bail!("api.{name} must be 1 to {API_TIMEOUT_SECS_MAX}");
+            }
+        }
+        if self.api.connections_max == 0 {
+            bail!("api.connections_max must be positive");
+        }
         Ok(())
     }
 
@@ -443,6 +484,15 @@ impl Config {
         match self.gateway.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
+        }
+    }
+
+    pub fn http_limits(&self) -> herald_control::HttpLimits {
+        herald_control::HttpLimits {
+            header_read_timeout: Duration::from_secs(self.api.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.api.body_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.api.idle_timeout_secs),
+            connections_max: self.api.connections_max,
         }
     }
 
@@ -570,6 +620,21 @@ mod tests {
         };
         config.apps[0].id = "bad id".to_owned();
         assert!(config.validate().is_err());
+
+        for edit in [
+            |api: &mut ApiSection| api.header_read_timeout_secs = 0,
+            |api: &mut ApiSection| api.body_read_timeout_secs = 0,
+            |api: &mut ApiSection| api.idle_timeout_secs = API_TIMEOUT_SECS_MAX + 1,
+            |api: &mut ApiSection| api.connections_max = 0,
+        ] {
+            let mut config = Config {
+                apps: vec![app()],
+                ..Config::default()
+            };
+            edit(&mut config.api);
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.starts_with("api."), "{error}");
+        }
     }
 
     #[test]
@@ -616,6 +681,8 @@ mod tests {
             [api]
             listen = "127.0.0.1:9000"
             payload_bytes_max = 2048
+            header_read_timeout_secs = 5
+            connections_max = 64
             [[apps]]
             id = "chat"
             api_key = "0123456789abcdef"
@@ -632,5 +699,12 @@ mod tests {
         // Set here; left out, it is resolved from the open-file limit.
         assert_eq!(config.gateway.connections_per_shard_max, Some(1000));
         assert_eq!(Config::default().gateway.connections_per_shard_max, None);
+        let http = config.http_limits();
+        assert_eq!(http.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(
+            http.idle_timeout,
+            Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)
+        );
+        assert_eq!(http.connections_max, 64);
     }
 }

@@ -281,6 +281,8 @@ fn token(
             config::demo_app(&data_dir)?.0.token_secret
         }
     };
+    herald_proto::ids::check_user_id(user)
+        .map_err(|rule| anyhow::anyhow!("user {user:?} cannot have a token: {rule}"))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = TokenClaims {
         app: app.to_owned(),
@@ -341,6 +343,7 @@ fn control_config(config: &Config) -> ControlConfig {
         multicast_users_max: config.api.multicast_users_max,
         pull_limit_max: config.api.pull_limit_max,
         ttl_secs_max: config.api.ttl_secs_max,
+        http: config.http_limits(),
         ack_flush_interval: Duration::from_millis(config.storage.ack_flush_interval_ms),
         purge_interval: Duration::from_secs(config.storage.purge_interval_secs),
     }
@@ -495,10 +498,10 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         }
         None => Box::new(|_| {}),
     };
+    let http_limits = control_config.http;
     let router =
         herald_control::router(control_config, delivery.clone(), directory, gateway_metrics);
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
-        .await
+    let listener = herald_control::http::listen(config.api.listen)
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
     if let Some(gateway) = &gateway {
         println!(
@@ -512,13 +515,14 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     tracing::info!(node.id = %name.node, role = ?role, "herald is ready");
 
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stopped_rx.await;
-            })
-            .into_future(),
-    );
+    let server = tokio::spawn(herald_control::http::serve(
+        listener,
+        router,
+        http_limits,
+        async {
+            let _ = stopped_rx.await;
+        },
+    ));
     shutdown.recv().await;
     tracing::info!("draining: clients get GOAWAY, acks are flushed");
     delivery

@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use herald_proto::{BindErrorCode, ErrorCode, Frame, GoAwayReason};
-use support::{API_KEY, APP, Io, OTHER_API_KEY, RawClient, Server, token};
+use serde_json::{Value, json};
+use support::{API_KEY, APP, Io, OTHER_API_KEY, RawClient, RawResponse, Server, token};
 
 fn error_code(body: &serde_json::Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
@@ -84,6 +85,538 @@ async fn api_errors_have_the_documented_status_and_code() {
         metrics.contains("herald_api_requests_total{status=\"413\"} 2"),
         "{metrics}"
     );
+}
+
+/// A request as it goes on the wire, with the test app's key.
+fn wire_request(method: &str, target: &str, body: Option<&str>) -> Vec<u8> {
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Connection: close\r\n"
+    );
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    } else {
+        request.push_str("\r\n");
+    }
+    request.into_bytes()
+}
+
+/// Why `response` is not the documented error `(status, code)`, if it is not.
+fn not_the_error(response: &RawResponse, status: u16, code: &str) -> Option<String> {
+    let error = &response.body["error"];
+    let documented = response.status == status
+        && error["code"] == code
+        && error["message"].as_str().is_some_and(|m| !m.is_empty())
+        && error.as_object().is_some_and(|fields| fields.len() == 2)
+        && response.body.as_object().is_some_and(|top| top.len() == 1)
+        && response.header("content-type") == Some("application/json");
+    (!documented).then(|| format!("{} {}", response.status, response.body))
+}
+
+#[tokio::test]
+async fn every_route_answers_bad_input_with_the_documented_json_error() {
+    let server = Server::start();
+    let long = "u".repeat(129);
+    let push_ok = r#"{"payload": "x"}"#;
+    let multicast_ok = r#"{"users": ["alice"], "payload": "x"}"#;
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        // push
+        (
+            "POST",
+            "/v1/apps/chat/users/%FF/messages".into(),
+            Some(push_ok.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/users/a%G1/messages".into(),
+            Some(push_ok.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("/v1/apps/chat/users/{long}/messages"),
+            Some(push_ok.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/users/alice/messages".into(),
+            Some(r#"{"payload": 5}"#.into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/users/alice/messages".into(),
+            Some("[]".into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/users/alice/messages".into(),
+            Some(r#"{"payload": "x", "extra": 1}"#.into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/users/alice/messages".into(),
+            Some(r#"{"payload": "x", "ttl_secs": 0}"#.into()),
+            400,
+            "bad_request",
+        ),
+        // pull
+        (
+            "GET",
+            "/v1/apps/chat/users/%FF/messages".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            format!("/v1/apps/chat/users/{long}/messages"),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?after=x".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?after=-1".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?limit=0".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?after=%FF".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?after=%G".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/users/alice/messages?bogus=1".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        // multicast
+        (
+            "POST",
+            "/v1/apps/%FF/messages".into(),
+            Some(multicast_ok.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/messages".into(),
+            Some(r#"{"users": "alice", "payload": "x"}"#.into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/messages".into(),
+            Some(json!({"users": [long], "payload": "x"}).to_string()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/messages".into(),
+            Some(r#"{"users": ["a\u0000b"], "payload": "x"}"#.into()),
+            400,
+            "bad_request",
+        ),
+        // presence
+        (
+            "GET",
+            "/v1/apps/chat/users/%FF/presence".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            format!("/v1/apps/chat/users/{long}/presence"),
+            None,
+            400,
+            "bad_request",
+        ),
+        // kick
+        (
+            "POST",
+            "/v1/apps/chat/users/%FF/kick".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("/v1/apps/chat/users/{long}/kick"),
+            None,
+            400,
+            "bad_request",
+        ),
+        // broadcast
+        (
+            "POST",
+            "/v1/apps/%FF/broadcasts".into(),
+            Some(push_ok.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/broadcasts".into(),
+            Some(r#"{"payload": "x", "tags": "a"}"#.into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/apps/chat/broadcasts".into(),
+            Some(r#"{"payload": "x", "rate_per_sec": 0}"#.into()),
+            400,
+            "bad_request",
+        ),
+        // broadcast progress
+        (
+            "GET",
+            "/v1/apps/chat/broadcasts/%FF".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/apps/chat/broadcasts/nope".into(),
+            None,
+            404,
+            "unknown_broadcast",
+        ),
+        // dispatch
+        (
+            "GET",
+            "/v1/dispatch?app=chat&user=%FF".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/dispatch?app=chat&user=a%00b".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            format!("/v1/dispatch?app=chat&user={long}"),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/dispatch?app=chat".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/dispatch?app=chat&user=alice&net=5g".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/dispatch?app=%FF&user=alice".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        // no such route or method
+        ("GET", "/v1/nope".into(), None, 404, "not_found"),
+        (
+            "GET",
+            "/v1/apps/chat/users/%FF/nope".into(),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/v1/apps/chat/users/alice/messages".into(),
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/livez".into(),
+            Some(String::new()),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (method, target, body, status, code) in &cases {
+        let response =
+            support::raw_request(&server.api, &wire_request(method, target, body.as_deref())).await;
+        if let Some(got) = not_the_error(&response, *status, code) {
+            wrong.push(format!(
+                "{method} {target}: expected {status} {code}, got {got}"
+            ));
+        }
+    }
+
+    // Headers: a key that is not visible ASCII, and one that is not Bearer.
+    let path = "/v1/apps/chat/users/alice/presence";
+    for authorization in [&b"Bearer \xffkey"[..], b"Basic dXNlcjpwYXNz"] {
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n").into_bytes();
+        request.extend_from_slice(b"Authorization: ");
+        request.extend_from_slice(authorization);
+        request.extend_from_slice(b"\r\n\r\n");
+        let response = support::raw_request(&server.api, &request).await;
+        if let Some(got) = not_the_error(&response, 401, "unauthorized") {
+            let shown = String::from_utf8_lossy(authorization);
+            wrong.push(format!(
+                "Authorization {shown:?}: expected 401 unauthorized, got {got}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of the answers were not the documented error:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// POSTs `body` to the test app's `path`: (status, reply).
+async fn post_json(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    server.post(path, API_KEY, body.to_owned()).await
+}
+
+#[tokio::test]
+async fn user_ids_are_1_to_128_bytes_of_utf8_without_control_characters() {
+    let server = Server::start();
+    let push = |user: String| {
+        let server = &server;
+        async move {
+            let path = format!("/v1/apps/{APP}/users/{user}/messages");
+            post_json(server, &path, r#"{"payload": "hi"}"#).await
+        }
+    };
+    // `/` (as %2F), Unicode, compared byte for byte: é precomposed and
+    // decomposed are two users.
+    for user in [
+        "a%2Fb",
+        "%C3%A9lodie",
+        "e%CC%81lodie",
+        "%F0%9F%99%82",
+        &"x".repeat(128),
+    ] {
+        let (status, reply) = push(user.to_owned()).await;
+        assert_eq!((status, &reply["seq"]), (200, &json!(1)), "{user}: {reply}");
+    }
+    let (_, pulled) = server
+        .get(&format!("/v1/apps/{APP}/users/a%2Fb/messages"), API_KEY)
+        .await;
+    assert_eq!(pulled["messages"][0]["payload"], "hi", "{pulled}");
+    // `/` unescaped is a path separator: another route.
+    assert_eq!(push("a/b".to_owned()).await.0, 404);
+    for user in ["%00", "a%00b", "a%0Ab", "%7F", "%C2%85", &"x".repeat(129)] {
+        let (status, reply) = push(user.to_owned()).await;
+        assert_eq!(
+            (status, reply["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{user}: {reply}"
+        );
+    }
+    // The same rule in a multicast's list and at the dispatcher.
+    let multicast = format!("/v1/apps/{APP}/messages");
+    let (status, reply) = post_json(
+        &server,
+        &multicast,
+        r#"{"users": ["a/b", "élodie"], "payload": "x"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"][0]["seq"], 2, "{reply}");
+    let (status, reply) = post_json(
+        &server,
+        &multicast,
+        r#"{"users": ["a/b", "a\nb"], "payload": "x"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{reply}"
+    );
+    let (status, _) = server
+        .get(&format!("/v1/dispatch?app={APP}&user=%C3%A9lodie"), API_KEY)
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn payload_base64_takes_either_alphabet_padded_or_not() {
+    let server = Server::start();
+    let path = format!("/v1/apps/{APP}/users/bin/messages");
+    // (sent, the bytes as standard padded base64, which pull returns)
+    let accepted = [
+        ("aGk=", "aGk="),
+        ("aGk", "aGk="),
+        ("+/8=", "+/8="),
+        ("+/8", "+/8="),
+        ("-_8=", "+/8="),
+        ("-_8", "+/8="),
+    ];
+    for (seq, (sent, standard)) in accepted.iter().enumerate() {
+        let (status, reply) = post_json(
+            &server,
+            &path,
+            &json!({ "payload_base64": sent }).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{sent}: {reply}");
+        let (_, pulled) = server
+            .get(&format!("{path}?after={seq}&limit=1"), API_KEY)
+            .await;
+        assert_eq!(pulled["messages"][0]["payload_base64"], *standard, "{sent}");
+    }
+    let refused = [
+        ("+_8=", "mixes"),
+        ("aGk=\n", "whitespace"),
+        ("aG k=", "whitespace"),
+        ("aGl=", "canonical"),
+        ("QQ=", "padding"),
+        ("aGk==", "padding"),
+        ("a", "length"),
+        ("aGk*", "base64 symbol"),
+    ];
+    for (sent, rule) in refused {
+        let (status, reply) = post_json(
+            &server,
+            &path,
+            &json!({ "payload_base64": sent }).to_string(),
+        )
+        .await;
+        assert_eq!(status, 400, "{sent:?}: {reply}");
+        assert_eq!(reply["error"]["code"], "bad_request", "{sent:?}");
+        let message = reply["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(rule), "{sent:?}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn numeric_fields_out_of_range_are_bad_request_and_of_the_wrong_type_malformed_json() {
+    let server = Server::start();
+    let path = format!("/v1/apps/{APP}/users/ttl/messages");
+    let day_ms = 24 * 3600 * 1000;
+    // ttl_secs as written in the body -> the TTL stored, or the error code.
+    let table: [(&str, Result<u64, &str>); 13] = [
+        ("", Ok(day_ms)),
+        (r#", "ttl_secs": null"#, Ok(day_ms)),
+        (r#", "ttl_secs": 60"#, Ok(60_000)),
+        (r#", "ttl_secs": 60.0"#, Ok(60_000)),
+        (r#", "ttl_secs": 2592000"#, Ok(2_592_000_000)),
+        (r#", "ttl_secs": 0"#, Err("bad_request")),
+        (r#", "ttl_secs": -1"#, Err("bad_request")),
+        (r#", "ttl_secs": 1.5"#, Err("bad_request")),
+        (r#", "ttl_secs": 2592001"#, Err("bad_request")),
+        (r#", "ttl_secs": "60""#, Err("malformed_json")),
+        (r#", "ttl_secs": true"#, Err("malformed_json")),
+        (r#", "ttl_secs": [60]"#, Err("malformed_json")),
+        (r#", "ttl_secs": {}"#, Err("malformed_json")),
+    ];
+    let mut wrong = Vec::new();
+    for (field, expected) in table {
+        let body = format!(r#"{{"payload": "x"{field}}}"#);
+        let (status, reply) = post_json(&server, &path, &body).await;
+        let got = match status {
+            200 => {
+                let seq = reply["seq"].as_u64().unwrap();
+                let (_, pulled) = server
+                    .get(&format!("{path}?after={}&limit=1", seq - 1), API_KEY)
+                    .await;
+                let message = &pulled["messages"][0];
+                Ok(message["expires_at_ms"].as_u64().unwrap()
+                    - message["created_at_ms"].as_u64().unwrap())
+            }
+            _ => Err(reply["error"]["code"]
+                .as_str()
+                .unwrap_or("<none>")
+                .to_owned()),
+        };
+        if got.as_ref().map_err(String::as_str) != expected.as_ref().map_err(|code| *code) {
+            wrong.push(format!(
+                "{body}: expected {expected:?}, got {status} {got:?}"
+            ));
+        }
+    }
+    // The same rule on a broadcast's numbers.
+    let broadcasts = format!("/v1/apps/{APP}/broadcasts");
+    for (field, expected) in [
+        (r#", "ttl_secs": 0"#, Err("bad_request")),
+        (r#", "ttl_secs": "60""#, Err("malformed_json")),
+        (r#", "rate_per_sec": 0"#, Err("bad_request")),
+        (r#", "rate_per_sec": -5"#, Err("bad_request")),
+        (r#", "rate_per_sec": "5""#, Err("malformed_json")),
+        (r#", "rate_per_sec": 1.5"#, Ok(200)),
+        (
+            r#", "rate_per_sec": null, "tags": null, "priority": null"#,
+            Ok(200),
+        ),
+        (r#", "tags": "a""#, Err("malformed_json")),
+    ] {
+        let body = format!(r#"{{"payload": "x"{field}}}"#);
+        let (status, reply) = post_json(&server, &broadcasts, &body).await;
+        let got = match status {
+            200 => Ok(200),
+            _ => Err(reply["error"]["code"].as_str().unwrap_or("<none>")),
+        };
+        if got != expected {
+            wrong.push(format!(
+                "broadcast {body}: expected {expected:?}, got {status} {reply}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[tokio::test]

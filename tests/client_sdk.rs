@@ -291,3 +291,28 @@ async fn token_from_a_config_file_binds() {
         }
     );
 }
+
+/// `herald token` takes the user ids the API takes, and says why not.
+#[test]
+fn token_refuses_a_user_id_the_api_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), 60, "");
+    for user in ["a\nb", "", &"u".repeat(129)] {
+        let output = Command::new(herald_bin())
+            .args(["token", "--config"])
+            .arg(&config)
+            .args(["--app", APP, "--user", user])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{user:?}");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains("a user id must"), "{user:?}: {said}");
+    }
+    let output = Command::new(herald_bin())
+        .args(["token", "--config"])
+        .arg(&config)
+        .args(["--app", APP, "--user", "élodie/ü 用户"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}

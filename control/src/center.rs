@@ -1,7 +1,10 @@
 //! The center: Herald's HTTP API for business servers (axum, JSON).
 //!
 //! Every `/v1/apps/{app}/...` route needs `Authorization: Bearer <api key>`
-//! of that app. Errors are `{"error": {"code": "...", "message": "..."}}`.
+//! of that app. Errors are `{"error": {"code": "...", "message": "..."}}`,
+//! the framework's rejections of a path, query or body included: handlers
+//! take their input through `input`, which also reads every body under its
+//! size and time limits before routing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -9,9 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,9 +20,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Number, Value, json};
+use tower_http::catch_panic::CatchPanicLayer;
 
 use herald_storage::StoredRef;
 
@@ -30,6 +31,10 @@ use crate::cluster::{NodeDirectory, NodeRecord};
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::flow::{Rate, SharedBucket};
+use crate::input::{
+    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, decode_payload_base64, parse_json,
+    whole_number,
+};
 use crate::{AppConfig, ControlConfig};
 use herald_proto::plane::BroadcastMode;
 
@@ -91,7 +96,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -112,8 +121,12 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
     fn storage(error: herald_storage::StorageError) -> ApiError {
@@ -139,68 +152,18 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A request body, read whole (bounded by the body limit), with errors in
-/// the API's own format.
-struct RawBody(Bytes);
-
-impl<S: Send + Sync> FromRequest<S> for RawBody {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(request, state)
-            .await
-            .map(RawBody)
-            .map_err(|rejection: BytesRejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "request body is too large",
-                    )
-                } else {
-                    ApiError::bad_request(rejection.body_text())
-                }
-            })
-    }
-}
-
-/// Parses a JSON body, whatever its Content-Type (so a plain `curl -d`
-/// works).
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("request body is not valid JSON for this call: {error}"),
-        )
-    })
-}
-
-/// A JSON body (see [`parse_json`]).
-struct JsonBody<T>(T);
-
-impl<S, T> FromRequest<S> for JsonBody<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let RawBody(bytes) = RawBody::from_request(request, state).await?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
 pub fn router(
     config: ControlConfig,
     delivery: Arc<Delivery>,
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
 ) -> Router {
-    // Base64 grows a payload by a third, JSON escaping can double text;
-    // allow for both and let the payload check give the precise error.
-    let body_limit = config.payload_bytes_max * 2 + 64 * 1024;
+    let body_limits = BodyLimits {
+        // Base64 grows a payload by a third, JSON escaping can double text;
+        // allow for both and let the payload check give the precise error.
+        bytes_max: config.payload_bytes_max * 2 + 64 * 1024,
+        read_timeout: config.http.body_read_timeout,
+    };
     let now = Instant::now();
     let buckets = |rate_of: fn(&AppConfig) -> Option<Rate>| -> HashMap<String, SharedBucket> {
         config
@@ -240,7 +203,13 @@ pub fn router(
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("the server failed on this request").into_response()
+        }))
+        .layer(middleware::from_fn_with_state(
+            body_limits,
+            crate::input::read_body,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -288,17 +257,25 @@ fn authorize<'a>(
             format!("no app {app:?} on this server"),
         ));
     };
-    let key = headers
+    let unauthorized = |message| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let key = match headers
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+        .map(|value| value.to_str())
+    {
+        None => {
+            return Err(unauthorized(
                 "missing `Authorization: Bearer <api key>` header",
-            )
-        })?;
+            ));
+        }
+        Some(Err(_)) => {
+            return Err(unauthorized(
+                "the Authorization header must be visible ASCII: `Bearer <api key>`",
+            ));
+        }
+        Some(Ok(value)) => value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <api key>`"))?,
+    };
     if !constant_time_eq(key.trim().as_bytes(), config.api_key.as_bytes()) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -326,13 +303,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn check_user(user: &str) -> Result<(), ApiError> {
-    if user.is_empty() || user.len() > herald_proto::limits::USER_ID_LEN_MAX {
-        return Err(ApiError::bad_request(format!(
-            "user id must be 1 to {} bytes",
-            herald_proto::limits::USER_ID_LEN_MAX
-        )));
-    }
-    Ok(())
+    herald_proto::ids::check_user_id(user)
+        .map_err(|rule| ApiError::bad_request(format!("{rule}: {user:?}")))
 }
 
 /// The message fields shared by unicast and multicast.
@@ -341,7 +313,9 @@ fn check_user(user: &str) -> Result<(), ApiError> {
 struct MessageBody {
     payload: Option<String>,
     payload_base64: Option<String>,
-    ttl_secs: Option<u64>,
+    /// Any JSON number: a value out of range is `bad_request`, not
+    /// `malformed_json` (see `input`).
+    ttl_secs: Option<Number>,
     idempotency_key: Option<String>,
     /// Multicast only.
     users: Option<Vec<String>>,
@@ -360,9 +334,7 @@ fn check_message(
 ) -> Result<CheckedMessage, ApiError> {
     let payload = match (body.payload, body.payload_base64) {
         (Some(text), None) => text.into_bytes(),
-        (None, Some(encoded)) => BASE64.decode(encoded.as_bytes()).map_err(|error| {
-            ApiError::bad_request(format!("payload_base64 is not valid base64: {error}"))
-        })?,
+        (None, Some(encoded)) => decode_payload_base64(&encoded)?,
         _ => {
             return Err(ApiError::bad_request(
                 "give exactly one of \"payload\" (UTF-8 text) or \"payload_base64\"",
@@ -380,13 +352,10 @@ fn check_message(
             ),
         ));
     }
-    let ttl_secs = body.ttl_secs.unwrap_or(app.default_ttl_secs);
-    if ttl_secs == 0 || ttl_secs > state.config.ttl_secs_max {
-        return Err(ApiError::bad_request(format!(
-            "ttl_secs must be 1 to {}",
-            state.config.ttl_secs_max
-        )));
-    }
+    let ttl_secs = match &body.ttl_secs {
+        None => app.default_ttl_secs,
+        Some(ttl) => whole_number("ttl_secs", ttl, 1..=state.config.ttl_secs_max)?,
+    };
     if let Some(key) = &body.idempotency_key
         && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX)
     {
@@ -419,7 +388,7 @@ struct PushResultJson<'a> {
 
 async fn push(
     State(state): State<Arc<CenterState>>,
-    Path((app, user)): Path<(String, String)>,
+    ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Json<Value>, ApiError> {
@@ -442,13 +411,9 @@ async fn push(
         )
         .await
         .map_err(ApiError::storage)?;
-    let result = results.first().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "storage returned no result",
-        )
-    })?;
+    let result = results
+        .first()
+        .ok_or_else(|| ApiError::internal("storage returned no result"))?;
     Ok(Json(json!({
         "seq": result.stored.seq,
         "message_id": result.stored.message_id.to_string(),
@@ -459,7 +424,7 @@ async fn push(
 
 async fn multicast(
     State(state): State<Arc<CenterState>>,
-    Path(app): Path<String>,
+    ApiPath(app): ApiPath<String>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
@@ -518,6 +483,7 @@ async fn multicast(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PullQuery {
     after: Option<u64>,
     limit: Option<u32>,
@@ -525,12 +491,14 @@ struct PullQuery {
 
 async fn pull(
     State(state): State<Arc<CenterState>>,
-    Path((app, user)): Path<(String, String)>,
+    ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
-    query: Result<Query<PullQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<ApiQuery<PullQuery>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    // The key is checked before the query, so a caller without one learns
+    // nothing from the query's errors.
     authorize_user(&state, &app, &user, &headers)?;
-    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let ApiQuery(query) = query?;
     let limit = query.limit.unwrap_or(state.config.pull_limit_max);
     if limit == 0 || limit > state.config.pull_limit_max {
         return Err(ApiError::bad_request(format!(
@@ -568,7 +536,7 @@ async fn pull(
 
 async fn presence(
     State(state): State<Arc<CenterState>>,
-    Path((app, user)): Path<(String, String)>,
+    ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
@@ -593,7 +561,7 @@ async fn presence(
 
 async fn kick(
     State(state): State<Arc<CenterState>>,
-    Path((app, user)): Path<(String, String)>,
+    ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
@@ -606,10 +574,9 @@ async fn kick(
 struct BroadcastBody {
     payload: Option<String>,
     payload_base64: Option<String>,
-    ttl_secs: Option<u64>,
+    ttl_secs: Option<Number>,
     /// Only clients carrying every one of these tags get it.
-    #[serde(default)]
-    tags: Vec<String>,
+    tags: Option<Vec<String>>,
     /// Pace the fan-out: connections a second, all nodes together.
     rate_per_sec: Option<f64>,
     /// "low": dropped for clients that are behind (output already queued);
@@ -621,14 +588,14 @@ struct BroadcastBody {
 /// and fans it out to every online client it targets; replies once stored.
 async fn broadcast(
     State(state): State<Arc<CenterState>>,
-    Path(app): Path<String>,
+    ApiPath(app): ApiPath<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<BroadcastBody>,
 ) -> Result<Json<Value>, ApiError> {
     let app_config = authorize(&state, &app, &headers)?;
-    if body.tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
-        || body
-            .tags
+    let tags = body.tags.unwrap_or_default();
+    if tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
+        || tags
             .iter()
             .any(|tag| tag.is_empty() || tag.len() > herald_proto::limits::TAG_LEN_MAX)
     {
@@ -685,7 +652,7 @@ async fn broadcast(
             &app,
             &message.payload,
             message.ttl,
-            &body.tags,
+            &tags,
             BroadcastMode {
                 rate_per_sec: body.rate_per_sec,
                 low_priority,
@@ -705,7 +672,7 @@ async fn broadcast(
 /// on this node: connections targeted, sent, acked so far.
 async fn broadcast_progress(
     State(state): State<Arc<CenterState>>,
-    Path((app, id)): Path<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &app, &headers)?;
@@ -762,9 +729,8 @@ struct DispatchQuery {
 /// it needs no key; it reveals only the public gateway addresses.
 async fn dispatch(
     State(state): State<Arc<CenterState>>,
-    query: Result<Query<DispatchQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<DispatchQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     if !state.apps.contains_key(&query.app) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -11,7 +11,8 @@
 //! In a cluster (`cluster`) the register lives on Redis, and deliveries for
 //! other room nodes travel over Redis pub/sub.
 //!
-//! It does not hold client connections and does not know about sockets.
+//! It does not hold client connections and does not know about the
+//! gateway's sockets; its own HTTP server (`http`) bounds the API's.
 
 pub mod broadcast;
 pub mod center;
@@ -20,12 +21,15 @@ pub mod coordinator;
 pub mod delivery;
 pub mod dispatcher;
 pub mod flow;
+pub mod http;
+mod input;
 pub mod register;
 
 use std::time::Duration;
 
 pub use center::{MetricsRenderer, router};
 pub use delivery::{Delivery, NodeName, Remote};
+pub use http::HttpLimits;
 pub use register::{Change, MemoryRegister, Register, Session};
 
 /// An app as the control plane sees it.
@@ -48,6 +52,8 @@ pub struct ControlConfig {
     pub multicast_users_max: usize,
     pub pull_limit_max: u32,
     pub ttl_secs_max: u64,
+    /// The API's connection bounds; the router keeps the body deadline.
+    pub http: HttpLimits,
     pub ack_flush_interval: Duration,
     pub purge_interval: Duration,
 }

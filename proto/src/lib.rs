@@ -6,7 +6,8 @@
 //! per-connection state machines (`ServerConn`, `ClientConn`) that run the
 //! handshake, heartbeats and ack bookkeeping. It also defines the messages the
 //! control plane and the gateway shards exchange (`plane`), and the token
-//! bucket both use for flow control (`rate`).
+//! bucket both use for flow control (`rate`), and the accepted forms of ids
+//! every part checks alike (`ids`).
 //!
 //! It deliberately does no networking, spawns nothing and never reads the
 //! clock: time is passed in, so the gateway, the client SDK and tests (with a
@@ -15,6 +16,7 @@
 pub mod client;
 pub mod codec;
 pub mod frame;
+pub mod ids;
 pub mod limits;
 pub mod plane;
 pub mod rate;

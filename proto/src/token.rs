@@ -13,7 +13,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::frame::BindErrorCode;
-use crate::limits::{APP_ID_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX};
+use crate::ids::check_user_id;
+use crate::limits::{APP_ID_LEN_MAX, TOKEN_LEN_MAX};
 
 /// The first byte of the claims, so that a later format can be told apart.
 const TOKEN_FORMAT_VERSION: u8 = 1;
@@ -63,11 +64,7 @@ fn mac(secret: &[u8], claims: &[u8]) -> Hmac<Sha256> {
 
 fn claims_bytes(claims: &TokenClaims) -> Result<Vec<u8>, TokenError> {
     let (app, user) = (claims.app.as_bytes(), claims.user.as_bytes());
-    if app.is_empty()
-        || app.len() > APP_ID_LEN_MAX
-        || user.is_empty()
-        || user.len() > USER_ID_LEN_MAX
-    {
+    if app.is_empty() || app.len() > APP_ID_LEN_MAX || check_user_id(&claims.user).is_err() {
         return Err(TokenError::Malformed);
     }
     let mut bytes = Vec::with_capacity(3 + app.len() + user.len() + 8);
@@ -82,7 +79,9 @@ fn claims_bytes(claims: &TokenClaims) -> Result<Vec<u8>, TokenError> {
 
 /// The inverse of `claims_bytes`, with the same limits: a token minted
 /// elsewhere with a user id over `USER_ID_LEN_MAX` must be refused here, or
-/// the gateway could not encode the BIND_OK that names that user.
+/// the gateway could not encode the BIND_OK that names that user; one with
+/// a control character too, since the API refuses such a user id and so
+/// could never push to it.
 fn parse_claims(bytes: &[u8]) -> Option<TokenClaims> {
     let (&version, rest) = bytes.split_first()?;
     if version != TOKEN_FORMAT_VERSION {
@@ -93,22 +92,21 @@ fn parse_claims(bytes: &[u8]) -> Option<TokenClaims> {
     let (&user_len, rest) = rest.split_first()?;
     let (user, rest) = rest.split_at_checked(usize::from(user_len))?;
     let expiry: [u8; 8] = rest.try_into().ok()?;
-    if app.is_empty()
-        || app.len() > APP_ID_LEN_MAX
-        || user.is_empty()
-        || user.len() > USER_ID_LEN_MAX
-    {
+    if app.is_empty() || app.len() > APP_ID_LEN_MAX {
         return None;
     }
+    let user = String::from_utf8(user.to_vec()).ok()?;
+    check_user_id(&user).ok()?;
     Some(TokenClaims {
         app: String::from_utf8(app.to_vec()).ok()?,
-        user: String::from_utf8(user.to_vec()).ok()?,
+        user,
         expires_at_unix_secs: u64::from_be_bytes(expiry),
     })
 }
 
 /// Mints a token for `claims`, keyed with the app's secret. `Malformed` if
-/// the app or user id is empty or over its limit.
+/// the app id is empty or over its limit, or the user id is not one
+/// [`check_user_id`] accepts.
 pub fn sign_token(secret: &[u8], claims: &TokenClaims) -> Result<String, TokenError> {
     let bytes = claims_bytes(claims)?;
     let tag = mac(secret, &bytes).finalize().into_bytes();
@@ -160,6 +158,7 @@ pub fn verify_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::USER_ID_LEN_MAX;
 
     fn claims() -> TokenClaims {
         TokenClaims {
@@ -307,8 +306,14 @@ mod tests {
 
         let empty_app = [TOKEN_FORMAT_VERSION, 0, 1, b'u', 0, 0, 0, 0, 0, 0, 0, 9];
 
+        let mut nul_in_user = vec![TOKEN_FORMAT_VERSION, 4];
+        nul_in_user.extend_from_slice(b"chat");
+        nul_in_user.extend_from_slice(&[3, b'a', 0, b'b']);
+        nul_in_user.extend_from_slice(&1_000u64.to_be_bytes());
+
         for bytes in [
             &long_user[..],
+            &nul_in_user,
             &trailing,
             &wrong_version,
             &bad_utf8,
@@ -362,6 +367,8 @@ mod tests {
             ("chat".to_owned(), String::new()),
             ("a".repeat(APP_ID_LEN_MAX + 1), "alice".to_owned()),
             ("chat".to_owned(), "u".repeat(USER_ID_LEN_MAX + 1)),
+            ("chat".to_owned(), "a\0b".to_owned()),
+            ("chat".to_owned(), "line\nbreak".to_owned()),
         ] {
             let claims = TokenClaims {
                 app,

@@ -141,6 +141,13 @@ impl Server {
         })
     }
 
+    /// `herald serve` with these lines added to the test config's `[api]`.
+    pub fn start_with_api_settings(settings: &str) -> Server {
+        Server::start_with_edited_config(|text| {
+            text.replacen("[api]\n", &format!("[api]\n{settings}\n"), 1)
+        })
+    }
+
     /// `herald serve` on the test config as `edit` rewrites it.
     pub fn start_with_edited_config(edit: impl FnOnce(String) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
@@ -348,6 +355,86 @@ async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
     let text = response.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, body)
+}
+
+/// An HTTP/1.1 response as it came off the socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// The head, header names lowercased.
+    pub head: String,
+    /// The body as JSON, or as a JSON string if it is not JSON.
+    pub body: Value,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key == name).then(|| value.trim())
+        })
+    }
+}
+
+/// Reads one response with a `Content-Length` body (every answer of the
+/// API has one); panics if the connection ends first.
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let mut bytes = Vec::new();
+    let head_end = loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.expect("reading a response");
+        assert!(
+            n > 0,
+            "the connection ended before a response head: {bytes:?}"
+        );
+        bytes.extend_from_slice(&chunk[..n]);
+    };
+    let head: String = String::from_utf8_lossy(&bytes[..head_end])
+        .lines()
+        .map(|line| match line.split_once(':') {
+            Some((key, value)) => format!("{}:{value}\n", key.to_ascii_lowercase()),
+            None => format!("{line}\n"),
+        })
+        .collect();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let mut response = RawResponse {
+        status,
+        head,
+        body: Value::Null,
+    };
+    let length: usize = response
+        .header("content-length")
+        .map_or(0, |len| len.parse().unwrap());
+    let mut body = bytes.split_off(head_end + 4);
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .expect("reading a response body");
+        assert!(n > 0, "the connection ended inside a response body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&body[..length]).into_owned();
+    response.body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    response
+}
+
+/// Sends `request` (bytes as they go on the wire) on a new connection and
+/// reads the answer.
+pub async fn raw_request(api: &str, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(api).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    tokio::time::timeout(WAIT, read_response(&mut stream))
+        .await
+        .expect("no answer in time")
 }
 
 impl Drop for Server {
