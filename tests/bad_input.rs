@@ -671,14 +671,7 @@ async fn an_expired_or_forged_token_gets_bind_err_and_repeated_failures_close(io
             })
         ));
     }
-    assert_eq!(
-        client.recv().await,
-        Some(Frame::GoAway {
-            reason: GoAwayReason::AUTH_FAILED,
-            reconnect_delay_ms: None
-        })
-    );
-    assert_eq!(client.recv().await, None);
+    expect_goaway_then_close(&mut client, GoAwayReason::AUTH_FAILED).await;
 }
 
 async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed(io: Io) {
@@ -717,20 +710,25 @@ async fn garbage_and_oversized_frames_get_an_error_and_others_are_unharmed(io: I
     assert_eq!(bystander.recv_push().await, (1, "still here".to_owned()));
 }
 
+/// GOAWAY with `reason`, then the server closes.
+async fn expect_goaway_then_close(client: &mut RawClient, reason: GoAwayReason) {
+    assert_eq!(
+        client.recv().await,
+        Some(Frame::GoAway {
+            reason,
+            reconnect_delay_ms: None
+        })
+    );
+    assert_eq!(client.recv().await, None);
+}
+
 /// ERROR with `code`, then GOAWAY(protocol_error), then the server closes.
 async fn expect_protocol_error(client: &mut RawClient, code: ErrorCode) -> String {
     let message = match client.recv().await {
         Some(Frame::Error { code: got, message }) if got == code => message,
         other => panic!("expected ERROR {code}, got {other:?}"),
     };
-    assert_eq!(
-        client.recv().await,
-        Some(Frame::GoAway {
-            reason: GoAwayReason::PROTOCOL_ERROR,
-            reconnect_delay_ms: None
-        })
-    );
-    assert_eq!(client.recv().await, None);
+    expect_goaway_then_close(client, GoAwayReason::PROTOCOL_ERROR).await;
     message
 }
 
@@ -777,14 +775,7 @@ async fn refused_binds_of_every_kind_count_toward_the_limit(io: Io) {
             }
         }
     }
-    assert_eq!(
-        client.recv().await,
-        Some(Frame::GoAway {
-            reason: GoAwayReason::AUTH_FAILED,
-            reconnect_delay_ms: None
-        })
-    );
-    assert_eq!(client.recv().await, None);
+    expect_goaway_then_close(&mut client, GoAwayReason::AUTH_FAILED).await;
 }
 
 async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout(io: Io) {
@@ -792,14 +783,7 @@ async fn a_connection_that_never_binds_is_closed_after_the_auth_timeout(io: Io) 
     let mut client = RawClient::connect(&server.gateway).await;
     client.hello("phone").await;
     // auth_timeout_secs = 3 in the test config.
-    assert_eq!(
-        client.recv().await,
-        Some(Frame::GoAway {
-            reason: GoAwayReason::AUTH_TIMEOUT,
-            reconnect_delay_ms: None
-        })
-    );
-    assert_eq!(client.recv().await, None);
+    expect_goaway_then_close(&mut client, GoAwayReason::AUTH_TIMEOUT).await;
 }
 
 async fn a_silent_client_is_closed_and_a_pinging_one_is_not(io: Io) {
@@ -816,14 +800,7 @@ async fn a_silent_client_is_closed_and_a_pinging_one_is_not(io: Io) {
         }
         pinging
     });
-    assert_eq!(
-        silent.recv().await,
-        Some(Frame::GoAway {
-            reason: GoAwayReason::HEARTBEAT_TIMEOUT,
-            reconnect_delay_ms: None
-        })
-    );
-    assert_eq!(silent.recv().await, None);
+    expect_goaway_then_close(&mut silent, GoAwayReason::HEARTBEAT_TIMEOUT).await;
     assert!(started.elapsed() >= Duration::from_millis(1_400));
     let mut pinging = pinger.await.unwrap();
     pinging.send(Frame::Ping).await;

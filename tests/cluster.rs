@@ -11,7 +11,7 @@ use std::time::Duration;
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
 use support::cluster::{Cluster, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually};
-use support::{API_KEY, APP, RawClient, WAIT, herald_bin, token};
+use support::{API_KEY, APP, RawClient, Reaped, WAIT, herald_bin, line_after, lines_of, token};
 
 /// The node ids presence reports for `user`, as asked of `api`.
 async fn nodes_of(api: &support::Server, user: &str) -> Vec<String> {
@@ -402,42 +402,6 @@ async fn a_room_node_killed_mid_push_loses_nothing() {
     }
 }
 
-/// The lines a child process writes to one of its pipes, read on a
-/// thread of their own.
-fn lines_of(
-    pipe: impl std::io::Read + Send + 'static,
-) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    use std::io::BufRead as _;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// The part after `prefix` of the next line that starts with it, skipping
-/// other lines.
-async fn line_after(
-    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    prefix: &str,
-) -> String {
-    let wanted = async {
-        while let Some(line) = lines.recv().await {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.to_owned();
-            }
-        }
-        panic!("the process ended before it printed {prefix:?}");
-    };
-    tokio::time::timeout(WAIT, wanted)
-        .await
-        .unwrap_or_else(|_| panic!("no line starting {prefix:?} within {WAIT:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn listen_follows_a_failover_through_the_dispatcher() {
     const TEST: &str = "listen_follows_a_failover_through_the_dispatcher";
@@ -513,16 +477,6 @@ async fn listen_follows_a_failover_through_the_dispatcher() {
         listen.0.try_wait().unwrap().is_none(),
         "the same listen process"
     );
-}
-
-/// A child process killed when the test ends, passed or failed.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Devices whose stored ack cursor is behind their inbox's last sequence

@@ -5,14 +5,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event, ResetSequence};
 use herald_proto::{Frame, NetworkType};
-use support::{API_KEY, APP, RawClient, Server, WAIT, herald_bin, token};
+use support::{
+    API_KEY, APP, RawClient, Reaped, Server, WAIT, herald_bin, line_where, lines_of, token,
+};
 
 fn reset(sequence: ResetSequence, after: u64) -> Option<Frame> {
     Some(Frame::Reset {
@@ -44,9 +45,9 @@ async fn broadcast(server: &Server, payload: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
-#[tokio::test]
-async fn a_bind_past_the_inbox_head_resumes_from_the_device_cursor_and_says_so() {
-    let server = Server::start();
+/// Alice's phone was sent three messages, acked up to `acked`, and left;
+/// the ack is stored.
+async fn phone_got_three_and_acked(server: &Server, acked: u64) {
     for text in ["one", "two", "three"] {
         server.push("alice", text).await;
     }
@@ -54,9 +55,14 @@ async fn a_bind_past_the_inbox_head_resumes_from_the_device_cursor_and_says_so()
     for seq in 1..=3 {
         assert_eq!(phone.recv_push().await.0, seq);
     }
-    phone.ack(2).await;
+    phone.ack(acked).await;
     server.wait_for_metric("herald_acks_saved_total", 1).await;
-    drop(phone);
+}
+
+#[tokio::test]
+async fn a_bind_past_the_inbox_head_resumes_from_the_device_cursor_and_says_so() {
+    let server = Server::start();
+    phone_got_three_and_acked(&server, 2).await;
 
     // The phone says it holds 50, which this inbox never handed out: it
     // resumes from its stored cursor, 2, and is told so before the push.
@@ -105,16 +111,7 @@ async fn a_bind_past_the_last_broadcast_gets_every_unexpired_one_and_says_so() {
 #[tokio::test]
 async fn a_cursor_past_the_inbox_head_is_lowered_so_nothing_is_skipped() {
     let server = Server::start();
-    for text in ["one", "two", "three"] {
-        server.push("alice", text).await;
-    }
-    let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
-    for seq in 1..=3 {
-        assert_eq!(phone.recv_push().await.0, seq);
-    }
-    phone.ack(3).await;
-    server.wait_for_metric("herald_acks_saved_total", 1).await;
-    drop(phone);
+    phone_got_three_and_acked(&server, 3).await;
 
     let server = server.kill_edit_and_restart(delete_the_inbox);
     server.push("alice", "new one").await;
@@ -205,44 +202,18 @@ fn position(events: &[Event], wanted: impl Fn(&Event) -> bool) -> usize {
 async fn the_sdk_and_listen_follow_a_server_whose_data_was_wiped() {
     let server = Server::start();
     let mut sdk = Client::start(sdk_options(&server));
-    let mut listen = Command::new(herald_bin())
-        .args(["listen", "--gateway", &server.gateway, "--app", APP])
-        .args(["--user", "dave", "--token", &token("dave", 3600)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(listen.stdout.take().unwrap()).lines();
-    let stderr = BufReader::new(listen.stderr.take().unwrap()).lines();
-    // Reads off the blocking pipes on threads, handing lines over.
-    let (stdout_tx, mut stdout_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (stderr_tx, mut stderr_rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        stdout
-            .map_while(Result::ok)
-            .for_each(|l| drop(stdout_tx.send(l)))
-    });
-    std::thread::spawn(move || {
-        stderr
-            .map_while(Result::ok)
-            .for_each(|l| drop(stderr_tx.send(l)))
-    });
-    async fn line_where(
-        rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-        wanted: impl Fn(&str) -> bool,
-    ) -> String {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                let line = rx.recv().await.expect("listen closed its output");
-                if wanted(&line) {
-                    return line;
-                }
-            }
-        })
-        .await
-        .expect("timed out waiting for listen")
-    }
-    line_where(&mut stderr_rx, |l| l.contains("bound app")).await;
+    let mut listen = Reaped(
+        Command::new(herald_bin())
+            .args(["listen", "--gateway", &server.gateway, "--app", APP])
+            .args(["--user", "dave", "--token", &token("dave", 3600)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout_rx = lines_of(listen.0.stdout.take().unwrap());
+    let mut stderr_rx = lines_of(listen.0.stderr.take().unwrap());
+    line_where(&mut stderr_rx, "bound app", |l| l.contains("bound app")).await;
 
     // Both hold inbox seqs 1..=2 and broadcast 1, acked.
     for seq in 1..=2 {
@@ -257,7 +228,10 @@ async fn the_sdk_and_listen_follow_a_server_whose_data_was_wiped() {
     sdk.upstream(APP, bytes::Bytes::from_static(b"sync"))
         .await
         .unwrap();
-    line_where(&mut stdout_rx, |l| l.contains("old broadcast")).await;
+    line_where(&mut stdout_rx, "old broadcast", |l| {
+        l.contains("old broadcast")
+    })
+    .await;
     // The inbox acks are written before the wipe.
     server.wait_for_metric("herald_acks_saved_total", 2).await;
 
@@ -305,7 +279,7 @@ async fn the_sdk_and_listen_follow_a_server_whose_data_was_wiped() {
         ("push", 2, "new 2"),
         ("broadcast", 1, "new broadcast"),
     ] {
-        let printed = line_where(&mut stdout_rx, |l| l.contains(text)).await;
+        let printed = line_where(&mut stdout_rx, text, |l| l.contains(text)).await;
         let printed: serde_json::Value = serde_json::from_str(&printed).unwrap();
         assert_eq!(
             (printed["kind"].as_str(), printed["seq"].as_u64()),
@@ -313,9 +287,10 @@ async fn the_sdk_and_listen_follow_a_server_whose_data_was_wiped() {
             "{printed}"
         );
     }
-    line_where(&mut stderr_rx, |l| l.contains("resuming after seq 0")).await;
+    line_where(&mut stderr_rx, "resuming after seq 0", |l| {
+        l.contains("resuming after seq 0")
+    })
+    .await;
 
     sdk.close().await;
-    let _ = listen.kill();
-    let _ = listen.wait();
 }

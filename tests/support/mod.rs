@@ -664,3 +664,59 @@ pub fn wait_until_nothing_listens(addr: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The lines a child process writes to one of its pipes, read on a
+/// thread of their own.
+pub fn lines_of(
+    pipe: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line `wanted` accepts, skipping others.
+pub async fn line_where(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let found = async {
+        while let Some(line) = lines.recv().await {
+            if wanted(&line) {
+                return line;
+            }
+        }
+        panic!("the process ended before it printed {what}");
+    };
+    tokio::time::timeout(WAIT, found)
+        .await
+        .unwrap_or_else(|_| panic!("no line {what} within {WAIT:?}"))
+}
+
+/// The part after `prefix` of the next line that starts with it, skipping
+/// other lines.
+pub async fn line_after(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    prefix: &str,
+) -> String {
+    let what = format!("starting {prefix:?}");
+    let line = line_where(lines, &what, |line| line.starts_with(prefix)).await;
+    line[prefix.len()..].to_owned()
+}
+
+/// A child process killed when the test ends, passed or failed.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
