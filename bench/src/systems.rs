@@ -157,7 +157,6 @@ data_dir = "{data_dir}"
 io = "{io}"
 listen = "127.0.0.1:0"
 shards = 1
-connections_per_shard_max = 19000
 # Several gateways and the load generator share the CPUs: pinned, every
 # gateway's one shard would sit on the first CPU.
 pin_shards = false
