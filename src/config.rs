@@ -122,7 +122,14 @@ pub struct ClusterSection {
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     pub io: IoSetting,
-    pub listen: SocketAddr,
+    /// The plain TCP listener. Absent: 0.0.0.0:7070 unless `listeners`
+    /// names others.
+    pub listen: Option<SocketAddr>,
+    /// More listeners, each with its transport.
+    pub listeners: Vec<ListenerSection>,
+    /// The certificate of tls and wss listeners.
+    pub tls: Option<TlsSection>,
+    pub websocket: WebSocketSection,
     pub shards: usize,
     /// None: as many as the open-file limit allows, resolved at startup.
     pub connections_per_shard_max: Option<usize>,
@@ -142,6 +149,56 @@ pub struct GatewaySection {
     /// Pin each shard to its own CPU (of those the process may use); turn
     /// off when several processes share the CPUs.
     pub pin_shards: bool,
+}
+
+/// `[[gateway.listeners]]`: an address and what clients speak there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub address: SocketAddr,
+    pub transport: TransportSetting,
+}
+
+/// A listener's transport, as the config spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportSetting {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl TransportSetting {
+    pub fn kind(self) -> herald_room::TransportKind {
+        match self {
+            TransportSetting::Tcp => herald_room::TransportKind::Tcp,
+            TransportSetting::Tls => herald_room::TransportKind::Tls,
+            TransportSetting::Ws => herald_room::TransportKind::Ws,
+            TransportSetting::Wss => herald_room::TransportKind::Wss,
+        }
+    }
+}
+
+/// `[gateway.tls]`: PEM files; SIGHUP reads them again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key: PKCS#8, RSA or EC.
+    pub key_file: PathBuf,
+}
+
+/// `[gateway.websocket]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketSection {
+    /// `Origin`s that may upgrade (`https://app.example.com`); empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Test only: every WebSocket message is echoed back and nothing speaks
+    /// Herald, so a conformance suite can drive the WebSocket code.
+    pub test_echo: bool,
 }
 
 /// `gateway.io`: how the gateway waits for its sockets.
@@ -261,7 +318,10 @@ impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
             io: IoSetting::default(),
-            listen: DEFAULT_GATEWAY_LISTEN.parse().expect("valid default"),
+            listen: None,
+            listeners: Vec::new(),
+            tls: None,
+            websocket: WebSocketSection::default(),
             shards: DEFAULT_SHARDS,
             connections_per_shard_max: None,
             send_queue_bytes_max: DEFAULT_SEND_QUEUE_BYTES_MAX,
@@ -445,7 +505,54 @@ impl Config {
         if self.api.connections_max == 0 {
             bail!("api.connections_max must be positive");
         }
+        let listeners = self.gateway_listeners();
+        if listeners.len() > herald_room::LISTENERS_MAX {
+            bail!(
+                "the gateway may have at most {} listeners",
+                herald_room::LISTENERS_MAX
+            );
+        }
+        if let Some(listener) = listeners
+            .iter()
+            .find(|listener| listener.transport.uses_tls() && gateway.tls.is_none())
+        {
+            bail!(
+                "gateway listener {} ({}) needs a certificate: add [gateway.tls] with cert_file \
+                 and key_file",
+                listener.addr,
+                listener.transport
+            );
+        }
         Ok(())
+    }
+
+    /// Every address the gateway listens on: `gateway.listen` as a tcp
+    /// listener (by default 0.0.0.0:7070 when nothing else is set), then
+    /// `[[gateway.listeners]]`.
+    pub fn gateway_listeners(&self) -> Vec<herald_room::ListenerConfig> {
+        let gateway = &self.gateway;
+        let tcp = match gateway.listen {
+            Some(addr) => Some(addr),
+            None if gateway.listeners.is_empty() => {
+                Some(DEFAULT_GATEWAY_LISTEN.parse().expect("valid default"))
+            }
+            None => None,
+        };
+        tcp.map(|addr| herald_room::ListenerConfig {
+            addr,
+            transport: herald_room::TransportKind::Tcp,
+        })
+        .into_iter()
+        .chain(
+            gateway
+                .listeners
+                .iter()
+                .map(|listener| herald_room::ListenerConfig {
+                    addr: listener.address,
+                    transport: listener.transport.kind(),
+                }),
+        )
+        .collect()
     }
 
     /// The `[cluster]` section the cluster commands need, checked.

@@ -8,6 +8,7 @@ mod listen;
 mod open_files;
 
 use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,10 @@ use herald_control::{
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
 use herald_room::metrics::CLOSE_REASONS;
-use herald_room::{Gateway, GatewayConfig, GatewayError, GatewayMetrics};
+use herald_room::{
+    Gateway, GatewayConfig, GatewayError, GatewayMetrics, TlsAcceptor, TransportKind,
+    WebSocketSettings,
+};
 
 use crate::config::{Config, IoSetting};
 
@@ -71,29 +75,27 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Where clients connect, e.g. 0.0.0.0:7070.
-        #[arg(long)]
-        gateway_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        gateway: GatewayArgs,
         /// Where business servers call the HTTP API, e.g. 127.0.0.1:8080.
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
-        /// How the gateway waits for sockets: io_uring (default) or epoll,
-        /// for hosts where io_uring is blocked.
-        #[arg(long, value_enum)]
-        io: Option<IoSetting>,
+        /// Development only: make a self-signed certificate for localhost
+        /// in the data dir (once) and serve TLS on 0.0.0.0:7071 and WSS on
+        /// 0.0.0.0:7443 unless listeners are configured.
+        #[arg(long)]
+        tls_self_signed: bool,
     },
     /// Run a room node of a cluster: a gateway that registers its sessions
     /// in Redis and takes deliveries from control nodes (needs [cluster]).
     Room {
         #[arg(long)]
         config: PathBuf,
-        #[arg(long)]
-        gateway_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        gateway: GatewayArgs,
         /// Health, metrics and the API of this node.
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
-        #[arg(long, value_enum)]
-        io: Option<IoSetting>,
     },
     /// Run a control node of a cluster: the stateless HTTP API and
     /// dispatcher (needs [cluster]). Run any number behind a load balancer.
@@ -123,6 +125,52 @@ enum Command {
     Listen(listen::ListenArgs),
 }
 
+/// The gateway's settings a command line may override.
+#[derive(Debug, Default, clap::Args)]
+struct GatewayArgs {
+    /// Where clients connect over plain TCP, e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    gateway_listen: Option<std::net::SocketAddr>,
+    /// Another listener, TRANSPORT=ADDRESS with a transport of tcp, tls,
+    /// ws or wss, e.g. wss=0.0.0.0:443 (repeatable; added to
+    /// [[gateway.listeners]]).
+    #[arg(long = "listener", value_parser = parse_listener)]
+    listeners: Vec<config::ListenerSection>,
+    /// How the gateway waits for sockets: io_uring (default) or epoll,
+    /// for hosts where io_uring is blocked.
+    #[arg(long, value_enum)]
+    io: Option<IoSetting>,
+}
+
+impl GatewayArgs {
+    fn apply(self, config: &mut Config) {
+        if let Some(addr) = self.gateway_listen {
+            config.gateway.listen = Some(addr);
+        }
+        config.gateway.listeners.extend(self.listeners);
+        if let Some(io) = self.io {
+            config.gateway.io = io;
+        }
+    }
+}
+
+fn parse_listener(text: &str) -> Result<config::ListenerSection, String> {
+    let (transport, address) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not TRANSPORT=ADDRESS, e.g. wss=0.0.0.0:443"))?;
+    let transport = match transport {
+        "tcp" => config::TransportSetting::Tcp,
+        "tls" => config::TransportSetting::Tls,
+        "ws" => config::TransportSetting::Ws,
+        "wss" => config::TransportSetting::Wss,
+        other => return Err(format!("transport {other:?} is not one of tcp, tls, ws, wss")),
+    };
+    let address = address
+        .parse()
+        .map_err(|error| format!("{address:?} is not an address: {error}"))?;
+    Ok(config::ListenerSection { address, transport })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -135,20 +183,19 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             data_dir,
-            gateway_listen,
+            gateway,
             api_listen,
-            io,
-        } => load_serve_config(config, data_dir, gateway_listen, api_listen, io)
+            tls_self_signed,
+        } => load_serve_config(config, data_dir, gateway, api_listen, tls_self_signed)
             .and_then(|config| run(config, Role::Embedded)),
         Command::Room {
             config,
-            gateway_listen,
+            gateway,
             api_listen,
-            io,
-        } => load_cluster_config(&config, gateway_listen, api_listen, io, Role::Room)
+        } => load_cluster_config(&config, gateway, api_listen, Role::Room)
             .and_then(|config| run(config, Role::Room)),
         Command::Control { config, api_listen } => {
-            load_cluster_config(&config, None, api_listen, None, Role::Control)
+            load_cluster_config(&config, GatewayArgs::default(), api_listen, Role::Control)
                 .and_then(|config| run(config, Role::Control))
         }
         Command::Token {
@@ -185,9 +232,9 @@ fn check_io_uring() -> anyhow::Result<()> {
 fn load_serve_config(
     path: Option<PathBuf>,
     data_dir: Option<PathBuf>,
-    gateway_listen: Option<std::net::SocketAddr>,
+    gateway: GatewayArgs,
     api_listen: Option<std::net::SocketAddr>,
-    io: Option<IoSetting>,
+    tls_self_signed: bool,
 ) -> anyhow::Result<Config> {
     let mut config = match &path {
         Some(path) => Config::load(path)?,
@@ -201,14 +248,12 @@ fn load_serve_config(
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
-    if let Some(addr) = gateway_listen {
-        config.gateway.listen = addr;
-    }
+    gateway.apply(&mut config);
     if let Some(addr) = api_listen {
         config.api.listen = addr;
     }
-    if let Some(io) = io {
-        config.gateway.io = io;
+    if tls_self_signed {
+        use_self_signed_certificate(&mut config)?;
     }
     if config.gateway.io == IoSetting::Uring {
         check_io_uring()?;
@@ -225,20 +270,14 @@ fn load_serve_config(
 /// A cluster node's config file, checked, with the command-line overrides.
 fn load_cluster_config(
     path: &std::path::Path,
-    gateway_listen: Option<std::net::SocketAddr>,
+    gateway: GatewayArgs,
     api_listen: Option<std::net::SocketAddr>,
-    io: Option<IoSetting>,
     role: Role,
 ) -> anyhow::Result<Config> {
     let mut config = Config::load(path)?;
-    if let Some(addr) = gateway_listen {
-        config.gateway.listen = addr;
-    }
+    gateway.apply(&mut config);
     if let Some(addr) = api_listen {
         config.api.listen = addr;
-    }
-    if let Some(io) = io {
-        config.gateway.io = io;
     }
     config.validate()?;
     config.cluster()?;
@@ -246,6 +285,74 @@ fn load_cluster_config(
         check_io_uring()?;
     }
     Ok(config)
+}
+
+/// `--tls-self-signed`: a certificate for localhost, made once and kept in
+/// the data dir, and TLS and WSS listeners unless some are configured.
+fn use_self_signed_certificate(config: &mut Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.gateway.tls.is_none(),
+        "--tls-self-signed and [gateway.tls] both name a certificate: keep one"
+    );
+    let dir = config.data_dir.join("tls");
+    let cert_file = dir.join("self-signed-cert.pem");
+    let key_file = dir.join("self-signed-key.pem");
+    if !cert_file.exists() || !key_file.exists() {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let names = ["localhost", "127.0.0.1", "::1"].map(str::to_owned).to_vec();
+        let made = rcgen::generate_simple_self_signed(names)
+            .context("cannot make a self-signed certificate")?;
+        std::fs::write(&cert_file, made.cert.pem())
+            .with_context(|| format!("cannot write {}", cert_file.display()))?;
+        write_private(&key_file, &made.signing_key.serialize_pem())?;
+    }
+    let uses_tls = config
+        .gateway
+        .listeners
+        .iter()
+        .any(|listener| listener.transport.kind().uses_tls());
+    if !uses_tls {
+        for (address, transport) in [
+            (SELF_SIGNED_TLS_LISTEN, config::TransportSetting::Tls),
+            (SELF_SIGNED_WSS_LISTEN, config::TransportSetting::Wss),
+        ] {
+            config.gateway.listeners.push(config::ListenerSection {
+                address: address.parse().expect("valid default"),
+                transport,
+            });
+        }
+    }
+    println!(
+        "herald: self-signed TLS certificate for localhost (development only): {}\n\
+         herald:   clients must trust it, e.g. herald listen --ca {}",
+        cert_file.display(),
+        cert_file.display()
+    );
+    config.gateway.tls = Some(config::TlsSection {
+        cert_file,
+        key_file,
+    });
+    Ok(())
+}
+
+/// Where `--tls-self-signed` serves TLS and WSS when no listener is set.
+const SELF_SIGNED_TLS_LISTEN: &str = "0.0.0.0:7071";
+const SELF_SIGNED_WSS_LISTEN: &str = "0.0.0.0:7443";
+
+/// Writes a file only its owner may read.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn print_demo_banner(config: &Config, demo: &config::AppSection, created: bool) {
@@ -299,10 +406,16 @@ fn gateway_config(
     config: &Config,
     connections_per_shard_max: usize,
     storage_epoch: u64,
+    tls: Option<TlsAcceptor>,
 ) -> GatewayConfig {
     GatewayConfig {
         io: config.gateway.io.driver(),
-        listen: config.gateway.listen,
+        listeners: config.gateway_listeners(),
+        tls,
+        websocket: WebSocketSettings {
+            allowed_origins: config.gateway.websocket.allowed_origins.clone(),
+            test_echo: config.gateway.websocket.test_echo,
+        },
         shards: config.shards(),
         server: ServerConfig {
             heartbeat: config.heartbeat(),
@@ -361,7 +474,38 @@ fn advertised_gateway(config: &Config, local: std::net::SocketAddr) -> String {
     if let Some(advertise) = config.cluster.as_ref().and_then(|c| c.advertise.clone()) {
         return advertise;
     }
-    let mut local = local;
+    advertised_gateway_of(local)
+}
+
+/// What the dispatcher gives clients for each of the gateway's
+/// transports: the tcp listener's advertised address, and for the others
+/// the advertised host (else the listening address) with their own port.
+fn advertised_gateways(config: &Config, gateway: &Gateway) -> BTreeMap<String, String> {
+    let advertised_host = config
+        .cluster
+        .as_ref()
+        .and_then(|cluster| cluster.advertise.as_deref())
+        .and_then(|advertise| advertise.rsplit_once(':'))
+        .map(|(host, _)| host.to_owned());
+    gateway
+        .listeners()
+        .iter()
+        .map(|listener| {
+            let address = match (listener.transport, &advertised_host) {
+                (TransportKind::Tcp, _) => advertised_gateway(config, listener.addr),
+                (_, Some(host)) => format!("{host}:{}", listener.addr.port()),
+                (_, None) => advertised_gateway_of(listener.addr),
+            };
+            (
+                listener.transport.as_str().to_owned(),
+                listener.transport.url(&address),
+            )
+        })
+        .collect()
+}
+
+/// A listening address as clients reach it (a wildcard is loopback).
+fn advertised_gateway_of(mut local: std::net::SocketAddr) -> String {
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -412,6 +556,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
 
     // The gateway, on nodes that hold connections.
     let mut gateway = None;
+    let mut tls = None;
     let mut events_rx = None;
     if role != Role::Control {
         let shards = config.shards();
@@ -423,9 +568,16 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             .storage_epoch()
             .await
             .context("cannot read the storage epoch")?;
+        tls = match &config.gateway.tls {
+            Some(section) => Some(
+                TlsAcceptor::load(&section.cert_file, &section.key_file)
+                    .context("cannot load the gateway's TLS certificate ([gateway.tls])")?,
+            ),
+            None => None,
+        };
         gateway = Some(
             Gateway::start(
-                gateway_config(&config, connections_per_shard_max, storage_epoch),
+                gateway_config(&config, connections_per_shard_max, storage_epoch, tls.clone()),
                 events_tx,
             )
             .context("cannot start the gateway")?,
@@ -504,13 +656,17 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     let listener = herald_control::http::listen(config.api.listen)
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
     if let Some(gateway) = &gateway {
-        println!(
-            "herald: gateway listening on {} ({} shards, {})",
-            gateway.local_addr(),
-            config.shards(),
-            config.gateway.io.driver().as_str()
-        );
+        for listener in gateway.listeners() {
+            println!(
+                "herald: gateway listening on {} ({}, {} shards, {})",
+                listener.transport.url(&listener.addr.to_string()),
+                listener.transport,
+                config.shards(),
+                config.gateway.io.driver().as_str()
+            );
+        }
     }
+    tokio::spawn(reload_certificate_on_hangup(shutdown.hangup.take(), tls));
     println!("herald: api listening on {}", listener.local_addr()?);
     tracing::info!(node.id = %name.node, role = ?role, "herald is ready");
 
@@ -562,7 +718,10 @@ async fn wire(
         let record = NodeRecord {
             node: name.node.clone(),
             instance: name.instance,
-            gateway: advertised_gateway(config, gateway.local_addr()),
+            gateway: advertised_gateways(config, gateway)
+                .remove("tcp")
+                .unwrap_or_default(),
+            gateways: advertised_gateways(config, gateway),
             region: String::new(),
             connections: 0,
             cpu_percent: 0.0,
@@ -597,7 +756,7 @@ async fn wire(
         register: register.clone(),
         node: name.node.clone(),
         instance: name.instance,
-        gateway: advertised_gateway(config, gateway.local_addr()),
+        gateways: advertised_gateways(config, gateway),
         region: config.cluster()?.region.clone(),
     });
     // Alive before any session names this run.
@@ -681,6 +840,9 @@ async fn trim_heap() {
 struct ShutdownSignal {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    /// SIGHUP, caught from startup too (by default it would kill the
+    /// process); it reloads the TLS certificate.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl ShutdownSignal {
@@ -689,6 +851,7 @@ impl ShutdownSignal {
         Ok(ShutdownSignal {
             terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            hangup: Some(signal(SignalKind::hangup()).context("installing a SIGHUP handler")?),
         })
     }
 
@@ -696,6 +859,26 @@ impl ShutdownSignal {
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// SIGHUP: new TLS handshakes use the PEM files as they are now; on error
+/// the certificate in use stays, and the log says why.
+async fn reload_certificate_on_hangup(
+    hangup: Option<tokio::signal::unix::Signal>,
+    tls: Option<TlsAcceptor>,
+) {
+    let Some(mut hangup) = hangup else { return };
+    while hangup.recv().await.is_some() {
+        match &tls {
+            Some(tls) => match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
+                Err(error) => {
+                    tracing::warn!(%error, "SIGHUP: kept the TLS certificate in use")
+                }
+            },
+            None => tracing::info!("SIGHUP: no TLS certificate to reload"),
         }
     }
 }

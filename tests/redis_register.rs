@@ -34,7 +34,7 @@ async fn room(target: &RedisTarget, node: &str, instance: u64) -> Arc<RoomLink> 
         register,
         node: node.to_owned(),
         instance,
-        gateway: format!("{node}:7070"),
+        gateways: [("tcp".to_owned(), format!("{node}:7070"))].into(),
         region: String::new(),
     })
 }

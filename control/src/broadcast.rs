@@ -601,6 +601,7 @@ mod tests {
             node: id.to_owned(),
             instance: 1,
             gateway: "127.0.0.1:1".to_owned(),
+            gateways: Default::default(),
             region: String::new(),
             connections,
             cpu_percent: 0.0,

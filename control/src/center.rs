@@ -722,9 +722,10 @@ struct DispatchQuery {
     user: String,
     net: Option<String>,
     region: Option<String>,
+    transport: Option<String>,
 }
 
-/// `GET /v1/dispatch?app=&user=&net=&region=`: the gateways a client should
+/// `GET /v1/dispatch?app=&user=&net=&region=&transport=`: the gateways a client should
 /// try, in order. Clients call it before they hold a token's connection, so
 /// it needs no key; it reveals only the public gateway addresses.
 async fn dispatch(
@@ -745,6 +746,12 @@ async fn dispatch(
             ApiError::bad_request(format!("net {text:?} is not one of wifi, 4g, 3g, 2g"))
         })?,
     };
+    let transport = query.transport.as_deref().unwrap_or("tcp");
+    if !matches!(transport, "tcp" | "tls" | "ws" | "wss") {
+        return Err(ApiError::bad_request(format!(
+            "transport {transport:?} is not one of tcp, tls, ws, wss"
+        )));
+    }
     let nodes = state.directory.live().await.map_err(|error| {
         tracing::warn!(%error, "reading the live nodes failed");
         ApiError::new(
@@ -760,12 +767,13 @@ async fn dispatch(
         &query.user,
         query.region.as_deref(),
         net,
+        transport,
     );
     if gateways.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_gateway",
-            "no gateway is alive; retry later",
+            format!("no gateway with a {transport} listener is alive; retry later"),
         ));
     }
     Ok(Json(json!({ "gateways": gateways })))

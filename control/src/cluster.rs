@@ -18,7 +18,7 @@
 //! cut off past the TTL), and asks its connections to re-check storage,
 //! since deliveries in that gap found nobody.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -283,8 +283,13 @@ fn redis_error(error: redis::RedisError) -> RegisterError {
 pub struct NodeRecord {
     pub node: String,
     pub instance: u64,
-    /// The address clients connect to.
+    /// The plain TCP address clients connect to (empty without one).
     pub gateway: String,
+    /// Every transport's address, by transport name (`tcp`, `tls`, `ws`,
+    /// `wss`), as clients name it: `host:port` for tcp, a URL for the
+    /// others. Absent in records of nodes from before transports.
+    #[serde(default)]
+    pub gateways: BTreeMap<String, String>,
     pub region: String,
     pub connections: u64,
     /// The node's CPU use since its last heartbeat, in percent of one core.
@@ -885,7 +890,8 @@ pub struct RoomLink {
     pub register: Arc<RedisRegister>,
     pub node: String,
     pub instance: u64,
-    pub gateway: String,
+    /// Every transport's client address (see `NodeRecord::gateways`).
+    pub gateways: BTreeMap<String, String>,
     pub region: String,
 }
 
@@ -914,7 +920,8 @@ impl RoomLink {
         NodeRecord {
             node: self.node.clone(),
             instance: self.instance,
-            gateway: self.gateway.clone(),
+            gateway: self.gateways.get("tcp").cloned().unwrap_or_default(),
+            gateways: self.gateways.clone(),
             region: self.region.clone(),
             connections,
             cpu_percent,

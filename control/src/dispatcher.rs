@@ -48,10 +48,20 @@ pub fn order(
     user: &str,
     region: Option<&str>,
     net: Net,
+    transport: &str,
 ) -> Vec<String> {
+    let address = |node: &NodeRecord| match node.gateways.get(transport) {
+        Some(address) => Some(address.clone()),
+        // A node from before transports has plain TCP only.
+        None if transport == "tcp" && node.gateways.is_empty() => Some(node.gateway.clone()),
+        None => None,
+    };
     let in_region = |node: &NodeRecord| region.is_none_or(|region| node.region == region);
-    let (mut near, mut far): (Vec<&NodeRecord>, Vec<&NodeRecord>) =
-        nodes.iter().copied().partition(|node| in_region(node));
+    let (mut near, mut far): (Vec<&NodeRecord>, Vec<&NodeRecord>) = nodes
+        .iter()
+        .copied()
+        .filter(|node| address(node).is_some())
+        .partition(|node| in_region(node));
     if near.is_empty() {
         std::mem::swap(&mut near, &mut far);
     }
@@ -71,7 +81,7 @@ pub fn order(
     ordered
         .into_iter()
         .take(net.addresses_max())
-        .map(|node| node.gateway.clone())
+        .filter_map(address)
         .collect()
 }
 
@@ -115,6 +125,11 @@ mod tests {
             node: name.to_owned(),
             instance: 1,
             gateway: format!("{name}:7070"),
+            gateways: [
+                ("tcp".to_owned(), format!("{name}:7070")),
+                ("wss".to_owned(), format!("wss://{name}:443/v1/connect")),
+            ]
+            .into(),
             region: region.to_owned(),
             connections,
             cpu_percent: 0.0,
@@ -130,11 +145,11 @@ mod tests {
             node("c", "eu", 20),
         ];
         let all: Vec<&NodeRecord> = nodes.iter().collect();
-        let first = order(&all, "chat", "alice", None, Net::Wifi);
+        let first = order(&all, "chat", "alice", None, Net::Wifi, "tcp");
         assert_eq!(first.len(), 3);
         // The same answer however the list is ordered.
         let reversed: Vec<&NodeRecord> = nodes.iter().rev().collect();
-        assert_eq!(order(&reversed, "chat", "alice", None, Net::Wifi), first);
+        assert_eq!(order(&reversed, "chat", "alice", None, Net::Wifi, "tcp"), first);
         // After the home, by load.
         let rest: Vec<&String> = first[1..].iter().collect();
         let mut by_load = rest.clone();
@@ -149,7 +164,7 @@ mod tests {
         // Losing a node other than the home does not move the user.
         for gone in first[1..].iter() {
             let left: Vec<&NodeRecord> = nodes.iter().filter(|n| &n.gateway != gone).collect();
-            assert_eq!(order(&left, "chat", "alice", None, Net::Wifi)[0], first[0]);
+            assert_eq!(order(&left, "chat", "alice", None, Net::Wifi, "tcp")[0], first[0]);
         }
     }
 
@@ -159,7 +174,7 @@ mod tests {
         let all: Vec<&NodeRecord> = nodes.iter().collect();
         let mut homes = std::collections::HashMap::new();
         for user in 0..3_000 {
-            let first = order(&all, "chat", &format!("user{user}"), None, Net::Wifi).remove(0);
+            let first = order(&all, "chat", &format!("user{user}"), None, Net::Wifi, "tcp").remove(0);
             *homes.entry(first).or_insert(0) += 1;
         }
         assert_eq!(homes.len(), 3);
@@ -172,14 +187,32 @@ mod tests {
             .map(|i| node(&format!("n{i}"), if i < 2 { "us" } else { "eu" }, i))
             .collect();
         let all: Vec<&NodeRecord> = nodes.iter().collect();
-        let list = order(&all, "chat", "bob", Some("us"), Net::Wifi);
+        let list = order(&all, "chat", "bob", Some("us"), Net::Wifi, "tcp");
         assert_eq!(list.len(), 6);
         let mut first_two = list[..2].to_vec();
         first_two.sort();
         assert_eq!(first_two, ["n0:7070", "n1:7070"]);
-        assert_eq!(order(&all, "chat", "bob", Some("us"), Net::TwoG).len(), 3);
+        assert_eq!(order(&all, "chat", "bob", Some("us"), Net::TwoG, "tcp").len(), 3);
         // A region nobody is in: every node is as good.
-        assert_eq!(order(&all, "chat", "bob", Some("mars"), Net::Wifi).len(), 6);
-        assert!(order(&[], "chat", "bob", None, Net::Wifi).is_empty());
+        assert_eq!(order(&all, "chat", "bob", Some("mars"), Net::Wifi, "tcp").len(), 6);
+        assert!(order(&[], "chat", "bob", None, Net::Wifi, "tcp").is_empty());
+    }
+
+    #[test]
+    fn a_transport_gets_that_transports_addresses_of_the_nodes_that_have_it() {
+        let mut old = node("old", "eu", 0);
+        old.gateways.clear();
+        let mut plain = node("plain", "eu", 0);
+        plain.gateways.remove("wss");
+        let nodes = [node("a", "eu", 5), old, plain];
+        let all: Vec<&NodeRecord> = nodes.iter().collect();
+        assert_eq!(
+            order(&all, "chat", "bob", None, Net::Wifi, "wss"),
+            ["wss://a:443/v1/connect"]
+        );
+        let mut tcp = order(&all, "chat", "bob", None, Net::Wifi, "tcp");
+        tcp.sort();
+        assert_eq!(tcp, ["a:7070", "old:7070", "plain:7070"]);
+        assert!(order(&all, "chat", "bob", None, Net::Wifi, "tls").is_empty());
     }
 }

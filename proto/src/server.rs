@@ -940,6 +940,12 @@ impl ServerConn {
         out.close = Some(CloseReason::Overloaded);
     }
 
+    /// The transport under the connection failed (a TLS or WebSocket
+    /// error): no frame goes in or out any more.
+    pub fn abandon(&mut self) {
+        self.phase = Phase::Closing;
+    }
+
     /// The client's queue hit its limit: close without queueing more.
     pub fn close_slow_consumer(&mut self, out: &mut Output) {
         self.phase = Phase::Closing;

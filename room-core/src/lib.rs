@@ -19,6 +19,7 @@ pub mod metrics;
 mod poller;
 mod pool;
 mod shard;
+pub mod transport;
 mod wheel;
 
 use std::io;
@@ -31,6 +32,8 @@ use herald_proto::server::ServerConfig;
 
 pub use auth::AppSecrets;
 pub use metrics::{GatewayMetrics, GatewaySnapshot};
+pub use shard::LISTENERS_MAX;
+pub use transport::{CertificateError, TlsAcceptor, TransportKind, WebSocketSettings};
 
 /// How the shards wait for their sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,10 +58,21 @@ impl IoDriver {
 /// by net.core.somaxconn): room for a reconnect storm's burst.
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// One address the gateway listens on, and what clients speak there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub transport: TransportKind,
+}
+
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub io: IoDriver,
-    pub listen: SocketAddr,
+    /// At least one; every shard listens on each (SO_REUSEPORT).
+    pub listeners: Vec<ListenerConfig>,
+    /// The certificate of tls and wss listeners.
+    pub tls: Option<TlsAcceptor>,
+    pub websocket: WebSocketSettings,
     pub shards: usize,
     pub server: ServerConfig,
     /// (app id, token secret) of every app clients may bind.
@@ -90,6 +104,13 @@ pub enum GatewayError {
     IoUringUnavailable(io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error("listener {addr} speaks {transport}, which needs [gateway.tls]")]
+    NoCertificate {
+        addr: SocketAddr,
+        transport: TransportKind,
+    },
+    #[error("at most {max} listeners, not {count}")]
+    TooManyListeners { count: usize, max: usize },
     #[error("cannot start gateway shard {shard}: {message}")]
     Shard { shard: usize, message: String },
 }
@@ -97,7 +118,7 @@ pub enum GatewayError {
 /// A running gateway: its address, the command channel of each shard and its
 /// counters.
 pub struct Gateway {
-    local_addr: SocketAddr,
+    listeners: Vec<ListenerConfig>,
     commands: Vec<async_channel::Sender<ShardCommand>>,
     metrics: Arc<GatewayMetrics>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -112,22 +133,50 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         assert!(config.shards > 0 && config.shards <= usize::from(u16::MAX));
         assert!(config.connections_per_shard_max <= u32::MAX as usize);
+        assert!(!config.listeners.is_empty());
+        if config.listeners.len() > shard::LISTENERS_MAX {
+            return Err(GatewayError::TooManyListeners {
+                count: config.listeners.len(),
+                max: shard::LISTENERS_MAX,
+            });
+        }
+        if let Some(listener) = config
+            .listeners
+            .iter()
+            .find(|listener| listener.transport.uses_tls() && config.tls.is_none())
+        {
+            return Err(GatewayError::NoCertificate {
+                addr: listener.addr,
+                transport: listener.transport,
+            });
+        }
         if config.io == IoDriver::Uring {
             probe_io_uring().map_err(GatewayError::IoUringUnavailable)?;
         }
 
-        // Resolve port 0 once, so that every shard joins one SO_REUSEPORT
-        // group on the same port. The reservation never listens, so it never
-        // receives a connection; it is dropped once the shards listen.
-        let reservation = reserve_port(config.listen).map_err(|source| GatewayError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-        let local_addr = reservation
-            .local_addr()
-            .ok()
-            .and_then(|addr| addr.as_socket())
-            .unwrap_or(config.listen);
+        // Resolve port 0 once per listener, so that every shard joins one
+        // SO_REUSEPORT group on the same port. A reservation never listens,
+        // so it never receives a connection; it is dropped once the shards
+        // listen.
+        let mut reservations = Vec::with_capacity(config.listeners.len());
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            let reservation =
+                reserve_port(listener.addr).map_err(|source| GatewayError::Listen {
+                    addr: listener.addr,
+                    source,
+                })?;
+            let addr = reservation
+                .local_addr()
+                .ok()
+                .and_then(|addr| addr.as_socket())
+                .unwrap_or(listener.addr);
+            reservations.push(reservation);
+            listeners.push(ListenerConfig {
+                addr,
+                transport: listener.transport,
+            });
+        }
 
         let cpus = if config.pin_shards {
             allowed_cpus()
@@ -152,14 +201,25 @@ impl Gateway {
                     burst: (rate.burst / config.shards as u32).max(1),
                 }),
                 metrics: metrics.clone(),
+                tls: config.tls.clone(),
+                websocket: config.websocket.clone(),
             };
             let cpu = (!cpus.is_empty()).then(|| cpus[shard % cpus.len()]);
             let events = events.clone();
             let io = config.io;
+            let shard_listeners = listeners.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("herald-shard-{shard}"))
                 .spawn(move || {
-                    run_shard_thread(io, cpu, local_addr, settings, command_rx, events, ready_tx)
+                    run_shard_thread(
+                        io,
+                        cpu,
+                        shard_listeners,
+                        settings,
+                        command_rx,
+                        events,
+                        ready_tx,
+                    )
                 })
                 .map_err(|error| GatewayError::Shard {
                     shard,
@@ -169,7 +229,7 @@ impl Gateway {
                 Ok(Ok(())) => {}
                 Ok(Err(source)) => {
                     return Err(GatewayError::Listen {
-                        addr: local_addr,
+                        addr: listeners[0].addr,
                         source,
                     });
                 }
@@ -183,17 +243,24 @@ impl Gateway {
             threads.push(thread);
             commands.push(command_tx);
         }
-        drop(reservation);
+        drop(reservations);
         Ok(Gateway {
-            local_addr,
+            listeners,
             commands,
             metrics,
             threads,
         })
     }
 
+    /// Where the gateway listens (port 0 resolved), in the configured
+    /// order.
+    pub fn listeners(&self) -> &[ListenerConfig] {
+        &self.listeners
+    }
+
+    /// The first listener's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listeners[0].addr
     }
 
     /// A sender per shard, indexed by `ConnId::shard`.
@@ -220,7 +287,7 @@ impl Gateway {
 fn run_shard_thread(
     io: IoDriver,
     cpu: Option<usize>,
-    listen: SocketAddr,
+    listeners: Vec<ListenerConfig>,
     settings: shard::ShardSettings,
     commands: async_channel::Receiver<ShardCommand>,
     events: async_channel::Sender<ShardEvent>,
@@ -229,21 +296,26 @@ fn run_shard_thread(
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu);
     }
-    let setup = || -> io::Result<(std::net::TcpListener, Arc<poller::WakeFd>)> {
-        Ok((bind_listener(listen)?, Arc::new(poller::WakeFd::new()?)))
+    type Listeners = Vec<(std::net::TcpListener, TransportKind)>;
+    let setup = || -> io::Result<(Listeners, Arc<poller::WakeFd>)> {
+        let sockets = listeners
+            .iter()
+            .map(|listener| Ok((bind_listener(listener.addr)?, listener.transport)))
+            .collect::<io::Result<_>>()?;
+        Ok((sockets, Arc::new(poller::WakeFd::new()?)))
     };
     let id = settings.id;
     let result = match io {
         IoDriver::Uring => poller::uring::UringPoller::new().and_then(|poller| {
-            let (listener, wake) = setup()?;
+            let (listeners, wake) = setup()?;
             let _ = ready.send(Ok(()));
-            shard::Shard::new(settings, poller, listener, Instant::now())
+            shard::Shard::new(settings, poller, listeners, Instant::now())
                 .run(commands, events, wake)
         }),
         IoDriver::Epoll => poller::epoll::EpollPoller::new().and_then(|poller| {
-            let (listener, wake) = setup()?;
+            let (listeners, wake) = setup()?;
             let _ = ready.send(Ok(()));
-            shard::Shard::new(settings, poller, listener, Instant::now())
+            shard::Shard::new(settings, poller, listeners, Instant::now())
                 .run(commands, events, wake)
         }),
     };

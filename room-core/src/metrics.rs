@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 use herald_proto::server::CloseReason;
 
+use crate::transport::TransportEnd;
+
 /// Why connections ended, as metric labels, in a fixed order.
-pub const CLOSE_REASONS: [&str; 12] = [
+pub const CLOSE_REASONS: [&str; 15] = [
     "protocol_error",
     "client_error",
     "auth_timeout",
@@ -20,6 +22,9 @@ pub const CLOSE_REASONS: [&str; 12] = [
     "peer_closed",
     "io_error",
     "flush_timeout",
+    "tls_error",
+    "websocket_upgrade_refused",
+    "websocket_error",
 ];
 
 /// How a connection ended, from the gateway's point of view.
@@ -33,6 +38,8 @@ pub enum ConnEnd {
     /// The connection was closing but the client did not take the last
     /// frames in time.
     FlushTimeout,
+    /// Its TLS or WebSocket layer failed.
+    Transport(TransportEnd),
 }
 
 impl ConnEnd {
@@ -42,6 +49,7 @@ impl ConnEnd {
             ConnEnd::PeerClosed => "peer_closed",
             ConnEnd::Io => "io_error",
             ConnEnd::FlushTimeout => "flush_timeout",
+            ConnEnd::Transport(end) => end.label(),
         }
     }
 

@@ -35,6 +35,10 @@ use crate::auth::AppSecrets;
 use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
 use crate::poller::{Poller, Readiness, TOKEN_BITS_MAX, WakeFd};
 use crate::pool::BufferPool;
+use crate::transport::{
+    self, CloseCode, Message, TlsAcceptor, Transport, TransportEnd, TransportKind, Upgrade,
+    WebSocketSettings, Ws, WsError, WsState,
+};
 use crate::wheel::{TICK, TimerKey, TimerWheel};
 
 /// The shard's read buffer: one maximum frame plus its prefix, so a single
@@ -90,14 +94,19 @@ const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Poller tokens: a connection's is its slot and the low bits of its
-/// generation; the listener and the wakeup descriptor take slots no
+/// generation; the wakeup descriptor and the listeners take slots no
 /// connection can have.
 const GENERATION_TOKEN_MASK: u32 = (1 << (TOKEN_BITS_MAX - 32)) - 1;
-const LISTENER_TOKEN: u64 = u32::MAX as u64;
-const WAKE_TOKEN: u64 = u32::MAX as u64 - 1;
+const WAKE_TOKEN: u64 = u32::MAX as u64;
+/// Listeners a gateway may have.
+pub const LISTENERS_MAX: usize = 8;
+
+fn listener_token(index: usize) -> u64 {
+    WAKE_TOKEN - 1 - index as u64
+}
 
 /// The largest slot a connection may have.
-pub(crate) const SLOTS_MAX: usize = u32::MAX as usize - 2;
+pub(crate) const SLOTS_MAX: usize = u32::MAX as usize - 1 - LISTENERS_MAX;
 
 fn conn_token(slot: usize, generation: u32) -> u64 {
     (u64::from(generation & GENERATION_TOKEN_MASK) << 32) | slot as u64
@@ -116,6 +125,17 @@ pub struct ShardSettings {
     /// This shard's share of the gateway's accept-rate limit, if any.
     pub accept_rate: Option<Rate>,
     pub metrics: Arc<GatewayMetrics>,
+    /// For tls and wss listeners.
+    pub tls: Option<TlsAcceptor>,
+    pub websocket: WebSocketSettings,
+}
+
+/// One of the shard's listening sockets.
+struct Listener {
+    socket: OwnedFd,
+    transport: TransportKind,
+    /// It may have connections waiting.
+    ready: bool,
 }
 
 /// One broadcast's way through the shard's connections.
@@ -142,6 +162,8 @@ struct Conn {
     partial: Option<Box<BytesMut>>,
     /// Encoded frames the socket has not taken yet.
     queue: Option<Box<BytesMut>>,
+    /// TLS and WebSocket state; `None` on plain TCP.
+    transport: Option<Box<Transport>>,
     /// Frames put in `queue` since it was last empty (an upper bound on
     /// those still in it).
     queued_frames: u16,
@@ -161,17 +183,17 @@ struct Conn {
     queued: bool,
 }
 
-// A slab slot is 144 bytes today (the connection logic is 80 of them);
-// heap strings for device and bindings come on top. Growing a connection
-// multiplies by millions, so it takes a deliberate change of this budget.
-const _: () = assert!(size_of::<Conn>() <= 144);
+// A slab slot is 152 bytes today (the connection logic is 80 of them, the
+// transport pointer 8); heap strings for device and bindings come on top.
+// Growing a connection multiplies by millions, so it takes a deliberate
+// change of this budget.
+const _: () = assert!(size_of::<Conn>() <= 152);
 
 pub(crate) struct Shard<P> {
     settings: ShardSettings,
     poller: P,
-    listener: Option<OwnedFd>,
-    /// The listener may have connections waiting.
-    accept_ready: bool,
+    /// Empty once draining.
+    listeners: Vec<Listener>,
     accept_paused_until: Option<Instant>,
     /// Accepts this shard may still take; over it, new connections are
     /// turned away with GOAWAY(overloaded) and a jittered retry delay.
@@ -190,6 +212,14 @@ pub(crate) struct Shard<P> {
     /// Where output is encoded when nothing is queued ahead of it; empty
     /// between uses.
     send_buffer: BytesMut,
+    /// A TLS connection's output before it is sealed; empty between uses.
+    tls_plain: BytesMut,
+    /// What a TLS or WebSocket connection's input came to: the plaintext
+    /// of its records, and what its layers answer (handshake flight,
+    /// upgrade response, pongs); empty between uses.
+    plain_in: BytesMut,
+    handshake_out: BytesMut,
+    transport_reply: BytesMut,
     out: Output,
     /// A frame encoded once for many connections (a broadcast), sent by the
     /// next `apply` ahead of `out`'s frames.
@@ -259,18 +289,25 @@ impl<P: Poller> Shard<P> {
     pub(crate) fn new(
         settings: ShardSettings,
         poller: P,
-        listener: std::net::TcpListener,
+        listeners: Vec<(std::net::TcpListener, TransportKind)>,
         now: Instant,
     ) -> Shard<P> {
         assert!(settings.connections_max <= SLOTS_MAX);
+        assert!(listeners.len() <= LISTENERS_MAX);
         let accept_limiter = settings.accept_rate.map(|rate| TokenBucket::new(rate, now));
         let jitter_state = (unix_ms() << 16) ^ u64::from(settings.id) | 1;
         Shard {
             conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
             settings,
             poller,
-            listener: Some(listener.into()),
-            accept_ready: true,
+            listeners: listeners
+                .into_iter()
+                .map(|(socket, transport)| Listener {
+                    socket: socket.into(),
+                    transport,
+                    ready: true,
+                })
+                .collect(),
             accept_paused_until: None,
             accept_limiter,
             turned_away: 0,
@@ -280,6 +317,10 @@ impl<P: Poller> Shard<P> {
             run_queue: VecDeque::new(),
             scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
             send_buffer: BytesMut::with_capacity(WRITE_BUFFER_CAPACITY),
+            tls_plain: BytesMut::new(),
+            plain_in: BytesMut::new(),
+            handshake_out: BytesMut::new(),
+            transport_reply: BytesMut::new(),
             out: Output::default(),
             encoded: None,
             paced: Vec::new(),
@@ -303,8 +344,9 @@ impl<P: Poller> Shard<P> {
         wake: Arc<WakeFd>,
     ) -> io::Result<()> {
         self.poller.add(wake.raw_fd(), WAKE_TOKEN)?;
-        if let Some(listener) = &self.listener {
-            self.poller.add(listener.as_raw_fd(), LISTENER_TOKEN)?;
+        for (index, listener) in self.listeners.iter().enumerate() {
+            self.poller
+                .add(listener.socket.as_raw_fd(), listener_token(index))?;
         }
         // The command channel wakes the loop through the eventfd.
         let mut commands = std::pin::pin!(commands);
@@ -325,7 +367,7 @@ impl<P: Poller> Shard<P> {
                     }
                 }
             }
-            if self.accept_ready && self.accept_paused_until.is_none_or(|until| now >= until) {
+            if self.accept_ready() && self.accept_paused_until.is_none_or(|until| now >= until) {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
@@ -340,7 +382,7 @@ impl<P: Poller> Shard<P> {
 
             let busy = commands_left
                 || !self.run_queue.is_empty()
-                || (self.accept_ready && self.accept_paused_until.is_none());
+                || (self.accept_ready() && self.accept_paused_until.is_none());
             let timeout = if busy {
                 Duration::ZERO
             } else if outbox_blocked {
@@ -367,13 +409,14 @@ impl<P: Poller> Shard<P> {
                     let _ = self.poller.add(wake.raw_fd(), WAKE_TOKEN);
                 }
             }
-            LISTENER_TOKEN => {
-                let Some(listener) = &self.listener else {
+            token if (listener_token(LISTENERS_MAX - 1)..=listener_token(0)).contains(&token) => {
+                let index = (listener_token(0) - token) as usize;
+                let Some(listener) = self.listeners.get_mut(index) else {
                     return;
                 };
-                self.accept_ready = true;
+                listener.ready = true;
                 if readiness.rearm {
-                    let _ = self.poller.add(listener.as_raw_fd(), LISTENER_TOKEN);
+                    let _ = self.poller.add(listener.socket.as_raw_fd(), token);
                 }
             }
             token => {
@@ -445,12 +488,22 @@ impl<P: Poller> Shard<P> {
         }
     }
 
-    /// Accepts waiting connections, at most a batch per turn.
+    fn accept_ready(&self) -> bool {
+        self.listeners.iter().any(|listener| listener.ready)
+    }
+
+    /// Accepts waiting connections, at most a batch per listener per turn.
     fn accept(&mut self, now: Instant) {
-        let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
-            self.accept_ready = false;
-            return;
-        };
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].ready && self.accept_paused_until.is_none() {
+                self.accept_from(index, now);
+            }
+        }
+    }
+
+    fn accept_from(&mut self, index: usize, now: Instant) {
+        let listener = self.listeners[index].socket.as_raw_fd();
+        let transport = self.listeners[index].transport;
         for _ in 0..ACCEPT_BATCH_MAX {
             // SAFETY: accept4(2) without an address buffer.
             let fd = unsafe {
@@ -464,7 +517,7 @@ impl<P: Poller> Shard<P> {
             if fd < 0 {
                 let error = io::Error::last_os_error();
                 match error.raw_os_error() {
-                    Some(libc::EAGAIN) => self.accept_ready = false,
+                    Some(libc::EAGAIN) => self.listeners[index].ready = false,
                     Some(libc::EINTR | libc::ECONNABORTED) => continue,
                     _ => {
                         // Out of descriptors or memory: pause instead of
@@ -482,7 +535,7 @@ impl<P: Poller> Shard<P> {
                 continue;
             }
             set_nodelay(&socket);
-            let Some(slot) = self.open_conn(socket, now) else {
+            let Some(slot) = self.open_conn(socket, transport, now) else {
                 continue;
             };
             let over_limit = self
@@ -522,7 +575,29 @@ impl<P: Poller> Shard<P> {
         (TURN_AWAY_DELAY_MIN_MS as f64 + jitter).min(TURN_AWAY_DELAY_MAX_MS as f64) as u32
     }
 
-    fn open_conn(&mut self, socket: OwnedFd, now: Instant) -> Option<usize> {
+    fn open_conn(
+        &mut self,
+        socket: OwnedFd,
+        transport: TransportKind,
+        now: Instant,
+    ) -> Option<usize> {
+        let transport = match transport {
+            TransportKind::Tcp => None,
+            kind => {
+                let tls = match (kind.uses_tls(), &self.settings.tls) {
+                    (false, _) => None,
+                    (true, Some(acceptor)) => match acceptor.accept() {
+                        Ok(tls) => Some(tls),
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot start a TLS connection");
+                            return None;
+                        }
+                    },
+                    (true, None) => unreachable!("a TLS listener is started with a certificate"),
+                };
+                Some(Box::new(Transport::new(kind, tls)))
+            }
+        };
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let server = ServerConn::new(now, &self.settings.server);
@@ -535,6 +610,7 @@ impl<P: Poller> Shard<P> {
             connected_at_ms: unix_ms(),
             partial: None,
             queue: None,
+            transport,
             queued_frames: 0,
             closing: None,
             flush_deadline: None,
@@ -572,6 +648,16 @@ impl<P: Poller> Shard<P> {
         }
         if let Some(queue) = conn.queue {
             self.write_pool.give(queue);
+        }
+        if let Some(transport) = conn.transport {
+            let Transport {
+                tls_pending,
+                ws_pending,
+                ..
+            } = *transport;
+            for buffer in [tls_pending, ws_pending].into_iter().flatten() {
+                self.read_pool.give(buffer);
+            }
         }
         self.counters().connection_closed(end);
         // A connection that began a close was unregistered then.
@@ -715,6 +801,7 @@ impl<P: Poller> Shard<P> {
             conns,
             out,
             send_buffer,
+            tls_plain,
             write_pool,
             outbox,
             wheel,
@@ -727,9 +814,12 @@ impl<P: Poller> Shard<P> {
         let mut frames = 0;
         let mut pushes = 0;
         let mut overflow = false;
-        if conn.closing.is_some() {
+        // Frames wait for a TLS handshake or WebSocket upgrade to finish;
+        // none are made before one does, but a timeout's GOAWAY.
+        let transport_open = conn.transport.as_ref().is_none_or(|t| t.is_open());
+        if conn.closing.is_some() || !transport_open {
             out.transmit.clear();
-        } else if !out.transmit.is_empty() || encoded.is_some() {
+        } else if !out.transmit.is_empty() || encoded.is_some() || out.close.is_some() {
             // With nothing waiting ahead of these frames, they are encoded
             // into the shard's send buffer and handed to the socket at once;
             // only what the socket does not take is copied into a pooled
@@ -751,11 +841,25 @@ impl<P: Poller> Shard<P> {
                     .send_queue_frames_max
                     .saturating_sub(usize::from(conn.queued_frames))
             };
+            // On TLS the frames are staged as plaintext, then sealed into
+            // `buffer`; on WebSocket each is one binary message.
+            let messages = conn.transport.as_ref().is_some_and(|t| t.frames_messages());
+            let sealing = conn.transport.as_ref().is_some_and(|t| t.tls.is_some());
+            let sealed_base = if sealing { buffer.len() } else { 0 };
+            tls_plain.clear();
+            let staged: &mut BytesMut = if sealing { &mut *tls_plain } else { &mut *buffer };
+            let framing = |len: usize| if messages { transport::ws_header_len(len) } else { 0 };
             if let Some(frame) = &encoded {
-                if buffer.len() + frame.len() > settings.send_queue_bytes_max || frames_room == 0 {
+                if sealed_base + staged.len() + framing(frame.len()) + frame.len()
+                    > settings.send_queue_bytes_max
+                    || frames_room == 0
+                {
                     overflow = true;
                 } else {
-                    buffer.extend_from_slice(frame);
+                    if messages {
+                        transport::write_binary_header(frame.len(), staged);
+                    }
+                    staged.extend_from_slice(frame);
                     frames += 1;
                     pushes += 1;
                 }
@@ -764,13 +868,17 @@ impl<P: Poller> Shard<P> {
                 if overflow {
                     break;
                 }
-                if buffer.len() + encoded_len(&frame) > settings.send_queue_bytes_max
+                let len = encoded_len(&frame);
+                if sealed_base + staged.len() + framing(len) + len > settings.send_queue_bytes_max
                     || frames as usize >= frames_room
                 {
                     overflow = true;
                     break;
                 }
-                if let Err(error) = encode(&frame, buffer) {
+                if messages {
+                    transport::write_binary_header(len, staged);
+                }
+                if let Err(error) = encode(&frame, staged) {
                     // The connection logic only builds frames from checked
                     // input, so this is a bug: close this one connection.
                     debug_assert!(false, "unencodable frame {frame:?}: {error}");
@@ -784,6 +892,21 @@ impl<P: Poller> Shard<P> {
                 }
             }
             out.transmit.clear();
+            if let (Some(reason), false) = (out.close, overflow) {
+                if messages {
+                    transport::write_close(ws_close_code(reason), reason.as_str(), staged);
+                }
+            }
+            if let Some(transport) = conn.transport.as_deref_mut()
+                && let Some(tls) = transport.tls.as_mut()
+            {
+                if tls.encrypt(tls_plain, buffer).is_err() {
+                    overflow = true;
+                }
+                if out.close.is_some() && !overflow {
+                    tls.close_notify(buffer);
+                }
+            }
             if direct && !overflow {
                 // An error (would block, reset) is left to the next flush
                 // of the queue, which handles each kind.
@@ -817,7 +940,29 @@ impl<P: Poller> Shard<P> {
                 reason: GoAwayReason::SLOW_CONSUMER,
                 reconnect_delay_ms: None,
             };
-            encode(&goaway, queue).expect("a GOAWAY encodes");
+            match conn.transport.as_deref_mut() {
+                None => encode(&goaway, queue).expect("a GOAWAY encodes"),
+                Some(transport) => {
+                    tls_plain.clear();
+                    let reason = CloseReason::SlowConsumer;
+                    let staged: &mut BytesMut = if transport.tls.is_some() {
+                        &mut *tls_plain
+                    } else {
+                        &mut **queue
+                    };
+                    if transport.frames_messages() {
+                        transport::write_binary_header(encoded_len(&goaway), staged);
+                    }
+                    encode(&goaway, staged).expect("a GOAWAY encodes");
+                    if transport.frames_messages() {
+                        transport::write_close(ws_close_code(reason), reason.as_str(), staged);
+                    }
+                    if let Some(tls) = transport.tls.as_mut() {
+                        let _ = tls.encrypt(tls_plain, queue);
+                        tls.close_notify(queue);
+                    }
+                }
+            }
             conn.server.close_slow_consumer(out);
         }
 
@@ -920,6 +1065,10 @@ impl<P: Poller> Shard<P> {
     /// partial frame held from before) and runs them through the connection
     /// logic.
     fn handle_input(&mut self, slot: usize, len: usize, now: Instant) {
+        if self.conns[slot].transport.is_some() {
+            self.handle_transport_input(slot, len, now);
+            return;
+        }
         let Shard {
             settings,
             conns,
@@ -931,46 +1080,199 @@ impl<P: Poller> Shard<P> {
         let Conn {
             server, partial, ..
         } = &mut conns[slot];
-        if let Some(partial) = partial.as_mut() {
-            partial.extend_from_slice(&scratch[..len]);
-        }
-        let input: &[u8] = match partial {
-            Some(partial) => partial,
-            None => &scratch[..len],
-        };
-        let mut consumed = 0;
-        let mut frames = 0;
-        while !server.is_closing() {
-            match decode_slice(&input[consumed..]) {
-                Ok(Some((frame, used))) => {
-                    consumed += used;
-                    frames += 1;
-                    server.handle_frame(now, frame, &settings.server, &settings.auth, out);
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    server.handle_decode_error(error.error_code(), error.to_string(), out);
-                    break;
-                }
-            }
-        }
-        let rest = input.len() - consumed;
-        match partial {
-            Some(buffer) => {
-                buffer.advance(consumed);
-                if buffer.is_empty() {
-                    read_pool.give(partial.take().expect("partial is some"));
-                }
-            }
-            None if rest > 0 && !server.is_closing() => {
-                let mut buffer = read_pool.take();
-                buffer.extend_from_slice(&scratch[consumed..len]);
-                *partial = Some(buffer);
-            }
-            None => {}
-        }
+        let frames = decode_stream(server, partial, &scratch[..len], settings, out, read_pool, now);
         self.counters().frames_in(frames);
         self.apply(slot, now);
+    }
+
+    /// Runs the `len` bytes just read through the connection's TLS and
+    /// WebSocket layers and the Herald frames they carry through the
+    /// connection logic, then sends what each layer answers, in order: the
+    /// TLS handshake flight, the upgrade response, pongs and echoes, the
+    /// connection logic's frames.
+    fn handle_transport_input(&mut self, slot: usize, len: usize, now: Instant) {
+        let mut transport = self.conns[slot].transport.take().expect("a transport");
+        let mut plain = std::mem::take(&mut self.plain_in);
+        let mut handshake_out = std::mem::take(&mut self.handshake_out);
+        let mut reply = std::mem::take(&mut self.transport_reply);
+        let ended = self.run_layers(
+            slot,
+            &mut transport,
+            len,
+            Layered {
+                plain: &mut plain,
+                handshake_out: &mut handshake_out,
+                reply: &mut reply,
+            },
+            now,
+        );
+        let conn = &mut self.conns[slot];
+        write_raw(conn, &handshake_out, &mut self.write_pool);
+        if let Some(LayerEnd::WebSocket(error)) = &ended {
+            transport::write_close(error.code, error.reason, &mut reply);
+        }
+        if !reply.is_empty() {
+            match transport.tls.as_mut() {
+                Some(tls) if tls.is_established() => {
+                    self.tls_plain.clear();
+                    if tls.encrypt(&reply, &mut self.tls_plain).is_ok() {
+                        write_raw(conn, &self.tls_plain, &mut self.write_pool);
+                    }
+                }
+                _ => write_raw(conn, &reply, &mut self.write_pool),
+            }
+        }
+        conn.transport = Some(transport);
+        for buffer in [&mut plain, &mut handshake_out, &mut reply] {
+            buffer.clear();
+        }
+        self.plain_in = plain;
+        self.handshake_out = handshake_out;
+        self.transport_reply = reply;
+        match ended {
+            None => self.apply(slot, now),
+            Some(end) => {
+                let end = match end {
+                    LayerEnd::Tls => ConnEnd::Transport(TransportEnd::Tls),
+                    LayerEnd::Refused => ConnEnd::Transport(TransportEnd::UpgradeRefused),
+                    LayerEnd::WebSocket(_) => ConnEnd::Transport(TransportEnd::WebSocket),
+                    LayerEnd::PeerClosed => ConnEnd::PeerClosed,
+                };
+                self.out.clear();
+                self.conns[slot].server.abandon();
+                self.start_close(slot, end, now);
+            }
+        }
+    }
+
+    /// The TLS layer, then the WebSocket layer or the Herald byte stream.
+    /// Returns why the connection must end, if it must.
+    fn run_layers(
+        &mut self,
+        slot: usize,
+        transport: &mut Transport,
+        len: usize,
+        layered: Layered<'_>,
+        now: Instant,
+    ) -> Option<LayerEnd> {
+        let Layered {
+            plain,
+            handshake_out,
+            reply,
+        } = layered;
+        let Shard {
+            settings,
+            conns,
+            scratch,
+            out,
+            read_pool,
+            ..
+        } = self;
+        let Transport {
+            tls,
+            ws,
+            tls_pending,
+            ws_pending,
+            ..
+        } = transport;
+        let mut peer_closed = false;
+        match tls {
+            Some(tls) => {
+                let read = with_pending(tls_pending, &mut scratch[..len], read_pool, |input| {
+                    tls.read(input, handshake_out, &mut |bytes| plain.extend_from_slice(bytes))
+                        .map(|read| {
+                            peer_closed |= read.peer_closed;
+                            read.consumed
+                        })
+                });
+                if let Err(error) = read {
+                    tracing::debug!(%error, "closing a TLS connection");
+                    return Some(LayerEnd::Tls);
+                }
+            }
+            None => plain.extend_from_slice(&scratch[..len]),
+        }
+        let Conn {
+            server, partial, ..
+        } = &mut conns[slot];
+        let mut frames = 0;
+        let result = match ws {
+            None => {
+                frames = decode_stream(server, partial, plain, settings, out, read_pool, now);
+                Ok(())
+            }
+            Some(ws) => with_pending(ws_pending, plain, read_pool, |input| {
+                let mut consumed = 0;
+                if let Ws::Upgrading = ws {
+                    match transport::ws_upgrade(input, &settings.websocket.allowed_origins) {
+                        Upgrade::Incomplete => return Ok(0),
+                        Upgrade::Refuse { response, .. } => {
+                            reply.extend_from_slice(&response);
+                            return Err(LayerEnd::Refused);
+                        }
+                        Upgrade::Accept { response, head_len } => {
+                            reply.extend_from_slice(&response);
+                            *ws = Ws::Open(WsState::default());
+                            consumed = head_len;
+                        }
+                    }
+                }
+                let Ws::Open(state) = ws else {
+                    unreachable!("opened above")
+                };
+                let echo = settings.websocket.test_echo;
+                let mut echoed = BytesMut::new();
+                let read = transport::ws_read(
+                    state,
+                    &mut input[consumed..],
+                    partial,
+                    &mut || Box::new(BytesMut::with_capacity(READ_BUFFER_CAPACITY)),
+                    reply,
+                    &mut |message| {
+                        if echo {
+                            transport::write_message(&message, &mut echoed);
+                            return Ok(());
+                        }
+                        frames += 1;
+                        handle_message(server, message, settings, out, now)
+                    },
+                )
+                .map_err(LayerEnd::WebSocket)?;
+                reply.extend_from_slice(&echoed);
+                peer_closed |= read.closed;
+                Ok(consumed + read.consumed)
+            }),
+        };
+        self.counters().frames_in(frames);
+        if let Err(end) = result {
+            return Some(end);
+        }
+        peer_closed.then_some(LayerEnd::PeerClosed)
+    }
+
+    /// Begins closing a connection from the gateway's side: it leaves the
+    /// register now, and goes once its output is flushed and the client
+    /// closed its side, or at the flush deadline.
+    fn start_close(&mut self, slot: usize, end: ConnEnd, now: Instant) {
+        let id = self.conn_id(slot);
+        let conn = &mut self.conns[slot];
+        if conn.closing.is_some() {
+            return;
+        }
+        if let Some(event) = closed_event(id, &conn.server) {
+            self.outbox.push_back(event);
+        }
+        let deadline = now + CLOSE_FLUSH_TIMEOUT;
+        conn.closing = Some(end);
+        conn.flush_deadline = Some(deadline);
+        self.wheel.insert(
+            deadline,
+            TimerKey {
+                slot: id.slot,
+                generation: id.generation,
+            },
+        );
+        enqueue(&mut self.run_queue, conn, slot);
     }
 
     fn handle_command(&mut self, command: ShardCommand, now: Instant) {
@@ -1152,10 +1454,10 @@ impl<P: Poller> Shard<P> {
             return;
         }
         self.draining = true;
-        if let Some(listener) = self.listener.take() {
-            self.poller.remove(listener.as_raw_fd(), LISTENER_TOKEN);
+        for (index, listener) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
+            self.poller
+                .remove(listener.socket.as_raw_fd(), listener_token(index));
         }
-        self.accept_ready = false;
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
             self.conns[slot]
@@ -1202,6 +1504,164 @@ impl<P: Poller> Shard<P> {
             }
         }
         self.expired = expired;
+    }
+}
+
+/// The buffers a transport's layers fill on one read.
+struct Layered<'a> {
+    plain: &'a mut BytesMut,
+    handshake_out: &'a mut BytesMut,
+    reply: &'a mut BytesMut,
+}
+
+/// Why a transport's layers end a connection.
+enum LayerEnd {
+    Tls,
+    Refused,
+    WebSocket(WsError),
+    PeerClosed,
+}
+
+/// The WebSocket close code that follows a close for `reason`.
+fn ws_close_code(reason: CloseReason) -> CloseCode {
+    match reason {
+        CloseReason::ProtocolError(_) => CloseCode::PROTOCOL_ERROR,
+        CloseReason::Drained | CloseReason::Overloaded => CloseCode::GOING_AWAY,
+        _ => CloseCode::NORMAL,
+    }
+}
+
+/// One WebSocket message: exactly one Herald frame.
+fn handle_message(
+    server: &mut ServerConn,
+    message: Message<'_>,
+    settings: &ShardSettings,
+    out: &mut Output,
+    now: Instant,
+) -> Result<(), WsError> {
+    if message.text {
+        return Err(WsError {
+            code: CloseCode::UNSUPPORTED_DATA,
+            reason: "Herald messages are binary",
+        });
+    }
+    if server.is_closing() {
+        return Ok(());
+    }
+    match decode_slice(message.payload) {
+        Ok(Some((frame, used))) if used == message.payload.len() => {
+            server.handle_frame(now, frame, &settings.server, &settings.auth, out);
+        }
+        Ok(_) => server.handle_decode_error(
+            herald_proto::ErrorCode::MALFORMED_FRAME,
+            "a WebSocket message must hold exactly one whole frame".to_owned(),
+            out,
+        ),
+        Err(error) => server.handle_decode_error(error.error_code(), error.to_string(), out),
+    }
+    Ok(())
+}
+
+/// Decodes Herald frames from a byte stream (after any partial frame held
+/// from before) into the connection logic; keeps the tail of an incomplete
+/// frame. Returns the frames decoded.
+fn decode_stream(
+    server: &mut ServerConn,
+    partial: &mut Option<Box<BytesMut>>,
+    bytes: &[u8],
+    settings: &ShardSettings,
+    out: &mut Output,
+    read_pool: &mut BufferPool,
+    now: Instant,
+) -> u64 {
+    if let Some(partial) = partial.as_mut() {
+        partial.extend_from_slice(bytes);
+    }
+    let input: &[u8] = match partial {
+        Some(partial) => partial,
+        None => bytes,
+    };
+    let mut consumed = 0;
+    let mut frames = 0;
+    while !server.is_closing() {
+        match decode_slice(&input[consumed..]) {
+            Ok(Some((frame, used))) => {
+                consumed += used;
+                frames += 1;
+                server.handle_frame(now, frame, &settings.server, &settings.auth, out);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                server.handle_decode_error(error.error_code(), error.to_string(), out);
+                break;
+            }
+        }
+    }
+    let rest = input.len() - consumed;
+    match partial {
+        Some(buffer) => {
+            buffer.advance(consumed);
+            if buffer.is_empty() {
+                read_pool.give(partial.take().expect("partial is some"));
+            }
+        }
+        None if rest > 0 && !server.is_closing() => {
+            let mut buffer = read_pool.take();
+            buffer.extend_from_slice(&bytes[consumed..]);
+            *partial = Some(buffer);
+        }
+        None => {}
+    }
+    frames
+}
+
+/// Runs `process` over `fresh`, after what an earlier read left `pending`,
+/// and keeps what it did not consume (an incomplete unit: a record, a
+/// frame, a request head) in a pooled buffer until the next read.
+fn with_pending<E>(
+    pending: &mut Option<Box<BytesMut>>,
+    fresh: &mut [u8],
+    pool: &mut BufferPool,
+    process: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), E> {
+    match pending {
+        Some(buffer) => {
+            buffer.extend_from_slice(fresh);
+            let consumed = process(&mut buffer[..])?;
+            buffer.advance(consumed);
+            if buffer.is_empty() {
+                pool.give(pending.take().expect("pending is some"));
+            }
+        }
+        None => {
+            let consumed = process(fresh)?;
+            if consumed < fresh.len() {
+                let mut buffer = pool.take();
+                buffer.extend_from_slice(&fresh[consumed..]);
+                *pending = Some(buffer);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `bytes` now if nothing waits ahead of them; what the socket does
+/// not take, or all of it behind a queue, waits in the queue.
+fn write_raw(conn: &mut Conn, bytes: &[u8], write_pool: &mut BufferPool) {
+    let mut rest = bytes;
+    if rest.is_empty() {
+        return;
+    }
+    if conn.queue.is_none()
+        && !conn.write_blocked
+        && let Ok(written) = send(conn.socket.as_raw_fd(), rest)
+    {
+        rest = &rest[written..];
+    }
+    if !rest.is_empty() {
+        conn.queue
+            .get_or_insert_with(|| write_pool.take())
+            .extend_from_slice(rest);
     }
 }
 

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use herald_proto::plane::ShardEvent;
 use herald_proto::server::{HeartbeatIntervals, ServerConfig};
 use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
-use herald_room::{Gateway, GatewayConfig, IoDriver};
+use herald_room::{Gateway, GatewayConfig, IoDriver, ListenerConfig, TransportKind};
 
 struct Counting;
 
@@ -64,7 +64,12 @@ fn config(io: IoDriver) -> GatewayConfig {
     let interval = Duration::from_secs(60);
     GatewayConfig {
         io,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: vec![ListenerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            transport: TransportKind::Tcp,
+        }],
+        tls: None,
+        websocket: Default::default(),
         shards: 1,
         server: ServerConfig {
             heartbeat: HeartbeatIntervals {
