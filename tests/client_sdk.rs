@@ -15,6 +15,7 @@ fn options(server: &Server, token: String, ack_mode: AckMode) -> ClientOptions {
     ClientOptions {
         gateway: server.gateway.clone(),
         dispatch: None,
+        ca_file: None,
         device_id: "sdk".to_owned(),
         network: NetworkType::Cellular,
         client_version: "test".to_owned(),

@@ -194,7 +194,9 @@ fn start_clients(
     std::sync::Arc<std::sync::Mutex<Seen>>,
     Vec<tokio::task::JoinHandle<()>>,
 ) {
-    use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Dispatch, Event};
+    use herald_client::{
+        AckMode, AppToken, Backoff, Client, ClientOptions, Dispatch, Event, Transport,
+    };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
     let tasks = users
         .iter()
@@ -206,7 +208,9 @@ fn start_clients(
                     app: APP.to_owned(),
                     user: user.clone(),
                     region: None,
+                    transport: Transport::Tcp,
                 }),
+                ca_file: None,
                 device_id: format!("dev-{user}"),
                 network: herald_proto::NetworkType::Wifi,
                 client_version: "cluster-test".to_owned(),

@@ -155,6 +155,7 @@ fn sdk_options(server: &Server) -> ClientOptions {
     ClientOptions {
         gateway: server.gateway.clone(),
         dispatch: None,
+        ca_file: None,
         device_id: "sdk".to_owned(),
         network: NetworkType::Wifi,
         client_version: "test".to_owned(),

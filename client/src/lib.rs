@@ -1,11 +1,19 @@
 //! herald-client: the Rust client SDK for Herald.
 //!
 //! It drives `herald_proto::client::ClientConn` (handshake, binds,
-//! heartbeats, de-duplication, cumulative acks) over a tokio TCP connection
-//! in a background task, and reconnects with exponential backoff and full
+//! heartbeats, de-duplication, cumulative acks) over a tokio connection in a
+//! background task, and reconnects with exponential backoff and full
 //! jitter, resuming every app from its last acked sequence. It does not
 //! persist anything: a process that restarts resumes from the server's ack
 //! cursor for its device id.
+//!
+//! A gateway address names its transport ([`GatewayAddress`]): `host:port`
+//! or `tcp://host:port` (plain TCP), `tls://host:port`,
+//! `ws://host:port/v1/connect` or `wss://host:port/v1/connect`. tls and wss
+//! check the server's certificate against the system's roots, or against
+//! [`ClientOptions::ca_file`]; a refused certificate is a lost connection
+//! like any other (`Event::Disconnected`), never a reason to fall back to
+//! plain TCP.
 //!
 //! With a [`Dispatch`], it asks the dispatcher (`GET /v1/dispatch`) which
 //! gateways to use and tries them in order, moving to the next at once when
@@ -18,8 +26,9 @@
 //! use std::time::Duration;
 //!
 //! let mut client = Client::start(ClientOptions {
-//!     gateway: "127.0.0.1:7070".into(),
+//!     gateway: "tls://push.example.com:7443".into(),
 //!     dispatch: None,
+//!     ca_file: None,
 //!     device_id: "phone-1".into(),
 //!     network: herald_proto::NetworkType::Wifi,
 //!     client_version: "my-app/1.0".into(),
@@ -39,18 +48,23 @@
 //! # }
 //! ```
 
+mod address;
+mod transport;
+
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
-use herald_proto::{BindErrorCode, GoAwayReason, UpstreamStatus, decode, encode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use herald_proto::{BindErrorCode, GoAwayReason, UpstreamStatus, encode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use transport::{FrameTransport, TlsTrust};
+
+pub use address::{GatewayAddress, GatewayAddressError, Transport};
 pub use herald_proto::client::Push;
 pub use herald_proto::{NetworkType, ResetSequence};
 
@@ -95,16 +109,25 @@ pub struct Dispatch {
     pub app: String,
     pub user: String,
     pub region: Option<String>,
+    /// The transport to ask gateways for (`&transport=` for all but tcp).
+    /// An answer that names another transport is refused, so a dispatcher
+    /// cannot turn a tls client into a plain TCP one.
+    pub transport: Transport,
 }
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// "host:port" of a gateway: the one used without `dispatch`, and the
-    /// last resort when the dispatcher cannot be reached and no gateway
-    /// has worked yet. May be empty with `dispatch`: then, until the
-    /// dispatcher answers, the client waits out its backoff and asks again.
+    /// A gateway's address (see [`GatewayAddress`]): the one used without
+    /// `dispatch`, and the last resort when the dispatcher cannot be
+    /// reached and no gateway has worked yet. May be empty with `dispatch`:
+    /// then, until the dispatcher answers, the client waits out its backoff
+    /// and asks again. An address that does not parse fails like one that
+    /// cannot be reached (`Event::Disconnected`).
     pub gateway: String,
     pub dispatch: Option<Dispatch>,
+    /// A PEM file of the CA certificates that tls and wss gateways'
+    /// certificates must chain to, instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
     pub device_id: String,
     pub network: NetworkType,
     pub client_version: String,
@@ -327,6 +350,7 @@ async fn drive(
     let mut resume = ResumePoints::default();
     let mut delay = options.reconnect.initial;
     let mut gateways = Gateways::default();
+    let mut tls = TlsTrust::new(options.ca_file.clone());
     loop {
         let (gateway, dispatch_error) = gateways.next(&options).await;
         if let Some(error) = dispatch_error
@@ -338,7 +362,15 @@ async fn drive(
             // Only the dispatcher knows the gateways, and it did not answer.
             lost("no gateway to try", false)
         } else {
-            connect_and_run(&gateway, &options, &mut resume, &events, &mut commands).await
+            connect_and_run(
+                &gateway,
+                &options,
+                &mut tls,
+                &mut resume,
+                &events,
+                &mut commands,
+            )
+            .await
         };
         let (error, hint) = match ended {
             Ended::Terminal(terminal) => {
@@ -466,6 +498,11 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
     if let Some(region) = &dispatch.region {
         query.push(("region", region));
     }
+    // Left out for tcp: dispatchers that predate the other transports
+    // answer tcp gateways.
+    if dispatch.transport != Transport::Tcp {
+        query.push(("transport", dispatch.transport.as_str()));
+    }
     let url = format!("{}/v1/dispatch", dispatch.url.trim_end_matches('/'));
     let request = reqwest::Client::new()
         .get(url)
@@ -480,6 +517,18 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
         gateways: Vec<String>,
     }
     let answer: Answer = response.json().await.map_err(|error| error.to_string())?;
+    for gateway in &answer.gateways {
+        let address = gateway
+            .parse::<GatewayAddress>()
+            .map_err(|error| format!("the dispatcher answered gateway {gateway:?}: {error}"))?;
+        if address.transport() != dispatch.transport {
+            return Err(format!(
+                "the dispatcher answered a {} gateway ({gateway}) when asked for {}",
+                address.transport(),
+                dispatch.transport
+            ));
+        }
+    }
     Ok(answer.gateways)
 }
 
@@ -508,17 +557,21 @@ struct ResumePoints {
 async fn connect_and_run(
     gateway: &str,
     options: &ClientOptions,
+    tls: &mut TlsTrust,
     resume: &mut ResumePoints,
     events: &mpsc::Sender<Event>,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
-    let connect = TcpStream::connect(gateway);
-    let mut stream = match tokio::time::timeout(options.connect_timeout, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return lost(format!("connect: {error}"), false),
+    let address = match gateway.parse::<GatewayAddress>() {
+        Ok(address) => address,
+        Err(error) => return lost(format!("gateway {gateway:?}: {error}"), false),
+    };
+    let connect = FrameTransport::connect(&address, tls);
+    let mut transport = match tokio::time::timeout(options.connect_timeout, connect).await {
+        Ok(Ok(transport)) => transport,
+        Ok(Err(error)) => return lost(error, false),
         Err(_) => return lost("connect: timed out", false),
     };
-    let _ = stream.set_nodelay(true);
     let apps = options
         .apps
         .iter()
@@ -544,7 +597,6 @@ async fn connect_and_run(
             storage_epoch: resume.storage_epoch,
         },
     );
-    let mut input = BytesMut::with_capacity(4 * 1024);
     let mut output = BytesMut::new();
     let mut handshake_done = false;
     let mut bind_failures = 0;
@@ -557,11 +609,10 @@ async fn connect_and_run(
                 );
             }
         }
-        if !output.is_empty() {
-            if let Err(error) = stream.write_all(&output).await {
-                return lost(format!("write: {error}"), handshake_done);
-            }
-            output.clear();
+        if !output.is_empty()
+            && let Err(error) = transport.send(&mut output).await
+        {
+            return lost(error, handshake_done);
         }
         for (app, acked, broadcast_acked) in conn.resume_points() {
             resume
@@ -632,16 +683,9 @@ async fn connect_and_run(
             return lost("connection closed", handshake_done);
         };
         tokio::select! {
-            read = stream.read_buf(&mut input) => match read {
-                Ok(0) => return lost("connection closed by the server", handshake_done),
-                Err(error) => return lost(format!("read: {error}"), handshake_done),
-                Ok(_) => loop {
-                    match decode(&mut input) {
-                        Ok(Some(frame)) => conn.handle_frame(Instant::now().into_std(), frame),
-                        Ok(None) => break,
-                        Err(error) => return lost(format!("bad frame from the server: {error}"), handshake_done),
-                    }
-                },
+            received = transport.receive() => match received {
+                Ok(frame) => conn.handle_frame(Instant::now().into_std(), frame),
+                Err(error) => return lost(error, handshake_done),
             },
             () = tokio::time::sleep_until(Instant::from_std(deadline)) => {
                 conn.handle_timeout(Instant::now().into_std());
@@ -658,7 +702,7 @@ async fn connect_and_run(
                     let _ = reply.send(result);
                 }
                 None | Some(Command::Close) => {
-                    let _ = stream.shutdown().await;
+                    transport.close().await;
                     return Ended::Terminal(Terminal::ClosedByClient);
                 }
             },
