@@ -7,8 +7,8 @@ mod config;
 mod listen;
 mod open_files;
 
-use std::fmt::Write as _;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -163,7 +163,11 @@ fn parse_listener(text: &str) -> Result<config::ListenerSection, String> {
         "tls" => config::TransportSetting::Tls,
         "ws" => config::TransportSetting::Ws,
         "wss" => config::TransportSetting::Wss,
-        other => return Err(format!("transport {other:?} is not one of tcp, tls, ws, wss")),
+        other => {
+            return Err(format!(
+                "transport {other:?} is not one of tcp, tls, ws, wss"
+            ));
+        }
     };
     let address = address
         .parse()
@@ -300,7 +304,9 @@ fn use_self_signed_certificate(config: &mut Config) -> anyhow::Result<()> {
     if !cert_file.exists() || !key_file.exists() {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let names = ["localhost", "127.0.0.1", "::1"].map(str::to_owned).to_vec();
+        let names = ["localhost", "127.0.0.1", "::1"]
+            .map(str::to_owned)
+            .to_vec();
         let made = rcgen::generate_simple_self_signed(names)
             .context("cannot make a self-signed certificate")?;
         std::fs::write(&cert_file, made.cert.pem())
@@ -577,7 +583,12 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         };
         gateway = Some(
             Gateway::start(
-                gateway_config(&config, connections_per_shard_max, storage_epoch, tls.clone()),
+                gateway_config(
+                    &config,
+                    connections_per_shard_max,
+                    storage_epoch,
+                    tls.clone(),
+                ),
                 events_tx,
             )
             .context("cannot start the gateway")?,

@@ -149,7 +149,10 @@ mod tests {
         assert_eq!(first.len(), 3);
         // The same answer however the list is ordered.
         let reversed: Vec<&NodeRecord> = nodes.iter().rev().collect();
-        assert_eq!(order(&reversed, "chat", "alice", None, Net::Wifi, "tcp"), first);
+        assert_eq!(
+            order(&reversed, "chat", "alice", None, Net::Wifi, "tcp"),
+            first
+        );
         // After the home, by load.
         let rest: Vec<&String> = first[1..].iter().collect();
         let mut by_load = rest.clone();
@@ -164,7 +167,10 @@ mod tests {
         // Losing a node other than the home does not move the user.
         for gone in first[1..].iter() {
             let left: Vec<&NodeRecord> = nodes.iter().filter(|n| &n.gateway != gone).collect();
-            assert_eq!(order(&left, "chat", "alice", None, Net::Wifi, "tcp")[0], first[0]);
+            assert_eq!(
+                order(&left, "chat", "alice", None, Net::Wifi, "tcp")[0],
+                first[0]
+            );
         }
     }
 
@@ -174,7 +180,8 @@ mod tests {
         let all: Vec<&NodeRecord> = nodes.iter().collect();
         let mut homes = std::collections::HashMap::new();
         for user in 0..3_000 {
-            let first = order(&all, "chat", &format!("user{user}"), None, Net::Wifi, "tcp").remove(0);
+            let first =
+                order(&all, "chat", &format!("user{user}"), None, Net::Wifi, "tcp").remove(0);
             *homes.entry(first).or_insert(0) += 1;
         }
         assert_eq!(homes.len(), 3);
@@ -192,9 +199,15 @@ mod tests {
         let mut first_two = list[..2].to_vec();
         first_two.sort();
         assert_eq!(first_two, ["n0:7070", "n1:7070"]);
-        assert_eq!(order(&all, "chat", "bob", Some("us"), Net::TwoG, "tcp").len(), 3);
+        assert_eq!(
+            order(&all, "chat", "bob", Some("us"), Net::TwoG, "tcp").len(),
+            3
+        );
         // A region nobody is in: every node is as good.
-        assert_eq!(order(&all, "chat", "bob", Some("mars"), Net::Wifi, "tcp").len(), 6);
+        assert_eq!(
+            order(&all, "chat", "bob", Some("mars"), Net::Wifi, "tcp").len(),
+            6
+        );
         assert!(order(&[], "chat", "bob", None, Net::Wifi, "tcp").is_empty());
     }
 

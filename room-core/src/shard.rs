@@ -847,8 +847,18 @@ impl<P: Poller> Shard<P> {
             let sealing = conn.transport.as_ref().is_some_and(|t| t.tls.is_some());
             let sealed_base = if sealing { buffer.len() } else { 0 };
             tls_plain.clear();
-            let staged: &mut BytesMut = if sealing { &mut *tls_plain } else { &mut *buffer };
-            let framing = |len: usize| if messages { transport::ws_header_len(len) } else { 0 };
+            let staged: &mut BytesMut = if sealing {
+                &mut *tls_plain
+            } else {
+                &mut *buffer
+            };
+            let framing = |len: usize| {
+                if messages {
+                    transport::ws_header_len(len)
+                } else {
+                    0
+                }
+            };
             if let Some(frame) = &encoded {
                 if sealed_base + staged.len() + framing(frame.len()) + frame.len()
                     > settings.send_queue_bytes_max
@@ -892,10 +902,8 @@ impl<P: Poller> Shard<P> {
                 }
             }
             out.transmit.clear();
-            if let (Some(reason), false) = (out.close, overflow) {
-                if messages {
-                    transport::write_close(ws_close_code(reason), reason.as_str(), staged);
-                }
+            if let (Some(reason), false, true) = (out.close, overflow, messages) {
+                transport::write_close(ws_close_code(reason), reason.as_str(), staged);
             }
             if let Some(transport) = conn.transport.as_deref_mut()
                 && let Some(tls) = transport.tls.as_mut()
@@ -948,7 +956,7 @@ impl<P: Poller> Shard<P> {
                     let staged: &mut BytesMut = if transport.tls.is_some() {
                         &mut *tls_plain
                     } else {
-                        &mut **queue
+                        queue
                     };
                     if transport.frames_messages() {
                         transport::write_binary_header(encoded_len(&goaway), staged);
@@ -1080,7 +1088,15 @@ impl<P: Poller> Shard<P> {
         let Conn {
             server, partial, ..
         } = &mut conns[slot];
-        let frames = decode_stream(server, partial, &scratch[..len], settings, out, read_pool, now);
+        let frames = decode_stream(
+            server,
+            partial,
+            &scratch[..len],
+            settings,
+            out,
+            read_pool,
+            now,
+        );
         self.counters().frames_in(frames);
         self.apply(slot, now);
     }
@@ -1179,11 +1195,13 @@ impl<P: Poller> Shard<P> {
         match tls {
             Some(tls) => {
                 let read = with_pending(tls_pending, &mut scratch[..len], read_pool, |input| {
-                    tls.read(input, handshake_out, &mut |bytes| plain.extend_from_slice(bytes))
-                        .map(|read| {
-                            peer_closed |= read.peer_closed;
-                            read.consumed
-                        })
+                    tls.read(input, handshake_out, &mut |bytes| {
+                        plain.extend_from_slice(bytes)
+                    })
+                    .map(|read| {
+                        peer_closed |= read.peer_closed;
+                        read.consumed
+                    })
                 });
                 if let Err(error) = read {
                     tracing::debug!(%error, "closing a TLS connection");

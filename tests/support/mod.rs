@@ -67,7 +67,11 @@ macro_rules! on_both_drivers {
 pub struct Server {
     pub child: Child,
     pub io: Io,
+    /// The plain TCP gateway (`host:port`).
     pub gateway: String,
+    /// Every listener's address as clients name it, by transport (`tcp`,
+    /// `tls`, `ws`, `wss`).
+    pub gateways: std::collections::HashMap<String, String>,
     pub api: String,
     pub data_dir: PathBuf,
     /// `None`: the no-config `demo` mode.
@@ -148,6 +152,27 @@ impl Server {
         })
     }
 
+    /// `herald serve` on the test config with `extra` lines at its top
+    /// and more command-line arguments (listeners, `--tls-self-signed`).
+    pub fn start_with_args(extra: &str, args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = write_config(dir.path(), 60, extra);
+        let data_dir = dir.path().join("data");
+        let mut command = Command::new(herald_bin());
+        command
+            .args(["serve", "--io", Io::Uring.as_arg(), "--config"])
+            .arg(&config_path)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--gateway-listen", "127.0.0.1:0"])
+            .args(args);
+        let mut server = Server::launch(command, Io::Uring);
+        server.data_dir = data_dir;
+        server.config_path = Some(config_path);
+        server._dir = Some(dir);
+        server
+    }
+
     /// `herald serve` on the test config as `edit` rewrites it.
     pub fn start_with_edited_config(edit: impl FnOnce(String) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
@@ -211,7 +236,8 @@ impl Server {
             .expect("spawn herald");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut gateway, mut api, mut demo_api_key) = (None, None, None);
+        let (mut gateways, mut api, mut demo_api_key) =
+            (std::collections::HashMap::new(), None, None);
         // The API line comes last on every role.
         while api.is_none() {
             let line = lines
@@ -219,7 +245,11 @@ impl Server {
                 .expect("herald exited before listening")
                 .unwrap();
             if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
-                gateway = rest.split_whitespace().next().map(str::to_owned);
+                // `ADDRESS (TRANSPORT, N shards, IO)`
+                let mut words = rest.split([' ', '(', ',']).filter(|word| !word.is_empty());
+                let address = words.next().unwrap_or_default().to_owned();
+                let transport = words.next().unwrap_or_default().to_owned();
+                gateways.insert(transport, address);
             } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
                 api = Some(rest.trim().to_owned());
             } else if let Some(rest) = line.strip_prefix("herald:   API key:") {
@@ -231,7 +261,8 @@ impl Server {
         Server {
             child,
             io,
-            gateway: gateway.unwrap_or_default(),
+            gateway: gateways.get("tcp").cloned().unwrap_or_default(),
+            gateways,
             api: api.unwrap(),
             data_dir: PathBuf::new(),
             config_path: None,

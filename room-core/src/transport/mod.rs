@@ -12,8 +12,8 @@ use std::str::FromStr;
 
 use bytes::BytesMut;
 
-pub use tls::{CertificateError, TlsAcceptor};
 pub(crate) use tls::Tls;
+pub use tls::{CertificateError, TlsAcceptor};
 pub(crate) use ws::{CloseCode, Message, Upgrade, WsError, WsState};
 pub(crate) use ws::{header_len as ws_header_len, read as ws_read, upgrade as ws_upgrade};
 pub(crate) use ws::{write_binary_header, write_close, write_message};

@@ -62,7 +62,8 @@ pub(crate) enum Upgrade {
 }
 
 /// Reads an upgrade request (RFC 6455 §4.2.1) from the start of `input`.
-/// `allowed_origins` empty: any origin.
+/// `allowed_origins` empty: any origin; a request with no `Origin` (not
+/// from a browser) is never refused for it.
 pub(crate) fn upgrade(input: &[u8], allowed_origins: &[String]) -> Upgrade {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
@@ -111,9 +112,12 @@ pub(crate) fn upgrade(input: &[u8], allowed_origins: &[String]) -> Upgrade {
     else {
         return refuse(400, "Sec-WebSocket-Key must be 16 bytes in base64", &[]);
     };
-    if !allowed_origins.is_empty()
-        && !header("Origin")
-            .is_some_and(|origin| allowed_origins.iter().any(|allowed| allowed == origin))
+    // Browsers always say where a page came from; a client that is not a
+    // browser (an app, a server) says nothing, and no page can make it
+    // connect.
+    if let Some(origin) = header("Origin")
+        && !allowed_origins.is_empty()
+        && !allowed_origins.iter().any(|allowed| allowed == origin)
     {
         return refuse(403, "origin not allowed", &[]);
     }
@@ -508,8 +512,8 @@ mod tests {
         );
         assert_eq!(
             status_of(&upgrade(request("").as_bytes(), &allowed)),
-            403,
-            "no origin"
+            101,
+            "not from a browser"
         );
         assert_eq!(
             status_of(&upgrade(
