@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts the local services Herald's benchmarks and cluster tests use, only
-# where they are not already running, and waits until each answers.
+# where they are not already running, and waits until each answers. With no
+# arguments it also installs the test tools (scripts/install-test-tools.sh:
+# chromium and the JS SDK's npm packages).
 #   scripts/start-services.sh              # all of them
 #   scripts/start-services.sh redis nats   # only these
 # Prints one line per service; exits non-zero if any failed to start.
@@ -51,8 +53,11 @@ nats() {
 }
 
 services=("$@")
-[ ${#services[@]} -eq 0 ] && services=(postgresql redis mariadb mosquitto nats)
 failed=0
+if [ ${#services[@]} -eq 0 ]; then
+    services=(postgresql redis mariadb mosquitto nats)
+    "$(dirname "$0")/install-test-tools.sh" || { echo "test tools: FAILED to install"; failed=1; }
+fi
 for service in "${services[@]}"; do
     case "$service" in
         postgresql|redis|mariadb|mosquitto|nats) "$service" || failed=1 ;;
