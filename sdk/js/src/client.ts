@@ -411,11 +411,11 @@ export class HeraldClient {
       this.stop({ type: "closed", reason: "closedByClient", message: "closed by the client" });
       return;
     }
+    const closed: ClosedEvent = { type: "closed", reason: "closedByClient", message: "closed by the client" };
     this.cancelWait?.();
-    this.current?.finish({
-      kind: "terminal",
-      closed: { type: "closed", reason: "closedByClient", message: "closed by the client" },
-    });
+    this.current?.finish({ kind: "terminal", closed });
+    // At once, even while the dispatcher is being asked: the loop stops when it looks next.
+    this.stop(closed);
     await this.closed;
   }
 

@@ -177,6 +177,44 @@ describe("connecting", () => {
   });
 });
 
+describe("closing early and late consumers", () => {
+  test("close while the dispatcher is being asked stops at once", async () => {
+    const fetch = () => new Promise<never>(() => {});
+    const { client, sockets, events } = setup({
+      gateways: [],
+      dispatch: { url: "http://api.test", app: "chat", user: "alice" },
+      fetch,
+    });
+    await client.start();
+    await settle();
+    await client.close();
+    assert.equal(client.state, "closed");
+    await settle();
+    assert.deepEqual(types(events), ["closed"]);
+    assert.equal(sockets.length, 0);
+  });
+
+  test("events wait for a first listener or iterator, and are not acked before", async () => {
+    const clock = new ManualClock();
+    const { WebSocket, sockets } = fakeWebSocket();
+    const client = new HeraldClient({ gateways: GATEWAY, deviceId: "d", apps: [{ app: "chat", token: "t" }], WebSocket, timers: clock });
+    await client.start();
+    const socket = sockets[0]!;
+    await handshake(socket);
+    socket.receive(pushFrame(1n));
+    await settle();
+    assert.deepEqual(socket.take(), [], "nobody has seen push 1");
+    const iterator = client.events();
+    assert.deepEqual((await iterator.next()).value?.type, "connected");
+    assert.deepEqual((await iterator.next()).value?.type, "bound");
+    assert.deepEqual((await iterator.next()).value?.type, "push");
+    await iterator.return();
+    await settle();
+    assert.deepEqual(socket.take(), [{ type: "ack", app: "chat", seq: 1n }], "leaving the loop counts as handled");
+    await client.close();
+  });
+});
+
 describe("delivery and acks", () => {
   test("auto ack: a push is acked once its listener (and the promise it returned) finished", async () => {
     const { client, last } = setup();
