@@ -804,7 +804,6 @@ impl<P: Poller> Shard<P> {
             tls_plain,
             write_pool,
             outbox,
-            wheel,
             run_queue,
             ..
         } = self;
@@ -1045,27 +1044,11 @@ impl<P: Poller> Shard<P> {
             });
         }
 
-        if let Some(reason) = out.close.take()
-            && conn.closing.is_none()
-        {
-            // Unregister now, not when the socket is finally gone: from
-            // here on the connection takes no more pushes.
-            if let Some(event) = closed_event(id, &conn.server) {
-                outbox.push_back(event);
-            }
-            let deadline = now + CLOSE_FLUSH_TIMEOUT;
-            conn.closing = Some(ConnEnd::Closed(reason));
-            conn.flush_deadline = Some(deadline);
-            wheel.insert(
-                deadline,
-                TimerKey {
-                    slot: id.slot,
-                    generation: id.generation,
-                },
-            );
-        }
         if conn.queue.is_some() || conn.closing.is_some() {
             enqueue(run_queue, conn, slot);
+        }
+        if let Some(reason) = out.close.take() {
+            self.start_close(slot, ConnEnd::Closed(reason), now);
         }
     }
 
@@ -1269,8 +1252,9 @@ impl<P: Poller> Shard<P> {
     }
 
     /// Begins closing a connection from the gateway's side: it leaves the
-    /// register now, and goes once its output is flushed and the client
-    /// closed its side, or at the flush deadline.
+    /// register now (from here on it takes no more pushes), and goes once
+    /// its output is flushed and the client closed its side, or at the
+    /// flush deadline.
     fn start_close(&mut self, slot: usize, end: ConnEnd, now: Instant) {
         let id = self.conn_id(slot);
         let conn = &mut self.conns[slot];
