@@ -1222,16 +1222,17 @@ impl<P: Poller> Shard<P> {
                     unreachable!("opened above")
                 };
                 let echo = settings.websocket.test_echo;
-                let mut echoed = BytesMut::new();
                 let read = transport::ws_read(
                     state,
                     &mut input[consumed..],
                     partial,
                     &mut || Box::new(BytesMut::with_capacity(READ_BUFFER_CAPACITY)),
                     reply,
-                    &mut |message| {
+                    &mut |message, reply| {
                         if echo {
-                            transport::write_message(&message, &mut echoed);
+                            // In order with the pongs and the close echo,
+                            // and before a close for a violation after it.
+                            transport::write_message(&message, reply);
                             return Ok(());
                         }
                         frames += 1;
@@ -1239,7 +1240,6 @@ impl<P: Poller> Shard<P> {
                     },
                 )
                 .map_err(LayerEnd::WebSocket)?;
-                reply.extend_from_slice(&echoed);
                 peer_closed |= read.closed;
                 Ok(consumed + read.consumed)
             }),

@@ -258,17 +258,21 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// What `read` does with each whole message; it may answer in `reply`
+/// (the echo mode does), after the pongs of the frames before it.
+pub(crate) type OnMessage<'f> = dyn FnMut(Message<'_>, &mut BytesMut) -> Result<(), WsError> + 'f;
+
 /// Reads every whole frame at the start of `input` (unmasking in place).
 /// Each whole message goes to `on_message`; a fragmented one is assembled
 /// in `assembly`, which `lend` provides. Pongs and the close echo are
-/// appended to `reply`.
+/// appended to `reply`, in the order of the frames they answer.
 pub(crate) fn read(
     state: &mut WsState,
     input: &mut [u8],
     assembly: &mut Option<Box<BytesMut>>,
     lend: &mut dyn FnMut() -> Box<BytesMut>,
     reply: &mut BytesMut,
-    on_message: &mut dyn FnMut(Message<'_>) -> Result<(), WsError>,
+    on_message: &mut OnMessage<'_>,
 ) -> Result<WsRead, WsError> {
     let mut read = WsRead::default();
     while let Some(header) = parse_header(&input[read.consumed..])? {
@@ -306,12 +310,12 @@ pub(crate) fn read(
                 }
                 let text = header.opcode == OP_TEXT;
                 if header.fin {
-                    finish_message(text, payload, on_message)?;
+                    finish_message(text, payload, reply, on_message)?;
                 } else {
                     state.fragmented = Some(text);
                     let mut buffer = lend();
                     buffer.extend_from_slice(payload);
-                    check_text_so_far(text, &buffer)?;
+                    check_text_so_far(text, &buffer, 0)?;
                     *assembly = Some(buffer);
                 }
             }
@@ -320,12 +324,13 @@ pub(crate) fn read(
                     return Err(fail(CloseCode::PROTOCOL_ERROR, "a continuation of nothing"));
                 };
                 let buffer = assembly.get_or_insert_with(&mut *lend);
+                let added_at = buffer.len();
                 buffer.extend_from_slice(payload);
-                check_text_so_far(text, buffer)?;
+                check_text_so_far(text, buffer, added_at)?;
                 if header.fin {
                     state.fragmented = None;
                     let buffer = assembly.take().expect("assembling");
-                    finish_message(text, &buffer, on_message)?;
+                    finish_message(text, &buffer, reply, on_message)?;
                 }
             }
             OP_PING => write_frame(OP_PONG, payload, reply),
@@ -349,18 +354,32 @@ pub(crate) fn read(
 fn finish_message(
     text: bool,
     payload: &[u8],
-    on_message: &mut dyn FnMut(Message<'_>) -> Result<(), WsError>,
+    reply: &mut BytesMut,
+    on_message: &mut OnMessage<'_>,
 ) -> Result<(), WsError> {
     if text && std::str::from_utf8(payload).is_err() {
         return Err(fail(CloseCode::INVALID_PAYLOAD, "text that is not UTF-8"));
     }
-    on_message(Message { text, payload })
+    on_message(Message { text, payload }, reply)
 }
 
 /// Fails a fragmented text message as soon as it cannot become UTF-8.
-fn check_text_so_far(text: bool, assembled: &[u8]) -> Result<(), WsError> {
-    match std::str::from_utf8(assembled) {
-        Err(error) if text && error.error_len().is_some() => {
+/// The bytes before `added_at` were checked already (valid, but for a
+/// character not finished yet): only that character and what follows are
+/// checked again, so a message in many small fragments is checked in time
+/// linear in its length.
+fn check_text_so_far(text: bool, assembled: &[u8], added_at: usize) -> Result<(), WsError> {
+    if !text {
+        return Ok(());
+    }
+    // An unfinished character is at most 3 bytes, and starts with a byte
+    // that is not a continuation byte (0b10xx_xxxx).
+    let from = (added_at.saturating_sub(3)..added_at)
+        .rev()
+        .find(|&at| assembled[at] & 0xC0 != 0x80)
+        .unwrap_or(added_at);
+    match std::str::from_utf8(&assembled[from..]) {
+        Err(error) if error.error_len().is_some() => {
             Err(fail(CloseCode::INVALID_PAYLOAD, "text that is not UTF-8"))
         }
         _ => Ok(()),
@@ -587,7 +606,7 @@ mod tests {
                 &mut self.assembly,
                 &mut || Box::new(BytesMut::new()),
                 &mut self.reply,
-                &mut |message| {
+                &mut |message, _reply| {
                     messages.push((message.text, message.payload.to_vec()));
                     Ok(())
                 },
@@ -692,6 +711,92 @@ mod tests {
         reader.state.close_sent = true;
         assert!(reader.read(&frame(0x88, &[])).unwrap().closed);
         assert!(reader.reply.is_empty(), "ours went first");
+    }
+
+    /// Reads `input` in one go, echoing each message as the test-only echo
+    /// mode does; returns the reply and how reading ended.
+    fn echo_read(input: &[u8]) -> (BytesMut, Result<WsRead, WsError>) {
+        let mut input = input.to_vec();
+        let mut reply = BytesMut::new();
+        let result = read(
+            &mut WsState::default(),
+            &mut input,
+            &mut None,
+            &mut || Box::new(BytesMut::new()),
+            &mut reply,
+            &mut |message, reply| {
+                write_message(&message, reply);
+                Ok(())
+            },
+        );
+        (reply, result)
+    }
+
+    #[test]
+    fn answers_follow_the_order_of_the_frames_they_answer() {
+        let mut input = frame(0x81, b"one");
+        input.extend(frame(0x89, b"p"));
+        input.extend(frame(0x02, b"tw"));
+        input.extend(frame(0x80, b"o"));
+        input.extend(frame(0x88, &[0x03, 0xE8]));
+        input.extend(frame(0x82, b"after the close"));
+        let (reply, result) = echo_read(&input);
+        assert!(result.unwrap().closed);
+        let mut expected = frame_unmasked(0x81, b"one");
+        expected.extend(frame_unmasked(0x8A, b"p"));
+        expected.extend(frame_unmasked(0x82, b"two"));
+        expected.extend([0x88, 2, 0x03, 0xE8]);
+        assert_eq!(&reply[..], &expected[..]);
+    }
+
+    #[test]
+    fn messages_before_a_violation_are_answered_before_it_fails() {
+        // Autobahn 3.2 and 5.15: a message, then a frame that fails the
+        // connection, in one read.
+        let mut input = frame(0x81, b"Hello, world!");
+        input.extend(frame(0xA1, b"rsv2"));
+        let (reply, result) = echo_read(&input);
+        assert_eq!(result.unwrap_err().code, CloseCode::PROTOCOL_ERROR);
+        assert_eq!(&reply[..], &frame_unmasked(0x81, b"Hello, world!")[..]);
+        let mut input = frame(0x01, b"fragment1");
+        input.extend(frame(0x80, b"fragment2"));
+        input.extend(frame(0x00, b"fragment3"));
+        let (reply, result) = echo_read(&input);
+        assert_eq!(result.unwrap_err().code, CloseCode::PROTOCOL_ERROR);
+        assert_eq!(&reply[..], &frame_unmasked(0x81, b"fragment1fragment2")[..]);
+    }
+
+    #[test]
+    fn fragmented_text_is_checked_as_a_whole_prefix_would_be() {
+        let texts: [&[u8]; 8] = [
+            "κόσμε \u{1D11E} € ascii".as_bytes(),
+            b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited",
+            b"ab\xed\xa0\x80cd",
+            b"\xf0\x9d\x84",
+            b"\xf0\x9d\x84\x9e\xf0\x9d\x84\x9e",
+            b"a\xc0\xafb",
+            b"\xe2\x82",
+            b"ok\xff",
+        ];
+        for text in texts {
+            for size in 1..=4 {
+                let mut assembled = Vec::new();
+                for chunk in text.chunks(size) {
+                    let added_at = assembled.len();
+                    assembled.extend_from_slice(chunk);
+                    let whole_prefix = match std::str::from_utf8(&assembled) {
+                        Err(error) => error.error_len().is_none(),
+                        Ok(_) => true,
+                    };
+                    let checked = check_text_so_far(true, &assembled, added_at);
+                    assert_eq!(checked.is_ok(), whole_prefix, "{text:?} in {size}s");
+                    if checked.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(check_text_so_far(false, b"\xff", 0).is_ok(), "binary");
     }
 
     #[test]
