@@ -3,28 +3,30 @@
 //! The handshake runs on rustls's sans-I/O unbuffered connection. Once it is
 //! done, the connection keeps no rustls connection and no buffer: only the
 //! negotiated suite, each direction's key, IV and sequence number, and (for
-//! TLS 1.3) rustls's `KernelConnection`, which derives the next keys when
-//! the client sends a KeyUpdate. Records are sealed and opened here with
+//! TLS 1.3) the two traffic secrets, from which the next keys are derived
+//! when the client sends a KeyUpdate (RFC 8446 §7.2). Records are sealed and
+//! opened here with
 //! `ring`, in the shard's buffers, building each direction's key when a
 //! batch of records needs it: an idle encrypted connection costs its key
 //! material, not the expanded key schedules (over 500 bytes per direction
 //! for AES-GCM) nor rustls's buffers (about 3 KB per connection, measured).
 //! This is the design rustls's `kernel` module exists for (kTLS), with the
 //! record layer in user space because kTLS is not available everywhere.
+//! rustls's own `KernelConnection` would do the key derivation, but it
+//! costs about 800 bytes per connection, more than all the rest; the
+//! traffic secrets it would hold are captured instead (`SecretCapture`).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, BytesMut};
-use ring::aead;
+use ring::{aead, hkdf};
 use rustls::crypto::CryptoProvider;
-use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{
-    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
-};
+use rustls::server::{ClientHello, ResolvesServerCert, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
@@ -145,6 +147,7 @@ impl TlsAcceptor {
             .map_err(|error| CertificateError::Config(error.to_string()))?;
         // ChaCha20-Poly1305 first (see `provider`).
         config.ignore_client_order = true;
+        config.key_log = Arc::new(SecretCapture);
         Ok(TlsAcceptor {
             config: Arc::new(config),
             certificate,
@@ -168,7 +171,12 @@ impl TlsAcceptor {
     /// A connection's TLS, before its handshake.
     pub(crate) fn accept(&self) -> Result<Tls, TlsError> {
         UnbufferedServerConnection::new(self.config.clone())
-            .map(|conn| Tls::Handshaking(Box::new(conn)))
+            .map(|conn| {
+                Tls::Handshaking(Box::new(Handshaking {
+                    conn,
+                    secrets: TrafficSecrets::default(),
+                }))
+            })
             .map_err(TlsError::Handshake)
     }
 }
@@ -233,9 +241,135 @@ impl ResolvesServerCert for ReloadableCertificate {
     }
 }
 
+/// TLS 1.3's application traffic secrets (RFC 8446 §7.1), kept to derive
+/// the keys after a KeyUpdate.
+#[derive(Clone, Default)]
+struct TrafficSecrets {
+    client: Option<Secret>,
+    server: Option<Secret>,
+}
+
+/// A traffic secret: the hash's length, 32 or 48 bytes.
+#[derive(Clone)]
+struct Secret {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl Secret {
+    fn new(bytes: &[u8]) -> Option<Secret> {
+        let mut secret = Secret {
+            bytes: [0; 48],
+            len: u8::try_from(bytes.len()).ok().filter(|&len| len <= 48)?,
+        };
+        secret.bytes[..bytes.len()].copy_from_slice(bytes);
+        Some(secret)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The next generation (RFC 8446 §7.2), and its key and IV.
+    fn next(&self, aead: Aead) -> (Secret, DirectionKeys) {
+        let hash = if self.len == 48 {
+            hkdf::HKDF_SHA384
+        } else {
+            hkdf::HKDF_SHA256
+        };
+        let prk = hkdf::Prk::new_less_safe(hash, self.as_slice());
+        let mut next = Secret {
+            bytes: [0; 48],
+            len: self.len,
+        };
+        expand_label(
+            &prk,
+            b"traffic upd",
+            &mut next.bytes[..usize::from(self.len)],
+        );
+        let prk = hkdf::Prk::new_less_safe(hash, next.as_slice());
+        let key_len = aead.algorithm().key_len();
+        let mut keys = DirectionKeys {
+            key: [0; 32],
+            key_len: key_len as u8,
+            iv: [0; aead::NONCE_LEN],
+            // Sequence numbers start again with each key.
+            seq: 0,
+        };
+        expand_label(&prk, b"key", &mut keys.key[..key_len]);
+        expand_label(&prk, b"iv", &mut keys.iv);
+        (next, keys)
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        for byte in &mut self.bytes {
+            // SAFETY: a plain write to a byte we own; volatile so that the
+            // compiler keeps it although the memory is freed next.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+/// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 §7.1).
+fn expand_label(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    const PREFIX: &[u8] = b"tls13 ";
+    let length = (out.len() as u16).to_be_bytes();
+    let label_len = [(PREFIX.len() + label.len()) as u8];
+    let info: [&[u8]; 5] = [&length, &label_len, PREFIX, label, &[0]];
+    prk.expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .expect("a TLS 1.3 traffic secret expands to a key of its suite");
+}
+
+thread_local! {
+    /// The traffic secrets rustls derived during the current handshake
+    /// call on this thread (a shard runs one at a time).
+    static CAPTURED: RefCell<TrafficSecrets> = RefCell::default();
+}
+
+/// rustls's key log, used to keep the two TLS 1.3 application traffic
+/// secrets (rustls gives them out no other way) for the connection whose
+/// handshake is running on this thread.
+#[derive(Debug)]
+struct SecretCapture;
+
+const CLIENT_TRAFFIC_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl rustls::KeyLog for SecretCapture {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CAPTURED.with(|captured| {
+            let mut captured = captured.borrow_mut();
+            match label {
+                CLIENT_TRAFFIC_SECRET => captured.client = Secret::new(secret),
+                SERVER_TRAFFIC_SECRET => captured.server = Secret::new(secret),
+                _ => {}
+            }
+        });
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, CLIENT_TRAFFIC_SECRET | SERVER_TRAFFIC_SECRET)
+    }
+}
+
+/// A connection whose handshake is under way, and the secrets it produced.
+pub(crate) struct Handshaking {
+    conn: UnbufferedServerConnection,
+    secrets: TrafficSecrets,
+}
+
 /// A connection's TLS.
 pub(crate) enum Tls {
-    Handshaking(Box<UnbufferedServerConnection>),
+    Handshaking(Box<Handshaking>),
     Established(Box<Session>),
     /// The handshake could not be turned into a session; the connection
     /// is closing.
@@ -258,8 +392,14 @@ impl Tls {
         on_plain: &mut dyn FnMut(&[u8]),
     ) -> Result<TlsRead, TlsError> {
         let mut consumed = 0;
-        if let Tls::Handshaking(conn) = self {
-            match handshake(conn, input, reply, on_plain)? {
+        if let Tls::Handshaking(handshaking) = self {
+            CAPTURED.with(|captured| *captured.borrow_mut() = TrafficSecrets::default());
+            let result = handshake(&mut handshaking.conn, input, reply, on_plain);
+            let captured = CAPTURED.with(|captured| captured.take());
+            if captured.client.is_some() {
+                handshaking.secrets = captured;
+            }
+            match result? {
                 Handshake::Blocked { consumed: used } => {
                     return Ok(TlsRead {
                         consumed: used,
@@ -268,10 +408,10 @@ impl Tls {
                 }
                 Handshake::Done { consumed: used } => {
                     consumed = used;
-                    let Tls::Handshaking(conn) = std::mem::replace(self, Tls::Failed) else {
+                    let Tls::Handshaking(handshaking) = std::mem::replace(self, Tls::Failed) else {
                         unreachable!("matched above")
                     };
-                    *self = Tls::Established(Box::new(Session::from_handshake(*conn)?));
+                    *self = Tls::Established(Box::new(Session::from_handshake(*handshaking)?));
                 }
             }
         }
@@ -451,24 +591,32 @@ pub(crate) struct Session {
     aead: Aead,
     tx: DirectionKeys,
     rx: DirectionKeys,
-    /// TLS 1.3: derives the keys after a KeyUpdate.
-    kernel: Option<KernelConnection<ServerConnectionData>>,
+    /// TLS 1.3: what the keys after a KeyUpdate come from.
+    secrets: TrafficSecrets,
 }
 
 impl Session {
-    fn from_handshake(conn: UnbufferedServerConnection) -> Result<Session, TlsError> {
-        let (secrets, kernel) = conn
+    fn from_handshake(handshaking: Handshaking) -> Result<Session, TlsError> {
+        let Handshaking { conn, secrets } = handshaking;
+        // The kernel connection is dropped: the captured secrets stand in
+        // for it, at a tenth of its size.
+        let (extracted, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(TlsError::Handshake)?;
         let version = kernel.protocol_version();
-        let (aead, tx) = DirectionKeys::new(secrets.tx.0, secrets.tx.1)?;
-        let (_, rx) = DirectionKeys::new(secrets.rx.0, secrets.rx.1)?;
+        let (aead, tx) = DirectionKeys::new(extracted.tx.0, extracted.tx.1)?;
+        let (_, rx) = DirectionKeys::new(extracted.rx.0, extracted.rx.1)?;
+        let tls13 = version == ProtocolVersion::TLSv1_3;
         Ok(Session {
             version,
             aead,
             tx,
             rx,
-            kernel: (version == ProtocolVersion::TLSv1_3).then_some(kernel),
+            secrets: if tls13 {
+                secrets
+            } else {
+                TrafficSecrets::default()
+            },
         })
     }
 
@@ -634,23 +782,29 @@ impl Session {
         Ok((plain[type_at], &plain[..type_at]))
     }
 
+    /// The client's next keys, after its KeyUpdate.
     fn update_rx(&mut self) -> Result<(), TlsError> {
-        let kernel = self
-            .kernel
-            .as_mut()
-            .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
-        let (seq, secrets) = kernel.update_rx_secret().map_err(TlsError::Handshake)?;
-        self.rx = DirectionKeys::new(seq, secrets)?.1;
+        let secret = self
+            .secrets
+            .client
+            .as_ref()
+            .ok_or(TlsError::Record("a KeyUpdate without the traffic secret"))?;
+        let (next, keys) = secret.next(self.aead);
+        self.secrets.client = Some(next);
+        self.rx = keys;
         Ok(())
     }
 
+    /// Our next keys, after our KeyUpdate.
     fn update_tx(&mut self) -> Result<(), TlsError> {
-        let kernel = self
-            .kernel
-            .as_mut()
-            .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
-        let (seq, secrets) = kernel.update_tx_secret().map_err(TlsError::Handshake)?;
-        self.tx = DirectionKeys::new(seq, secrets)?.1;
+        let secret = self
+            .secrets
+            .server
+            .as_ref()
+            .ok_or(TlsError::Record("a KeyUpdate without the traffic secret"))?;
+        let (next, keys) = secret.next(self.aead);
+        self.secrets.server = Some(next);
+        self.tx = keys;
         Ok(())
     }
 }
@@ -856,19 +1010,29 @@ mod tests {
 
     #[test]
     fn a_client_key_update_is_followed_in_both_directions() {
-        let mut pair = pair(
-            &rustls::version::TLS13,
+        for suite in [
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
-        );
-        // rustls asks for our update too.
-        pair.client.refresh_traffic_keys().unwrap();
-        pair.client.writer().write_all(b"after the update").unwrap();
-        pair.client_to_server().unwrap();
-        assert_eq!(pair.received, b"after the update");
-        let mut sealed = BytesMut::new();
-        pair.server.encrypt(b"with new keys", &mut sealed).unwrap();
-        pair.server_to_client(&sealed);
-        assert_eq!(pair.client_reads(), b"with new keys");
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ] {
+            let mut pair = pair(&rustls::version::TLS13, suite);
+            // Twice: each generation derives from the last.
+            for round in 0..2 {
+                // rustls asks for our update too.
+                pair.client.refresh_traffic_keys().unwrap();
+                pair.client.writer().write_all(b"after the update").unwrap();
+                pair.client_to_server().unwrap();
+                assert_eq!(
+                    std::mem::take(&mut pair.received),
+                    b"after the update",
+                    "{suite:?} round {round}"
+                );
+                let mut sealed = BytesMut::new();
+                pair.server.encrypt(b"with new keys", &mut sealed).unwrap();
+                pair.server_to_client(&sealed);
+                assert_eq!(pair.client_reads(), b"with new keys", "{suite:?} round {round}");
+            }
+        }
     }
 
     #[test]
