@@ -3,28 +3,32 @@
 //! The handshake runs on rustls's sans-I/O unbuffered connection. Once it is
 //! done, the connection keeps no rustls connection and no buffer: only the
 //! negotiated suite, each direction's key, IV and sequence number, and (for
-//! TLS 1.3) rustls's `KernelConnection`, which derives the next keys when
-//! the client sends a KeyUpdate. Records are sealed and opened here with
-//! `ring`, in the shard's buffers, building each direction's key when a
-//! batch of records needs it: an idle encrypted connection costs its key
-//! material, not the expanded key schedules (over 500 bytes per direction
-//! for AES-GCM) nor rustls's buffers (about 3 KB per connection, measured).
-//! This is the design rustls's `kernel` module exists for (kTLS), with the
-//! record layer in user space because kTLS is not available everywhere.
+//! TLS 1.3) the two application traffic secrets, from which a KeyUpdate's
+//! next keys are derived here (RFC 8446 §7.2). Records are sealed and
+//! opened here with `ring`, in the shard's buffers, building each
+//! direction's key when a batch of records needs it: an idle encrypted
+//! connection costs its key material, not the expanded key schedules (over
+//! 500 bytes per direction for AES-GCM) nor rustls's buffers (about 3 KB per
+//! connection, measured). This is the design rustls's `kernel` module exists
+//! for (kTLS), with the record layer in user space because kTLS is not
+//! available everywhere. rustls's `KernelConnection`, which could derive
+//! the next keys itself, is not kept: it holds about 790 bytes per
+//! connection (mostly QUIC state a TCP connection never uses), against the
+//! 98 of the two secrets. The secrets are taken from rustls's key log
+//! while the connection's own handshake step runs (`SecretCapture`), and
+//! checked against the keys rustls hands over.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, BytesMut};
-use ring::aead;
+use ring::{aead, hkdf};
 use rustls::crypto::CryptoProvider;
-use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{
-    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
-};
+use rustls::server::{ClientHello, ResolvesServerCert, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConfig};
@@ -145,6 +149,8 @@ impl TlsAcceptor {
             .map_err(|error| CertificateError::Config(error.to_string()))?;
         // ChaCha20-Poly1305 first (see `provider`).
         config.ignore_client_order = true;
+        // The TLS 1.3 traffic secrets, for KeyUpdate (see the module docs).
+        config.key_log = Arc::new(SecretCapture);
         Ok(TlsAcceptor {
             config: Arc::new(config),
             certificate,
@@ -168,7 +174,13 @@ impl TlsAcceptor {
     /// A connection's TLS, before its handshake.
     pub(crate) fn accept(&self) -> Result<Tls, TlsError> {
         UnbufferedServerConnection::new(self.config.clone())
-            .map(|conn| Tls::Handshaking(Box::new(conn)))
+            .map(|conn| {
+                Tls::Handshaking(Box::new(Handshaking {
+                    conn,
+                    client_secret: None,
+                    server_secret: None,
+                }))
+            })
             .map_err(TlsError::Handshake)
     }
 }
@@ -233,9 +245,17 @@ impl ResolvesServerCert for ReloadableCertificate {
     }
 }
 
+/// A connection during its handshake: rustls's connection, and the TLS 1.3
+/// application traffic secrets once its key schedule has logged them.
+pub(crate) struct Handshaking {
+    conn: UnbufferedServerConnection,
+    client_secret: Option<TrafficSecret>,
+    server_secret: Option<TrafficSecret>,
+}
+
 /// A connection's TLS.
 pub(crate) enum Tls {
-    Handshaking(Box<UnbufferedServerConnection>),
+    Handshaking(Box<Handshaking>),
     Established(Box<Session>),
     /// The handshake could not be turned into a session; the connection
     /// is closing.
@@ -258,8 +278,20 @@ impl Tls {
         on_plain: &mut dyn FnMut(&[u8]),
     ) -> Result<TlsRead, TlsError> {
         let mut consumed = 0;
-        if let Tls::Handshaking(conn) = self {
-            match handshake(conn, input, reply, on_plain)? {
+        if let Tls::Handshaking(handshaking) = self {
+            // Whatever the key log gets while this step runs belongs to
+            // this connection: the shard runs one step at a time.
+            CAPTURED.with(|captured| *captured.borrow_mut() = Some(Captured::default()));
+            let step = handshake(&mut handshaking.conn, input, reply, on_plain);
+            if let Some(captured) = CAPTURED.with(|captured| captured.borrow_mut().take()) {
+                if captured.client.is_some() {
+                    handshaking.client_secret = captured.client;
+                }
+                if captured.server.is_some() {
+                    handshaking.server_secret = captured.server;
+                }
+            }
+            match step? {
                 Handshake::Blocked { consumed: used } => {
                     return Ok(TlsRead {
                         consumed: used,
@@ -268,10 +300,10 @@ impl Tls {
                 }
                 Handshake::Done { consumed: used } => {
                     consumed = used;
-                    let Tls::Handshaking(conn) = std::mem::replace(self, Tls::Failed) else {
+                    let Tls::Handshaking(handshaking) = std::mem::replace(self, Tls::Failed) else {
                         unreachable!("matched above")
                     };
-                    *self = Tls::Established(Box::new(Session::from_handshake(*conn)?));
+                    *self = Tls::Established(Box::new(Session::from_handshake(*handshaking)?));
                 }
             }
         }
@@ -378,6 +410,13 @@ enum Aead {
 }
 
 impl Aead {
+    fn key_len(self) -> usize {
+        match self {
+            Aead::Aes128Gcm => 16,
+            Aead::Aes256Gcm | Aead::Chacha20Poly1305 => 32,
+        }
+    }
+
     fn algorithm(self) -> &'static aead::Algorithm {
         match self {
             Aead::Aes128Gcm => &aead::AES_128_GCM,
@@ -406,15 +445,43 @@ impl DirectionKeys {
             }
             _ => return Err(TlsError::Record("an AEAD this gateway does not implement")),
         };
+        Ok((
+            aead,
+            DirectionKeys::from_parts(seq, key.as_ref(), iv.as_ref())?,
+        ))
+    }
+
+    fn from_parts(seq: u64, key: &[u8], iv: &[u8]) -> Result<DirectionKeys, TlsError> {
+        if key.len() > 32 || iv.len() != aead::NONCE_LEN {
+            return Err(TlsError::Record("a key or IV of an unexpected length"));
+        }
         let mut keys = DirectionKeys {
             key: [0; 32],
-            key_len: key.as_ref().len() as u8,
+            key_len: key.len() as u8,
             iv: [0; aead::NONCE_LEN],
             seq,
         };
-        keys.key[..key.as_ref().len()].copy_from_slice(key.as_ref());
-        keys.iv.copy_from_slice(iv.as_ref());
-        Ok((aead, keys))
+        keys.key[..key.len()].copy_from_slice(key);
+        keys.iv.copy_from_slice(iv);
+        Ok(keys)
+    }
+
+    /// The keys of a TLS 1.3 traffic secret (RFC 8446 §7.3), sequence 0.
+    fn derive(aead: Aead, secret: &TrafficSecret) -> DirectionKeys {
+        let mut key = [0u8; 32];
+        let key = &mut key[..aead.key_len()];
+        let mut iv = [0u8; aead::NONCE_LEN];
+        secret.expand_label(b"key", key);
+        secret.expand_label(b"iv", &mut iv);
+        let keys = DirectionKeys::from_parts(0, key, &iv).expect("lengths of the suite");
+        key.fill(0);
+        iv.fill(0);
+        keys
+    }
+
+    /// The same key and IV (not the sequence number).
+    fn same_key(&self, other: &DirectionKeys) -> bool {
+        self.key_len == other.key_len && self.key == other.key && self.iv == other.iv
     }
 
     fn expand(&self, aead: Aead) -> aead::LessSafeKey {
@@ -451,24 +518,51 @@ pub(crate) struct Session {
     aead: Aead,
     tx: DirectionKeys,
     rx: DirectionKeys,
-    /// TLS 1.3: derives the keys after a KeyUpdate.
-    kernel: Option<KernelConnection<ServerConnectionData>>,
+    /// TLS 1.3: the current application traffic secrets, client's (rx)
+    /// and ours (tx), from which a KeyUpdate derives the next keys.
+    secrets: Option<[TrafficSecret; 2]>,
 }
 
 impl Session {
-    fn from_handshake(conn: UnbufferedServerConnection) -> Result<Session, TlsError> {
+    fn from_handshake(handshaking: Handshaking) -> Result<Session, TlsError> {
+        let Handshaking {
+            conn,
+            client_secret,
+            server_secret,
+        } = handshaking;
         let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(TlsError::Handshake)?;
         let version = kernel.protocol_version();
+        // Only the secrets are kept: not rustls's connection.
+        drop(kernel);
         let (aead, tx) = DirectionKeys::new(secrets.tx.0, secrets.tx.1)?;
         let (_, rx) = DirectionKeys::new(secrets.rx.0, secrets.rx.1)?;
+        let secrets = if version == ProtocolVersion::TLSv1_3 {
+            let (Some(client), Some(server)) = (client_secret, server_secret) else {
+                return Err(TlsError::Record(
+                    "the TLS 1.3 traffic secrets were not logged",
+                ));
+            };
+            // They must give the keys rustls negotiated, or a KeyUpdate
+            // would derive wrong ones.
+            if !DirectionKeys::derive(aead, &client).same_key(&rx)
+                || !DirectionKeys::derive(aead, &server).same_key(&tx)
+            {
+                return Err(TlsError::Record(
+                    "the logged traffic secrets do not give the negotiated keys",
+                ));
+            }
+            Some([client, server])
+        } else {
+            None
+        };
         Ok(Session {
             version,
             aead,
             tx,
             rx,
-            kernel: (version == ProtocolVersion::TLSv1_3).then_some(kernel),
+            secrets,
         })
     }
 
@@ -635,23 +729,132 @@ impl Session {
     }
 
     fn update_rx(&mut self) -> Result<(), TlsError> {
-        let kernel = self
-            .kernel
+        let [client, _] = self
+            .secrets
             .as_mut()
             .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
-        let (seq, secrets) = kernel.update_rx_secret().map_err(TlsError::Handshake)?;
-        self.rx = DirectionKeys::new(seq, secrets)?.1;
+        client.update();
+        self.rx = DirectionKeys::derive(self.aead, client);
         Ok(())
     }
 
     fn update_tx(&mut self) -> Result<(), TlsError> {
-        let kernel = self
-            .kernel
+        let [_, server] = self
+            .secrets
             .as_mut()
             .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
-        let (seq, secrets) = kernel.update_tx_secret().map_err(TlsError::Handshake)?;
-        self.tx = DirectionKeys::new(seq, secrets)?.1;
+        server.update();
+        self.tx = DirectionKeys::derive(self.aead, server);
         Ok(())
+    }
+}
+
+/// A TLS 1.3 application traffic secret: the length of the suite's hash,
+/// SHA-256 (32 bytes) or SHA-384 (48).
+pub(crate) struct TrafficSecret {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl TrafficSecret {
+    fn new(secret: &[u8]) -> Option<TrafficSecret> {
+        if !matches!(secret.len(), 32 | 48) {
+            return None;
+        }
+        let mut bytes = [0; 48];
+        bytes[..secret.len()].copy_from_slice(secret);
+        Some(TrafficSecret {
+            bytes,
+            len: secret.len() as u8,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 §7.1).
+    fn expand_label(&self, label: &[u8], out: &mut [u8]) {
+        let algorithm = if self.len == 48 {
+            hkdf::HKDF_SHA384
+        } else {
+            hkdf::HKDF_SHA256
+        };
+        let prk = hkdf::Prk::new_less_safe(algorithm, self.as_slice());
+        let out_len = (out.len() as u16).to_be_bytes();
+        let label_len = [(b"tls13 ".len() + label.len()) as u8];
+        let info: [&[u8]; 5] = [&out_len, &label_len, b"tls13 ", label, &[0]];
+        prk.expand(&info, OutputLen(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .expect("HKDF output of a key's, IV's or secret's length");
+    }
+
+    /// The next generation: application_traffic_secret_N+1 (RFC 8446 §7.2).
+    fn update(&mut self) {
+        let mut next = [0u8; 48];
+        let len = usize::from(self.len);
+        self.expand_label(b"traffic upd", &mut next[..len]);
+        self.bytes = next;
+        next.fill(0);
+    }
+}
+
+impl Drop for TrafficSecret {
+    fn drop(&mut self) {
+        for byte in &mut self.bytes {
+            // SAFETY: as in DirectionKeys' drop.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+struct OutputLen(usize);
+
+impl hkdf::KeyType for OutputLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+const CLIENT_TRAFFIC_SECRET_0: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET_0: &str = "SERVER_TRAFFIC_SECRET_0";
+
+/// The secrets logged while one connection's handshake step runs.
+#[derive(Default)]
+struct Captured {
+    client: Option<TrafficSecret>,
+    server: Option<TrafficSecret>,
+}
+
+thread_local! {
+    /// Set by `Tls::read` around a handshake step, on the shard's thread:
+    /// rustls logs the connection's secrets from inside that step.
+    static CAPTURED: RefCell<Option<Captured>> = const { RefCell::new(None) };
+}
+
+/// rustls's key log, kept to the two TLS 1.3 application traffic secrets
+/// and handed to the connection whose handshake step is running on this
+/// thread (nothing is written anywhere).
+#[derive(Debug)]
+struct SecretCapture;
+
+impl rustls::KeyLog for SecretCapture {
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, CLIENT_TRAFFIC_SECRET_0 | SERVER_TRAFFIC_SECRET_0)
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CAPTURED.with(|captured| {
+            let mut captured = captured.borrow_mut();
+            let Some(captured) = captured.as_mut() else {
+                return;
+            };
+            match label {
+                CLIENT_TRAFFIC_SECRET_0 => captured.client = TrafficSecret::new(secret),
+                SERVER_TRAFFIC_SECRET_0 => captured.server = TrafficSecret::new(secret),
+                _ => {}
+            }
+        });
     }
 }
 
@@ -856,19 +1059,47 @@ mod tests {
 
     #[test]
     fn a_client_key_update_is_followed_in_both_directions() {
-        let mut pair = pair(
-            &rustls::version::TLS13,
+        // Each hash (SHA-384 for AES-256), and again: every generation of
+        // the secrets derives the keys rustls's client derives.
+        for suite in [
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ] {
+            let mut pair = pair(&rustls::version::TLS13, suite);
+            for round in 0..3 {
+                // rustls asks for our update too.
+                pair.client.refresh_traffic_keys().unwrap();
+                let text = format!("after update {round}");
+                pair.client.writer().write_all(text.as_bytes()).unwrap();
+                pair.client_to_server().unwrap();
+                assert_eq!(std::mem::take(&mut pair.received), text.as_bytes());
+                let mut sealed = BytesMut::new();
+                pair.server.encrypt(b"with new keys", &mut sealed).unwrap();
+                pair.server_to_client(&sealed);
+                assert_eq!(pair.client_reads(), b"with new keys", "{suite:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_established_session_keeps_only_key_material() {
+        // Keys, IVs, sequence numbers and two traffic secrets; rustls's
+        // KernelConnection (about 790 bytes with its boxed state) is not
+        // kept.
+        assert!(
+            std::mem::size_of::<Session>() <= 256,
+            "{}",
+            std::mem::size_of::<Session>()
         );
-        // rustls asks for our update too.
-        pair.client.refresh_traffic_keys().unwrap();
-        pair.client.writer().write_all(b"after the update").unwrap();
-        pair.client_to_server().unwrap();
-        assert_eq!(pair.received, b"after the update");
-        let mut sealed = BytesMut::new();
-        pair.server.encrypt(b"with new keys", &mut sealed).unwrap();
-        pair.server_to_client(&sealed);
-        assert_eq!(pair.client_reads(), b"with new keys");
+        let pair = pair(
+            &rustls::version::TLS13,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        );
+        let Tls::Established(session) = &pair.server else {
+            panic!("established");
+        };
+        assert!(session.secrets.is_some());
     }
 
     #[test]
