@@ -7,7 +7,7 @@
 //! send to the last receipt, the servers' peak memory during the fan-out
 //! against idle, and the CPU time servers and load generator used.
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ChildStdin;
 use std::sync::Arc;
@@ -17,10 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::pool::{Receiving, Workers};
+use crate::pool::{Clients, Workers};
 use crate::systems::Server;
+use crate::transport::Transport;
 use crate::worker::{Target, mqtt_connect};
-use crate::{Common, now_nanos, percentiles, settle_after_teardown, start_servers, total_rss};
+use crate::{
+    Common, now_nanos, percentiles, rows_to_measure, settle_after_teardown, start_servers,
+    total_rss,
+};
 
 /// The payload size every system sends.
 const PAYLOAD_LEN: usize = 256;
@@ -41,49 +45,77 @@ fn payload(sent_nanos: u128) -> Vec<u8> {
 pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     let mut failures_total = 0;
-    for (name, target) in common.systems() {
+    let (measured, skipped) = rows_to_measure(common);
+    for (name, target, transport) in measured {
         let dir = tempfile::tempdir()?;
-        let mut servers = start_servers(common, target, dir.path())?;
-        let row = fan_out(common, target, &mut servers, name).await?;
-        failures_total += row["failures_total"].as_u64().unwrap_or(0);
+        let mut servers = start_servers(common, target, transport, dir.path())?;
         let name = if target == Target::Herald && common.no_broadcast_ack {
             "herald-unacked"
         } else {
             name
         };
-        rows.insert(name.to_owned(), row);
+        let name = transport.row_name(name);
+        let row = fan_out(common, target, transport, &mut servers, &name).await?;
+        failures_total += row["failures_total"].as_u64().unwrap_or(0);
+        rows.insert(name, row);
         drop(servers);
         settle_after_teardown();
     }
+    add_ratios_to_tcp(&mut rows);
     Ok(json!({
         "payload_bytes": PAYLOAD_LEN,
         "servers": rows,
+        "skipped": skipped,
         "failures_total": failures_total,
     }))
+}
+
+/// For each row over another transport whose system also ran over plain
+/// TCP in this run: its time to the last receipt over TCP's.
+fn add_ratios_to_tcp(rows: &mut serde_json::Map<String, Value>) {
+    let names: Vec<String> = rows.keys().cloned().collect();
+    for name in names {
+        let Some((system, transport)) = name.rsplit_once('-') else {
+            continue;
+        };
+        if !matches!(transport, "tls" | "ws" | "wss") {
+            continue;
+        }
+        let Some(tcp) = rows
+            .get(system)
+            .and_then(|row| row["ms_to_last_receipt"].as_f64())
+        else {
+            continue;
+        };
+        let row = rows.get_mut(&name).expect("listed");
+        if let Some(ms) = row["ms_to_last_receipt"].as_f64() {
+            row["last_receipt_over_tcp"] = json!(ms / tcp.max(f64::MIN_POSITIVE));
+        }
+    }
 }
 
 async fn fan_out(
     common: &Common,
     target: Target,
+    transport: Transport,
     servers: &mut [Server],
     label: &str,
 ) -> anyhow::Result<Value> {
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let receiving = Receiving {
+    let creds = common.creds()?;
+    let mut workers = Workers::start(&Clients {
         subscribe: matches!(target, Target::Mqtt | Target::Nats).then_some(TOPIC),
         ack_broadcasts: !common.no_broadcast_ack,
-    };
-    let mut workers = Workers::start_subscribed(
-        target,
-        &common.creds()?,
-        &addrs,
-        common.connections,
-        common.rate,
-        common.heartbeat_secs,
-        &receiving,
-    )?;
+        ..common.clients(target, transport, &creds, &addrs)
+    })?;
     workers.wait_all_up(Duration::from_secs(300), label)?;
-    let mut publishers = Publishers::connect(target, servers)?;
+    let tls = match transport.uses_tls() {
+        true => Some(crate::transport::client_config(
+            common.ca_file().context("no CA file")?,
+        )?),
+        false => None,
+    };
+    let mut publishers = Publishers::connect(target, servers, tls)?;
     // Idle: after the connect storm settled.
     tokio::time::sleep(Duration::from_secs(if common.quick { 2 } else { 5 })).await;
     let idle_rss = total_rss(servers)?;
@@ -129,6 +161,7 @@ async fn fan_out(
     }
     let peak_rss = peak.load(Ordering::Relaxed);
     Ok(json!({
+        "transport": transport,
         "connections": expected,
         "received": received,
         "clients_ack": target == Target::Herald && !common.no_broadcast_ack,
@@ -155,21 +188,51 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
+/// A publisher's connection: TCP, or TLS over it.
+trait Wire: Read + Write + Send {}
+
+impl<T: Read + Write + Send> Wire for T {}
+
+/// Wraps `stream` in TLS (blocking rustls) when `tls` is given.
+fn over(
+    stream: TcpStream,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server: SocketAddr,
+) -> anyhow::Result<Box<dyn Wire>> {
+    let Some(config) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let name = rustls::pki_types::ServerName::from(server.ip());
+    let connection = rustls::ClientConnection::new(config.clone(), name)?;
+    let mut stream = rustls::StreamOwned::new(connection, stream);
+    // The handshake, now rather than on the first write.
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(Box::new(stream))
+}
+
 /// What sends the one message to each server: the HTTP API for Herald, a
-/// publishing client connected ahead of time for the peers.
+/// publishing client connected ahead of time for the peers (over TLS when
+/// the clients are).
 enum Publishers {
     Herald {
         apis: Vec<SocketAddr>,
         client: reqwest::Client,
     },
-    Mqtt(Vec<TcpStream>),
-    Nats(Vec<TcpStream>),
+    Mqtt(Vec<Box<dyn Wire>>),
+    Nats(Vec<Box<dyn Wire>>),
     /// The bare acceptors' stdin.
     Bare(Vec<ChildStdin>),
 }
 
 impl Publishers {
-    fn connect(target: Target, servers: &mut [Server]) -> anyhow::Result<Publishers> {
+    fn connect(
+        target: Target,
+        servers: &mut [Server],
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Publishers> {
+        let tls = tls.as_ref();
         Ok(match target {
             Target::Herald => Publishers::Herald {
                 apis: servers
@@ -183,12 +246,14 @@ impl Publishers {
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        let mut stream = TcpStream::connect(s.addr)?;
+                        let stream = TcpStream::connect(s.addr)?;
+                        stream.set_nodelay(true)?;
+                        let mut stream = over(stream, tls, s.addr)?;
                         stream.write_all(&mqtt_connect(&format!("publisher{i}"), 600))?;
+                        stream.flush()?;
                         let mut connack = [0u8; 4];
                         stream.read_exact(&mut connack)?;
                         anyhow::ensure!(connack[0] == 0x20 && connack[3] == 0, "CONNACK refused");
-                        stream.set_nodelay(true)?;
                         Ok(stream)
                     })
                     .collect::<anyhow::Result<_>>()?,
@@ -204,10 +269,16 @@ impl Publishers {
                     .iter()
                     .map(|s| {
                         let mut stream = TcpStream::connect(s.addr)?;
-                        let mut info = [0u8; 4096];
-                        let _ = stream.read(&mut info)?;
-                        stream.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")?;
                         stream.set_nodelay(true)?;
+                        // INFO in plain text, then TLS if the server requires it.
+                        read_line(&mut stream)?;
+                        let mut stream = over(stream, tls, s.addr)?;
+                        let connect = format!(
+                            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"tls_required\":{}}}\r\n",
+                            tls.is_some()
+                        );
+                        stream.write_all(connect.as_bytes())?;
+                        stream.flush()?;
                         Ok(stream)
                     })
                     .collect::<anyhow::Result<_>>()?,
@@ -241,6 +312,7 @@ impl Publishers {
                 let packet = mqtt_publish(TOPIC, payload);
                 for stream in streams {
                     stream.write_all(&packet)?;
+                    stream.flush()?;
                 }
             }
             Publishers::Bare(lines) => {
@@ -257,10 +329,23 @@ impl Publishers {
                 packet.extend_from_slice(b"\r\n");
                 for stream in streams {
                     stream.write_all(&packet)?;
+                    stream.flush()?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Reads one line (the NATS server's INFO) a byte at a time, so that
+/// nothing after it (the TLS handshake) is taken from the socket.
+fn read_line(stream: &mut TcpStream) -> anyhow::Result<()> {
+    let mut byte = [0u8; 1];
+    loop {
+        stream.read_exact(&mut byte)?;
+        if byte[0] == b'\n' {
+            return Ok(());
+        }
     }
 }
 

@@ -7,13 +7,16 @@
 //! the command, and writes the figures as JSON. See bench/README.md.
 
 mod broadcast;
+mod conn;
 mod pool;
 mod procfs;
 mod systems;
+mod transport;
 mod worker;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -21,8 +24,9 @@ use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::pool::{Workers, progress_bar};
+use crate::pool::{Clients, Workers, progress_bar};
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS, Server};
+use crate::transport::{Pki, Transport};
 use crate::worker::{Target, user_id};
 
 #[derive(Parser)]
@@ -120,6 +124,20 @@ struct Common {
     #[arg(long = "system", value_name = "NAME",
           value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS.map(|(name, _)| name)))]
     systems: Vec<String>,
+    /// What the clients speak: tcp, tls, ws or wss (repeat to measure
+    /// several in one run, each against its own servers; default tcp).
+    /// Mosquitto and NATS are measured over tcp and tls; bare sockets are
+    /// always plain TCP.
+    #[arg(long = "transport", value_name = "TRANSPORT", value_enum)]
+    transports: Vec<Transport>,
+    /// With --gateway and a tls or wss transport: the CA certificate (PEM)
+    /// the running gateways' certificate is checked against (it must name
+    /// their IP address).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The certificate made for the servers started here (tls, wss).
+    #[arg(skip)]
+    pki: Option<Arc<Pki>>,
     /// A small run for CI: 2,000 connections, 5 s, checks zero failures.
     #[arg(long)]
     quick: bool,
@@ -148,11 +166,26 @@ impl Common {
         let running = self.gateways_running.len();
         if running == 0 {
             anyhow::ensure!(
-                self.apis_running.is_empty() && self.config.is_none() && self.app.is_none(),
-                "--api, --config and --app describe running gateways: give --gateway too"
+                self.apis_running.is_empty()
+                    && self.config.is_none()
+                    && self.app.is_none()
+                    && self.ca.is_none(),
+                "--api, --config, --app and --ca describe running gateways: give --gateway too"
             );
             return Ok(());
         }
+        let transports = self.transports();
+        anyhow::ensure!(
+            transports.len() == 1,
+            "running gateways are loaded over the one transport they listen with: give one \
+             --transport"
+        );
+        anyhow::ensure!(
+            !transports[0].uses_tls() || self.ca.is_some(),
+            "--transport {} with --gateway needs --ca (the CA certificate the gateways' \
+             certificate is checked against)",
+            transports[0]
+        );
         anyhow::ensure!(
             self.config.is_some(),
             "--gateway needs --config (the gateways' config, for the app's secrets)"
@@ -162,6 +195,50 @@ impl Common {
             "--gateway needs --api once, or once per --gateway ({running})"
         );
         Ok(())
+    }
+
+    /// The transports to measure, in the order given (default: tcp).
+    fn transports(&self) -> Vec<Transport> {
+        let mut transports = Vec::new();
+        for &transport in &self.transports {
+            if !transports.contains(&transport) {
+                transports.push(transport);
+            }
+        }
+        if transports.is_empty() {
+            transports.push(Transport::Tcp);
+        }
+        transports
+    }
+
+    /// The CA certificate the clients trust: --ca, or the one made here.
+    fn ca_file(&self) -> Option<&Path> {
+        self.ca
+            .as_deref()
+            .or_else(|| self.pki.as_ref().map(|pki| pki.ca_file.as_path()))
+    }
+
+    /// Clients of `target` over `transport` for these servers, one per
+    /// connection, receiving as the idle scenarios do.
+    fn clients<'a>(
+        &'a self,
+        target: Target,
+        transport: Transport,
+        creds: &'a AppCreds,
+        servers: &'a [SocketAddr],
+    ) -> Clients<'a> {
+        Clients {
+            target,
+            transport,
+            ca_file: self.ca_file(),
+            creds,
+            servers,
+            connections: self.connections,
+            rate_per_sec: self.rate,
+            heartbeat_secs: self.heartbeat_secs,
+            subscribe: None,
+            ack_broadcasts: true,
+        }
     }
 
     /// The systems to compare, in the usual order.
@@ -211,6 +288,9 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     };
     common.apply_quick();
     common.check()?;
+    if common.gateways_running.is_empty() && common.transports().iter().any(|t| t.uses_tls()) {
+        common.pki = Some(Arc::new(Pki::generate()?));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -248,6 +328,7 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
         "connections": common.connections,
         "gateways": common.gateway_count(),
         "io": common.io,
+        "transports": common.transports(),
         "heartbeat_secs": common.heartbeat_secs,
         "results": results,
         "failures_total": failures,
@@ -271,10 +352,10 @@ struct Gateways {
 
 impl Gateways {
     /// The gateways under test: the running ones given with --gateway, or
-    /// `herald serve` processes started here.
-    fn start(common: &Common) -> anyhow::Result<Gateways> {
+    /// `herald serve` processes started here, listening with `transport`.
+    fn start(common: &Common, transport: Transport) -> anyhow::Result<Gateways> {
         let dir = tempfile::tempdir()?;
-        let servers = herald_servers(common, dir.path())?;
+        let servers = herald_servers(common, transport, dir.path())?;
         Ok(Gateways { servers, _dir: dir })
     }
 
@@ -284,10 +365,14 @@ impl Gateways {
 }
 
 /// The running gateways given with --gateway, or `herald serve` processes
-/// started here with their data in `dir`.
-fn herald_servers(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<Server>> {
+/// started here with their data in `dir`, listening with `transport`.
+fn herald_servers(
+    common: &Common,
+    transport: Transport,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Server>> {
     if common.gateways_running.is_empty() {
-        return start_heralds(common, dir);
+        return start_heralds(common, transport, dir);
     }
     common
         .gateways_running
@@ -300,10 +385,24 @@ fn herald_servers(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<
         .collect()
 }
 
-fn start_heralds(common: &Common, dir: &std::path::Path) -> anyhow::Result<Vec<Server>> {
+fn start_heralds(
+    common: &Common,
+    transport: Transport,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Server>> {
     let herald = systems::herald_bin(common.herald.as_deref())?;
     (0..common.gateway_count())
-        .map(|i| systems::start_herald(&herald, dir, i, common.heartbeat_secs, &common.io))
+        .map(|i| {
+            systems::start_herald(
+                &herald,
+                dir,
+                i,
+                common.heartbeat_secs,
+                &common.io,
+                transport,
+                common.pki.as_deref(),
+            )
+        })
         .collect()
 }
 
@@ -326,6 +425,9 @@ struct Density {
     rss_before: u64,
     rss_after: u64,
     slab_delta: i64,
+    /// The load generator's own memory then (not part of any figure: it
+    /// says the clients fit the machine).
+    load_generator_rss: u64,
 }
 
 impl Density {
@@ -349,16 +451,19 @@ impl Density {
             "user_bytes_per_conn": self.user_per_conn(),
             "kernel_bytes_per_conn": self.kernel_per_conn(),
             "all_in_bytes_per_conn": self.user_per_conn() + self.kernel_per_conn(),
+            "load_generator_rss_bytes": self.load_generator_rss,
             "failures": failures,
             "failures_total": total,
         })
     }
 }
 
-/// Connects N clients of `target` to `servers` and measures the density.
+/// Connects N clients of `target` over `transport` to `servers` and
+/// measures the density.
 fn measure_density(
     servers: &[Server],
     target: Target,
+    transport: Transport,
     common: &Common,
     label: &str,
 ) -> anyhow::Result<(Density, Workers)> {
@@ -366,14 +471,8 @@ fn measure_density(
     let rss_before = total_rss(servers)?;
     let slab_before = procfs::slab_bytes()?;
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-    let mut workers = Workers::start(
-        target,
-        &common.creds()?,
-        &addrs,
-        common.connections,
-        common.rate,
-        common.heartbeat_secs,
-    )?;
+    let creds = common.creds()?;
+    let mut workers = Workers::start(&common.clients(target, transport, &creds, &addrs))?;
     let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
     // Measure the steady state, not the connect storm: let the servers
     // finish what the storm started and return freed memory (Herald trims
@@ -384,6 +483,11 @@ fn measure_density(
         rss_before,
         rss_after: total_rss(servers)?,
         slab_delta: procfs::slab_bytes()? as i64 - slab_before as i64,
+        load_generator_rss: workers
+            .pids()
+            .into_iter()
+            .filter_map(|pid| procfs::rss_bytes(pid).ok())
+            .sum(),
     };
     Ok((density, workers))
 }
@@ -394,7 +498,13 @@ fn bare_baseline(common: &Common) -> anyhow::Result<Density> {
     let holders = (0..common.gateway_count())
         .map(|_| systems::start_holder())
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (density, workers) = measure_density(&holders, Target::Bare, common, "bare sockets")?;
+    let (density, workers) = measure_density(
+        &holders,
+        Target::Bare,
+        Transport::Tcp,
+        common,
+        "bare sockets",
+    )?;
     drop(workers);
     drop(holders);
     settle_after_teardown();
@@ -411,22 +521,37 @@ fn settle_after_teardown() {
     std::thread::sleep(Duration::from_secs(3));
 }
 
+/// Rows by name (`herald`, `herald-tls`, ...) with their failures summed.
+fn rows_json(rows: serde_json::Map<String, Value>) -> Value {
+    let failures_total: u64 = rows
+        .values()
+        .map(|row| row["failures_total"].as_u64().unwrap_or(0))
+        .sum();
+    json!({ "servers": rows, "failures_total": failures_total })
+}
+
+/// The `connect` scenario: for each transport, Herald's accept rate.
 fn connect(common: &Common) -> anyhow::Result<Value> {
-    let gateways = Gateways::start(common)?;
-    let mut workers = Workers::start(
-        Target::Herald,
-        &common.creds()?,
-        &gateways.addrs(),
-        common.connections,
-        common.rate,
-        common.heartbeat_secs,
-    )?;
-    let ramp = workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let mut rows = serde_json::Map::new();
+    for transport in common.transports() {
+        let name = transport.row_name("herald");
+        rows.insert(name.clone(), connect_one(common, transport, &name)?);
+    }
+    Ok(rows_json(rows))
+}
+
+fn connect_one(common: &Common, transport: Transport, label: &str) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common, transport)?;
+    let creds = common.creds()?;
+    let addrs = gateways.addrs();
+    let mut workers = Workers::start(&common.clients(Target::Herald, transport, &creds, &addrs))?;
+    let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
     let (failures, total) = failures_json(&ramp.failures);
     drop(workers);
     drop(gateways);
     settle_after_teardown();
     Ok(json!({
+        "transport": transport,
         "connections": ramp.connections,
         "target_rate": common.rate,
         "accept_per_sec": ramp.per_second,
@@ -436,11 +561,32 @@ fn connect(common: &Common) -> anyhow::Result<Value> {
     }))
 }
 
+/// The `idle` scenario: the bare sockets once, then Herald over each
+/// transport.
 async fn idle(common: &Common) -> anyhow::Result<Value> {
     let bare = bare_baseline(common)?;
-    let gateways = Gateways::start(common)?;
+    let mut rows = serde_json::Map::new();
+    for transport in common.transports() {
+        let name = transport.row_name("herald");
+        rows.insert(
+            name.clone(),
+            idle_one(common, transport, &bare, &name).await?,
+        );
+    }
+    let mut value = rows_json(rows);
+    value["bare"] = bare.json();
+    Ok(value)
+}
+
+async fn idle_one(
+    common: &Common,
+    transport: Transport,
+    bare: &Density,
+    label: &str,
+) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common, transport)?;
     let (density, mut workers) =
-        measure_density(&gateways.servers, Target::Herald, common, "herald idle")?;
+        measure_density(&gateways.servers, Target::Herald, transport, common, label)?;
 
     let cpu_before = total_cpu(&gateways.servers)?;
     let hold = Duration::from_secs(common.duration);
@@ -524,9 +670,9 @@ async fn idle(common: &Common) -> anyhow::Result<Value> {
     settle_after_teardown();
 
     let all_in = density.user_per_conn() + density.kernel_per_conn();
-    Ok(json!({
-        "herald": density.json(),
-        "bare": bare.json(),
+    let mut row = density.json();
+    let extra = json!({
+        "transport": transport,
         "all_in_over_bare": all_in / bare.kernel_per_conn(),
         "heartbeat_cpu_percent_of_one_core": cpu_secs / hold.as_secs_f64() * 100.0,
         "hold_secs": common.duration,
@@ -539,9 +685,14 @@ async fn idle(common: &Common) -> anyhow::Result<Value> {
             "pushes_accepted": accepted,
             "not_received": not_received,
         },
+        // Every failure of the run: the ramp's, and any after it.
         "failures": failures_value,
         "failures_total": failures_total + api_errors + not_received,
-    }))
+    });
+    for (key, value) in extra.as_object().expect("an object") {
+        row[key] = value.clone();
+    }
+    Ok(row)
 }
 
 fn now_nanos() -> u128 {
@@ -560,21 +711,29 @@ fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
+/// The `push` scenario, over each transport.
 async fn push(common: &Common) -> anyhow::Result<Value> {
-    let gateways = Gateways::start(common)?;
-    let mut workers = Workers::start(
-        Target::Herald,
-        &common.creds()?,
-        &gateways.addrs(),
-        common.connections,
-        0,
-        common.heartbeat_secs,
-    )?;
-    workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let mut rows = serde_json::Map::new();
+    for transport in common.transports() {
+        let name = transport.row_name("herald");
+        rows.insert(name.clone(), push_one(common, transport, &name).await?);
+    }
+    Ok(rows_json(rows))
+}
+
+async fn push_one(common: &Common, transport: Transport, label: &str) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common, transport)?;
+    let creds = common.creds()?;
+    let addrs = gateways.addrs();
+    let mut workers = Workers::start(&Clients {
+        // `--rate` is the push rate here: connect as fast as they go.
+        rate_per_sec: 0,
+        ..common.clients(Target::Herald, transport, &creds, &addrs)
+    })?;
+    workers.wait_all_up(Duration::from_secs(300), label)?;
     let rate = if common.rate == 0 { 1_000 } else { common.rate };
     let total = rate * common.duration;
     let client = reqwest::Client::new();
-    let creds = common.creds()?;
     let apis: Vec<_> = gateways
         .servers
         .iter()
@@ -629,6 +788,7 @@ async fn push(common: &Common) -> anyhow::Result<Value> {
     let (failures_value, failures_total) = failures_json(&failures);
     let lost = (total - api_errors).saturating_sub(received);
     Ok(json!({
+        "transport": transport,
         "target_rate": rate,
         "pushes": total,
         "received": received,
@@ -641,17 +801,27 @@ async fn push(common: &Common) -> anyhow::Result<Value> {
     }))
 }
 
+/// The `storm` scenario, over each transport.
 fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
-    let gateways = Gateways::start(common)?;
-    let mut workers = Workers::start(
-        Target::Herald,
-        &common.creds()?,
-        &gateways.addrs(),
-        common.connections,
-        common.rate,
-        common.heartbeat_secs,
-    )?;
-    workers.wait_all_up(Duration::from_secs(300), "connect")?;
+    let mut rows = serde_json::Map::new();
+    for transport in common.transports() {
+        let name = transport.row_name("herald");
+        rows.insert(name.clone(), storm_one(common, fraction, transport, &name)?);
+    }
+    Ok(rows_json(rows))
+}
+
+fn storm_one(
+    common: &Common,
+    fraction: f64,
+    transport: Transport,
+    label: &str,
+) -> anyhow::Result<Value> {
+    let gateways = Gateways::start(common, transport)?;
+    let creds = common.creds()?;
+    let addrs = gateways.addrs();
+    let mut workers = Workers::start(&common.clients(Target::Herald, transport, &creds, &addrs))?;
+    workers.wait_all_up(Duration::from_secs(300), label)?;
     let failures_before: u64 = workers.failures().values().sum();
     let dropped = (common.connections as f64 * fraction) as u64;
     let started_ms = worker::unix_ms();
@@ -675,7 +845,11 @@ fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
     let seconds = back_ms.saturating_sub(started_ms) as f64 / 1000.0;
     let failures = workers.failures();
     let failures_total = failures.values().sum::<u64>() - failures_before;
+    drop(workers);
+    drop(gateways);
+    settle_after_teardown();
     Ok(json!({
+        "transport": transport,
         "fraction": fraction,
         "dropped": dropped,
         "secs_until_all_back": seconds,
@@ -696,20 +870,37 @@ const SYSTEMS: [(&str, Target); 4] = [
     ("bare", Target::Bare),
 ];
 
+/// Whether the benchmark's clients of `target` speak `transport`: Herald
+/// all four; MQTT and NATS tcp and tls; bare sockets are plain TCP.
+fn speaks(target: Target, transport: Transport) -> bool {
+    match target {
+        Target::Herald => true,
+        Target::Mqtt | Target::Nats => !transport.uses_websocket(),
+        Target::Bare => transport == Transport::Tcp,
+    }
+}
+
 /// Herald's gateways (see `herald_servers`), or as many Mosquitto brokers
-/// or NATS servers, with their files in `dir`.
+/// or NATS servers, listening with `transport`, with their files in `dir`.
 fn start_servers(
     common: &Common,
     target: Target,
+    transport: Transport,
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Server>> {
+    anyhow::ensure!(speaks(target, transport), "{target:?} over {transport}");
+    let pki = if transport.uses_tls() {
+        Some(common.pki.as_deref().context("no certificate made")?)
+    } else {
+        None
+    };
     match target {
-        Target::Herald => herald_servers(common, dir),
+        Target::Herald => herald_servers(common, transport, dir),
         Target::Mqtt => (0..common.gateway_count())
-            .map(|i| systems::start_mosquitto(dir, i))
+            .map(|i| systems::start_mosquitto(dir, i, pki))
             .collect(),
         Target::Nats => (0..common.gateway_count())
-            .map(|_| systems::start_nats())
+            .map(|i| systems::start_nats(dir, i, pki))
             .collect(),
         Target::Bare => (0..common.gateway_count())
             .map(|_| systems::start_holder())
@@ -717,27 +908,55 @@ fn start_servers(
     }
 }
 
+/// The (system, transport) pairs `peers` and `broadcast` measure, in
+/// order: each system over each transport it speaks (bare once, over
+/// TCP); and the names of the pairs left out.
+fn rows_to_measure(common: &Common) -> (Vec<(&'static str, Target, Transport)>, Vec<String>) {
+    let mut measured = Vec::new();
+    let mut skipped = Vec::new();
+    for (name, target) in common.systems() {
+        if target == Target::Bare {
+            measured.push((name, target, Transport::Tcp));
+            continue;
+        }
+        for transport in common.transports() {
+            if speaks(target, transport) {
+                measured.push((name, target, transport));
+            } else {
+                skipped.push(transport.row_name(name));
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "herald-bench: not measured: {} (Mosquitto and NATS are measured over tcp and tls)",
+            skipped.join(", ")
+        );
+    }
+    (measured, skipped)
+}
+
 fn peers(common: &Common) -> anyhow::Result<Value> {
     let bare = bare_baseline(common)?;
     let mut rows = serde_json::Map::new();
-    let mut failures_total = 0;
+    let (measured, skipped) = rows_to_measure(common);
     // The baseline above is the bare row.
-    for (name, target) in common.systems().filter(|&(_, t)| t != Target::Bare) {
+    for (name, target, transport) in measured.into_iter().filter(|&(_, t, _)| t != Target::Bare) {
         let dir = tempfile::tempdir()?;
-        let servers = start_servers(common, target, dir.path())?;
-        let (density, workers) = measure_density(&servers, target, common, name)?;
+        let servers = start_servers(common, target, transport, dir.path())?;
+        let name = transport.row_name(name);
+        let (density, workers) = measure_density(&servers, target, transport, common, &name)?;
         drop(workers);
         drop(servers);
-        let value = density.json();
-        failures_total += value["failures_total"].as_u64().unwrap_or(0);
-        rows.insert(name.to_owned(), value);
+        let mut value = density.json();
+        value["transport"] = json!(transport);
+        rows.insert(name, value);
         settle_after_teardown();
     }
-    Ok(json!({
-        "bare": bare.json(),
-        "servers": rows,
-        "failures_total": failures_total,
-    }))
+    let mut value = rows_json(rows);
+    value["bare"] = bare.json();
+    value["skipped"] = json!(skipped);
+    Ok(value)
 }
 
 fn print_summary(report: &Value) {
@@ -756,64 +975,82 @@ fn print_summary(report: &Value) {
         report["connections"], report["gateways"], report["io"], report["heartbeat_secs"]
     );
     let r = &report["results"];
+    let rows = |scenario: &Value| -> Vec<(String, Value)> {
+        scenario["servers"]
+            .as_object()
+            .map(|rows| rows.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     if let Some(c) = r.get("connect") {
-        println!(
-            "connect: {:.0} conn/s (accept+auth), all up in {:.2} s, failures {}",
-            c["accept_per_sec"].as_f64().unwrap_or(0.0),
-            c["secs_to_all"].as_f64().unwrap_or(0.0),
-            c["failures"]
-        );
+        for (name, c) in rows(c) {
+            println!(
+                "connect {name}: {:.0} conn/s (accept+handshake+auth), all up in {:.2} s, \
+                 failures {}",
+                f(&c["accept_per_sec"]),
+                f(&c["secs_to_all"]),
+                c["failures"]
+            );
+        }
     }
     if let Some(i) = r.get("idle") {
-        let h = &i["herald"];
         let b = &i["bare"];
         println!(
-            "idle: herald user {:.0} B/conn, kernel {:.0} B/conn, all-in {:.0} B/conn; \
-             bare socket kernel {:.0} B/conn; all-in/bare {:.2}",
-            h["user_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            h["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            h["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            b["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            i["all_in_over_bare"].as_f64().unwrap_or(0.0)
+            "idle: bare socket kernel {:.0} B/conn, accept {:.0} conn/s",
+            f(&b["kernel_bytes_per_conn"]),
+            f(&b["accept_per_sec"])
         );
-        println!(
-            "idle: accept+auth {:.0} conn/s; heartbeats {:.2}% of one core; push to all: \
-             peak/idle RSS {:.3}, receipt p50 {} us p99 {} us max {} us, api errors {}, \
-             not received {}",
-            h["accept_per_sec"].as_f64().unwrap_or(0.0),
-            i["heartbeat_cpu_percent_of_one_core"]
-                .as_f64()
-                .unwrap_or(0.0),
-            i["push_to_all"]["peak_over_idle"].as_f64().unwrap_or(0.0),
-            i["push_to_all"]["latency_us"]["p50"],
-            i["push_to_all"]["latency_us"]["p99"],
-            i["push_to_all"]["latency_us"]["max"],
-            i["push_to_all"]["api_errors"],
-            i["push_to_all"]["not_received"]
-        );
+        for (name, h) in rows(i) {
+            println!(
+                "idle {name}: user {:.0} B/conn, kernel {:.0} B/conn, all-in {:.0} B/conn; \
+                 all-in/bare {:.2}; load generator RSS {:.0} MiB",
+                f(&h["user_bytes_per_conn"]),
+                f(&h["kernel_bytes_per_conn"]),
+                f(&h["all_in_bytes_per_conn"]),
+                f(&h["all_in_over_bare"]),
+                f(&h["load_generator_rss_bytes"]) / (1u64 << 20) as f64
+            );
+            println!(
+                "idle {name}: accept+handshake+auth {:.0} conn/s; heartbeats {:.2}% of one core; \
+                 push to all: peak/idle RSS {:.3}, receipt p50 {} us p99 {} us max {} us, \
+                 api errors {}, not received {}",
+                f(&h["accept_per_sec"]),
+                f(&h["heartbeat_cpu_percent_of_one_core"]),
+                f(&h["push_to_all"]["peak_over_idle"]),
+                h["push_to_all"]["latency_us"]["p50"],
+                h["push_to_all"]["latency_us"]["p99"],
+                h["push_to_all"]["latency_us"]["max"],
+                h["push_to_all"]["api_errors"],
+                h["push_to_all"]["not_received"]
+            );
+        }
     }
     if let Some(p) = r.get("push") {
-        println!(
-            "push: {} pushes at {:.0}/s, received {}; latency p50 {} us p99 {} us p99.9 {} us \
-             max {} us; api errors {}",
-            p["pushes"],
-            p["throughput_per_sec"].as_f64().unwrap_or(0.0),
-            p["received"],
-            p["latency_us"]["p50"],
-            p["latency_us"]["p99"],
-            p["latency_us"]["p999"],
-            p["latency_us"]["max"],
-            p["api_errors"]
-        );
+        for (name, p) in rows(p) {
+            println!(
+                "push {name}: {} pushes at {:.0}/s, received {}; latency p50 {} us p99 {} us \
+                 p99.9 {} us max {} us; api errors {}",
+                p["pushes"],
+                f(&p["throughput_per_sec"]),
+                p["received"],
+                p["latency_us"]["p50"],
+                p["latency_us"]["p99"],
+                p["latency_us"]["p999"],
+                p["latency_us"]["max"],
+                p["api_errors"]
+            );
+        }
     }
     if let Some(s) = r.get("storm") {
-        println!(
-            "storm: {} dropped, all back in {:.2} s ({:.0} reconnects/s), failures {}",
-            s["dropped"],
-            s["secs_until_all_back"].as_f64().unwrap_or(0.0),
-            s["reconnects_per_sec"].as_f64().unwrap_or(0.0),
-            s["failures_total"]
-        );
+        for (name, s) in rows(s) {
+            println!(
+                "storm {name}: {} dropped, all back in {:.2} s ({:.0} reconnects/s), failures {}",
+                s["dropped"],
+                f(&s["secs_until_all_back"]),
+                f(&s["reconnects_per_sec"]),
+                s["failures_total"]
+            );
+        }
     }
     if let Some(p) = r.get("peers") {
         println!(
@@ -821,29 +1058,27 @@ fn print_summary(report: &Value) {
             report["connections"]
         );
         println!(
-            "  {:<10} {:>12} {:>12} {:>12} {:>14}",
+            "  {:<14} {:>12} {:>12} {:>12} {:>14}",
             "server", "user B/conn", "kernel B/c", "all-in B/c", "accept conn/s"
         );
         let b = &p["bare"];
         println!(
-            "  {:<10} {:>12} {:>12.0} {:>12.0} {:>14.0}",
+            "  {:<14} {:>12} {:>12.0} {:>12.0} {:>14.0}",
             "bare",
             "-",
-            b["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            b["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
-            b["accept_per_sec"].as_f64().unwrap_or(0.0)
+            f(&b["kernel_bytes_per_conn"]),
+            f(&b["all_in_bytes_per_conn"]),
+            f(&b["accept_per_sec"])
         );
-        if let Some(servers) = p["servers"].as_object() {
-            for (name, s) in servers {
-                println!(
-                    "  {:<10} {:>12.0} {:>12.0} {:>12.0} {:>14.0}",
-                    name,
-                    s["user_bytes_per_conn"].as_f64().unwrap_or(0.0),
-                    s["kernel_bytes_per_conn"].as_f64().unwrap_or(0.0),
-                    s["all_in_bytes_per_conn"].as_f64().unwrap_or(0.0),
-                    s["accept_per_sec"].as_f64().unwrap_or(0.0)
-                );
-            }
+        for (name, s) in rows(p) {
+            println!(
+                "  {:<14} {:>12.0} {:>12.0} {:>12.0} {:>14.0}",
+                name,
+                f(&s["user_bytes_per_conn"]),
+                f(&s["kernel_bytes_per_conn"]),
+                f(&s["all_in_bytes_per_conn"]),
+                f(&s["accept_per_sec"])
+            );
         }
     }
     if let Some(b) = r.get("broadcast") {
@@ -852,7 +1087,7 @@ fn print_summary(report: &Value) {
             b["payload_bytes"], report["connections"]
         );
         println!(
-            "  {:<10} {:>9} {:>10} {:>10} {:>12} {:>11} {:>10} {:>11} {:>11}",
+            "  {:<14} {:>9} {:>10} {:>10} {:>12} {:>11} {:>10} {:>11} {:>11}",
             "server",
             "received",
             "p50 ms",
@@ -867,7 +1102,7 @@ fn print_summary(report: &Value) {
             for (name, s) in servers {
                 let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
                 println!(
-                    "  {:<10} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>11.1} {:>10.3} {:>10.2}s {:>10.2}s",
+                    "  {:<14} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>11.1} {:>10.3} {:>10.2}s {:>10.2}s",
                     name,
                     s["received"],
                     ms(&s["latency_us"]["p50"]),
@@ -878,6 +1113,11 @@ fn print_summary(report: &Value) {
                     s["server_cpu_seconds"].as_f64().unwrap_or(0.0),
                     s["load_generator_cpu_seconds"].as_f64().unwrap_or(0.0)
                 );
+            }
+            for (name, s) in servers {
+                if let Some(ratio) = s["last_receipt_over_tcp"].as_f64() {
+                    println!("  {name}: last receipt / the same over tcp: {ratio:.2}");
+                }
             }
         }
     }

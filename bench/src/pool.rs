@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use hdrhistogram::serialization::Deserializer;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS};
+use crate::transport::Transport;
 use crate::worker::{Progress, Target, WorkerMessage, WorkerSpec};
 
 /// Source addresses per worker: 127.(worker + 2).0.1 and up.
@@ -41,21 +43,23 @@ impl Drop for Workers {
     }
 }
 
-/// How the clients take what is sent to them.
-pub struct Receiving<'a> {
+/// The clients the workers hold, and how.
+pub struct Clients<'a> {
+    pub target: Target,
+    pub transport: Transport,
+    /// The CA certificate the clients trust, for tls and wss.
+    pub ca_file: Option<&'a Path>,
+    pub creds: &'a AppCreds,
+    /// User `u` connects to `servers[u % servers.len()]`.
+    pub servers: &'a [SocketAddr],
+    pub connections: u64,
+    /// New connections per second in all; 0 is as fast as they go.
+    pub rate_per_sec: u64,
+    pub heartbeat_secs: u64,
     /// MQTT topic or NATS subject to subscribe to after connecting.
     pub subscribe: Option<&'a str>,
     /// Herald clients ack each broadcast, as the SDK's users do.
     pub ack_broadcasts: bool,
-}
-
-impl Default for Receiving<'_> {
-    fn default() -> Self {
-        Receiving {
-            subscribe: None,
-            ack_broadcasts: true,
-        }
-    }
 }
 
 /// What ramping up to N connections took.
@@ -79,36 +83,9 @@ pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
 }
 
 impl Workers {
-    /// Starts enough workers for `connections` and lets them connect.
-    pub fn start(
-        target: Target,
-        creds: &AppCreds,
-        servers: &[SocketAddr],
-        connections: u64,
-        rate_per_sec: u64,
-        heartbeat_secs: u64,
-    ) -> anyhow::Result<Workers> {
-        Workers::start_subscribed(
-            target,
-            creds,
-            servers,
-            connections,
-            rate_per_sec,
-            heartbeat_secs,
-            &Receiving::default(),
-        )
-    }
-
-    /// `start`, with clients receiving as `receiving` says.
-    pub fn start_subscribed(
-        target: Target,
-        creds: &AppCreds,
-        servers: &[SocketAddr],
-        connections: u64,
-        rate_per_sec: u64,
-        heartbeat_secs: u64,
-        receiving: &Receiving<'_>,
-    ) -> anyhow::Result<Workers> {
+    /// Starts enough workers for the clients and lets them connect.
+    pub fn start(clients: &Clients<'_>) -> anyhow::Result<Workers> {
+        let connections = clients.connections;
         let count = connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1);
         let exe = std::env::current_exe()?;
         let mut workers = Vec::new();
@@ -117,19 +94,21 @@ impl Workers {
             let end = connections * (w + 1) / count;
             let octet = u8::try_from(w + 2).context("too many workers")?;
             let spec = WorkerSpec {
-                target,
-                servers: servers.to_vec(),
+                target: clients.target,
+                servers: clients.servers.to_vec(),
                 first_user: first,
                 connections: end - first,
                 sources: (1..=SOURCES_PER_WORKER)
                     .map(|host| Ipv4Addr::new(127, octet, 0, host))
                     .collect(),
-                rate_per_sec: rate_per_sec / count,
-                heartbeat_secs,
-                app: creds.app.clone(),
-                token_secret: creds.token_secret.clone(),
-                subscribe: receiving.subscribe.map(str::to_owned),
-                ack_broadcasts: receiving.ack_broadcasts,
+                rate_per_sec: clients.rate_per_sec / count,
+                heartbeat_secs: clients.heartbeat_secs,
+                app: clients.creds.app.clone(),
+                token_secret: clients.creds.token_secret.clone(),
+                subscribe: clients.subscribe.map(str::to_owned),
+                ack_broadcasts: clients.ack_broadcasts,
+                transport: clients.transport,
+                ca_file: clients.ca_file.map(Path::to_owned),
             };
             let mut child = Command::new(&exe)
                 .arg("worker")

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::transport::{Pki, Transport};
+
 pub const APP: &str = "bench";
 pub const API_KEY: &str = "bench-api-key-0123456789";
 pub const TOKEN_SECRET: &str = "bench-token-secret-0123456789";
@@ -149,14 +151,39 @@ pub fn herald_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-pub fn herald_config(data_dir: &Path, heartbeat_secs: u64, io: &str) -> String {
-    format!(
+/// A `herald serve` config for the benchmark: one shard, one listener of
+/// `transport` on a free loopback port (with `pki`'s certificate for tls
+/// and wss), the API on another.
+pub fn herald_config(
+    data_dir: &Path,
+    heartbeat_secs: u64,
+    io: &str,
+    transport: Transport,
+    pki: Option<&Pki>,
+) -> anyhow::Result<String> {
+    // `listen` is the plain TCP listener; the others are listener tables.
+    let (listen, listeners) = match transport {
+        Transport::Tcp => ("listen = \"127.0.0.1:0\"\n", String::new()),
+        other => (
+            "",
+            format!("[[gateway.listeners]]\naddress = \"127.0.0.1:0\"\ntransport = \"{other}\"\n"),
+        ),
+    };
+    let tls = match (transport.uses_tls(), pki) {
+        (false, _) => String::new(),
+        (true, Some(pki)) => format!(
+            "[gateway.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            toml_path(&pki.cert_file)?,
+            toml_path(&pki.key_file)?
+        ),
+        (true, None) => bail!("a {transport} gateway needs a certificate"),
+    };
+    Ok(format!(
         r#"node_id = "bench"
-data_dir = "{data_dir}"
+data_dir = {data_dir:?}
 [gateway]
 io = "{io}"
-listen = "127.0.0.1:0"
-shards = 1
+{listen}shards = 1
 # Several gateways and the load generator share the CPUs: pinned, every
 # gateway's one shard would sit on the first CPU.
 pin_shards = false
@@ -165,15 +192,32 @@ unknown = {heartbeat_secs}
 wifi = {heartbeat_secs}
 cellular = {heartbeat_secs}
 wired = {heartbeat_secs}
-[api]
+{listeners}{tls}[api]
 listen = "127.0.0.1:0"
 [[apps]]
 id = "{APP}"
 api_key = "{API_KEY}"
 token_secret = "{TOKEN_SECRET}"
 "#,
-        data_dir = data_dir.display()
-    )
+        data_dir = toml_path(data_dir)?,
+    ))
+}
+
+/// A path as UTF-8, for a config file.
+fn toml_path(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// The address of a `herald: gateway listening on ADDR-or-URL (...)` line:
+/// `127.0.0.1:7100`, `tls://127.0.0.1:7100`, `wss://127.0.0.1:7100/v1/connect`.
+fn listening_addr(rest: &str) -> anyhow::Result<SocketAddr> {
+    let word = rest.split_whitespace().next().context("no address")?;
+    let authority = word.split_once("://").map_or(word, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or(authority);
+    authority
+        .parse()
+        .with_context(|| format!("{word:?} is not a gateway address"))
 }
 
 /// Starts a `herald serve` and waits until it listens.
@@ -183,11 +227,16 @@ pub fn start_herald(
     index: usize,
     heartbeat_secs: u64,
     io: &str,
+    transport: Transport,
+    pki: Option<&Pki>,
 ) -> anyhow::Result<Server> {
     let data_dir = dir.join(format!("gateway-{index}"));
     std::fs::create_dir_all(&data_dir)?;
     let config = data_dir.join("herald.toml");
-    std::fs::write(&config, herald_config(&data_dir, heartbeat_secs, io))?;
+    std::fs::write(
+        &config,
+        herald_config(&data_dir, heartbeat_secs, io, transport, pki)?,
+    )?;
     let mut child = Command::new(herald)
         .arg("serve")
         .arg("--config")
@@ -205,7 +254,7 @@ pub fn start_herald(
             .next()
             .context("herald serve exited before listening")??;
         if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
-            gateway = rest.split_whitespace().next().map(str::parse).transpose()?;
+            gateway = Some(listening_addr(rest)?);
         } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
             api = Some(rest.trim().parse()?);
         }
@@ -235,14 +284,32 @@ fn wait_listening(child: &mut Child, addr: SocketAddr, name: &str) -> anyhow::Re
     Ok(())
 }
 
-/// Starts a Mosquitto broker on a free loopback port.
-pub fn start_mosquitto(dir: &Path, index: usize) -> anyhow::Result<Server> {
+/// Starts a Mosquitto broker on a free loopback port; with `tls`, its one
+/// listener speaks MQTT over TLS with that certificate.
+pub fn start_mosquitto(dir: &Path, index: usize, tls: Option<&Pki>) -> anyhow::Result<Server> {
     let port = free_port()?;
     let config = dir.join(format!("mosquitto-{index}.conf"));
+    let certificate = match tls {
+        Some(pki) => format!(
+            "certfile {}\nkeyfile {}\n{}",
+            toml_path(&pki.cert_file)?,
+            toml_path(&pki.key_file)?,
+            // Started as root, Mosquitto becomes the `mosquitto` user before
+            // it reads the key, which only this process's user may read:
+            // it stays root then (the setting does nothing for other users).
+            // SAFETY: geteuid(2) has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                "user root\n"
+            } else {
+                ""
+            }
+        ),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+            "listener {port} 127.0.0.1\n{certificate}allow_anonymous true\nmax_connections -1\n\
              persistence false\nlog_dest none\n"
         ),
     )?;
@@ -258,11 +325,32 @@ pub fn start_mosquitto(dir: &Path, index: usize) -> anyhow::Result<Server> {
     Ok(Server::child(child, addr, None))
 }
 
-/// Starts a NATS server (core NATS, no JetStream) on a free loopback port.
-pub fn start_nats() -> anyhow::Result<Server> {
+/// How long the NATS server gives a client for its TLS handshake: Herald's
+/// auth timeout (10 s by default), which its handshake counts against, so
+/// that neither server drops slow handshakes the other would wait for
+/// during a connect storm on two cores (NATS's own default is 2 s).
+const NATS_TLS_TIMEOUT_SECS: u64 = 10;
+
+/// Starts a NATS server (core NATS, no JetStream) on a free loopback port;
+/// with `tls`, it requires TLS (after its INFO, as NATS does) with that
+/// certificate.
+pub fn start_nats(dir: &Path, index: usize, tls: Option<&Pki>) -> anyhow::Result<Server> {
     let port = free_port()?;
-    let mut child = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+    let mut command = Command::new("nats-server");
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(pki) = tls {
+        let config = dir.join(format!("nats-{index}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: {NATS_TLS_TIMEOUT_SECS}\n}}\n",
+                toml_path(&pki.cert_file)?,
+                toml_path(&pki.key_file)?
+            ),
+        )?;
+        command.arg("-c").arg(&config);
+    }
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -331,8 +419,9 @@ mod tests {
 
     #[test]
     fn the_herald_config_is_complete_toml() {
-        let text = herald_config(Path::new("data"), 60, "epoll");
+        let text = herald_config(Path::new("data"), 60, "epoll", Transport::Tcp, None).unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(value["gateway"]["listen"].as_str(), Some("127.0.0.1:0"));
         assert_eq!(value["gateway"]["io"].as_str(), Some("epoll"));
         assert_eq!(value["gateway"]["shards"].as_integer(), Some(1));
         assert_eq!(value["gateway"]["pin_shards"].as_bool(), Some(false));
@@ -340,5 +429,32 @@ mod tests {
             value["apps"][0]["token_secret"].as_str(),
             Some(TOKEN_SECRET)
         );
+    }
+
+    #[test]
+    fn a_tls_gateway_listens_with_the_certificate_and_no_plain_tcp() {
+        let pki = Pki::generate().unwrap();
+        let text =
+            herald_config(Path::new("data"), 60, "uring", Transport::Wss, Some(&pki)).unwrap();
+        let value: toml::Value = toml::from_str(&text).unwrap();
+        let gateway = &value["gateway"];
+        assert!(gateway.get("listen").is_none());
+        assert_eq!(gateway["listeners"][0]["transport"].as_str(), Some("wss"));
+        assert_eq!(gateway["tls"]["key_file"].as_str(), pki.key_file.to_str());
+        assert!(herald_config(Path::new("data"), 60, "uring", Transport::Tls, None).is_err());
+    }
+
+    #[test]
+    fn listening_lines_give_the_address_of_every_transport() {
+        for line in [
+            "127.0.0.1:7100 (tcp, 1 shards, uring)",
+            "tls://127.0.0.1:7100 (tls, 1 shards, uring)",
+            "wss://127.0.0.1:7100/v1/connect (wss, 1 shards, epoll)",
+        ] {
+            assert_eq!(
+                listening_addr(line).unwrap(),
+                "127.0.0.1:7100".parse().unwrap()
+            );
+        }
     }
 }

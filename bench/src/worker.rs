@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,9 +25,13 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer as _, V2Serializer};
 use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+use crate::conn::Conn;
+use crate::transport::Transport;
 
 /// How long a connect or a handshake may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -68,6 +73,17 @@ pub struct WorkerSpec {
     pub subscribe: Option<String>,
     /// Herald clients ack each broadcast.
     pub ack_broadcasts: bool,
+    /// What the clients speak under their protocol: tcp, tls (NATS: TLS
+    /// after the server's INFO), ws or wss (Herald only).
+    #[serde(default = "tcp")]
+    pub transport: Transport,
+    /// The CA certificate (PEM) the clients trust, for tls and wss.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn tcp() -> Transport {
+    Transport::Tcp
 }
 
 /// The user id of user number `u`, as clients bind and the API addresses it.
@@ -103,6 +119,8 @@ pub enum WorkerMessage {
 
 struct State {
     spec: WorkerSpec,
+    /// The clients' TLS configuration, for tls and wss.
+    tls: Option<TlsConnector>,
     progress: RefCell<Progress>,
     latency_us: RefCell<Histogram<u64>>,
     /// Connections with index below this are dropped at the next epoch.
@@ -130,6 +148,19 @@ fn unix_nanos() -> u128 {
 /// Runs a worker until its stdin closes.
 pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
     anyhow::ensure!(!spec.servers.is_empty() && !spec.sources.is_empty());
+    anyhow::ensure!(
+        !spec.transport.uses_websocket() || spec.target == Target::Herald,
+        "only Herald's clients speak WebSocket here"
+    );
+    anyhow::ensure!(
+        spec.transport == Transport::Tcp || spec.target != Target::Bare,
+        "bare sockets are plain TCP"
+    );
+    let tls = match (&spec.ca_file, spec.transport.uses_tls()) {
+        (Some(ca_file), true) => Some(crate::conn::tls_connector(ca_file)?),
+        (None, true) => anyhow::bail!("{} needs a CA file", spec.transport),
+        (_, false) => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -144,6 +175,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             drop_below: Cell::new(0),
             storming: Cell::new(false),
             spec,
+            tls,
         });
         let (drop_tx, drop_rx) = watch::channel(0u64);
         tokio::task::spawn_local(spawn_clients(state.clone(), drop_rx));
@@ -266,17 +298,25 @@ async fn session(
     drop_rx: &mut watch::Receiver<u64>,
 ) -> Ended {
     let spec = &state.spec;
-    let mut stream =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_from(source, server)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Ended::Failed(connect_error_kind(&error)),
-            Err(_) => return Ended::Failed("connect_timeout"),
-        };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_from(source, server)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Ended::Failed(connect_error_kind(&error)),
+        Err(_) => return Ended::Failed("connect_timeout"),
+    };
+    let mut conn = Conn::new(stream);
     let mut input = BytesMut::with_capacity(256);
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(spec, user, &mut stream, &mut input),
-    )
+    // TLS, the WebSocket upgrade and the protocol's own handshake, within
+    // one deadline: what a server must get through to accept a client.
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        // NATS starts TLS after its INFO, in `handshake`.
+        if spec.transport.uses_tls() && spec.target != Target::Nats {
+            conn.start_tls(tls(state)?, server.ip()).await?;
+        }
+        if spec.transport.uses_websocket() {
+            conn.upgrade_websocket(&server.to_string()).await?;
+        }
+        handshake(state, user, server, &mut conn, &mut input).await
+    })
     .await;
     match handshake {
         Ok(Ok(())) => {}
@@ -296,37 +336,34 @@ async fn session(
             }
         }
     }
-    let ended = hold(state, index, &mut stream, &mut input, drop_rx).await;
+    let ended = hold(state, index, &mut conn, &mut input, drop_rx).await;
     state.progress.borrow_mut().connected -= 1;
     ended
 }
 
-async fn send_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), &'static str> {
+fn tls(state: &State) -> Result<&TlsConnector, &'static str> {
+    state.tls.as_ref().ok_or("no_tls_config")
+}
+
+/// Sends one Herald frame (over WebSocket, as one message).
+async fn send_frame(conn: &mut Conn, frame: &Frame) -> Result<(), &'static str> {
     let mut buffer = BytesMut::new();
     encode(frame, &mut buffer).map_err(|_| "encode")?;
-    stream.write_all(&buffer).await.map_err(|_| "reset")
+    conn.send(&buffer).await
 }
 
-async fn read_more(stream: &mut TcpStream, input: &mut BytesMut) -> Result<(), &'static str> {
-    match stream.read_buf(input).await {
-        Ok(0) => Err("closed_by_server"),
-        Ok(_) => Ok(()),
-        Err(_) => Err("reset"),
-    }
-}
-
-async fn next_frame(stream: &mut TcpStream, input: &mut BytesMut) -> Result<Frame, &'static str> {
+async fn next_frame(conn: &mut Conn, input: &mut BytesMut) -> Result<Frame, &'static str> {
     loop {
         if let Some(frame) = decode(input).map_err(|_| "bad_frame")? {
             return Ok(frame);
         }
-        read_more(stream, input).await?;
+        conn.read_more(input).await?;
     }
 }
 
 /// Reads until `input` holds `needle`, and drops everything up to its end.
 async fn read_until(
-    stream: &mut TcpStream,
+    conn: &mut Conn,
     input: &mut BytesMut,
     needle: &[u8],
 ) -> Result<(), &'static str> {
@@ -335,7 +372,7 @@ async fn read_until(
             input.advance(at + needle.len());
             return Ok(());
         }
-        read_more(stream, input).await?;
+        conn.read_more(input).await?;
     }
 }
 
@@ -378,11 +415,13 @@ fn record_receipt(state: &State, payload: &[u8]) {
 }
 
 async fn handshake(
-    spec: &WorkerSpec,
+    state: &State,
     user: u64,
-    stream: &mut TcpStream,
+    server: SocketAddr,
+    stream: &mut Conn,
     input: &mut BytesMut,
 ) -> Result<(), &'static str> {
+    let spec = &state.spec;
     match spec.target {
         Target::Bare => Ok(()),
         Target::Herald => {
@@ -428,9 +467,9 @@ async fn handshake(
         Target::Mqtt => {
             let keepalive = u16::try_from(spec.heartbeat_secs).unwrap_or(u16::MAX);
             let connect = mqtt_connect(&format!("b{user}"), keepalive);
-            stream.write_all(&connect).await.map_err(|_| "reset")?;
+            stream.send(&connect).await?;
             while input.len() < 4 {
-                read_more(stream, input).await?;
+                stream.read_more(input).await?;
             }
             // CONNACK: 0x20, length 2, session present, return code 0.
             if input[0] != 0x20 || input[3] != 0 {
@@ -438,12 +477,9 @@ async fn handshake(
             }
             input.advance(4);
             if let Some(topic) = &spec.subscribe {
-                stream
-                    .write_all(&mqtt_subscribe(topic))
-                    .await
-                    .map_err(|_| "reset")?;
+                stream.send(&mqtt_subscribe(topic)).await?;
                 while input.len() < 5 {
-                    read_more(stream, input).await?;
+                    stream.read_more(input).await?;
                 }
                 // SUBACK: 0x90, length 3, packet id, granted QoS 0.
                 if input[0] != 0x90 || input[4] != 0 {
@@ -454,17 +490,22 @@ async fn handshake(
             Ok(())
         }
         Target::Nats => {
+            // INFO, in plain text; with TLS required, the client's
+            // handshake follows it, as the NATS clients do.
             read_until(stream, input, b"\r\n").await?;
+            let tls_required = spec.transport.uses_tls();
+            if tls_required {
+                stream.start_tls(tls(state)?, server.ip()).await?;
+            }
             let subscribe = spec
                 .subscribe
                 .as_ref()
                 .map_or_else(String::new, |subject| format!("SUB {subject} 1\r\n"));
-            let hello =
-                format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\n{subscribe}PING\r\n");
-            stream
-                .write_all(hello.as_bytes())
-                .await
-                .map_err(|_| "reset")?;
+            let hello = format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"tls_required\":{tls_required}}}\
+                 \r\n{subscribe}PING\r\n"
+            );
+            stream.send(hello.as_bytes()).await?;
             // The PONG also says the subscription is in place.
             read_until(stream, input, b"PONG\r\n").await
         }
@@ -476,7 +517,7 @@ async fn handshake(
 async fn hold(
     state: &State,
     index: u64,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     input: &mut BytesMut,
     drop_rx: &mut watch::Receiver<u64>,
 ) -> Ended {
@@ -496,20 +537,21 @@ async fn hold(
                 let sent = match spec.target {
                     Target::Bare => Ok(()),
                     Target::Herald => send_frame(stream, &Frame::Ping).await,
-                    Target::Mqtt => stream.write_all(&[0xC0, 0]).await.map_err(|_| "reset"),
-                    Target::Nats => stream.write_all(b"PING\r\n").await.map_err(|_| "reset"),
+                    Target::Mqtt => stream.send(&[0xC0, 0]).await,
+                    Target::Nats => stream.send(b"PING\r\n").await,
                 };
                 if let Err(kind) = sent {
                     return Ended::Failed(kind);
                 }
             }
-            read = stream.read_buf(input) => {
-                match read {
-                    Ok(0) => return Ended::Failed("closed_by_server"),
-                    Err(_) => return Ended::Failed("reset"),
-                    Ok(_) => {}
+            read = stream.read_more(input) => {
+                if let Err(kind) = read {
+                    return Ended::Failed(kind);
                 }
                 if let Err(kind) = handle_input(state, stream, input).await {
+                    return Ended::Failed(kind);
+                }
+                if let Err(kind) = stream.flush_replies().await {
                     return Ended::Failed(kind);
                 }
             }
@@ -519,7 +561,7 @@ async fn hold(
 
 async fn handle_input(
     state: &State,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     input: &mut BytesMut,
 ) -> Result<(), &'static str> {
     match state.spec.target {
@@ -567,7 +609,7 @@ async fn handle_input(
                 }
                 let line = input.split_to(at + 2);
                 if line.starts_with(b"PING") {
-                    stream.write_all(b"PONG\r\n").await.map_err(|_| "reset")?;
+                    stream.send(b"PONG\r\n").await?;
                 }
             }
         }

@@ -47,14 +47,18 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
     let report = successful_report(&output, &json);
     assert_eq!(report["failures_total"], 0);
     let results = &report["results"];
-    assert_eq!(results["connect"]["connections"], 2000);
-    assert!(results["connect"]["accept_per_sec"].as_f64().unwrap() > 0.0);
+    let connect = &results["connect"]["servers"]["herald"];
+    assert_eq!(connect["connections"], 2000);
+    assert!(connect["accept_per_sec"].as_f64().unwrap() > 0.0);
     let idle = &results["idle"];
     assert!(idle["bare"]["kernel_bytes_per_conn"].as_f64().unwrap() > 0.0);
-    assert!(idle["herald"]["rss_after_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(idle["push_to_all"]["latency_us"]["count"], 2000);
-    assert_eq!(results["push"]["received"], results["push"]["pushes"]);
-    assert_eq!(results["storm"]["dropped"], 400);
+    let herald = &idle["servers"]["herald"];
+    assert!(herald["rss_after_bytes"].as_u64().unwrap() > 0);
+    assert!(herald["load_generator_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(herald["push_to_all"]["latency_us"]["count"], 2000);
+    let push = &results["push"]["servers"]["herald"];
+    assert_eq!(push["received"], push["pushes"]);
+    assert_eq!(results["storm"]["servers"]["herald"]["dropped"], 400);
     for server in ["herald", "mosquitto", "nats"] {
         assert_eq!(
             results["peers"]["servers"][server]["connections"], 2000,
@@ -72,6 +76,48 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
             "{server}"
         );
     }
+}
+
+/// The encrypted paths: Herald over TLS and WSS, Mosquitto over TLS and the
+/// NATS server with TLS after its INFO, each with the certificate the
+/// benchmark makes, clients that handshake, receive and (Herald) ack.
+#[test]
+fn the_quick_benchmark_speaks_tls_and_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("tls.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(["broadcast", "--quick", "--connections", "500"])
+        .args(["--transport", "tls", "--transport", "wss"])
+        .args([
+            "--system",
+            "herald",
+            "--system",
+            "mosquitto",
+            "--system",
+            "nats",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--herald")
+        .arg(herald_bin())
+        .output()
+        .expect("run herald-bench");
+    let report = successful_report(&output, &json);
+    assert_eq!(report["failures_total"], 0);
+    let broadcast = &report["results"]["broadcast"];
+    for server in ["herald-tls", "herald-wss", "mosquitto-tls", "nats-tls"] {
+        let row = &broadcast["servers"][server];
+        assert_eq!(row["received"], 500, "{server}");
+        assert!(
+            row["ms_to_last_receipt"].as_f64().unwrap() > 0.0,
+            "{server}"
+        );
+    }
+    // The peers' clients speak MQTT and NATS over tcp and tls only.
+    assert_eq!(
+        broadcast["skipped"],
+        serde_json::json!(["mosquitto-wss", "nats-wss"])
+    );
 }
 
 /// A `herald serve` started by the test, killed when dropped.
@@ -144,7 +190,7 @@ token_secret = "external-token-secret-0123456789"
     let report = successful_report(&output, &json);
     assert_eq!(report["failures_total"], 0);
     assert_eq!(report["gateways"], 1);
-    let push = &report["results"]["push"];
+    let push = &report["results"]["push"]["servers"]["herald"];
     assert!(push["pushes"].as_u64().unwrap() > 0);
     assert_eq!(push["received"], push["pushes"]);
 

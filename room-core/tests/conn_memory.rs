@@ -6,43 +6,66 @@
 //!
 //! The slab slot itself is not counted here (the slab's storage is reserved
 //! before the first connection); its size is checked at compile time.
+//!
+//! Over TLS too: what an established TLS connection adds (its transport
+//! box and the session's key material). The clients run on a thread of
+//! their own whose allocations are not counted (a TLS client holds several
+//! KB), so that only the gateway's side is.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use herald_proto::plane::ShardEvent;
 use herald_proto::server::{HeartbeatIntervals, ServerConfig};
 use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
-use herald_room::{Gateway, GatewayConfig, IoDriver, ListenerConfig, TransportKind};
+use herald_room::{Gateway, GatewayConfig, IoDriver, ListenerConfig, TlsAcceptor, TransportKind};
 
 struct Counting;
 
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 static LIVE_ALLOCATIONS: AtomicI64 = AtomicI64::new(0);
 
+thread_local! {
+    /// Set on the clients' thread: its allocations are not the gateway's.
+    static UNCOUNTED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn counted() -> bool {
+    !UNCOUNTED.with(Cell::get)
+}
+
 // SAFETY: forwards every call to the system allocator unchanged and only
 // counts on the side.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        LIVE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        if counted() {
+            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            LIVE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: the caller's contract is passed on unchanged.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        LIVE_ALLOCATIONS.fetch_sub(1, Ordering::Relaxed);
+        if counted() {
+            LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+            LIVE_ALLOCATIONS.fetch_sub(1, Ordering::Relaxed);
+        }
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        if counted() {
+            LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -59,16 +82,57 @@ const CONNECTIONS: usize = 2_000;
 /// app, on top of its slab slot (see ARCHITECTURE.md, "Memory per
 /// connection").
 const HEAP_BYTES_PER_IDLE_CONN_MAX: i64 = 144;
+/// What an established TLS 1.3 connection may add: its transport box and
+/// its session (keys, IVs, sequence numbers, the two traffic secrets).
+const TLS_HEAP_BYTES_PER_IDLE_CONN_MAX: i64 = 320;
 
-fn config(io: IoDriver) -> GatewayConfig {
+/// A certificate for 127.0.0.1, and a client configuration trusting it.
+struct Pki {
+    acceptor: TlsAcceptor,
+    client: Arc<rustls::ClientConfig>,
+    _dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, made.cert.pem()).unwrap();
+        std::fs::write(&key_file, made.signing_key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Pki {
+            acceptor: TlsAcceptor::load(&cert_file, &key_file).unwrap(),
+            client: Arc::new(client),
+            _dir: dir,
+        }
+    }
+}
+
+trait Stream: Read + Write + Send {}
+
+impl<T: Read + Write + Send> Stream for T {}
+
+fn config(io: IoDriver, tls: Option<&Pki>) -> GatewayConfig {
     let interval = Duration::from_secs(60);
     GatewayConfig {
         io,
         listeners: vec![ListenerConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
-            transport: TransportKind::Tcp,
+            transport: if tls.is_some() {
+                TransportKind::Tls
+            } else {
+                TransportKind::Tcp
+            },
         }],
-        tls: None,
+        tls: tls.map(|pki| pki.acceptor.clone()),
         websocket: Default::default(),
         shards: 1,
         server: ServerConfig {
@@ -94,13 +158,14 @@ fn config(io: IoDriver) -> GatewayConfig {
     }
 }
 
-fn send(stream: &mut TcpStream, frame: &Frame) {
+fn send(stream: &mut dyn Stream, frame: &Frame) {
     let mut buffer = BytesMut::new();
     encode(frame, &mut buffer).unwrap();
     stream.write_all(&buffer).unwrap();
+    stream.flush().unwrap();
 }
 
-fn recv(stream: &mut TcpStream, buffer: &mut BytesMut) -> Frame {
+fn recv(stream: &mut dyn Stream, buffer: &mut BytesMut) -> Frame {
     loop {
         if let Some(frame) = decode(buffer).unwrap() {
             return frame;
@@ -112,8 +177,20 @@ fn recv(stream: &mut TcpStream, buffer: &mut BytesMut) -> Frame {
     }
 }
 
-fn connect_and_bind(gateway: std::net::SocketAddr, user: usize) -> TcpStream {
-    let mut stream = TcpStream::connect(gateway).unwrap();
+fn connect_and_bind(
+    gateway: std::net::SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    user: usize,
+) -> Box<dyn Stream> {
+    let tcp = TcpStream::connect(gateway).unwrap();
+    let mut stream: Box<dyn Stream> = match tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::from(gateway.ip());
+            let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+        None => Box::new(tcp),
+    };
     let expires = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -130,7 +207,7 @@ fn connect_and_bind(gateway: std::net::SocketAddr, user: usize) -> TcpStream {
     .unwrap();
     let mut buffer = BytesMut::new();
     send(
-        &mut stream,
+        &mut *stream,
         &Frame::Hello {
             device_id: format!("device-{user:07}"),
             client_version: "conn-memory/1".to_owned(),
@@ -138,11 +215,11 @@ fn connect_and_bind(gateway: std::net::SocketAddr, user: usize) -> TcpStream {
         },
     );
     assert!(matches!(
-        recv(&mut stream, &mut buffer),
+        recv(&mut *stream, &mut buffer),
         Frame::HelloOk { .. }
     ));
     send(
-        &mut stream,
+        &mut *stream,
         &Frame::Bind {
             app: APP.to_owned(),
             token,
@@ -151,33 +228,56 @@ fn connect_and_bind(gateway: std::net::SocketAddr, user: usize) -> TcpStream {
             tags: Vec::new(),
         },
     );
-    let reply = recv(&mut stream, &mut buffer);
+    let reply = recv(&mut *stream, &mut buffer);
     assert!(matches!(reply, Frame::BindOk { .. }), "{reply:?}");
     stream
 }
 
+/// One measurement at a time: the counters are the whole process's.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Live heap bytes and allocations per idle bound connection.
-fn measure(io: IoDriver) -> (f64, f64) {
+fn measure(io: IoDriver, tls: Option<&Pki>) -> (f64, f64) {
+    let _alone = MEASURING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (events_tx, events_rx) = async_channel::bounded(CONNECTIONS * 4);
-    let gateway = Gateway::start(config(io), events_tx).unwrap();
+    let gateway = Gateway::start(config(io, tls), events_tx).unwrap();
     let addr = gateway.local_addr();
-    // Warm up: the first connections grow pools and executor queues.
-    let warm: Vec<TcpStream> = (0..64).map(|i| connect_and_bind(addr, i)).collect();
+    let client_tls = tls.map(|pki| pki.client.clone());
+    // The clients' thread: 64 to warm up (the first connections grow pools
+    // and executor queues), then the measured ones, held until told.
+    let (step_tx, step_rx) = sync_channel::<()>(1);
+    let (done_tx, done_rx) = sync_channel::<()>(1);
+    let clients = std::thread::spawn(move || {
+        UNCOUNTED.with(|uncounted| uncounted.set(true));
+        let tls = client_tls.as_ref();
+        let warm: Vec<_> = (0..64).map(|i| connect_and_bind(addr, tls, i)).collect();
+        done_tx.send(()).unwrap();
+        step_rx.recv().unwrap();
+        let clients: Vec<_> = (0..CONNECTIONS)
+            .map(|i| connect_and_bind(addr, tls, 1_000 + i))
+            .collect();
+        done_tx.send(()).unwrap();
+        step_rx.recv().unwrap();
+        drop(clients);
+        drop(warm);
+    });
+    done_rx.recv().unwrap();
     wait_for_events(&events_rx, 64);
 
     let bytes_before = LIVE_BYTES.load(Ordering::Relaxed);
     let allocations_before = LIVE_ALLOCATIONS.load(Ordering::Relaxed);
-    let clients: Vec<TcpStream> = (0..CONNECTIONS)
-        .map(|i| connect_and_bind(addr, 1_000 + i))
-        .collect();
+    step_tx.send(()).unwrap();
+    done_rx.recv().unwrap();
     wait_for_events(&events_rx, CONNECTIONS);
     // Let the shard finish whatever the last BIND started.
     std::thread::sleep(Duration::from_millis(200));
     let bytes = LIVE_BYTES.load(Ordering::Relaxed) - bytes_before;
     let allocations = LIVE_ALLOCATIONS.load(Ordering::Relaxed) - allocations_before;
 
-    drop(clients);
-    drop(warm);
+    step_tx.send(()).unwrap();
+    clients.join().unwrap();
     drop(events_rx);
     gateway.join();
     let n = CONNECTIONS as f64;
@@ -203,7 +303,7 @@ fn wait_for_events(events: &async_channel::Receiver<ShardEvent>, bound: usize) {
 #[test]
 fn an_idle_bound_connection_stays_within_its_heap_budget() {
     for io in [IoDriver::Uring, IoDriver::Epoll] {
-        let (bytes, allocations) = measure(io);
+        let (bytes, allocations) = measure(io, None);
         println!(
             "{}: {bytes:.0} heap bytes and {allocations:.1} live allocations per idle bound connection",
             io.as_str()
@@ -212,6 +312,27 @@ fn an_idle_bound_connection_stays_within_its_heap_budget() {
             bytes <= HEAP_BYTES_PER_IDLE_CONN_MAX as f64,
             "{}: {bytes:.0} heap bytes per idle connection, budget {HEAP_BYTES_PER_IDLE_CONN_MAX}",
             io.as_str()
+        );
+    }
+}
+
+#[test]
+fn an_idle_tls_connection_adds_only_its_key_material() {
+    let pki = Pki::new();
+    for io in [IoDriver::Uring, IoDriver::Epoll] {
+        let (tcp, _) = measure(io, None);
+        let (bytes, allocations) = measure(io, Some(&pki));
+        println!(
+            "{} over TLS: {bytes:.0} heap bytes and {allocations:.1} live allocations per idle \
+             bound connection, {:.0} more than over TCP",
+            io.as_str(),
+            bytes - tcp
+        );
+        assert!(
+            bytes - tcp <= TLS_HEAP_BYTES_PER_IDLE_CONN_MAX as f64,
+            "{}: TLS adds {:.0} heap bytes per idle connection, budget {TLS_HEAP_BYTES_PER_IDLE_CONN_MAX}",
+            io.as_str(),
+            bytes - tcp
         );
     }
 }

@@ -3,18 +3,21 @@
 //! The handshake runs on rustls's sans-I/O unbuffered connection. Once it is
 //! done, the connection keeps no rustls connection and no buffer: only the
 //! negotiated suite, each direction's key, IV and sequence number, and (for
-//! TLS 1.3) the two traffic secrets, from which the next keys are derived
-//! when the client sends a KeyUpdate (RFC 8446 §7.2). Records are sealed and
-//! opened here with
-//! `ring`, in the shard's buffers, building each direction's key when a
-//! batch of records needs it: an idle encrypted connection costs its key
-//! material, not the expanded key schedules (over 500 bytes per direction
-//! for AES-GCM) nor rustls's buffers (about 3 KB per connection, measured).
-//! This is the design rustls's `kernel` module exists for (kTLS), with the
-//! record layer in user space because kTLS is not available everywhere.
-//! rustls's own `KernelConnection` would do the key derivation, but it
-//! costs about 800 bytes per connection, more than all the rest; the
-//! traffic secrets it would hold are captured instead (`SecretCapture`).
+//! TLS 1.3) the two application traffic secrets, from which a KeyUpdate's
+//! next keys are derived here (RFC 8446 §7.2). Records are sealed and
+//! opened here with `ring`, in the shard's buffers, building each
+//! direction's key when a batch of records needs it: an idle encrypted
+//! connection costs its key material, not the expanded key schedules (over
+//! 500 bytes per direction for AES-GCM) nor rustls's buffers (about 3 KB per
+//! connection, measured). This is the design rustls's `kernel` module exists
+//! for (kTLS), with the record layer in user space because kTLS is not
+//! available everywhere. rustls's `KernelConnection`, which could derive
+//! the next keys itself, is not kept: with it an idle TLS connection held
+//! 932 heap bytes more than a TCP one, 244 without (mostly QUIC state a
+//! TCP connection never uses; tests/conn_memory.rs counts it). The
+//! secrets are taken from rustls's key log while the connection's own
+//! handshake step runs (`SecretCapture`), and checked against the keys
+//! rustls hands over.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -147,6 +150,7 @@ impl TlsAcceptor {
             .map_err(|error| CertificateError::Config(error.to_string()))?;
         // ChaCha20-Poly1305 first (see `provider`).
         config.ignore_client_order = true;
+        // The TLS 1.3 traffic secrets, for KeyUpdate (see the module docs).
         config.key_log = Arc::new(SecretCapture);
         Ok(TlsAcceptor {
             config: Arc::new(config),
@@ -174,7 +178,8 @@ impl TlsAcceptor {
             .map(|conn| {
                 Tls::Handshaking(Box::new(Handshaking {
                     conn,
-                    secrets: TrafficSecrets::default(),
+                    client_secret: None,
+                    server_secret: None,
                 }))
             })
             .map_err(TlsError::Handshake)
@@ -241,130 +246,12 @@ impl ResolvesServerCert for ReloadableCertificate {
     }
 }
 
-/// TLS 1.3's application traffic secrets (RFC 8446 §7.1), kept to derive
-/// the keys after a KeyUpdate.
-#[derive(Clone, Default)]
-struct TrafficSecrets {
-    client: Option<Secret>,
-    server: Option<Secret>,
-}
-
-/// A traffic secret: the hash's length, 32 or 48 bytes.
-#[derive(Clone)]
-struct Secret {
-    bytes: [u8; 48],
-    len: u8,
-}
-
-impl Secret {
-    fn new(bytes: &[u8]) -> Option<Secret> {
-        let mut secret = Secret {
-            bytes: [0; 48],
-            len: u8::try_from(bytes.len()).ok().filter(|&len| len <= 48)?,
-        };
-        secret.bytes[..bytes.len()].copy_from_slice(bytes);
-        Some(secret)
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
-
-    /// The next generation (RFC 8446 §7.2), and its key and IV.
-    fn next(&self, aead: Aead) -> (Secret, DirectionKeys) {
-        let hash = if self.len == 48 {
-            hkdf::HKDF_SHA384
-        } else {
-            hkdf::HKDF_SHA256
-        };
-        let prk = hkdf::Prk::new_less_safe(hash, self.as_slice());
-        let mut next = Secret {
-            bytes: [0; 48],
-            len: self.len,
-        };
-        expand_label(
-            &prk,
-            b"traffic upd",
-            &mut next.bytes[..usize::from(self.len)],
-        );
-        let prk = hkdf::Prk::new_less_safe(hash, next.as_slice());
-        let key_len = aead.algorithm().key_len();
-        let mut keys = DirectionKeys {
-            key: [0; 32],
-            key_len: key_len as u8,
-            iv: [0; aead::NONCE_LEN],
-            // Sequence numbers start again with each key.
-            seq: 0,
-        };
-        expand_label(&prk, b"key", &mut keys.key[..key_len]);
-        expand_label(&prk, b"iv", &mut keys.iv);
-        (next, keys)
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        for byte in &mut self.bytes {
-            // SAFETY: a plain write to a byte we own; volatile so that the
-            // compiler keeps it although the memory is freed next.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
-    }
-}
-
-/// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 §7.1).
-fn expand_label(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
-    struct Len(usize);
-    impl hkdf::KeyType for Len {
-        fn len(&self) -> usize {
-            self.0
-        }
-    }
-    const PREFIX: &[u8] = b"tls13 ";
-    let length = (out.len() as u16).to_be_bytes();
-    let label_len = [(PREFIX.len() + label.len()) as u8];
-    let info: [&[u8]; 5] = [&length, &label_len, PREFIX, label, &[0]];
-    prk.expand(&info, Len(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .expect("a TLS 1.3 traffic secret expands to a key of its suite");
-}
-
-thread_local! {
-    /// The traffic secrets rustls derived during the current handshake
-    /// call on this thread (a shard runs one at a time).
-    static CAPTURED: RefCell<TrafficSecrets> = RefCell::default();
-}
-
-/// rustls's key log, used to keep the two TLS 1.3 application traffic
-/// secrets (rustls gives them out no other way) for the connection whose
-/// handshake is running on this thread.
-#[derive(Debug)]
-struct SecretCapture;
-
-const CLIENT_TRAFFIC_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
-const SERVER_TRAFFIC_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
-
-impl rustls::KeyLog for SecretCapture {
-    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
-        CAPTURED.with(|captured| {
-            let mut captured = captured.borrow_mut();
-            match label {
-                CLIENT_TRAFFIC_SECRET => captured.client = Secret::new(secret),
-                SERVER_TRAFFIC_SECRET => captured.server = Secret::new(secret),
-                _ => {}
-            }
-        });
-    }
-
-    fn will_log(&self, label: &str) -> bool {
-        matches!(label, CLIENT_TRAFFIC_SECRET | SERVER_TRAFFIC_SECRET)
-    }
-}
-
-/// A connection whose handshake is under way, and the secrets it produced.
+/// A connection during its handshake: rustls's connection, and the TLS 1.3
+/// application traffic secrets once its key schedule has logged them.
 pub(crate) struct Handshaking {
     conn: UnbufferedServerConnection,
-    secrets: TrafficSecrets,
+    client_secret: Option<TrafficSecret>,
+    server_secret: Option<TrafficSecret>,
 }
 
 /// A connection's TLS.
@@ -393,13 +280,19 @@ impl Tls {
     ) -> Result<TlsRead, TlsError> {
         let mut consumed = 0;
         if let Tls::Handshaking(handshaking) = self {
-            CAPTURED.with(|captured| *captured.borrow_mut() = TrafficSecrets::default());
-            let result = handshake(&mut handshaking.conn, input, reply, on_plain);
-            let captured = CAPTURED.with(|captured| captured.take());
-            if captured.client.is_some() {
-                handshaking.secrets = captured;
+            // Whatever the key log gets while this step runs belongs to
+            // this connection: the shard runs one step at a time.
+            CAPTURED.with(|captured| *captured.borrow_mut() = Some(Captured::default()));
+            let step = handshake(&mut handshaking.conn, input, reply, on_plain);
+            if let Some(captured) = CAPTURED.with(|captured| captured.borrow_mut().take()) {
+                if captured.client.is_some() {
+                    handshaking.client_secret = captured.client;
+                }
+                if captured.server.is_some() {
+                    handshaking.server_secret = captured.server;
+                }
             }
-            match result? {
+            match step? {
                 Handshake::Blocked { consumed: used } => {
                     return Ok(TlsRead {
                         consumed: used,
@@ -518,6 +411,13 @@ enum Aead {
 }
 
 impl Aead {
+    fn key_len(self) -> usize {
+        match self {
+            Aead::Aes128Gcm => 16,
+            Aead::Aes256Gcm | Aead::Chacha20Poly1305 => 32,
+        }
+    }
+
     fn algorithm(self) -> &'static aead::Algorithm {
         match self {
             Aead::Aes128Gcm => &aead::AES_128_GCM,
@@ -546,15 +446,43 @@ impl DirectionKeys {
             }
             _ => return Err(TlsError::Record("an AEAD this gateway does not implement")),
         };
+        Ok((
+            aead,
+            DirectionKeys::from_parts(seq, key.as_ref(), iv.as_ref())?,
+        ))
+    }
+
+    fn from_parts(seq: u64, key: &[u8], iv: &[u8]) -> Result<DirectionKeys, TlsError> {
+        if key.len() > 32 || iv.len() != aead::NONCE_LEN {
+            return Err(TlsError::Record("a key or IV of an unexpected length"));
+        }
         let mut keys = DirectionKeys {
             key: [0; 32],
-            key_len: key.as_ref().len() as u8,
+            key_len: key.len() as u8,
             iv: [0; aead::NONCE_LEN],
             seq,
         };
-        keys.key[..key.as_ref().len()].copy_from_slice(key.as_ref());
-        keys.iv.copy_from_slice(iv.as_ref());
-        Ok((aead, keys))
+        keys.key[..key.len()].copy_from_slice(key);
+        keys.iv.copy_from_slice(iv);
+        Ok(keys)
+    }
+
+    /// The keys of a TLS 1.3 traffic secret (RFC 8446 §7.3), sequence 0.
+    fn derive(aead: Aead, secret: &TrafficSecret) -> DirectionKeys {
+        let mut key = [0u8; 32];
+        let key = &mut key[..aead.key_len()];
+        let mut iv = [0u8; aead::NONCE_LEN];
+        secret.expand_label(b"key", key);
+        secret.expand_label(b"iv", &mut iv);
+        let keys = DirectionKeys::from_parts(0, key, &iv).expect("lengths of the suite");
+        key.fill(0);
+        iv.fill(0);
+        keys
+    }
+
+    /// The same key and IV (not the sequence number).
+    fn same_key(&self, other: &DirectionKeys) -> bool {
+        self.key_len == other.key_len && self.key == other.key && self.iv == other.iv
     }
 
     fn expand(&self, aead: Aead) -> aead::LessSafeKey {
@@ -591,32 +519,51 @@ pub(crate) struct Session {
     aead: Aead,
     tx: DirectionKeys,
     rx: DirectionKeys,
-    /// TLS 1.3: what the keys after a KeyUpdate come from.
-    secrets: TrafficSecrets,
+    /// TLS 1.3: the current application traffic secrets, client's (rx)
+    /// and ours (tx), from which a KeyUpdate derives the next keys.
+    secrets: Option<[TrafficSecret; 2]>,
 }
 
 impl Session {
     fn from_handshake(handshaking: Handshaking) -> Result<Session, TlsError> {
-        let Handshaking { conn, secrets } = handshaking;
-        // The kernel connection is dropped: the captured secrets stand in
-        // for it, at a tenth of its size.
-        let (extracted, kernel) = conn
+        let Handshaking {
+            conn,
+            client_secret,
+            server_secret,
+        } = handshaking;
+        let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(TlsError::Handshake)?;
         let version = kernel.protocol_version();
-        let (aead, tx) = DirectionKeys::new(extracted.tx.0, extracted.tx.1)?;
-        let (_, rx) = DirectionKeys::new(extracted.rx.0, extracted.rx.1)?;
-        let tls13 = version == ProtocolVersion::TLSv1_3;
+        // Only the secrets are kept: not rustls's connection.
+        drop(kernel);
+        let (aead, tx) = DirectionKeys::new(secrets.tx.0, secrets.tx.1)?;
+        let (_, rx) = DirectionKeys::new(secrets.rx.0, secrets.rx.1)?;
+        let secrets = if version == ProtocolVersion::TLSv1_3 {
+            let (Some(client), Some(server)) = (client_secret, server_secret) else {
+                return Err(TlsError::Record(
+                    "the TLS 1.3 traffic secrets were not logged",
+                ));
+            };
+            // They must give the keys rustls negotiated, or a KeyUpdate
+            // would derive wrong ones.
+            if !DirectionKeys::derive(aead, &client).same_key(&rx)
+                || !DirectionKeys::derive(aead, &server).same_key(&tx)
+            {
+                return Err(TlsError::Record(
+                    "the logged traffic secrets do not give the negotiated keys",
+                ));
+            }
+            Some([client, server])
+        } else {
+            None
+        };
         Ok(Session {
             version,
             aead,
             tx,
             rx,
-            secrets: if tls13 {
-                secrets
-            } else {
-                TrafficSecrets::default()
-            },
+            secrets,
         })
     }
 
@@ -782,30 +729,133 @@ impl Session {
         Ok((plain[type_at], &plain[..type_at]))
     }
 
-    /// The client's next keys, after its KeyUpdate.
     fn update_rx(&mut self) -> Result<(), TlsError> {
-        let secret = self
+        let [client, _] = self
             .secrets
-            .client
-            .as_ref()
-            .ok_or(TlsError::Record("a KeyUpdate without the traffic secret"))?;
-        let (next, keys) = secret.next(self.aead);
-        self.secrets.client = Some(next);
-        self.rx = keys;
+            .as_mut()
+            .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
+        client.update();
+        self.rx = DirectionKeys::derive(self.aead, client);
         Ok(())
     }
 
-    /// Our next keys, after our KeyUpdate.
     fn update_tx(&mut self) -> Result<(), TlsError> {
-        let secret = self
+        let [_, server] = self
             .secrets
-            .server
-            .as_ref()
-            .ok_or(TlsError::Record("a KeyUpdate without the traffic secret"))?;
-        let (next, keys) = secret.next(self.aead);
-        self.secrets.server = Some(next);
-        self.tx = keys;
+            .as_mut()
+            .ok_or(TlsError::Record("KeyUpdate in TLS 1.2"))?;
+        server.update();
+        self.tx = DirectionKeys::derive(self.aead, server);
         Ok(())
+    }
+}
+
+/// A TLS 1.3 application traffic secret: the length of the suite's hash,
+/// SHA-256 (32 bytes) or SHA-384 (48).
+pub(crate) struct TrafficSecret {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl TrafficSecret {
+    fn new(secret: &[u8]) -> Option<TrafficSecret> {
+        if !matches!(secret.len(), 32 | 48) {
+            return None;
+        }
+        let mut bytes = [0; 48];
+        bytes[..secret.len()].copy_from_slice(secret);
+        Some(TrafficSecret {
+            bytes,
+            len: secret.len() as u8,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 §7.1).
+    fn expand_label(&self, label: &[u8], out: &mut [u8]) {
+        let algorithm = if self.len == 48 {
+            hkdf::HKDF_SHA384
+        } else {
+            hkdf::HKDF_SHA256
+        };
+        let prk = hkdf::Prk::new_less_safe(algorithm, self.as_slice());
+        let out_len = (out.len() as u16).to_be_bytes();
+        let label_len = [(b"tls13 ".len() + label.len()) as u8];
+        let info: [&[u8]; 5] = [&out_len, &label_len, b"tls13 ", label, &[0]];
+        prk.expand(&info, OutputLen(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .expect("HKDF output of a key's, IV's or secret's length");
+    }
+
+    /// The next generation: application_traffic_secret_N+1 (RFC 8446 §7.2).
+    fn update(&mut self) {
+        let mut next = [0u8; 48];
+        let len = usize::from(self.len);
+        self.expand_label(b"traffic upd", &mut next[..len]);
+        self.bytes = next;
+        next.fill(0);
+    }
+}
+
+impl Drop for TrafficSecret {
+    fn drop(&mut self) {
+        for byte in &mut self.bytes {
+            // SAFETY: as in DirectionKeys' drop.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+struct OutputLen(usize);
+
+impl hkdf::KeyType for OutputLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+const CLIENT_TRAFFIC_SECRET_0: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET_0: &str = "SERVER_TRAFFIC_SECRET_0";
+
+/// The secrets logged while one connection's handshake step runs.
+#[derive(Default)]
+struct Captured {
+    client: Option<TrafficSecret>,
+    server: Option<TrafficSecret>,
+}
+
+thread_local! {
+    /// Set by `Tls::read` around a handshake step, on the shard's thread:
+    /// rustls logs the connection's secrets from inside that step.
+    static CAPTURED: RefCell<Option<Captured>> = const { RefCell::new(None) };
+}
+
+/// rustls's key log, kept to the two TLS 1.3 application traffic secrets
+/// and handed to the connection whose handshake step is running on this
+/// thread (nothing is written anywhere).
+#[derive(Debug)]
+struct SecretCapture;
+
+impl rustls::KeyLog for SecretCapture {
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, CLIENT_TRAFFIC_SECRET_0 | SERVER_TRAFFIC_SECRET_0)
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CAPTURED.with(|captured| {
+            let mut captured = captured.borrow_mut();
+            let Some(captured) = captured.as_mut() else {
+                return;
+            };
+            match label {
+                CLIENT_TRAFFIC_SECRET_0 => captured.client = TrafficSecret::new(secret),
+                SERVER_TRAFFIC_SECRET_0 => captured.server = TrafficSecret::new(secret),
+                _ => {}
+            }
+        });
     }
 }
 
@@ -1010,29 +1060,47 @@ mod tests {
 
     #[test]
     fn a_client_key_update_is_followed_in_both_directions() {
+        // Each hash (SHA-384 for AES-256), and again: every generation of
+        // the secrets derives the keys rustls's client derives.
         for suite in [
             rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
             rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
         ] {
             let mut pair = pair(&rustls::version::TLS13, suite);
-            // Twice: each generation derives from the last.
-            for round in 0..2 {
+            for round in 0..3 {
                 // rustls asks for our update too.
                 pair.client.refresh_traffic_keys().unwrap();
-                pair.client.writer().write_all(b"after the update").unwrap();
+                let text = format!("after update {round}");
+                pair.client.writer().write_all(text.as_bytes()).unwrap();
                 pair.client_to_server().unwrap();
-                assert_eq!(
-                    std::mem::take(&mut pair.received),
-                    b"after the update",
-                    "{suite:?} round {round}"
-                );
+                assert_eq!(std::mem::take(&mut pair.received), text.as_bytes());
                 let mut sealed = BytesMut::new();
                 pair.server.encrypt(b"with new keys", &mut sealed).unwrap();
                 pair.server_to_client(&sealed);
-                assert_eq!(pair.client_reads(), b"with new keys", "{suite:?} round {round}");
+                assert_eq!(pair.client_reads(), b"with new keys", "{suite:?}");
             }
         }
+    }
+
+    #[test]
+    fn an_established_session_keeps_only_key_material() {
+        // Keys, IVs, sequence numbers and two traffic secrets; rustls's
+        // KernelConnection (hundreds of bytes, with a boxed state) is not
+        // kept.
+        assert!(
+            std::mem::size_of::<Session>() <= 256,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+        let pair = pair(
+            &rustls::version::TLS13,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        );
+        let Tls::Established(session) = &pair.server else {
+            panic!("established");
+        };
+        assert!(session.secrets.is_some());
     }
 
     #[test]
