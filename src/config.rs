@@ -156,28 +156,7 @@ pub struct GatewaySection {
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
     pub address: SocketAddr,
-    pub transport: TransportSetting,
-}
-
-/// A listener's transport, as the config spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportSetting {
-    Tcp,
-    Tls,
-    Ws,
-    Wss,
-}
-
-impl TransportSetting {
-    pub fn kind(self) -> herald_room::TransportKind {
-        match self {
-            TransportSetting::Tcp => herald_room::TransportKind::Tcp,
-            TransportSetting::Tls => herald_room::TransportKind::Tls,
-            TransportSetting::Ws => herald_room::TransportKind::Ws,
-            TransportSetting::Wss => herald_room::TransportKind::Wss,
-        }
-    }
+    pub transport: herald_proto::Transport,
 }
 
 /// `[gateway.tls]`: PEM files; SIGHUP reads them again.
@@ -549,7 +528,7 @@ impl Config {
                 .iter()
                 .map(|listener| herald_room::ListenerConfig {
                     addr: listener.address,
-                    transport: listener.transport.kind(),
+                    transport: listener.transport,
                 }),
         )
         .collect()
@@ -813,5 +792,50 @@ mod tests {
             Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)
         );
         assert_eq!(http.connections_max, 64);
+    }
+
+    #[test]
+    fn listeners_come_after_the_tcp_listen_and_tls_ones_need_a_certificate() {
+        let text = |tls: &str, listen: &str| {
+            format!(
+                r#"
+                [gateway]
+                {listen}
+                [[gateway.listeners]]
+                address = "0.0.0.0:443"
+                transport = "wss"
+                [[gateway.listeners]]
+                address = "0.0.0.0:8081"
+                transport = "ws"
+                {tls}
+                [[apps]]
+                id = "chat"
+                api_key = "0123456789abcdef"
+                token_secret = "0123456789abcdef0123"
+            "#
+            )
+        };
+        let tls = "[gateway.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"";
+        let config: Config = toml::from_str(&text(tls, "listen = \"0.0.0.0:7070\"")).unwrap();
+        config.validate().unwrap();
+        let listeners: Vec<String> = config
+            .gateway_listeners()
+            .iter()
+            .map(|l| format!("{} {}", l.transport, l.addr))
+            .collect();
+        assert_eq!(
+            listeners,
+            ["tcp 0.0.0.0:7070", "wss 0.0.0.0:443", "ws 0.0.0.0:8081"]
+        );
+        // Without `listen`, only the listeners named.
+        let config: Config = toml::from_str(&text(tls, "")).unwrap();
+        assert_eq!(config.gateway_listeners().len(), 2);
+        // A wss listener and no certificate: refused, naming the listener.
+        let config: Config = toml::from_str(&text("", "")).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("0.0.0.0:443 (wss)"), "{error}");
+        // An unknown transport is a parse error.
+        let bad = text(tls, "").replace("\"ws\"", "\"udp\"");
+        assert!(toml::from_str::<Config>(&bad).is_err());
     }
 }

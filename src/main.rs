@@ -158,17 +158,7 @@ fn parse_listener(text: &str) -> Result<config::ListenerSection, String> {
     let (transport, address) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not TRANSPORT=ADDRESS, e.g. wss=0.0.0.0:443"))?;
-    let transport = match transport {
-        "tcp" => config::TransportSetting::Tcp,
-        "tls" => config::TransportSetting::Tls,
-        "ws" => config::TransportSetting::Ws,
-        "wss" => config::TransportSetting::Wss,
-        other => {
-            return Err(format!(
-                "transport {other:?} is not one of tcp, tls, ws, wss"
-            ));
-        }
-    };
+    let transport = transport.parse()?;
     let address = address
         .parse()
         .map_err(|error| format!("{address:?} is not an address: {error}"))?;
@@ -317,11 +307,11 @@ fn use_self_signed_certificate(config: &mut Config) -> anyhow::Result<()> {
         .gateway
         .listeners
         .iter()
-        .any(|listener| listener.transport.kind().uses_tls());
+        .any(|listener| listener.transport.uses_tls());
     if !uses_tls {
         for (address, transport) in [
-            (SELF_SIGNED_TLS_LISTEN, config::TransportSetting::Tls),
-            (SELF_SIGNED_WSS_LISTEN, config::TransportSetting::Wss),
+            (SELF_SIGNED_TLS_LISTEN, TransportKind::Tls),
+            (SELF_SIGNED_WSS_LISTEN, TransportKind::Wss),
         ] {
             config.gateway.listeners.push(config::ListenerSection {
                 address: address.parse().expect("valid default"),

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::pool::{Clients, Workers};
 use crate::systems::Server;
-use crate::transport::Transport;
+use crate::transport::{Transport, row_name};
 use crate::worker::{Target, mqtt_connect};
 use crate::{
     Common, now_nanos, percentiles, rows_to_measure, settle_after_teardown, start_servers,
@@ -54,7 +54,7 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
         } else {
             name
         };
-        let name = transport.row_name(name);
+        let name = row_name(transport, name);
         let row = fan_out(common, target, transport, &mut servers, &name).await?;
         failures_total += row["failures_total"].as_u64().unwrap_or(0);
         rows.insert(name, row);

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::pool::{Clients, Workers, progress_bar};
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS, Server};
-use crate::transport::{Pki, Transport};
+use crate::transport::{Pki, Transport, row_name};
 use crate::worker::{Target, user_id};
 
 #[derive(Parser)]
@@ -128,7 +128,7 @@ struct Common {
     /// several in one run, each against its own servers; default tcp).
     /// Mosquitto and NATS are measured over tcp and tls; bare sockets are
     /// always plain TCP.
-    #[arg(long = "transport", value_name = "TRANSPORT", value_enum)]
+    #[arg(long = "transport", value_name = "TRANSPORT")]
     transports: Vec<Transport>,
     /// With --gateway and a tls or wss transport: the CA certificate (PEM)
     /// the running gateways' certificate is checked against (it must name
@@ -534,7 +534,7 @@ fn rows_json(rows: serde_json::Map<String, Value>) -> Value {
 fn connect(common: &Common) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     for transport in common.transports() {
-        let name = transport.row_name("herald");
+        let name = row_name(transport, "herald");
         rows.insert(name.clone(), connect_one(common, transport, &name)?);
     }
     Ok(rows_json(rows))
@@ -567,7 +567,7 @@ async fn idle(common: &Common) -> anyhow::Result<Value> {
     let bare = bare_baseline(common)?;
     let mut rows = serde_json::Map::new();
     for transport in common.transports() {
-        let name = transport.row_name("herald");
+        let name = row_name(transport, "herald");
         rows.insert(
             name.clone(),
             idle_one(common, transport, &bare, &name).await?,
@@ -715,7 +715,7 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 async fn push(common: &Common) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     for transport in common.transports() {
-        let name = transport.row_name("herald");
+        let name = row_name(transport, "herald");
         rows.insert(name.clone(), push_one(common, transport, &name).await?);
     }
     Ok(rows_json(rows))
@@ -805,7 +805,7 @@ async fn push_one(common: &Common, transport: Transport, label: &str) -> anyhow:
 fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
     for transport in common.transports() {
-        let name = transport.row_name("herald");
+        let name = row_name(transport, "herald");
         rows.insert(name.clone(), storm_one(common, fraction, transport, &name)?);
     }
     Ok(rows_json(rows))
@@ -923,7 +923,7 @@ fn rows_to_measure(common: &Common) -> (Vec<(&'static str, Target, Transport)>, 
             if speaks(target, transport) {
                 measured.push((name, target, transport));
             } else {
-                skipped.push(transport.row_name(name));
+                skipped.push(row_name(transport, name));
             }
         }
     }
@@ -944,7 +944,7 @@ fn peers(common: &Common) -> anyhow::Result<Value> {
     for (name, target, transport) in measured.into_iter().filter(|&(_, t, _)| t != Target::Bare) {
         let dir = tempfile::tempdir()?;
         let servers = start_servers(common, target, transport, dir.path())?;
-        let name = transport.row_name(name);
+        let name = row_name(transport, name);
         let (density, workers) = measure_density(&servers, target, transport, common, &name)?;
         drop(workers);
         drop(servers);

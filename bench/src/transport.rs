@@ -13,55 +13,15 @@ use rustls::RootCertStore;
 use rustls::client::Resumption;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
-use serde::{Deserialize, Serialize};
 
-/// A transport clients speak to the servers under test.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// Plain TCP.
-    Tcp,
-    /// TLS over TCP (for NATS: TLS after the server's INFO, as its clients do).
-    Tls,
-    /// WebSocket over TCP (Herald only).
-    Ws,
-    /// WebSocket over TLS (Herald only).
-    Wss,
-}
+pub use herald_proto::Transport;
 
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-            Transport::Ws => "ws",
-            Transport::Wss => "wss",
-        }
-    }
-
-    pub fn uses_tls(self) -> bool {
-        matches!(self, Transport::Tls | Transport::Wss)
-    }
-
-    pub fn uses_websocket(self) -> bool {
-        matches!(self, Transport::Ws | Transport::Wss)
-    }
-
-    /// A row's name in the tables: the system, with the transport unless
-    /// it is plain TCP (`herald`, `herald-tls`, `mosquitto-tls`).
-    pub fn row_name(self, system: &str) -> String {
-        match self {
-            Transport::Tcp => system.to_owned(),
-            other => format!("{system}-{}", other.as_str()),
-        }
-    }
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+/// A row's name in the tables: the system, with the transport unless it
+/// is plain TCP (`herald`, `herald-tls`, `mosquitto-tls`).
+pub fn row_name(transport: Transport, system: &str) -> String {
+    match transport {
+        Transport::Tcp => system.to_owned(),
+        other => format!("{system}-{}", other.as_str()),
     }
 }
 
@@ -151,9 +111,9 @@ mod tests {
 
     #[test]
     fn row_names_carry_the_transport_unless_tcp() {
-        assert_eq!(Transport::Tcp.row_name("herald"), "herald");
-        assert_eq!(Transport::Wss.row_name("herald"), "herald-wss");
-        assert_eq!(Transport::Tls.row_name("nats"), "nats-tls");
+        assert_eq!(row_name(Transport::Tcp, "herald"), "herald");
+        assert_eq!(row_name(Transport::Wss, "herald"), "herald-wss");
+        assert_eq!(row_name(Transport::Tls, "nats"), "nats-tls");
     }
 
     #[test]

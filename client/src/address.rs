@@ -6,67 +6,22 @@ use std::fmt;
 use std::net::Ipv6Addr;
 use std::str::FromStr;
 
-/// What carries the frames to a gateway (docs/protocol.md, Transports).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// The TCP byte stream.
-    Tcp,
-    /// TLS over TCP.
-    Tls,
-    /// WebSocket over TCP, one frame per binary message.
-    Ws,
-    /// WebSocket over TLS.
-    Wss,
+pub use herald_proto::Transport;
+use herald_proto::transport::WEBSOCKET_PATH;
+
+/// The transport a URL scheme names (any case).
+fn transport_of_scheme(scheme: &str) -> Option<Transport> {
+    scheme.to_ascii_lowercase().parse().ok()
 }
 
-impl Transport {
-    /// The URL scheme, as the dispatcher's `transport` parameter names it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-            Transport::Ws => "ws",
-            Transport::Wss => "wss",
-        }
-    }
-
-    pub fn is_tls(self) -> bool {
-        matches!(self, Transport::Tls | Transport::Wss)
-    }
-
-    pub fn is_websocket(self) -> bool {
-        matches!(self, Transport::Ws | Transport::Wss)
-    }
-
-    fn from_scheme(scheme: &str) -> Option<Transport> {
-        match scheme.to_ascii_lowercase().as_str() {
-            "tcp" => Some(Transport::Tcp),
-            "tls" => Some(Transport::Tls),
-            "ws" => Some(Transport::Ws),
-            "wss" => Some(Transport::Wss),
-            _ => None,
-        }
-    }
-
-    /// The port a URL without one means; tcp and tls have no usual port.
-    fn default_port(self) -> Option<u16> {
-        match self {
-            Transport::Tcp | Transport::Tls => None,
-            Transport::Ws => Some(80),
-            Transport::Wss => Some(443),
-        }
+/// The port a URL without one means; tcp and tls have no usual port.
+fn default_port(transport: Transport) -> Option<u16> {
+    match transport {
+        Transport::Tcp | Transport::Tls => None,
+        Transport::Ws => Some(80),
+        Transport::Wss => Some(443),
     }
 }
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The path of the gateway's WebSocket endpoint, used when a ws or wss URL
-/// names none.
-const WEBSOCKET_PATH: &str = "/v1/connect";
 
 /// A parsed gateway address. Displays in its full form: `host:port` for
 /// tcp, a URL for the others.
@@ -145,7 +100,7 @@ impl FromStr for GatewayAddress {
     fn from_str(text: &str) -> Result<GatewayAddress, GatewayAddressError> {
         let (transport, rest) = match text.split_once("://") {
             Some((scheme, rest)) => (
-                Transport::from_scheme(scheme)
+                transport_of_scheme(scheme)
                     .ok_or_else(|| GatewayAddressError::UnknownTransport(scheme.to_owned()))?,
                 rest,
             ),
@@ -161,11 +116,9 @@ impl FromStr for GatewayAddress {
                 Ok(port) if port != 0 => port,
                 _ => return Err(GatewayAddressError::InvalidPort(port.to_owned())),
             },
-            None => transport
-                .default_port()
-                .ok_or(GatewayAddressError::MissingPort(transport))?,
+            None => default_port(transport).ok_or(GatewayAddressError::MissingPort(transport))?,
         };
-        let path = if transport.is_websocket() {
+        let path = if transport.uses_websocket() {
             if path.is_empty() {
                 WEBSOCKET_PATH.to_owned()
             } else if path

@@ -53,7 +53,7 @@ impl FrameTransport {
         tls: &mut TlsTrust,
     ) -> Result<FrameTransport, String> {
         // Before connecting: without a configuration there is nothing to try.
-        let tls_config = if address.transport().is_tls() {
+        let tls_config = if address.transport().uses_tls() {
             Some(tls.config().await?)
         } else {
             None
@@ -74,7 +74,7 @@ impl FrameTransport {
             }
             None => Box::new(tcp),
         };
-        if !address.transport().is_websocket() {
+        if !address.transport().uses_websocket() {
             return Ok(FrameTransport::Stream {
                 stream,
                 input: BytesMut::with_capacity(4 * 1024),

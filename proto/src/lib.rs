@@ -22,6 +22,7 @@ pub mod plane;
 pub mod rate;
 pub mod server;
 pub mod token;
+pub mod transport;
 
 pub use codec::{DecodeError, EncodeError, decode, decode_slice, encode, encoded_len};
 pub use frame::{
@@ -29,3 +30,4 @@ pub use frame::{
     UpstreamStatus,
 };
 pub use token::{TokenClaims, TokenError, sign_token, verify_token};
+pub use transport::Transport;

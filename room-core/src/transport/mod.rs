@@ -7,9 +7,6 @@
 mod tls;
 mod ws;
 
-use std::fmt;
-use std::str::FromStr;
-
 use bytes::BytesMut;
 
 pub(crate) use tls::Tls;
@@ -19,65 +16,7 @@ pub(crate) use ws::{header_len as ws_header_len, read as ws_read, upgrade as ws_
 pub(crate) use ws::{write_binary_header, write_close, write_message};
 
 /// A listener's transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TransportKind {
-    Tcp,
-    Tls,
-    Ws,
-    Wss,
-}
-
-impl TransportKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportKind::Tcp => "tcp",
-            TransportKind::Tls => "tls",
-            TransportKind::Ws => "ws",
-            TransportKind::Wss => "wss",
-        }
-    }
-
-    pub fn uses_tls(self) -> bool {
-        matches!(self, TransportKind::Tls | TransportKind::Wss)
-    }
-
-    pub fn uses_websocket(self) -> bool {
-        matches!(self, TransportKind::Ws | TransportKind::Wss)
-    }
-
-    /// How a client names a gateway of this transport at `addr`
-    /// (`host:port` for plain TCP, a URL for the others).
-    pub fn url(self, addr: &str) -> String {
-        match self {
-            TransportKind::Tcp => addr.to_owned(),
-            TransportKind::Tls => format!("tls://{addr}"),
-            TransportKind::Ws | TransportKind::Wss => {
-                format!("{}://{addr}{}", self.as_str(), ws::PATH)
-            }
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TransportKind {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "tcp" => Ok(TransportKind::Tcp),
-            "tls" => Ok(TransportKind::Tls),
-            "ws" => Ok(TransportKind::Ws),
-            "wss" => Ok(TransportKind::Wss),
-            other => Err(format!(
-                "unknown transport {other:?} (expected tcp, tls, ws or wss)"
-            )),
-        }
-    }
-}
+pub use herald_proto::Transport as TransportKind;
 
 /// WebSocket settings shared by a gateway's ws and wss listeners.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -7,10 +7,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{BufMut, BytesMut};
+use herald_proto::transport::WEBSOCKET_PATH as PATH;
 use sha1::{Digest, Sha1};
-
-/// The path clients upgrade on.
-pub(crate) const PATH: &str = "/v1/connect";
 /// The subprotocol a client may offer.
 pub(crate) const SUBPROTOCOL: &str = "herald.v1";
 /// Largest upgrade request head.
