@@ -121,7 +121,8 @@ pub struct ClusterSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
-    pub io: IoSetting,
+    /// `None`: io_uring where the kernel allows it, else epoll.
+    pub io: Option<IoSetting>,
     /// The plain TCP listener. Absent: 0.0.0.0:7070 unless `listeners`
     /// names others.
     pub listen: Option<SocketAddr>,
@@ -189,6 +190,13 @@ pub enum IoSetting {
     Uring,
     /// epoll (tokio): for hosts where io_uring is blocked.
     Epoll,
+}
+
+impl Config {
+    /// The gateway's driver, once `resolve_io` has settled it.
+    pub fn io_driver(&self) -> herald_room::IoDriver {
+        self.gateway.io.unwrap_or_default().driver()
+    }
 }
 
 impl IoSetting {
@@ -296,7 +304,7 @@ impl Default for Config {
 impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
-            io: IoSetting::default(),
+            io: None,
             listen: None,
             listeners: Vec::new(),
             tls: None,

@@ -136,8 +136,8 @@ struct GatewayArgs {
     /// [[gateway.listeners]]).
     #[arg(long = "listener", value_parser = parse_listener)]
     listeners: Vec<config::ListenerSection>,
-    /// How the gateway waits for sockets: io_uring (default) or epoll,
-    /// for hosts where io_uring is blocked.
+    /// How the gateway waits for sockets: io_uring or epoll. Unset:
+    /// io_uring where the kernel allows it, else epoll (said in one line).
     #[arg(long, value_enum)]
     io: Option<IoSetting>,
 }
@@ -149,7 +149,7 @@ impl GatewayArgs {
         }
         config.gateway.listeners.extend(self.listeners);
         if let Some(io) = self.io {
-            config.gateway.io = io;
+            config.gateway.io = Some(io);
         }
     }
 }
@@ -212,13 +212,41 @@ fn main() -> ExitCode {
 
 /// Fails with one clear line, before anything is created, on a host
 /// where the io_uring gateway cannot run.
-fn check_io_uring() -> anyhow::Result<()> {
-    herald_room::probe_io_uring().map_err(|error| {
-        anyhow::anyhow!(
-            "{}; run with --io epoll to use epoll instead",
-            GatewayError::IoUringUnavailable(error)
-        )
-    })
+fn resolve_io(config: &mut Config) -> anyhow::Result<()> {
+    let (io, fallback) = choose_io(config.gateway.io, herald_room::probe_io_uring)?;
+    if let Some(line) = fallback {
+        eprintln!("herald: {line}");
+    }
+    config.gateway.io = Some(io);
+    Ok(())
+}
+
+/// The gateway's driver: the one asked for (io_uring failing with one clear
+/// error where the kernel refuses it), or without a choice io_uring where
+/// `probe` finds it, else epoll and the line that says so.
+fn choose_io(
+    requested: Option<IoSetting>,
+    probe: impl FnOnce() -> std::io::Result<()>,
+) -> anyhow::Result<(IoSetting, Option<String>)> {
+    match requested {
+        Some(IoSetting::Epoll) => Ok((IoSetting::Epoll, None)),
+        Some(IoSetting::Uring) => probe().map(|()| (IoSetting::Uring, None)).map_err(|error| {
+            anyhow::anyhow!(
+                "{}; run with --io epoll to use epoll instead",
+                GatewayError::IoUringUnavailable(error)
+            )
+        }),
+        None => Ok(match probe() {
+            Ok(()) => (IoSetting::Uring, None),
+            Err(error) => (
+                IoSetting::Epoll,
+                Some(format!(
+                    "io_uring is unavailable here ({error}); the gateway runs on epoll \
+                     (--io or gateway.io chooses)"
+                )),
+            ),
+        }),
+    }
 }
 
 /// The file's settings, or the defaults with the generated `demo` app, then
@@ -249,9 +277,7 @@ fn load_serve_config(
     if tls_self_signed {
         use_self_signed_certificate(&mut config)?;
     }
-    if config.gateway.io == IoSetting::Uring {
-        check_io_uring()?;
-    }
+    resolve_io(&mut config)?;
     if path.is_none() {
         let (demo, created) = config::demo_app(&config.data_dir)?;
         print_demo_banner(&config, &demo, created);
@@ -275,8 +301,8 @@ fn load_cluster_config(
     }
     config.validate()?;
     config.cluster()?;
-    if role == Role::Room && config.gateway.io == IoSetting::Uring {
-        check_io_uring()?;
+    if role == Role::Room {
+        resolve_io(&mut config)?;
     }
     Ok(config)
 }
@@ -405,7 +431,7 @@ fn gateway_config(
     tls: Option<TlsAcceptor>,
 ) -> GatewayConfig {
     GatewayConfig {
-        io: config.gateway.io.driver(),
+        io: config.io_driver(),
         listeners: config.gateway_listeners(),
         tls,
         websocket: WebSocketSettings {
@@ -663,7 +689,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
                 listener.transport.url(&listener.addr.to_string()),
                 listener.transport,
                 config.shards(),
-                config.gateway.io.driver().as_str()
+                config.io_driver().as_str()
             );
         }
     }
@@ -944,6 +970,44 @@ fn render_gateway_metrics(metrics: &GatewayMetrics, text: &mut String) {
         let _ = writeln!(
             text,
             "herald_connections_closed_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    #[test]
+    fn without_a_choice_io_uring_is_used_where_it_can_be_else_epoll_says_so() {
+        let (io, line) = choose_io(None, || Ok(())).unwrap();
+        assert_eq!((io, line), (IoSetting::Uring, None));
+        let (io, line) = choose_io(None, refused).unwrap();
+        assert_eq!(io, IoSetting::Epoll);
+        let line = line.expect("one line says why");
+        assert!(
+            line.contains("io_uring is unavailable") && line.contains("epoll"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_chosen_driver_is_kept_or_fails_clearly() {
+        assert_eq!(
+            choose_io(Some(IoSetting::Epoll), refused).unwrap(),
+            (IoSetting::Epoll, None)
+        );
+        let error = choose_io(Some(IoSetting::Uring), refused)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--io epoll"), "{error}");
+        assert_eq!(
+            choose_io(Some(IoSetting::Uring), || Ok(())).unwrap(),
+            (IoSetting::Uring, None)
         );
     }
 }
