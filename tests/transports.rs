@@ -617,3 +617,33 @@ async fn sighup_reloads_the_certificate_for_new_handshakes_only() {
     assert!(tls_handshake(&server, &ca).await.is_ok());
     established.close().await;
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_never_reads_is_cut_off_as_a_slow_consumer() {
+    let server = server();
+    let mut client = RawWs::opened(&address(&server, "ws")).await;
+    client.hello_and_bind("sam").await;
+    // A burst of PING messages whose PONGs are never read.
+    let mut ping = bytes::BytesMut::new();
+    encode(&Frame::Ping, &mut ping).unwrap();
+    let mask = [1, 2, 3, 4];
+    let mut message = vec![0x82, 0x80 | ping.len() as u8];
+    message.extend_from_slice(&mask);
+    message.extend(ping.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let burst: Vec<u8> = message.repeat(60_000 / message.len());
+    let writer = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if client.stream.write_all(&burst).await.is_err() {
+                return;
+            }
+        }
+    });
+    server
+        .wait_for_metric(
+            "herald_connections_closed_total{reason=\"slow_consumer\"}",
+            1,
+        )
+        .await;
+    writer.abort();
+}

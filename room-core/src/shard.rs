@@ -790,12 +790,38 @@ impl<P: Poller> Shard<P> {
         None
     }
 
-    /// Sends what the connection logic produced: encodes frames into the
-    /// connection's queue, forwards events, starts a close.
+    /// Sends what the connection logic produced: encodes its frames and
+    /// sends or queues them, cuts off a slow consumer, forwards its events,
+    /// starts its close.
     fn apply(&mut self, slot: usize, now: Instant) {
-        let id = self.conn_id(slot);
-        let shard_id = usize::from(self.settings.id);
         let encoded = self.encoded.take();
+        let sent = self.send_frames(slot, encoded.as_ref());
+        let counters = self.settings.metrics.shard(usize::from(self.settings.id));
+        counters.frames_out(sent.frames);
+        counters.pushes_out(sent.pushes);
+        if sent.overflow {
+            self.cut_off_slow_consumer(slot);
+        }
+        self.forward_events(slot);
+        let conn = &mut self.conns[slot];
+        if conn.queue.is_some() || conn.closing.is_some() {
+            enqueue(&mut self.run_queue, conn, slot);
+        }
+        if let Some(reason) = self.out.close.take() {
+            self.start_close(slot, ConnEnd::Closed(reason), now);
+        }
+    }
+
+    /// Encodes the connection logic's frames (and a broadcast's shared
+    /// one) for the connection's transport, within its queue's limits, and
+    /// hands them to the socket or its queue.
+    ///
+    /// With nothing waiting ahead of them, they are encoded into the
+    /// shard's send buffer and sent at once; only what the socket does not
+    /// take is copied into a pooled queue. A push to every connection then
+    /// borrows no buffer per connection.
+    fn send_frames(&mut self, slot: usize, encoded: Option<&Bytes>) -> Sent {
+        let id = self.conn_id(slot);
         let Shard {
             settings,
             conns,
@@ -803,252 +829,170 @@ impl<P: Poller> Shard<P> {
             send_buffer,
             tls_plain,
             write_pool,
-            outbox,
-            run_queue,
             ..
         } = self;
-        let counters = settings.metrics.shard(shard_id);
         let conn = &mut conns[slot];
-
-        let mut frames = 0;
-        let mut pushes = 0;
-        let mut overflow = false;
+        let mut sent = Sent::default();
         // Frames wait for a TLS handshake or WebSocket upgrade to finish;
         // none are made before one does, but a timeout's GOAWAY.
         let transport_open = conn.transport.as_ref().is_none_or(|t| t.is_open());
         if conn.closing.is_some() || !transport_open {
             out.transmit.clear();
-        } else if !out.transmit.is_empty() || encoded.is_some() || out.close.is_some() {
-            // With nothing waiting ahead of these frames, they are encoded
-            // into the shard's send buffer and handed to the socket at once;
-            // only what the socket does not take is copied into a pooled
-            // queue. A push to every connection then borrows no buffer per
-            // connection.
-            let direct = conn.queue.is_none() && !conn.write_blocked;
-            let buffer = if direct {
-                &mut *send_buffer
+            return sent;
+        }
+        if out.transmit.is_empty() && encoded.is_none() && out.close.is_none() {
+            return sent;
+        }
+        let direct = conn.queue.is_none() && !conn.write_blocked;
+        let buffer = if direct {
+            &mut *send_buffer
+        } else {
+            conn.queue.get_or_insert_with(|| write_pool.take())
+        };
+        // Frames count against the limit only when they queue behind
+        // others: going straight to the socket, a batch of any size (a fill
+        // of many broadcasts) is fine.
+        let frames_room = if direct {
+            usize::MAX
+        } else {
+            settings
+                .send_queue_frames_max
+                .saturating_sub(usize::from(conn.queued_frames))
+        };
+        // On TLS the frames are staged as plaintext, then sealed into
+        // `buffer`; on WebSocket each is one binary message.
+        let messages = conn.transport.as_ref().is_some_and(|t| t.frames_messages());
+        let sealing = conn.transport.as_ref().is_some_and(|t| t.tls.is_some());
+        let sealed_base = if sealing { buffer.len() } else { 0 };
+        tls_plain.clear();
+        let staged: &mut BytesMut = if sealing {
+            &mut *tls_plain
+        } else {
+            &mut *buffer
+        };
+        let fits = |staged: &BytesMut, len: usize, frames: u64| {
+            let framing = if messages {
+                transport::ws_header_len(len)
             } else {
-                conn.queue.get_or_insert_with(|| write_pool.take())
+                0
             };
-            // Frames count against the limit only when they queue behind
-            // others: going straight to the socket, a batch of any size
-            // (a fill of many broadcasts) is fine.
-            let frames_room = if direct {
-                usize::MAX
-            } else {
-                settings
-                    .send_queue_frames_max
-                    .saturating_sub(usize::from(conn.queued_frames))
-            };
-            // On TLS the frames are staged as plaintext, then sealed into
-            // `buffer`; on WebSocket each is one binary message.
-            let messages = conn.transport.as_ref().is_some_and(|t| t.frames_messages());
-            let sealing = conn.transport.as_ref().is_some_and(|t| t.tls.is_some());
-            let sealed_base = if sealing { buffer.len() } else { 0 };
-            tls_plain.clear();
-            let staged: &mut BytesMut = if sealing {
-                &mut *tls_plain
-            } else {
-                &mut *buffer
-            };
-            let framing = |len: usize| {
+            sealed_base + staged.len() + framing + len <= settings.send_queue_bytes_max
+                && (frames as usize) < frames_room
+        };
+        if let Some(frame) = encoded {
+            if fits(staged, frame.len(), 0) {
                 if messages {
-                    transport::ws_header_len(len)
-                } else {
-                    0
+                    transport::write_binary_header(frame.len(), staged);
                 }
-            };
-            if let Some(frame) = &encoded {
-                if sealed_base + staged.len() + framing(frame.len()) + frame.len()
-                    > settings.send_queue_bytes_max
-                    || frames_room == 0
-                {
-                    overflow = true;
-                } else {
-                    if messages {
-                        transport::write_binary_header(frame.len(), staged);
-                    }
-                    staged.extend_from_slice(frame);
-                    frames += 1;
-                    pushes += 1;
-                }
-            }
-            for frame in out.transmit.drain(..) {
-                if overflow {
-                    break;
-                }
-                let len = encoded_len(&frame);
-                if sealed_base + staged.len() + framing(len) + len > settings.send_queue_bytes_max
-                    || frames as usize >= frames_room
-                {
-                    overflow = true;
-                    break;
-                }
-                if messages {
-                    transport::write_binary_header(len, staged);
-                }
-                if let Err(error) = encode(&frame, staged) {
-                    // The connection logic only builds frames from checked
-                    // input, so this is a bug: close this one connection.
-                    debug_assert!(false, "unencodable frame {frame:?}: {error}");
-                    tracing::error!(conn.id = %id, %error, "unencodable frame");
-                    overflow = true;
-                    break;
-                }
-                frames += 1;
-                if matches!(frame, Frame::Push { .. }) {
-                    pushes += 1;
-                }
-            }
-            out.transmit.clear();
-            if let (Some(reason), false, true) = (out.close, overflow, messages) {
-                transport::write_close(ws_close_code(reason), reason.as_str(), staged);
-            }
-            if let Some(transport) = conn.transport.as_deref_mut()
-                && let Some(tls) = transport.tls.as_mut()
-            {
-                if tls.encrypt(tls_plain, buffer).is_err() {
-                    overflow = true;
-                }
-                if out.close.is_some() && !overflow {
-                    tls.close_notify(buffer);
-                }
-            }
-            if direct && !overflow {
-                // An error (would block, reset) is left to the next flush
-                // of the queue, which handles each kind.
-                if let Ok(written) = send(conn.socket.as_raw_fd(), send_buffer) {
-                    send_buffer.advance(written);
-                }
-                if !send_buffer.is_empty() {
-                    let mut queue = write_pool.take();
-                    queue.extend_from_slice(send_buffer);
-                    conn.queue = Some(queue);
-                    conn.queued_frames = u16::try_from(frames).unwrap_or(u16::MAX);
-                }
-            } else if !direct {
-                let added = u16::try_from(frames).unwrap_or(u16::MAX);
-                conn.queued_frames = conn.queued_frames.saturating_add(added);
-            }
-            if direct {
-                send_buffer.clear();
+                staged.extend_from_slice(frame);
+                sent.frames += 1;
+                sent.pushes += 1;
+            } else {
+                sent.overflow = true;
             }
         }
-        counters.frames_out(frames);
-        counters.pushes_out(pushes);
-        if overflow {
-            // A slow consumer: what did not fit is dropped, and it is told
-            // why after what it has queued (whole frames only, so the
-            // stream stays readable). It is closed once that is flushed, or
-            // at the flush deadline if it does not read: its queue stays
-            // bounded by the limit plus this one small frame.
-            let queue = conn.queue.get_or_insert_with(|| write_pool.take());
-            let goaway = Frame::GoAway {
-                reason: GoAwayReason::SLOW_CONSUMER,
-                reconnect_delay_ms: None,
-            };
-            match conn.transport.as_deref_mut() {
-                None => encode(&goaway, queue).expect("a GOAWAY encodes"),
-                Some(transport) => {
-                    tls_plain.clear();
-                    let reason = CloseReason::SlowConsumer;
-                    let staged: &mut BytesMut = if transport.tls.is_some() {
-                        &mut *tls_plain
-                    } else {
-                        queue
-                    };
-                    if transport.frames_messages() {
-                        transport::write_binary_header(encoded_len(&goaway), staged);
-                    }
-                    encode(&goaway, staged).expect("a GOAWAY encodes");
-                    if transport.frames_messages() {
-                        transport::write_close(ws_close_code(reason), reason.as_str(), staged);
-                    }
-                    if let Some(tls) = transport.tls.as_mut() {
-                        let _ = tls.encrypt(tls_plain, queue);
-                        tls.close_notify(queue);
-                    }
-                }
+        for frame in out.transmit.drain(..) {
+            if sent.overflow {
+                break;
             }
-            conn.server.close_slow_consumer(out);
+            if !fits(staged, encoded_len(&frame), sent.frames) {
+                sent.overflow = true;
+                break;
+            }
+            if let Err(error) = stage_frame(&frame, messages, staged) {
+                // The connection logic only builds frames from checked
+                // input, so this is a bug: close this one connection.
+                debug_assert!(false, "unencodable frame {frame:?}: {error}");
+                tracing::error!(conn.id = %id, %error, "unencodable frame");
+                sent.overflow = true;
+                break;
+            }
+            sent.frames += 1;
+            if matches!(frame, Frame::Push { .. }) {
+                sent.pushes += 1;
+            }
         }
+        out.transmit.clear();
+        let closing = out.close.filter(|_| !sent.overflow);
+        if let Some(transport) = conn.transport.as_deref_mut()
+            && seal_for_transport(transport, closing, tls_plain, buffer).is_err()
+        {
+            sent.overflow = true;
+        }
+        if direct && !sent.overflow {
+            // An error (would block, reset) is left to the next flush of
+            // the queue, which handles each kind.
+            if let Ok(written) = send(conn.socket.as_raw_fd(), send_buffer) {
+                send_buffer.advance(written);
+            }
+            if !send_buffer.is_empty() {
+                let mut queue = write_pool.take();
+                queue.extend_from_slice(send_buffer);
+                conn.queue = Some(queue);
+                conn.queued_frames = u16::try_from(sent.frames).unwrap_or(u16::MAX);
+            }
+        } else if !direct {
+            let added = u16::try_from(sent.frames).unwrap_or(u16::MAX);
+            conn.queued_frames = conn.queued_frames.saturating_add(added);
+        }
+        if direct {
+            send_buffer.clear();
+        }
+        sent
+    }
 
-        for event in out.events.drain(..) {
-            let device_id = || conn.server.device_id().to_owned();
-            outbox.push_back(match event {
-                ConnEvent::Bound {
-                    app,
-                    user,
-                    client_last_seq,
-                    client_last_broadcast_seq,
-                } => ShardEvent::Bound {
-                    conn: id,
-                    app,
-                    user,
-                    device_id: device_id(),
-                    network: conn.server.network(),
-                    client_last_seq,
-                    client_last_broadcast_seq,
-                    connected_at_ms: conn.connected_at_ms,
-                },
-                ConnEvent::BroadcastAck { app, seq } => {
-                    ShardEvent::BroadcastAck { conn: id, app, seq }
-                }
-                ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
-                    conn: id,
-                    app,
-                    after,
-                },
-                ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
-                    conn: id,
-                    app,
-                    user,
-                },
-                ConnEvent::Ack { app, user, seq } => {
-                    counters.acks_in(1);
-                    ShardEvent::Ack {
-                        conn: id,
-                        app,
-                        user,
-                        device_id: device_id(),
-                        seq,
-                    }
-                }
-                ConnEvent::CatchUp {
-                    app,
-                    user,
-                    after,
-                    limit,
-                    broadcasts_after,
-                } => ShardEvent::CatchUp {
-                    conn: id,
-                    app,
-                    user,
-                    after,
-                    limit,
-                    broadcasts_after,
-                },
-                ConnEvent::Upstream {
-                    app,
-                    user,
-                    request_id,
-                    payload,
-                } => ShardEvent::Upstream {
-                    conn: id,
-                    app,
-                    user,
-                    device_id: device_id(),
-                    request_id,
-                    payload,
-                },
-            });
+    /// A slow consumer: what did not fit is dropped, and it is told why
+    /// after what it has queued (whole frames only, so the stream stays
+    /// readable). It is closed once that is flushed, or at the flush
+    /// deadline if it does not read: its queue stays bounded by the limit
+    /// plus this one small frame.
+    fn cut_off_slow_consumer(&mut self, slot: usize) {
+        let Shard {
+            conns,
+            out,
+            tls_plain,
+            write_pool,
+            ..
+        } = self;
+        let conn = &mut conns[slot];
+        let queue = conn.queue.get_or_insert_with(|| write_pool.take());
+        let goaway = Frame::GoAway {
+            reason: GoAwayReason::SLOW_CONSUMER,
+            reconnect_delay_ms: None,
+        };
+        match conn.transport.as_deref_mut() {
+            None => encode(&goaway, queue).expect("a GOAWAY encodes"),
+            Some(transport) => {
+                tls_plain.clear();
+                let staged: &mut BytesMut = if transport.tls.is_some() {
+                    &mut *tls_plain
+                } else {
+                    queue
+                };
+                stage_frame(&goaway, transport.frames_messages(), staged)
+                    .expect("a GOAWAY encodes");
+                let _ = seal_for_transport(
+                    transport,
+                    Some(CloseReason::SlowConsumer),
+                    tls_plain,
+                    queue,
+                );
+            }
         }
+        conn.server.close_slow_consumer(out);
+    }
 
-        if conn.queue.is_some() || conn.closing.is_some() {
-            enqueue(run_queue, conn, slot);
-        }
-        if let Some(reason) = out.close.take() {
-            self.start_close(slot, ConnEnd::Closed(reason), now);
+    /// Hands the connection logic's events to the control plane, naming
+    /// the connection (and, where the control plane needs it, the device).
+    fn forward_events(&mut self, slot: usize) {
+        let id = self.conn_id(slot);
+        let counters = self.settings.metrics.shard(usize::from(self.settings.id));
+        let conn = &self.conns[slot];
+        for event in self.out.events.drain(..) {
+            if matches!(event, ConnEvent::Ack { .. }) {
+                counters.acks_in(1);
+            }
+            self.outbox.push_back(shard_event(id, conn, event));
         }
     }
 
@@ -1278,15 +1222,11 @@ impl<P: Poller> Shard<P> {
     }
 
     fn handle_command(&mut self, command: ShardCommand, now: Instant) {
-        let config = &self.settings.server;
         match command {
             ShardCommand::Deliver { conn, app, message } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot]
-                        .server
-                        .deliver(&app, &message, config, &mut self.out);
-                    self.apply(slot, now);
-                }
+                self.with_conn(conn, now, |server, config, out| {
+                    server.deliver(&app, &message, config, out);
+                });
             }
             ShardCommand::Fill {
                 conn,
@@ -1296,18 +1236,15 @@ impl<P: Poller> Shard<P> {
                 more,
                 broadcasts_from,
             } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    let fill = InboxFill {
-                        after,
-                        messages: &messages,
-                        more,
-                        broadcasts_from,
-                    };
-                    self.conns[slot]
-                        .server
-                        .fill(&app, fill, config, &mut self.out);
-                    self.apply(slot, now);
-                }
+                let fill = InboxFill {
+                    after,
+                    messages: &messages,
+                    more,
+                    broadcasts_from,
+                };
+                self.with_conn(conn, now, |server, config, out| {
+                    server.fill(&app, fill, config, out);
+                });
             }
             ShardCommand::Broadcast {
                 app,
@@ -1345,28 +1282,21 @@ impl<P: Poller> Shard<P> {
                 broadcasts,
                 next,
             } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    let owed = self.conns[slot].server.broadcast_fill(
-                        &app,
-                        after,
-                        &broadcasts,
-                        next,
-                        &mut self.out,
-                    );
-                    for seq in owed {
-                        let key = (app.clone(), seq);
-                        if let Some((_, progress)) = self.recent.iter().find(|(k, _)| *k == key) {
-                            progress.sent.fetch_add(1, Ordering::Relaxed);
-                        }
+                let mut owed = Vec::new();
+                self.with_conn(conn, now, |server, _, out| {
+                    owed = server.broadcast_fill(&app, after, &broadcasts, next, out);
+                });
+                for seq in owed {
+                    let key = (app.clone(), seq);
+                    if let Some((_, progress)) = self.recent.iter().find(|(k, _)| *k == key) {
+                        progress.sent.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.apply(slot, now);
                 }
             }
             ShardCommand::Resync { conn, app } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot].server.resync(&app, config, &mut self.out);
-                    self.apply(slot, now);
-                }
+                self.with_conn(conn, now, |server, config, out| {
+                    server.resync(&app, config, out);
+                });
             }
             ShardCommand::UpstreamAck {
                 conn,
@@ -1374,20 +1304,32 @@ impl<P: Poller> Shard<P> {
                 request_id,
                 status,
             } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot]
-                        .server
-                        .upstream_ack(&app, request_id, status, &mut self.out);
-                    self.apply(slot, now);
-                }
+                self.with_conn(conn, now, |server, _, out| {
+                    server.upstream_ack(&app, request_id, status, out);
+                });
             }
             ShardCommand::Kick { conn, reason } => {
-                if let Some(slot) = self.live_slot(conn) {
-                    self.conns[slot].server.kick(reason, &mut self.out);
-                    self.apply(slot, now);
-                }
+                self.with_conn(conn, now, |server, _, out| server.kick(reason, out));
             }
             ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
+        }
+    }
+
+    /// Runs a command on a live connection's logic and sends what it made;
+    /// a command for a connection gone since (an old generation) is dropped.
+    fn with_conn(
+        &mut self,
+        conn: ConnId,
+        now: Instant,
+        command: impl FnOnce(&mut ServerConn, &ServerConfig, &mut Output),
+    ) {
+        if let Some(slot) = self.live_slot(conn) {
+            command(
+                &mut self.conns[slot].server,
+                &self.settings.server,
+                &mut self.out,
+            );
+            self.apply(slot, now);
         }
     }
 
@@ -1506,6 +1448,121 @@ impl<P: Poller> Shard<P> {
             }
         }
         self.expired = expired;
+    }
+}
+
+/// What `send_frames` did.
+#[derive(Debug, Default)]
+struct Sent {
+    frames: u64,
+    pushes: u64,
+    /// Not all fit the connection's queue limits: a slow consumer.
+    overflow: bool,
+}
+
+/// Encodes one frame into `staged`, as one WebSocket message when
+/// `messages`.
+fn stage_frame(
+    frame: &Frame,
+    messages: bool,
+    staged: &mut BytesMut,
+) -> Result<(), herald_proto::EncodeError> {
+    if messages {
+        transport::write_binary_header(encoded_len(frame), staged);
+    }
+    encode(frame, staged)
+}
+
+/// Finishes a batch for the connection's transport: a WebSocket close
+/// frame when the connection closes after it, then, on TLS, the staged
+/// plaintext sealed into `out` (and close_notify when closing).
+fn seal_for_transport(
+    transport: &mut Transport,
+    closing: Option<CloseReason>,
+    tls_plain: &mut BytesMut,
+    out: &mut BytesMut,
+) -> Result<(), ()> {
+    let staged: &mut BytesMut = if transport.tls.is_some() {
+        &mut *tls_plain
+    } else {
+        &mut *out
+    };
+    if let (Some(reason), true) = (closing, transport.frames_messages()) {
+        transport::write_close(ws_close_code(reason), reason.as_str(), staged);
+    }
+    if let Some(tls) = transport.tls.as_mut() {
+        tls.encrypt(tls_plain, out).map_err(|_| ())?;
+        if closing.is_some() {
+            tls.close_notify(out);
+        }
+    }
+    Ok(())
+}
+
+/// A connection logic's event as the control plane takes it.
+fn shard_event(id: ConnId, conn: &Conn, event: ConnEvent) -> ShardEvent {
+    let device_id = || conn.server.device_id().to_owned();
+    match event {
+        ConnEvent::Bound {
+            app,
+            user,
+            client_last_seq,
+            client_last_broadcast_seq,
+        } => ShardEvent::Bound {
+            conn: id,
+            app,
+            user,
+            device_id: device_id(),
+            network: conn.server.network(),
+            client_last_seq,
+            client_last_broadcast_seq,
+            connected_at_ms: conn.connected_at_ms,
+        },
+        ConnEvent::BroadcastAck { app, seq } => ShardEvent::BroadcastAck { conn: id, app, seq },
+        ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
+            conn: id,
+            app,
+            after,
+        },
+        ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
+            conn: id,
+            app,
+            user,
+        },
+        ConnEvent::Ack { app, user, seq } => ShardEvent::Ack {
+            conn: id,
+            app,
+            user,
+            device_id: device_id(),
+            seq,
+        },
+        ConnEvent::CatchUp {
+            app,
+            user,
+            after,
+            limit,
+            broadcasts_after,
+        } => ShardEvent::CatchUp {
+            conn: id,
+            app,
+            user,
+            after,
+            limit,
+            broadcasts_after,
+        },
+        ConnEvent::Upstream {
+            app,
+            user,
+            request_id,
+            payload,
+        } => ShardEvent::Upstream {
+            conn: id,
+            app,
+            user,
+            device_id: device_id(),
+            request_id,
+            payload,
+        },
     }
 }
 
