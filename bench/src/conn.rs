@@ -11,6 +11,10 @@ use std::task::{Context, Poll};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{Buf as _, BufMut as _, BytesMut};
+use herald_proto::transport::WEBSOCKET_PATH;
+use herald_proto::transport::websocket::{
+    ACCEPT_GUID, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+};
 use rustls::pki_types::ServerName;
 use sha1::{Digest as _, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
@@ -18,17 +22,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-/// The path Herald's gateways upgrade on (docs/protocol.md, Transports).
-const WS_PATH: &str = "/v1/connect";
-const WS_ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The largest upgrade response head taken.
 const WS_HEAD_MAX: usize = 8 * 1024;
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 /// Reads are made into at least this much free space.
 const READ_SPACE: usize = 512;
 
@@ -139,7 +134,7 @@ impl Conn {
     pub async fn upgrade_websocket(&mut self, host: &str) -> Result<(), &'static str> {
         let key = BASE64.encode(rand::random::<[u8; 16]>());
         let request = format!(
-            "GET {WS_PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+            "GET {WEBSOCKET_PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         self.write_all(request.as_bytes()).await?;
@@ -224,7 +219,7 @@ async fn read_some(stream: &mut Stream, buf: &mut BytesMut) -> Result<(), &'stat
 
 /// Whether the 101's `Sec-WebSocket-Accept` answers `key` (RFC 6455 §4.2.2).
 fn accepts(head: &str, key: &str) -> bool {
-    let expected = BASE64.encode(Sha1::digest(format!("{key}{WS_ACCEPT_GUID}").as_bytes()));
+    let expected = BASE64.encode(Sha1::digest(format!("{key}{ACCEPT_GUID}").as_bytes()));
     head.lines().any(|line| {
         line.split_once(':').is_some_and(|(name, value)| {
             name.trim().eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == expected

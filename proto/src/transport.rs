@@ -8,6 +8,20 @@ use std::str::FromStr;
 /// The path WebSocket clients upgrade on.
 pub const WEBSOCKET_PATH: &str = "/v1/connect";
 
+/// RFC 6455's constants, for the gateway's WebSocket server and the
+/// clients that test it.
+pub mod websocket {
+    /// Appended to `Sec-WebSocket-Key` before hashing it into
+    /// `Sec-WebSocket-Accept` (RFC 6455 §1.3).
+    pub const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    pub const OP_CONTINUATION: u8 = 0x0;
+    pub const OP_TEXT: u8 = 0x1;
+    pub const OP_BINARY: u8 = 0x2;
+    pub const OP_CLOSE: u8 = 0x8;
+    pub const OP_PING: u8 = 0x9;
+    pub const OP_PONG: u8 = 0xA;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(
     feature = "serde",

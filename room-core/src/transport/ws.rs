@@ -8,6 +8,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{BufMut, BytesMut};
 use herald_proto::transport::WEBSOCKET_PATH as PATH;
+use herald_proto::transport::websocket::{
+    ACCEPT_GUID, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+};
 use sha1::{Digest, Sha1};
 /// The subprotocol a client may offer.
 pub(crate) const SUBPROTOCOL: &str = "herald.v1";
@@ -18,14 +21,7 @@ pub(crate) const MESSAGE_LEN_MAX: usize =
     herald_proto::limits::LENGTH_PREFIX_LEN + herald_proto::limits::FRAME_BODY_LEN_MAX;
 /// Headers an upgrade request may have.
 const HEADERS_MAX: usize = 32;
-const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 const FIN: u8 = 0x80;
 const CONTROL_PAYLOAD_MAX: usize = 125;
 
