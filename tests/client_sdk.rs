@@ -7,29 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event, Terminal};
-use herald_proto::{BindErrorCode, NetworkType, UpstreamStatus};
-use support::{API_KEY, APP, Server, WAIT, herald_bin, token};
+use herald_client::{AckMode, Client, ClientOptions, Event, Terminal};
+use herald_proto::{BindErrorCode, UpstreamStatus};
+use support::{API_KEY, APP, Server, WAIT, herald_bin, sdk_options, token};
 
 fn options(server: &Server, token: String, ack_mode: AckMode) -> ClientOptions {
     ClientOptions {
-        gateway: server.gateway.clone(),
-        dispatch: None,
-        ca_file: None,
-        device_id: "sdk".to_owned(),
-        network: NetworkType::Cellular,
-        client_version: "test".to_owned(),
-        apps: vec![AppToken {
-            app: APP.to_owned(),
-            token,
-            tags: Vec::new(),
-        }],
         ack_mode,
-        reconnect: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        },
-        connect_timeout: Duration::from_secs(2),
+        ..sdk_options(&server.gateway, token)
     }
 }
 
@@ -279,7 +264,7 @@ async fn token_from_a_config_file_binds() {
             heartbeat_interval,
         } => {
             assert_eq!(gateway, server.gateway);
-            // Cellular in `options`, 60 s for every network in the test config.
+            // 60 s for every network in the test config.
             assert_eq!(heartbeat_interval, Duration::from_secs(60));
         }
         other => panic!("expected Connected, got {other:?}"),

@@ -194,15 +194,12 @@ fn start_clients(
     std::sync::Arc<std::sync::Mutex<Seen>>,
     Vec<tokio::task::JoinHandle<()>>,
 ) {
-    use herald_client::{
-        AckMode, AppToken, Backoff, Client, ClientOptions, Dispatch, Event, Transport,
-    };
+    use herald_client::{Client, ClientOptions, Dispatch, Event, Transport};
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
     let tasks = users
         .iter()
         .map(|user| {
             let options = ClientOptions {
-                gateway: "127.0.0.1:1".to_owned(), // never used: the dispatcher answers
                 dispatch: Some(Dispatch {
                     url: format!("http://{}", api.api),
                     app: APP.to_owned(),
@@ -210,21 +207,10 @@ fn start_clients(
                     region: None,
                     transport: Transport::Tcp,
                 }),
-                ca_file: None,
                 device_id: format!("dev-{user}"),
-                network: herald_proto::NetworkType::Wifi,
                 client_version: "cluster-test".to_owned(),
-                apps: vec![AppToken {
-                    app: APP.to_owned(),
-                    token: support::token(user, 3600),
-                    tags: Vec::new(),
-                }],
-                ack_mode: AckMode::Auto,
-                reconnect: Backoff {
-                    initial: Duration::from_millis(50),
-                    max: Duration::from_millis(500),
-                },
-                connect_timeout: Duration::from_secs(2),
+                // Never used: the dispatcher answers.
+                ..support::sdk_options("127.0.0.1:1", support::token(user, 3600))
             };
             let seen = seen.clone();
             let user = user.clone();

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event, ResetSequence};
-use herald_proto::{Frame, NetworkType};
+use herald_client::{AckMode, Backoff, Client, ClientOptions, Event, ResetSequence};
+use herald_proto::Frame;
 use support::{
     API_KEY, APP, RawClient, Reaped, Server, WAIT, herald_bin, line_where, lines_of, token,
 };
@@ -153,25 +153,14 @@ fn delete_the_inbox(data_dir: &Path) {
 
 fn sdk_options(server: &Server) -> ClientOptions {
     ClientOptions {
-        gateway: server.gateway.clone(),
-        dispatch: None,
-        ca_file: None,
-        device_id: "sdk".to_owned(),
-        network: NetworkType::Wifi,
-        client_version: "test".to_owned(),
-        apps: vec![AppToken {
-            app: APP.to_owned(),
-            token: token("alice", 3600),
-            tags: Vec::new(),
-        }],
         ack_mode: AckMode::Manual,
         reconnect: Backoff {
             // Long, so that the wiped server is usually written to past
             // the client's old seqs before it comes back.
             initial: Duration::from_secs(2),
-            max: Duration::from_millis(500),
+            max: Duration::from_secs(2),
         },
-        connect_timeout: Duration::from_secs(2),
+        ..support::sdk_options(&server.gateway, token("alice", 3600))
     }
 }
 

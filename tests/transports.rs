@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_client::{AckMode, AppToken, Backoff, Client, ClientOptions, Event};
+use herald_client::{Client, ClientOptions, Event};
 use herald_proto::{Frame, GoAwayReason, NetworkType, decode_slice, encode};
 use support::{API_KEY, APP, RawClient, Reaped, Server, WAIT, herald_bin, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,23 +50,9 @@ fn address(server: &Server, transport: &str) -> String {
 
 fn sdk(server: &Server, transport: &str, user: &str) -> Client {
     Client::start(ClientOptions {
-        gateway: address(server, transport),
-        dispatch: None,
         ca_file: Some(ca_file(server)),
         device_id: format!("{transport}-device"),
-        network: NetworkType::Wifi,
-        client_version: "test".to_owned(),
-        apps: vec![AppToken {
-            app: APP.to_owned(),
-            token: token(user, 3600),
-            tags: Vec::new(),
-        }],
-        ack_mode: AckMode::Auto,
-        reconnect: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        },
-        connect_timeout: Duration::from_secs(2),
+        ..support::sdk_options(&address(server, transport), token(user, 3600))
     })
 }
 

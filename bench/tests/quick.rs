@@ -22,6 +22,22 @@ fn herald_bin() -> PathBuf {
     path
 }
 
+/// Runs herald-bench with `args` against the herald binary, and returns
+/// the JSON report of the run, which must have succeeded.
+fn bench_report(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .arg("--herald")
+        .arg(herald_bin())
+        .output()
+        .expect("run herald-bench");
+    successful_report(&output, &json)
+}
+
 /// The JSON report of a herald-bench run that must have succeeded.
 fn successful_report(output: &std::process::Output, json: &std::path::Path) -> serde_json::Value {
     println!("{}", String::from_utf8_lossy(&output.stdout));
@@ -35,16 +51,7 @@ fn successful_report(output: &std::process::Output, json: &std::path::Path) -> s
 
 #[test]
 fn the_quick_benchmark_runs_every_scenario_without_failures() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("quick.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
-        .args(["all", "--quick", "--json"])
-        .arg(&json)
-        .arg("--herald")
-        .arg(herald_bin())
-        .output()
-        .expect("run herald-bench");
-    let report = successful_report(&output, &json);
+    let report = bench_report(&["all", "--quick"]);
     assert_eq!(report["failures_total"], 0);
     let results = &report["results"];
     let connect = &results["connect"]["servers"]["herald"];
@@ -83,26 +90,22 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
 /// benchmark makes, clients that handshake, receive and (Herald) ack.
 #[test]
 fn the_quick_benchmark_speaks_tls_and_wss() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("tls.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
-        .args(["broadcast", "--quick", "--connections", "500"])
-        .args(["--transport", "tls", "--transport", "wss"])
-        .args([
-            "--system",
-            "herald",
-            "--system",
-            "mosquitto",
-            "--system",
-            "nats",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--herald")
-        .arg(herald_bin())
-        .output()
-        .expect("run herald-bench");
-    let report = successful_report(&output, &json);
+    let report = bench_report(&[
+        "broadcast",
+        "--quick",
+        "--connections",
+        "500",
+        "--transport",
+        "tls",
+        "--transport",
+        "wss",
+        "--system",
+        "herald",
+        "--system",
+        "mosquitto",
+        "--system",
+        "nats",
+    ]);
     assert_eq!(report["failures_total"], 0);
     let broadcast = &report["results"]["broadcast"];
     for server in ["herald-tls", "herald-wss", "mosquitto-tls", "nats-tls"] {

@@ -501,6 +501,17 @@ mod tests {
         )
     }
 
+    /// The server's HELLO_OK: a 1 s heartbeat, no storage epoch.
+    fn hello_ok(conn: &mut ClientConn, now: Instant) {
+        conn.handle_frame(
+            now,
+            Frame::HelloOk {
+                heartbeat_interval_ms: 1_000,
+                storage_epoch: None,
+            },
+        );
+    }
+
     fn drain(conn: &mut ClientConn) -> Vec<Frame> {
         std::iter::from_fn(|| conn.poll_transmit()).collect()
     }
@@ -519,13 +530,7 @@ mod tests {
         let now = Instant::now();
         let mut conn = start(now, Some(4));
         assert!(matches!(drain(&mut conn)[..], [Frame::Hello { .. }]));
-        conn.handle_frame(
-            now,
-            Frame::HelloOk {
-                heartbeat_interval_ms: 1_000,
-                storage_epoch: None,
-            },
-        );
+        hello_ok(&mut conn, now);
         assert_eq!(
             drain(&mut conn),
             vec![Frame::Bind {
@@ -545,13 +550,7 @@ mod tests {
     fn a_reset_moves_the_resume_point_back_so_what_follows_is_delivered() {
         let now = Instant::now();
         let mut conn = start(now, Some(50));
-        conn.handle_frame(
-            now,
-            Frame::HelloOk {
-                heartbeat_interval_ms: 1_000,
-                storage_epoch: None,
-            },
-        );
+        hello_ok(&mut conn, now);
         conn.handle_frame(
             now,
             Frame::Reset {
@@ -652,13 +651,7 @@ mod tests {
     fn silent_server_times_out() {
         let now = Instant::now();
         let mut conn = start(now, None);
-        conn.handle_frame(
-            now,
-            Frame::HelloOk {
-                heartbeat_interval_ms: 1_000,
-                storage_epoch: None,
-            },
-        );
+        hello_ok(&mut conn, now);
         conn.handle_timeout(now + Duration::from_millis(1_999));
         assert!(!conn.is_closed());
         conn.handle_timeout(now + Duration::from_secs(2));
@@ -670,13 +663,7 @@ mod tests {
     fn duplicate_pushes_are_dropped_and_acks_are_cumulative() {
         let now = Instant::now();
         let mut conn = start(now, Some(2));
-        conn.handle_frame(
-            now,
-            Frame::HelloOk {
-                heartbeat_interval_ms: 1_000,
-                storage_epoch: None,
-            },
-        );
+        hello_ok(&mut conn, now);
         drain(&mut conn);
         for seq in [2, 3, 3, 4] {
             conn.handle_frame(now, push(seq));
@@ -729,13 +716,7 @@ mod tests {
     fn broadcasts_are_deduplicated_acked_and_resumed_apart_from_pushes() {
         let now = Instant::now();
         let mut conn = start(now, None);
-        conn.handle_frame(
-            now,
-            Frame::HelloOk {
-                heartbeat_interval_ms: 1_000,
-                storage_epoch: None,
-            },
-        );
+        hello_ok(&mut conn, now);
         drain(&mut conn);
         for seq in [1, 2, 2] {
             conn.handle_frame(

@@ -283,14 +283,18 @@ async fn messages_after_skips_expired_messages(db: TestDb) {
     assert!(messages.is_empty() && !more);
 }
 
-async fn device_cursors_only_rise(db: TestDb) {
-    let saver = db.open().await;
-    let ack = |device: &'static str, acked_seq| AckCursor {
+/// Alice's `device` acked up to `acked_seq`.
+fn ack(device: &'static str, acked_seq: u64) -> AckCursor<'static> {
+    AckCursor {
         app: APP,
         user: "alice",
         device_id: device,
         acked_seq,
-    };
+    }
+}
+
+async fn device_cursors_only_rise(db: TestDb) {
+    let saver = db.open().await;
     assert_eq!(cursor(&saver, "phone").await, None);
 
     saver
@@ -324,12 +328,6 @@ async fn device_cursors_only_rise(db: TestDb) {
 /// A cursor left past its inbox by a reset goes down, and only down.
 async fn a_device_cursor_can_be_lowered_for_a_reset(db: TestDb) {
     let saver = db.open().await;
-    let ack = |device: &'static str, acked_seq| AckCursor {
-        app: APP,
-        user: "alice",
-        device_id: device,
-        acked_seq,
-    };
     saver
         .save_acks(&[ack("phone", 9), ack("laptop", 2)], T0)
         .await

@@ -475,6 +475,31 @@ impl Drop for Server {
     }
 }
 
+/// The SDK's options for a test client: `token` on `gateway`, automatic
+/// acks, reconnects within half a second. Tests change what they need
+/// with struct update syntax.
+pub fn sdk_options(gateway: &str, token: String) -> herald_client::ClientOptions {
+    herald_client::ClientOptions {
+        gateway: gateway.to_owned(),
+        dispatch: None,
+        ca_file: None,
+        device_id: "sdk".to_owned(),
+        network: NetworkType::Wifi,
+        client_version: "test".to_owned(),
+        apps: vec![herald_client::AppToken {
+            app: APP.to_owned(),
+            token,
+            tags: Vec::new(),
+        }],
+        ack_mode: herald_client::AckMode::Auto,
+        reconnect: herald_client::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
 pub fn token(user: &str, ttl_secs: i64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
