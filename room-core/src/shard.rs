@@ -214,10 +214,11 @@ pub(crate) struct Shard<P> {
     send_buffer: BytesMut,
     /// A TLS connection's output before it is sealed; empty between uses.
     tls_plain: BytesMut,
-    /// What a TLS or WebSocket connection's input came to: the plaintext
-    /// of its records, and what its layers answer (handshake flight,
-    /// upgrade response, pongs); empty between uses.
+    /// What a TLS connection's records held (a plain WebSocket
+    /// connection's input is read where it lies); empty between uses.
     plain_in: BytesMut,
+    /// What a TLS handshake sends back, and what the layers above it
+    /// answer (upgrade response, pongs, close echo); empty between uses.
     handshake_out: BytesMut,
     transport_reply: BytesMut,
     out: Output,
@@ -1119,7 +1120,9 @@ impl<P: Poller> Shard<P> {
             ..
         } = transport;
         let mut peer_closed = false;
-        match tls {
+        // What the layers above TLS read: its plaintext, or on plain
+        // WebSocket the bytes just read, where they lie.
+        let stream: &mut [u8] = match tls {
             Some(tls) => {
                 let read = with_pending(tls_pending, &mut scratch[..len], read_pool, |input| {
                     tls.read(input, handshake_out, &mut |bytes| {
@@ -1134,19 +1137,20 @@ impl<P: Poller> Shard<P> {
                     tracing::debug!(%error, "closing a TLS connection");
                     return Some(LayerEnd::Tls);
                 }
+                plain
             }
-            None => plain.extend_from_slice(&scratch[..len]),
-        }
+            None => &mut scratch[..len],
+        };
         let Conn {
             server, partial, ..
         } = &mut conns[slot];
         let mut frames = 0;
         let result = match ws {
             None => {
-                frames = decode_stream(server, partial, plain, settings, out, read_pool, now);
+                frames = decode_stream(server, partial, stream, settings, out, read_pool, now);
                 Ok(())
             }
-            Some(ws) => with_pending(ws_pending, plain, read_pool, |input| {
+            Some(ws) => with_pending(ws_pending, stream, read_pool, |input| {
                 let mut consumed = 0;
                 if let Ws::Upgrading = ws {
                     match transport::ws_upgrade(input, &settings.websocket.allowed_origins) {
