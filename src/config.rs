@@ -18,6 +18,15 @@ pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_SHARDS: usize = 0;
 /// 256 KiB: room for a full delivery window of 4 KiB pushes, several times.
 pub const DEFAULT_SEND_QUEUE_BYTES_MAX: usize = 256 * 1024;
+/// Each shard's io_uring receive buffer ring: 512 buffers of 2 KiB (1 MiB
+/// a shard). Most frames (pings, acks, binds) are tens of bytes; a larger
+/// one spans buffers and is put together in its connection's partial-frame
+/// buffer.
+pub const DEFAULT_RECV_BUFFERS: u32 = 512;
+pub const DEFAULT_RECV_BUFFER_BYTES: u32 = 2048;
+/// Bounds of `gateway.recv_buffer_bytes`.
+const RECV_BUFFER_BYTES_MIN: u32 = 256;
+const RECV_BUFFER_BYTES_MAX: u32 = 1 << 20;
 /// Frames waiting per connection: many full delivery windows, far more
 /// than a client that reads ever has queued.
 pub const DEFAULT_SEND_QUEUE_FRAMES_MAX: usize = 1_024;
@@ -136,6 +145,11 @@ pub struct GatewaySection {
     pub connections_per_shard_max: Option<usize>,
     pub send_queue_bytes_max: usize,
     pub send_queue_frames_max: usize,
+    /// io_uring: buffers in each shard's receive ring (a power of two, at
+    /// most 32,768), shared by all its connections ...
+    pub recv_buffers: u32,
+    /// ... and the bytes of each.
+    pub recv_buffer_bytes: u32,
     pub auth_timeout_secs: u64,
     pub bind_failures_max: u32,
     pub apps_per_connection_max: usize,
@@ -196,6 +210,14 @@ impl Config {
     /// The gateway's driver, once `resolve_io` has settled it.
     pub fn io_driver(&self) -> herald_room::IoDriver {
         self.gateway.io.unwrap_or_default().driver()
+    }
+
+    /// Each shard's receive buffer ring (checked by `validate`).
+    pub fn recv_buffers(&self) -> herald_room::RecvBuffers {
+        herald_room::RecvBuffers {
+            count: u16::try_from(self.gateway.recv_buffers).expect("validated"),
+            len: self.gateway.recv_buffer_bytes,
+        }
     }
 }
 
@@ -313,6 +335,8 @@ impl Default for GatewaySection {
             connections_per_shard_max: None,
             send_queue_bytes_max: DEFAULT_SEND_QUEUE_BYTES_MAX,
             send_queue_frames_max: DEFAULT_SEND_QUEUE_FRAMES_MAX,
+            recv_buffers: DEFAULT_RECV_BUFFERS,
+            recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,
             auth_timeout_secs: DEFAULT_AUTH_TIMEOUT_SECS,
             bind_failures_max: DEFAULT_BIND_FAILURES_MAX,
             apps_per_connection_max: APPS_PER_CONN_MAX,
@@ -469,6 +493,21 @@ impl Config {
             bail!(
                 "gateway.accept_rate needs per_sec of at least one per shard ({}) and a burst of at least 1",
                 self.shards()
+            );
+        }
+        if !gateway.recv_buffers.is_power_of_two()
+            || gateway.recv_buffers > u32::from(herald_room::RecvBuffers::COUNT_MAX)
+        {
+            bail!(
+                "gateway.recv_buffers must be a power of two from 1 to {}, not {}",
+                herald_room::RecvBuffers::COUNT_MAX,
+                gateway.recv_buffers
+            );
+        }
+        if !(RECV_BUFFER_BYTES_MIN..=RECV_BUFFER_BYTES_MAX).contains(&gateway.recv_buffer_bytes) {
+            bail!(
+                "gateway.recv_buffer_bytes must be from {RECV_BUFFER_BYTES_MIN} to {RECV_BUFFER_BYTES_MAX}, not {}",
+                gateway.recv_buffer_bytes
             );
         }
         if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == Some(0) {

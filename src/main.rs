@@ -432,6 +432,7 @@ fn gateway_config(
 ) -> GatewayConfig {
     GatewayConfig {
         io: config.io_driver(),
+        recv_buffers: config.recv_buffers(),
         listeners: config.gateway_listeners(),
         tls,
         websocket: WebSocketSettings {

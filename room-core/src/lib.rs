@@ -6,17 +6,17 @@
 //! lock and no shared map on the per-connection path. The per-connection
 //! logic (handshake, auth, heartbeats, framing, acks) is
 //! `herald_proto::server::ServerConn`; this crate only drives it with sockets,
-//! a readiness poller, a timer wheel and buffer pools. Two pollers run the
-//! same shard loop: io_uring (the default) and epoll (the fallback where
-//! io_uring is blocked).
+//! an I/O driver, a timer wheel and buffer pools. Two drivers run the same
+//! shard loop: io_uring, completion-based (the default), and epoll (the
+//! fallback where io_uring is blocked).
 //!
 //! It does not store messages or know where users are: it talks to the
 //! control plane only through bounded channels of `ShardCommand` and
 //! `ShardEvent` (`herald_proto::plane`), and it never waits on storage.
 
 mod auth;
+mod driver;
 pub mod metrics;
-mod poller;
 mod pool;
 mod shard;
 pub mod transport;
@@ -35,13 +35,17 @@ pub use metrics::{GatewayMetrics, GatewaySnapshot};
 pub use shard::LISTENERS_MAX;
 pub use transport::{CertificateError, TlsAcceptor, TransportKind, WebSocketSettings};
 
-/// How the shards wait for their sockets.
+pub use driver::uring::RecvBuffers;
+
+/// How the shards do their sockets' I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoDriver {
-    /// io_uring: multishot poll requests, submitted in batches.
+    /// io_uring, completion-based: multishot accept and receive (into a
+    /// provided buffer ring per shard), sends as submissions, all of a turn
+    /// in one system call.
     #[default]
     Uring,
-    /// epoll, through mio.
+    /// epoll, through mio: readiness, then a system call per operation.
     Epoll,
 }
 
@@ -68,6 +72,8 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub io: IoDriver,
+    /// Each shard's io_uring receive buffer ring (unused on epoll).
+    pub recv_buffers: RecvBuffers,
     /// At least one; every shard listens on each (SO_REUSEPORT).
     pub listeners: Vec<ListenerConfig>,
     /// The certificate of tls and wss listeners.
@@ -207,12 +213,13 @@ impl Gateway {
             let cpu = (!cpus.is_empty()).then(|| cpus[shard % cpus.len()]);
             let events = events.clone();
             let io = config.io;
+            let recv_buffers = config.recv_buffers;
             let shard_listeners = listeners.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("herald-shard-{shard}"))
                 .spawn(move || {
                     run_shard_thread(
-                        io,
+                        (io, recv_buffers),
                         cpu,
                         shard_listeners,
                         settings,
@@ -285,7 +292,7 @@ impl Gateway {
 /// A shard's thread: pins itself, sets up its poller and listener, reports
 /// whether it listens, then runs the shard loop.
 fn run_shard_thread(
-    io: IoDriver,
+    (io, recv_buffers): (IoDriver, RecvBuffers),
     cpu: Option<usize>,
     listeners: Vec<ListenerConfig>,
     settings: shard::ShardSettings,
@@ -297,25 +304,25 @@ fn run_shard_thread(
         pin_to_cpu(cpu);
     }
     type Listeners = Vec<(std::net::TcpListener, TransportKind)>;
-    let setup = || -> io::Result<(Listeners, Arc<poller::WakeFd>)> {
+    let setup = || -> io::Result<(Listeners, Arc<driver::WakeFd>)> {
         let sockets = listeners
             .iter()
             .map(|listener| Ok((bind_listener(listener.addr)?, listener.transport)))
             .collect::<io::Result<_>>()?;
-        Ok((sockets, Arc::new(poller::WakeFd::new()?)))
+        Ok((sockets, Arc::new(driver::WakeFd::new()?)))
     };
     let id = settings.id;
     let result = match io {
-        IoDriver::Uring => poller::uring::UringPoller::new().and_then(|poller| {
+        IoDriver::Uring => driver::uring::UringDriver::new(recv_buffers).and_then(|driver| {
             let (listeners, wake) = setup()?;
             let _ = ready.send(Ok(()));
-            shard::Shard::new(settings, poller, listeners, Instant::now())
+            shard::Shard::new(settings, driver, listeners, Instant::now())
                 .run(commands, events, wake)
         }),
-        IoDriver::Epoll => poller::epoll::EpollPoller::new().and_then(|poller| {
+        IoDriver::Epoll => driver::epoll::EpollDriver::new().and_then(|driver| {
             let (listeners, wake) = setup()?;
             let _ = ready.send(Ok(()));
-            shard::Shard::new(settings, poller, listeners, Instant::now())
+            shard::Shard::new(settings, driver, listeners, Instant::now())
                 .run(commands, events, wake)
         }),
     };

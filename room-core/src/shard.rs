@@ -7,11 +7,13 @@
 //! needs it. A waiting connection is its slab slot and its socket, nothing
 //! else: no task, no future, no buffer.
 //!
-//! A connection with work reads into the shard's one scratch buffer and
-//! decodes in place; only the tail of a partial frame is copied into a small
-//! pooled buffer. Output is encoded into the shard's send buffer and sent at
-//! once; only what the socket does not take waits in a pooled buffer, which
-//! goes back to the pool once the socket took it all.
+//! Input is decoded where it lies: in a buffer of the shard's io_uring
+//! buffer ring, or (epoll) in the shard's one scratch buffer; only the tail
+//! of a partial frame is copied into a small pooled buffer. Output is
+//! encoded into a pooled buffer and handed to the driver at once (a
+//! broadcast's shared frame, on plain TCP, is sent from where it lies);
+//! while a connection's send is with the driver, what it produces waits in
+//! its queue, also pooled. Every buffer goes back to its pool once drained.
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,8 +34,8 @@ use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
 use slab::Slab;
 
 use crate::auth::AppSecrets;
+use crate::driver::{Driver, Event, Input, SendBuffer, TOKEN_BITS_MAX, WakeFd};
 use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
-use crate::poller::{Poller, Readiness, TOKEN_BITS_MAX, WakeFd};
 use crate::pool::BufferPool;
 use crate::transport::{
     self, CloseCode, Message, TlsAcceptor, Transport, TransportEnd, TransportKind, Upgrade,
@@ -41,8 +43,8 @@ use crate::transport::{
 };
 use crate::wheel::{TICK, TimerKey, TimerWheel};
 
-/// The shard's read buffer: one maximum frame plus its prefix, so a single
-/// read can always complete any frame.
+/// The epoll shard's read buffer: one maximum frame plus its prefix, so a
+/// single read can always complete any frame.
 const SCRATCH_LEN: usize =
     herald_proto::limits::FRAME_BODY_LEN_MAX + herald_proto::limits::LENGTH_PREFIX_LEN;
 
@@ -93,20 +95,15 @@ const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 /// (GOAWAY, ERROR) and to close its side, before it is cut.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Poller tokens: a connection's is its slot and the low bits of its
-/// generation; the wakeup descriptor and the listeners take slots no
-/// connection can have.
+/// Driver tokens: a connection's is its slot and the low bits of its
+/// generation, so an operation of a closed connection never reaches the
+/// connection that takes its slot next.
 const GENERATION_TOKEN_MASK: u32 = (1 << (TOKEN_BITS_MAX - 32)) - 1;
-const WAKE_TOKEN: u64 = u32::MAX as u64;
 /// Listeners a gateway may have.
 pub const LISTENERS_MAX: usize = 8;
 
-fn listener_token(index: usize) -> u64 {
-    WAKE_TOKEN - 1 - index as u64
-}
-
 /// The largest slot a connection may have.
-pub(crate) const SLOTS_MAX: usize = u32::MAX as usize - 1 - LISTENERS_MAX;
+pub(crate) const SLOTS_MAX: usize = u32::MAX as usize - 1;
 
 fn conn_token(slot: usize, generation: u32) -> u64 {
     (u64::from(generation & GENERATION_TOKEN_MASK) << 32) | slot as u64
@@ -134,8 +131,11 @@ pub struct ShardSettings {
 struct Listener {
     socket: OwnedFd,
     transport: TransportKind,
-    /// It may have connections waiting.
+    /// epoll: it may have connections waiting.
     ready: bool,
+    /// Its driver is accepting on it (io_uring stops after an error, and
+    /// the shard starts it again).
+    accepting: bool,
 }
 
 /// One broadcast's way through the shard's connections.
@@ -164,8 +164,8 @@ struct Conn {
     queue: Option<Box<BytesMut>>,
     /// TLS and WebSocket state; `None` on plain TCP.
     transport: Option<Box<Transport>>,
-    /// Frames put in `queue` since it was last empty (an upper bound on
-    /// those still in it).
+    /// Frames put in `queue` since the connection's output last drained
+    /// (an upper bound on those still in it).
     queued_frames: u16,
     /// Set once the connection must close; it does after the queue drains
     /// and the client closes its side (or the flush deadline passes).
@@ -174,11 +174,16 @@ struct Conn {
     flush_timed_out: bool,
     /// Our side is shut down: the last frame is out, we wait for EOF.
     write_shut: bool,
-    /// The socket may hold input: the poller said so and no read since has
-    /// come back empty.
+    /// epoll: the socket may hold input: the driver said so and no read
+    /// since has come back empty.
     readable: bool,
-    /// A write would block; the poller will say when it would not.
-    write_blocked: bool,
+    /// io_uring: a receive is armed.
+    receiving: bool,
+    /// A send is with the driver; output waits in `queue` until it is done.
+    sending: bool,
+    /// A send failed (reset, broken pipe) or receiving could not be armed
+    /// again: the connection ends.
+    io_failed: bool,
     /// The connection is in the run queue.
     queued: bool,
 }
@@ -189,9 +194,9 @@ struct Conn {
 // change of this budget.
 const _: () = assert!(size_of::<Conn>() <= 152);
 
-pub(crate) struct Shard<P> {
+pub(crate) struct Shard<D> {
     settings: ShardSettings,
-    poller: P,
+    driver: D,
     /// Empty once draining.
     listeners: Vec<Listener>,
     accept_paused_until: Option<Instant>,
@@ -208,10 +213,15 @@ pub(crate) struct Shard<P> {
     next_generation: u32,
     /// Connections with work to do: input, output or a close to finish.
     run_queue: VecDeque<usize>,
+    /// epoll's read buffer (empty on io_uring, which reads into its ring).
     scratch: Box<[u8]>,
-    /// Where output is encoded when nothing is queued ahead of it; empty
-    /// between uses.
-    send_buffer: BytesMut,
+    /// io_uring: input that arrived while the outbox was full, taken in
+    /// order once it has room (its ring buffers held meanwhile, so the ring
+    /// running dry stops further reading).
+    held_input: VecDeque<(u64, Input, bool)>,
+    /// io_uring: connections whose receive stopped (the ring ran dry, or
+    /// the kernel ended it), armed again once buffers are back.
+    recv_rearm: Vec<u64>,
     /// A TLS connection's output before it is sealed; empty between uses.
     tls_plain: BytesMut,
     /// What a TLS connection's records held (a plain WebSocket
@@ -268,31 +278,13 @@ fn recv(socket: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn send(socket: RawFd, buffer: &[u8]) -> io::Result<usize> {
-    // SAFETY: the kernel reads at most `buffer.len()` bytes from it.
-    // MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
-    let n = unsafe {
-        libc::send(
-            socket,
-            buffer.as_ptr().cast(),
-            buffer.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-impl<P: Poller> Shard<P> {
+impl<D: Driver> Shard<D> {
     pub(crate) fn new(
         settings: ShardSettings,
-        poller: P,
+        driver: D,
         listeners: Vec<(std::net::TcpListener, TransportKind)>,
         now: Instant,
-    ) -> Shard<P> {
+    ) -> Shard<D> {
         assert!(settings.connections_max <= SLOTS_MAX);
         assert!(listeners.len() <= LISTENERS_MAX);
         let accept_limiter = settings.accept_rate.map(|rate| TokenBucket::new(rate, now));
@@ -300,13 +292,14 @@ impl<P: Poller> Shard<P> {
         Shard {
             conns: Slab::with_capacity(settings.connections_max.min(1 << 16)),
             settings,
-            poller,
+            driver,
             listeners: listeners
                 .into_iter()
                 .map(|(socket, transport)| Listener {
                     socket: socket.into(),
                     transport,
                     ready: true,
+                    accepting: false,
                 })
                 .collect(),
             accept_paused_until: None,
@@ -316,8 +309,13 @@ impl<P: Poller> Shard<P> {
             jitter_state,
             next_generation: 0,
             run_queue: VecDeque::new(),
-            scratch: vec![0; SCRATCH_LEN].into_boxed_slice(),
-            send_buffer: BytesMut::with_capacity(WRITE_BUFFER_CAPACITY),
+            scratch: if D::RECEIVES {
+                Box::default()
+            } else {
+                vec![0; SCRATCH_LEN].into_boxed_slice()
+            },
+            held_input: VecDeque::new(),
+            recv_rearm: Vec::new(),
             tls_plain: BytesMut::new(),
             plain_in: BytesMut::new(),
             handshake_out: BytesMut::new(),
@@ -337,23 +335,20 @@ impl<P: Poller> Shard<P> {
     }
 
     /// Runs the shard until the control plane drops its command channel or
-    /// the poller fails.
+    /// the driver fails.
     pub(crate) fn run(
         mut self,
         commands: async_channel::Receiver<ShardCommand>,
         events: async_channel::Sender<ShardEvent>,
         wake: Arc<WakeFd>,
     ) -> io::Result<()> {
-        self.poller.add(wake.raw_fd(), WAKE_TOKEN)?;
-        for (index, listener) in self.listeners.iter().enumerate() {
-            self.poller
-                .add(listener.socket.as_raw_fd(), listener_token(index))?;
-        }
+        self.driver.add_wake(wake.raw_fd())?;
+        self.start_accepting()?;
         // The command channel wakes the loop through the eventfd.
         let mut commands = std::pin::pin!(commands);
         let waker = Waker::from(wake.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut ready = Vec::new();
+        let mut driver_events = Vec::new();
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
@@ -368,9 +363,14 @@ impl<P: Poller> Shard<P> {
                     }
                 }
             }
-            if self.accept_ready() && self.accept_paused_until.is_none_or(|until| now >= until) {
+            self.take_held_input(now);
+            self.rearm_receives();
+            if self.accept_paused_until.is_none_or(|until| now >= until) {
                 self.accept_paused_until = None;
-                self.accept(now);
+                self.start_accepting()?;
+                if self.accept_ready() {
+                    self.accept(now);
+                }
             }
             self.run_connections(now);
             let Some(outbox_blocked) = self.flush_outbox(&events) else {
@@ -383,6 +383,7 @@ impl<P: Poller> Shard<P> {
 
             let busy = commands_left
                 || !self.run_queue.is_empty()
+                || (!self.held_input.is_empty() && self.outbox.len() < OUTBOX_LEN_MAX)
                 || (self.accept_ready() && self.accept_paused_until.is_none());
             let timeout = if busy {
                 Duration::ZERO
@@ -395,53 +396,196 @@ impl<P: Poller> Shard<P> {
                 }
                 until.saturating_duration_since(now)
             };
-            self.poller.wait(timeout, &mut ready)?;
-            for readiness in ready.drain(..) {
-                self.on_ready(readiness, &wake);
+            self.driver.wait(timeout, &mut driver_events)?;
+            let now = Instant::now();
+            for event in driver_events.drain(..) {
+                self.on_event(event, &wake, now);
             }
         }
     }
 
-    fn on_ready(&mut self, readiness: Readiness, wake: &WakeFd) {
-        match readiness.token {
-            WAKE_TOKEN => {
-                wake.clear();
-                if readiness.rearm {
-                    let _ = self.poller.add(wake.raw_fd(), WAKE_TOKEN);
+    /// Has the driver accept on every listener it is not accepting on.
+    fn start_accepting(&mut self) -> io::Result<()> {
+        for (index, listener) in self.listeners.iter_mut().enumerate() {
+            if !listener.accepting {
+                self.driver.accept(listener.socket.as_raw_fd(), index)?;
+                listener.accepting = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: Event, wake: &WakeFd, now: Instant) {
+        match event {
+            Event::Wake => wake.clear(),
+            Event::Acceptable { listener } => {
+                if let Some(listener) = self.listeners.get_mut(listener) {
+                    listener.ready = true;
                 }
             }
-            token if (listener_token(LISTENERS_MAX - 1)..=listener_token(0)).contains(&token) => {
-                let index = (listener_token(0) - token) as usize;
-                let Some(listener) = self.listeners.get_mut(index) else {
-                    return;
-                };
-                listener.ready = true;
-                if readiness.rearm {
-                    let _ = self.poller.add(listener.socket.as_raw_fd(), token);
+            Event::Accepted { listener, socket } => {
+                if let Some(transport) = self.listeners.get(listener).map(|l| l.transport) {
+                    self.accept_one(socket, transport, now);
                 }
             }
-            token => {
-                let slot = (token & u64::from(u32::MAX)) as usize;
-                let Some(conn) = self.conns.get_mut(slot) else {
+            Event::AcceptStopped { listener, error } => {
+                let Some(listener) = self.listeners.get_mut(listener) else {
                     return;
                 };
-                if conn_token(slot, conn.generation) != token {
-                    return;
-                }
-                if readiness.readable {
-                    conn.readable = true;
-                }
-                if readiness.writable {
-                    conn.write_blocked = false;
-                }
-                if readiness.rearm
-                    && let Err(error) = self.poller.add(conn.socket.as_raw_fd(), token)
+                listener.accepting = false;
+                if let Some(error) = error
+                    && !matches!(
+                        error.raw_os_error(),
+                        Some(libc::EINTR | libc::ECONNABORTED | libc::EAGAIN)
+                    )
                 {
-                    tracing::warn!(%error, "cannot watch a connection again; closing it");
-                    conn.flush_timed_out = true;
+                    // Out of descriptors or memory: pause instead of
+                    // spinning on the same error.
+                    tracing::warn!(%error, "accept failed");
+                    self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
                 }
-                enqueue(&mut self.run_queue, conn, slot);
             }
+            Event::Readable { token } => {
+                if let Some(slot) = self.slot_of(token) {
+                    let conn = &mut self.conns[slot];
+                    conn.readable = true;
+                    enqueue(&mut self.run_queue, conn, slot);
+                }
+            }
+            Event::Received {
+                token,
+                input,
+                rearm,
+            } => {
+                if self.held_input.is_empty() && self.outbox.len() < OUTBOX_LEN_MAX {
+                    self.on_received(token, input, rearm, now);
+                } else {
+                    self.held_input.push_back((token, input, rearm));
+                }
+            }
+            Event::Sent {
+                token,
+                buffer,
+                result,
+            } => match self.slot_of(token) {
+                Some(slot) => {
+                    self.finish_send(slot, buffer, result);
+                    let conn = &mut self.conns[slot];
+                    enqueue(&mut self.run_queue, conn, slot);
+                }
+                None => self.recycle(buffer),
+            },
+        }
+    }
+
+    /// The slot of the live connection a driver token names.
+    fn slot_of(&self, token: u64) -> Option<usize> {
+        let slot = (token & u64::from(u32::MAX)) as usize;
+        let conn = self.conns.get(slot)?;
+        (conn_token(slot, conn.generation) == token).then_some(slot)
+    }
+
+    /// Takes input that arrived while the outbox was full, in order, as far
+    /// as the outbox has room.
+    fn take_held_input(&mut self, now: Instant) {
+        while self.outbox.len() < OUTBOX_LEN_MAX
+            && let Some((token, input, rearm)) = self.held_input.pop_front()
+        {
+            self.on_received(token, input, rearm, now);
+        }
+    }
+
+    /// Arms again the receives that stopped, once the ring has buffers and
+    /// no input is held back.
+    fn rearm_receives(&mut self) {
+        if self.recv_rearm.is_empty()
+            || !self.held_input.is_empty()
+            || !self.driver.has_recv_buffers()
+        {
+            return;
+        }
+        for token in std::mem::take(&mut self.recv_rearm) {
+            if let Some(slot) = self.slot_of(token) {
+                let conn = &mut self.conns[slot];
+                // A closing connection receives again once its side is
+                // shut (`drive`).
+                if conn.receiving || (conn.closing.is_some() && !conn.write_shut) {
+                    continue;
+                }
+                conn.receiving = true;
+                if self
+                    .driver
+                    .rearm_recv(conn.socket.as_raw_fd(), token)
+                    .is_err()
+                {
+                    conn.io_failed = true;
+                    enqueue(&mut self.run_queue, conn, slot);
+                }
+            }
+        }
+    }
+
+    /// io_uring: what a connection's receive brought; with `rearm`, its
+    /// receiving stopped and is armed again unless the connection ends.
+    fn on_received(&mut self, token: u64, input: Input, rearm: bool, now: Instant) {
+        let Some(slot) = self.slot_of(token) else {
+            if let Input::Bytes(buffer) = input {
+                self.driver.give_back(buffer);
+            }
+            return;
+        };
+        let closing = self.conns[slot].closing;
+        if rearm {
+            self.conns[slot].receiving = false;
+        }
+        match input {
+            Input::Bytes(mut buffer) => {
+                if closing.is_none() {
+                    // SAFETY: the driver that made the buffer is this
+                    // shard's, alive for as long as the shard.
+                    let bytes = unsafe { buffer.bytes_mut() };
+                    self.handle_input(slot, bytes, now);
+                }
+                // A closing connection's input is read and discarded.
+                self.driver.give_back(buffer);
+                if rearm && self.slot_of(token).is_some() {
+                    self.recv_rearm.push(token);
+                }
+            }
+            Input::End => self.remove_conn(slot, closing.unwrap_or(ConnEnd::PeerClosed)),
+            Input::Failed => self.remove_conn(slot, closing.unwrap_or(ConnEnd::Io)),
+            Input::NoBuffer => self.recv_rearm.push(token),
+        }
+    }
+
+    /// Hands a connection's output to the driver; what it could not finish
+    /// now it reports in `Event::Sent`.
+    fn transmit(&mut self, slot: usize, buffer: SendBuffer) {
+        let conn = &mut self.conns[slot];
+        debug_assert!(!conn.sending);
+        let token = conn_token(slot, conn.generation);
+        match self.driver.send(conn.socket.as_raw_fd(), token, buffer) {
+            None => conn.sending = true,
+            Some((buffer, result)) => self.finish_send(slot, buffer, result),
+        }
+    }
+
+    /// A send is done: its buffer goes back, and a failure ends the
+    /// connection.
+    fn finish_send(&mut self, slot: usize, buffer: SendBuffer, result: io::Result<()>) {
+        self.recycle(buffer);
+        let conn = &mut self.conns[slot];
+        conn.sending = false;
+        match result {
+            Ok(()) if conn.queue.is_none() => conn.queued_frames = 0,
+            Ok(()) => {}
+            Err(_) => conn.io_failed = true,
+        }
+    }
+
+    fn recycle(&mut self, buffer: SendBuffer) {
+        if let SendBuffer::Pooled(buffer) = buffer {
+            self.write_pool.give(buffer);
         }
     }
 
@@ -489,11 +633,13 @@ impl<P: Poller> Shard<P> {
         }
     }
 
+    /// epoll: a listener may have connections waiting.
     fn accept_ready(&self) -> bool {
-        self.listeners.iter().any(|listener| listener.ready)
+        !D::RECEIVES && self.listeners.iter().any(|listener| listener.ready)
     }
 
-    /// Accepts waiting connections, at most a batch per listener per turn.
+    /// epoll: accepts waiting connections, at most a batch per listener per
+    /// turn.
     fn accept(&mut self, now: Instant) {
         for index in 0..self.listeners.len() {
             if self.listeners[index].ready && self.accept_paused_until.is_none() {
@@ -531,25 +677,31 @@ impl<P: Poller> Shard<P> {
             }
             // SAFETY: fd is the new descriptor accept4 just returned.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            if self.conns.len() >= self.settings.connections_max {
-                self.counters().connection_refused();
-                continue;
-            }
-            set_nodelay(&socket);
-            let Some(slot) = self.open_conn(socket, transport, now) else {
-                continue;
-            };
-            let over_limit = self
-                .accept_limiter
-                .as_mut()
-                .is_some_and(|limiter| limiter.take(1, now).is_err());
-            if over_limit {
-                // Told when to come back rather than left to time out; the
-                // usual lingering close makes sure the GOAWAY arrives.
-                let delay_ms = self.turn_away_delay_ms(now);
-                self.conns[slot].server.turn_away(delay_ms, &mut self.out);
-                self.apply(slot, now);
-            }
+            self.accept_one(socket, transport, now);
+        }
+    }
+
+    /// Takes a connection just accepted: refused past the connection
+    /// limit, turned away past the accept rate, opened otherwise.
+    fn accept_one(&mut self, socket: OwnedFd, transport: TransportKind, now: Instant) {
+        if self.conns.len() >= self.settings.connections_max {
+            self.counters().connection_refused();
+            return;
+        }
+        set_nodelay(&socket);
+        let Some(slot) = self.open_conn(socket, transport, now) else {
+            return;
+        };
+        let over_limit = self
+            .accept_limiter
+            .as_mut()
+            .is_some_and(|limiter| limiter.take(1, now).is_err());
+        if over_limit {
+            // Told when to come back rather than left to time out; the
+            // usual lingering close makes sure the GOAWAY arrives.
+            let delay_ms = self.turn_away_delay_ms(now);
+            self.conns[slot].server.turn_away(delay_ms, &mut self.out);
+            self.apply(slot, now);
         }
     }
 
@@ -617,12 +769,14 @@ impl<P: Poller> Shard<P> {
             flush_deadline: None,
             flush_timed_out: false,
             write_shut: false,
-            // HELLO may already be there: look before the poller says so.
+            // HELLO may already be there: look before epoll says so.
             readable: true,
-            write_blocked: false,
+            receiving: true,
+            sending: false,
+            io_failed: false,
             queued: false,
         });
-        if let Err(error) = self.poller.add(fd, conn_token(slot, generation)) {
+        if let Err(error) = self.driver.add_conn(fd, conn_token(slot, generation)) {
             tracing::warn!(%error, "cannot watch a new connection; closing it");
             self.conns.remove(slot);
             return None;
@@ -641,16 +795,25 @@ impl<P: Poller> Shard<P> {
 
     fn remove_conn(&mut self, slot: usize, end: ConnEnd) {
         let id = self.conn_id(slot);
-        let conn = self.conns.remove(slot);
-        self.poller
-            .remove(conn.socket.as_raw_fd(), conn_token(slot, conn.generation));
-        if let Some(partial) = conn.partial {
+        let Conn {
+            socket,
+            generation,
+            server,
+            partial,
+            queue,
+            transport,
+            closing,
+            ..
+        } = self.conns.remove(slot);
+        self.driver
+            .remove_conn(socket, conn_token(slot, generation));
+        if let Some(partial) = partial {
             self.read_pool.give(partial);
         }
-        if let Some(queue) = conn.queue {
+        if let Some(queue) = queue {
             self.write_pool.give(queue);
         }
-        if let Some(transport) = conn.transport {
+        if let Some(transport) = transport {
             let Transport {
                 tls_pending,
                 ws_pending,
@@ -662,8 +825,8 @@ impl<P: Poller> Shard<P> {
         }
         self.counters().connection_closed(end);
         // A connection that began a close was unregistered then.
-        if conn.closing.is_none()
-            && let Some(event) = closed_event(id, &conn.server)
+        if closing.is_none()
+            && let Some(event) = closed_event(id, &server)
         {
             self.outbox.push_back(event);
         }
@@ -698,14 +861,14 @@ impl<P: Poller> Shard<P> {
         }
     }
 
-    /// Flushes output and reads input until both would block, the turn's
-    /// rounds run out (the connection is queued again) or it ends.
+    /// Hands queued output to the driver, moves a close on and (epoll)
+    /// reads input, until nothing more can be done now, the turn's rounds
+    /// run out (the connection is queued again) or it ends.
     fn drive(&mut self, slot: usize, now: Instant) -> Option<ConnEnd> {
         for _ in 0..CONN_POLL_ROUNDS_MAX {
             let mut progressed = false;
 
             let conn = &mut self.conns[slot];
-            let fd = conn.socket.as_raw_fd();
             if conn.flush_timed_out {
                 // Everything was sent and only the client's EOF is missing:
                 // the close went as intended.
@@ -716,32 +879,20 @@ impl<P: Poller> Shard<P> {
                     _ => ConnEnd::FlushTimeout,
                 });
             }
-            if !conn.write_blocked
-                && let Some(queue) = conn.queue.as_mut()
+            if !conn.sending
+                && !conn.io_failed
+                && let Some(queue) = conn.queue.take()
             {
-                match send(fd, queue) {
-                    Ok(written) => {
-                        queue.advance(written);
-                        if queue.is_empty() {
-                            let queue = conn.queue.take().expect("queue is some");
-                            self.write_pool.give(queue);
-                            conn.queued_frames = 0;
-                        }
-                        progressed = written > 0;
-                    }
-                    Err(error) if would_block(&error) => {
-                        conn.write_blocked = true;
-                        let token = conn_token(slot, conn.generation);
-                        if self.poller.want_writable(fd, token).is_err() {
-                            return Some(ConnEnd::Io);
-                        }
-                    }
-                    Err(_) => return Some(ConnEnd::Io),
-                }
+                self.transmit(slot, SendBuffer::Pooled(queue));
+                progressed = !self.conns[slot].sending;
             }
             let conn = &mut self.conns[slot];
+            if conn.io_failed {
+                return Some(ConnEnd::Io);
+            }
+            let fd = conn.socket.as_raw_fd();
             if let Some(end) = conn.closing {
-                if conn.queue.is_none() {
+                if conn.queue.is_none() && !conn.sending {
                     // Lingering close: shut our side, then read and discard
                     // until the client's EOF. Closing with its bytes still
                     // unread would make the kernel send a reset, and the
@@ -750,8 +901,16 @@ impl<P: Poller> Shard<P> {
                         conn.write_shut = true;
                         // SAFETY: shutdown(2) on the socket this slot owns.
                         unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                        if D::RECEIVES && !conn.receiving {
+                            conn.receiving = true;
+                            let token = conn_token(slot, conn.generation);
+                            if self.driver.rearm_recv(fd, token).is_err() {
+                                return Some(end);
+                            }
+                        }
                     }
-                    if conn.readable {
+                    // io_uring's receive reports the EOF in its own time.
+                    if !D::RECEIVES && conn.readable {
                         match recv(fd, &mut self.scratch) {
                             Ok(0) => return Some(end),
                             Ok(_) => progressed = true,
@@ -760,26 +919,37 @@ impl<P: Poller> Shard<P> {
                         }
                     }
                 }
-            } else if conn.readable && self.outbox.len() >= OUTBOX_LEN_MAX {
+            } else if !D::RECEIVES && conn.readable && self.outbox.len() >= OUTBOX_LEN_MAX {
                 self.readers_waiting.push(slot);
-            } else if conn.readable {
-                match recv(fd, &mut self.scratch) {
-                    Ok(0) => return Some(ConnEnd::PeerClosed),
+            } else if !D::RECEIVES && conn.readable {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let read = recv(fd, &mut scratch);
+                let conn = &mut self.conns[slot];
+                let end = match read {
+                    Ok(0) => Some(ConnEnd::PeerClosed),
                     Ok(len) => {
                         // A read that did not fill the buffer took all the
                         // socket held (TCP returns early only once its
                         // queue is empty, or at urgent data, which only
-                        // stalls the client that sends it), and the poller
+                        // stalls the client that sends it), and epoll
                         // reports the next data: no second read to learn
                         // that it would block.
-                        if len < self.scratch.len() {
+                        if len < scratch.len() {
                             conn.readable = false;
                         }
-                        self.handle_input(slot, len, now);
+                        self.handle_input(slot, &mut scratch[..len], now);
                         progressed = true;
+                        None
                     }
-                    Err(error) if would_block(&error) => conn.readable = false,
-                    Err(_) => return Some(ConnEnd::Io),
+                    Err(error) if would_block(&error) => {
+                        conn.readable = false;
+                        None
+                    }
+                    Err(_) => Some(ConnEnd::Io),
+                };
+                self.scratch = scratch;
+                if end.is_some() {
+                    return end;
                 }
             }
 
@@ -796,7 +966,10 @@ impl<P: Poller> Shard<P> {
     /// starts its close.
     fn apply(&mut self, slot: usize, now: Instant) {
         let encoded = self.encoded.take();
-        let sent = self.send_frames(slot, encoded.as_ref());
+        let (sent, to_send) = self.send_frames(slot, encoded.as_ref());
+        if let Some(buffer) = to_send {
+            self.transmit(slot, buffer);
+        }
         let counters = self.settings.metrics.shard(usize::from(self.settings.id));
         counters.frames_out(sent.frames);
         counters.pushes_out(sent.pushes);
@@ -805,7 +978,7 @@ impl<P: Poller> Shard<P> {
         }
         self.forward_events(slot);
         let conn = &mut self.conns[slot];
-        if conn.queue.is_some() || conn.closing.is_some() {
+        if conn.queue.is_some() || conn.closing.is_some() || conn.io_failed {
             enqueue(&mut self.run_queue, conn, slot);
         }
         if let Some(reason) = self.out.close.take() {
@@ -814,20 +987,21 @@ impl<P: Poller> Shard<P> {
     }
 
     /// Encodes the connection logic's frames (and a broadcast's shared
-    /// one) for the connection's transport, within its queue's limits, and
-    /// hands them to the socket or its queue.
+    /// one) for the connection's transport, within its queue's limits.
+    /// Returns what to hand the driver now, if nothing waits ahead of it;
+    /// otherwise they join the connection's queue.
     ///
-    /// With nothing waiting ahead of them, they are encoded into the
-    /// shard's send buffer and sent at once; only what the socket does not
-    /// take is copied into a pooled queue. A push to every connection then
-    /// borrows no buffer per connection.
-    fn send_frames(&mut self, slot: usize, encoded: Option<&Bytes>) -> Sent {
+    /// With nothing waiting, they are encoded into a pooled buffer that
+    /// goes back to the pool when the send is done, and a broadcast's frame
+    /// alone on plain TCP is sent from the shared bytes: a push to every
+    /// connection copies nothing per connection.
+    fn send_frames(&mut self, slot: usize, encoded: Option<&Bytes>) -> (Sent, Option<SendBuffer>) {
         let id = self.conn_id(slot);
         let Shard {
             settings,
+            driver,
             conns,
             out,
-            send_buffer,
             tls_plain,
             write_pool,
             ..
@@ -839,45 +1013,68 @@ impl<P: Poller> Shard<P> {
         let transport_open = conn.transport.as_ref().is_none_or(|t| t.is_open());
         if conn.closing.is_some() || !transport_open {
             out.transmit.clear();
-            return sent;
+            return (sent, None);
         }
         if out.transmit.is_empty() && encoded.is_none() && out.close.is_none() {
-            return sent;
+            return (sent, None);
         }
-        let direct = conn.queue.is_none() && !conn.write_blocked;
-        let buffer = if direct {
-            &mut *send_buffer
+        let direct = conn.queue.is_none() && !conn.sending;
+        if direct
+            && conn.transport.is_none()
+            && out.transmit.is_empty()
+            && out.close.is_none()
+            && let Some(frame) = encoded
+            && frame.len() <= settings.send_queue_bytes_max
+        {
+            sent.frames = 1;
+            sent.pushes = 1;
+            return (sent, Some(SendBuffer::Shared(frame.clone())));
+        }
+        let token = conn_token(slot, conn.generation);
+        let unsent = driver.unsent_len(token);
+        let mut fresh: Option<Box<BytesMut>> = None;
+        let buffer: &mut BytesMut = if direct {
+            fresh.insert(write_pool.take())
         } else {
             conn.queue.get_or_insert_with(|| write_pool.take())
         };
-        // Frames count against the limit only when they queue behind
-        // others: going straight to the socket, a batch of any size (a fill
-        // of many broadcasts) is fine.
-        let frames_room = if direct {
-            usize::MAX
-        } else {
+        // What waits counts against the limits only behind a send the
+        // socket is not taking (a slow consumer). Going straight to the
+        // socket, or behind a send on its way (io_uring completes it in the
+        // next system call), a batch of any number of frames is fine, and
+        // its bytes alone count.
+        let limited = !direct && driver.send_blocked(token);
+        let frames_room = if limited {
             settings
                 .send_queue_frames_max
                 .saturating_sub(usize::from(conn.queued_frames))
+        } else {
+            usize::MAX
         };
         // On TLS the frames are staged as plaintext, then sealed into
         // `buffer`; on WebSocket each is one binary message.
         let messages = conn.transport.as_ref().is_some_and(|t| t.frames_messages());
         let sealing = conn.transport.as_ref().is_some_and(|t| t.tls.is_some());
-        let sealed_base = if sealing { buffer.len() } else { 0 };
+        let waiting = if limited {
+            unsent + if sealing { buffer.len() } else { 0 }
+        } else {
+            0
+        };
         tls_plain.clear();
         let staged: &mut BytesMut = if sealing {
             &mut *tls_plain
         } else {
             &mut *buffer
         };
+        let staged_before = if limited { 0 } else { staged.len() };
         let fits = |staged: &BytesMut, len: usize, frames: u64| {
             let framing = if messages {
                 transport::ws_header_len(len)
             } else {
                 0
             };
-            sealed_base + staged.len() + framing + len <= settings.send_queue_bytes_max
+            waiting + (staged.len() - staged_before) + framing + len
+                <= settings.send_queue_bytes_max
                 && (frames as usize) < frames_room
         };
         if let Some(frame) = encoded {
@@ -920,26 +1117,16 @@ impl<P: Poller> Shard<P> {
         {
             sent.overflow = true;
         }
-        if direct && !sent.overflow {
-            // An error (would block, reset) is left to the next flush of
-            // the queue, which handles each kind.
-            if let Ok(written) = send(conn.socket.as_raw_fd(), send_buffer) {
-                send_buffer.advance(written);
+        let added = u16::try_from(sent.frames).unwrap_or(u16::MAX);
+        match fresh {
+            Some(buffer) if !sent.overflow && !buffer.is_empty() => {
+                return (sent, Some(SendBuffer::Pooled(buffer)));
             }
-            if !send_buffer.is_empty() {
-                let mut queue = write_pool.take();
-                queue.extend_from_slice(send_buffer);
-                conn.queue = Some(queue);
-                conn.queued_frames = u16::try_from(sent.frames).unwrap_or(u16::MAX);
-            }
-        } else if !direct {
-            let added = u16::try_from(sent.frames).unwrap_or(u16::MAX);
-            conn.queued_frames = conn.queued_frames.saturating_add(added);
+            // What did not fit is dropped (the slow consumer is cut off).
+            Some(buffer) => write_pool.give(buffer),
+            None => conn.queued_frames = conn.queued_frames.saturating_add(added),
         }
-        if direct {
-            send_buffer.clear();
-        }
-        sent
+        (sent, None)
     }
 
     /// A slow consumer: what did not fit is dropped, and it is told why
@@ -997,18 +1184,16 @@ impl<P: Poller> Shard<P> {
         }
     }
 
-    /// Decodes the `len` bytes just read into the scratch buffer (after any
-    /// partial frame held from before) and runs them through the connection
-    /// logic.
-    fn handle_input(&mut self, slot: usize, len: usize, now: Instant) {
+    /// Decodes the bytes just read (after any partial frame held from
+    /// before) and runs them through the connection logic.
+    fn handle_input(&mut self, slot: usize, input: &mut [u8], now: Instant) {
         if self.conns[slot].transport.is_some() {
-            self.handle_transport_input(slot, len, now);
+            self.handle_transport_input(slot, input, now);
             return;
         }
         let Shard {
             settings,
             conns,
-            scratch,
             out,
             read_pool,
             ..
@@ -1016,25 +1201,17 @@ impl<P: Poller> Shard<P> {
         let Conn {
             server, partial, ..
         } = &mut conns[slot];
-        let frames = decode_stream(
-            server,
-            partial,
-            &scratch[..len],
-            settings,
-            out,
-            read_pool,
-            now,
-        );
+        let frames = decode_stream(server, partial, input, settings, out, read_pool, now);
         self.counters().frames_in(frames);
         self.apply(slot, now);
     }
 
-    /// Runs the `len` bytes just read through the connection's TLS and
+    /// Runs the bytes just read through the connection's TLS and
     /// WebSocket layers and the Herald frames they carry through the
     /// connection logic, then sends what each layer answers, in order: the
     /// TLS handshake flight, the upgrade response, pongs and echoes, the
     /// connection logic's frames.
-    fn handle_transport_input(&mut self, slot: usize, len: usize, now: Instant) {
+    fn handle_transport_input(&mut self, slot: usize, input: &mut [u8], now: Instant) {
         let mut transport = self.conns[slot].transport.take().expect("a transport");
         let mut plain = std::mem::take(&mut self.plain_in);
         let mut handshake_out = std::mem::take(&mut self.handshake_out);
@@ -1042,7 +1219,7 @@ impl<P: Poller> Shard<P> {
         let ended = self.run_layers(
             slot,
             &mut transport,
-            len,
+            input,
             Layered {
                 plain: &mut plain,
                 handshake_out: &mut handshake_out,
@@ -1050,23 +1227,24 @@ impl<P: Poller> Shard<P> {
             },
             now,
         );
-        let conn = &mut self.conns[slot];
-        write_raw(conn, &handshake_out, &mut self.write_pool);
+        self.write_raw(slot, &handshake_out);
         if let Some(LayerEnd::WebSocket(error)) = &ended {
             transport::write_close(error.code, error.reason, &mut reply);
         }
         if !reply.is_empty() {
             match transport.tls.as_mut() {
                 Some(tls) if tls.is_established() => {
-                    self.tls_plain.clear();
-                    if tls.encrypt(&reply, &mut self.tls_plain).is_ok() {
-                        write_raw(conn, &self.tls_plain, &mut self.write_pool);
+                    let mut sealed = std::mem::take(&mut self.tls_plain);
+                    sealed.clear();
+                    if tls.encrypt(&reply, &mut sealed).is_ok() {
+                        self.write_raw(slot, &sealed);
                     }
+                    self.tls_plain = sealed;
                 }
-                _ => write_raw(conn, &reply, &mut self.write_pool),
+                _ => self.write_raw(slot, &reply),
             }
         }
-        conn.transport = Some(transport);
+        self.conns[slot].transport = Some(transport);
         for buffer in [&mut plain, &mut handshake_out, &mut reply] {
             buffer.clear();
         }
@@ -1095,7 +1273,7 @@ impl<P: Poller> Shard<P> {
         &mut self,
         slot: usize,
         transport: &mut Transport,
-        len: usize,
+        input: &mut [u8],
         layered: Layered<'_>,
         now: Instant,
     ) -> Option<LayerEnd> {
@@ -1107,7 +1285,6 @@ impl<P: Poller> Shard<P> {
         let Shard {
             settings,
             conns,
-            scratch,
             out,
             read_pool,
             ..
@@ -1124,7 +1301,7 @@ impl<P: Poller> Shard<P> {
         // WebSocket the bytes just read, where they lie.
         let stream: &mut [u8] = match tls {
             Some(tls) => {
-                let read = with_pending(tls_pending, &mut scratch[..len], read_pool, |input| {
+                let read = with_pending(tls_pending, input, read_pool, |input| {
                     tls.read(input, handshake_out, &mut |bytes| {
                         plain.extend_from_slice(bytes)
                     })
@@ -1139,7 +1316,7 @@ impl<P: Poller> Shard<P> {
                 }
                 plain
             }
-            None => &mut scratch[..len],
+            None => input,
         };
         let Conn {
             server, partial, ..
@@ -1199,6 +1376,24 @@ impl<P: Poller> Shard<P> {
         peer_closed.then_some(LayerEnd::PeerClosed)
     }
 
+    /// Hands `bytes` to the driver now if nothing waits ahead of them;
+    /// otherwise they join the queue.
+    fn write_raw(&mut self, slot: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let conn = &mut self.conns[slot];
+        if conn.queue.is_none() && !conn.sending {
+            let mut buffer = self.write_pool.take();
+            buffer.extend_from_slice(bytes);
+            self.transmit(slot, SendBuffer::Pooled(buffer));
+        } else {
+            conn.queue
+                .get_or_insert_with(|| self.write_pool.take())
+                .extend_from_slice(bytes);
+        }
+    }
+
     /// Begins closing a connection from the gateway's side: it leaves the
     /// register now (from here on it takes no more pushes), and goes once
     /// its output is flushed and the client closed its side, or at the
@@ -1211,6 +1406,13 @@ impl<P: Poller> Shard<P> {
         }
         if let Some(event) = closed_event(id, &conn.server) {
             self.outbox.push_back(event);
+        }
+        if conn.receiving && D::RECEIVES {
+            // Like epoll's shard, which reads nothing more until the last
+            // frames are out: a client that keeps sending meets TCP's flow
+            // control, not a gateway that reads and discards.
+            conn.receiving = false;
+            self.driver.stop_recv(conn_token(slot, conn.generation));
         }
         let deadline = now + CLOSE_FLUSH_TIMEOUT;
         conn.closing = Some(end);
@@ -1363,7 +1565,9 @@ impl<P: Poller> Shard<P> {
                 BroadcastFate::Later => target += 1,
                 BroadcastFate::Send => {
                     target += 1;
-                    if fanout.mode.low_priority && (conn.queue.is_some() || conn.write_blocked) {
+                    let blocked =
+                        conn.sending && self.driver.send_blocked(conn_token(slot, conn.generation));
+                    if fanout.mode.low_priority && (conn.queue.is_some() || blocked) {
                         // Behind already: a low-priority frame is the first
                         // thing given up, before the client is cut off.
                         dropped += 1;
@@ -1403,8 +1607,7 @@ impl<P: Poller> Shard<P> {
         }
         self.draining = true;
         for (index, listener) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
-            self.poller
-                .remove(listener.socket.as_raw_fd(), listener_token(index));
+            self.driver.remove_listener(listener.socket, index);
         }
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
@@ -1706,26 +1909,6 @@ fn with_pending<E>(
         }
     }
     Ok(())
-}
-
-/// Sends `bytes` now if nothing waits ahead of them; what the socket does
-/// not take, or all of it behind a queue, waits in the queue.
-fn write_raw(conn: &mut Conn, bytes: &[u8], write_pool: &mut BufferPool) {
-    let mut rest = bytes;
-    if rest.is_empty() {
-        return;
-    }
-    if conn.queue.is_none()
-        && !conn.write_blocked
-        && let Ok(written) = send(conn.socket.as_raw_fd(), rest)
-    {
-        rest = &rest[written..];
-    }
-    if !rest.is_empty() {
-        conn.queue
-            .get_or_insert_with(|| write_pool.take())
-            .extend_from_slice(rest);
-    }
 }
 
 /// The event that unregisters a connection's bindings, if it has any.
