@@ -48,20 +48,19 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
     let (measured, skipped) = rows_to_measure(common);
     for (name, target, transport) in measured {
         let dir = tempfile::tempdir()?;
-        let mut servers = start_servers(common, target, transport, dir.path())?;
+        let mut servers = start_servers(common, name, target, transport, dir.path())?;
         let name = if target == Target::Herald && common.no_broadcast_ack {
-            "herald-unacked"
+            row_name(transport, &format!("{name}-unacked"))
         } else {
-            name
+            row_name(transport, name)
         };
-        let name = row_name(transport, name);
         let row = fan_out(common, target, transport, &mut servers, &name).await?;
         failures_total += row["failures_total"].as_u64().unwrap_or(0);
         rows.insert(name, row);
         drop(servers);
         settle_after_teardown();
     }
-    add_ratios_to_tcp(&mut rows);
+    add_ratios(&mut rows);
     Ok(json!({
         "payload_bytes": PAYLOAD_LEN,
         "servers": rows,
@@ -72,8 +71,26 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
 
 /// For each row over another transport whose system also ran over plain
 /// TCP in this run: its time to the last receipt over TCP's.
-fn add_ratios_to_tcp(rows: &mut serde_json::Map<String, Value>) {
+/// Each row's time to the last receipt over the same system's over tcp,
+/// and every server's over each floor (`bare`, `bare-uring`) measured in
+/// the run.
+fn add_ratios(rows: &mut serde_json::Map<String, Value>) {
     let names: Vec<String> = rows.keys().cloned().collect();
+    for floor in ["bare", "bare-uring"] {
+        let Some(floor_ms) = rows
+            .get(floor)
+            .and_then(|row| row["ms_to_last_receipt"].as_f64())
+        else {
+            continue;
+        };
+        for name in names.iter().filter(|name| !name.starts_with("bare")) {
+            let row = rows.get_mut(name).expect("listed");
+            if let Some(ms) = row["ms_to_last_receipt"].as_f64() {
+                row[format!("last_receipt_over_{floor}")] =
+                    json!(ms / floor_ms.max(f64::MIN_POSITIVE));
+            }
+        }
+    }
     for name in names {
         let Some((system, transport)) = name.rsplit_once('-') else {
             continue;

@@ -71,7 +71,11 @@ enum Scenario {
     #[command(hide = true)]
     Worker { spec: String },
     #[command(hide = true)]
-    Hold,
+    Hold {
+        /// Send with batched io_uring submissions instead of send(2).
+        #[arg(long)]
+        uring: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -263,7 +267,7 @@ fn main() -> std::process::ExitCode {
         Scenario::Worker { spec } => serde_json::from_str(&spec)
             .context("bad worker spec")
             .and_then(worker::run),
-        Scenario::Hold => systems::hold(),
+        Scenario::Hold { uring } => systems::hold(uring),
         scenario => run(scenario),
     };
     match result {
@@ -284,7 +288,7 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Peers(c) => ("peers", c, 0.0),
         Scenario::Broadcast(c) => ("broadcast", c, 0.0),
         Scenario::All { common, fraction } => ("all", common, fraction),
-        Scenario::Worker { .. } | Scenario::Hold => unreachable!("handled in main"),
+        Scenario::Worker { .. } | Scenario::Hold { .. } => unreachable!("handled in main"),
     };
     common.apply_quick();
     common.check()?;
@@ -371,8 +375,18 @@ fn herald_servers(
     transport: Transport,
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Server>> {
+    herald_servers_on(common, &common.io, transport, dir)
+}
+
+/// `herald_servers`, the ones started here on driver `io`.
+fn herald_servers_on(
+    common: &Common,
+    io: &str,
+    transport: Transport,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Server>> {
     if common.gateways_running.is_empty() {
-        return start_heralds(common, transport, dir);
+        return start_heralds(common, io, transport, dir);
     }
     common
         .gateways_running
@@ -387,6 +401,7 @@ fn herald_servers(
 
 fn start_heralds(
     common: &Common,
+    io: &str,
     transport: Transport,
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Server>> {
@@ -398,7 +413,7 @@ fn start_heralds(
                 dir,
                 i,
                 common.heartbeat_secs,
-                &common.io,
+                io,
                 transport,
                 common.pki.as_deref(),
             )
@@ -496,7 +511,7 @@ fn measure_density(
 /// acceptors, measured the same way.
 fn bare_baseline(common: &Common) -> anyhow::Result<Density> {
     let holders = (0..common.gateway_count())
-        .map(|_| systems::start_holder())
+        .map(|_| systems::start_holder(false))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (density, workers) = measure_density(
         &holders,
@@ -860,14 +875,18 @@ fn storm_one(
 }
 
 /// The systems compared in one run, by name.
-/// `bare` is the kernel alone (`herald-bench hold`): in `broadcast`, one
-/// plain send(2) per socket, the floor no server can beat on the machine;
-/// `peers` always measures it, as its baseline.
-const SYSTEMS: [(&str, Target); 4] = [
+/// `herald` runs on `--io`, `herald-epoll` on epoll (side by side with the
+/// io_uring default). `bare` is the kernel alone (`herald-bench hold`): in
+/// `broadcast`, one plain send(2) per socket, the floor no server can beat
+/// on the machine; `bare-uring` the same sends as io_uring submissions in
+/// batches. `peers` always measures `bare`, as its baseline.
+const SYSTEMS: [(&str, Target); 6] = [
     ("herald", Target::Herald),
+    ("herald-epoll", Target::Herald),
     ("mosquitto", Target::Mqtt),
     ("nats", Target::Nats),
     ("bare", Target::Bare),
+    ("bare-uring", Target::Bare),
 ];
 
 /// Whether the benchmark's clients of `target` speak `transport`: Herald
@@ -884,6 +903,7 @@ fn speaks(target: Target, transport: Transport) -> bool {
 /// or NATS servers, listening with `transport`, with their files in `dir`.
 fn start_servers(
     common: &Common,
+    system: &str,
     target: Target,
     transport: Transport,
     dir: &std::path::Path,
@@ -895,6 +915,9 @@ fn start_servers(
         None
     };
     match target {
+        Target::Herald if system == "herald-epoll" => {
+            herald_servers_on(common, "epoll", transport, dir)
+        }
         Target::Herald => herald_servers(common, transport, dir),
         Target::Mqtt => (0..common.gateway_count())
             .map(|i| systems::start_mosquitto(dir, i, pki))
@@ -903,7 +926,7 @@ fn start_servers(
             .map(|i| systems::start_nats(dir, i, pki))
             .collect(),
         Target::Bare => (0..common.gateway_count())
-            .map(|_| systems::start_holder())
+            .map(|_| systems::start_holder(system == "bare-uring"))
             .collect(),
     }
 }
@@ -943,7 +966,7 @@ fn peers(common: &Common) -> anyhow::Result<Value> {
     // The baseline above is the bare row.
     for (name, target, transport) in measured.into_iter().filter(|&(_, t, _)| t != Target::Bare) {
         let dir = tempfile::tempdir()?;
-        let servers = start_servers(common, target, transport, dir.path())?;
+        let servers = start_servers(common, name, target, transport, dir.path())?;
         let name = row_name(transport, name);
         let (density, workers) = measure_density(&servers, target, transport, common, &name)?;
         drop(workers);
@@ -1117,6 +1140,11 @@ fn print_summary(report: &Value) {
             for (name, s) in servers {
                 if let Some(ratio) = s["last_receipt_over_tcp"].as_f64() {
                     println!("  {name}: last receipt / the same over tcp: {ratio:.2}");
+                }
+                for floor in ["bare", "bare-uring"] {
+                    if let Some(ratio) = s[format!("last_receipt_over_{floor}")].as_f64() {
+                        println!("  {name}: last receipt / {floor}'s: {ratio:.2}");
+                    }
                 }
             }
         }

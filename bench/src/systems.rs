@@ -362,9 +362,13 @@ pub fn start_nats(dir: &Path, index: usize, tls: Option<&Pki>) -> anyhow::Result
 
 /// Starts `herald-bench hold`: accepts and keeps sockets, and writes each
 /// line given to it to all of them.
-pub fn start_holder() -> anyhow::Result<Server> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("hold")
+pub fn start_holder(uring: bool) -> anyhow::Result<Server> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("hold");
+    if uring {
+        command.arg("--uring");
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -380,9 +384,9 @@ pub fn start_holder() -> anyhow::Result<Server> {
 
 /// `herald-bench hold`: the bare acceptor, and the kernel's floor for a
 /// fan-out: each line read from stdin is written to every socket held, one
-/// plain send(2) each, with nothing else done per socket. It exits when
-/// stdin closes.
-pub fn hold() -> anyhow::Result<()> {
+/// plain send(2) each (with `uring`, one io_uring send each, submitted in
+/// batches), with nothing else done per socket. It exits when stdin closes.
+pub fn hold(uring: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     // std listens with a backlog of 128: a connect storm past it leaves
@@ -402,13 +406,60 @@ pub fn hold() -> anyhow::Result<()> {
             }
         }
     });
+    let mut ring = if uring {
+        Some(io_uring::IoUring::new(HOLD_RING_ENTRIES)?)
+    } else {
+        None
+    };
     for line in std::io::stdin().lines() {
         let mut line = line?.into_bytes();
         line.push(b'\n');
-        for mut stream in held.lock().expect("not poisoned").iter() {
-            // A reset client only loses its own copy.
-            let _ = stream.write_all(&line);
+        let held = held.lock().expect("not poisoned");
+        match ring.as_mut() {
+            Some(ring) => send_to_all(ring, &held, &line)?,
+            None => {
+                for mut stream in held.iter() {
+                    // A reset client only loses its own copy.
+                    let _ = stream.write_all(&line);
+                }
+            }
         }
+    }
+    Ok(())
+}
+
+/// Submission queue entries of `hold --uring`'s ring: its batch.
+const HOLD_RING_ENTRIES: u32 = 4096;
+
+/// Sends `bytes` to every stream as io_uring submissions, a queue's worth
+/// per system call, and waits for them all.
+fn send_to_all(
+    ring: &mut io_uring::IoUring,
+    streams: &[std::net::TcpStream],
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut pending = 0usize;
+    for stream in streams {
+        let entry = io_uring::opcode::Send::new(
+            io_uring::types::Fd(stream.as_raw_fd()),
+            bytes.as_ptr(),
+            bytes.len() as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+        // SAFETY: `bytes` outlives every send: this function returns only
+        // after the completion of each.
+        while unsafe { ring.submission().push(&entry) }.is_err() {
+            ring.submit()?;
+            pending -= ring.completion().count();
+        }
+        pending += 1;
+    }
+    while pending > 0 {
+        ring.submit_and_wait(1)?;
+        // A reset client only loses its own copy: results are not checked.
+        pending -= ring.completion().count();
     }
     Ok(())
 }

@@ -105,7 +105,7 @@ pub struct GatewayConfig {
 pub enum GatewayError {
     #[error(
         "io_uring is unavailable on this host ({0}); the gateway needs it \
-         (Linux 5.13+, kernel.io_uring_disabled=0, not blocked by a seccomp profile)"
+         (Linux 6.1+, kernel.io_uring_disabled=0, not blocked by a seccomp profile)"
     )]
     IoUringUnavailable(io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -385,18 +385,10 @@ fn reserve_port(addr: SocketAddr) -> io::Result<socket2::Socket> {
     Ok(socket)
 }
 
-/// Checks that this process may create an io_uring, so that a host without
-/// it gets one clear error instead of a failure deep inside an executor.
+/// Checks that this process may create an io_uring with everything the
+/// io_uring driver uses (its setup flags and a provided buffer ring), so
+/// that a host without it gets one clear error, or the epoll fallback,
+/// instead of a shard that fails to start.
 pub fn probe_io_uring() -> io::Result<()> {
-    // struct io_uring_params is 120 bytes; zeroed means "defaults".
-    let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup reads and writes only the 120-byte params
-    // struct we pass, which outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 2u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is the descriptor io_uring_setup just returned to us.
-    unsafe { libc::close(fd as libc::c_int) };
-    Ok(())
+    driver::uring::UringDriver::new(RecvBuffers { count: 1, len: 256 }).map(drop)
 }
