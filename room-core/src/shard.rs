@@ -1031,7 +1031,11 @@ impl<D: Driver> Shard<D> {
             return (sent, Some(SendBuffer::Shared(frame.clone())));
         }
         let token = conn_token(slot, conn.generation);
-        let unsent = driver.unsent_len(token);
+        let unsent = if conn.sending {
+            driver.unsent_len(token)
+        } else {
+            0
+        };
         let mut fresh: Option<Box<BytesMut>> = None;
         let buffer: &mut BytesMut = if direct {
             fresh.insert(write_pool.take())
