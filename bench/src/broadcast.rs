@@ -69,14 +69,16 @@ pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {
     }))
 }
 
-/// For each row over another transport whose system also ran over plain
-/// TCP in this run: its time to the last receipt over TCP's.
+/// The floors a server's time to the last receipt is compared with, when
+/// they ran: the kernel's with one send(2) per socket, with io_uring
+/// sends, and with clients that reply as Herald's ack.
+pub const FLOORS: [&str; 3] = ["bare", "bare-uring", "bare-acked"];
+
 /// Each row's time to the last receipt over the same system's over tcp,
-/// and every server's over each floor (`bare`, `bare-uring`) measured in
-/// the run.
+/// and every server's over each of the [`FLOORS`] measured in the run.
 fn add_ratios(rows: &mut serde_json::Map<String, Value>) {
     let names: Vec<String> = rows.keys().cloned().collect();
-    for floor in ["bare", "bare-uring"] {
+    for floor in FLOORS {
         let Some(floor_ms) = rows
             .get(floor)
             .and_then(|row| row["ms_to_last_receipt"].as_f64())
@@ -122,7 +124,10 @@ async fn fan_out(
     let creds = common.creds()?;
     let mut workers = Workers::start(&Clients {
         subscribe: matches!(target, Target::Mqtt | Target::Nats).then_some(TOPIC),
-        ack_broadcasts: !common.no_broadcast_ack,
+        ack_broadcasts: match target {
+            Target::Bare => label == "bare-acked",
+            _ => !common.no_broadcast_ack,
+        },
         ..common.clients(target, transport, &creds, &addrs)
     })?;
     workers.wait_all_up(Duration::from_secs(300), label)?;

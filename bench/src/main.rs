@@ -75,6 +75,9 @@ enum Scenario {
         /// Send with batched io_uring submissions instead of send(2).
         #[arg(long)]
         uring: bool,
+        /// After each line's sends, read every client's reply.
+        #[arg(long)]
+        read_replies: bool,
     },
 }
 
@@ -241,7 +244,8 @@ impl Common {
             rate_per_sec: self.rate,
             heartbeat_secs: self.heartbeat_secs,
             subscribe: None,
-            ack_broadcasts: true,
+            // Bare clients reply only in the `bare-acked` row.
+            ack_broadcasts: target != Target::Bare,
         }
     }
 
@@ -267,7 +271,10 @@ fn main() -> std::process::ExitCode {
         Scenario::Worker { spec } => serde_json::from_str(&spec)
             .context("bad worker spec")
             .and_then(worker::run),
-        Scenario::Hold { uring } => systems::hold(uring),
+        Scenario::Hold {
+            uring,
+            read_replies,
+        } => systems::hold(uring, read_replies),
         scenario => run(scenario),
     };
     match result {
@@ -511,7 +518,7 @@ fn measure_density(
 /// acceptors, measured the same way.
 fn bare_baseline(common: &Common) -> anyhow::Result<Density> {
     let holders = (0..common.gateway_count())
-        .map(|_| systems::start_holder(false))
+        .map(|_| systems::start_holder(false, false))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (density, workers) = measure_density(
         &holders,
@@ -879,14 +886,18 @@ fn storm_one(
 /// io_uring default). `bare` is the kernel alone (`herald-bench hold`): in
 /// `broadcast`, one plain send(2) per socket, the floor no server can beat
 /// on the machine; `bare-uring` the same sends as io_uring submissions in
-/// batches. `peers` always measures `bare`, as its baseline.
-const SYSTEMS: [(&str, Target); 6] = [
+/// batches; `bare-acked` the same as `bare` with clients that reply to each
+/// line as Herald's clients ack a broadcast, and an acceptor that reads
+/// each reply once its sends are done: the floor of a fan-out that is
+/// acked. `peers` always measures `bare`, as its baseline.
+const SYSTEMS: [(&str, Target); 7] = [
     ("herald", Target::Herald),
     ("herald-epoll", Target::Herald),
     ("mosquitto", Target::Mqtt),
     ("nats", Target::Nats),
     ("bare", Target::Bare),
     ("bare-uring", Target::Bare),
+    ("bare-acked", Target::Bare),
 ];
 
 /// Whether the benchmark's clients of `target` speak `transport`: Herald
@@ -926,7 +937,7 @@ fn start_servers(
             .map(|i| systems::start_nats(dir, i, pki))
             .collect(),
         Target::Bare => (0..common.gateway_count())
-            .map(|_| systems::start_holder(system == "bare-uring"))
+            .map(|_| systems::start_holder(system == "bare-uring", system == "bare-acked"))
             .collect(),
     }
 }
@@ -1141,7 +1152,7 @@ fn print_summary(report: &Value) {
                 if let Some(ratio) = s["last_receipt_over_tcp"].as_f64() {
                     println!("  {name}: last receipt / the same over tcp: {ratio:.2}");
                 }
-                for floor in ["bare", "bare-uring"] {
+                for floor in broadcast::FLOORS {
                     if let Some(ratio) = s[format!("last_receipt_over_{floor}")].as_f64() {
                         println!("  {name}: last receipt / {floor}'s: {ratio:.2}");
                     }

@@ -362,11 +362,14 @@ pub fn start_nats(dir: &Path, index: usize, tls: Option<&Pki>) -> anyhow::Result
 
 /// Starts `herald-bench hold`: accepts and keeps sockets, and writes each
 /// line given to it to all of them.
-pub fn start_holder(uring: bool) -> anyhow::Result<Server> {
+pub fn start_holder(uring: bool, read_replies: bool) -> anyhow::Result<Server> {
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("hold");
     if uring {
         command.arg("--uring");
+    }
+    if read_replies {
+        command.arg("--read-replies");
     }
     let mut child = command
         .stdin(Stdio::piped())
@@ -385,8 +388,10 @@ pub fn start_holder(uring: bool) -> anyhow::Result<Server> {
 /// `herald-bench hold`: the bare acceptor, and the kernel's floor for a
 /// fan-out: each line read from stdin is written to every socket held, one
 /// plain send(2) each (with `uring`, one io_uring send each, submitted in
-/// batches), with nothing else done per socket. It exits when stdin closes.
-pub fn hold(uring: bool) -> anyhow::Result<()> {
+/// batches), with nothing else done per socket. With `read_replies`, it
+/// then reads each client's [`BARE_REPLY`] (or gives up on a client after
+/// [`BARE_REPLY_TIMEOUT`]). It exits when stdin closes.
+pub fn hold(uring: bool, read_replies: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     // std listens with a backlog of 128: a connect storm past it leaves
@@ -400,7 +405,10 @@ pub fn hold(uring: bool) -> anyhow::Result<()> {
         move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => held.lock().expect("not poisoned").push(stream),
+                    Ok(stream) => {
+                        let _ = stream.set_read_timeout(Some(BARE_REPLY_TIMEOUT));
+                        held.lock().expect("not poisoned").push(stream);
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -424,9 +432,23 @@ pub fn hold(uring: bool) -> anyhow::Result<()> {
                 }
             }
         }
+        if read_replies {
+            let mut reply = [0u8; BARE_REPLY.len()];
+            for mut stream in held.iter() {
+                // A client that does not answer costs the timeout, once.
+                let _ = std::io::Read::read_exact(&mut stream, &mut reply);
+            }
+        }
     }
     Ok(())
 }
+
+/// What a `bare-acked` client sends back for each line: as long as a
+/// Herald client's BROADCAST_ACK for the benchmark's app.
+pub const BARE_REPLY: &[u8] = b"ack:bench:1\n";
+
+/// How long `hold --read-replies` waits for one client's reply.
+const BARE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Submission queue entries of `hold --uring`'s ring: its batch.
 const HOLD_RING_ENTRIES: u32 = 4096;
@@ -467,6 +489,22 @@ fn send_to_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_reply_is_as_long_as_a_herald_broadcast_ack() {
+        let mut ack = bytes::BytesMut::new();
+        let frame = herald_proto::Frame::BroadcastAck {
+            app: APP.to_owned(),
+            seq: 1,
+        };
+        herald_proto::encode(&frame, &mut ack).unwrap();
+        assert_eq!(BARE_REPLY.len(), ack.len());
+        assert_eq!(
+            BARE_REPLY.last(),
+            Some(&b'\n'),
+            "one line, as the acceptor reads it"
+        );
+    }
 
     #[test]
     fn the_herald_config_is_complete_toml() {

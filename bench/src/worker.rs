@@ -636,6 +636,9 @@ async fn handle_input(
             while let Some(end) = input.iter().position(|&b| b == b'\n') {
                 let line = input.split_to(end + 1);
                 record_receipt(state, &line[..end]);
+                if state.spec.ack_broadcasts {
+                    stream.send(crate::systems::BARE_REPLY).await?;
+                }
             }
         }
     }

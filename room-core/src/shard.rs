@@ -803,10 +803,11 @@ impl<D: Driver> Shard<D> {
             queue,
             transport,
             closing,
+            receiving,
             ..
         } = self.conns.remove(slot);
         self.driver
-            .remove_conn(socket, conn_token(slot, generation));
+            .remove_conn(socket, conn_token(slot, generation), receiving);
         if let Some(partial) = partial {
             self.read_pool.give(partial);
         }

@@ -142,7 +142,7 @@ impl Driver for EpollDriver {
         self.held.contains_key(&token)
     }
 
-    fn remove_conn(&mut self, socket: OwnedFd, token: u64) {
+    fn remove_conn(&mut self, socket: OwnedFd, token: u64, _receiving: bool) {
         self.held.remove(&token);
         let _ = self
             .poll

@@ -185,8 +185,9 @@ pub(crate) trait Driver {
 
     /// Stops the connection's I/O and closes its socket: operations still
     /// in flight are cancelled, and a held send's buffer is dropped or
-    /// reported (with an error) in [`Event::Sent`].
-    fn remove_conn(&mut self, socket: OwnedFd, token: u64);
+    /// reported (with an error) in [`Event::Sent`]. `receiving` says a
+    /// receive is still armed (io_uring): one that ended needs no cancel.
+    fn remove_conn(&mut self, socket: OwnedFd, token: u64, receiving: bool);
 
     /// Submits what is queued, waits up to `timeout` for events and appends
     /// them to `events`.
