@@ -11,13 +11,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ChildStdin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::pool::{Clients, Workers};
+use crate::procfs::PeakSampler;
 use crate::systems::Server;
 use crate::transport::{Transport, row_name};
 use crate::worker::{Target, mqtt_connect};
@@ -30,13 +30,18 @@ use crate::{
 const PAYLOAD_LEN: usize = 256;
 /// The MQTT topic and NATS subject the peers' clients subscribe to.
 const TOPIC: &str = "bench";
-/// How long the last receipt may take before the run counts the rest as lost.
-const RECEIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the last receipt may take before the run counts the rest as
+/// lost: 60 s, or 1 s per 2,000 clients (on two cores with the load
+/// generator beside the servers, a push to each of 300,000 clients took
+/// 35 s, a broadcast 9 s: this leaves room for a slower, busier day).
+pub fn receipt_deadline(connections: u64) -> Duration {
+    Duration::from_secs(60.max(connections / 2_000))
+}
 /// How often the servers' memory is read during the fan-out.
 const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The payload: the send time (unix ns) first, as the workers expect.
-fn payload(sent_nanos: u128) -> Vec<u8> {
+pub fn payload(sent_nanos: u128) -> Vec<u8> {
     let mut payload = format!("{sent_nanos} ").into_bytes();
     payload.resize(PAYLOAD_LEN, b'x');
     payload
@@ -130,7 +135,7 @@ async fn fan_out(
         },
         ..common.clients(target, transport, &creds, &addrs)
     })?;
-    workers.wait_all_up(Duration::from_secs(300), label)?;
+    workers.wait_all_up(crate::pool::ramp_timeout(common.connections), label)?;
     let tls = match transport.uses_tls() {
         true => Some(crate::transport::client_config(
             common.ca_file().context("no CA file")?,
@@ -142,37 +147,22 @@ async fn fan_out(
     tokio::time::sleep(Duration::from_secs(if common.quick { 2 } else { 5 })).await;
     let idle_rss = total_rss(servers)?;
 
-    let peak = Arc::new(AtomicU64::new(idle_rss));
-    let sampling = Arc::new(AtomicBool::new(true));
     let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
-    let sampler = std::thread::spawn({
-        let pids = pids.clone();
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        move || {
-            while sampling.load(Ordering::Relaxed) {
-                let rss: u64 = pids
-                    .iter()
-                    .filter_map(|&pid| crate::procfs::rss_bytes(pid).ok())
-                    .sum();
-                peak.fetch_max(rss, Ordering::Relaxed);
-                std::thread::sleep(RSS_SAMPLE_INTERVAL);
-            }
-        }
-    });
+    let sampler = PeakSampler::start(pids.clone(), RSS_SAMPLE_INTERVAL);
 
     let worker_pids = workers.pids();
     let cpu_before = (cpu_seconds(&pids), cpu_seconds(&worker_pids));
     let before = workers.pushes_received();
     let started = Instant::now();
     let sent = publishers.send(&payload(now_nanos()), common).await;
-    let deadline = started + RECEIPT_DEADLINE;
+    let deadline = started + receipt_deadline(common.connections);
     let expected = common.connections;
     while workers.pushes_received() - before < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let cpu_after = (cpu_seconds(&pids), cpu_seconds(&worker_pids));
-    sampling.store(false, Ordering::Relaxed);
-    let _ = sampler.join();
+    let peaks = sampler.finish();
+    let peak_rss = peaks.rss.max(idle_rss);
     let received = workers.pushes_received() - before;
     let (_, latency) = workers.report()?;
     let failures = workers.failures();
@@ -181,7 +171,6 @@ async fn fan_out(
     if let Err(error) = &sent {
         eprintln!("{label}: sending the broadcast failed: {error:#}");
     }
-    let peak_rss = peak.load(Ordering::Relaxed);
     Ok(json!({
         "transport": transport,
         "connections": expected,
@@ -192,6 +181,7 @@ async fn fan_out(
         "idle_rss_bytes": idle_rss,
         "peak_rss_bytes": peak_rss,
         "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
+        "peak_tcp_buffer_bytes": peaks.tcp_buffers,
         // CPU time from the send until the last receipt was seen (polled
         // every 2 ms; workers report every 200 ms), so the load generator's
         // share of the two cores shows beside the servers'.
@@ -312,23 +302,7 @@ impl Publishers {
     async fn send(&mut self, payload: &[u8], common: &Common) -> anyhow::Result<()> {
         match self {
             Publishers::Herald { apis, client } => {
-                let creds = common.creds()?;
-                let body = json!({ "payload": String::from_utf8_lossy(payload) });
-                let calls = apis.iter().map(|api| {
-                    client
-                        .post(format!("http://{api}/v1/apps/{}/broadcasts", creds.app))
-                        .bearer_auth(&creds.api_key)
-                        .json(&body)
-                        .send()
-                });
-                for response in futures_util::future::join_all(calls).await {
-                    let response = response?;
-                    anyhow::ensure!(
-                        response.status().is_success(),
-                        "broadcast API answered {}",
-                        response.status()
-                    );
-                }
+                herald_broadcast(client, apis, &common.creds()?, payload).await?;
             }
             Publishers::Mqtt(streams) => {
                 let packet = mqtt_publish(TOPIC, payload);
@@ -357,6 +331,33 @@ impl Publishers {
         }
         Ok(())
     }
+}
+
+/// One broadcast through Herald's broadcast API: one call to each gateway
+/// process (each is a node of its own here), all at once.
+pub async fn herald_broadcast(
+    client: &reqwest::Client,
+    apis: &[SocketAddr],
+    creds: &crate::systems::AppCreds,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let body = json!({ "payload": String::from_utf8_lossy(payload) });
+    let calls = apis.iter().map(|api| {
+        client
+            .post(format!("http://{api}/v1/apps/{}/broadcasts", creds.app))
+            .bearer_auth(&creds.api_key)
+            .json(&body)
+            .send()
+    });
+    for response in futures_util::future::join_all(calls).await {
+        let response = response?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "broadcast API answered {}",
+            response.status()
+        );
+    }
+    Ok(())
 }
 
 /// Reads one line (the NATS server's INFO) a byte at a time, so that

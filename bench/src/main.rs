@@ -8,10 +8,12 @@
 
 mod broadcast;
 mod conn;
+mod interrupt;
 mod pool;
 mod procfs;
 mod systems;
 mod transport;
+mod tuning;
 mod worker;
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::pool::{Clients, Workers, progress_bar};
+use crate::procfs::PeakSampler;
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS, Server};
 use crate::transport::{Pki, Transport, row_name};
 use crate::worker::{Target, user_id};
@@ -256,6 +259,23 @@ impl Common {
             .filter(|(name, _)| self.systems.is_empty() || self.systems.iter().any(|s| s == name))
     }
 
+    /// What the run puts on this host, for the kernel settings it needs.
+    fn needs(&self) -> tuning::Needs {
+        let workers = pool::worker_count(self.connections);
+        tuning::Needs {
+            connections: self.connections,
+            // Running gateways are already counted in the host's memory.
+            servers: if self.gateways_running.is_empty() {
+                self.gateway_count() as u64
+            } else {
+                0
+            },
+            workers,
+            clients_per_worker: self.connections.div_ceil(workers),
+            sources_per_worker: u64::from(pool::SOURCES_PER_WORKER),
+        }
+    }
+
     /// The app clients bind: the config's, or the one of gateways started here.
     fn creds(&self) -> anyhow::Result<AppCreds> {
         match &self.config {
@@ -267,6 +287,10 @@ impl Common {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Scenario::Worker { .. } | Scenario::Hold { .. }) {
+        // Before any thread starts: they inherit the blocked signals.
+        interrupt::install();
+    }
     let result = match cli.command {
         Scenario::Worker { spec } => serde_json::from_str(&spec)
             .context("bad worker spec")
@@ -299,6 +323,10 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     };
     common.apply_quick();
     common.check()?;
+    // Before anything starts: the host's limits for this many connections,
+    // raised for the run (as root) and restored when `_tuning` is dropped.
+    let _tuning = tuning::prepare(&common.needs())?;
+    raise_open_file_limit(common.connections)?;
     if common.gateways_running.is_empty() && common.transports().iter().any(|t| t.uses_tls()) {
         common.pki = Some(Arc::new(Pki::generate()?));
     }
@@ -352,6 +380,33 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     anyhow::ensure!(
         !common.quick || failures == 0,
         "{failures} failures in a --quick run"
+    );
+    Ok(())
+}
+
+/// Raises this process's soft open-file limit to the hard one (the
+/// workers and bare acceptors it starts inherit it), and checks that a
+/// worker's share of the connections fits under it.
+fn raise_open_file_limit(connections: u64) -> anyhow::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    // A worker's clients, and its own few files (pipes, runtime).
+    let workers = pool::worker_count(connections);
+    let need = connections.div_ceil(workers) + 64;
+    anyhow::ensure!(
+        limit.rlim_max >= need,
+        "a process may hold {} open files here (hard limit), a load-generator worker needs {need}",
+        limit.rlim_max
     );
     Ok(())
 }
@@ -474,6 +529,8 @@ impl Density {
             "kernel_bytes_per_conn": self.kernel_per_conn(),
             "all_in_bytes_per_conn": self.user_per_conn() + self.kernel_per_conn(),
             "load_generator_rss_bytes": self.load_generator_rss,
+            "load_generator_bytes_per_conn":
+                self.load_generator_rss as f64 / self.ramp.connections.max(1) as f64,
             "failures": failures,
             "failures_total": total,
         })
@@ -495,7 +552,7 @@ fn measure_density(
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     let creds = common.creds()?;
     let mut workers = Workers::start(&common.clients(target, transport, &creds, &addrs))?;
-    let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
+    let ramp = workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
     // Measure the steady state, not the connect storm: let the servers
     // finish what the storm started and return freed memory (Herald trims
     // its heap every 10 s), and the kernel run its deferred frees.
@@ -567,7 +624,7 @@ fn connect_one(common: &Common, transport: Transport, label: &str) -> anyhow::Re
     let creds = common.creds()?;
     let addrs = gateways.addrs();
     let mut workers = Workers::start(&common.clients(Target::Herald, transport, &creds, &addrs))?;
-    let ramp = workers.wait_all_up(Duration::from_secs(300), label)?;
+    let ramp = workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
     let (failures, total) = failures_json(&ramp.failures);
     drop(workers);
     drop(gateways);
@@ -606,6 +663,9 @@ async fn idle_one(
     bare: &Density,
     label: &str,
 ) -> anyhow::Result<Value> {
+    // The host before the run's gateways and clients: what they take at
+    // each peak is measured from here.
+    let available_before = procfs::memory_available_bytes()?;
     let gateways = Gateways::start(common, transport)?;
     let (density, mut workers) =
         measure_density(&gateways.servers, Target::Herald, transport, common, label)?;
@@ -620,15 +680,75 @@ async fn idle_one(
     }
     bar.finish_and_clear();
     let cpu_secs = total_cpu(&gateways.servers)? - cpu_before;
-    let idle_rss = total_rss(&gateways.servers)?;
+    // Heartbeats kept every connection up through the hold: none closed,
+    // none came back.
+    let sessions_after_hold: u64 = workers.progress().iter().map(|p| p.sessions).sum();
+    let connected_after_hold = workers.connected();
 
-    // One message to every connection at once: multicasts of up to 1,000
-    // users to each gateway's API, all in flight together.
+    let push_to_all =
+        push_to_all(common, &gateways.servers, &mut workers, available_before).await?;
+    // Let the gateways return what the push took before the broadcast's
+    // idle is read (Herald trims its heap every 10 s).
+    tokio::time::sleep(if common.quick { SETTLE_QUICK } else { SETTLE }).await;
+    let broadcast_to_all =
+        broadcast_to_all(common, &gateways.servers, &mut workers, available_before).await?;
+
+    let failures = workers.failures();
+    let (failures_value, failures_total) = failures_json(&failures);
+    drop(workers);
+    drop(gateways);
+    settle_after_teardown();
+
+    let lost = |step: &Value| {
+        step["api_errors"].as_u64().unwrap_or(0) + step["not_received"].as_u64().unwrap_or(0)
+    };
+    let all_in = density.user_per_conn() + density.kernel_per_conn();
+    let mut row = density.json();
+    let extra = json!({
+        "transport": transport,
+        "all_in_over_bare": all_in / bare.kernel_per_conn(),
+        "heartbeat_cpu_percent_of_one_core": cpu_secs / hold.as_secs_f64() * 100.0,
+        "hold_secs": common.duration,
+        "connected_after_hold": connected_after_hold,
+        "sessions_after_hold": sessions_after_hold,
+        "push_to_all": push_to_all,
+        "broadcast_to_all": broadcast_to_all,
+        // Every failure of the run: the ramp's, and any after it.
+        "failures": failures_value,
+        "failures_total": failures_total + lost(&push_to_all) + lost(&broadcast_to_all),
+    });
+    for (key, value) in extra.as_object().expect("an object") {
+        row[key] = value.clone();
+    }
+    Ok(row)
+}
+
+/// How often the gateways' memory is read while a message goes to
+/// everyone: often enough to see the peak, rarely enough that reading 67
+/// processes' status does not take a core from them.
+const FAN_OUT_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One message to every connection at once: multicasts of up to 1,000
+/// users to each gateway's API, all in flight together. The gateways' peak
+/// memory against idle, receipt latency.
+async fn push_to_all(
+    common: &Common,
+    servers: &[Server],
+    workers: &mut Workers,
+    available_before: u64,
+) -> anyhow::Result<Value> {
+    let idle_rss = total_rss(servers)?;
     let client = reqwest::Client::new();
     let creds = common.creds()?;
+    let (_, latency_before) = workers.report()?;
+    let received_before = workers.pushes_received();
+    let sampler = PeakSampler::start(
+        servers.iter().map(Server::pid).collect(),
+        FAN_OUT_SAMPLE_INTERVAL,
+    );
     let mut calls = tokio::task::JoinSet::new();
-    let count = gateways.servers.len() as u64;
-    for (g, server) in gateways.servers.iter().enumerate() {
+    let count = servers.len() as u64;
+    for (g, server) in servers.iter().enumerate() {
         let api = server.api.context("no api")?;
         let users: Vec<String> = (0..common.connections)
             .filter(|u| u % count == g as u64)
@@ -648,15 +768,13 @@ async fn idle_one(
             });
         }
     }
-    let received_before = workers.pushes_received();
     let bar = progress_bar(common.connections, "push to all");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut peak_rss = idle_rss;
+    let wait = broadcast::receipt_deadline(common.connections).max(Duration::from_secs(120));
+    let deadline = Instant::now() + wait;
     let mut api_errors = 0u64;
     let mut accepted = 0u64;
     let mut received;
     loop {
-        peak_rss = peak_rss.max(total_rss(&gateways.servers)?);
         while let Some(done) = calls.try_join_next() {
             match done {
                 Ok(Ok(users)) => accepted += users,
@@ -676,45 +794,104 @@ async fn idle_one(
         }
         if Instant::now() > deadline {
             eprintln!(
-                "herald-bench: only {received} of {accepted} accepted pushes received in 120 s"
+                "herald-bench: only {received} of {accepted} accepted pushes received in {} s",
+                wait.as_secs()
             );
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let peaks = sampler.finish();
+    let peak_rss = peaks.rss.max(idle_rss);
     let not_received = accepted.saturating_sub(received);
     bar.finish_and_clear();
-    let (_, latency) = workers.report()?;
-    let failures = workers.failures();
-    let (failures_value, failures_total) = failures_json(&failures);
-    drop(workers);
-    drop(gateways);
-    settle_after_teardown();
+    let (_, mut latency) = workers.report()?;
+    latency.subtract(&latency_before)?;
+    Ok(json!({
+        "idle_rss_bytes": idle_rss,
+        "peak_rss_bytes": peak_rss,
+        "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
+        "peak_tcp_buffer_bytes": peaks.tcp_buffers,
+        // Everything the run held at this peak, both ends, kernel and
+        // user space (other programs on the host move it too).
+        "host_memory_used_peak_bytes":
+            available_before.saturating_sub(peaks.memory_available_min),
+        "latency_us": percentiles(&latency),
+        "ms_to_last_receipt": latency.max() as f64 / 1000.0,
+        "api_errors": api_errors,
+        "pushes_accepted": accepted,
+        "not_received": not_received,
+    }))
+}
 
-    let all_in = density.user_per_conn() + density.kernel_per_conn();
-    let mut row = density.json();
-    let extra = json!({
-        "transport": transport,
-        "all_in_over_bare": all_in / bare.kernel_per_conn(),
-        "heartbeat_cpu_percent_of_one_core": cpu_secs / hold.as_secs_f64() * 100.0,
-        "hold_secs": common.duration,
-        "push_to_all": {
-            "idle_rss_bytes": idle_rss,
-            "peak_rss_bytes": peak_rss,
-            "peak_over_idle": peak_rss as f64 / idle_rss as f64,
-            "latency_us": percentiles(&latency),
-            "api_errors": api_errors,
-            "pushes_accepted": accepted,
-            "not_received": not_received,
-        },
-        // Every failure of the run: the ramp's, and any after it.
-        "failures": failures_value,
-        "failures_total": failures_total + api_errors + not_received,
-    });
-    for (key, value) in extra.as_object().expect("an object") {
-        row[key] = value.clone();
+/// One broadcast through the broadcast API (one call per gateway process)
+/// that every connection must receive: the time from the call to the last
+/// receipt, receipt latency, and the gateways' peak memory against idle.
+async fn broadcast_to_all(
+    common: &Common,
+    servers: &[Server],
+    workers: &mut Workers,
+    available_before: u64,
+) -> anyhow::Result<Value> {
+    let idle_rss = total_rss(servers)?;
+    let apis: Vec<SocketAddr> = servers
+        .iter()
+        .map(|s| s.api.context("no api"))
+        .collect::<anyhow::Result<_>>()?;
+    let client = reqwest::Client::new();
+    let creds = common.creds()?;
+    let (_, latency_before) = workers.report()?;
+    let received_before = workers.pushes_received();
+    let sampler = PeakSampler::start(
+        servers.iter().map(Server::pid).collect(),
+        FAN_OUT_SAMPLE_INTERVAL,
+    );
+    let bar = progress_bar(common.connections, "broadcast to all");
+    let wait = broadcast::receipt_deadline(common.connections).max(Duration::from_secs(120));
+    let sent =
+        broadcast::herald_broadcast(&client, &apis, &creds, &broadcast::payload(now_nanos())).await;
+    let deadline = Instant::now() + wait;
+    let mut received;
+    loop {
+        received = workers.pushes_received() - received_before;
+        bar.set_position(received);
+        if sent.is_err() || received >= common.connections {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "herald-bench: only {received} of {} connections received the broadcast in {} s",
+                common.connections,
+                wait.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(row)
+    let peaks = sampler.finish();
+    let peak_rss = peaks.rss.max(idle_rss);
+    bar.finish_and_clear();
+    if let Err(error) = &sent {
+        eprintln!("herald-bench: the broadcast failed: {error:#}");
+    }
+    let (_, mut latency) = workers.report()?;
+    latency.subtract(&latency_before)?;
+    Ok(json!({
+        "idle_rss_bytes": idle_rss,
+        "peak_rss_bytes": peak_rss,
+        "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
+        "peak_tcp_buffer_bytes": peaks.tcp_buffers,
+        // Everything the run held at this peak, both ends, kernel and
+        // user space (other programs on the host move it too).
+        "host_memory_used_peak_bytes":
+            available_before.saturating_sub(peaks.memory_available_min),
+        "latency_us": percentiles(&latency),
+        // Every receipt is timed from the send time in the payload.
+        "ms_to_last_receipt": latency.max() as f64 / 1000.0,
+        "received": received,
+        "api_errors": u64::from(sent.is_err()),
+        "not_received": common.connections.saturating_sub(received),
+    }))
 }
 
 fn now_nanos() -> u128 {
@@ -752,7 +929,7 @@ async fn push_one(common: &Common, transport: Transport, label: &str) -> anyhow:
         rate_per_sec: 0,
         ..common.clients(Target::Herald, transport, &creds, &addrs)
     })?;
-    workers.wait_all_up(Duration::from_secs(300), label)?;
+    workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
     let rate = if common.rate == 0 { 1_000 } else { common.rate };
     let total = rate * common.duration;
     let client = reqwest::Client::new();
@@ -843,12 +1020,12 @@ fn storm_one(
     let creds = common.creds()?;
     let addrs = gateways.addrs();
     let mut workers = Workers::start(&common.clients(Target::Herald, transport, &creds, &addrs))?;
-    workers.wait_all_up(Duration::from_secs(300), label)?;
+    workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
     let failures_before: u64 = workers.failures().values().sum();
     let dropped = (common.connections as f64 * fraction) as u64;
     let started_ms = worker::unix_ms();
     workers.command(&format!("drop {fraction}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(120.max(dropped / 2_000));
     let back_ms = loop {
         let progress = workers.progress();
         let back: Vec<u64> = progress
@@ -860,7 +1037,8 @@ fn storm_one(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "dropped connections not back in 120 s"
+            "dropped connections not back in {} s",
+            120.max(dropped / 2_000)
         );
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -1037,26 +1215,43 @@ fn print_summary(report: &Value) {
         for (name, h) in rows(i) {
             println!(
                 "idle {name}: user {:.0} B/conn, kernel {:.0} B/conn, all-in {:.0} B/conn; \
-                 all-in/bare {:.2}; load generator RSS {:.0} MiB",
+                 all-in/bare {:.2}; load generator {:.0} MiB ({:.0} B/conn)",
                 f(&h["user_bytes_per_conn"]),
                 f(&h["kernel_bytes_per_conn"]),
                 f(&h["all_in_bytes_per_conn"]),
                 f(&h["all_in_over_bare"]),
-                f(&h["load_generator_rss_bytes"]) / (1u64 << 20) as f64
+                f(&h["load_generator_rss_bytes"]) / (1u64 << 20) as f64,
+                f(&h["load_generator_bytes_per_conn"])
             );
             println!(
-                "idle {name}: accept+handshake+auth {:.0} conn/s; heartbeats {:.2}% of one core; \
-                 push to all: peak/idle RSS {:.3}, receipt p50 {} us p99 {} us max {} us, \
-                 api errors {}, not received {}",
+                "idle {name}: accept+handshake+auth {:.0} conn/s; heartbeats {:.2}% of one core \
+                 over {} s; connected after the hold {} (sessions {})",
                 f(&h["accept_per_sec"]),
                 f(&h["heartbeat_cpu_percent_of_one_core"]),
-                f(&h["push_to_all"]["peak_over_idle"]),
-                h["push_to_all"]["latency_us"]["p50"],
-                h["push_to_all"]["latency_us"]["p99"],
-                h["push_to_all"]["latency_us"]["max"],
-                h["push_to_all"]["api_errors"],
-                h["push_to_all"]["not_received"]
+                h["hold_secs"],
+                h["connected_after_hold"],
+                h["sessions_after_hold"]
             );
+            for (step, title) in [
+                ("push_to_all", "push to all (multicasts)"),
+                ("broadcast_to_all", "broadcast to all"),
+            ] {
+                let s = &h[step];
+                println!(
+                    "idle {name}: {title}: gateways idle {:.0} MiB, peak/idle {:.3}; TCP buffers \
+                     peak {:.0} MiB; host memory used at the peak {:.2} GiB; receipt p50 {:.1} ms \
+                     p99 {:.1} ms, last {:.1} ms; api errors {}, not received {}",
+                    f(&s["idle_rss_bytes"]) / (1u64 << 20) as f64,
+                    f(&s["peak_over_idle"]),
+                    f(&s["peak_tcp_buffer_bytes"]) / (1u64 << 20) as f64,
+                    f(&s["host_memory_used_peak_bytes"]) / (1u64 << 30) as f64,
+                    f(&s["latency_us"]["p50"]) / 1000.0,
+                    f(&s["latency_us"]["p99"]) / 1000.0,
+                    f(&s["ms_to_last_receipt"]),
+                    s["api_errors"],
+                    s["not_received"]
+                );
+            }
         }
     }
     if let Some(p) = r.get("push") {

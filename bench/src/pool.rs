@@ -20,7 +20,29 @@ use crate::transport::Transport;
 use crate::worker::{Progress, Target, WorkerMessage, WorkerSpec};
 
 /// Source addresses per worker: 127.(worker + 2).0.1 and up.
-const SOURCES_PER_WORKER: u8 = 16;
+pub const SOURCES_PER_WORKER: u8 = 16;
+
+/// Clients connecting and handshaking at once, over all workers. More in
+/// flight do not make the servers accept faster: past what they get
+/// through within the clients' 15 s handshake timeout, connections only
+/// wait in accept queues and time out. At the slowest accept rate seen on
+/// the 2-core machine (~5,000 a second, with other builds running) these
+/// wait about 3 s.
+const HANDSHAKES_IN_FLIGHT: u64 = 16_384;
+/// But at least this many per worker.
+const HANDSHAKES_IN_FLIGHT_PER_WORKER_MIN: u64 = 64;
+
+/// How long all connections may take to come up: 300 s, and 1 s more
+/// per 2,000 connections (a million take 200 s at 5,000 a second).
+pub fn ramp_timeout(connections: u64) -> Duration {
+    Duration::from_secs(300 + connections / 2_000)
+}
+
+/// The load-generator workers for `connections`: one per
+/// `CONNECTIONS_PER_PROCESS`.
+pub fn worker_count(connections: u64) -> u64 {
+    connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1)
+}
 
 struct WorkerHandle {
     child: Child,
@@ -37,8 +59,7 @@ pub struct Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         for worker in &mut self.workers {
-            let _ = worker.child.kill();
-            let _ = worker.child.wait();
+            crate::interrupt::kill_and_forget(&mut worker.child);
         }
     }
 }
@@ -86,7 +107,8 @@ impl Workers {
     /// Starts enough workers for the clients and lets them connect.
     pub fn start(clients: &Clients<'_>) -> anyhow::Result<Workers> {
         let connections = clients.connections;
-        let count = connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1);
+        let count = worker_count(connections);
+        let in_flight = (HANDSHAKES_IN_FLIGHT / count).max(HANDSHAKES_IN_FLIGHT_PER_WORKER_MIN);
         let exe = std::env::current_exe()?;
         let mut workers = Vec::new();
         for w in 0..count {
@@ -109,6 +131,7 @@ impl Workers {
                 ack_broadcasts: clients.ack_broadcasts,
                 transport: clients.transport,
                 ca_file: clients.ca_file.map(Path::to_owned),
+                handshakes_in_flight: Some(in_flight as usize),
             };
             let mut child = Command::new(&exe)
                 .arg("worker")
@@ -117,6 +140,7 @@ impl Workers {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()?;
+            crate::interrupt::register(child.id());
             let stdin = child.stdin.take().context("no stdin")?;
             let stdout = child.stdout.take().context("no stdout")?;
             let progress = Arc::new(Mutex::new(Progress::default()));
@@ -182,6 +206,8 @@ impl Workers {
     fn check_alive(&mut self) -> anyhow::Result<()> {
         for worker in &mut self.workers {
             if let Some(status) = worker.child.try_wait()? {
+                // Reaped: its pid may be reused.
+                crate::interrupt::forget(worker.child.id());
                 bail!("a load-generator worker exited with {status}");
             }
         }

@@ -2,6 +2,9 @@
 //! kernel's slab, and a description of the machine.
 
 use std::fs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -71,6 +74,32 @@ pub fn slab_bytes() -> anyhow::Result<u64> {
     kib_field(&text, "Slab").context("no Slab in /proc/meminfo")
 }
 
+/// `MemAvailable` of /proc/meminfo, in bytes: what can be taken without
+/// swapping.
+pub fn memory_available_bytes() -> anyhow::Result<u64> {
+    let text = fs::read_to_string("/proc/meminfo")?;
+    kib_field(&text, "MemAvailable").context("no MemAvailable in /proc/meminfo")
+}
+
+/// The memory all TCP sockets' buffers hold now (`mem` of the TCP line of
+/// /proc/net/sockstat, in pages, the unit of `net.ipv4.tcp_mem`), in bytes.
+pub fn tcp_buffer_bytes() -> anyhow::Result<u64> {
+    let text = fs::read_to_string("/proc/net/sockstat")?;
+    parse_sockstat_tcp_mem(&text)
+        .map(|pages| pages * page_size())
+        .context("no TCP mem in /proc/net/sockstat")
+}
+
+fn parse_sockstat_tcp_mem(text: &str) -> Option<u64> {
+    let fields: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))?
+        .split_whitespace()
+        .collect();
+    let at = fields.iter().position(|&f| f == "mem")?;
+    fields.get(at + 1)?.parse().ok()
+}
+
 /// User plus system CPU time of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -88,10 +117,69 @@ fn parse_stat_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
     Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
 }
 
+/// The page size: the unit of `net.ipv4.tcp_mem` and of sockstat's `mem`.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf takes no pointers.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// Samples, on a thread of its own, the summed RSS of some processes, the
+/// TCP buffer memory of the host and its available memory, keeping the
+/// extremes, until `finish`.
+pub struct PeakSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Peaks>,
+}
+
+/// What `PeakSampler` saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peaks {
+    /// The highest summed RSS of the processes.
+    pub rss: u64,
+    /// The most memory TCP buffers held (what `net.ipv4.tcp_mem` limits).
+    pub tcp_buffers: u64,
+    /// The least `MemAvailable` of the host.
+    pub memory_available_min: u64,
+}
+
+impl PeakSampler {
+    pub fn start(pids: Vec<u32>, interval: Duration) -> PeakSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut peaks = Peaks {
+                    memory_available_min: u64::MAX,
+                    ..Peaks::default()
+                };
+                loop {
+                    let rss: u64 = pids.iter().filter_map(|&pid| rss_bytes(pid).ok()).sum();
+                    peaks.rss = peaks.rss.max(rss);
+                    peaks.tcp_buffers = peaks.tcp_buffers.max(tcp_buffer_bytes().unwrap_or(0));
+                    if let Ok(available) = memory_available_bytes() {
+                        peaks.memory_available_min = peaks.memory_available_min.min(available);
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return peaks;
+                    }
+                    std::thread::sleep(interval);
+                }
+            }
+        });
+        PeakSampler { stop, thread }
+    }
+
+    pub fn finish(self) -> Peaks {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +229,13 @@ mod tests {
         assert_eq!(kib_field(status, "VmSwap"), None);
         let meminfo = "MemTotal:       24000000 kB\nSlab:             181996 kB\n";
         assert_eq!(kib_field(meminfo, "Slab"), Some(181_996 * 1024));
+    }
+
+    #[test]
+    fn sockstat_gives_the_tcp_buffer_pages() {
+        let text = "sockets: used 38\nTCP: inuse 15 orphan 0 tw 2 alloc 18 mem 232\n\
+                    UDP: inuse 0 mem 7\n";
+        assert_eq!(parse_sockstat_tcp_mem(text), Some(232));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct Server {
 
 impl Server {
     fn child(child: Child, addr: SocketAddr, api: Option<SocketAddr>) -> Server {
+        crate::interrupt::register(child.id());
         Server {
             pid: child.id(),
             child: Some(child),
@@ -65,8 +66,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::interrupt::kill_and_forget(child);
         }
     }
 }

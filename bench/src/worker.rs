@@ -80,6 +80,10 @@ pub struct WorkerSpec {
     /// The CA certificate (PEM) the clients trust, for tls and wss.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Clients connecting and handshaking at once, at most (none: all of
+    /// them). A storm's reconnects are not held back.
+    #[serde(default)]
+    pub handshakes_in_flight: Option<usize>,
 }
 
 fn tcp() -> Transport {
@@ -126,6 +130,8 @@ struct State {
     /// Connections with index below this are dropped at the next epoch.
     drop_below: Cell<u64>,
     storming: Cell<bool>,
+    /// Permits to connect and handshake (`handshakes_in_flight`).
+    handshakes: Option<tokio::sync::Semaphore>,
 }
 
 enum Ended {
@@ -174,6 +180,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
             drop_below: Cell::new(0),
             storming: Cell::new(false),
+            handshakes: spec.handshakes_in_flight.map(tokio::sync::Semaphore::new),
             spec,
             tls,
         });
@@ -245,8 +252,12 @@ async fn client(state: Rc<State>, index: u64, mut drop_rx: watch::Receiver<u64>)
     let server = spec.servers[(user % spec.servers.len() as u64) as usize];
     let source = spec.sources[(index % spec.sources.len() as u64) as usize];
     drop_rx.mark_unchanged();
+    // The first connection and the retries after a failure wait for a
+    // handshake permit; a storm's reconnects do not (that is the storm).
+    let mut gated = true;
     loop {
-        let ended = session(&state, index, user, server, source, &mut drop_rx).await;
+        let ended = session(&state, index, user, server, source, gated, &mut drop_rx).await;
+        gated = matches!(ended, Ended::Failed(_));
         if let Ended::Failed(kind) = ended {
             *state
                 .progress
@@ -295,13 +306,64 @@ async fn session(
     user: u64,
     server: SocketAddr,
     source: Ipv4Addr,
+    gated: bool,
     drop_rx: &mut watch::Receiver<u64>,
 ) -> Ended {
     let spec = &state.spec;
+    // Boxed: the handshake's state (timers, a TLS handshake, frames being
+    // written) is the largest part of the future; inline, every client
+    // would carry that much for as long as it holds its connection.
+    let established = Box::pin(async {
+        // Connections past what the servers get through within the
+        // handshake timeout would only wait in their accept queues and
+        // time out, so the ramp keeps at most `handshakes_in_flight` going.
+        let _permit = match (&state.handshakes, gated) {
+            (Some(handshakes), true) => Some(handshakes.acquire().await.expect("never closed")),
+            _ => None,
+        };
+        establish(state, user, server, source).await
+    })
+    .await;
+    let (mut conn, mut input) = match established {
+        Ok(established) => established,
+        Err(kind) => return Ended::Failed(kind),
+    };
+    let mut first_all_up = false;
+    {
+        let mut progress = state.progress.borrow_mut();
+        progress.connected += 1;
+        progress.sessions += 1;
+        if progress.connected == spec.connections {
+            if progress.all_up_at_ms.is_none() {
+                progress.all_up_at_ms = Some(unix_ms());
+                first_all_up = true;
+            }
+            if state.storming.replace(false) {
+                progress.storm_back_at_ms = Some(unix_ms());
+            }
+        }
+    }
+    if first_all_up {
+        return_freed_memory();
+    }
+    let ended = hold(state, index, &mut conn, &mut input, drop_rx).await;
+    state.progress.borrow_mut().connected -= 1;
+    ended
+}
+
+/// Connects and gets through every handshake: the connection, and the
+/// input read past the server's last handshake reply.
+async fn establish(
+    state: &State,
+    user: u64,
+    server: SocketAddr,
+    source: Ipv4Addr,
+) -> Result<(Conn, BytesMut), &'static str> {
+    let spec = &state.spec;
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_from(source, server)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Ended::Failed(connect_error_kind(&error)),
-        Err(_) => return Ended::Failed("connect_timeout"),
+        Ok(Err(error)) => return Err(connect_error_kind(&error)),
+        Err(_) => return Err("connect_timeout"),
     };
     let mut conn = Conn::new(stream);
     let mut input = BytesMut::with_capacity(256);
@@ -319,26 +381,21 @@ async fn session(
     })
     .await;
     match handshake {
-        Ok(Ok(())) => {}
-        Ok(Err(kind)) => return Ended::Failed(kind),
-        Err(_) => return Ended::Failed("handshake_timeout"),
+        Ok(Ok(())) => Ok((conn, input)),
+        Ok(Err(kind)) => Err(kind),
+        Err(_) => Err("handshake_timeout"),
     }
-    {
-        let mut progress = state.progress.borrow_mut();
-        progress.connected += 1;
-        progress.sessions += 1;
-        if progress.connected == spec.connections {
-            if progress.all_up_at_ms.is_none() {
-                progress.all_up_at_ms = Some(unix_ms());
-            }
-            if state.storming.replace(false) {
-                progress.storm_back_at_ms = Some(unix_ms());
-            }
-        }
+}
+
+/// Gives the memory the connect storm freed back to the system, so that
+/// the worker's RSS (the load generator's memory in the report) says what
+/// holding the connections costs, not the storm's high-water mark.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim(3) only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
-    let ended = hold(state, index, &mut conn, &mut input, drop_rx).await;
-    state.progress.borrow_mut().connected -= 1;
-    ended
 }
 
 fn tls(state: &State) -> Result<&TlsConnector, &'static str> {
@@ -534,12 +591,17 @@ async fn hold(
                 }
             }
             _ = heartbeat.tick() => {
-                let sent = match spec.target {
-                    Target::Bare => Ok(()),
-                    Target::Herald => send_frame(stream, &Frame::Ping).await,
-                    Target::Mqtt => stream.send(&[0xC0, 0]).await,
-                    Target::Nats => stream.send(b"PING\r\n").await,
-                };
+                // Boxed, as the input's handling below: what runs once a
+                // minute need not take room in every idle client's future.
+                let sent = Box::pin(async {
+                    match spec.target {
+                        Target::Bare => Ok(()),
+                        Target::Herald => send_frame(stream, &Frame::Ping).await,
+                        Target::Mqtt => stream.send(&[0xC0, 0]).await,
+                        Target::Nats => stream.send(b"PING\r\n").await,
+                    }
+                })
+                .await;
                 if let Err(kind) = sent {
                     return Ended::Failed(kind);
                 }
@@ -548,10 +610,12 @@ async fn hold(
                 if let Err(kind) = read {
                     return Ended::Failed(kind);
                 }
-                if let Err(kind) = handle_input(state, stream, input).await {
-                    return Ended::Failed(kind);
-                }
-                if let Err(kind) = stream.flush_replies().await {
+                let handled = Box::pin(async {
+                    handle_input(state, stream, input).await?;
+                    stream.flush_replies().await
+                })
+                .await;
+                if let Err(kind) = handled {
                     return Ended::Failed(kind);
                 }
             }

@@ -63,6 +63,14 @@ fn the_quick_benchmark_runs_every_scenario_without_failures() {
     assert!(herald["rss_after_bytes"].as_u64().unwrap() > 0);
     assert!(herald["load_generator_rss_bytes"].as_u64().unwrap() > 0);
     assert_eq!(herald["push_to_all"]["latency_us"]["count"], 2000);
+    assert_eq!(herald["connected_after_hold"], 2000);
+    // The broadcast through the broadcast API reached every connection,
+    // timed apart from the multicasts before it.
+    let broadcast = &herald["broadcast_to_all"];
+    assert_eq!(broadcast["received"], 2000);
+    assert_eq!(broadcast["latency_us"]["count"], 2000);
+    assert!(broadcast["ms_to_last_receipt"].as_f64().unwrap() > 0.0);
+    assert!(broadcast["peak_rss_bytes"].as_u64().unwrap() > 0);
     let push = &results["push"]["servers"]["herald"];
     assert_eq!(push["received"], push["pushes"]);
     assert_eq!(results["storm"]["servers"]["herald"]["dropped"], 400);
