@@ -425,6 +425,43 @@ impl Drop for UringDriver {
     }
 }
 
+/// AddressSanitizer's view of the receive buffers. ASan watches the heap by
+/// itself, but not this mapping: without being told, it would let the shard
+/// read a buffer it already gave back to the kernel (which may be filling
+/// it with another connection's bytes). So, in the ASan build
+/// (`--cfg herald_asan`, which `tests/asan.rs` sets), a buffer is poisoned
+/// while it is the kernel's, and only the bytes the kernel wrote are
+/// unpoisoned while it is the shard's.
+#[cfg(herald_asan)]
+mod asan {
+    use std::ffi::c_void;
+    use std::ptr::NonNull;
+
+    unsafe extern "C" {
+        fn __asan_poison_memory_region(addr: *const c_void, size: usize);
+        fn __asan_unpoison_memory_region(addr: *const c_void, size: usize);
+    }
+
+    pub fn poison(start: NonNull<u8>, len: usize) {
+        // SAFETY: only ASan's shadow of the range changes, not the memory.
+        unsafe { __asan_poison_memory_region(start.as_ptr().cast(), len) }
+    }
+
+    pub fn unpoison(start: NonNull<u8>, len: usize) {
+        // SAFETY: as above.
+        unsafe { __asan_unpoison_memory_region(start.as_ptr().cast(), len) }
+    }
+}
+
+#[cfg(not(herald_asan))]
+mod asan {
+    use std::ptr::NonNull;
+
+    pub fn poison(_: NonNull<u8>, _: usize) {}
+
+    pub fn unpoison(_: NonNull<u8>, _: usize) {}
+}
+
 /// The shard's provided buffer ring: `count` buffers of `len` bytes in one
 /// mapping, and the ring of their descriptors the kernel takes them from.
 struct BufferRing {
@@ -499,6 +536,7 @@ impl BufferRing {
         self.free -= 1;
         // SAFETY: `id < count`, so the offset stays inside the mapping.
         let start = unsafe { self.memory.add(usize::from(id) * self.len as usize) };
+        asan::unpoison(start, len);
         RecvBuffer { start, len, id }
     }
 
@@ -513,6 +551,7 @@ impl BufferRing {
         let entry = unsafe { &mut *self.entries.as_ptr().add(index) };
         // SAFETY: `id < count`, inside the mapping.
         let start = unsafe { self.memory.add(usize::from(id) * self.len as usize) };
+        asan::poison(start, self.len as usize);
         entry.set_addr(start.as_ptr() as u64);
         entry.set_len(self.len);
         entry.set_bid(id);
@@ -534,6 +573,9 @@ impl BufferRing {
 
 impl Drop for BufferRing {
     fn drop(&mut self) {
+        // Poisoned shadow would outlive the mapping and fault whatever is
+        // mapped at these addresses next.
+        asan::unpoison(self.memory, self.memory_bytes);
         // SAFETY: the two mappings made in `new`; the ring that used them
         // was dropped first, its requests cancelled.
         unsafe {
