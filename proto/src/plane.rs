@@ -232,6 +232,8 @@ pub struct Bound {
     pub network: NetworkType,
     /// When the gateway accepted the connection, unix milliseconds.
     pub connected_at_ms: u64,
+    /// What the client said it last received; `None`: it resumes from the
+    /// device's ack cursor.
     pub client_last_seq: Option<u64>,
     /// The last broadcast the client holds; `None`: it keeps no count, so
     /// it gets every unexpired broadcast.
