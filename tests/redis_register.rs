@@ -15,6 +15,7 @@ use herald_control::cluster::{
 };
 use herald_control::{Change, Register, Session};
 use herald_proto::NetworkType;
+use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::ConnId;
 use support::cluster::{PrivateRedisCluster, flush_redis, redis_server_url, service_missing};
 
@@ -54,8 +55,8 @@ fn conn(slot: u32) -> ConnId {
 
 fn add(user: &str, slot: u32, node: &str, instance: u64) -> Change {
     Change::Add {
-        app: "chat".to_owned(),
-        user: user.to_owned(),
+        app: AppId::from("chat"),
+        user: UserId::from(user),
         session: Session {
             conn: conn(slot),
             node: node.to_owned(),
@@ -121,8 +122,8 @@ where
         );
     }
     let remove = Change::Remove {
-        app: "chat".to_owned(),
-        user: "user0".to_owned(),
+        app: AppId::from("chat"),
+        user: UserId::from("user0"),
         conn: conn(0),
     };
     first_run.register.apply(vec![remove]).await.unwrap();

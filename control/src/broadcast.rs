@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use herald_proto::ids::AppId;
 use herald_proto::plane::{
-    BroadcastMessage, BroadcastMode, BroadcastProgress, ConnId, PushMessage, ShardCommand,
+    BroadcastMessage, BroadcastMode, BroadcastProgress, BroadcastsNext, ConnCommand, ConnId,
+    PushMessage, ShardCommand,
 };
-use herald_proto::server::BroadcastsNext;
 use herald_proto::{Frame, encode};
 use herald_storage::{
     BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast, StoredMessage,
@@ -236,13 +237,6 @@ impl PaceShares {
     }
 }
 
-/// A bound connection owed the app's broadcasts after `after`.
-pub(crate) struct BroadcastResume {
-    pub conn: ConnId,
-    pub app: String,
-    pub after: u64,
-}
-
 /// target, sent, dropped, acked, read now.
 fn report(progress: &BroadcastProgress) -> [u64; 4] {
     [
@@ -325,10 +319,11 @@ impl Delivery {
         }
         let frame = frame.freeze();
         let required_tags: Arc<[String]> = stored.required_tags.clone().into();
+        let app = AppId::from(app);
         let shards = self.shard_senders().len().max(1) as f64;
         for shard in self.shard_senders() {
             let command = ShardCommand::Broadcast {
-                app: app.to_owned(),
+                app: app.clone(),
                 seq: stored.seq,
                 required_tags: required_tags.clone(),
                 frame: frame.clone(),
@@ -434,30 +429,26 @@ impl Delivery {
         found
     }
 
-    /// Sends bindings the broadcasts they missed (a `BroadcastCatchUp`).
-    pub(crate) async fn fill_broadcasts(&self, resumes: Vec<BroadcastResume>) {
-        let found = self
-            .read_broadcasts(resumes.iter().map(|r| (r.app.as_str(), r.after)))
-            .await;
-        for resume in resumes {
-            let Some(read) = found.get(&resume.app) else {
-                continue;
-            };
-            let broadcasts = read
-                .unexpired
-                .iter()
-                .filter(|b| b.seq > resume.after)
-                .map(message)
-                .collect();
-            let command = ShardCommand::BroadcastFill {
-                conn: resume.conn,
-                app: resume.app,
-                after: resume.after,
-                broadcasts,
-                next: BroadcastsNext::Live,
-            };
-            self.send_to_shard(command, resume.conn).await;
-        }
+    /// Sends a binding the broadcasts of `app` after `after` it missed
+    /// (the answer to a `BroadcastCatchUp`).
+    pub(crate) async fn fill_broadcasts(&self, conn: ConnId, app: AppId, after: u64) {
+        let found = self.read_broadcasts(std::iter::once((&*app, after))).await;
+        let Some(read) = found.get(&*app) else {
+            return;
+        };
+        let broadcasts = read
+            .unexpired
+            .iter()
+            .filter(|b| b.seq > after)
+            .map(message)
+            .collect();
+        let command = ConnCommand::BroadcastFill {
+            app,
+            after,
+            broadcasts,
+            next: BroadcastsNext::Live,
+        };
+        self.send_to_conn(conn, command).await;
     }
 
     /// A batch of fills answering for a binding's inbox and broadcasts
@@ -505,8 +496,7 @@ impl Delivery {
                     .collect();
                 let after = broadcast_after;
                 broadcast_after = group.last().map_or(after, |b| b.seq);
-                commands.push(ShardCommand::BroadcastFill {
-                    conn,
+                commands.push(ConnCommand::BroadcastFill {
                     app: app.clone(),
                     after,
                     broadcasts: group,
@@ -526,8 +516,7 @@ impl Delivery {
                     .collect();
                 let after = inbox_after;
                 inbox_after = group.last().map_or(after, |m| m.seq);
-                commands.push(ShardCommand::Fill {
-                    conn,
+                commands.push(ConnCommand::Fill {
                     app: app.clone(),
                     after,
                     messages: group,
@@ -541,18 +530,17 @@ impl Delivery {
         // last command says how it ends for broadcasts.
         let last_fill = commands
             .iter()
-            .rposition(|c| matches!(c, ShardCommand::Fill { .. }));
+            .rposition(|c| matches!(c, ConnCommand::Fill { .. }));
         match last_fill {
             Some(at) => {
-                if let ShardCommand::Fill {
+                if let ConnCommand::Fill {
                     more: last_more, ..
                 } = &mut commands[at]
                 {
                     *last_more = more;
                 }
             }
-            None => commands.push(ShardCommand::Fill {
-                conn,
+            None => commands.push(ConnCommand::Fill {
                 app: app.clone(),
                 after: inbox_after,
                 messages: Vec::new(),
@@ -566,16 +554,16 @@ impl Delivery {
             BroadcastsNext::Live
         };
         match commands.last_mut() {
-            Some(ShardCommand::BroadcastFill {
+            Some(ConnCommand::BroadcastFill {
                 next: last_next, ..
             }) => *last_next = next,
-            Some(ShardCommand::Fill {
+            Some(ConnCommand::Fill {
                 broadcasts_from, ..
             }) => *broadcasts_from = Some(broadcast_after),
             _ => unreachable!("a batch ends with a fill"),
         }
         for command in commands {
-            self.send_to_shard(command, conn).await;
+            self.send_to_conn(conn, command).await;
         }
     }
 }
@@ -583,7 +571,7 @@ impl Delivery {
 /// What a batch of fills is made of.
 pub(crate) struct Fills {
     pub conn: ConnId,
-    pub app: String,
+    pub app: AppId,
     pub inbox_after: u64,
     pub messages: Vec<StoredMessage>,
     pub more: bool,

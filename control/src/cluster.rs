@@ -31,6 +31,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
+use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{BroadcastMode, ConnId, PushMessage};
 use herald_proto::{GoAwayReason, MessageId, NetworkType};
 use herald_storage::StoredBroadcast;
@@ -453,7 +454,7 @@ impl RedisRegister {
     }
 
     /// This node's own sessions (room nodes), as (app, user, session).
-    pub fn own_sessions(&self) -> Vec<(String, String, Session)> {
+    pub fn own_sessions(&self) -> Vec<(AppId, UserId, Session)> {
         self.own
             .as_ref()
             .map_or_else(Vec::new, |own| own.sessions.all())
@@ -557,7 +558,7 @@ fn pipelines_per_key(node: &str, instance: u64, changes: &[Change]) -> Vec<redis
     let mut pipes: Vec<redis::Pipeline> = Vec::new();
     for change in changes {
         let (Change::Add { app, user, .. } | Change::Remove { app, user, .. }) = change;
-        let index = *by_key.entry((app, user)).or_insert_with(|| {
+        let index = *by_key.entry((&**app, &**user)).or_insert_with(|| {
             pipes.push(redis::pipe());
             pipes.len() - 1
         });
@@ -744,7 +745,7 @@ pub enum Arrival {
         shares: PaceShares,
     },
     Deliver {
-        app: String,
+        app: AppId,
         targets: Vec<(ConnId, PushMessage)>,
     },
     Kick {
@@ -788,7 +789,10 @@ impl TryFrom<NodeMessage> for Arrival {
                         (conn((shard, slot, generation)), message)
                     })
                     .collect();
-                Arrival::Deliver { app, targets }
+                Arrival::Deliver {
+                    app: AppId::from(app),
+                    targets,
+                }
             }
             NodeMessage::Broadcast {
                 app,
@@ -1172,8 +1176,8 @@ mod tests {
         };
         let storm: Vec<Change> = (0..20_000)
             .map(|slot| Change::Add {
-                app: "chat".to_owned(),
-                user: format!("user{slot}"),
+                app: AppId::from("chat"),
+                user: UserId::from(format!("user{slot}")),
                 session: session(slot),
             })
             .collect();
@@ -1209,7 +1213,7 @@ mod tests {
         else {
             panic!("not a delivery");
         };
-        assert_eq!(app, "chat");
+        assert_eq!(&*app, "chat");
         assert_eq!(targets.len(), 2);
         assert_eq!(targets[1].0, conns[1]);
         assert_eq!(targets[1].1.seq, 3);

@@ -16,13 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_proto::GoAwayReason;
-use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
+use herald_proto::ids::{AppId, UserId};
+use herald_proto::plane::{
+    Bound, CatchUp, ConnCommand, ConnEvent, ConnId, PushMessage, ShardCommand, ShardEvent,
+};
 use herald_storage::{
     AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
 };
 use tokio::sync::Notify;
 
-use crate::broadcast::{BroadcastRegistry, BroadcastResume, Fills, ProgressReport};
+use crate::broadcast::{BroadcastRegistry, Fills, ProgressReport};
 use crate::cluster::{Arrival, NodeMessage};
 use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
@@ -88,58 +91,30 @@ impl AckKey {
     }
 }
 
-/// A binding's request for stored messages (`ShardEvent::CatchUp`).
-struct CatchUp {
-    conn: ConnId,
-    app: String,
-    user: String,
-    after: u64,
-    limit: u32,
-    broadcasts_after: Option<u64>,
-}
-
-/// A binding that needs its first fill.
-struct Resume {
-    conn: ConnId,
-    app: String,
-    user: String,
-    device_id: String,
-    /// What the client said it last received; `None`: resume from the
-    /// device's ack cursor.
-    client_last_seq: Option<u64>,
-    /// The last broadcast the client holds (`None`: it gets them all).
-    client_last_broadcast_seq: Option<u64>,
-}
-
 /// The register changes an event makes (none for most events).
 fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
+    let ShardEvent::Conn { conn, event } = event else {
+        return Vec::new();
+    };
     match event {
-        ShardEvent::Bound {
-            conn,
-            app,
-            user,
-            device_id,
-            network,
-            connected_at_ms,
-            ..
-        } => vec![Change::Add {
-            app: app.clone(),
-            user: user.clone(),
+        ConnEvent::Bound(bound) => vec![Change::Add {
+            app: bound.app.clone(),
+            user: bound.user.clone(),
             session: Session {
                 conn: *conn,
                 node: name.node.clone(),
                 instance: name.instance,
-                device_id: device_id.clone(),
-                network: *network,
-                connected_at_ms: *connected_at_ms,
+                device_id: bound.device_id.clone(),
+                network: bound.network,
+                connected_at_ms: bound.connected_at_ms,
             },
         }],
-        ShardEvent::Unbound { conn, app, user } => vec![Change::Remove {
+        ConnEvent::Unbound { app, user } => vec![Change::Remove {
             app: app.clone(),
             user: user.clone(),
             conn: *conn,
         }],
-        ShardEvent::Closed { conn, bindings } => bindings
+        ConnEvent::Closed { bindings } => bindings
             .iter()
             .map(|(app, user)| Change::Remove {
                 app: app.clone(),
@@ -238,18 +213,19 @@ impl Delivery {
         &self.shards
     }
 
-    pub(crate) async fn send_to_shard(&self, command: ShardCommand, conn: ConnId) {
-        self.send(command, conn).await;
+    pub(crate) async fn send_to_conn(&self, conn: ConnId, command: ConnCommand) {
+        self.send(conn, command).await;
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, command: ShardCommand, conn: ConnId) {
+    /// Sends a command to a connection of this node, through its shard.
+    async fn send(&self, conn: ConnId, command: ConnCommand) {
         // A closed channel means the shard is gone (shutdown): nothing to do.
         if let Some(shard) = self.shards.get(usize::from(conn.shard)) {
-            let _ = shard.send(command).await;
+            let _ = shard.send(ShardCommand::Conn { conn, command }).await;
         }
     }
 
@@ -280,6 +256,8 @@ impl Delivery {
                 .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
         }
         let payload = bytes::Bytes::copy_from_slice(payload);
+        // One copy of the app id for every delivery of the call.
+        let app_id = AppId::from(app);
         let mut remote: HashMap<(String, u64), Vec<(ConnId, u64)>> = HashMap::new();
         let mut results = Vec::with_capacity(outcome.stored.len());
         for stored in outcome.stored {
@@ -300,12 +278,11 @@ impl Delivery {
                         message_id: stored.message_id,
                         payload: payload.clone(),
                     };
-                    let command = ShardCommand::Deliver {
-                        conn: session.conn,
-                        app: app.to_owned(),
+                    let command = ConnCommand::Deliver {
+                        app: app_id.clone(),
                         message,
                     };
-                    self.send(command, session.conn).await;
+                    self.send(session.conn, command).await;
                 }
             }
             results.push(PushResult {
@@ -340,11 +317,10 @@ impl Delivery {
         let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
         for session in &sessions {
             if self.is_local(session) {
-                let command = ShardCommand::Kick {
-                    conn: session.conn,
+                let command = ConnCommand::Kick {
                     reason: GoAwayReason::KICKED,
                 };
-                self.send(command, session.conn).await;
+                self.send(session.conn, command).await;
             } else {
                 remote
                     .entry((session.node.clone(), session.instance))
@@ -377,8 +353,7 @@ impl Delivery {
             Arrival::Deliver { app, targets } => {
                 for (conn, message) in targets {
                     let app = app.clone();
-                    self.send(ShardCommand::Deliver { conn, app, message }, conn)
-                        .await;
+                    self.send(conn, ConnCommand::Deliver { app, message }).await;
                 }
             }
             Arrival::Broadcast {
@@ -392,7 +367,7 @@ impl Delivery {
             }
             Arrival::Kick { reason, conns } => {
                 for conn in conns {
-                    self.send(ShardCommand::Kick { conn, reason }, conn).await;
+                    self.send(conn, ConnCommand::Kick { reason }).await;
                 }
             }
         }
@@ -400,10 +375,9 @@ impl Delivery {
 
     /// Has every listed binding of this node check storage for messages it
     /// was not told of (deliveries may have been lost on the way here).
-    pub async fn resync(&self, sessions: Vec<(String, String, Session)>) {
+    pub async fn resync(&self, sessions: Vec<(AppId, UserId, Session)>) {
         for (app, _user, session) in sessions {
-            let conn = session.conn;
-            self.send(ShardCommand::Resync { conn, app }, conn).await;
+            self.send(session.conn, ConnCommand::Resync { app }).await;
         }
     }
 
@@ -445,63 +419,38 @@ impl Delivery {
         }
         let mut resumes = Vec::new();
         for event in batch.drain(..) {
-            match event {
-                ShardEvent::Bound {
-                    conn,
-                    app,
-                    user,
-                    device_id,
-                    client_last_seq,
-                    client_last_broadcast_seq,
-                    ..
-                } => resumes.push(Resume {
-                    conn,
-                    app,
-                    user,
-                    device_id,
-                    client_last_seq,
-                    client_last_broadcast_seq,
-                }),
-                ShardEvent::BroadcastAck { app, seq, .. } => self.broadcast_acked(&app, seq),
-                ShardEvent::BroadcastCatchUp { conn, app, after } => {
-                    let this = self.clone();
-                    let resume = BroadcastResume { conn, app, after };
-                    tokio::spawn(async move { this.fill_broadcasts(vec![resume]).await });
+            let (conn, event) = match event {
+                ShardEvent::Conn { conn, event } => (conn, event),
+                ShardEvent::Drained { .. } => {
+                    self.drained_shards.fetch_add(1, Ordering::SeqCst);
+                    self.drained.notify_waiters();
+                    continue;
                 }
-                ShardEvent::Unbound { .. } | ShardEvent::Closed { .. } => {}
-                ShardEvent::Ack {
+            };
+            match event {
+                ConnEvent::Bound(bound) => resumes.push((conn, bound)),
+                ConnEvent::BroadcastAck { app, seq } => self.broadcast_acked(&app, seq),
+                ConnEvent::BroadcastCatchUp { app, after } => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.fill_broadcasts(conn, app, after).await });
+                }
+                ConnEvent::Unbound { .. } | ConnEvent::Closed { .. } => {}
+                ConnEvent::Ack {
                     app,
                     user,
                     device_id,
                     seq,
-                    ..
                 } => {
                     let mut pending = self.pending_acks.lock().expect("ack lock");
                     let key = AckKey::new(&app, &user, &device_id);
                     let acked = pending.entry(key).or_insert(seq);
                     *acked = (*acked).max(seq);
                 }
-                ShardEvent::CatchUp {
-                    conn,
-                    app,
-                    user,
-                    after,
-                    limit,
-                    broadcasts_after,
-                } => {
+                ConnEvent::CatchUp(catch_up) => {
                     let this = self.clone();
-                    let catch_up = CatchUp {
-                        conn,
-                        app,
-                        user,
-                        after,
-                        limit,
-                        broadcasts_after,
-                    };
-                    tokio::spawn(async move { this.fill(catch_up).await });
+                    tokio::spawn(async move { this.fill(conn, catch_up).await });
                 }
-                ShardEvent::Upstream {
-                    conn,
+                ConnEvent::Upstream {
                     app,
                     user,
                     device_id,
@@ -517,18 +466,13 @@ impl Delivery {
                             .coordinator
                             .upstream(&app, &user, &device_id, request_id, &payload)
                             .await;
-                        let command = ShardCommand::UpstreamAck {
-                            conn,
+                        let command = ConnCommand::UpstreamAck {
                             app,
                             request_id,
                             status,
                         };
-                        this.send(command, conn).await;
+                        this.send(conn, command).await;
                     });
-                }
-                ShardEvent::Drained { .. } => {
-                    self.drained_shards.fetch_add(1, Ordering::SeqCst);
-                    self.drained.notify_waiters();
                 }
             }
         }
@@ -543,20 +487,21 @@ impl Delivery {
     /// Tells the app's business server (through the coordinator) who came
     /// online and who left.
     fn report_user_state(&self, event: &ShardEvent) {
+        let ShardEvent::Conn { conn, event } = event else {
+            return;
+        };
         match event {
-            ShardEvent::Bound {
-                conn,
-                app,
-                user,
-                device_id,
-                ..
-            } => self
-                .coordinator
-                .user_state(app, user, *conn, Some(device_id), true),
-            ShardEvent::Unbound { conn, app, user } => {
+            ConnEvent::Bound(bound) => self.coordinator.user_state(
+                &bound.app,
+                &bound.user,
+                *conn,
+                Some(&bound.device_id),
+                true,
+            ),
+            ConnEvent::Unbound { app, user } => {
                 self.coordinator.user_state(app, user, *conn, None, false);
             }
-            ShardEvent::Closed { conn, bindings } => {
+            ConnEvent::Closed { bindings } => {
                 for (app, user) in bindings {
                     self.coordinator.user_state(app, user, *conn, None, false);
                 }
@@ -574,22 +519,22 @@ impl Delivery {
     /// resumes from the device's cursor (or the first broadcast) instead of
     /// waiting, silently, for the inbox to pass its old seq, and the shard
     /// tells it so (RESET).
-    async fn resume(&self, mut resumes: Vec<Resume>) {
+    async fn resume(&self, mut resumes: Vec<(ConnId, Bound)>) {
         let mut broadcasts = self
             .read_broadcasts(
                 resumes
                     .iter()
-                    .map(|r| (r.app.as_str(), r.client_last_broadcast_seq.unwrap_or(0))),
+                    .map(|(_, bound)| (&*bound.app, bound.client_last_broadcast_seq.unwrap_or(0))),
             )
             .await;
         let broadcast_afters: Vec<u64> = resumes
             .iter()
-            .map(|r| {
-                let claimed = r.client_last_broadcast_seq.unwrap_or(0);
-                match broadcasts.get(&r.app) {
+            .map(|(_, bound)| {
+                let claimed = bound.client_last_broadcast_seq.unwrap_or(0);
+                match broadcasts.get(&*bound.app) {
                     Some(read) if claimed > read.last_handed_out => {
                         tracing::warn!(
-                            app.id = %r.app, user.id = %r.user, claimed,
+                            app.id = %bound.app, user.id = %bound.user, claimed,
                             last_handed_out = read.last_handed_out,
                             "a client holds broadcasts storage never handed out \
                              (storage reset or restored): it gets them from the first"
@@ -603,8 +548,10 @@ impl Delivery {
         let reread: HashSet<&str> = resumes
             .iter()
             .zip(&broadcast_afters)
-            .filter(|(r, after)| **after == 0 && r.client_last_broadcast_seq.unwrap_or(0) > 0)
-            .map(|(r, _)| r.app.as_str())
+            .filter(|((_, bound), after)| {
+                **after == 0 && bound.client_last_broadcast_seq.unwrap_or(0) > 0
+            })
+            .map(|((_, bound), _)| &*bound.app)
             .collect();
         if !reread.is_empty() {
             let from_first = self
@@ -619,8 +566,8 @@ impl Delivery {
             let pending = self.pending_acks.lock().expect("ack lock");
             resumes
                 .iter()
-                .map(|r| {
-                    let key = AckKey::new(&r.app, &r.user, &r.device_id);
+                .map(|(_, bound)| {
+                    let key = AckKey::new(&bound.app, &bound.user, &bound.device_id);
                     pending.get(&key).copied().unwrap_or(0)
                 })
                 .collect()
@@ -629,10 +576,10 @@ impl Delivery {
         let heads = loop {
             let keys: Vec<InboxKey> = resumes
                 .iter()
-                .map(|r| InboxKey {
-                    app: r.app.clone(),
-                    user: r.user.clone(),
-                    device_id: Some(r.device_id.clone()),
+                .map(|(_, bound)| InboxKey {
+                    app: bound.app.to_string(),
+                    user: bound.user.to_string(),
+                    device_id: Some(bound.device_id.clone()),
                 })
                 .collect();
             match self.saver.inbox_heads(&keys).await {
@@ -643,9 +590,9 @@ impl Delivery {
                     // still here get nothing until storage answers, rather
                     // than a guess at where they resume.
                     let mut still_bound = Vec::with_capacity(resumes.len());
-                    for resume in resumes {
-                        if self.still_bound(&resume.app, &resume.user).await {
-                            still_bound.push(resume);
+                    for (conn, bound) in resumes {
+                        if self.still_bound(&bound.app, &bound.user).await {
+                            still_bound.push((conn, bound));
                         }
                     }
                     resumes = still_bound;
@@ -658,14 +605,14 @@ impl Delivery {
             }
         };
         let resumes = resumes.into_iter().zip(broadcast_afters);
-        for (((resume, broadcast_after), head), pending) in resumes.zip(heads).zip(pending) {
+        for ((((conn, bound), broadcast_after), head), pending) in resumes.zip(heads).zip(pending) {
             let cursor = head.acked_seq.unwrap_or(0).max(pending);
-            let after = match resume.client_last_seq {
+            let after = match bound.client_last_seq {
                 Some(claimed) if claimed <= head.last_seq => claimed,
                 claimed => {
                     if let Some(claimed) = claimed {
                         tracing::warn!(
-                            app.id = %resume.app, user.id = %resume.user, claimed,
+                            app.id = %bound.app, user.id = %bound.user, claimed,
                             inbox_head = head.last_seq,
                             "a client holds seqs its inbox never handed out \
                              (storage reset or restored): it resumes from its device's cursor"
@@ -674,7 +621,7 @@ impl Delivery {
                     if cursor <= head.last_seq {
                         cursor
                     } else {
-                        self.lower_cursor(&resume).await;
+                        self.lower_cursor(&bound).await;
                         0
                     }
                 }
@@ -683,13 +630,7 @@ impl Delivery {
             let (messages, more) = if head.last_seq <= after {
                 (Vec::new(), false)
             } else {
-                let read = self.read_inbox(
-                    resume.conn,
-                    &resume.app,
-                    &resume.user,
-                    after,
-                    self.fill_limit,
-                );
+                let read = self.read_inbox(conn, &bound.app, &bound.user, after, self.fill_limit);
                 match read.await {
                     Some(found) => found,
                     None => continue,
@@ -697,7 +638,7 @@ impl Delivery {
             };
             self.counters.fills.fetch_add(1, Ordering::Relaxed);
             let missed = broadcasts
-                .get(&resume.app)
+                .get(&*bound.app)
                 .map(|read| {
                     read.unexpired
                         .iter()
@@ -707,8 +648,8 @@ impl Delivery {
                 })
                 .unwrap_or_default();
             self.send_fills(Fills {
-                conn: resume.conn,
-                app: resume.app,
+                conn,
+                app: bound.app,
                 inbox_after: after,
                 messages,
                 more,
@@ -723,19 +664,19 @@ impl Delivery {
     /// of storage) would hold back its resume point until the inbox passed
     /// it, skipping what came before: it goes back to the start, in memory
     /// and in storage.
-    async fn lower_cursor(&self, resume: &Resume) {
-        let key = AckKey::new(&resume.app, &resume.user, &resume.device_id);
+    async fn lower_cursor(&self, bound: &Bound) {
+        let key = AckKey::new(&bound.app, &bound.user, &bound.device_id);
         self.pending_acks.lock().expect("ack lock").remove(&key);
         let cursor = AckCursor {
-            app: &resume.app,
-            user: &resume.user,
-            device_id: &resume.device_id,
+            app: &bound.app,
+            user: &bound.user,
+            device_id: &bound.device_id,
             acked_seq: 0,
         };
         if let Err(error) = self.saver.lower_ack_cursor(&cursor).await {
             // Resuming from the start still delivers everything; the cursor
             // is lowered on a later bind.
-            tracing::warn!(%error, app.id = %resume.app, "lowering an ack cursor failed");
+            tracing::warn!(%error, app.id = %bound.app, "lowering an ack cursor failed");
         }
     }
 
@@ -776,9 +717,8 @@ impl Delivery {
     /// Reads stored messages after `after` and sends them to the connection
     /// (the answer to a `CatchUp`), with the broadcasts it asked for
     /// interleaved in creation order.
-    async fn fill(&self, catch_up: CatchUp) {
+    async fn fill(&self, conn: ConnId, catch_up: CatchUp) {
         let CatchUp {
-            conn,
             app,
             user,
             after,
@@ -791,9 +731,9 @@ impl Delivery {
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
         if let Some(broadcast_after) = broadcasts_after {
             let broadcasts = self
-                .read_broadcasts(std::iter::once((app.as_str(), broadcast_after)))
+                .read_broadcasts(std::iter::once((&*app, broadcast_after)))
                 .await
-                .remove(&app)
+                .remove(&*app)
                 .unwrap_or_default()
                 .unexpired;
             self.send_fills(Fills {
@@ -816,15 +756,14 @@ impl Delivery {
                 payload: m.payload,
             })
             .collect();
-        let command = ShardCommand::Fill {
-            conn,
+        let command = ConnCommand::Fill {
             app,
             after,
             messages,
             more,
             broadcasts_from: None,
         };
-        self.send(command, conn).await;
+        self.send(conn, command).await;
     }
 
     /// Writes pending acks. On failure they are merged back for next time.

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use hashbrown::HashTable;
 
 use herald_proto::NetworkType;
+use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::ConnId;
 
 /// One live connection of a user.
@@ -34,14 +35,14 @@ pub struct RegisterError(pub String);
 pub enum Change {
     /// The connection bound (app, user); binding again replaces the entry.
     Add {
-        app: String,
-        user: String,
+        app: AppId,
+        user: UserId,
         session: Session,
     },
     /// The connection left (app, user); a connection not there is ignored.
     Remove {
-        app: String,
-        user: String,
+        app: AppId,
+        user: UserId,
         conn: ConnId,
     },
 }
@@ -195,13 +196,13 @@ impl MemoryRegister {
 
     /// Every session held, as (app, user, session): what a room node
     /// writes again to a register that lost its data.
-    pub fn all(&self) -> Vec<(String, String, Session)> {
+    pub fn all(&self) -> Vec<(AppId, UserId, Session)> {
         let mut all = Vec::new();
         for stripe in &self.stripes {
             let stripe = stripe.lock().expect("register lock");
             for entry in stripe.table.iter() {
                 let (app, user) = entry.key().split_once('\0').expect("key holds app\0user");
-                all.push((app.to_owned(), user.to_owned(), self.session(entry)));
+                all.push((AppId::from(app), UserId::from(user), self.session(entry)));
             }
         }
         all
@@ -266,16 +267,16 @@ mod tests {
 
     fn add(slot: u32, device: &str, user: &str) -> Change {
         Change::Add {
-            app: "chat".to_owned(),
-            user: user.to_owned(),
+            app: AppId::from("chat"),
+            user: UserId::from(user),
             session: session(slot, device),
         }
     }
 
     fn remove(slot: u32, user: &str) -> Change {
         Change::Remove {
-            app: "chat".to_owned(),
-            user: user.to_owned(),
+            app: AppId::from("chat"),
+            user: UserId::from(user),
             conn: session(slot, "").conn,
         }
     }
@@ -309,8 +310,16 @@ mod tests {
         assert_eq!(
             all,
             [
-                ("chat".to_owned(), "alice".to_owned(), session(2, "laptop")),
-                ("chat".to_owned(), "bob".to_owned(), session(3, "phone")),
+                (
+                    AppId::from("chat"),
+                    UserId::from("alice"),
+                    session(2, "laptop")
+                ),
+                (
+                    AppId::from("chat"),
+                    UserId::from("bob"),
+                    session(3, "phone")
+                ),
             ]
         );
         register.apply(vec![remove(2, "alice")]).await.unwrap();

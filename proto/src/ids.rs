@@ -1,8 +1,83 @@
-//! The accepted forms of identifiers that more than one part of Herald
+//! Identifiers: the shared forms of app and user ids that travel between
+//! the planes, and the accepted forms that more than one part of Herald
 //! checks (the HTTP API, tokens, `herald token`), so that every part accepts
 //! exactly the same ones.
 
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
 use crate::limits::USER_ID_LEN_MAX;
+
+/// Declares an id that is a shared string: cloning it counts a reference
+/// instead of copying bytes, it reads as a `&str`, and a map keyed by it is
+/// looked up by `&str` (hash and equality are the string's).
+macro_rules! shared_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl Deref for $name {
+            type Target = str;
+
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(id: &str) -> $name {
+                $name(Arc::from(id))
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(id: String) -> $name {
+                $name(Arc::from(id))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+    };
+}
+
+shared_id! {
+    /// An app id. The gateway's app table holds one per app and every
+    /// binding, command and event about the app shares it; the control
+    /// plane makes one per API call and shares it among the call's
+    /// deliveries, so a push to many connections copies no app id.
+    AppId
+}
+
+shared_id! {
+    /// A user id, as it travels between the planes (in events, register
+    /// changes), shared by the event and what the control plane keeps of it.
+    UserId
+}
 
 /// Checks a user id: 1 to [`USER_ID_LEN_MAX`] bytes of UTF-8 without control
 /// characters (U+0000 to U+001F, U+007F to U+009F). Any other character is

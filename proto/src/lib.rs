@@ -6,8 +6,9 @@
 //! per-connection state machines (`ServerConn`, `ClientConn`) that run the
 //! handshake, heartbeats and ack bookkeeping. It also defines the messages the
 //! control plane and the gateway shards exchange (`plane`), and the token
-//! bucket both use for flow control (`rate`), and the accepted forms of ids
-//! every part checks alike (`ids`).
+//! bucket both use for flow control (`rate`), and the ids (`ids`): the
+//! shared `AppId` and `UserId` the planes pass around, and the accepted forms
+//! every part checks alike.
 //!
 //! It deliberately does no networking, spawns nothing and never reads the
 //! clock: time is passed in, so the gateway, the client SDK and tests (with a

@@ -3,7 +3,9 @@
 //! Both planes depend on this module and never on each other. Every message
 //! travels over a bounded channel created at startup: commands go from the
 //! control plane to one shard, events go from every shard to the control
-//! plane.
+//! plane. Most of them are about one connection: a [`ConnCommand`] for its
+//! `ServerConn`, or a [`ConnEvent`] it made, each sent with the connection's
+//! [`ConnId`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use bytes::Bytes;
 
 use crate::frame::{GoAwayReason, MessageId, NetworkType, UpstreamStatus};
-use crate::server::BroadcastsNext;
+use crate::ids::{AppId, UserId};
 
 /// A connection's address: the shard that owns it, its slab slot and the
 /// slot's generation. Slots are reused, so the generation keeps a stale
@@ -79,22 +81,57 @@ pub struct BroadcastMode {
     pub low_priority: bool,
 }
 
+/// Where a fill leaves the broadcasts of the binding it is for. The fills
+/// answering a bind, or a catch-up that asked for broadcasts, come as a
+/// batch (inbox and broadcast fills in creation order); the last one says
+/// how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BroadcastsNext {
+    /// More fills of the same batch follow.
+    Continue,
+    /// The batch ends with the inbox still behind: broadcasts keep coming
+    /// with its catch-ups.
+    WithInbox,
+    /// The batch ends with the inbox caught up (or it answers a
+    /// `BroadcastCatchUp`): broadcasts go out live once any owed are in.
+    Live,
+}
+
 /// Control plane -> shard.
 #[derive(Debug)]
 pub enum ShardCommand {
-    /// A message just stored for the user bound to `app` on `conn`. The shard
-    /// sends it only if it is the next one the connection is owed; otherwise
-    /// it notes that the connection is behind and asks for a catch-up.
-    Deliver {
-        conn: ConnId,
-        app: String,
-        message: PushMessage,
+    /// A command for one connection. One for a connection gone since (an
+    /// older generation of its slot) is dropped.
+    Conn { conn: ConnId, command: ConnCommand },
+    /// A broadcast for every connection of the shard with `app` bound and
+    /// every tag in `required_tags`. `frame` is its BROADCAST frame,
+    /// encoded once for all connections of all shards; each shard adds to
+    /// `progress` what it targeted and sent.
+    Broadcast {
+        app: AppId,
+        seq: u64,
+        required_tags: Arc<[String]>,
+        frame: Bytes,
+        progress: Arc<BroadcastProgress>,
+        /// This shard's share of the pace, and the priority.
+        mode: BroadcastMode,
     },
+    /// Stop accepting, send every connection GOAWAY(server_shutdown) with
+    /// the reconnect hint, flush and close them all, then report `Drained`.
+    Drain { reconnect_delay_ms: u32 },
+}
+
+/// Control plane -> one connection (in a [`ShardCommand::Conn`]).
+#[derive(Debug)]
+pub enum ConnCommand {
+    /// A message just stored for the user bound to `app`. The shard sends
+    /// it only if it is the next one the connection is owed; otherwise it
+    /// notes that the connection is behind and asks for a catch-up.
+    Deliver { app: AppId, message: PushMessage },
     /// The reply to a `Bound` or `CatchUp` event: the stored messages after
     /// `after`, in order. `more` says storage holds further messages.
     Fill {
-        conn: ConnId,
-        app: String,
+        app: AppId,
         after: u64,
         messages: Vec<PushMessage>,
         more: bool,
@@ -104,25 +141,11 @@ pub enum ShardCommand {
         /// A bind that missed no broadcast is then one command, not two.
         broadcasts_from: Option<u64>,
     },
-    /// A broadcast for every connection of the shard with `app` bound and
-    /// every tag in `required_tags`. `frame` is its BROADCAST frame,
-    /// encoded once for all connections of all shards; each shard adds to
-    /// `progress` what it targeted and sent.
-    Broadcast {
-        app: String,
-        seq: u64,
-        required_tags: Arc<[String]>,
-        frame: Bytes,
-        progress: Arc<BroadcastProgress>,
-        /// This shard's share of the pace, and the priority.
-        mode: BroadcastMode,
-    },
     /// Part of the reply to a `Bound` or a `CatchUp` asking for
     /// broadcasts, or the reply to a `BroadcastCatchUp`: the app's
     /// unexpired broadcasts after `after`, in order.
     BroadcastFill {
-        conn: ConnId,
-        app: String,
+        app: AppId,
         after: u64,
         broadcasts: Vec<BroadcastMessage>,
         next: BroadcastsNext,
@@ -130,91 +153,102 @@ pub enum ShardCommand {
     /// Deliveries to this binding may have been lost (the register or the
     /// channel between nodes was down for a while): check storage for
     /// messages past what was sent, as a `CatchUp` does.
-    Resync { conn: ConnId, app: String },
+    Resync { app: AppId },
     /// The outcome of an UPSTREAM the connection sent.
     UpstreamAck {
-        conn: ConnId,
-        app: String,
+        app: AppId,
         request_id: u64,
         status: UpstreamStatus,
     },
     /// Send GOAWAY with `reason`, flush, close.
-    Kick { conn: ConnId, reason: GoAwayReason },
-    /// Stop accepting, send every connection GOAWAY(server_shutdown) with
-    /// the reconnect hint, flush and close them all, then report `Drained`.
-    Drain { reconnect_delay_ms: u32 },
+    Kick { reason: GoAwayReason },
 }
 
 /// Shard -> control plane.
 #[derive(Debug)]
 pub enum ShardEvent {
-    /// A BIND succeeded. The control plane registers the connection and
-    /// answers with a `Fill` starting after `client_last_seq` if the client
-    /// reported one, else after the device's stored ack cursor.
-    Bound {
-        conn: ConnId,
-        app: String,
-        user: String,
-        device_id: String,
-        network: NetworkType,
-        client_last_seq: Option<u64>,
-        /// The last broadcast the client holds; `None`: it keeps no count,
-        /// so it gets every unexpired broadcast.
-        client_last_broadcast_seq: Option<u64>,
-        /// Unix milliseconds.
-        connected_at_ms: u64,
-    },
+    /// What a connection asks of the control plane.
+    Conn { conn: ConnId, event: ConnEvent },
+    /// The shard finished a `Drain`: every connection is closed.
+    Drained { shard: u16 },
+}
+
+/// What a connection asks of the control plane: made by its `ServerConn`,
+/// except `Closed`, which its shard reports when the close begins. The
+/// events the control plane hands on whole to a task of their own are
+/// structs of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEvent {
+    Bound(Bound),
     /// The client unbound the app; the connection stays open.
     Unbound {
-        conn: ConnId,
-        app: String,
-        user: String,
+        app: AppId,
+        user: UserId,
     },
     /// The connection is closing or closed and takes no more pushes:
     /// unregister these bindings. Sent once, when the close begins.
     Closed {
-        conn: ConnId,
-        bindings: Vec<(String, String)>,
+        bindings: Vec<(AppId, UserId)>,
     },
     /// The device holds every message of (app, user) up to `seq`.
     Ack {
-        conn: ConnId,
-        app: String,
-        user: String,
+        app: AppId,
+        user: UserId,
         device_id: String,
         seq: u64,
     },
-    /// The connection is owed stored messages after `after` and has room
-    /// for `limit` of them.
-    CatchUp {
-        conn: ConnId,
-        app: String,
-        user: String,
-        after: u64,
-        limit: u32,
-        /// The broadcasts after this seq are to be interleaved with the
-        /// reply (the binding's inbox was behind when they came).
-        broadcasts_after: Option<u64>,
-    },
+    CatchUp(CatchUp),
     /// The client holds every broadcast of the app up to `seq`.
-    BroadcastAck { conn: ConnId, app: String, seq: u64 },
-    /// Broadcasts reached the connection while it could not take them,
-    /// and its fills since lacked them: it is owed the app's broadcasts
-    /// after `after`.
+    BroadcastAck {
+        app: AppId,
+        seq: u64,
+    },
+    /// Broadcasts reached the connection while it could not take them live
+    /// and the fills since did not hold them: it is owed the app's
+    /// broadcasts after `after`, which must be read again.
     BroadcastCatchUp {
-        conn: ConnId,
-        app: String,
+        app: AppId,
         after: u64,
     },
     /// Data the client sent for the app's business server.
     Upstream {
-        conn: ConnId,
-        app: String,
-        user: String,
+        app: AppId,
+        user: UserId,
         device_id: String,
         request_id: u64,
         payload: Bytes,
     },
-    /// The shard finished a `Drain`: every connection is closed.
-    Drained { shard: u16 },
+}
+
+/// A BIND succeeded. The control plane registers the connection and answers
+/// with a `Fill` starting after `client_last_seq` if the client reported
+/// one, else after the device's stored ack cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    pub app: AppId,
+    pub user: UserId,
+    /// The device HELLO named.
+    pub device_id: String,
+    pub network: NetworkType,
+    /// When the gateway accepted the connection, unix milliseconds.
+    pub connected_at_ms: u64,
+    /// What the client said it last received; `None`: it resumes from the
+    /// device's ack cursor.
+    pub client_last_seq: Option<u64>,
+    /// The last broadcast the client holds; `None`: it keeps no count, so
+    /// it gets every unexpired broadcast.
+    pub client_last_broadcast_seq: Option<u64>,
+}
+
+/// The connection is owed stored messages of (app, user) after `after` and
+/// has room for `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchUp {
+    pub app: AppId,
+    pub user: UserId,
+    pub after: u64,
+    pub limit: u32,
+    /// Set while the binding's broadcasts come with its inbox: the
+    /// broadcasts after this seq are to be interleaved with the reply.
+    pub broadcasts_after: Option<u64>,
 }

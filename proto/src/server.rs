@@ -12,16 +12,14 @@
 //! it has room. Memory per connection therefore stays bounded however much a
 //! user's inbox holds.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
 
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UpstreamStatus,
 };
+use crate::ids::{AppId, UserId};
 use crate::limits::APPS_PER_CONN_MAX;
-use crate::plane::{BroadcastMessage, PushMessage};
+use crate::plane::{Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PushMessage};
 
 /// Per-network heartbeat intervals the server hands out in HELLO_OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,57 +104,9 @@ pub trait Authenticator {
 pub struct Authenticated {
     /// The app id, shared with the authenticator's table: every binding of
     /// an app points at one copy instead of holding its own.
-    pub app: Arc<str>,
+    pub app: AppId,
     /// The user the token was issued to.
-    pub user: String,
-}
-
-/// What the connection asks of the control plane. The gateway adds the
-/// connection's id and device before sending it on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnEvent {
-    Bound {
-        app: String,
-        user: String,
-        client_last_seq: Option<u64>,
-        client_last_broadcast_seq: Option<u64>,
-    },
-    Unbound {
-        app: String,
-        user: String,
-    },
-    Ack {
-        app: String,
-        user: String,
-        seq: u64,
-    },
-    CatchUp {
-        app: String,
-        user: String,
-        after: u64,
-        limit: u32,
-        /// Set while the binding's broadcasts come with its inbox: the
-        /// broadcasts after this seq are to be interleaved with the reply.
-        broadcasts_after: Option<u64>,
-    },
-    /// The client holds every broadcast of the app up to `seq`.
-    BroadcastAck {
-        app: String,
-        seq: u64,
-    },
-    /// Broadcasts reached the connection while it could not take them live
-    /// and the fills since did not hold them: those after `after` must be
-    /// read again.
-    BroadcastCatchUp {
-        app: String,
-        after: u64,
-    },
-    Upstream {
-        app: String,
-        user: String,
-        request_id: u64,
-        payload: Bytes,
-    },
+    pub user: UserId,
 }
 
 /// Why a connection ends. The label doubles as a metric label.
@@ -225,7 +175,9 @@ enum Phase {
 /// One app bound on the connection, with its delivery window.
 #[derive(Debug)]
 struct Binding {
-    app: Arc<str>,
+    app: AppId,
+    /// A `Box<str>`, not a shared `UserId`: the reference counts would add
+    /// 16 bytes to every bound connection. Events copy it.
     user: Box<str>,
     /// Highest seq sent on this connection, once `resumed` (see `sent`);
     /// until then, the seq the client's BIND said it holds (0: none).
@@ -284,22 +236,6 @@ pub struct InboxFill<'a> {
     /// Set on the last fill of a batch that answers for broadcasts without
     /// holding one: they stand at this seq.
     pub broadcasts_from: Option<u64>,
-}
-
-/// Where a fill leaves the broadcasts of the binding it is for. The fills
-/// answering a bind, or a catch-up that asked for broadcasts, come as a
-/// batch (inbox and broadcast fills in creation order); the last one says
-/// how it ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BroadcastsNext {
-    /// More fills of the same batch follow.
-    Continue,
-    /// The batch ends with the inbox still behind: broadcasts keep coming
-    /// with its catch-ups.
-    WithInbox,
-    /// The batch ends with the inbox caught up (or it answers a
-    /// `BroadcastCatchUp`): broadcasts go out live once any owed are in.
-    Live,
 }
 
 /// A binding's tags, boxed so that the field is a thin pointer: every
@@ -374,13 +310,13 @@ impl Binding {
         if with_broadcasts {
             self.broadcasts = BroadcastPhase::Filling;
         }
-        out.events.push(ConnEvent::CatchUp {
-            app: self.app.to_string(),
-            user: self.user.to_string(),
+        out.events.push(ConnEvent::CatchUp(CatchUp {
+            app: self.app.clone(),
+            user: UserId::from(&*self.user),
             after: sent,
             limit: room,
             broadcasts_after: with_broadcasts.then_some(self.broadcast_sent),
-        });
+        }));
     }
 
     /// Ends a batch of fills as its last one says. `progressed`: the fill
@@ -397,7 +333,7 @@ impl Binding {
                 if self.broadcast_owed > self.broadcast_sent && (!catching_up || progressed) {
                     self.broadcasts = BroadcastPhase::CatchingUp;
                     out.events.push(ConnEvent::BroadcastCatchUp {
-                        app: self.app.to_string(),
+                        app: self.app.clone(),
                         after: self.broadcast_sent,
                     });
                 } else {
@@ -434,8 +370,13 @@ impl Binding {
 #[derive(Debug)]
 pub struct ServerConn {
     phase: Phase,
+    /// From HELLO (empty before it). Copied into the events that name the
+    /// device rather than shared, for the reason `Binding::user` is.
     device_id: Box<str>,
     network: NetworkType,
+    /// When the gateway accepted the connection, unix milliseconds: what
+    /// `Bound` tells the register.
+    connected_at_ms: u64,
     /// Set until the first successful BIND.
     auth_deadline: Option<Instant>,
     heartbeat_deadline: Instant,
@@ -444,12 +385,15 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    pub fn new(now: Instant, config: &ServerConfig) -> ServerConn {
+    /// A connection accepted at `now`, which is `connected_at_ms` on the
+    /// wall clock.
+    pub fn new(now: Instant, connected_at_ms: u64, config: &ServerConfig) -> ServerConn {
         debug_assert!(config.apps_per_conn_max <= APPS_PER_CONN_MAX);
         ServerConn {
             phase: Phase::AwaitHello,
             device_id: Box::default(),
             network: NetworkType::Unknown,
+            connected_at_ms,
             auth_deadline: Some(now + config.auth_timeout),
             heartbeat_deadline: now + config.heartbeat_deadline(NetworkType::Unknown),
             bind_failures: 0,
@@ -457,22 +401,13 @@ impl ServerConn {
         }
     }
 
-    /// The device id from HELLO (empty before it).
-    pub fn device_id(&self) -> &str {
-        &self.device_id
-    }
-
-    pub fn network(&self) -> NetworkType {
-        self.network
-    }
-
     pub fn is_closing(&self) -> bool {
         self.phase == Phase::Closing
     }
 
     /// The (app, user) pairs bound now.
-    pub fn bindings(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.bindings.iter().map(|b| (&*b.app, &*b.user))
+    pub fn bindings(&self) -> impl Iterator<Item = (&AppId, &str)> {
+        self.bindings.iter().map(|b| (&b.app, &*b.user))
     }
 
     /// The earliest instant at which `handle_timeout` has work to do.
@@ -561,7 +496,10 @@ impl ServerConn {
                     && binding.broadcasts != BroadcastPhase::AwaitingFill
                     && seq <= binding.broadcast_sent
                 {
-                    out.events.push(ConnEvent::BroadcastAck { app, seq });
+                    out.events.push(ConnEvent::BroadcastAck {
+                        app: binding.app.clone(),
+                        seq,
+                    });
                 }
             }
             (
@@ -571,10 +509,11 @@ impl ServerConn {
                     request_id,
                     payload,
                 },
-            ) => match self.binding_mut(&app) {
+            ) => match self.bindings.iter().find(|b| *b.app == *app) {
                 Some(binding) => out.events.push(ConnEvent::Upstream {
-                    user: binding.user.to_string(),
-                    app,
+                    app: binding.app.clone(),
+                    user: UserId::from(&*binding.user),
+                    device_id: self.device_id.to_string(),
                     request_id,
                     payload,
                 }),
@@ -588,8 +527,8 @@ impl ServerConn {
                 if let Some(index) = self.bindings.iter().position(|b| *b.app == *app) {
                     let binding = self.bindings.swap_remove(index);
                     out.events.push(ConnEvent::Unbound {
-                        app,
-                        user: binding.user.into_string(),
+                        app: binding.app,
+                        user: UserId::from(binding.user.into_string()),
                     });
                 }
             }
@@ -643,22 +582,16 @@ impl ServerConn {
                     debug_assert_eq!(*shared_app, *app);
                     self.auth_deadline = None;
                     out.transmit.push(Frame::BindOk {
-                        app: app.clone(),
-                        user: user.clone(),
-                    });
-                    out.events.push(ConnEvent::Bound {
-                        app: app.clone(),
-                        user: user.clone(),
-                        client_last_seq: resume.last_seq,
-                        client_last_broadcast_seq: resume.last_broadcast_seq,
+                        app,
+                        user: user.to_string(),
                     });
                     // Most connections bind one app: grow one at a time
                     // rather than by Vec's usual four, since this is
                     // multiplied by every connection.
                     self.bindings.reserve_exact(1);
                     self.bindings.push(Binding {
-                        app: shared_app,
-                        user: user.into_boxed_str(),
+                        app: shared_app.clone(),
+                        user: Box::from(&*user),
                         sent_seq: resume.last_seq.unwrap_or(0),
                         resumed: false,
                         acked: 0,
@@ -672,6 +605,15 @@ impl ServerConn {
                         broadcast_owed: 0,
                         broadcasts: BroadcastPhase::AwaitingFill,
                     });
+                    out.events.push(ConnEvent::Bound(Bound {
+                        app: shared_app,
+                        user,
+                        device_id: self.device_id.to_string(),
+                        network: self.network,
+                        connected_at_ms: self.connected_at_ms,
+                        client_last_seq: resume.last_seq,
+                        client_last_broadcast_seq: resume.last_broadcast_seq,
+                    }));
                     return;
                 }
                 Err(rejection) => rejection,
@@ -689,7 +631,7 @@ impl ServerConn {
     /// An ACK for an app not bound here, for a seq never sent on this
     /// connection, or at or below the current ack is ignored.
     fn handle_ack(&mut self, app: &str, seq: u64, config: &ServerConfig, out: &mut Output) {
-        let Some(binding) = self.binding_mut(app) else {
+        let Some(binding) = self.bindings.iter_mut().find(|b| &*b.app == app) else {
             return;
         };
         let Some(sent) = binding.sent() else { return };
@@ -698,8 +640,9 @@ impl ServerConn {
         }
         binding.acked = seq;
         out.events.push(ConnEvent::Ack {
-            app: binding.app.to_string(),
-            user: binding.user.to_string(),
+            app: binding.app.clone(),
+            user: UserId::from(&*binding.user),
+            device_id: self.device_id.to_string(),
             seq,
         });
         binding.request_catch_up(config.inflight_pushes_max, out);
@@ -980,6 +923,8 @@ impl ServerConn {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
     use crate::frame::MessageId;
 
@@ -989,8 +934,8 @@ mod tests {
         fn authenticate(&self, app: &str, token: &str) -> Result<Authenticated, BindRejection> {
             match token.strip_prefix("ok:") {
                 Some(user) if app != "unknown" => Ok(Authenticated {
-                    app: Arc::from(app),
-                    user: user.to_owned(),
+                    app: AppId::from(app),
+                    user: UserId::from(user),
                 }),
                 _ => Err(BindRejection {
                     code: BindErrorCode::INVALID_TOKEN,
@@ -999,6 +944,9 @@ mod tests {
             }
         }
     }
+
+    /// When the harness's connection was accepted, unix milliseconds.
+    const CONNECTED_AT_MS: u64 = 1_700_000_000_000;
 
     fn config() -> ServerConfig {
         ServerConfig {
@@ -1038,7 +986,7 @@ mod tests {
         out.events
             .iter()
             .filter_map(|e| match e {
-                ConnEvent::CatchUp { after, limit, .. } => Some((*after, *limit)),
+                ConnEvent::CatchUp(CatchUp { after, limit, .. }) => Some((*after, *limit)),
                 _ => None,
             })
             .collect()
@@ -1057,7 +1005,7 @@ mod tests {
             let config = config();
             Harness {
                 now,
-                conn: ServerConn::new(now, &config),
+                conn: ServerConn::new(now, CONNECTED_AT_MS, &config),
                 config,
                 out: Output::default(),
             }
@@ -1152,7 +1100,6 @@ mod tests {
                 storage_epoch: Some(7),
             }]
         );
-        assert_eq!(h.conn.device_id(), "phone");
     }
 
     #[test]
@@ -1252,14 +1199,22 @@ mod tests {
         );
         assert_eq!(
             out.events,
-            vec![ConnEvent::Bound {
-                app: "chat".to_owned(),
-                user: "alice".to_owned(),
+            vec![ConnEvent::Bound(Bound {
+                app: AppId::from("chat"),
+                user: UserId::from("alice"),
+                device_id: "phone".to_owned(),
+                network: NetworkType::Wifi,
+                connected_at_ms: CONNECTED_AT_MS,
                 client_last_seq: Some(7),
                 client_last_broadcast_seq: None,
-            }]
+            })]
         );
-        assert_eq!(h.conn.bindings().collect::<Vec<_>>(), [("chat", "alice")]);
+        let bound: Vec<_> = h
+            .conn
+            .bindings()
+            .map(|(app, user)| (&**app, user))
+            .collect();
+        assert_eq!(bound, [("chat", "alice")]);
     }
 
     #[test]
@@ -1497,11 +1452,11 @@ mod tests {
         assert!(
             out.events.iter().any(|e| matches!(
                 e,
-                ConnEvent::CatchUp {
+                ConnEvent::CatchUp(CatchUp {
                     after: 3,
                     broadcasts_after: Some(0),
                     ..
-                }
+                })
             )),
             "the catch-up asks for the broadcasts: {:?}",
             out.events
@@ -1522,7 +1477,7 @@ mod tests {
         assert_eq!(
             out.events,
             [ConnEvent::BroadcastCatchUp {
-                app: "chat".to_owned(),
+                app: AppId::from("chat"),
                 after: 1,
             }],
             "5 came live meanwhile: read once more"
@@ -1555,7 +1510,7 @@ mod tests {
         assert_eq!(
             out.events,
             [ConnEvent::BroadcastCatchUp {
-                app: "chat".to_owned(),
+                app: AppId::from("chat"),
                 after: 0,
             }]
         );
@@ -1600,10 +1555,10 @@ mod tests {
         });
         assert!(matches!(
             out.events[..],
-            [ConnEvent::Bound {
+            [ConnEvent::Bound(Bound {
                 client_last_broadcast_seq: Some(2),
                 ..
-            }]
+            })]
         ));
         assert_eq!(
             h.conn.broadcast("chat", 3, &[]),
@@ -1616,7 +1571,7 @@ mod tests {
         assert_eq!(
             out.events,
             [ConnEvent::BroadcastCatchUp {
-                app: "chat".to_owned(),
+                app: AppId::from("chat"),
                 after: 2,
             }],
             "the broadcast that came early is read again"
@@ -1659,7 +1614,7 @@ mod tests {
         assert_eq!(
             out.events,
             [ConnEvent::BroadcastAck {
-                app: "chat".to_owned(),
+                app: AppId::from("chat"),
                 seq: 5
             }]
         );
@@ -1727,8 +1682,9 @@ mod tests {
         assert_eq!(
             out.events,
             vec![ConnEvent::Ack {
-                app: "chat".to_owned(),
-                user: "alice".to_owned(),
+                app: AppId::from("chat"),
+                user: UserId::from("alice"),
+                device_id: "phone".to_owned(),
                 seq: 12
             }]
         );

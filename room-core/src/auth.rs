@@ -1,9 +1,9 @@
 //! Token checks for BIND, over the gateway's table of app secrets.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use herald_proto::ids::{AppId, UserId};
 use herald_proto::server::{Authenticated, Authenticator, BindRejection};
 use herald_proto::{BindErrorCode, TokenError, verify_token};
 
@@ -12,7 +12,7 @@ use herald_proto::{BindErrorCode, TokenError, verify_token};
 #[derive(Debug, Default)]
 pub struct AppSecrets {
     /// The app id is shared with every binding of the app.
-    secrets: HashMap<Arc<str>, Vec<u8>>,
+    secrets: HashMap<AppId, Vec<u8>>,
 }
 
 impl AppSecrets {
@@ -20,7 +20,7 @@ impl AppSecrets {
         AppSecrets {
             secrets: apps
                 .into_iter()
-                .map(|(app, secret)| (Arc::from(app), secret))
+                .map(|(app, secret)| (AppId::from(app), secret))
                 .collect(),
         }
     }
@@ -41,7 +41,7 @@ impl Authenticator for AppSecrets {
         match verify_token(secret, app, token, now_unix_secs) {
             Ok(claims) => Ok(Authenticated {
                 app: shared_app.clone(),
-                user: claims.user,
+                user: UserId::from(claims.user),
             }),
             Err(error) => Err(BindRejection {
                 code: error.bind_error_code(),

@@ -25,10 +25,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
-use herald_proto::plane::{BroadcastMode, BroadcastProgress, ConnId, ShardCommand, ShardEvent};
+use herald_proto::ids::{AppId, UserId};
+use herald_proto::plane::{
+    BroadcastMode, BroadcastProgress, ConnCommand, ConnEvent, ConnId, ShardCommand, ShardEvent,
+};
 use herald_proto::rate::{Rate, TokenBucket};
 use herald_proto::server::{
-    BroadcastFate, CloseReason, ConnEvent, InboxFill, Output, ServerConfig, ServerConn,
+    BroadcastFate, CloseReason, InboxFill, Output, ServerConfig, ServerConn,
 };
 use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
 use slab::Slab;
@@ -140,7 +143,7 @@ struct Listener {
 
 /// One broadcast's way through the shard's connections.
 struct Fanout {
-    app: String,
+    app: AppId,
     seq: u64,
     required_tags: Arc<[String]>,
     frame: Bytes,
@@ -157,7 +160,6 @@ struct Conn {
     socket: OwnedFd,
     generation: u32,
     server: ServerConn,
-    connected_at_ms: u64,
     /// The start of a frame whose end has not arrived yet.
     partial: Option<Box<BytesMut>>,
     /// Encoded frames the socket has not taken yet.
@@ -188,7 +190,7 @@ struct Conn {
     queued: bool,
 }
 
-// A slab slot is 152 bytes today (the connection logic is 80 of them, the
+// A slab slot is 152 bytes today (the connection logic is 88 of them, the
 // transport pointer 8); heap strings for device and bindings come on top.
 // Growing a connection multiplies by millions, so it takes a deliberate
 // change of this budget.
@@ -239,7 +241,7 @@ pub(crate) struct Shard<D> {
     paced: Vec<Fanout>,
     /// The last broadcasts fanned out here, to count in their progress the
     /// connections that get them right after their first fill.
-    recent: VecDeque<((String, u64), Arc<BroadcastProgress>)>,
+    recent: VecDeque<((AppId, u64), Arc<BroadcastProgress>)>,
     read_pool: BufferPool,
     write_pool: BufferPool,
     wheel: TimerWheel,
@@ -753,14 +755,13 @@ impl<D: Driver> Shard<D> {
         };
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
-        let server = ServerConn::new(now, &self.settings.server);
+        let server = ServerConn::new(now, unix_ms(), &self.settings.server);
         let deadline = server.poll_timeout();
         let fd = socket.as_raw_fd();
         let slot = self.conns.insert(Conn {
             socket,
             generation,
             server,
-            connected_at_ms: unix_ms(),
             partial: None,
             queue: None,
             transport,
@@ -962,26 +963,14 @@ impl<D: Driver> Shard<D> {
         None
     }
 
-    /// Sends what the connection logic produced: encodes its frames and
-    /// sends or queues them, cuts off a slow consumer, forwards its events,
-    /// starts its close.
+    /// Sends what the connection logic produced, in four steps: encode its
+    /// frames, send them or queue them, forward its events, start its
+    /// close.
     fn apply(&mut self, slot: usize, now: Instant) {
         let encoded = self.encoded.take();
-        let (sent, to_send) = self.send_frames(slot, encoded.as_ref());
-        if let Some(buffer) = to_send {
-            self.transmit(slot, buffer);
-        }
-        let counters = self.settings.metrics.shard(usize::from(self.settings.id));
-        counters.frames_out(sent.frames);
-        counters.pushes_out(sent.pushes);
-        if sent.overflow {
-            self.cut_off_slow_consumer(slot);
-        }
+        let (sent, ready) = self.encode_output(slot, encoded.as_ref());
+        self.send_or_queue(slot, sent, ready);
         self.forward_events(slot);
-        let conn = &mut self.conns[slot];
-        if conn.queue.is_some() || conn.closing.is_some() || conn.io_failed {
-            enqueue(&mut self.run_queue, conn, slot);
-        }
         if let Some(reason) = self.out.close.take() {
             self.start_close(slot, ConnEnd::Closed(reason), now);
         }
@@ -996,7 +985,11 @@ impl<D: Driver> Shard<D> {
     /// goes back to the pool when the send is done, and a broadcast's frame
     /// alone on plain TCP is sent from the shared bytes: a push to every
     /// connection copies nothing per connection.
-    fn send_frames(&mut self, slot: usize, encoded: Option<&Bytes>) -> (Sent, Option<SendBuffer>) {
+    fn encode_output(
+        &mut self,
+        slot: usize,
+        encoded: Option<&Bytes>,
+    ) -> (Sent, Option<SendBuffer>) {
         let id = self.conn_id(slot);
         let Shard {
             settings,
@@ -1008,16 +1001,15 @@ impl<D: Driver> Shard<D> {
             ..
         } = self;
         let conn = &mut conns[slot];
-        let mut sent = Sent::default();
         // Frames wait for a TLS handshake or WebSocket upgrade to finish;
         // none are made before one does, but a timeout's GOAWAY.
         let transport_open = conn.transport.as_ref().is_none_or(|t| t.is_open());
         if conn.closing.is_some() || !transport_open {
             out.transmit.clear();
-            return (sent, None);
+            return (Sent::default(), None);
         }
         if out.transmit.is_empty() && encoded.is_none() && out.close.is_none() {
-            return (sent, None);
+            return (Sent::default(), None);
         }
         let direct = conn.queue.is_none() && !conn.sending;
         if direct
@@ -1027,8 +1019,11 @@ impl<D: Driver> Shard<D> {
             && let Some(frame) = encoded
             && frame.len() <= settings.send_queue_bytes_max
         {
-            sent.frames = 1;
-            sent.pushes = 1;
+            let sent = Sent {
+                frames: 1,
+                pushes: 1,
+                overflow: false,
+            };
             return (sent, Some(SendBuffer::Shared(frame.clone())));
         }
         let token = conn_token(slot, conn.generation);
@@ -1071,51 +1066,14 @@ impl<D: Driver> Shard<D> {
         } else {
             &mut *buffer
         };
-        let staged_before = if limited { 0 } else { staged.len() };
-        let fits = |staged: &BytesMut, len: usize, frames: u64| {
-            let framing = if messages {
-                transport::ws_header_len(len)
-            } else {
-                0
-            };
-            waiting + (staged.len() - staged_before) + framing + len
-                <= settings.send_queue_bytes_max
-                && (frames as usize) < frames_room
+        let room = Room {
+            waiting,
+            staged_before: if limited { 0 } else { staged.len() },
+            bytes_max: settings.send_queue_bytes_max,
+            frames_max: frames_room,
+            messages,
         };
-        if let Some(frame) = encoded {
-            if fits(staged, frame.len(), 0) {
-                if messages {
-                    transport::write_binary_header(frame.len(), staged);
-                }
-                staged.extend_from_slice(frame);
-                sent.frames += 1;
-                sent.pushes += 1;
-            } else {
-                sent.overflow = true;
-            }
-        }
-        for frame in out.transmit.drain(..) {
-            if sent.overflow {
-                break;
-            }
-            if !fits(staged, encoded_len(&frame), sent.frames) {
-                sent.overflow = true;
-                break;
-            }
-            if let Err(error) = stage_frame(&frame, messages, staged) {
-                // The connection logic only builds frames from checked
-                // input, so this is a bug: close this one connection.
-                debug_assert!(false, "unencodable frame {frame:?}: {error}");
-                tracing::error!(conn.id = %id, %error, "unencodable frame");
-                sent.overflow = true;
-                break;
-            }
-            sent.frames += 1;
-            if matches!(frame, Frame::Push { .. }) {
-                sent.pushes += 1;
-            }
-        }
-        out.transmit.clear();
+        let mut sent = stage_batch(id, encoded, &mut out.transmit, staged, &room);
         let closing = out.close.filter(|_| !sent.overflow);
         if let Some(transport) = conn.transport.as_deref_mut()
             && seal_for_transport(transport, closing, tls_plain, buffer).is_err()
@@ -1132,6 +1090,27 @@ impl<D: Driver> Shard<D> {
             None => conn.queued_frames = conn.queued_frames.saturating_add(added),
         }
         (sent, None)
+    }
+
+    /// Hands a batch encoded with nothing waiting ahead of it to the
+    /// driver (one that had to wait joined the queue as it was encoded),
+    /// counts it, cuts off a slow consumer whose batch did not fit, and
+    /// keeps a connection with output or a close to finish in the run
+    /// queue.
+    fn send_or_queue(&mut self, slot: usize, sent: Sent, ready: Option<SendBuffer>) {
+        if let Some(buffer) = ready {
+            self.transmit(slot, buffer);
+        }
+        let counters = self.counters();
+        counters.frames_out(sent.frames);
+        counters.pushes_out(sent.pushes);
+        if sent.overflow {
+            self.cut_off_slow_consumer(slot);
+        }
+        let conn = &mut self.conns[slot];
+        if conn.queue.is_some() || conn.closing.is_some() || conn.io_failed {
+            enqueue(&mut self.run_queue, conn, slot);
+        }
     }
 
     /// A slow consumer: what did not fit is dropped, and it is told why
@@ -1176,16 +1155,15 @@ impl<D: Driver> Shard<D> {
     }
 
     /// Hands the connection logic's events to the control plane, naming
-    /// the connection (and, where the control plane needs it, the device).
+    /// the connection.
     fn forward_events(&mut self, slot: usize) {
-        let id = self.conn_id(slot);
+        let conn = self.conn_id(slot);
         let counters = self.settings.metrics.shard(usize::from(self.settings.id));
-        let conn = &self.conns[slot];
         for event in self.out.events.drain(..) {
             if matches!(event, ConnEvent::Ack { .. }) {
                 counters.acks_in(1);
             }
-            self.outbox.push_back(shard_event(id, conn, event));
+            self.outbox.push_back(ShardEvent::Conn { conn, event });
         }
     }
 
@@ -1434,29 +1412,7 @@ impl<D: Driver> Shard<D> {
 
     fn handle_command(&mut self, command: ShardCommand, now: Instant) {
         match command {
-            ShardCommand::Deliver { conn, app, message } => {
-                self.with_conn(conn, now, |server, config, out| {
-                    server.deliver(&app, &message, config, out);
-                });
-            }
-            ShardCommand::Fill {
-                conn,
-                app,
-                after,
-                messages,
-                more,
-                broadcasts_from,
-            } => {
-                let fill = InboxFill {
-                    after,
-                    messages: &messages,
-                    more,
-                    broadcasts_from,
-                };
-                self.with_conn(conn, now, |server, config, out| {
-                    server.fill(&app, fill, config, out);
-                });
-            }
+            ShardCommand::Conn { conn, command } => self.handle_conn_command(conn, command, now),
             ShardCommand::Broadcast {
                 app,
                 seq,
@@ -1486,61 +1442,70 @@ impl<D: Driver> Shard<D> {
                     self.paced.push(broadcast);
                 }
             }
-            ShardCommand::BroadcastFill {
-                conn,
-                app,
-                after,
-                broadcasts,
-                next,
-            } => {
-                let mut owed = Vec::new();
-                self.with_conn(conn, now, |server, _, out| {
-                    owed = server.broadcast_fill(&app, after, &broadcasts, next, out);
-                });
-                for seq in owed {
-                    let key = (app.clone(), seq);
-                    if let Some((_, progress)) = self.recent.iter().find(|(k, _)| *k == key) {
-                        progress.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            ShardCommand::Resync { conn, app } => {
-                self.with_conn(conn, now, |server, config, out| {
-                    server.resync(&app, config, out);
-                });
-            }
-            ShardCommand::UpstreamAck {
-                conn,
-                app,
-                request_id,
-                status,
-            } => {
-                self.with_conn(conn, now, |server, _, out| {
-                    server.upstream_ack(&app, request_id, status, out);
-                });
-            }
-            ShardCommand::Kick { conn, reason } => {
-                self.with_conn(conn, now, |server, _, out| server.kick(reason, out));
-            }
             ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
         }
     }
 
     /// Runs a command on a live connection's logic and sends what it made;
     /// a command for a connection gone since (an old generation) is dropped.
-    fn with_conn(
-        &mut self,
-        conn: ConnId,
-        now: Instant,
-        command: impl FnOnce(&mut ServerConn, &ServerConfig, &mut Output),
-    ) {
-        if let Some(slot) = self.live_slot(conn) {
-            command(
-                &mut self.conns[slot].server,
-                &self.settings.server,
-                &mut self.out,
-            );
-            self.apply(slot, now);
+    fn handle_conn_command(&mut self, conn: ConnId, command: ConnCommand, now: Instant) {
+        let Some(slot) = self.live_slot(conn) else {
+            return;
+        };
+        let server = &mut self.conns[slot].server;
+        let config = &self.settings.server;
+        let out = &mut self.out;
+        // Broadcasts a fill sent that their fan-out found this connection
+        // not ready for.
+        let mut owed_sent = None;
+        match command {
+            ConnCommand::Deliver { app, message } => server.deliver(&app, &message, config, out),
+            ConnCommand::Fill {
+                app,
+                after,
+                messages,
+                more,
+                broadcasts_from,
+            } => {
+                let fill = InboxFill {
+                    after,
+                    messages: &messages,
+                    more,
+                    broadcasts_from,
+                };
+                server.fill(&app, fill, config, out);
+            }
+            ConnCommand::BroadcastFill {
+                app,
+                after,
+                broadcasts,
+                next,
+            } => {
+                let owed = server.broadcast_fill(&app, after, &broadcasts, next, out);
+                owed_sent = Some((app, owed));
+            }
+            ConnCommand::Resync { app } => server.resync(&app, config, out),
+            ConnCommand::UpstreamAck {
+                app,
+                request_id,
+                status,
+            } => server.upstream_ack(&app, request_id, status, out),
+            ConnCommand::Kick { reason } => server.kick(reason, out),
+        }
+        self.apply(slot, now);
+        if let Some((app, seqs)) = owed_sent {
+            self.count_owed_sent(&app, &seqs);
+        }
+    }
+
+    /// Counts as sent, in their progress, broadcasts that reached a
+    /// connection by a fill after their fan-out counted it as a target.
+    fn count_owed_sent(&self, app: &AppId, seqs: &[u64]) {
+        for seq in seqs {
+            let fanned_out = self.recent.iter().find(|((a, s), _)| a == app && s == seq);
+            if let Some((_, progress)) = fanned_out {
+                progress.sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1663,13 +1628,90 @@ impl<D: Driver> Shard<D> {
     }
 }
 
-/// What `send_frames` did.
+/// What `encode_output` staged.
 #[derive(Debug, Default)]
 struct Sent {
     frames: u64,
     pushes: u64,
     /// Not all fit the connection's queue limits: a slow consumer.
     overflow: bool,
+}
+
+/// What a batch of frames may add to a connection's output: the bytes and
+/// frames its queue limits leave.
+struct Room {
+    /// Bytes counted against the limit before the batch: what waits behind
+    /// a send the socket is not taking.
+    waiting: usize,
+    /// Bytes staged before the batch that do not count (they go straight
+    /// to the socket, or behind a send on its way).
+    staged_before: usize,
+    bytes_max: usize,
+    /// Frames the batch may hold.
+    frames_max: usize,
+    /// WebSocket: each frame goes as a message, behind a header.
+    messages: bool,
+}
+
+impl Room {
+    /// Whether a frame of `len` bytes fits after `frames` of the batch.
+    fn fits(&self, staged: &BytesMut, len: usize, frames: u64) -> bool {
+        let framing = if self.messages {
+            transport::ws_header_len(len)
+        } else {
+            0
+        };
+        self.waiting + (staged.len() - self.staged_before) + framing + len <= self.bytes_max
+            && (frames as usize) < self.frames_max
+    }
+}
+
+/// Stages a broadcast's shared frame, then the connection logic's
+/// `frames`, into `staged` while they fit `room`. The first that does not
+/// fit, and every frame after it, is dropped, and the batch overflows.
+fn stage_batch(
+    id: ConnId,
+    shared: Option<&Bytes>,
+    frames: &mut Vec<Frame>,
+    staged: &mut BytesMut,
+    room: &Room,
+) -> Sent {
+    let mut sent = Sent::default();
+    if let Some(frame) = shared {
+        if room.fits(staged, frame.len(), 0) {
+            if room.messages {
+                transport::write_binary_header(frame.len(), staged);
+            }
+            staged.extend_from_slice(frame);
+            sent.frames += 1;
+            sent.pushes += 1;
+        } else {
+            sent.overflow = true;
+        }
+    }
+    // Draining drops whatever a break leaves behind.
+    for frame in frames.drain(..) {
+        if sent.overflow {
+            break;
+        }
+        if !room.fits(staged, encoded_len(&frame), sent.frames) {
+            sent.overflow = true;
+            break;
+        }
+        if let Err(error) = stage_frame(&frame, room.messages, staged) {
+            // The connection logic only builds frames from checked
+            // input, so this is a bug: close this one connection.
+            debug_assert!(false, "unencodable frame {frame:?}: {error}");
+            tracing::error!(conn.id = %id, %error, "unencodable frame");
+            sent.overflow = true;
+            break;
+        }
+        sent.frames += 1;
+        if matches!(frame, Frame::Push { .. }) {
+            sent.pushes += 1;
+        }
+    }
+    sent
 }
 
 /// Encodes one frame into `staged`, as one WebSocket message when
@@ -1709,73 +1751,6 @@ fn seal_for_transport(
         }
     }
     Ok(())
-}
-
-/// A connection logic's event as the control plane takes it.
-fn shard_event(id: ConnId, conn: &Conn, event: ConnEvent) -> ShardEvent {
-    let device_id = || conn.server.device_id().to_owned();
-    match event {
-        ConnEvent::Bound {
-            app,
-            user,
-            client_last_seq,
-            client_last_broadcast_seq,
-        } => ShardEvent::Bound {
-            conn: id,
-            app,
-            user,
-            device_id: device_id(),
-            network: conn.server.network(),
-            client_last_seq,
-            client_last_broadcast_seq,
-            connected_at_ms: conn.connected_at_ms,
-        },
-        ConnEvent::BroadcastAck { app, seq } => ShardEvent::BroadcastAck { conn: id, app, seq },
-        ConnEvent::BroadcastCatchUp { app, after } => ShardEvent::BroadcastCatchUp {
-            conn: id,
-            app,
-            after,
-        },
-        ConnEvent::Unbound { app, user } => ShardEvent::Unbound {
-            conn: id,
-            app,
-            user,
-        },
-        ConnEvent::Ack { app, user, seq } => ShardEvent::Ack {
-            conn: id,
-            app,
-            user,
-            device_id: device_id(),
-            seq,
-        },
-        ConnEvent::CatchUp {
-            app,
-            user,
-            after,
-            limit,
-            broadcasts_after,
-        } => ShardEvent::CatchUp {
-            conn: id,
-            app,
-            user,
-            after,
-            limit,
-            broadcasts_after,
-        },
-        ConnEvent::Upstream {
-            app,
-            user,
-            request_id,
-            payload,
-        } => ShardEvent::Upstream {
-            conn: id,
-            app,
-            user,
-            device_id: device_id(),
-            request_id,
-            payload,
-        },
-    }
 }
 
 /// The buffers a transport's layers fill on one read.
@@ -1918,11 +1893,14 @@ fn with_pending<E>(
 
 /// The event that unregisters a connection's bindings, if it has any.
 fn closed_event(conn: ConnId, server: &ServerConn) -> Option<ShardEvent> {
-    let bindings: Vec<(String, String)> = server
+    let bindings: Vec<(AppId, UserId)> = server
         .bindings()
-        .map(|(app, user)| (app.to_owned(), user.to_owned()))
+        .map(|(app, user)| (app.clone(), UserId::from(user)))
         .collect();
-    (!bindings.is_empty()).then_some(ShardEvent::Closed { conn, bindings })
+    (!bindings.is_empty()).then_some(ShardEvent::Conn {
+        conn,
+        event: ConnEvent::Closed { bindings },
+    })
 }
 
 fn set_nodelay(socket: &OwnedFd) {

@@ -22,7 +22,8 @@ use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use herald_proto::plane::ShardEvent;
+use herald_proto::ids::AppId;
+use herald_proto::plane::{ConnCommand, ConnEvent, ShardCommand, ShardEvent};
 use herald_proto::server::{HeartbeatIntervals, ServerConfig};
 use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
 use herald_room::{Gateway, GatewayConfig, IoDriver, ListenerConfig, TlsAcceptor, TransportKind};
@@ -302,7 +303,10 @@ fn wait_for_events(events: &async_channel::Receiver<ShardEvent>, bound: usize) {
             "only {seen} of {bound} binds reported"
         );
         match events.try_recv() {
-            Ok(ShardEvent::Bound { .. }) => seen += 1,
+            Ok(ShardEvent::Conn {
+                event: ConnEvent::Bound(_),
+                ..
+            }) => seen += 1,
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
@@ -441,16 +445,22 @@ fn connections_killed_mid_send_and_mid_receive_leave_nothing_behind() {
             while bound < CHURN {
                 assert!(Instant::now() < deadline, "only {bound} binds reported");
                 match events_rx.try_recv() {
-                    Ok(ShardEvent::Bound { conn, .. }) => {
+                    Ok(ShardEvent::Conn {
+                        conn,
+                        event: ConnEvent::Bound(_),
+                    }) => {
                         bound += 1;
+                        let fill = ConnCommand::Fill {
+                            app: AppId::from(APP),
+                            after: 0,
+                            messages: Vec::new(),
+                            more: false,
+                            broadcasts_from: Some(0),
+                        };
                         commands[usize::from(conn.shard)]
-                            .send_blocking(herald_proto::plane::ShardCommand::Fill {
+                            .send_blocking(ShardCommand::Conn {
                                 conn,
-                                app: APP.to_owned(),
-                                after: 0,
-                                messages: Vec::new(),
-                                more: false,
-                                broadcasts_from: Some(0),
+                                command: fill,
                             })
                             .unwrap();
                     }
@@ -464,8 +474,8 @@ fn connections_killed_mid_send_and_mid_receive_leave_nothing_behind() {
             for seq in 1..=16 {
                 for shard in &commands {
                     shard
-                        .send_blocking(herald_proto::plane::ShardCommand::Broadcast {
-                            app: APP.to_owned(),
+                        .send_blocking(ShardCommand::Broadcast {
+                            app: AppId::from(APP),
                             seq: (round * 100 + seq) as u64,
                             required_tags: Arc::from(Vec::new()),
                             frame: frame.clone(),
