@@ -254,7 +254,7 @@ pub(crate) struct Shard<D> {
 /// The shard loop's ends toward the control plane (its channels, and the
 /// eventfd that wakes it for a command), and what it keeps from one turn
 /// to the next.
-pub(crate) struct LoopEnds {
+struct LoopEnds {
     commands: Pin<Box<async_channel::Receiver<ShardCommand>>>,
     events: async_channel::Sender<ShardEvent>,
     wake: Arc<WakeFd>,
@@ -265,7 +265,7 @@ pub(crate) struct LoopEnds {
 }
 
 impl LoopEnds {
-    pub(crate) fn new(
+    fn new(
         commands: async_channel::Receiver<ShardCommand>,
         events: async_channel::Sender<ShardEvent>,
         wake: Arc<WakeFd>,

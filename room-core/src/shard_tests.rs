@@ -3,9 +3,10 @@
 //! to a client that speaks the real protocol (frames from
 //! `herald_proto`, the handshake through its `ClientConn`).
 //!
-//! Each test runs on both kinds of driver: completion-based like io_uring
-//! (`uring::`) and readiness-based like epoll (`epoll::`). No network, no
-//! sleeping: time moves only when a test moves it.
+//! Each test runs on both kinds of driver, completion-based like io_uring
+//! (`uring::`) and readiness-based like epoll (`epoll::`), but the one about
+//! io_uring's buffer ring. No network, no sleeping: time moves only when a
+//! test moves it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
