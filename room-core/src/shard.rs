@@ -165,8 +165,9 @@ struct Conn {
     queue: Option<Box<BytesMut>>,
     /// TLS and WebSocket state; `None` on plain TCP.
     transport: Option<Box<Transport>>,
-    /// Frames put in `queue` since the connection's output last drained
-    /// (an upper bound on those still in it).
+    /// Frames waiting in `queue`: counted as they join it, from zero again
+    /// once it goes to the driver (what is with the driver is bounded by
+    /// its bytes).
     queued_frames: u16,
     /// Set once the connection must close; it does after the queue drains
     /// and the client closes its side (or the flush deadline passes).
@@ -621,10 +622,8 @@ impl<D: Driver> Shard<D> {
         self.recycle(buffer);
         let conn = &mut self.conns[slot];
         conn.sending = false;
-        match result {
-            Ok(()) if conn.queue.is_none() => conn.queued_frames = 0,
-            Ok(()) => {}
-            Err(_) => conn.io_failed = true,
+        if result.is_err() {
+            conn.io_failed = true;
         }
     }
 
@@ -928,6 +927,7 @@ impl<D: Driver> Shard<D> {
                 && !conn.io_failed
                 && let Some(queue) = conn.queue.take()
             {
+                conn.queued_frames = 0;
                 self.transmit(slot, SendBuffer::Pooled(queue));
                 progressed = !self.conns[slot].sending;
             }

@@ -69,6 +69,7 @@ on_both_drivers!(
     cuts_off_a_slow_consumer_past_the_byte_limit,
     cuts_off_a_slow_consumer_past_the_frame_limit,
     counts_only_what_waits_behind_a_blocked_send,
+    keeps_a_client_one_frame_behind_however_long,
     cuts_a_slow_consumer_that_never_reads_at_the_flush_deadline,
     heartbeats_keep_a_connection_and_silence_ends_it,
     closes_a_connection_that_does_not_bind_in_time,
@@ -743,6 +744,29 @@ fn counts_only_what_waits_behind_a_blocked_send<const R: bool>() {
     let pushes = if R { 3 } else { 2 };
     assert_eq!(frames.len(), pushes + 1);
     assert_eq!(frames[pushes], goaway(GoAwayReason::SLOW_CONSUMER));
+}
+
+/// A client that keeps up, one push behind: each time its socket has
+/// taken the send it had, one more push waits behind the next. Never more
+/// than one frame waits, so the frame limit never cuts it, however long
+/// it goes on without its output draining.
+fn keeps_a_client_one_frame_behind_however_long<const R: bool>() {
+    let (mut h, mut client, id) = blocked_client::<R>(|s| s.send_queue_frames_max = 4);
+    let mut expected = vec![push(&message(1, 200))];
+    for seq in 2..=20 {
+        h.deliver(id, &message(seq, 200));
+        assert!(!h.is_closing(&client), "cut off at {seq}");
+        expected.push(push(&message(seq, 200)));
+        // The socket takes what was sent before, and no more: the push
+        // just queued goes as the next send, which waits.
+        let held = h.driver().held_len(client.token);
+        h.driver().set_room(client.token, Some(held));
+        h.settle();
+        assert!(h.driver().send_blocked(client.token));
+    }
+    h.driver().set_room(client.token, None);
+    h.settle();
+    assert_eq!(h.received(&mut client), expected);
 }
 
 /// A slow consumer that never reads its GOAWAY is cut at the flush
