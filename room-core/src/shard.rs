@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
@@ -166,8 +167,9 @@ struct Conn {
     queue: Option<Box<BytesMut>>,
     /// TLS and WebSocket state; `None` on plain TCP.
     transport: Option<Box<Transport>>,
-    /// Frames put in `queue` since the connection's output last drained
-    /// (an upper bound on those still in it).
+    /// Frames waiting in `queue`: counted as they join it, from zero again
+    /// once it goes to the driver (what is with the driver is bounded by
+    /// its bytes).
     queued_frames: u16,
     /// Set once the connection must close; it does after the queue drains
     /// and the client closes its side (or the flush deadline passes).
@@ -250,6 +252,37 @@ pub(crate) struct Shard<D> {
     /// Connections that stopped reading because the outbox was full.
     readers_waiting: Vec<usize>,
     draining: bool,
+}
+
+/// The shard loop's ends toward the control plane (its channels, and the
+/// eventfd that wakes it for a command), and what it keeps from one turn
+/// to the next.
+struct LoopEnds {
+    commands: Pin<Box<async_channel::Receiver<ShardCommand>>>,
+    events: async_channel::Sender<ShardEvent>,
+    wake: Arc<WakeFd>,
+    /// The command channel wakes the loop through the eventfd.
+    waker: Waker,
+    driver_events: Vec<Event>,
+    next_tick: Instant,
+}
+
+impl LoopEnds {
+    fn new(
+        commands: async_channel::Receiver<ShardCommand>,
+        events: async_channel::Sender<ShardEvent>,
+        wake: Arc<WakeFd>,
+        now: Instant,
+    ) -> LoopEnds {
+        LoopEnds {
+            commands: Box::pin(commands),
+            events,
+            waker: Waker::from(wake.clone()),
+            wake,
+            driver_events: Vec::new(),
+            next_tick: now + TICK,
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -346,64 +379,77 @@ impl<D: Driver> Shard<D> {
     ) -> io::Result<()> {
         self.driver.add_wake(wake.raw_fd())?;
         self.start_accepting()?;
-        // The command channel wakes the loop through the eventfd.
-        let mut commands = std::pin::pin!(commands);
-        let waker = Waker::from(wake.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut driver_events = Vec::new();
-        let mut next_tick = Instant::now() + TICK;
-        loop {
-            let now = Instant::now();
-            let mut commands_left = true;
-            for _ in 0..COMMAND_BATCH_MAX {
-                match commands.as_mut().poll_next(&mut cx) {
-                    Poll::Ready(Some(command)) => self.handle_command(command, now),
-                    Poll::Ready(None) => return Ok(()),
-                    Poll::Pending => {
-                        commands_left = false;
-                        break;
-                    }
-                }
-            }
-            self.take_held_input(now);
-            self.rearm_receives();
-            if self.accept_paused_until.is_none_or(|until| now >= until) {
-                self.accept_paused_until = None;
-                self.start_accepting()?;
-                if self.accept_ready() {
-                    self.accept(now);
-                }
-            }
-            self.run_connections(now);
-            let Some(outbox_blocked) = self.flush_outbox(&events) else {
-                return Ok(());
-            };
-            if now >= next_tick {
-                self.handle_tick(now);
-                next_tick = now + TICK;
-            }
+        let mut ends = LoopEnds::new(commands, events, wake, Instant::now());
+        while self.turn(&mut ends, Instant::now)? {}
+        Ok(())
+    }
 
-            let busy = commands_left
-                || !self.run_queue.is_empty()
-                || (!self.held_input.is_empty() && self.outbox.len() < OUTBOX_LEN_MAX)
-                || (self.accept_ready() && self.accept_paused_until.is_none());
-            let timeout = if busy {
-                Duration::ZERO
-            } else if outbox_blocked {
-                OUTBOX_RETRY
-            } else {
-                let mut until = next_tick;
-                if let Some(paused) = self.accept_paused_until {
-                    until = until.min(paused);
+    /// One turn of the loop: commands, held input, accepts, connections,
+    /// events to the control plane, the wheel, then the driver's wait and
+    /// what it reports. The clock is read before the work and after the
+    /// wait; it is a parameter so that tests can drive the loop with a
+    /// fake one. Returns `false` once the control plane is gone.
+    fn turn(&mut self, ends: &mut LoopEnds, clock: impl Fn() -> Instant) -> io::Result<bool> {
+        let LoopEnds {
+            commands,
+            events,
+            wake,
+            waker,
+            driver_events,
+            next_tick,
+        } = ends;
+        let mut cx = Context::from_waker(waker);
+        let now = clock();
+        let mut commands_left = true;
+        for _ in 0..COMMAND_BATCH_MAX {
+            match commands.as_mut().poll_next(&mut cx) {
+                Poll::Ready(Some(command)) => self.handle_command(command, now),
+                Poll::Ready(None) => return Ok(false),
+                Poll::Pending => {
+                    commands_left = false;
+                    break;
                 }
-                until.saturating_duration_since(now)
-            };
-            self.driver.wait(timeout, &mut driver_events)?;
-            let now = Instant::now();
-            for event in driver_events.drain(..) {
-                self.on_event(event, &wake, now);
             }
         }
+        self.take_held_input(now);
+        self.rearm_receives();
+        if self.accept_paused_until.is_none_or(|until| now >= until) {
+            self.accept_paused_until = None;
+            self.start_accepting()?;
+            if self.accept_ready() {
+                self.accept(now);
+            }
+        }
+        self.run_connections(now);
+        let Some(outbox_blocked) = self.flush_outbox(events) else {
+            return Ok(false);
+        };
+        if now >= *next_tick {
+            self.handle_tick(now);
+            *next_tick = now + TICK;
+        }
+
+        let busy = commands_left
+            || !self.run_queue.is_empty()
+            || (!self.held_input.is_empty() && self.outbox.len() < OUTBOX_LEN_MAX)
+            || (self.accept_ready() && self.accept_paused_until.is_none());
+        let timeout = if busy {
+            Duration::ZERO
+        } else if outbox_blocked {
+            OUTBOX_RETRY
+        } else {
+            let mut until = *next_tick;
+            if let Some(paused) = self.accept_paused_until {
+                until = until.min(paused);
+            }
+            until.saturating_duration_since(now)
+        };
+        self.driver.wait(timeout, driver_events)?;
+        let now = clock();
+        for event in driver_events.drain(..) {
+            self.on_event(event, wake, now);
+        }
+        Ok(true)
     }
 
     /// Has the driver accept on every listener it is not accepting on.
@@ -578,10 +624,8 @@ impl<D: Driver> Shard<D> {
         self.recycle(buffer);
         let conn = &mut self.conns[slot];
         conn.sending = false;
-        match result {
-            Ok(()) if conn.queue.is_none() => conn.queued_frames = 0,
-            Ok(()) => {}
-            Err(_) => conn.io_failed = true,
+        if result.is_err() {
+            conn.io_failed = true;
         }
     }
 
@@ -885,6 +929,7 @@ impl<D: Driver> Shard<D> {
                 && !conn.io_failed
                 && let Some(queue) = conn.queue.take()
             {
+                conn.queued_frames = 0;
                 self.transmit(slot, SendBuffer::Pooled(queue));
                 progressed = !self.conns[slot].sending;
             }
@@ -1917,3 +1962,7 @@ fn set_nodelay(socket: &OwnedFd) {
         )
     };
 }
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;

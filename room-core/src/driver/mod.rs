@@ -20,6 +20,8 @@
 //! with its driver at a time; what it produces meanwhile waits in its queue.
 
 pub(crate) mod epoll;
+#[cfg(test)]
+pub(crate) mod fake;
 pub(crate) mod uring;
 
 use std::io;

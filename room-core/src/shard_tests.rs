@@ -1,0 +1,1111 @@
+//! Deterministic tests of the shard loop: the real `Shard` over the fake
+//! driver (`driver/fake.rs`), turned with a clock the test moves, talking
+//! to a client that speaks the real protocol (frames from
+//! `herald_proto`, the handshake through its `ClientConn`).
+//!
+//! Each test runs on both kinds of driver, completion-based like io_uring
+//! (`uring::`) and readiness-based like epoll (`epoll::`), but the one about
+//! io_uring's buffer ring. No network, no sleeping: time moves only when a
+//! test moves it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
+use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
+use herald_proto::rate::Rate;
+use herald_proto::server::{HeartbeatIntervals, ServerConfig};
+use herald_proto::{
+    Frame, GoAwayReason, MessageId, NetworkType, TokenClaims, decode_slice, encode, encoded_len,
+    sign_token,
+};
+
+use super::{CLOSE_FLUSH_TIMEOUT, LoopEnds, OUTBOX_LEN_MAX, SCRATCH_LEN, Shard, ShardSettings};
+use crate::auth::AppSecrets;
+use crate::driver::fake::FakeDriver;
+use crate::driver::{Driver as _, Event, Input, SendBuffer, WakeFd};
+use crate::metrics::{CLOSE_REASONS, GatewayMetrics};
+use crate::transport::{TransportKind, WebSocketSettings};
+use crate::wheel::TICK;
+
+const APP: &str = "chat";
+const SECRET: &[u8] = b"shard-tests-secret";
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// What the connection logic allows on top of the interval: half of one.
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(15);
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+const STORAGE_EPOCH: u64 = 7;
+/// The event channel's room, unless a test wants it small.
+const EVENTS_LEN: usize = 1 << 16;
+/// Turns `settle` takes before it decides the shard spins.
+const SETTLE_TURNS_MAX: usize = 1_000;
+
+/// Runs each named test, generic over the driver kind, on both kinds.
+macro_rules! on_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test]
+            fn $name() {
+                super::$name::<true>();
+            })*
+        }
+        mod epoll {
+            $(#[test]
+            fn $name() {
+                super::$name::<false>();
+            })*
+        }
+    };
+}
+
+on_both_drivers!(
+    accepts_and_binds,
+    refuses_past_the_connection_limit,
+    turns_away_past_the_accept_rate,
+    decodes_a_frame_split_over_receives,
+    handles_several_frames_in_one_receive,
+    sends_the_rest_of_a_short_write_in_order,
+    cuts_off_a_slow_consumer_past_the_byte_limit,
+    cuts_off_a_slow_consumer_past_the_frame_limit,
+    counts_only_what_waits_behind_a_blocked_send,
+    keeps_a_client_one_frame_behind_however_long,
+    cuts_a_slow_consumer_that_never_reads_at_the_flush_deadline,
+    heartbeats_keep_a_connection_and_silence_ends_it,
+    closes_a_connection_that_does_not_bind_in_time,
+    frees_the_slot_on_the_clients_end,
+    kicks_with_goaway_then_closes_on_the_clients_end,
+    cuts_a_kicked_client_that_never_reads_at_the_flush_deadline,
+    ends_a_connection_whose_socket_fails,
+    ends_a_connection_whose_send_fails,
+    ignores_what_is_left_of_a_connection_once_its_slot_is_reused,
+    drains_every_connection_then_reports_drained,
+    stops_reading_while_the_outbox_is_full,
+);
+
+/// One client connection, as the test sees it.
+struct Client {
+    token: u64,
+    /// Bytes of its wire already decoded.
+    read: usize,
+    proto: ClientConn,
+}
+
+impl Client {
+    fn slot(&self) -> usize {
+        (self.token & u64::from(u32::MAX)) as usize
+    }
+
+    /// Its id, as the control plane would name it.
+    fn id(&self) -> ConnId {
+        ConnId {
+            shard: 0,
+            slot: self.slot() as u32,
+            generation: (self.token >> 32) as u32,
+        }
+    }
+}
+
+struct Harness<const R: bool> {
+    shard: Shard<FakeDriver<R>>,
+    ends: LoopEnds,
+    commands: async_channel::Sender<ShardCommand>,
+    events: async_channel::Receiver<ShardEvent>,
+    metrics: Arc<GatewayMetrics>,
+    now: Instant,
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        heartbeat: HeartbeatIntervals {
+            unknown: HEARTBEAT,
+            wifi: HEARTBEAT,
+            cellular: HEARTBEAT,
+            wired: HEARTBEAT,
+        },
+        auth_timeout: AUTH_TIMEOUT,
+        bind_failures_max: 3,
+        apps_per_conn_max: 4,
+        inflight_pushes_max: 64,
+        storage_epoch: STORAGE_EPOCH,
+    }
+}
+
+fn token_for(user: &str) -> String {
+    let claims = TokenClaims {
+        app: APP.to_owned(),
+        user: user.to_owned(),
+        expires_at_unix_secs: u64::MAX,
+    };
+    sign_token(SECRET, &claims).unwrap()
+}
+
+fn client_config(user: &str) -> ClientConfig {
+    ClientConfig {
+        device_id: format!("{user}-phone"),
+        client_version: "test".to_owned(),
+        network: NetworkType::Wifi,
+        apps: vec![AppCredentials {
+            app: APP.to_owned(),
+            token: token_for(user),
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        }],
+        storage_epoch: None,
+    }
+}
+
+fn hello() -> Frame {
+    Frame::Hello {
+        device_id: "phone".to_owned(),
+        client_version: "test".to_owned(),
+        network: NetworkType::Wifi,
+    }
+}
+
+fn bind(user: &str) -> Frame {
+    Frame::Bind {
+        app: APP.to_owned(),
+        token: token_for(user),
+        last_seq: None,
+        last_broadcast_seq: None,
+        tags: Vec::new(),
+    }
+}
+
+fn encoded(frames: &[Frame]) -> Vec<u8> {
+    let mut bytes = bytes::BytesMut::new();
+    for frame in frames {
+        encode(frame, &mut bytes).unwrap();
+    }
+    bytes.to_vec()
+}
+
+fn message(seq: u64, payload_len: usize) -> PushMessage {
+    PushMessage {
+        seq,
+        message_id: MessageId([seq as u8; 16]),
+        payload: Bytes::from(vec![b'm'; payload_len]),
+    }
+}
+
+fn push(message: &PushMessage) -> Frame {
+    Frame::Push {
+        app: APP.to_owned(),
+        message_id: message.message_id,
+        seq: message.seq,
+        payload: message.payload.clone(),
+    }
+}
+
+fn goaway(reason: GoAwayReason) -> Frame {
+    Frame::GoAway {
+        reason,
+        reconnect_delay_ms: None,
+    }
+}
+
+impl<const R: bool> Harness<R> {
+    fn new() -> Harness<R> {
+        Harness::with(EVENTS_LEN, |_| {})
+    }
+
+    fn with(events_len: usize, tweak: impl FnOnce(&mut ShardSettings)) -> Harness<R> {
+        let metrics = Arc::new(GatewayMetrics::new(1));
+        let mut settings = ShardSettings {
+            id: 0,
+            server: server_config(),
+            auth: AppSecrets::new([(APP.to_owned(), SECRET.to_vec())]),
+            connections_max: 16,
+            send_queue_bytes_max: 64 * 1024,
+            send_queue_frames_max: 1024,
+            accept_rate: None,
+            metrics: metrics.clone(),
+            tls: None,
+            websocket: WebSocketSettings::default(),
+        };
+        tweak(&mut settings);
+        let now = Instant::now();
+        let listeners = vec![(FakeDriver::<R>::listener(), TransportKind::Tcp)];
+        let mut shard = Shard::new(settings, FakeDriver::new(), listeners, now);
+        let (commands, command_rx) = async_channel::bounded(64);
+        let (event_tx, events) = async_channel::bounded(events_len);
+        let wake = Arc::new(WakeFd::new().unwrap());
+        // What `run` does before its first turn.
+        shard.driver.add_wake(wake.raw_fd()).unwrap();
+        shard.start_accepting().unwrap();
+        Harness {
+            shard,
+            ends: LoopEnds::new(command_rx, event_tx, wake, now),
+            commands,
+            events,
+            metrics,
+            now,
+        }
+    }
+
+    fn driver(&mut self) -> &mut FakeDriver<R> {
+        &mut self.shard.driver
+    }
+
+    /// One turn of the shard's loop at the test's time.
+    fn turn(&mut self) {
+        let now = self.now;
+        let going = self.shard.turn(&mut self.ends, || now).unwrap();
+        assert!(going, "the shard saw the control plane go");
+    }
+
+    /// Turns until the shard waits with nothing to do: its last wait
+    /// reported nothing and it was not told to come straight back.
+    fn settle(&mut self) {
+        for _ in 0..SETTLE_TURNS_MAX {
+            self.turn();
+            let driver = &self.shard.driver;
+            if driver.last_events() == 0 && driver.last_timeout() != Some(Duration::ZERO) {
+                return;
+            }
+        }
+        panic!("the shard does not settle");
+    }
+
+    /// Moves the clock on, then lets the shard catch up.
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.settle();
+    }
+
+    /// A client connects; the shard takes it.
+    fn connect(&mut self) -> Client {
+        let fd = self.driver().connect(0);
+        self.settle();
+        let token = self
+            .driver()
+            .token_of(fd)
+            .expect("the shard took the connection");
+        Client {
+            token,
+            read: 0,
+            proto: ClientConn::new(self.now, client_config("alice")),
+        }
+    }
+
+    fn send(&mut self, client: &Client, frames: &[Frame]) {
+        self.send_bytes(client, &encoded(frames));
+    }
+
+    /// The client's bytes arrive as one receive.
+    fn send_bytes(&mut self, client: &Client, bytes: &[u8]) {
+        self.driver().input(client.token, bytes);
+        self.settle();
+    }
+
+    /// The frames the client's socket took since the client last looked
+    /// (a frame cut short by the socket waits for its end).
+    fn received(&self, client: &mut Client) -> Vec<Frame> {
+        let wire = self.shard.driver.wire(client.token);
+        let mut frames = Vec::new();
+        while let Some((frame, used)) =
+            decode_slice(&wire[client.read..]).expect("the gateway sends frames that decode")
+        {
+            client.read += used;
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Events the shard handed the control plane since the last look.
+    fn events(&self) -> Vec<ShardEvent> {
+        std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+    }
+
+    fn command(&mut self, command: ShardCommand) {
+        self.commands.try_send(command).unwrap();
+        self.settle();
+    }
+
+    /// A client that is bound: HELLO and BIND made by the client state
+    /// machine, the shard's answers fed back into it, and the first fill
+    /// (an empty inbox) from the control plane. Returns its id from
+    /// `Bound`.
+    fn open(&mut self, user: &str) -> (Client, ConnId) {
+        let mut client = self.connect();
+        client.proto = ClientConn::new(self.now, client_config(user));
+        // HELLO; then BIND, which the client sends once HELLO_OK is in.
+        for _ in 0..2 {
+            let frames: Vec<Frame> = std::iter::from_fn(|| client.proto.poll_transmit()).collect();
+            self.send(&client, &frames);
+            for frame in self.received(&mut client) {
+                client.proto.handle_frame(self.now, frame);
+            }
+        }
+        let seen: Vec<ClientEvent> = std::iter::from_fn(|| client.proto.poll_event()).collect();
+        assert_eq!(
+            seen,
+            [
+                ClientEvent::Ready {
+                    heartbeat_interval: HEARTBEAT
+                },
+                ClientEvent::Bound {
+                    app: APP.to_owned(),
+                    user: user.to_owned()
+                }
+            ]
+        );
+        let id = match self.events().as_slice() {
+            [ShardEvent::Bound { conn, .. }] => *conn,
+            other => panic!("expected one Bound, got {other:?}"),
+        };
+        assert_eq!(id, client.id());
+        self.command(ShardCommand::Fill {
+            conn: id,
+            app: APP.to_owned(),
+            after: 0,
+            messages: Vec::new(),
+            more: false,
+            broadcasts_from: Some(0),
+        });
+        (client, id)
+    }
+
+    fn deliver(&mut self, conn: ConnId, message: &PushMessage) {
+        self.command(ShardCommand::Deliver {
+            conn,
+            app: APP.to_owned(),
+            message: message.clone(),
+        });
+    }
+
+    /// Connections that ended for `label` (a `CLOSE_REASONS` entry).
+    fn closed(&self, label: &str) -> u64 {
+        let index = CLOSE_REASONS.iter().position(|&l| l == label).unwrap();
+        self.metrics.snapshot().closed[index]
+    }
+
+    fn is_open(&self, client: &Client) -> bool {
+        self.shard.slot_of(client.token).is_some()
+    }
+
+    fn is_closing(&self, client: &Client) -> bool {
+        let slot = self.shard.slot_of(client.token).expect("a live connection");
+        self.shard.conns[slot].closing.is_some()
+    }
+
+    /// The client's end arrives; the shard removes the connection.
+    fn end(&mut self, client: &Client) {
+        self.driver().end(client.token);
+        self.settle();
+        self.assert_removed(client);
+    }
+
+    /// The connection is gone: its slot freed, the driver told.
+    fn assert_removed(&self, client: &Client) {
+        assert!(!self.is_open(client), "the slot is still the connection's");
+        assert!(self.shard.driver.is_removed(client.token));
+        assert!(!self.shard.driver.is_live(client.token));
+    }
+}
+
+impl<const R: bool> Drop for Harness<R> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // Whatever the test did, every receive buffer went back.
+            assert_eq!(
+                self.shard.driver.recv_buffers_lent(),
+                0,
+                "receive buffers kept"
+            );
+        }
+    }
+}
+
+/// A connection is accepted, watched by the driver and answered: HELLO_OK
+/// with the configured interval and epoch, BIND_OK, and `Bound` for the
+/// control plane naming the device and its resume point.
+fn accepts_and_binds<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    assert!(h.driver().is_accepting(0));
+    let mut client = h.connect();
+    assert!(h.is_open(&client));
+    assert!(h.shard.driver.is_live(client.token));
+    assert_eq!(h.metrics.snapshot().connections_open, 1);
+    assert!(
+        h.received(&mut client).is_empty(),
+        "the gateway speaks second"
+    );
+
+    h.send(&client, &[hello()]);
+    assert_eq!(
+        h.received(&mut client),
+        [Frame::HelloOk {
+            heartbeat_interval_ms: HEARTBEAT.as_millis() as u32,
+            storage_epoch: Some(STORAGE_EPOCH),
+        }]
+    );
+    h.send(&client, &[bind("alice")]);
+    assert_eq!(
+        h.received(&mut client),
+        [Frame::BindOk {
+            app: APP.to_owned(),
+            user: "alice".to_owned(),
+        }]
+    );
+    match h.events().as_slice() {
+        [
+            ShardEvent::Bound {
+                conn,
+                app,
+                user,
+                device_id,
+                network,
+                client_last_seq: None,
+                client_last_broadcast_seq: None,
+                ..
+            },
+        ] => {
+            assert_eq!(*conn, client.id());
+            assert_eq!((app.as_str(), user.as_str()), (APP, "alice"));
+            assert_eq!(device_id, "phone");
+            assert_eq!(*network, NetworkType::Wifi);
+        }
+        other => panic!("expected one Bound, got {other:?}"),
+    }
+    let counts = h.metrics.snapshot();
+    assert_eq!((counts.frames_in, counts.frames_out), (2, 2));
+}
+
+/// Past `connections_max`, an accepted socket is closed at once: never
+/// given to the driver, counted as refused.
+fn refuses_past_the_connection_limit<const R: bool>() {
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| s.connections_max = 2);
+    let first = h.connect();
+    let _second = h.connect();
+    let fd = h.driver().connect(0);
+    h.settle();
+    assert_eq!(h.driver().token_of(fd), None);
+    assert_eq!(h.shard.conns.len(), 2);
+    let counts = h.metrics.snapshot();
+    assert_eq!(
+        (counts.connections_open, counts.connections_refused),
+        (2, 1)
+    );
+
+    // A slot freed makes room again.
+    h.end(&first);
+    let _third = h.connect();
+    assert_eq!(h.shard.conns.len(), 2);
+}
+
+/// Past the accept rate, a connection is told when to come back
+/// (GOAWAY(overloaded) with a delay of at least a second) and closed once
+/// the client closes its side; once the bucket refills, connections are
+/// taken again.
+fn turns_away_past_the_accept_rate<const R: bool>() {
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| {
+        s.accept_rate = Some(Rate {
+            per_sec: 1.0,
+            burst: 2,
+        });
+    });
+    let mut within: Vec<Client> = (0..2).map(|_| h.connect()).collect();
+    let mut over = h.connect();
+    for client in &mut within {
+        assert!(h.received(client).is_empty());
+    }
+    match h.received(&mut over).as_slice() {
+        [
+            Frame::GoAway {
+                reason: GoAwayReason::OVERLOADED,
+                reconnect_delay_ms: Some(delay),
+            },
+        ] => assert!((1_000..=60_000).contains(delay), "delay {delay} ms"),
+        other => panic!("expected GOAWAY(overloaded), got {other:?}"),
+    }
+    assert!(h.is_closing(&over));
+    // It never bound: nothing to unregister.
+    assert!(h.events().is_empty());
+    h.end(&over);
+    assert_eq!(h.closed("overloaded"), 1);
+
+    h.advance(Duration::from_secs(1));
+    let mut later = h.connect();
+    h.send(&later, &[hello()]);
+    assert!(matches!(
+        h.received(&mut later).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+}
+
+/// A frame split over receives is handled once, when its last byte is in;
+/// the part that came first waits in a buffer that goes back once the
+/// frame is whole.
+fn decodes_a_frame_split_over_receives<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let mut client = h.connect();
+    let bytes = encoded(&[hello()]);
+    // Inside the length prefix, then inside the body.
+    for chunk in [&bytes[..2], &bytes[2..9]] {
+        h.send_bytes(&client, chunk);
+        assert!(h.received(&mut client).is_empty());
+        assert!(h.shard.conns[client.slot()].partial.is_some());
+    }
+    h.send_bytes(&client, &bytes[9..]);
+    assert!(matches!(
+        h.received(&mut client).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+    assert!(h.shard.conns[client.slot()].partial.is_none());
+    assert_eq!(h.metrics.snapshot().frames_in, 1);
+
+    // One byte at a time.
+    for byte in encoded(&[bind("alice")]) {
+        assert!(h.received(&mut client).is_empty());
+        h.send_bytes(&client, &[byte]);
+    }
+    assert!(matches!(
+        h.received(&mut client).as_slice(),
+        [Frame::BindOk { .. }]
+    ));
+    assert_eq!(h.events().len(), 1);
+}
+
+/// Every frame of a receive is handled, in order; a receive that ends
+/// inside a frame handles those before it and keeps the rest.
+fn handles_several_frames_in_one_receive<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let mut client = h.connect();
+    h.send(&client, &[hello(), bind("alice"), Frame::Ping, Frame::Ping]);
+    let frames = h.received(&mut client);
+    assert!(matches!(
+        frames.as_slice(),
+        [
+            Frame::HelloOk { .. },
+            Frame::BindOk { .. },
+            Frame::Pong,
+            Frame::Pong
+        ]
+    ));
+    assert!(matches!(h.events().as_slice(), [ShardEvent::Bound { .. }]));
+
+    let bytes = encoded(&[Frame::Ping, Frame::Ping, Frame::Ping]);
+    let cut = bytes.len() - 3;
+    h.send_bytes(&client, &bytes[..cut]);
+    assert_eq!(h.received(&mut client), [Frame::Pong, Frame::Pong]);
+    h.send_bytes(&client, &bytes[cut..]);
+    assert_eq!(h.received(&mut client), [Frame::Pong]);
+    assert_eq!(h.metrics.snapshot().frames_in, 7);
+}
+
+/// A socket that takes part of a send gets the rest later, ahead of what
+/// was produced meanwhile: every byte once, in order.
+fn sends_the_rest_of_a_short_write_in_order<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut client, id) = h.open("alice");
+    assert!(h.received(&mut client).is_empty());
+    let messages: Vec<PushMessage> = (1..=4).map(|seq| message(seq, 300)).collect();
+    let frame_len = encoded_len(&push(&messages[0]));
+    let before = h.driver().wire(client.token).len();
+
+    h.driver().set_room(client.token, Some(100));
+    h.command(ShardCommand::Fill {
+        conn: id,
+        app: APP.to_owned(),
+        after: 0,
+        messages: messages[..3].to_vec(),
+        more: false,
+        broadcasts_from: None,
+    });
+    // One send of three pushes, of which the socket took 100 bytes.
+    assert_eq!(h.driver().wire(client.token).len(), before + 100);
+    assert_eq!(h.driver().held_len(client.token), 3 * frame_len - 100);
+    assert!(h.received(&mut client).is_empty());
+    // Produced meanwhile: it waits behind the send.
+    h.deliver(id, &messages[3]);
+    assert_eq!(h.driver().held_len(client.token), 3 * frame_len - 100);
+    assert!(h.shard.conns[client.slot()].queue.is_some());
+
+    h.driver().set_room(client.token, Some(frame_len));
+    h.settle();
+    assert_eq!(h.received(&mut client), [push(&messages[0])]);
+    h.driver().set_room(client.token, None);
+    h.settle();
+    assert_eq!(
+        h.received(&mut client),
+        [push(&messages[1]), push(&messages[2]), push(&messages[3])]
+    );
+    assert_eq!(
+        h.driver().wire(client.token).len(),
+        before + 4 * frame_len,
+        "nothing sent twice"
+    );
+    assert_eq!(h.driver().held_len(client.token), 0);
+    assert!(h.shard.conns[client.slot()].queue.is_none());
+    assert_eq!(h.metrics.snapshot().pushes_out, 4);
+}
+
+/// A bound client whose socket takes nothing, with a first push held
+/// (blocked) by the driver.
+fn blocked_client<const R: bool>(
+    tweak: impl FnOnce(&mut ShardSettings),
+) -> (Harness<R>, Client, ConnId) {
+    let mut h = Harness::<R>::with(EVENTS_LEN, tweak);
+    let (mut client, id) = h.open("alice");
+    assert!(h.received(&mut client).is_empty());
+    h.driver().set_room(client.token, Some(0));
+    h.deliver(id, &message(1, 200));
+    assert!(h.driver().send_blocked(client.token));
+    (h, client, id)
+}
+
+/// A client whose socket stops taking data is cut off once what waits for
+/// it would pass `send_queue_bytes_max`, not before: it gets the frames
+/// that fit, then GOAWAY(slow_consumer), and leaves the register at once.
+fn cuts_off_a_slow_consumer_past_the_byte_limit<const R: bool>() {
+    let frame_len = encoded_len(&push(&message(1, 200)));
+    // The blocked send and three frames behind it.
+    let (mut h, mut client, id) = blocked_client::<R>(|s| s.send_queue_bytes_max = 4 * frame_len);
+    for seq in 2..=4 {
+        h.deliver(id, &message(seq, 200));
+        assert!(!h.is_closing(&client), "cut off at {seq}, within the limit");
+    }
+    assert!(h.events().is_empty());
+    h.deliver(id, &message(5, 200));
+    assert!(h.is_closing(&client));
+    match h.events().as_slice() {
+        [ShardEvent::Closed { conn, bindings }] => {
+            assert_eq!(*conn, id);
+            assert_eq!(bindings, &[(APP.to_owned(), "alice".to_owned())]);
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    // Nothing more is queued for it.
+    h.deliver(id, &message(6, 200));
+
+    h.driver().set_room(client.token, None);
+    h.settle();
+    let mut expected: Vec<Frame> = (1..=4).map(|seq| push(&message(seq, 200))).collect();
+    expected.push(goaway(GoAwayReason::SLOW_CONSUMER));
+    assert_eq!(h.received(&mut client), expected);
+    h.end(&client);
+    assert_eq!(h.closed("slow_consumer"), 1);
+    assert!(h.events().is_empty(), "Closed is reported once");
+}
+
+/// The same with `send_queue_frames_max`: frames waiting behind a blocked
+/// send are counted too.
+fn cuts_off_a_slow_consumer_past_the_frame_limit<const R: bool>() {
+    let (mut h, mut client, id) = blocked_client::<R>(|s| s.send_queue_frames_max = 2);
+    for seq in 2..=3 {
+        h.deliver(id, &message(seq, 10));
+        assert!(!h.is_closing(&client), "cut off at {seq}, within the limit");
+    }
+    h.deliver(id, &message(4, 10));
+    assert!(h.is_closing(&client));
+    h.driver().set_room(client.token, None);
+    h.settle();
+    let frames = h.received(&mut client);
+    assert_eq!(frames.len(), 4);
+    assert_eq!(frames[3], goaway(GoAwayReason::SLOW_CONSUMER));
+    h.end(&client);
+    assert_eq!(h.closed("slow_consumer"), 1);
+}
+
+/// The limits apply to what waits behind a send the socket is not taking.
+/// On io_uring a send handed over in this turn is on its way (the kernel
+/// tries it in the next wait), so a batch made in the same turn is not cut
+/// whatever its count; on epoll a send the socket did not take at once is
+/// blocked already.
+fn counts_only_what_waits_behind_a_blocked_send<const R: bool>() {
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| s.send_queue_frames_max = 1);
+    let (mut client, id) = h.open("alice");
+    assert!(h.received(&mut client).is_empty());
+    h.driver().set_room(client.token, Some(0));
+    // Three commands taken in one turn.
+    for seq in 1..=3 {
+        h.commands
+            .try_send(ShardCommand::Deliver {
+                conn: id,
+                app: APP.to_owned(),
+                message: message(seq, 10),
+            })
+            .unwrap();
+    }
+    h.settle();
+    assert_eq!(h.is_closing(&client), !R);
+    if R {
+        // One more now that the send is blocked: cut, the three before it
+        // counted as waiting.
+        h.deliver(id, &message(4, 10));
+        assert!(h.is_closing(&client));
+    }
+    h.driver().set_room(client.token, None);
+    h.settle();
+    let frames = h.received(&mut client);
+    let pushes = if R { 3 } else { 2 };
+    assert_eq!(frames.len(), pushes + 1);
+    assert_eq!(frames[pushes], goaway(GoAwayReason::SLOW_CONSUMER));
+}
+
+/// A client that keeps up, one push behind: each time its socket has
+/// taken the send it had, one more push waits behind the next. Never more
+/// than one frame waits, so the frame limit never cuts it, however long
+/// it goes on without its output draining.
+fn keeps_a_client_one_frame_behind_however_long<const R: bool>() {
+    let (mut h, mut client, id) = blocked_client::<R>(|s| s.send_queue_frames_max = 4);
+    let mut expected = vec![push(&message(1, 200))];
+    for seq in 2..=20 {
+        h.deliver(id, &message(seq, 200));
+        assert!(!h.is_closing(&client), "cut off at {seq}");
+        expected.push(push(&message(seq, 200)));
+        // The socket takes what was sent before, and no more: the push
+        // just queued goes as the next send, which waits.
+        let held = h.driver().held_len(client.token);
+        h.driver().set_room(client.token, Some(held));
+        h.settle();
+        assert!(h.driver().send_blocked(client.token));
+    }
+    h.driver().set_room(client.token, None);
+    h.settle();
+    assert_eq!(h.received(&mut client), expected);
+}
+
+/// A slow consumer that never reads its GOAWAY is cut at the flush
+/// deadline, and still counted as a slow consumer.
+fn cuts_a_slow_consumer_that_never_reads_at_the_flush_deadline<const R: bool>() {
+    let (mut h, client, id) = blocked_client::<R>(|s| s.send_queue_frames_max = 1);
+    h.deliver(id, &message(2, 10));
+    h.deliver(id, &message(3, 10));
+    assert!(h.is_closing(&client));
+    h.advance(CLOSE_FLUSH_TIMEOUT - TICK);
+    assert!(h.is_open(&client));
+    h.advance(2 * TICK);
+    h.assert_removed(&client);
+    assert_eq!(h.closed("slow_consumer"), 1);
+    assert_eq!(h.closed("flush_timeout"), 0);
+}
+
+/// A client that pings at the interval its client state machine keeps
+/// stays; once it falls silent it is closed one heartbeat deadline after
+/// its last frame (give or take a wheel tick), with
+/// GOAWAY(heartbeat_timeout), and unregistered at once.
+fn heartbeats_keep_a_connection_and_silence_ends_it<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut client, id) = h.open("alice");
+    let bound_at = h.now;
+    // Ten intervals of pings, as the client sends them.
+    while h.now < bound_at + 10 * HEARTBEAT {
+        h.advance(TICK);
+        client.proto.handle_timeout(h.now);
+        let frames: Vec<Frame> = std::iter::from_fn(|| client.proto.poll_transmit()).collect();
+        if !frames.is_empty() {
+            assert_eq!(frames, [Frame::Ping]);
+            h.send(&client, &frames);
+            assert_eq!(h.received(&mut client), [Frame::Pong]);
+            client.proto.handle_frame(h.now, Frame::Pong);
+        }
+        assert!(!h.is_closing(&client), "closed at {:?}", h.now - bound_at);
+    }
+    let last_frame = h.now;
+    // Silence: not closed before the deadline...
+    h.advance(HEARTBEAT_DEADLINE - TICK);
+    assert!(!h.is_closing(&client));
+    assert!(h.events().is_empty());
+    // ... closed within a tick after it.
+    h.advance(2 * TICK);
+    assert!(h.now - last_frame > HEARTBEAT_DEADLINE);
+    assert!(h.is_closing(&client));
+    assert_eq!(
+        h.received(&mut client),
+        [goaway(GoAwayReason::HEARTBEAT_TIMEOUT)]
+    );
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Closed { conn, .. }] if *conn == id
+    ));
+    h.end(&client);
+    assert_eq!(h.closed("heartbeat_timeout"), 1);
+}
+
+/// HELLO and a BIND must both come within the auth timeout: a connection
+/// that only said HELLO gets GOAWAY(auth_timeout) then, one that bound is
+/// not affected.
+fn closes_a_connection_that_does_not_bind_in_time<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut bound, _) = h.open("alice");
+    let mut silent = h.connect();
+    h.send(&silent, &[hello()]);
+    assert!(matches!(
+        h.received(&mut silent).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+    h.advance(AUTH_TIMEOUT - TICK);
+    assert!(!h.is_closing(&silent));
+    h.advance(2 * TICK);
+    assert!(h.is_closing(&silent));
+    assert_eq!(
+        h.received(&mut silent),
+        [goaway(GoAwayReason::AUTH_TIMEOUT)]
+    );
+    assert!(h.events().is_empty(), "nothing to unregister");
+    assert!(!h.is_closing(&bound));
+    assert!(h.received(&mut bound).is_empty());
+    h.end(&silent);
+    assert_eq!(h.closed("auth_timeout"), 1);
+}
+
+/// The client's end: the connection's slot is freed, the driver is told
+/// to remove it, and `Closed` unregisters its bindings. The slot's next
+/// connection has a new generation, so a command for the old one does not
+/// reach it.
+fn frees_the_slot_on_the_clients_end<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (client, id) = h.open("alice");
+    h.end(&client);
+    match h.events().as_slice() {
+        [ShardEvent::Closed { conn, bindings }] => {
+            assert_eq!(*conn, id);
+            assert_eq!(bindings, &[(APP.to_owned(), "alice".to_owned())]);
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    assert!(h.shard.conns.is_empty());
+    assert_eq!(h.closed("peer_closed"), 1);
+    assert_eq!(h.metrics.snapshot().connections_open, 0);
+
+    let (mut next, next_id) = h.open("bob");
+    assert_eq!(next_id.slot, id.slot);
+    assert_ne!(next_id.generation, id.generation);
+    h.command(ShardCommand::Kick {
+        conn: id,
+        reason: GoAwayReason::KICKED,
+    });
+    assert!(h.received(&mut next).is_empty());
+    assert!(!h.is_closing(&next));
+}
+
+/// A kick: GOAWAY(kicked), `Closed` at once (before the socket goes), no
+/// more reading until the GOAWAY is out; then the shard shuts its side and
+/// reads (and discards) until the client's end, which frees the slot.
+fn kicks_with_goaway_then_closes_on_the_clients_end<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut client, id) = h.open("alice");
+    h.command(ShardCommand::Kick {
+        conn: id,
+        reason: GoAwayReason::KICKED,
+    });
+    assert_eq!(h.received(&mut client), [goaway(GoAwayReason::KICKED)]);
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Closed { conn, .. }] if *conn == id
+    ));
+    let slot = client.slot();
+    assert!(h.shard.conns[slot].write_shut);
+    if R {
+        // Receiving again, to see the client's end.
+        assert!(h.driver().is_receiving(client.token));
+    }
+    // What the client still sends is read and dropped.
+    h.send(&client, &[Frame::Ping]);
+    assert!(h.received(&mut client).is_empty());
+    assert!(h.is_open(&client));
+    h.end(&client);
+    assert!(h.events().is_empty(), "Closed is reported once");
+    assert_eq!(h.closed("kicked"), 1);
+}
+
+/// A kicked client that takes nothing (not even the GOAWAY) is cut at the
+/// flush deadline; its send is cancelled, and its buffer goes back.
+fn cuts_a_kicked_client_that_never_reads_at_the_flush_deadline<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (client, id) = h.open("alice");
+    h.driver().set_room(client.token, Some(0));
+    h.command(ShardCommand::Kick {
+        conn: id,
+        reason: GoAwayReason::KICKED,
+    });
+    if R {
+        assert!(!h.driver().is_receiving(client.token));
+    }
+    h.advance(CLOSE_FLUSH_TIMEOUT - TICK);
+    assert!(h.is_open(&client));
+    h.advance(2 * TICK);
+    h.assert_removed(&client);
+    assert_eq!(h.closed("flush_timeout"), 1);
+    assert_eq!(h.closed("kicked"), 0);
+}
+
+/// A failed socket ends its connection as an I/O error, and unregisters
+/// it.
+fn ends_a_connection_whose_socket_fails<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (client, id) = h.open("alice");
+    h.driver().fail(client.token);
+    h.settle();
+    h.assert_removed(&client);
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Closed { conn, .. }] if *conn == id
+    ));
+    assert_eq!(h.closed("io_error"), 1);
+}
+
+/// So does a send that fails (a broken pipe).
+fn ends_a_connection_whose_send_fails<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (client, id) = h.open("alice");
+    h.driver().fail_send(client.token, libc::EPIPE);
+    h.deliver(id, &message(1, 10));
+    h.assert_removed(&client);
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Closed { conn, .. }] if *conn == id
+    ));
+    assert_eq!(h.closed("io_error"), 1);
+}
+
+/// Completions that arrive for a connection after it is gone (input, a
+/// send's end) never reach the connection that took its slot, and their
+/// buffers go back.
+fn ignores_what_is_left_of_a_connection_once_its_slot_is_reused<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (old, _) = h.open("alice");
+    h.end(&old);
+    assert_eq!(h.events().len(), 1, "Closed");
+    let (mut new, _) = h.open("bob");
+    assert_eq!(new.slot(), old.slot());
+    assert_ne!(new.token, old.token);
+    if R {
+        let buffer = h.driver().recv_buffer(&encoded(&[Frame::Ping]));
+        h.driver().event(Event::Received {
+            token: old.token,
+            input: Input::Bytes(buffer),
+            rearm: false,
+        });
+        h.driver().event(Event::Received {
+            token: old.token,
+            input: Input::End,
+            rearm: true,
+        });
+    } else {
+        h.driver().event(Event::Readable { token: old.token });
+    }
+    h.driver().event(Event::Sent {
+        token: old.token,
+        buffer: SendBuffer::Pooled(Box::default()),
+        result: Ok(()),
+    });
+    h.settle();
+    assert!(h.received(&mut new).is_empty());
+    assert!(h.is_open(&new) && !h.is_closing(&new));
+    assert!(h.events().is_empty());
+    h.send(&new, &[Frame::Ping]);
+    assert_eq!(h.received(&mut new), [Frame::Pong]);
+}
+
+/// A drain stops accepting, tells every connection to come back after the
+/// delay (GOAWAY(server_shutdown)), unregisters them, and reports
+/// `Drained` once the last one is gone.
+fn drains_every_connection_then_reports_drained<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut alice, _) = h.open("alice");
+    let (mut bob, _) = h.open("bob");
+    h.command(ShardCommand::Drain {
+        reconnect_delay_ms: 5_000,
+    });
+    assert!(h.driver().listener_removed(0));
+    let expected = [Frame::GoAway {
+        reason: GoAwayReason::SERVER_SHUTDOWN,
+        reconnect_delay_ms: Some(5_000),
+    }];
+    assert_eq!(h.received(&mut alice), expected);
+    assert_eq!(h.received(&mut bob), expected);
+    let events = h.events();
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|event| matches!(event, ShardEvent::Closed { .. }))
+    );
+    h.end(&alice);
+    assert!(h.events().is_empty());
+    h.end(&bob);
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Drained { shard: 0 }]
+    ));
+    assert_eq!(h.closed("drained"), 2);
+}
+
+/// While the outbox holds `OUTBOX_LEN_MAX` events the control plane has not
+/// taken, the shard reads no more (io_uring holds what arrives, epoll
+/// leaves it in the socket); once the control plane catches up, reading
+/// goes on, and every event arrives once, in order.
+fn stops_reading_while_the_outbox_is_full<const R: bool>() {
+    const CHANNEL_LEN: usize = 64;
+    const CHUNK: u64 = 1_000;
+    let mut h = Harness::<R>::with(CHANNEL_LEN, |_| {});
+    let (client, _) = h.open("alice");
+    let upstream = |request_id| Frame::Upstream {
+        app: APP.to_owned(),
+        request_id,
+        payload: Bytes::from_static(b"u"),
+    };
+    let chunk =
+        |n: u64| -> Vec<Frame> { (n * CHUNK + 1..=(n + 1) * CHUNK).map(upstream).collect() };
+    assert!(
+        encoded(&chunk(0)).len() < SCRATCH_LEN,
+        "a chunk is one read"
+    );
+    let mut chunks = 0;
+    while h.shard.outbox.len() < OUTBOX_LEN_MAX {
+        h.send(&client, &chunk(chunks));
+        chunks += 1;
+    }
+    // One more while the outbox is full: not handled.
+    let queued = h.shard.outbox.len();
+    h.send(&client, &chunk(chunks));
+    chunks += 1;
+    assert_eq!(h.shard.outbox.len(), queued);
+    if R {
+        assert_eq!(h.shard.held_input.len(), 1);
+    } else {
+        assert_eq!(h.shard.readers_waiting, [client.slot()]);
+    }
+    // The control plane takes events; the shard reads again.
+    let mut request_ids = Vec::new();
+    for _ in 0..SETTLE_TURNS_MAX {
+        for event in h.events() {
+            match event {
+                ShardEvent::Upstream { request_id, .. } => request_ids.push(request_id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if request_ids.len() as u64 == chunks * CHUNK {
+            break;
+        }
+        h.settle();
+    }
+    let expected: Vec<u64> = (1..=chunks * CHUNK).collect();
+    assert_eq!(request_ids, expected);
+    assert!(h.shard.held_input.is_empty() && h.shard.outbox.is_empty());
+}
+
+/// io_uring: when the buffer ring runs dry, a receive ends with no buffer;
+/// it is armed again once buffers are back, and the input that waited
+/// arrives then, in order.
+#[test]
+fn uring_waits_for_receive_buffers_then_reads_in_order() {
+    let mut h = Harness::<true>::new();
+    let (mut client, _) = h.open("alice");
+    h.driver().set_recv_buffers(0);
+    h.send(&client, &[Frame::Ping]);
+    h.send(&client, &[Frame::Ping, Frame::Ping]);
+    assert!(!h.driver().is_receiving(client.token));
+    assert_eq!(h.shard.recv_rearm.len(), 1);
+    assert!(h.received(&mut client).is_empty());
+    h.driver().set_recv_buffers(1);
+    h.settle();
+    assert!(h.driver().is_receiving(client.token));
+    assert_eq!(h.received(&mut client), vec![Frame::Pong; 3]);
+    assert!(h.shard.recv_rearm.is_empty());
+}
