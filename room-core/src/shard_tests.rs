@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
-use herald_proto::plane::{ConnId, PushMessage, ShardCommand, ShardEvent};
+use herald_proto::ids::{AppId, UserId};
+use herald_proto::plane::{
+    Bound, ConnCommand, ConnEvent, ConnId, PushMessage, ShardCommand, ShardEvent,
+};
 use herald_proto::rate::Rate;
 use herald_proto::server::{HeartbeatIntervals, ServerConfig};
 use herald_proto::{
@@ -353,26 +356,35 @@ impl<const R: bool> Harness<R> {
             ]
         );
         let id = match self.events().as_slice() {
-            [ShardEvent::Bound { conn, .. }] => *conn,
+            [
+                ShardEvent::Conn {
+                    conn,
+                    event: ConnEvent::Bound(..),
+                },
+            ] => *conn,
             other => panic!("expected one Bound, got {other:?}"),
         };
         assert_eq!(id, client.id());
-        self.command(ShardCommand::Fill {
+        self.command(ShardCommand::Conn {
             conn: id,
-            app: APP.to_owned(),
-            after: 0,
-            messages: Vec::new(),
-            more: false,
-            broadcasts_from: Some(0),
+            command: ConnCommand::Fill {
+                app: APP.into(),
+                after: 0,
+                messages: Vec::new(),
+                more: false,
+                broadcasts_from: Some(0),
+            },
         });
         (client, id)
     }
 
     fn deliver(&mut self, conn: ConnId, message: &PushMessage) {
-        self.command(ShardCommand::Deliver {
+        self.command(ShardCommand::Conn {
             conn,
-            app: APP.to_owned(),
-            message: message.clone(),
+            command: ConnCommand::Deliver {
+                app: APP.into(),
+                message: message.clone(),
+            },
         });
     }
 
@@ -452,19 +464,22 @@ fn accepts_and_binds<const R: bool>() {
     );
     match h.events().as_slice() {
         [
-            ShardEvent::Bound {
+            ShardEvent::Conn {
                 conn,
-                app,
-                user,
-                device_id,
-                network,
-                client_last_seq: None,
-                client_last_broadcast_seq: None,
-                ..
+                event:
+                    ConnEvent::Bound(Bound {
+                        app,
+                        user,
+                        device_id,
+                        network,
+                        client_last_seq: None,
+                        client_last_broadcast_seq: None,
+                        ..
+                    }),
             },
         ] => {
             assert_eq!(*conn, client.id());
-            assert_eq!((app.as_str(), user.as_str()), (APP, "alice"));
+            assert_eq!((&**app, &**user), (APP, "alice"));
             assert_eq!(device_id, "phone");
             assert_eq!(*network, NetworkType::Wifi);
         }
@@ -585,7 +600,13 @@ fn handles_several_frames_in_one_receive<const R: bool>() {
             Frame::Pong
         ]
     ));
-    assert!(matches!(h.events().as_slice(), [ShardEvent::Bound { .. }]));
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Conn {
+            event: ConnEvent::Bound(..),
+            ..
+        }]
+    ));
 
     let bytes = encoded(&[Frame::Ping, Frame::Ping, Frame::Ping]);
     let cut = bytes.len() - 3;
@@ -607,13 +628,15 @@ fn sends_the_rest_of_a_short_write_in_order<const R: bool>() {
     let before = h.driver().wire(client.token).len();
 
     h.driver().set_room(client.token, Some(100));
-    h.command(ShardCommand::Fill {
+    h.command(ShardCommand::Conn {
         conn: id,
-        app: APP.to_owned(),
-        after: 0,
-        messages: messages[..3].to_vec(),
-        more: false,
-        broadcasts_from: None,
+        command: ConnCommand::Fill {
+            app: APP.into(),
+            after: 0,
+            messages: messages[..3].to_vec(),
+            more: false,
+            broadcasts_from: None,
+        },
     });
     // One send of three pushes, of which the socket took 100 bytes.
     assert_eq!(h.driver().wire(client.token).len(), before + 100);
@@ -672,9 +695,14 @@ fn cuts_off_a_slow_consumer_past_the_byte_limit<const R: bool>() {
     h.deliver(id, &message(5, 200));
     assert!(h.is_closing(&client));
     match h.events().as_slice() {
-        [ShardEvent::Closed { conn, bindings }] => {
+        [
+            ShardEvent::Conn {
+                conn,
+                event: ConnEvent::Closed { bindings },
+            },
+        ] => {
             assert_eq!(*conn, id);
-            assert_eq!(bindings, &[(APP.to_owned(), "alice".to_owned())]);
+            assert_eq!(bindings, &[(AppId::from(APP), UserId::from("alice"))]);
         }
         other => panic!("expected Closed, got {other:?}"),
     }
@@ -723,10 +751,12 @@ fn counts_only_what_waits_behind_a_blocked_send<const R: bool>() {
     // Three commands taken in one turn.
     for seq in 1..=3 {
         h.commands
-            .try_send(ShardCommand::Deliver {
+            .try_send(ShardCommand::Conn {
                 conn: id,
-                app: APP.to_owned(),
-                message: message(seq, 10),
+                command: ConnCommand::Deliver {
+                    app: APP.into(),
+                    message: message(seq, 10),
+                },
             })
             .unwrap();
     }
@@ -820,7 +850,7 @@ fn heartbeats_keep_a_connection_and_silence_ends_it<const R: bool>() {
     );
     assert!(matches!(
         h.events().as_slice(),
-        [ShardEvent::Closed { conn, .. }] if *conn == id
+        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
     ));
     h.end(&client);
     assert_eq!(h.closed("heartbeat_timeout"), 1);
@@ -862,9 +892,14 @@ fn frees_the_slot_on_the_clients_end<const R: bool>() {
     let (client, id) = h.open("alice");
     h.end(&client);
     match h.events().as_slice() {
-        [ShardEvent::Closed { conn, bindings }] => {
+        [
+            ShardEvent::Conn {
+                conn,
+                event: ConnEvent::Closed { bindings },
+            },
+        ] => {
             assert_eq!(*conn, id);
-            assert_eq!(bindings, &[(APP.to_owned(), "alice".to_owned())]);
+            assert_eq!(bindings, &[(AppId::from(APP), UserId::from("alice"))]);
         }
         other => panic!("expected Closed, got {other:?}"),
     }
@@ -875,9 +910,11 @@ fn frees_the_slot_on_the_clients_end<const R: bool>() {
     let (mut next, next_id) = h.open("bob");
     assert_eq!(next_id.slot, id.slot);
     assert_ne!(next_id.generation, id.generation);
-    h.command(ShardCommand::Kick {
+    h.command(ShardCommand::Conn {
         conn: id,
-        reason: GoAwayReason::KICKED,
+        command: ConnCommand::Kick {
+            reason: GoAwayReason::KICKED,
+        },
     });
     assert!(h.received(&mut next).is_empty());
     assert!(!h.is_closing(&next));
@@ -889,14 +926,16 @@ fn frees_the_slot_on_the_clients_end<const R: bool>() {
 fn kicks_with_goaway_then_closes_on_the_clients_end<const R: bool>() {
     let mut h = Harness::<R>::new();
     let (mut client, id) = h.open("alice");
-    h.command(ShardCommand::Kick {
+    h.command(ShardCommand::Conn {
         conn: id,
-        reason: GoAwayReason::KICKED,
+        command: ConnCommand::Kick {
+            reason: GoAwayReason::KICKED,
+        },
     });
     assert_eq!(h.received(&mut client), [goaway(GoAwayReason::KICKED)]);
     assert!(matches!(
         h.events().as_slice(),
-        [ShardEvent::Closed { conn, .. }] if *conn == id
+        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
     ));
     let slot = client.slot();
     assert!(h.shard.conns[slot].write_shut);
@@ -919,9 +958,11 @@ fn cuts_a_kicked_client_that_never_reads_at_the_flush_deadline<const R: bool>() 
     let mut h = Harness::<R>::new();
     let (client, id) = h.open("alice");
     h.driver().set_room(client.token, Some(0));
-    h.command(ShardCommand::Kick {
+    h.command(ShardCommand::Conn {
         conn: id,
-        reason: GoAwayReason::KICKED,
+        command: ConnCommand::Kick {
+            reason: GoAwayReason::KICKED,
+        },
     });
     if R {
         assert!(!h.driver().is_receiving(client.token));
@@ -944,7 +985,7 @@ fn ends_a_connection_whose_socket_fails<const R: bool>() {
     h.assert_removed(&client);
     assert!(matches!(
         h.events().as_slice(),
-        [ShardEvent::Closed { conn, .. }] if *conn == id
+        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
     ));
     assert_eq!(h.closed("io_error"), 1);
 }
@@ -958,7 +999,7 @@ fn ends_a_connection_whose_send_fails<const R: bool>() {
     h.assert_removed(&client);
     assert!(matches!(
         h.events().as_slice(),
-        [ShardEvent::Closed { conn, .. }] if *conn == id
+        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
     ));
     assert_eq!(h.closed("io_error"), 1);
 }
@@ -1021,11 +1062,13 @@ fn drains_every_connection_then_reports_drained<const R: bool>() {
     assert_eq!(h.received(&mut bob), expected);
     let events = h.events();
     assert_eq!(events.len(), 2);
-    assert!(
-        events
-            .iter()
-            .all(|event| matches!(event, ShardEvent::Closed { .. }))
-    );
+    assert!(events.iter().all(|event| matches!(
+        event,
+        ShardEvent::Conn {
+            event: ConnEvent::Closed { .. },
+            ..
+        }
+    )));
     h.end(&alice);
     assert!(h.events().is_empty());
     h.end(&bob);
@@ -1076,7 +1119,10 @@ fn stops_reading_while_the_outbox_is_full<const R: bool>() {
     for _ in 0..SETTLE_TURNS_MAX {
         for event in h.events() {
             match event {
-                ShardEvent::Upstream { request_id, .. } => request_ids.push(request_id),
+                ShardEvent::Conn {
+                    event: ConnEvent::Upstream { request_id, .. },
+                    ..
+                } => request_ids.push(request_id),
                 other => panic!("unexpected {other:?}"),
             }
         }

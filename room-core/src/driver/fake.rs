@@ -560,7 +560,7 @@ impl<const RECEIVES: bool> Driver for FakeDriver<RECEIVES> {
         }
     }
 
-    fn remove_conn(&mut self, socket: OwnedFd, token: u64) {
+    fn remove_conn(&mut self, socket: OwnedFd, token: u64, _receiving: bool) {
         let conn = self.conns.remove(&token).expect("a live connection");
         assert_eq!(conn.fd, socket.as_raw_fd());
         if RECEIVES && let Some(held) = conn.held {
