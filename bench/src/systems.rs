@@ -445,7 +445,7 @@ pub fn hold(uring: bool, read_replies: bool) -> anyhow::Result<()> {
 
 /// What a `bare-acked` client sends back for each line: as long as a
 /// Herald client's BROADCAST_ACK for the benchmark's app.
-pub const BARE_REPLY: &[u8] = b"ack:bench:1\n";
+pub const BARE_REPLY: &[u8] = b"broadcast-ack:bench\n";
 
 /// How long `hold --read-replies` waits for one client's reply.
 const BARE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);

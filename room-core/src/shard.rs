@@ -64,6 +64,9 @@ const WRITE_BUFFER_CAPACITY: usize = 4 * 1024;
 /// 4.5 MiB per shard.
 const POOL_FREE_MAX: usize = 1024;
 
+/// Events the outbox keeps room for between turns.
+const OUTBOX_KEPT_CAPACITY: usize = 64;
+
 /// Rounds of flush-then-read one connection gets per turn before it goes to
 /// the back of the run queue, so a busy client cannot starve the others.
 const CONN_POLL_ROUNDS_MAX: usize = 16;
@@ -647,6 +650,11 @@ impl<D: Driver> Shard<D> {
                 }
                 Err(async_channel::TrySendError::Closed(_)) => return None,
             }
+        }
+        // A storm (thousands of connections closing in one turn) grows the
+        // outbox far past a usual turn's events; it does not keep that.
+        if self.outbox.capacity() > OUTBOX_KEPT_CAPACITY {
+            self.outbox.shrink_to(OUTBOX_KEPT_CAPACITY);
         }
         for slot in self.readers_waiting.drain(..) {
             if let Some(conn) = self.conns.get_mut(slot) {
