@@ -57,6 +57,12 @@ impl TimerWheel {
         self.len == 0
     }
 
+    /// Entries' room held across all slots.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.slots.iter().map(Vec::capacity).sum()
+    }
+
     /// The first tick at or after `deadline`: an entry never fires early.
     fn deadline_tick(&self, deadline: Instant) -> u64 {
         let since = deadline.saturating_duration_since(self.start);
@@ -95,8 +101,12 @@ impl TimerWheel {
             self.len -= before - slot.len();
             // A connect storm piles thousands of deadlines into a few slots;
             // once they are swept, that capacity is given back rather than
-            // kept for good.
-            if slot.capacity() > SLOT_CAPACITY_KEPT && slot.capacity() > 2 * slot.len() {
+            // kept for good. An emptied slot keeps nothing: as time moves on,
+            // deadlines land in ever new slots, and room kept in each would
+            // add up to the whole wheel's worth after one revolution.
+            if slot.is_empty() {
+                *slot = Vec::new();
+            } else if slot.capacity() > SLOT_CAPACITY_KEPT && slot.capacity() > 2 * slot.len() {
                 slot.shrink_to(slot.len());
             }
         }
@@ -162,6 +172,20 @@ mod tests {
         wheel.advance(start + Duration::from_secs(10_000), &mut expired);
         assert_eq!(expired.len(), 100);
         assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn swept_slots_give_back_their_room() {
+        let start = Instant::now();
+        let mut wheel = TimerWheel::new(start);
+        for i in 0..500 {
+            wheel.insert(start + TICK * (1 + i % 40), key(i));
+        }
+        assert!(wheel.capacity() >= 500);
+        let mut expired = Vec::new();
+        wheel.advance(start + TICK * 41, &mut expired);
+        assert_eq!(expired.len(), 500);
+        assert_eq!(wheel.capacity(), 0, "an emptied slot keeps no room");
     }
 
     #[test]
