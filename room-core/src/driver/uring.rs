@@ -40,6 +40,9 @@ use super::{Driver, Event, Input, RecvBuffer, SendBuffer, TOKEN_BITS_MAX};
 /// completions on its overflow list rather than dropping them.
 const SUBMISSION_ENTRIES: u32 = 4096;
 
+/// Room for completions the driver keeps between waits.
+const COMPLETIONS_KEPT_CAPACITY: usize = 256;
+
 /// The buffer group of the shard's receive buffer ring.
 const RECV_GROUP: u16 = 0;
 
@@ -94,6 +97,9 @@ pub(crate) struct UringDriver {
     wake_fd: RawFd,
     /// `io_uring_enter` calls made by `wait`.
     enters: u64,
+    /// Completions copied out of the queue before they are handled (which
+    /// needs the ring), kept between waits so that a wake allocates nothing.
+    completions: Vec<(u64, i32, u32)>,
 }
 
 impl UringDriver {
@@ -125,6 +131,7 @@ impl UringDriver {
             to_close: Vec::new(),
             wake_fd: -1,
             enters: 0,
+            completions: Vec::new(),
         })
     }
 
@@ -396,17 +403,20 @@ impl Driver for UringDriver {
             // an entry meet a reused descriptor number.
             self.to_close.clear();
         }
-        let mut completions = Vec::new();
-        for completion in self.ring.completion() {
-            completions.push((
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.extend(self.ring.completion().map(|completion| {
+            (
                 completion.user_data(),
                 completion.result(),
                 completion.flags(),
-            ));
-        }
-        for (user_data, result, flags) in completions {
+            )
+        }));
+        for (user_data, result, flags) in completions.drain(..) {
             self.complete(user_data, result, flags, events);
         }
+        // What a storm grew is given back.
+        completions.shrink_to(COMPLETIONS_KEPT_CAPACITY);
+        self.completions = completions;
         Ok(())
     }
 }
