@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
@@ -230,6 +232,146 @@ async fn sigterm_drains_clients_with_goaway_and_exits_cleanly(io: Io) {
             reconnect_delay_ms: Some(_),
         }) => {}
         other => panic!("expected GOAWAY(server_shutdown), got {other:?}"),
+    }
+}
+
+/// Pushes that arrive together are committed together (SQLite's group
+/// commit): every call is answered 200 once its message is durable, each
+/// inbox's seqs are gapless and distinct, and the calls took fewer
+/// transactions than there were calls (the counters `/metrics` shows).
+#[tokio::test]
+async fn concurrent_pushes_share_commits_and_each_is_stored() {
+    const PUSHES: u64 = 200;
+    const USERS: u64 = 10;
+    let server = Server::start();
+    let client = reqwest::Client::new();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..PUSHES {
+        let user = i % USERS;
+        let request = client
+            .post(server.url(&format!("/v1/apps/{APP}/users/user-{user}/messages")))
+            .bearer_auth(API_KEY)
+            .body(format!(r#"{{"payload": "push {i}"}}"#));
+        calls.spawn(async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            (user, body["seq"].as_u64().expect("a seq"))
+        });
+    }
+    let mut seqs = vec![Vec::new(); USERS as usize];
+    while let Some(answer) = calls.join_next().await {
+        let (user, seq) = answer.unwrap();
+        seqs[user as usize].push(seq);
+    }
+    for inbox in &mut seqs {
+        inbox.sort_unstable();
+        assert_eq!(*inbox, (1..=PUSHES / USERS).collect::<Vec<_>>());
+    }
+    let metrics = server.metrics().await;
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let transactions = counter("herald_storage_store_transactions_total");
+    println!("{PUSHES} concurrent pushes stored in {transactions} transactions");
+    assert_eq!(counter("herald_storage_stores_committed_total"), PUSHES);
+    assert!(transactions < PUSHES);
+}
+
+/// kill -9 in the middle of group commits loses nothing that was answered:
+/// callers push as fast as they are answered, the process is killed while
+/// they do, and after a restart every push that was answered 200 is in its
+/// inbox under the seq it was given (one not answered may or may not be).
+#[tokio::test]
+async fn a_kill_in_the_middle_of_group_commits_loses_no_answered_push() {
+    const CALLERS: usize = 32;
+    const ANSWERED_BEFORE_KILL: usize = 400;
+    let server = Server::start();
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = reqwest::Client::new();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..CALLERS {
+        let url = server.url(&format!("/v1/apps/{APP}/users/user-{caller}/messages"));
+        let (client, answered, stop) = (client.clone(), answered.clone(), stop.clone());
+        callers.spawn(async move {
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let payload = format!("{caller}-{n}");
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .body(format!(r#"{{"payload": "{payload}"}}"#))
+                    .send()
+                    .await;
+                let Ok(response) = sent else { return };
+                if response.status().as_u16() != 200 {
+                    return;
+                }
+                let Ok(body) = response.json::<serde_json::Value>().await else {
+                    return;
+                };
+                let seq = body["seq"].as_u64().expect("a seq");
+                answered.lock().unwrap().push((caller, seq, payload));
+            }
+        });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered.lock().unwrap().len() < ANSWERED_BEFORE_KILL {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pushes are not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let server = server.kill_and_restart();
+    stop.store(true, Ordering::Relaxed);
+    while callers.join_next().await.is_some() {}
+    let answered = std::mem::take(&mut *answered.lock().unwrap());
+    let mut found = std::collections::HashMap::new();
+    for caller in 0..CALLERS {
+        let mut after = 0;
+        loop {
+            let (status, body) = server
+                .get(
+                    &format!("/v1/apps/{APP}/users/user-{caller}/messages?after={after}"),
+                    API_KEY,
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            for message in body["messages"].as_array().unwrap() {
+                after = message["seq"].as_u64().unwrap();
+                found.insert(
+                    (caller, after),
+                    message["payload"].as_str().unwrap().to_owned(),
+                );
+            }
+            if body["more"] != true {
+                break;
+            }
+        }
+    }
+    println!(
+        "{} pushes answered before and while the kill, {} stored after the restart",
+        answered.len(),
+        found.len()
+    );
+    for (caller, seq, payload) in &answered {
+        assert_eq!(
+            found.get(&(*caller, *seq)),
+            Some(payload),
+            "push {payload} was answered with seq {seq} and is not stored under it"
+        );
     }
 }
 

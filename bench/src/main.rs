@@ -802,12 +802,28 @@ async fn push_to_all(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let peaks = sampler.finish();
-    let peak_rss = peaks.rss.max(idle_rss);
     let not_received = accepted.saturating_sub(received);
     bar.finish_and_clear();
     let (_, mut latency) = workers.report()?;
     latency.subtract(&latency_before)?;
-    Ok(json!({
+    let mut row = fan_out_json(idle_rss, &peaks, available_before, &latency);
+    row["api_errors"] = json!(api_errors);
+    row["pushes_accepted"] = json!(accepted);
+    row["not_received"] = json!(not_received);
+    Ok(row)
+}
+
+/// What `push_to_all` and `broadcast_to_all` both report: the gateways'
+/// memory at the peak against idle, and receipt latency (every receipt is
+/// timed from the send time in the payload).
+fn fan_out_json(
+    idle_rss: u64,
+    peaks: &procfs::Peaks,
+    available_before: u64,
+    latency: &Histogram<u64>,
+) -> Value {
+    let peak_rss = peaks.rss.max(idle_rss);
+    json!({
         "idle_rss_bytes": idle_rss,
         "peak_rss_bytes": peak_rss,
         "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
@@ -816,12 +832,9 @@ async fn push_to_all(
         // user space (other programs on the host move it too).
         "host_memory_used_peak_bytes":
             available_before.saturating_sub(peaks.memory_available_min),
-        "latency_us": percentiles(&latency),
+        "latency_us": percentiles(latency),
         "ms_to_last_receipt": latency.max() as f64 / 1000.0,
-        "api_errors": api_errors,
-        "pushes_accepted": accepted,
-        "not_received": not_received,
-    }))
+    })
 }
 
 /// One broadcast through the broadcast API (one call per gateway process)
@@ -869,29 +882,17 @@ async fn broadcast_to_all(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let peaks = sampler.finish();
-    let peak_rss = peaks.rss.max(idle_rss);
     bar.finish_and_clear();
     if let Err(error) = &sent {
         eprintln!("herald-bench: the broadcast failed: {error:#}");
     }
     let (_, mut latency) = workers.report()?;
     latency.subtract(&latency_before)?;
-    Ok(json!({
-        "idle_rss_bytes": idle_rss,
-        "peak_rss_bytes": peak_rss,
-        "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
-        "peak_tcp_buffer_bytes": peaks.tcp_buffers,
-        // Everything the run held at this peak, both ends, kernel and
-        // user space (other programs on the host move it too).
-        "host_memory_used_peak_bytes":
-            available_before.saturating_sub(peaks.memory_available_min),
-        "latency_us": percentiles(&latency),
-        // Every receipt is timed from the send time in the payload.
-        "ms_to_last_receipt": latency.max() as f64 / 1000.0,
-        "received": received,
-        "api_errors": u64::from(sent.is_err()),
-        "not_received": common.connections.saturating_sub(received),
-    }))
+    let mut row = fan_out_json(idle_rss, &peaks, available_before, &latency);
+    row["received"] = json!(received);
+    row["api_errors"] = json!(u64::from(sent.is_err()));
+    row["not_received"] = json!(common.connections.saturating_sub(received));
+    Ok(row)
 }
 
 fn now_nanos() -> u128 {

@@ -837,6 +837,24 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
             value.load(Ordering::Relaxed)
         );
     }
+    let commits = state.delivery.saver().commit_counts();
+    for (name, help, value) in [
+        (
+            "herald_storage_store_transactions_total",
+            "Transactions that committed stored messages (on SQLite one group commit holds many API calls).",
+            commits.transactions,
+        ),
+        (
+            "herald_storage_stores_committed_total",
+            "API calls whose message was stored (idempotent replays excluded).",
+            commits.stores,
+        ),
+    ] {
+        let _ = writeln!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         text,
         "# HELP herald_api_requests_total API requests by HTTP status.\n# TYPE herald_api_requests_total counter"

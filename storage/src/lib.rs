@@ -18,6 +18,8 @@ mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +53,30 @@ const TRANSACTION_ATTEMPTS_MAX: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct Saver {
     engine: Engine,
+    commits: Arc<CommitCounters>,
+}
+
+/// What the saver has committed of `store` calls: how many calls stored
+/// (replays store nothing and are not counted), in how many transactions
+/// (on SQLite, a group commit takes several calls; elsewhere each call is
+/// its own transaction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitCounts {
+    pub transactions: u64,
+    pub stores: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct CommitCounters {
+    transactions: AtomicU64,
+    stores: AtomicU64,
+}
+
+impl CommitCounters {
+    pub(crate) fn committed(&self, stores: u64) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.stores.fetch_add(stores, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,9 +102,12 @@ impl Saver {
     /// `sqlite:PATH` (created if missing), `mysql://user:password@host/db`
     /// (MySQL 8 or MariaDB 10.6 and later) or `postgres://user@host/db`.
     pub async fn open(url: &str) -> Result<Saver, StorageError> {
+        let commits = Arc::<CommitCounters>::default();
         let engine = if let Some(path) = url.strip_prefix("sqlite:") {
             let path = path.strip_prefix("//").unwrap_or(path);
-            Engine::Sqlite(sqlite::SqliteSaver::open(std::path::Path::new(path)).await?)
+            Engine::Sqlite(
+                sqlite::SqliteSaver::open(std::path::Path::new(path), commits.clone()).await?,
+            )
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Engine::MySql(mysql::MySqlSaver::open(url).await?)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -90,14 +119,24 @@ impl Saver {
                 redact(url)
             )));
         };
-        Ok(Saver { engine })
+        Ok(Saver { engine, commits })
     }
 
     /// Opens (creating if needed) the SQLite database file at `path`.
     pub async fn open_sqlite(path: &std::path::Path) -> Result<Saver, StorageError> {
+        let commits = Arc::<CommitCounters>::default();
         Ok(Saver {
-            engine: Engine::Sqlite(sqlite::SqliteSaver::open(path).await?),
+            engine: Engine::Sqlite(sqlite::SqliteSaver::open(path, commits.clone()).await?),
+            commits,
         })
+    }
+
+    /// What this saver (and its clones) has committed of `store` calls.
+    pub fn commit_counts(&self) -> CommitCounts {
+        CommitCounts {
+            transactions: self.commits.transactions.load(Ordering::Relaxed),
+            stores: self.commits.stores.load(Ordering::Relaxed),
+        }
     }
 
     /// The engine's name, for logs and metrics.
@@ -121,11 +160,16 @@ impl Saver {
     /// the send. Sequences stay gapless and distinct per inbox however many
     /// nodes store into it at once.
     pub async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
-        match &self.engine {
-            Engine::Sqlite(engine) => engine.store(msg).await,
+        let stored = match &self.engine {
+            // The committer counts its groups itself.
+            Engine::Sqlite(engine) => return engine.store(msg).await,
             Engine::MySql(engine) => retried(|| engine.store(msg)).await,
             Engine::Postgres(engine) => retried(|| engine.store(msg)).await,
+        };
+        if stored.as_ref().is_ok_and(|outcome| !outcome.replayed) {
+            self.commits.committed(1);
         }
+        stored
     }
 
     /// Up to `limit` unexpired messages of (app, user) with seq > after,

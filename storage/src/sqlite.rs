@@ -6,17 +6,32 @@
 //! upgrade), every write goes through a pool of exactly one connection,
 //! whose queue orders writers fairly. Reads use a separate pool: in WAL mode
 //! they run beside the writer without blocking it.
+//!
+//! Stores are committed in groups. One task, the committer, takes stores
+//! from a queue: it starts a transaction with whatever stores are waiting
+//! (up to [`GROUP_STORES_MAX`] of them, [`GROUP_USERS_MAX`] recipients in
+//! all), writes each inside its own savepoint, and commits once: one fsync
+//! for the group. It does not wait for company: a lone store is committed at
+//! once, and the stores that arrive while one commit is being synced make up
+//! the next group. Each caller is answered after the commit that made its
+//! store durable; a store that fails is rolled back to its savepoint and
+//! fails alone.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    AckCursor, BroadcastRow, InboxHead, InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage,
-    PURGE_BATCH_ROWS, StorageError, StoreOutcome, StoredBroadcast, StoredRef, delete_in_batches,
-    from_db, new_message_id, recorded_results, results_to_record, stored_broadcast, to_db,
+    AckCursor, BroadcastRow, CommitCounters, InboxHead, InboxKey, MessageId, MessageRow,
+    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome, StoredBroadcast,
+    StoredRef, delete_in_batches, from_db, new_message_id, recorded_results, results_to_record,
+    stored_broadcast, to_db,
 };
 
 /// Connections in the read pool. Reads are short indexed range scans, so a
@@ -40,17 +55,77 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// better told to retry than kept waiting.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The saver over SQLite. Cloning is cheap: clones share the pools.
+/// Stores one group commit takes at most.
+const GROUP_STORES_MAX: usize = 256;
+
+/// Recipients one group commit takes at most (a multicast counts each of
+/// its users): a group of large multicasts stays one bounded transaction.
+/// A single store larger than this is committed alone.
+const GROUP_USERS_MAX: usize = 10_000;
+
+/// Stores that may wait for the committer; past this a caller waits to be
+/// queued, up to [`ACQUIRE_TIMEOUT`].
+const STORE_QUEUE_LEN: usize = 4_096;
+
+/// The saver over SQLite. Cloning is cheap: clones share the pools and the
+/// committer's queue.
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteSaver {
     /// Exactly one connection: see the module docs.
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The committer's queue (see the module docs).
+    stores: mpsc::Sender<StoreJob>,
+}
+
+/// A store waiting for the committer, and where its answer goes.
+#[derive(Debug)]
+struct StoreJob {
+    msg: OwnedMessage,
+    answer: oneshot::Sender<Result<StoreOutcome, StorageError>>,
+}
+
+/// A [`NewMessage`] that can wait in the committer's queue.
+#[derive(Debug)]
+struct OwnedMessage {
+    app: String,
+    users: Vec<String>,
+    payload: Vec<u8>,
+    ttl_ms: u64,
+    now_ms: u64,
+    idempotency_key: Option<String>,
+}
+
+impl OwnedMessage {
+    fn new(msg: NewMessage<'_>) -> OwnedMessage {
+        OwnedMessage {
+            app: msg.app.to_owned(),
+            users: msg.users.to_vec(),
+            payload: msg.payload.to_vec(),
+            ttl_ms: msg.ttl_ms,
+            now_ms: msg.now_ms,
+            idempotency_key: msg.idempotency_key.map(str::to_owned),
+        }
+    }
+
+    fn borrow(&self) -> NewMessage<'_> {
+        NewMessage {
+            app: &self.app,
+            users: &self.users,
+            payload: &self.payload,
+            ttl_ms: self.ttl_ms,
+            now_ms: self.now_ms,
+            idempotency_key: self.idempotency_key.as_deref(),
+        }
+    }
 }
 
 impl SqliteSaver {
     /// Opens (creating if needed) the SQLite database file at `path`, runs migrations.
-    pub(crate) async fn open(path: &Path) -> Result<SqliteSaver, StorageError> {
+    pub(crate) async fn open(
+        path: &Path,
+        commits: Arc<CommitCounters>,
+    ) -> Result<SqliteSaver, StorageError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -73,100 +148,31 @@ impl SqliteSaver {
             .connect_with(options.create_if_missing(false))
             .await?;
         tracing::info!(path = %path.display(), "opened SQLite storage");
-        Ok(SqliteSaver { writer, reader })
+        let (stores, queue) = mpsc::channel(STORE_QUEUE_LEN);
+        tokio::spawn(commit_groups(writer.clone(), queue, commits));
+        Ok(SqliteSaver {
+            writer,
+            reader,
+            stores,
+        })
     }
 
-    /// See [`crate::Saver::store`]. The one write connection orders
-    /// stores, so sequences need no further locking here.
+    /// See [`crate::Saver::store`]: queued for the committer, answered
+    /// once the group it was committed in is durable.
     pub(crate) async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
-        let now_ms = to_db(msg.now_ms);
-        let expires_at_ms = to_db(msg.now_ms.saturating_add(msg.ttl_ms));
-        // IMMEDIATE takes the write lock up front, so the transaction never
-        // has to upgrade from a read lock half way (the SQLITE_BUSY trap).
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        if let Some(key) = msg.idempotency_key {
-            let recorded: Option<(String, i64)> = sqlx::query_as(
-                "SELECT results, expires_at_ms FROM idempotency_keys \
-                 WHERE app = ? AND idem_key = ?",
-            )
-            .bind(msg.app)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some((results, key_expires_at_ms)) = recorded
-                && key_expires_at_ms > now_ms
-            {
-                tx.rollback().await?;
-                let stored = recorded_results(&results, msg.app, key)?;
-                return Ok(StoreOutcome {
-                    stored,
-                    replayed: true,
-                });
-            }
+        let (answer, answered) = oneshot::channel();
+        let job = StoreJob {
+            msg: OwnedMessage::new(msg),
+            answer,
+        };
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, self.stores.send(job)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StorageError::Unavailable(sqlx::Error::PoolClosed)),
+            Err(_) => return Err(StorageError::Unavailable(sqlx::Error::PoolTimedOut)),
         }
-
-        let message_id = new_message_id(msg.now_ms);
-        let mut stored = Vec::with_capacity(msg.users.len());
-        for user in msg.users {
-            // The head row survives purges, so a sequence is never reused.
-            let seq: i64 = sqlx::query_scalar(
-                "INSERT INTO inbox_heads (app, user_id, last_seq) VALUES (?, ?, 1) \
-                 ON CONFLICT (app, user_id) DO UPDATE SET last_seq = inbox_heads.last_seq + 1 \
-                 RETURNING last_seq",
-            )
-            .bind(msg.app)
-            .bind(user.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO messages \
-                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(msg.app)
-            .bind(user.as_str())
-            .bind(seq)
-            .bind(&message_id.0[..])
-            .bind(msg.payload)
-            .bind(now_ms)
-            .bind(expires_at_ms)
-            .execute(&mut *tx)
-            .await?;
-            stored.push(StoredRef {
-                user: user.clone(),
-                seq: from_db(seq, "inbox_heads.last_seq")?,
-                message_id,
-            });
-        }
-
-        if let Some(key) = msg.idempotency_key {
-            let results = results_to_record(&stored)?;
-            // Delete-then-insert replaces an expired key portably (no
-            // dialect-specific upsert); a live key returned above.
-            sqlx::query("DELETE FROM idempotency_keys WHERE app = ? AND idem_key = ? AND expires_at_ms <= ?")
-                .bind(msg.app)
-                .bind(key)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) \
-                 VALUES (?, ?, ?, ?)",
-            )
-            .bind(msg.app)
-            .bind(key)
-            .bind(results)
-            .bind(expires_at_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        tx.commit().await?;
-        Ok(StoreOutcome {
-            stored,
-            replayed: false,
-        })
+        answered
+            .await
+            .unwrap_or(Err(StorageError::Unavailable(sqlx::Error::PoolClosed)))
     }
 
     /// Up to `limit` unexpired rows of (app, user) with seq > after, ascending.
@@ -413,4 +419,164 @@ async fn checkpoint(writer: &SqlitePool) -> Result<(), sqlx::Error> {
         .execute(writer)
         .await?;
     Ok(())
+}
+
+/// The committer (see the module docs): runs until every saver clone, and
+/// with them the queue's senders, is gone.
+async fn commit_groups(
+    writer: SqlitePool,
+    mut queue: mpsc::Receiver<StoreJob>,
+    commits: Arc<CommitCounters>,
+) {
+    let mut group: Vec<StoreJob> = Vec::with_capacity(GROUP_STORES_MAX);
+    while let Some(first) = queue.recv().await {
+        let mut users = first.msg.users.len();
+        group.push(first);
+        while group.len() < GROUP_STORES_MAX && users < GROUP_USERS_MAX {
+            let Ok(next) = queue.try_recv() else { break };
+            users += next.msg.users.len();
+            group.push(next);
+        }
+        match commit_group(&writer, &group).await {
+            Ok(outcomes) => {
+                let stored = outcomes
+                    .iter()
+                    .filter(|outcome| outcome.as_ref().is_ok_and(|outcome| !outcome.replayed))
+                    .count();
+                commits.committed(stored as u64);
+                for (job, outcome) in group.drain(..).zip(outcomes) {
+                    // A caller that gave up waiting no longer listens; its
+                    // store is durable all the same.
+                    let _ = job.answer.send(outcome);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, stores = group.len(), "a group commit failed");
+                let reason = error.to_string();
+                for job in group.drain(..) {
+                    let _ = job
+                        .answer
+                        .send(Err(StorageError::Unavailable(sqlx::Error::Protocol(
+                            format!("the group commit failed: {reason}"),
+                        ))));
+                }
+            }
+        }
+    }
+}
+
+/// Writes `group` in one transaction, each store in its own savepoint, and
+/// commits: the outcome of each store, or an error that fails the whole
+/// group (nothing of it was committed).
+async fn commit_group(
+    writer: &SqlitePool,
+    group: &[StoreJob],
+) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
+    // IMMEDIATE takes the write lock up front, so the transaction never
+    // has to upgrade from a read lock half way (the SQLITE_BUSY trap).
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        sqlx::query("SAVEPOINT store").execute(&mut *tx).await?;
+        let outcome = store_in(&mut tx, job.msg.borrow()).await;
+        if outcome.is_err() {
+            sqlx::query("ROLLBACK TO store").execute(&mut *tx).await?;
+        }
+        sqlx::query("RELEASE store").execute(&mut *tx).await?;
+        outcomes.push(outcome);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// One store inside the committer's transaction: for each user the next
+/// seq and the message row, and the idempotency key's record; or, for a key
+/// already recorded (by an earlier group, or earlier in this one) and not
+/// expired, the recorded results, writing nothing.
+async fn store_in(
+    tx: &mut SqliteConnection,
+    msg: NewMessage<'_>,
+) -> Result<StoreOutcome, StorageError> {
+    let now_ms = to_db(msg.now_ms);
+    let expires_at_ms = to_db(msg.now_ms.saturating_add(msg.ttl_ms));
+    if let Some(key) = msg.idempotency_key {
+        let recorded: Option<(String, i64)> = sqlx::query_as(
+            "SELECT results, expires_at_ms FROM idempotency_keys \
+             WHERE app = ? AND idem_key = ?",
+        )
+        .bind(msg.app)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((results, key_expires_at_ms)) = recorded
+            && key_expires_at_ms > now_ms
+        {
+            let stored = recorded_results(&results, msg.app, key)?;
+            return Ok(StoreOutcome {
+                stored,
+                replayed: true,
+            });
+        }
+    }
+    let message_id = new_message_id(msg.now_ms);
+    let mut stored = Vec::with_capacity(msg.users.len());
+    for user in msg.users {
+        // The head row survives purges, so a sequence is never reused.
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO inbox_heads (app, user_id, last_seq) VALUES (?, ?, 1) \
+             ON CONFLICT (app, user_id) DO UPDATE SET last_seq = inbox_heads.last_seq + 1 \
+             RETURNING last_seq",
+        )
+        .bind(msg.app)
+        .bind(user.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO messages \
+             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(msg.app)
+        .bind(user.as_str())
+        .bind(seq)
+        .bind(&message_id.0[..])
+        .bind(msg.payload)
+        .bind(now_ms)
+        .bind(expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        stored.push(StoredRef {
+            user: user.clone(),
+            seq: from_db(seq, "inbox_heads.last_seq")?,
+            message_id,
+        });
+    }
+
+    if let Some(key) = msg.idempotency_key {
+        let results = results_to_record(&stored)?;
+        // Delete-then-insert replaces an expired key portably (no
+        // dialect-specific upsert); a live key returned above.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE app = ? AND idem_key = ? AND expires_at_ms <= ?",
+        )
+        .bind(msg.app)
+        .bind(key)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(msg.app)
+        .bind(key)
+        .bind(results)
+        .bind(expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(StoreOutcome {
+        stored,
+        replayed: false,
+    })
 }

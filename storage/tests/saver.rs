@@ -493,6 +493,15 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
         seqs_of(&saver, APP, "alice", T0).await,
         (1..=STORES).collect::<Vec<_>>()
     );
+    let counts = saver.commit_counts();
+    println!("{:?}: {STORES} concurrent stores in {counts:?}", db.engine);
+    assert_eq!(counts.stores, STORES);
+    if db.engine == engines::Engine::Sqlite {
+        // Stores that arrive while a commit is being synced share the next.
+        assert!(counts.transactions < STORES / 4, "{counts:?}");
+    } else {
+        assert_eq!(counts.transactions, STORES);
+    }
 }
 
 async fn empty_recipient_list_stores_nothing(db: TestDb) {
@@ -667,6 +676,105 @@ async fn one_key_sent_to_two_nodes_at_once_stores_once(db: TestDb) {
     assert_eq!(seqs_of(&nodes[1], APP, "alice", T0).await, [1]);
 }
 
+/// Many calls with one idempotency key at once on one node (on SQLite they
+/// meet in one group commit) store once: one call stores, the others
+/// replay its result.
+async fn one_key_sent_many_times_at_once_to_one_node_stores_once(db: TestDb) {
+    let saver = db.open().await;
+    let alice = users(&["alice"]);
+    let calls = (0..64).map(|_| {
+        let saver = saver.clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            saver
+                .store(NewMessage {
+                    app: APP,
+                    users: &alice,
+                    payload: b"once",
+                    ttl_ms: HOUR_MS,
+                    now_ms: T0,
+                    idempotency_key: Some("order-8"),
+                })
+                .await
+                .expect("store with a key failed")
+        })
+    });
+    let outcomes: Vec<StoreOutcome> = joined(calls).await;
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+    assert!(outcomes.iter().all(|o| o.stored == outcomes[0].stored));
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1]);
+}
+
+/// Statements that make the database refuse any message row for the user
+/// `poison`, in each engine's dialect.
+fn poison_trigger(engine: engines::Engine) -> &'static [&'static str] {
+    match engine {
+        engines::Engine::Sqlite => &["CREATE TRIGGER poison BEFORE INSERT ON messages \
+              WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"],
+        engines::Engine::MySql => &[
+            "CREATE TRIGGER poison BEFORE INSERT ON messages FOR EACH ROW \
+              BEGIN IF NEW.user_id = 'poison' THEN \
+              SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poisoned'; END IF; END",
+        ],
+        engines::Engine::Postgres => &[
+            "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN \
+             IF NEW.user_id = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER poison BEFORE INSERT ON messages \
+             FOR EACH ROW EXECUTE FUNCTION poison()",
+        ],
+    }
+}
+
+/// A store that fails half way (its first recipient's row is written, the
+/// database refuses the second's) fails alone: nothing of it is kept, and
+/// the stores beside it (on SQLite, in the same group commit) are all
+/// answered, durable, and given gapless sequences.
+async fn a_store_that_fails_half_way_fails_alone(db: TestDb) {
+    const STORES: u64 = 64;
+    let saver = db.open().await;
+    for statement in poison_trigger(db.engine) {
+        db.execute(statement).await;
+    }
+    let poisoned = |i: u64| i % 8 == 3;
+    let calls = (0..STORES).map(|i| {
+        let saver = saver.clone();
+        tokio::spawn(async move {
+            let recipients = if poisoned(i) {
+                users(&["alice", "poison"])
+            } else {
+                users(&["alice"])
+            };
+            saver
+                .store(NewMessage {
+                    app: APP,
+                    users: &recipients,
+                    payload: &i.to_be_bytes(),
+                    ttl_ms: HOUR_MS,
+                    now_ms: T0,
+                    idempotency_key: None,
+                })
+                .await
+        })
+    });
+    let outcomes = joined(calls).await;
+    let mut seqs = Vec::new();
+    for (i, outcome) in (0..STORES).zip(&outcomes) {
+        match outcome {
+            Ok(outcome) => {
+                assert!(!poisoned(i), "store {i} has a refused row yet succeeded");
+                seqs.push(outcome.stored[0].seq);
+            }
+            Err(error) => assert!(poisoned(i), "store {i} failed: {error}"),
+        }
+    }
+    seqs.sort_unstable();
+    let good = (0..STORES).filter(|&i| !poisoned(i)).count() as u64;
+    assert_eq!(seqs, (1..=good).collect::<Vec<_>>());
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, seqs);
+    assert!(seqs_of(&saver, APP, "poison", T0).await.is_empty());
+}
+
 async fn joined<T: Send + 'static>(
     tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
 ) -> Vec<T> {
@@ -785,5 +893,7 @@ on_every_engine!(
     inbox_heads_answer_each_key_in_order_in_one_call,
     two_nodes_storing_at_once_get_gapless_distinct_seqs,
     one_key_sent_to_two_nodes_at_once_stores_once,
+    one_key_sent_many_times_at_once_to_one_node_stores_once,
+    a_store_that_fails_half_way_fails_alone,
     broadcasts_are_stored_once_per_app_in_sequence,
 );
