@@ -83,7 +83,9 @@ struct InFlight {
     /// Its connection is gone: never submit the rest, its descriptor may
     /// name another socket by now.
     cancelled: bool,
-    /// The `enters` count when it was (last) submitted.
+    /// The `enters` count when it was first submitted. A short send's rest
+    /// is resubmitted without changing it: the socket was full, so the
+    /// send counts as blocked (`send_blocked`) from then on.
     submitted_at: u64,
 }
 
