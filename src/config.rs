@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use herald_proto::limits::{APP_ID_LEN_MAX, APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
+use herald_storage::GroupCommit;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_NODE_ID: &str = "node-1";
@@ -66,6 +67,12 @@ pub const DEFAULT_API_CONNECTIONS_MAX: usize = 1024;
 const API_TIMEOUT_SECS_MAX: u64 = 3600;
 pub const DEFAULT_ACK_FLUSH_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_PURGE_INTERVAL_SECS: u64 = 60;
+/// Bounds of the `storage.group_commit_*` settings: a transaction of more
+/// calls or recipients holds SQLite's write lock for long, and a push
+/// should not wait long for company.
+const GROUP_COMMIT_STORES_MAX: usize = 4_096;
+const GROUP_COMMIT_RECIPIENTS_MAX: usize = 100_000;
+const GROUP_COMMIT_WAIT_MS_MAX: u64 = 100;
 pub const DEFAULT_DRAIN_RECONNECT_DELAY_MS: u32 = 1_000;
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 
@@ -263,6 +270,12 @@ pub struct ApiSection {
 pub struct StorageSection {
     pub ack_flush_interval_ms: u64,
     pub purge_interval_secs: u64,
+    /// SQLite's group commit: calls one transaction takes at most.
+    pub group_commit_stores_max: usize,
+    /// SQLite's group commit: recipients one transaction takes at most.
+    pub group_commit_recipients_max: usize,
+    /// SQLite's group commit: how long the first call waits for company.
+    pub group_commit_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -383,6 +396,20 @@ impl Default for StorageSection {
         StorageSection {
             ack_flush_interval_ms: DEFAULT_ACK_FLUSH_INTERVAL_MS,
             purge_interval_secs: DEFAULT_PURGE_INTERVAL_SECS,
+            group_commit_stores_max: GroupCommit::default().stores_max,
+            group_commit_recipients_max: GroupCommit::default().recipients_max,
+            group_commit_wait_ms: GroupCommit::default().wait.as_millis() as u64,
+        }
+    }
+}
+
+impl StorageSection {
+    /// How the embedded SQLite saver groups stores.
+    pub fn group_commit(&self) -> GroupCommit {
+        GroupCommit {
+            stores_max: self.group_commit_stores_max,
+            recipients_max: self.group_commit_recipients_max,
+            wait: Duration::from_millis(self.group_commit_wait_ms),
         }
     }
 }
@@ -530,6 +557,16 @@ impl Config {
         }
         if self.api.connections_max == 0 {
             bail!("api.connections_max must be positive");
+        }
+        let storage = &self.storage;
+        if !(1..=GROUP_COMMIT_STORES_MAX).contains(&storage.group_commit_stores_max) {
+            bail!("storage.group_commit_stores_max must be 1 to {GROUP_COMMIT_STORES_MAX}");
+        }
+        if !(1..=GROUP_COMMIT_RECIPIENTS_MAX).contains(&storage.group_commit_recipients_max) {
+            bail!("storage.group_commit_recipients_max must be 1 to {GROUP_COMMIT_RECIPIENTS_MAX}");
+        }
+        if storage.group_commit_wait_ms > GROUP_COMMIT_WAIT_MS_MAX {
+            bail!("storage.group_commit_wait_ms must be 0 to {GROUP_COMMIT_WAIT_MS_MAX}");
         }
         let listeners = self.gateway_listeners();
         if listeners.len() > herald_room::LISTENERS_MAX {
@@ -767,6 +804,30 @@ mod tests {
             edit(&mut config.api);
             let error = config.validate().unwrap_err().to_string();
             assert!(error.starts_with("api."), "{error}");
+        }
+
+        for (edit, name) in [
+            (
+                (|storage: &mut StorageSection| storage.group_commit_stores_max = 0)
+                    as fn(&mut StorageSection),
+                "storage.group_commit_stores_max",
+            ),
+            (
+                |storage| storage.group_commit_recipients_max = GROUP_COMMIT_RECIPIENTS_MAX + 1,
+                "storage.group_commit_recipients_max",
+            ),
+            (
+                |storage| storage.group_commit_wait_ms = GROUP_COMMIT_WAIT_MS_MAX + 1,
+                "storage.group_commit_wait_ms",
+            ),
+        ] {
+            let mut config = Config {
+                apps: vec![app()],
+                ..Config::default()
+            };
+            edit(&mut config.storage);
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.starts_with(name), "{error}");
         }
     }
 

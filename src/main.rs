@@ -555,7 +555,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
             let db_path = config.data_dir.join("herald.db");
-            herald_storage::Saver::open_sqlite(&db_path)
+            herald_storage::Saver::open_sqlite(&db_path, config.storage.group_commit())
                 .await
                 .with_context(|| format!("cannot open storage at {}", db_path.display()))?
         }

@@ -66,6 +66,33 @@ pub struct CommitCounts {
     pub stores: u64,
 }
 
+/// How SQLite's committer groups stores into transactions (see
+/// `storage/src/sqlite.rs`). MySQL and PostgreSQL commit each call on its
+/// own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// Calls one transaction takes at most.
+    pub stores_max: usize,
+    /// Recipients one transaction takes at most (a multicast counts each
+    /// of its users). A single call with more is committed alone.
+    pub recipients_max: usize,
+    /// How long the committer waits for more calls when the first finds
+    /// none waiting. Zero: it never waits, and a lone push is committed at
+    /// once; the calls that arrive during one commit make up the next group
+    /// anyway.
+    pub wait: Duration,
+}
+
+impl Default for GroupCommit {
+    fn default() -> GroupCommit {
+        GroupCommit {
+            stores_max: 256,
+            recipients_max: 10_000,
+            wait: Duration::ZERO,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct CommitCounters {
     transactions: AtomicU64,
@@ -106,7 +133,12 @@ impl Saver {
         let engine = if let Some(path) = url.strip_prefix("sqlite:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             Engine::Sqlite(
-                sqlite::SqliteSaver::open(std::path::Path::new(path), commits.clone()).await?,
+                sqlite::SqliteSaver::open(
+                    std::path::Path::new(path),
+                    GroupCommit::default(),
+                    commits.clone(),
+                )
+                .await?,
             )
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Engine::MySql(mysql::MySqlSaver::open(url).await?)
@@ -122,11 +154,17 @@ impl Saver {
         Ok(Saver { engine, commits })
     }
 
-    /// Opens (creating if needed) the SQLite database file at `path`.
-    pub async fn open_sqlite(path: &std::path::Path) -> Result<Saver, StorageError> {
+    /// Opens (creating if needed) the SQLite database file at `path`, its
+    /// stores committed in groups as `group_commit` says.
+    pub async fn open_sqlite(
+        path: &std::path::Path,
+        group_commit: GroupCommit,
+    ) -> Result<Saver, StorageError> {
         let commits = Arc::<CommitCounters>::default();
         Ok(Saver {
-            engine: Engine::Sqlite(sqlite::SqliteSaver::open(path, commits.clone()).await?),
+            engine: Engine::Sqlite(
+                sqlite::SqliteSaver::open(path, group_commit, commits.clone()).await?,
+            ),
             commits,
         })
     }

@@ -9,14 +9,13 @@
 //!
 //! Stores are committed in groups. One task, the committer, takes stores
 //! from a queue: it starts a transaction with whatever stores are waiting
-//! (up to [`GROUP_STORES_MAX`] of them, [`GROUP_USERS_MAX`] recipients in
-//! all), writes each inside its own savepoint, and commits once: one fsync
-//! for the group. It does not wait for company: a lone store is committed at
-//! once, and the stores that arrive while one commit is being synced make up
-//! the next group. Each caller is answered after the commit that made its
-//! store durable; a store that fails fails alone (the group is written
-//! again with a savepoint around each store, and the failing one rolled
-//! back to its own).
+//! (within the bounds of [`GroupCommit`]), writes them, and commits once:
+//! one fsync for the group. By default it does not wait for company: a lone
+//! store is committed at once, and the stores that arrive while one commit
+//! is being synced make up the next group. Each caller is answered after
+//! the commit that made its store durable; a store that fails fails alone
+//! (the group is written again with a savepoint around each store, and the
+//! failing one rolled back to its own).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -55,14 +54,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// storm this is the backpressure point: a caller waiting this long is
 /// better told to retry than kept waiting.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Stores one group commit takes at most.
-const GROUP_STORES_MAX: usize = 256;
-
-/// Recipients one group commit takes at most (a multicast counts each of
-/// its users): a group of large multicasts stays one bounded transaction.
-/// A single store larger than this is committed alone.
-const GROUP_USERS_MAX: usize = 10_000;
 
 /// Stores that may wait for the committer; past this a caller waits to be
 /// queued, up to [`ACQUIRE_TIMEOUT`].
@@ -125,6 +116,7 @@ impl SqliteSaver {
     /// Opens (creating if needed) the SQLite database file at `path`, runs migrations.
     pub(crate) async fn open(
         path: &Path,
+        group_commit: GroupCommit,
         commits: Arc<CommitCounters>,
     ) -> Result<SqliteSaver, StorageError> {
         let options = SqliteConnectOptions::new()
@@ -150,7 +142,7 @@ impl SqliteSaver {
             .await?;
         tracing::info!(path = %path.display(), "opened SQLite storage");
         let (stores, queue) = mpsc::channel(STORE_QUEUE_LEN);
-        tokio::spawn(commit_groups(writer.clone(), queue, commits));
+        tokio::spawn(commit_groups(writer.clone(), queue, group_commit, commits));
         Ok(SqliteSaver {
             writer,
             reader,
@@ -427,14 +419,25 @@ async fn checkpoint(writer: &SqlitePool) -> Result<(), sqlx::Error> {
 async fn commit_groups(
     writer: SqlitePool,
     mut queue: mpsc::Receiver<StoreJob>,
+    bounds: GroupCommit,
     commits: Arc<CommitCounters>,
 ) {
-    let mut group: Vec<StoreJob> = Vec::with_capacity(GROUP_STORES_MAX);
+    let mut group: Vec<StoreJob> = Vec::with_capacity(bounds.stores_max);
     while let Some(first) = queue.recv().await {
+        let waited_until = tokio::time::Instant::now() + bounds.wait;
         let mut users = first.msg.users.len();
         group.push(first);
-        while group.len() < GROUP_STORES_MAX && users < GROUP_USERS_MAX {
-            let Ok(next) = queue.try_recv() else { break };
+        while group.len() < bounds.stores_max && users < bounds.recipients_max {
+            let next = match queue.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty) if !bounds.wait.is_zero() => {
+                    match tokio::time::timeout_at(waited_until, queue.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            };
             users += next.msg.users.len();
             group.push(next);
         }

@@ -12,8 +12,8 @@ use std::collections::HashSet;
 
 use engines::TestDb;
 use herald_storage::{
-    AckCursor, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX, NewBroadcast, NewMessage,
-    PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
+    AckCursor, CommitCounts, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
+    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
 };
 
 const APP: &str = "app1";
@@ -866,6 +866,59 @@ async fn broadcasts_are_stored_once_per_app_in_sequence(db: TestDb) {
             .unwrap()
             .len(),
         19
+    );
+}
+
+/// SQLite's committer keeps to its bounds: one call a transaction when told
+/// so, and calls a few milliseconds apart in one transaction when told to
+/// wait for company.
+#[tokio::test]
+async fn sqlite_group_commit_keeps_to_its_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let one_a_transaction = GroupCommit {
+        stores_max: 1,
+        ..GroupCommit::default()
+    };
+    let saver = Saver::open_sqlite(&dir.path().join("one.db"), one_a_transaction)
+        .await
+        .unwrap();
+    let calls = (0..20u64).map(|i| {
+        let saver = saver.clone();
+        tokio::spawn(
+            async move { store(&saver, APP, &users(&["alice"]), &i.to_be_bytes(), T0).await },
+        )
+    });
+    joined(calls).await;
+    assert_eq!(
+        saver.commit_counts(),
+        CommitCounts {
+            transactions: 20,
+            stores: 20
+        }
+    );
+
+    let waiting = GroupCommit {
+        wait: std::time::Duration::from_millis(500),
+        ..GroupCommit::default()
+    };
+    let saver = Saver::open_sqlite(&dir.path().join("wait.db"), waiting)
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..3u64 {
+        let saver = saver.clone();
+        calls.push(tokio::spawn(async move {
+            store(&saver, APP, &users(&["alice"]), &i.to_be_bytes(), T0).await
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    joined(calls.into_iter()).await;
+    assert_eq!(
+        saver.commit_counts(),
+        CommitCounts {
+            transactions: 1,
+            stores: 3
+        }
     );
 }
 
