@@ -28,10 +28,10 @@ use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    AckCursor, BroadcastRow, CommitCounters, InboxHead, InboxKey, MessageId, MessageRow,
-    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome, StoredBroadcast,
-    StoredRef, delete_in_batches, from_db, new_message_id, recorded_results, results_to_record,
-    stored_broadcast, to_db,
+    AckCursor, BroadcastRow, CommitCounters, GroupCommit, InboxHead, InboxKey, MessageId,
+    MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome,
+    StoredBroadcast, StoredRef, delete_in_batches, from_db, new_message_id, recorded_results,
+    results_to_record, stored_broadcast, to_db,
 };
 
 /// Connections in the read pool. Reads are short indexed range scans, so a
