@@ -17,6 +17,7 @@
 //! (the group is written again with a savepoint around each store, and the
 //! failing one rolled back to its own).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +25,12 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool};
+use sqlx::{AssertSqlSafe, Executor, QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    AckCursor, BroadcastRow, CommitCounters, GroupCommit, InboxHead, InboxKey, MessageId,
-    MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome,
+    AckCursor, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, GroupCommit, InboxHead, InboxKey,
+    MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome,
     StoredBroadcast, StoredRef, delete_in_batches, from_db, new_message_id, recorded_results,
     results_to_record, stored_broadcast, to_db,
 };
@@ -500,6 +501,18 @@ async fn write_group(
     // IMMEDIATE takes the write lock up front, so the transaction never
     // has to upgrade from a read lock half way (the SQLITE_BUSY trap).
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    if !savepoints && group.iter().all(|job| job.msg.idempotency_key.is_none()) {
+        return match write_rows(&mut tx, group).await {
+            Ok(outcomes) => {
+                tx.commit().await?;
+                Ok(Some(outcomes.into_iter().map(Ok).collect()))
+            }
+            Err(_) => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+        };
+    }
     let mut outcomes = Vec::with_capacity(group.len());
     for job in group {
         if !savepoints {
@@ -521,6 +534,100 @@ async fn write_group(
     }
     tx.commit().await?;
     Ok(Some(outcomes))
+}
+
+/// A group without idempotency keys, in a few multi-row statements rather
+/// than two statements a recipient (each statement is a round trip to
+/// SQLite's worker thread): one upsert of the inbox heads that raises each
+/// by the number of messages the group brings it and returns the new head,
+/// then the message rows. Each inbox's new seqs are handed out in the
+/// group's order.
+async fn write_rows(
+    tx: &mut SqliteConnection,
+    group: &[StoreJob],
+) -> Result<Vec<StoreOutcome>, StorageError> {
+    // Per inbox, how many messages the group brings it.
+    let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+    for job in group {
+        for user in &job.msg.users {
+            *counts
+                .entry((job.msg.app.as_str(), user.as_str()))
+                .or_default() += 1;
+        }
+    }
+    let counts: Vec<((&str, &str), i64)> = counts.into_iter().collect();
+    // Per inbox, the next seq to hand out.
+    let mut next_seqs: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
+    for chunk in counts.chunks(BATCH_ROWS_MAX) {
+        let mut raise =
+            QueryBuilder::<Sqlite>::new("INSERT INTO inbox_heads (app, user_id, last_seq) ");
+        raise.push_values(chunk, |mut row, ((app, user), count)| {
+            row.push_bind(*app).push_bind(*user).push_bind(*count);
+        });
+        // The head row survives purges, so a sequence is never reused.
+        raise.push(
+            " ON CONFLICT (app, user_id) DO UPDATE \
+             SET last_seq = inbox_heads.last_seq + excluded.last_seq \
+             RETURNING app, user_id, last_seq",
+        );
+        let heads: Vec<(String, String, i64)> = raise.build_query_as().fetch_all(&mut *tx).await?;
+        // RETURNING's order is not the rows' order: match by inbox.
+        let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        for (app, user, last_seq) in heads {
+            returned.entry(app).or_default().insert(user, last_seq);
+        }
+        for &((app, user), count) in chunk {
+            let last_seq = returned
+                .get(app)
+                .and_then(|users| users.get(user))
+                .ok_or_else(|| {
+                    StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
+                })?;
+            next_seqs.insert((app, user), last_seq - count + 1);
+        }
+    }
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        let message_id = new_message_id(job.msg.now_ms);
+        let mut stored = Vec::with_capacity(job.msg.users.len());
+        for user in &job.msg.users {
+            let next = next_seqs
+                .get_mut(&(job.msg.app.as_str(), user.as_str()))
+                .expect("every recipient's inbox was raised above");
+            stored.push(StoredRef {
+                user: user.clone(),
+                seq: from_db(*next, "inbox_heads.last_seq")?,
+                message_id,
+            });
+            *next += 1;
+        }
+        outcomes.push(StoreOutcome {
+            stored,
+            replayed: false,
+        });
+    }
+    let rows: Vec<(&OwnedMessage, &StoredRef)> = group
+        .iter()
+        .zip(&outcomes)
+        .flat_map(|(job, outcome)| outcome.stored.iter().map(move |stored| (&job.msg, stored)))
+        .collect();
+    for chunk in rows.chunks(BATCH_ROWS_MAX) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO messages \
+             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
+        );
+        insert.push_values(chunk, |mut row, (msg, stored)| {
+            row.push_bind(msg.app.as_str())
+                .push_bind(stored.user.as_str())
+                .push_bind(to_db(stored.seq))
+                .push_bind(&stored.message_id.0[..])
+                .push_bind(&msg.payload[..])
+                .push_bind(to_db(msg.now_ms))
+                .push_bind(to_db(msg.now_ms.saturating_add(msg.ttl_ms)));
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    Ok(outcomes)
 }
 
 /// One store inside the committer's transaction: for each user the next

@@ -469,11 +469,16 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
         .map(|i| {
             let saver = saver.clone();
             tokio::spawn(async move {
-                let alice = vec!["alice".to_string()];
+                // Every other call also writes to its own inbox.
+                let users = if i % 2 == 0 {
+                    vec!["alice".to_string()]
+                } else {
+                    vec![format!("user-{i}"), "alice".to_string()]
+                };
                 saver
                     .store(NewMessage {
                         app: APP,
-                        users: &alice,
+                        users: &users,
                         payload: &i.to_be_bytes(),
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
@@ -484,15 +489,34 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
         })
         .collect();
     let mut seqs = HashSet::new();
-    for task in tasks {
+    let mut payload_of_seq = std::collections::HashMap::new();
+    for (i, task) in (0..STORES).zip(tasks) {
         let outcome = task.await.unwrap().expect("store failed under concurrency");
-        assert!(seqs.insert(outcome.stored[0].seq), "duplicate seq");
+        let alice = outcome.stored.last().unwrap();
+        assert_eq!(alice.user, "alice");
+        assert!(seqs.insert(alice.seq), "duplicate seq");
+        payload_of_seq.insert(alice.seq, i.to_be_bytes().to_vec());
+        if i % 2 == 1 {
+            assert_eq!(outcome.stored[0].seq, 1, "user-{i}'s first message");
+        }
     }
     assert_eq!(seqs, (1..=STORES).collect::<HashSet<_>>());
+    let (stored, _) = saver
+        .messages_after(APP, "alice", 0, MESSAGES_AFTER_LIMIT_MAX, T0)
+        .await
+        .unwrap();
     assert_eq!(
-        seqs_of(&saver, APP, "alice", T0).await,
+        stored.iter().map(|message| message.seq).collect::<Vec<_>>(),
         (1..=STORES).collect::<Vec<_>>()
     );
+    for message in &stored {
+        assert_eq!(
+            message.payload[..],
+            payload_of_seq[&message.seq][..],
+            "the row stored under seq {} is another call's",
+            message.seq
+        );
+    }
     let counts = saver.commit_counts();
     println!("{:?}: {STORES} concurrent stores in {counts:?}", db.engine);
     assert_eq!(counts.stores, STORES);
