@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -322,7 +323,9 @@ struct MessageBody {
 }
 
 struct CheckedMessage {
-    payload: Vec<u8>,
+    /// The bytes the body was parsed into, shared from here to storage and
+    /// every connection's delivery without another copy.
+    payload: Bytes,
     ttl: Duration,
     idempotency_key: Option<String>,
 }
@@ -364,7 +367,7 @@ fn check_message(
         )));
     }
     Ok(CheckedMessage {
-        payload,
+        payload: Bytes::from(payload),
         ttl: Duration::from_secs(ttl_secs),
         idempotency_key: body.idempotency_key,
     })
@@ -405,7 +408,7 @@ async fn push(
         .push(
             &app,
             &[user],
-            &message.payload,
+            message.payload.clone(),
             message.ttl,
             message.idempotency_key.as_deref(),
         )
@@ -466,7 +469,7 @@ async fn multicast(
         .push(
             &app,
             &users,
-            &message.payload,
+            message.payload.clone(),
             message.ttl,
             message.idempotency_key.as_deref(),
         )

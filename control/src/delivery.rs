@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use herald_proto::GoAwayReason;
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{
@@ -235,7 +236,7 @@ impl Delivery {
         &self,
         app: &str,
         users: &[String],
-        payload: &[u8],
+        payload: Bytes,
         ttl: Duration,
         idempotency_key: Option<&str>,
     ) -> Result<(Vec<PushResult>, bool), StorageError> {
@@ -244,7 +245,7 @@ impl Delivery {
             .store(NewMessage {
                 app,
                 users,
-                payload,
+                payload: &payload,
                 ttl_ms: ttl.as_millis() as u64,
                 now_ms: unix_ms(),
                 idempotency_key,
@@ -255,7 +256,6 @@ impl Delivery {
                 .messages_stored
                 .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
         }
-        let payload = bytes::Bytes::copy_from_slice(payload);
         // One copy of the app id for every delivery of the call.
         let app_id = AppId::from(app);
         let mut remote: HashMap<(String, u64), Vec<(ConnId, u64)>> = HashMap::new();

@@ -643,7 +643,8 @@ pub struct NewMessage<'a> {
     /// listed twice gets two sequences (same message id); the caller is
     /// expected to de-duplicate.
     pub users: &'a [String],
-    pub payload: &'a [u8],
+    /// Shared, not copied, by a store that waits in SQLite's committer queue.
+    pub payload: &'a Bytes,
     /// How long the message (and the idempotency key, if any) is kept.
     pub ttl_ms: u64,
     /// Unix milliseconds; time is passed in so tests control it.

@@ -140,7 +140,7 @@ impl MySqlSaver {
             )
             .bind(msg.app)
             .bind(&message_id.0[..])
-            .bind(msg.payload)
+            .bind(&msg.payload[..])
             .bind(now_ms)
             .bind(expires_at_ms)
             .bind(recipients)

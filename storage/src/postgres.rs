@@ -112,7 +112,7 @@ impl PgSaver {
             .bind(&users)
             .bind(&seqs)
             .bind(&message_id.0[..])
-            .bind(msg.payload)
+            .bind(&msg.payload[..])
             .bind(now_ms)
             .bind(expires_at_ms)
             .execute(&mut *tx)

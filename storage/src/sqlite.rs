@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -83,7 +84,7 @@ struct StoreJob {
 struct OwnedMessage {
     app: String,
     users: Vec<String>,
-    payload: Vec<u8>,
+    payload: Bytes,
     ttl_ms: u64,
     now_ms: u64,
     idempotency_key: Option<String>,
@@ -94,7 +95,7 @@ impl OwnedMessage {
         OwnedMessage {
             app: msg.app.to_owned(),
             users: msg.users.to_vec(),
-            payload: msg.payload.to_vec(),
+            payload: msg.payload.clone(),
             ttl_ms: msg.ttl_ms,
             now_ms: msg.now_ms,
             idempotency_key: msg.idempotency_key.map(str::to_owned),
@@ -681,7 +682,7 @@ async fn store_in(
         .bind(user.as_str())
         .bind(seq)
         .bind(&message_id.0[..])
-        .bind(msg.payload)
+        .bind(&msg.payload[..])
         .bind(now_ms)
         .bind(expires_at_ms)
         .execute(&mut *tx)

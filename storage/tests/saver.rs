@@ -10,6 +10,8 @@ mod engines;
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
+
 use engines::TestDb;
 use herald_storage::{
     AckCursor, CommitCounts, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
@@ -36,7 +38,7 @@ async fn store(
         .store(NewMessage {
             app,
             users,
-            payload,
+            payload: &Bytes::copy_from_slice(payload),
             ttl_ms: HOUR_MS,
             now_ms,
             idempotency_key: None,
@@ -157,18 +159,19 @@ async fn multicast_shares_one_message_id_and_gives_each_user_one_seq(db: TestDb)
 async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestDb) {
     let saver = db.open().await;
     let alice_bob = users(&["alice", "bob"]);
-    let send = |payload: &'static [u8], now_ms| NewMessage {
+    let payloads = [&b"first"[..], b"retry", b"other app"].map(Bytes::from_static);
+    let send = |payload: usize, now_ms| NewMessage {
         app: APP,
         users: &alice_bob,
-        payload,
+        payload: &payloads[payload],
         ttl_ms: HOUR_MS,
         now_ms,
         idempotency_key: Some("send-1"),
     };
-    let first = saver.store(send(b"first", T0)).await.unwrap();
+    let first = saver.store(send(0, T0)).await.unwrap();
     assert!(!first.replayed);
 
-    let retry = saver.store(send(b"retry", T0 + HOUR_MS - 1)).await.unwrap();
+    let retry = saver.store(send(1, T0 + HOUR_MS - 1)).await.unwrap();
     assert!(retry.replayed);
     assert_eq!(retry.stored, first.stored);
     for user in ["alice", "bob"] {
@@ -179,7 +182,7 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestD
     let other_app = saver
         .store(NewMessage {
             app: "app2",
-            ..send(b"other app", T0)
+            ..send(2, T0)
         })
         .await
         .unwrap();
@@ -189,10 +192,11 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestD
 async fn idempotency_key_past_its_ttl_stores_anew(db: TestDb) {
     let saver = db.open().await;
     let alice = users(&["alice"]);
+    let x = Bytes::from_static(b"x");
     let send = |now_ms| NewMessage {
         app: APP,
         users: &alice,
-        payload: b"x",
+        payload: &x,
         ttl_ms: HOUR_MS,
         now_ms,
         idempotency_key: Some("send-1"),
@@ -255,10 +259,11 @@ async fn messages_after_caps_the_limit(db: TestDb) {
 async fn messages_after_skips_expired_messages(db: TestDb) {
     let saver = db.open().await;
     let alice = users(&["alice"]);
+    let x = Bytes::from_static(b"x");
     let send = |ttl_ms| NewMessage {
         app: APP,
         users: &alice,
-        payload: b"x",
+        payload: &x,
         ttl_ms,
         now_ms: T0,
         idempotency_key: None,
@@ -380,10 +385,11 @@ async fn broadcast_head_counts_expired_ones_too(db: TestDb) {
 async fn purge_removes_only_expired_rows(db: TestDb) {
     let saver = db.open().await;
     let alice = users(&["alice"]);
+    let x = Bytes::from_static(b"x");
     let send = |ttl_ms, idempotency_key| NewMessage {
         app: APP,
         users: &alice,
-        payload: b"x",
+        payload: &x,
         ttl_ms,
         now_ms: T0,
         idempotency_key,
@@ -479,7 +485,7 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
                     .store(NewMessage {
                         app: APP,
                         users: &users,
-                        payload: &i.to_be_bytes(),
+                        payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
@@ -558,7 +564,7 @@ async fn unreadable_idempotency_record_is_reported_as_corrupt(db: TestDb) {
         .store(NewMessage {
             app: APP,
             users: &alice,
-            payload: b"x",
+            payload: &Bytes::from_static(b"x"),
             ttl_ms: HOUR_MS,
             now_ms: T0,
             idempotency_key: Some("broken"),
@@ -648,7 +654,7 @@ async fn two_nodes_storing_at_once_get_gapless_distinct_seqs(db: TestDb) {
                     .store(NewMessage {
                         app: APP,
                         users: &recipients,
-                        payload: &i.to_be_bytes(),
+                        payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
@@ -685,7 +691,7 @@ async fn one_key_sent_to_two_nodes_at_once_stores_once(db: TestDb) {
                 .store(NewMessage {
                     app: APP,
                     users: &alice,
-                    payload: b"once",
+                    payload: &Bytes::from_static(b"once"),
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: Some("order-7"),
@@ -714,7 +720,7 @@ async fn one_key_sent_many_times_at_once_to_one_node_stores_once(db: TestDb) {
                 .store(NewMessage {
                     app: APP,
                     users: &alice,
-                    payload: b"once",
+                    payload: &Bytes::from_static(b"once"),
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: Some("order-8"),
@@ -773,7 +779,7 @@ async fn a_store_that_fails_half_way_fails_alone(db: TestDb) {
                 .store(NewMessage {
                     app: APP,
                     users: &recipients,
-                    payload: &i.to_be_bytes(),
+                    payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: None,
@@ -821,7 +827,7 @@ async fn broadcasts_are_stored_once_per_app_in_sequence(db: TestDb) {
             saver
                 .store_broadcast(NewBroadcast {
                     app: APP,
-                    payload: &i.to_be_bytes(),
+                    payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
                     required_tags: &tags,
                     ttl_ms: if i == 19 { 10 } else { HOUR_MS },
                     now_ms: T0,
