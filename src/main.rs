@@ -87,7 +87,7 @@ enum Command {
         tls_self_signed: bool,
     },
     /// Run a room node of a cluster: a gateway that registers its sessions
-    /// in Redis and takes deliveries from control nodes (needs [cluster]).
+    /// in Redis and takes deliveries from control nodes (needs the config's cluster section).
     Room {
         #[arg(long)]
         config: PathBuf,
@@ -98,7 +98,7 @@ enum Command {
         api_listen: Option<std::net::SocketAddr>,
     },
     /// Run a control node of a cluster: the stateless HTTP API and
-    /// dispatcher (needs [cluster]). Run any number behind a load balancer.
+    /// dispatcher (needs the config's cluster section). Run any number behind a load balancer.
     Control {
         #[arg(long)]
         config: PathBuf,

@@ -247,7 +247,7 @@ impl ConnectionLike for RedisConn {
 ///
 /// Calls made while a connection is re-established wait for that attempt,
 /// so it tries once per failed call rather than retrying with backoff:
-/// while Redis is down an API call answers within [`REDIS_TIMEOUT`] instead
+/// while Redis is down an API call answers within `REDIS_TIMEOUT` instead
 /// of seconds later.
 pub async fn connect(target: &RedisTarget) -> Result<RedisConn, RegisterError> {
     match target {
@@ -330,7 +330,7 @@ impl NodeDirectory {
         }
     }
 
-    /// The live nodes by id, read again when older than [`DIRECTORY_MAX_AGE`].
+    /// The live nodes by id, read again when older than `DIRECTORY_MAX_AGE`.
     pub async fn live(&self) -> Result<LiveNodes, RegisterError> {
         if let Some((read_at, nodes)) = &*self.cached.lock().expect("directory lock")
             && read_at.elapsed() < DIRECTORY_MAX_AGE
@@ -585,7 +585,7 @@ fn add_commands(pipe: &mut redis::Pipeline, node: &str, instance: u64, change: &
 
 #[async_trait::async_trait]
 impl Register for RedisRegister {
-    /// Changes Redis fails to take are kept (up to [`UNWRITTEN_CHANGES_MAX`])
+    /// Changes Redis fails to take are kept (up to `UNWRITTEN_CHANGES_MAX`)
     /// and written first next time, in order, so a failed Remove cannot
     /// leave a dead session behind; the heartbeat retries them too.
     async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError> {
@@ -981,7 +981,7 @@ impl RoomLink {
     }
 
     /// Heartbeats until the process ends. Whenever the record was lost, or
-    /// every [`SESSIONS_REWRITE_INTERVAL`], it writes every session again;
+    /// every `SESSIONS_REWRITE_INTERVAL`, it writes every session again;
     /// after a loss it also has every binding re-check storage, since pushes
     /// in the gap found no session.
     pub async fn run_heartbeat(self: Arc<Self>, delivery: Arc<Delivery>, load: LoadProbe) {

@@ -384,7 +384,7 @@ impl Delivery {
     /// Handles shard events until every shard's sender is gone.
     ///
     /// Events are taken in batches of whatever has queued up (at most
-    /// [`EVENT_BATCH_MAX`]): one register update and one storage read per
+    /// `EVENT_BATCH_MAX`): one register update and one storage read per
     /// batch, so a reconnect storm costs round trips per batch rather than
     /// per connection, and a quiet node still answers each event at once.
     pub async fn run_events(self: Arc<Self>, events: async_channel::Receiver<ShardEvent>) {
