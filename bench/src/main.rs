@@ -737,15 +737,9 @@ async fn push_to_all(
     workers: &mut Workers,
     available_before: u64,
 ) -> anyhow::Result<Value> {
-    let idle_rss = total_rss(servers)?;
     let client = reqwest::Client::new();
     let creds = common.creds()?;
-    let (_, latency_before) = workers.report()?;
-    let received_before = workers.pushes_received();
-    let sampler = PeakSampler::start(
-        servers.iter().map(Server::pid).collect(),
-        FAN_OUT_SAMPLE_INTERVAL,
-    );
+    let fan_out = FanOut::start(servers, workers)?;
     let mut calls = tokio::task::JoinSet::new();
     let count = servers.len() as u64;
     for (g, server) in servers.iter().enumerate() {
@@ -787,7 +781,7 @@ async fn push_to_all(
                 Err(error) => return Err(error.into()),
             }
         }
-        received = workers.pushes_received() - received_before;
+        received = workers.pushes_received() - fan_out.received_before;
         bar.set_position(received);
         if calls.is_empty() && received >= accepted {
             break;
@@ -801,40 +795,61 @@ async fn push_to_all(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let peaks = sampler.finish();
+    let mut row = fan_out.finish(workers, available_before)?;
     let not_received = accepted.saturating_sub(received);
     bar.finish_and_clear();
-    let (_, mut latency) = workers.report()?;
-    latency.subtract(&latency_before)?;
-    let mut row = fan_out_json(idle_rss, &peaks, available_before, &latency);
     row["api_errors"] = json!(api_errors);
     row["pushes_accepted"] = json!(accepted);
     row["not_received"] = json!(not_received);
     Ok(row)
 }
 
-/// What `push_to_all` and `broadcast_to_all` both report: the gateways'
-/// memory at the peak against idle, and receipt latency (every receipt is
-/// timed from the send time in the payload).
-fn fan_out_json(
+/// What `push_to_all` and `broadcast_to_all` both measure from: the
+/// gateways' idle memory, the receipts and latencies so far, and a sampler
+/// of the gateways' memory while the message goes out.
+struct FanOut {
     idle_rss: u64,
-    peaks: &procfs::Peaks,
-    available_before: u64,
-    latency: &Histogram<u64>,
-) -> Value {
-    let peak_rss = peaks.rss.max(idle_rss);
-    json!({
-        "idle_rss_bytes": idle_rss,
-        "peak_rss_bytes": peak_rss,
-        "peak_over_idle": peak_rss as f64 / idle_rss.max(1) as f64,
-        "peak_tcp_buffer_bytes": peaks.tcp_buffers,
-        // Everything the run held at this peak, both ends, kernel and
-        // user space (other programs on the host move it too).
-        "host_memory_used_peak_bytes":
-            available_before.saturating_sub(peaks.memory_available_min),
-        "latency_us": percentiles(latency),
-        "ms_to_last_receipt": latency.max() as f64 / 1000.0,
-    })
+    latency_before: Histogram<u64>,
+    received_before: u64,
+    sampler: PeakSampler,
+}
+
+impl FanOut {
+    fn start(servers: &[Server], workers: &mut Workers) -> anyhow::Result<FanOut> {
+        let idle_rss = total_rss(servers)?;
+        let (_, latency_before) = workers.report()?;
+        Ok(FanOut {
+            idle_rss,
+            latency_before,
+            received_before: workers.pushes_received(),
+            sampler: PeakSampler::start(
+                servers.iter().map(Server::pid).collect(),
+                FAN_OUT_SAMPLE_INTERVAL,
+            ),
+        })
+    }
+
+    /// What both report: the gateways' memory at the peak against idle,
+    /// and receipt latency (every receipt is timed from the send time in
+    /// the payload).
+    fn finish(self, workers: &mut Workers, available_before: u64) -> anyhow::Result<Value> {
+        let peaks = self.sampler.finish();
+        let (_, mut latency) = workers.report()?;
+        latency.subtract(&self.latency_before)?;
+        let peak_rss = peaks.rss.max(self.idle_rss);
+        Ok(json!({
+            "idle_rss_bytes": self.idle_rss,
+            "peak_rss_bytes": peak_rss,
+            "peak_over_idle": peak_rss as f64 / self.idle_rss.max(1) as f64,
+            "peak_tcp_buffer_bytes": peaks.tcp_buffers,
+            // Everything the run held at this peak, both ends, kernel and
+            // user space (other programs on the host move it too).
+            "host_memory_used_peak_bytes":
+                available_before.saturating_sub(peaks.memory_available_min),
+            "latency_us": percentiles(&latency),
+            "ms_to_last_receipt": latency.max() as f64 / 1000.0,
+        }))
+    }
 }
 
 /// One broadcast through the broadcast API (one call per gateway process)
@@ -846,19 +861,13 @@ async fn broadcast_to_all(
     workers: &mut Workers,
     available_before: u64,
 ) -> anyhow::Result<Value> {
-    let idle_rss = total_rss(servers)?;
     let apis: Vec<SocketAddr> = servers
         .iter()
         .map(|s| s.api.context("no api"))
         .collect::<anyhow::Result<_>>()?;
     let client = reqwest::Client::new();
     let creds = common.creds()?;
-    let (_, latency_before) = workers.report()?;
-    let received_before = workers.pushes_received();
-    let sampler = PeakSampler::start(
-        servers.iter().map(Server::pid).collect(),
-        FAN_OUT_SAMPLE_INTERVAL,
-    );
+    let fan_out = FanOut::start(servers, workers)?;
     let bar = progress_bar(common.connections, "broadcast to all");
     let wait = broadcast::receipt_deadline(common.connections).max(Duration::from_secs(120));
     let sent =
@@ -866,7 +875,7 @@ async fn broadcast_to_all(
     let deadline = Instant::now() + wait;
     let mut received;
     loop {
-        received = workers.pushes_received() - received_before;
+        received = workers.pushes_received() - fan_out.received_before;
         bar.set_position(received);
         if sent.is_err() || received >= common.connections {
             break;
@@ -881,14 +890,11 @@ async fn broadcast_to_all(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let peaks = sampler.finish();
+    let mut row = fan_out.finish(workers, available_before)?;
     bar.finish_and_clear();
     if let Err(error) = &sent {
         eprintln!("herald-bench: the broadcast failed: {error:#}");
     }
-    let (_, mut latency) = workers.report()?;
-    latency.subtract(&latency_before)?;
-    let mut row = fan_out_json(idle_rss, &peaks, available_before, &latency);
     row["received"] = json!(received);
     row["api_errors"] = json!(u64::from(sent.is_err()));
     row["not_received"] = json!(common.connections.saturating_sub(received));

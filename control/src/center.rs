@@ -807,41 +807,33 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
     let mut text = String::new();
     (state.gateway_metrics)(&mut text);
     let counters = &state.delivery.counters;
+    let commits = state.delivery.saver().commit_counts();
     for (name, help, value) in [
         (
             "herald_messages_stored_total",
             "Messages stored (one per recipient inbox).",
-            &counters.messages_stored,
+            counters.messages_stored.load(Ordering::Relaxed),
         ),
         (
             "herald_deliveries_total",
             "Stored messages handed to a connection's shard.",
-            &counters.deliveries,
+            counters.deliveries.load(Ordering::Relaxed),
         ),
         (
             "herald_fills_total",
             "Catch-up reads from storage sent to connections.",
-            &counters.fills,
+            counters.fills.load(Ordering::Relaxed),
         ),
         (
             "herald_acks_saved_total",
             "Device ack cursors written to storage.",
-            &counters.acks_saved,
+            counters.acks_saved.load(Ordering::Relaxed),
         ),
         (
             "herald_upstreams_total",
             "UPSTREAM frames received from clients.",
-            &counters.upstreams,
+            counters.upstreams.load(Ordering::Relaxed),
         ),
-    ] {
-        let _ = writeln!(
-            text,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
-        );
-    }
-    let commits = state.delivery.saver().commit_counts();
-    for (name, help, value) in [
         (
             "herald_storage_store_transactions_total",
             "Transactions that committed stored messages (on SQLite one group commit holds many API calls).",

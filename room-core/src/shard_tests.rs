@@ -416,6 +416,15 @@ impl<const R: bool> Harness<R> {
         assert!(self.shard.driver.is_removed(client.token));
         assert!(!self.shard.driver.is_live(client.token));
     }
+
+    /// A closing connection whose peer takes nothing stays until its flush
+    /// deadline (give or take a wheel tick), and is removed then.
+    fn assert_cut_at_the_flush_deadline(&mut self, client: &Client) {
+        self.advance(CLOSE_FLUSH_TIMEOUT - TICK);
+        assert!(self.is_open(client));
+        self.advance(2 * TICK);
+        self.assert_removed(client);
+    }
 }
 
 impl<const R: bool> Drop for Harness<R> {
@@ -806,10 +815,7 @@ fn cuts_a_slow_consumer_that_never_reads_at_the_flush_deadline<const R: bool>() 
     h.deliver(id, &message(2, 10));
     h.deliver(id, &message(3, 10));
     assert!(h.is_closing(&client));
-    h.advance(CLOSE_FLUSH_TIMEOUT - TICK);
-    assert!(h.is_open(&client));
-    h.advance(2 * TICK);
-    h.assert_removed(&client);
+    h.assert_cut_at_the_flush_deadline(&client);
     assert_eq!(h.closed("slow_consumer"), 1);
     assert_eq!(h.closed("flush_timeout"), 0);
 }
@@ -967,10 +973,7 @@ fn cuts_a_kicked_client_that_never_reads_at_the_flush_deadline<const R: bool>() 
     if R {
         assert!(!h.driver().is_receiving(client.token));
     }
-    h.advance(CLOSE_FLUSH_TIMEOUT - TICK);
-    assert!(h.is_open(&client));
-    h.advance(2 * TICK);
-    h.assert_removed(&client);
+    h.assert_cut_at_the_flush_deadline(&client);
     assert_eq!(h.closed("flush_timeout"), 1);
     assert_eq!(h.closed("kicked"), 0);
 }

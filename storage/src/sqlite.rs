@@ -476,7 +476,7 @@ async fn commit_groups(
 /// committed).
 ///
 /// Stores rarely fail (the API checks its input first), so the group is
-/// written first as it is; only if a store fails is the transaction rolled
+/// written first as a whole; only if that fails is the transaction rolled
 /// back and the group written again with each store in a savepoint of its
 /// own, so that the failing one is undone alone. The savepoints cost two
 /// more statements a store, each a round trip to SQLite's worker thread.
@@ -484,47 +484,22 @@ async fn commit_group(
     writer: &SqlitePool,
     group: &[StoreJob],
 ) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
-    if let Some(outcomes) = write_group(writer, group, false).await? {
-        return Ok(outcomes);
-    }
-    Ok(write_group(writer, group, true)
-        .await?
-        .expect("with savepoints every outcome is kept"))
-}
-
-/// One attempt at a group: `None` when, without savepoints, a store failed
-/// and the transaction was rolled back.
-async fn write_group(
-    writer: &SqlitePool,
-    group: &[StoreJob],
-    savepoints: bool,
-) -> Result<Option<Vec<Result<StoreOutcome, StorageError>>>, StorageError> {
     // IMMEDIATE takes the write lock up front, so the transaction never
     // has to upgrade from a read lock half way (the SQLITE_BUSY trap).
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    if !savepoints && group.iter().all(|job| job.msg.idempotency_key.is_none()) {
-        return match write_rows(&mut tx, group).await {
-            Ok(outcomes) => {
-                tx.commit().await?;
-                Ok(Some(outcomes.into_iter().map(Ok).collect()))
-            }
-            Err(_) => {
-                tx.rollback().await?;
-                Ok(None)
-            }
-        };
+    let written = if group.iter().all(|job| job.msg.idempotency_key.is_none()) {
+        write_rows(&mut tx, group).await
+    } else {
+        write_stores(&mut tx, group).await
+    };
+    if let Ok(outcomes) = written {
+        tx.commit().await?;
+        return Ok(outcomes.into_iter().map(Ok).collect());
     }
+    tx.rollback().await?;
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut outcomes = Vec::with_capacity(group.len());
     for job in group {
-        if !savepoints {
-            let outcome = store_in(&mut tx, job.msg.borrow()).await;
-            if outcome.is_err() {
-                tx.rollback().await?;
-                return Ok(None);
-            }
-            outcomes.push(outcome);
-            continue;
-        }
         sqlx::query("SAVEPOINT store").execute(&mut *tx).await?;
         let outcome = store_in(&mut tx, job.msg.borrow()).await;
         if outcome.is_err() {
@@ -534,7 +509,20 @@ async fn write_group(
         outcomes.push(outcome);
     }
     tx.commit().await?;
-    Ok(Some(outcomes))
+    Ok(outcomes)
+}
+
+/// A group with idempotency keys, store by store, so that a key used twice
+/// in the group finds the first use's record.
+async fn write_stores(
+    tx: &mut SqliteConnection,
+    group: &[StoreJob],
+) -> Result<Vec<StoreOutcome>, StorageError> {
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        outcomes.push(store_in(tx, job.msg.borrow()).await?);
+    }
+    Ok(outcomes)
 }
 
 /// A group without idempotency keys, in a few multi-row statements rather

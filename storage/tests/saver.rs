@@ -682,8 +682,21 @@ async fn two_nodes_storing_at_once_get_gapless_distinct_seqs(db: TestDb) {
 /// call stores, the other replays its result.
 async fn one_key_sent_to_two_nodes_at_once_stores_once(db: TestDb) {
     let nodes = [db.open().await, db.open().await];
+    one_key_sent_at_once_stores_once(&nodes, 8).await;
+}
+
+/// Many calls with one idempotency key at once on one node (on SQLite they
+/// meet in one group commit) store once: one call stores, the others
+/// replay its result.
+async fn one_key_sent_many_times_at_once_to_one_node_stores_once(db: TestDb) {
+    one_key_sent_at_once_stores_once(&[db.open().await], 64).await;
+}
+
+/// Sends `calls` stores with one idempotency key at once, spread over
+/// `nodes`, and checks that exactly one stored and the rest replayed it.
+async fn one_key_sent_at_once_stores_once(nodes: &[Saver], calls: usize) {
     let alice = users(&["alice"]);
-    let calls = nodes.iter().cycle().take(8).map(|saver| {
+    let calls = nodes.iter().cycle().take(calls).map(|saver| {
         let saver = saver.clone();
         let alice = alice.clone();
         tokio::spawn(async move {
@@ -703,36 +716,10 @@ async fn one_key_sent_to_two_nodes_at_once_stores_once(db: TestDb) {
     let outcomes: Vec<StoreOutcome> = joined(calls).await;
     assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
     assert!(outcomes.iter().all(|o| o.stored == outcomes[0].stored));
-    assert_eq!(seqs_of(&nodes[1], APP, "alice", T0).await, [1]);
-}
-
-/// Many calls with one idempotency key at once on one node (on SQLite they
-/// meet in one group commit) store once: one call stores, the others
-/// replay its result.
-async fn one_key_sent_many_times_at_once_to_one_node_stores_once(db: TestDb) {
-    let saver = db.open().await;
-    let alice = users(&["alice"]);
-    let calls = (0..64).map(|_| {
-        let saver = saver.clone();
-        let alice = alice.clone();
-        tokio::spawn(async move {
-            saver
-                .store(NewMessage {
-                    app: APP,
-                    users: &alice,
-                    payload: &Bytes::from_static(b"once"),
-                    ttl_ms: HOUR_MS,
-                    now_ms: T0,
-                    idempotency_key: Some("order-8"),
-                })
-                .await
-                .expect("store with a key failed")
-        })
-    });
-    let outcomes: Vec<StoreOutcome> = joined(calls).await;
-    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
-    assert!(outcomes.iter().all(|o| o.stored == outcomes[0].stored));
-    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1]);
+    assert_eq!(
+        seqs_of(&nodes[nodes.len() - 1], APP, "alice", T0).await,
+        [1]
+    );
 }
 
 /// Statements that make the database refuse any message row for the user
