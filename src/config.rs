@@ -68,7 +68,8 @@ const API_TIMEOUT_SECS_MAX: u64 = 3600;
 pub const DEFAULT_ACK_FLUSH_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_PURGE_INTERVAL_SECS: u64 = 60;
 /// Bounds of the `storage.group_commit_*` settings: a transaction of more
-/// calls or recipients holds SQLite's write lock for long, and a push
+/// calls or recipients holds the write lock (SQLite) or the inbox heads'
+/// row locks (MySQL, PostgreSQL) for long, and a push
 /// should not wait long for company.
 const GROUP_COMMIT_STORES_MAX: usize = 4_096;
 const GROUP_COMMIT_RECIPIENTS_MAX: usize = 100_000;
@@ -270,11 +271,11 @@ pub struct ApiSection {
 pub struct StorageSection {
     pub ack_flush_interval_ms: u64,
     pub purge_interval_secs: u64,
-    /// SQLite's group commit: calls one transaction takes at most.
+    /// Group commit: calls one transaction takes at most.
     pub group_commit_stores_max: usize,
-    /// SQLite's group commit: recipients one transaction takes at most.
+    /// Group commit: recipients one transaction takes at most.
     pub group_commit_recipients_max: usize,
-    /// SQLite's group commit: how long the first call waits for company.
+    /// Group commit: how long the first call waits for company.
     pub group_commit_wait_ms: u64,
 }
 
@@ -404,7 +405,7 @@ impl Default for StorageSection {
 }
 
 impl StorageSection {
-    /// How the embedded SQLite saver groups stores.
+    /// How the saver groups stores, on every engine.
     pub fn group_commit(&self) -> GroupCommit {
         GroupCommit {
             stores_max: self.group_commit_stores_max,

@@ -561,7 +561,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         }
         Role::Room | Role::Control => {
             let url = &config.cluster()?.database_url;
-            herald_storage::Saver::open(url)
+            herald_storage::Saver::open_with(url, config.storage.group_commit())
                 .await
                 .context("cannot open the cluster database (cluster.database_url)")?
         }

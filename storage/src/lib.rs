@@ -9,13 +9,15 @@
 //!
 //! Three engines sit behind one [`Saver`]: SQLite (one embedded file, the
 //! default), and MySQL/MariaDB or PostgreSQL for a cluster, where several
-//! control nodes write at once. Each engine has its own migrations
-//! (`migrations/<engine>`) of the same schema and its own statements; what
-//! they must agree on is tested against all three (`tests/saver.rs`).
+//! control nodes write at once. One implementation over sqlx serves all
+//! three (`sql.rs`, and `group_commit.rs` for stores); `dialect.rs` holds
+//! what really differs. Each engine has its own migrations
+//! (`migrations/<engine>`) of the same schema; what the engines must agree
+//! on is tested against all three (`tests/saver.rs`).
 
-mod mysql;
-mod postgres;
-mod sqlite;
+mod dialect;
+mod group_commit;
+mod sql;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +26,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use herald_proto::MessageId;
+
+use dialect::{Dialect, MySqlDialect, PostgresDialect, SqliteDialect};
+use sql::SqlSaver;
 
 /// The most messages [`Saver::messages_after`] returns in one call, whatever
 /// `limit` asks for, so one call's memory is bounded by this times the
@@ -58,17 +63,15 @@ pub struct Saver {
 
 /// What the saver has committed of `store` calls: how many calls stored
 /// (replays store nothing and are not counted), in how many transactions
-/// (on SQLite, a group commit takes several calls; elsewhere each call is
-/// its own transaction).
+/// (a group commit takes several calls).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitCounts {
     pub transactions: u64,
     pub stores: u64,
 }
 
-/// How SQLite's committer groups stores into transactions (see
-/// `storage/src/sqlite.rs`). MySQL and PostgreSQL commit each call on its
-/// own.
+/// How the committers group stores into transactions (see
+/// `storage/src/group_commit.rs`), on every engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCommit {
     /// Calls one transaction takes at most.
@@ -108,9 +111,9 @@ impl CommitCounters {
 
 #[derive(Debug, Clone)]
 enum Engine {
-    Sqlite(sqlite::SqliteSaver),
-    MySql(mysql::MySqlSaver),
-    Postgres(postgres::PgSaver),
+    Sqlite(SqlSaver<SqliteDialect>),
+    MySql(SqlSaver<MySqlDialect>),
+    Postgres(SqlSaver<PostgresDialect>),
 }
 
 /// Runs `$call` on whichever engine `$saver` holds.
@@ -129,21 +132,37 @@ impl Saver {
     /// `sqlite:PATH` (created if missing), `mysql://user:password@host/db`
     /// (MySQL 8 or MariaDB 10.6 and later) or `postgres://user@host/db`.
     pub async fn open(url: &str) -> Result<Saver, StorageError> {
+        Saver::open_with(url, GroupCommit::default()).await
+    }
+
+    /// [`Saver::open`], its stores committed in groups as `group_commit`
+    /// says.
+    pub async fn open_with(url: &str, group_commit: GroupCommit) -> Result<Saver, StorageError> {
         let commits = Arc::<CommitCounters>::default();
+        // Each engine's committers are spawned here, where the engine is
+        // known: their futures are Send for each concrete engine.
         let engine = if let Some(path) = url.strip_prefix("sqlite:") {
             let path = path.strip_prefix("//").unwrap_or(path);
-            Engine::Sqlite(
-                sqlite::SqliteSaver::open(
-                    std::path::Path::new(path),
-                    GroupCommit::default(),
-                    commits.clone(),
-                )
-                .await?,
-            )
+            let (saver, committers) =
+                SqlSaver::<SqliteDialect>::open(path, group_commit, commits.clone()).await?;
+            committers
+                .into_iter()
+                .for_each(|c| drop(tokio::spawn(c.run())));
+            Engine::Sqlite(saver)
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Engine::MySql(mysql::MySqlSaver::open(url).await?)
+            let (saver, committers) =
+                SqlSaver::<MySqlDialect>::open(url, group_commit, commits.clone()).await?;
+            committers
+                .into_iter()
+                .for_each(|c| drop(tokio::spawn(c.run())));
+            Engine::MySql(saver)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Engine::Postgres(postgres::PgSaver::open(url).await?)
+            let (saver, committers) =
+                SqlSaver::<PostgresDialect>::open(url, group_commit, commits.clone()).await?;
+            committers
+                .into_iter()
+                .for_each(|c| drop(tokio::spawn(c.run())));
+            Engine::Postgres(saver)
         } else {
             return Err(StorageError::Config(format!(
                 "database URL {:?} names no engine Herald knows: \
@@ -160,13 +179,10 @@ impl Saver {
         path: &std::path::Path,
         group_commit: GroupCommit,
     ) -> Result<Saver, StorageError> {
-        let commits = Arc::<CommitCounters>::default();
-        Ok(Saver {
-            engine: Engine::Sqlite(
-                sqlite::SqliteSaver::open(path, group_commit, commits.clone()).await?,
-            ),
-            commits,
-        })
+        let path = path.to_str().ok_or_else(|| {
+            StorageError::Config(format!("the path {} is not UTF-8", path.display()))
+        })?;
+        Saver::open_with(&format!("sqlite:{path}"), group_commit).await
     }
 
     /// What this saver (and its clones) has committed of `store` calls.
@@ -180,9 +196,9 @@ impl Saver {
     /// The engine's name, for logs and metrics.
     pub fn engine_name(&self) -> &'static str {
         match self.engine {
-            Engine::Sqlite(_) => "sqlite",
-            Engine::MySql(_) => "mysql",
-            Engine::Postgres(_) => "postgres",
+            Engine::Sqlite(_) => SqliteDialect::NAME,
+            Engine::MySql(_) => MySqlDialect::NAME,
+            Engine::Postgres(_) => PostgresDialect::NAME,
         }
     }
 
@@ -198,16 +214,8 @@ impl Saver {
     /// the send. Sequences stay gapless and distinct per inbox however many
     /// nodes store into it at once.
     pub async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
-        let stored = match &self.engine {
-            // The committer counts its groups itself.
-            Engine::Sqlite(engine) => return engine.store(msg).await,
-            Engine::MySql(engine) => retried(|| engine.store(msg)).await,
-            Engine::Postgres(engine) => retried(|| engine.store(msg)).await,
-        };
-        if stored.as_ref().is_ok_and(|outcome| !outcome.replayed) {
-            self.commits.committed(1);
-        }
-        stored
+        // The committers count their groups, and retry them, themselves.
+        on_engine!(self, engine => engine.store(msg).await)
     }
 
     /// Up to `limit` unexpired messages of (app, user) with seq > after,
@@ -266,17 +274,8 @@ impl Saver {
         if acks.is_empty() {
             return Ok(());
         }
-        match &self.engine {
-            Engine::Sqlite(engine) => engine.save_acks(acks, now_ms).await,
-            Engine::MySql(engine) => {
-                let acks = highest_per_device(acks);
-                retried(|| engine.save_acks(&acks, now_ms)).await
-            }
-            Engine::Postgres(engine) => {
-                let acks = highest_per_device(acks);
-                retried(|| engine.save_acks(&acks, now_ms)).await
-            }
-        }
+        let acks = highest_per_device(acks);
+        on_engine!(self, engine => retried(|| engine.save_acks(&acks, now_ms)).await)
     }
 
     /// The database's epoch: random, written when the first node opens a
@@ -286,11 +285,7 @@ impl Saver {
     pub async fn storage_epoch(&self) -> Result<u64, StorageError> {
         // Positive, to fit every engine's signed BIGINT.
         let proposed = rand::random::<i64>() & i64::MAX;
-        let epoch = match &self.engine {
-            Engine::Sqlite(engine) => engine.storage_epoch(proposed).await,
-            Engine::MySql(engine) => retried(|| engine.storage_epoch(proposed)).await,
-            Engine::Postgres(engine) => retried(|| engine.storage_epoch(proposed)).await,
-        }?;
+        let epoch = on_engine!(self, engine => retried(|| engine.storage_epoch(proposed)).await)?;
         from_db(epoch, "storage_epoch.epoch")
     }
 
@@ -298,11 +293,7 @@ impl Saver {
     /// a cursor left past its inbox's head by a data reset or restore,
     /// which acks of the inbox's new messages would otherwise never move.
     pub async fn lower_ack_cursor(&self, ack: &AckCursor<'_>) -> Result<(), StorageError> {
-        match &self.engine {
-            Engine::Sqlite(engine) => engine.lower_ack_cursor(ack).await,
-            Engine::MySql(engine) => retried(|| engine.lower_ack_cursor(ack)).await,
-            Engine::Postgres(engine) => retried(|| engine.lower_ack_cursor(ack)).await,
-        }
+        on_engine!(self, engine => retried(|| engine.lower_ack_cursor(ack)).await)
     }
 
     /// The last broadcast seq `app` handed out (0: none ever), expired or
@@ -319,11 +310,7 @@ impl Saver {
         &self,
         broadcast: NewBroadcast<'_>,
     ) -> Result<StoredBroadcast, StorageError> {
-        match &self.engine {
-            Engine::Sqlite(engine) => engine.store_broadcast(broadcast).await,
-            Engine::MySql(engine) => retried(|| engine.store_broadcast(broadcast)).await,
-            Engine::Postgres(engine) => retried(|| engine.store_broadcast(broadcast)).await,
-        }
+        on_engine!(self, engine => retried(|| engine.store_broadcast(broadcast)).await)
     }
 
     /// Up to `limit` (capped at [`BROADCASTS_AFTER_LIMIT_MAX`]) unexpired
@@ -359,11 +346,11 @@ impl Saver {
     /// comes up short, so stores run between batches instead of waiting for
     /// the whole purge.
     pub async fn purge_expired(&self, now_ms: u64) -> Result<u64, StorageError> {
-        let messages = on_engine!(self, engine => engine.purge_table("messages", now_ms).await)?;
-        let idempotency_keys =
-            on_engine!(self, engine => engine.purge_table("idempotency_keys", now_ms).await)?;
-        let broadcasts =
-            on_engine!(self, engine => engine.purge_table("broadcasts", now_ms).await)?;
+        let mut purged = [0; sql::PURGED_TABLES.len()];
+        for (table, purged) in purged.iter_mut().enumerate() {
+            *purged = on_engine!(self, engine => engine.purge_table(table, now_ms).await)?;
+        }
+        let [messages, idempotency_keys, broadcasts] = purged;
         tracing::debug!(
             messages,
             idempotency_keys,
@@ -452,47 +439,6 @@ fn highest_per_device<'a>(acks: &[AckCursor<'a>]) -> Vec<AckCursor<'a>> {
             .or_insert(*ack);
     }
     highest.into_values().collect()
-}
-
-/// How many sequences each distinct recipient needs, in user order: the
-/// order every node locks inbox heads in, so concurrent stores to
-/// overlapping users queue instead of deadlocking.
-fn seqs_needed(users: &[String]) -> BTreeMap<&str, u64> {
-    let mut needed = BTreeMap::new();
-    for user in users {
-        *needed.entry(user.as_str()).or_insert(0) += 1;
-    }
-    needed
-}
-
-/// Gives each recipient its sequence once the heads were raised: `last`
-/// holds each distinct user's new last_seq, so its copies take the
-/// sequences just below it, in the order the users are listed.
-fn assign_seqs(
-    users: &[String],
-    needed: &BTreeMap<&str, u64>,
-    last: &BTreeMap<String, u64>,
-    message_id: MessageId,
-) -> Result<Vec<StoredRef>, StorageError> {
-    let mut next: BTreeMap<&str, u64> = BTreeMap::new();
-    users
-        .iter()
-        .map(|user| {
-            let last_seq = *last.get(user).ok_or_else(|| {
-                StorageError::Corrupt(format!("no inbox head for {user:?} after raising it"))
-            })?;
-            let seq = next
-                .entry(user.as_str())
-                .or_insert(last_seq + 1 - needed[user.as_str()]);
-            let stored = StoredRef {
-                user: user.clone(),
-                seq: *seq,
-                message_id,
-            };
-            *seq += 1;
-            Ok(stored)
-        })
-        .collect()
 }
 
 /// The URL without its password, for error messages.
@@ -643,7 +589,7 @@ pub struct NewMessage<'a> {
     /// listed twice gets two sequences (same message id); the caller is
     /// expected to de-duplicate.
     pub users: &'a [String],
-    /// Shared, not copied, by a store that waits in SQLite's committer queue.
+    /// Shared, not copied, by a store that waits in the committers' queue.
     pub payload: &'a Bytes,
     /// How long the message (and the idempotency key, if any) is kept.
     pub ttl_ms: u64,

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use herald_storage::Saver;
+use herald_storage::{GroupCommit, Saver};
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection};
 use tempfile::TempDir;
 
@@ -79,7 +79,13 @@ impl TestDb {
 
     /// A saver on this database (each call is another node's pool).
     pub async fn open(&self) -> Saver {
-        Saver::open(&self.url)
+        self.open_with(GroupCommit::default()).await
+    }
+
+    /// A saver on this database whose stores are grouped as `group_commit`
+    /// says.
+    pub async fn open_with(&self, group_commit: GroupCommit) -> Saver {
+        Saver::open_with(&self.url, group_commit)
             .await
             .unwrap_or_else(|error| panic!("opening {:?} at {}: {error}", self.engine, self.url))
     }

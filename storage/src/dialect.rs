@@ -1,0 +1,433 @@
+//! What differs between the three engines, and only that: how a node
+//! connects, how a statement writes upserts and placeholders, and the two
+//! statements that take a batch as one JSON parameter. Everything else is
+//! the one implementation in `sql.rs` and `group_commit.rs`.
+//!
+//! Batches travel as JSON arrays on every engine (`json_each`, `JSON_TABLE`,
+//! `json_array_elements`): one bound parameter whatever the batch size, so
+//! no statement comes near a placeholder limit, and a multicast's payload
+//! is bound once for all its recipients.
+
+use std::borrow::Cow;
+use std::fmt::Debug;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Database, Executor, MySql, Pool, Postgres, Sqlite};
+
+use crate::StorageError;
+
+/// Connections a node keeps to a networked database. Each store is one
+/// statement of a group commit and each read a short one, so this many keep
+/// a node's API busy without crowding a server that many nodes share.
+const NETWORKED_CONNECTIONS_MAX: u32 = 16;
+
+/// How long a call waits for a connection before it fails as unavailable:
+/// the API then answers 503 rather than hold its caller while the database
+/// is down.
+const NETWORKED_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// SQLite's read pool. Reads are short indexed range scans, so a few
+/// connections keep up with the 2-4 cores a typical node has; each costs an
+/// open file handle and SQLite's page cache.
+const SQLITE_READ_CONNECTIONS_MAX: u32 = 4;
+
+/// Page cache per SQLite connection, in KiB (SQLite's default is 2,000).
+/// Reads are indexed point and range lookups and writes append, so a small
+/// cache costs little speed; it is memory every node holds once it is warm.
+const SQLITE_PAGE_CACHE_KIB: u32 = 512;
+
+/// How long SQLite retries when another process holds the write lock before
+/// it fails with SQLITE_BUSY. Within this process writers never contend (one
+/// write connection), so this only matters if some other tool opens the file.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a call waits for one of SQLite's pooled connections. Writes
+/// queue for the single write connection, so under a storm this is the
+/// backpressure point: a caller waiting this long is better told to retry.
+const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pools a saver reads and writes through.
+#[derive(Debug)]
+pub(crate) struct Pools<DB: Database> {
+    /// Where every write goes (on SQLite exactly one connection: SQLite
+    /// admits one writer at a time, and a pool of one queues writers fairly
+    /// instead of letting them race for the lock).
+    pub(crate) writer: Pool<DB>,
+    /// Where reads go: on SQLite a separate pool, whose reads run beside the
+    /// writer in WAL mode; elsewhere the same pool.
+    pub(crate) reader: Pool<DB>,
+}
+
+impl<DB: Database> Clone for Pools<DB> {
+    fn clone(&self) -> Pools<DB> {
+        Pools {
+            writer: self.writer.clone(),
+            reader: self.reader.clone(),
+        }
+    }
+}
+
+/// How an upsert merges a column of the row it collides with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Merge {
+    /// The stored value plus the inserted one (a head raised by a count).
+    Add,
+    /// The larger of the two (a cursor that only rises).
+    Max,
+}
+
+/// One engine's dialect (see the module docs).
+pub(crate) trait Dialect: Debug + Send + Sync + 'static {
+    type Db: Database;
+
+    /// The engine's name, for logs and metrics.
+    const NAME: &'static str;
+
+    /// Group commits one node runs at once. SQLite has one writer; a
+    /// networked server syncs several transactions' logs together, so a
+    /// node keeps a few in flight.
+    const COMMITS_IN_FLIGHT: usize;
+
+    /// How a writing transaction begins.
+    const BEGIN: &'static str;
+
+    /// Whether an upsert can return the rows it wrote (`RETURNING`);
+    /// without it, the rows are read back inside the transaction, which
+    /// holds their locks.
+    const UPSERT_RETURNS: bool;
+
+    /// What locks the rows a SELECT reads until commit ("" on SQLite, whose
+    /// single writer already excludes every other).
+    const FOR_UPDATE: &'static str;
+
+    /// `(last_seq, acked_seq)` for each `[app, user, device|null]` of a
+    /// JSON array, in the array's order.
+    const INBOX_HEADS: &'static str;
+
+    /// A table of `(user_id, seq)` rows from a JSON array of
+    /// `[user, seq]` pairs bound at this point of the statement.
+    const RECIPIENTS: &'static str;
+
+    /// Opens the pools for `target` and brings the schema up to date.
+    fn open(target: &str) -> impl Future<Output = Result<Pools<Self::Db>, StorageError>> + Send;
+
+    /// `sql` with its `?` placeholders as the engine writes them.
+    fn placeholders(sql: Cow<'static, str>) -> Cow<'static, str> {
+        sql
+    }
+
+    /// The clause that turns an INSERT into `table` into an upsert on the
+    /// unique `keys`, merging each column as given.
+    fn on_conflict(table: &str, keys: &str, merges: &[(&str, Merge)]) -> String;
+
+    /// The clause that makes an INSERT on the unique `keys` do nothing
+    /// when the row exists.
+    fn on_conflict_ignore(keys: &str) -> String;
+
+    /// A statement deleting at most `?` (the second parameter) rows of
+    /// `table` that expired at `?` (the first).
+    fn purge(table: &str) -> String;
+
+    /// How many rows a statement changed (each engine's result has its own
+    /// type).
+    fn rows_affected(result: &<Self::Db as Database>::QueryResult) -> u64;
+
+    /// What to do with the writer before the pools close.
+    fn before_close(writer: &Pool<Self::Db>) -> impl Future<Output = ()> + Send {
+        let _ = writer;
+        async {}
+    }
+}
+
+/// The embedded default: one file, WAL mode, every commit synced.
+#[derive(Debug)]
+pub(crate) struct SqliteDialect;
+
+impl Dialect for SqliteDialect {
+    type Db = Sqlite;
+    const NAME: &'static str = "sqlite";
+    const COMMITS_IN_FLIGHT: usize = 1;
+    // IMMEDIATE takes the write lock up front, so the transaction never has
+    // to upgrade from a read lock half way (the SQLITE_BUSY trap).
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    const UPSERT_RETURNS: bool = true;
+    const FOR_UPDATE: &'static str = "";
+    const INBOX_HEADS: &'static str = "SELECT h.last_seq, c.acked_seq FROM json_each(?) AS r \
+         LEFT JOIN inbox_heads AS h \
+           ON h.app = r.value ->> 0 AND h.user_id = r.value ->> 1 \
+         LEFT JOIN device_cursors AS c \
+           ON c.app = r.value ->> 0 AND c.user_id = r.value ->> 1 \
+          AND c.device_id = r.value ->> 2 \
+         ORDER BY r.key";
+    const RECIPIENTS: &'static str =
+        "(SELECT value ->> 0 AS user_id, value ->> 1 AS seq FROM json_each(?))";
+
+    async fn open(path: &str) -> Result<Pools<Sqlite>, StorageError> {
+        let path = Path::new(path);
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL syncs the WAL on every commit, so a store that returned
+            // Ok survives a power cut, not only a process crash (NORMAL
+            // would lose the last commits on power loss).
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .pragma("cache_size", format!("-{SQLITE_PAGE_CACHE_KIB}"));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(SQLITE_READ_CONNECTIONS_MAX)
+            .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
+            .connect_with(options.create_if_missing(false))
+            .await?;
+        tracing::info!(path = %path.display(), "opened SQLite storage");
+        Ok(Pools { writer, reader })
+    }
+
+    fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn on_conflict(table: &str, keys: &str, merges: &[(&str, Merge)]) -> String {
+        // Two-argument MAX is SQLite's scalar max (GREATEST elsewhere).
+        excluded_merges(table, keys, merges, "MAX")
+    }
+
+    fn on_conflict_ignore(keys: &str) -> String {
+        format!(" ON CONFLICT ({keys}) DO NOTHING")
+    }
+
+    fn purge(table: &str) -> String {
+        format!(
+            "DELETE FROM {table} WHERE rowid IN \
+             (SELECT rowid FROM {table} WHERE expires_at_ms <= ? LIMIT ?)"
+        )
+    }
+
+    /// Folds the WAL back into the main file so the next open does not
+    /// replay it. Best effort: SQLite checkpoints on the last close too, and
+    /// the WAL is durable either way.
+    async fn before_close(writer: &Pool<Sqlite>) {
+        if let Err(error) = writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").await {
+            tracing::warn!(%error, "WAL checkpoint on close failed");
+        }
+    }
+}
+
+/// MySQL 8 or MariaDB 10.6+, shared by every node of a cluster.
+///
+/// The inbox head's row lock orders concurrent stores to one user from any
+/// number of nodes: the upsert that raises a head holds its row until
+/// commit. Heads are raised in (app, user) order, so two groups raising
+/// overlapping heads queue rather than deadlock; InnoDB may still pick a
+/// deadlock victim (its gap locks), and the group is retried.
+#[derive(Debug)]
+pub(crate) struct MySqlDialect;
+
+impl Dialect for MySqlDialect {
+    type Db = MySql;
+    const NAME: &'static str = "mysql";
+    const COMMITS_IN_FLIGHT: usize = 4;
+    const BEGIN: &'static str = "BEGIN";
+    // MySQL 8 has no RETURNING.
+    const UPSERT_RETURNS: bool = false;
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    // JSON_TABLE's columns carry the connection's collation; the joins
+    // compare in the tables' binary one.
+    const INBOX_HEADS: &'static str = "SELECT h.last_seq, c.acked_seq FROM JSON_TABLE(?, '$[*]' COLUMNS ( \
+           n FOR ORDINALITY, app VARCHAR(64) PATH '$[0]', \
+           user_id VARCHAR(128) PATH '$[1]', device_id VARCHAR(128) PATH '$[2]')) AS r \
+         LEFT JOIN inbox_heads AS h \
+           ON h.app = r.app COLLATE utf8mb4_bin \
+          AND h.user_id = r.user_id COLLATE utf8mb4_bin \
+         LEFT JOIN device_cursors AS c \
+           ON c.app = r.app COLLATE utf8mb4_bin \
+          AND c.user_id = r.user_id COLLATE utf8mb4_bin \
+          AND c.device_id = r.device_id COLLATE utf8mb4_bin \
+         ORDER BY r.n";
+    const RECIPIENTS: &'static str = "JSON_TABLE(?, '$[*]' COLUMNS ( \
+           user_id VARCHAR(128) PATH '$[0]', seq BIGINT PATH '$[1]'))";
+
+    async fn open(url: &str) -> Result<Pools<MySql>, StorageError> {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let options: MySqlConnectOptions = url.parse()?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(NETWORKED_CONNECTIONS_MAX)
+            .acquire_timeout(NETWORKED_ACQUIRE_TIMEOUT)
+            // A broken connection fails its statement and is dropped; a
+            // ping before every use would double the round trips.
+            .test_before_acquire(false)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // READ COMMITTED takes no gap locks on plain reads and
+                    // fewer on writes: fewer deadlocks between nodes.
+                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/mysql").run(&pool).await?;
+        tracing::info!("opened MySQL storage");
+        Ok(Pools {
+            writer: pool.clone(),
+            reader: pool,
+        })
+    }
+
+    fn rows_affected(result: &sqlx::mysql::MySqlQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn on_conflict(_table: &str, _keys: &str, merges: &[(&str, Merge)]) -> String {
+        let set: Vec<String> = merges
+            .iter()
+            .map(|(column, merge)| match merge {
+                Merge::Add => format!("{column} = {column} + VALUES({column})"),
+                Merge::Max => format!("{column} = GREATEST({column}, VALUES({column}))"),
+            })
+            .collect();
+        format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
+    }
+
+    fn on_conflict_ignore(keys: &str) -> String {
+        let first = keys.split(',').next().unwrap_or(keys).trim();
+        format!(" ON DUPLICATE KEY UPDATE {first} = {first}")
+    }
+
+    fn purge(table: &str) -> String {
+        format!("DELETE FROM {table} WHERE expires_at_ms <= ? LIMIT ?")
+    }
+}
+
+/// PostgreSQL, shared by every node of a cluster. Row locks order
+/// concurrent stores as on MySQL (READ COMMITTED re-reads the latest head
+/// after the wait).
+#[derive(Debug)]
+pub(crate) struct PostgresDialect;
+
+impl Dialect for PostgresDialect {
+    type Db = Postgres;
+    const NAME: &'static str = "postgres";
+    const COMMITS_IN_FLIGHT: usize = 4;
+    const BEGIN: &'static str = "BEGIN";
+    const UPSERT_RETURNS: bool = true;
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const INBOX_HEADS: &'static str = "SELECT h.last_seq, c.acked_seq \
+         FROM json_array_elements(?::json) WITH ORDINALITY AS r(value, n) \
+         LEFT JOIN inbox_heads AS h \
+           ON h.app = r.value ->> 0 AND h.user_id = r.value ->> 1 \
+         LEFT JOIN device_cursors AS c \
+           ON c.app = r.value ->> 0 AND c.user_id = r.value ->> 1 \
+          AND c.device_id = r.value ->> 2 \
+         ORDER BY r.n";
+    const RECIPIENTS: &'static str = "(SELECT e ->> 0 AS user_id, (e ->> 1)::bigint AS seq \
+         FROM json_array_elements(?::json) AS e)";
+
+    async fn open(url: &str) -> Result<Pools<Postgres>, StorageError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(NETWORKED_CONNECTIONS_MAX)
+            .acquire_timeout(NETWORKED_ACQUIRE_TIMEOUT)
+            // A broken connection fails its statement and is dropped; a
+            // ping before every use would double the round trips.
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        tracing::info!("opened PostgreSQL storage");
+        Ok(Pools {
+            writer: pool.clone(),
+            reader: pool,
+        })
+    }
+
+    /// `?` becomes `$1`, `$2`, ... in order. No statement of this crate has
+    /// a `?` inside a literal.
+    fn placeholders(sql: Cow<'static, str>) -> Cow<'static, str> {
+        let mut numbered = String::with_capacity(sql.len() + 16);
+        for (n, piece) in sql.split('?').enumerate() {
+            if n > 0 {
+                numbered.push('$');
+                numbered.push_str(&n.to_string());
+            }
+            numbered.push_str(piece);
+        }
+        Cow::Owned(numbered)
+    }
+
+    fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn on_conflict(table: &str, keys: &str, merges: &[(&str, Merge)]) -> String {
+        excluded_merges(table, keys, merges, "GREATEST")
+    }
+
+    fn on_conflict_ignore(keys: &str) -> String {
+        format!(" ON CONFLICT ({keys}) DO NOTHING")
+    }
+
+    fn purge(table: &str) -> String {
+        format!(
+            "DELETE FROM {table} WHERE ctid IN \
+             (SELECT ctid FROM {table} WHERE expires_at_ms <= ? LIMIT ?)"
+        )
+    }
+}
+
+/// `ON CONFLICT .. DO UPDATE` with the `excluded` row, as SQLite and
+/// PostgreSQL write it; `max` names the two-argument maximum.
+fn excluded_merges(table: &str, keys: &str, merges: &[(&str, Merge)], max: &str) -> String {
+    let set: Vec<String> = merges
+        .iter()
+        .map(|(column, merge)| match merge {
+            Merge::Add => format!("{column} = {table}.{column} + excluded.{column}"),
+            Merge::Max => format!("{column} = {max}({table}.{column}, excluded.{column})"),
+        })
+        .collect();
+    format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", set.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_numbers_the_placeholders_in_order() {
+        assert_eq!(
+            PostgresDialect::placeholders("SELECT a FROM t WHERE b = ? AND c > ? LIMIT ?".into()),
+            "SELECT a FROM t WHERE b = $1 AND c > $2 LIMIT $3"
+        );
+        assert_eq!(PostgresDialect::placeholders("SELECT 1".into()), "SELECT 1");
+    }
+
+    #[test]
+    fn upserts_merge_as_each_engine_writes_it() {
+        let merges = [("last_seq", Merge::Add), ("updated_at_ms", Merge::Max)];
+        assert_eq!(
+            SqliteDialect::on_conflict("t", "app, user_id", &merges),
+            " ON CONFLICT (app, user_id) DO UPDATE SET last_seq = t.last_seq + excluded.last_seq, \
+             updated_at_ms = MAX(t.updated_at_ms, excluded.updated_at_ms)"
+        );
+        assert_eq!(
+            MySqlDialect::on_conflict("t", "app, user_id", &merges),
+            " ON DUPLICATE KEY UPDATE last_seq = last_seq + VALUES(last_seq), \
+             updated_at_ms = GREATEST(updated_at_ms, VALUES(updated_at_ms))"
+        );
+        assert_eq!(
+            MySqlDialect::on_conflict_ignore("id"),
+            " ON DUPLICATE KEY UPDATE id = id"
+        );
+    }
+}

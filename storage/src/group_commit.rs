@@ -1,0 +1,469 @@
+//! Group commit, on every engine: stores wait in one queue, and a committer
+//! takes whatever is waiting (within the bounds of [`GroupCommit`]), writes
+//! it in one transaction of a few multi-row statements, and commits once:
+//! one fsync (one round trip to a networked server) for many API calls.
+//!
+//! By default a committer does not wait for company: a lone store is
+//! committed at once, and the stores that arrive while one commit is being
+//! synced make up the next group. SQLite runs one committer (it has one
+//! writer); a networked engine runs [`Dialect::COMMITS_IN_FLIGHT`], each
+//! gathering its group while the others commit.
+//!
+//! Each caller is answered after the commit that made its store durable.
+//! A store that fails fails alone: the group is written again with a
+//! savepoint around each store, and the failing one rolled back to its own.
+//! A group the database aborted only because of what ran beside it (a
+//! deadlock, a race on an idempotency key) is written again whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::{
+    ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type,
+};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::dialect::Dialect;
+use crate::sql::{Statements, text};
+use crate::{
+    BATCH_ROWS_MAX, CommitCounters, GroupCommit, MessageId, NewMessage, StorageError, StoreOutcome,
+    StoredRef, TRANSACTION_ATTEMPTS_MAX, from_db, is_transient, new_message_id, recorded_results,
+    results_to_record, to_db,
+};
+
+/// A store waiting for a committer, and where its answer goes.
+#[derive(Debug)]
+pub(crate) struct StoreJob {
+    pub(crate) msg: OwnedMessage,
+    pub(crate) answer: oneshot::Sender<Result<StoreOutcome, StorageError>>,
+}
+
+/// A [`NewMessage`] that can wait in the committers' queue.
+#[derive(Debug)]
+pub(crate) struct OwnedMessage {
+    app: String,
+    users: Vec<String>,
+    payload: Bytes,
+    ttl_ms: u64,
+    now_ms: u64,
+    idempotency_key: Option<String>,
+}
+
+impl OwnedMessage {
+    pub(crate) fn new(msg: NewMessage<'_>) -> OwnedMessage {
+        OwnedMessage {
+            app: msg.app.to_owned(),
+            users: msg.users.to_vec(),
+            payload: msg.payload.clone(),
+            ttl_ms: msg.ttl_ms,
+            now_ms: msg.now_ms,
+            idempotency_key: msg.idempotency_key.map(str::to_owned),
+        }
+    }
+
+    fn expires_at_ms(&self) -> u64 {
+        self.now_ms.saturating_add(self.ttl_ms)
+    }
+}
+
+/// One committer (see the module docs). Runs until every saver clone, and
+/// with them the queue's senders, is gone.
+#[derive(Debug)]
+pub(crate) struct Committer<D: Dialect> {
+    pub(crate) writer: Pool<D::Db>,
+    pub(crate) sql: Arc<Statements>,
+    /// Shared by the engine's committers: the one holding the lock gathers
+    /// the next group while the others commit theirs.
+    pub(crate) queue: Arc<Mutex<mpsc::Receiver<StoreJob>>>,
+    pub(crate) bounds: GroupCommit,
+    pub(crate) commits: Arc<CommitCounters>,
+}
+
+impl<D: Dialect> Committer<D>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
+    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+{
+    pub(crate) async fn run(self) {
+        let mut group = Vec::with_capacity(self.bounds.stores_max);
+        while self.gather(&mut group).await {
+            match self.commit_retried(&group).await {
+                Ok(outcomes) => {
+                    let stored = outcomes
+                        .iter()
+                        .filter(|outcome| outcome.as_ref().is_ok_and(|outcome| !outcome.replayed))
+                        .count();
+                    self.commits.committed(stored as u64);
+                    for (job, outcome) in group.drain(..).zip(outcomes) {
+                        // A caller that gave up waiting no longer listens;
+                        // its store is durable all the same.
+                        let _ = job.answer.send(outcome);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, stores = group.len(), "a group commit failed");
+                    let reason = error.to_string();
+                    for job in group.drain(..) {
+                        let _ =
+                            job.answer
+                                .send(Err(StorageError::Unavailable(sqlx::Error::Protocol(
+                                    format!("the group commit failed: {reason}"),
+                                ))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills `group` with the next stores to commit together; false once
+    /// the queue is closed and empty.
+    async fn gather(&self, group: &mut Vec<StoreJob>) -> bool {
+        let mut queue = self.queue.lock().await;
+        let Some(first) = queue.recv().await else {
+            return false;
+        };
+        let waited_until = tokio::time::Instant::now() + self.bounds.wait;
+        let mut recipients = first.msg.users.len();
+        group.push(first);
+        while group.len() < self.bounds.stores_max && recipients < self.bounds.recipients_max {
+            let next = match queue.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty) if !self.bounds.wait.is_zero() => {
+                    match tokio::time::timeout_at(waited_until, queue.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            };
+            recipients += next.msg.users.len();
+            group.push(next);
+        }
+        true
+    }
+
+    /// [`Committer::commit`], again while the database aborts the group
+    /// because of what ran beside it, with a short random pause so the
+    /// contenders do not collide again in step.
+    async fn commit_retried(
+        &self,
+        group: &[StoreJob],
+    ) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
+        let mut tries = 1;
+        loop {
+            match self.commit(group).await {
+                Err(StorageError::Unavailable(error))
+                    if is_transient(&error) && tries < TRANSACTION_ATTEMPTS_MAX =>
+                {
+                    tracing::debug!(%error, tries, "retrying an aborted group commit");
+                    tries += 1;
+                    let pause_ms = rand::random_range(1..=5u64 << tries.min(6));
+                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Writes `group` in one transaction and commits: the outcome of each
+    /// store, or an error that fails the whole group (nothing of it was
+    /// committed).
+    ///
+    /// Stores rarely fail (the API checks its input first), so the group is
+    /// written first as a whole; only if that fails is the transaction
+    /// rolled back and the group written again with each store in a
+    /// savepoint of its own, so that the failing one is undone alone.
+    async fn commit(
+        &self,
+        group: &[StoreJob],
+    ) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
+        let mut tx = self.writer.begin_with(D::BEGIN).await?;
+        let written = if group.iter().all(|job| job.msg.idempotency_key.is_none()) {
+            write_rows::<D>(&mut tx, &self.sql, group).await
+        } else {
+            write_stores::<D>(&mut tx, &self.sql, group).await
+        };
+        match written {
+            Ok(outcomes) => {
+                tx.commit().await?;
+                return Ok(outcomes.into_iter().map(Ok).collect());
+            }
+            Err(StorageError::Unavailable(error)) if is_transient(&error) => {
+                return Err(StorageError::Unavailable(error));
+            }
+            Err(error) if group.len() == 1 => {
+                tx.rollback().await?;
+                return Ok(vec![Err(error)]);
+            }
+            Err(_) => tx.rollback().await?,
+        }
+        let mut tx = self.writer.begin_with(D::BEGIN).await?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        for job in group {
+            tx.execute("SAVEPOINT store").await?;
+            let outcome = write_stores::<D>(&mut tx, &self.sql, std::slice::from_ref(job)).await;
+            match outcome {
+                Ok(mut outcome) => outcomes.push(Ok(outcome.remove(0))),
+                // MySQL rolls back the whole transaction of a deadlock
+                // victim: the group starts over.
+                Err(StorageError::Unavailable(error)) if is_transient(&error) => {
+                    return Err(StorageError::Unavailable(error));
+                }
+                Err(error) => {
+                    tx.execute("ROLLBACK TO SAVEPOINT store").await?;
+                    outcomes.push(Err(error));
+                }
+            }
+            tx.execute("RELEASE SAVEPOINT store").await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+/// A group with idempotency keys, store by store, so that a key used twice
+/// in the group finds the first use's record: for a key already recorded
+/// (by an earlier group, another node, or earlier in this group) and not
+/// expired, the recorded results, writing nothing.
+async fn write_stores<D: Dialect>(
+    tx: &mut <D::Db as Database>::Connection,
+    sql: &Statements,
+    group: &[StoreJob],
+) -> Result<Vec<StoreOutcome>, StorageError>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
+    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+{
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        let msg = &job.msg;
+        let Some(key) = msg.idempotency_key.as_deref() else {
+            outcomes.extend(write_rows::<D>(tx, sql, std::slice::from_ref(job)).await?);
+            continue;
+        };
+        let now_ms = to_db(msg.now_ms);
+        let recorded: Option<(String, i64)> = sqlx::query_as(text(&sql.read_key))
+            .bind(msg.app.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some((results, key_expires_at_ms)) = recorded
+            && key_expires_at_ms > now_ms
+        {
+            outcomes.push(StoreOutcome {
+                stored: recorded_results(&results, &msg.app, key)?,
+                replayed: true,
+            });
+            continue;
+        }
+        let mut written = write_rows::<D>(tx, sql, std::slice::from_ref(job)).await?;
+        let outcome = written.remove(0);
+        sqlx::query(text(&sql.delete_expired_key))
+            .bind(msg.app.as_str())
+            .bind(key)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(text(&sql.record_key))
+            .bind(msg.app.as_str())
+            .bind(key)
+            .bind(results_to_record(&outcome.stored)?)
+            .bind(to_db(msg.expires_at_ms()))
+            .execute(&mut *tx)
+            .await?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Stores without idempotency keys, in a few multi-row statements rather
+/// than statements per recipient: one upsert of the inbox heads that raises
+/// each by the number of messages the group brings it, in (app, user)
+/// order, which every node locks heads in, so concurrent groups queue
+/// rather than deadlock; then the message rows, unicasts many to a
+/// statement and each multicast with its payload bound once. Each inbox's
+/// new seqs are handed out in the group's order.
+async fn write_rows<D: Dialect>(
+    tx: &mut <D::Db as Database>::Connection,
+    sql: &Statements,
+    group: &[StoreJob],
+) -> Result<Vec<StoreOutcome>, StorageError>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
+    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+{
+    // Per inbox, how many messages the group brings it, in lock order.
+    let mut counts: Vec<((&str, &str), i64)> = {
+        let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+        for job in group {
+            for user in &job.msg.users {
+                *counts
+                    .entry((job.msg.app.as_str(), user.as_str()))
+                    .or_default() += 1;
+            }
+        }
+        counts.into_iter().collect()
+    };
+    counts.sort_unstable();
+    // Per inbox, the next seq to hand out.
+    let mut next_seqs: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
+    for chunk in counts.chunks(BATCH_ROWS_MAX) {
+        let heads = raise_heads::<D>(tx, sql, chunk).await?;
+        // What comes back need not be in the rows' order: match by inbox.
+        let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        for (app, user, last_seq) in heads {
+            returned.entry(app).or_default().insert(user, last_seq);
+        }
+        for &((app, user), count) in chunk {
+            let last_seq = returned
+                .get(app)
+                .and_then(|users| users.get(user))
+                .ok_or_else(|| {
+                    StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
+                })?;
+            next_seqs.insert((app, user), last_seq - count + 1);
+        }
+    }
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        let message_id = new_message_id(job.msg.now_ms);
+        let mut stored = Vec::with_capacity(job.msg.users.len());
+        for user in &job.msg.users {
+            let next = next_seqs
+                .get_mut(&(job.msg.app.as_str(), user.as_str()))
+                .expect("every recipient's inbox was raised above");
+            stored.push(StoredRef {
+                user: user.clone(),
+                seq: from_db(*next, "inbox_heads.last_seq")?,
+                message_id,
+            });
+            *next += 1;
+        }
+        outcomes.push(StoreOutcome {
+            stored,
+            replayed: false,
+        });
+    }
+    let mut unicasts: Vec<(&OwnedMessage, &StoredRef)> = Vec::new();
+    for (job, outcome) in group.iter().zip(&outcomes) {
+        match outcome.stored.as_slice() {
+            [one] => unicasts.push((&job.msg, one)),
+            many => insert_fan_out::<D>(tx, sql, &job.msg, many).await?,
+        }
+    }
+    for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
+        let mut insert = QueryBuilder::<D::Db>::new(
+            "INSERT INTO messages \
+             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
+        );
+        insert.push_values(chunk, |mut row, (msg, stored)| {
+            row.push_bind(msg.app.as_str())
+                .push_bind(stored.user.as_str())
+                .push_bind(to_db(stored.seq))
+                .push_bind(&stored.message_id.0[..])
+                .push_bind(&msg.payload[..])
+                .push_bind(to_db(msg.now_ms))
+                .push_bind(to_db(msg.expires_at_ms()));
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    Ok(outcomes)
+}
+
+/// Raises each inbox head of `counts` by its count; returns every head's
+/// new `(app, user_id, last_seq)`, in no particular order.
+async fn raise_heads<D: Dialect>(
+    tx: &mut <D::Db as Database>::Connection,
+    sql: &Statements,
+    counts: &[((&str, &str), i64)],
+) -> Result<Vec<(String, String, i64)>, StorageError>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
+    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+{
+    let mut raise = QueryBuilder::<D::Db>::new("INSERT INTO inbox_heads (app, user_id, last_seq) ");
+    raise.push_values(counts, |mut row, ((app, user), count)| {
+        row.push_bind(*app).push_bind(*user).push_bind(*count);
+    });
+    raise.push(&sql.raise_heads);
+    if D::UPSERT_RETURNS {
+        raise.push(" RETURNING app, user_id, last_seq");
+        return Ok(raise.build_query_as().fetch_all(&mut *tx).await?);
+    }
+    raise.build().execute(&mut *tx).await?;
+    // This transaction holds every row just raised, so what it reads back
+    // is its own value.
+    let mut read =
+        QueryBuilder::<D::Db>::new("SELECT app, user_id, last_seq FROM inbox_heads WHERE ");
+    let mut inboxes = read.separated(" OR ");
+    for ((app, user), _) in counts {
+        inboxes.push("(app = ");
+        inboxes.push_bind_unseparated(*app);
+        inboxes.push_unseparated(" AND user_id = ");
+        inboxes.push_bind_unseparated(*user);
+        inboxes.push_unseparated(")");
+    }
+    Ok(read.build_query_as().fetch_all(&mut *tx).await?)
+}
+
+/// A multicast's rows in statements of [`BATCH_ROWS_MAX`] recipients, its
+/// payload bound once per statement rather than once per recipient.
+async fn insert_fan_out<D: Dialect>(
+    tx: &mut <D::Db as Database>::Connection,
+    sql: &Statements,
+    msg: &OwnedMessage,
+    stored: &[StoredRef],
+) -> Result<(), StorageError>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
+    i64: for<'q> Encode<'q, D::Db> + Type<D::Db>,
+    String: for<'q> Encode<'q, D::Db> + Type<D::Db>,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+{
+    let message_id: MessageId = match stored.first() {
+        Some(first) => first.message_id,
+        None => return Ok(()),
+    };
+    for chunk in stored.chunks(BATCH_ROWS_MAX) {
+        let recipients = serde_json::to_string(
+            &chunk
+                .iter()
+                .map(|stored| (stored.user.as_str(), stored.seq))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and numbers serialize");
+        sqlx::query(text(&sql.insert_fan_out))
+            .bind(msg.app.as_str())
+            .bind(&message_id.0[..])
+            .bind(&msg.payload[..])
+            .bind(to_db(msg.now_ms))
+            .bind(to_db(msg.expires_at_ms()))
+            .bind(recipients)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
