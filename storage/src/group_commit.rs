@@ -186,9 +186,9 @@ where
     ) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
         let mut tx = self.writer.begin_with(D::BEGIN).await?;
         let written = if group.iter().all(|job| job.msg.idempotency_key.is_none()) {
-            write_rows::<D>(&mut tx, &self.sql, group).await
+            self.write_rows(&mut tx, group).await
         } else {
-            write_stores::<D>(&mut tx, &self.sql, group).await
+            self.write_stores(&mut tx, group).await
         };
         match written {
             Ok(outcomes) => {
@@ -208,7 +208,7 @@ where
         let mut outcomes = Vec::with_capacity(group.len());
         for job in group {
             tx.execute("SAVEPOINT store").await?;
-            let outcome = write_stores::<D>(&mut tx, &self.sql, std::slice::from_ref(job)).await;
+            let outcome = self.write_stores(&mut tx, std::slice::from_ref(job)).await;
             match outcome {
                 Ok(mut outcome) => outcomes.push(Ok(outcome.remove(0))),
                 // MySQL rolls back the whole transaction of a deadlock
@@ -226,244 +226,211 @@ where
         tx.commit().await?;
         Ok(outcomes)
     }
-}
 
-/// A group with idempotency keys, store by store, so that a key used twice
-/// in the group finds the first use's record: for a key already recorded
-/// (by an earlier group, another node, or earlier in this group) and not
-/// expired, the recorded results, writing nothing.
-async fn write_stores<D: Dialect>(
-    tx: &mut <D::Db as Database>::Connection,
-    sql: &Statements,
-    group: &[StoreJob],
-) -> Result<Vec<StoreOutcome>, StorageError>
-where
-    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
-    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
-    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
-    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
-    usize: ColumnIndex<<D::Db as Database>::Row>,
-{
-    let mut outcomes = Vec::with_capacity(group.len());
-    for job in group {
-        let msg = &job.msg;
-        let Some(key) = msg.idempotency_key.as_deref() else {
-            outcomes.extend(write_rows::<D>(tx, sql, std::slice::from_ref(job)).await?);
-            continue;
-        };
-        let now_ms = to_db(msg.now_ms);
-        let recorded: Option<(String, i64)> = sqlx::query_as(text(&sql.read_key))
-            .bind(msg.app.as_str())
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some((results, key_expires_at_ms)) = recorded
-            && key_expires_at_ms > now_ms
-        {
-            outcomes.push(StoreOutcome {
-                stored: recorded_results(&results, &msg.app, key)?,
-                replayed: true,
-            });
-            continue;
-        }
-        let mut written = write_rows::<D>(tx, sql, std::slice::from_ref(job)).await?;
-        let outcome = written.remove(0);
-        sqlx::query(text(&sql.delete_expired_key))
-            .bind(msg.app.as_str())
-            .bind(key)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(text(&sql.record_key))
-            .bind(msg.app.as_str())
-            .bind(key)
-            .bind(results_to_record(&outcome.stored)?)
-            .bind(to_db(msg.expires_at_ms()))
-            .execute(&mut *tx)
-            .await?;
-        outcomes.push(outcome);
-    }
-    Ok(outcomes)
-}
-
-/// Stores without idempotency keys, in a few multi-row statements rather
-/// than statements per recipient: one upsert of the inbox heads that raises
-/// each by the number of messages the group brings it, in (app, user)
-/// order, which every node locks heads in, so concurrent groups queue
-/// rather than deadlock; then the message rows, unicasts many to a
-/// statement and each multicast with its payload bound once. Each inbox's
-/// new seqs are handed out in the group's order.
-async fn write_rows<D: Dialect>(
-    tx: &mut <D::Db as Database>::Connection,
-    sql: &Statements,
-    group: &[StoreJob],
-) -> Result<Vec<StoreOutcome>, StorageError>
-where
-    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
-    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
-    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
-    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
-    usize: ColumnIndex<<D::Db as Database>::Row>,
-{
-    // Per inbox, how many messages the group brings it, in lock order.
-    let mut counts: Vec<((&str, &str), i64)> = {
-        let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+    /// A group with idempotency keys, store by store, so that a key used twice
+    /// in the group finds the first use's record: for a key already recorded
+    /// (by an earlier group, another node, or earlier in this group) and not
+    /// expired, the recorded results, writing nothing.
+    async fn write_stores(
+        &self,
+        tx: &mut <D::Db as Database>::Connection,
+        group: &[StoreJob],
+    ) -> Result<Vec<StoreOutcome>, StorageError> {
+        let mut outcomes = Vec::with_capacity(group.len());
         for job in group {
-            for user in &job.msg.users {
-                *counts
-                    .entry((job.msg.app.as_str(), user.as_str()))
-                    .or_default() += 1;
+            let msg = &job.msg;
+            let Some(key) = msg.idempotency_key.as_deref() else {
+                outcomes.extend(self.write_rows(tx, std::slice::from_ref(job)).await?);
+                continue;
+            };
+            let now_ms = to_db(msg.now_ms);
+            let recorded: Option<(String, i64)> = sqlx::query_as(text(&self.sql.read_key))
+                .bind(msg.app.as_str())
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some((results, key_expires_at_ms)) = recorded
+                && key_expires_at_ms > now_ms
+            {
+                outcomes.push(StoreOutcome {
+                    stored: recorded_results(&results, &msg.app, key)?,
+                    replayed: true,
+                });
+                continue;
+            }
+            let mut written = self.write_rows(tx, std::slice::from_ref(job)).await?;
+            let outcome = written.remove(0);
+            sqlx::query(text(&self.sql.delete_expired_key))
+                .bind(msg.app.as_str())
+                .bind(key)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(text(&self.sql.record_key))
+                .bind(msg.app.as_str())
+                .bind(key)
+                .bind(results_to_record(&outcome.stored)?)
+                .bind(to_db(msg.expires_at_ms()))
+                .execute(&mut *tx)
+                .await?;
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// Stores without idempotency keys, in a few multi-row statements rather
+    /// than statements per recipient: one upsert of the inbox heads that raises
+    /// each by the number of messages the group brings it, in (app, user)
+    /// order, which every node locks heads in, so concurrent groups queue
+    /// rather than deadlock; then the message rows, unicasts many to a
+    /// statement and each multicast with its payload bound once. Each inbox's
+    /// new seqs are handed out in the group's order.
+    async fn write_rows(
+        &self,
+        tx: &mut <D::Db as Database>::Connection,
+        group: &[StoreJob],
+    ) -> Result<Vec<StoreOutcome>, StorageError> {
+        // Per inbox, how many messages the group brings it, in lock order.
+        let mut counts: Vec<((&str, &str), i64)> = {
+            let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
+            for job in group {
+                for user in &job.msg.users {
+                    *counts
+                        .entry((job.msg.app.as_str(), user.as_str()))
+                        .or_default() += 1;
+                }
+            }
+            counts.into_iter().collect()
+        };
+        counts.sort_unstable();
+        // Per inbox, the next seq to hand out.
+        let mut next_seqs: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
+        for chunk in counts.chunks(BATCH_ROWS_MAX) {
+            let heads = self.raise_heads(tx, chunk).await?;
+            // What comes back need not be in the rows' order: match by inbox.
+            let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
+            for (app, user, last_seq) in heads {
+                returned.entry(app).or_default().insert(user, last_seq);
+            }
+            for &((app, user), count) in chunk {
+                let last_seq = returned
+                    .get(app)
+                    .and_then(|users| users.get(user))
+                    .ok_or_else(|| {
+                        StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
+                    })?;
+                next_seqs.insert((app, user), last_seq - count + 1);
             }
         }
-        counts.into_iter().collect()
-    };
-    counts.sort_unstable();
-    // Per inbox, the next seq to hand out.
-    let mut next_seqs: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
-    for chunk in counts.chunks(BATCH_ROWS_MAX) {
-        let heads = raise_heads::<D>(tx, sql, chunk).await?;
-        // What comes back need not be in the rows' order: match by inbox.
-        let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
-        for (app, user, last_seq) in heads {
-            returned.entry(app).or_default().insert(user, last_seq);
-        }
-        for &((app, user), count) in chunk {
-            let last_seq = returned
-                .get(app)
-                .and_then(|users| users.get(user))
-                .ok_or_else(|| {
-                    StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
-                })?;
-            next_seqs.insert((app, user), last_seq - count + 1);
-        }
-    }
-    let mut outcomes = Vec::with_capacity(group.len());
-    for job in group {
-        let message_id = new_message_id(job.msg.now_ms);
-        let mut stored = Vec::with_capacity(job.msg.users.len());
-        for user in &job.msg.users {
-            let next = next_seqs
-                .get_mut(&(job.msg.app.as_str(), user.as_str()))
-                .expect("every recipient's inbox was raised above");
-            stored.push(StoredRef {
-                user: user.clone(),
-                seq: from_db(*next, "inbox_heads.last_seq")?,
-                message_id,
+        let mut outcomes = Vec::with_capacity(group.len());
+        for job in group {
+            let message_id = new_message_id(job.msg.now_ms);
+            let mut stored = Vec::with_capacity(job.msg.users.len());
+            for user in &job.msg.users {
+                let next = next_seqs
+                    .get_mut(&(job.msg.app.as_str(), user.as_str()))
+                    .expect("every recipient's inbox was raised above");
+                stored.push(StoredRef {
+                    user: user.clone(),
+                    seq: from_db(*next, "inbox_heads.last_seq")?,
+                    message_id,
+                });
+                *next += 1;
+            }
+            outcomes.push(StoreOutcome {
+                stored,
+                replayed: false,
             });
-            *next += 1;
         }
-        outcomes.push(StoreOutcome {
-            stored,
-            replayed: false,
-        });
-    }
-    let mut unicasts: Vec<(&OwnedMessage, &StoredRef)> = Vec::new();
-    for (job, outcome) in group.iter().zip(&outcomes) {
-        match outcome.stored.as_slice() {
-            [one] => unicasts.push((&job.msg, one)),
-            many => insert_fan_out::<D>(tx, sql, &job.msg, many).await?,
+        let mut unicasts: Vec<(&OwnedMessage, &StoredRef)> = Vec::new();
+        for (job, outcome) in group.iter().zip(&outcomes) {
+            match outcome.stored.as_slice() {
+                [one] => unicasts.push((&job.msg, one)),
+                many => self.insert_fan_out(tx, &job.msg, many).await?,
+            }
         }
+        for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
+            let mut insert = QueryBuilder::<D::Db>::new(
+                "INSERT INTO messages \
+                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
+            );
+            insert.push_values(chunk, |mut row, (msg, stored)| {
+                row.push_bind(msg.app.as_str())
+                    .push_bind(stored.user.as_str())
+                    .push_bind(to_db(stored.seq))
+                    .push_bind(&stored.message_id.0[..])
+                    .push_bind(&msg.payload[..])
+                    .push_bind(to_db(msg.now_ms))
+                    .push_bind(to_db(msg.expires_at_ms()));
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        Ok(outcomes)
     }
-    for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
-        let mut insert = QueryBuilder::<D::Db>::new(
-            "INSERT INTO messages \
-             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
-        );
-        insert.push_values(chunk, |mut row, (msg, stored)| {
-            row.push_bind(msg.app.as_str())
-                .push_bind(stored.user.as_str())
-                .push_bind(to_db(stored.seq))
-                .push_bind(&stored.message_id.0[..])
-                .push_bind(&msg.payload[..])
-                .push_bind(to_db(msg.now_ms))
-                .push_bind(to_db(msg.expires_at_ms()));
+
+    /// Raises each inbox head of `counts` by its count; returns every head's
+    /// new `(app, user_id, last_seq)`, in no particular order.
+    async fn raise_heads(
+        &self,
+        tx: &mut <D::Db as Database>::Connection,
+        counts: &[((&str, &str), i64)],
+    ) -> Result<Vec<(String, String, i64)>, StorageError> {
+        let mut raise =
+            QueryBuilder::<D::Db>::new("INSERT INTO inbox_heads (app, user_id, last_seq) ");
+        raise.push_values(counts, |mut row, ((app, user), count)| {
+            row.push_bind(*app).push_bind(*user).push_bind(*count);
         });
-        insert.build().execute(&mut *tx).await?;
+        raise.push(&self.sql.raise_heads);
+        if D::UPSERT_RETURNS {
+            raise.push(" RETURNING app, user_id, last_seq");
+            return Ok(raise.build_query_as().fetch_all(&mut *tx).await?);
+        }
+        raise.build().execute(&mut *tx).await?;
+        // This transaction holds every row just raised, so what it reads back
+        // is its own value.
+        let mut read =
+            QueryBuilder::<D::Db>::new("SELECT app, user_id, last_seq FROM inbox_heads WHERE ");
+        let mut inboxes = read.separated(" OR ");
+        for ((app, user), _) in counts {
+            inboxes.push("(app = ");
+            inboxes.push_bind_unseparated(*app);
+            inboxes.push_unseparated(" AND user_id = ");
+            inboxes.push_bind_unseparated(*user);
+            inboxes.push_unseparated(")");
+        }
+        Ok(read.build_query_as().fetch_all(&mut *tx).await?)
     }
-    Ok(outcomes)
-}
 
-/// Raises each inbox head of `counts` by its count; returns every head's
-/// new `(app, user_id, last_seq)`, in no particular order.
-async fn raise_heads<D: Dialect>(
-    tx: &mut <D::Db as Database>::Connection,
-    sql: &Statements,
-    counts: &[((&str, &str), i64)],
-) -> Result<Vec<(String, String, i64)>, StorageError>
-where
-    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
-    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
-    i64: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
-    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
-    usize: ColumnIndex<<D::Db as Database>::Row>,
-{
-    let mut raise = QueryBuilder::<D::Db>::new("INSERT INTO inbox_heads (app, user_id, last_seq) ");
-    raise.push_values(counts, |mut row, ((app, user), count)| {
-        row.push_bind(*app).push_bind(*user).push_bind(*count);
-    });
-    raise.push(&sql.raise_heads);
-    if D::UPSERT_RETURNS {
-        raise.push(" RETURNING app, user_id, last_seq");
-        return Ok(raise.build_query_as().fetch_all(&mut *tx).await?);
+    /// A multicast's rows in statements of [`BATCH_ROWS_MAX`] recipients, its
+    /// payload bound once per statement rather than once per recipient.
+    async fn insert_fan_out(
+        &self,
+        tx: &mut <D::Db as Database>::Connection,
+        msg: &OwnedMessage,
+        stored: &[StoredRef],
+    ) -> Result<(), StorageError> {
+        let message_id: MessageId = match stored.first() {
+            Some(first) => first.message_id,
+            None => return Ok(()),
+        };
+        for chunk in stored.chunks(BATCH_ROWS_MAX) {
+            let recipients = serde_json::to_string(
+                &chunk
+                    .iter()
+                    .map(|stored| (stored.user.as_str(), stored.seq))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("strings and numbers serialize");
+            sqlx::query(text(&self.sql.insert_fan_out))
+                .bind(msg.app.as_str())
+                .bind(&message_id.0[..])
+                .bind(&msg.payload[..])
+                .bind(to_db(msg.now_ms))
+                .bind(to_db(msg.expires_at_ms()))
+                .bind(recipients)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
     }
-    raise.build().execute(&mut *tx).await?;
-    // This transaction holds every row just raised, so what it reads back
-    // is its own value.
-    let mut read =
-        QueryBuilder::<D::Db>::new("SELECT app, user_id, last_seq FROM inbox_heads WHERE ");
-    let mut inboxes = read.separated(" OR ");
-    for ((app, user), _) in counts {
-        inboxes.push("(app = ");
-        inboxes.push_bind_unseparated(*app);
-        inboxes.push_unseparated(" AND user_id = ");
-        inboxes.push_bind_unseparated(*user);
-        inboxes.push_unseparated(")");
-    }
-    Ok(read.build_query_as().fetch_all(&mut *tx).await?)
-}
-
-/// A multicast's rows in statements of [`BATCH_ROWS_MAX`] recipients, its
-/// payload bound once per statement rather than once per recipient.
-async fn insert_fan_out<D: Dialect>(
-    tx: &mut <D::Db as Database>::Connection,
-    sql: &Statements,
-    msg: &OwnedMessage,
-    stored: &[StoredRef],
-) -> Result<(), StorageError>
-where
-    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
-    <D::Db as Database>::Arguments: IntoArguments<D::Db>,
-    i64: for<'q> Encode<'q, D::Db> + Type<D::Db>,
-    String: for<'q> Encode<'q, D::Db> + Type<D::Db>,
-    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
-    for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
-{
-    let message_id: MessageId = match stored.first() {
-        Some(first) => first.message_id,
-        None => return Ok(()),
-    };
-    for chunk in stored.chunks(BATCH_ROWS_MAX) {
-        let recipients = serde_json::to_string(
-            &chunk
-                .iter()
-                .map(|stored| (stored.user.as_str(), stored.seq))
-                .collect::<Vec<_>>(),
-        )
-        .expect("strings and numbers serialize");
-        sqlx::query(text(&sql.insert_fan_out))
-            .bind(msg.app.as_str())
-            .bind(&message_id.0[..])
-            .bind(&msg.payload[..])
-            .bind(to_db(msg.now_ms))
-            .bind(to_db(msg.expires_at_ms()))
-            .bind(recipients)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(())
 }
