@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
-use support::cluster::{Cluster, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually};
-use support::{API_KEY, APP, RawClient, Reaped, WAIT, herald_bin, line_after, lines_of, token};
+use support::cluster::{
+    Cluster, Database, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually,
+};
+use support::{
+    API_KEY, APP, RawClient, Reaped, Server, WAIT, answered_pushes_survive_a_kill, herald_bin,
+    line_after, lines_of, token,
+};
 
 /// The node ids presence reports for `user`, as asked of `api`.
 async fn nodes_of(api: &support::Server, user: &str) -> Vec<String> {
@@ -812,4 +817,34 @@ async fn a_paced_broadcast_is_shared_by_the_room_nodes_connections() {
         last >= implied * 0.5 && last <= implied + 2.0,
         "{last:.2} s"
     );
+}
+
+/// A control node killed with kill -9 in the middle of its group commits,
+/// on `engine`: every push it answered 200 is stored under the seq it
+/// was given, read back through the restarted node.
+async fn a_control_node_killed_mid_group_commit_loses_no_answered_push(engine: Database) {
+    let test =
+        format!("a_control_node_killed_mid_group_commit_loses_no_answered_push on {engine:?}");
+    let Some(engines) = Engines::create_on(&test, engine).await else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(engines, 1, 1, |_| None);
+    let control = cluster.controls.remove(0);
+    answered_pushes_survive_a_kill(control, |mut control| {
+        control.child.kill().unwrap();
+        control.child.wait().unwrap();
+        let config = control.config_path.clone().expect("a node has a config");
+        Server::spawn_node("control", &config, None)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_node_killed_mid_group_commit_on_mariadb_loses_no_answered_push() {
+    a_control_node_killed_mid_group_commit_loses_no_answered_push(Database::MariaDb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_node_killed_mid_group_commit_on_postgres_loses_no_answered_push() {
+    a_control_node_killed_mid_group_commit_loses_no_answered_push(Database::Postgres).await;
 }

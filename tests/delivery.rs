@@ -3,12 +3,10 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_proto::{Frame, GoAwayReason};
-use support::{API_KEY, APP, Io, RawClient, Server};
+use support::{API_KEY, APP, Io, RawClient, Server, answered_pushes_survive_a_kill};
 
 async fn push_to_an_online_user_arrives_and_its_ack_is_kept(io: Io) {
     let server = Server::start_on(io);
@@ -292,87 +290,7 @@ async fn concurrent_pushes_share_commits_and_each_is_stored() {
 /// inbox under the seq it was given (one not answered may or may not be).
 #[tokio::test]
 async fn a_kill_in_the_middle_of_group_commits_loses_no_answered_push() {
-    const CALLERS: usize = 32;
-    const ANSWERED_BEFORE_KILL: usize = 400;
-    let server = Server::start();
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::new();
-    let mut callers = tokio::task::JoinSet::new();
-    for caller in 0..CALLERS {
-        let url = server.url(&format!("/v1/apps/{APP}/users/user-{caller}/messages"));
-        let (client, answered, stop) = (client.clone(), answered.clone(), stop.clone());
-        callers.spawn(async move {
-            for n in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let payload = format!("{caller}-{n}");
-                let sent = client
-                    .post(&url)
-                    .bearer_auth(API_KEY)
-                    .body(format!(r#"{{"payload": "{payload}"}}"#))
-                    .send()
-                    .await;
-                let Ok(response) = sent else { return };
-                if response.status().as_u16() != 200 {
-                    return;
-                }
-                let Ok(body) = response.json::<serde_json::Value>().await else {
-                    return;
-                };
-                let seq = body["seq"].as_u64().expect("a seq");
-                answered.lock().unwrap().push((caller, seq, payload));
-            }
-        });
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while answered.lock().unwrap().len() < ANSWERED_BEFORE_KILL {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pushes are not answered"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let server = server.kill_and_restart();
-    stop.store(true, Ordering::Relaxed);
-    while callers.join_next().await.is_some() {}
-    let answered = std::mem::take(&mut *answered.lock().unwrap());
-    let mut found = std::collections::HashMap::new();
-    for caller in 0..CALLERS {
-        let mut after = 0;
-        loop {
-            let (status, body) = server
-                .get(
-                    &format!("/v1/apps/{APP}/users/user-{caller}/messages?after={after}"),
-                    API_KEY,
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
-            for message in body["messages"].as_array().unwrap() {
-                after = message["seq"].as_u64().unwrap();
-                found.insert(
-                    (caller, after),
-                    message["payload"].as_str().unwrap().to_owned(),
-                );
-            }
-            if body["more"] != true {
-                break;
-            }
-        }
-    }
-    println!(
-        "{} pushes answered before and while the kill, {} stored after the restart",
-        answered.len(),
-        found.len()
-    );
-    for (caller, seq, payload) in &answered {
-        assert_eq!(
-            found.get(&(*caller, *seq)),
-            Some(payload),
-            "push {payload} was answered with seq {seq} and is not stored under it"
-        );
-    }
+    answered_pushes_survive_a_kill(Server::start(), Server::kill_and_restart).await;
 }
 
 on_both_drivers!(

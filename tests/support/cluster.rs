@@ -1,9 +1,10 @@
 //! Cluster test support: room and control nodes as real processes on one
-//! Redis and one MariaDB database, and a TCP relay that can cut a node off
-//! its database.
+//! Redis and one MariaDB (or PostgreSQL) database, and a TCP relay that can
+//! cut a node off its database.
 //!
-//! Redis and MariaDB are the local services (`HERALD_TEST_REDIS_URL`,
-//! `HERALD_TEST_MYSQL_URL` override them; `scripts/start-services.sh`
+//! Redis, MariaDB and PostgreSQL are the local services
+//! (`HERALD_TEST_REDIS_URL`, `HERALD_TEST_MYSQL_URL`,
+//! `HERALD_TEST_POSTGRES_URL` override them; `scripts/start-services.sh`
 //! starts them). A test whose service is missing is skipped with a message,
 //! except under CI=true, where it fails.
 
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_control::cluster::RedisTarget;
-use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -26,6 +27,27 @@ pub fn redis_server_url() -> String {
 pub fn mysql_server_url() -> String {
     std::env::var("HERALD_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
+}
+
+pub fn postgres_server_url() -> String {
+    std::env::var("HERALD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// The database engine a cluster stores in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    MariaDb,
+    Postgres,
+}
+
+impl Database {
+    fn server_url(self) -> String {
+        match self {
+            Database::MariaDb => mysql_server_url(),
+            Database::Postgres => postgres_server_url(),
+        }
+    }
 }
 
 /// Skips (returns `None` after saying why) when a service is missing,
@@ -43,7 +65,7 @@ pub fn service_missing(test: &str, message: String) -> Option<std::convert::Infa
 pub struct Engines {
     pub database_url: String,
     pub redis: RedisTarget,
-    mysql_server: String,
+    engine: Database,
     database: String,
 }
 
@@ -53,7 +75,13 @@ static NEXT_REDIS_DB: AtomicU32 = AtomicU32::new(1);
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
 impl Engines {
+    /// Redis and a MariaDB database.
     pub async fn create(test: &str) -> Option<Engines> {
+        Engines::create_on(test, Database::MariaDb).await
+    }
+
+    /// Redis and a database on `engine`.
+    pub async fn create_on(test: &str, engine: Database) -> Option<Engines> {
         let redis_db = NEXT_REDIS_DB.fetch_add(1, Ordering::Relaxed);
         assert!(redis_db <= 15, "more cluster tests than Redis databases");
         let redis_url = format!("{}/{redis_db}", redis_server_url());
@@ -65,25 +93,24 @@ impl Engines {
                 ),
             )?;
         }
-        let mysql_server = mysql_server_url();
+        let server = engine.server_url();
         let database = format!(
             "herald_cluster_{}_{}",
             std::process::id(),
             NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
         );
-        if let Err(error) = mysql_admin(&mysql_server, &format!("CREATE DATABASE {database}")).await
-        {
+        if let Err(error) = admin(engine, &format!("CREATE DATABASE {database}")).await {
             service_missing(
                 test,
                 format!(
-                    "MariaDB is not reachable at {mysql_server} ({error}); start it with scripts/start-services.sh"
+                    "{engine:?} is not reachable at {server} ({error}); start it with scripts/start-services.sh"
                 ),
             )?;
         }
         Some(Engines {
-            database_url: format!("{mysql_server}/{database}"),
+            database_url: format!("{server}/{database}"),
             redis: RedisTarget::Single(redis_url),
-            mysql_server,
+            engine,
             database,
         })
     }
@@ -91,15 +118,19 @@ impl Engines {
 
 impl Drop for Engines {
     fn drop(&mut self) {
-        let server = self.mysql_server.clone();
-        let statement = format!("DROP DATABASE IF EXISTS {}", self.database);
+        let engine = self.engine;
+        let mut statement = format!("DROP DATABASE IF EXISTS {}", self.database);
+        if engine == Database::Postgres {
+            // Nodes just killed may still hold connections.
+            statement.push_str(" WITH (FORCE)");
+        }
         // Drop runs inside the test's runtime: use a thread with its own.
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(mysql_admin(&server, &statement))
+                .block_on(admin(engine, &statement))
         })
         .join();
     }
@@ -111,11 +142,20 @@ pub async fn flush_redis(url: &str) -> redis::RedisResult<()> {
     redis::cmd("FLUSHDB").query_async(&mut conn).await
 }
 
-async fn mysql_admin(server: &str, statement: &str) -> Result<(), sqlx::Error> {
-    let mut conn = MySqlConnection::connect(server).await?;
-    sqlx::raw_sql(AssertSqlSafe(statement.to_owned()))
-        .execute(&mut conn)
-        .await?;
+/// Runs `statement` on `engine`'s server, outside any test database.
+async fn admin(engine: Database, statement: &str) -> Result<(), sqlx::Error> {
+    let statement = sqlx::raw_sql(AssertSqlSafe(statement.to_owned()));
+    match engine {
+        Database::MariaDb => {
+            let mut conn = MySqlConnection::connect(&mysql_server_url()).await?;
+            statement.execute(&mut conn).await?;
+        }
+        Database::Postgres => {
+            let server = postgres_server_url();
+            let mut conn = PgConnection::connect(&format!("{server}/postgres")).await?;
+            statement.execute(&mut conn).await?;
+        }
+    }
     Ok(())
 }
 
