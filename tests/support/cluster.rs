@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_control::cluster::RedisTarget;
+use herald_control::cluster::connection::RedisTarget;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
