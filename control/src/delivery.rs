@@ -212,13 +212,16 @@ impl Delivery {
         let mut results = Vec::with_capacity(outcome.stored.len());
         for stored in outcome.stored {
             let sessions = self.sessions(app, &stored.user).await;
+            let online = !sessions.is_empty();
             // A replay was handed over the first time; only report presence.
             if !outcome.replayed {
-                for session in sessions.iter() {
+                // Taken by value: a remote session's node name becomes the
+                // key of its group without a copy.
+                for session in sessions {
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
-                    if !self.router.is_local(session) {
+                    if !self.router.is_local(&session) {
                         remote
-                            .entry((session.node.clone(), session.instance))
+                            .entry((session.node, session.instance))
                             .or_default()
                             .push((session.conn, stored.seq));
                         continue;
@@ -235,10 +238,7 @@ impl Delivery {
                     self.router.to_conn(session.conn, command).await;
                 }
             }
-            results.push(PushResult {
-                online: !sessions.is_empty(),
-                stored,
-            });
+            results.push(PushResult { online, stored });
         }
         if let Some(message_id) = results.first().map(|result| result.stored.message_id) {
             for ((node, instance), targets) in remote {
@@ -269,16 +269,17 @@ impl Delivery {
     /// Sends GOAWAY(kicked) to every connection of the user; returns how many.
     pub async fn kick(&self, app: &str, user: &str) -> usize {
         let sessions = self.sessions(app, user).await;
+        let kicked = sessions.len();
         let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
-        for session in &sessions {
-            if self.router.is_local(session) {
+        for session in sessions {
+            if self.router.is_local(&session) {
                 let command = ConnCommand::Kick {
                     reason: GoAwayReason::KICKED,
                 };
                 self.router.to_conn(session.conn, command).await;
             } else {
                 remote
-                    .entry((session.node.clone(), session.instance))
+                    .entry((session.node, session.instance))
                     .or_default()
                     .push(session.conn);
             }
@@ -290,7 +291,7 @@ impl Delivery {
             };
             self.router.to_node(&node, instance, message).await;
         }
-        sessions.len()
+        kicked
     }
 
     /// Hands what another node sent to this node's shards.
