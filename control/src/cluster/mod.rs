@@ -2,8 +2,9 @@
 //! of live room nodes built from each one's liveness record
 //! ([`directory`]), the register every node shares ([`register`]), and the
 //! node channel that carries deliveries and broadcasts to room nodes
-//! ([`channel`]). A room node's heartbeat and subscription, which drive
-//! these, are in `link`.
+//! ([`channel`]). What drives them from above is in `link`: a room node's
+//! heartbeat and subscription, publishing to room nodes, and the broadcast
+//! progress hash. Nothing here imports delivery or broadcasts.
 //!
 //! Keys (every key of one user shares the hash tag `{app:user}`, so Redis
 //! Cluster keeps them on one slot):
