@@ -45,7 +45,7 @@ fn progress_key(app: &str, seq: u64) -> String {
 async fn report_progress(
     redis: &RedisConn,
     deltas: Vec<ProgressDelta>,
-) -> Result<(), RegisterError> {
+) -> Result<(), redis::RedisError> {
     if deltas.is_empty() {
         return Ok(());
     }

@@ -30,6 +30,7 @@ pub struct NodeName {
     pub instance: u64,
 }
 
+/// This node's shards and its way to the others.
 pub struct Router {
     name: NodeName,
     /// This node's shards; none on a control node.

@@ -6,8 +6,6 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use crate::register::RegisterError;
-
 /// Redis calls fail after this long rather than hold an API call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -22,13 +20,13 @@ pub enum RedisTarget {
 impl RedisTarget {
     /// Clients to subscribe through, in the order to try them. Redis
     /// Cluster carries a PUBLISH to every node, so any node will do.
-    pub(crate) fn subscription_clients(&self) -> Result<Vec<redis::Client>, RegisterError> {
+    pub(crate) fn subscription_clients(&self) -> Result<Vec<redis::Client>, redis::RedisError> {
         let urls = match self {
             RedisTarget::Single(url) => std::slice::from_ref(url),
             RedisTarget::Cluster(urls) => urls.as_slice(),
         };
         urls.iter()
-            .map(|url| Ok(redis::Client::open(url.as_str())?))
+            .map(|url| redis::Client::open(url.as_str()))
             .collect()
     }
 }
@@ -79,7 +77,7 @@ impl ConnectionLike for RedisConn {
 /// so it tries once per failed call rather than retrying with backoff:
 /// while Redis is down an API call answers within `REDIS_TIMEOUT` instead
 /// of seconds later.
-pub async fn connect(target: &RedisTarget) -> Result<RedisConn, RegisterError> {
+pub async fn connect(target: &RedisTarget) -> Result<RedisConn, redis::RedisError> {
     match target {
         RedisTarget::Single(url) => {
             let client = redis::Client::open(url.as_str())?;
