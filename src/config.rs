@@ -92,8 +92,8 @@ pub struct Config {
 
 impl ClusterSection {
     /// Where Redis is: exactly one of `redis_url` and `redis_cluster_urls`.
-    pub fn redis_target(&self) -> anyhow::Result<herald_control::cluster::RedisTarget> {
-        use herald_control::cluster::RedisTarget;
+    pub fn redis_target(&self) -> anyhow::Result<herald_control::cluster::connection::RedisTarget> {
+        use herald_control::cluster::connection::RedisTarget;
         let target = match (&self.redis_url, self.redis_cluster_urls.as_slice()) {
             (Some(url), []) => RedisTarget::Single(url.clone()),
             (None, [_, ..]) => RedisTarget::Cluster(self.redis_cluster_urls.clone()),

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herald_control::cluster::{
-    LoadProbe, NodeDirectory, NodeRecord, RedisConn, RedisRegister, RedisRemote, RedisTarget,
-    RoomLink,
-};
+use herald_control::cluster::connection::{RedisConn, RedisTarget};
+use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
+use herald_control::cluster::register::RedisRegister;
 use herald_control::coordinator::{Coordinator, Webhook};
+use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
 use herald_control::{
     AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
 };
@@ -488,7 +488,7 @@ fn control_config(config: &Config) -> ControlConfig {
 /// This run's instance number: unix milliseconds with random low bits, so
 /// a node restarted within the same millisecond is still another run.
 fn new_instance() -> u64 {
-    (herald_control::delivery::unix_ms() << 12) | u64::from(rand::random::<u16>() & 0xfff)
+    (herald_control::clock::unix_ms() << 12) | u64::from(rand::random::<u16>() & 0xfff)
 }
 
 /// The gateway address clients are told to use: the configured one, else
@@ -570,7 +570,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Embedded => None,
         Role::Room | Role::Control => {
             let target = config.cluster()?.redis_target()?;
-            let conn = herald_control::cluster::connect(&target)
+            let conn = herald_control::cluster::connection::connect(&target)
                 .await
                 .with_context(|| format!("cannot reach Redis at {target:?}"))?;
             Some((target, conn))

@@ -555,7 +555,7 @@ async fn a_redis_restart_loses_nothing() {
     let Some(mut engines) = Engines::create(TEST).await else {
         return;
     };
-    engines.redis = herald_control::cluster::RedisTarget::Single(redis.url.clone());
+    engines.redis = herald_control::cluster::connection::RedisTarget::Single(redis.url.clone());
     let cluster = Cluster::start_on(engines, 2, 1, |_| None);
     let users: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
     let (seen, clients) = start_clients(&cluster.controls[0], &users);
@@ -776,7 +776,9 @@ async fn a_paced_broadcast_is_shared_by_the_room_nodes_connections() {
             clients.push(RawClient::bound(&cluster.rooms[r].gateway, &name, &name, None).await);
         }
     }
-    let herald_control::cluster::RedisTarget::Single(redis_url) = &cluster.engines.redis else {
+    let herald_control::cluster::connection::RedisTarget::Single(redis_url) =
+        &cluster.engines.redis
+    else {
         panic!("one Redis");
     };
     for (r, count) in SPREAD.iter().enumerate() {

@@ -10,9 +10,10 @@ mod support;
 
 use std::sync::Arc;
 
-use herald_control::cluster::{
-    LoadProbe, NodeDirectory, RedisConn, RedisRegister, RedisTarget, RoomLink, connect,
-};
+use herald_control::cluster::connection::{RedisConn, RedisTarget, connect};
+use herald_control::cluster::directory::NodeDirectory;
+use herald_control::cluster::register::RedisRegister;
+use herald_control::link::{LoadProbe, RoomLink};
 use herald_control::{Change, Register, Session};
 use herald_proto::NetworkType;
 use herald_proto::ids::{AppId, UserId};

@@ -18,11 +18,14 @@ use herald_proto::plane::{
 };
 use herald_proto::{Frame, encode};
 use herald_storage::{
-    BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, StorageError, StoredBroadcast, StoredMessage,
+    BROADCASTS_AFTER_LIMIT_MAX, NewBroadcast, Saver, StorageError, StoredBroadcast, StoredMessage,
 };
 
-use crate::cluster::{LiveNodes, NodeMessage};
-use crate::delivery::{Delivery, unix_ms};
+use crate::clock::unix_ms;
+use crate::cluster::channel::NodeMessage;
+use crate::pace::PaceShares;
+use crate::progress::{ProgressDelta, ProgressReport};
+use crate::router::Router;
 
 /// How long a storage read's word that an app has no broadcast past some
 /// seq is trusted, for binds asking from there on. Broadcasts fanned out
@@ -32,9 +35,10 @@ const BROADCAST_HEAD_TRUSTED_FOR: Duration = Duration::from_secs(1);
 /// How far each broadcast this node fanned out got, kept until it expires;
 /// and where each app's broadcasts end, as far as this node knows.
 #[derive(Debug, Default)]
-pub struct BroadcastRegistry {
-    by_seq: Mutex<HashMap<(String, u64), Tracked>>,
-    heads: Mutex<HashMap<String, KnownHead>>,
+struct BroadcastRegistry {
+    /// By app, then by seq: looked up by `&str`, with no key to build.
+    tracked: Mutex<HashMap<AppId, HashMap<u64, Tracked>>>,
+    heads: Mutex<HashMap<AppId, KnownHead>>,
 }
 
 /// No unexpired broadcast of an app was past `seq` when storage was last
@@ -61,25 +65,6 @@ struct Tracked {
     reported: [u64; 4],
 }
 
-/// Counts one node adds to a broadcast's cluster-wide progress.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProgressDelta {
-    pub app: String,
-    pub seq: u64,
-    pub expires_at_ms: u64,
-    /// target, sent, dropped, acked.
-    pub added: [u64; 4],
-}
-
-/// One broadcast's counts, as the API reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ProgressReport {
-    pub target: u64,
-    pub sent: u64,
-    pub dropped: u64,
-    pub acked: u64,
-}
-
 impl BroadcastRegistry {
     /// The last broadcast seq of `app` handed out, if a recent read (and
     /// the broadcasts since) tell it: binds that hold every broadcast up to
@@ -104,7 +89,7 @@ impl BroadcastRegistry {
     /// not keep every later bind reading.)
     fn read(
         &self,
-        app: &str,
+        app: &AppId,
         after: u64,
         found: &[StoredBroadcast],
         last_handed_out: u64,
@@ -115,7 +100,7 @@ impl BroadcastRegistry {
             .map_or(after.min(last_handed_out), |last| last.seq);
         let last_handed_out = last_handed_out.max(seq);
         let mut heads = self.heads.lock().expect("broadcast lock");
-        let head = heads.entry(app.to_owned()).or_insert(KnownHead {
+        let head = heads.entry(app.clone()).or_insert(KnownHead {
             seq,
             last_handed_out,
             read_at: None,
@@ -135,10 +120,10 @@ impl BroadcastRegistry {
     }
 
     /// A broadcast reached this node: binds from before it must read it.
-    fn saw(&self, app: &str, seq: u64) {
+    fn saw(&self, app: &AppId, seq: u64) {
         let now = Instant::now();
         let mut heads = self.heads.lock().expect("broadcast lock");
-        let head = heads.entry(app.to_owned()).or_insert(KnownHead {
+        let head = heads.entry(app.clone()).or_insert(KnownHead {
             seq,
             last_handed_out: seq,
             read_at: None,
@@ -149,11 +134,13 @@ impl BroadcastRegistry {
         head.seen_at = Some(now);
     }
 
-    fn track(&self, app: &str, seq: u64, expires_at_ms: u64) -> Arc<BroadcastProgress> {
+    fn track(&self, app: &AppId, seq: u64, expires_at_ms: u64) -> Arc<BroadcastProgress> {
         self.saw(app, seq);
-        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
-        by_seq
-            .entry((app.to_owned(), seq))
+        let mut tracked = self.tracked.lock().expect("broadcast lock");
+        tracked
+            .entry(app.clone())
+            .or_default()
+            .entry(seq)
             .or_insert_with(|| Tracked {
                 expires_at_ms,
                 progress: Arc::default(),
@@ -164,77 +151,51 @@ impl BroadcastRegistry {
     }
 
     fn get(&self, app: &str, seq: u64) -> Option<Arc<BroadcastProgress>> {
-        let by_seq = self.by_seq.lock().expect("broadcast lock");
-        by_seq
-            .get(&(app.to_owned(), seq))
+        let tracked = self.tracked.lock().expect("broadcast lock");
+        tracked
+            .get(app)?
+            .get(&seq)
             .map(|tracked| tracked.progress.clone())
     }
 
     /// What each broadcast's counts grew by since the last call.
-    pub fn deltas(&self) -> Vec<ProgressDelta> {
-        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
-        by_seq
+    fn deltas(&self) -> Vec<ProgressDelta> {
+        let mut tracked = self.tracked.lock().expect("broadcast lock");
+        tracked
             .iter_mut()
-            .filter_map(|((app, seq), tracked)| {
-                let now = report(&tracked.progress);
-                let added = [0, 1, 2, 3].map(|i| now[i] - tracked.reported[i]);
-                tracked.reported = now;
-                (added != [0; 4]).then(|| ProgressDelta {
-                    app: app.clone(),
-                    seq: *seq,
-                    expires_at_ms: tracked.expires_at_ms,
-                    added,
+            .flat_map(|(app, by_seq)| {
+                by_seq.iter_mut().filter_map(|(seq, tracked)| {
+                    let now = report(&tracked.progress);
+                    let added = [0, 1, 2, 3].map(|i| now[i] - tracked.reported[i]);
+                    tracked.reported = now;
+                    (added != [0; 4]).then(|| ProgressDelta {
+                        app: app.clone(),
+                        seq: *seq,
+                        expires_at_ms: tracked.expires_at_ms,
+                        added,
+                    })
                 })
             })
             .collect()
     }
 
     /// Forgets broadcasts that expired: nobody gets them any more.
-    pub fn forget_expired(&self, now_ms: u64) {
-        let mut by_seq = self.by_seq.lock().expect("broadcast lock");
-        by_seq.retain(|_, tracked| tracked.expires_at_ms > now_ms);
+    fn forget_expired(&self, now_ms: u64) {
+        let mut tracked = self.tracked.lock().expect("broadcast lock");
+        for by_seq in tracked.values_mut() {
+            by_seq.retain(|_, tracked| tracked.expires_at_ms > now_ms);
+        }
+        tracked.retain(|_, by_seq| !by_seq.is_empty());
     }
 }
 
-/// What [`Delivery::read_broadcasts`] found of one app.
+/// What [`Broadcasts::read`] found of one app.
 #[derive(Debug, Default)]
 pub(crate) struct AppBroadcasts {
     /// The last broadcast seq the app handed out, expired or not.
     pub last_handed_out: u64,
     /// The unexpired broadcasts after the point read from, ascending.
     pub unexpired: Vec<StoredBroadcast>,
-}
-
-/// How a paced broadcast's rate is shared among the room nodes: by the
-/// connections each held when it was sent, as the node directory last read
-/// them, so that every node finishes in about the time the rate implies.
-/// A node gets one connection more than it held, so one that has just
-/// started still moves.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct PaceShares(HashMap<String, f64>);
-
-impl PaceShares {
-    pub fn from_nodes(nodes: &LiveNodes) -> PaceShares {
-        let weight = |connections: u64| connections as f64 + 1.0;
-        let total: f64 = nodes.values().map(|n| weight(n.connections)).sum();
-        PaceShares(
-            nodes
-                .iter()
-                .map(|(id, n)| (id.clone(), weight(n.connections) / total))
-                .collect(),
-        )
-    }
-
-    /// `node`'s share: as listed; for a node that joined since, what an
-    /// even split would give it; all of it when nothing is listed (a
-    /// single process, or the directory could not be read).
-    pub fn of(&self, node: &str) -> f64 {
-        match self.0.get(node) {
-            Some(&share) => share,
-            None => 1.0 / (self.0.len() + 1) as f64,
-        }
-    }
 }
 
 /// target, sent, dropped, acked, read now.
@@ -256,14 +217,31 @@ fn message(stored: &StoredBroadcast) -> BroadcastMessage {
     }
 }
 
-impl Delivery {
+/// A node's broadcasts: storing and fanning out, the fills that bring a
+/// binding the broadcasts it missed, and what this node knows of each
+/// app's broadcasts and of each one's progress.
+pub struct Broadcasts {
+    router: Arc<Router>,
+    saver: Saver,
+    registry: BroadcastRegistry,
+}
+
+impl Broadcasts {
+    pub fn new(router: Arc<Router>, saver: Saver) -> Broadcasts {
+        Broadcasts {
+            router,
+            saver,
+            registry: BroadcastRegistry::default(),
+        }
+    }
+
     /// Stores a broadcast, then hands it to every shard of this node and,
     /// in a cluster, to every other room node. Returns once stored.
     /// `mode.rate_per_sec` paces the fan-out: connections a second in the
     /// whole system, of which each room node takes its share.
     pub async fn broadcast(
         &self,
-        app: &str,
+        app: &AppId,
         payload: &[u8],
         ttl: Duration,
         required_tags: &[String],
@@ -271,7 +249,7 @@ impl Delivery {
         shares: &PaceShares,
     ) -> Result<StoredBroadcast, StorageError> {
         let stored = self
-            .saver()
+            .saver
             .store_broadcast(NewBroadcast {
                 app,
                 payload,
@@ -282,8 +260,13 @@ impl Delivery {
             .await?;
         self.fan_out(app, &stored, self.node_pace(mode, shares))
             .await;
-        if let Some(remote) = self.remote() {
-            let message = NodeMessage::broadcast(app, &stored, mode, shares);
+        if let Some(remote) = self.router.remote() {
+            let message = NodeMessage::Broadcast {
+                app: app.clone(),
+                stored: stored.clone(),
+                mode,
+                shares: shares.clone(),
+            };
             remote.broadcast(message).await;
         }
         Ok(stored)
@@ -291,7 +274,7 @@ impl Delivery {
 
     /// This node's part of a broadcast whose pace is the whole system's.
     pub(crate) fn node_pace(&self, mode: BroadcastMode, shares: &PaceShares) -> BroadcastMode {
-        let share = shares.of(&self.node_name().node);
+        let share = shares.of(&self.router.name().node);
         BroadcastMode {
             rate_per_sec: mode.rate_per_sec.map(|rate| rate * share),
             ..mode
@@ -300,12 +283,12 @@ impl Delivery {
 
     /// One command per shard, all sharing one encoded frame; a paced
     /// broadcast's rate is split evenly over the shards.
-    pub(crate) async fn fan_out(&self, app: &str, stored: &StoredBroadcast, mode: BroadcastMode) {
-        let progress = self.broadcasts.track(app, stored.seq, stored.expires_at_ms);
+    pub(crate) async fn fan_out(&self, app: &AppId, stored: &StoredBroadcast, mode: BroadcastMode) {
+        let progress = self.registry.track(app, stored.seq, stored.expires_at_ms);
         let mut frame = BytesMut::new();
         let encoded = encode(
             &Frame::Broadcast {
-                app: app.to_owned(),
+                app: app.to_string(),
                 message_id: stored.broadcast_id,
                 seq: stored.seq,
                 payload: stored.payload.clone(),
@@ -319,9 +302,8 @@ impl Delivery {
         }
         let frame = frame.freeze();
         let required_tags: Arc<[String]> = stored.required_tags.clone().into();
-        let app = AppId::from(app);
-        let shards = self.shard_senders().len().max(1) as f64;
-        for shard in self.shard_senders() {
+        let shards = self.router.shards().len().max(1) as f64;
+        for shard in self.router.shards() {
             let command = ShardCommand::Broadcast {
                 app: app.clone(),
                 seq: stored.seq,
@@ -340,11 +322,11 @@ impl Delivery {
 
     /// How far a broadcast got: in a cluster, summed over the room nodes
     /// (as they last reported, every second); else on this node.
-    pub async fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
-        if let Some(remote) = self.remote() {
+    pub async fn progress(&self, app: &str, seq: u64) -> Option<ProgressReport> {
+        if let Some(remote) = self.router.remote() {
             return remote.broadcast_progress(app, seq).await;
         }
-        self.broadcasts.get(app, seq).map(|progress| {
+        self.registry.get(app, seq).map(|progress| {
             let [target, sent, dropped, acked] = report(&progress);
             ProgressReport {
                 target,
@@ -357,13 +339,18 @@ impl Delivery {
 
     /// What this node's broadcasts got to since the last call, for the
     /// cluster-wide counts.
-    pub fn broadcast_deltas(&self) -> Vec<ProgressDelta> {
-        self.broadcasts.deltas()
+    pub fn deltas(&self) -> Vec<ProgressDelta> {
+        self.registry.deltas()
+    }
+
+    /// Forgets the progress of broadcasts that expired.
+    pub fn forget_expired(&self, now_ms: u64) {
+        self.registry.forget_expired(now_ms);
     }
 
     /// A client acked broadcasts up to `seq`: counted for that broadcast.
-    pub(crate) fn broadcast_acked(&self, app: &str, seq: u64) {
-        if let Some(progress) = self.broadcasts.get(app, seq) {
+    pub(crate) fn acked(&self, app: &str, seq: u64) {
+        if let Some(progress) = self.registry.get(app, seq) {
             progress.acked.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -373,11 +360,11 @@ impl Delivery {
     /// one storage read per app, however many binds a batch holds. An app
     /// storage cannot answer for is left out (its bindings get no
     /// broadcasts until they bind again; their inbox is unaffected).
-    pub(crate) async fn read_broadcasts<'a>(
+    pub(crate) async fn read<'a>(
         &self,
-        wanted: impl Iterator<Item = (&'a str, u64)>,
-    ) -> HashMap<String, AppBroadcasts> {
-        let mut by_app: HashMap<&str, u64> = HashMap::new();
+        wanted: impl Iterator<Item = (&'a AppId, u64)>,
+    ) -> HashMap<AppId, AppBroadcasts> {
+        let mut by_app: HashMap<&AppId, u64> = HashMap::new();
         for (app, after) in wanted {
             let lowest = by_app.entry(app).or_insert(after);
             *lowest = (*lowest).min(after);
@@ -387,20 +374,20 @@ impl Delivery {
             // In a reconnect storm nearly every client holds the latest
             // broadcast: one read a second per app then answers them all.
             let now = Instant::now();
-            if let Some(last_handed_out) = self.broadcasts.holds_everything(app, after, now) {
+            if let Some(last_handed_out) = self.registry.holds_everything(app, after, now) {
                 let none = AppBroadcasts {
                     last_handed_out,
                     unexpired: Vec::new(),
                 };
-                found.insert(app.to_owned(), none);
+                found.insert(app.clone(), none);
                 continue;
             }
             // The head first: the broadcasts read after it may pass it,
             // never fall short of it.
             let read = async {
-                let last_handed_out = self.saver().broadcast_head(app).await?;
+                let last_handed_out = self.saver.broadcast_head(app).await?;
                 let unexpired = self
-                    .saver()
+                    .saver
                     .broadcasts_after(app, after, BROADCASTS_AFTER_LIMIT_MAX, unix_ms())
                     .await?;
                 let last_handed_out = unexpired
@@ -418,12 +405,12 @@ impl Delivery {
                             last_handed_out,
                             unexpired,
                         } = &read;
-                        self.broadcasts
+                        self.registry
                             .read(app, after, unexpired, *last_handed_out, now);
                     }
-                    found.insert(app.to_owned(), read);
+                    found.insert(app.clone(), read);
                 }
-                Err(error) => tracing::warn!(%error, app.id = app, "reading broadcasts failed"),
+                Err(error) => tracing::warn!(%error, app.id = %app, "reading broadcasts failed"),
             }
         }
         found
@@ -431,8 +418,8 @@ impl Delivery {
 
     /// Sends a binding the broadcasts of `app` after `after` it missed
     /// (the answer to a `BroadcastCatchUp`).
-    pub(crate) async fn fill_broadcasts(&self, conn: ConnId, app: AppId, after: u64) {
-        let found = self.read_broadcasts(std::iter::once((&*app, after))).await;
+    pub(crate) async fn fill(&self, conn: ConnId, app: AppId, after: u64) {
+        let found = self.read(std::iter::once((&app, after))).await;
         let Some(read) = found.get(&*app) else {
             return;
         };
@@ -448,7 +435,7 @@ impl Delivery {
             broadcasts,
             next: BroadcastsNext::Live,
         };
-        self.send_to_conn(conn, command).await;
+        self.router.to_conn(conn, command).await;
     }
 
     /// A batch of fills answering for a binding's inbox and broadcasts
@@ -563,7 +550,7 @@ impl Delivery {
             _ => unreachable!("a batch ends with a fill"),
         }
         for command in commands {
-            self.send_to_conn(conn, command).await;
+            self.router.to_conn(conn, command).await;
         }
     }
 }
@@ -582,46 +569,18 @@ pub(crate) struct Fills {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeRecord;
-
-    fn node(id: &str, connections: u64) -> (String, NodeRecord) {
-        let record = NodeRecord {
-            node: id.to_owned(),
-            instance: 1,
-            gateway: "127.0.0.1:1".to_owned(),
-            gateways: Default::default(),
-            region: String::new(),
-            connections,
-            cpu_percent: 0.0,
-            heartbeat_at_ms: 0,
-        };
-        (id.to_owned(), record)
-    }
-
-    #[test]
-    fn a_paced_broadcast_is_shared_by_connections() {
-        let nodes: LiveNodes = Arc::new([node("a", 299), node("b", 99), node("c", 0)].into());
-        let shares = PaceShares::from_nodes(&nodes);
-        // Weights 300, 100 and 1.
-        assert!((shares.of("a") - 300.0 / 401.0).abs() < 1e-9);
-        assert!((shares.of("b") - 100.0 / 401.0).abs() < 1e-9);
-        assert!(shares.of("c") > 0.0, "a node with none still moves");
-        let sum: f64 = ["a", "b", "c"].iter().map(|n| shares.of(n)).sum();
-        assert!((sum - 1.0).abs() < 1e-9);
-        assert_eq!(shares.of("new"), 0.25, "a node that joined since");
-        assert_eq!(PaceShares::default().of("any"), 1.0, "alone");
-    }
 
     #[test]
     fn binds_skip_the_read_only_while_a_recent_read_covers_them() {
         let registry = BroadcastRegistry::default();
+        let chat = AppId::from("chat");
         let t0 = Instant::now();
         assert_eq!(
             registry.holds_everything("chat", 9, t0),
             None,
             "nothing read yet"
         );
-        registry.read("chat", 2, &[stored(3), stored(5)], 5, t0);
+        registry.read(&chat, 2, &[stored(3), stored(5)], 5, t0);
         assert_eq!(registry.holds_everything("chat", 5, t0), Some(5));
         assert_eq!(
             registry.holds_everything("chat", 4, t0),
@@ -633,7 +592,7 @@ mod tests {
             None,
             "6 was never handed out"
         );
-        registry.saw("chat", 6);
+        registry.saw(&chat, 6);
         assert_eq!(
             registry.holds_everything("chat", 5, t0),
             None,
@@ -652,10 +611,11 @@ mod tests {
     #[test]
     fn a_broadcast_seen_during_a_read_keeps_the_head_past_it() {
         let registry = BroadcastRegistry::default();
+        let chat = AppId::from("chat");
         let started = Instant::now();
-        registry.saw("chat", 7);
+        registry.saw(&chat, 7);
         // The read began before 7 was stored, so it lacks it.
-        registry.read("chat", 0, &[stored(5)], 5, started);
+        registry.read(&chat, 0, &[stored(5)], 5, started);
         assert_eq!(registry.holds_everything("chat", 5, Instant::now()), None);
         assert_eq!(
             registry.holds_everything("chat", 7, Instant::now()),
@@ -666,15 +626,16 @@ mod tests {
     #[test]
     fn a_client_claiming_a_seq_past_the_head_does_not_keep_others_reading() {
         let registry = BroadcastRegistry::default();
+        let chat = AppId::from("chat");
         let t0 = Instant::now();
-        registry.read("chat", 1_000_000, &[], 5, t0);
+        registry.read(&chat, 1_000_000, &[], 5, t0);
         assert_eq!(
             registry.holds_everything("chat", 1_000_000, t0),
             None,
             "past the last seq handed out: a reset, read again"
         );
         assert_eq!(registry.holds_everything("chat", 5, t0), Some(5));
-        registry.read("chat", 4, &[stored(5)], 5, t0 + Duration::from_millis(1));
+        registry.read(&chat, 4, &[stored(5)], 5, t0 + Duration::from_millis(1));
         assert_eq!(
             registry.holds_everything("chat", 5, t0 + Duration::from_millis(2)),
             Some(5)
@@ -690,13 +651,5 @@ mod tests {
             created_at_ms: seq,
             expires_at_ms: u64::MAX,
         }
-    }
-
-    #[test]
-    fn shares_survive_the_node_channel() {
-        let nodes: LiveNodes = Arc::new([node("a", 1), node("b", 3)].into());
-        let shares = PaceShares::from_nodes(&nodes);
-        let text = serde_json::to_string(&shares).unwrap();
-        assert_eq!(serde_json::from_str::<PaceShares>(&text).unwrap(), shares);
     }
 }

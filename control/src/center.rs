@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,19 +25,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
 
+use herald_proto::ids::AppId;
+use herald_proto::plane::BroadcastMode;
 use herald_storage::StoredRef;
 
-use crate::broadcast::PaceShares;
-use crate::cluster::{NodeDirectory, NodeRecord};
+use crate::api_error::{ApiError, ErrorCode};
+use crate::clock::unix_ms;
+use crate::cluster::directory::{NodeDirectory, NodeRecord};
+use crate::config::{AppConfig, ControlConfig};
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::flow::{Rate, SharedBucket};
 use crate::input::{
-    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, decode_payload_base64, parse_json,
+    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, decode_payload_base64, parse_json, read_body,
     whole_number,
 };
-use crate::{AppConfig, ControlConfig};
-use herald_proto::plane::BroadcastMode;
+use crate::pace::PaceShares;
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
@@ -54,7 +57,9 @@ pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
 
 pub struct CenterState {
     config: ControlConfig,
-    apps: HashMap<String, AppConfig>,
+    /// By id; each app's `AppId` is made once here and shared by every
+    /// delivery of every call.
+    apps: HashMap<AppId, AppConfig>,
     delivery: Arc<Delivery>,
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
@@ -86,73 +91,6 @@ impl CenterState {
     }
 }
 
-/// A JSON error reply.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Sent as `Retry-After` (whole seconds, rounded up).
-    retry_after: Option<Duration>,
-}
-
-impl ApiError {
-    pub(crate) fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    fn rate_limited(kind: &str, wait: Duration) -> ApiError {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        ApiError {
-            retry_after: Some(Duration::from_secs(secs)),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("the app's {kind} rate is used up; retry in {secs} s"),
-            )
-        }
-    }
-
-    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-    }
-
-    fn storage(error: herald_storage::StorageError) -> ApiError {
-        tracing::warn!(%error, "storage call failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
-            "storage is unavailable; retry later",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        let mut response = (self.status, Json(body)).into_response();
-        if let Some(wait) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, wait.as_secs().into());
-        }
-        response
-    }
-}
-
 pub fn router(
     config: ControlConfig,
     delivery: Arc<Delivery>,
@@ -179,7 +117,7 @@ pub fn router(
         apps: config
             .apps
             .iter()
-            .map(|app| (app.id.clone(), app.clone()))
+            .map(|app| (AppId::from(app.id.as_str()), app.clone()))
             .collect(),
         config,
         delivery,
@@ -207,10 +145,7 @@ pub fn router(
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server failed on this request").into_response()
         }))
-        .layer(middleware::from_fn_with_state(
-            body_limits,
-            crate::input::read_body,
-        ))
+        .layer(middleware::from_fn_with_state(body_limits, read_body))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -234,13 +169,12 @@ async fn count_requests(
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    ApiError::new(ErrorCode::NotFound, "no such route")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "this route does not take that method",
     )
 }
@@ -250,15 +184,14 @@ fn authorize<'a>(
     state: &'a CenterState,
     app: &str,
     headers: &HeaderMap,
-) -> Result<&'a AppConfig, ApiError> {
-    let Some(config) = state.apps.get(app) else {
+) -> Result<(&'a AppId, &'a AppConfig), ApiError> {
+    let Some((app_id, config)) = state.apps.get_key_value(app) else {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
+            ErrorCode::UnknownApp,
             format!("no app {app:?} on this server"),
         ));
     };
-    let unauthorized = |message| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let unauthorized = |message| ApiError::new(ErrorCode::Unauthorized, message);
     let key = match headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str())
@@ -279,12 +212,11 @@ fn authorize<'a>(
     };
     if !constant_time_eq(key.trim().as_bytes(), config.api_key.as_bytes()) {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!("this API key is not valid for app {app:?}"),
         ));
     }
-    Ok(config)
+    Ok((app_id, config))
 }
 
 /// `authorize`, then checks the user id of a `/users/{user}/` route.
@@ -293,10 +225,10 @@ fn authorize_user<'a>(
     app: &str,
     user: &str,
     headers: &HeaderMap,
-) -> Result<&'a AppConfig, ApiError> {
-    let config = authorize(state, app, headers)?;
+) -> Result<(&'a AppId, &'a AppConfig), ApiError> {
+    let app = authorize(state, app, headers)?;
     check_user(user)?;
-    Ok(config)
+    Ok(app)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -346,8 +278,7 @@ fn check_message(
     };
     if payload.len() > state.config.payload_bytes_max {
         return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!(
                 "payload is {} bytes; the limit is {}",
                 payload.len(),
@@ -395,7 +326,7 @@ async fn push(
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let app_config = authorize_user(&state, &app, &user, &headers)?;
+    let (app_id, app_config) = authorize_user(&state, &app, &user, &headers)?;
     if body.users.is_some() {
         return Err(ApiError::bad_request(
             "\"users\" belongs to POST /v1/apps/{app}/messages",
@@ -406,7 +337,7 @@ async fn push(
     let (results, replayed) = state
         .delivery
         .push(
-            &app,
+            app_id,
             &[user],
             message.payload.clone(),
             message.ttl,
@@ -431,7 +362,7 @@ async fn multicast(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let app_config = authorize(&state, &app, &headers)?;
+    let (app_id, app_config) = authorize(&state, &app, &headers)?;
     let _turn = state
         .multicasts
         .acquire()
@@ -467,7 +398,7 @@ async fn multicast(
     let (results, replayed) = state
         .delivery
         .push(
-            &app,
+            app_id,
             &users,
             message.payload.clone(),
             message.ttl,
@@ -512,13 +443,7 @@ async fn pull(
     let (messages, more) = state
         .delivery
         .saver()
-        .messages_after(
-            &app,
-            &user,
-            query.after.unwrap_or(0),
-            limit,
-            crate::delivery::unix_ms(),
-        )
+        .messages_after(&app, &user, query.after.unwrap_or(0), limit, unix_ms())
         .await
         .map_err(ApiError::storage)?;
     let messages: Vec<Value> = messages
@@ -595,7 +520,7 @@ async fn broadcast(
     headers: HeaderMap,
     JsonBody(body): JsonBody<BroadcastBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let app_config = authorize(&state, &app, &headers)?;
+    let (app_id, app_config) = authorize(&state, &app, &headers)?;
     let tags = body.tags.unwrap_or_default();
     if tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
         || tags
@@ -641,7 +566,11 @@ async fn broadcast(
     // its shards.
     let shares = match body.rate_per_sec {
         Some(_) => match state.directory.live().await {
-            Ok(nodes) => PaceShares::from_nodes(&nodes),
+            Ok(nodes) => PaceShares::from_connections(
+                nodes
+                    .iter()
+                    .map(|(id, node)| (id.as_str(), node.connections)),
+            ),
             Err(error) => {
                 tracing::warn!(%error, "no node directory: each room node paces alone");
                 PaceShares::default()
@@ -651,8 +580,9 @@ async fn broadcast(
     };
     let stored = state
         .delivery
+        .broadcasts()
         .broadcast(
-            &app,
+            app_id,
             &message.payload,
             message.ttl,
             &tags,
@@ -681,8 +611,7 @@ async fn broadcast_progress(
     authorize(&state, &app, &headers)?;
     let not_found = || {
         ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_broadcast",
+            ErrorCode::UnknownBroadcast,
             format!("no broadcast {id:?} in app {app:?}"),
         )
     };
@@ -696,21 +625,17 @@ async fn broadcast_progress(
         .ok_or_else(not_found)?;
     let progress = state
         .delivery
-        .broadcast_progress(&app, stored.seq)
+        .broadcasts()
+        .progress(&app, stored.seq)
         .await
-        .unwrap_or(crate::broadcast::ProgressReport {
-            target: 0,
-            sent: 0,
-            dropped: 0,
-            acked: 0,
-        });
+        .unwrap_or_default();
     Ok(Json(json!({
         "broadcast_id": id,
         "seq": stored.seq,
         "tags": stored.required_tags,
         "created_at_ms": stored.created_at_ms,
         "expires_at_ms": stored.expires_at_ms,
-        "expired": stored.expires_at_ms <= crate::delivery::unix_ms(),
+        "expired": stored.expires_at_ms <= unix_ms(),
         "target": progress.target,
         "sent": progress.sent,
         "dropped": progress.dropped,
@@ -735,10 +660,9 @@ async fn dispatch(
     State(state): State<Arc<CenterState>>,
     ApiQuery(query): ApiQuery<DispatchQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.apps.contains_key(&query.app) {
+    if !state.apps.contains_key(query.app.as_str()) {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
+            ErrorCode::UnknownApp,
             format!("no app {:?}", query.app),
         ));
     }
@@ -758,8 +682,7 @@ async fn dispatch(
     let nodes = state.directory.live().await.map_err(|error| {
         tracing::warn!(%error, "reading the live nodes failed");
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "register_unavailable",
+            ErrorCode::RegisterUnavailable,
             "the register is unavailable; retry later",
         )
     })?;
@@ -774,8 +697,7 @@ async fn dispatch(
     );
     if gateways.is_empty() {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_gateway",
+            ErrorCode::NoGateway,
             format!("no gateway with a {transport} listener is alive; retry later"),
         ));
     }
@@ -790,12 +712,7 @@ async fn livez() -> Json<Value> {
 /// listens before the API starts), storage answers and not draining.
 async fn readyz(State(state): State<Arc<CenterState>>) -> Response {
     if state.delivery.is_draining() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "server is shutting down",
-        )
-        .into_response();
+        return ApiError::new(ErrorCode::Draining, "server is shutting down").into_response();
     }
     match state.delivery.saver().ping().await {
         Ok(()) => Json(json!({"status": "ready"})).into_response(),

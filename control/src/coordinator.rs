@@ -25,7 +25,7 @@ use herald_proto::rate::{Rate, TokenBucket};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::delivery::unix_ms;
+use crate::clock::unix_ms;
 
 /// Calls waiting per app. A storm beyond this is refused (upstream) or
 /// dropped (user state) rather than held in memory.

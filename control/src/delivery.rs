@@ -7,13 +7,13 @@
 //! storage and never holds more than its delivery window per binding.
 //!
 //! In a cluster a user's connections may live on other room nodes: what is
-//! for them goes through a [`Remote`] (Redis pub/sub), one message per node
-//! per call however many of its connections it names.
+//! for them goes through the router's `Remote` (Redis pub/sub), one message
+//! per node per call however many of its connections it names.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use herald_proto::GoAwayReason;
@@ -26,29 +26,12 @@ use herald_storage::{
 };
 use tokio::sync::Notify;
 
-use crate::broadcast::{BroadcastRegistry, Fills, ProgressReport};
-use crate::cluster::{Arrival, NodeMessage};
+use crate::broadcast::{Broadcasts, Fills};
+use crate::clock::unix_ms;
+use crate::cluster::channel::NodeMessage;
 use crate::coordinator::Coordinator;
 use crate::register::{Change, Register, Session};
-
-/// The way to room nodes other than this one. Sending is fire and forget:
-/// what it carries is stored already, so a message lost on the way is
-/// fetched by the connection's next catch-up, resync or reconnect.
-#[async_trait::async_trait]
-pub trait Remote: Send + Sync {
-    async fn send(&self, node: &str, instance: u64, message: NodeMessage);
-    /// Sends to every room node at once (a broadcast).
-    async fn broadcast(&self, message: NodeMessage);
-    /// A broadcast's progress summed over the room nodes.
-    async fn broadcast_progress(&self, app: &str, seq: u64) -> Option<ProgressReport>;
-}
-
-/// Where this delivery runs: the node id and this run of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeName {
-    pub node: String,
-    pub instance: u64,
-}
+use crate::router::{NodeName, Remote, Router};
 
 /// Longest wait between two tries of a fill storage could not serve.
 const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
@@ -127,12 +110,6 @@ fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
     }
 }
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Counters the control plane keeps (summed with the gateway's at scrape).
 #[derive(Debug, Default)]
 pub struct DeliveryCounters {
@@ -151,13 +128,9 @@ pub struct PushResult {
 }
 
 pub struct Delivery {
-    name: NodeName,
+    router: Arc<Router>,
     saver: Saver,
     register: Arc<dyn Register>,
-    /// This node's shards; none on a control node.
-    shards: Vec<async_channel::Sender<ShardCommand>>,
-    /// Other room nodes; none when one process is the whole system.
-    remote: Option<Arc<dyn Remote>>,
     /// Messages read for a connection's first fill: its delivery window.
     fill_limit: u32,
     /// Acks not yet written: the highest seq per (app, user, device).
@@ -165,7 +138,7 @@ pub struct Delivery {
     drained_shards: AtomicU64,
     drained: Notify,
     draining: AtomicBool,
-    pub(crate) broadcasts: BroadcastRegistry,
+    broadcasts: Broadcasts,
     /// Upstream data and user state toward the apps' business servers.
     coordinator: Coordinator,
     pub counters: DeliveryCounters,
@@ -181,18 +154,17 @@ impl Delivery {
         coordinator: Coordinator,
         fill_limit: u32,
     ) -> Arc<Delivery> {
+        let router = Arc::new(Router::new(name, shards, remote));
         Arc::new(Delivery {
-            name,
+            broadcasts: Broadcasts::new(router.clone(), saver.clone()),
+            router,
             saver,
             register,
-            shards,
-            remote,
             fill_limit,
             pending_acks: Mutex::default(),
             drained_shards: AtomicU64::new(0),
             drained: Notify::new(),
             draining: AtomicBool::new(false),
-            broadcasts: BroadcastRegistry::default(),
             coordinator,
             counters: DeliveryCounters::default(),
         })
@@ -202,39 +174,19 @@ impl Delivery {
         &self.saver
     }
 
-    pub(crate) fn node_name(&self) -> &NodeName {
-        &self.name
-    }
-
-    pub(crate) fn remote(&self) -> Option<&Arc<dyn Remote>> {
-        self.remote.as_ref()
-    }
-
-    pub(crate) fn shard_senders(&self) -> &[async_channel::Sender<ShardCommand>] {
-        &self.shards
-    }
-
-    pub(crate) async fn send_to_conn(&self, conn: ConnId, command: ConnCommand) {
-        self.send(conn, command).await;
+    pub fn broadcasts(&self) -> &Broadcasts {
+        &self.broadcasts
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Sends a command to a connection of this node, through its shard.
-    async fn send(&self, conn: ConnId, command: ConnCommand) {
-        // A closed channel means the shard is gone (shutdown): nothing to do.
-        if let Some(shard) = self.shards.get(usize::from(conn.shard)) {
-            let _ = shard.send(ShardCommand::Conn { conn, command }).await;
-        }
-    }
-
     /// Stores `payload` for every user, then hands it to their connections.
     /// Returns once stored (durable) and handed to the shards.
     pub async fn push(
         &self,
-        app: &str,
+        app: &AppId,
         users: &[String],
         payload: Bytes,
         ttl: Duration,
@@ -256,19 +208,20 @@ impl Delivery {
                 .messages_stored
                 .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
         }
-        // One copy of the app id for every delivery of the call.
-        let app_id = AppId::from(app);
         let mut remote: HashMap<(String, u64), Vec<(ConnId, u64)>> = HashMap::new();
         let mut results = Vec::with_capacity(outcome.stored.len());
         for stored in outcome.stored {
             let sessions = self.sessions(app, &stored.user).await;
+            let online = !sessions.is_empty();
             // A replay was handed over the first time; only report presence.
             if !outcome.replayed {
-                for session in sessions.iter() {
+                // Taken by value: a remote session's node name becomes the
+                // key of its group without a copy.
+                for session in sessions {
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
-                    if !self.is_local(session) {
+                    if !self.router.is_local(&session) {
                         remote
-                            .entry((session.node.clone(), session.instance))
+                            .entry((session.node, session.instance))
                             .or_default()
                             .push((session.conn, stored.seq));
                         continue;
@@ -279,21 +232,23 @@ impl Delivery {
                         payload: payload.clone(),
                     };
                     let command = ConnCommand::Deliver {
-                        app: app_id.clone(),
+                        app: app.clone(),
                         message,
                     };
-                    self.send(session.conn, command).await;
+                    self.router.to_conn(session.conn, command).await;
                 }
             }
-            results.push(PushResult {
-                online: !sessions.is_empty(),
-                stored,
-            });
+            results.push(PushResult { online, stored });
         }
         if let Some(message_id) = results.first().map(|result| result.stored.message_id) {
             for ((node, instance), targets) in remote {
-                let message = NodeMessage::deliver(app, message_id, &payload, &targets);
-                self.send_remote(&node, instance, message).await;
+                let message = NodeMessage::Deliver {
+                    app: app.clone(),
+                    message_id,
+                    payload: payload.clone(),
+                    targets,
+                };
+                self.router.to_node(&node, instance, message).await;
             }
         }
         Ok((results, outcome.replayed))
@@ -314,60 +269,65 @@ impl Delivery {
     /// Sends GOAWAY(kicked) to every connection of the user; returns how many.
     pub async fn kick(&self, app: &str, user: &str) -> usize {
         let sessions = self.sessions(app, user).await;
+        let kicked = sessions.len();
         let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
-        for session in &sessions {
-            if self.is_local(session) {
+        for session in sessions {
+            if self.router.is_local(&session) {
                 let command = ConnCommand::Kick {
                     reason: GoAwayReason::KICKED,
                 };
-                self.send(session.conn, command).await;
+                self.router.to_conn(session.conn, command).await;
             } else {
                 remote
-                    .entry((session.node.clone(), session.instance))
+                    .entry((session.node, session.instance))
                     .or_default()
                     .push(session.conn);
             }
         }
         for ((node, instance), conns) in remote {
-            let message = NodeMessage::kick(GoAwayReason::KICKED, &conns);
-            self.send_remote(&node, instance, message).await;
+            let message = NodeMessage::Kick {
+                reason: GoAwayReason::KICKED,
+                conns,
+            };
+            self.router.to_node(&node, instance, message).await;
         }
-        sessions.len()
-    }
-
-    fn is_local(&self, session: &Session) -> bool {
-        session.node == self.name.node && session.instance == self.name.instance
-    }
-
-    async fn send_remote(&self, node: &str, instance: u64, message: NodeMessage) {
-        match &self.remote {
-            Some(remote) => remote.send(node, instance, message).await,
-            // Only a cluster registers other nodes' sessions.
-            None => tracing::warn!(node.id = node, "a session on another node, but no cluster"),
-        }
+        kicked
     }
 
     /// Hands what another node sent to this node's shards.
-    pub async fn arrive(&self, arrival: Arrival) {
-        match arrival {
-            Arrival::Deliver { app, targets } => {
-                for (conn, message) in targets {
+    pub async fn arrive(&self, message: NodeMessage) {
+        match message {
+            NodeMessage::Deliver {
+                app,
+                message_id,
+                payload,
+                targets,
+            } => {
+                for (conn, seq) in targets {
+                    let message = PushMessage {
+                        seq,
+                        message_id,
+                        payload: payload.clone(),
+                    };
                     let app = app.clone();
-                    self.send(conn, ConnCommand::Deliver { app, message }).await;
+                    let command = ConnCommand::Deliver { app, message };
+                    self.router.to_conn(conn, command).await;
                 }
             }
-            Arrival::Broadcast {
+            NodeMessage::Broadcast {
                 app,
                 stored,
                 mode,
                 shares,
             } => {
-                self.fan_out(&app, &stored, self.node_pace(mode, &shares))
-                    .await;
+                let mode = self.broadcasts.node_pace(mode, &shares);
+                self.broadcasts.fan_out(&app, &stored, mode).await;
             }
-            Arrival::Kick { reason, conns } => {
+            NodeMessage::Kick { reason, conns } => {
                 for conn in conns {
-                    self.send(conn, ConnCommand::Kick { reason }).await;
+                    self.router
+                        .to_conn(conn, ConnCommand::Kick { reason })
+                        .await;
                 }
             }
         }
@@ -377,7 +337,9 @@ impl Delivery {
     /// was not told of (deliveries may have been lost on the way here).
     pub async fn resync(&self, sessions: Vec<(AppId, UserId, Session)>) {
         for (app, _user, session) in sessions {
-            self.send(session.conn, ConnCommand::Resync { app }).await;
+            self.router
+                .to_conn(session.conn, ConnCommand::Resync { app })
+                .await;
         }
     }
 
@@ -407,7 +369,7 @@ impl Delivery {
         // runs before its binding is registered.
         let changes: Vec<Change> = batch
             .iter()
-            .flat_map(|event| register_changes(&self.name, event))
+            .flat_map(|event| register_changes(self.router.name(), event))
             .collect();
         if !changes.is_empty()
             && let Err(error) = self.register.apply(changes).await
@@ -429,10 +391,10 @@ impl Delivery {
             };
             match event {
                 ConnEvent::Bound(bound) => resumes.push((conn, bound)),
-                ConnEvent::BroadcastAck { app, seq } => self.broadcast_acked(&app, seq),
+                ConnEvent::BroadcastAck { app, seq } => self.broadcasts.acked(&app, seq),
                 ConnEvent::BroadcastCatchUp { app, after } => {
                     let this = self.clone();
-                    tokio::spawn(async move { this.fill_broadcasts(conn, app, after).await });
+                    tokio::spawn(async move { this.broadcasts.fill(conn, app, after).await });
                 }
                 ConnEvent::Unbound { .. } | ConnEvent::Closed { .. } => {}
                 ConnEvent::Ack {
@@ -471,7 +433,7 @@ impl Delivery {
                             request_id,
                             status,
                         };
-                        this.send(conn, command).await;
+                        this.router.to_conn(conn, command).await;
                     });
                 }
             }
@@ -521,10 +483,11 @@ impl Delivery {
     /// tells it so (RESET).
     async fn resume(&self, mut resumes: Vec<(ConnId, Bound)>) {
         let mut broadcasts = self
-            .read_broadcasts(
+            .broadcasts
+            .read(
                 resumes
                     .iter()
-                    .map(|(_, bound)| (&*bound.app, bound.client_last_broadcast_seq.unwrap_or(0))),
+                    .map(|(_, bound)| (&bound.app, bound.client_last_broadcast_seq.unwrap_or(0))),
             )
             .await;
         let broadcast_afters: Vec<u64> = resumes
@@ -545,17 +508,18 @@ impl Delivery {
                 }
             })
             .collect();
-        let reread: HashSet<&str> = resumes
+        let reread: HashSet<&AppId> = resumes
             .iter()
             .zip(&broadcast_afters)
             .filter(|((_, bound), after)| {
                 **after == 0 && bound.client_last_broadcast_seq.unwrap_or(0) > 0
             })
-            .map(|((_, bound), _)| &*bound.app)
+            .map(|((_, bound), _)| &bound.app)
             .collect();
         if !reread.is_empty() {
             let from_first = self
-                .read_broadcasts(reread.into_iter().map(|app| (app, 0)))
+                .broadcasts
+                .read(reread.into_iter().map(|app| (app, 0)))
                 .await;
             broadcasts.extend(from_first);
         }
@@ -647,16 +611,17 @@ impl Delivery {
                         .collect()
                 })
                 .unwrap_or_default();
-            self.send_fills(Fills {
-                conn,
-                app: bound.app,
-                inbox_after: after,
-                messages,
-                more,
-                broadcast_after,
-                broadcasts: missed,
-            })
-            .await;
+            self.broadcasts
+                .send_fills(Fills {
+                    conn,
+                    app: bound.app,
+                    inbox_after: after,
+                    messages,
+                    more,
+                    broadcast_after,
+                    broadcasts: missed,
+                })
+                .await;
         }
     }
 
@@ -731,21 +696,23 @@ impl Delivery {
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
         if let Some(broadcast_after) = broadcasts_after {
             let broadcasts = self
-                .read_broadcasts(std::iter::once((&*app, broadcast_after)))
+                .broadcasts
+                .read(std::iter::once((&app, broadcast_after)))
                 .await
                 .remove(&*app)
                 .unwrap_or_default()
                 .unexpired;
-            self.send_fills(Fills {
-                conn,
-                app,
-                inbox_after: after,
-                messages,
-                more,
-                broadcast_after,
-                broadcasts,
-            })
-            .await;
+            self.broadcasts
+                .send_fills(Fills {
+                    conn,
+                    app,
+                    inbox_after: after,
+                    messages,
+                    more,
+                    broadcast_after,
+                    broadcasts,
+                })
+                .await;
             return;
         }
         let messages = messages
@@ -763,7 +730,7 @@ impl Delivery {
             more,
             broadcasts_from: None,
         };
-        self.send(conn, command).await;
+        self.router.to_conn(conn, command).await;
     }
 
     /// Writes pending acks. On failure they are merged back for next time.
@@ -836,10 +803,10 @@ impl Delivery {
     /// The caller closes storage afterwards.
     pub async fn drain(&self, reconnect_delay_ms: u32, timeout: Duration) {
         self.draining.store(true, Ordering::SeqCst);
-        for shard in &self.shards {
+        for shard in self.router.shards() {
             let _ = shard.send(ShardCommand::Drain { reconnect_delay_ms }).await;
         }
-        let all = self.shards.len() as u64;
+        let all = self.router.shards().len() as u64;
         let wait = async {
             loop {
                 let notified = self.drained.notified();

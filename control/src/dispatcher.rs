@@ -8,7 +8,7 @@
 
 use std::cmp::Ordering;
 
-use crate::cluster::NodeRecord;
+use crate::cluster::directory::NodeRecord;
 
 /// The client's network, as `GET /v1/dispatch?net=` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
-use crate::center::ApiError;
+use crate::api_error::{ApiError, ErrorCode};
 
 /// What a request body may be: its size and how long it may take to arrive.
 #[derive(Debug, Clone, Copy)]
@@ -66,8 +66,7 @@ pub(crate) async fn read_body(
         }
         Err(_elapsed) => {
             return closing(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                ErrorCode::RequestTimeout,
                 format!(
                     "the request body did not arrive within {} s",
                     limits.read_timeout.as_secs()
@@ -80,8 +79,7 @@ pub(crate) async fn read_body(
 
 fn body_too_large(limits: BodyLimits) -> ApiError {
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        ErrorCode::PayloadTooLarge,
         format!("the request body is larger than {} bytes", limits.bytes_max),
     )
 }
@@ -225,8 +223,7 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|error| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
+            ErrorCode::MalformedJson,
             format!("request body is not valid JSON for this call: {error}"),
         )
     })

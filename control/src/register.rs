@@ -1,7 +1,7 @@
 //! The register: which connections each (app, user) has, on which node.
 //!
 //! In memory for one node (`herald serve`), and on Redis for a cluster
-//! (`crate::cluster::RedisRegister`), behind one trait. A user may have
+//! (`RedisRegister`, in `cluster::register`), behind one trait. A user may have
 //! several devices connected; a push goes to every one of them.
 
 use std::hash::{BuildHasher, RandomState};
@@ -26,9 +26,19 @@ pub struct Session {
     pub connected_at_ms: u64,
 }
 
+/// Why the register could not answer or take a change.
 #[derive(Debug, thiserror::Error)]
-#[error("register unavailable: {0}")]
-pub struct RegisterError(pub String);
+pub enum RegisterError {
+    /// Redis did not answer, or refused the command.
+    #[error("register unavailable: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Only room nodes write sessions; a control node reads them.
+    #[error("a control node does not register sessions")]
+    ReadOnly,
+    /// The in-memory register names a node by a 16-bit index.
+    #[error("more than 65,536 nodes")]
+    TooManyNodes,
+}
 
 /// One update to the register.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,8 +156,7 @@ impl MemoryRegister {
         {
             return Ok(index as u16);
         }
-        let index = u16::try_from(nodes.len())
-            .map_err(|_| RegisterError("more than 65,536 nodes".to_owned()))?;
+        let index = u16::try_from(nodes.len()).map_err(|_| RegisterError::TooManyNodes)?;
         nodes.push((node.to_owned(), instance));
         Ok(index)
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_control::cluster::RedisTarget;
+use herald_control::cluster::connection::RedisTarget;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;

@@ -1,0 +1,168 @@
+//! The API's errors: `{"error": {"code": "...", "message": "..."}}` with
+//! the HTTP status the code goes with. The codes are part of the API
+//! (README, "Errors"): their strings never change.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// What went wrong, as the API names it. Each code has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// A value the call does not take.
+    BadRequest,
+    /// The body is not JSON for this call (see `input`).
+    MalformedJson,
+    Unauthorized,
+    Forbidden,
+    UnknownApp,
+    /// No such route.
+    NotFound,
+    UnknownBroadcast,
+    MethodNotAllowed,
+    RequestTimeout,
+    PayloadTooLarge,
+    RateLimited,
+    /// A bug: the server failed on the request.
+    Internal,
+    StorageUnavailable,
+    RegisterUnavailable,
+    NoGateway,
+    Draining,
+}
+
+impl ErrorCode {
+    /// The code as the API's JSON carries it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UnknownApp => "unknown_app",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UnknownBroadcast => "unknown_broadcast",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::RegisterUnavailable => "register_unavailable",
+            ErrorCode::NoGateway => "no_gateway",
+            ErrorCode::Draining => "draining",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::MalformedJson => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::UnknownApp | ErrorCode::NotFound | ErrorCode::UnknownBroadcast => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::StorageUnavailable
+            | ErrorCode::RegisterUnavailable
+            | ErrorCode::NoGateway
+            | ErrorCode::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// A JSON error reply.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn rate_limited(kind: &str, wait: Duration) -> ApiError {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..ApiError::new(
+                ErrorCode::RateLimited,
+                format!("the app's {kind} rate is used up; retry in {secs} s"),
+            )
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Internal, message)
+    }
+
+    pub fn storage(error: herald_storage::StorageError) -> ApiError {
+        tracing::warn!(%error, "storage call failed");
+        ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "storage is unavailable; retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code.as_str(), "message": self.message}});
+        let mut response = (self.code.status(), Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, wait.as_secs().into());
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_keep_the_strings_and_statuses_the_readme_documents() {
+        for (code, text, status) in [
+            (ErrorCode::MalformedJson, "malformed_json", 400),
+            (ErrorCode::BadRequest, "bad_request", 400),
+            (ErrorCode::Unauthorized, "unauthorized", 401),
+            (ErrorCode::Forbidden, "forbidden", 403),
+            (ErrorCode::UnknownApp, "unknown_app", 404),
+            (ErrorCode::NotFound, "not_found", 404),
+            (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
+            (ErrorCode::RequestTimeout, "request_timeout", 408),
+            (ErrorCode::PayloadTooLarge, "payload_too_large", 413),
+            (ErrorCode::RateLimited, "rate_limited", 429),
+            (ErrorCode::UnknownBroadcast, "unknown_broadcast", 404),
+            (ErrorCode::Internal, "internal", 500),
+            (ErrorCode::StorageUnavailable, "storage_unavailable", 503),
+            (ErrorCode::Draining, "draining", 503),
+            (ErrorCode::NoGateway, "no_gateway", 503),
+            (ErrorCode::RegisterUnavailable, "register_unavailable", 503),
+        ] {
+            assert_eq!(code.as_str(), text);
+            assert_eq!(code.status().as_u16(), status, "{text}");
+        }
+    }
+}
