@@ -338,10 +338,10 @@ async fn push(
         .delivery
         .push(
             app_id,
-            &[user],
-            message.payload.clone(),
+            vec![user],
+            message.payload,
             message.ttl,
-            message.idempotency_key.as_deref(),
+            message.idempotency_key,
         )
         .await
         .map_err(ApiError::storage)?;
@@ -399,10 +399,10 @@ async fn multicast(
         .delivery
         .push(
             app_id,
-            &users,
-            message.payload.clone(),
+            users,
+            message.payload,
             message.ttl,
-            message.idempotency_key.as_deref(),
+            message.idempotency_key,
         )
         .await
         .map_err(ApiError::storage)?;

@@ -187,17 +187,17 @@ impl Delivery {
     pub async fn push(
         &self,
         app: &AppId,
-        users: &[String],
+        users: Vec<String>,
         payload: Bytes,
         ttl: Duration,
-        idempotency_key: Option<&str>,
+        idempotency_key: Option<String>,
     ) -> Result<(Vec<PushResult>, bool), StorageError> {
         let outcome = self
             .saver
             .store(NewMessage {
-                app,
+                app: app.clone(),
                 users,
-                payload: &payload,
+                payload: payload.clone(),
                 ttl_ms: ttl.as_millis() as u64,
                 now_ms: unix_ms(),
                 idempotency_key,

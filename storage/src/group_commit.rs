@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sqlx::{
     ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, QueryBuilder, Type,
 };
@@ -36,36 +35,8 @@ use crate::{
 /// A store waiting for a committer, and where its answer goes.
 #[derive(Debug)]
 pub(crate) struct StoreJob {
-    pub(crate) msg: OwnedMessage,
+    pub(crate) msg: NewMessage,
     pub(crate) answer: oneshot::Sender<Result<StoreOutcome, StorageError>>,
-}
-
-/// A [`NewMessage`] that can wait in the committers' queue.
-#[derive(Debug)]
-pub(crate) struct OwnedMessage {
-    app: String,
-    users: Vec<String>,
-    payload: Bytes,
-    ttl_ms: u64,
-    now_ms: u64,
-    idempotency_key: Option<String>,
-}
-
-impl OwnedMessage {
-    pub(crate) fn new(msg: NewMessage<'_>) -> OwnedMessage {
-        OwnedMessage {
-            app: msg.app.to_owned(),
-            users: msg.users.to_vec(),
-            payload: msg.payload.clone(),
-            ttl_ms: msg.ttl_ms,
-            now_ms: msg.now_ms,
-            idempotency_key: msg.idempotency_key.map(str::to_owned),
-        }
-    }
-
-    fn expires_at_ms(&self) -> u64 {
-        self.now_ms.saturating_add(self.ttl_ms)
-    }
 }
 
 /// One committer (see the module docs). Runs until every saver clone, and
@@ -245,7 +216,7 @@ where
             };
             let now_ms = to_db(msg.now_ms);
             let recorded: Option<(String, i64)> = sqlx::query_as(text(&self.sql.read_key))
-                .bind(msg.app.as_str())
+                .bind(&*msg.app)
                 .bind(key)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -261,13 +232,13 @@ where
             let mut written = self.write_rows(tx, std::slice::from_ref(job)).await?;
             let outcome = written.remove(0);
             sqlx::query(text(&self.sql.delete_expired_key))
-                .bind(msg.app.as_str())
+                .bind(&*msg.app)
                 .bind(key)
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(text(&self.sql.record_key))
-                .bind(msg.app.as_str())
+                .bind(&*msg.app)
                 .bind(key)
                 .bind(results_to_record(&outcome.stored)?)
                 .bind(to_db(msg.expires_at_ms()))
@@ -295,9 +266,7 @@ where
             let mut counts: HashMap<(&str, &str), i64> = HashMap::new();
             for job in group {
                 for user in &job.msg.users {
-                    *counts
-                        .entry((job.msg.app.as_str(), user.as_str()))
-                        .or_default() += 1;
+                    *counts.entry((&*job.msg.app, user.as_str())).or_default() += 1;
                 }
             }
             counts.into_iter().collect()
@@ -328,7 +297,7 @@ where
             let mut stored = Vec::with_capacity(job.msg.users.len());
             for user in &job.msg.users {
                 let next = next_seqs
-                    .get_mut(&(job.msg.app.as_str(), user.as_str()))
+                    .get_mut(&(&*job.msg.app, user.as_str()))
                     .expect("every recipient's inbox was raised above");
                 stored.push(StoredRef {
                     user: user.clone(),
@@ -342,7 +311,7 @@ where
                 replayed: false,
             });
         }
-        let mut unicasts: Vec<(&OwnedMessage, &StoredRef)> = Vec::new();
+        let mut unicasts: Vec<(&NewMessage, &StoredRef)> = Vec::new();
         for (job, outcome) in group.iter().zip(&outcomes) {
             match outcome.stored.as_slice() {
                 [one] => unicasts.push((&job.msg, one)),
@@ -355,7 +324,7 @@ where
                  (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
             );
             insert.push_values(chunk, |mut row, (msg, stored)| {
-                row.push_bind(msg.app.as_str())
+                row.push_bind(&*msg.app)
                     .push_bind(stored.user.as_str())
                     .push_bind(to_db(stored.seq))
                     .push_bind(&stored.message_id.0[..])
@@ -406,7 +375,7 @@ where
     async fn insert_fan_out(
         &self,
         tx: &mut <D::Db as Database>::Connection,
-        msg: &OwnedMessage,
+        msg: &NewMessage,
         stored: &[StoredRef],
     ) -> Result<(), StorageError> {
         let message_id: MessageId = match stored.first() {
@@ -422,7 +391,7 @@ where
             )
             .expect("strings and numbers serialize");
             sqlx::query(text(&self.sql.insert_fan_out))
-                .bind(msg.app.as_str())
+                .bind(&*msg.app)
                 .bind(&message_id.0[..])
                 .bind(&msg.payload[..])
                 .bind(to_db(msg.now_ms))

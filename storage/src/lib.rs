@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use herald_proto::MessageId;
+pub use herald_proto::ids::AppId;
 
 use dialect::{Dialect, MySqlDialect, PostgresDialect, SqliteDialect};
 use sql::SqlSaver;
@@ -213,7 +214,7 @@ impl Saver {
     /// other users or another payload: the key, not the content, identifies
     /// the send. Sequences stay gapless and distinct per inbox however many
     /// nodes store into it at once.
-    pub async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
+    pub async fn store(&self, msg: NewMessage) -> Result<StoreOutcome, StorageError> {
         // The committers count their groups, and retry them, themselves.
         on_engine!(self, engine => engine.store(msg).await)
     }
@@ -582,20 +583,29 @@ pub enum StorageError {
 }
 
 /// One message to store in the inbox of every user in `users` (unicast = one user).
-#[derive(Debug, Clone, Copy)]
-pub struct NewMessage<'a> {
-    pub app: &'a str,
+///
+/// Owned, and moved into the committers' queue: the app id is the caller's
+/// shared `AppId`, the payload the `Bytes` the API parsed, and the user list
+/// the one the API built, so queueing a store copies none of them.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub app: AppId,
     /// Recipients, in the order `StoreOutcome::stored` reports them. A user
     /// listed twice gets two sequences (same message id); the caller is
     /// expected to de-duplicate.
-    pub users: &'a [String],
-    /// Shared, not copied, by a store that waits in the committers' queue.
-    pub payload: &'a Bytes,
+    pub users: Vec<String>,
+    pub payload: Bytes,
     /// How long the message (and the idempotency key, if any) is kept.
     pub ttl_ms: u64,
     /// Unix milliseconds; time is passed in so tests control it.
     pub now_ms: u64,
-    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key: Option<String>,
+}
+
+impl NewMessage {
+    fn expires_at_ms(&self) -> u64 {
+        self.now_ms.saturating_add(self.ttl_ms)
+    }
 }
 
 /// Where one recipient's copy of a message was stored.

@@ -13,7 +13,7 @@ use sqlx::{
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::dialect::{Dialect, Merge, Pools};
-use crate::group_commit::{Committer, OwnedMessage, StoreJob};
+use crate::group_commit::{Committer, StoreJob};
 use crate::{
     AckCursor, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, GroupCommit, InboxHead, InboxKey,
     MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome,
@@ -196,12 +196,9 @@ where
 
     /// See [`crate::Saver::store`]: queued for the committers, answered
     /// once the group it was committed in is durable.
-    pub(crate) async fn store(&self, msg: NewMessage<'_>) -> Result<StoreOutcome, StorageError> {
+    pub(crate) async fn store(&self, msg: NewMessage) -> Result<StoreOutcome, StorageError> {
         let (answer, answered) = oneshot::channel();
-        let job = StoreJob {
-            msg: OwnedMessage::new(msg),
-            answer,
-        };
+        let job = StoreJob { msg, answer };
         match tokio::time::timeout(STORE_QUEUE_TIMEOUT, self.stores.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(StorageError::Unavailable(sqlx::Error::PoolClosed)),

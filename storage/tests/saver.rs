@@ -36,9 +36,9 @@ async fn store(
 ) -> StoreOutcome {
     saver
         .store(NewMessage {
-            app,
-            users,
-            payload: &Bytes::copy_from_slice(payload),
+            app: app.into(),
+            users: users.to_vec(),
+            payload: Bytes::copy_from_slice(payload),
             ttl_ms: HOUR_MS,
             now_ms,
             idempotency_key: None,
@@ -161,12 +161,12 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestD
     let alice_bob = users(&["alice", "bob"]);
     let payloads = [&b"first"[..], b"retry", b"other app"].map(Bytes::from_static);
     let send = |payload: usize, now_ms| NewMessage {
-        app: APP,
-        users: &alice_bob,
-        payload: &payloads[payload],
+        app: APP.into(),
+        users: alice_bob.clone(),
+        payload: payloads[payload].clone(),
         ttl_ms: HOUR_MS,
         now_ms,
-        idempotency_key: Some("send-1"),
+        idempotency_key: Some("send-1".into()),
     };
     let first = saver.store(send(0, T0)).await.unwrap();
     assert!(!first.replayed);
@@ -181,7 +181,7 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestD
     // The same key in another app is another send.
     let other_app = saver
         .store(NewMessage {
-            app: "app2",
+            app: "app2".into(),
             ..send(2, T0)
         })
         .await
@@ -194,12 +194,12 @@ async fn idempotency_key_past_its_ttl_stores_anew(db: TestDb) {
     let alice = users(&["alice"]);
     let x = Bytes::from_static(b"x");
     let send = |now_ms| NewMessage {
-        app: APP,
-        users: &alice,
-        payload: &x,
+        app: APP.into(),
+        users: alice.clone(),
+        payload: x.clone(),
         ttl_ms: HOUR_MS,
         now_ms,
-        idempotency_key: Some("send-1"),
+        idempotency_key: Some("send-1".into()),
     };
     let first = saver.store(send(T0)).await.unwrap();
     let expired = T0 + HOUR_MS;
@@ -261,9 +261,9 @@ async fn messages_after_skips_expired_messages(db: TestDb) {
     let alice = users(&["alice"]);
     let x = Bytes::from_static(b"x");
     let send = |ttl_ms| NewMessage {
-        app: APP,
-        users: &alice,
-        payload: &x,
+        app: APP.into(),
+        users: alice.clone(),
+        payload: x.clone(),
         ttl_ms,
         now_ms: T0,
         idempotency_key: None,
@@ -387,15 +387,18 @@ async fn purge_removes_only_expired_rows(db: TestDb) {
     let alice = users(&["alice"]);
     let x = Bytes::from_static(b"x");
     let send = |ttl_ms, idempotency_key| NewMessage {
-        app: APP,
-        users: &alice,
-        payload: &x,
+        app: APP.into(),
+        users: alice.clone(),
+        payload: x.clone(),
         ttl_ms,
         now_ms: T0,
         idempotency_key,
     };
-    saver.store(send(10, Some("short"))).await.unwrap(); // seq 1
-    saver.store(send(HOUR_MS, Some("long"))).await.unwrap(); // seq 2
+    saver.store(send(10, Some("short".into()))).await.unwrap(); // seq 1
+    saver
+        .store(send(HOUR_MS, Some("long".into())))
+        .await
+        .unwrap(); // seq 2
     saver.store(send(20, None)).await.unwrap(); // seq 3
 
     assert_eq!(saver.purge_expired(T0 + 9).await.unwrap(), 0);
@@ -407,7 +410,7 @@ async fn purge_removes_only_expired_rows(db: TestDb) {
     // The unexpired key still replays.
     assert!(
         saver
-            .store(send(HOUR_MS, Some("long")))
+            .store(send(HOUR_MS, Some("long".into())))
             .await
             .unwrap()
             .replayed
@@ -483,9 +486,9 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
                 };
                 saver
                     .store(NewMessage {
-                        app: APP,
-                        users: &users,
-                        payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
+                        app: APP.into(),
+                        users: users.clone(),
+                        payload: Bytes::copy_from_slice(&i.to_be_bytes()),
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
@@ -559,12 +562,12 @@ async fn unreadable_idempotency_record_is_reported_as_corrupt(db: TestDb) {
     let alice = users(&["alice"]);
     let result = saver
         .store(NewMessage {
-            app: APP,
-            users: &alice,
-            payload: &Bytes::from_static(b"x"),
+            app: APP.into(),
+            users: alice.clone(),
+            payload: Bytes::from_static(b"x"),
             ttl_ms: HOUR_MS,
             now_ms: T0,
-            idempotency_key: Some("broken"),
+            idempotency_key: Some("broken".into()),
         })
         .await;
     assert!(
@@ -649,9 +652,9 @@ async fn two_nodes_storing_at_once_get_gapless_distinct_seqs(db: TestDb) {
                 };
                 saver
                     .store(NewMessage {
-                        app: APP,
-                        users: &recipients,
-                        payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
+                        app: APP.into(),
+                        users: recipients.clone(),
+                        payload: Bytes::copy_from_slice(&i.to_be_bytes()),
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
@@ -699,12 +702,12 @@ async fn one_key_sent_at_once_stores_once(nodes: &[Saver], calls: usize) {
         tokio::spawn(async move {
             saver
                 .store(NewMessage {
-                    app: APP,
-                    users: &alice,
-                    payload: &Bytes::from_static(b"once"),
+                    app: APP.into(),
+                    users: alice.clone(),
+                    payload: Bytes::from_static(b"once"),
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
-                    idempotency_key: Some("order-7"),
+                    idempotency_key: Some("order-7".into()),
                 })
                 .await
                 .expect("store with a key failed")
@@ -761,9 +764,9 @@ async fn a_store_that_fails_half_way_fails_alone(db: TestDb) {
             };
             saver
                 .store(NewMessage {
-                    app: APP,
-                    users: &recipients,
-                    payload: &Bytes::copy_from_slice(&i.to_be_bytes()),
+                    app: APP.into(),
+                    users: recipients.clone(),
+                    payload: Bytes::copy_from_slice(&i.to_be_bytes()),
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: None,
