@@ -68,8 +68,8 @@ macro_rules! shared_id {
 shared_id! {
     /// An app id. The gateway's app table holds one per app and every
     /// binding, command and event about the app shares it; the control
-    /// plane makes one per API call and shares it among the call's
-    /// deliveries, so a push to many connections copies no app id.
+    /// plane makes one per app when it starts and shares it among every
+    /// call's store and deliveries, so a push copies no app id.
     AppId
 }
 
