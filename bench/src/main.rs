@@ -1312,7 +1312,8 @@ fn print_push_summary(push: &Value) {
                 })
                 .collect();
             println!(
-                "  {name}: highest rate with p99 <= {:.0} ms, kept up with: {:.0}/s (runs: {});                  there achieved {:.0}/s, latency p50 {:.1} ms p99 {:.1} ms",
+                "  {name}: highest rate with p99 <= {:.0} ms, kept up with: {:.0}/s (runs: {}); \
+                 there achieved {:.0}/s, latency p50 {:.1} ms p99 {:.1} ms",
                 ms(&push["criteria"]["p99_max_us"]),
                 f(&row["max_rate_per_sec"]),
                 per_run.join(", "),
