@@ -331,15 +331,15 @@ impl Herald {
 }
 
 /// A system being measured: Herald with its clients connected, or a
-/// JetStream stream.
+/// JetStream stream (boxed: one of each is alive at a time).
 enum UnderTest {
     Herald {
-        herald: Herald,
+        herald: Box<Herald>,
         workers: Workers,
         client: reqwest::Client,
         connections: u64,
     },
-    JetStream(JetStream),
+    JetStream(Box<JetStream>),
 }
 
 impl UnderTest {
@@ -617,7 +617,7 @@ async fn start(
             let herald = Herald::start(common, args, *transport).await?;
             match connect_clients(common, &herald, *transport, label) {
                 Ok(workers) => Ok(UnderTest::Herald {
-                    herald,
+                    herald: Box::new(herald),
                     workers,
                     client: reqwest::Client::new(),
                     connections: common.connections,
@@ -628,9 +628,9 @@ async fn start(
                 }
             }
         }
-        Row::JetStream(sync) => Ok(UnderTest::JetStream(
+        Row::JetStream(sync) => Ok(UnderTest::JetStream(Box::new(
             JetStream::start(&args.nats_server, *sync).await?,
-        )),
+        ))),
     }
 }
 
