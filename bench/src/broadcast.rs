@@ -42,9 +42,7 @@ const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The payload: the send time (unix ns) first, as the workers expect.
 pub fn payload(sent_nanos: u128) -> Vec<u8> {
-    let mut payload = format!("{sent_nanos} ").into_bytes();
-    payload.resize(PAYLOAD_LEN, b'x');
-    payload
+    crate::payload::timestamped(sent_nanos, PAYLOAD_LEN)
 }
 
 pub async fn broadcast(common: &Common) -> anyhow::Result<Value> {

@@ -7,10 +7,15 @@
 //! the command, and writes the figures as JSON. See bench/README.md.
 
 mod broadcast;
+mod cluster;
 mod conn;
 mod interrupt;
+mod jetstream;
+mod payload;
 mod pool;
 mod procfs;
+mod push;
+mod search;
 mod systems;
 mod transport;
 mod tuning;
@@ -28,6 +33,7 @@ use serde_json::{Value, json};
 
 use crate::pool::{Clients, Workers, progress_bar};
 use crate::procfs::PeakSampler;
+use crate::push::PushArgs;
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS, Server};
 use crate::transport::{Pki, Transport, row_name};
 use crate::worker::{Target, user_id};
@@ -49,8 +55,15 @@ enum Scenario {
     /// Hold N idle connections: bytes per connection, heartbeat CPU, and
     /// peak memory while pushing to all of them at once.
     Idle(Common),
-    /// Unicast pushes at a rate through the API: end-to-end latency.
-    Push(Common),
+    /// Unicast pushes at a rate through the API: end-to-end latency; or
+    /// the highest rate kept up with (--find-max-rate); Herald alone or as
+    /// a cluster, with JetStream beside it.
+    Push {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        push: PushArgs,
+    },
     /// Drop a fraction of the connections at once and time their return.
     Storm {
         #[command(flatten)]
@@ -70,6 +83,8 @@ enum Scenario {
         common: Common,
         #[arg(long, default_value_t = 0.2)]
         fraction: f64,
+        #[command(flatten)]
+        push: PushArgs,
     },
     #[command(hide = true)]
     Worker { spec: String },
@@ -311,14 +326,18 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(scenario: Scenario) -> anyhow::Result<()> {
-    let (name, mut common, fraction) = match scenario {
-        Scenario::Connect(c) => ("connect", c, 0.0),
-        Scenario::Idle(c) => ("idle", c, 0.0),
-        Scenario::Push(c) => ("push", c, 0.0),
-        Scenario::Storm { common, fraction } => ("storm", common, fraction),
-        Scenario::Peers(c) => ("peers", c, 0.0),
-        Scenario::Broadcast(c) => ("broadcast", c, 0.0),
-        Scenario::All { common, fraction } => ("all", common, fraction),
+    let (name, mut common, fraction, push_args) = match scenario {
+        Scenario::Connect(c) => ("connect", c, 0.0, None),
+        Scenario::Idle(c) => ("idle", c, 0.0, None),
+        Scenario::Push { common, push } => ("push", common, 0.0, Some(push)),
+        Scenario::Storm { common, fraction } => ("storm", common, fraction, None),
+        Scenario::Peers(c) => ("peers", c, 0.0, None),
+        Scenario::Broadcast(c) => ("broadcast", c, 0.0, None),
+        Scenario::All {
+            common,
+            fraction,
+            push,
+        } => ("all", common, fraction, Some(push)),
         Scenario::Worker { .. } | Scenario::Hold { .. } => unreachable!("handled in main"),
     };
     common.apply_quick();
@@ -345,8 +364,8 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     if matches!(name, "idle" | "all") {
         record("idle", runtime.block_on(idle(&common))?);
     }
-    if matches!(name, "push" | "all") {
-        record("push", runtime.block_on(push(&common))?);
+    if let Some(push_args) = &push_args {
+        record("push", runtime.block_on(push::push(&common, push_args))?);
     }
     if matches!(name, "storm" | "all") {
         record("storm", storm(&common, fraction)?);
@@ -917,96 +936,6 @@ fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// The `push` scenario, over each transport.
-async fn push(common: &Common) -> anyhow::Result<Value> {
-    let mut rows = serde_json::Map::new();
-    for transport in common.transports() {
-        let name = row_name(transport, "herald");
-        rows.insert(name.clone(), push_one(common, transport, &name).await?);
-    }
-    Ok(rows_json(rows))
-}
-
-async fn push_one(common: &Common, transport: Transport, label: &str) -> anyhow::Result<Value> {
-    let gateways = Gateways::start(common, transport)?;
-    let creds = common.creds()?;
-    let addrs = gateways.addrs();
-    let mut workers = Workers::start(&Clients {
-        // `--rate` is the push rate here: connect as fast as they go.
-        rate_per_sec: 0,
-        ..common.clients(Target::Herald, transport, &creds, &addrs)
-    })?;
-    workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
-    let rate = if common.rate == 0 { 1_000 } else { common.rate };
-    let total = rate * common.duration;
-    let client = reqwest::Client::new();
-    let apis: Vec<_> = gateways
-        .servers
-        .iter()
-        .map(|s| s.api.context("no api"))
-        .collect::<anyhow::Result<_>>()?;
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-    let mut calls = tokio::task::JoinSet::new();
-    let bar = progress_bar(total, "pushes sent");
-    let start = Instant::now();
-    let received_before = workers.pushes_received();
-    for i in 0..total {
-        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let user = rand::random_range(0..common.connections);
-        let api = apis[(user % apis.len() as u64) as usize];
-        let url = format!(
-            "http://{api}/v1/apps/{}/users/{}/messages",
-            creds.app,
-            user_id(user)
-        );
-        let request = client.post(url).bearer_auth(&creds.api_key);
-        let permit = in_flight.clone().acquire_owned().await?;
-        calls.spawn(async move {
-            let body = json!({ "payload": now_nanos().to_string() });
-            let ok = request
-                .json(&body)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            drop(permit);
-            ok
-        });
-        bar.set_position(i + 1);
-    }
-    let mut api_errors = 0u64;
-    while let Some(done) = calls.join_next().await {
-        if !matches!(done, Ok(true)) {
-            api_errors += 1;
-        }
-    }
-    let send_secs = start.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while workers.pushes_received() - received_before < total - api_errors
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let received = workers.pushes_received() - received_before;
-    let (_, latency) = workers.report()?;
-    let failures = workers.failures();
-    let (failures_value, failures_total) = failures_json(&failures);
-    let lost = (total - api_errors).saturating_sub(received);
-    Ok(json!({
-        "transport": transport,
-        "target_rate": rate,
-        "pushes": total,
-        "received": received,
-        "throughput_per_sec": total as f64 / send_secs,
-        "latency_us": percentiles(&latency),
-        "api_errors": api_errors,
-        "not_received": lost,
-        "failures": failures_value,
-        "failures_total": failures_total + api_errors + lost,
-    }))
-}
-
 /// The `storm` scenario, over each transport.
 fn storm(common: &Common, fraction: f64) -> anyhow::Result<Value> {
     let mut rows = serde_json::Map::new();
@@ -1262,20 +1191,7 @@ fn print_summary(report: &Value) {
         }
     }
     if let Some(p) = r.get("push") {
-        for (name, p) in rows(p) {
-            println!(
-                "push {name}: {} pushes at {:.0}/s, received {}; latency p50 {} us p99 {} us \
-                 p99.9 {} us max {} us; api errors {}",
-                p["pushes"],
-                f(&p["throughput_per_sec"]),
-                p["received"],
-                p["latency_us"]["p50"],
-                p["latency_us"]["p99"],
-                p["latency_us"]["p999"],
-                p["latency_us"]["max"],
-                p["api_errors"]
-            );
-        }
+        print_push_summary(p);
     }
     if let Some(s) = r.get("storm") {
         for (name, s) in rows(s) {
@@ -1363,4 +1279,63 @@ fn print_summary(report: &Value) {
         }
     }
     println!("failures in all: {}", report["failures_total"]);
+}
+
+fn print_push_summary(push: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
+    println!(
+        "push ({}; {}-byte payloads; {} run(s), medians; at most {} calls in flight):",
+        push["mode"].as_str().unwrap_or(""),
+        push["payload_bytes"],
+        push["runs"],
+        push["in_flight_max"]
+    );
+    let Some(rows) = push["servers"].as_object() else {
+        return;
+    };
+    for (name, row) in rows {
+        if let Some(reason) = row["skipped"].as_str() {
+            println!("  {name}: not measured: {reason}");
+            continue;
+        }
+        println!("  {name}: {}", row["durability"].as_str().unwrap_or(""));
+        let latency = &row["latency_us"];
+        if push["mode"] == "find-max-rate" {
+            let per_run: Vec<String> = row["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|run| match run["max_rate_per_sec"].as_u64() {
+                    Some(rate) => rate.to_string(),
+                    None => "none".to_owned(),
+                })
+                .collect();
+            println!(
+                "  {name}: highest rate with p99 <= {:.0} ms, kept up with: {:.0}/s (runs: {}); \
+                 there achieved {:.0}/s, latency p50 {:.1} ms p99 {:.1} ms",
+                ms(&push["criteria"]["p99_max_us"]),
+                f(&row["max_rate_per_sec"]),
+                per_run.join(", "),
+                f(&row["throughput_per_sec"]),
+                ms(&latency["p50"]),
+                ms(&latency["p99"])
+            );
+        } else {
+            println!(
+                "  {name}: offered {}/s, achieved {:.0}/s; {} pushes, received {}; latency p50 \
+                 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms max {:.1} ms; errors {}, not received {}",
+                row["target_rate"],
+                f(&row["throughput_per_sec"]),
+                row["pushes"],
+                row["received"],
+                ms(&latency["p50"]),
+                ms(&latency["p99"]),
+                ms(&latency["p999"]),
+                ms(&latency["max"]),
+                row["errors"],
+                row["not_received"]
+            );
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn child(child: Child, addr: SocketAddr, api: Option<SocketAddr>) -> Server {
+    pub fn child(child: Child, addr: SocketAddr, api: Option<SocketAddr>) -> Server {
         crate::interrupt::register(child.id());
         Server {
             pid: child.id(),
@@ -153,13 +153,14 @@ pub fn herald_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// A `herald serve` config for the benchmark: one shard, one listener of
 /// `transport` on a free loopback port (with `pki`'s certificate for tls
-/// and wss), the API on another.
+/// and wss), the API on another, and the one app `creds`.
 pub fn herald_config(
     data_dir: &Path,
     heartbeat_secs: u64,
     io: &str,
     transport: Transport,
     pki: Option<&Pki>,
+    creds: &AppCreds,
 ) -> anyhow::Result<String> {
     // `listen` is the plain TCP listener; the others are listener tables.
     let (listen, listeners) = match transport {
@@ -195,16 +196,19 @@ wired = {heartbeat_secs}
 {listeners}{tls}[api]
 listen = "127.0.0.1:0"
 [[apps]]
-id = "{APP}"
-api_key = "{API_KEY}"
-token_secret = "{TOKEN_SECRET}"
+id = "{app}"
+api_key = "{api_key}"
+token_secret = "{token_secret}"
 "#,
         data_dir = toml_path(data_dir)?,
+        app = creds.app,
+        api_key = creds.api_key,
+        token_secret = creds.token_secret,
     ))
 }
 
 /// A path as UTF-8, for a config file.
-fn toml_path(path: &Path) -> anyhow::Result<&str> {
+pub fn toml_path(path: &Path) -> anyhow::Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
@@ -235,24 +239,51 @@ pub fn start_herald(
     let config = data_dir.join("herald.toml");
     std::fs::write(
         &config,
-        herald_config(&data_dir, heartbeat_secs, io, transport, pki)?,
+        herald_config(
+            &data_dir,
+            heartbeat_secs,
+            io,
+            transport,
+            pki,
+            &AppCreds::default(),
+        )?,
     )?;
+    start_herald_node(herald, "serve", &config, &data_dir.join("herald.log"))
+}
+
+/// Runs `herald <command> --config <config>` (serve, room or control),
+/// its log in `log`, and waits until its API listens and, for serve and
+/// room, its gateway: the server's address is the gateway's, or for a
+/// control node its API's.
+pub fn start_herald_node(
+    herald: &Path,
+    command: &str,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<Server> {
     let mut child = Command::new(herald)
-        .arg("serve")
+        .arg(command)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
         .spawn()
         .with_context(|| format!("cannot run {}", herald.display()))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
+    let has_gateway = command != "control";
     let (mut gateway, mut api) = (None, None);
-    while gateway.is_none() || api.is_none() {
-        let line = lines
-            .next()
-            .context("herald serve exited before listening")??;
+    while (has_gateway && gateway.is_none()) || api.is_none() {
+        let Some(line) = lines.next() else {
+            let _ = child.wait();
+            let log_text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!(
+                "herald {command} exited before listening: {}",
+                log_text.trim()
+            );
+        };
+        let line = line?;
         if let Some(rest) = line.strip_prefix("herald: gateway listening on ") {
             gateway = Some(listening_addr(rest)?);
         } else if let Some(rest) = line.strip_prefix("herald: api listening on ") {
@@ -260,17 +291,17 @@ pub fn start_herald(
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    let addr = gateway.context("no gateway address")?;
+    let addr = gateway.or(api).context("no address")?;
     Ok(Server::child(child, addr, api))
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn wait_listening(child: &mut Child, addr: SocketAddr, name: &str) -> anyhow::Result<()> {
+pub fn wait_listening(child: &mut Child, addr: SocketAddr, name: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
         if let Some(status) = child.try_wait()? {
@@ -508,7 +539,15 @@ mod tests {
 
     #[test]
     fn the_herald_config_is_complete_toml() {
-        let text = herald_config(Path::new("data"), 60, "epoll", Transport::Tcp, None).unwrap();
+        let text = herald_config(
+            Path::new("data"),
+            60,
+            "epoll",
+            Transport::Tcp,
+            None,
+            &AppCreds::default(),
+        )
+        .unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["gateway"]["listen"].as_str(), Some("127.0.0.1:0"));
         assert_eq!(value["gateway"]["io"].as_str(), Some("epoll"));
@@ -523,14 +562,31 @@ mod tests {
     #[test]
     fn a_tls_gateway_listens_with_the_certificate_and_no_plain_tcp() {
         let pki = Pki::generate().unwrap();
-        let text =
-            herald_config(Path::new("data"), 60, "uring", Transport::Wss, Some(&pki)).unwrap();
+        let text = herald_config(
+            Path::new("data"),
+            60,
+            "uring",
+            Transport::Wss,
+            Some(&pki),
+            &AppCreds::default(),
+        )
+        .unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
         let gateway = &value["gateway"];
         assert!(gateway.get("listen").is_none());
         assert_eq!(gateway["listeners"][0]["transport"].as_str(), Some("wss"));
         assert_eq!(gateway["tls"]["key_file"].as_str(), pki.key_file.to_str());
-        assert!(herald_config(Path::new("data"), 60, "uring", Transport::Tls, None).is_err());
+        assert!(
+            herald_config(
+                Path::new("data"),
+                60,
+                "uring",
+                Transport::Tls,
+                None,
+                &AppCreds::default()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -457,14 +457,16 @@ fn mqtt_subscribe(topic: &str) -> Vec<u8> {
     packet
 }
 
-/// Records one receipt: the payload starts with the send time in unix
-/// nanoseconds, in decimal, then a space or the end.
-fn record_receipt(state: &State, payload: &[u8]) {
+/// The send time a payload starts with: unix nanoseconds, in decimal,
+/// then a space or the end (`crate::payload::timestamped`).
+fn sent_nanos(payload: &[u8]) -> Option<u128> {
     let digits = payload.split(|&b| b == b' ').next().unwrap_or_default();
-    let sent_nanos = std::str::from_utf8(digits)
-        .ok()
-        .and_then(|text| text.parse::<u128>().ok());
-    if let Some(sent) = sent_nanos {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Records one receipt, timed from the send time in its payload.
+fn record_receipt(state: &State, payload: &[u8]) {
+    if let Some(sent) = sent_nanos(payload) {
         let micros = (unix_nanos().saturating_sub(sent) / 1000) as u64;
         let _ = state.latency_us.borrow_mut().record(micros.max(1));
     }
@@ -736,5 +738,18 @@ mod tests {
         assert_eq!(packet[9], 0x02, "clean session");
         assert_eq!(u16::from_be_bytes([packet[10], packet[11]]), 60);
         assert_eq!(&packet[12..], &[0, 2, b'b', b'7']);
+    }
+
+    #[test]
+    fn the_send_time_is_read_back_from_a_padded_payload_of_any_length() {
+        let sent = 1_764_571_234_567_890_123u128;
+        for len in [crate::payload::PAYLOAD_BYTES_MIN, 256, 65_536] {
+            assert_eq!(
+                sent_nanos(&crate::payload::timestamped(sent, len)),
+                Some(sent)
+            );
+        }
+        assert_eq!(sent_nanos(b"1234"), Some(1234));
+        assert_eq!(sent_nanos(b"hello world"), None);
     }
 }

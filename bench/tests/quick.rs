@@ -214,3 +214,114 @@ token_secret = "external-token-secret-0123456789"
     assert!(String::from_utf8_lossy(&output.stderr).contains("--config"));
     drop(herald);
 }
+
+/// `push` with JetStream beside Herald: the same 300-byte payloads at the
+/// same rate, publish-with-ack to a file stream on a NATS server started
+/// by the run, with the default sync and with `sync_interval: always` (a
+/// nats-server older than 2.10 refuses that setting: the row then says so).
+#[test]
+fn the_quick_push_measures_jetstream_beside_herald() {
+    let report = bench_report(&[
+        "push",
+        "--quick",
+        "--connections",
+        "300",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--payload-bytes",
+        "300",
+        "--with-jetstream",
+    ]);
+    assert_eq!(report["failures_total"], 0);
+    let push = &report["results"]["push"];
+    assert_eq!(push["payload_bytes"], 300);
+    let herald = &push["servers"]["herald"];
+    assert!(herald["pushes"].as_u64().unwrap() > 0);
+    assert_eq!(herald["received"], herald["pushes"]);
+    assert!(herald["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    let default = &push["servers"]["jetstream-sync-default"];
+    assert!(default["accepted"].as_u64().unwrap() > 0, "{default}");
+    assert_eq!(default["errors"], 0);
+    assert!(default["durability"].as_str().unwrap().contains("2 min"));
+    let always = &push["servers"]["jetstream-sync-always"];
+    match always["skipped"].as_str() {
+        Some(reason) => assert!(reason.contains("sync_interval"), "{reason}"),
+        None => assert!(always["accepted"].as_u64().unwrap() > 0, "{always}"),
+    }
+}
+
+/// `push --find-max-rate`: every run has a warm-up and steps, each step's
+/// verdict, and the row the median of the runs' answers.
+#[test]
+fn the_quick_push_finds_the_highest_rate_kept_up_with() {
+    let report = bench_report(&[
+        "push",
+        "--quick",
+        "--connections",
+        "300",
+        "--rate",
+        "200",
+        "--find-max-rate",
+        "--step-secs",
+        "1",
+        "--runs",
+        "2",
+    ]);
+    assert_eq!(report["failures_total"], 0);
+    let push = &report["results"]["push"];
+    assert_eq!(push["mode"], "find-max-rate");
+    assert_eq!(push["criteria"]["p99_max_us"], 50_000);
+    let herald = &push["servers"]["herald"];
+    let runs = herald["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["warm_up"]["offered_per_sec"], 200);
+        let steps = run["steps"].as_array().unwrap();
+        assert_eq!(steps[0]["offered_per_sec"], 200);
+        assert!(steps.iter().all(|step| step["passed"].is_boolean()));
+    }
+    assert!(herald["max_rate_per_sec"].is_f64());
+}
+
+/// `push --cluster-storage`: a control node and room nodes on the local
+/// Redis and a database of the run's own on MySQL/MariaDB and on
+/// PostgreSQL, every push received.
+#[test]
+fn the_quick_push_measures_a_cluster_on_each_engine() {
+    let mysql = std::env::var("HERALD_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned());
+    let postgres = std::env::var("HERALD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+    for (url, row, setting) in [
+        (
+            &mysql,
+            "herald-cluster-mysql",
+            "innodb_flush_log_at_trx_commit=",
+        ),
+        (&postgres, "herald-cluster-postgres", "synchronous_commit="),
+    ] {
+        let report = bench_report(&[
+            "push",
+            "--quick",
+            "--connections",
+            "300",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--cluster-storage",
+            url,
+        ]);
+        assert_eq!(report["failures_total"], 0, "{row}");
+        let push = &report["results"]["push"]["servers"][row];
+        assert!(push["pushes"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(push["received"], push["pushes"], "{row}");
+        assert!(
+            push["durability"].as_str().unwrap().contains(setting),
+            "{row}: {}",
+            push["durability"]
+        );
+    }
+}
