@@ -9,6 +9,7 @@
 mod broadcast;
 mod cluster;
 mod conn;
+mod http_floor;
 mod interrupt;
 mod jetstream;
 mod payload;
@@ -88,6 +89,16 @@ enum Scenario {
     },
     #[command(hide = true)]
     Worker { spec: String },
+    /// The HTTP floor of `push --with-http-floor` (see `http_floor`).
+    #[command(hide = true)]
+    HttpFloorServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        api_key: String,
+    },
     #[command(hide = true)]
     Hold {
         /// Send with batched io_uring submissions instead of send(2).
@@ -302,7 +313,10 @@ impl Common {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Scenario::Worker { .. } | Scenario::Hold { .. }) {
+    if !matches!(
+        cli.command,
+        Scenario::Worker { .. } | Scenario::Hold { .. } | Scenario::HttpFloorServer { .. }
+    ) {
         // Before any thread starts: they inherit the blocked signals.
         interrupt::install();
     }
@@ -314,6 +328,11 @@ fn main() -> std::process::ExitCode {
             uring,
             read_replies,
         } => systems::hold(uring, read_replies),
+        Scenario::HttpFloorServer {
+            listen,
+            app,
+            api_key,
+        } => http_floor::serve(listen, app, api_key),
         scenario => run(scenario),
     };
     match result {
@@ -338,7 +357,9 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
             fraction,
             push,
         } => ("all", common, fraction, Some(push)),
-        Scenario::Worker { .. } | Scenario::Hold { .. } => unreachable!("handled in main"),
+        Scenario::Worker { .. } | Scenario::Hold { .. } | Scenario::HttpFloorServer { .. } => {
+            unreachable!("handled in main")
+        }
     };
     common.apply_quick();
     common.check()?;
@@ -1299,7 +1320,9 @@ fn print_push_summary(push: &Value) {
             println!("  {name}: not measured: {reason}");
             continue;
         }
-        println!("  {name}: {}", row["durability"].as_str().unwrap_or(""));
+        // The HTTP floor says what it is: it stores nothing.
+        let described = row.get("label").unwrap_or(&row["durability"]);
+        println!("  {name}: {}", described.as_str().unwrap_or(""));
         let latency = &row["latency_us"];
         if push["mode"] == "find-max-rate" {
             let per_run: Vec<String> = row["runs"]
@@ -1321,6 +1344,9 @@ fn print_push_summary(push: &Value) {
                 ms(&latency["p50"]),
                 ms(&latency["p99"])
             );
+            if let Some(ratio) = row["herald_to_floor"].as_f64() {
+                println!("  {name}: highest rate / {}'s: {ratio:.3}", http_floor::ROW);
+            }
         } else {
             println!(
                 "  {name}: offered {}/s, achieved {:.0}/s; {} pushes, received {}; latency p50 \

@@ -3,8 +3,10 @@
 //! from the send time its payload starts with. Herald is one `herald
 //! serve` per 15,000 connections (SQLite), or with `--cluster-storage` a
 //! cluster of a control node and room nodes on MySQL/MariaDB or
-//! PostgreSQL. With `--with-jetstream`, NATS JetStream's publish-with-ack
-//! of the same payloads at the same rates is measured in the same run.
+//! PostgreSQL. With `--with-http-floor`, the same calls answered by a bare
+//! axum handler that stores and delivers nothing (see `http_floor`), and
+//! with `--with-jetstream`, NATS JetStream's publish-with-ack of the same
+//! payloads at the same rates, are measured in the same run.
 //!
 //! A measurement is one step at `--rate` for `--duration`, or with
 //! `--find-max-rate` a search (see `search`) for the highest rate that
@@ -26,6 +28,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::http_floor;
 use crate::jetstream::{self, JetStream};
 use crate::pool::{Clients, Workers, progress_bar};
 use crate::search::{Outcome, Search, highest_passed, median};
@@ -64,6 +67,11 @@ pub struct PushArgs {
     /// `push --cluster-storage`: the Redis the nodes share.
     #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
     pub cluster_redis: String,
+    /// `push`: also make the same calls at the same rates to an HTTP
+    /// server on Herald's API stack that parses them and answers, storing
+    /// and delivering nothing: the floor of an API call on this machine.
+    #[arg(long)]
+    pub with_http_floor: bool,
     /// `push`: also publish the same payloads at the same rates to NATS
     /// JetStream file streams with acks, on servers started here with
     /// `sync_interval: always` and with the default sync.
@@ -76,7 +84,8 @@ pub struct PushArgs {
     pub nats_server: PathBuf,
 }
 
-/// Calls in flight at once, at most, to Herald's API or JetStream: past
+/// Calls in flight at once, at most, to Herald's API, the HTTP floor or
+/// JetStream: past
 /// it, sending waits, and the achieved rate falls behind the offered one.
 const IN_FLIGHT_MAX: usize = 256;
 /// A step is kept up with when it achieved at least this share of the
@@ -121,16 +130,19 @@ pub struct Step {
     /// From the first call to the last answer.
     pub secs: f64,
     pub sent: u64,
-    /// Answered with success (Herald: 2xx; JetStream: acked).
+    /// Answered with success (Herald, the HTTP floor: 2xx; JetStream:
+    /// acked).
     pub accepted: u64,
     pub errors: u64,
-    /// Herald: receipts at the clients; JetStream: acks.
+    /// Herald: receipts at the clients; the HTTP floor: its answers;
+    /// JetStream: acks.
     pub received: u64,
     pub not_received: u64,
     /// Accepted calls a second over `secs`.
     pub achieved_per_sec: f64,
-    /// Herald: end to end, from the API call to the client's receipt;
-    /// JetStream: from the publish to its ack.
+    /// Herald: end to end, from the API call to the client's receipt; the
+    /// HTTP floor: from the request to its answer; JetStream: from the
+    /// publish to its ack.
     pub latency_us: Percentiles,
     /// Herald: the API calls, from the request to its answer.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,6 +267,36 @@ where
     Ok(offered)
 }
 
+/// A push call as the load generator makes it to Herald's API, and to the
+/// HTTP floor: to a random one of `connections` users, whose calls go to
+/// `apis[user % len]`, with the app's API key and a timestamped payload of
+/// `payload_bytes`. Succeeds on a 2xx answer.
+fn push_call(
+    client: &reqwest::Client,
+    apis: &[SocketAddr],
+    creds: &AppCreds,
+    connections: u64,
+    payload_bytes: usize,
+) -> impl Future<Output = Result<(), String>> + Send + 'static {
+    let user = rand::random_range(0..connections);
+    let api = apis[(user % apis.len() as u64) as usize];
+    let url = format!(
+        "http://{api}/v1/apps/{}/users/{}/messages",
+        creds.app,
+        user_id(user)
+    );
+    let request = client.post(url).bearer_auth(&creds.api_key);
+    async move {
+        let payload = payload::timestamped(now_nanos(), payload_bytes);
+        let payload = String::from_utf8(payload).expect("ASCII");
+        match request.json(&json!({ "payload": payload })).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("status {}", response.status())),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
 /// Herald under test: its processes, where the clients connect and
 /// where pushes go.
 struct Herald {
@@ -330,13 +372,20 @@ impl Herald {
     }
 }
 
-/// A system being measured: Herald with its clients connected, or a
-/// JetStream stream (boxed: one of each is alive at a time).
+/// A system being measured: Herald with its clients connected, the HTTP
+/// floor, or a JetStream stream (boxed: one of each is alive at a time).
 enum UnderTest {
     Herald {
         herald: Box<Herald>,
         workers: Workers,
         client: reqwest::Client,
+        connections: u64,
+    },
+    HttpFloor {
+        server: Server,
+        client: reqwest::Client,
+        creds: AppCreds,
+        /// The users the calls go to, as Herald's row's.
         connections: u64,
     },
     JetStream(Box<JetStream>),
@@ -346,10 +395,11 @@ impl UnderTest {
     fn durability(&self, row: &Row) -> String {
         match (self, row) {
             (UnderTest::Herald { herald, .. }, _) => herald.durability.clone(),
+            (UnderTest::HttpFloor { .. }, _) => "none: nothing is stored".to_owned(),
             (UnderTest::JetStream(js), Row::JetStream(sync)) => {
                 format!("{} (nats-server {})", sync.durability(), js.version)
             }
-            (UnderTest::JetStream(_), Row::Herald(_)) => unreachable!("a JetStream row"),
+            (UnderTest::JetStream(_), _) => unreachable!("a JetStream row"),
         }
     }
 
@@ -370,25 +420,14 @@ impl UnderTest {
             } => {
                 let (_, latency_before) = workers.report()?;
                 let received_before = workers.pushes_received();
-                let connections = *connections;
                 let offered = offer(rate, duration, || {
-                    let user = rand::random_range(0..connections);
-                    let api = herald.apis[(user % herald.apis.len() as u64) as usize];
-                    let url = format!(
-                        "http://{api}/v1/apps/{}/users/{}/messages",
-                        herald.creds.app,
-                        user_id(user)
-                    );
-                    let request = client.post(url).bearer_auth(&herald.creds.api_key);
-                    async move {
-                        let payload = payload::timestamped(now_nanos(), payload_bytes);
-                        let payload = String::from_utf8(payload).expect("ASCII");
-                        match request.json(&json!({ "payload": payload })).send().await {
-                            Ok(response) if response.status().is_success() => Ok(()),
-                            Ok(response) => Err(format!("status {}", response.status())),
-                            Err(error) => Err(error.to_string()),
-                        }
-                    }
+                    push_call(
+                        client,
+                        &herald.apis,
+                        &herald.creds,
+                        *connections,
+                        payload_bytes,
+                    )
                 })
                 .await?;
                 let deadline = Instant::now() + RECEIPT_WAIT;
@@ -406,6 +445,27 @@ impl UnderTest {
                     received,
                     Percentiles::of(&latency),
                     Some(Percentiles::of(&offered.call_latency)),
+                    criteria,
+                ))
+            }
+            UnderTest::HttpFloor {
+                server,
+                client,
+                creds,
+                connections,
+            } => {
+                let apis = [server.addr];
+                let offered = offer(rate, duration, || {
+                    push_call(client, &apis, creds, *connections, payload_bytes)
+                })
+                .await?;
+                let latency = Percentiles::of(&offered.call_latency);
+                Ok(step(
+                    rate,
+                    &offered,
+                    offered.accepted,
+                    latency,
+                    None,
                     criteria,
                 ))
             }
@@ -431,11 +491,12 @@ impl UnderTest {
         }
     }
 
-    /// Connection failures of Herald's clients (none for JetStream).
+    /// Connection failures of Herald's clients (none for the others: they
+    /// have no clients connected).
     fn failures(&self) -> (Value, u64) {
         match self {
             UnderTest::Herald { workers, .. } => failures_json(&workers.failures()),
-            UnderTest::JetStream(_) => (json!({}), 0),
+            UnderTest::HttpFloor { .. } | UnderTest::JetStream(_) => (json!({}), 0),
         }
     }
 
@@ -482,14 +543,16 @@ fn step(
     }
 }
 
-/// A row of the table: Herald over a transport, or JetStream with a sync
-/// setting.
+/// A row of the table: Herald over a transport, the HTTP floor, or
+/// JetStream with a sync setting.
 enum Row {
     Herald(Transport),
+    HttpFloor,
     JetStream(jetstream::Sync),
 }
 
-/// The `push` scenario: Herald over each transport, then JetStream.
+/// The `push` scenario: Herald over each transport, then the HTTP floor,
+/// then JetStream.
 pub async fn push(common: &Common, args: &PushArgs) -> anyhow::Result<Value> {
     anyhow::ensure!(
         args.cluster_storage.is_none() || common.gateways_running.is_empty(),
@@ -506,10 +569,17 @@ pub async fn push(common: &Common, args: &PushArgs) -> anyhow::Result<Value> {
         None => "herald".to_owned(),
     };
     let mut rows = serde_json::Map::new();
+    let mut herald_rows = Vec::new();
     for transport in common.transports() {
         let name = row_name(transport, &herald_name);
         let row = measure(common, args, criteria, &Row::Herald(transport), &name).await?;
-        rows.insert(name, row);
+        rows.insert(name.clone(), row);
+        herald_rows.push(name);
+    }
+    if args.with_http_floor {
+        let row = measure(common, args, criteria, &Row::HttpFloor, http_floor::ROW).await?;
+        rows.insert(http_floor::ROW.to_owned(), row);
+        compare_with_floor(&mut rows, &herald_rows);
     }
     if args.with_jetstream {
         for sync in jetstream::Sync::ALL {
@@ -532,6 +602,25 @@ pub async fn push(common: &Common, args: &PushArgs) -> anyhow::Result<Value> {
         value["step_secs"] = json!(args.step_secs);
     }
     Ok(value)
+}
+
+/// On each Herald row, `herald_to_floor`: its highest passing rate over the
+/// HTTP floor's (`--find-max-rate` rows only; none when the floor's is 0).
+fn compare_with_floor(rows: &mut serde_json::Map<String, Value>, herald_rows: &[String]) {
+    let Some(floor) = rows
+        .get(http_floor::ROW)
+        .and_then(|row| row["max_rate_per_sec"].as_f64())
+        .filter(|&rate| rate > 0.0)
+    else {
+        return;
+    };
+    for name in herald_rows {
+        if let Some(row) = rows.get_mut(name)
+            && let Some(rate) = row["max_rate_per_sec"].as_f64()
+        {
+            row["herald_to_floor"] = json!(rate / floor);
+        }
+    }
 }
 
 /// One row: `--runs` runs, each against a system of its own, and their
@@ -578,8 +667,10 @@ async fn measure(
         fixed_summary(&runs)
     };
     value["durability"] = json!(durability);
-    if let Row::Herald(transport) = row {
-        value["transport"] = json!(transport);
+    match row {
+        Row::Herald(transport) => value["transport"] = json!(transport),
+        Row::HttpFloor => value["label"] = json!(http_floor::LABEL),
+        Row::JetStream(_) => {}
     }
     value["runs"] = json!(
         runs.iter()
@@ -627,6 +718,15 @@ async fn start(
                     Err(error)
                 }
             }
+        }
+        Row::HttpFloor => {
+            let creds = common.creds()?;
+            Ok(UnderTest::HttpFloor {
+                server: http_floor::start(&creds)?,
+                client: reqwest::Client::new(),
+                creds,
+                connections: common.connections,
+            })
         }
         Row::JetStream(sync) => Ok(UnderTest::JetStream(Box::new(
             JetStream::start(&args.nats_server, *sync).await?,
@@ -857,6 +957,37 @@ mod tests {
         assert_eq!(value["max_rate_per_sec"], json!(1_200.0));
         assert_eq!(value["latency_us"]["p99"], json!(30.0));
         assert_eq!(value["pushes"], json!(7_700));
+    }
+
+    #[test]
+    fn herald_rows_get_their_highest_rate_over_the_floors() {
+        let mut rows = serde_json::Map::new();
+        rows.insert("herald".to_owned(), json!({ "max_rate_per_sec": 1_000.0 }));
+        rows.insert(
+            "herald-tls".to_owned(),
+            json!({ "max_rate_per_sec": 500.0 }),
+        );
+        rows.insert(
+            http_floor::ROW.to_owned(),
+            json!({ "max_rate_per_sec": 4_000.0 }),
+        );
+        compare_with_floor(&mut rows, &["herald".to_owned(), "herald-tls".to_owned()]);
+        assert_eq!(rows["herald"]["herald_to_floor"], json!(0.25));
+        assert_eq!(rows["herald-tls"]["herald_to_floor"], json!(0.125));
+        assert!(rows[http_floor::ROW].get("herald_to_floor").is_none());
+
+        // At a fixed rate there is no highest rate, and a floor that
+        // passed nothing gives no ratio.
+        for floor in [
+            json!({ "throughput_per_sec": 4_000.0 }),
+            json!({ "max_rate_per_sec": 0.0 }),
+        ] {
+            let mut rows = serde_json::Map::new();
+            rows.insert("herald".to_owned(), json!({ "max_rate_per_sec": 1_000.0 }));
+            rows.insert(http_floor::ROW.to_owned(), floor);
+            compare_with_floor(&mut rows, &["herald".to_owned()]);
+            assert!(rows["herald"].get("herald_to_floor").is_none());
+        }
     }
 
     #[test]

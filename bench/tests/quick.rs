@@ -279,6 +279,34 @@ fn the_quick_push_measures_jetstream_beside_herald() {
     }
 }
 
+/// `push --with-http-floor`: the same calls at the same rate to the bare
+/// axum server the run starts, every one answered, with the row saying
+/// what it is.
+#[test]
+fn the_quick_push_measures_the_http_floor_beside_herald() {
+    let report = bench_report(&[
+        "push",
+        "--quick",
+        "--connections",
+        "300",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--with-http-floor",
+    ]);
+    assert_eq!(report["failures_total"], 0);
+    let servers = &report["results"]["push"]["servers"];
+    let herald = &servers["herald"];
+    assert_eq!(herald["received"], herald["pushes"]);
+    let floor = &servers["http-floor"];
+    assert!(floor["accepted"].as_u64().unwrap() > 0, "{floor}");
+    assert_eq!(floor["accepted"], floor["pushes"], "{floor}");
+    assert_eq!(floor["errors"], 0, "{floor}");
+    assert!(floor["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(floor["label"].as_str().unwrap().starts_with("HTTP floor"));
+}
+
 /// `push --find-max-rate`: every run has a warm-up and steps, each step's
 /// verdict, and the row the median of the runs' answers.
 #[test]
