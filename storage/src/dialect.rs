@@ -13,8 +13,9 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Database, Executor, MySql, Pool, Postgres, Sqlite};
 
@@ -126,7 +127,9 @@ pub(crate) trait Dialect: Debug + Send + Sync + 'static {
 
     /// The clause that makes an INSERT on the unique `keys` do nothing
     /// when the row exists.
-    fn on_conflict_ignore(keys: &str) -> String;
+    fn on_conflict_ignore(keys: &str) -> String {
+        format!(" ON CONFLICT ({keys}) DO NOTHING")
+    }
 
     /// A statement deleting at most `?` (the second parameter) rows of
     /// `table` that expired at `?` (the first).
@@ -202,10 +205,6 @@ impl Dialect for SqliteDialect {
         excluded_merges(table, keys, merges, "MAX")
     }
 
-    fn on_conflict_ignore(keys: &str) -> String {
-        format!(" ON CONFLICT ({keys}) DO NOTHING")
-    }
-
     fn purge(table: &str) -> String {
         format!(
             "DELETE FROM {table} WHERE rowid IN \
@@ -260,12 +259,7 @@ impl Dialect for MySqlDialect {
     async fn open(url: &str) -> Result<Pools<MySql>, StorageError> {
         let url = url.replacen("mariadb://", "mysql://", 1);
         let options: MySqlConnectOptions = url.parse()?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(NETWORKED_CONNECTIONS_MAX)
-            .acquire_timeout(NETWORKED_ACQUIRE_TIMEOUT)
-            // A broken connection fails its statement and is dropped; a
-            // ping before every use would double the round trips.
-            .test_before_acquire(false)
+        let pool = networked_pool::<MySql>()
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     // READ COMMITTED takes no gap locks on plain reads and
@@ -336,14 +330,7 @@ impl Dialect for PostgresDialect {
 
     async fn open(url: &str) -> Result<Pools<Postgres>, StorageError> {
         let options: PgConnectOptions = url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(NETWORKED_CONNECTIONS_MAX)
-            .acquire_timeout(NETWORKED_ACQUIRE_TIMEOUT)
-            // A broken connection fails its statement and is dropped; a
-            // ping before every use would double the round trips.
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
+        let pool = networked_pool::<Postgres>().connect_with(options).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         tracing::info!("opened PostgreSQL storage");
         Ok(Pools {
@@ -374,16 +361,22 @@ impl Dialect for PostgresDialect {
         excluded_merges(table, keys, merges, "GREATEST")
     }
 
-    fn on_conflict_ignore(keys: &str) -> String {
-        format!(" ON CONFLICT ({keys}) DO NOTHING")
-    }
-
     fn purge(table: &str) -> String {
         format!(
             "DELETE FROM {table} WHERE ctid IN \
              (SELECT ctid FROM {table} WHERE expires_at_ms <= ? LIMIT ?)"
         )
     }
+}
+
+/// The pool settings of a networked engine.
+fn networked_pool<DB: Database>() -> PoolOptions<DB> {
+    PoolOptions::new()
+        .max_connections(NETWORKED_CONNECTIONS_MAX)
+        .acquire_timeout(NETWORKED_ACQUIRE_TIMEOUT)
+        // A broken connection fails its statement and is dropped; a ping
+        // before every use would double the round trips.
+        .test_before_acquire(false)
 }
 
 /// `ON CONFLICT .. DO UPDATE` with the `excluded` row, as SQLite and
@@ -428,6 +421,10 @@ mod tests {
         assert_eq!(
             MySqlDialect::on_conflict_ignore("id"),
             " ON DUPLICATE KEY UPDATE id = id"
+        );
+        assert_eq!(
+            PostgresDialect::on_conflict_ignore("id"),
+            " ON CONFLICT (id) DO NOTHING"
         );
     }
 }
