@@ -459,15 +459,7 @@ impl UnderTest {
                     push_call(client, &apis, creds, *connections, payload_bytes)
                 })
                 .await?;
-                let latency = Percentiles::of(&offered.call_latency);
-                Ok(step(
-                    rate,
-                    &offered,
-                    offered.accepted,
-                    latency,
-                    None,
-                    criteria,
-                ))
+                Ok(answered_step(rate, &offered, criteria))
             }
             UnderTest::JetStream(js) => {
                 let offered = offer(rate, duration, || {
@@ -478,15 +470,7 @@ impl UnderTest {
                     }
                 })
                 .await?;
-                let latency = Percentiles::of(&offered.call_latency);
-                Ok(step(
-                    rate,
-                    &offered,
-                    offered.accepted,
-                    latency,
-                    None,
-                    criteria,
-                ))
+                Ok(answered_step(rate, &offered, criteria))
             }
         }
     }
@@ -510,6 +494,13 @@ impl UnderTest {
             settle_after_teardown();
         }
     }
+}
+
+/// A step of a row whose latency is the calls' own (the HTTP floor and
+/// JetStream): what was answered counts as received.
+fn answered_step(rate: u64, offered: &Offered, criteria: Criteria) -> Step {
+    let latency = Percentiles::of(&offered.call_latency);
+    step(rate, offered, offered.accepted, latency, None, criteria)
 }
 
 fn step(
