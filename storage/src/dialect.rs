@@ -36,10 +36,29 @@ const NETWORKED_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// open file handle and SQLite's page cache.
 const SQLITE_READ_CONNECTIONS_MAX: u32 = 4;
 
-/// Page cache per SQLite connection, in KiB (SQLite's default is 2,000).
-/// Reads are indexed point and range lookups and writes append, so a small
-/// cache costs little speed; it is memory every node holds once it is warm.
+/// Page cache per SQLite read connection, in KiB (SQLite's default is 2,000).
+/// Reads are indexed point and range lookups, so a small cache costs little
+/// speed; it is memory every node holds once it is warm.
 const SQLITE_PAGE_CACHE_KIB: u32 = 512;
+
+/// The writer's page cache, in KiB. Its working set is the inbox heads and
+/// the pages of the messages' primary key that recent stores touched; a
+/// page that is not cached is read (from the OS) inside the commit. Pages
+/// are allocated as they are used, so an idle node holds little of it.
+const SQLITE_WRITER_CACHE_KIB: u32 = 16 * 1024;
+
+/// WAL frames after which a commit folds the WAL back into the database
+/// file (SQLite's default is 1,000). Stores to many inboxes touch many
+/// pages of the messages' primary key, and a page written again before the
+/// checkpoint is copied once: checkpointing a tenth as often copies far
+/// fewer pages per store. The WAL grows to about 40 MiB between them.
+const SQLITE_CHECKPOINT_FRAMES: u32 = 10_000;
+
+/// Rows SQLite's worker thread hands back before it waits for the caller to
+/// take them (sqlx's default is 50). A group commit's upsert returns a row
+/// per inbox it raised; with room for all of them the worker never stops
+/// half way to wait for the committer's task to be scheduled.
+const SQLITE_ROW_BUFFER: usize = 1_024;
 
 /// How long SQLite retries when another process holds the write lock before
 /// it fails with SQLITE_BUSY. Within this process writers never contend (one
@@ -101,6 +120,14 @@ pub(crate) trait Dialect: Debug + Send + Sync + 'static {
     /// holds their locks.
     const UPSERT_RETURNS: bool;
 
+    /// Whether one call may carry several statements, each with its
+    /// arguments. On SQLite a call is a round trip to the connection's
+    /// worker thread, which on a busy host waits to be scheduled each time,
+    /// so a group commit makes two calls: begin and raise the heads, then
+    /// insert the rows and commit. MySQL's and PostgreSQL's prepared
+    /// statements take one statement a call.
+    const MULTI_STATEMENT_CALLS: bool;
+
     /// What locks the rows a SELECT reads until commit ("" on SQLite, whose
     /// single writer already excludes every other).
     const FOR_UPDATE: &'static str;
@@ -110,7 +137,7 @@ pub(crate) trait Dialect: Debug + Send + Sync + 'static {
     const INBOX_HEADS: &'static str;
 
     /// A table of `(user_id, seq)` rows from a JSON array of
-    /// `[user, seq]` pairs bound at this point of the statement.
+    /// `[user, seq]` pairs bound at its one `?`.
     const RECIPIENTS: &'static str;
 
     /// Opens the pools for `target` and brings the schema up to date.
@@ -158,6 +185,7 @@ impl Dialect for SqliteDialect {
     // to upgrade from a read lock half way (the SQLITE_BUSY trap).
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
     const UPSERT_RETURNS: bool = true;
+    const MULTI_STATEMENT_CALLS: bool = true;
     const FOR_UPDATE: &'static str = "";
     const INBOX_HEADS: &'static str = "SELECT h.last_seq, c.acked_seq FROM json_each(?) AS r \
          LEFT JOIN inbox_heads AS h \
@@ -180,15 +208,30 @@ impl Dialect for SqliteDialect {
             // would lose the last commits on power loss).
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
-            .pragma("cache_size", format!("-{SQLITE_PAGE_CACHE_KIB}"));
+            .pragma("cache_size", format!("-{SQLITE_PAGE_CACHE_KIB}"))
+            .row_buffer_size(SQLITE_ROW_BUFFER)
+            // A group commit's multi-row statements keep a statement journal
+            // (to undo one statement alone) that outgrows SQLite's in-memory
+            // spill limit; on disk it was a temporary file created, written
+            // and deleted every commit.
+            .pragma("temp_store", "MEMORY");
+        // A ping before each use would be a round trip to the connection's
+        // worker thread that tells nothing its statements do not.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("cache_size", format!("-{SQLITE_WRITER_CACHE_KIB}"))
+                    .pragma("wal_autocheckpoint", SQLITE_CHECKPOINT_FRAMES.to_string()),
+            )
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(SQLITE_READ_CONNECTIONS_MAX)
+            .test_before_acquire(false)
             .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
             .connect_with(options.create_if_missing(false))
             .await?;
@@ -239,6 +282,7 @@ impl Dialect for MySqlDialect {
     const BEGIN: &'static str = "BEGIN";
     // MySQL 8 has no RETURNING.
     const UPSERT_RETURNS: bool = false;
+    const MULTI_STATEMENT_CALLS: bool = false;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     // JSON_TABLE's columns carry the connection's collation; the joins
     // compare in the tables' binary one.
@@ -316,6 +360,7 @@ impl Dialect for PostgresDialect {
     const COMMITS_IN_FLIGHT: usize = 4;
     const BEGIN: &'static str = "BEGIN";
     const UPSERT_RETURNS: bool = true;
+    const MULTI_STATEMENT_CALLS: bool = false;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     const INBOX_HEADS: &'static str = "SELECT h.last_seq, c.acked_seq \
          FROM json_array_elements(?::json) WITH ORDINALITY AS r(value, n) \
@@ -395,6 +440,17 @@ fn excluded_merges(table: &str, keys: &str, merges: &[(&str, Merge)], max: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recipients_bind_their_array_at_one_placeholder() {
+        for recipients in [
+            SqliteDialect::RECIPIENTS,
+            MySqlDialect::RECIPIENTS,
+            PostgresDialect::RECIPIENTS,
+        ] {
+            assert_eq!(recipients.matches('?').count(), 1, "{recipients}");
+        }
+    }
 
     #[test]
     fn postgres_numbers_the_placeholders_in_order() {

@@ -27,8 +27,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::dialect::Dialect;
 use crate::sql::{Statements, text};
 use crate::{
-    BATCH_ROWS_MAX, CommitCounters, GroupCommit, MessageId, NewMessage, StorageError, StoreOutcome,
-    StoredRef, TRANSACTION_ATTEMPTS_MAX, from_db, is_transient, new_message_id, recorded_results,
+    BATCH_ROWS_MAX, CommitCounters, GroupCommit, NewMessage, StorageError, StoreOutcome, StoredRef,
+    TRANSACTION_ATTEMPTS_MAX, from_db, is_transient, new_message_id, recorded_results,
     results_to_record, to_db,
 };
 
@@ -155,25 +155,50 @@ where
         &self,
         group: &[StoreJob],
     ) -> Result<Vec<Result<StoreOutcome, StorageError>>, StorageError> {
-        let mut tx = self.writer.begin_with(D::BEGIN).await?;
-        let written = if group.iter().all(|job| job.msg.idempotency_key.is_none()) {
-            self.write_rows(&mut tx, group).await
-        } else {
-            self.write_stores(&mut tx, group).await
-        };
-        match written {
-            Ok(outcomes) => {
-                tx.commit().await?;
-                return Ok(outcomes.into_iter().map(Ok).collect());
+        let keyless = group.iter().all(|job| job.msg.idempotency_key.is_none());
+        let error = if keyless && D::MULTI_STATEMENT_CALLS {
+            // The transaction's BEGIN and COMMIT travel in the calls that
+            // write the rows (see `Dialect::MULTI_STATEMENT_CALLS`).
+            let mut conn = self.writer.acquire().await?;
+            match self
+                .write_rows(&mut conn, group, Transaction::InCalls)
+                .await
+            {
+                Ok(outcomes) => return Ok(outcomes.into_iter().map(Ok).collect()),
+                Err(error) => {
+                    // Undoes what the calls began; with nothing begun
+                    // (the first call failed before BEGIN ran, or COMMIT
+                    // already rolled back) there is nothing to undo.
+                    let _ = conn.execute("ROLLBACK").await;
+                    error
+                }
             }
-            Err(StorageError::Unavailable(error)) if is_transient(&error) => {
+        } else {
+            let mut tx = self.writer.begin_with(D::BEGIN).await?;
+            let written = if keyless {
+                self.write_rows(&mut tx, group, Transaction::Open).await
+            } else {
+                self.write_stores(&mut tx, group).await
+            };
+            match written {
+                Ok(outcomes) => {
+                    tx.commit().await?;
+                    return Ok(outcomes.into_iter().map(Ok).collect());
+                }
+                Err(error) => {
+                    if !matches!(&error, StorageError::Unavailable(error) if is_transient(error)) {
+                        tx.rollback().await?;
+                    }
+                    error
+                }
+            }
+        };
+        match error {
+            StorageError::Unavailable(error) if is_transient(&error) => {
                 return Err(StorageError::Unavailable(error));
             }
-            Err(error) if group.len() == 1 => {
-                tx.rollback().await?;
-                return Ok(vec![Err(error)]);
-            }
-            Err(_) => tx.rollback().await?,
+            error if group.len() == 1 => return Ok(vec![Err(error)]),
+            _ => {}
         }
         let mut tx = self.writer.begin_with(D::BEGIN).await?;
         let mut outcomes = Vec::with_capacity(group.len());
@@ -211,7 +236,10 @@ where
         for job in group {
             let msg = &job.msg;
             let Some(key) = msg.idempotency_key.as_deref() else {
-                outcomes.extend(self.write_rows(tx, std::slice::from_ref(job)).await?);
+                outcomes.extend(
+                    self.write_rows(tx, std::slice::from_ref(job), Transaction::Open)
+                        .await?,
+                );
                 continue;
             };
             let now_ms = to_db(msg.now_ms);
@@ -229,7 +257,9 @@ where
                 });
                 continue;
             }
-            let mut written = self.write_rows(tx, std::slice::from_ref(job)).await?;
+            let mut written = self
+                .write_rows(tx, std::slice::from_ref(job), Transaction::Open)
+                .await?;
             let outcome = written.remove(0);
             sqlx::query(text(&self.sql.delete_expired_key))
                 .bind(&*msg.app)
@@ -258,8 +288,9 @@ where
     /// new seqs are handed out in the group's order.
     async fn write_rows(
         &self,
-        tx: &mut <D::Db as Database>::Connection,
+        conn: &mut <D::Db as Database>::Connection,
         group: &[StoreJob],
+        transaction: Transaction,
     ) -> Result<Vec<StoreOutcome>, StorageError> {
         // Per inbox, how many messages the group brings it, in lock order.
         let mut counts: Vec<((&str, &str), i64)> = {
@@ -272,24 +303,29 @@ where
             counts.into_iter().collect()
         };
         counts.sort_unstable();
+        let mut calls = Calls::new(D::MULTI_STATEMENT_CALLS);
+        if transaction == Transaction::InCalls {
+            calls.statement().push(D::BEGIN);
+        }
+        for chunk in counts.chunks(BATCH_ROWS_MAX) {
+            self.push_raise_heads(calls.statement(), chunk);
+        }
+        let heads = self.raised_heads(conn, calls, &counts).await?;
+        // What comes back need not be in the rows' order: match by inbox.
+        let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        for (app, user, last_seq) in heads {
+            returned.entry(app).or_default().insert(user, last_seq);
+        }
         // Per inbox, the next seq to hand out.
         let mut next_seqs: HashMap<(&str, &str), i64> = HashMap::with_capacity(counts.len());
-        for chunk in counts.chunks(BATCH_ROWS_MAX) {
-            let heads = self.raise_heads(tx, chunk).await?;
-            // What comes back need not be in the rows' order: match by inbox.
-            let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
-            for (app, user, last_seq) in heads {
-                returned.entry(app).or_default().insert(user, last_seq);
-            }
-            for &((app, user), count) in chunk {
-                let last_seq = returned
-                    .get(app)
-                    .and_then(|users| users.get(user))
-                    .ok_or_else(|| {
-                        StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
-                    })?;
-                next_seqs.insert((app, user), last_seq - count + 1);
-            }
+        for &((app, user), count) in &counts {
+            let last_seq = returned
+                .get(app)
+                .and_then(|users| users.get(user))
+                .ok_or_else(|| {
+                    StorageError::Corrupt(format!("no inbox head came back for {app}/{user}"))
+                })?;
+            next_seqs.insert((app, user), last_seq - count + 1);
         }
         let mut outcomes = Vec::with_capacity(group.len());
         for job in group {
@@ -311,95 +347,178 @@ where
                 replayed: false,
             });
         }
+        let mut calls = Calls::new(D::MULTI_STATEMENT_CALLS);
         let mut unicasts: Vec<(&NewMessage, &StoredRef)> = Vec::new();
         for (job, outcome) in group.iter().zip(&outcomes) {
             match outcome.stored.as_slice() {
                 [one] => unicasts.push((&job.msg, one)),
-                many => self.insert_fan_out(tx, &job.msg, many).await?,
+                many => {
+                    for chunk in many.chunks(BATCH_ROWS_MAX) {
+                        Self::push_fan_out(calls.statement(), &job.msg, chunk);
+                    }
+                }
             }
         }
         for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
-            let mut insert = QueryBuilder::<D::Db>::new(
-                "INSERT INTO messages \
-                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
-            );
-            insert.push_values(chunk, |mut row, (msg, stored)| {
-                row.push_bind(&*msg.app)
-                    .push_bind(stored.user.as_str())
-                    .push_bind(to_db(stored.seq))
-                    .push_bind(&stored.message_id.0[..])
-                    .push_bind(&msg.payload[..])
-                    .push_bind(to_db(msg.now_ms))
-                    .push_bind(to_db(msg.expires_at_ms()));
-            });
-            insert.build().execute(&mut *tx).await?;
+            Self::push_unicasts(calls.statement(), chunk);
+        }
+        if transaction == Transaction::InCalls {
+            calls.statement().push("COMMIT");
+        }
+        for mut call in calls.calls {
+            call.build().execute(&mut *conn).await?;
         }
         Ok(outcomes)
     }
 
-    /// Raises each inbox head of `counts` by its count; returns every head's
-    /// new `(app, user_id, last_seq)`, in no particular order.
-    async fn raise_heads(
+    /// Appends the upsert that raises each inbox head of `counts` by its
+    /// count, returning the heads' new values where the engine can.
+    fn push_raise_heads(
         &self,
-        tx: &mut <D::Db as Database>::Connection,
+        statement: &mut QueryBuilder<D::Db>,
         counts: &[((&str, &str), i64)],
-    ) -> Result<Vec<(String, String, i64)>, StorageError> {
-        let mut raise =
-            QueryBuilder::<D::Db>::new("INSERT INTO inbox_heads (app, user_id, last_seq) ");
-        raise.push_values(counts, |mut row, ((app, user), count)| {
+    ) {
+        statement.push("INSERT INTO inbox_heads (app, user_id, last_seq) ");
+        statement.push_values(counts, |mut row, ((app, user), count)| {
             row.push_bind(*app).push_bind(*user).push_bind(*count);
         });
-        raise.push(&self.sql.raise_heads);
+        statement.push(&self.sql.raise_heads);
         if D::UPSERT_RETURNS {
-            raise.push(" RETURNING app, user_id, last_seq");
-            return Ok(raise.build_query_as().fetch_all(&mut *tx).await?);
+            statement.push(" RETURNING app, user_id, last_seq");
         }
-        raise.build().execute(&mut *tx).await?;
-        // This transaction holds every row just raised, so what it reads back
-        // is its own value.
-        let mut read =
-            QueryBuilder::<D::Db>::new("SELECT app, user_id, last_seq FROM inbox_heads WHERE ");
-        let mut inboxes = read.separated(" OR ");
-        for ((app, user), _) in counts {
-            inboxes.push("(app = ");
-            inboxes.push_bind_unseparated(*app);
-            inboxes.push_unseparated(" AND user_id = ");
-            inboxes.push_bind_unseparated(*user);
-            inboxes.push_unseparated(")");
-        }
-        Ok(read.build_query_as().fetch_all(&mut *tx).await?)
     }
 
-    /// A multicast's rows in statements of [`BATCH_ROWS_MAX`] recipients, its
-    /// payload bound once per statement rather than once per recipient.
-    async fn insert_fan_out(
+    /// Runs the heads' upserts (`calls`); returns every head's new
+    /// `(app, user_id, last_seq)` of `counts`, in no particular order.
+    async fn raised_heads(
         &self,
-        tx: &mut <D::Db as Database>::Connection,
-        msg: &NewMessage,
-        stored: &[StoredRef],
-    ) -> Result<(), StorageError> {
-        let message_id: MessageId = match stored.first() {
-            Some(first) => first.message_id,
-            None => return Ok(()),
-        };
-        for chunk in stored.chunks(BATCH_ROWS_MAX) {
-            let recipients = serde_json::to_string(
-                &chunk
-                    .iter()
-                    .map(|stored| (stored.user.as_str(), stored.seq))
-                    .collect::<Vec<_>>(),
-            )
-            .expect("strings and numbers serialize");
-            sqlx::query(text(&self.sql.insert_fan_out))
-                .bind(&*msg.app)
-                .bind(&message_id.0[..])
-                .bind(&msg.payload[..])
-                .bind(to_db(msg.now_ms))
-                .bind(to_db(msg.expires_at_ms()))
-                .bind(recipients)
-                .execute(&mut *tx)
-                .await?;
+        conn: &mut <D::Db as Database>::Connection,
+        calls: Calls<D::Db>,
+        counts: &[((&str, &str), i64)],
+    ) -> Result<Vec<(String, String, i64)>, StorageError> {
+        let mut heads = Vec::with_capacity(counts.len());
+        for mut call in calls.calls {
+            if D::UPSERT_RETURNS {
+                heads.extend(call.build_query_as().fetch_all(&mut *conn).await?);
+            } else {
+                call.build().execute(&mut *conn).await?;
+            }
         }
-        Ok(())
+        if D::UPSERT_RETURNS {
+            return Ok(heads);
+        }
+        // This transaction holds every row just raised, so what it reads back
+        // is its own value.
+        for chunk in counts.chunks(BATCH_ROWS_MAX) {
+            let mut read =
+                QueryBuilder::<D::Db>::new("SELECT app, user_id, last_seq FROM inbox_heads WHERE ");
+            let mut inboxes = read.separated(" OR ");
+            for ((app, user), _) in chunk {
+                inboxes.push("(app = ");
+                inboxes.push_bind_unseparated(*app);
+                inboxes.push_unseparated(" AND user_id = ");
+                inboxes.push_bind_unseparated(*user);
+                inboxes.push_unseparated(")");
+            }
+            heads.extend(read.build_query_as().fetch_all(&mut *conn).await?);
+        }
+        Ok(heads)
+    }
+
+    /// Appends an INSERT of unicast message rows, many to a statement.
+    fn push_unicasts(statement: &mut QueryBuilder<D::Db>, unicasts: &[(&NewMessage, &StoredRef)]) {
+        statement.push(
+            "INSERT INTO messages \
+             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
+        );
+        statement.push_values(unicasts, |mut row, (msg, stored)| {
+            row.push_bind(&*msg.app)
+                .push_bind(stored.user.as_str())
+                .push_bind(to_db(stored.seq))
+                .push_bind(&stored.message_id.0[..])
+                .push_bind(&msg.payload[..])
+                .push_bind(to_db(msg.now_ms))
+                .push_bind(to_db(msg.expires_at_ms()));
+        });
+    }
+
+    /// Appends the INSERT of `recipients` of a multicast: their rows from a
+    /// JSON array (`Dialect::RECIPIENTS`), the payload bound once.
+    fn push_fan_out(
+        statement: &mut QueryBuilder<D::Db>,
+        msg: &NewMessage,
+        recipients: &[StoredRef],
+    ) {
+        let Some(first) = recipients.first() else {
+            return;
+        };
+        let (before_array, after_array) = D::RECIPIENTS
+            .split_once('?')
+            .expect("RECIPIENTS binds its array at a `?`");
+        let array = serde_json::to_string(
+            &recipients
+                .iter()
+                .map(|stored| (stored.user.as_str(), stored.seq))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and numbers serialize");
+        statement
+            .push(
+                "INSERT INTO messages \
+                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) SELECT ",
+            )
+            .push_bind(&*msg.app)
+            .push(", r.user_id, r.seq, ")
+            .push_bind(&first.message_id.0[..])
+            .push(", ")
+            .push_bind(&msg.payload[..])
+            .push(", ")
+            .push_bind(to_db(msg.now_ms))
+            .push(", ")
+            .push_bind(to_db(msg.expires_at_ms()))
+            .push(" FROM ")
+            .push(before_array)
+            .push_bind(array)
+            .push(after_array)
+            .push(" AS r");
+    }
+}
+
+/// Whether a group's writes run inside a transaction the caller opened, or
+/// begin and commit one themselves within their calls (see
+/// [`Dialect::MULTI_STATEMENT_CALLS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transaction {
+    Open,
+    InCalls,
+}
+
+/// Statements to run: each its own call, or where the engine takes several
+/// statements a call, all of them in one.
+struct Calls<DB: Database> {
+    calls: Vec<QueryBuilder<DB>>,
+    multi_statement: bool,
+}
+
+impl<DB: Database> Calls<DB> {
+    fn new(multi_statement: bool) -> Self {
+        Calls {
+            calls: Vec::new(),
+            multi_statement,
+        }
+    }
+
+    /// Where the next statement is written: a call of its own, or the end
+    /// of the one call, after a separator.
+    fn statement(&mut self) -> &mut QueryBuilder<DB> {
+        match self.calls.last_mut() {
+            Some(call) if self.multi_statement => {
+                call.push("; ");
+            }
+            _ => self.calls.push(QueryBuilder::new("")),
+        }
+        self.calls
+            .last_mut()
+            .expect("a call was made above if none was open")
     }
 }

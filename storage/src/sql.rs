@@ -46,9 +46,6 @@ pub(crate) struct Statements {
     /// key and the retry replays that node's result.
     pub(crate) delete_expired_key: Arc<str>,
     pub(crate) record_key: Arc<str>,
-    /// A multicast's rows from a JSON array of recipients, the payload
-    /// bound once.
-    pub(crate) insert_fan_out: Arc<str>,
     /// Appended to a multi-row INSERT of `(app, user_id, last_seq)` heads:
     /// raises each by the count inserted.
     pub(crate) raise_heads: String,
@@ -92,12 +89,6 @@ impl Statements {
                 "INSERT INTO idempotency_keys (app, idem_key, results, expires_at_ms) \
                  VALUES (?, ?, ?, ?)",
             ),
-            insert_fan_out: built(format!(
-                "INSERT INTO messages \
-                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) \
-                 SELECT ?, r.user_id, r.seq, ?, ?, ?, ? FROM {} AS r",
-                D::RECIPIENTS
-            )),
             // The head row survives purges, so a sequence is never reused.
             raise_heads: D::on_conflict("inbox_heads", "app, user_id", &[("last_seq", Merge::Add)]),
             raise_cursors: D::on_conflict(
