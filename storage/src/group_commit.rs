@@ -24,7 +24,10 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::dialect::Dialect;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::dialect::{Dialect, JsonGroup};
 use crate::sql::{Statements, text};
 use crate::{
     BATCH_ROWS_MAX, CommitCounters, GroupCommit, NewMessage, StorageError, StoreOutcome, StoredRef,
@@ -303,14 +306,19 @@ where
             counts.into_iter().collect()
         };
         counts.sort_unstable();
-        let mut calls = Calls::new(D::MULTI_STATEMENT_CALLS);
-        if transaction == Transaction::InCalls {
-            calls.statement().push(D::BEGIN);
-        }
-        for chunk in counts.chunks(BATCH_ROWS_MAX) {
-            self.push_raise_heads(calls.statement(), chunk);
-        }
-        let heads = self.raised_heads(conn, calls, &counts).await?;
+        let heads = match D::JSON_GROUP {
+            Some(json) => Self::raised_heads_json(conn, &counts, json).await?,
+            None => {
+                let mut calls = Calls::new(D::MULTI_STATEMENT_CALLS);
+                if transaction == Transaction::InCalls {
+                    calls.statement().push(D::BEGIN);
+                }
+                for chunk in counts.chunks(BATCH_ROWS_MAX) {
+                    self.push_raise_heads(calls.statement(), chunk);
+                }
+                self.raised_heads(conn, calls, &counts).await?
+            }
+        };
         // What comes back need not be in the rows' order: match by inbox.
         let mut returned: HashMap<String, HashMap<String, i64>> = HashMap::new();
         for (app, user, last_seq) in heads {
@@ -359,8 +367,20 @@ where
                 }
             }
         }
-        for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
-            Self::push_unicasts(calls.statement(), chunk);
+        match D::JSON_GROUP {
+            Some(json) => {
+                for rows in unicast_arrays(&unicasts) {
+                    sqlx::query(json.insert_unicasts)
+                        .bind(rows)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+            None => {
+                for chunk in unicasts.chunks(BATCH_ROWS_MAX) {
+                    Self::push_unicasts(calls.statement(), chunk);
+                }
+            }
         }
         if transaction == Transaction::InCalls {
             calls.statement().push("COMMIT");
@@ -386,6 +406,33 @@ where
         if D::UPSERT_RETURNS {
             statement.push(" RETURNING app, user_id, last_seq");
         }
+    }
+
+    /// [`Dialect::JSON_GROUP`]'s way to raise the heads of `counts`: one
+    /// statement raises them all, one reads them back.
+    async fn raised_heads_json(
+        conn: &mut <D::Db as Database>::Connection,
+        counts: &[((&str, &str), i64)],
+        json: JsonGroup,
+    ) -> Result<Vec<(String, String, i64)>, StorageError> {
+        let raise = serde_json::to_string(
+            &counts
+                .iter()
+                .map(|&((app, user), count)| (app, user, count))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and numbers serialize");
+        sqlx::query(json.raise_heads)
+            .bind(raise)
+            .execute(&mut *conn)
+            .await?;
+        let inboxes =
+            serde_json::to_string(&counts.iter().map(|&(inbox, _)| inbox).collect::<Vec<_>>())
+                .expect("strings serialize");
+        Ok(sqlx::query_as(json.heads)
+            .bind(inboxes)
+            .fetch_all(&mut *conn)
+            .await?)
     }
 
     /// Runs the heads' upserts (`calls`); returns every head's new
@@ -482,6 +529,45 @@ where
             .push(after_array)
             .push(" AS r");
     }
+}
+
+/// Bytes of payload one [`Dialect::JSON_GROUP`] insert carries at most, in
+/// base64: well inside MySQL's smallest default `max_allowed_packet` (16 MiB
+/// on MariaDB).
+const JSON_PAYLOAD_BYTES_MAX: usize = 4 << 20;
+
+/// `unicasts` as the JSON arrays of [`JsonGroup::insert_unicasts`], as many
+/// rows to an array as [`BATCH_ROWS_MAX`] and [`JSON_PAYLOAD_BYTES_MAX`]
+/// allow.
+fn unicast_arrays(unicasts: &[(&NewMessage, &StoredRef)]) -> Vec<String> {
+    let mut arrays = Vec::new();
+    let mut rows = Vec::new();
+    let mut payload_bytes = 0;
+    for (msg, stored) in unicasts {
+        let payload = BASE64.encode(&msg.payload);
+        if !rows.is_empty()
+            && (rows.len() == BATCH_ROWS_MAX
+                || payload_bytes + payload.len() > JSON_PAYLOAD_BYTES_MAX)
+        {
+            arrays.push(serde_json::to_string(&rows).expect("strings and numbers serialize"));
+            rows.clear();
+            payload_bytes = 0;
+        }
+        payload_bytes += payload.len();
+        rows.push((
+            &*msg.app,
+            stored.user.as_str(),
+            stored.seq,
+            BASE64.encode(stored.message_id.0),
+            payload,
+            msg.now_ms,
+            msg.expires_at_ms(),
+        ));
+    }
+    if !rows.is_empty() {
+        arrays.push(serde_json::to_string(&rows).expect("strings and numbers serialize"));
+    }
+    arrays
 }
 
 /// Whether a group's writes run inside a transaction the caller opened, or
