@@ -614,3 +614,55 @@ impl<DB: Database> Calls<DB> {
             .expect("a call was made above if none was open")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::MessageId;
+
+    fn unicast(payload_bytes: usize) -> (NewMessage, StoredRef) {
+        let msg = NewMessage {
+            app: "app".into(),
+            users: vec!["u".to_string()],
+            payload: Bytes::from(vec![7u8; payload_bytes]),
+            ttl_ms: 1,
+            now_ms: 1,
+            idempotency_key: None,
+        };
+        let stored = StoredRef {
+            user: "u".to_string(),
+            seq: 1,
+            message_id: MessageId([0; 16]),
+        };
+        (msg, stored)
+    }
+
+    fn rows_per_array(unicasts: &[(NewMessage, StoredRef)]) -> Vec<usize> {
+        let unicasts: Vec<_> = unicasts.iter().map(|(msg, stored)| (msg, stored)).collect();
+        unicast_arrays(&unicasts)
+            .iter()
+            .map(|array| {
+                serde_json::from_str::<Vec<serde_json::Value>>(array)
+                    .expect("a JSON array")
+                    .len()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unicast_arrays_split_at_the_row_bound() {
+        let unicasts: Vec<_> = (0..BATCH_ROWS_MAX + 1).map(|_| unicast(10)).collect();
+        assert_eq!(rows_per_array(&unicasts), [BATCH_ROWS_MAX, 1]);
+    }
+
+    #[test]
+    fn unicast_arrays_split_at_the_payload_bound() {
+        // Three payloads of 1.5 MiB are 2 MiB each in base64: two fit.
+        let unicasts: Vec<_> = (0..3).map(|_| unicast(3 << 19)).collect();
+        assert_eq!(rows_per_array(&unicasts), [2, 1]);
+        // One payload past the bound still goes, alone.
+        assert_eq!(rows_per_array(&[unicast(JSON_PAYLOAD_BYTES_MAX)]), [1]);
+    }
+}

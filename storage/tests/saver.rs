@@ -886,6 +886,44 @@ async fn broadcasts_are_stored_once_per_app_in_sequence(db: TestDb) {
     );
 }
 
+/// Stores committed together with payloads of every byte value, more of
+/// them than one statement carries (MySQL's JSON arrays take 4 MiB of
+/// payload), read back byte for byte.
+async fn a_group_of_large_binary_payloads_reads_back_byte_for_byte(db: TestDb) {
+    let waiting = GroupCommit {
+        wait: std::time::Duration::from_millis(300),
+        ..GroupCommit::default()
+    };
+    let saver = db.open_with(waiting).await;
+    let payload =
+        |i: usize| -> Vec<u8> { (0..(1 << 20) + i).map(|byte| (byte + i) as u8).collect() };
+    let calls = (0..6).map(|i| {
+        let saver = saver.clone();
+        let payload = payload(i);
+        tokio::spawn(async move {
+            let user = format!("user{i}");
+            store(&saver, APP, &users(&[&user]), &payload, T0).await
+        })
+    });
+    joined(calls).await;
+    assert!(
+        saver.commit_counts().transactions < 6,
+        "the stores were meant to share a group: {:?}",
+        saver.commit_counts()
+    );
+    for i in 0..6 {
+        let (messages, _) = saver
+            .messages_after(APP, &format!("user{i}"), 0, 10, T0)
+            .await
+            .unwrap();
+        assert_eq!(messages.len(), 1);
+        assert!(
+            messages[0].payload[..] == payload(i)[..],
+            "payload {i} differs"
+        );
+    }
+}
+
 /// The committers keep to their bounds: one call a transaction when told
 /// so, and calls a few milliseconds apart in one transaction when told to
 /// wait for company.
@@ -961,4 +999,5 @@ on_every_engine!(
     a_store_that_fails_half_way_fails_alone,
     broadcasts_are_stored_once_per_app_in_sequence,
     group_commit_keeps_to_its_bounds,
+    a_group_of_large_binary_payloads_reads_back_byte_for_byte,
 );
