@@ -188,12 +188,10 @@ pub(crate) trait Dialect: Debug + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct JsonGroup {
     /// Raises the head of each `[app, user, count]`, in the array's order,
-    /// by its count; where the engine can, returns each head's new
-    /// `(app, user_id, last_seq)`.
+    /// by its count.
     pub(crate) raise_heads: &'static str,
-    /// Where `raise_heads` returns nothing: `(app, user_id, last_seq)` of
-    /// the head of each `[app, user]`.
-    pub(crate) heads: Option<&'static str>,
+    /// `(app, user_id, last_seq)` of the head of each `[app, user]`.
+    pub(crate) heads: &'static str,
     /// Inserts a message row from each `[app, user, seq, message_id,
     /// payload, created_at_ms, expires_at_ms]`, the id and the payload in
     /// base64.
@@ -332,13 +330,11 @@ impl Dialect for MySqlDialect {
                app VARCHAR(64) PATH '$[0]', user_id VARCHAR(128) PATH '$[1]', \
                n BIGINT PATH '$[2]')) AS r \
              ON DUPLICATE KEY UPDATE last_seq = last_seq + VALUES(last_seq)",
-        heads: Some(
-            "SELECT h.app, h.user_id, h.last_seq FROM JSON_TABLE(?, '$[*]' COLUMNS ( \
+        heads: "SELECT h.app, h.user_id, h.last_seq FROM JSON_TABLE(?, '$[*]' COLUMNS ( \
                app VARCHAR(64) PATH '$[0]', user_id VARCHAR(128) PATH '$[1]')) AS r \
              JOIN inbox_heads AS h \
                ON h.app = r.app COLLATE utf8mb4_bin \
               AND h.user_id = r.user_id COLLATE utf8mb4_bin",
-        ),
         insert_unicasts: "INSERT INTO messages \
              (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) \
              SELECT r.app, r.user_id, r.seq, FROM_BASE64(r.message_id), FROM_BASE64(r.payload), \
@@ -497,19 +493,6 @@ mod tests {
         assert!(!(SqliteDialect::JSON_GROUP.is_some() && SqliteDialect::MULTI_STATEMENT_CALLS));
         assert!(!(MySqlDialect::JSON_GROUP.is_some() && MySqlDialect::MULTI_STATEMENT_CALLS));
         assert!(!(PostgresDialect::JSON_GROUP.is_some() && PostgresDialect::MULTI_STATEMENT_CALLS));
-    }
-
-    #[test]
-    fn json_groups_read_heads_back_only_where_upserts_return_nothing() {
-        for (json, upsert_returns) in [
-            (SqliteDialect::JSON_GROUP, SqliteDialect::UPSERT_RETURNS),
-            (MySqlDialect::JSON_GROUP, MySqlDialect::UPSERT_RETURNS),
-            (PostgresDialect::JSON_GROUP, PostgresDialect::UPSERT_RETURNS),
-        ] {
-            if let Some(json) = json {
-                assert_eq!(json.heads.is_none(), upsert_returns);
-            }
-        }
     }
 
     #[test]

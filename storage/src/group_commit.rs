@@ -409,7 +409,7 @@ where
     }
 
     /// [`Dialect::JSON_GROUP`]'s way to raise the heads of `counts`: one
-    /// statement raises them all (and returns them, or one reads them back).
+    /// statement raises them all, one reads them back.
     async fn raised_heads_json(
         conn: &mut <D::Db as Database>::Connection,
         counts: &[((&str, &str), i64)],
@@ -422,12 +422,6 @@ where
                 .collect::<Vec<_>>(),
         )
         .expect("strings and numbers serialize");
-        let Some(read_back) = json.heads else {
-            return Ok(sqlx::query_as(json.raise_heads)
-                .bind(raise)
-                .fetch_all(&mut *conn)
-                .await?);
-        };
         sqlx::query(json.raise_heads)
             .bind(raise)
             .execute(&mut *conn)
@@ -435,7 +429,7 @@ where
         let inboxes =
             serde_json::to_string(&counts.iter().map(|&(inbox, _)| inbox).collect::<Vec<_>>())
                 .expect("strings serialize");
-        Ok(sqlx::query_as(read_back)
+        Ok(sqlx::query_as(json.heads)
             .bind(inboxes)
             .fetch_all(&mut *conn)
             .await?)
