@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use herald_control::cluster::connection::{RedisConn, RedisTarget};
 use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
-use herald_control::coordinator::{Coordinator, Webhook};
+use herald_control::coordinator::{AppWebhooks, Coordinator, WebhookEvent, WebhookRoute};
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
 use herald_control::{
     AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
@@ -625,8 +625,17 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         .apps
         .iter()
         .filter_map(|app| {
-            let webhook = Webhook {
-                url: app.webhook_url.clone()?,
+            let webhook = AppWebhooks {
+                routes: vec![WebhookRoute {
+                    route: "default".to_owned(),
+                    url: app.webhook_url.clone()?,
+                    events: vec![
+                        WebhookEvent::Upstream,
+                        WebhookEvent::Online,
+                        WebhookEvent::Offline,
+                    ],
+                }],
+                secrets: Vec::new(),
                 rate: app.webhook_rate.map(config::RateSection::rate),
             };
             Some((app.id.clone(), webhook))

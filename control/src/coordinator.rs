@@ -22,6 +22,7 @@ use bytes::Bytes;
 use herald_proto::UpstreamStatus;
 use herald_proto::plane::ConnId;
 use herald_proto::rate::{Rate, TokenBucket};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -38,11 +39,36 @@ const WEBHOOK_CALLS_IN_FLIGHT_MAX: usize = 16;
 /// How long one call may take before it counts as unavailable.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where an app's calls go and how fast.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Webhook {
-    /// `http://host:port/path`.
+/// What a webhook route is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookEvent {
+    /// A client's UPSTREAM data naming this route (or naming none, for the
+    /// app's default route).
+    Upstream,
+    /// A user bound the app on a connection.
+    Online,
+    /// A user's binding of the app ended.
+    Offline,
+}
+
+/// One of an app's webhook routes: `{"route": "orders", "url":
+/// "https://biz.example/herald", "events": ["upstream", "online"]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRoute {
+    pub route: String,
     pub url: String,
+    pub events: Vec<WebhookEvent>,
+}
+
+/// Where an app's calls go, how they are signed, and how fast they go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppWebhooks {
+    pub routes: Vec<WebhookRoute>,
+    /// The secrets calls are signed with: the current one first, then any
+    /// an unfinished rotation's grace still honours.
+    pub secrets: Vec<String>,
     /// Calls a second; `None`: as fast as they come.
     pub rate: Option<Rate>,
 }
@@ -76,7 +102,7 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Starts one worker per app that has a webhook, on the current runtime.
-    pub fn start(webhooks: HashMap<String, Webhook>) -> Coordinator {
+    pub fn start(webhooks: HashMap<String, AppWebhooks>) -> Coordinator {
         let counters = Arc::new(CoordinatorCounters::default());
         let client = reqwest::Client::builder()
             .timeout(WEBHOOK_TIMEOUT)
@@ -157,7 +183,7 @@ impl Coordinator {
 
 /// Starts the app's calls at its rate, at most a few at once.
 async fn worker(
-    webhook: Webhook,
+    webhook: AppWebhooks,
     mut calls: mpsc::Receiver<Call>,
     client: reqwest::Client,
     counters: Arc<CoordinatorCounters>,
@@ -166,7 +192,10 @@ async fn worker(
         .rate
         .map(|rate| TokenBucket::new(rate, Instant::now()));
     let in_flight = Arc::new(Semaphore::new(WEBHOOK_CALLS_IN_FLIGHT_MAX));
-    let url: Arc<str> = webhook.url.into();
+    let Some(route) = webhook.routes.into_iter().next() else {
+        return;
+    };
+    let url: Arc<str> = route.url.into();
     while let Some(call) = calls.recv().await {
         if let Some(bucket) = bucket.as_mut() {
             while let Err(wait) = bucket.take(1, Instant::now()) {
