@@ -168,9 +168,9 @@ pub(crate) trait Dialect: Debug + Send + Sync + 'static {
         format!(" ON CONFLICT ({keys}) DO NOTHING")
     }
 
-    /// A statement deleting at most `?` (the second parameter) rows of
-    /// `table` that expired at `?` (the first).
-    fn purge(table: &str) -> String;
+    /// A statement deleting at most `?` (the last parameter) rows of
+    /// `table` that match `condition` (whose parameters come first).
+    fn delete_some(table: &str, condition: &str) -> String;
 
     /// How many rows a statement changed (each engine's result has its own
     /// type).
@@ -273,10 +273,10 @@ impl Dialect for SqliteDialect {
         excluded_merges(table, keys, merges, "MAX")
     }
 
-    fn purge(table: &str) -> String {
+    fn delete_some(table: &str, condition: &str) -> String {
         format!(
             "DELETE FROM {table} WHERE rowid IN \
-             (SELECT rowid FROM {table} WHERE expires_at_ms <= ? LIMIT ?)"
+             (SELECT rowid FROM {table} WHERE {condition} LIMIT ?)"
         )
     }
 
@@ -388,8 +388,8 @@ impl Dialect for MySqlDialect {
         format!(" ON DUPLICATE KEY UPDATE {first} = {first}")
     }
 
-    fn purge(table: &str) -> String {
-        format!("DELETE FROM {table} WHERE expires_at_ms <= ? LIMIT ?")
+    fn delete_some(table: &str, condition: &str) -> String {
+        format!("DELETE FROM {table} WHERE {condition} LIMIT ?")
     }
 }
 
@@ -451,10 +451,10 @@ impl Dialect for PostgresDialect {
         excluded_merges(table, keys, merges, "GREATEST")
     }
 
-    fn purge(table: &str) -> String {
+    fn delete_some(table: &str, condition: &str) -> String {
         format!(
             "DELETE FROM {table} WHERE ctid IN \
-             (SELECT ctid FROM {table} WHERE expires_at_ms <= ? LIMIT ?)"
+             (SELECT ctid FROM {table} WHERE {condition} LIMIT ?)"
         )
     }
 }

@@ -361,6 +361,52 @@ impl Saver {
         Ok(messages)
     }
 
+    /// Every app, live or being deleted, by id.
+    pub async fn apps(&self) -> Result<Vec<StoredApp>, StorageError> {
+        let rows = on_engine!(self, engine => retried(|| engine.apps()).await)?;
+        rows.into_iter().map(AppRow::into_stored).collect()
+    }
+
+    /// Creates an app at version 1; false if the id is taken (by a live app
+    /// or one whose rows are still being deleted).
+    pub async fn create_app(
+        &self,
+        id: &str,
+        settings: &str,
+        secrets: &str,
+    ) -> Result<bool, StorageError> {
+        on_engine!(self, engine => engine.create_app(id, settings, secrets).await)
+    }
+
+    /// Replaces a live app's settings and secrets if it is still at
+    /// `version` (the one the caller read); false otherwise: the caller
+    /// reads again and decides again, so no change overwrites another.
+    pub async fn update_app(
+        &self,
+        id: &str,
+        settings: &str,
+        secrets: &str,
+        version: u64,
+    ) -> Result<bool, StorageError> {
+        let version = to_db(version);
+        on_engine!(self, engine => retried(|| engine.update_app(id, settings, secrets, version)).await)
+    }
+
+    /// Marks a live app deleted; false if there is no live app `id`. Its
+    /// rows stay until [`Saver::purge_app`].
+    pub async fn mark_app_deleted(&self, id: &str, now_ms: u64) -> Result<bool, StorageError> {
+        on_engine!(self, engine => retried(|| engine.mark_app_deleted(id, now_ms)).await)
+    }
+
+    /// Deletes every row (messages, inboxes, cursors, keys, broadcasts) of
+    /// an app marked deleted, [`PURGE_BATCH_ROWS`] at a time so stores run
+    /// between batches, then the app itself, which frees its id; returns
+    /// how many rows. Run again after a failure or a restart, it goes on
+    /// where it stopped.
+    pub async fn purge_app(&self, id: &str) -> Result<u64, StorageError> {
+        on_engine!(self, engine => engine.purge_app(id).await)
+    }
+
     /// Cheap round trip (SELECT 1) for readiness checks.
     pub async fn ping(&self) -> Result<(), StorageError> {
         on_engine!(self, engine => engine.ping().await)
@@ -453,6 +499,44 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// One row of `apps`; the same shape on every engine.
+#[derive(sqlx::FromRow)]
+struct AppRow {
+    id: String,
+    settings: String,
+    secrets: String,
+    version: i64,
+    deleted_at_ms: i64,
+}
+
+/// An app as stored: its settings and secrets are the control plane's JSON,
+/// which storage keeps and never reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredApp {
+    pub id: String,
+    pub settings: String,
+    pub secrets: String,
+    /// Rises with every change.
+    pub version: u64,
+    /// When the app was deleted, while its rows are being deleted.
+    pub deleted_at_ms: Option<u64>,
+}
+
+impl AppRow {
+    fn into_stored(self) -> Result<StoredApp, StorageError> {
+        Ok(StoredApp {
+            version: from_db(self.version, "apps.version")?,
+            deleted_at_ms: match self.deleted_at_ms {
+                0 => None,
+                at => Some(from_db(at, "apps.deleted_at_ms")?),
+            },
+            id: self.id,
+            settings: self.settings,
+            secrets: self.secrets,
+        })
     }
 }
 

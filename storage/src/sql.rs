@@ -15,9 +15,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::dialect::{Dialect, Merge, Pools};
 use crate::group_commit::{Committer, StoreJob};
 use crate::{
-    AckCursor, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, GroupCommit, InboxHead, InboxKey,
-    MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError, StoreOutcome,
-    StoredBroadcast, delete_in_batches, from_db, new_message_id, stored_broadcast, to_db,
+    AckCursor, AppRow, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, GroupCommit, InboxHead,
+    InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError,
+    StoreOutcome, StoredBroadcast, delete_in_batches, from_db, new_message_id, stored_broadcast,
+    to_db,
 };
 
 /// Stores that may wait for the committers; past this a caller waits to be
@@ -31,6 +32,17 @@ const STORE_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// The tables [`SqlSaver::purge_table`] purges.
 pub(crate) const PURGED_TABLES: [&str; 3] = ["messages", "idempotency_keys", "broadcasts"];
+
+/// The tables that hold an app's rows, which [`SqlSaver::purge_app`]
+/// empties of them.
+const APP_TABLES: [&str; 6] = [
+    "messages",
+    "inbox_heads",
+    "device_cursors",
+    "idempotency_keys",
+    "broadcasts",
+    "broadcast_heads",
+];
 
 /// Every statement the saver runs with a fixed text, in the engine's
 /// dialect; made once when the saver opens.
@@ -59,6 +71,11 @@ pub(crate) struct Statements {
     broadcasts_after: Arc<str>,
     broadcast: Arc<str>,
     purge: [Arc<str>; 3],
+    create_app: Arc<str>,
+    update_app: Arc<str>,
+    mark_app_deleted: Arc<str>,
+    delete_app_rows: [Arc<str>; APP_TABLES.len()],
+    delete_app: Arc<str>,
 }
 
 impl Statements {
@@ -119,7 +136,17 @@ impl Statements {
                 "SELECT seq, broadcast_id, payload, required_tags, created_at_ms, expires_at_ms \
                  FROM broadcasts WHERE app = ? AND broadcast_id = ?",
             ),
-            purge: PURGED_TABLES.map(|table| built(D::purge(table))),
+            purge: PURGED_TABLES.map(|table| built(D::delete_some(table, "expires_at_ms <= ?"))),
+            create_app: sql("INSERT INTO apps (id, settings, secrets, version, deleted_at_ms) \
+                 VALUES (?, ?, ?, 1, 0)"),
+            update_app: sql(
+                "UPDATE apps SET settings = ?, secrets = ?, version = version + 1 \
+                 WHERE id = ? AND version = ? AND deleted_at_ms = 0",
+            ),
+            mark_app_deleted: sql("UPDATE apps SET deleted_at_ms = ?, version = version + 1 \
+                 WHERE id = ? AND deleted_at_ms = 0"),
+            delete_app_rows: APP_TABLES.map(|table| built(D::delete_some(table, "app = ?"))),
+            delete_app: sql("DELETE FROM apps WHERE id = ? AND deleted_at_ms > 0"),
         }
     }
 }
@@ -160,6 +187,7 @@ where
     usize: ColumnIndex<<D::Db as Database>::Row>,
     for<'r> MessageRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> BroadcastRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AppRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     /// Opens the database `target` names for dialect `D`, and returns the
     /// saver and its committers, which the caller spawns (each runs until
@@ -384,6 +412,90 @@ where
             .bind(&broadcast_id.0[..])
             .fetch_optional(&self.pools.reader)
             .await?)
+    }
+
+    pub(crate) async fn apps(&self) -> Result<Vec<AppRow>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT id, settings, secrets, version, deleted_at_ms FROM apps ORDER BY id",
+        )
+        .fetch_all(&self.pools.writer)
+        .await?)
+    }
+
+    /// Whether the app was created (false: the id is taken).
+    pub(crate) async fn create_app(
+        &self,
+        id: &str,
+        settings: &str,
+        secrets: &str,
+    ) -> Result<bool, StorageError> {
+        // Not an upsert that ignores the row: MySQL counts a row found as
+        // affected, so only the unique key's refusal tells the two apart.
+        let created = sqlx::query(text(&self.sql.create_app))
+            .bind(id)
+            .bind(settings)
+            .bind(secrets)
+            .execute(&self.pools.writer)
+            .await;
+        match created {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Whether the live app was at `version` and is now changed.
+    pub(crate) async fn update_app(
+        &self,
+        id: &str,
+        settings: &str,
+        secrets: &str,
+        version: i64,
+    ) -> Result<bool, StorageError> {
+        let updated = sqlx::query(text(&self.sql.update_app))
+            .bind(settings)
+            .bind(secrets)
+            .bind(id)
+            .bind(version)
+            .execute(&self.pools.writer)
+            .await?;
+        Ok(D::rows_affected(&updated) == 1)
+    }
+
+    /// Whether a live app was marked deleted.
+    pub(crate) async fn mark_app_deleted(
+        &self,
+        id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StorageError> {
+        let marked = sqlx::query(text(&self.sql.mark_app_deleted))
+            .bind(to_db(now_ms))
+            .bind(id)
+            .execute(&self.pools.writer)
+            .await?;
+        Ok(D::rows_affected(&marked) == 1)
+    }
+
+    /// Deletes the rows of an app marked deleted, a batch at a time, then
+    /// the app; returns how many rows.
+    pub(crate) async fn purge_app(&self, id: &str) -> Result<u64, StorageError> {
+        let mut deleted_total = 0;
+        for statement in &self.sql.delete_app_rows {
+            deleted_total += delete_in_batches(|| async {
+                let deleted = sqlx::query(text(statement))
+                    .bind(id)
+                    .bind(i64::from(PURGE_BATCH_ROWS))
+                    .execute(&self.pools.writer)
+                    .await?;
+                Ok(D::rows_affected(&deleted))
+            })
+            .await?;
+        }
+        sqlx::query(text(&self.sql.delete_app))
+            .bind(id)
+            .execute(&self.pools.writer)
+            .await?;
+        Ok(deleted_total)
     }
 
     /// Uses the read pool, so on SQLite a long queue of writers does not

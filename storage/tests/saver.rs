@@ -15,7 +15,7 @@ use bytes::Bytes;
 use engines::TestDb;
 use herald_storage::{
     AckCursor, CommitCounts, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
-    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
+    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome, StoredApp,
 };
 
 const APP: &str = "app1";
@@ -971,6 +971,100 @@ async fn group_commit_keeps_to_its_bounds(db: TestDb) {
     );
 }
 
+async fn an_app_is_created_once_changed_by_version_and_deleted_with_its_rows(db: TestDb) {
+    let saver = db.open().await;
+    assert!(saver.apps().await.unwrap().is_empty());
+    assert!(saver.create_app("chat", "{}", "{\"k\":1}").await.unwrap());
+    assert!(
+        !saver
+            .create_app("chat", "{\"other\":1}", "{}")
+            .await
+            .unwrap()
+    );
+    let [chat] = <[StoredApp; 1]>::try_from(saver.apps().await.unwrap()).unwrap();
+    assert_eq!(
+        chat,
+        StoredApp {
+            id: "chat".into(),
+            settings: "{}".into(),
+            secrets: "{\"k\":1}".into(),
+            version: 1,
+            deleted_at_ms: None,
+        }
+    );
+
+    // A change made against a version read before another change is refused.
+    assert!(
+        saver
+            .update_app("chat", "{\"a\":1}", "{}", 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !saver
+            .update_app("chat", "{\"b\":1}", "{}", 1)
+            .await
+            .unwrap()
+    );
+    assert!(!saver.update_app("nope", "{}", "{}", 1).await.unwrap());
+    let chat = saver.apps().await.unwrap().remove(0);
+    assert_eq!((chat.settings.as_str(), chat.version), ("{\"a\":1}", 2));
+
+    // The app's rows, and another app's, which must stay.
+    let many = vec!["alice".to_string(); PURGE_BATCH_ROWS as usize + 1];
+    store(&saver, "chat", &many, b"x", T0).await;
+    store(&saver, "chat", &users(&["bob"]), b"y", T0).await;
+    store(&saver, APP, &users(&["alice"]), b"z", T0).await;
+    saver
+        .save_acks(
+            &[AckCursor {
+                app: "chat",
+                user: "bob",
+                device_id: "d1",
+                acked_seq: 1,
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    saver
+        .store_broadcast(NewBroadcast {
+            app: "chat",
+            payload: b"all",
+            required_tags: &[],
+            ttl_ms: HOUR_MS,
+            now_ms: T0,
+        })
+        .await
+        .unwrap();
+
+    assert!(saver.mark_app_deleted("chat", T0).await.unwrap());
+    assert!(!saver.mark_app_deleted("chat", T0).await.unwrap());
+    let chat = saver.apps().await.unwrap().remove(0);
+    assert_eq!((chat.deleted_at_ms, chat.version), (Some(T0), 3));
+    // Deleted, not yet purged: the id is not free and nothing changes it.
+    assert!(!saver.create_app("chat", "{}", "{}").await.unwrap());
+    assert!(!saver.update_app("chat", "{}", "{}", 3).await.unwrap());
+
+    // Messages, heads, a cursor and a broadcast and its head.
+    let rows = PURGE_BATCH_ROWS as u64 + 1 + 1 + 2 + 1 + 1 + 1;
+    assert_eq!(saver.purge_app("chat").await.unwrap(), rows);
+    assert_eq!(saver.purge_app("chat").await.unwrap(), 0);
+    assert!(saver.apps().await.unwrap().is_empty());
+    assert!(seqs_of(&saver, "chat", "bob", T0).await.is_empty());
+    assert_eq!(saver.broadcast_head("chat").await.unwrap(), 0);
+    assert_eq!(seqs_of(&saver, APP, "alice", T0).await, [1]);
+    // The id is free again, and the new app's inboxes start at 1.
+    assert!(saver.create_app("chat", "{}", "{}").await.unwrap());
+    assert_eq!(
+        store(&saver, "chat", &users(&["bob"]), b"new", T0)
+            .await
+            .stored[0]
+            .seq,
+        1
+    );
+}
+
 on_every_engine!(
     seqs_rise_per_inbox_and_are_independent_across_users_and_apps,
     stored_message_reads_back_as_written,
@@ -1000,4 +1094,5 @@ on_every_engine!(
     broadcasts_are_stored_once_per_app_in_sequence,
     group_commit_keeps_to_its_bounds,
     a_group_of_large_binary_payloads_reads_back_byte_for_byte,
+    an_app_is_created_once_changed_by_version_and_deleted_with_its_rows,
 );
