@@ -19,6 +19,8 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     UnknownApp,
+    /// An app with that id exists (or is still being deleted).
+    AppExists,
     /// No such route.
     NotFound,
     UnknownBroadcast,
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::UnknownApp => "unknown_app",
+            ErrorCode::AppExists => "app_exists",
             ErrorCode::NotFound => "not_found",
             ErrorCode::UnknownBroadcast => "unknown_broadcast",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -65,6 +68,7 @@ impl ErrorCode {
             ErrorCode::UnknownApp | ErrorCode::NotFound | ErrorCode::UnknownBroadcast => {
                 StatusCode::NOT_FOUND
             }
+            ErrorCode::AppExists => StatusCode::CONFLICT,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -149,6 +153,7 @@ mod tests {
             (ErrorCode::Unauthorized, "unauthorized", 401),
             (ErrorCode::Forbidden, "forbidden", 403),
             (ErrorCode::UnknownApp, "unknown_app", 404),
+            (ErrorCode::AppExists, "app_exists", 409),
             (ErrorCode::NotFound, "not_found", 404),
             (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
             (ErrorCode::RequestTimeout, "request_timeout", 408),

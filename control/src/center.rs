@@ -6,7 +6,7 @@
 //! take their input through `input`, which also reads every body under its
 //! size and time limits before routing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -25,20 +25,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use herald_proto::ids::AppId;
 use herald_proto::plane::BroadcastMode;
 use herald_storage::StoredRef;
 
 use crate::api_error::{ApiError, ErrorCode};
 use crate::clock::unix_ms;
 use crate::cluster::directory::{NodeDirectory, NodeRecord};
-use crate::config::{AppConfig, ControlConfig};
+use crate::admin;
+use crate::apps::{App, Apps};
+use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
-use crate::flow::{Rate, SharedBucket};
 use crate::input::{
-    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, decode_payload_base64, parse_json, read_body,
-    whole_number,
+    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, decode_payload_base64, parse_json,
+    read_body, whole_number,
 };
 use crate::pace::PaceShares;
 
@@ -57,42 +57,38 @@ pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
 
 pub struct CenterState {
     config: ControlConfig,
-    /// By id; each app's `AppId` is made once here and shared by every
-    /// delivery of every call.
-    apps: HashMap<AppId, AppConfig>,
+    /// Each app's `AppId` is made once there and shared by every delivery
+    /// of every call.
+    apps: Arc<Apps>,
     delivery: Arc<Delivery>,
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
     multicasts: tokio::sync::Semaphore,
-    /// Per app, where the app has a limit.
-    push_buckets: HashMap<String, SharedBucket>,
-    broadcast_buckets: HashMap<String, SharedBucket>,
 }
 
-impl CenterState {
-    /// Takes `cost` pushes from the app's budget, if it has one.
-    fn admit_pushes(&self, app: &str, cost: u64) -> Result<(), ApiError> {
-        match self.push_buckets.get(app) {
-            Some(bucket) => bucket
-                .take(cost, Instant::now())
-                .map_err(|wait| ApiError::rate_limited("push", wait)),
-            None => Ok(()),
-        }
+/// Takes `cost` pushes from the app's budget, if it has one.
+fn admit_pushes(app: &App, cost: u64) -> Result<(), ApiError> {
+    match &app.push_bucket {
+        Some(bucket) => bucket
+            .take(cost, Instant::now())
+            .map_err(|wait| ApiError::rate_limited("push", wait)),
+        None => Ok(()),
     }
+}
 
-    fn admit_broadcast(&self, app: &str) -> Result<(), ApiError> {
-        match self.broadcast_buckets.get(app) {
-            Some(bucket) => bucket
-                .take(1, Instant::now())
-                .map_err(|wait| ApiError::rate_limited("broadcast", wait)),
-            None => Ok(()),
-        }
+fn admit_broadcast(app: &App) -> Result<(), ApiError> {
+    match &app.broadcast_bucket {
+        Some(bucket) => bucket
+            .take(1, Instant::now())
+            .map_err(|wait| ApiError::rate_limited("broadcast", wait)),
+        None => Ok(()),
     }
 }
 
 pub fn router(
     config: ControlConfig,
+    apps: Arc<Apps>,
     delivery: Arc<Delivery>,
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
@@ -103,30 +99,16 @@ pub fn router(
         bytes_max: config.payload_bytes_max * 2 + 64 * 1024,
         read_timeout: config.http.body_read_timeout,
     };
-    let now = Instant::now();
-    let buckets = |rate_of: fn(&AppConfig) -> Option<Rate>| -> HashMap<String, SharedBucket> {
-        config
-            .apps
-            .iter()
-            .filter_map(|app| Some((app.id.clone(), SharedBucket::new(rate_of(app)?, now))))
-            .collect()
-    };
-    let push_buckets = buckets(|app| app.push_rate);
-    let broadcast_buckets = buckets(|app| app.broadcast_rate);
+    let ttl_secs_max = config.ttl_secs_max;
+    let admin_key = config.admin_api_key.clone();
     let state = Arc::new(CenterState {
-        apps: config
-            .apps
-            .iter()
-            .map(|app| (AppId::from(app.id.as_str()), app.clone()))
-            .collect(),
+        apps: apps.clone(),
         config,
         delivery,
         directory,
         gateway_metrics,
         requests_by_status: Mutex::default(),
         multicasts: tokio::sync::Semaphore::new(MULTICASTS_IN_FLIGHT_MAX),
-        push_buckets,
-        broadcast_buckets,
     });
     Router::new()
         .route("/v1/apps/{app}/users/{user}/messages", post(push).get(pull))
@@ -140,6 +122,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(admin::routes(apps, admin_key, ttl_secs_max))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| {
@@ -179,60 +162,35 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Finds the app and checks the request's API key for it.
-fn authorize<'a>(
-    state: &'a CenterState,
-    app: &str,
-    headers: &HeaderMap,
-) -> Result<(&'a AppId, &'a AppConfig), ApiError> {
-    let Some((app_id, config)) = state.apps.get_key_value(app) else {
+/// Finds the app and checks the request's API key for it (the current key,
+/// or one a rotation retired whose grace has not ended).
+fn authorize(state: &CenterState, app: &str, headers: &HeaderMap) -> Result<Arc<App>, ApiError> {
+    let Some(found) = state.apps.table().get(app).cloned() else {
         return Err(ApiError::new(
             ErrorCode::UnknownApp,
             format!("no app {app:?} on this server"),
         ));
     };
-    let unauthorized = |message| ApiError::new(ErrorCode::Unauthorized, message);
-    let key = match headers
-        .get(header::AUTHORIZATION)
-        .map(|value| value.to_str())
-    {
-        None => {
-            return Err(unauthorized(
-                "missing `Authorization: Bearer <api key>` header",
-            ));
-        }
-        Some(Err(_)) => {
-            return Err(unauthorized(
-                "the Authorization header must be visible ASCII: `Bearer <api key>`",
-            ));
-        }
-        Some(Ok(value)) => value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <api key>`"))?,
-    };
-    if !constant_time_eq(key.trim().as_bytes(), config.api_key.as_bytes()) {
+    let key = bearer(headers)?;
+    if !found.secrets.api_key.accepts(key.as_bytes(), unix_ms()) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
             format!("this API key is not valid for app {app:?}"),
         ));
     }
-    Ok((app_id, config))
+    Ok(found)
 }
 
 /// `authorize`, then checks the user id of a `/users/{user}/` route.
-fn authorize_user<'a>(
-    state: &'a CenterState,
+fn authorize_user(
+    state: &CenterState,
     app: &str,
     user: &str,
     headers: &HeaderMap,
-) -> Result<(&'a AppId, &'a AppConfig), ApiError> {
+) -> Result<Arc<App>, ApiError> {
     let app = authorize(state, app, headers)?;
     check_user(user)?;
     Ok(app)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn check_user(user: &str) -> Result<(), ApiError> {
@@ -264,7 +222,7 @@ struct CheckedMessage {
 
 fn check_message(
     state: &CenterState,
-    app: &AppConfig,
+    app: &App,
     body: MessageBody,
 ) -> Result<CheckedMessage, ApiError> {
     let payload = match (body.payload, body.payload_base64) {
@@ -287,7 +245,7 @@ fn check_message(
         ));
     }
     let ttl_secs = match &body.ttl_secs {
-        None => app.default_ttl_secs,
+        None => app.settings.default_ttl_secs,
         Some(ttl) => whole_number("ttl_secs", ttl, 1..=state.config.ttl_secs_max)?,
     };
     if let Some(key) = &body.idempotency_key
@@ -326,18 +284,18 @@ async fn push(
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let (app_id, app_config) = authorize_user(&state, &app, &user, &headers)?;
+    let app = authorize_user(&state, &app, &user, &headers)?;
     if body.users.is_some() {
         return Err(ApiError::bad_request(
             "\"users\" belongs to POST /v1/apps/{app}/messages",
         ));
     }
-    let message = check_message(&state, app_config, body)?;
-    state.admit_pushes(&app, 1)?;
+    let message = check_message(&state, &app, body)?;
+    admit_pushes(&app, 1)?;
     let (results, replayed) = state
         .delivery
         .push(
-            app_id,
+            &app.id,
             vec![user],
             message.payload,
             message.ttl,
@@ -362,7 +320,7 @@ async fn multicast(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (app_id, app_config) = authorize(&state, &app, &headers)?;
+    let app = authorize(&state, &app, &headers)?;
     let _turn = state
         .multicasts
         .acquire()
@@ -393,12 +351,12 @@ async fn multicast(
     for user in &users {
         check_user(user)?;
     }
-    let message = check_message(&state, app_config, body)?;
-    state.admit_pushes(&app, users.len() as u64)?;
+    let message = check_message(&state, &app, body)?;
+    admit_pushes(&app, users.len() as u64)?;
     let (results, replayed) = state
         .delivery
         .push(
-            app_id,
+            &app.id,
             users,
             message.payload,
             message.ttl,
@@ -520,7 +478,7 @@ async fn broadcast(
     headers: HeaderMap,
     JsonBody(body): JsonBody<BroadcastBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let (app_id, app_config) = authorize(&state, &app, &headers)?;
+    let app = authorize(&state, &app, &headers)?;
     let tags = body.tags.unwrap_or_default();
     if tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
         || tags
@@ -551,7 +509,7 @@ async fn broadcast(
     };
     let message = check_message(
         &state,
-        app_config,
+        &app,
         MessageBody {
             payload: body.payload,
             payload_base64: body.payload_base64,
@@ -560,7 +518,7 @@ async fn broadcast(
             users: None,
         },
     )?;
-    state.admit_broadcast(&app)?;
+    admit_broadcast(&app)?;
     // The pace is the whole system's: each room node takes a share by its
     // connections (all of it in a single process), and splits that over
     // its shards.
@@ -582,7 +540,7 @@ async fn broadcast(
         .delivery
         .broadcasts()
         .broadcast(
-            app_id,
+            &app.id,
             &message.payload,
             message.ttl,
             &tags,
@@ -660,7 +618,7 @@ async fn dispatch(
     State(state): State<Arc<CenterState>>,
     ApiQuery(query): ApiQuery<DispatchQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if !state.apps.contains_key(query.app.as_str()) {
+    if !state.apps.table().contains_key(query.app.as_str()) {
         return Err(ApiError::new(
             ErrorCode::UnknownApp,
             format!("no app {:?}", query.app),

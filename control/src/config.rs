@@ -3,24 +3,12 @@
 
 use std::time::Duration;
 
-use crate::flow;
 use crate::http::HttpLimits;
-
-/// An app as the control plane sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AppConfig {
-    pub id: String,
-    pub api_key: String,
-    pub default_ttl_secs: u64,
-    /// Pushes per second (a multicast counts each user), if limited.
-    pub push_rate: Option<flow::Rate>,
-    /// Broadcasts per second, if limited.
-    pub broadcast_rate: Option<flow::Rate>,
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlConfig {
-    pub apps: Vec<AppConfig>,
+    /// `[admin] api_key`; none: the admin API is off.
+    pub admin_api_key: Option<String>,
     /// Largest push payload, in bytes.
     pub payload_bytes_max: usize,
     pub multicast_users_max: usize,

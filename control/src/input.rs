@@ -15,7 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -303,6 +303,30 @@ pub(crate) fn whole_number(
             range.end()
         ))
     })
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let unauthorized = |message| ApiError::new(ErrorCode::Unauthorized, message);
+    let key = match headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str())
+    {
+        None => {
+            return Err(unauthorized(
+                "missing `Authorization: Bearer <api key>` header",
+            ));
+        }
+        Some(Err(_)) => {
+            return Err(unauthorized(
+                "the Authorization header must be visible ASCII: `Bearer <api key>`",
+            ));
+        }
+        Some(Ok(value)) => value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <api key>`"))?,
+    };
+    Ok(key.trim())
 }
 
 #[cfg(test)]

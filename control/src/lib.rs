@@ -14,7 +14,9 @@
 //! It does not hold client connections and does not know about the
 //! gateway's sockets; its own HTTP server (`http`) bounds the API's.
 
+pub mod admin;
 mod api_error;
+pub mod apps;
 pub mod broadcast;
 pub mod center;
 pub mod clock;
@@ -33,7 +35,7 @@ pub mod register;
 pub mod router;
 
 pub use center::{MetricsRenderer, router};
-pub use config::{AppConfig, ControlConfig};
+pub use config::ControlConfig;
 pub use delivery::Delivery;
 pub use http::HttpLimits;
 pub use register::{Change, MemoryRegister, Register, Session};

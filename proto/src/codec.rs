@@ -10,6 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
+    UnbindReason,
     UpstreamStatus,
 };
 use crate::limits::{
@@ -184,7 +185,7 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Broadcast { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
         Frame::Upstream { app, payload, .. } => str_len(APP, app) + 8 + payload.len(),
         Frame::UpstreamAck { app, .. } => str_len(APP, app) + 8 + 2,
-        Frame::Unbind { app } => str_len(APP, app),
+        Frame::Unbind { app, reason } => str_len(APP, app) + if reason.is_some() { 2 } else { 0 },
         Frame::GoAway {
             reconnect_delay_ms, ..
         } => 2 + opt_len(reconnect_delay_ms, 4),
@@ -236,7 +237,7 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
         Frame::Ack { app, .. }
         | Frame::BroadcastAck { app, .. }
         | Frame::UpstreamAck { app, .. }
-        | Frame::Unbind { app }
+        | Frame::Unbind { app, .. }
         | Frame::Reset { app, .. } => check_str(APP, app),
         Frame::Error { message, .. } => check_str(TEXT, message),
     }
@@ -374,7 +375,12 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u64(*request_id);
             dst.put_u16(status.0);
         }
-        Frame::Unbind { app } => put_str(dst, APP, app),
+        Frame::Unbind { app, reason } => {
+            put_str(dst, APP, app);
+            if let Some(reason) = reason {
+                dst.put_u16(reason.0);
+            }
+        }
         Frame::GoAway {
             reason,
             reconnect_delay_ms,
@@ -473,6 +479,14 @@ impl<'a> Reader<'a> {
 
     /// A field that came later in v1 at the end of its frame: absent when
     /// the frame ends before it.
+    fn trailing_u16(&mut self) -> Result<Option<u16>, DecodeError> {
+        if self.rest.is_empty() {
+            Ok(None)
+        } else {
+            self.u16().map(Some)
+        }
+    }
+
     fn trailing_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         if self.rest.is_empty() {
             Ok(None)
@@ -586,7 +600,10 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             request_id: r.u64()?,
             status: UpstreamStatus(r.u16()?),
         },
-        Op::Unbind => Frame::Unbind { app: r.str(APP)? },
+        Op::Unbind => Frame::Unbind {
+            app: r.str(APP)?,
+            reason: r.trailing_u16()?.map(UnbindReason),
+        },
         Op::GoAway => Frame::GoAway {
             reason: GoAwayReason(r.u16()?),
             reconnect_delay_ms: if r.tag("reconnect_delay_ms")? {
@@ -734,8 +751,18 @@ mod tests {
                 "00000011 01 0b 04 63686174 0000000000000005 0000",
             ),
             (
-                Frame::Unbind { app: "chat".into() },
+                Frame::Unbind {
+                    app: "chat".into(),
+                    reason: None,
+                },
                 "00000007 01 0c 04 63686174",
+            ),
+            (
+                Frame::Unbind {
+                    app: "chat".into(),
+                    reason: Some(UnbindReason::APP_DELETED),
+                },
+                "00000009 01 0c 04 63686174 0001",
             ),
             (
                 Frame::GoAway {
@@ -854,6 +881,7 @@ mod tests {
         let mut dst = BytesMut::new();
         let long_app = Frame::Unbind {
             app: "a".repeat(APP_ID_LEN_MAX + 1),
+            reason: None,
         };
         assert_eq!(
             encode(&long_app, &mut dst),

@@ -88,7 +88,12 @@ pub enum Frame {
         status: UpstreamStatus,
     },
     /// Client -> server: stop receiving pushes for `app` on this connection.
-    Unbind { app: String },
+    /// From a client: stop pushes for `app` (no reason). From the server:
+    /// the app was unbound for `reason` (and the connection stays open).
+    Unbind {
+        app: String,
+        reason: Option<UnbindReason>,
+    },
     /// Server -> client: the server is about to close the connection.
     GoAway {
         reason: GoAwayReason,
@@ -335,6 +340,16 @@ code_type! {
         /// The gateway is taking connections faster than it may (a
         /// reconnect storm): reconnect after the delay, which is jittered.
         OVERLOADED = 8 => "overloaded",
+        /// The connection's only app was deleted; do not reconnect for it.
+        APP_DELETED = 9 => "app_deleted",
+    }
+}
+
+code_type! {
+    /// Why the server unbound an app from a connection that stays open.
+    UnbindReason {
+        /// The app was deleted; do not bind it again.
+        APP_DELETED = 1 => "app_deleted",
     }
 }
 
@@ -351,6 +366,9 @@ code_type! {
         TOO_MANY_APPS = 4 => "too_many_apps",
         /// The app is already bound on this connection.
         ALREADY_BOUND = 5 => "already_bound",
+        /// The app has as many connections bound as its `max_connections`
+        /// allows; retry later.
+        TOO_MANY_CONNECTIONS = 6 => "too_many_connections",
     }
 }
 

@@ -28,7 +28,7 @@ pub mod transport;
 pub use codec::{DecodeError, EncodeError, decode, decode_slice, encode, encoded_len};
 pub use frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
-    UpstreamStatus,
+    UnbindReason, UpstreamStatus,
 };
 pub use token::{TokenClaims, TokenError, sign_token, verify_token};
 pub use transport::Transport;

@@ -15,7 +15,8 @@
 use std::time::{Duration, Instant};
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UpstreamStatus,
+    BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UnbindReason,
+    UpstreamStatus,
 };
 use crate::ids::{AppId, UserId};
 use crate::limits::APPS_PER_CONN_MAX;
@@ -523,7 +524,7 @@ impl ServerConn {
                     status: UpstreamStatus::NOT_BOUND,
                 }),
             },
-            (Phase::Open, Frame::Unbind { app }) => {
+            (Phase::Open, Frame::Unbind { app, .. }) => {
                 if let Some(index) = self.bindings.iter().position(|b| *b.app == *app) {
                     let binding = self.bindings.swap_remove(index);
                     out.events.push(ConnEvent::Unbound {
@@ -857,6 +858,31 @@ impl ServerConn {
         if self.phase != Phase::Closing {
             self.close_with_goaway(reason, CloseReason::Kicked, out);
         }
+    }
+
+    /// The app was deleted: its binding ends with UNBIND(app_deleted), or
+    /// the connection with GOAWAY(app_deleted) when it was the only app.
+    /// Reports the binding's end like a client's UNBIND.
+    pub fn unbind_deleted_app(&mut self, app: &str, out: &mut Output) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let Some(index) = self.bindings.iter().position(|b| *b.app == *app) else {
+            return;
+        };
+        if self.bindings.len() == 1 {
+            self.close_with_goaway(GoAwayReason::APP_DELETED, CloseReason::Kicked, out);
+            return;
+        }
+        let binding = self.bindings.swap_remove(index);
+        out.transmit.push(Frame::Unbind {
+            app: app.to_owned(),
+            reason: Some(UnbindReason::APP_DELETED),
+        });
+        out.events.push(ConnEvent::Unbound {
+            app: binding.app,
+            user: UserId::from(binding.user.into_string()),
+        });
     }
 
     /// The gateway is shutting down.
@@ -1728,11 +1754,48 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_app_is_unbound_or_its_only_connection_closed() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let mut out = Output::default();
+        h.conn.unbind_deleted_app("other", &mut out);
+        assert!(out.transmit.is_empty() && out.events.is_empty());
+        h.conn.unbind_deleted_app("chat", &mut out);
+        assert_eq!(
+            out.transmit,
+            [Frame::GoAway {
+                reason: GoAwayReason::APP_DELETED,
+                reconnect_delay_ms: None,
+            }]
+        );
+        assert_eq!(out.close, Some(CloseReason::Kicked));
+
+        // With another app bound, the connection stays and is told.
+        let mut h = Harness::new();
+        h.open_bound(0);
+        h.bind("news", "ok:alice", None);
+        let mut out = Output::default();
+        h.conn.unbind_deleted_app("chat", &mut out);
+        assert_eq!(
+            out.transmit,
+            [Frame::Unbind {
+                app: "chat".into(),
+                reason: Some(UnbindReason::APP_DELETED),
+            }]
+        );
+        assert!(matches!(&out.events[..], [ConnEvent::Unbound { app, .. }] if &**app == "chat"));
+        assert_eq!(out.close, None);
+        let apps: Vec<&str> = h.conn.bindings().map(|(app, _)| &**app).collect();
+        assert_eq!(apps, ["news"]);
+    }
+
+    #[test]
     fn unbind_stops_delivery() {
         let mut h = Harness::new();
         h.open_bound(0);
         let out = h.frame(Frame::Unbind {
             app: "chat".to_owned(),
+            reason: None,
         });
         assert!(matches!(out.events[..], [ConnEvent::Unbound { .. }]));
         assert!(h.deliver(1).is_empty());

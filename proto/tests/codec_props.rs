@@ -12,7 +12,7 @@ use herald_proto::limits::{
 };
 use herald_proto::{
     BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType,
-    ResetSequence, UpstreamStatus, decode, decode_slice, encode, encoded_len,
+    ResetSequence, UnbindReason, UpstreamStatus, decode, decode_slice, encode, encoded_len,
 };
 use proptest::prelude::*;
 
@@ -177,7 +177,8 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
                 status: UpstreamStatus(status),
             }
         }),
-        app().prop_map(|app| Frame::Unbind { app }),
+        (app(), proptest::option::of(any::<u16>()))
+            .prop_map(|(app, reason)| Frame::Unbind { app, reason: reason.map(UnbindReason) }),
         (any::<u16>(), any::<Option<u32>>()).prop_map(|(reason, reconnect_delay_ms)| {
             Frame::GoAway {
                 reason: GoAwayReason(reason),
