@@ -155,9 +155,12 @@ async fn list_apps(
 }
 
 fn find(state: &AdminState, app: &str) -> Result<Arc<App>, ApiError> {
-    state.apps.table().get(app).cloned().ok_or_else(|| {
-        ApiError::new(ErrorCode::UnknownApp, format!("no app {app:?}"))
-    })
+    state
+        .apps
+        .table()
+        .get(app)
+        .cloned()
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownApp, format!("no app {app:?}")))
 }
 
 /// `GET /v1/admin/apps/{app}`.

@@ -81,7 +81,9 @@ impl RateLimit {
         if self.per_sec > 0.0 && self.per_sec.is_finite() && self.burst >= 1 {
             Ok(())
         } else {
-            Err(format!("{name} needs per_sec above 0 and burst of at least 1"))
+            Err(format!(
+                "{name} needs per_sec above 0 and burst of at least 1"
+            ))
         }
     }
 }
@@ -129,10 +131,14 @@ impl AppSettings {
         if let Some(max) = self.max_connections
             && !(1..=MAX_CONNECTIONS_MAX).contains(&max)
         {
-            return Err(format!("max_connections must be 1 to {MAX_CONNECTIONS_MAX}"));
+            return Err(format!(
+                "max_connections must be 1 to {MAX_CONNECTIONS_MAX}"
+            ));
         }
         if self.webhooks.len() > WEBHOOK_ROUTES_MAX {
-            return Err(format!("an app has at most {WEBHOOK_ROUTES_MAX} webhook routes"));
+            return Err(format!(
+                "an app has at most {WEBHOOK_ROUTES_MAX} webhook routes"
+            ));
         }
         let mut routes = HashSet::new();
         for route in &self.webhooks {
@@ -239,8 +245,9 @@ impl Secret {
     /// Whether `candidate` is a value honoured at `now_ms`, in time
     /// independent of where they differ.
     pub fn accepts(&self, candidate: &[u8], now_ms: u64) -> bool {
-        self.valid_at(now_ms)
-            .fold(false, |found, value| found | constant_time_eq(candidate, value.value.as_bytes()))
+        self.valid_at(now_ms).fold(false, |found, value| {
+            found | constant_time_eq(candidate, value.value.as_bytes())
+        })
     }
 
     /// `value` becomes current; the old current one is honoured for
@@ -583,7 +590,9 @@ impl Apps {
     /// Creates an app with generated secrets.
     pub async fn create(&self, id: &str, settings: AppSettings) -> Result<CreatedApp, AdminError> {
         check_app_id(id).map_err(AdminError::Invalid)?;
-        settings.check(self.ttl_secs_max).map_err(AdminError::Invalid)?;
+        settings
+            .check(self.ttl_secs_max)
+            .map_err(AdminError::Invalid)?;
         if self.saver.apps().await?.len() >= APPS_MAX {
             return Err(AdminError::TooMany);
         }
@@ -629,7 +638,9 @@ impl Apps {
         }
         let value = random_secret();
         self.change(id, |_, secrets| {
-            secrets.get_mut(kind).rotate(value.clone(), grace, unix_ms());
+            secrets
+                .get_mut(kind)
+                .rotate(value.clone(), grace, unix_ms());
             Ok(())
         })
         .await?;
@@ -664,7 +675,9 @@ impl Apps {
                 .ok_or_else(|| AdminError::Unknown(id.to_owned()))?;
             let (mut settings, mut secrets) = parse_json(&stored)?;
             edit(&mut settings, &mut secrets)?;
-            settings.check(self.ttl_secs_max).map_err(AdminError::Invalid)?;
+            settings
+                .check(self.ttl_secs_max)
+                .map_err(AdminError::Invalid)?;
             if self
                 .saver
                 .update_app(id, &to_json(&settings), &to_json(&secrets), stored.version)
@@ -689,12 +702,19 @@ impl Apps {
             api_key: Secret::new(file_app.api_key.clone()),
             token_secret: Secret::new(file_app.token_secret.clone()),
             webhook_secret: Secret::new(
-                file_app.webhook_secret.clone().unwrap_or_else(random_secret),
+                file_app
+                    .webhook_secret
+                    .clone()
+                    .unwrap_or_else(random_secret),
             ),
         };
         if self
             .saver
-            .create_app(&file_app.id, &to_json(&file_app.settings), &to_json(&secrets))
+            .create_app(
+                &file_app.id,
+                &to_json(&file_app.settings),
+                &to_json(&secrets),
+            )
             .await?
         {
             return Ok(());
@@ -726,7 +746,12 @@ impl Apps {
     }
 
     fn purge_in_background(&self, id: String) {
-        if !self.purging.lock().expect("purging lock").insert(id.clone()) {
+        if !self
+            .purging
+            .lock()
+            .expect("purging lock")
+            .insert(id.clone())
+        {
             return;
         }
         let saver = self.saver.clone();
@@ -766,13 +791,14 @@ fn parse_json(row: &StoredApp) -> Result<(AppSettings, AppSecrets), AdminError> 
 /// its rates did not change.
 fn parse(row: &StoredApp, old: Option<&Arc<App>>, now: Instant) -> Result<App, AdminError> {
     let (settings, secrets) = parse_json(row)?;
-    let bucket = |rate: Option<RateLimit>, old_rate: Option<RateLimit>, old: Option<&Arc<SharedBucket>>| {
-        let rate = rate?;
-        match old {
-            Some(bucket) if old_rate == Some(rate) => Some(bucket.clone()),
-            _ => Some(Arc::new(SharedBucket::new(rate.rate(), now))),
-        }
-    };
+    let bucket =
+        |rate: Option<RateLimit>, old_rate: Option<RateLimit>, old: Option<&Arc<SharedBucket>>| {
+            let rate = rate?;
+            match old {
+                Some(bucket) if old_rate == Some(rate) => Some(bucket.clone()),
+                _ => Some(Arc::new(SharedBucket::new(rate.rate(), now))),
+            }
+        };
     Ok(App {
         id: old.map_or_else(|| AppId::from(row.id.as_str()), |old| old.id.clone()),
         push_bucket: bucket(
@@ -825,23 +851,56 @@ mod tests {
         };
         assert_eq!(ok.check(3600), Ok(()));
         let refused = |settings: AppSettings| settings.check(3600).unwrap_err();
-        assert!(refused(AppSettings { default_ttl_secs: 0, ..ok.clone() }).contains("default_ttl_secs"));
-        assert!(refused(AppSettings { default_ttl_secs: 3601, ..ok.clone() }).contains("default_ttl_secs"));
         assert!(
             refused(AppSettings {
-                push_rate: Some(RateLimit { per_sec: 0.0, burst: 1 }),
+                default_ttl_secs: 0,
+                ..ok.clone()
+            })
+            .contains("default_ttl_secs")
+        );
+        assert!(
+            refused(AppSettings {
+                default_ttl_secs: 3601,
+                ..ok.clone()
+            })
+            .contains("default_ttl_secs")
+        );
+        assert!(
+            refused(AppSettings {
+                push_rate: Some(RateLimit {
+                    per_sec: 0.0,
+                    burst: 1
+                }),
                 ..ok.clone()
             })
             .contains("push_rate")
         );
-        assert!(refused(AppSettings { max_connections: Some(0), ..ok.clone() }).contains("max_connections"));
+        assert!(
+            refused(AppSettings {
+                max_connections: Some(0),
+                ..ok.clone()
+            })
+            .contains("max_connections")
+        );
         let route = |url: &str| WebhookRoute {
             route: "orders".into(),
             url: url.into(),
             events: vec![crate::coordinator::WebhookEvent::Upstream],
         };
-        assert!(refused(AppSettings { webhooks: vec![route("ftp://x")], ..ok.clone() }).contains("http"));
-        assert!(refused(AppSettings { webhooks: vec![route("http://")], ..ok.clone() }).contains("http"));
+        assert!(
+            refused(AppSettings {
+                webhooks: vec![route("ftp://x")],
+                ..ok.clone()
+            })
+            .contains("http")
+        );
+        assert!(
+            refused(AppSettings {
+                webhooks: vec![route("http://")],
+                ..ok.clone()
+            })
+            .contains("http")
+        );
         assert!(
             refused(AppSettings {
                 webhooks: vec![route("http://a"), route("https://b")],
@@ -863,8 +922,14 @@ mod tests {
     fn a_patch_changes_only_what_it_names_and_null_removes() {
         let mut settings = AppSettings {
             default_ttl_secs: 60,
-            push_rate: Some(RateLimit { per_sec: 5.0, burst: 5 }),
-            broadcast_rate: Some(RateLimit { per_sec: 1.0, burst: 1 }),
+            push_rate: Some(RateLimit {
+                per_sec: 5.0,
+                burst: 5,
+            }),
+            broadcast_rate: Some(RateLimit {
+                per_sec: 1.0,
+                burst: 1,
+            }),
             webhooks: Vec::new(),
             webhook_rate: None,
             max_connections: Some(10),
@@ -873,7 +938,13 @@ mod tests {
             serde_json::from_str(r#"{"push_rate": null, "max_connections": 20}"#).unwrap();
         patch.apply(&mut settings);
         assert_eq!(settings.push_rate, None);
-        assert_eq!(settings.broadcast_rate, Some(RateLimit { per_sec: 1.0, burst: 1 }));
+        assert_eq!(
+            settings.broadcast_rate,
+            Some(RateLimit {
+                per_sec: 1.0,
+                burst: 1
+            })
+        );
         assert_eq!(settings.max_connections, Some(20));
         assert_eq!(settings.default_ttl_secs, 60);
         assert!(serde_json::from_str::<AppPatch>(r#"{"colour": 1}"#).is_err());

@@ -28,11 +28,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use herald_proto::plane::BroadcastMode;
 use herald_storage::StoredRef;
 
+use crate::admin;
 use crate::api_error::{ApiError, ErrorCode};
+use crate::apps::{App, Apps};
 use crate::clock::unix_ms;
 use crate::cluster::directory::{NodeDirectory, NodeRecord};
-use crate::admin;
-use crate::apps::{App, Apps};
 use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};

@@ -10,8 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
-    UnbindReason,
-    UpstreamStatus,
+    UnbindReason, UpstreamStatus,
 };
 use crate::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,

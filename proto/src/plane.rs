@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use bytes::Bytes;
 
@@ -119,6 +119,30 @@ pub enum ShardCommand {
     /// Stop accepting, send every connection GOAWAY(server_shutdown) with
     /// the reconnect hint, flush and close them all, then report `Drained`.
     Drain { reconnect_delay_ms: u32 },
+    /// The apps BINDs are checked against from now on. Bindings of an app
+    /// no longer in the list end (the app was deleted).
+    SetApps(Arc<[GatewayApp]>),
+}
+
+/// An app as the gateway checks a BIND for it.
+#[derive(Debug, Clone)]
+pub struct GatewayApp {
+    pub id: String,
+    /// The secrets a token may be signed with: the current one, and any a
+    /// rotation retired whose grace has not ended.
+    pub token_secrets: Vec<TokenSecret>,
+    /// Bindings of the app this gateway process allows at once.
+    pub max_connections: Option<u32>,
+    /// The process's bindings of the app, which every shard counts.
+    pub bound: Arc<AtomicU32>,
+}
+
+/// A token secret, and when a retired one stops being honoured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSecret {
+    pub secret: Vec<u8>,
+    /// Unix ms; none for the current secret.
+    pub retires_at_ms: Option<u64>,
 }
 
 /// Control plane -> one connection (in a [`ShardCommand::Conn`]).

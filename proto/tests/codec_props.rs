@@ -177,8 +177,10 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
                 status: UpstreamStatus(status),
             }
         }),
-        (app(), proptest::option::of(any::<u16>()))
-            .prop_map(|(app, reason)| Frame::Unbind { app, reason: reason.map(UnbindReason) }),
+        (app(), proptest::option::of(any::<u16>())).prop_map(|(app, reason)| Frame::Unbind {
+            app,
+            reason: reason.map(UnbindReason)
+        }),
         (any::<u16>(), any::<Option<u32>>()).prop_map(|(reason, reconnect_delay_ms)| {
             Frame::GoAway {
                 reason: GoAwayReason(reason),

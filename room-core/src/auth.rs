@@ -1,49 +1,109 @@
-//! Token checks for BIND, over the gateway's table of app secrets.
+//! Token checks for BIND, over the gateway's table of apps: their token
+//! secrets (with a rotation's grace) and their connection limits.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_proto::ids::{AppId, UserId};
+use herald_proto::plane::{GatewayApp, TokenSecret};
 use herald_proto::server::{Authenticated, Authenticator, BindRejection};
 use herald_proto::{BindErrorCode, TokenError, verify_token};
 
-/// Each shard builds its own, so token checks share nothing (not even the
-/// reference counts of the app ids its bindings point at).
+/// An app as one shard checks BINDs for it.
+#[derive(Debug)]
+struct AppAuth {
+    secrets: Vec<TokenSecret>,
+    max_connections: Option<u32>,
+    bound: Arc<AtomicU32>,
+}
+
+/// Each shard builds its own, so token checks share nothing but the
+/// process's count of each app's bindings (not even the reference counts
+/// of the app ids its bindings point at).
 #[derive(Debug, Default)]
 pub struct AppSecrets {
     /// The app id is shared with every binding of the app.
-    secrets: HashMap<AppId, Vec<u8>>,
+    apps: HashMap<AppId, AppAuth>,
 }
 
 impl AppSecrets {
-    pub fn new(apps: impl IntoIterator<Item = (String, Vec<u8>)>) -> AppSecrets {
-        AppSecrets {
-            secrets: apps
-                .into_iter()
-                .map(|(app, secret)| (AppId::from(app), secret))
-                .collect(),
+    pub fn new(apps: &[GatewayApp]) -> AppSecrets {
+        let mut table = AppSecrets::default();
+        table.replace(apps);
+        table
+    }
+
+    /// Makes `apps` the table; returns the apps that left it. An app that
+    /// stays keeps its `AppId`, which its bindings share.
+    pub fn replace(&mut self, apps: &[GatewayApp]) -> Vec<AppId> {
+        let mut old = std::mem::take(&mut self.apps);
+        for app in apps {
+            let id = match old.remove_entry(app.id.as_str()) {
+                Some((id, _)) => id,
+                None => AppId::from(app.id.as_str()),
+            };
+            self.apps.insert(
+                id,
+                AppAuth {
+                    secrets: app.token_secrets.clone(),
+                    max_connections: app.max_connections,
+                    bound: app.bound.clone(),
+                },
+            );
+        }
+        old.into_keys().collect()
+    }
+
+    /// A binding of `app` ended (UNBIND, or its connection closed).
+    pub fn released(&self, app: &str) {
+        if let Some(auth) = self.apps.get(app) {
+            // Never below zero: a binding made before this count existed
+            // (the app deleted and made again) may end after.
+            let _ = auth
+                .bound
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
     }
 }
 
 impl Authenticator for AppSecrets {
     fn authenticate(&self, app: &str, token: &str) -> Result<Authenticated, BindRejection> {
-        let Some((shared_app, secret)) = self.secrets.get_key_value(app) else {
+        let Some((shared_app, auth)) = self.apps.get_key_value(app) else {
             return Err(BindRejection {
                 code: BindErrorCode::UNKNOWN_APP,
                 message: format!("no app {app:?} on this server"),
             });
         };
-        // Token expiry is wall-clock time, unlike connection deadlines.
-        let now_unix_secs = SystemTime::now()
+        // Token expiry and a secret's grace are wall-clock time, unlike
+        // connection deadlines.
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        match verify_token(secret, app, token, now_unix_secs) {
-            Ok(claims) => Ok(Authenticated {
-                app: shared_app.clone(),
-                user: UserId::from(claims.user),
-            }),
-            Err(error) => Err(BindRejection {
+            .unwrap_or_default();
+        let now_ms = now.as_millis() as u64;
+        let mut first_error = None;
+        let claims = auth
+            .secrets
+            .iter()
+            .filter(|secret| secret.retires_at_ms.is_none_or(|at| at > now_ms))
+            .find_map(
+                |secret| match verify_token(&secret.secret, app, token, now.as_secs()) {
+                    Ok(claims) => Some(claims),
+                    Err(error) => {
+                        // A signature that matches says more than one
+                        // that does not (the secret is right, the token
+                        // is not).
+                        if first_error.is_none_or(|first| first == TokenError::BadSignature) {
+                            first_error = Some(error);
+                        }
+                        None
+                    }
+                },
+            );
+        let Some(claims) = claims else {
+            let error = first_error.unwrap_or(TokenError::BadSignature);
+            return Err(BindRejection {
                 code: error.bind_error_code(),
                 message: match error {
                     TokenError::Expired => "token expired".to_owned(),
@@ -51,7 +111,24 @@ impl Authenticator for AppSecrets {
                     TokenError::BadSignature => "token signature does not match".to_owned(),
                     TokenError::Malformed => "token is malformed".to_owned(),
                 },
-            }),
+            });
+        };
+        let max = auth.max_connections.unwrap_or(u32::MAX);
+        if auth
+            .bound
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(BindRejection {
+                code: BindErrorCode::TOO_MANY_CONNECTIONS,
+                message: format!("app {app:?} has its {max} connections bound on this gateway"),
+            });
         }
+        Ok(Authenticated {
+            app: shared_app.clone(),
+            user: UserId::from(claims.user),
+        })
     }
 }

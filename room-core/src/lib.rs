@@ -22,12 +22,15 @@ mod shard;
 pub mod transport;
 mod wheel;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use herald_proto::plane::{ShardCommand, ShardEvent};
+pub use herald_proto::plane::TokenSecret;
+use herald_proto::plane::{GatewayApp, ShardCommand, ShardEvent};
 use herald_proto::server::ServerConfig;
 
 pub use auth::AppSecrets;
@@ -81,8 +84,8 @@ pub struct GatewayConfig {
     pub websocket: WebSocketSettings,
     pub shards: usize,
     pub server: ServerConfig,
-    /// (app id, token secret) of every app clients may bind.
-    pub apps: Vec<(String, Vec<u8>)>,
+    /// The apps clients may bind at first; `AppUpdater::set` changes them.
+    pub apps: Vec<AppAccess>,
     pub connections_per_shard_max: usize,
     /// A connection whose unsent output would pass this is cut off.
     pub send_queue_bytes_max: usize,
@@ -123,9 +126,63 @@ pub enum GatewayError {
 
 /// A running gateway: its address, the command channel of each shard and its
 /// counters.
+/// An app clients may bind, as the gateway is given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppAccess {
+    pub id: String,
+    /// The current secret, and any a rotation retired that is still in its
+    /// grace.
+    pub token_secrets: Vec<TokenSecret>,
+    /// Bindings of the app this process allows at once.
+    pub max_connections: Option<u32>,
+}
+
+/// Changes the apps every shard checks BINDs against. Cloning shares it.
+#[derive(Clone)]
+pub struct AppUpdater {
+    commands: Vec<async_channel::Sender<ShardCommand>>,
+    /// Each app's count of bindings in this process, kept across changes.
+    bound: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+}
+
+impl AppUpdater {
+    fn new(commands: Vec<async_channel::Sender<ShardCommand>>) -> AppUpdater {
+        AppUpdater {
+            commands,
+            bound: Arc::default(),
+        }
+    }
+
+    /// The table each shard gets for `apps`; a deleted app's count goes.
+    fn table(&self, apps: &[AppAccess]) -> Arc<[GatewayApp]> {
+        let mut bound = self.bound.lock().expect("bound counts lock");
+        bound.retain(|id, _| apps.iter().any(|app| app.id == *id));
+        apps.iter()
+            .map(|app| GatewayApp {
+                id: app.id.clone(),
+                token_secrets: app.token_secrets.clone(),
+                max_connections: app.max_connections,
+                bound: bound.entry(app.id.clone()).or_default().clone(),
+            })
+            .collect()
+    }
+
+    /// From now on BINDs are checked against `apps`; bindings of apps not
+    /// in it end (UNBIND or GOAWAY `app_deleted`). Waits for room in each
+    /// shard's command queue.
+    pub async fn set(&self, apps: &[AppAccess]) {
+        let table = self.table(apps);
+        for shard in &self.commands {
+            // A shard that stopped has no bindings left to check.
+            let _ = shard.send(ShardCommand::SetApps(table.clone())).await;
+        }
+    }
+}
+
 pub struct Gateway {
     listeners: Vec<ListenerConfig>,
     commands: Vec<async_channel::Sender<ShardCommand>>,
+    apps: AppUpdater,
     metrics: Arc<GatewayMetrics>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -190,6 +247,8 @@ impl Gateway {
             Vec::new()
         };
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
+        let mut apps = AppUpdater::new(Vec::new());
+        let initial_apps = apps.table(&config.apps);
         let mut commands = Vec::with_capacity(config.shards);
         let mut threads = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
@@ -198,7 +257,7 @@ impl Gateway {
             let settings = shard::ShardSettings {
                 id: shard as u16,
                 server: config.server.clone(),
-                auth: AppSecrets::new(config.apps.iter().cloned()),
+                auth: AppSecrets::new(&initial_apps),
                 connections_max: config.connections_per_shard_max,
                 send_queue_bytes_max: config.send_queue_bytes_max,
                 send_queue_frames_max: config.send_queue_frames_max.min(usize::from(u16::MAX)),
@@ -251,8 +310,10 @@ impl Gateway {
             commands.push(command_tx);
         }
         drop(reservations);
+        apps.commands = commands.clone();
         Ok(Gateway {
             listeners,
+            apps,
             commands,
             metrics,
             threads,
@@ -271,6 +332,11 @@ impl Gateway {
     }
 
     /// A sender per shard, indexed by `ConnId::shard`.
+    /// What changes the apps BINDs are checked against.
+    pub fn app_updater(&self) -> AppUpdater {
+        self.apps.clone()
+    }
+
     pub fn commands(&self) -> Vec<async_channel::Sender<ShardCommand>> {
         self.commands.clone()
     }

@@ -28,7 +28,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{
-    BroadcastMode, BroadcastProgress, ConnCommand, ConnEvent, ConnId, ShardCommand, ShardEvent,
+    BroadcastMode, BroadcastProgress, ConnCommand, ConnEvent, ConnId, GatewayApp, ShardCommand,
+    ShardEvent,
 };
 use herald_proto::rate::{Rate, TokenBucket};
 use herald_proto::server::{
@@ -880,7 +881,7 @@ impl<D: Driver> Shard<D> {
         self.counters().connection_closed(end);
         // A connection that began a close was unregistered then.
         if closing.is_none()
-            && let Some(event) = closed_event(id, &server)
+            && let Some(event) = closed_event(id, &server, &self.settings.auth)
         {
             self.outbox.push_back(event);
         }
@@ -1213,8 +1214,10 @@ impl<D: Driver> Shard<D> {
         let conn = self.conn_id(slot);
         let counters = self.settings.metrics.shard(usize::from(self.settings.id));
         for event in self.out.events.drain(..) {
-            if matches!(event, ConnEvent::Ack { .. }) {
-                counters.acks_in(1);
+            match &event {
+                ConnEvent::Ack { .. } => counters.acks_in(1),
+                ConnEvent::Unbound { app, .. } => self.settings.auth.released(app),
+                _ => {}
             }
             self.outbox.push_back(ShardEvent::Conn { conn, event });
         }
@@ -1440,7 +1443,7 @@ impl<D: Driver> Shard<D> {
         if conn.closing.is_some() {
             return;
         }
-        if let Some(event) = closed_event(id, &conn.server) {
+        if let Some(event) = closed_event(id, &conn.server, &self.settings.auth) {
             self.outbox.push_back(event);
         }
         if conn.receiving && D::RECEIVES {
@@ -1496,6 +1499,34 @@ impl<D: Driver> Shard<D> {
                 }
             }
             ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
+            ShardCommand::SetApps(apps) => self.set_apps(&apps, now),
+        }
+    }
+
+    /// Checks BINDs against `apps` from now on; ends the bindings of apps
+    /// that left (deleted), visiting every connection once per change.
+    fn set_apps(&mut self, apps: &[GatewayApp], now: Instant) {
+        let deleted = self.settings.auth.replace(apps);
+        if deleted.is_empty() {
+            return;
+        }
+        let slots: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| {
+                conn.server
+                    .bindings()
+                    .any(|(app, _)| deleted.iter().any(|gone| gone == app))
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in slots {
+            for app in &deleted {
+                self.conns[slot]
+                    .server
+                    .unbind_deleted_app(app, &mut self.out);
+            }
+            self.apply(slot, now);
         }
     }
 
@@ -1944,11 +1975,15 @@ fn with_pending<E>(
     Ok(())
 }
 
-/// The event that unregisters a connection's bindings, if it has any.
-fn closed_event(conn: ConnId, server: &ServerConn) -> Option<ShardEvent> {
+/// The event that unregisters a connection's bindings, if it has any;
+/// their apps count them no more.
+fn closed_event(conn: ConnId, server: &ServerConn, auth: &AppSecrets) -> Option<ShardEvent> {
     let bindings: Vec<(AppId, UserId)> = server
         .bindings()
-        .map(|(app, user)| (app.clone(), UserId::from(user)))
+        .map(|(app, user)| {
+            auth.released(app);
+            (app.clone(), UserId::from(user))
+        })
         .collect();
     (!bindings.is_empty()).then_some(ShardEvent::Conn {
         conn,

@@ -15,13 +15,14 @@ use bytes::Bytes;
 use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{
-    Bound, ConnCommand, ConnEvent, ConnId, PushMessage, ShardCommand, ShardEvent,
+    Bound, ConnCommand, ConnEvent, ConnId, GatewayApp, PushMessage, ShardCommand, ShardEvent,
+    TokenSecret,
 };
 use herald_proto::rate::Rate;
 use herald_proto::server::{HeartbeatIntervals, ServerConfig};
 use herald_proto::{
-    Frame, GoAwayReason, MessageId, NetworkType, TokenClaims, decode_slice, encode, encoded_len,
-    sign_token,
+    BindErrorCode, Frame, GoAwayReason, MessageId, NetworkType, TokenClaims, decode_slice, encode,
+    encoded_len, sign_token,
 };
 
 use super::{CLOSE_FLUSH_TIMEOUT, LoopEnds, OUTBOX_LEN_MAX, SCRATCH_LEN, Shard, ShardSettings};
@@ -64,6 +65,9 @@ macro_rules! on_both_drivers {
 
 on_both_drivers!(
     accepts_and_binds,
+    refuses_binds_past_the_apps_connection_limit,
+    honours_a_retired_token_secret_only_in_its_grace,
+    ends_the_bindings_of_a_deleted_app,
     refuses_past_the_connection_limit,
     turns_away_past_the_accept_rate,
     decodes_a_frame_split_over_receives,
@@ -131,6 +135,23 @@ fn server_config() -> ServerConfig {
         apps_per_conn_max: 4,
         inflight_pushes_max: 64,
         storage_epoch: STORAGE_EPOCH,
+    }
+}
+
+fn current_secret() -> TokenSecret {
+    TokenSecret {
+        secret: SECRET.to_vec(),
+        retires_at_ms: None,
+    }
+}
+
+/// The test app, with these secrets and limit, counted afresh.
+fn gateway_app(token_secrets: Vec<TokenSecret>, max_connections: Option<u32>) -> GatewayApp {
+    GatewayApp {
+        id: APP.to_owned(),
+        token_secrets,
+        max_connections,
+        bound: Arc::default(),
     }
 }
 
@@ -219,7 +240,7 @@ impl<const R: bool> Harness<R> {
         let mut settings = ShardSettings {
             id: 0,
             server: server_config(),
-            auth: AppSecrets::new([(APP.to_owned(), SECRET.to_vec())]),
+            auth: AppSecrets::new(&[gateway_app(vec![current_secret()], None)]),
             connections_max: 16,
             send_queue_bytes_max: 64 * 1024,
             send_queue_frames_max: 1024,
@@ -929,6 +950,97 @@ fn frees_the_slot_on_the_clients_end<const R: bool>() {
 /// A kick: GOAWAY(kicked), `Closed` at once (before the socket goes), no
 /// more reading until the GOAWAY is out; then the shard shuts its side and
 /// reads (and discards) until the client's end, which frees the slot.
+/// The limit counts bindings of the app in the process: a BIND past it is
+/// refused, and a binding that ends makes room.
+fn refuses_binds_past_the_apps_connection_limit<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let app = gateway_app(vec![current_secret()], Some(1));
+    let bound = app.bound.clone();
+    h.command(ShardCommand::SetApps(Arc::from([app])));
+    let (alice, _) = h.open("alice");
+    assert_eq!(bound.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let mut bob = h.connect();
+    h.send(&bob, &[hello(), bind("bob")]);
+    let refused = h.received(&mut bob);
+    assert!(
+        matches!(
+            refused.last(),
+            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::TOO_MANY_CONNECTIONS
+        ),
+        "{refused:?}"
+    );
+    h.end(&alice);
+    h.settle();
+    assert_eq!(bound.load(std::sync::atomic::Ordering::Relaxed), 0);
+    h.send(&bob, &[bind("bob")]);
+    assert!(matches!(
+        h.received(&mut bob).as_slice(),
+        [Frame::BindOk { .. }]
+    ));
+    assert_eq!(bound.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// After a rotation, tokens signed with the old secret bind until its
+/// grace ends.
+fn honours_a_retired_token_secret_only_in_its_grace<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let rotated = |retires_at_ms| {
+        gateway_app(
+            vec![
+                TokenSecret {
+                    secret: b"the new secret, 32 bytes or so..".to_vec(),
+                    retires_at_ms: None,
+                },
+                TokenSecret {
+                    secret: SECRET.to_vec(),
+                    retires_at_ms: Some(retires_at_ms),
+                },
+            ],
+            None,
+        )
+    };
+    h.command(ShardCommand::SetApps(Arc::from([rotated(now_ms + 60_000)])));
+    h.open("alice");
+    h.command(ShardCommand::SetApps(Arc::from([rotated(now_ms - 1)])));
+    let mut bob = h.connect();
+    h.send(&bob, &[hello(), bind("bob")]);
+    let refused = h.received(&mut bob);
+    assert!(
+        matches!(
+            refused.last(),
+            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::INVALID_TOKEN
+        ),
+        "{refused:?}"
+    );
+}
+
+/// A deleted app's only binding ends its connection with GOAWAY
+/// (app_deleted), reported closed; new BINDs find no such app.
+fn ends_the_bindings_of_a_deleted_app<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut alice, id) = h.open("alice");
+    h.command(ShardCommand::SetApps(Arc::from([])));
+    assert_eq!(h.received(&mut alice), [goaway(GoAwayReason::APP_DELETED)]);
+    assert!(matches!(
+        h.events().as_slice(),
+        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
+    ));
+    let mut bob = h.connect();
+    h.send(&bob, &[hello(), bind("bob")]);
+    let refused = h.received(&mut bob);
+    assert!(
+        matches!(
+            refused.last(),
+            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::UNKNOWN_APP
+        ),
+        "{refused:?}"
+    );
+}
+
 fn kicks_with_goaway_then_closes_on_the_clients_end<const R: bool>() {
     let mut h = Harness::<R>::new();
     let (mut client, id) = h.open("alice");

@@ -153,7 +153,14 @@ fn config(io: IoDriver, tls: Option<&Pki>) -> GatewayConfig {
             inflight_pushes_max: 32,
             storage_epoch: 1,
         },
-        apps: vec![(APP.to_owned(), SECRET.to_vec())],
+        apps: vec![herald_room::AppAccess {
+            id: APP.to_owned(),
+            token_secrets: vec![herald_room::TokenSecret {
+                secret: SECRET.to_vec(),
+                retires_at_ms: None,
+            }],
+            max_connections: None,
+        }],
         connections_per_shard_max: CONNECTIONS * 2,
         send_queue_bytes_max: 256 * 1024,
         command_queue_len: 1024,

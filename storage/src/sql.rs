@@ -137,8 +137,10 @@ impl Statements {
                  FROM broadcasts WHERE app = ? AND broadcast_id = ?",
             ),
             purge: PURGED_TABLES.map(|table| built(D::delete_some(table, "expires_at_ms <= ?"))),
-            create_app: sql("INSERT INTO apps (id, settings, secrets, version, deleted_at_ms) \
-                 VALUES (?, ?, ?, 1, 0)"),
+            create_app: sql(
+                "INSERT INTO apps (id, settings, secrets, version, deleted_at_ms) \
+                 VALUES (?, ?, ?, 1, 0)",
+            ),
             update_app: sql(
                 "UPDATE apps SET settings = ?, secrets = ?, version = version + 1 \
                  WHERE id = ? AND version = ? AND deleted_at_ms = 0",
