@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use herald_proto::limits::{APP_ID_LEN_MAX, APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
+use herald_proto::limits::{APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
 use herald_storage::GroupCommit;
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +87,19 @@ pub struct Config {
     pub storage: StorageSection,
     /// Only for `herald room` and `herald control`.
     pub cluster: Option<ClusterSection>,
+    /// The admin API (`/v1/admin`); none: off.
+    pub admin: Option<AdminSection>,
+    /// Apps created, or updated to what this says, at startup; more come
+    /// through the admin API.
     pub apps: Vec<AppSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// What `/v1/admin` calls send as `Authorization: Bearer`; at least 32
+    /// characters.
+    pub api_key: String,
 }
 
 impl ClusterSection {
@@ -287,6 +299,10 @@ pub struct AppSection {
     pub token_secret: String,
     #[serde(default = "default_app_ttl")]
     pub default_ttl_secs: u64,
+    /// Connections that may bind the app at once on each gateway node;
+    /// none: no limit but the gateway's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// Pushes per second (a multicast counts each user); none: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_rate: Option<RateSection>,
@@ -332,6 +348,7 @@ impl Default for Config {
             api: ApiSection::default(),
             storage: StorageSection::default(),
             cluster: None,
+            admin: None,
             apps: Vec::new(),
         }
     }
@@ -426,12 +443,20 @@ impl Config {
 
     /// Refuses settings that cannot work, with the reason.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.apps.is_empty() {
-            bail!("the config defines no [[apps]]");
+        if let Some(admin) = &self.admin
+            && admin.api_key.len() < herald_control::admin::ADMIN_KEY_LEN_MIN
+        {
+            bail!(
+                "[admin] api_key must be at least {} characters",
+                herald_control::admin::ADMIN_KEY_LEN_MIN
+            );
+        }
+        if self.apps.is_empty() && self.admin.is_none() {
+            bail!("the config defines no [[apps]], and no [admin] api_key to create them with");
         }
         let mut ids = std::collections::HashSet::new();
         for app in &self.apps {
-            check_app_id(&app.id)?;
+            herald_control::apps::check_app_id(&app.id).map_err(anyhow::Error::msg)?;
             if !ids.insert(&app.id) {
                 bail!("app {:?} is defined twice", app.id);
             }
@@ -678,20 +703,6 @@ impl Config {
     }
 }
 
-fn check_app_id(id: &str) -> anyhow::Result<()> {
-    let valid = !id.is_empty()
-        && id.len() <= APP_ID_LEN_MAX
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !valid {
-        bail!(
-            "app id {id:?} must be 1 to {APP_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '-', '_', '.'"
-        );
-    }
-    Ok(())
-}
-
 /// Node ids name Redis keys and channels: keep them to a safe alphabet.
 fn check_node_id(id: &str) -> anyhow::Result<()> {
     let valid = !id.is_empty()
@@ -726,6 +737,7 @@ pub fn demo_app(data_dir: &Path) -> anyhow::Result<(AppSection, bool)> {
         api_key: random_hex(16),
         token_secret: random_hex(32),
         default_ttl_secs: DEFAULT_APP_TTL_SECS,
+        max_connections: None,
         push_rate: None,
         broadcast_rate: None,
         webhook_url: None,
@@ -753,6 +765,7 @@ mod tests {
             api_key: "k".repeat(16),
             token_secret: "s".repeat(16),
             default_ttl_secs: 60,
+            max_connections: None,
             push_rate: None,
             broadcast_rate: None,
             webhook_url: None,

@@ -3,6 +3,7 @@
 //! (`serve`) or as a cluster's room and control nodes (`room`, `control`).
 //! Nothing else lives here; each part's logic is in its crate.
 
+mod admin;
 mod config;
 mod listen;
 mod open_files;
@@ -16,20 +17,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use herald_control::apps::{AppSettings, AppTable, Apps, FileApp, RateLimit};
 use herald_control::cluster::connection::{RedisConn, RedisTarget};
 use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
-use herald_control::coordinator::{AppWebhooks, Coordinator, WebhookEvent, WebhookRoute};
+use herald_control::coordinator::{Coordinator, WebhookEvent, WebhookRoute};
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
-use herald_control::{
-    AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
-};
+use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
 use herald_room::metrics::CLOSE_REASONS;
 use herald_room::{
-    Gateway, GatewayConfig, GatewayError, GatewayMetrics, TlsAcceptor, TransportKind,
-    WebSocketSettings,
+    AppAccess, AppUpdater, Gateway, GatewayConfig, GatewayError, GatewayMetrics, TlsAcceptor,
+    TokenSecret, TransportKind, WebSocketSettings,
 };
 
 use crate::config::{Config, IoSetting};
@@ -107,10 +107,18 @@ enum Command {
     },
     /// Print a client token for a user of an app.
     Token {
-        /// The configuration that holds the app's token secret; without one,
-        /// the `demo` app of the data dir.
+        /// The configuration that holds the app's token secret; without one
+        /// (and without --token-secret), the `demo` app of the data dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The app's token secret, as `herald admin apps create` printed it.
+        #[arg(
+            long,
+            env = "HERALD_TOKEN_SECRET",
+            hide_env_values = true,
+            conflicts_with = "config"
+        )]
+        token_secret: Option<String>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
         #[arg(long)]
@@ -123,6 +131,8 @@ enum Command {
     },
     /// Connect as a client and print each push as one JSON line, acking it.
     Listen(listen::ListenArgs),
+    /// Call the admin API: create, list, change, rotate and delete apps.
+    Admin(admin::AdminArgs),
 }
 
 /// The gateway's settings a command line may override.
@@ -194,12 +204,14 @@ fn main() -> ExitCode {
         }
         Command::Token {
             config,
+            token_secret,
             data_dir,
             app,
             user,
             ttl_secs,
-        } => token(config, data_dir, &app, &user, ttl_secs),
+        } => token(config, token_secret, data_dir, &app, &user, ttl_secs),
         Command::Listen(args) => listen::run(args),
+        Command::Admin(args) => admin::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -391,14 +403,16 @@ fn print_demo_banner(config: &Config, demo: &config::AppSection, created: bool) 
 
 fn token(
     path: Option<PathBuf>,
+    token_secret: Option<String>,
     data_dir: Option<PathBuf>,
     app: &str,
     user: &str,
     ttl_secs: u64,
 ) -> anyhow::Result<()> {
-    let secret = match path {
-        Some(path) => Config::load(&path)?.app(app)?.token_secret.clone(),
-        None => {
+    let secret = match (path, token_secret) {
+        (_, Some(secret)) => secret,
+        (Some(path), None) => Config::load(&path)?.app(app)?.token_secret.clone(),
+        (None, None) => {
             let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
             let demo_path = config::demo_app_path(&data_dir);
             anyhow::ensure!(
@@ -426,6 +440,7 @@ fn token(
 
 fn gateway_config(
     config: &Config,
+    apps: &AppTable,
     connections_per_shard_max: usize,
     storage_epoch: u64,
     tls: Option<TlsAcceptor>,
@@ -448,11 +463,7 @@ fn gateway_config(
             inflight_pushes_max: config.gateway.inflight_pushes_max,
             storage_epoch,
         },
-        apps: config
-            .apps
-            .iter()
-            .map(|app| (app.id.clone(), app.token_secret.as_bytes().to_vec()))
-            .collect(),
+        apps: app_access(apps),
         connections_per_shard_max,
         send_queue_bytes_max: config.gateway.send_queue_bytes_max,
         send_queue_frames_max: config.gateway.send_queue_frames_max,
@@ -462,19 +473,96 @@ fn gateway_config(
     }
 }
 
+/// What the gateway checks a BIND of each app against, now.
+fn app_access(apps: &AppTable) -> Vec<AppAccess> {
+    let now_ms = herald_control::clock::unix_ms();
+    apps.values()
+        .map(|app| AppAccess {
+            id: app.id.to_string(),
+            token_secrets: app
+                .secrets
+                .token_secret
+                .valid_at(now_ms)
+                .map(|value| TokenSecret {
+                    secret: value.value.as_bytes().to_vec(),
+                    retires_at_ms: value.retires_at_ms,
+                })
+                .collect(),
+            max_connections: app.settings.max_connections,
+        })
+        .collect()
+}
+
+/// The config file's apps, as the apps table takes them at startup.
+fn file_apps(config: &Config) -> Vec<FileApp> {
+    let rate = |rate: Option<config::RateSection>| {
+        rate.map(|rate| RateLimit {
+            per_sec: rate.per_sec,
+            burst: rate.burst,
+        })
+    };
+    config
+        .apps
+        .iter()
+        .map(|app| FileApp {
+            id: app.id.clone(),
+            api_key: app.api_key.clone(),
+            token_secret: app.token_secret.clone(),
+            webhook_secret: None,
+            settings: AppSettings {
+                default_ttl_secs: app.default_ttl_secs,
+                push_rate: rate(app.push_rate),
+                broadcast_rate: rate(app.broadcast_rate),
+                webhooks: app
+                    .webhook_url
+                    .iter()
+                    .map(|url| WebhookRoute {
+                        route: "default".to_owned(),
+                        url: url.clone(),
+                        events: vec![
+                            WebhookEvent::Upstream,
+                            WebhookEvent::Online,
+                            WebhookEvent::Offline,
+                        ],
+                    })
+                    .collect(),
+                webhook_rate: rate(app.webhook_rate),
+                max_connections: app.max_connections,
+            },
+        })
+        .collect()
+}
+
+/// How often every node reads the apps table again: what catches a change
+/// whose announcement it missed, and a retired secret's grace ending.
+const APPS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads the apps again every [`APPS_RELOAD_INTERVAL`].
+async fn reload_apps(apps: Arc<Apps>) {
+    let mut ticks = tokio::time::interval(APPS_RELOAD_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = apps.reload().await {
+            tracing::warn!(%error, "reading the apps failed; keeping the ones known");
+        }
+    }
+}
+
+/// Hands every change of the apps table to the gateway.
+async fn follow_apps(mut table: tokio::sync::watch::Receiver<Arc<AppTable>>, gateway: AppUpdater) {
+    loop {
+        let apps = table.borrow_and_update().clone();
+        gateway.set(&app_access(&apps)).await;
+        if table.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn control_config(config: &Config) -> ControlConfig {
     ControlConfig {
-        apps: config
-            .apps
-            .iter()
-            .map(|app| AppConfig {
-                id: app.id.clone(),
-                api_key: app.api_key.clone(),
-                default_ttl_secs: app.default_ttl_secs,
-                push_rate: app.push_rate.map(config::RateSection::rate),
-                broadcast_rate: app.broadcast_rate.map(config::RateSection::rate),
-            })
-            .collect(),
+        admin_api_key: config.admin.as_ref().map(|admin| admin.api_key.clone()),
         payload_bytes_max: config.api.payload_bytes_max,
         multicast_users_max: config.api.multicast_users_max,
         pull_limit_max: config.api.pull_limit_max,
@@ -566,6 +654,14 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
                 .context("cannot open the cluster database (cluster.database_url)")?
         }
     };
+    let apps = Apps::open(
+        saver.clone(),
+        config.api.ttl_secs_max,
+        file_apps(&config),
+        Box::new(|| {}),
+    )
+    .await
+    .context("cannot load the apps")?;
     let redis = match role {
         Role::Embedded => None,
         Role::Room | Role::Control => {
@@ -602,6 +698,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             Gateway::start(
                 gateway_config(
                     &config,
+                    &apps.table(),
                     connections_per_shard_max,
                     storage_epoch,
                     tls.clone(),
@@ -613,6 +710,10 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         events_rx = Some(events);
     }
     let shard_senders = gateway.as_ref().map_or_else(Vec::new, Gateway::commands);
+    if let Some(gateway) = &gateway {
+        tokio::spawn(follow_apps(apps.watch(), gateway.app_updater()));
+    }
+    tokio::spawn(reload_apps(apps.clone()));
 
     let Wiring {
         register,
@@ -621,25 +722,11 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         link,
     } = wire(&config, &name, redis.as_ref(), gateway.as_ref()).await?;
 
-    let webhooks = config
-        .apps
-        .iter()
-        .filter_map(|app| {
-            let webhook = AppWebhooks {
-                routes: vec![WebhookRoute {
-                    route: "default".to_owned(),
-                    url: app.webhook_url.clone()?,
-                    events: vec![
-                        WebhookEvent::Upstream,
-                        WebhookEvent::Online,
-                        WebhookEvent::Offline,
-                    ],
-                }],
-                secrets: Vec::new(),
-                rate: app.webhook_rate.map(config::RateSection::rate),
-            };
-            Some((app.id.clone(), webhook))
-        })
+    let now_ms = herald_control::clock::unix_ms();
+    let webhooks = apps
+        .table()
+        .values()
+        .filter_map(|app| Some((app.id.to_string(), app.webhooks(now_ms)?)))
         .collect();
     let delivery = Delivery::new(
         name.clone(),
@@ -688,8 +775,13 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         None => Box::new(|_| {}),
     };
     let http_limits = control_config.http;
-    let router =
-        herald_control::router(control_config, delivery.clone(), directory, gateway_metrics);
+    let router = herald_control::router(
+        control_config,
+        apps.clone(),
+        delivery.clone(),
+        directory,
+        gateway_metrics,
+    );
     let listener = herald_control::http::listen(config.api.listen)
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
     if let Some(gateway) = &gateway {
