@@ -654,14 +654,6 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
                 .context("cannot open the cluster database (cluster.database_url)")?
         }
     };
-    let apps = Apps::open(
-        saver.clone(),
-        config.api.ttl_secs_max,
-        file_apps(&config),
-        Box::new(|| {}),
-    )
-    .await
-    .context("cannot load the apps")?;
     let redis = match role {
         Role::Embedded => None,
         Role::Room | Role::Control => {
@@ -672,6 +664,24 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             Some((target, conn))
         }
     };
+    let announce = match &redis {
+        Some((_, conn)) => herald_control::link::announce_app_changes(conn.clone()),
+        None => Box::new(|| {}),
+    };
+    let apps = Apps::open(
+        saver.clone(),
+        config.api.ttl_secs_max,
+        file_apps(&config),
+        announce,
+    )
+    .await
+    .context("cannot load the apps")?;
+    if let Some((target, _)) = &redis {
+        tokio::spawn(herald_control::link::follow_app_changes(
+            target.clone(),
+            apps.clone(),
+        ));
+    }
 
     // The gateway, on nodes that hold connections.
     let mut gateway = None;

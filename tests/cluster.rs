@@ -11,7 +11,7 @@ use std::time::Duration;
 use herald_proto::{Frame, GoAwayReason};
 use serde_json::{Value, json};
 use support::cluster::{
-    Cluster, Database, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually,
+    ADMIN_KEY, Cluster, Database, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually,
 };
 use support::{
     API_KEY, APP, RawClient, Reaped, Server, WAIT, answered_pushes_survive_a_kill, herald_bin,
@@ -849,4 +849,245 @@ async fn a_control_node_killed_mid_group_commit_on_mariadb_loses_no_answered_pus
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_control_node_killed_mid_group_commit_on_postgres_loses_no_answered_push() {
     a_control_node_killed_mid_group_commit_loses_no_answered_push(Database::Postgres).await;
+}
+
+/// Calls `node`'s admin API: (status, JSON body).
+async fn admin_call(
+    node: &Server,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, node.url(path))
+        .bearer_auth(ADMIN_KEY);
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn push_status(node: &Server, app: &str, api_key: &str, payload: &str) -> u16 {
+    reqwest::Client::new()
+        .post(node.url(&format!("/v1/apps/{app}/users/alice/messages")))
+        .bearer_auth(api_key)
+        .body(json!({ "payload": payload }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn app_token(secret: &str, app: &str, user: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    herald_proto::sign_token(
+        secret.as_bytes(),
+        &herald_proto::TokenClaims {
+            app: app.to_owned(),
+            user: user.to_owned(),
+            expires_at_unix_secs: now + 3600,
+        },
+    )
+    .unwrap()
+}
+
+/// Connects to `gateway` and sends BIND of `app` for alice; the answer.
+async fn bind_app(gateway: &str, device: &str, app: &str, token: String) -> (RawClient, Frame) {
+    let mut client = RawClient::connect(gateway).await;
+    client.hello(device).await;
+    client
+        .send(Frame::Bind {
+            app: app.to_owned(),
+            token,
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        })
+        .await;
+    let answer = client
+        .recv()
+        .await
+        .expect("closed instead of answering BIND");
+    (client, answer)
+}
+
+/// How long an app change may take to reach every node (README, "Apps at
+/// runtime").
+const APP_CHANGE_BOUND: Duration = Duration::from_secs(1);
+
+/// Polls `check` every 10 ms until it holds; fails past
+/// [`APP_CHANGE_BOUND`] from `since`.
+async fn within_the_bound<F, Fut>(what: &str, since: std::time::Instant, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    while !check().await {
+        assert!(
+            since.elapsed() < APP_CHANGE_BOUND,
+            "not within {APP_CHANGE_BOUND:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An app created, used, rotated, changed behind the nodes' backs and
+/// deleted through the admin API of one node: every one of 3 room and 2
+/// control nodes follows each change within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_changes_reach_every_node_within_a_second() {
+    const TEST: &str = "app_changes_reach_every_node_within_a_second";
+    let Some(cluster) = Cluster::start(TEST, 3, 2).await else {
+        return;
+    };
+    let nodes: Vec<&Server> = cluster.rooms.iter().chain(&cluster.controls).collect();
+
+    // Created on one control node: every node's API takes its key, every
+    // room node binds its tokens.
+    let (status, created) = admin_call(
+        &cluster.controls[0],
+        reqwest::Method::POST,
+        "/v1/admin/apps",
+        Some(json!({"id": "shop"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let created_at = std::time::Instant::now();
+    let api_key = created["api_key"].as_str().unwrap().to_owned();
+    let token_secret = created["token_secret"].as_str().unwrap().to_owned();
+    for (i, node) in nodes.iter().enumerate() {
+        within_the_bound(
+            &format!("node {i} takes the new key"),
+            created_at,
+            || async { push_status(node, "shop", &api_key, "hello").await == 200 },
+        )
+        .await;
+    }
+    let mut clients = Vec::new();
+    for (i, room) in cluster.rooms.iter().enumerate() {
+        let device = format!("phone{i}");
+        let client = loop {
+            let (client, answer) = bind_app(
+                &room.gateway,
+                &device,
+                "shop",
+                app_token(&token_secret, "shop", "alice"),
+            )
+            .await;
+            if matches!(answer, Frame::BindOk { .. }) {
+                break client;
+            }
+            assert!(
+                created_at.elapsed() < APP_CHANGE_BOUND,
+                "room-{i} does not bind the new app within {APP_CHANGE_BOUND:?}: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        clients.push(client);
+    }
+    // A push through the other control node reaches alice on every room node.
+    assert_eq!(
+        push_status(&cluster.controls[1], "shop", &api_key, "to all").await,
+        200
+    );
+    for client in &mut clients {
+        loop {
+            match client.recv().await {
+                Some(Frame::Push { payload, .. }) if &payload[..] == b"to all" => break,
+                Some(Frame::Push { .. }) => {}
+                other => panic!("expected the push, got {other:?}"),
+            }
+        }
+    }
+
+    // Rotated on the other control node without grace: the old key stops
+    // working everywhere.
+    let (status, rotated) = admin_call(
+        &cluster.controls[1],
+        reqwest::Method::POST,
+        "/v1/admin/apps/shop/rotate",
+        Some(json!({"what": "api_key", "grace_secs": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let rotated_at = std::time::Instant::now();
+    let new_key = rotated["api_key"].as_str().unwrap().to_owned();
+    for (i, node) in nodes.iter().enumerate() {
+        within_the_bound(
+            &format!("node {i} refuses the old key"),
+            rotated_at,
+            || async { push_status(node, "shop", &api_key, "old").await == 403 },
+        )
+        .await;
+        assert_eq!(push_status(node, "shop", &new_key, "new").await, 200);
+    }
+
+    // A change no node announced (made in the database directly, as a
+    // lost publish would leave it) is read within the bound too.
+    {
+        use sqlx::Connection as _;
+        let mut db = sqlx::MySqlConnection::connect(&cluster.engines.database_url)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE apps SET settings = '{\"default_ttl_secs\": 77}', version = version + 1 \
+             WHERE id = 'shop'",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    let changed_at = std::time::Instant::now();
+    for (i, node) in nodes.iter().enumerate() {
+        within_the_bound(
+            &format!("node {i} reads the unannounced change"),
+            changed_at,
+            || async {
+                let (_, app) =
+                    admin_call(node, reqwest::Method::GET, "/v1/admin/apps/shop", None).await;
+                app["default_ttl_secs"] == 77
+            },
+        )
+        .await;
+    }
+
+    // Deleted on a room node: every client of the app is told at once,
+    // and no node takes the app's calls.
+    let (status, _) = admin_call(
+        &cluster.rooms[2],
+        reqwest::Method::DELETE,
+        "/v1/admin/apps/shop",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let deleted_at = std::time::Instant::now();
+    for (i, client) in clients.iter_mut().enumerate() {
+        loop {
+            match client.recv().await {
+                Some(Frame::GoAway { reason, .. }) => {
+                    assert_eq!(reason, GoAwayReason::APP_DELETED);
+                    assert!(
+                        deleted_at.elapsed() < APP_CHANGE_BOUND,
+                        "room-{i} told its client late"
+                    );
+                    break;
+                }
+                Some(Frame::Push { .. }) => {}
+                other => panic!("expected GOAWAY app_deleted on room-{i}, got {other:?}"),
+            }
+        }
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        within_the_bound(&format!("node {i} forgets the app"), deleted_at, || async {
+            push_status(node, "shop", &new_key, "gone").await == 404
+        })
+        .await;
+    }
 }

@@ -2,7 +2,8 @@
 //! channels ([`RedisRemote`]), and a room node's presence
 //! ([`RoomLink`]): its liveness heartbeat, which also writes its sessions
 //! again when Redis lost them and reports broadcast progress, and its
-//! subscription, which hands what other nodes send to delivery.
+//! subscription, which hands what other nodes send to delivery; and on
+//! every node, app changes announced and followed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use redis::AsyncCommands as _;
 
+use crate::apps::Apps;
 use crate::clock::unix_ms;
 use crate::cluster::channel::{BROADCAST_CHANNEL, NodeMessage, delivery_channel};
 use crate::cluster::connection::{RedisConn, RedisTarget};
@@ -317,5 +319,60 @@ impl RoomLink {
             }
             tracing::warn!("lost the delivery subscription; subscribing again");
         }
+    }
+}
+
+/// The channel on which a node that changed an app tells the others to
+/// read the apps again.
+pub const APPS_CHANNEL: &str = "herald:apps";
+
+/// What [`Apps`] calls after this node changed an app: a PUBLISH on
+/// [`APPS_CHANNEL`], in the background. A publish that is lost costs only
+/// time: every node reads the apps again every second anyway.
+pub fn announce_app_changes(redis: RedisConn) -> Box<dyn Fn() + Send + Sync> {
+    Box::new(move || {
+        let mut redis = redis.clone();
+        tokio::spawn(async move {
+            if let Err(error) = redis.publish::<_, _, ()>(APPS_CHANNEL, "changed").await {
+                tracing::warn!(%error, "announcing an app change failed");
+            }
+        });
+    })
+}
+
+/// Reads the apps again whenever another node announces a change, until
+/// the process ends; subscribes again after a lost subscription.
+pub async fn follow_app_changes(target: RedisTarget, apps: Arc<Apps>) {
+    let clients = match target.subscription_clients() {
+        Ok(clients) => clients,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to app changes: bad Redis URL");
+            return;
+        }
+    };
+    let mut delay = Duration::from_millis(50);
+    for client in clients.iter().cycle() {
+        let mut pubsub = match client.get_async_pubsub().await {
+            Ok(pubsub) => pubsub,
+            Err(error) => {
+                tracing::warn!(%error, "cannot connect to Redis for app changes");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RESUBSCRIBE_DELAY_MAX);
+                continue;
+            }
+        };
+        if let Err(error) = pubsub.subscribe(APPS_CHANNEL).await {
+            tracing::warn!(%error, "cannot subscribe to app changes");
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        delay = Duration::from_millis(50);
+        let mut messages = pubsub.on_message();
+        while messages.next().await.is_some() {
+            if let Err(error) = apps.reload().await {
+                tracing::warn!(%error, "reading the apps after a change failed");
+            }
+        }
+        tracing::warn!("lost the app-change subscription; subscribing again");
     }
 }

@@ -159,6 +159,9 @@ async fn admin(engine: Database, statement: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// The admin key of every test cluster.
+pub const ADMIN_KEY: &str = "cluster-admin-key-0123456789-0123456789";
+
 /// A config file for one cluster node.
 pub fn write_node_config(
     dir: &Path,
@@ -191,6 +194,8 @@ ack_flush_interval_ms = 50
 node_id = "{node_id}"
 {redis}
 database_url = "{database_url}"
+[admin]
+api_key = "{ADMIN_KEY}"
 [[apps]]
 id = "{APP}"
 api_key = "{API_KEY}"
