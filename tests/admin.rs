@@ -615,3 +615,91 @@ async fn herald_admin_calls_the_admin_api_and_prints_json() {
     let (ok, _, stderr) = run(&["apps", "get", "cli-app"]);
     assert!(!ok && stderr.contains("unknown_app"), "{stderr}");
 }
+
+/// Waits until the client has bound every one of `apps`.
+async fn wait_bound(client: &mut herald_client::Client, apps: &[&str]) {
+    let mut bound = Vec::new();
+    while bound.len() < apps.len() {
+        match tokio::time::timeout(WAIT, client.next_event()).await {
+            Ok(Some(herald_client::Event::Bound { app, .. })) => bound.push(app),
+            Ok(Some(herald_client::Event::Connected { .. })) => {}
+            other => panic!("expected BIND_OK, got {other:?}"),
+        }
+    }
+    bound.sort();
+    assert_eq!(bound, apps);
+}
+
+/// The next SDK event, skipping connection-state ones.
+async fn next_sdk_event(client: &mut herald_client::Client) -> herald_client::Event {
+    loop {
+        let event = tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .expect("timed out waiting for an SDK event")
+            .expect("the client stopped");
+        if !matches!(
+            event,
+            herald_client::Event::Connected { .. } | herald_client::Event::Bound { .. }
+        ) {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_sdk_drops_a_deleted_app_and_stops_when_it_was_the_only_one() {
+    use herald_client::{AppToken, Client, Event, Terminal};
+    let server = admin_server();
+    let created = create(&server, json!({"id": "shop"})).await;
+    let token_secret = created["token_secret"].as_str().unwrap();
+    let shop_token = |user: &str| AppToken {
+        app: "shop".to_owned(),
+        token: token_with(token_secret, "shop", user),
+        tags: Vec::new(),
+    };
+    let mut only = Client::start(herald_client::ClientOptions {
+        apps: vec![shop_token("alice")],
+        ..support::sdk_options(&server.gateway, String::new())
+    });
+    let mut both = Client::start(herald_client::ClientOptions {
+        apps: vec![
+            AppToken {
+                app: APP.to_owned(),
+                token: token("bob", 3600),
+                tags: Vec::new(),
+            },
+            shop_token("bob"),
+        ],
+        device_id: "both".to_owned(),
+        ..support::sdk_options(&server.gateway, String::new())
+    });
+    wait_bound(&mut only, &["shop"]).await;
+    wait_bound(&mut both, &[APP, "shop"]).await;
+
+    let (status, _) = admin(
+        &server,
+        reqwest::Method::DELETE,
+        "/v1/admin/apps/shop",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        next_sdk_event(&mut only).await,
+        Event::Closed(Terminal::AppDeleted)
+    );
+    assert_eq!(
+        next_sdk_event(&mut both).await,
+        Event::Unbound {
+            app: "shop".to_owned(),
+            reason: UnbindReason::APP_DELETED
+        }
+    );
+    // The other app goes on.
+    let (status, _) = push(&server, APP, API_KEY, "bob", "still here").await;
+    assert_eq!(status, 200);
+    match next_sdk_event(&mut both).await {
+        Event::Push(push) => assert_eq!(&push.payload[..], b"still here"),
+        other => panic!("expected the push, got {other:?}"),
+    }
+}

@@ -51,7 +51,7 @@
 mod address;
 mod transport;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,7 +66,7 @@ use transport::{FrameTransport, TlsTrust};
 
 pub use address::{GatewayAddress, GatewayAddressError, Transport};
 pub use herald_proto::client::Push;
-pub use herald_proto::{NetworkType, ResetSequence};
+pub use herald_proto::{NetworkType, ResetSequence, UnbindReason};
 
 /// Events the driver holds for the application before it stops reading the
 /// socket: a slow application slows the connection, it never grows memory.
@@ -162,6 +162,12 @@ pub enum Event {
         request_id: u64,
         status: UpstreamStatus,
     },
+    /// The server unbound `app` (it was deleted); the client keeps its
+    /// other apps and never binds this one again.
+    Unbound {
+        app: String,
+        reason: UnbindReason,
+    },
     /// The server resumed `app`'s inbox (or its broadcasts) after `after`,
     /// below what this client held: the server's data was reset or
     /// restored. The client's resume point is now `after`, and the seqs
@@ -191,6 +197,8 @@ pub enum Event {
 pub enum Terminal {
     /// The business server kicked the user (GOAWAY kicked).
     Kicked,
+    /// The connection's only app was deleted (GOAWAY app_deleted).
+    AppDeleted,
     /// Every app's BIND failed; retrying the same tokens cannot help.
     AuthFailed {
         app: String,
@@ -205,6 +213,7 @@ impl fmt::Display for Terminal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Terminal::Kicked => f.write_str("kicked by the server (GOAWAY kicked)"),
+            Terminal::AppDeleted => f.write_str("the app was deleted (GOAWAY app_deleted)"),
             Terminal::AuthFailed { app, code, message } => {
                 write!(f, "binding app {app:?} failed: {code} ({message})")
             }
@@ -552,6 +561,8 @@ struct ResumePoints {
     by_app: HashMap<String, (Option<u64>, Option<u64>)>,
     /// The server storage epoch the seqs belong to.
     storage_epoch: Option<u64>,
+    /// Apps the server deleted: never bound again.
+    deleted: HashSet<String>,
 }
 
 async fn connect_and_run(
@@ -575,6 +586,7 @@ async fn connect_and_run(
     let apps = options
         .apps
         .iter()
+        .filter(|a| !resume.deleted.contains(&a.app))
         .map(|a| {
             let (last_seq, last_broadcast_seq) =
                 resume.by_app.get(&a.app).copied().unwrap_or_default();
@@ -659,6 +671,13 @@ async fn connect_and_run(
                 },
                 ClientEvent::GoAway { reason, .. } if reason == GoAwayReason::KICKED => {
                     return Ended::Terminal(Terminal::Kicked);
+                }
+                ClientEvent::GoAway { reason, .. } if reason == GoAwayReason::APP_DELETED => {
+                    return Ended::Terminal(Terminal::AppDeleted);
+                }
+                ClientEvent::Unbound { app, reason } => {
+                    resume.deleted.insert(app.clone());
+                    Event::Unbound { app, reason }
                 }
                 ClientEvent::GoAway {
                     reason,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, ResetSequence,
-    UpstreamStatus,
+    UnbindReason, UpstreamStatus,
 };
 
 /// How long the server may take to answer HELLO.
@@ -75,6 +75,13 @@ pub enum ClientEvent {
         app: String,
         request_id: u64,
         status: UpstreamStatus,
+    },
+    /// The server unbound `app` from this connection (the app was
+    /// deleted); the connection stays for its other apps, and the app is
+    /// not bound again.
+    Unbound {
+        app: String,
+        reason: UnbindReason,
     },
     /// The server is closing the connection.
     GoAway {
@@ -325,6 +332,13 @@ impl ClientConn {
                     reason,
                     reconnect_delay_ms,
                 });
+            }
+            Frame::Unbind {
+                app,
+                reason: Some(reason),
+            } => {
+                self.apps.retain(|state| state.credentials.app != app);
+                self.events.push_back(ClientEvent::Unbound { app, reason });
             }
             Frame::Reset {
                 app,
