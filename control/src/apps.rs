@@ -359,9 +359,9 @@ impl App {
         })
     }
 
-    /// When a retired secret's grace ends next: the table must be sent
-    /// out again then, so that the value stops working everywhere.
-    fn next_retirement_ms(&self) -> Option<u64> {
+    /// When retired secrets' graces end: the table is sent out again
+    /// then, so that the values stop working everywhere.
+    fn retirements_ms(&self) -> impl Iterator<Item = u64> + '_ {
         [
             &self.secrets.api_key,
             &self.secrets.token_secret,
@@ -369,7 +369,6 @@ impl App {
         ]
         .into_iter()
         .flat_map(|secret| secret.0.iter().filter_map(|value| value.retires_at_ms))
-        .min()
     }
 }
 
@@ -478,8 +477,9 @@ pub struct Apps {
     saver: Saver,
     ttl_secs_max: u64,
     table: watch::Sender<Arc<AppTable>>,
-    /// One reload at a time, so a slow one never overwrites a newer one.
-    reloading: tokio::sync::Mutex<()>,
+    /// One reload at a time, so a slow one never overwrites a newer one;
+    /// it holds when the last one read (unix ms).
+    reloading: tokio::sync::Mutex<u64>,
     /// Apps whose rows this node is deleting.
     purging: Mutex<HashSet<String>>,
     /// Called after this node changed an app: in a cluster, tells the
@@ -502,7 +502,7 @@ impl Apps {
             saver,
             ttl_secs_max,
             table,
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(0),
             purging: Mutex::default(),
             announce,
         });
@@ -531,11 +531,11 @@ impl Apps {
     /// Reads every app from the database and, if anything changed (or a
     /// retired secret's grace ended), makes that the table.
     pub async fn reload(&self) -> Result<(), AdminError> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let stored = self.saver.apps().await?;
-        let old = self.table();
+        let mut last_read_ms = self.reloading.lock().await;
         let now = Instant::now();
         let now_ms = unix_ms();
+        let stored = self.saver.apps().await?;
+        let old = self.table();
         let mut table = AppTable::with_capacity(stored.len());
         let mut changed = false;
         for row in stored {
@@ -567,24 +567,18 @@ impl Apps {
             table.insert(app.id.clone(), app);
         }
         changed |= table.len() != old.len();
-        let retired_since = |app: &Arc<App>| {
-            old.get(&app.id)
-                .and_then(|old| old.next_retirement_ms())
-                .is_some_and(|at| at <= now_ms)
+        // A grace that ended since the last read changes what the table
+        // honours, though no row changed.
+        let retired_since_last_read = |app: &Arc<App>| {
+            app.retirements_ms()
+                .any(|at| *last_read_ms < at && at <= now_ms)
         };
-        changed |= table.values().any(retired_since);
+        changed |= table.values().any(retired_since_last_read);
+        *last_read_ms = now_ms;
         if changed {
             self.table.send_replace(Arc::new(table));
         }
         Ok(())
-    }
-
-    /// When the table must be sent out again for a grace that ends, if any.
-    pub fn next_retirement_ms(&self) -> Option<u64> {
-        self.table()
-            .values()
-            .filter_map(|app| app.next_retirement_ms())
-            .min()
     }
 
     /// Creates an app with generated secrets.

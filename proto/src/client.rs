@@ -706,6 +706,29 @@ mod tests {
     }
 
     #[test]
+    fn an_app_the_server_unbinds_is_forgotten_and_the_connection_stays() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        conn.handle_frame(
+            now,
+            Frame::Unbind {
+                app: "chat".to_owned(),
+                reason: Some(UnbindReason::APP_DELETED),
+            },
+        );
+        assert!(!conn.is_closed());
+        assert_eq!(
+            conn.poll_event(),
+            Some(ClientEvent::Unbound {
+                app: "chat".to_owned(),
+                reason: UnbindReason::APP_DELETED
+            })
+        );
+        assert_eq!(conn.resume_points().count(), 0);
+        assert!(!conn.ack("chat", 1), "nothing is acked for an app unbound");
+    }
+
+    #[test]
     fn goaway_closes_and_is_reported() {
         let now = Instant::now();
         let mut conn = start(now, None);
