@@ -828,9 +828,12 @@ mod tests {
         secret.rotate("newer".into(), Duration::from_secs(10), 5_000);
         let values: Vec<&str> = secret.0.iter().map(|v| v.value.as_str()).collect();
         assert_eq!(values, ["newer", "new", "old"]);
+        // Without grace the old current value goes at once; "new" is
+        // still in its grace, "old" no more.
         secret.rotate("newest".into(), Duration::ZERO, 12_000);
         let values: Vec<&str> = secret.valid_at(12_000).map(|v| v.value.as_str()).collect();
-        assert_eq!(values, ["newest", "newer"]);
+        assert_eq!(values, ["newest", "new"]);
+        assert!(!secret.accepts(b"newer", 12_000));
     }
 
     #[test]
