@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use herald_control::cluster::connection::{RedisConn, RedisTarget};
 use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
-use herald_control::coordinator::{AppWebhooks, Coordinator, WebhookEvent, WebhookRoute};
+use herald_control::coordinator::Coordinator;
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
 use herald_control::{
     AppConfig, ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote,
@@ -624,30 +624,17 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     let webhooks = config
         .apps
         .iter()
-        .filter_map(|app| {
-            let webhook = AppWebhooks {
-                routes: vec![WebhookRoute {
-                    route: "default".to_owned(),
-                    url: app.webhook_url.clone()?,
-                    events: vec![
-                        WebhookEvent::Upstream,
-                        WebhookEvent::Online,
-                        WebhookEvent::Offline,
-                    ],
-                }],
-                secrets: Vec::new(),
-                rate: app.webhook_rate.map(config::RateSection::rate),
-            };
-            Some((app.id.clone(), webhook))
-        })
+        .filter_map(|app| Some((app.id.clone(), app.webhooks()?)))
         .collect();
+    let coordinator = Coordinator::start(webhooks, config.webhooks.policy())
+        .context("cannot start the webhook coordinator")?;
     let delivery = Delivery::new(
         name.clone(),
         saver.clone(),
         register,
         shard_senders,
         remote,
-        Coordinator::start(webhooks),
+        coordinator,
         config.gateway.inflight_pushes_max,
     );
     if let Some(link) = &link {
