@@ -33,6 +33,12 @@ use herald_proto::UpstreamStatus;
 use herald_proto::plane::ConnId;
 use herald_proto::rate::{Rate, TokenBucket};
 use hmac::{Hmac, KeyInit, Mac};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -59,6 +65,10 @@ pub const DEFAULT_STATE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long an upstream is retried: the client waits for its UPSTREAM_ACK
 /// meanwhile, so this is shorter than the state events' deadline.
 pub const DEFAULT_UPSTREAM_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The most of a business server's answer body that is read (and
+/// ignored): reading it lets the connection be reused.
+const ANSWER_BODY_LEN_MAX: usize = 64 * 1024;
 
 /// The longest wait before the first retry; each retry doubles it.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -165,8 +175,6 @@ pub enum WebhookSetupError {
     NoCertificate { path: PathBuf },
     #[error("a webhook CA certificate is not usable: {0}")]
     Certificate(rustls::Error),
-    #[error("cannot build the webhook HTTP client: {0}")]
-    Client(reqwest::Error),
 }
 
 /// Why a call was given up, a label of `herald_webhook_gave_up_total`.
@@ -231,9 +239,12 @@ struct AppQueue {
     rate: watch::Sender<Option<Rate>>,
 }
 
+/// The HTTP/1.1 client calls go through, http:// or https://.
+type HttpClient = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// What makes the calls, shared by every app's worker.
 struct Caller {
-    client: reqwest::Client,
+    client: HttpClient,
     policy: WebhookPolicy,
     attempts: AtomicU64,
     retries: AtomicU64,
@@ -445,9 +456,9 @@ impl Coordinator {
 }
 
 /// The HTTP client every call goes through: rustls on the ring provider,
-/// trusting the system's roots or `policy.ca_file`, never following a
-/// redirect (a signed call goes only where it was configured to).
-fn http_client(policy: &WebhookPolicy) -> Result<reqwest::Client, WebhookSetupError> {
+/// trusting the system's roots or `policy.ca_file`. It never follows a
+/// redirect: a signed call goes only where it was configured to.
+fn http_client(policy: &WebhookPolicy) -> Result<HttpClient, WebhookSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     match &policy.ca_file {
         Some(path) => {
@@ -487,11 +498,12 @@ fn http_client(policy: &WebhookPolicy) -> Result<reqwest::Client, WebhookSetupEr
         .map_err(WebhookSetupError::Certificate)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(WebhookSetupError::Client)
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(HyperClient::builder(TokioExecutor::new()).build(connector))
 }
 
 fn to_bytes(body: &serde_json::Value) -> Bytes {
@@ -540,33 +552,50 @@ impl Caller {
         let route = &call.webhooks.routes[call.route];
         let timestamp = unix_ms() / 1_000;
         self.attempts.fetch_add(1, Ordering::Relaxed);
-        let request = self
-            .client
-            .post(&route.url)
-            .timeout(self.policy.call_timeout.min(time_left))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+        let request = Request::post(&route.url)
+            .header(header::CONTENT_TYPE, "application/json")
             .header(
                 SIGNATURE_HEADER,
                 signature(&call.webhooks.secrets, timestamp, &call.body),
             )
             .header(EVENT_HEADER, call.event.as_str())
             .header(ROUTE_HEADER, &route.route)
-            .body(call.body.clone());
-        match request.send().await {
-            Ok(response) if response.status().is_success() => Ok(()),
-            Ok(response)
-                if response.status().is_server_error()
-                    || response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
+            .body(Full::new(call.body.clone()));
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(%error, url = %route.url, "webhook URL or route is not usable");
+                return Err(Failure::Final);
+            }
+        };
+        let exchange = async {
+            let response = self.client.request(request).await?;
+            let status = response.status();
+            // Read (a bounded part of) the answer so the connection is kept.
+            let _ = Limited::new(response.into_body(), ANSWER_BODY_LEN_MAX)
+                .collect()
+                .await;
+            Ok::<_, hyper_util::client::legacy::Error>(status)
+        };
+        let timeout = self.policy.call_timeout.min(time_left);
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(status)) if status.is_success() => Ok(()),
+            Ok(Ok(status))
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
             {
-                tracing::debug!(status = %response.status(), url = %route.url, "webhook call failed; retrying");
+                tracing::debug!(%status, url = %route.url, "webhook call failed; retrying");
                 Err(Failure::Retryable)
             }
-            Ok(response) => {
-                tracing::debug!(status = %response.status(), url = %route.url, "webhook refused a call");
+            Ok(Ok(status)) => {
+                tracing::debug!(%status, url = %route.url, "webhook refused a call");
                 Err(Failure::Final)
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::debug!(%error, url = %route.url, "webhook unreachable; retrying");
+                Err(Failure::Retryable)
+            }
+            Err(_) => {
+                tracing::debug!(url = %route.url, "webhook did not answer in time; retrying");
                 Err(Failure::Retryable)
             }
         }
