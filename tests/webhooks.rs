@@ -7,6 +7,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -94,7 +95,14 @@ fn request_id(call: &Received) -> u64 {
 
 #[tokio::test]
 async fn upstream_goes_to_its_route_or_the_default_and_state_events_to_their_routes() {
-    let receiver = Receiver::start(SECRET, |_, _| Answer::Status(200)).await;
+    // The first online/offline call fails: state events are retried too.
+    let presence_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = presence_failed.clone();
+    let receiver = Receiver::start(SECRET, move |call, _| {
+        let first = call.path == "/presence" && !failed.swap(true, Ordering::SeqCst);
+        Answer::Status(if first { 503 } else { 200 })
+    })
+    .await;
     let base = &receiver.base;
     let routes = format!(
         "[{}, {}, {}]",
@@ -154,16 +162,33 @@ async fn upstream_goes_to_its_route_or_the_default_and_state_events_to_their_rou
     sdk.close().await;
 
     drop(client);
+    let ann_calls = |event: &'static str| {
+        let receiver = receiver.clone();
+        move || {
+            receiver
+                .calls()
+                .iter()
+                .filter(|call| call.event == event && call.body["user"] == "ann")
+                .count()
+        }
+    };
+    let (online_calls, offline_calls) = (ann_calls("online"), ann_calls("offline"));
     support::cluster::eventually("ann's offline event arrives", || async {
-        receiver
-            .calls()
-            .iter()
-            .any(|call| call.event == "offline" && call.body["user"] == "ann")
+        offline_calls() == 1
     })
     .await;
+    support::cluster::eventually("ann's online event, refused once, is retried", || async {
+        online_calls() >= 2
+    })
+    .await;
+    assert_eq!(
+        online_calls(),
+        2,
+        "retried until it was accepted, then not again"
+    );
     receiver.assert_all_signed();
     let calls = receiver.calls();
-    let seen: Vec<(&str, &str, &str, u64)> = calls
+    let mut seen: Vec<(&str, &str, &str, u64)> = calls
         .iter()
         .filter(|call| call.body["user"] == "ann")
         .map(|call| {
@@ -175,6 +200,8 @@ async fn upstream_goes_to_its_route_or_the_default_and_state_events_to_their_rou
             )
         })
         .collect();
+    seen.sort();
+    seen.dedup();
     for expected in [
         ("/presence", "presence", "online", 0),
         ("/main", "main", "upstream", 1),
