@@ -495,7 +495,7 @@ fn http_client(policy: &WebhookPolicy) -> Result<HttpClient, WebhookSetupError> 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(WebhookSetupError::Certificate)?
+        .expect("ring supports rustls's default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -775,6 +775,84 @@ mod tests {
             upstream("news", Some("nope")).await,
             UpstreamStatus::UNKNOWN_ROUTE
         );
+    }
+
+    /// A business server on loopback that answers 200 once `release` is
+    /// true, and counts the calls it took.
+    async fn held_server(
+        release: watch::Receiver<bool>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = taken.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move || {
+                let (mut release, counted) = (release.clone(), counted.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let _ = release.wait_for(|released| *released).await;
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, taken)
+    }
+
+    #[tokio::test]
+    async fn set_app_keeps_calls_already_queued_for_that_app_and_others() {
+        let (release, released) = watch::channel(false);
+        let (url, taken) = held_server(released).await;
+        let webhooks = |url: &str| AppWebhooks {
+            routes: vec![WebhookRoute {
+                route: "main".to_owned(),
+                url: url.to_owned(),
+                events: vec![WebhookEvent::Upstream],
+            }],
+            secrets: vec!["s".repeat(32)],
+            rate: None,
+        };
+        let coordinator = Coordinator::start(
+            HashMap::from([
+                ("chat".to_owned(), webhooks(&url)),
+                ("news".to_owned(), webhooks(&url)),
+            ]),
+            WebhookPolicy::default(),
+        )
+        .unwrap();
+        let upstream = |app: &'static str| {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move {
+                let payload = Bytes::from_static(b"x");
+                coordinator
+                    .upstream(app, "ann", "phone", 1, None, &payload)
+                    .await
+            })
+        };
+        // More of chat's calls than may be in flight: some wait in its queue.
+        let chat: Vec<_> = (0..WEBHOOK_CALLS_IN_FLIGHT_MAX + 4)
+            .map(|_| upstream("chat"))
+            .collect();
+        let news = upstream("news");
+        while taken.load(Ordering::SeqCst) < WEBHOOK_CALLS_IN_FLIGHT_MAX + 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // One app is moved to a dead URL, the other removed: what either
+        // had queued or in flight is still made, as it was queued.
+        coordinator.set_app("chat", Some(webhooks("http://127.0.0.1:9/")));
+        coordinator.set_app("news", None);
+        release.send_replace(true);
+        for call in chat {
+            assert_eq!(call.await.unwrap(), UpstreamStatus::ACCEPTED);
+        }
+        assert_eq!(news.await.unwrap(), UpstreamStatus::ACCEPTED);
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            WEBHOOK_CALLS_IN_FLIGHT_MAX + 5
+        );
+        assert_eq!(upstream("news").await.unwrap(), UpstreamStatus::NO_ENDPOINT);
     }
 
     #[test]
