@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use herald_control::coordinator::{AppWebhooks, WebhookEvent, WebhookPolicy, WebhookRoute};
 use herald_proto::limits::{APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
 use herald_storage::GroupCommit;
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,17 @@ const GROUP_COMMIT_RECIPIENTS_MAX: usize = 100_000;
 const GROUP_COMMIT_WAIT_MS_MAX: u64 = 100;
 pub const DEFAULT_DRAIN_RECONNECT_DELAY_MS: u32 = 1_000;
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
+/// How long one webhook attempt may take.
+pub const DEFAULT_WEBHOOK_TIMEOUT_SECS: u64 = 10;
+/// How long an upstream is retried; its client waits for the answer.
+pub const DEFAULT_WEBHOOK_UPSTREAM_DEADLINE_SECS: u64 = 10;
+/// How long an online/offline event is retried.
+pub const DEFAULT_WEBHOOK_RETRY_DEADLINE_SECS: u64 = 30;
+/// The least a webhook secret may be: 32 characters, a 256-bit key's worth
+/// of hex would be 64, but a shorter random string still resists guessing.
+pub const WEBHOOK_SECRET_LEN_MIN: usize = 32;
+/// The route name of an app configured with the older `webhook_url`.
+pub const LEGACY_WEBHOOK_ROUTE: &str = "default";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -85,6 +97,7 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub api: ApiSection,
     pub storage: StorageSection,
+    pub webhooks: WebhooksSection,
     /// Only for `herald room` and `herald control`.
     pub cluster: Option<ClusterSection>,
     /// The admin API (`/v1/admin`); none: off.
@@ -309,13 +322,130 @@ pub struct AppSection {
     /// Broadcasts per second; none: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broadcast_rate: Option<RateSection>,
-    /// Where clients' upstream data and users' online/offline events go
-    /// (`http://...`, JSON POSTs); none: upstream is answered `no_endpoint`.
+    /// Where clients' upstream data and users' online/offline events go:
+    /// `[{ route = "orders", url = "https://...", events = ["upstream"] }]`.
+    /// Upstream naming no route goes to the first route that takes
+    /// upstream data; none: upstream is answered `no_endpoint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookRoute>,
+    /// The older form of `webhooks`: one route, `default`, for every event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// The key every webhook call is signed with (`Herald-Signature`);
+    /// needed with webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
     /// Webhook calls per second; none: as fast as they come.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_rate: Option<RateSection>,
+}
+
+impl AppSection {
+    /// The app's webhook routes, secret and rate; none without webhooks.
+    pub fn webhooks(&self) -> Option<AppWebhooks> {
+        let routes = match &self.webhook_url {
+            Some(url) => vec![WebhookRoute {
+                route: LEGACY_WEBHOOK_ROUTE.to_owned(),
+                url: url.clone(),
+                events: vec![
+                    WebhookEvent::Upstream,
+                    WebhookEvent::Online,
+                    WebhookEvent::Offline,
+                ],
+            }],
+            None if self.webhooks.is_empty() => return None,
+            None => self.webhooks.clone(),
+        };
+        Some(AppWebhooks {
+            routes,
+            secrets: self.webhook_secret.iter().cloned().collect(),
+            rate: self.webhook_rate.map(RateSection::rate),
+        })
+    }
+
+    /// Refuses webhook settings that cannot work, with the reason.
+    fn check_webhooks(&self) -> anyhow::Result<()> {
+        let id = &self.id;
+        if self.webhook_url.is_some() && !self.webhooks.is_empty() {
+            bail!("app {id:?}: set webhooks or the older webhook_url, not both");
+        }
+        let Some(webhooks) = self.webhooks() else {
+            return Ok(());
+        };
+        if self
+            .webhook_secret
+            .as_ref()
+            .is_none_or(|secret| secret.len() < WEBHOOK_SECRET_LEN_MIN)
+        {
+            bail!(
+                "app {id:?}: webhook_secret must be at least {WEBHOOK_SECRET_LEN_MIN} characters \
+                 (every webhook call is signed with it)"
+            );
+        }
+        herald_control::apps::check_webhook_routes(&webhooks.routes)
+            .map_err(|error| anyhow::anyhow!("app {id:?}: {error}"))?;
+        Ok(())
+    }
+}
+
+/// `[webhooks]`: how every app's webhook calls are made and retried.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksSection {
+    /// PEM CA certificates that https:// webhooks must chain to, instead
+    /// of the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// How long one attempt may take.
+    pub timeout_secs: u64,
+    /// How long an upstream is retried after it arrived; its client gets
+    /// `unavailable` then. At most `retry_deadline_secs`.
+    pub upstream_deadline_secs: u64,
+    /// How long an online/offline event is retried after it happened.
+    pub retry_deadline_secs: u64,
+}
+
+impl Default for WebhooksSection {
+    fn default() -> Self {
+        WebhooksSection {
+            ca_file: None,
+            timeout_secs: DEFAULT_WEBHOOK_TIMEOUT_SECS,
+            upstream_deadline_secs: DEFAULT_WEBHOOK_UPSTREAM_DEADLINE_SECS,
+            retry_deadline_secs: DEFAULT_WEBHOOK_RETRY_DEADLINE_SECS,
+        }
+    }
+}
+
+impl WebhooksSection {
+    /// The most any of the section's durations may be: an hour of retries
+    /// holds a call's place in its app's queue that long.
+    const SECS_MAX: u64 = 3600;
+
+    fn check(&self) -> anyhow::Result<()> {
+        let max = Self::SECS_MAX;
+        if !(1..=max).contains(&self.timeout_secs) {
+            bail!("webhooks.timeout_secs must be 1 to {max}");
+        }
+        if !(1..=max).contains(&self.retry_deadline_secs) {
+            bail!("webhooks.retry_deadline_secs must be 1 to {max}");
+        }
+        if !(1..=self.retry_deadline_secs).contains(&self.upstream_deadline_secs) {
+            bail!(
+                "webhooks.upstream_deadline_secs must be 1 to webhooks.retry_deadline_secs ({})",
+                self.retry_deadline_secs
+            );
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self) -> WebhookPolicy {
+        WebhookPolicy {
+            ca_file: self.ca_file.clone(),
+            call_timeout: Duration::from_secs(self.timeout_secs),
+            upstream_deadline: Duration::from_secs(self.upstream_deadline_secs),
+            state_deadline: Duration::from_secs(self.retry_deadline_secs),
+        }
+    }
 }
 
 /// `{ per_sec = 100, burst = 200 }`: a token bucket.
@@ -347,6 +477,7 @@ impl Default for Config {
             gateway: GatewaySection::default(),
             api: ApiSection::default(),
             storage: StorageSection::default(),
+            webhooks: WebhooksSection::default(),
             cluster: None,
             admin: None,
             apps: Vec::new(),
@@ -469,11 +600,7 @@ impl Config {
                     app.id
                 );
             }
-            if let Some(url) = &app.webhook_url
-                && !url.starts_with("http://")
-            {
-                bail!("app {:?}: webhook_url must be an http:// URL", app.id);
-            }
+            app.check_webhooks()?;
             for (name, rate) in [
                 ("push_rate", app.push_rate),
                 ("broadcast_rate", app.broadcast_rate),
@@ -496,6 +623,7 @@ impl Config {
                 );
             }
         }
+        self.webhooks.check()?;
         let gateway = &self.gateway;
         if gateway.apps_per_connection_max == 0
             || gateway.apps_per_connection_max > APPS_PER_CONN_MAX
@@ -740,7 +868,9 @@ pub fn demo_app(data_dir: &Path) -> anyhow::Result<(AppSection, bool)> {
         max_connections: None,
         push_rate: None,
         broadcast_rate: None,
+        webhooks: Vec::new(),
         webhook_url: None,
+        webhook_secret: None,
         webhook_rate: None,
     };
     std::fs::create_dir_all(data_dir)
@@ -768,7 +898,9 @@ mod tests {
             max_connections: None,
             push_rate: None,
             broadcast_rate: None,
+            webhooks: Vec::new(),
             webhook_url: None,
+            webhook_secret: None,
             webhook_rate: None,
         }
     }
@@ -780,6 +912,73 @@ mod tests {
             ..Config::default()
         };
         config.validate().unwrap();
+    }
+
+    /// `validate`'s error for one app as `toml` (lines of its table) sets
+    /// it, after `[webhooks]` lines `section`; `None` when it is valid.
+    fn webhook_error(toml: &str, section: &str) -> Option<String> {
+        let text = format!(
+            "[webhooks]\n{section}\n[[apps]]\nid = \"chat\"\napi_key = \"{}\"\n\
+             token_secret = \"{}\"\n{toml}",
+            "k".repeat(16),
+            "s".repeat(16)
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().err().map(|error| error.to_string())
+    }
+
+    #[test]
+    fn webhook_routes_need_a_long_secret_and_http_urls() {
+        let secret = format!("webhook_secret = \"{}\"", "w".repeat(32));
+        let routes = "webhooks = [{ route = \"orders\", url = \"https://biz.example/h\", \
+                      events = [\"upstream\"] }, { route = \"presence\", \
+                      url = \"http://127.0.0.1:9000/p\", events = [\"online\", \"offline\"] }]";
+        assert_eq!(webhook_error(&format!("{routes}\n{secret}"), ""), None);
+        let legacy = "webhook_url = \"http://127.0.0.1:9000/h\"";
+        assert_eq!(webhook_error(&format!("{legacy}\n{secret}"), ""), None);
+
+        for (toml, expected) in [
+            (routes.to_owned(), "webhook_secret must be at least 32"),
+            (
+                format!("{routes}\nwebhook_secret = \"short\""),
+                "webhook_secret must be at least 32",
+            ),
+            (format!("{legacy}\n{routes}\n{secret}"), "not both"),
+            (
+                format!(
+                    "webhooks = [{{ route = \"r\", url = \"ftp://biz.example/h\", \
+                     events = [\"upstream\"] }}]\n{secret}"
+                ),
+                "a webhook URL must be http://host[:port]/path or https://",
+            ),
+            (
+                format!("webhook_url = \"biz.example/h\"\n{secret}"),
+                "a webhook URL must be",
+            ),
+            (
+                format!(
+                    "webhooks = [{{ route = \"a b\", url = \"http://h/\", \
+                     events = [\"upstream\"] }}]\n{secret}"
+                ),
+                "webhook route \"a b\" must be 1 to 64",
+            ),
+            (
+                format!(
+                    "webhooks = [{{ route = \"r\", url = \"http://h/\", events = [] }}]\n{secret}"
+                ),
+                "takes no events",
+            ),
+        ] {
+            let error = webhook_error(&toml, "").unwrap_or_default();
+            assert!(error.contains(expected), "{toml}: {error}");
+        }
+        let error = webhook_error("", "upstream_deadline_secs = 40").unwrap();
+        assert!(
+            error.contains("upstream_deadline_secs must be 1 to"),
+            "{error}"
+        );
+        let error = webhook_error("", "timeout_secs = 0").unwrap();
+        assert!(error.contains("timeout_secs must be 1 to"), "{error}");
     }
 
     #[test]

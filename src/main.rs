@@ -8,7 +8,7 @@ mod config;
 mod listen;
 mod open_files;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +21,7 @@ use herald_control::apps::{AppSettings, AppTable, Apps, FileApp, RateLimit};
 use herald_control::cluster::connection::{RedisConn, RedisTarget};
 use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
-use herald_control::coordinator::{Coordinator, WebhookEvent, WebhookRoute};
+use herald_control::coordinator::{AppWebhooks, Coordinator};
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
 use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
 use herald_proto::server::ServerConfig;
@@ -508,24 +508,15 @@ fn file_apps(config: &Config) -> Vec<FileApp> {
             id: app.id.clone(),
             api_key: app.api_key.clone(),
             token_secret: app.token_secret.clone(),
-            webhook_secret: None,
+            webhook_secret: app.webhook_secret.clone(),
             settings: AppSettings {
                 default_ttl_secs: app.default_ttl_secs,
                 push_rate: rate(app.push_rate),
                 broadcast_rate: rate(app.broadcast_rate),
                 webhooks: app
-                    .webhook_url
-                    .iter()
-                    .map(|url| WebhookRoute {
-                        route: "default".to_owned(),
-                        url: url.clone(),
-                        events: vec![
-                            WebhookEvent::Upstream,
-                            WebhookEvent::Online,
-                            WebhookEvent::Offline,
-                        ],
-                    })
-                    .collect(),
+                    .webhooks()
+                    .map(|webhooks| webhooks.routes)
+                    .unwrap_or_default(),
                 webhook_rate: rate(app.webhook_rate),
                 max_connections: app.max_connections,
             },
@@ -549,11 +540,33 @@ async fn reload_apps(apps: Arc<Apps>) {
     }
 }
 
-/// Hands every change of the apps table to the gateway.
-async fn follow_apps(mut table: tokio::sync::watch::Receiver<Arc<AppTable>>, gateway: AppUpdater) {
+/// Hands every change of the apps table to the gateway (on nodes that
+/// have one) and to the coordinator.
+async fn follow_apps(
+    mut table: tokio::sync::watch::Receiver<Arc<AppTable>>,
+    gateway: Option<AppUpdater>,
+    coordinator: Coordinator,
+) {
+    let mut known: HashMap<String, AppWebhooks> = HashMap::new();
     loop {
         let apps = table.borrow_and_update().clone();
-        gateway.set(&app_access(&apps)).await;
+        if let Some(gateway) = &gateway {
+            gateway.set(&app_access(&apps)).await;
+        }
+        let now_ms = herald_control::clock::unix_ms();
+        let webhooks: HashMap<String, AppWebhooks> = apps
+            .values()
+            .filter_map(|app| Some((app.id.to_string(), app.webhooks(now_ms)?)))
+            .collect();
+        for (app, hooks) in &webhooks {
+            if known.get(app) != Some(hooks) {
+                coordinator.set_app(app, Some(hooks.clone()));
+            }
+        }
+        for app in known.keys().filter(|app| !webhooks.contains_key(*app)) {
+            coordinator.set_app(app, None);
+        }
+        known = webhooks;
         if table.changed().await.is_err() {
             return;
         }
@@ -720,10 +733,6 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         events_rx = Some(events);
     }
     let shard_senders = gateway.as_ref().map_or_else(Vec::new, Gateway::commands);
-    if let Some(gateway) = &gateway {
-        tokio::spawn(follow_apps(apps.watch(), gateway.app_updater()));
-    }
-    tokio::spawn(reload_apps(apps.clone()));
 
     let Wiring {
         register,
@@ -738,13 +747,21 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         .values()
         .filter_map(|app| Some((app.id.to_string(), app.webhooks(now_ms)?)))
         .collect();
+    let coordinator = Coordinator::start(webhooks, config.webhooks.policy())
+        .context("cannot start the webhook coordinator")?;
+    tokio::spawn(follow_apps(
+        apps.watch(),
+        gateway.as_ref().map(Gateway::app_updater),
+        coordinator.clone(),
+    ));
+    tokio::spawn(reload_apps(apps.clone()));
     let delivery = Delivery::new(
         name.clone(),
         saver.clone(),
         register,
         shard_senders,
         remote,
-        Coordinator::start(webhooks),
+        coordinator,
         config.gateway.inflight_pushes_max,
     );
     if let Some(link) = &link {

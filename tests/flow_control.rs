@@ -171,7 +171,7 @@ async fn past_its_accept_rate_the_gateway_turns_connections_away_with_a_retry_de
 }
 
 /// A business server's webhook: records each call's arrival time and JSON
-/// body; answers 500 to upstream data that says "reject".
+/// body; answers 400 (final, no retry) to upstream data that says "reject".
 async fn webhook() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(Instant, serde_json::Value)>>>,
@@ -188,7 +188,7 @@ async fn webhook() -> (
                 let reject = body["payload_base64"] == "cmVqZWN0"; // "reject"
                 recorded.lock().unwrap().push((Instant::now(), body));
                 if reject {
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    axum::http::StatusCode::BAD_REQUEST
                 } else {
                     axum::http::StatusCode::OK
                 }
@@ -207,7 +207,9 @@ async fn upstream_and_user_state_reach_the_webhook_at_the_apps_pace() {
     const UPSTREAMS: u64 = 20;
     let (url, calls) = webhook().await;
     let server = Server::start_with_app_settings(&format!(
-        "webhook_url = \"{url}\"\nwebhook_rate = {{ per_sec = 10, burst = 1 }}"
+        "webhook_url = \"{url}\"\nwebhook_secret = \"{}\"\n\
+         webhook_rate = {{ per_sec = 10, burst = 1 }}",
+        "w".repeat(32)
     ));
     let mut client = support::RawClient::bound(&server.gateway, "phone", "ann", None).await;
     for request_id in 1..=UPSTREAMS {
@@ -220,6 +222,7 @@ async fn upstream_and_user_state_reach_the_webhook_at_the_apps_pace() {
             .send(Frame::Upstream {
                 app: APP.to_owned(),
                 request_id,
+                route: None,
                 payload: bytes::Bytes::copy_from_slice(payload),
             })
             .await;

@@ -57,7 +57,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent};
+use herald_proto::client::{
+    AppCredentials, ClientConfig, ClientConn, ClientError as ConnError, ClientEvent,
+};
+use herald_proto::limits::ROUTE_LEN_MAX;
 use herald_proto::{BindErrorCode, GoAwayReason, UpstreamStatus, encode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -228,6 +231,8 @@ pub enum ClientError {
     Closed,
     #[error("not connected, or the app is not bound")]
     NotBound,
+    #[error("a route name is 1 to {ROUTE_LEN_MAX} bytes")]
+    InvalidRoute,
 }
 
 enum Command {
@@ -241,6 +246,7 @@ enum Command {
     },
     Upstream {
         app: String,
+        route: Option<String>,
         payload: Bytes,
         reply: oneshot::Sender<Result<u64, ClientError>>,
     },
@@ -316,13 +322,37 @@ impl Client {
             .map_err(|_| ClientError::Closed)
     }
 
-    /// Sends data for the app's business server; the returned request id
-    /// comes back in `Event::UpstreamAck`.
+    /// Sends data for the app's business server, to the app's default
+    /// webhook route; the returned request id comes back in
+    /// `Event::UpstreamAck`.
     pub async fn upstream(&self, app: &str, payload: Bytes) -> Result<u64, ClientError> {
+        self.send_upstream(app, None, payload).await
+    }
+
+    /// Sends data for the app's business server to its webhook `route`
+    /// (UPSTREAM_ACK `unknown_route` if the app has no such route for
+    /// upstream data); the returned request id comes back in
+    /// `Event::UpstreamAck`.
+    pub async fn upstream_to_route(
+        &self,
+        app: &str,
+        route: &str,
+        payload: Bytes,
+    ) -> Result<u64, ClientError> {
+        self.send_upstream(app, Some(route), payload).await
+    }
+
+    async fn send_upstream(
+        &self,
+        app: &str,
+        route: Option<&str>,
+        payload: Bytes,
+    ) -> Result<u64, ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Upstream {
                 app: app.to_owned(),
+                route: route.map(str::to_owned),
                 payload,
                 reply,
             })
@@ -716,8 +746,18 @@ async fn connect_and_run(
                 Some(Command::AckBroadcast { app, seq }) => {
                     conn.ack_broadcast(&app, seq);
                 }
-                Some(Command::Upstream { app, payload, reply }) => {
-                    let result = conn.upstream(&app, payload).map_err(|_| ClientError::NotBound);
+                Some(Command::Upstream {
+                    app,
+                    route,
+                    payload,
+                    reply,
+                }) => {
+                    let result =
+                        conn.upstream(&app, route.as_deref(), payload)
+                            .map_err(|error| match error {
+                                ConnError::InvalidRoute => ClientError::InvalidRoute,
+                                ConnError::NotBound | ConnError::Closed => ClientError::NotBound,
+                            });
                     let _ = reply.send(result);
                 }
                 None | Some(Command::Close) => {

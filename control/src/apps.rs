@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_proto::ids::AppId;
+use herald_proto::limits::ROUTE_LEN_MAX;
 use herald_storage::{Saver, StorageError, StoredApp};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -135,52 +136,48 @@ impl AppSettings {
                 "max_connections must be 1 to {MAX_CONNECTIONS_MAX}"
             ));
         }
-        if self.webhooks.len() > WEBHOOK_ROUTES_MAX {
-            return Err(format!(
-                "an app has at most {WEBHOOK_ROUTES_MAX} webhook routes"
-            ));
-        }
-        let mut routes = HashSet::new();
-        for route in &self.webhooks {
-            check_route(route)?;
-            if !routes.insert(route.route.as_str()) {
-                return Err(format!("webhook route {:?} is defined twice", route.route));
-            }
-        }
-        Ok(())
+        check_webhook_routes(&self.webhooks)
     }
 }
 
-fn check_route(route: &WebhookRoute) -> Result<(), String> {
-    let name_valid = !route.route.is_empty()
-        && route.route.len() <= 64
-        && route
-            .route
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !name_valid {
+/// Checks an app's webhook routes: how many, each name (unique) and URL,
+/// and that each takes some event.
+pub fn check_webhook_routes(routes: &[WebhookRoute]) -> Result<(), String> {
+    if routes.len() > WEBHOOK_ROUTES_MAX {
         return Err(format!(
-            "webhook route name {:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'",
-            route.route
+            "an app has at most {WEBHOOK_ROUTES_MAX} webhook routes"
         ));
     }
-    let Some((scheme, rest)) = route.url.split_once("://") else {
-        return Err(format!(
-            "webhook route {:?}: url {:?} must be an http:// or https:// URL",
-            route.route, route.url
-        ));
-    };
-    if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.starts_with('/') {
-        return Err(format!(
-            "webhook route {:?}: url {:?} must be an http:// or https:// URL with a host",
-            route.route, route.url
-        ));
-    }
-    if route.events.is_empty() {
-        return Err(format!(
-            "webhook route {:?}: events must name at least one of \"upstream\", \"online\", \"offline\"",
-            route.route
-        ));
+    let mut names = HashSet::new();
+    for route in routes {
+        let name = &route.route;
+        let valid_name = !name.is_empty()
+            && name.len() <= ROUTE_LEN_MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid_name {
+            return Err(format!(
+                "webhook route {name:?} must be 1 to {ROUTE_LEN_MAX} characters \
+                 of A-Z, a-z, 0-9, '-', '_', '.'"
+            ));
+        }
+        if !names.insert(name) {
+            return Err(format!("webhook route {name:?} is defined twice"));
+        }
+        let url = &route.url;
+        let host = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        if host.is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+            return Err(format!(
+                "webhook route {name:?} has URL {url:?}; a webhook URL must be \
+                 http://host[:port]/path or https://host[:port]/path"
+            ));
+        }
+        if route.events.is_empty() {
+            return Err(format!("webhook route {name:?} takes no events"));
+        }
     }
     Ok(())
 }

@@ -725,6 +725,24 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    let coordinator = state.delivery.coordinator();
+    let (attempts, retries) = coordinator.call_counts();
+    let _ = writeln!(
+        text,
+        "# HELP herald_webhook_calls_total Webhook attempts made (first calls and retries).\n\
+         # TYPE herald_webhook_calls_total counter\nherald_webhook_calls_total {attempts}\n\
+         # HELP herald_webhook_retries_total Webhook attempts that were retries.\n\
+         # TYPE herald_webhook_retries_total counter\nherald_webhook_retries_total {retries}\n\
+         # HELP herald_webhook_gave_up_total Webhook calls given up, by app and reason \
+         (deadline, rejected, queue_full).\n# TYPE herald_webhook_gave_up_total counter"
+    );
+    for (app, reason, count) in coordinator.gave_up_counts() {
+        let _ = writeln!(
+            text,
+            "herald_webhook_gave_up_total{{app=\"{app}\",reason=\"{}\"}} {count}",
+            reason.as_str()
+        );
+    }
     let _ = writeln!(
         text,
         "# HELP herald_api_requests_total API requests by HTTP status.\n# TYPE herald_api_requests_total counter"

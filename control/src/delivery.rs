@@ -170,6 +170,12 @@ impl Delivery {
         })
     }
 
+    /// The webhook queues: their counts for metrics, and `set_app` for
+    /// apps that change at runtime.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
     pub fn saver(&self) -> &Saver {
         &self.saver
     }
@@ -417,6 +423,7 @@ impl Delivery {
                     user,
                     device_id,
                     request_id,
+                    route,
                     payload,
                 } => {
                     self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
@@ -426,7 +433,14 @@ impl Delivery {
                     tokio::spawn(async move {
                         let status = this
                             .coordinator
-                            .upstream(&app, &user, &device_id, request_id, &payload)
+                            .upstream(
+                                &app,
+                                &user,
+                                &device_id,
+                                request_id,
+                                route.as_deref(),
+                                &payload,
+                            )
                             .await;
                         let command = ConnCommand::UpstreamAck {
                             app,

@@ -14,6 +14,7 @@ use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, ResetSequence,
     UnbindReason, UpstreamStatus,
 };
+use crate::limits::ROUTE_LEN_MAX;
 
 /// How long the server may take to answer HELLO.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,6 +135,8 @@ pub enum ClientError {
     NotBound,
     #[error("connection is closed")]
     Closed,
+    #[error("a route name is 1 to {ROUTE_LEN_MAX} bytes")]
+    InvalidRoute,
 }
 
 #[derive(Debug)]
@@ -428,19 +431,29 @@ impl ClientConn {
         true
     }
 
-    /// Queues data for the app's business server; returns its request id.
-    pub fn upstream(&mut self, app: &str, payload: Bytes) -> Result<u64, ClientError> {
+    /// Queues data for the app's business server, for its webhook `route`
+    /// (none: the app's default route); returns its request id.
+    pub fn upstream(
+        &mut self,
+        app: &str,
+        route: Option<&str>,
+        payload: Bytes,
+    ) -> Result<u64, ClientError> {
         if self.phase != Phase::Open {
             return Err(ClientError::Closed);
         }
         if self.app_mut(app).and_then(|s| s.user.as_ref()).is_none() {
             return Err(ClientError::NotBound);
         }
+        if route.is_some_and(|route| route.is_empty() || route.len() > ROUTE_LEN_MAX) {
+            return Err(ClientError::InvalidRoute);
+        }
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         self.transmit.push_back(Frame::Upstream {
             app: app.to_owned(),
             request_id,
+            route: route.map(str::to_owned),
             payload,
         });
         Ok(request_id)
@@ -558,6 +571,41 @@ mod tests {
         assert_eq!(conn.poll_timeout(), Some(now + Duration::from_secs(1)));
         conn.handle_timeout(now + Duration::from_secs(1));
         assert_eq!(drain(&mut conn), vec![Frame::Ping]);
+    }
+
+    #[test]
+    fn an_upstream_names_its_route_only_when_given_one() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        hello_ok(&mut conn, now);
+        conn.handle_frame(
+            now,
+            Frame::BindOk {
+                app: "chat".to_owned(),
+                user: "ann".to_owned(),
+            },
+        );
+        drain(&mut conn);
+        let data = Bytes::from_static(b"x");
+        assert_eq!(conn.upstream("chat", None, data.clone()), Ok(1));
+        assert_eq!(conn.upstream("chat", Some("orders"), data.clone()), Ok(2));
+        assert_eq!(
+            conn.upstream("chat", Some(""), data.clone()),
+            Err(ClientError::InvalidRoute)
+        );
+        let too_long = "r".repeat(ROUTE_LEN_MAX + 1);
+        assert_eq!(
+            conn.upstream("chat", Some(&too_long), data.clone()),
+            Err(ClientError::InvalidRoute)
+        );
+        let routes: Vec<Option<String>> = drain(&mut conn)
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Upstream { route, .. } => route,
+                other => panic!("expected UPSTREAM, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(routes, [None, Some("orders".to_owned())]);
     }
 
     #[test]

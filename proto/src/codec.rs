@@ -14,8 +14,8 @@ use crate::frame::{
 };
 use crate::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,
-    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, TAG_LEN_MAX,
-    TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, ROUTE_LEN_MAX,
+    TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 
 /// Why bytes from the peer are not a v1 frame. Every variant is final for
@@ -114,6 +114,12 @@ const TAG: StrField = StrField {
     non_empty: true,
     wide: false,
 };
+const ROUTE: StrField = StrField {
+    name: "route",
+    len_max: ROUTE_LEN_MAX,
+    non_empty: true,
+    wide: false,
+};
 const TEXT: StrField = StrField {
     name: "message",
     len_max: TEXT_LEN_MAX,
@@ -182,7 +188,17 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Push { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
         Frame::Ack { app, .. } | Frame::BroadcastAck { app, .. } => str_len(APP, app) + 8,
         Frame::Broadcast { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
-        Frame::Upstream { app, payload, .. } => str_len(APP, app) + 8 + payload.len(),
+        Frame::Upstream {
+            app,
+            route,
+            payload,
+            ..
+        } => {
+            str_len(APP, app)
+                + 8
+                + route.as_ref().map_or(0, |route| str_len(ROUTE, route))
+                + payload.len()
+        }
         Frame::UpstreamAck { app, .. } => str_len(APP, app) + 8 + 2,
         Frame::Unbind { app, reason } => str_len(APP, app) + if reason.is_some() { 2 } else { 0 },
         Frame::GoAway {
@@ -227,10 +243,20 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             check_str(APP, app)?;
             check_str(TEXT, message)
         }
-        Frame::Push { app, payload, .. }
-        | Frame::Broadcast { app, payload, .. }
-        | Frame::Upstream { app, payload, .. } => {
+        Frame::Push { app, payload, .. } | Frame::Broadcast { app, payload, .. } => {
             check_str(APP, app)?;
+            check_payload(payload)
+        }
+        Frame::Upstream {
+            app,
+            route,
+            payload,
+            ..
+        } => {
+            check_str(APP, app)?;
+            if let Some(route) = route {
+                check_str(ROUTE, route)?;
+            }
             check_payload(payload)
         }
         Frame::Ack { app, .. }
@@ -359,10 +385,14 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
         Frame::Upstream {
             app,
             request_id,
+            route,
             payload,
         } => {
             put_str(dst, APP, app);
             dst.put_u64(*request_id);
+            if let Some(route) = route {
+                put_str(dst, ROUTE, route);
+            }
             dst.put_slice(payload);
         }
         Frame::UpstreamAck {
@@ -592,6 +622,13 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
         Op::Upstream => Frame::Upstream {
             app: r.str(APP)?,
             request_id: r.u64()?,
+            route: None,
+            payload: r.payload()?,
+        },
+        Op::UpstreamRouted => Frame::Upstream {
+            app: r.str(APP)?,
+            request_id: r.u64()?,
+            route: Some(r.str(ROUTE)?),
             payload: r.payload()?,
         },
         Op::UpstreamAck => Frame::UpstreamAck {
@@ -737,9 +774,19 @@ mod tests {
                 Frame::Upstream {
                     app: "chat".into(),
                     request_id: 5,
+                    route: None,
                     payload: Bytes::from_static(b"up"),
                 },
                 "00000011 01 0a 04 63686174 0000000000000005 7570",
+            ),
+            (
+                Frame::Upstream {
+                    app: "chat".into(),
+                    request_id: 5,
+                    route: Some("orders".into()),
+                    payload: Bytes::from_static(b"up"),
+                },
+                "00000018 01 12 04 63686174 0000000000000005 06 6f7264657273 7570",
             ),
             (
                 Frame::UpstreamAck {

@@ -75,10 +75,14 @@ pub enum Frame {
     /// Client -> server: the client holds every broadcast of `app` up to
     /// and including `seq`.
     BroadcastAck { app: String, seq: u64 },
-    /// Client -> server: data for the app's business server.
+    /// Client -> server: data for the app's business server. With a
+    /// `route` it goes to that webhook route, else to the app's default
+    /// route; on the wire a routed UPSTREAM is op `UpstreamRouted`, so a
+    /// frame without a route is what every v1 peer reads.
     Upstream {
         app: String,
         request_id: u64,
+        route: Option<String>,
         payload: Bytes,
     },
     /// Server -> client: the outcome of an UPSTREAM.
@@ -161,6 +165,7 @@ pub enum Op {
     Broadcast = 0x0F,
     BroadcastAck = 0x10,
     Reset = 0x11,
+    UpstreamRouted = 0x12,
 }
 
 impl Op {
@@ -183,6 +188,7 @@ impl Op {
             0x0F => Op::Broadcast,
             0x10 => Op::BroadcastAck,
             0x11 => Op::Reset,
+            0x12 => Op::UpstreamRouted,
             _ => return None,
         })
     }
@@ -200,7 +206,8 @@ impl Frame {
             Frame::Pong => Op::Pong,
             Frame::Push { .. } => Op::Push,
             Frame::Ack { .. } => Op::Ack,
-            Frame::Upstream { .. } => Op::Upstream,
+            Frame::Upstream { route: None, .. } => Op::Upstream,
+            Frame::Upstream { route: Some(_), .. } => Op::UpstreamRouted,
             Frame::UpstreamAck { .. } => Op::UpstreamAck,
             Frame::Unbind { .. } => Op::Unbind,
             Frame::GoAway { .. } => Op::GoAway,
@@ -401,5 +408,8 @@ code_type! {
         UNAVAILABLE = 3 => "unavailable",
         /// The app named in the UPSTREAM is not bound on this connection.
         NOT_BOUND = 4 => "not_bound",
+        /// The route named in the UPSTREAM is not one of the app's webhook
+        /// routes that takes upstream data.
+        UNKNOWN_ROUTE = 5 => "unknown_route",
     }
 }

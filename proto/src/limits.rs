@@ -45,12 +45,19 @@ pub const TEXT_LEN_MAX: usize = 1024;
 pub const TAGS_PER_BIND_MAX: usize = 8;
 pub const TAG_LEN_MAX: usize = 64;
 
+/// Longest webhook route name an UPSTREAM may carry, in bytes.
+pub const ROUTE_LEN_MAX: usize = 64;
+
 /// Most apps one connection may have bound at once.
 pub const APPS_PER_CONN_MAX: usize = 16;
 
 // A PUSH with the longest app id and the largest payload must fit in a frame:
 // version + op + app (1 + len) + message id (16) + seq (8) + payload.
 const _: () = assert!(2 + 1 + APP_ID_LEN_MAX + 16 + 8 + PAYLOAD_LEN_MAX <= FRAME_BODY_LEN_MAX);
+// An UPSTREAM with the longest app id, route and payload must fit too:
+// version + op + app (1 + len) + request id (8) + route (1 + len) + payload.
+const _: () =
+    assert!(2 + 1 + APP_ID_LEN_MAX + 8 + 1 + ROUTE_LEN_MAX + PAYLOAD_LEN_MAX <= FRAME_BODY_LEN_MAX);
 // A BIND with the longest app id and token must fit too.
 const _: () = assert!(
     2 + 1 + APP_ID_LEN_MAX + 2 + TOKEN_LEN_MAX + 9 + 9 + 1 + TAGS_PER_BIND_MAX * (1 + TAG_LEN_MAX)

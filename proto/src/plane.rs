@@ -234,12 +234,14 @@ pub enum ConnEvent {
         app: AppId,
         after: u64,
     },
-    /// Data the client sent for the app's business server.
+    /// Data the client sent for the app's business server, for the
+    /// webhook route it named (none: the app's default route).
     Upstream {
         app: AppId,
         user: UserId,
         device_id: String,
         request_id: u64,
+        route: Option<String>,
         payload: Bytes,
     },
 }

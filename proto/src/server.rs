@@ -508,6 +508,7 @@ impl ServerConn {
                 Frame::Upstream {
                     app,
                     request_id,
+                    route,
                     payload,
                 },
             ) => match self.bindings.iter().find(|b| *b.app == *app) {
@@ -516,6 +517,7 @@ impl ServerConn {
                     user: UserId::from(&*binding.user),
                     device_id: self.device_id.to_string(),
                     request_id,
+                    route,
                     payload,
                 }),
                 None => out.transmit.push(Frame::UpstreamAck {
@@ -1732,6 +1734,7 @@ mod tests {
         let out = h.frame(Frame::Upstream {
             app: "other".to_owned(),
             request_id: 9,
+            route: None,
             payload: Bytes::from_static(b"x"),
         });
         assert_eq!(
@@ -1745,11 +1748,12 @@ mod tests {
         let out = h.frame(Frame::Upstream {
             app: "chat".to_owned(),
             request_id: 10,
+            route: Some("orders".to_owned()),
             payload: Bytes::from_static(b"y"),
         });
         assert!(matches!(
-            out.events[..],
-            [ConnEvent::Upstream { request_id: 10, .. }]
+            &out.events[..],
+            [ConnEvent::Upstream { request_id: 10, route: Some(route), .. }] if route == "orders"
         ));
     }
 

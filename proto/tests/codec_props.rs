@@ -8,7 +8,7 @@
 use bytes::{Bytes, BytesMut};
 use herald_proto::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX, PAYLOAD_LEN_MAX,
-    TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    ROUTE_LEN_MAX, TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 use herald_proto::{
     BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType,
@@ -163,13 +163,18 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
             }
         ),
         (app(), any::<u64>()).prop_map(|(app, seq)| Frame::Ack { app, seq }),
-        (app(), any::<u64>(), payload(sizes)).prop_map(|(app, request_id, payload)| {
-            Frame::Upstream {
+        (
+            app(),
+            any::<u64>(),
+            proptest::option::of(text(ROUTE_LEN_MAX, true, sizes)),
+            payload(sizes)
+        )
+            .prop_map(|(app, request_id, route, payload)| Frame::Upstream {
                 app,
                 request_id,
+                route,
                 payload,
-            }
-        }),
+            }),
         (app(), any::<u64>(), any::<u16>()).prop_map(|(app, request_id, status)| {
             Frame::UpstreamAck {
                 app,

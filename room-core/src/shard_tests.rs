@@ -1206,6 +1206,7 @@ fn stops_reading_while_the_outbox_is_full<const R: bool>() {
     let upstream = |request_id| Frame::Upstream {
         app: APP.to_owned(),
         request_id,
+        route: None,
         payload: Bytes::from_static(b"u"),
     };
     let chunk =

@@ -466,6 +466,7 @@ fn connections_killed_mid_send_and_mid_receive_leave_nothing_behind() {
                     &Frame::Upstream {
                         app: APP.to_owned(),
                         request_id: 1,
+                        route: None,
                         payload: bytes::Bytes::from(vec![b'y'; 4096]),
                     },
                     &mut upstream,

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod cluster;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ pub const API_KEY: &str = "test-api-key-0123456789";
 pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
 pub const OTHER_APP: &str = "news";
 pub const OTHER_API_KEY: &str = "other-api-key-0123456789";
+pub const OTHER_TOKEN_SECRET: &str = "other-secret-0123456789";
 
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -107,7 +109,7 @@ token_secret = "{TOKEN_SECRET}"
 [[apps]]
 id = "{OTHER_APP}"
 api_key = "{OTHER_API_KEY}"
-token_secret = "other-secret-0123456789"
+token_secret = "{OTHER_TOKEN_SECRET}"
 "#
     );
     std::fs::write(&path, text).unwrap();

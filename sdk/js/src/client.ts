@@ -102,6 +102,12 @@ export interface ClientOptions {
 }
 
 /** The server answered HELLO: the connection is up (binds follow). */
+/** The options of `HeraldClient.upstream`. */
+export interface UpstreamOptions {
+  /** The app's webhook route the data goes to; none: the app's default route. */
+  route?: string;
+}
+
 export interface ConnectedEvent {
   type: "connected";
   gateway: string;
@@ -361,15 +367,19 @@ export class HeraldClient {
    * Sends data for the app's business server; returns its request id, which
    * comes back in an `upstreamAck` event. Throws `HeraldError` when no
    * connection is up or the app is not bound on it (nothing is queued for
-   * later), and a `RangeError` for a payload over 65,024 bytes.
+   * later), and a `RangeError` for a payload over 65,024 bytes or a route
+   * that is not 1 to 64 bytes. `options.route` names the app's webhook
+   * route the data goes to (the server answers `unknown_route` if the app
+   * has no such route for upstream data); without it the data goes to the
+   * app's default route.
    */
-  upstream(app: string, payload: Uint8Array | ArrayBuffer | string): bigint {
+  upstream(app: string, payload: Uint8Array | ArrayBuffer | string, options: UpstreamOptions = {}): bigint {
     if (this.stateValue === "closed") throw new HeraldError("closed", "the client is closed");
     const current = this.current;
     if (current?.conn === undefined || !current.conn.isOpen || current.conn.boundUser(app) === undefined) {
       throw new HeraldError("not_bound", `not connected, or app ${JSON.stringify(app)} is not bound`);
     }
-    const requestId = current.conn.upstream(app, payloadBytes(payload));
+    const requestId = current.conn.upstream(app, payloadBytes(payload), options.route);
     this.nextRequestId = requestId + 1n;
     current.pump();
     return requestId;

@@ -24,6 +24,8 @@ export const TEXT_LEN_MAX = 1024;
 export const APPS_PER_CONN_MAX = 16;
 export const TAGS_PER_BIND_MAX = 8;
 export const TAG_LEN_MAX = 64;
+/** Longest webhook route name an UPSTREAM may carry, in bytes. */
+export const ROUTE_LEN_MAX = 64;
 export const MESSAGE_ID_LEN = 16;
 
 /** The op byte of each frame. */
@@ -45,6 +47,7 @@ export const Op = {
   Broadcast: 0x0f,
   BroadcastAck: 0x10,
   Reset: 0x11,
+  UpstreamRouted: 0x12,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -89,6 +92,7 @@ export const UpstreamStatus = {
   Rejected: 2,
   Unavailable: 3,
   NotBound: 4,
+  UnknownRoute: 5,
 } as const;
 
 const GOAWAY_NAMES = [
@@ -118,7 +122,14 @@ const ERROR_NAMES = [
   "unexpected_frame",
   "not_bound",
 ];
-const UPSTREAM_NAMES = ["accepted", "no_endpoint", "rejected", "unavailable", "not_bound"];
+const UPSTREAM_NAMES = [
+  "accepted",
+  "no_endpoint",
+  "rejected",
+  "unavailable",
+  "not_bound",
+  "unknown_route",
+];
 const OP_NAMES = [
   "",
   "HELLO",
@@ -138,6 +149,7 @@ const OP_NAMES = [
   "BROADCAST",
   "BROADCAST_ACK",
   "RESET",
+  "UPSTREAM_ROUTED",
 ];
 
 function nameIn(names: readonly string[], code: number): string {
@@ -176,7 +188,11 @@ export type Frame =
   | { type: "pong" }
   | { type: "push"; app: string; messageId: Uint8Array; seq: bigint; payload: Uint8Array }
   | { type: "ack"; app: string; seq: bigint }
-  | { type: "upstream"; app: string; requestId: bigint; payload: Uint8Array }
+  /**
+   * With a `route` the data goes to that webhook route (on the wire op
+   * UPSTREAM_ROUTED), else to the app's default route.
+   */
+  | { type: "upstream"; app: string; requestId: bigint; route?: string; payload: Uint8Array }
   | { type: "upstreamAck"; app: string; requestId: bigint; status: number }
   | { type: "unbind"; app: string }
   | { type: "goAway"; reason: number; reconnectDelayMs?: number }
@@ -211,6 +227,7 @@ const OP_OF: { [T in FrameType]: Op } = {
 
 /** The op byte of a frame. */
 export function frameOp(frame: Frame): Op {
+  if (frame.type === "upstream" && frame.route !== undefined) return Op.UpstreamRouted;
   return OP_OF[frame.type];
 }
 
@@ -308,6 +325,7 @@ const CLIENT_VERSION: StrField = {
 };
 const TOKEN: StrField = { name: "token", lenMax: TOKEN_LEN_MAX, nonEmpty: false, wide: true };
 const TAG: StrField = { name: "tag", lenMax: TAG_LEN_MAX, nonEmpty: true, wide: false };
+const ROUTE: StrField = { name: "route", lenMax: ROUTE_LEN_MAX, nonEmpty: true, wide: false };
 const TEXT: StrField = { name: "message", lenMax: TEXT_LEN_MAX, nonEmpty: false, wide: true };
 
 const U64_MAX = (1n << 64n) - 1n;
@@ -525,9 +543,11 @@ export function encodeFrame(frame: Frame): Uint8Array {
     case "upstream": {
       const app = strBytes(APP, frame.app);
       const requestId = checkU64("request_id", frame.requestId);
+      const route = frame.route === undefined ? undefined : strBytes(ROUTE, frame.route);
       const payload = checkPayload(frame.payload);
       w.str(APP, app);
       w.u64(requestId);
+      if (route !== undefined) w.str(ROUTE, route);
       w.raw(payload);
       break;
     }
@@ -676,7 +696,7 @@ class Reader {
 }
 
 function isOp(byte: number): byte is Op {
-  return byte >= Op.Hello && byte <= Op.Reset;
+  return byte >= Op.Hello && byte <= Op.UpstreamRouted;
 }
 
 function decodeBody(body: Uint8Array): Frame {
@@ -764,6 +784,13 @@ function decodeBody(body: Uint8Array): Frame {
       const app = r.str(APP);
       const requestId = r.u64();
       frame = { type: "upstream", app, requestId, payload: r.payload() };
+      break;
+    }
+    case Op.UpstreamRouted: {
+      const app = r.str(APP);
+      const requestId = r.u64();
+      const route = r.str(ROUTE);
+      frame = { type: "upstream", app, requestId, route, payload: r.payload() };
       break;
     }
     case Op.UpstreamAck: {

@@ -19,6 +19,7 @@ import {
   DecodeError,
   ErrorCode,
   PAYLOAD_LEN_MAX,
+  ROUTE_LEN_MAX,
   ResetSequence as Sequence,
   bindErrorName,
   decodeMessage,
@@ -422,19 +423,31 @@ export class ClientConn {
   }
 
   /**
-   * Queues data for the app's business server; returns its request id.
-   * Throws `ConnError` when the connection is not open or the app is not
-   * bound, and a `RangeError` for a payload over 65,024 bytes.
+   * Queues data for the app's business server, for its webhook `route`
+   * (none: the app's default route); returns its request id. Throws
+   * `ConnError` when the connection is not open or the app is not bound,
+   * and a `RangeError` for a payload over 65,024 bytes or a route that is
+   * not 1 to 64 bytes.
    */
-  upstream(app: string, payload: Uint8Array): bigint {
+  upstream(app: string, payload: Uint8Array, route?: string): bigint {
     if (this.phase !== "open") throw new ConnError("closed", "the connection is not open");
     if (this.app(app)?.user === undefined) throw new ConnError("not_bound", `app ${JSON.stringify(app)} is not bound`);
     if (payload.length > PAYLOAD_LEN_MAX) {
       throw new RangeError(`an upstream payload is at most ${PAYLOAD_LEN_MAX} bytes, not ${payload.length}`);
     }
+    if (route !== undefined) {
+      const length = new TextEncoder().encode(route).length;
+      if (length === 0 || length > ROUTE_LEN_MAX) {
+        throw new RangeError(`a route name is 1 to ${ROUTE_LEN_MAX} bytes, not ${length}`);
+      }
+    }
     const requestId = this.nextRequestId;
     this.nextRequestId += 1n;
-    this.transmit.push({ type: "upstream", app, requestId, payload });
+    this.transmit.push(
+      route === undefined
+        ? { type: "upstream", app, requestId, payload }
+        : { type: "upstream", app, requestId, route, payload },
+    );
     return requestId;
   }
 

@@ -506,19 +506,24 @@ describe("upstream, unbind, close and the store", () => {
     socket.take();
     assert.equal(client.upstream("chat", "hello"), 1n);
     assert.throws(() => client.upstream("other", "x"), HeraldError);
+    assert.equal(client.upstream("chat", "order", { route: "orders" }), 2n);
+    assert.throws(() => client.upstream("chat", "x", { route: "" }), RangeError);
     assert.deepEqual(socket.take(), [
       { type: "upstream", app: "chat", requestId: 1n, payload: new TextEncoder().encode("hello") },
+      { type: "upstream", app: "chat", requestId: 2n, route: "orders", payload: new TextEncoder().encode("order") },
     ]);
     socket.receive({ type: "upstreamAck", app: "chat", requestId: 1n, status: 0 });
+    socket.receive({ type: "upstreamAck", app: "chat", requestId: 2n, status: 5 });
     await settle();
     assert.deepEqual(only(events, "upstreamAck"), [
       { type: "upstreamAck", app: "chat", requestId: 1n, status: 0, statusName: "accepted" },
+      { type: "upstreamAck", app: "chat", requestId: 2n, status: 5, statusName: "unknown_route" },
     ]);
     socket.serverClose(1006);
     await clock.advance(1_000);
     socket = last();
     await handshake(socket);
-    assert.equal(client.upstream("chat", new Uint8Array([1])), 2n);
+    assert.equal(client.upstream("chat", new Uint8Array([1])), 3n);
     await client.close();
     assert.throws(() => client.upstream("chat", "x"), (e: unknown) => e instanceof HeraldError && e.kind === "closed");
   });

@@ -412,10 +412,14 @@ describe("upstream and unbind", () => {
     conn.handleFrame(T0, { type: "bindOk", app: "chat", user: "alice" });
     assert.equal(conn.upstream("chat", Uint8Array.of(1)), 41n);
     assert.equal(conn.upstream("chat", Uint8Array.of(2)), 42n);
+    assert.equal(conn.upstream("chat", Uint8Array.of(3), "orders"), 43n);
     assert.throws(() => conn.upstream("chat", new Uint8Array(PAYLOAD_LEN_MAX + 1)), RangeError);
+    assert.throws(() => conn.upstream("chat", Uint8Array.of(4), ""), RangeError);
+    assert.throws(() => conn.upstream("chat", Uint8Array.of(4), "é".repeat(33)), RangeError);
     assert.deepEqual(drain(conn), [
       { type: "upstream", app: "chat", requestId: 41n, payload: Uint8Array.of(1) },
       { type: "upstream", app: "chat", requestId: 42n, payload: Uint8Array.of(2) },
+      { type: "upstream", app: "chat", requestId: 43n, route: "orders", payload: Uint8Array.of(3) },
     ]);
     conn.handleFrame(T0, { type: "upstreamAck", app: "chat", requestId: 41n, status: 3 });
     assert.deepEqual(events(conn).at(-1), {
