@@ -17,6 +17,7 @@ import {
   type BroadcastEvent,
   type PushEvent,
   type ResetEvent,
+  type UnboundEvent,
   type UpstreamAckEvent,
   ClientConn,
 } from "./conn.js";
@@ -143,6 +144,7 @@ export type ClientEvent =
   | BroadcastEvent
   | UpstreamAckEvent
   | ResetEvent
+  | UnboundEvent
   | DispatchFailedEvent
   | DisconnectedEvent
   | ClosedEvent;
@@ -623,6 +625,13 @@ export class HeraldClient {
             case "reset":
               this.hub.emit(event);
               break;
+            case "unbound": {
+              // Deleted: not bound on later connections either.
+              const index = this.apps.findIndex((a) => a.app === event.app);
+              if (index >= 0) this.apps.splice(index, 1);
+              this.hub.emit(event);
+              break;
+            }
             case "goAway":
               finish(
                 endedByGoAway(

@@ -68,6 +68,12 @@ export const GoAwayReason = {
   ProtocolError: 6,
   HeartbeatTimeout: 7,
   Overloaded: 8,
+  AppDeleted: 9,
+} as const;
+
+/** Why the server unbound an app from a connection that stays open. */
+export const UnbindReason = {
+  AppDeleted: 1,
 } as const;
 
 export const BindErrorCode = {
@@ -76,6 +82,7 @@ export const BindErrorCode = {
   UnknownApp: 3,
   TooManyApps: 4,
   AlreadyBound: 5,
+  TooManyConnections: 6,
 } as const;
 
 export const ErrorCode = {
@@ -105,7 +112,9 @@ const GOAWAY_NAMES = [
   "protocol_error",
   "heartbeat_timeout",
   "overloaded",
+  "app_deleted",
 ];
+const UNBIND_NAMES = ["", "app_deleted"];
 const BIND_ERROR_NAMES = [
   "",
   "invalid_token",
@@ -113,6 +122,7 @@ const BIND_ERROR_NAMES = [
   "unknown_app",
   "too_many_apps",
   "already_bound",
+  "too_many_connections",
 ];
 const ERROR_NAMES = [
   "",
@@ -158,6 +168,8 @@ function nameIn(names: readonly string[], code: number): string {
 
 /** The snake_case name of a GOAWAY reason ("unknown" for a code v1 does not define). */
 export const goAwayReasonName = (code: number): string => nameIn(GOAWAY_NAMES, code);
+/** The snake_case name of an UNBIND reason. */
+export const unbindReasonName = (code: number): string => nameIn(UNBIND_NAMES, code);
 /** The snake_case name of a BIND_ERR code. */
 export const bindErrorName = (code: number): string => nameIn(BIND_ERROR_NAMES, code);
 /** The snake_case name of an ERROR code. */
@@ -194,7 +206,8 @@ export type Frame =
    */
   | { type: "upstream"; app: string; requestId: bigint; route?: string; payload: Uint8Array }
   | { type: "upstreamAck"; app: string; requestId: bigint; status: number }
-  | { type: "unbind"; app: string }
+  /** From the server, with the reason it unbound the app (deleted). */
+  | { type: "unbind"; app: string; reason?: number }
   | { type: "goAway"; reason: number; reconnectDelayMs?: number }
   | { type: "error"; code: number; message: string }
   | { type: "broadcast"; app: string; messageId: Uint8Array; seq: bigint; payload: Uint8Array }
@@ -560,9 +573,14 @@ export function encodeFrame(frame: Frame): Uint8Array {
       w.u16(status);
       break;
     }
-    case "unbind":
-      w.str(APP, strBytes(APP, frame.app));
+    case "unbind": {
+      const app = strBytes(APP, frame.app);
+      const reason =
+        frame.reason === undefined ? undefined : checkInt("reason", frame.reason, 0xffff);
+      w.str(APP, app);
+      if (reason !== undefined) w.u16(reason);
       break;
+    }
     case "goAway": {
       const reason = checkInt("reason", frame.reason, 0xffff);
       const delay =
@@ -799,9 +817,11 @@ function decodeBody(body: Uint8Array): Frame {
       frame = { type: "upstreamAck", app, requestId, status: r.u16() };
       break;
     }
-    case Op.Unbind:
-      frame = { type: "unbind", app: r.str(APP) };
+    case Op.Unbind: {
+      const app = r.str(APP);
+      frame = r.remaining === 0 ? { type: "unbind", app } : { type: "unbind", app, reason: r.u16() };
       break;
+    }
     case Op.GoAway: {
       const reason = r.u16();
       frame = r.tag("reconnect_delay_ms")

@@ -28,6 +28,7 @@ import {
   opName,
   frameOp,
   resetSequenceName,
+  unbindReasonName,
   toHex,
   upstreamStatusName,
 } from "./codec.js";
@@ -105,6 +106,14 @@ export interface UpstreamAckEvent {
  * Seqs after `after` are delivered again as new: an application that keeps
  * its own record of seen seqs must forget those above `after`.
  */
+/** The server unbound `app` (it was deleted); it is not bound again. */
+export interface UnboundEvent {
+  type: "unbound";
+  app: string;
+  reason: number;
+  reasonName: string;
+}
+
 export interface ResetEvent {
   type: "reset";
   app: string;
@@ -121,6 +130,7 @@ export type ConnEvent =
   | BroadcastEvent
   | UpstreamAckEvent
   | ResetEvent
+  | UnboundEvent
   /** The server is closing the connection. */
   | { type: "goAway"; reason: number; reasonName: string; reconnectDelayMs: number | undefined }
   /** The server sent ERROR: it found a protocol error and is closing. */
@@ -349,6 +359,20 @@ export class ClientConn {
           statusName: upstreamStatusName(frame.status),
         });
         return;
+      case "unbind": {
+        // Only the server's UNBIND carries a reason; one without is a
+        // client's frame, which the server never sends.
+        if (frame.reason === undefined) break;
+        const index = this.apps.findIndex((a) => a.credentials.app === frame.app);
+        if (index >= 0) this.apps.splice(index, 1);
+        this.events.push({
+          type: "unbound",
+          app: frame.app,
+          reason: frame.reason,
+          reasonName: unbindReasonName(frame.reason),
+        });
+        return;
+      }
       case "goAway":
         this.phase = "closed";
         this.events.push({

@@ -11,6 +11,8 @@ import { GoAwayReason, goAwayReasonName } from "./codec.js";
 export type CloseReason =
   /** The business server kicked the user (GOAWAY kicked). */
   | "kicked"
+  /** The connection's only app was deleted (GOAWAY app_deleted). */
+  | "appDeleted"
   /** Every app's BIND failed, or the server said GOAWAY auth_failed: retrying the same tokens cannot help. */
   | "authFailed"
   /** The application called `close()`. */
@@ -92,6 +94,12 @@ export function endedByGoAway(goAway: GoAwayInfo, handshakeDone: boolean, lastBi
     return {
       kind: "terminal",
       closed: { type: "closed", reason: "kicked", message: "kicked by the server (GOAWAY kicked)" },
+    };
+  }
+  if (goAway.reason === GoAwayReason.AppDeleted) {
+    return {
+      kind: "terminal",
+      closed: { type: "closed", reason: "appDeleted", message: "the app was deleted (GOAWAY app_deleted)" },
     };
   }
   if (goAway.reason === GoAwayReason.AuthFailed) {

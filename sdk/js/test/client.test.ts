@@ -395,6 +395,18 @@ describe("GOAWAY, close codes and heartbeats", () => {
     assert.equal(socket.closedWith, 1000);
   });
 
+  test("GOAWAY app_deleted stops for good", async () => {
+    const { client, last, clock, sockets } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.receive({ type: "goAway", reason: 9 });
+    const closed = await client.closed;
+    assert.equal(closed.reason, "appDeleted");
+    await clock.advance(120_000);
+    assert.equal(sockets.length, 1, "no reconnect");
+  });
+
   test("GOAWAY server_shutdown with a delay: the delay plus up to half of it", async () => {
     const { client, last, clock, sockets, events } = setup();
     await client.start();

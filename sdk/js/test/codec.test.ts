@@ -68,6 +68,7 @@ const EXTRA: Array<[string, Frame]> = [
   ["00000005 01 0d 0001 00", { type: "goAway", reason: 1 }],
   ["00000010 01 11 04 63686174 01 ffffffffffffffff", { type: "reset", app: "chat", sequence: 1, after: 2n ** 64n - 1n }],
   ["0000000b 01 05 04 63686174 0063 0000", { type: "bindErr", app: "chat", code: 99, message: "" }],
+  ["00000009 01 0c 04 63686174 0001", { type: "unbind", app: "chat", reason: 1 }],
 ];
 
 /** The `**NAME** ...` examples of the "Worked examples" section: name and hex text. */

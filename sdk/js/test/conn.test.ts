@@ -329,6 +329,23 @@ describe("closing and errors", () => {
     assert.deepEqual(events(conn), [], "nothing after the close");
   });
 
+  test("the server's UNBIND forgets the app and keeps the connection", () => {
+    const conn = start();
+    open(conn);
+    conn.handleFrame(T0, { type: "unbind", app: "chat", reason: 1 });
+    assert.equal(conn.isClosed, false);
+    assert.deepEqual(events(conn), [{ type: "unbound", app: "chat", reason: 1, reasonName: "app_deleted" }]);
+    conn.handleFrame(T0, push(1n));
+    assert.deepEqual(events(conn), [], "no push for an app unbound");
+  });
+
+  test("an UNBIND without a reason from the server is a protocol error", () => {
+    const conn = start();
+    open(conn);
+    conn.handleFrame(T0, { type: "unbind", app: "chat" });
+    assert.equal(conn.isClosed, true);
+  });
+
   test("GOAWAY with a delay reports it", () => {
     const conn = start();
     open(conn);
