@@ -703,3 +703,129 @@ async fn the_sdk_drops_a_deleted_app_and_stops_when_it_was_the_only_one() {
         other => panic!("expected the push, got {other:?}"),
     }
 }
+
+/// An app made through the API calls its webhooks, signed with the
+/// webhook secret the API gave; after a rotation calls carry both
+/// secrets' signatures until the grace ends, then only the new one's.
+#[tokio::test]
+async fn an_api_made_apps_webhooks_are_signed_with_its_secret_through_a_rotation() {
+    use support::webhook::{Answer, Receiver};
+    let server = admin_server();
+    let created = create(&server, json!({"id": "shop"})).await;
+    let old_secret = created["webhook_secret"].as_str().unwrap().to_owned();
+    let token_secret = created["token_secret"].as_str().unwrap().to_owned();
+    let old_receiver = Receiver::start(&old_secret, |_, _| Answer::Status(200)).await;
+    let routes = |receiver: &Receiver| json!({"webhooks": [{"route": "main", "url": receiver.base, "events": ["upstream", "online"]}]});
+    let (status, _) = admin(
+        &server,
+        reqwest::Method::PATCH,
+        "/v1/admin/apps/shop",
+        Some(routes(&old_receiver)),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let upstream = |request_id| Frame::Upstream {
+        app: "shop".to_owned(),
+        request_id,
+        route: None,
+        payload: bytes::Bytes::from_static(b"order"),
+    };
+    // Until the coordinator has the routes, an upstream finds no endpoint.
+    let accepted_by = |receiver: Receiver, user: &'static str| {
+        let gateway = server.gateway.clone();
+        let token = token_with(&token_secret, "shop", user);
+        async move {
+            let mut client = RawClient::connect(&gateway).await;
+            client.hello(user).await;
+            assert!(matches!(
+                bind(&mut client, "shop", token).await,
+                Frame::BindOk { .. }
+            ));
+            let deadline = Instant::now() + WAIT;
+            for request_id in 1.. {
+                client.send(upstream(request_id)).await;
+                match client.recv().await {
+                    Some(Frame::UpstreamAck { status, .. })
+                        if status == herald_proto::UpstreamStatus::ACCEPTED =>
+                    {
+                        break;
+                    }
+                    Some(Frame::UpstreamAck { .. }) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("expected the upstream accepted, got {other:?}"),
+                }
+            }
+            assert!(receiver.calls().iter().any(|call| call.event == "upstream"));
+        }
+    };
+    accepted_by(old_receiver.clone(), "ann").await;
+    old_receiver.assert_all_signed();
+
+    // Rotated with a grace: a receiver that knows only the new secret and
+    // one that knows only the old both verify the same calls.
+    let (status, rotated) = admin(
+        &server,
+        reqwest::Method::POST,
+        "/v1/admin/apps/shop/rotate",
+        Some(json!({"what": "webhook_secret", "grace_secs": 4})),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let rotated_at = Instant::now();
+    let new_secret = rotated["webhook_secret"].as_str().unwrap().to_owned();
+    let new_receiver = Receiver::start(&new_secret, |_, _| Answer::Status(200)).await;
+    let both = json!({"webhooks": [
+        {"route": "old", "url": old_receiver.base, "events": ["online"]},
+        {"route": "new", "url": new_receiver.base, "events": ["upstream", "online"]},
+    ]});
+    let (status, _) = admin(
+        &server,
+        reqwest::Method::PATCH,
+        "/v1/admin/apps/shop",
+        Some(both),
+    )
+    .await;
+    assert_eq!(status, 200);
+    accepted_by(new_receiver.clone(), "bob").await;
+    let online_for = |receiver: &Receiver, user: &str| {
+        receiver
+            .calls()
+            .iter()
+            .any(|call| call.event == "online" && call.body["user"] == user)
+    };
+    let deadline = Instant::now() + WAIT;
+    while !(online_for(&old_receiver, "bob") && online_for(&new_receiver, "bob")) {
+        assert!(
+            Instant::now() < deadline,
+            "bob's online event never reached both routes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old_receiver.assert_all_signed();
+    new_receiver.assert_all_signed();
+    assert!(
+        rotated_at.elapsed() < Duration::from_secs(4),
+        "the checks ran inside the grace"
+    );
+
+    // After the grace the old secret signs nothing: the old receiver's
+    // check fails on the next call.
+    tokio::time::sleep(Duration::from_millis(5_000).saturating_sub(rotated_at.elapsed())).await;
+    accepted_by(new_receiver.clone(), "cy").await;
+    let deadline = Instant::now() + WAIT;
+    while !online_for(&old_receiver, "cy") {
+        assert!(
+            Instant::now() < deadline,
+            "cy's online event never reached the old route"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    new_receiver.assert_all_signed();
+    let outcome = std::panic::catch_unwind(|| old_receiver.assert_all_signed());
+    assert!(
+        outcome.is_err(),
+        "a call past the grace verified with the old secret"
+    );
+}
