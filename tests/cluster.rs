@@ -1091,3 +1091,88 @@ async fn app_changes_reach_every_node_within_a_second() {
         .await;
     }
 }
+
+/// An app made through a control node's API, with a webhook route: a
+/// client on every room node sends upstream data, each room node's
+/// coordinator calls the route, and every call verifies with the secret
+/// the API gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_made_apps_upstream_reaches_its_signed_webhook_from_every_room_node() {
+    use support::webhook::{Answer, Receiver};
+    const TEST: &str = "an_api_made_apps_upstream_reaches_its_signed_webhook_from_every_room_node";
+    let Some(cluster) = Cluster::start(TEST, 3, 1).await else {
+        return;
+    };
+    let (status, created) = admin_call(
+        &cluster.controls[0],
+        reqwest::Method::POST,
+        "/v1/admin/apps",
+        Some(json!({"id": "shop"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let token_secret = created["token_secret"].as_str().unwrap().to_owned();
+    let receiver = Receiver::start(created["webhook_secret"].as_str().unwrap(), |_, _| {
+        Answer::Status(200)
+    })
+    .await;
+    let (status, _) = admin_call(
+        &cluster.controls[0],
+        reqwest::Method::PATCH,
+        "/v1/admin/apps/shop",
+        Some(
+            json!({"webhooks": [{"route": "main", "url": receiver.base, "events": ["upstream"]}]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    for (i, room) in cluster.rooms.iter().enumerate() {
+        let (mut client, answer) = bind_app(
+            &room.gateway,
+            &format!("phone{i}"),
+            "shop",
+            app_token(&token_secret, "shop", "alice"),
+        )
+        .await;
+        assert!(
+            matches!(answer, Frame::BindOk { .. }),
+            "room-{i}: {answer:?}"
+        );
+        // Until this room node has the route, an upstream finds no endpoint.
+        let deadline = std::time::Instant::now() + WAIT;
+        for request_id in 1.. {
+            client
+                .send(Frame::Upstream {
+                    app: "shop".to_owned(),
+                    request_id,
+                    route: None,
+                    payload: bytes::Bytes::from(format!("from room-{i}")),
+                })
+                .await;
+            match client.recv().await {
+                Some(Frame::UpstreamAck { status, .. })
+                    if status == herald_proto::UpstreamStatus::ACCEPTED =>
+                {
+                    break;
+                }
+                Some(Frame::UpstreamAck { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("room-{i}: expected the upstream accepted, got {other:?}"),
+            }
+        }
+    }
+    let payloads: HashSet<String> = receiver
+        .calls()
+        .iter()
+        .filter(|call| call.event == "upstream")
+        .filter_map(|call| call.body["payload_base64"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        payloads.len(),
+        3,
+        "one upstream from each room node: {payloads:?}"
+    );
+    receiver.assert_all_signed();
+}
