@@ -138,17 +138,19 @@ pub struct AppAccess {
 }
 
 /// Changes the apps every shard checks BINDs against. Cloning shares it.
+/// It does not keep the shards running: they stop when the gateway's own
+/// senders are dropped, whoever still holds an updater.
 #[derive(Clone)]
 pub struct AppUpdater {
-    commands: Vec<async_channel::Sender<ShardCommand>>,
+    commands: Vec<async_channel::WeakSender<ShardCommand>>,
     /// Each app's count of bindings in this process, kept across changes.
     bound: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
 }
 
 impl AppUpdater {
-    fn new(commands: Vec<async_channel::Sender<ShardCommand>>) -> AppUpdater {
+    fn new() -> AppUpdater {
         AppUpdater {
-            commands,
+            commands: Vec::new(),
             bound: Arc::default(),
         }
     }
@@ -174,7 +176,9 @@ impl AppUpdater {
         let table = self.table(apps);
         for shard in &self.commands {
             // A shard that stopped has no bindings left to check.
-            let _ = shard.send(ShardCommand::SetApps(table.clone())).await;
+            if let Some(shard) = shard.upgrade() {
+                let _ = shard.send(ShardCommand::SetApps(table.clone())).await;
+            }
         }
     }
 }
@@ -247,7 +251,7 @@ impl Gateway {
             Vec::new()
         };
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
-        let mut apps = AppUpdater::new(Vec::new());
+        let mut apps = AppUpdater::new();
         let initial_apps = apps.table(&config.apps);
         let mut commands = Vec::with_capacity(config.shards);
         let mut threads = Vec::with_capacity(config.shards);
@@ -310,7 +314,10 @@ impl Gateway {
             commands.push(command_tx);
         }
         drop(reservations);
-        apps.commands = commands.clone();
+        apps.commands = commands
+            .iter()
+            .map(async_channel::Sender::downgrade)
+            .collect();
         Ok(Gateway {
             listeners,
             apps,
