@@ -573,34 +573,46 @@ impl Config {
     }
 
     /// Refuses settings that cannot work, with the reason.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Every problem of the config, for people: empty when it is valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if let Some(admin) = &self.admin
             && admin.api_key.len() < herald_control::admin::ADMIN_KEY_LEN_MIN
         {
-            bail!(
+            problems.push(format!(
                 "[admin] api_key must be at least {} characters",
                 herald_control::admin::ADMIN_KEY_LEN_MIN
-            );
+            ));
         }
         if self.apps.is_empty() && self.admin.is_none() {
-            bail!("the config defines no [[apps]], and no [admin] api_key to create them with");
+            problems.push(
+                "the config defines no [[apps]], and no [admin] api_key to create them with"
+                    .to_owned(),
+            );
         }
         let mut ids = std::collections::HashSet::new();
         for app in &self.apps {
-            herald_control::apps::check_app_id(&app.id).map_err(anyhow::Error::msg)?;
+            if let Err(problem) = herald_control::apps::check_app_id(&app.id) {
+                problems.push(problem);
+            }
             if !ids.insert(&app.id) {
-                bail!("app {:?} is defined twice", app.id);
+                problems.push(format!("app {:?} is defined twice", app.id));
             }
             if app.api_key.len() < 16 {
-                bail!("app {:?}: api_key must be at least 16 characters", app.id);
+                problems.push(format!(
+                    "app {:?}: api_key must be at least 16 characters",
+                    app.id
+                ));
             }
             if app.token_secret.len() < 16 {
-                bail!(
+                problems.push(format!(
                     "app {:?}: token_secret must be at least 16 characters",
                     app.id
-                );
+                ));
             }
-            app.check_webhooks()?;
+            if let Err(problem) = app.check_webhooks() {
+                problems.push(problem.to_string());
+            }
             for (name, rate) in [
                 ("push_rate", app.push_rate),
                 ("broadcast_rate", app.broadcast_rate),
@@ -609,51 +621,56 @@ impl Config {
                 if let Some(rate) = rate
                     && !(rate.per_sec > 0.0 && rate.per_sec.is_finite() && rate.burst >= 1)
                 {
-                    bail!(
+                    problems.push(format!(
                         "app {:?}: {name} needs per_sec above 0 and burst of at least 1",
                         app.id
-                    );
+                    ));
                 }
             }
             if app.default_ttl_secs == 0 || app.default_ttl_secs > self.api.ttl_secs_max {
-                bail!(
+                problems.push(format!(
                     "app {:?}: default_ttl_secs must be 1 to api.ttl_secs_max ({})",
-                    app.id,
-                    self.api.ttl_secs_max
-                );
+                    app.id, self.api.ttl_secs_max
+                ));
             }
         }
-        self.webhooks.check()?;
+        if let Err(problem) = self.webhooks.check() {
+            problems.push(problem.to_string());
+        }
         let gateway = &self.gateway;
         if gateway.apps_per_connection_max == 0
             || gateway.apps_per_connection_max > APPS_PER_CONN_MAX
         {
-            bail!("gateway.apps_per_connection_max must be 1 to {APPS_PER_CONN_MAX}");
+            problems.push(format!(
+                "gateway.apps_per_connection_max must be 1 to {APPS_PER_CONN_MAX}"
+            ));
         }
         if gateway.inflight_pushes_max == 0 {
-            bail!("gateway.inflight_pushes_max must be at least 1");
+            problems.push("gateway.inflight_pushes_max must be at least 1".to_owned());
         }
         if self.api.payload_bytes_max == 0 || self.api.payload_bytes_max > PAYLOAD_LEN_MAX {
-            bail!("api.payload_bytes_max must be 1 to {PAYLOAD_LEN_MAX} (the protocol's limit)");
+            problems.push(format!(
+                "api.payload_bytes_max must be 1 to {PAYLOAD_LEN_MAX} (the protocol's limit)"
+            ));
         }
         // A full window of the largest pushes must fit in a connection's
         // queue, or a client that reads normally could be cut as slow.
         let window_bytes =
             gateway.inflight_pushes_max as usize * (self.api.payload_bytes_max + 128);
         if gateway.send_queue_bytes_max < window_bytes {
-            bail!(
+            problems.push(format!(
                 "gateway.send_queue_bytes_max ({}) must hold a full delivery window: \
                  inflight_pushes_max x (payload_bytes_max + 128) = {window_bytes}",
                 gateway.send_queue_bytes_max
-            );
+            ));
         }
         let frames_min = gateway.inflight_pushes_max as usize * gateway.apps_per_connection_max;
         if gateway.send_queue_frames_max < frames_min || gateway.send_queue_frames_max > 65_535 {
-            bail!(
+            problems.push(format!(
                 "gateway.send_queue_frames_max ({}) must hold a full delivery window of every app \
                  (inflight_pushes_max x apps_per_connection_max = {frames_min}) and be at most 65535",
                 gateway.send_queue_frames_max
-            );
+            ));
         }
         let heartbeat = &gateway.heartbeat_secs;
         for (name, secs) in [
@@ -663,7 +680,7 @@ impl Config {
             ("wired", heartbeat.wired),
         ] {
             if secs == 0 || secs > 3600 {
-                bail!("gateway.heartbeat_secs.{name} must be 1 to 3600");
+                problems.push(format!("gateway.heartbeat_secs.{name} must be 1 to 3600"));
             }
         }
         if let Some(rate) = gateway.accept_rate
@@ -671,31 +688,35 @@ impl Config {
                 && rate.per_sec.is_finite()
                 && rate.burst >= 1)
         {
-            bail!(
+            problems.push(format!(
                 "gateway.accept_rate needs per_sec of at least one per shard ({}) and a burst of at least 1",
                 self.shards()
-            );
+            ));
         }
         if !gateway.recv_buffers.is_power_of_two()
             || gateway.recv_buffers > u32::from(herald_room::RecvBuffers::COUNT_MAX)
         {
-            bail!(
+            problems.push(format!(
                 "gateway.recv_buffers must be a power of two from 1 to {}, not {}",
                 herald_room::RecvBuffers::COUNT_MAX,
                 gateway.recv_buffers
-            );
+            ));
         }
         if !(RECV_BUFFER_BYTES_MIN..=RECV_BUFFER_BYTES_MAX).contains(&gateway.recv_buffer_bytes) {
-            bail!(
+            problems.push(format!(
                 "gateway.recv_buffer_bytes must be from {RECV_BUFFER_BYTES_MIN} to {RECV_BUFFER_BYTES_MAX}, not {}",
                 gateway.recv_buffer_bytes
-            );
+            ));
         }
         if gateway.command_queue_len == 0 || gateway.connections_per_shard_max == Some(0) {
-            bail!("gateway.command_queue_len and connections_per_shard_max must be positive");
+            problems.push(
+                "gateway.command_queue_len and connections_per_shard_max must be positive"
+                    .to_owned(),
+            );
         }
         if self.api.multicast_users_max == 0 || self.api.pull_limit_max == 0 {
-            bail!("api.multicast_users_max and api.pull_limit_max must be positive");
+            problems
+                .push("api.multicast_users_max and api.pull_limit_max must be positive".to_owned());
         }
         for (name, secs) in [
             (
@@ -706,41 +727,56 @@ impl Config {
             ("idle_timeout_secs", self.api.idle_timeout_secs),
         ] {
             if secs == 0 || secs > API_TIMEOUT_SECS_MAX {
-                bail!("api.{name} must be 1 to {API_TIMEOUT_SECS_MAX}");
+                problems.push(format!("api.{name} must be 1 to {API_TIMEOUT_SECS_MAX}"));
             }
         }
         if self.api.connections_max == 0 {
-            bail!("api.connections_max must be positive");
+            problems.push("api.connections_max must be positive".to_owned());
         }
         let storage = &self.storage;
         if !(1..=GROUP_COMMIT_STORES_MAX).contains(&storage.group_commit_stores_max) {
-            bail!("storage.group_commit_stores_max must be 1 to {GROUP_COMMIT_STORES_MAX}");
+            problems.push(format!(
+                "storage.group_commit_stores_max must be 1 to {GROUP_COMMIT_STORES_MAX}"
+            ));
         }
         if !(1..=GROUP_COMMIT_RECIPIENTS_MAX).contains(&storage.group_commit_recipients_max) {
-            bail!("storage.group_commit_recipients_max must be 1 to {GROUP_COMMIT_RECIPIENTS_MAX}");
+            problems.push(format!(
+                "storage.group_commit_recipients_max must be 1 to {GROUP_COMMIT_RECIPIENTS_MAX}"
+            ));
         }
         if storage.group_commit_wait_ms > GROUP_COMMIT_WAIT_MS_MAX {
-            bail!("storage.group_commit_wait_ms must be 0 to {GROUP_COMMIT_WAIT_MS_MAX}");
+            problems.push(format!(
+                "storage.group_commit_wait_ms must be 0 to {GROUP_COMMIT_WAIT_MS_MAX}"
+            ));
         }
         let listeners = self.gateway_listeners();
         if listeners.len() > herald_room::LISTENERS_MAX {
-            bail!(
+            problems.push(format!(
                 "the gateway may have at most {} listeners",
                 herald_room::LISTENERS_MAX
-            );
+            ));
         }
         if let Some(listener) = listeners
             .iter()
             .find(|listener| listener.transport.uses_tls() && gateway.tls.is_none())
         {
-            bail!(
+            problems.push(format!(
                 "gateway listener {} ({}) needs a certificate: add [gateway.tls] with cert_file \
                  and key_file",
-                listener.addr,
-                listener.transport
-            );
+                listener.addr, listener.transport
+            ));
         }
-        Ok(())
+        problems
+    }
+
+    /// Fails with every problem of the config, one a line.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", problems.join("\n"))
+        }
     }
 
     /// Every address the gateway listens on: `gateway.listen` as a tcp

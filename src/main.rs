@@ -5,6 +5,7 @@
 
 mod admin;
 mod config;
+mod config_check;
 mod listen;
 mod open_files;
 
@@ -133,6 +134,20 @@ enum Command {
     Listen(listen::ListenArgs),
     /// Call the admin API: create, list, change, rotate and delete apps.
     Admin(admin::AdminArgs),
+    /// Work with a config file before a node runs it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a config: every problem listed (exit 1), else the effective
+    /// configuration (secrets masked), the memory its connection limits
+    /// budget for, and the kernel limits they need.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// The gateway's settings a command line may override.
@@ -212,6 +227,7 @@ fn main() -> ExitCode {
         } => token(config, token_secret, data_dir, &app, &user, ttl_secs),
         Command::Listen(args) => listen::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Config(ConfigCommand::Check { config }) => config_check::run(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@ use anyhow::Context;
 /// and its callers' connections, storage, Redis, the shards' rings and the
 /// process's own files (a running node has a few dozen open). A small limit
 /// keeps a quarter instead.
-const OTHER_FILES_MAX: u64 = 1024;
+pub const OTHER_FILES_MAX: u64 = 1024;
 
 /// The limit in force, after raising it as far as allowed.
 struct OpenFileLimit {

@@ -837,3 +837,77 @@ on_both_drivers!(
     a_silent_client_is_closed_and_a_pinging_one_is_not,
     a_client_that_never_reads_is_cut_off_at_the_queue_limit,
 );
+
+/// Runs `herald config check` on `text`: (success, stdout, stderr).
+fn config_check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = std::process::Command::new(support::herald_bin())
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn config_check_lists_every_problem_or_shows_the_config_masked_and_its_budget() {
+    let (ok, _, stderr) = config_check(
+        "[admin]\napi_key = \"short\"\n[gateway]\ninflight_pushes_max = 0\n\
+         [[apps]]\nid = \"bad id\"\napi_key = \"k\"\ntoken_secret = \"0123456789abcdef\"\n",
+    );
+    assert!(!ok);
+    for problem in [
+        "4 problem(s)",
+        "[admin] api_key must be at least 32",
+        "app id \"bad id\" must be",
+        "api_key must be at least 16",
+        "gateway.inflight_pushes_max must be at least 1",
+    ] {
+        assert!(
+            stderr.contains(problem),
+            "{problem} missing from:\n{stderr}"
+        );
+    }
+    let (ok, _, stderr) = config_check("[gateway]\nno_such_key = 1\n");
+    assert!(!ok && stderr.contains("no_such_key"), "{stderr}");
+
+    // Valid, on a connection limit this host's open-file limit can serve.
+    let (ok, stdout, stderr) = config_check(
+        "[gateway]\nshards = 1\nconnections_per_shard_max = 100\n\
+         [cluster]\ndatabase_url = \"mysql://root:hunter2@127.0.0.1:3306/test\"\n\
+         redis_url = \"redis://127.0.0.1:6379\"\n\
+         [[apps]]\nid = \"chat\"\napi_key = \"app-key-0123456789\"\n\
+         token_secret = \"token-secret-0123456789\"\n",
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    for shown in [
+        "valid",
+        "id = \"chat\"",
+        "mysql://root:********@127.0.0.1:3306/test",
+        "connections: 1 shards x 100 = 100",
+        "open files (hard limit, ulimit -Hn)",
+    ] {
+        assert!(stdout.contains(shown), "{shown} missing from:\n{stdout}");
+    }
+    for secret in ["hunter2", "app-key-0123456789", "token-secret-0123456789"] {
+        assert!(!stdout.contains(secret), "{secret} shown:\n{stdout}");
+    }
+
+    // More connections than any host's open files (fs.nr_open is at most
+    // 2^30): named, exit 1.
+    let (ok, _, stderr) = config_check(
+        "[gateway]\nshards = 1\nconnections_per_shard_max = 2000000000\n\
+         [[apps]]\nid = \"chat\"\napi_key = \"app-key-0123456789\"\n\
+         token_secret = \"token-secret-0123456789\"\n",
+    );
+    assert!(
+        !ok && stderr.contains("cannot serve the configured connections"),
+        "{stderr}"
+    );
+}
