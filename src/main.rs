@@ -813,7 +813,8 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     let gateway_metrics: herald_control::MetricsRenderer = match &gateway {
         Some(gateway) => {
             let metrics = gateway.metrics();
-            Box::new(move |text| render_gateway_metrics(&metrics, text))
+            let apps = gateway.app_updater();
+            Box::new(move |text| render_gateway_metrics(&metrics, &apps, text))
         }
         None => Box::new(|_| {}),
     };
@@ -1055,7 +1056,7 @@ async fn reload_certificate_on_hangup(
     }
 }
 
-fn render_gateway_metrics(metrics: &GatewayMetrics, text: &mut String) {
+fn render_gateway_metrics(metrics: &GatewayMetrics, apps: &AppUpdater, text: &mut String) {
     let s = metrics.snapshot();
     for (name, kind, help, value) in [
         (
@@ -1116,6 +1117,14 @@ fn render_gateway_metrics(metrics: &GatewayMetrics, text: &mut String) {
             text,
             "herald_connections_closed_total{{reason=\"{reason}\"}} {count}"
         );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP herald_app_connections Connections with the app bound now, by app.\n\
+         # TYPE herald_app_connections gauge"
+    );
+    for (app, bound) in apps.bound_counts() {
+        let _ = writeln!(text, "herald_app_connections{{app=\"{app}\"}} {bound}");
     }
 }
 

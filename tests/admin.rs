@@ -268,6 +268,11 @@ async fn a_created_app_pushes_binds_keeps_its_limit_and_survives_a_restart() {
         .await,
         Frame::BindOk { .. }
     ));
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("herald_app_connections{app=\"shop\"} 1"),
+        "{metrics}"
+    );
     let (status, reply) = push(&server, "shop", &api_key, "alice", "hello").await;
     assert_eq!(status, 200, "{reply}");
     match alice.recv().await {

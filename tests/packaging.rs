@@ -27,9 +27,16 @@ fn the_seccomp_profile_is_dockers_default_plus_io_uring() {
     }
     let default_rules = default["syscalls"].as_array().unwrap();
     let rules = profile["syscalls"].as_array().unwrap();
-    assert_eq!(&rules[..default_rules.len()], &default_rules[..], "Docker's rules, unchanged");
+    assert_eq!(
+        &rules[..default_rules.len()],
+        &default_rules[..],
+        "Docker's rules, unchanged"
+    );
     let [added] = &rules[default_rules.len()..] else {
-        panic!("one rule more than Docker's, not {}", rules.len() - default_rules.len());
+        panic!(
+            "one rule more than Docker's, not {}",
+            rules.len() - default_rules.len()
+        );
     };
     assert_eq!(added["action"], "SCMP_ACT_ALLOW");
     let names: Vec<&str> = added["names"]

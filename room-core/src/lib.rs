@@ -169,6 +169,22 @@ impl AppUpdater {
             .collect()
     }
 
+    /// Each app's bindings in this process now, by app id.
+    pub fn bound_counts(&self) -> Vec<(String, u32)> {
+        let bound = self.bound.lock().expect("bound counts lock");
+        let mut counts: Vec<(String, u32)> = bound
+            .iter()
+            .map(|(app, count)| {
+                (
+                    app.clone(),
+                    count.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect();
+        counts.sort_unstable();
+        counts
+    }
+
     /// From now on BINDs are checked against `apps`; bindings of apps not
     /// in it end (UNBIND or GOAWAY `app_deleted`). Waits for room in each
     /// shard's command queue.
