@@ -615,13 +615,16 @@ impl Caller {
                 call.answer(UpstreamStatus::REJECTED);
             }
             Err(Failure::Retryable) => {
-                let wait = backoff(call.attempts, &mut rand::rng());
-                call.attempts += 1;
-                if Instant::now() + wait >= call.deadline {
+                let time_left = call.deadline.saturating_duration_since(Instant::now());
+                if time_left < RETRY_TIME_LEFT_MIN {
                     self.give_up(&app, GiveUpReason::Deadline);
                     call.answer(UpstreamStatus::UNAVAILABLE);
                     return;
                 }
+                // A backoff that would pass the deadline is cut short: the
+                // call uses its whole deadline rather than giving up early.
+                let wait = backoff(call.attempts, &mut rand::rng()).min(time_left / 2);
+                call.attempts += 1;
                 tokio::time::sleep(wait).await;
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 let queue = call.queue.clone();
@@ -634,6 +637,10 @@ impl Caller {
         }
     }
 }
+
+/// A failed call with less time than this left before its deadline is
+/// given up rather than tried again.
+const RETRY_TIME_LEFT_MIN: Duration = Duration::from_millis(20);
 
 /// Starts the app's calls at its rate, at most a few at once. Ends once
 /// the app is removed and its last call is done.
