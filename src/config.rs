@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use herald_control::apps::SECRET_LEN_MIN;
 use herald_control::coordinator::{AppWebhooks, WebhookEvent, WebhookPolicy, WebhookRoute};
 use herald_proto::limits::{APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
 use herald_storage::GroupCommit;
@@ -598,17 +599,16 @@ impl Config {
             if !ids.insert(&app.id) {
                 problems.push(format!("app {:?} is defined twice", app.id));
             }
-            if app.api_key.len() < 16 {
-                problems.push(format!(
-                    "app {:?}: api_key must be at least 16 characters",
-                    app.id
-                ));
-            }
-            if app.token_secret.len() < 16 {
-                problems.push(format!(
-                    "app {:?}: token_secret must be at least 16 characters",
-                    app.id
-                ));
+            for (name, secret) in [
+                ("api_key", &app.api_key),
+                ("token_secret", &app.token_secret),
+            ] {
+                if secret.len() < SECRET_LEN_MIN {
+                    problems.push(format!(
+                        "app {:?}: {name} must be at least {SECRET_LEN_MIN} characters",
+                        app.id
+                    ));
+                }
             }
             if let Err(problem) = app.check_webhooks() {
                 problems.push(problem.to_string());

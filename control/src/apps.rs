@@ -42,8 +42,8 @@ pub const WEBHOOK_ROUTES_MAX: usize = 16;
 /// Largest `max_connections`.
 pub const MAX_CONNECTIONS_MAX: u32 = 100_000_000;
 
-/// Shortest secret an operator may set in the config file (generated ones
-/// are 64 hex characters).
+/// Shortest API key or token secret an operator may set in the config
+/// file (generated ones are 64 hex characters).
 pub const SECRET_LEN_MIN: usize = 16;
 
 /// An app id is 1 to 64 characters of A-Z, a-z, 0-9, `-`, `_`, `.`.
@@ -300,14 +300,6 @@ impl AppSecrets {
             api_key: Secret::new(random_secret()),
             token_secret: Secret::new(random_secret()),
             webhook_secret: Secret::new(random_secret()),
-        }
-    }
-
-    pub fn get(&self, kind: SecretKind) -> &Secret {
-        match kind {
-            SecretKind::ApiKey => &self.api_key,
-            SecretKind::TokenSecret => &self.token_secret,
-            SecretKind::WebhookSecret => &self.webhook_secret,
         }
     }
 
