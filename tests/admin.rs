@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use herald_proto::{BindErrorCode, Frame, GoAwayReason, TokenClaims, UnbindReason, sign_token};
+use herald_proto::{BindErrorCode, Frame, GoAwayReason, UnbindReason};
 use serde_json::{Value, json};
-use support::{API_KEY, APP, RawClient, Server, WAIT, herald_bin, token};
+use support::{API_KEY, APP, RawClient, Server, WAIT, app_token, herald_bin, token};
 
 const ADMIN_KEY: &str = "admin-key-0123456789-0123456789-0123456789";
 
@@ -71,39 +71,6 @@ async fn push(
         Some(json!({ "payload": payload })),
     )
     .await
-}
-
-fn token_with(secret: &str, app: &str, user: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    sign_token(
-        secret.as_bytes(),
-        &TokenClaims {
-            app: app.to_owned(),
-            user: user.to_owned(),
-            expires_at_unix_secs: now + 3600,
-        },
-    )
-    .unwrap()
-}
-
-/// Sends BIND of `app` and returns the answer.
-async fn bind(client: &mut RawClient, app: &str, token: String) -> Frame {
-    client
-        .send(Frame::Bind {
-            app: app.to_owned(),
-            token,
-            last_seq: None,
-            last_broadcast_seq: None,
-            tags: Vec::new(),
-        })
-        .await;
-    client
-        .recv()
-        .await
-        .expect("the server closed instead of answering BIND")
 }
 
 fn error_code(body: &Value) -> &str {
@@ -260,12 +227,9 @@ async fn a_created_app_pushes_binds_keeps_its_limit_and_survives_a_restart() {
     let mut alice = RawClient::connect(&server.gateway).await;
     alice.hello("alice-phone").await;
     assert!(matches!(
-        bind(
-            &mut alice,
-            "shop",
-            token_with(&token_secret, "shop", "alice")
-        )
-        .await,
+        alice
+            .bind_app("shop", app_token(&token_secret, "shop", "alice"))
+            .await,
         Frame::BindOk { .. }
     ));
     let metrics = server.metrics().await;
@@ -285,7 +249,10 @@ async fn a_created_app_pushes_binds_keeps_its_limit_and_survives_a_restart() {
     // One connection allowed: a second is refused with the documented code.
     let mut bob = RawClient::connect(&server.gateway).await;
     bob.hello("bob-phone").await;
-    match bind(&mut bob, "shop", token_with(&token_secret, "shop", "bob")).await {
+    match bob
+        .bind_app("shop", app_token(&token_secret, "shop", "bob"))
+        .await
+    {
         Frame::BindErr { code, .. } => assert_eq!(code, BindErrorCode::TOO_MANY_CONNECTIONS),
         other => panic!("expected BIND_ERR, got {other:?}"),
     }
@@ -303,7 +270,10 @@ async fn a_created_app_pushes_binds_keeps_its_limit_and_survives_a_restart() {
     );
     let deadline = Instant::now() + WAIT;
     loop {
-        match bind(&mut bob, "shop", token_with(&token_secret, "shop", "bob")).await {
+        match bob
+            .bind_app("shop", app_token(&token_secret, "shop", "bob"))
+            .await
+        {
             Frame::BindOk { .. } => break,
             Frame::BindErr { code, .. } if code == BindErrorCode::TOO_MANY_CONNECTIONS => {
                 assert!(Instant::now() < deadline, "the raised limit never applied");
@@ -370,12 +340,9 @@ async fn a_rotated_secret_works_until_its_grace_ends() {
     let mut old_token = RawClient::connect(&server.gateway).await;
     old_token.hello("d1").await;
     assert!(matches!(
-        bind(
-            &mut old_token,
-            "shop",
-            token_with(&old_secret, "shop", "alice")
-        )
-        .await,
+        old_token
+            .bind_app("shop", app_token(&old_secret, "shop", "alice"))
+            .await,
         Frame::BindOk { .. }
     ));
 
@@ -386,12 +353,16 @@ async fn a_rotated_secret_works_until_its_grace_ends() {
     assert_eq!(push(&server, "shop", &new_key, "alice", "new").await.0, 200);
     let mut late = RawClient::connect(&server.gateway).await;
     late.hello("d2").await;
-    match bind(&mut late, "shop", token_with(&old_secret, "shop", "bob")).await {
+    match late
+        .bind_app("shop", app_token(&old_secret, "shop", "bob"))
+        .await
+    {
         Frame::BindErr { code, .. } => assert_eq!(code, BindErrorCode::INVALID_TOKEN),
         other => panic!("expected BIND_ERR, got {other:?}"),
     }
     assert!(matches!(
-        bind(&mut late, "shop", token_with(&new_secret, "shop", "bob")).await,
+        late.bind_app("shop", app_token(&new_secret, "shop", "bob"))
+            .await,
         Frame::BindOk { .. }
     ));
 }
@@ -414,27 +385,19 @@ async fn deleting_an_app_unbinds_its_clients_loses_no_other_apps_push_and_frees_
     let mut only = RawClient::connect(&server.gateway).await;
     only.hello("only").await;
     assert!(matches!(
-        bind(
-            &mut only,
-            "shop",
-            token_with(&token_secret, "shop", "alice")
-        )
-        .await,
+        only.bind_app("shop", app_token(&token_secret, "shop", "alice"))
+            .await,
         Frame::BindOk { .. }
     ));
     let mut both = RawClient::connect(&server.gateway).await;
     both.hello("both").await;
     assert!(matches!(
-        bind(&mut both, APP, token("alice", 3600)).await,
+        both.bind_app(APP, token("alice", 3600)).await,
         Frame::BindOk { .. }
     ));
     assert!(matches!(
-        bind(
-            &mut both,
-            "shop",
-            token_with(&token_secret, "shop", "alice")
-        )
-        .await,
+        both.bind_app("shop", app_token(&token_secret, "shop", "alice"))
+            .await,
         Frame::BindOk { .. }
     ));
 
@@ -659,7 +622,7 @@ async fn the_sdk_drops_a_deleted_app_and_stops_when_it_was_the_only_one() {
     let token_secret = created["token_secret"].as_str().unwrap();
     let shop_token = |user: &str| AppToken {
         app: "shop".to_owned(),
-        token: token_with(token_secret, "shop", user),
+        token: app_token(token_secret, "shop", user),
         tags: Vec::new(),
     };
     let mut only = Client::start(herald_client::ClientOptions {
@@ -739,12 +702,12 @@ async fn an_api_made_apps_webhooks_are_signed_with_its_secret_through_a_rotation
     // Until the coordinator has the routes, an upstream finds no endpoint.
     let accepted_by = |receiver: Receiver, user: &'static str| {
         let gateway = server.gateway.clone();
-        let token = token_with(&token_secret, "shop", user);
+        let token = app_token(&token_secret, "shop", user);
         async move {
             let mut client = RawClient::connect(&gateway).await;
             client.hello(user).await;
             assert!(matches!(
-                bind(&mut client, "shop", token).await,
+                client.bind_app("shop", token).await,
                 Frame::BindOk { .. }
             ));
             let deadline = Instant::now() + WAIT;

@@ -14,8 +14,8 @@ use support::cluster::{
     ADMIN_KEY, Cluster, Database, Engines, PrivateRedis, PrivateRedisCluster, Relay, eventually,
 };
 use support::{
-    API_KEY, APP, RawClient, Reaped, Server, WAIT, answered_pushes_survive_a_kill, herald_bin,
-    line_after, lines_of, token,
+    API_KEY, APP, RawClient, Reaped, Server, WAIT, answered_pushes_survive_a_kill, app_token,
+    herald_bin, line_after, lines_of, token,
 };
 
 /// The node ids presence reports for `user`, as asked of `api`.
@@ -869,6 +869,20 @@ async fn admin_call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Creates the app `shop` through `node`'s admin API; its reply (with its
+/// secrets).
+async fn create_shop(node: &Server) -> Value {
+    let (status, created) = admin_call(
+        node,
+        reqwest::Method::POST,
+        "/v1/admin/apps",
+        Some(json!({"id": "shop"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    created
+}
+
 async fn push_status(node: &Server, app: &str, api_key: &str, payload: &str) -> u16 {
     reqwest::Client::new()
         .post(node.url(&format!("/v1/apps/{app}/users/alice/messages")))
@@ -881,39 +895,11 @@ async fn push_status(node: &Server, app: &str, api_key: &str, payload: &str) -> 
         .as_u16()
 }
 
-fn app_token(secret: &str, app: &str, user: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    herald_proto::sign_token(
-        secret.as_bytes(),
-        &herald_proto::TokenClaims {
-            app: app.to_owned(),
-            user: user.to_owned(),
-            expires_at_unix_secs: now + 3600,
-        },
-    )
-    .unwrap()
-}
-
 /// Connects to `gateway` and sends BIND of `app` for alice; the answer.
 async fn bind_app(gateway: &str, device: &str, app: &str, token: String) -> (RawClient, Frame) {
     let mut client = RawClient::connect(gateway).await;
     client.hello(device).await;
-    client
-        .send(Frame::Bind {
-            app: app.to_owned(),
-            token,
-            last_seq: None,
-            last_broadcast_seq: None,
-            tags: Vec::new(),
-        })
-        .await;
-    let answer = client
-        .recv()
-        .await
-        .expect("closed instead of answering BIND");
+    let answer = client.bind_app(app, token).await;
     (client, answer)
 }
 
@@ -950,14 +936,7 @@ async fn app_changes_reach_every_node_within_a_second() {
 
     // Created on one control node: every node's API takes its key, every
     // room node binds its tokens.
-    let (status, created) = admin_call(
-        &cluster.controls[0],
-        reqwest::Method::POST,
-        "/v1/admin/apps",
-        Some(json!({"id": "shop"})),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
+    let created = create_shop(&cluster.controls[0]).await;
     let created_at = std::time::Instant::now();
     let api_key = created["api_key"].as_str().unwrap().to_owned();
     let token_secret = created["token_secret"].as_str().unwrap().to_owned();
@@ -1103,14 +1082,7 @@ async fn an_api_made_apps_upstream_reaches_its_signed_webhook_from_every_room_no
     let Some(cluster) = Cluster::start(TEST, 3, 1).await else {
         return;
     };
-    let (status, created) = admin_call(
-        &cluster.controls[0],
-        reqwest::Method::POST,
-        "/v1/admin/apps",
-        Some(json!({"id": "shop"})),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
+    let created = create_shop(&cluster.controls[0]).await;
     let token_secret = created["token_secret"].as_str().unwrap().to_owned();
     let receiver = Receiver::start(created["webhook_secret"].as_str().unwrap(), |_, _| {
         Answer::Status(200)

@@ -281,26 +281,10 @@ impl RoomLink {
             }
         };
         let mut subscribed = Some(subscribed);
-        let mut delay = Duration::from_millis(50);
-        for client in clients.iter().cycle() {
-            let mut pubsub = match client.get_async_pubsub().await {
-                Ok(pubsub) => pubsub,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot connect to Redis for deliveries");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RESUBSCRIBE_DELAY_MAX);
-                    continue;
-                }
-            };
-            if let Err(error) = pubsub
-                .subscribe(&[channel.as_str(), BROADCAST_CHANNEL])
-                .await
-            {
-                tracing::warn!(%error, "cannot subscribe to deliveries");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            delay = Duration::from_millis(50);
+        let mut next_client = 0;
+        loop {
+            let channels = [channel.as_str(), BROADCAST_CHANNEL];
+            let mut pubsub = subscribe(&clients, &mut next_client, &channels, "deliveries").await;
             match subscribed.take() {
                 Some(first) => {
                     let _ = first.send(());
@@ -350,23 +334,10 @@ pub async fn follow_app_changes(target: RedisTarget, apps: Arc<Apps>) {
             return;
         }
     };
-    let mut delay = Duration::from_millis(50);
-    for client in clients.iter().cycle() {
-        let mut pubsub = match client.get_async_pubsub().await {
-            Ok(pubsub) => pubsub,
-            Err(error) => {
-                tracing::warn!(%error, "cannot connect to Redis for app changes");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RESUBSCRIBE_DELAY_MAX);
-                continue;
-            }
-        };
-        if let Err(error) = pubsub.subscribe(APPS_CHANNEL).await {
-            tracing::warn!(%error, "cannot subscribe to app changes");
-            tokio::time::sleep(delay).await;
-            continue;
-        }
-        delay = Duration::from_millis(50);
+    let mut next_client = 0;
+    loop {
+        let mut pubsub =
+            subscribe(&clients, &mut next_client, &[APPS_CHANNEL], "app changes").await;
         let mut messages = pubsub.on_message();
         while messages.next().await.is_some() {
             if let Err(error) = apps.reload().await {
@@ -374,5 +345,34 @@ pub async fn follow_app_changes(target: RedisTarget, apps: Arc<Apps>) {
             }
         }
         tracing::warn!("lost the app-change subscription; subscribing again");
+    }
+}
+
+/// A subscription to `channels` through the next of `clients` (in turn,
+/// from `next_client`) that takes it, waiting longer after each failure,
+/// up to [`RESUBSCRIBE_DELAY_MAX`]. `what` names it in the logs.
+async fn subscribe(
+    clients: &[redis::Client],
+    next_client: &mut usize,
+    channels: &[&str],
+    what: &str,
+) -> redis::aio::PubSub {
+    assert!(
+        !clients.is_empty(),
+        "a Redis target names at least one server"
+    );
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let client = &clients[*next_client % clients.len()];
+        *next_client += 1;
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(channels).await {
+                Ok(()) => return pubsub,
+                Err(error) => tracing::warn!(%error, "cannot subscribe to {what}"),
+            },
+            Err(error) => tracing::warn!(%error, "cannot connect to Redis for {what}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RESUBSCRIBE_DELAY_MAX);
     }
 }

@@ -399,6 +399,18 @@ impl<const R: bool> Harness<R> {
         (client, id)
     }
 
+    /// A new connection that says HELLO and BINDs `user`, and the code of
+    /// the BIND_ERR it must get.
+    fn bind_refused(&mut self, user: &str) -> (Client, BindErrorCode) {
+        let mut client = self.connect();
+        self.send(&client, &[hello(), bind(user)]);
+        let answer = self.received(&mut client);
+        match answer.last() {
+            Some(Frame::BindErr { code, .. }) => (client, *code),
+            _ => panic!("expected BIND_ERR, got {answer:?}"),
+        }
+    }
+
     fn deliver(&mut self, conn: ConnId, message: &PushMessage) {
         self.command(ShardCommand::Conn {
             conn,
@@ -959,16 +971,8 @@ fn refuses_binds_past_the_apps_connection_limit<const R: bool>() {
     h.command(ShardCommand::SetApps(Arc::from([app])));
     let (alice, _) = h.open("alice");
     assert_eq!(bound.load(std::sync::atomic::Ordering::Relaxed), 1);
-    let mut bob = h.connect();
-    h.send(&bob, &[hello(), bind("bob")]);
-    let refused = h.received(&mut bob);
-    assert!(
-        matches!(
-            refused.last(),
-            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::TOO_MANY_CONNECTIONS
-        ),
-        "{refused:?}"
-    );
+    let (mut bob, refused) = h.bind_refused("bob");
+    assert_eq!(refused, BindErrorCode::TOO_MANY_CONNECTIONS);
     h.end(&alice);
     h.settle();
     assert_eq!(bound.load(std::sync::atomic::Ordering::Relaxed), 0);
@@ -1006,16 +1010,8 @@ fn honours_a_retired_token_secret_only_in_its_grace<const R: bool>() {
     h.command(ShardCommand::SetApps(Arc::from([rotated(now_ms + 60_000)])));
     h.open("alice");
     h.command(ShardCommand::SetApps(Arc::from([rotated(now_ms - 1)])));
-    let mut bob = h.connect();
-    h.send(&bob, &[hello(), bind("bob")]);
-    let refused = h.received(&mut bob);
-    assert!(
-        matches!(
-            refused.last(),
-            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::INVALID_TOKEN
-        ),
-        "{refused:?}"
-    );
+    let (_bob, refused) = h.bind_refused("bob");
+    assert_eq!(refused, BindErrorCode::INVALID_TOKEN);
 }
 
 /// A deleted app's only binding ends its connection with GOAWAY
@@ -1029,16 +1025,8 @@ fn ends_the_bindings_of_a_deleted_app<const R: bool>() {
         h.events().as_slice(),
         [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
     ));
-    let mut bob = h.connect();
-    h.send(&bob, &[hello(), bind("bob")]);
-    let refused = h.received(&mut bob);
-    assert!(
-        matches!(
-            refused.last(),
-            Some(Frame::BindErr { code, .. }) if *code == BindErrorCode::UNKNOWN_APP
-        ),
-        "{refused:?}"
-    );
+    let (_bob, refused) = h.bind_refused("bob");
+    assert_eq!(refused, BindErrorCode::UNKNOWN_APP);
 }
 
 fn kicks_with_goaway_then_closes_on_the_clients_end<const R: bool>() {

@@ -502,6 +502,24 @@ pub fn sdk_options(gateway: &str, token: String) -> herald_client::ClientOptions
     }
 }
 
+/// A token for `user` of `app`, signed with `secret`, valid for an hour:
+/// for apps made through the admin API.
+pub fn app_token(secret: &str, app: &str, user: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    sign_token(
+        secret.as_bytes(),
+        &TokenClaims {
+            app: app.to_owned(),
+            user: user.to_owned(),
+            expires_at_unix_secs: now + 3600,
+        },
+    )
+    .unwrap()
+}
+
 pub fn token(user: &str, ttl_secs: i64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -605,6 +623,21 @@ impl RawClient {
             other => panic!("expected BIND_OK, got {other:?}"),
         }
         client
+    }
+
+    /// Sends BIND of `app` with `token` and returns the answer.
+    pub async fn bind_app(&mut self, app: &str, token: String) -> Frame {
+        self.send(Frame::Bind {
+            app: app.to_owned(),
+            token,
+            last_seq: None,
+            last_broadcast_seq: None,
+            tags: Vec::new(),
+        })
+        .await;
+        self.recv()
+            .await
+            .expect("the server closed instead of answering BIND")
     }
 
     /// The next BROADCAST's (seq, payload).
