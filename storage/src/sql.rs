@@ -416,11 +416,13 @@ where
             .await?)
     }
 
+    /// On the read pool: every node reads the apps every second, and on
+    /// SQLite the writer is the group committer's.
     pub(crate) async fn apps(&self) -> Result<Vec<AppRow>, StorageError> {
         Ok(sqlx::query_as(
             "SELECT id, settings, secrets, version, deleted_at_ms FROM apps ORDER BY id",
         )
-        .fetch_all(&self.pools.writer)
+        .fetch_all(&self.pools.reader)
         .await?)
     }
 
