@@ -24,6 +24,8 @@ use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
 use herald_control::coordinator::{AppWebhooks, Coordinator};
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
+use herald_control::metrics::Metrics;
+use herald_control::router::Router;
 use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
@@ -562,10 +564,19 @@ async fn follow_apps(
     mut table: tokio::sync::watch::Receiver<Arc<AppTable>>,
     gateway: Option<AppUpdater>,
     coordinator: Coordinator,
+    metrics: Arc<Metrics>,
 ) {
     let mut known: HashMap<String, AppWebhooks> = HashMap::new();
+    let mut present: Vec<String> = Vec::new();
     loop {
         let apps = table.borrow_and_update().clone();
+        for gone in present
+            .iter()
+            .filter(|app| !apps.contains_key(app.as_str()))
+        {
+            metrics.forget_app(gone);
+        }
+        present = apps.keys().map(|app| app.to_string()).collect();
         if let Some(gateway) = &gateway {
             gateway.set(&app_access(&apps)).await;
         }
@@ -763,21 +774,22 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         .values()
         .filter_map(|app| Some((app.id.to_string(), app.webhooks(now_ms)?)))
         .collect();
-    let coordinator = Coordinator::start(webhooks, config.webhooks.policy())
+    let metrics = Arc::new(Metrics::new());
+    let coordinator = Coordinator::start(webhooks, config.webhooks.policy(), metrics.clone())
         .context("cannot start the webhook coordinator")?;
     tokio::spawn(follow_apps(
         apps.watch(),
         gateway.as_ref().map(Gateway::app_updater),
         coordinator.clone(),
+        metrics.clone(),
     ));
     tokio::spawn(reload_apps(apps.clone()));
     let delivery = Delivery::new(
-        name.clone(),
+        Router::new(name.clone(), shard_senders, remote),
         saver.clone(),
         register,
-        shard_senders,
-        remote,
         coordinator,
+        metrics,
         config.gateway.inflight_pushes_max,
     );
     if let Some(link) = &link {
@@ -899,6 +911,7 @@ async fn wire(
             connections: 0,
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
+            apps_online: BTreeMap::new(),
         };
         return Ok(Wiring {
             register: Arc::new(MemoryRegister::default()),
@@ -1126,6 +1139,15 @@ fn render_gateway_metrics(metrics: &GatewayMetrics, apps: &AppUpdater, text: &mu
     for (app, bound) in apps.bound_counts() {
         let _ = writeln!(text, "herald_app_connections{{app=\"{app}\"}} {bound}");
     }
+    let _ = writeln!(
+        text,
+        "# HELP herald_shard_connections Client connections open now, by gateway shard.\n\
+         # TYPE herald_shard_connections gauge"
+    );
+    for (shard, open) in metrics.shard_connections().iter().enumerate() {
+        let _ = writeln!(text, "herald_shard_connections{{shard=\"{shard}\"}} {open}");
+    }
+    herald_control::metrics::encode_registry(metrics.registry(), text);
 }
 
 #[cfg(test)]

@@ -91,6 +91,20 @@ async fn across_nodes(cluster: &Cluster) {
         }
     }
 
+    // The app's stats sum what every room node's heartbeat reports.
+    for (i, control) in cluster.controls.iter().enumerate() {
+        eventually(
+            &format!("control-{i}'s stats count 3 users on 3 nodes"),
+            || async {
+                let (_, stats) = control.get(&format!("/v1/apps/{APP}/stats"), API_KEY).await;
+                stats["online_connections"] == 3
+                    && stats["online_users"] == 3
+                    && stats["nodes_reporting"] == 3
+            },
+        )
+        .await;
+    }
+
     // A push through either control node reaches the user wherever it is.
     for (j, client) in clients.iter_mut().enumerate() {
         let control = &cluster.controls[j % 2];

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +40,7 @@ use crate::input::{
     read_body, whole_number,
 };
 use crate::pace::PaceShares;
+use crate::register::AppOnline;
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
@@ -117,6 +117,7 @@ pub fn router(
         .route("/v1/apps/{app}/users/{user}/kick", post(kick))
         .route("/v1/apps/{app}/broadcasts", post(broadcast))
         .route("/v1/apps/{app}/broadcasts/{id}", get(broadcast_progress))
+        .route("/v1/apps/{app}/stats", get(app_stats))
         .route("/v1/dispatch", get(dispatch))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -445,6 +446,48 @@ async fn presence(
     })))
 }
 
+/// What an app comes to now: its sessions (summed over the room nodes'
+/// last heartbeats in a cluster), its stored messages and broadcasts.
+async fn app_stats(
+    State(state): State<Arc<CenterState>>,
+    ApiPath(app): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let app = authorize(&state, &app, &headers)?;
+    let (online, nodes_reporting) = if state.directory.is_shared() {
+        let nodes = state.directory.live().await.map_err(ApiError::register)?;
+        let online = nodes
+            .values()
+            .filter_map(|node| node.apps_online.get(&*app.id))
+            .fold(AppOnline::default(), |sum, node| AppOnline {
+                connections: sum.connections + node.connections,
+                users: sum.users + node.users,
+            });
+        (online, nodes.len())
+    } else {
+        let online = state.delivery.register().online();
+        (online.get(&*app.id).copied().unwrap_or_default(), 1)
+    };
+    let messages = state
+        .delivery
+        .saver()
+        .message_counts(&app.id, unix_ms())
+        .await
+        .map_err(ApiError::storage)?;
+    let (broadcasts_unexpired, broadcasts_in_progress) =
+        state.delivery.broadcasts().in_progress(&app.id).await;
+    Ok(Json(json!({
+        "app": &*app.id,
+        "online_connections": online.connections,
+        "online_users": online.users,
+        "messages_stored": messages.stored,
+        "messages_pending": messages.unacked,
+        "broadcasts_unexpired": broadcasts_unexpired,
+        "broadcasts_in_progress": broadcasts_in_progress,
+        "nodes_reporting": nodes_reporting,
+    })))
+}
+
 async fn kick(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, user)): ApiPath<(String, String)>,
@@ -552,6 +595,12 @@ async fn broadcast(
         )
         .await
         .map_err(ApiError::storage)?;
+    state
+        .delivery
+        .metrics()
+        .broadcasts
+        .with_label_values(&[&*app.id])
+        .inc();
     Ok(Json(json!({
         "broadcast_id": stored.broadcast_id.to_string(),
         "seq": stored.seq,
@@ -637,13 +686,7 @@ async fn dispatch(
             "transport {transport:?} is not one of tcp, tls, ws, wss"
         )));
     }
-    let nodes = state.directory.live().await.map_err(|error| {
-        tracing::warn!(%error, "reading the live nodes failed");
-        ApiError::new(
-            ErrorCode::RegisterUnavailable,
-            "the register is unavailable; retry later",
-        )
-    })?;
+    let nodes = state.directory.live().await.map_err(ApiError::register)?;
     let nodes: Vec<&NodeRecord> = nodes.values().collect();
     let gateways = dispatcher::order(
         &nodes,
@@ -681,34 +724,8 @@ async fn readyz(State(state): State<Arc<CenterState>>) -> Response {
 async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
     let mut text = String::new();
     (state.gateway_metrics)(&mut text);
-    let counters = &state.delivery.counters;
     let commits = state.delivery.saver().commit_counts();
     for (name, help, value) in [
-        (
-            "herald_messages_stored_total",
-            "Messages stored (one per recipient inbox).",
-            counters.messages_stored.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_deliveries_total",
-            "Stored messages handed to a connection's shard.",
-            counters.deliveries.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_fills_total",
-            "Catch-up reads from storage sent to connections.",
-            counters.fills.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_acks_saved_total",
-            "Device ack cursors written to storage.",
-            counters.acks_saved.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_upstreams_total",
-            "UPSTREAM frames received from clients.",
-            counters.upstreams.load(Ordering::Relaxed),
-        ),
         (
             "herald_storage_store_transactions_total",
             "Transactions that committed stored messages (on SQLite one group commit holds many API calls).",
@@ -725,13 +742,12 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    state.delivery.metrics().encode(&mut text);
     let coordinator = state.delivery.coordinator();
-    let (attempts, retries) = coordinator.call_counts();
+    let retries = coordinator.retry_count();
     let _ = writeln!(
         text,
-        "# HELP herald_webhook_calls_total Webhook attempts made (first calls and retries).\n\
-         # TYPE herald_webhook_calls_total counter\nherald_webhook_calls_total {attempts}\n\
-         # HELP herald_webhook_retries_total Webhook attempts that were retries.\n\
+        "# HELP herald_webhook_retries_total Webhook attempts that were retries.\n\
          # TYPE herald_webhook_retries_total counter\nherald_webhook_retries_total {retries}\n\
          # HELP herald_webhook_gave_up_total Webhook calls given up, by app and reason \
          (deadline, rejected, queue_full).\n# TYPE herald_webhook_gave_up_total counter"

@@ -168,6 +168,7 @@ impl RoomLink {
             connections,
             cpu_percent,
             heartbeat_at_ms: unix_ms(),
+            apps_online: self.register.online(),
         }
     }
 
