@@ -157,3 +157,110 @@ async fn stats_need_the_apps_key() {
     let reply = reqwest::get(server.url(&path)).await.unwrap();
     assert_eq!(reply.status().as_u16(), 401);
 }
+
+/// The next line of the JSON log that `wanted` accepts.
+fn next_log_line(server: &Server, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = server
+            .stdout
+            .recv_timeout(left)
+            .expect("the wanted log line never came");
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if wanted(&event) {
+            return event;
+        }
+    }
+}
+
+async fn push_status(server: &Server, user: &str, request_id: Option<&str>) -> (u16, String) {
+    let mut request = reqwest::Client::new()
+        .post(server.url(&format!("/v1/apps/{APP}/users/{user}/messages")))
+        .bearer_auth(API_KEY)
+        .body(r#"{"payload": "x"}"#);
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
+    }
+    let response = request.send().await.unwrap();
+    let echoed = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (response.status().as_u16(), echoed)
+}
+
+/// With `log.format = "json"` every line is a JSON object; an API call's
+/// lines carry its request id (the caller's, echoed back, or a new one),
+/// down to handing the message to the shard. SIGHUP reads the file again:
+/// a new log filter and app rate apply at once, and the log says what was
+/// reloaded and what waits for a restart.
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_sighup_reloads_level_and_rates() {
+    let level = |filter: &str| format!("[log]\nformat = \"json\"\nlevel = \"{filter}\"\n");
+    let tight = "push_rate = { per_sec = 1, burst = 1 }";
+    let with_rate = |text: String, rate: &str| {
+        text.replacen(
+            &format!("token_secret = \"{}\"\n", support::TOKEN_SECRET),
+            &format!("token_secret = \"{}\"\n{rate}\n", support::TOKEN_SECRET),
+            1,
+        )
+    };
+    let server = Server::start_with_edited_config(|text| {
+        let text = with_rate(text, tight);
+        format!("{text}{}", level("warn,herald_control::delivery=debug"))
+    });
+
+    let (status, echoed) = push_status(&server, "alice", Some("req-42")).await;
+    assert_eq!((status, echoed.as_str()), (200, "req-42"));
+    let stored = next_log_line(&server, |event| event["fields"]["message"] == "stored");
+    assert_eq!(stored["span"]["request_id"], "req-42", "{stored}");
+    assert_eq!(stored["level"], "DEBUG", "{stored}");
+    // The rate allows one push a second: the next is refused.
+    let (status, generated) = push_status(&server, "alice", Some("bad id!")).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        generated.len(),
+        16,
+        "a new id, not the caller's: {generated}"
+    );
+
+    // Loosen the rate, log at info, and change what needs a restart.
+    let path = server.config_path.clone().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text
+        .replace(tight, "push_rate = { per_sec = 1000, burst = 1000 }")
+        .replace("warn,herald_control::delivery=debug", "info")
+        .replace("payload_bytes_max = 1024", "payload_bytes_max = 2048");
+    std::fs::write(&path, text).unwrap();
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    let reloaded = next_log_line(&server, |event| {
+        event["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("SIGHUP"))
+    });
+    let fields = &reloaded["fields"];
+    assert_eq!(
+        fields["reloaded"], "log level \"info\", 2 [[apps]]",
+        "{reloaded}"
+    );
+    assert_eq!(fields["needs_restart"], "api", "{reloaded}");
+    for _ in 0..5 {
+        assert_eq!(push_status(&server, "alice", None).await.0, 200);
+    }
+
+    // A file with a problem changes nothing, and the log says why.
+    std::fs::write(&path, "[log]\nlevel = \"info\"\nformat = \"xml\"\n").unwrap();
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    let refused = next_log_line(&server, |event| event["level"] == "WARN");
+    assert!(
+        refused["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("not applied")),
+        "{refused}"
+    );
+    assert_eq!(push_status(&server, "alice", None).await.0, 200);
+}

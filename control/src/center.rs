@@ -41,6 +41,7 @@ use crate::input::{
 };
 use crate::pace::PaceShares;
 use crate::register::AppOnline;
+use crate::trace;
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
@@ -134,6 +135,7 @@ pub fn router(
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn(trace::trace_requests))
         .with_state(state)
 }
 

@@ -209,6 +209,12 @@ impl Delivery {
             })
             .await?;
         let stored_at = Instant::now();
+        tracing::debug!(
+            app.id = %app,
+            inboxes = outcome.stored.len(),
+            replayed = outcome.replayed,
+            "stored"
+        );
         if !outcome.replayed {
             self.metrics.stored_in(app, started);
             self.metrics
@@ -241,6 +247,7 @@ impl Delivery {
                     };
                     self.metrics
                         .delivered(session.conn, app, stored.seq, stored_at);
+                    tracing::debug!(conn = %session.conn, seq = stored.seq, "handed to its shard");
                     let command = ConnCommand::Deliver {
                         app: app.clone(),
                         message,
@@ -253,12 +260,14 @@ impl Delivery {
         }
         if let Some(message_id) = results.first().map(|result| result.stored.message_id) {
             for ((node, instance), targets) in remote {
+                let targets_len = targets.len();
                 let message = NodeMessage::Deliver {
                     app: app.clone(),
                     message_id,
                     payload: payload.clone(),
                     targets,
                 };
+                tracing::debug!(node.id = %node, connections = targets_len, "sent to its room node");
                 self.router.to_node(&node, instance, message).await;
             }
         }
@@ -341,6 +350,7 @@ impl Delivery {
                         payload: payload.clone(),
                     };
                     self.metrics.delivered(conn, &app, seq, arrived_at);
+                    tracing::debug!(%conn, seq, "arrived; handed to its shard");
                     let command = ConnCommand::Deliver {
                         app: app.clone(),
                         message,

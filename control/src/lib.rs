@@ -34,6 +34,7 @@ pub mod pace;
 pub mod progress;
 pub mod register;
 pub mod router;
+pub mod trace;
 
 pub use center::{MetricsRenderer, router};
 pub use config::ControlConfig;
