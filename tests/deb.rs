@@ -128,6 +128,33 @@ fn the_debian_package_installs_runs_as_its_unit_and_purges_cleanly() {
         "config check ran under the limit it was given:\n{report}"
     );
 
+    // systemd kills what is still running TimeoutStopSec after SIGTERM:
+    // the longest drain the installed configuration allows must fit.
+    // The TOML after its heading, up to the next heading or line of news.
+    let effective: String = report
+        .split_once("# the effective configuration, secrets masked\n")
+        .expect("config check prints the effective configuration")
+        .1
+        .lines()
+        .take_while(|line| !line.starts_with("# ") && !line.starts_with("herald: "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let effective: toml::Value = toml::from_str(&effective).unwrap();
+    let gateway = &effective["gateway"];
+    // drain_spread_secs came after drain_timeout_secs: counted when present.
+    let drain_secs = gateway["drain_timeout_secs"].as_integer().unwrap()
+        + gateway
+            .get("drain_spread_secs")
+            .map_or(0, |secs| secs.as_integer().unwrap());
+    let stop_secs: i64 = unit
+        .get("TimeoutStopSec")
+        .parse()
+        .expect("TimeoutStopSec in plain seconds");
+    assert!(
+        stop_secs > drain_secs,
+        "TimeoutStopSec={stop_secs} must outlast the drain ({drain_secs} s)"
+    );
+
     // The unit's command line, as the herald user under the unit's limits,
     // on ephemeral loopback ports (whatever else the machine runs on 7070
     // and 8080 stays undisturbed).
