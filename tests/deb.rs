@@ -129,8 +129,9 @@ fn the_debian_package_installs_runs_as_its_unit_and_purges_cleanly() {
     );
 
     // systemd kills what is still running TimeoutStopSec after SIGTERM:
-    // the longest drain the installed configuration allows must fit.
-    // The TOML after its heading, up to the next heading or line of news.
+    // the longest drain the installed configuration allows must fit. The
+    // effective configuration is the TOML after its heading, up to the next
+    // heading or line of news.
     let effective: String = report
         .split_once("# the effective configuration, secrets masked\n")
         .expect("config check prints the effective configuration")
@@ -141,7 +142,8 @@ fn the_debian_package_installs_runs_as_its_unit_and_purges_cleanly() {
         .collect();
     let effective: toml::Value = toml::from_str(&effective).unwrap();
     let gateway = &effective["gateway"];
-    // drain_spread_secs came after drain_timeout_secs: counted when present.
+    // drain_spread_secs is newer than drain_timeout_secs: counted where
+    // this binary has it.
     let drain_secs = gateway["drain_timeout_secs"].as_integer().unwrap()
         + gateway
             .get("drain_spread_secs")
