@@ -15,6 +15,7 @@
 //! gateway's sockets; its own HTTP server (`http`) bounds the API's.
 
 pub mod admin;
+mod admin_page;
 mod api_error;
 pub mod apps;
 pub mod broadcast;
@@ -30,6 +31,7 @@ pub mod http;
 mod input;
 pub mod link;
 pub mod metrics;
+pub mod overview;
 pub mod pace;
 pub mod progress;
 pub mod register;
