@@ -825,6 +825,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         delivery.clone(),
         directory,
         gateway_metrics,
+        herald_control::openapi::document_json(),
     );
     let listener = herald_control::http::listen(config.api.listen)
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;

@@ -29,6 +29,7 @@ pub mod flow;
 pub mod http;
 mod input;
 pub mod link;
+pub mod openapi;
 pub mod pace;
 pub mod progress;
 pub mod register;
