@@ -118,6 +118,7 @@ pub(crate) struct CreatedApp {
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateAppBody {
     /// 1 to 64 characters of A-Z, a-z, 0-9, `-`, `_`, `.`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     id: String,
     default_ttl_secs: Option<u64>,
     push_rate: Option<RateLimit>,
@@ -134,7 +135,7 @@ pub(crate) struct CreateAppBody {
     path = "/v1/admin/apps",
     tag = "admin",
     summary = "Create an app",
-    request_body = CreateAppBody,
+    request_body(content = CreateAppBody, example = json!({"id": "shop", "push_rate": {"per_sec": 100, "burst": 200}, "max_connections": 100000})),
     responses(
         (status = 201, description = "Created: the app and its secrets, shown only this once", body = CreatedApp),
         (status = 400, description = "`malformed_json` or `bad_request`: a body the call does not take", body = ErrorBody),
@@ -254,7 +255,7 @@ async fn get_app(
     tag = "admin",
     summary = "Change an app's settings",
     params(("app" = String, Path, description = "The app's id")),
-    request_body = AppPatch,
+    request_body(content = AppPatch, example = json!({"max_connections": 2000, "push_rate": null})),
     responses(
         (status = 200, description = "The app's settings after the change", body = AppJson),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
@@ -282,6 +283,8 @@ pub(crate) struct RotateBody {
     what: SecretKind,
     /// How long the old value keeps working (at most a week; default 0).
     #[serde(default)]
+    // `apps::GRACE_SECS_MAX` (a test in `openapi` holds them together).
+    #[schema(maximum = 604_800)]
     grace_secs: u64,
 }
 
@@ -305,7 +308,7 @@ pub(crate) struct RotatedSecret {
     tag = "admin",
     summary = "Rotate one of an app's secrets",
     params(("app" = String, Path, description = "The app's id")),
-    request_body = RotateBody,
+    request_body(content = RotateBody, example = json!({"what": "webhook_secret", "grace_secs": 3600})),
     responses(
         (status = 200, description = "The new value, under the name `what` gave", body = RotatedSecret),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),

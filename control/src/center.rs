@@ -338,9 +338,9 @@ pub(crate) struct PushReply {
     description = "Stores the message in the user's inbox, durably, then sends it to the user's bound connections.",
     params(
         ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
     ),
-    request_body = MessageBody,
+    request_body(content = MessageBody, example = json!({"payload": "hello", "ttl_secs": 3600, "idempotency_key": "order-17"})),
     responses(
         (status = 200, description = "Stored (and sent to the user's connections)", body = PushReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
@@ -396,7 +396,7 @@ async fn push(
     summary = "Push to many users",
     description = "One message to each user listed in `users` (duplicates are sent once); all share one `message_id`.",
     params(("app" = String, Path, description = "The app's id")),
-    request_body = MessageBody,
+    request_body(content = MessageBody, example = json!({"users": ["alice", "bob"], "payload": "hello"})),
     responses(
         (status = 200, description = "Stored for every user", body = MulticastReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
@@ -506,7 +506,7 @@ pub(crate) struct PullReply {
     description = "The user's unexpired messages after `after`, oldest first. Other query parameters are refused.",
     params(
         ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
         PullQuery,
     ),
     responses(
@@ -580,7 +580,7 @@ pub(crate) struct PresenceReply {
     summary = "A user's connections",
     params(
         ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
     ),
     responses(
         (status = 200, description = "Whether the user is online, and where", body = PresenceReply),
@@ -627,7 +627,7 @@ pub(crate) struct KickReply {
     summary = "Close every connection of a user",
     params(
         ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
     ),
     responses(
         (status = 200, description = "The user's connections were told and closed", body = KickReply),
@@ -688,7 +688,7 @@ pub(crate) struct BroadcastReply {
     tag = "broadcasts",
     summary = "Broadcast to every user of an app",
     params(("app" = String, Path, description = "The app's id")),
-    request_body = BroadcastBody,
+    request_body(content = BroadcastBody, example = json!({"payload": "hello", "tags": ["platform=ios"]})),
     responses(
         (status = 200, description = "Stored; the fan-out has started", body = BroadcastReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
@@ -874,7 +874,12 @@ async fn broadcast_progress(
 pub(crate) struct DispatchQuery {
     /// The app's id.
     app: String,
-    /// The user's id.
+    /// The user's id: 1 to 128 bytes of UTF-8 without control characters.
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
+    )]
     user: String,
     /// `wifi` (the default), `4g`, `3g` or `2g`.
     #[param(pattern = "^(wifi|4g|3g|2g)$")]
