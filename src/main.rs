@@ -7,6 +7,7 @@ mod admin;
 mod config;
 mod config_check;
 mod listen;
+mod logging;
 mod open_files;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +25,8 @@ use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
 use herald_control::coordinator::{AppWebhooks, Coordinator};
 use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
+use herald_control::metrics::Metrics;
+use herald_control::router::Router;
 use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
@@ -151,7 +154,7 @@ enum ConfigCommand {
 }
 
 /// The gateway's settings a command line may override.
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 struct GatewayArgs {
     /// Where clients connect over plain TCP, e.g. 0.0.0.0:7070.
     #[arg(long)]
@@ -190,14 +193,12 @@ fn parse_listener(text: &str) -> Result<config::ListenerSection, String> {
     Ok(config::ListenerSection { address, transport })
 }
 
+/// Reads the config again as the process was started with it (SIGHUP).
+type ConfigSource = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let logging = logging::Logging::install();
     let result = match cli.command {
         Command::Serve {
             config,
@@ -205,17 +206,46 @@ fn main() -> ExitCode {
             gateway,
             api_listen,
             tls_self_signed,
-        } => load_serve_config(config, data_dir, gateway, api_listen, tls_self_signed)
-            .and_then(|config| run(config, Role::Embedded)),
+        } => {
+            // Without a file there is nothing to read again.
+            let source = config.clone().map(|path| {
+                let (data_dir, gateway) = (data_dir.clone(), gateway.clone());
+                Box::new(move || {
+                    load_serve_config(
+                        Some(path.clone()),
+                        data_dir.clone(),
+                        gateway.clone(),
+                        api_listen,
+                        tls_self_signed,
+                    )
+                }) as ConfigSource
+            });
+            load_serve_config(config, data_dir, gateway, api_listen, tls_self_signed)
+                .and_then(|config| run(config, Role::Embedded, logging, source))
+        }
         Command::Room {
             config,
             gateway,
             api_listen,
-        } => load_cluster_config(&config, gateway, api_listen, Role::Room)
-            .and_then(|config| run(config, Role::Room)),
+        } => {
+            let source = {
+                let (config, gateway) = (config.clone(), gateway.clone());
+                Box::new(move || {
+                    load_cluster_config(&config, gateway.clone(), api_listen, Role::Room)
+                }) as ConfigSource
+            };
+            load_cluster_config(&config, gateway, api_listen, Role::Room)
+                .and_then(|config| run(config, Role::Room, logging, Some(source)))
+        }
         Command::Control { config, api_listen } => {
+            let source = {
+                let config = config.clone();
+                Box::new(move || {
+                    load_cluster_config(&config, GatewayArgs::default(), api_listen, Role::Control)
+                }) as ConfigSource
+            };
             load_cluster_config(&config, GatewayArgs::default(), api_listen, Role::Control)
-                .and_then(|config| run(config, Role::Control))
+                .and_then(|config| run(config, Role::Control, logging, Some(source)))
         }
         Command::Token {
             config,
@@ -562,10 +592,19 @@ async fn follow_apps(
     mut table: tokio::sync::watch::Receiver<Arc<AppTable>>,
     gateway: Option<AppUpdater>,
     coordinator: Coordinator,
+    metrics: Arc<Metrics>,
 ) {
     let mut known: HashMap<String, AppWebhooks> = HashMap::new();
+    let mut present: Vec<String> = Vec::new();
     loop {
         let apps = table.borrow_and_update().clone();
+        for gone in present
+            .iter()
+            .filter(|app| !apps.contains_key(app.as_str()))
+        {
+            metrics.forget_app(gone);
+        }
+        present = apps.keys().map(|app| app.to_string()).collect();
         if let Some(gateway) = &gateway {
             gateway.set(&app_access(&apps)).await;
         }
@@ -652,16 +691,27 @@ fn advertised_gateway_of(mut local: std::net::SocketAddr) -> String {
     local.to_string()
 }
 
-fn run(config: Config, role: Role) -> anyhow::Result<()> {
+fn run(
+    config: Config,
+    role: Role,
+    logging: logging::Logging,
+    source: Option<ConfigSource>,
+) -> anyhow::Result<()> {
+    logging.configure(&config.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("herald-control")
         .build()
         .context("cannot start the control plane runtime")?;
-    runtime.block_on(run_node(config, role))
+    runtime.block_on(run_node(config, role, logging, source))
 }
 
-async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
+async fn run_node(
+    config: Config,
+    role: Role,
+    logging: logging::Logging,
+    source: Option<ConfigSource>,
+) -> anyhow::Result<()> {
     let mut shutdown = ShutdownSignal::install()?;
     let name = NodeName {
         node: config.node_id().to_owned(),
@@ -763,21 +813,22 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
         .values()
         .filter_map(|app| Some((app.id.to_string(), app.webhooks(now_ms)?)))
         .collect();
-    let coordinator = Coordinator::start(webhooks, config.webhooks.policy())
+    let metrics = Arc::new(Metrics::new());
+    let coordinator = Coordinator::start(webhooks, config.webhooks.policy(), metrics.clone())
         .context("cannot start the webhook coordinator")?;
     tokio::spawn(follow_apps(
         apps.watch(),
         gateway.as_ref().map(Gateway::app_updater),
         coordinator.clone(),
+        metrics.clone(),
     ));
     tokio::spawn(reload_apps(apps.clone()));
     let delivery = Delivery::new(
-        name.clone(),
+        Router::new(name.clone(), shard_senders, remote),
         saver.clone(),
         register,
-        shard_senders,
-        remote,
         coordinator,
+        metrics,
         config.gateway.inflight_pushes_max,
     );
     if let Some(link) = &link {
@@ -840,7 +891,16 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
             );
         }
     }
-    tokio::spawn(reload_certificate_on_hangup(shutdown.hangup.take(), tls));
+    tokio::spawn(reload_on_hangup(
+        shutdown.hangup.take(),
+        Reload {
+            source,
+            config: config.clone(),
+            logging,
+            apps: apps.clone(),
+            tls,
+        },
+    ));
     println!("herald: api listening on {}", listener.local_addr()?);
     tracing::info!(node.id = %name.node, role = ?role, "herald is ready");
 
@@ -900,6 +960,7 @@ async fn wire(
             connections: 0,
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
+            apps_online: BTreeMap::new(),
         };
         return Ok(Wiring {
             register: Arc::new(MemoryRegister::default()),
@@ -1037,23 +1098,90 @@ impl ShutdownSignal {
     }
 }
 
-/// SIGHUP: new TLS handshakes use the PEM files as they are now; on error
-/// the certificate in use stays, and the log says why.
-async fn reload_certificate_on_hangup(
-    hangup: Option<tokio::signal::unix::Signal>,
+/// What SIGHUP can change without a restart.
+struct Reload {
+    /// None: no config file (`herald serve` on its defaults).
+    source: Option<ConfigSource>,
+    /// The config as last read.
+    config: Config,
+    logging: logging::Logging,
+    apps: Arc<Apps>,
     tls: Option<TlsAcceptor>,
-) {
+}
+
+/// The config's top-level sections that SIGHUP applies; a change to any
+/// other waits for a restart.
+const RELOADED_SECTIONS: [&str; 2] = ["log", "apps"];
+
+/// The top-level sections (and keys) whose values differ.
+fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
+    let table = |config: &Config| match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => toml::map::Map::new(),
+    };
+    let (old, new) = (table(old), table(new));
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|key| old.get(*key) != new.get(*key))
+        .cloned()
+        .collect()
+}
+
+impl Reload {
+    /// Reads the config file again and applies what can change: the log
+    /// filter, the file's apps (rates, limits, secrets, webhooks), and the
+    /// TLS certificate's PEM files. A file with problems changes nothing.
+    async fn reload(&mut self) {
+        let mut reloaded = Vec::new();
+        let mut needs_restart = Vec::new();
+        if let Some(source) = &self.source {
+            match source() {
+                Ok(config) => {
+                    match self.logging.set_level(&config.log) {
+                        Ok(level) => reloaded.push(format!("log level {level:?}")),
+                        Err(error) => tracing::warn!("SIGHUP: log level kept: {error:#}"),
+                    }
+                    match self.apps.put_file_apps(file_apps(&config)).await {
+                        Ok(()) => reloaded.push(format!("{} [[apps]]", config.apps.len())),
+                        Err(error) => {
+                            tracing::warn!(%error, "SIGHUP: the file's apps were not all applied")
+                        }
+                    }
+                    if config.log.format != self.config.log.format {
+                        needs_restart.push("log.format".to_owned());
+                    }
+                    needs_restart.extend(
+                        changed_sections(&self.config, &config)
+                            .into_iter()
+                            .filter(|section| !RELOADED_SECTIONS.contains(&section.as_str())),
+                    );
+                    self.config = config;
+                }
+                Err(error) => {
+                    tracing::warn!("SIGHUP: the config file was not applied: {error:#}");
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => reloaded.push("TLS certificate".to_owned()),
+                Err(error) => tracing::warn!(%error, "SIGHUP: kept the TLS certificate in use"),
+            }
+        }
+        tracing::info!(
+            reloaded = %reloaded.join(", "),
+            needs_restart = %needs_restart.join(", "),
+            "SIGHUP: reloaded what can change without a restart"
+        );
+    }
+}
+
+async fn reload_on_hangup(hangup: Option<tokio::signal::unix::Signal>, mut reload: Reload) {
     let Some(mut hangup) = hangup else { return };
     while hangup.recv().await.is_some() {
-        match &tls {
-            Some(tls) => match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
-                Err(error) => {
-                    tracing::warn!(%error, "SIGHUP: kept the TLS certificate in use")
-                }
-            },
-            None => tracing::info!("SIGHUP: no TLS certificate to reload"),
-        }
+        reload.reload().await;
     }
 }
 
@@ -1127,6 +1255,15 @@ fn render_gateway_metrics(metrics: &GatewayMetrics, apps: &AppUpdater, text: &mu
     for (app, bound) in apps.bound_counts() {
         let _ = writeln!(text, "herald_app_connections{{app=\"{app}\"}} {bound}");
     }
+    let _ = writeln!(
+        text,
+        "# HELP herald_shard_connections Client connections open now, by gateway shard.\n\
+         # TYPE herald_shard_connections gauge"
+    );
+    for (shard, open) in metrics.shard_connections().iter().enumerate() {
+        let _ = writeln!(text, "herald_shard_connections{{shard=\"{shard}\"}} {open}");
+    }
+    herald_control::metrics::encode_registry(metrics.registry(), text);
 }
 
 #[cfg(test)]

@@ -91,6 +91,20 @@ async fn across_nodes(cluster: &Cluster) {
         }
     }
 
+    // The app's stats sum what every room node's heartbeat reports.
+    for (i, control) in cluster.controls.iter().enumerate() {
+        eventually(
+            &format!("control-{i}'s stats count 3 users on 3 nodes"),
+            || async {
+                let (_, stats) = control.get(&format!("/v1/apps/{APP}/stats"), API_KEY).await;
+                stats["online_connections"] == 3
+                    && stats["online_users"] == 3
+                    && stats["nodes_reporting"] == 3
+            },
+        )
+        .await;
+    }
+
     // A push through either control node reaches the user wherever it is.
     for (j, client) in clients.iter_mut().enumerate() {
         let control = &cluster.controls[j % 2];
@@ -1147,4 +1161,56 @@ async fn an_api_made_apps_upstream_reaches_its_signed_webhook_from_every_room_no
         "one upstream from each room node: {payloads:?}"
     );
     receiver.assert_all_signed();
+}
+
+/// A push's request id goes with its message to the room node holding the
+/// connection: the room node's JSON log shows the message arriving under
+/// the id the caller gave the control node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pushs_request_id_reaches_the_room_node_that_delivers_it() {
+    let Some(engines) = Engines::create("request_id").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = |node: &str| {
+        support::cluster::write_node_config(dir.path(), node, &engines.redis, &engines.database_url)
+    };
+    let room_config = config("room-0");
+    let mut text = std::fs::read_to_string(&room_config).unwrap();
+    text.push_str("[log]\nformat = \"json\"\nlevel = \"warn,herald_control::delivery=debug\"\n");
+    std::fs::write(&room_config, text).unwrap();
+    let room = Server::spawn_node("room", &room_config, None);
+    let control = Server::spawn_node("control", &config("control-0"), None);
+
+    let mut phone = RawClient::bound(&room.gateway, "phone", "ann", None).await;
+    eventually("control-0 sees ann on room-0", || async {
+        nodes_of(&control, "ann").await == ["room-0"]
+    })
+    .await;
+    let response = reqwest::Client::new()
+        .post(control.url(&format!("/v1/apps/{APP}/users/ann/messages")))
+        .bearer_auth(API_KEY)
+        .header("x-request-id", "trace-me-7")
+        .body(r#"{"payload": "hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-7");
+    assert_eq!(phone.recv_push().await, (1, "hi".to_owned()));
+    let deadline = std::time::Instant::now() + WAIT;
+    let arrived = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = room.stdout.recv_timeout(left).expect("no arrival logged");
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if event["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("arrived"))
+        {
+            break event;
+        }
+    };
+    assert_eq!(arrived["span"]["request_id"], "trace-me-7", "{arrived}");
 }

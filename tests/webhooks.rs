@@ -329,6 +329,19 @@ async fn failures_are_retried_until_accepted_refused_or_out_of_time() {
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
+    // Every attempt the receiver saw, by how it answered.
+    let server_errors = 1 + 2 + tries["broken"];
+    let attempts: usize = tries.values().sum();
+    for line in [
+        "herald_webhook_attempts_total{app=\"chat\",outcome=\"accepted\"} 2".to_owned(),
+        "herald_webhook_attempts_total{app=\"chat\",outcome=\"refused\"} 1".to_owned(),
+        format!(
+            "herald_webhook_attempts_total{{app=\"chat\",outcome=\"server_error\"}} {server_errors}"
+        ),
+        format!("herald_webhook_call_seconds_count{{app=\"chat\"}} {attempts}"),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test]

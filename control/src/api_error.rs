@@ -113,6 +113,14 @@ impl ApiError {
         ApiError::new(ErrorCode::Internal, message)
     }
 
+    pub fn register(error: crate::register::RegisterError) -> ApiError {
+        tracing::warn!(%error, "reading the register or the live nodes failed");
+        ApiError::new(
+            ErrorCode::RegisterUnavailable,
+            "the register is unavailable; retry later",
+        )
+    }
+
     pub fn storage(error: herald_storage::StorageError) -> ApiError {
         tracing::warn!(%error, "storage call failed");
         ApiError::new(

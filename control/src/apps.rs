@@ -496,16 +496,25 @@ impl Apps {
             purging: Mutex::default(),
             announce,
         });
-        for file_app in file_apps {
-            apps.put_file_app(file_app).await?;
-        }
-        apps.reload().await?;
+        apps.put_file_apps(file_apps).await?;
         for stored in apps.saver.apps().await? {
             if stored.deleted_at_ms.is_some() {
                 apps.purge_in_background(stored.id);
             }
         }
         Ok(apps)
+    }
+
+    /// Creates the config file's apps, or makes the stored ones what the
+    /// file says (its rates, limits, secrets and webhooks), then takes the
+    /// table as it now is and tells the other nodes.
+    pub async fn put_file_apps(&self, file_apps: Vec<FileApp>) -> Result<(), AdminError> {
+        for file_app in file_apps {
+            self.put_file_app(file_app).await?;
+        }
+        self.reload().await?;
+        (self.announce)();
+        Ok(())
     }
 
     /// The apps now.

@@ -337,6 +337,26 @@ impl Broadcasts {
         })
     }
 
+    /// The app's unexpired broadcasts, and how many of them are still
+    /// fanning out (sent or dropped short of their target).
+    pub async fn in_progress(&self, app: &AppId) -> (u64, u64) {
+        let unexpired = self
+            .read(std::iter::once((app, 0)))
+            .await
+            .remove(&**app)
+            .unwrap_or_default()
+            .unexpired;
+        let mut fanning_out = 0;
+        for broadcast in &unexpired {
+            if let Some(progress) = self.progress(app, broadcast.seq).await
+                && progress.sent + progress.dropped < progress.target
+            {
+                fanning_out += 1;
+            }
+        }
+        (unexpired.len() as u64, fanning_out)
+    }
+
     /// What this node's broadcasts got to since the last call, for the
     /// cluster-wide counts.
     pub fn deltas(&self) -> Vec<ProgressDelta> {

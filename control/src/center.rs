@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +41,8 @@ use crate::input::{
     read_body, whole_number,
 };
 use crate::pace::PaceShares;
+use crate::register::AppOnline;
+use crate::trace;
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
@@ -123,6 +124,7 @@ pub fn router(
         .route("/v1/apps/{app}/users/{user}/kick", post(kick))
         .route("/v1/apps/{app}/broadcasts", post(broadcast))
         .route("/v1/apps/{app}/broadcasts/{id}", get(broadcast_progress))
+        .route("/v1/apps/{app}/stats", get(app_stats))
         .route("/v1/dispatch", get(dispatch))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -140,6 +142,7 @@ pub fn router(
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn(trace::trace_requests))
         .with_state(state)
 }
 
@@ -614,6 +617,84 @@ async fn presence(
     }))
 }
 
+/// What an app comes to now (README, "App stats").
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AppStatsReply {
+    app: String,
+    /// Connections with the app bound (in a cluster: summed over the room
+    /// nodes' last heartbeats).
+    online_connections: u64,
+    /// Users with at least one such connection.
+    online_users: u64,
+    /// Unexpired messages, one per recipient inbox.
+    messages_stored: u64,
+    /// Of those, the ones no device of their user has acked.
+    messages_pending: u64,
+    broadcasts_unexpired: u64,
+    /// Broadcasts whose fan-out has not reached every connection it targets.
+    broadcasts_in_progress: u64,
+    /// Room nodes summed.
+    nodes_reporting: usize,
+}
+
+/// What an app comes to now: its sessions (summed over the room nodes'
+/// last heartbeats in a cluster), its stored messages and broadcasts.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{app}/stats",
+    tag = "operations",
+    summary = "What an app comes to now",
+    params(("app" = String, Path, description = "The app's id")),
+    responses(
+        (status = 200, description = "The app's connections, messages and broadcasts", body = AppStatsReply),
+        (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
+async fn app_stats(
+    State(state): State<Arc<CenterState>>,
+    ApiPath(app): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Json<AppStatsReply>, ApiError> {
+    let app = authorize(&state, &app, &headers)?;
+    let (online, nodes_reporting) = if state.directory.is_shared() {
+        let nodes = state.directory.live().await.map_err(ApiError::register)?;
+        let online = nodes
+            .values()
+            .filter_map(|node| node.apps_online.get(&*app.id))
+            .fold(AppOnline::default(), |sum, node| AppOnline {
+                connections: sum.connections + node.connections,
+                users: sum.users + node.users,
+            });
+        (online, nodes.len())
+    } else {
+        let online = state.delivery.register().online();
+        (online.get(&*app.id).copied().unwrap_or_default(), 1)
+    };
+    let messages = state
+        .delivery
+        .saver()
+        .message_counts(&app.id, unix_ms())
+        .await
+        .map_err(ApiError::storage)?;
+    let (broadcasts_unexpired, broadcasts_in_progress) =
+        state.delivery.broadcasts().in_progress(&app.id).await;
+    Ok(Json(AppStatsReply {
+        app: app.id.to_string(),
+        online_connections: online.connections,
+        online_users: online.users,
+        messages_stored: messages.stored,
+        messages_pending: messages.unacked,
+        broadcasts_unexpired,
+        broadcasts_in_progress,
+        nodes_reporting,
+    }))
+}
+
 #[derive(Serialize, ToSchema)]
 pub(crate) struct KickReply {
     /// Connections told GOAWAY(`kicked`) and closed.
@@ -781,6 +862,12 @@ async fn broadcast(
         )
         .await
         .map_err(ApiError::storage)?;
+    state
+        .delivery
+        .metrics()
+        .broadcasts
+        .with_label_values(&[&*app.id])
+        .inc();
     Ok(Json(BroadcastReply {
         broadcast_id: stored.broadcast_id.to_string(),
         seq: stored.seq,
@@ -936,13 +1023,7 @@ async fn dispatch(
             "transport {transport:?} is not one of tcp, tls, ws, wss"
         )));
     }
-    let nodes = state.directory.live().await.map_err(|error| {
-        tracing::warn!(%error, "reading the live nodes failed");
-        ApiError::new(
-            ErrorCode::RegisterUnavailable,
-            "the register is unavailable; retry later",
-        )
-    })?;
+    let nodes = state.directory.live().await.map_err(ApiError::register)?;
     let nodes: Vec<&NodeRecord> = nodes.values().collect();
     let gateways = dispatcher::order(
         &nodes,
@@ -1010,34 +1091,8 @@ async fn readyz(State(state): State<Arc<CenterState>>) -> Response {
 async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
     let mut text = String::new();
     (state.gateway_metrics)(&mut text);
-    let counters = &state.delivery.counters;
     let commits = state.delivery.saver().commit_counts();
     for (name, help, value) in [
-        (
-            "herald_messages_stored_total",
-            "Messages stored (one per recipient inbox).",
-            counters.messages_stored.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_deliveries_total",
-            "Stored messages handed to a connection's shard.",
-            counters.deliveries.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_fills_total",
-            "Catch-up reads from storage sent to connections.",
-            counters.fills.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_acks_saved_total",
-            "Device ack cursors written to storage.",
-            counters.acks_saved.load(Ordering::Relaxed),
-        ),
-        (
-            "herald_upstreams_total",
-            "UPSTREAM frames received from clients.",
-            counters.upstreams.load(Ordering::Relaxed),
-        ),
         (
             "herald_storage_store_transactions_total",
             "Transactions that committed stored messages (on SQLite one group commit holds many API calls).",
@@ -1054,13 +1109,12 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    state.delivery.metrics().encode(&mut text);
     let coordinator = state.delivery.coordinator();
-    let (attempts, retries) = coordinator.call_counts();
+    let retries = coordinator.retry_count();
     let _ = writeln!(
         text,
-        "# HELP herald_webhook_calls_total Webhook attempts made (first calls and retries).\n\
-         # TYPE herald_webhook_calls_total counter\nherald_webhook_calls_total {attempts}\n\
-         # HELP herald_webhook_retries_total Webhook attempts that were retries.\n\
+        "# HELP herald_webhook_retries_total Webhook attempts that were retries.\n\
          # TYPE herald_webhook_retries_total counter\nherald_webhook_retries_total {retries}\n\
          # HELP herald_webhook_gave_up_total Webhook calls given up, by app and reason \
          (deadline, rejected, queue_full).\n# TYPE herald_webhook_gave_up_total counter"

@@ -49,6 +49,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use utoipa::ToSchema;
 
 use crate::clock::unix_ms;
+use crate::metrics::{Metrics, WebhookOutcome};
 
 /// Calls per app waiting to start, in flight, or waiting to be retried. A
 /// storm beyond this is refused (upstream) or dropped (user state) rather
@@ -247,9 +248,9 @@ type HttpClient = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 struct Caller {
     client: HttpClient,
     policy: WebhookPolicy,
-    attempts: AtomicU64,
     retries: AtomicU64,
     gave_up: Mutex<BTreeMap<(String, GiveUpReason), u64>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The apps' webhook queues. Cloning shares them.
@@ -273,6 +274,7 @@ impl Coordinator {
     pub fn start(
         webhooks: HashMap<String, AppWebhooks>,
         policy: WebhookPolicy,
+        metrics: Arc<Metrics>,
     ) -> Result<Coordinator, WebhookSetupError> {
         let client = http_client(&policy)?;
         let coordinator = Coordinator {
@@ -280,9 +282,9 @@ impl Coordinator {
             caller: Arc::new(Caller {
                 client,
                 policy,
-                attempts: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
                 gave_up: Mutex::default(),
+                metrics,
             }),
             runtime: tokio::runtime::Handle::current(),
         };
@@ -447,12 +449,9 @@ impl Coordinator {
             .collect()
     }
 
-    /// Attempts made (first calls and retries) and retries alone.
-    pub fn call_counts(&self) -> (u64, u64) {
-        (
-            self.caller.attempts.load(Ordering::Relaxed),
-            self.caller.retries.load(Ordering::Relaxed),
-        )
+    /// Attempts that were retries.
+    pub fn retry_count(&self) -> u64 {
+        self.caller.retries.load(Ordering::Relaxed)
     }
 }
 
@@ -552,7 +551,6 @@ impl Caller {
     async fn send(&self, call: &Call, time_left: Duration) -> Result<(), Failure> {
         let route = &call.webhooks.routes[call.route];
         let timestamp = unix_ms() / 1_000;
-        self.attempts.fetch_add(1, Ordering::Relaxed);
         let request = Request::post(&route.url)
             .header(header::CONTENT_TYPE, "application/json")
             .header(
@@ -579,27 +577,30 @@ impl Caller {
             Ok::<_, hyper_util::client::legacy::Error>(status)
         };
         let timeout = self.policy.call_timeout.min(time_left);
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(status)) if status.is_success() => Ok(()),
+        let started = Instant::now();
+        let (outcome, result) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(status)) if status.is_success() => (WebhookOutcome::Accepted, Ok(())),
             Ok(Ok(status))
                 if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
             {
                 tracing::debug!(%status, url = %route.url, "webhook call failed; retrying");
-                Err(Failure::Retryable)
+                (WebhookOutcome::ServerError, Err(Failure::Retryable))
             }
             Ok(Ok(status)) => {
                 tracing::debug!(%status, url = %route.url, "webhook refused a call");
-                Err(Failure::Final)
+                (WebhookOutcome::Refused, Err(Failure::Final))
             }
             Ok(Err(error)) => {
                 tracing::debug!(%error, url = %route.url, "webhook unreachable; retrying");
-                Err(Failure::Retryable)
+                (WebhookOutcome::Unreachable, Err(Failure::Retryable))
             }
             Err(_) => {
                 tracing::debug!(url = %route.url, "webhook did not answer in time; retrying");
-                Err(Failure::Retryable)
+                (WebhookOutcome::Unreachable, Err(Failure::Retryable))
             }
-        }
+        };
+        self.metrics.webhook_attempt(&call.app, outcome, started);
+        result
     }
 
     /// Makes one attempt and settles the call, or puts it back in its
@@ -751,6 +752,7 @@ mod tests {
         let coordinator = Coordinator::start(
             HashMap::from([("chat".to_owned(), webhooks())]),
             WebhookPolicy::default(),
+            Arc::default(),
         )
         .unwrap();
         let upstream = |app: &'static str, route: Option<&'static str>| {
@@ -828,6 +830,7 @@ mod tests {
                 ("news".to_owned(), webhooks(&url)),
             ]),
             WebhookPolicy::default(),
+            Arc::default(),
         )
         .unwrap();
         let upstream = |app: &'static str| {

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_proto::GoAwayReason;
@@ -30,8 +30,9 @@ use crate::broadcast::{Broadcasts, Fills};
 use crate::clock::unix_ms;
 use crate::cluster::channel::NodeMessage;
 use crate::coordinator::Coordinator;
+use crate::metrics::Metrics;
 use crate::register::{Change, Register, Session};
-use crate::router::{NodeName, Remote, Router};
+use crate::router::{NodeName, Router};
 
 /// Longest wait between two tries of a fill storage could not serve.
 const FILL_RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
@@ -110,16 +111,6 @@ fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
     }
 }
 
-/// Counters the control plane keeps (summed with the gateway's at scrape).
-#[derive(Debug, Default)]
-pub struct DeliveryCounters {
-    pub messages_stored: AtomicU64,
-    pub deliveries: AtomicU64,
-    pub fills: AtomicU64,
-    pub acks_saved: AtomicU64,
-    pub upstreams: AtomicU64,
-}
-
 /// One recipient's result of a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushResult {
@@ -141,20 +132,19 @@ pub struct Delivery {
     broadcasts: Broadcasts,
     /// Upstream data and user state toward the apps' business servers.
     coordinator: Coordinator,
-    pub counters: DeliveryCounters,
+    metrics: Arc<Metrics>,
 }
 
 impl Delivery {
     pub fn new(
-        name: NodeName,
+        router: Router,
         saver: Saver,
         register: Arc<dyn Register>,
-        shards: Vec<async_channel::Sender<ShardCommand>>,
-        remote: Option<Arc<dyn Remote>>,
         coordinator: Coordinator,
+        metrics: Arc<Metrics>,
         fill_limit: u32,
     ) -> Arc<Delivery> {
-        let router = Arc::new(Router::new(name, shards, remote));
+        let router = Arc::new(router);
         Arc::new(Delivery {
             broadcasts: Broadcasts::new(router.clone(), saver.clone()),
             router,
@@ -166,7 +156,7 @@ impl Delivery {
             drained: Notify::new(),
             draining: AtomicBool::new(false),
             coordinator,
-            counters: DeliveryCounters::default(),
+            metrics,
         })
     }
 
@@ -174,6 +164,14 @@ impl Delivery {
     /// apps that change at runtime.
     pub fn coordinator(&self) -> &Coordinator {
         &self.coordinator
+    }
+
+    pub fn register(&self) -> &dyn Register {
+        &*self.register
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn saver(&self) -> &Saver {
@@ -198,6 +196,7 @@ impl Delivery {
         ttl: Duration,
         idempotency_key: Option<String>,
     ) -> Result<(Vec<PushResult>, bool), StorageError> {
+        let started = Instant::now();
         let outcome = self
             .saver
             .store(NewMessage {
@@ -209,10 +208,19 @@ impl Delivery {
                 idempotency_key,
             })
             .await?;
+        let stored_at = Instant::now();
+        tracing::debug!(
+            app.id = %app,
+            inboxes = outcome.stored.len(),
+            replayed = outcome.replayed,
+            "stored"
+        );
         if !outcome.replayed {
-            self.counters
+            self.metrics.stored_in(app, started);
+            self.metrics
                 .messages_stored
-                .fetch_add(outcome.stored.len() as u64, Ordering::Relaxed);
+                .with_label_values(&[&**app])
+                .inc_by(outcome.stored.len() as u64);
         }
         let mut remote: HashMap<(String, u64), Vec<(ConnId, u64)>> = HashMap::new();
         let mut results = Vec::with_capacity(outcome.stored.len());
@@ -224,7 +232,7 @@ impl Delivery {
                 // Taken by value: a remote session's node name becomes the
                 // key of its group without a copy.
                 for session in sessions {
-                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    self.count_delivery(app, payload.len());
                     if !self.router.is_local(&session) {
                         remote
                             .entry((session.node, session.instance))
@@ -237,9 +245,13 @@ impl Delivery {
                         message_id: stored.message_id,
                         payload: payload.clone(),
                     };
+                    self.metrics
+                        .delivered(session.conn, app, stored.seq, stored_at);
+                    tracing::debug!(conn = %session.conn, seq = stored.seq, "handed to its shard");
                     let command = ConnCommand::Deliver {
                         app: app.clone(),
                         message,
+                        stored_at,
                     };
                     self.router.to_conn(session.conn, command).await;
                 }
@@ -248,16 +260,35 @@ impl Delivery {
         }
         if let Some(message_id) = results.first().map(|result| result.stored.message_id) {
             for ((node, instance), targets) in remote {
+                let targets_len = targets.len();
                 let message = NodeMessage::Deliver {
                     app: app.clone(),
                     message_id,
                     payload: payload.clone(),
                     targets,
                 };
+                tracing::debug!(node.id = %node, connections = targets_len, "sent to its room node");
                 self.router.to_node(&node, instance, message).await;
             }
         }
         Ok((results, outcome.replayed))
+    }
+
+    fn count_delivery(&self, app: &str, payload_len: usize) {
+        self.metrics.deliveries.with_label_values(&[app]).inc();
+        self.metrics
+            .payload_bytes_out
+            .with_label_values(&[app])
+            .inc_by(payload_len as u64);
+    }
+
+    fn count_fill(&self, app: &str, messages: &[StoredMessage]) {
+        self.metrics.fills.inc();
+        let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        self.metrics
+            .payload_bytes_out
+            .with_label_values(&[app])
+            .inc_by(bytes as u64);
     }
 
     /// The user's connections. A register failure counts as offline: the
@@ -309,14 +340,22 @@ impl Delivery {
                 payload,
                 targets,
             } => {
+                // The storing node's clock is not this one's: here a
+                // message's latency starts when it arrives.
+                let arrived_at = Instant::now();
                 for (conn, seq) in targets {
                     let message = PushMessage {
                         seq,
                         message_id,
                         payload: payload.clone(),
                     };
-                    let app = app.clone();
-                    let command = ConnCommand::Deliver { app, message };
+                    self.metrics.delivered(conn, &app, seq, arrived_at);
+                    tracing::debug!(%conn, seq, "arrived; handed to its shard");
+                    let command = ConnCommand::Deliver {
+                        app: app.clone(),
+                        message,
+                        stored_at: arrived_at,
+                    };
                     self.router.to_conn(conn, command).await;
                 }
             }
@@ -396,19 +435,24 @@ impl Delivery {
                 }
             };
             match event {
-                ConnEvent::Bound(bound) => resumes.push((conn, bound)),
+                ConnEvent::Bound(bound) => {
+                    self.metrics.binds.with_label_values(&[&*bound.app]).inc();
+                    resumes.push((conn, bound));
+                }
                 ConnEvent::BroadcastAck { app, seq } => self.broadcasts.acked(&app, seq),
                 ConnEvent::BroadcastCatchUp { app, after } => {
                     let this = self.clone();
                     tokio::spawn(async move { this.broadcasts.fill(conn, app, after).await });
                 }
-                ConnEvent::Unbound { .. } | ConnEvent::Closed { .. } => {}
+                ConnEvent::Unbound { .. } => {}
+                ConnEvent::Closed { .. } => self.metrics.closed(conn),
                 ConnEvent::Ack {
                     app,
                     user,
                     device_id,
                     seq,
                 } => {
+                    self.metrics.acked(conn, &app, seq);
                     let mut pending = self.pending_acks.lock().expect("ack lock");
                     let key = AckKey::new(&app, &user, &device_id);
                     let acked = pending.entry(key).or_insert(seq);
@@ -426,7 +470,11 @@ impl Delivery {
                     route,
                     payload,
                 } => {
-                    self.counters.upstreams.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.upstreams.with_label_values(&[&*app]).inc();
+                    self.metrics
+                        .payload_bytes_in
+                        .with_label_values(&[&*app])
+                        .inc_by(payload.len() as u64);
                     // The call waits its turn at the app's pace; the event
                     // loop does not.
                     let this = self.clone();
@@ -614,7 +662,7 @@ impl Delivery {
                     None => continue,
                 }
             };
-            self.counters.fills.fetch_add(1, Ordering::Relaxed);
+            self.count_fill(&bound.app, &messages);
             let missed = broadcasts
                 .get(&*bound.app)
                 .map(|read| {
@@ -707,7 +755,7 @@ impl Delivery {
         let Some((messages, more)) = self.read_inbox(conn, &app, &user, after, limit).await else {
             return;
         };
-        self.counters.fills.fetch_add(1, Ordering::Relaxed);
+        self.count_fill(&app, &messages);
         if let Some(broadcast_after) = broadcasts_after {
             let broadcasts = self
                 .broadcasts
@@ -767,9 +815,7 @@ impl Delivery {
             .collect();
         match self.saver.save_acks(&cursors, unix_ms()).await {
             Ok(()) => {
-                self.counters
-                    .acks_saved
-                    .fetch_add(cursors.len() as u64, Ordering::Relaxed);
+                self.metrics.acks_saved.inc_by(cursors.len() as u64);
                 Ok(())
             }
             Err(error) => {

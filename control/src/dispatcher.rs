@@ -134,6 +134,7 @@ mod tests {
             connections,
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
+            apps_online: Default::default(),
         }
     }
 

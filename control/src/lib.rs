@@ -29,11 +29,13 @@ pub mod flow;
 pub mod http;
 mod input;
 pub mod link;
+pub mod metrics;
 pub mod openapi;
 pub mod pace;
 pub mod progress;
 pub mod register;
 pub mod router;
+pub mod trace;
 
 pub use center::{MetricsRenderer, router};
 pub use config::ControlConfig;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use redis::AsyncCommands as _;
+use tracing::Instrument as _;
 
 use crate::apps::Apps;
 use crate::clock::unix_ms;
@@ -22,6 +23,7 @@ use crate::delivery::Delivery;
 use crate::progress::{ProgressDelta, ProgressReport};
 use crate::register::{Register as _, RegisterError};
 use crate::router::Remote;
+use crate::trace::{current_request_id, request_span};
 
 /// How often a room node renews its record (several times per TTL, so one
 /// slow round trip does not make a live node look dead).
@@ -90,7 +92,9 @@ impl Remote for RedisRemote {
         let mut redis = self.redis.clone();
         // A message lost here is stored already: the connection gets it on
         // its next catch-up, resync or reconnect (ARCHITECTURE.md).
-        if let Err(error) = redis.publish::<_, _, ()>(&channel, message.encode()).await {
+        let request_id = current_request_id();
+        let bytes = message.encode_traced(request_id.as_deref());
+        if let Err(error) = redis.publish::<_, _, ()>(&channel, bytes).await {
             tracing::warn!(%error, node.id = node, "publishing a delivery failed");
         }
     }
@@ -114,10 +118,9 @@ impl Remote for RedisRemote {
     async fn broadcast(&self, message: NodeMessage) {
         let mut redis = self.redis.clone();
         // Lost in transit, it is stored: clients get it when they bind again.
-        if let Err(error) = redis
-            .publish::<_, _, ()>(BROADCAST_CHANNEL, message.encode())
-            .await
-        {
+        let request_id = current_request_id();
+        let bytes = message.encode_traced(request_id.as_deref());
+        if let Err(error) = redis.publish::<_, _, ()>(BROADCAST_CHANNEL, bytes).await {
             tracing::warn!(%error, "publishing a broadcast failed");
         }
     }
@@ -168,6 +171,7 @@ impl RoomLink {
             connections,
             cpu_percent,
             heartbeat_at_ms: unix_ms(),
+            apps_online: self.register.online(),
         }
     }
 
@@ -296,8 +300,14 @@ impl RoomLink {
             }
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
-                match NodeMessage::decode(message.get_payload_bytes()) {
-                    Ok(message) => delivery.arrive(message).await,
+                match NodeMessage::decode_traced(message.get_payload_bytes()) {
+                    Ok((Some(request_id), message)) => {
+                        delivery
+                            .arrive(message)
+                            .instrument(request_span(&request_id))
+                            .await
+                    }
+                    Ok((None, message)) => delivery.arrive(message).await,
                     Err(error) => tracing::warn!(%error, "unreadable node message dropped"),
                 }
             }

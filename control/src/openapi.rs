@@ -35,6 +35,7 @@ use crate::{admin, center};
         center::kick,
         center::broadcast,
         center::broadcast_progress,
+        center::app_stats,
         center::dispatch,
         center::livez,
         center::readyz,

@@ -4,6 +4,7 @@
 //! (`RedisRegister`, in `cluster::register`), behind one trait. A user may have
 //! several devices connected; a push goes to every one of them.
 
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
@@ -12,6 +13,7 @@ use hashbrown::HashTable;
 use herald_proto::NetworkType;
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::ConnId;
+use serde::{Deserialize, Serialize};
 
 /// One live connection of a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,17 @@ pub trait Register: Send + Sync {
     /// per connection.
     async fn apply(&self, changes: Vec<Change>) -> Result<(), RegisterError>;
     async fn sessions(&self, app: &str, user: &str) -> Result<Vec<Session>, RegisterError>;
+    /// What this node's own sessions come to, per app (none on a node that
+    /// only reads a shared register).
+    fn online(&self) -> BTreeMap<String, AppOnline>;
+}
+
+/// An app's sessions on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppOnline {
+    pub connections: u64,
+    /// Users with at least one session here.
+    pub users: u64,
 }
 
 /// Stripes of the in-memory table, so concurrent API calls for different
@@ -126,6 +139,8 @@ pub struct MemoryRegister {
     hasher: RandomState,
     /// Node names and instances, indexed by `Entry::node`.
     nodes: Mutex<Vec<(String, u64)>>,
+    /// Kept as entries come and go, so reading it costs no walk.
+    online: Mutex<BTreeMap<String, AppOnline>>,
 }
 
 impl Default for MemoryRegister {
@@ -134,6 +149,7 @@ impl Default for MemoryRegister {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             nodes: Mutex::default(),
+            online: Mutex::default(),
         }
     }
 }
@@ -195,9 +211,14 @@ impl MemoryRegister {
             // Binding the same connection again replaces its entry.
             Some(existing) => *existing = entry,
             None => {
+                let new_user = !stripe.table.iter_hash(hash).any(|e| e.key() == key);
                 stripe
                     .table
                     .insert_unique(hash, entry, |e| self.hash(e.key()));
+                let mut online = self.online.lock().expect("register lock");
+                let counts = online.entry(app.to_owned()).or_default();
+                counts.connections += 1;
+                counts.users += u64::from(new_user);
             }
         }
         Ok(())
@@ -226,6 +247,15 @@ impl MemoryRegister {
             .find_entry(hash, |e| e.conn == conn && e.key() == key)
         {
             found.remove();
+            let user_left = !stripe.table.iter_hash(hash).any(|e| e.key() == key);
+            let mut online = self.online.lock().expect("register lock");
+            if let Some(counts) = online.get_mut(app) {
+                counts.connections -= 1;
+                counts.users -= u64::from(user_left);
+                if counts.connections == 0 {
+                    online.remove(app);
+                }
+            }
         }
     }
 }
@@ -252,6 +282,10 @@ impl Register for MemoryRegister {
             .filter(|e| e.key() == key)
             .map(|e| self.session(e))
             .collect())
+    }
+
+    fn online(&self) -> BTreeMap<String, AppOnline> {
+        self.online.lock().expect("register lock").clone()
     }
 }
 
@@ -288,6 +322,34 @@ mod tests {
             user: UserId::from(user),
             conn: session(slot, "").conn,
         }
+    }
+
+    #[tokio::test]
+    async fn online_counts_connections_and_users_as_they_come_and_go() {
+        let register = MemoryRegister::default();
+        let chat = |connections, users| {
+            BTreeMap::from([("chat".to_owned(), AppOnline { connections, users })])
+        };
+        register
+            .apply(vec![
+                add(1, "phone", "alice"),
+                add(2, "laptop", "alice"),
+                add(3, "phone", "bob"),
+                // The same connection bound again is still one.
+                add(3, "phone", "bob"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(register.online(), chat(3, 2));
+        register.apply(vec![remove(1, "alice")]).await.unwrap();
+        assert_eq!(register.online(), chat(2, 2));
+        // Removing what is not there changes nothing.
+        register.apply(vec![remove(1, "alice")]).await.unwrap();
+        register
+            .apply(vec![remove(2, "alice"), remove(3, "bob")])
+            .await
+            .unwrap();
+        assert_eq!(register.online(), BTreeMap::new());
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -151,7 +152,13 @@ pub enum ConnCommand {
     /// A message just stored for the user bound to `app`. The shard sends
     /// it only if it is the next one the connection is owed; otherwise it
     /// notes that the connection is behind and asks for a catch-up.
-    Deliver { app: AppId, message: PushMessage },
+    Deliver {
+        app: AppId,
+        message: PushMessage,
+        /// When it was stored (or arrived from the node that stored it),
+        /// for the gateway's stored-to-write latency.
+        stored_at: Instant,
+    },
     /// The reply to a `Bound` or `CatchUp` event: the stored messages after
     /// `after`, in order. `more` says storage holds further messages.
     Fill {

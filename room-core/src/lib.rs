@@ -145,20 +145,29 @@ pub struct AppUpdater {
     commands: Vec<async_channel::WeakSender<ShardCommand>>,
     /// Each app's count of bindings in this process, kept across changes.
     bound: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+    /// A deleted app's series leave it.
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl AppUpdater {
-    fn new() -> AppUpdater {
+    fn new(metrics: Arc<GatewayMetrics>) -> AppUpdater {
         AppUpdater {
             commands: Vec::new(),
             bound: Arc::default(),
+            metrics,
         }
     }
 
     /// The table each shard gets for `apps`; a deleted app's count goes.
     fn table(&self, apps: &[AppAccess]) -> Arc<[GatewayApp]> {
         let mut bound = self.bound.lock().expect("bound counts lock");
-        bound.retain(|id, _| apps.iter().any(|app| app.id == *id));
+        bound.retain(|id, _| {
+            let kept = apps.iter().any(|app| app.id == *id);
+            if !kept {
+                self.metrics.forget_app(id);
+            }
+            kept
+        });
         apps.iter()
             .map(|app| GatewayApp {
                 id: app.id.clone(),
@@ -267,7 +276,7 @@ impl Gateway {
             Vec::new()
         };
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
-        let mut apps = AppUpdater::new();
+        let mut apps = AppUpdater::new(metrics.clone());
         let initial_apps = apps.table(&config.apps);
         let mut commands = Vec::with_capacity(config.shards);
         let mut threads = Vec::with_capacity(config.shards);

@@ -1,10 +1,13 @@
 //! Gateway counters: one set per shard, each written only by its shard and
-//! summed when scraped, so counting never contends across cores.
+//! summed when scraped, so counting never contends across cores. The
+//! shards' latency histograms live in a Prometheus registry; each shard
+//! observes only its own series.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 use herald_proto::server::CloseReason;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 
 use crate::transport::TransportEnd;
 
@@ -82,6 +85,20 @@ impl Counter {
     }
 }
 
+/// A shard's loop turn, in seconds: from a few microseconds (a turn with
+/// little to do) to the 100 ms that would be a pause clients feel.
+const TURN_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+
+/// Stored to written, in seconds: the control plane's hand-off and the
+/// shard's queue, so from tens of microseconds to a backlog of seconds.
+const WRITE_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 5.0,
+];
+
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct ShardCounters {
@@ -93,9 +110,18 @@ pub struct ShardCounters {
     pushes_out: Counter,
     acks_in: Counter,
     closed: [Counter; CLOSE_REASONS.len()],
+    /// Set once the shard's series exists in the registry.
+    turn_seconds: Option<Histogram>,
 }
 
 impl ShardCounters {
+    /// One loop turn's work took `seconds` (the wait for events excluded).
+    pub fn turn(&self, seconds: f64) {
+        if let Some(histogram) = &self.turn_seconds {
+            histogram.observe(seconds);
+        }
+    }
+
     pub fn connection_opened(&self) {
         self.connections_open.add(1);
         self.connections_accepted.add(1);
@@ -141,16 +167,81 @@ pub struct GatewaySnapshot {
     pub closed: [u64; CLOSE_REASONS.len()],
 }
 
-#[derive(Debug)]
 pub struct GatewayMetrics {
     shards: Vec<ShardCounters>,
+    registry: Registry,
+    write_seconds: HistogramVec,
+}
+
+impl std::fmt::Debug for GatewayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayMetrics")
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GatewayMetrics {
     pub fn new(shards: usize) -> GatewayMetrics {
-        GatewayMetrics {
-            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+        let registry = Registry::new();
+        let turn_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_shard_turn_seconds",
+                "One turn of a shard's event loop: its commands, connections and events, \
+                 without the wait for the next events.",
+            )
+            .buckets(TURN_BUCKETS.to_vec()),
+            &["shard"],
+        )
+        .expect("valid histogram");
+        let write_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_push_write_seconds",
+                "A pushed message from stored (or arrived from the node that stored it) \
+                 to the shard writing it to the connection.",
+            )
+            .buckets(WRITE_BUCKETS.to_vec()),
+            &["app"],
+        )
+        .expect("valid histogram");
+        for collector in [turn_seconds.clone(), write_seconds.clone()] {
+            registry
+                .register(Box::new(collector))
+                .expect("metric names are unique");
         }
+        GatewayMetrics {
+            shards: (0..shards)
+                .map(|shard| ShardCounters {
+                    turn_seconds: Some(turn_seconds.with_label_values(&[&shard.to_string()])),
+                    ..ShardCounters::default()
+                })
+                .collect(),
+            registry,
+            write_seconds,
+        }
+    }
+
+    /// The app's stored-to-written histogram, for a shard to keep.
+    pub fn write_seconds(&self, app: &str) -> Histogram {
+        self.write_seconds.with_label_values(&[app])
+    }
+
+    /// A deleted app's series goes, so deleted apps do not pile up.
+    pub fn forget_app(&self, app: &str) {
+        let _ = self.write_seconds.remove_label_values(&[app]);
+    }
+
+    /// The shards' histograms, for the Prometheus text encoder.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Each shard's open connections, by shard index.
+    pub fn shard_connections(&self) -> Vec<u64> {
+        self.shards
+            .iter()
+            .map(|shard| shard.connections_open.get())
+            .collect()
     }
 
     pub fn shard(&self, shard: usize) -> &ShardCounters {

@@ -15,7 +15,7 @@
 //! while a connection's send is with the driver, what it produces waits in
 //! its queue, also pooled. Every buffer goes back to its pool once drained.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
@@ -36,6 +36,7 @@ use herald_proto::server::{
     BroadcastFate, CloseReason, InboxFill, Output, ServerConfig, ServerConn,
 };
 use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
+use prometheus::Histogram;
 use slab::Slab;
 
 use crate::auth::AppSecrets;
@@ -248,6 +249,8 @@ pub(crate) struct Shard<D> {
     /// The last broadcasts fanned out here, to count in their progress the
     /// connections that get them right after their first fill.
     recent: VecDeque<((AppId, u64), Arc<BroadcastProgress>)>,
+    /// Each app's stored-to-written histogram, looked up once.
+    write_seconds: HashMap<AppId, Histogram>,
     read_pool: BufferPool,
     write_pool: BufferPool,
     wheel: TimerWheel,
@@ -363,6 +366,7 @@ impl<D: Driver> Shard<D> {
             encoded: None,
             paced: Vec::new(),
             recent: VecDeque::new(),
+            write_seconds: HashMap::new(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
             wheel: TimerWheel::new(now),
@@ -403,6 +407,8 @@ impl<D: Driver> Shard<D> {
             next_tick,
         } = ends;
         let mut cx = Context::from_waker(waker);
+        // The real clock even under a test's fake one: this times the work.
+        let work_started = Instant::now();
         let now = clock();
         let mut commands_left = true;
         for _ in 0..COMMAND_BATCH_MAX {
@@ -448,6 +454,7 @@ impl<D: Driver> Shard<D> {
             }
             until.saturating_duration_since(now)
         };
+        self.counters().turn(work_started.elapsed().as_secs_f64());
         self.driver.wait(timeout, driver_events)?;
         let now = clock();
         for event in driver_events.drain(..) {
@@ -1507,6 +1514,9 @@ impl<D: Driver> Shard<D> {
     /// that left (deleted), visiting every connection once per change.
     fn set_apps(&mut self, apps: &[GatewayApp], now: Instant) {
         let deleted = self.settings.auth.replace(apps);
+        for app in &deleted {
+            self.write_seconds.remove(app);
+        }
         if deleted.is_empty() {
             return;
         }
@@ -1543,7 +1553,19 @@ impl<D: Driver> Shard<D> {
         // not ready for.
         let mut owed_sent = None;
         match command {
-            ConnCommand::Deliver { app, message } => server.deliver(&app, &message, config, out),
+            ConnCommand::Deliver {
+                app,
+                message,
+                stored_at,
+            } => {
+                server.deliver(&app, &message, config, out);
+                // The frame is written this turn (or queued behind what the
+                // connection has waiting).
+                self.write_seconds
+                    .entry(app)
+                    .or_insert_with_key(|app| self.settings.metrics.write_seconds(app))
+                    .observe(now.saturating_duration_since(stored_at).as_secs_f64());
+            }
             ConnCommand::Fill {
                 app,
                 after,

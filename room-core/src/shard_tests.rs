@@ -417,6 +417,7 @@ impl<const R: bool> Harness<R> {
             command: ConnCommand::Deliver {
                 app: APP.into(),
                 message: message.clone(),
+                stored_at: Instant::now(),
             },
         });
     }
@@ -798,6 +799,7 @@ fn counts_only_what_waits_behind_a_blocked_send<const R: bool>() {
                 command: ConnCommand::Deliver {
                     app: APP.into(),
                     message: message(seq, 10),
+                    stored_at: Instant::now(),
                 },
             })
             .unwrap();

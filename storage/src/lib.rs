@@ -304,6 +304,22 @@ impl Saver {
         seq.map_or(Ok(0), |seq| from_db(seq, "broadcast_heads.last_seq"))
     }
 
+    /// The app's stored messages (unexpired), and how many of them no
+    /// device of their user has acked. Counts every row of the app: for a
+    /// stats page, not for every request.
+    pub async fn message_counts(
+        &self,
+        app: &str,
+        now_ms: u64,
+    ) -> Result<MessageCounts, StorageError> {
+        let (stored, unacked) =
+            on_engine!(self, engine => engine.message_counts(app, now_ms).await)?;
+        Ok(MessageCounts {
+            stored: from_db(stored, "COUNT(*)")?,
+            unacked: from_db(unacked, "COUNT(*)")?,
+        })
+    }
+
     /// Stores a broadcast once for its app under the app's next broadcast
     /// sequence (gapless and distinct with any number of nodes storing).
     /// Durable when it returns Ok.
@@ -728,6 +744,15 @@ pub struct InboxKey {
     pub app: String,
     pub user: String,
     pub device_id: Option<String>,
+}
+
+/// An app's messages, as `Saver::message_counts` counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageCounts {
+    /// Stored and not expired.
+    pub stored: u64,
+    /// Of those, the ones past every ack cursor of their user's devices.
+    pub unacked: u64,
 }
 
 /// Where one inbox stands.

@@ -66,6 +66,8 @@ pub(crate) struct Statements {
     propose_epoch: Arc<str>,
     lower_ack_cursor: Arc<str>,
     broadcast_head: Arc<str>,
+    messages_unexpired: Arc<str>,
+    messages_unacked: Arc<str>,
     raise_broadcast_head: Arc<str>,
     insert_broadcast: Arc<str>,
     broadcasts_after: Arc<str>,
@@ -120,6 +122,14 @@ impl Statements {
             lower_ack_cursor: sql("UPDATE device_cursors SET acked_seq = ? \
                  WHERE app = ? AND user_id = ? AND device_id = ? AND acked_seq > ?"),
             broadcast_head: sql("SELECT last_seq FROM broadcast_heads WHERE app = ?"),
+            messages_unexpired: sql(
+                "SELECT COUNT(*) FROM messages WHERE app = ? AND expires_at_ms > ?",
+            ),
+            // Past every device's cursor of its user: no device holds it.
+            messages_unacked: sql("SELECT COUNT(*) FROM messages m \
+                 WHERE m.app = ? AND m.expires_at_ms > ? AND m.seq > COALESCE(\
+                 (SELECT MAX(c.acked_seq) FROM device_cursors c \
+                 WHERE c.app = m.app AND c.user_id = m.user_id), 0)"),
             raise_broadcast_head: built(format!(
                 "INSERT INTO broadcast_heads (app, last_seq) VALUES (?, 1){}{returning}",
                 D::on_conflict("broadcast_heads", "app", &[("last_seq", Merge::Add)])
@@ -335,6 +345,26 @@ where
             .bind(app)
             .fetch_optional(&self.pools.reader)
             .await?)
+    }
+
+    /// The app's unexpired messages, and those of them no device acked.
+    pub(crate) async fn message_counts(
+        &self,
+        app: &str,
+        now_ms: u64,
+    ) -> Result<(i64, i64), StorageError> {
+        let mut counts = [0; 2];
+        for (count, query) in counts
+            .iter_mut()
+            .zip([&self.sql.messages_unexpired, &self.sql.messages_unacked])
+        {
+            *count = sqlx::query_scalar(text(query))
+                .bind(app)
+                .bind(to_db(now_ms))
+                .fetch_one(&self.pools.reader)
+                .await?;
+        }
+        Ok((counts[0], counts[1]))
     }
 
     /// Deletes expired rows of `PURGED_TABLES[table]` in batches; returns

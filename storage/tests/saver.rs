@@ -15,7 +15,8 @@ use bytes::Bytes;
 use engines::TestDb;
 use herald_storage::{
     AckCursor, CommitCounts, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
-    NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome, StoredApp,
+    MessageCounts, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
+    StoredApp,
 };
 
 const APP: &str = "app1";
@@ -328,6 +329,54 @@ async fn device_cursors_only_rise(db: TestDb) {
         .await
         .unwrap();
     assert!(others.iter().all(|head| head.acked_seq.is_none()));
+}
+
+/// Stored counts what has not expired; unacked, what no device of the
+/// message's user holds (one device's ack is enough).
+async fn message_counts_tell_stored_from_unacked(db: TestDb) {
+    let saver = db.open().await;
+    let counts = |now_ms| {
+        let saver = saver.clone();
+        async move { saver.message_counts(APP, now_ms).await.unwrap() }
+    };
+    assert_eq!(
+        counts(T0).await,
+        MessageCounts {
+            stored: 0,
+            unacked: 0
+        }
+    );
+    for _ in 0..3 {
+        store(&saver, APP, &users(&["alice", "bob"]), b"m", T0).await;
+    }
+    store(&saver, "app2", &users(&["alice"]), b"other app", T0).await;
+    assert_eq!(
+        counts(T0).await,
+        MessageCounts {
+            stored: 6,
+            unacked: 6
+        }
+    );
+    // Alice's laptop holds 2 of her 3; her phone none.
+    saver
+        .save_acks(&[ack("laptop", 2), ack("phone", 0)], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        counts(T0).await,
+        MessageCounts {
+            stored: 6,
+            unacked: 4
+        }
+    );
+    // An hour on, every one has expired.
+    assert_eq!(
+        counts(T0 + HOUR_MS).await,
+        MessageCounts {
+            stored: 0,
+            unacked: 0
+        }
+    );
 }
 
 /// A cursor left past its inbox by a reset goes down, and only down.
@@ -1077,6 +1126,7 @@ on_every_engine!(
     messages_after_skips_expired_messages,
     device_cursors_only_rise,
     a_device_cursor_can_be_lowered_for_a_reset,
+    message_counts_tell_stored_from_unacked,
     the_storage_epoch_is_written_once_per_database,
     broadcast_head_counts_expired_ones_too,
     purge_removes_only_expired_rows,

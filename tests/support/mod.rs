@@ -78,6 +78,9 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// `None`: the no-config `demo` mode.
     pub config_path: Option<PathBuf>,
+    /// The lines it wrote to standard output after its listening lines
+    /// (the JSON log goes there).
+    pub stdout: std::sync::mpsc::Receiver<String>,
     /// The demo app's API key, as `serve` printed it.
     pub demo_api_key: Option<String>,
     _dir: Option<tempfile::TempDir>,
@@ -259,7 +262,12 @@ impl Server {
             }
         }
         // Keep reading stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let (stdout_tx, stdout) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = stdout_tx.send(line);
+            }
+        });
         Server {
             child,
             io,
@@ -268,6 +276,7 @@ impl Server {
             api: api.unwrap(),
             data_dir: PathBuf::new(),
             config_path: None,
+            stdout,
             demo_api_key,
             _dir: None,
         }

@@ -13,6 +13,10 @@
 //! | deliver (1) | app `str`, message id 16 bytes, payload `bytes`, u32 count, count x (`conn`, seq u64) |
 //! | broadcast (2) | app `str`, seq u64, broadcast id 16 bytes, payload `bytes`, u16 count, count x tag `str`, created at u64 ms, expires at u64 ms, paced u8 (0 or 1) and if 1 the rate f64, low priority u8 (0 or 1), u16 count, count x (node `str`, share f64) |
 //! | kick (3) | reason u16, u32 count, count x `conn` |
+//!
+//! A message sent for an API call is wrapped with the call's request id:
+//! format byte 2, the id `str`, then the message as above (format 1), so
+//! the receiving node logs its part under the same id.
 
 use bytes::{BufMut, Bytes};
 
@@ -35,6 +39,9 @@ pub fn delivery_channel(node: &str, instance: u64) -> String {
 /// The first byte of every message: a node meeting another form (a node of
 /// another version) drops the message rather than misread it.
 const FORMAT: u8 = 1;
+
+/// The first byte of a message wrapped with a request id.
+const FORMAT_TRACED: u8 = 2;
 
 const DELIVER: u8 = 1;
 const BROADCAST: u8 = 2;
@@ -149,6 +156,30 @@ impl NodeMessage {
             }
         }
         out
+    }
+
+    /// The message in the channel's binary form, wrapped with the request
+    /// id of the API call it is sent for, if any.
+    pub fn encode_traced(&self, request_id: Option<&str>) -> Vec<u8> {
+        let Some(request_id) = request_id else {
+            return self.encode();
+        };
+        let message = self.encode();
+        let mut out = Vec::with_capacity(3 + request_id.len() + message.len());
+        out.put_u8(FORMAT_TRACED);
+        put_str(&mut out, request_id);
+        out.extend_from_slice(&message);
+        out
+    }
+
+    /// Reads a message, wrapped with a request id or not.
+    pub fn decode_traced(bytes: &[u8]) -> Result<(Option<String>, NodeMessage), NodeMessageError> {
+        if bytes.first() != Some(&FORMAT_TRACED) {
+            return Ok((None, NodeMessage::decode(bytes)?));
+        }
+        let mut input = Reader(&bytes[1..]);
+        let request_id = input.str()?.to_owned();
+        Ok((Some(request_id), NodeMessage::decode(input.0)?))
     }
 
     /// Reads a message in the channel's binary form.
@@ -427,6 +458,27 @@ mod tests {
         for message in examples() {
             let encoded = message.encode();
             assert_eq!(NodeMessage::decode(&encoded), Ok(message));
+        }
+    }
+
+    #[test]
+    fn a_request_id_travels_with_its_message_and_is_optional() {
+        for message in examples() {
+            let traced = message.encode_traced(Some("req-7"));
+            assert_eq!(
+                NodeMessage::decode_traced(&traced),
+                Ok((Some("req-7".to_owned()), message.clone()))
+            );
+            let plain = message.encode_traced(None);
+            assert_eq!(plain, message.encode());
+            assert_eq!(NodeMessage::decode_traced(&plain), Ok((None, message)));
+            for len in 0..traced.len() {
+                assert_eq!(
+                    NodeMessage::decode_traced(&traced[..len]),
+                    Err(NodeMessageError::Truncated),
+                    "cut at {len}"
+                );
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use redis::AsyncCommands as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::connection::RedisConn;
-use crate::register::{RegisterError, Session};
+use crate::register::{AppOnline, RegisterError, Session};
 
 /// How long a room node's liveness record lives without a heartbeat: how
 /// long a node that died may still be offered by the dispatcher and looked
@@ -47,6 +47,10 @@ pub struct NodeRecord {
     /// The node's CPU use since its last heartbeat, in percent of one core.
     pub cpu_percent: f64,
     pub heartbeat_at_ms: u64,
+    /// The node's sessions per app. Absent in records of nodes from before
+    /// app stats.
+    #[serde(default)]
+    pub apps_online: BTreeMap<String, AppOnline>,
 }
 
 /// Live room nodes by id.
@@ -82,6 +86,12 @@ impl NodeDirectory {
     }
 
     /// The live nodes by id, read again when older than `DIRECTORY_MAX_AGE`.
+    /// Whether room nodes report through Redis (a cluster), rather than
+    /// this process holding the only gateway.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.source, DirectorySource::Redis(_))
+    }
+
     pub async fn live(&self) -> Result<LiveNodes, RegisterError> {
         if let Some((read_at, nodes)) = &*self.cached.lock().expect("directory lock")
             && read_at.elapsed() < DIRECTORY_MAX_AGE

@@ -2,7 +2,7 @@
 //! the room nodes that hold them, read by every node; an entry counts only
 //! while its node's liveness record (the directory) names its run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use herald_proto::plane::ConnId;
 
 use crate::cluster::connection::RedisConn;
 use crate::cluster::directory::{NodeDirectory, is_alive};
-use crate::register::{Change, MemoryRegister, Register, RegisterError, Session};
+use crate::register::{AppOnline, Change, MemoryRegister, Register, RegisterError, Session};
 
 /// Commands per pipeline: a reconnect storm of 20,000 binds is 20 round
 /// trips, and one pipeline's reply stays a few hundred KiB.
@@ -317,6 +317,11 @@ impl Register for RedisRegister {
             let _: Result<usize, _> = redis.hdel(&key, &stale).await;
         }
         Ok(live)
+    }
+    fn online(&self) -> BTreeMap<String, AppOnline> {
+        self.own
+            .as_ref()
+            .map_or_else(BTreeMap::new, |own| own.sessions.online())
     }
 }
 

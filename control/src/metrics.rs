@@ -1,0 +1,396 @@
+//! The control plane's metrics: what it does for each app, counted and
+//! timed in one Prometheus registry that `/metrics` encodes after the
+//! gateway's counters.
+//!
+//! Labels are bounded by what an operator configures: an app, a webhook
+//! outcome. No user, device or connection is ever a label.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use herald_proto::ids::AppId;
+use herald_proto::plane::ConnId;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from half a millisecond (a push stored on
+/// a quiet node) to 30 s (a webhook at its deadline).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Messages delivered live whose ack is awaited for `herald_push_ack_seconds`,
+/// over every connection of the node. Past it new deliveries go untimed
+/// rather than the table growing with clients that never ack.
+const ACK_CLOCKS_MAX: usize = 100_000;
+
+/// Per connection and app: past it the oldest delivery's clock is dropped.
+const ACK_CLOCKS_PER_BINDING_MAX: usize = 64;
+
+/// How a webhook attempt ended, a label of `herald_webhook_attempts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// A 2xx.
+    Accepted,
+    /// A 4xx other than 429: the business server refused the call.
+    Refused,
+    /// A 5xx or 429.
+    ServerError,
+    /// No connection, or no answer before the call's timeout.
+    Unreachable,
+}
+
+impl WebhookOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookOutcome::Accepted => "accepted",
+            WebhookOutcome::Refused => "refused",
+            WebhookOutcome::ServerError => "server_error",
+            WebhookOutcome::Unreachable => "unreachable",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub binds: IntCounterVec,
+    pub messages_stored: IntCounterVec,
+    pub deliveries: IntCounterVec,
+    pub broadcasts: IntCounterVec,
+    pub acks: IntCounterVec,
+    pub upstreams: IntCounterVec,
+    pub payload_bytes_in: IntCounterVec,
+    pub payload_bytes_out: IntCounterVec,
+    pub fills: IntCounter,
+    pub acks_saved: IntCounter,
+    webhook_attempts: IntCounterVec,
+    webhook_seconds: HistogramVec,
+    store_seconds: HistogramVec,
+    ack_seconds: HistogramVec,
+    /// When each message delivered live to a connection was stored, until
+    /// the connection acks it.
+    ack_clocks: Mutex<AckClocks>,
+}
+
+#[derive(Default)]
+struct AckClocks {
+    by_binding: HashMap<(ConnId, AppId), VecDeque<(u64, Instant)>>,
+    len: usize,
+}
+
+fn app_counter(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let counter = IntCounterVec::new(Opts::new(name, help), &["app"]).expect("valid counter");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("metric names are unique");
+    counter
+}
+
+fn app_histogram(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    let histogram = HistogramVec::new(opts, &["app"]).expect("valid histogram");
+    registry
+        .register(Box::new(histogram.clone()))
+        .expect("metric names are unique");
+    histogram
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("valid counter");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("metric names are unique");
+    counter
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new(
+                "herald_webhook_attempts_total",
+                "Webhook attempts (first calls and retries) by app and outcome \
+                 (accepted, refused, server_error, unreachable).",
+            ),
+            &["app", "outcome"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(webhook_attempts.clone()))
+            .expect("metric names are unique");
+        Metrics {
+            binds: app_counter(&registry, "herald_binds_total", "Successful BINDs."),
+            messages_stored: app_counter(
+                &registry,
+                "herald_messages_stored_total",
+                "Messages stored (one per recipient inbox).",
+            ),
+            deliveries: app_counter(
+                &registry,
+                "herald_deliveries_total",
+                "Stored messages handed to a connection's shard (one per connection).",
+            ),
+            broadcasts: app_counter(
+                &registry,
+                "herald_broadcasts_total",
+                "Broadcasts stored and started.",
+            ),
+            acks: app_counter(
+                &registry,
+                "herald_acks_received_total",
+                "ACKs from devices.",
+            ),
+            upstreams: app_counter(
+                &registry,
+                "herald_upstreams_total",
+                "UPSTREAM frames received from clients.",
+            ),
+            payload_bytes_in: app_counter(
+                &registry,
+                "herald_payload_bytes_in_total",
+                "Payload bytes of clients' upstream data.",
+            ),
+            payload_bytes_out: app_counter(
+                &registry,
+                "herald_payload_bytes_out_total",
+                "Payload bytes of stored messages handed to connections (live and catch-up).",
+            ),
+            fills: counter(
+                &registry,
+                "herald_fills_total",
+                "Catch-up reads from storage sent to connections.",
+            ),
+            acks_saved: counter(
+                &registry,
+                "herald_acks_saved_total",
+                "Device ack cursors written to storage.",
+            ),
+            webhook_attempts,
+            webhook_seconds: app_histogram(
+                &registry,
+                "herald_webhook_call_seconds",
+                "One webhook attempt, request to answer (or failure).",
+            ),
+            store_seconds: app_histogram(
+                &registry,
+                "herald_push_store_seconds",
+                "A push from the API call reaching delivery to stored (durable).",
+            ),
+            ack_seconds: app_histogram(
+                &registry,
+                "herald_push_ack_seconds",
+                "A message delivered live, from stored (or arrived from another node) \
+                 to the connection's ACK of it.",
+            ),
+            ack_clocks: Mutex::default(),
+            registry,
+        }
+    }
+
+    pub fn stored_in(&self, app: &str, started: Instant) {
+        self.store_seconds
+            .with_label_values(&[app])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn webhook_attempt(&self, app: &str, outcome: WebhookOutcome, started: Instant) {
+        self.webhook_attempts
+            .with_label_values(&[app, outcome.as_str()])
+            .inc();
+        self.webhook_seconds
+            .with_label_values(&[app])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// A message `stored_at` was handed to `conn` live: its ack is timed.
+    pub fn delivered(&self, conn: ConnId, app: &AppId, seq: u64, stored_at: Instant) {
+        let mut clocks = self.ack_clocks.lock().expect("ack clocks lock");
+        if clocks.len >= ACK_CLOCKS_MAX {
+            return;
+        }
+        let waiting = clocks.by_binding.entry((conn, app.clone())).or_default();
+        let dropped = if waiting.len() >= ACK_CLOCKS_PER_BINDING_MAX {
+            waiting.pop_front();
+            1
+        } else {
+            0
+        };
+        waiting.push_back((seq, stored_at));
+        clocks.len = clocks.len + 1 - dropped;
+    }
+
+    /// `conn` acked every message of `app` up to `seq`.
+    pub fn acked(&self, conn: ConnId, app: &AppId, seq: u64) {
+        self.acks.with_label_values(&[app]).inc();
+        let now = Instant::now();
+        let mut clocks = self.ack_clocks.lock().expect("ack clocks lock");
+        let key = (conn, app.clone());
+        let Some(waiting) = clocks.by_binding.get_mut(&key) else {
+            return;
+        };
+        let histogram = self.ack_seconds.with_label_values(&[app]);
+        let mut settled = 0;
+        while let Some(&(delivered_seq, stored_at)) = waiting.front() {
+            if delivered_seq > seq {
+                break;
+            }
+            histogram.observe(now.duration_since(stored_at).as_secs_f64());
+            waiting.pop_front();
+            settled += 1;
+        }
+        if waiting.is_empty() {
+            clocks.by_binding.remove(&key);
+        }
+        clocks.len -= settled;
+    }
+
+    /// The connection is gone: its deliveries will never be acked by it.
+    pub fn closed(&self, conn: ConnId) {
+        let mut clocks = self.ack_clocks.lock().expect("ack clocks lock");
+        let AckClocks { by_binding, len } = &mut *clocks;
+        by_binding.retain(|(bound, _), waiting| {
+            let keep = *bound != conn;
+            if !keep {
+                *len -= waiting.len();
+            }
+            keep
+        });
+    }
+
+    /// Every series of a deleted app goes, so deleted apps do not pile up.
+    pub fn forget_app(&self, app: &str) {
+        for counter in [
+            &self.binds,
+            &self.messages_stored,
+            &self.deliveries,
+            &self.broadcasts,
+            &self.acks,
+            &self.upstreams,
+            &self.payload_bytes_in,
+            &self.payload_bytes_out,
+        ] {
+            let _ = counter.remove_label_values(&[app]);
+        }
+        for histogram in [
+            &self.webhook_seconds,
+            &self.store_seconds,
+            &self.ack_seconds,
+        ] {
+            let _ = histogram.remove_label_values(&[app]);
+        }
+        for outcome in [
+            WebhookOutcome::Accepted,
+            WebhookOutcome::Refused,
+            WebhookOutcome::ServerError,
+            WebhookOutcome::Unreachable,
+        ] {
+            let _ = self
+                .webhook_attempts
+                .remove_label_values(&[app, outcome.as_str()]);
+        }
+    }
+
+    /// Appends the Prometheus text of every series.
+    pub fn encode(&self, text: &mut String) {
+        encode_registry(&self.registry, text);
+    }
+}
+
+/// Appends a registry's series in the Prometheus text format.
+pub fn encode_registry(registry: &Registry, text: &mut String) {
+    let mut bytes = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut bytes)
+        .expect("text encoding of gathered metrics");
+    text.push_str(&String::from_utf8(bytes).expect("the text format is UTF-8"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(n: u32) -> ConnId {
+        ConnId {
+            shard: 0,
+            slot: n,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn an_ack_times_every_delivery_up_to_its_seq_and_nothing_after() {
+        let metrics = Metrics::new();
+        let app = AppId::from("chat");
+        let stored_at = Instant::now();
+        for seq in 1..=3 {
+            metrics.delivered(conn(1), &app, seq, stored_at);
+        }
+        metrics.acked(conn(1), &app, 2);
+        let histogram = metrics.ack_seconds.with_label_values(&["chat"]);
+        assert_eq!(histogram.get_sample_count(), 2);
+        // Another connection's ack of the same seq times nothing.
+        metrics.acked(conn(2), &app, 3);
+        assert_eq!(histogram.get_sample_count(), 2);
+        metrics.acked(conn(1), &app, 3);
+        assert_eq!(histogram.get_sample_count(), 3);
+        assert_eq!(metrics.ack_clocks.lock().unwrap().len, 0);
+        assert_eq!(metrics.acks.with_label_values(&["chat"]).get(), 3);
+    }
+
+    #[test]
+    fn clocks_stay_bounded_per_binding_and_go_with_their_connection() {
+        let metrics = Metrics::new();
+        let app = AppId::from("chat");
+        let now = Instant::now();
+        for seq in 0..(ACK_CLOCKS_PER_BINDING_MAX as u64 + 10) {
+            metrics.delivered(conn(1), &app, seq, now);
+        }
+        metrics.delivered(conn(2), &app, 1, now);
+        assert_eq!(
+            metrics.ack_clocks.lock().unwrap().len,
+            ACK_CLOCKS_PER_BINDING_MAX + 1
+        );
+        metrics.closed(conn(1));
+        assert_eq!(metrics.ack_clocks.lock().unwrap().len, 1);
+    }
+
+    #[test]
+    fn a_deleted_app_leaves_no_series() {
+        let metrics = Metrics::new();
+        metrics.binds.with_label_values(&["gone"]).inc();
+        metrics.stored_in("gone", Instant::now());
+        metrics.webhook_attempt("gone", WebhookOutcome::Refused, Instant::now());
+        metrics.forget_app("gone");
+        let mut text = String::new();
+        metrics.encode(&mut text);
+        assert!(!text.contains("\"gone\""), "{text}");
+    }
+
+    #[test]
+    fn the_text_names_each_series_with_its_app() {
+        let metrics = Metrics::new();
+        metrics
+            .messages_stored
+            .with_label_values(&["chat"])
+            .inc_by(3);
+        metrics.stored_in("chat", Instant::now());
+        let mut text = String::new();
+        metrics.encode(&mut text);
+        assert!(
+            text.contains("herald_messages_stored_total{app=\"chat\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herald_push_store_seconds_count{app=\"chat\"} 1"),
+            "{text}"
+        );
+    }
+}
