@@ -21,10 +21,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use herald_control::apps::{AppSettings, AppTable, Apps, FileApp, RateLimit};
 use herald_control::cluster::connection::{RedisConn, RedisTarget};
-use herald_control::cluster::directory::{NodeDirectory, NodeRecord};
+use herald_control::cluster::directory::{LoadProbe, NodeDirectory, NodeLoad, NodeRecord};
 use herald_control::cluster::register::RedisRegister;
 use herald_control::coordinator::{AppWebhooks, Coordinator};
-use herald_control::link::{LoadProbe, RedisRemote, RoomLink};
+use herald_control::link::{RedisRemote, RoomLink};
 use herald_control::metrics::Metrics;
 use herald_control::router::Router;
 use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
@@ -838,15 +838,7 @@ async fn run_node(
         tokio::time::timeout(Duration::from_secs(10), subscribed)
             .await
             .context("cannot subscribe to this node's delivery channel in Redis")??;
-        let metrics = gateway
-            .as_ref()
-            .expect("room nodes have a gateway")
-            .metrics();
-        let cpu = Mutex::new(CpuMeter::start());
-        let load: LoadProbe = Box::new(move || {
-            let connections = metrics.snapshot().connections_open;
-            (connections, cpu.lock().expect("cpu meter lock").percent())
-        });
+        let load = load_probe(gateway.as_ref().expect("room nodes have a gateway"));
         tokio::spawn(link.clone().run_heartbeat(delivery.clone(), load));
     }
     if let Some(events) = events_rx {
@@ -869,6 +861,12 @@ async fn run_node(
         }
         None => Box::new(|_| {}),
     };
+    // The overview reads a lone process's load from its gateway; a room
+    // node's comes through its heartbeat.
+    let local_load = match (&gateway, &link) {
+        (Some(gateway), None) => Some(load_probe(gateway)),
+        _ => None,
+    };
     let http_limits = control_config.http;
     let router = herald_control::router(
         control_config,
@@ -876,6 +874,7 @@ async fn run_node(
         delivery.clone(),
         directory,
         gateway_metrics,
+        local_load,
         herald_control::openapi::document_json(),
     );
     let listener = herald_control::http::listen(config.api.listen)
@@ -961,6 +960,7 @@ async fn wire(
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
             apps_online: BTreeMap::new(),
+            shard_connections: Vec::new(),
         };
         return Ok(Wiring {
             register: Arc::new(MemoryRegister::default()),
@@ -995,7 +995,7 @@ async fn wire(
         region: config.cluster()?.region.clone(),
     });
     // Alive before any session names this run.
-    let idle: LoadProbe = Box::new(|| (0, 0.0));
+    let idle: LoadProbe = Box::new(NodeLoad::default);
     link.heartbeat(&idle)
         .await
         .context("cannot write this node's liveness record")?;
@@ -1004,6 +1004,17 @@ async fn wire(
         directory,
         remote,
         link: Some(link),
+    })
+}
+
+/// The gateway's connections and this process's CPU use, read when asked.
+fn load_probe(gateway: &Gateway) -> LoadProbe {
+    let metrics = gateway.metrics();
+    let cpu = Mutex::new(CpuMeter::start());
+    Box::new(move || NodeLoad {
+        connections: metrics.snapshot().connections_open,
+        cpu_percent: cpu.lock().expect("cpu meter lock").percent(),
+        shard_connections: metrics.shard_connections(),
     })
 }
 

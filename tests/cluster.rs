@@ -175,6 +175,39 @@ async fn across_nodes(cluster: &Cluster) {
         report["target"] == 3 && report["sent"] == 3 && report["acked"] == 3
     })
     .await;
+    // The admin overview shows it done, and each room node's connections
+    // by shard, from the heartbeats.
+    eventually(
+        "the overview shows every room node and the broadcast done",
+        || async {
+            let (_, overview) = cluster.controls[1]
+                .get("/v1/admin/overview", ADMIN_KEY)
+                .await;
+            let Some(nodes) = overview["nodes"].as_array() else {
+                return false;
+            };
+            let by_shard_adds_up = nodes.iter().all(|node| {
+                let shards = node["shard_connections"].as_array().unwrap();
+                !shards.is_empty()
+                    && shards.iter().map(|n| n.as_u64().unwrap()).sum::<u64>()
+                        == node["connections"].as_u64().unwrap()
+            });
+            let chat = overview["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|app| app["id"] == APP)
+                .unwrap();
+            let broadcast = &chat["broadcasts"][0];
+            nodes.len() == cluster.rooms.len()
+                && by_shard_adds_up
+                && chat["online_connections"] == 3
+                && broadcast["sent"] == 3
+                && broadcast["in_progress"] == false
+                && broadcast["percent"] == 100
+        },
+    )
+    .await;
 
     // A kick through a control node reaches the user's room node.
     let (status, reply) = cluster.controls[0]

@@ -11,9 +11,9 @@ mod support;
 use std::sync::Arc;
 
 use herald_control::cluster::connection::{RedisConn, RedisTarget, connect};
-use herald_control::cluster::directory::NodeDirectory;
+use herald_control::cluster::directory::{LoadProbe, NodeDirectory, NodeLoad};
 use herald_control::cluster::register::RedisRegister;
-use herald_control::link::{LoadProbe, RoomLink};
+use herald_control::link::RoomLink;
 use herald_control::{Change, Register, Session};
 use herald_proto::NetworkType;
 use herald_proto::ids::{AppId, UserId};
@@ -70,7 +70,7 @@ fn add(user: &str, slot: u32, node: &str, instance: u64) -> Change {
 }
 
 fn idle() -> LoadProbe {
-    Box::new(|| (0, 0.0))
+    Box::new(NodeLoad::default)
 }
 
 #[tokio::test]

@@ -1,4 +1,6 @@
-//! The admin API: apps at runtime (`/v1/admin/apps`). Every call needs
+//! The admin API: apps at runtime (`/v1/admin/apps`) and what the admin
+//! page shows (`/v1/admin/overview`, the page itself in `admin_page`).
+//! Every call needs
 //! `Authorization: Bearer <admin key>` (`[admin] api_key`); an app's API
 //! key is refused here, as the admin key is on an app's routes. Secrets are
 //! shown once, when made (created or rotated), never by a read.
@@ -13,12 +15,14 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::admin_page;
 use crate::api_error::{ApiError, ErrorBody, ErrorCode};
 use crate::apps::{
     AdminError, App, AppPatch, AppSettings, Apps, RateLimit, SecretKind, constant_time_eq,
 };
 use crate::coordinator::WebhookRoute;
 use crate::input::{ApiPath, JsonBody, bearer};
+use crate::overview::{self, Overview, OverviewError, OverviewSources};
 
 /// The shortest admin key the config may set.
 pub const ADMIN_KEY_LEN_MIN: usize = 32;
@@ -32,13 +36,16 @@ struct AdminState {
     /// None: the admin API is off.
     admin_key: Option<String>,
     ttl_secs_max: u64,
+    overview: OverviewSources,
 }
 
-/// The admin routes, for the center to merge into its router.
+/// The admin routes and the admin page, for the center to merge into its
+/// router.
 pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
     apps: Arc<Apps>,
     admin_key: Option<String>,
     ttl_secs_max: u64,
+    overview: OverviewSources,
 ) -> Router<S> {
     Router::new()
         .route("/v1/admin/apps", post(create_app).get(list_apps))
@@ -47,11 +54,14 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
             get(get_app).patch(update_app).delete(delete_app),
         )
         .route("/v1/admin/apps/{app}/rotate", post(rotate))
+        .route("/v1/admin/overview", get(get_overview))
         .with_state(Arc::new(AdminState {
             apps,
             admin_key,
             ttl_secs_max,
+            overview,
         }))
+        .merge(admin_page::routes())
 }
 
 fn authorize_admin(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -343,6 +353,33 @@ async fn rotate(
         SecretKind::WebhookSecret => &mut reply.webhook_secret,
     } = Some(value);
     Ok(Json(reply))
+}
+
+/// `GET /v1/admin/overview`: nodes, apps and broadcasts, for the admin
+/// page.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/overview",
+    tag = "admin",
+    summary = "Nodes, apps and broadcasts (what the admin page shows)",
+    responses(
+        (status = 200, description = "The overview", body = Overview),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not the admin key, or the admin API is off", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
+    ),
+    security(("admin_key" = [])),
+)]
+async fn get_overview(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+) -> Result<Json<Overview>, ApiError> {
+    authorize_admin(&state, &headers)?;
+    match overview::gather(&state.overview, &state.apps).await {
+        Ok(overview) => Ok(Json(overview)),
+        Err(OverviewError::Directory(error)) => Err(ApiError::register(error)),
+        Err(OverviewError::Storage(error)) => Err(ApiError::storage(error)),
+    }
 }
 
 /// `DELETE /v1/admin/apps/{app}`: no new binds or calls from now on; bound

@@ -24,7 +24,7 @@ use herald_storage::{
 use crate::clock::unix_ms;
 use crate::cluster::channel::NodeMessage;
 use crate::pace::PaceShares;
-use crate::progress::{ProgressDelta, ProgressReport};
+use crate::progress::{PROGRESS_COUNTS, ProgressDelta, ProgressReport};
 use crate::router::Router;
 
 /// How long a storage read's word that an app has no broadcast past some
@@ -61,8 +61,8 @@ struct KnownHead {
 struct Tracked {
     expires_at_ms: u64,
     progress: Arc<BroadcastProgress>,
-    /// What was last reported to the cluster: target, sent, dropped, acked.
-    reported: [u64; 4],
+    /// What was last reported to the cluster (`progress::PROGRESS_FIELDS`).
+    reported: [u64; PROGRESS_COUNTS],
 }
 
 impl BroadcastRegistry {
@@ -144,7 +144,7 @@ impl BroadcastRegistry {
             .or_insert_with(|| Tracked {
                 expires_at_ms,
                 progress: Arc::default(),
-                reported: [0; 4],
+                reported: [0; PROGRESS_COUNTS],
             })
             .progress
             .clone()
@@ -166,9 +166,10 @@ impl BroadcastRegistry {
             .flat_map(|(app, by_seq)| {
                 by_seq.iter_mut().filter_map(|(seq, tracked)| {
                     let now = report(&tracked.progress);
-                    let added = [0, 1, 2, 3].map(|i| now[i] - tracked.reported[i]);
+                    let added: [u64; PROGRESS_COUNTS] =
+                        std::array::from_fn(|i| now[i] - tracked.reported[i]);
                     tracked.reported = now;
-                    (added != [0; 4]).then(|| ProgressDelta {
+                    (added != [0; PROGRESS_COUNTS]).then(|| ProgressDelta {
                         app: app.clone(),
                         seq: *seq,
                         expires_at_ms: tracked.expires_at_ms,
@@ -198,14 +199,18 @@ pub(crate) struct AppBroadcasts {
     pub unexpired: Vec<StoredBroadcast>,
 }
 
-/// target, sent, dropped, acked, read now.
-fn report(progress: &BroadcastProgress) -> [u64; 4] {
+/// The counts read now, in the order of `progress::PROGRESS_FIELDS`.
+fn report(progress: &BroadcastProgress) -> [u64; PROGRESS_COUNTS] {
     [
-        progress.target.load(Ordering::Relaxed),
-        progress.sent.load(Ordering::Relaxed),
-        progress.dropped.load(Ordering::Relaxed),
-        progress.acked.load(Ordering::Relaxed),
+        &progress.target,
+        &progress.sent,
+        &progress.dropped,
+        &progress.acked,
+        &progress.planned,
+        &progress.shards_started,
+        &progress.shards_finished,
     ]
+    .map(|count| count.load(Ordering::Relaxed))
 }
 
 fn message(stored: &StoredBroadcast) -> BroadcastMessage {
@@ -303,6 +308,9 @@ impl Broadcasts {
         let frame = frame.freeze();
         let required_tags: Arc<[String]> = stored.required_tags.clone().into();
         let shards = self.router.shards().len().max(1) as f64;
+        progress
+            .shards_started
+            .fetch_add(self.router.shards().len() as u64, Ordering::Relaxed);
         for shard in self.router.shards() {
             let command = ShardCommand::Broadcast {
                 app: app.clone(),
@@ -326,19 +334,13 @@ impl Broadcasts {
         if let Some(remote) = self.router.remote() {
             return remote.broadcast_progress(app, seq).await;
         }
-        self.registry.get(app, seq).map(|progress| {
-            let [target, sent, dropped, acked] = report(&progress);
-            ProgressReport {
-                target,
-                sent,
-                dropped,
-                acked,
-            }
-        })
+        self.registry
+            .get(app, seq)
+            .map(|progress| ProgressReport::from_counts(report(&progress)))
     }
 
     /// The app's unexpired broadcasts, and how many of them are still
-    /// fanning out (sent or dropped short of their target).
+    /// going out (`ProgressReport::is_going_out`).
     pub async fn in_progress(&self, app: &AppId) -> (u64, u64) {
         let unexpired = self
             .read(std::iter::once((app, 0)))
@@ -349,7 +351,7 @@ impl Broadcasts {
         let mut fanning_out = 0;
         for broadcast in &unexpired {
             if let Some(progress) = self.progress(app, broadcast.seq).await
-                && progress.sent + progress.dropped < progress.target
+                && progress.is_going_out()
             {
                 fanning_out += 1;
             }

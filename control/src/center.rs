@@ -32,7 +32,7 @@ use crate::admin;
 use crate::api_error::{ApiError, ErrorBody, ErrorCode};
 use crate::apps::{App, Apps};
 use crate::clock::unix_ms;
-use crate::cluster::directory::{NodeDirectory, NodeRecord};
+use crate::cluster::directory::{LoadProbe, NodeDirectory, NodeRecord};
 use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
@@ -40,6 +40,7 @@ use crate::input::{
     ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, decode_payload_base64, parse_json,
     read_body, whole_number,
 };
+use crate::overview::OverviewSources;
 use crate::pace::PaceShares;
 use crate::register::AppOnline;
 use crate::trace;
@@ -97,6 +98,7 @@ pub fn router(
     delivery: Arc<Delivery>,
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
+    local_load: Option<LoadProbe>,
     openapi_json: &'static str,
 ) -> Router {
     let body_limits = BodyLimits {
@@ -107,6 +109,11 @@ pub fn router(
     };
     let ttl_secs_max = config.ttl_secs_max;
     let admin_key = config.admin_api_key.clone();
+    let overview = OverviewSources {
+        delivery: delivery.clone(),
+        directory: directory.clone(),
+        local_load,
+    };
     let state = Arc::new(CenterState {
         apps: apps.clone(),
         config,
@@ -131,7 +138,7 @@ pub fn router(
         .route("/healthz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_document))
-        .merge(admin::routes(apps, admin_key, ttl_secs_max))
+        .merge(admin::routes(apps, admin_key, ttl_secs_max, overview))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| {

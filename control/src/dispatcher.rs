@@ -135,6 +135,7 @@ mod tests {
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
             apps_online: Default::default(),
+            shard_connections: Vec::new(),
         }
     }
 

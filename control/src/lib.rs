@@ -15,6 +15,7 @@
 //! gateway's sockets; its own HTTP server (`http`) bounds the API's.
 
 pub mod admin;
+mod admin_page;
 mod api_error;
 pub mod apps;
 pub mod broadcast;
@@ -31,6 +32,7 @@ mod input;
 pub mod link;
 pub mod metrics;
 pub mod openapi;
+pub mod overview;
 pub mod pace;
 pub mod progress;
 pub mod register;

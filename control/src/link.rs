@@ -17,10 +17,10 @@ use crate::apps::Apps;
 use crate::clock::unix_ms;
 use crate::cluster::channel::{BROADCAST_CHANNEL, NodeMessage, delivery_channel};
 use crate::cluster::connection::{RedisConn, RedisTarget};
-use crate::cluster::directory::{self, NodeRecord};
+use crate::cluster::directory::{self, LoadProbe, NodeLoad, NodeRecord};
 use crate::cluster::register::{RedisRegister, SESSIONS_REWRITE_INTERVAL};
 use crate::delivery::Delivery;
-use crate::progress::{ProgressDelta, ProgressReport};
+use crate::progress::{PROGRESS_FIELDS, ProgressDelta, ProgressReport};
 use crate::register::{Register as _, RegisterError};
 use crate::router::Remote;
 use crate::trace::{current_request_id, request_span};
@@ -57,12 +57,9 @@ async fn report_progress(
     for delta in deltas {
         let key = progress_key(&delta.app, delta.seq);
         let mut pipe = redis::pipe();
-        for (field, added) in ["target", "sent", "dropped", "acked"]
-            .iter()
-            .zip(delta.added)
-        {
+        for (field, added) in PROGRESS_FIELDS.into_iter().zip(delta.added) {
             if added > 0 {
-                pipe.hincr(&key, *field, added).ignore();
+                pipe.hincr(&key, field, added).ignore();
             }
         }
         pipe.cmd("PEXPIREAT")
@@ -106,13 +103,9 @@ impl Remote for RedisRemote {
             .await
             .inspect_err(|error| tracing::warn!(%error, "reading broadcast progress failed"))
             .ok()?;
-        let count = |field: &str| counts.get(field).copied().unwrap_or(0);
-        Some(ProgressReport {
-            target: count("target"),
-            sent: count("sent"),
-            dropped: count("dropped"),
-            acked: count("acked"),
-        })
+        Some(ProgressReport::from_counts(
+            PROGRESS_FIELDS.map(|field| counts.get(field).copied().unwrap_or(0)),
+        ))
     }
 
     async fn broadcast(&self, message: NodeMessage) {
@@ -140,9 +133,6 @@ pub struct RoomLink {
     pub region: String,
 }
 
-/// The node's load, read at each heartbeat.
-pub type LoadProbe = Box<dyn Fn() -> (u64, f64) + Send + Sync>;
-
 impl RoomLink {
     /// Writes the liveness record once; returns whether Redis had lost the
     /// previous one (always so on the first beat of a run).
@@ -161,7 +151,11 @@ impl RoomLink {
     }
 
     fn record(&self, load: &LoadProbe) -> NodeRecord {
-        let (connections, cpu_percent) = load();
+        let NodeLoad {
+            connections,
+            cpu_percent,
+            shard_connections,
+        } = load();
         NodeRecord {
             node: self.node.clone(),
             instance: self.instance,
@@ -172,6 +166,7 @@ impl RoomLink {
             cpu_percent,
             heartbeat_at_ms: unix_ms(),
             apps_online: self.register.online(),
+            shard_connections,
         }
     }
 

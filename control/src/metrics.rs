@@ -5,12 +5,13 @@
 //! Labels are bounded by what an operator configures: an app, a webhook
 //! outcome. No user, device or connection is ever a label.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use herald_proto::ids::AppId;
 use herald_proto::plane::ConnId;
+use prometheus::core::Collector as _;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -43,6 +44,13 @@ pub enum WebhookOutcome {
 }
 
 impl WebhookOutcome {
+    pub const ALL: [WebhookOutcome; 4] = [
+        WebhookOutcome::Accepted,
+        WebhookOutcome::Refused,
+        WebhookOutcome::ServerError,
+        WebhookOutcome::Unreachable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WebhookOutcome::Accepted => "accepted",
@@ -286,12 +294,7 @@ impl Metrics {
         ] {
             let _ = histogram.remove_label_values(&[app]);
         }
-        for outcome in [
-            WebhookOutcome::Accepted,
-            WebhookOutcome::Refused,
-            WebhookOutcome::ServerError,
-            WebhookOutcome::Unreachable,
-        ] {
+        for outcome in WebhookOutcome::ALL {
             let _ = self
                 .webhook_attempts
                 .remove_label_values(&[app, outcome.as_str()]);
@@ -302,6 +305,72 @@ impl Metrics {
     pub fn encode(&self, text: &mut String) {
         encode_registry(&self.registry, text);
     }
+
+    /// Each app's counters so far, by app: only apps with a series. Read
+    /// from the collected series, so reading makes no series (a deleted
+    /// app's would outlive `forget_app`).
+    pub fn app_totals(&self) -> HashMap<String, AppTotals> {
+        let mut totals: HashMap<String, AppTotals> = HashMap::new();
+        let counters: [(&IntCounterVec, TotalField); 6] = [
+            (&self.binds, |t| &mut t.binds),
+            (&self.messages_stored, |t| &mut t.messages_stored),
+            (&self.deliveries, |t| &mut t.deliveries),
+            (&self.broadcasts, |t| &mut t.broadcasts),
+            (&self.acks, |t| &mut t.acks),
+            (&self.upstreams, |t| &mut t.upstreams),
+        ];
+        for (counter, field) in counters {
+            for (labels, value) in counter_values(counter) {
+                if let Some(app) = labels.get("app") {
+                    *field(totals.entry(app.clone()).or_default()) = value;
+                }
+            }
+        }
+        for (labels, value) in counter_values(&self.webhook_attempts) {
+            if let (Some(app), Some(outcome)) = (labels.get("app"), labels.get("outcome")) {
+                totals
+                    .entry(app.clone())
+                    .or_default()
+                    .webhook_attempts
+                    .insert(outcome.clone(), value);
+            }
+        }
+        totals
+    }
+}
+
+/// An app's counters on this node since it started (what `/metrics`
+/// shows as `herald_*_total{app=..}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct AppTotals {
+    pub binds: u64,
+    pub messages_stored: u64,
+    pub deliveries: u64,
+    pub broadcasts: u64,
+    pub acks: u64,
+    pub upstreams: u64,
+    /// By outcome (`WebhookOutcome::as_str`).
+    pub webhook_attempts: BTreeMap<String, u64>,
+}
+
+/// Where `Metrics::app_totals` puts one counter's value.
+type TotalField = fn(&mut AppTotals) -> &mut u64;
+
+/// Every series of `counter`: its labels by name, and its value.
+fn counter_values(counter: &IntCounterVec) -> Vec<(HashMap<String, String>, u64)> {
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|metric| {
+            let labels = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+                .collect();
+            (labels, metric.get_counter().get_value() as u64)
+        })
+        .collect()
 }
 
 /// Appends a registry's series in the Prometheus text format.

@@ -46,6 +46,7 @@ use crate::{admin, center};
         admin::update_app,
         admin::rotate,
         admin::delete_app,
+        admin::get_overview,
         center::openapi_document,
     ),
     modifiers(&SecuritySchemes, &HealthzAlias, &ExtensibleAppSettings, &OnePayload),
@@ -231,6 +232,8 @@ mod tests {
         serde_json::from_str(document_json()).expect("the document is JSON")
     }
 
+    /// The admin page's static files (`admin_page`) are not API routes and
+    /// are not in the document.
     #[test]
     fn the_document_lists_every_route_the_router_serves_and_no_other() {
         let declared: BTreeSet<_> = declared_routes(include_str!("center.rs"))

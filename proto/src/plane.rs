@@ -70,6 +70,14 @@ pub struct BroadcastProgress {
     /// Of those, low-priority ones dropped for connections that were behind.
     pub dropped: AtomicU64,
     pub acked: AtomicU64,
+    /// Connections a paced fan-out found it was for when each shard began
+    /// (it counts `target` as it goes, so this says how far it has to go).
+    pub planned: AtomicU64,
+    /// Shard fan-outs begun (counted by the control plane as it sends each
+    /// shard the broadcast) and finished (every connection visited): it is
+    /// going out while fewer finished than began.
+    pub shards_started: AtomicU64,
+    pub shards_finished: AtomicU64,
 }
 
 /// How a broadcast goes out.

@@ -793,6 +793,17 @@ impl ServerConn {
         BroadcastFate::Send
     }
 
+    /// Whether a broadcast of `app` with `required_tags` is for this
+    /// connection now (bound to the app, carrying the tags), without
+    /// sending it: a paced fan-out counts its connections up front.
+    pub fn is_for_broadcast(&self, app: &str, required_tags: &[String]) -> bool {
+        self.phase != Phase::Closing
+            && self
+                .bindings
+                .iter()
+                .any(|binding| &*binding.app == app && binding.matches(required_tags))
+    }
+
     /// The broadcasts of `app` after `after` that this binding missed, in
     /// order: part of a batch of fills answering `Bound` or a `CatchUp`, or
     /// the answer to a `BroadcastCatchUp`. Broadcasts whose tags the

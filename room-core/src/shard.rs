@@ -1489,6 +1489,16 @@ impl<D: Driver> Shard<D> {
                 }
                 self.recent
                     .push_back(((app.clone(), seq), progress.clone()));
+                if mode.rate_per_sec.is_some() {
+                    let planned = self
+                        .conns
+                        .iter()
+                        .filter(|(_, conn)| conn.server.is_for_broadcast(&app, &required_tags))
+                        .count();
+                    progress
+                        .planned
+                        .fetch_add(planned as u64, Ordering::Relaxed);
+                }
                 let mut broadcast = Fanout {
                     app,
                     seq,
@@ -1662,6 +1672,13 @@ impl<D: Driver> Shard<D> {
             .progress
             .dropped
             .fetch_add(dropped, Ordering::Relaxed);
+        if fanout.next_slot >= self.conns.capacity() {
+            // The last call for this fan-out: it is dropped now.
+            fanout
+                .progress
+                .shards_finished
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Moves every paced broadcast on; drops the finished ones.

@@ -51,7 +51,25 @@ pub struct NodeRecord {
     /// app stats.
     #[serde(default)]
     pub apps_online: BTreeMap<String, AppOnline>,
+    /// Connections open on each of the node's gateway shards. Absent in
+    /// records of nodes from before per-shard counts.
+    #[serde(default)]
+    pub shard_connections: Vec<u64>,
 }
+
+/// A node's load as its gateway and CPU meter tell it now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeLoad {
+    pub connections: u64,
+    /// Since the last reading, in percent of one core.
+    pub cpu_percent: f64,
+    /// By gateway shard.
+    pub shard_connections: Vec<u64>,
+}
+
+/// Reads the node's load: at each heartbeat, and for the admin overview
+/// when one process holds the only gateway.
+pub type LoadProbe = Box<dyn Fn() -> NodeLoad + Send + Sync>;
 
 /// Live room nodes by id.
 pub type LiveNodes = Arc<HashMap<String, NodeRecord>>;
