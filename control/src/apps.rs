@@ -21,6 +21,7 @@ use herald_storage::{Saver, StorageError, StoredApp};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use utoipa::ToSchema;
 
 use crate::clock::unix_ms;
 use crate::coordinator::{AppWebhooks, WebhookRoute};
@@ -63,7 +64,7 @@ pub fn check_app_id(id: &str) -> Result<(), String> {
 }
 
 /// A token bucket's settings: `{"per_sec": 100, "burst": 200}`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub per_sec: f64,
@@ -91,7 +92,7 @@ impl RateLimit {
 
 /// What an app is, apart from its secrets: stored as JSON in `apps.settings`
 /// and shown by the admin API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppSettings {
     pub default_ttl_secs: u64,
@@ -183,7 +184,7 @@ pub fn check_webhook_routes(routes: &[WebhookRoute]) -> Result<(), String> {
 }
 
 /// Which of an app's secrets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SecretKind {
     /// What business servers send as `Authorization: Bearer`.
@@ -387,7 +388,7 @@ pub struct CreatedApp {
 
 /// A change the admin API asks for: only the fields given change. An
 /// optional field given as `null` is removed.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppPatch {
     pub default_ttl_secs: Option<u64>,

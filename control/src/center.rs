@@ -20,15 +20,16 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use serde_json::{Number, Value, json};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Number;
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::{IntoParams, ToSchema};
 
 use herald_proto::plane::BroadcastMode;
 use herald_storage::StoredRef;
 
 use crate::admin;
-use crate::api_error::{ApiError, ErrorCode};
+use crate::api_error::{ApiError, ErrorBody, ErrorCode};
 use crate::apps::{App, Apps};
 use crate::clock::unix_ms;
 use crate::cluster::directory::{LoadProbe, NodeDirectory, NodeRecord};
@@ -67,6 +68,9 @@ pub struct CenterState {
     gateway_metrics: MetricsRenderer,
     requests_by_status: Mutex<BTreeMap<u16, u64>>,
     multicasts: tokio::sync::Semaphore,
+    /// `/openapi.json`: `openapi::document_json()`, given by the caller
+    /// since `openapi` imports this module.
+    openapi_json: &'static str,
 }
 
 /// Takes `cost` pushes from the app's budget, if it has one.
@@ -95,6 +99,7 @@ pub fn router(
     directory: Arc<NodeDirectory>,
     gateway_metrics: MetricsRenderer,
     local_load: Option<LoadProbe>,
+    openapi_json: &'static str,
 ) -> Router {
     let body_limits = BodyLimits {
         // Base64 grows a payload by a third, JSON escaping can double text;
@@ -117,6 +122,7 @@ pub fn router(
         gateway_metrics,
         requests_by_status: Mutex::default(),
         multicasts: tokio::sync::Semaphore::new(MULTICASTS_IN_FLIGHT_MAX),
+        openapi_json,
     });
     Router::new()
         .route("/v1/apps/{app}/users/{user}/messages", post(push).get(pull))
@@ -131,6 +137,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
         .merge(admin::routes(apps, admin_key, ttl_secs_max, overview))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -209,16 +216,24 @@ fn check_user(user: &str) -> Result<(), ApiError> {
 }
 
 /// The message fields shared by unicast and multicast.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MessageBody {
+pub(crate) struct MessageBody {
+    /// UTF-8 text; give exactly one of `payload` and `payload_base64`.
     payload: Option<String>,
+    /// Binary data in base64 (standard or URL-safe alphabet, padded or not).
     payload_base64: Option<String>,
-    /// Any JSON number: a value out of range is `bad_request`, not
-    /// `malformed_json` (see `input`).
+    /// Whole seconds, 1 to `api.ttl_secs_max` (60 and 60.0 alike).
+    /// Default: the app's `default_ttl_secs`.
+    // Any JSON number: a value out of range is `bad_request`, not
+    // `malformed_json` (see `input`).
+    #[schema(value_type = Option<u64>, minimum = 1)]
     ttl_secs: Option<Number>,
+    /// 1 to 128 bytes; the same key within the message's TTL replays the
+    /// first call's reply.
     idempotency_key: Option<String>,
-    /// Multicast only.
+    /// Multicast only (required there, refused on a push): 1 to
+    /// `api.multicast_users_max` user ids.
     users: Option<Vec<String>>,
 }
 
@@ -274,26 +289,86 @@ fn check_message(
 
 /// The reply to a multicast: typed rather than built as a `Value`, since a
 /// reply to thousands of users would otherwise hold a map per user.
-#[derive(Serialize)]
-struct MulticastReply<'a> {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct MulticastReply<'a> {
+    /// One per distinct user, in the order the call listed them.
     results: Vec<PushResultJson<'a>>,
     replayed: bool,
 }
 
 /// One user's result: `{"user", "seq", "message_id", "online"}`.
-#[derive(Serialize)]
-struct PushResultJson<'a> {
-    #[serde(flatten)]
-    stored: &'a StoredRef,
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PushResultJson<'a> {
+    user: &'a str,
+    seq: u64,
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    message_id: &'a herald_storage::MessageId,
     online: bool,
 }
 
+impl<'a> PushResultJson<'a> {
+    fn new(stored: &'a StoredRef, online: bool) -> PushResultJson<'a> {
+        PushResultJson {
+            user: &stored.user,
+            seq: stored.seq,
+            message_id: &stored.message_id,
+            online,
+        }
+    }
+}
+
+/// Serializes a value as its `Display` text (a message id's 32 hex digits)
+/// without making a `String` of it.
+fn as_text<T: std::fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// The reply to a push.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PushReply {
+    /// The message's sequence in the user's inbox for this app.
+    seq: u64,
+    /// 32 hex digits.
+    message_id: String,
+    /// Whether the user had a connection bound when it was stored.
+    online: bool,
+    /// True when the idempotency key was seen: the first call's result.
+    replayed: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{app}/users/{user}/messages",
+    tag = "messages",
+    summary = "Push to one user",
+    description = "Stores the message in the user's inbox, durably, then sends it to the user's bound connections.",
+    params(
+        ("app" = String, Path, description = "The app's id"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+    ),
+    request_body(content = MessageBody, example = json!({"payload": "hello", "ttl_secs": 3600, "idempotency_key": "order-17"})),
+    responses(
+        (status = 200, description = "Stored (and sent to the user's connections)", body = PushReply),
+        (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`: nothing was stored; retry", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn push(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PushReply>, ApiError> {
     let app = authorize_user(&state, &app, &user, &headers)?;
     if body.users.is_some() {
         return Err(ApiError::bad_request(
@@ -316,14 +391,34 @@ async fn push(
     let result = results
         .first()
         .ok_or_else(|| ApiError::internal("storage returned no result"))?;
-    Ok(Json(json!({
-        "seq": result.stored.seq,
-        "message_id": result.stored.message_id.to_string(),
-        "online": result.online,
-        "replayed": replayed,
-    })))
+    Ok(Json(PushReply {
+        seq: result.stored.seq,
+        message_id: result.stored.message_id.to_string(),
+        online: result.online,
+        replayed,
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{app}/messages",
+    tag = "messages",
+    summary = "Push to many users",
+    description = "One message to each user listed in `users` (duplicates are sent once); all share one `message_id`.",
+    params(("app" = String, Path, description = "The app's id")),
+    request_body(content = MessageBody, example = json!({"users": ["alice", "bob"], "payload": "hello"})),
+    responses(
+        (status = 200, description = "Stored for every user", body = MulticastReply),
+        (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`: nothing was stored; retry", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn multicast(
     State(state): State<Arc<CenterState>>,
     ApiPath(app): ApiPath<String>,
@@ -376,27 +471,70 @@ async fn multicast(
         .map_err(ApiError::storage)?;
     let results = results
         .iter()
-        .map(|result| PushResultJson {
-            stored: &result.stored,
-            online: result.online,
-        })
+        .map(|result| PushResultJson::new(&result.stored, result.online))
         .collect();
     Ok(Json(MulticastReply { results, replayed }).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct PullQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct PullQuery {
+    /// Messages after this sequence (default 0).
     after: Option<u64>,
+    /// At most this many (default and maximum `api.pull_limit_max`).
+    #[param(minimum = 1)]
     limit: Option<u32>,
 }
 
+/// One stored message, as pull returns it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PulledMessage {
+    seq: u64,
+    message_id: String,
+    /// `null` when the payload is not UTF-8.
+    payload: Option<String>,
+    /// The payload in standard, padded base64.
+    payload_base64: String,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PullReply {
+    /// Oldest first.
+    messages: Vec<PulledMessage>,
+    /// Whether more messages follow the last one.
+    more: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{app}/users/{user}/messages",
+    tag = "messages",
+    summary = "Pull stored messages",
+    description = "The user's unexpired messages after `after`, oldest first. Other query parameters are refused.",
+    params(
+        ("app" = String, Path, description = "The app's id"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        PullQuery,
+    ),
+    responses(
+        (status = 200, description = "The messages", body = PullReply),
+        (status = 400, description = "`bad_request`: a query or path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn pull(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
     query: Result<ApiQuery<PullQuery>, ApiError>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PullReply>, ApiError> {
     // The key is checked before the query, so a caller without one learns
     // nothing from the query's errors.
     authorize_user(&state, &app, &user, &headers)?;
@@ -414,54 +552,121 @@ async fn pull(
         .messages_after(&app, &user, query.after.unwrap_or(0), limit, unix_ms())
         .await
         .map_err(ApiError::storage)?;
-    let messages: Vec<Value> = messages
+    let messages = messages
         .iter()
-        .map(|m| {
-            json!({
-                "seq": m.seq,
-                "message_id": m.message_id.to_string(),
-                "payload": std::str::from_utf8(&m.payload).ok(),
-                "payload_base64": BASE64.encode(&m.payload),
-                "created_at_ms": m.created_at_ms,
-                "expires_at_ms": m.expires_at_ms,
-            })
+        .map(|m| PulledMessage {
+            seq: m.seq,
+            message_id: m.message_id.to_string(),
+            payload: std::str::from_utf8(&m.payload).ok().map(str::to_owned),
+            payload_base64: BASE64.encode(&m.payload),
+            created_at_ms: m.created_at_ms,
+            expires_at_ms: m.expires_at_ms,
         })
         .collect();
-    Ok(Json(json!({"messages": messages, "more": more})))
+    Ok(Json(PullReply { messages, more }))
 }
 
+/// One of a user's connections.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ConnectionJson {
+    node: String,
+    conn_id: String,
+    device_id: String,
+    connected_at_ms: u64,
+    /// `wifi`, `cellular`, `wired` or `unknown`, as the client said.
+    network: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PresenceReply {
+    online: bool,
+    connections: Vec<ConnectionJson>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{app}/users/{user}/presence",
+    tag = "users",
+    summary = "A user's connections",
+    params(
+        ("app" = String, Path, description = "The app's id"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+    ),
+    responses(
+        (status = 200, description = "Whether the user is online, and where", body = PresenceReply),
+        (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn presence(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PresenceReply>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
     let sessions = state.delivery.sessions(&app, &user).await;
-    let connections: Vec<Value> = sessions
+    let connections: Vec<ConnectionJson> = sessions
         .iter()
-        .map(|s| {
-            json!({
-                "node": s.node,
-                "conn_id": s.conn.to_string(),
-                "device_id": s.device_id,
-                "connected_at_ms": s.connected_at_ms,
-                "network": s.network.as_str(),
-            })
+        .map(|s| ConnectionJson {
+            node: s.node.clone(),
+            conn_id: s.conn.to_string(),
+            device_id: s.device_id.clone(),
+            connected_at_ms: s.connected_at_ms,
+            network: s.network.as_str(),
         })
         .collect();
-    Ok(Json(json!({
-        "online": !connections.is_empty(),
-        "connections": connections,
-    })))
+    Ok(Json(PresenceReply {
+        online: !connections.is_empty(),
+        connections,
+    }))
+}
+
+/// What an app comes to now (README, "App stats").
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AppStatsReply {
+    app: String,
+    /// Connections with the app bound (in a cluster: summed over the room
+    /// nodes' last heartbeats).
+    online_connections: u64,
+    /// Users with at least one such connection.
+    online_users: u64,
+    /// Unexpired messages, one per recipient inbox.
+    messages_stored: u64,
+    /// Of those, the ones no device of their user has acked.
+    messages_pending: u64,
+    broadcasts_unexpired: u64,
+    /// Broadcasts whose fan-out has not reached every connection it targets.
+    broadcasts_in_progress: u64,
+    /// Room nodes summed.
+    nodes_reporting: usize,
 }
 
 /// What an app comes to now: its sessions (summed over the room nodes'
 /// last heartbeats in a cluster), its stored messages and broadcasts.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{app}/stats",
+    tag = "operations",
+    summary = "What an app comes to now",
+    params(("app" = String, Path, description = "The app's id")),
+    responses(
+        (status = 200, description = "The app's connections, messages and broadcasts", body = AppStatsReply),
+        (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn app_stats(
     State(state): State<Arc<CenterState>>,
     ApiPath(app): ApiPath<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AppStatsReply>, ApiError> {
     let app = authorize(&state, &app, &headers)?;
     let (online, nodes_reporting) = if state.directory.is_shared() {
         let nodes = state.directory.live().await.map_err(ApiError::register)?;
@@ -485,51 +690,111 @@ async fn app_stats(
         .map_err(ApiError::storage)?;
     let (broadcasts_unexpired, broadcasts_in_progress) =
         state.delivery.broadcasts().in_progress(&app.id).await;
-    Ok(Json(json!({
-        "app": &*app.id,
-        "online_connections": online.connections,
-        "online_users": online.users,
-        "messages_stored": messages.stored,
-        "messages_pending": messages.unacked,
-        "broadcasts_unexpired": broadcasts_unexpired,
-        "broadcasts_in_progress": broadcasts_in_progress,
-        "nodes_reporting": nodes_reporting,
-    })))
+    Ok(Json(AppStatsReply {
+        app: app.id.to_string(),
+        online_connections: online.connections,
+        online_users: online.users,
+        messages_stored: messages.stored,
+        messages_pending: messages.unacked,
+        broadcasts_unexpired,
+        broadcasts_in_progress,
+        nodes_reporting,
+    }))
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KickReply {
+    /// Connections told GOAWAY(`kicked`) and closed.
+    kicked: usize,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{app}/users/{user}/kick",
+    tag = "users",
+    summary = "Close every connection of a user",
+    params(
+        ("app" = String, Path, description = "The app's id"),
+        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+    ),
+    responses(
+        (status = 200, description = "The user's connections were told and closed", body = KickReply),
+        (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn kick(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KickReply>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
     let kicked = state.delivery.kick(&app, &user).await;
-    Ok(Json(json!({"kicked": kicked})))
+    Ok(Json(KickReply { kicked }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BroadcastBody {
+pub(crate) struct BroadcastBody {
+    /// UTF-8 text; give exactly one of `payload` and `payload_base64`.
     payload: Option<String>,
+    /// Binary data in base64 (standard or URL-safe alphabet, padded or not).
     payload_base64: Option<String>,
+    /// Whole seconds, 1 to `api.ttl_secs_max` (60 and 60.0 alike).
+    /// Default: the app's `default_ttl_secs`.
+    #[schema(value_type = Option<u64>, minimum = 1)]
     ttl_secs: Option<Number>,
-    /// Only clients carrying every one of these tags get it.
+    /// Only clients carrying every one of these tags get it (at most 8, of
+    /// 1 to 64 bytes).
     tags: Option<Vec<String>>,
     /// Pace the fan-out: connections a second, all nodes together.
+    #[schema(minimum = 1)]
     rate_per_sec: Option<f64>,
     /// "low": dropped for clients that are behind (output already queued);
     /// "normal" (the default) is queued like any frame.
+    #[schema(pattern = "^(normal|low)$")]
     priority: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BroadcastReply {
+    /// 32 hex digits.
+    broadcast_id: String,
+    /// The app's broadcast sequence.
+    seq: u64,
+    expires_at_ms: u64,
 }
 
 /// `POST /v1/apps/{app}/broadcasts`: stores the broadcast once for the app
 /// and fans it out to every online client it targets; replies once stored.
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{app}/broadcasts",
+    tag = "broadcasts",
+    summary = "Broadcast to every user of an app",
+    params(("app" = String, Path, description = "The app's id")),
+    request_body(content = BroadcastBody, example = json!({"payload": "hello", "tags": ["platform=ios"]})),
+    responses(
+        (status = 200, description = "Stored; the fan-out has started", body = BroadcastReply),
+        (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the app's `broadcast_rate` is used up (see `Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`: nothing was stored; retry", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn broadcast(
     State(state): State<Arc<CenterState>>,
     ApiPath(app): ApiPath<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<BroadcastBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BroadcastReply>, ApiError> {
     let app = authorize(&state, &app, &headers)?;
     let tags = body.tags.unwrap_or_default();
     if tags.len() > herald_proto::limits::TAGS_PER_BIND_MAX
@@ -610,20 +875,58 @@ async fn broadcast(
         .broadcasts
         .with_label_values(&[&*app.id])
         .inc();
-    Ok(Json(json!({
-        "broadcast_id": stored.broadcast_id.to_string(),
-        "seq": stored.seq,
-        "expires_at_ms": stored.expires_at_ms,
-    })))
+    Ok(Json(BroadcastReply {
+        broadcast_id: stored.broadcast_id.to_string(),
+        seq: stored.seq,
+        expires_at_ms: stored.expires_at_ms,
+    }))
+}
+
+/// A broadcast and its progress.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BroadcastProgressReply {
+    broadcast_id: String,
+    seq: u64,
+    tags: Vec<String>,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+    expired: bool,
+    /// Connections it was for.
+    target: u64,
+    /// Connections it was written to.
+    sent: u64,
+    /// Connections it was dropped for (a low-priority broadcast to a client
+    /// that was behind).
+    dropped: u64,
+    /// Connections that acked it.
+    acked: u64,
 }
 
 /// `GET /v1/apps/{app}/broadcasts/{id}`: the broadcast and how far it got
 /// on this node: connections targeted, sent, acked so far.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{app}/broadcasts/{id}",
+    tag = "broadcasts",
+    summary = "A broadcast and how far it got",
+    params(
+        ("app" = String, Path, description = "The app's id"),
+        ("id" = String, Path, description = "The broadcast id (32 hex digits)")),
+    responses(
+        (status = 200, description = "The broadcast and its progress", body = BroadcastProgressReply),
+        (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 404, description = "`unknown_app` or `unknown_broadcast`", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`", body = ErrorBody),
+    ),
+    security(("app_key" = [])),
+)]
 async fn broadcast_progress(
     State(state): State<Arc<CenterState>>,
     ApiPath((app, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BroadcastProgressReply>, ApiError> {
     authorize(&state, &app, &headers)?;
     let not_found = || {
         ApiError::new(
@@ -645,37 +948,69 @@ async fn broadcast_progress(
         .progress(&app, stored.seq)
         .await
         .unwrap_or_default();
-    Ok(Json(json!({
-        "broadcast_id": id,
-        "seq": stored.seq,
-        "tags": stored.required_tags,
-        "created_at_ms": stored.created_at_ms,
-        "expires_at_ms": stored.expires_at_ms,
-        "expired": stored.expires_at_ms <= unix_ms(),
-        "target": progress.target,
-        "sent": progress.sent,
-        "dropped": progress.dropped,
-        "acked": progress.acked,
-    })))
+    Ok(Json(BroadcastProgressReply {
+        broadcast_id: id,
+        seq: stored.seq,
+        tags: stored.required_tags,
+        created_at_ms: stored.created_at_ms,
+        expires_at_ms: stored.expires_at_ms,
+        expired: stored.expires_at_ms <= unix_ms(),
+        target: progress.target,
+        sent: progress.sent,
+        dropped: progress.dropped,
+        acked: progress.acked,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct DispatchQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct DispatchQuery {
+    /// The app's id.
     app: String,
+    /// The user's id: 1 to 128 bytes of UTF-8 without control characters.
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
+    )]
     user: String,
+    /// `wifi` (the default), `4g`, `3g` or `2g`.
+    #[param(pattern = "^(wifi|4g|3g|2g)$")]
     net: Option<String>,
+    /// Prefer gateways of this region.
     region: Option<String>,
+    /// `tcp` (the default), `tls`, `ws` or `wss`.
+    #[param(pattern = "^(tcp|tls|ws|wss)$")]
     transport: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct DispatchReply {
+    /// Gateway addresses to try, best first.
+    gateways: Vec<String>,
 }
 
 /// `GET /v1/dispatch?app=&user=&net=&region=&transport=`: the gateways a client should
 /// try, in order. Clients call it before they hold a token's connection, so
 /// it needs no key; it reveals only the public gateway addresses.
+#[utoipa::path(
+    get,
+    path = "/v1/dispatch",
+    tag = "clients",
+    summary = "The gateways a client should try",
+    params(DispatchQuery),
+    responses(
+        (status = 200, description = "Gateway addresses, best first", body = DispatchReply),
+        (status = 400, description = "`bad_request`: a query the call does not take", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 503, description = "`no_gateway` or `register_unavailable`; retry later", body = ErrorBody),
+    ),
+)]
 async fn dispatch(
     State(state): State<Arc<CenterState>>,
     ApiQuery(query): ApiQuery<DispatchQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DispatchReply>, ApiError> {
     if !state.apps.table().contains_key(query.app.as_str()) {
         return Err(ApiError::new(
             ErrorCode::UnknownApp,
@@ -711,25 +1046,55 @@ async fn dispatch(
             format!("no gateway with a {transport} listener is alive; retry later"),
         ));
     }
-    Ok(Json(json!({ "gateways": gateways })))
+    Ok(Json(DispatchReply { gateways }))
 }
 
-async fn livez() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[derive(Serialize, ToSchema)]
+pub(crate) struct StatusReply {
+    /// `ok` from `/livez`, `ready` from `/readyz`.
+    status: &'static str,
+}
+
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "operations",
+    summary = "Whether the process runs",
+    responses((status = 200, description = "Alive", body = StatusReply)),
+)]
+async fn livez() -> Json<StatusReply> {
+    Json(StatusReply { status: "ok" })
 }
 
 /// Ready when listening (this answer proves the API listener; the gateway
 /// listens before the API starts), storage answers and not draining.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Whether the node takes traffic",
+    responses(
+        (status = 200, description = "Ready", body = StatusReply),
+        (status = 503, description = "`draining` or `storage_unavailable`", body = ErrorBody),
+    ),
+)]
 async fn readyz(State(state): State<Arc<CenterState>>) -> Response {
     if state.delivery.is_draining() {
         return ApiError::new(ErrorCode::Draining, "server is shutting down").into_response();
     }
     match state.delivery.saver().ping().await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Ok(()) => Json(StatusReply { status: "ready" }).into_response(),
         Err(error) => ApiError::storage(error).into_response(),
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
+)]
 async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
     let mut text = String::new();
     (state.gateway_metrics)(&mut text);
@@ -784,4 +1149,19 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    summary = "This document",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")),
+)]
+async fn openapi_document(State(state): State<Arc<CenterState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi_json,
+    )
+        .into_response()
 }

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use utoipa::ToSchema;
 
 use crate::clock::unix_ms;
 use crate::metrics::{Metrics, WebhookOutcome};
@@ -85,7 +86,7 @@ pub const EVENT_HEADER: &str = "Herald-Event";
 pub const ROUTE_HEADER: &str = "Herald-Route";
 
 /// What a webhook route is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WebhookEvent {
     /// A client's UPSTREAM data naming this route (or naming none, for the
@@ -109,7 +110,7 @@ impl WebhookEvent {
 
 /// One of an app's webhook routes: `{"route": "orders", "url":
 /// "https://biz.example/herald", "events": ["upstream", "online"]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookRoute {
     pub route: String,

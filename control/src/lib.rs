@@ -31,6 +31,7 @@ pub mod http;
 mod input;
 pub mod link;
 pub mod metrics;
+pub mod openapi;
 pub mod overview;
 pub mod pace;
 pub mod progress;

@@ -341,7 +341,7 @@ impl Metrics {
 
 /// An app's counters on this node since it started (what `/metrics`
 /// shows as `herald_*_total{app=..}`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct AppTotals {
     pub binds: u64,
     pub messages_stored: u64,

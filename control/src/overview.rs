@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use herald_storage::StorageError;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::apps::Apps;
 use crate::clock::unix_ms;
@@ -35,7 +36,7 @@ pub struct OverviewSources {
     pub local_load: Option<LoadProbe>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Overview {
     pub generated_at_ms: u64,
     /// By node id.
@@ -44,7 +45,7 @@ pub struct Overview {
     pub apps: Vec<AppView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
     pub id: String,
     pub region: String,
@@ -55,7 +56,7 @@ pub struct NodeView {
     pub heartbeat_at_ms: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AppView {
     pub id: String,
     pub online_connections: u64,
@@ -67,7 +68,7 @@ pub struct AppView {
     pub broadcasts: Vec<BroadcastView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BroadcastView {
     pub broadcast_id: String,
     pub seq: u64,
