@@ -47,6 +47,11 @@ pub struct NodeRecord {
     /// The node's CPU use since its last heartbeat, in percent of one core.
     pub cpu_percent: f64,
     pub heartbeat_at_ms: u64,
+    /// The node is draining: still alive for the clients it holds (they
+    /// are told to leave over its drain's spread), but the dispatcher
+    /// names it no more. Absent in records of nodes from before drains.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Live room nodes by id.
