@@ -152,7 +152,14 @@ mod tests {
         nodes[0].draining = true;
         let all: Vec<&NodeRecord> = nodes.iter().collect();
         for user in 0..100 {
-            let list = order(&all, "chat", &format!("user{user}"), Some("eu"), Net::Wifi, "tcp");
+            let list = order(
+                &all,
+                "chat",
+                &format!("user{user}"),
+                Some("eu"),
+                Net::Wifi,
+                "tcp",
+            );
             assert_eq!(list, ["b:7070", "c:7070"]);
         }
         for record in &mut nodes {
