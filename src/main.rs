@@ -857,6 +857,7 @@ async fn run_node(config: Config, role: Role) -> anyhow::Result<()> {
     delivery
         .drain(
             config.gateway.drain_reconnect_delay_ms,
+            Duration::from_secs(config.gateway.drain_spread_secs),
             Duration::from_secs(config.gateway.drain_timeout_secs),
         )
         .await;
@@ -899,6 +900,7 @@ async fn wire(
             connections: 0,
             cpu_percent: 0.0,
             heartbeat_at_ms: 0,
+            draining: false,
         };
         return Ok(Wiring {
             register: Arc::new(MemoryRegister::default()),
