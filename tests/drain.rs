@@ -259,7 +259,10 @@ async fn a_drain_spreads_its_clients_return_and_leaves_the_dispatcher_at_once() 
         "the dispatcher named the draining node until {undispatched_after:?}"
     );
     for user in &users {
-        assert_eq!(dispatch(&control, user).await, [survivor.gateway.clone()]);
+        assert_eq!(
+            dispatch(&control, user).await,
+            std::slice::from_ref(&survivor.gateway)
+        );
     }
 
     // Every client comes back to the survivor; how many per second.
