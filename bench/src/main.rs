@@ -376,6 +376,11 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
             ..
         } if args.drain => {
             drain = Some(args);
+            // One gateway drained, one the clients come back to.
+            let common = Common {
+                gateways: Some(2),
+                ..common
+            };
             ("storm-drain", common, 0.0, None)
         }
         Scenario::Storm {
@@ -1166,8 +1171,9 @@ fn storm_drain_one(
         "drain_reconnect_delay_ms": drain.drain_reconnect_delay_ms,
         "reconnects_per_sec_after_sigterm": per_second,
         "peak_reconnects_per_sec": peak,
-        "even_spread_per_sec":
-            common.connections as f64 / drain.drain_spread_secs.max(1) as f64,
+        // None when every GOAWAY goes at once.
+        "even_spread_per_sec": (drain.drain_spread_secs > 0)
+            .then(|| common.connections as f64 / drain.drain_spread_secs as f64),
         "secs_until_all_back": (last_ms - terminated_ms) as f64 / 1000.0,
         "failures": failures,
         "failures_total": failures_total,
@@ -1387,13 +1393,16 @@ fn print_summary(report: &Value) {
         for (name, s) in rows(s) {
             println!(
                 "storm --drain {name}: {} clients, spread {} s, hint {} ms +-50%: all back on the \
-                 other gateway in {:.1} s, peak {} reconnects/s (even spread {:.0}/s), failures {}",
+                 other gateway in {:.1} s, peak {} reconnects/s ({}), failures {}",
                 s["connections"],
                 s["drain_spread_secs"],
                 s["drain_reconnect_delay_ms"],
                 f(&s["secs_until_all_back"]),
                 s["peak_reconnects_per_sec"],
-                f(&s["even_spread_per_sec"]),
+                match s["even_spread_per_sec"].as_f64() {
+                    Some(even) => format!("even spread {even:.0}/s"),
+                    None => "every GOAWAY at once".to_owned(),
+                },
                 s["failures_total"]
             );
             println!(
