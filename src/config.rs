@@ -78,6 +78,9 @@ const GROUP_COMMIT_RECIPIENTS_MAX: usize = 100_000;
 const GROUP_COMMIT_WAIT_MS_MAX: u64 = 100;
 pub const DEFAULT_DRAIN_RECONNECT_DELAY_MS: u32 = 1_000;
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_DRAIN_SPREAD_SECS: u64 = 30;
+/// A drain longer than an hour is a stuck shutdown, not a gentle one.
+const DRAIN_SPREAD_SECS_MAX: u64 = 3_600;
 /// How long one webhook attempt may take.
 pub const DEFAULT_WEBHOOK_TIMEOUT_SECS: u64 = 10;
 /// How long an upstream is retried; its client waits for the answer.
@@ -215,8 +218,17 @@ pub struct GatewaySection {
     /// New connections per second the gateway takes before it turns the
     /// rest away with a retry delay; none: no limit.
     pub accept_rate: Option<RateSection>,
+    /// The reconnect hint of a drain's GOAWAYs: each is drawn uniformly
+    /// from half of it to one and a half times it.
     pub drain_reconnect_delay_ms: u32,
+    /// How long a drain waits for its clients' connections to close once
+    /// the last GOAWAY is sent; the whole drain takes at most
+    /// `drain_spread_secs + drain_timeout_secs`.
     pub drain_timeout_secs: u64,
+    /// The window a drain's GOAWAYs are spread over, in even batches, so
+    /// its clients come back to the other nodes at a steady rate; 0 sends
+    /// them all at once.
+    pub drain_spread_secs: u64,
     pub heartbeat_secs: HeartbeatSection,
     /// Pin each shard to its own CPU (of those the process may use); turn
     /// off when several processes share the CPUs.
@@ -532,6 +544,7 @@ impl Default for GatewaySection {
             accept_rate: None,
             drain_reconnect_delay_ms: DEFAULT_DRAIN_RECONNECT_DELAY_MS,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            drain_spread_secs: DEFAULT_DRAIN_SPREAD_SECS,
             heartbeat_secs: HeartbeatSection::default(),
             pin_shards: true,
         }
@@ -701,6 +714,12 @@ impl Config {
                 "gateway.send_queue_frames_max ({}) must hold a full delivery window of every app \
                  (inflight_pushes_max x apps_per_connection_max = {frames_min}) and be at most 65535",
                 gateway.send_queue_frames_max
+            ));
+        }
+        if gateway.drain_spread_secs > DRAIN_SPREAD_SECS_MAX {
+            problems.push(format!(
+                "gateway.drain_spread_secs must be at most {DRAIN_SPREAD_SECS_MAX}, not {}",
+                gateway.drain_spread_secs
             ));
         }
         let heartbeat = &gateway.heartbeat_secs;
@@ -979,6 +998,22 @@ mod tests {
             ..Config::default()
         };
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_drain_spread_past_an_hour_is_refused() {
+        let mut config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        config.gateway.drain_spread_secs = 0;
+        config.validate().unwrap();
+        config.gateway.drain_spread_secs = 3_601;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("gateway.drain_spread_secs must be at most 3600"),
+            "{error}"
+        );
     }
 
     /// `validate`'s error for one app as `toml` (lines of its table) sets

@@ -917,6 +917,7 @@ async fn run_node(
     delivery
         .drain(
             config.gateway.drain_reconnect_delay_ms,
+            Duration::from_secs(config.gateway.drain_spread_secs),
             Duration::from_secs(config.gateway.drain_timeout_secs),
         )
         .await;
@@ -961,6 +962,7 @@ async fn wire(
             heartbeat_at_ms: 0,
             apps_online: BTreeMap::new(),
             shard_connections: Vec::new(),
+            draining: false,
         };
         return Ok(Wiring {
             register: Arc::new(MemoryRegister::default()),

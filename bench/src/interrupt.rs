@@ -7,8 +7,9 @@
 //!
 //! The signals are blocked in every thread (set before any thread starts,
 //! and inherited) and taken by one thread with sigwait(2), so the cleanup
-//! runs as ordinary code rather than in a signal handler. Children start
-//! with an empty signal mask (std's `Command` clears it).
+//! runs as ordinary code rather than in a signal handler. Children inherit
+//! the blocked signals: one that is to take a signal (a gateway drained by
+//! SIGTERM) is started with `unblock_signals_in`.
 
 use std::sync::Mutex;
 
@@ -58,6 +59,22 @@ pub fn install() {
         crate::tuning::restore(false);
         std::process::exit(128 + signal);
     });
+}
+
+/// Has `command`'s process start with no signal blocked, as a process
+/// started from a shell does.
+pub fn unblock_signals_in(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: between fork and exec the closure only calls sigemptyset(3)
+    // and pthread_sigmask(3), which are async-signal-safe, on its own set.
+    unsafe {
+        command.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
 }
 
 /// Records a process this run started.

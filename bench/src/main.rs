@@ -65,13 +65,17 @@ enum Scenario {
         #[command(flatten)]
         push: PushArgs,
     },
-    /// Drop a fraction of the connections at once and time their return.
+    /// Drop a fraction of the connections at once and time their return;
+    /// with --drain, drain a gateway and record its clients' return to
+    /// another, second by second.
     Storm {
         #[command(flatten)]
         common: Common,
         /// The fraction of connections dropped.
         #[arg(long, default_value_t = 0.2)]
         fraction: f64,
+        #[command(flatten)]
+        drain: DrainArgs,
     },
     /// The same idle connections against Herald, Mosquitto and NATS.
     Peers(Common),
@@ -108,6 +112,21 @@ enum Scenario {
         #[arg(long)]
         read_replies: bool,
     },
+}
+
+/// `storm --drain`: two gateways, every client on the first, which gets
+/// SIGTERM; they come back to the second after their GOAWAY's hint.
+#[derive(Args, Clone)]
+struct DrainArgs {
+    /// Drain a gateway instead of dropping connections.
+    #[arg(long)]
+    drain: bool,
+    /// The drained gateway's `gateway.drain_spread_secs`.
+    #[arg(long, default_value_t = 30, requires = "drain")]
+    drain_spread_secs: u64,
+    /// Its `gateway.drain_reconnect_delay_ms`.
+    #[arg(long, default_value_t = 1_000, requires = "drain")]
+    drain_reconnect_delay_ms: u32,
 }
 
 #[derive(Args, Clone)]
@@ -275,6 +294,7 @@ impl Common {
             subscribe: None,
             // Bare clients reply only in the `bare-acked` row.
             ack_broadcasts: target != Target::Bare,
+            drain_to: None,
         }
     }
 
@@ -345,11 +365,27 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(scenario: Scenario) -> anyhow::Result<()> {
+    let mut drain = None;
     let (name, mut common, fraction, push_args) = match scenario {
         Scenario::Connect(c) => ("connect", c, 0.0, None),
         Scenario::Idle(c) => ("idle", c, 0.0, None),
         Scenario::Push { common, push } => ("push", common, 0.0, Some(push)),
-        Scenario::Storm { common, fraction } => ("storm", common, fraction, None),
+        Scenario::Storm {
+            common,
+            drain: args,
+            ..
+        } if args.drain => {
+            drain = Some(args);
+            // One gateway drained, one the clients come back to.
+            let common = Common {
+                gateways: Some(2),
+                ..common
+            };
+            ("storm-drain", common, 0.0, None)
+        }
+        Scenario::Storm {
+            common, fraction, ..
+        } => ("storm", common, fraction, None),
         Scenario::Peers(c) => ("peers", c, 0.0, None),
         Scenario::Broadcast(c) => ("broadcast", c, 0.0, None),
         Scenario::All {
@@ -390,6 +426,9 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     }
     if matches!(name, "storm" | "all") {
         record("storm", storm(&common, fraction)?);
+    }
+    if let Some(drain) = &drain {
+        record("storm_drain", storm_drain(&common, drain)?);
     }
     if matches!(name, "peers" | "all") {
         record("peers", peers(&common)?);
@@ -1016,6 +1055,131 @@ fn storm_one(
     }))
 }
 
+/// `storm --drain`, over each transport.
+fn storm_drain(common: &Common, drain: &DrainArgs) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        common.gateways_running.is_empty(),
+        "storm --drain starts its own two gateways: it sends one SIGTERM"
+    );
+    let mut rows = serde_json::Map::new();
+    for transport in common.transports() {
+        let name = row_name(transport, "herald");
+        rows.insert(
+            name.clone(),
+            storm_drain_one(common, drain, transport, &name)?,
+        );
+    }
+    Ok(rows_json(rows))
+}
+
+/// Two `herald serve` gateways; every client binds to the first, which then
+/// gets SIGTERM. The clients come back to the second after their GOAWAY's
+/// hint: how many a second, from the signal on.
+fn storm_drain_one(
+    common: &Common,
+    drain: &DrainArgs,
+    transport: Transport,
+    label: &str,
+) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let herald = systems::herald_bin(common.herald.as_deref())?;
+    let gateways = (0..2)
+        .map(|i| {
+            let data_dir = dir.path().join(format!("gateway-{i}"));
+            std::fs::create_dir_all(&data_dir)?;
+            let config = systems::herald_config(
+                &data_dir,
+                common.heartbeat_secs,
+                &common.io,
+                transport,
+                common.pki.as_deref(),
+                &systems::AppCreds::default(),
+            )?
+            .replacen(
+                "[gateway]\n",
+                &format!(
+                    "[gateway]\ndrain_spread_secs = {}\ndrain_reconnect_delay_ms = {}\n",
+                    drain.drain_spread_secs, drain.drain_reconnect_delay_ms
+                ),
+                1,
+            );
+            let path = data_dir.join("herald.toml");
+            std::fs::write(&path, config)?;
+            systems::start_herald_node(&herald, "serve", &path, &data_dir.join("herald.log"))
+        })
+        .collect::<anyhow::Result<Vec<Server>>>()?;
+    let (drained, survivor) = (&gateways[0], &gateways[1]);
+    let creds = common.creds()?;
+    let mut workers = Workers::start(&Clients {
+        drain_to: Some(survivor.addr),
+        ..common.clients(Target::Herald, transport, &creds, &[drained.addr])
+    })?;
+    workers.wait_all_up(pool::ramp_timeout(common.connections), label)?;
+    let failures_before: u64 = workers.failures().values().sum();
+
+    let terminated_ms = worker::unix_ms();
+    // SAFETY: kill(2) on the pid of a child this process started.
+    if unsafe { libc::kill(drained.pid() as libc::pid_t, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot send SIGTERM");
+    }
+    let wait = Duration::from_secs(drain.drain_spread_secs + 120);
+    let deadline = Instant::now() + wait;
+    let bar = progress_bar(common.connections, "back after drain");
+    let returns = loop {
+        let mut returns = std::collections::BTreeMap::<u64, u64>::new();
+        for progress in workers.progress() {
+            for (slot, n) in progress.drain_returns {
+                *returns.entry(slot).or_default() += n;
+            }
+        }
+        let back: u64 = returns.values().sum();
+        bar.set_position(back);
+        if back >= common.connections {
+            break returns;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {back} of {} drained clients back in {} s",
+            common.connections,
+            wait.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+    // Second by second from the signal.
+    let mut per_second: Vec<u64> = Vec::new();
+    let mut last_ms = terminated_ms;
+    for (slot, n) in returns {
+        let at_ms = slot * worker::DRAIN_RETURN_SLOT_MS;
+        let second = (at_ms.saturating_sub(terminated_ms) / 1000) as usize;
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += n;
+        last_ms = last_ms.max(at_ms + worker::DRAIN_RETURN_SLOT_MS);
+    }
+    let failures = workers.failures();
+    let failures_total = failures.values().sum::<u64>() - failures_before;
+    drop(workers);
+    drop(gateways);
+    settle_after_teardown();
+    let peak = per_second.iter().copied().max().unwrap_or(0);
+    Ok(json!({
+        "transport": transport,
+        "connections": common.connections,
+        "drain_spread_secs": drain.drain_spread_secs,
+        "drain_reconnect_delay_ms": drain.drain_reconnect_delay_ms,
+        "reconnects_per_sec_after_sigterm": per_second,
+        "peak_reconnects_per_sec": peak,
+        // None when every GOAWAY goes at once.
+        "even_spread_per_sec": (drain.drain_spread_secs > 0)
+            .then(|| common.connections as f64 / drain.drain_spread_secs as f64),
+        "secs_until_all_back": (last_ms - terminated_ms) as f64 / 1000.0,
+        "failures": failures,
+        "failures_total": failures_total,
+    }))
+}
+
 /// The systems compared in one run, by name.
 /// `herald` runs on `--io`, `herald-epoll` on epoll (side by side with the
 /// io_uring default). `bare` is the kernel alone (`herald-bench hold`): in
@@ -1222,6 +1386,28 @@ fn print_summary(report: &Value) {
                 f(&s["secs_until_all_back"]),
                 f(&s["reconnects_per_sec"]),
                 s["failures_total"]
+            );
+        }
+    }
+    if let Some(s) = r.get("storm_drain") {
+        for (name, s) in rows(s) {
+            println!(
+                "storm --drain {name}: {} clients, spread {} s, hint {} ms +-50%: all back on the \
+                 other gateway in {:.1} s, peak {} reconnects/s ({}), failures {}",
+                s["connections"],
+                s["drain_spread_secs"],
+                s["drain_reconnect_delay_ms"],
+                f(&s["secs_until_all_back"]),
+                s["peak_reconnects_per_sec"],
+                match s["even_spread_per_sec"].as_f64() {
+                    Some(even) => format!("even spread {even:.0}/s"),
+                    None => "every GOAWAY at once".to_owned(),
+                },
+                s["failures_total"]
+            );
+            println!(
+                "  reconnects per second after SIGTERM: {}",
+                s["reconnects_per_sec_after_sigterm"]
             );
         }
     }

@@ -81,6 +81,8 @@ pub struct Clients<'a> {
     pub subscribe: Option<&'a str>,
     /// Herald clients ack each broadcast, as the SDK's users do.
     pub ack_broadcasts: bool,
+    /// Where clients a drain sends away come back (`WorkerSpec::drain_to`).
+    pub drain_to: Option<SocketAddr>,
 }
 
 /// What ramping up to N connections took.
@@ -132,6 +134,7 @@ impl Workers {
                 transport: clients.transport,
                 ca_file: clients.ca_file.map(Path::to_owned),
                 handshakes_in_flight: Some(in_flight as usize),
+                drain_to: clients.drain_to,
             };
             let mut child = Command::new(&exe)
                 .arg("worker")

@@ -261,13 +261,17 @@ pub fn start_herald_node(
     config: &Path,
     log: &Path,
 ) -> anyhow::Result<Server> {
-    let mut child = Command::new(herald)
+    let mut herald_command = Command::new(herald);
+    herald_command
         .arg(command)
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log)?)
+        .stderr(std::fs::File::create(log)?);
+    // `storm --drain` drains a gateway with SIGTERM.
+    crate::interrupt::unblock_signals_in(&mut herald_command);
+    let mut child = herald_command
         .spawn()
         .with_context(|| format!("cannot run {}", herald.display()))?;
     let stdout = child.stdout.take().context("no stdout")?;

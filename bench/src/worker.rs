@@ -23,7 +23,7 @@ use base64::Engine as _;
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer as _, V2Serializer};
-use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
+use herald_proto::{Frame, GoAwayReason, NetworkType, TokenClaims, decode, encode, sign_token};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -84,6 +84,11 @@ pub struct WorkerSpec {
     /// them). A storm's reconnects are not held back.
     #[serde(default)]
     pub handshakes_in_flight: Option<usize>,
+    /// Herald clients told to leave by a drain (GOAWAY(server_shutdown))
+    /// wait out its reconnect hint and come back here, as the SDK goes to
+    /// the next gateway the dispatcher names; none: a GOAWAY is a failure.
+    #[serde(default)]
+    pub drain_to: Option<SocketAddr>,
 }
 
 fn tcp() -> Transport {
@@ -109,7 +114,14 @@ pub struct Progress {
     pub all_up_at_ms: Option<u64>,
     /// Unix ms when the last storm's dropped connections were all back.
     pub storm_back_at_ms: Option<u64>,
+    /// Clients back (bound on `drain_to`) after a drain sent them away,
+    /// by the unix 100 ms slot they were back in.
+    #[serde(default)]
+    pub drain_returns: BTreeMap<u64, u64>,
 }
+
+/// The length of a `Progress::drain_returns` slot.
+pub const DRAIN_RETURN_SLOT_MS: u64 = 100;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WorkerMessage {
@@ -136,7 +148,21 @@ struct State {
 
 enum Ended {
     Dropped,
+    /// A drain sent the client away; it may come back after this many ms.
+    Drained(u32),
     Failed(&'static str),
+}
+
+/// What a client's next session is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The first, or a retry after a failure: it waits for a handshake
+    /// permit.
+    Gated,
+    /// A storm's reconnect: not held back (that is the storm).
+    Storm,
+    /// The way back after a drain, counted in `drain_returns` once bound.
+    DrainReturn,
 }
 
 pub fn unix_ms() -> u64 {
@@ -249,23 +275,41 @@ async fn spawn_clients(state: Rc<State>, drop_rx: watch::Receiver<u64>) {
 async fn client(state: Rc<State>, index: u64, mut drop_rx: watch::Receiver<u64>) {
     let spec = &state.spec;
     let user = spec.first_user + index;
-    let server = spec.servers[(user % spec.servers.len() as u64) as usize];
+    let mut server = spec.servers[(user % spec.servers.len() as u64) as usize];
     let source = spec.sources[(index % spec.sources.len() as u64) as usize];
     drop_rx.mark_unchanged();
-    // The first connection and the retries after a failure wait for a
-    // handshake permit; a storm's reconnects do not (that is the storm).
-    let mut gated = true;
+    let mut attempt = Attempt::Gated;
     loop {
-        let ended = session(&state, index, user, server, source, gated, &mut drop_rx).await;
-        gated = matches!(ended, Ended::Failed(_));
-        if let Ended::Failed(kind) = ended {
-            *state
-                .progress
-                .borrow_mut()
-                .failures
-                .entry(kind.to_owned())
-                .or_default() += 1;
-            tokio::time::sleep(RETRY_DELAY).await;
+        let ended = session(
+            &state,
+            index,
+            user,
+            server,
+            source,
+            &mut attempt,
+            &mut drop_rx,
+        )
+        .await;
+        match ended {
+            Ended::Dropped => attempt = Attempt::Storm,
+            Ended::Drained(hint_ms) => {
+                server = spec.drain_to.unwrap_or(server);
+                tokio::time::sleep(Duration::from_millis(u64::from(hint_ms))).await;
+                attempt = Attempt::DrainReturn;
+            }
+            Ended::Failed(kind) => {
+                *state
+                    .progress
+                    .borrow_mut()
+                    .failures
+                    .entry(kind.to_owned())
+                    .or_default() += 1;
+                // A way back that failed is still the way back.
+                if attempt != Attempt::DrainReturn {
+                    attempt = Attempt::Gated;
+                }
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
         }
     }
 }
@@ -306,7 +350,7 @@ async fn session(
     user: u64,
     server: SocketAddr,
     source: Ipv4Addr,
-    gated: bool,
+    attempt: &mut Attempt,
     drop_rx: &mut watch::Receiver<u64>,
 ) -> Ended {
     let spec = &state.spec;
@@ -317,7 +361,7 @@ async fn session(
         // Connections past what the servers get through within the
         // handshake timeout would only wait in their accept queues and
         // time out, so the ramp keeps at most `handshakes_in_flight` going.
-        let _permit = match (&state.handshakes, gated) {
+        let _permit = match (&state.handshakes, *attempt == Attempt::Gated) {
             (Some(handshakes), true) => Some(handshakes.acquire().await.expect("never closed")),
             _ => None,
         };
@@ -333,6 +377,14 @@ async fn session(
         let mut progress = state.progress.borrow_mut();
         progress.connected += 1;
         progress.sessions += 1;
+        if *attempt == Attempt::DrainReturn {
+            *progress
+                .drain_returns
+                .entry(unix_ms() / DRAIN_RETURN_SLOT_MS)
+                .or_default() += 1;
+        }
+        // Should this session fail, the next one is a retry.
+        *attempt = Attempt::Gated;
         if progress.connected == spec.connections {
             if progress.all_up_at_ms.is_none() {
                 progress.all_up_at_ms = Some(unix_ms());
@@ -613,23 +665,28 @@ async fn hold(
                     return Ended::Failed(kind);
                 }
                 let handled = Box::pin(async {
-                    handle_input(state, stream, input).await?;
-                    stream.flush_replies().await
+                    let drained = handle_input(state, stream, input).await?;
+                    stream.flush_replies().await?;
+                    Ok(drained)
                 })
                 .await;
-                if let Err(kind) = handled {
-                    return Ended::Failed(kind);
+                match handled {
+                    Ok(Some(hint_ms)) => return Ended::Drained(hint_ms),
+                    Ok(None) => {}
+                    Err(kind) => return Ended::Failed(kind),
                 }
             }
         }
     }
 }
 
+/// Takes what the server sent; returns the reconnect hint of a drain's
+/// GOAWAY when the clients follow drains (`drain_to`).
 async fn handle_input(
     state: &State,
     stream: &mut Conn,
     input: &mut BytesMut,
-) -> Result<(), &'static str> {
+) -> Result<Option<u32>, &'static str> {
     match state.spec.target {
         Target::Herald => {
             while let Some(frame) = decode(input).map_err(|_| "bad_frame")? {
@@ -647,6 +704,12 @@ async fn handle_input(
                         if state.spec.ack_broadcasts {
                             send_frame(stream, &Frame::BroadcastAck { app, seq }).await?;
                         }
+                    }
+                    Frame::GoAway {
+                        reason: GoAwayReason::SERVER_SHUTDOWN,
+                        reconnect_delay_ms,
+                    } if state.spec.drain_to.is_some() => {
+                        return Ok(Some(reconnect_delay_ms.unwrap_or(0)));
                     }
                     Frame::GoAway { .. } | Frame::Error { .. } => return Err("closed_by_server"),
                     _ => {}
@@ -708,7 +771,7 @@ async fn handle_input(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// An MQTT packet's fixed-header length and remaining length, once the

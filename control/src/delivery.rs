@@ -129,6 +129,9 @@ pub struct Delivery {
     drained_shards: AtomicU64,
     drained: Notify,
     draining: AtomicBool,
+    /// Told once when the drain begins, so a room node's heartbeat
+    /// announces it at once rather than at its next beat.
+    drain_begun: Notify,
     broadcasts: Broadcasts,
     /// Upstream data and user state toward the apps' business servers.
     coordinator: Coordinator,
@@ -155,6 +158,7 @@ impl Delivery {
             drained_shards: AtomicU64::new(0),
             drained: Notify::new(),
             draining: AtomicBool::new(false),
+            drain_begun: Notify::new(),
             coordinator,
             metrics,
         })
@@ -184,6 +188,12 @@ impl Delivery {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the drain has begun (at once if it began while
+    /// nobody waited). Meant for one waiter: the heartbeat.
+    pub async fn drain_begun(&self) {
+        self.drain_begun.notified().await;
     }
 
     /// Stores `payload` for every user, then hands it to their connections.
@@ -853,18 +863,28 @@ impl Delivery {
     }
 
     /// Graceful stop:
-    /// 1. mark draining, so /readyz answers 503 and load balancers move away;
-    /// 2. tell every shard to drain: clients get GOAWAY(server_shutdown) with
-    ///    a reconnect hint, and each shard reports `Drained` when it is empty;
-    /// 3. wait for that (bounded by `timeout`: a shard that cannot flush its
-    ///    clients in time must not hold the process);
+    /// 1. mark draining, so /readyz answers 503 and load balancers move away,
+    ///    and a room node's liveness record says so (the dispatcher stops
+    ///    naming it);
+    /// 2. tell every shard to drain: clients get GOAWAY(server_shutdown),
+    ///    spread evenly over `spread`, each with a reconnect hint jittered
+    ///    around `reconnect_delay_ms`, and each shard reports `Drained` when
+    ///    it is empty;
+    /// 3. wait for that (bounded by `spread + timeout`: a shard that cannot
+    ///    flush its clients in time must not hold the process);
     /// 4. write the acks that arrived meanwhile.
     ///
     /// The caller closes storage afterwards.
-    pub async fn drain(&self, reconnect_delay_ms: u32, timeout: Duration) {
+    pub async fn drain(&self, reconnect_delay_ms: u32, spread: Duration, timeout: Duration) {
         self.draining.store(true, Ordering::SeqCst);
+        self.drain_begun.notify_one();
         for shard in self.router.shards() {
-            let _ = shard.send(ShardCommand::Drain { reconnect_delay_ms }).await;
+            let _ = shard
+                .send(ShardCommand::Drain {
+                    reconnect_delay_ms,
+                    spread,
+                })
+                .await;
         }
         let all = self.router.shards().len() as u64;
         let wait = async {
@@ -876,7 +896,7 @@ impl Delivery {
                 notified.await;
             }
         };
-        if tokio::time::timeout(timeout, wait).await.is_err() {
+        if tokio::time::timeout(spread + timeout, wait).await.is_err() {
             tracing::warn!("shards did not drain in time; closing anyway");
         }
         if let Err(error) = self.flush_acks().await {

@@ -4,7 +4,8 @@
 //! the live nodes, so a user keeps landing on the same node while it lives,
 //! and only the users of a node that joins or leaves move. The rest follow
 //! by load (fewest connections, then least CPU), for failover. Nodes in the
-//! client's region, when it names one, come before all others.
+//! client's region, when it names one, come before all others. A
+//! draining node is named only when no other node can be.
 
 use std::cmp::Ordering;
 
@@ -57,10 +58,17 @@ pub fn order(
         None => None,
     };
     let in_region = |node: &NodeRecord| region.is_none_or(|region| node.region == region);
-    let (mut near, mut far): (Vec<&NodeRecord>, Vec<&NodeRecord>) = nodes
+    let reachable: Vec<&NodeRecord> = nodes
         .iter()
         .copied()
         .filter(|node| address(node).is_some())
+        .collect();
+    // A draining node sends its clients away: sending them back would only
+    // add a round trip, unless it is all there is (`herald serve` alone).
+    let staying = reachable.iter().any(|node| !node.draining);
+    let (mut near, mut far): (Vec<&NodeRecord>, Vec<&NodeRecord>) = reachable
+        .into_iter()
+        .filter(|node| !(staying && node.draining))
         .partition(|node| in_region(node));
     if near.is_empty() {
         std::mem::swap(&mut near, &mut far);
@@ -136,7 +144,34 @@ mod tests {
             heartbeat_at_ms: 0,
             apps_online: Default::default(),
             shard_connections: Vec::new(),
+            draining: false,
         }
+    }
+
+    #[test]
+    fn a_draining_node_is_named_only_when_nothing_else_is() {
+        let mut nodes = [node("a", "eu", 0), node("b", "eu", 0), node("c", "us", 0)];
+        nodes[0].draining = true;
+        let all: Vec<&NodeRecord> = nodes.iter().collect();
+        for user in 0..100 {
+            let list = order(
+                &all,
+                "chat",
+                &format!("user{user}"),
+                Some("eu"),
+                Net::Wifi,
+                "tcp",
+            );
+            assert_eq!(list, ["b:7070", "c:7070"]);
+        }
+        for record in &mut nodes {
+            record.draining = true;
+        }
+        let all: Vec<&NodeRecord> = nodes.iter().collect();
+        assert_eq!(
+            order(&all, "chat", "alice", Some("eu"), Net::Wifi, "tcp").len(),
+            3
+        );
     }
 
     #[test]

@@ -143,14 +143,19 @@ impl RoomLink {
     /// and only then connects anew, so it is the second call that finds
     /// out whether Redis answers now.
     pub async fn heartbeat(&self, load: &LoadProbe) -> Result<bool, RegisterError> {
-        let record = self.record(load);
+        self.beat(load, false).await
+    }
+
+    /// `heartbeat`, saying whether the node is draining.
+    async fn beat(&self, load: &LoadProbe, draining: bool) -> Result<bool, RegisterError> {
+        let record = self.record(load, draining);
         match self.write_record(&record).await {
             Err(_) => self.write_record(&record).await,
             written => written,
         }
     }
 
-    fn record(&self, load: &LoadProbe) -> NodeRecord {
+    fn record(&self, load: &LoadProbe, draining: bool) -> NodeRecord {
         let NodeLoad {
             connections,
             cpu_percent,
@@ -167,6 +172,7 @@ impl RoomLink {
             heartbeat_at_ms: unix_ms(),
             apps_online: self.register.online(),
             shard_connections,
+            draining,
         }
     }
 
@@ -197,7 +203,9 @@ impl RoomLink {
     /// Heartbeats until the process ends. Whenever the record was lost, or
     /// every `SESSIONS_REWRITE_INTERVAL`, it writes every session again;
     /// after a loss it also has every binding re-check storage, since pushes
-    /// in the gap found no session.
+    /// in the gap found no session. When the drain begins it beats at once,
+    /// so that every dispatcher stops naming the node within its directory's
+    /// refresh rather than a heartbeat later.
     pub async fn run_heartbeat(self: Arc<Self>, delivery: Arc<Delivery>, load: LoadProbe) {
         let mut rewritten_at = Instant::now();
         // When the heartbeats started failing; the warning is said once.
@@ -207,8 +215,11 @@ impl RoomLink {
                 Some(_) => HEARTBEAT_RETRY_INTERVAL,
                 None => HEARTBEAT_INTERVAL,
             };
-            tokio::time::sleep(pause).await;
-            let lost = match self.heartbeat(&load).await {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = delivery.drain_begun() => {}
+            }
+            let lost = match self.beat(&load, delivery.is_draining()).await {
                 Ok(lost) => {
                     if let Some(since) = failing_since.take() {
                         tracing::info!(failing_for = ?since.elapsed(), "liveness heartbeat works again");

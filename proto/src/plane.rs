@@ -10,7 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -125,9 +125,15 @@ pub enum ShardCommand {
         /// This shard's share of the pace, and the priority.
         mode: BroadcastMode,
     },
-    /// Stop accepting, send every connection GOAWAY(server_shutdown) with
-    /// the reconnect hint, flush and close them all, then report `Drained`.
-    Drain { reconnect_delay_ms: u32 },
+    /// Stop accepting, send every connection GOAWAY(server_shutdown), in
+    /// even batches over `spread` (all at once when it is zero), each with
+    /// a reconnect hint drawn uniformly from `reconnect_delay_ms / 2` to
+    /// `reconnect_delay_ms * 3 / 2`; flush and close them all, then report
+    /// `Drained`.
+    Drain {
+        reconnect_delay_ms: u32,
+        spread: Duration,
+    },
     /// The apps BINDs are checked against from now on. Bindings of an app
     /// no longer in the list end (the app was deleted).
     SetApps(Arc<[GatewayApp]>),

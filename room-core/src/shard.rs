@@ -258,7 +258,37 @@ pub(crate) struct Shard<D> {
     outbox: VecDeque<ShardEvent>,
     /// Connections that stopped reading because the outbox was full.
     readers_waiting: Vec<usize>,
-    draining: bool,
+    /// Set once draining: how far the GOAWAYs have got.
+    drain: Option<DrainProgress>,
+}
+
+/// A drain's GOAWAYs, sent in even batches over its spread as the tick
+/// comes round (no timer per connection): by each tick, the share of the
+/// connections open at the start that the time elapsed is of the spread.
+struct DrainProgress {
+    reconnect_delay_ms: u32,
+    started: Instant,
+    spread: Duration,
+    /// Connections open when the drain began.
+    total: usize,
+    /// Connections told so far.
+    told: usize,
+    /// Connections are told in slot order; nothing new is accepted while
+    /// draining, so no slot behind this one fills again.
+    next_slot: usize,
+}
+
+impl DrainProgress {
+    /// Connections that should have been told by `now`: the first at once,
+    /// every one by the end of the spread.
+    fn due(&self, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.started);
+        if elapsed >= self.spread {
+            return usize::MAX;
+        }
+        let share = elapsed.as_secs_f64() / self.spread.as_secs_f64();
+        (self.total as f64 * share) as usize + 1
+    }
 }
 
 /// The shard loop's ends toward the control plane (its channels, and the
@@ -373,7 +403,7 @@ impl<D: Driver> Shard<D> {
             expired: Vec::new(),
             outbox: VecDeque::new(),
             readers_waiting: Vec::new(),
-            draining: false,
+            drain: None,
         }
     }
 
@@ -782,12 +812,25 @@ impl<D: Driver> Shard<D> {
             .as_ref()
             .map_or(1.0, |limiter| limiter.rate().per_sec);
         let spread_ms = (1000.0 * f64::from(self.turned_away) / per_sec).max(1000.0);
-        // xorshift64: good enough to spread retries, and no dependency.
+        let jitter = (self.next_random() % 1_000_000) as f64 / 1_000_000.0 * spread_ms;
+        (TURN_AWAY_DELAY_MIN_MS as f64 + jitter).min(TURN_AWAY_DELAY_MAX_MS as f64) as u32
+    }
+
+    /// A drained connection's reconnect hint: uniform from half the
+    /// configured delay to one and a half times it, so the clients of one
+    /// batch do not come back in the same millisecond.
+    fn drain_delay_ms(&mut self, reconnect_delay_ms: u32) -> u32 {
+        let half = reconnect_delay_ms / 2;
+        let jitter = self.next_random() % (u64::from(reconnect_delay_ms) + 1);
+        half.saturating_add(jitter as u32)
+    }
+
+    /// xorshift64: good enough to spread retries, and no dependency.
+    fn next_random(&mut self) -> u64 {
         self.jitter_state ^= self.jitter_state << 13;
         self.jitter_state ^= self.jitter_state >> 7;
         self.jitter_state ^= self.jitter_state << 17;
-        let jitter = (self.jitter_state % 1_000_000) as f64 / 1_000_000.0 * spread_ms;
-        (TURN_AWAY_DELAY_MIN_MS as f64 + jitter).min(TURN_AWAY_DELAY_MAX_MS as f64) as u32
+        self.jitter_state
     }
 
     fn open_conn(
@@ -892,7 +935,7 @@ impl<D: Driver> Shard<D> {
         {
             self.outbox.push_back(event);
         }
-        if self.draining && self.conns.is_empty() {
+        if self.drain.is_some() && self.conns.is_empty() {
             self.outbox.push_back(ShardEvent::Drained {
                 shard: self.settings.id,
             });
@@ -1515,7 +1558,10 @@ impl<D: Driver> Shard<D> {
                     self.paced.push(broadcast);
                 }
             }
-            ShardCommand::Drain { reconnect_delay_ms } => self.drain(reconnect_delay_ms, now),
+            ShardCommand::Drain {
+                reconnect_delay_ms,
+                spread,
+            } => self.drain(reconnect_delay_ms, spread, now),
             ShardCommand::SetApps(apps) => self.set_apps(&apps, now),
         }
     }
@@ -1692,27 +1738,52 @@ impl<D: Driver> Shard<D> {
         self.paced = paced;
     }
 
-    /// Stops accepting and closes every connection with GOAWAY. `Drained` is
-    /// reported when the last one is gone (at once if there are none).
-    fn drain(&mut self, reconnect_delay_ms: u32, now: Instant) {
-        if self.draining {
+    /// Stops accepting and closes every connection with GOAWAY, in batches
+    /// over `spread` (`advance_drain`). `Drained` is reported when the last
+    /// one is gone (at once if there are none).
+    fn drain(&mut self, reconnect_delay_ms: u32, spread: Duration, now: Instant) {
+        if self.drain.is_some() {
             return;
         }
-        self.draining = true;
         for (index, listener) in std::mem::take(&mut self.listeners).into_iter().enumerate() {
             self.driver.remove_listener(listener.socket, index);
         }
-        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
-        for slot in slots {
-            self.conns[slot]
-                .server
-                .drain(reconnect_delay_ms, &mut self.out);
-            self.apply(slot, now);
-        }
+        self.drain = Some(DrainProgress {
+            reconnect_delay_ms,
+            started: now,
+            spread,
+            total: self.conns.len(),
+            told: 0,
+            next_slot: 0,
+        });
+        self.advance_drain(now);
         if self.conns.is_empty() {
             self.push_event(ShardEvent::Drained {
                 shard: self.settings.id,
             });
+        }
+    }
+
+    /// Sends GOAWAY to the connections a drain owes it by `now`.
+    fn advance_drain(&mut self, now: Instant) {
+        let Some(due) = self.drain.as_ref().map(|drain| drain.due(now)) else {
+            return;
+        };
+        let capacity = self.conns.capacity();
+        while let Some(drain) = self.drain.as_mut()
+            && drain.told < due
+            && drain.next_slot < capacity
+        {
+            let slot = drain.next_slot;
+            drain.next_slot += 1;
+            if !self.conns.contains(slot) {
+                continue;
+            }
+            drain.told += 1;
+            let reconnect_delay_ms = drain.reconnect_delay_ms;
+            let delay_ms = self.drain_delay_ms(reconnect_delay_ms);
+            self.conns[slot].server.drain(delay_ms, &mut self.out);
+            self.apply(slot, now);
         }
     }
 
@@ -1722,6 +1793,7 @@ impl<D: Driver> Shard<D> {
         if !self.paced.is_empty() {
             self.advance_paced(now);
         }
+        self.advance_drain(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {

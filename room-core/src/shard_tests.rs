@@ -87,6 +87,7 @@ on_both_drivers!(
     ends_a_connection_whose_send_fails,
     ignores_what_is_left_of_a_connection_once_its_slot_is_reused,
     drains_every_connection_then_reports_drained,
+    spreads_a_drains_goaways_over_its_window_with_jittered_hints,
     stops_reading_while_the_outbox_is_full,
 );
 
@@ -1157,14 +1158,13 @@ fn drains_every_connection_then_reports_drained<const R: bool>() {
     let (mut bob, _) = h.open("bob");
     h.command(ShardCommand::Drain {
         reconnect_delay_ms: 5_000,
+        spread: Duration::ZERO,
     });
     assert!(h.driver().listener_removed(0));
-    let expected = [Frame::GoAway {
-        reason: GoAwayReason::SERVER_SHUTDOWN,
-        reconnect_delay_ms: Some(5_000),
-    }];
-    assert_eq!(h.received(&mut alice), expected);
-    assert_eq!(h.received(&mut bob), expected);
+    for client in [&mut alice, &mut bob] {
+        let delay = drain_hint(&h.received(client)).expect("a GOAWAY(server_shutdown)");
+        assert!((2_500..=7_500).contains(&delay), "hint {delay} ms");
+    }
     let events = h.events();
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|event| matches!(
@@ -1182,6 +1182,86 @@ fn drains_every_connection_then_reports_drained<const R: bool>() {
         [ShardEvent::Drained { shard: 0 }]
     ));
     assert_eq!(h.closed("drained"), 2);
+}
+
+/// The reconnect hint of a GOAWAY(server_shutdown) alone among `frames`.
+fn drain_hint(frames: &[Frame]) -> Option<u32> {
+    match frames {
+        [
+            Frame::GoAway {
+                reason: GoAwayReason::SERVER_SHUTDOWN,
+                reconnect_delay_ms: Some(delay),
+            },
+        ] => Some(*delay),
+        [] => None,
+        other => panic!("expected one GOAWAY(server_shutdown), got {other:?}"),
+    }
+}
+
+/// With a spread, a drain tells the connections in even batches as the
+/// tick comes round: by each tick, the share of them that the time elapsed
+/// is of the spread, the first at once and the last at its end. Each hint
+/// is drawn from half the configured delay to one and a half times it.
+fn spreads_a_drains_goaways_over_its_window_with_jittered_hints<const R: bool>() {
+    const CONNECTIONS: usize = 12;
+    const DELAY_MS: u32 = 1_000;
+    // Shorter than the close flush timeout: every client is still there
+    // to end its side at the end.
+    let spread = 6 * TICK;
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| s.connections_max = CONNECTIONS);
+    let mut clients: Vec<Client> = (0..CONNECTIONS)
+        .map(|i| h.open(&format!("user{i}")).0)
+        .collect();
+    let started = h.now;
+    h.command(ShardCommand::Drain {
+        reconnect_delay_ms: DELAY_MS,
+        spread,
+    });
+    assert!(h.driver().listener_removed(0));
+    // When each client was told, and its hint.
+    let mut told: Vec<Option<(Duration, u32)>> = vec![None; CONNECTIONS];
+    loop {
+        let elapsed = h.now - started;
+        for (client, told) in clients.iter_mut().zip(&mut told) {
+            if let Some(delay) = drain_hint(&h.received(client)) {
+                assert!(told.is_none(), "told twice");
+                *told = Some((elapsed, delay));
+            }
+        }
+        let so_far = told.iter().flatten().count();
+        let due = if elapsed >= spread {
+            CONNECTIONS
+        } else {
+            (CONNECTIONS as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()) as usize + 1
+        };
+        assert_eq!(so_far, due, "told by {elapsed:?}");
+        if so_far == CONNECTIONS {
+            break;
+        }
+        h.advance(TICK);
+    }
+    assert_eq!(h.now - started, spread);
+    let hints: Vec<u32> = told.iter().flatten().map(|&(_, delay)| delay).collect();
+    assert!(
+        hints
+            .iter()
+            .all(|delay| (DELAY_MS / 2..=DELAY_MS * 3 / 2).contains(delay)),
+        "{hints:?}"
+    );
+    let mut distinct = hints.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() > CONNECTIONS / 2, "{hints:?}");
+
+    for client in &clients {
+        h.end(client);
+    }
+    let events = h.events();
+    assert!(matches!(
+        events.last(),
+        Some(ShardEvent::Drained { shard: 0 })
+    ));
+    assert_eq!(h.closed("drained"), CONNECTIONS as u64);
 }
 
 /// While the outbox holds `OUTBOX_LEN_MAX` events the control plane has not

@@ -181,6 +181,7 @@ shards = 2
 connections_per_shard_max = 5000
 auth_timeout_secs = 3
 drain_timeout_secs = 5
+drain_spread_secs = 0
 [gateway.heartbeat_secs]
 unknown = 60
 wifi = 60

@@ -96,6 +96,7 @@ node_id = "test-node"
 shards = 2
 auth_timeout_secs = 3
 drain_timeout_secs = 5
+drain_spread_secs = 0
 [gateway.heartbeat_secs]
 unknown = {heartbeat_secs}
 wifi = {heartbeat_secs}

@@ -55,6 +55,11 @@ pub struct NodeRecord {
     /// records of nodes from before per-shard counts.
     #[serde(default)]
     pub shard_connections: Vec<u64>,
+    /// The node is draining: still alive for the clients it holds (they
+    /// are told to leave over its drain's spread), but the dispatcher
+    /// names it no more. Absent in records of nodes from before drains.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A node's load as its gateway and CPU meter tell it now.
