@@ -166,6 +166,14 @@ fn config(io: IoDriver, tls: Option<&Pki>) -> GatewayConfig {
         command_queue_len: 1024,
         send_queue_frames_max: 1024,
         accept_rate: None,
+        per_ip: None,
+        read_deadlines: herald_room::ReadDeadlines {
+            unknown: Duration::from_secs(10),
+            wifi: Duration::from_secs(10),
+            cellular: Duration::from_secs(10),
+            wired: Duration::from_secs(10),
+            bytes_per_sec_min: 1024,
+        },
         pin_shards: true,
     }
 }
