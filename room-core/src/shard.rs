@@ -1393,11 +1393,8 @@ impl<D: Driver> Shard<D> {
         let held = held_input(conn).is_some();
         match self.stalls.get_mut(&slot) {
             Some(stall) if !held => stall.since = None,
-            Some(stall) => {
-                if stall.since.is_none() || finished_frames {
-                    stall.since = Some(now);
-                }
-            }
+            Some(stall) if stall.since.is_none() || finished_frames => stall.since = Some(now),
+            Some(_) => {}
             None if held => {
                 self.stalls.insert(slot, Stall { since: Some(now) });
                 let deadline = self.stall_deadline(slot, now);
