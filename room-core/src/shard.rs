@@ -81,6 +81,11 @@ const CONN_POLL_ROUNDS_MAX: usize = 16;
 /// add catch-up requests past it, at most one per binding.
 const OUTBOX_LEN_MAX: usize = 4096;
 
+/// Entries' room the `stalls` and `counted` maps keep without shrinking:
+/// a storm of connections holding partial frames grows them far past what
+/// a usual moment needs, and they do not keep that.
+const SIDE_MAP_KEPT_CAPACITY: usize = 64;
+
 /// Commands handled per turn of the loop.
 const COMMAND_BATCH_MAX: usize = 256;
 
@@ -1960,6 +1965,8 @@ impl<D: Driver> Shard<D> {
             limits.sweep(now);
         }
         self.handle_stalls(now);
+        shrink_sparse(&mut self.stalls);
+        shrink_sparse(&mut self.counted);
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {
@@ -2250,6 +2257,13 @@ fn with_pending<E>(
         }
     }
     Ok(())
+}
+
+/// Gives back most of a map's room once it is less than a quarter full.
+fn shrink_sparse<V>(map: &mut HashMap<usize, V>) {
+    if map.capacity() > SIDE_MAP_KEPT_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to((map.len() * 2).max(SIDE_MAP_KEPT_CAPACITY));
+    }
 }
 
 /// How much input a connection holds short of a whole unit (a Herald
