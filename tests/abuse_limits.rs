@@ -121,7 +121,10 @@ async fn limits_new_connections_per_address_a_second(io: Io) {
     for _ in 0..3 {
         kept.push(taken(&server, a).await);
     }
-    turned_away(&server, a).await;
+    // The hint is no sooner than the address's next token, five seconds
+    // away.
+    let hint = turned_away(&server, a).await;
+    assert!(hint >= 5_000, "hint {hint} ms");
     // Closing does not give the rate back.
     drop(kept.pop());
     turned_away(&server, a).await;
@@ -227,6 +230,12 @@ async fn allowed_cidrs_keep_the_app_and_admin_routes_to_their_networks() {
             .unwrap();
         assert_eq!(response.status().as_u16(), expected, "from 127.0.0.{last}");
         if expected == 403 {
+            // Refused before its body was read: the connection closes.
+            assert_eq!(
+                response.headers().get("connection").unwrap(),
+                "close",
+                "from 127.0.0.{last}"
+            );
             let reply: serde_json::Value = response.json().await.unwrap();
             assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
             let message = reply["error"]["message"].as_str().unwrap();

@@ -39,8 +39,8 @@ use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::input::{
-    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, decode_payload_base64, parse_json,
-    read_body, whole_number,
+    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, closing, decode_payload_base64,
+    parse_json, read_body, whole_number,
 };
 use crate::overview::OverviewSources;
 use crate::pace::PaceShares;
@@ -185,7 +185,8 @@ impl AllowedNetworks {
 }
 
 /// Refuses, with 403 `forbidden`, a request from an address outside the
-/// networks its route allows. A request without a peer address (one the
+/// networks its route allows, before its body is read (so the connection
+/// closes after the answer). A request without a peer address (one the
 /// HTTP server did not accept) is refused where a list is set.
 async fn check_peer(
     State(allowed): State<Arc<AllowedNetworks>>,
@@ -201,11 +202,10 @@ async fn check_peer(
             .map(|info| info.0.ip().to_canonical());
         if !peer.is_some_and(|peer| networks.iter().any(|net| net.contains(&peer))) {
             let shown = peer.map_or_else(|| "unknown".to_owned(), |peer| peer.to_string());
-            return ApiError::new(
+            return closing(ApiError::new(
                 ErrorCode::Forbidden,
                 format!("this address ({shown}) is not in {key}"),
-            )
-            .into_response();
+            ));
         }
     }
     next.run(request).await

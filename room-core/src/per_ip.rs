@@ -45,15 +45,16 @@ pub struct PerIpConfig {
 pub enum Refusal {
     /// Its address has `connections_max` open.
     Connections,
-    /// Its address opened `new_per_sec` (and the burst) already.
-    Rate,
+    /// Its address opened `new_per_sec` (and the burst) already; it may
+    /// open another after `wait`.
+    Rate { wait: Duration },
 }
 
 impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Connections => "per_ip_connections",
-            Refusal::Rate => "per_ip_rate",
+            Refusal::Rate { .. } => "per_ip_rate",
         }
     }
 }
@@ -128,9 +129,9 @@ impl PerIpLimits {
             return Err(Refusal::Connections);
         }
         if let Some(bucket) = &mut usage.new
-            && bucket.take(1, now).is_err()
+            && let Err(wait) = bucket.take(1, now)
         {
-            return Err(Refusal::Rate);
+            return Err(Refusal::Rate { wait });
         }
         usage.open += 1;
         usage.last_new = now;
@@ -225,7 +226,12 @@ mod tests {
         let a = limits.key(ip("192.0.2.1")).unwrap();
         limits.admit(a, now).unwrap();
         limits.admit(a, now).unwrap();
-        assert_eq!(limits.admit(a, now), Err(Refusal::Rate));
+        assert_eq!(
+            limits.admit(a, now),
+            Err(Refusal::Rate {
+                wait: Duration::from_millis(500)
+            })
+        );
         limits.admit(a, now + Duration::from_millis(500)).unwrap();
     }
 

@@ -44,7 +44,7 @@ use crate::ReadDeadlines;
 use crate::auth::AppSecrets;
 use crate::driver::{Driver, Event, Input, SendBuffer, TOKEN_BITS_MAX, WakeFd};
 use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters, TurnAway};
-use crate::per_ip::PerIpLimits;
+use crate::per_ip::{PerIpLimits, Refusal};
 use crate::pool::BufferPool;
 use crate::transport::{
     self, CloseCode, Message, TlsAcceptor, Transport, TransportEnd, TransportKind, Upgrade,
@@ -865,7 +865,12 @@ impl<D: Driver> Shard<D> {
             // Told when to come back rather than left to time out; the
             // usual lingering close makes sure the GOAWAY arrives.
             self.counters().turned_away(reason);
-            let delay_ms = self.turn_away_delay_ms(now);
+            let mut delay_ms = self.turn_away_delay_ms(now);
+            if let TurnAway::PerIp(Refusal::Rate { wait }) = reason {
+                // No sooner than its address may open another.
+                let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+                delay_ms = delay_ms.saturating_add(wait_ms).min(TURN_AWAY_DELAY_MAX_MS);
+            }
             self.conns[slot].server.turn_away(delay_ms, &mut self.out);
             self.apply(slot, now);
         }
