@@ -3,8 +3,9 @@
 //! connects): `[gateway.per_ip]` turns an address away past its
 //! connections or its rate with GOAWAY(overloaded) and a retry hint while
 //! other and allow-listed addresses are served; `[gateway.frame_read]`
-//! cuts a client that trickles a frame while the shard serves the others;
-//! `allowed_cidrs` keeps the API's app and admin routes to their networks.
+//! cuts a client that trickles a frame (or a WebSocket upgrade) while the
+//! shard serves the others; `allowed_cidrs` keeps the API's app and admin
+//! routes to their networks.
 
 mod support;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use herald_proto::{Frame, GoAwayReason};
 use support::{API_KEY, APP, Io, RawClient, Server, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
@@ -259,4 +261,43 @@ async fn allowed_cidrs_keep_the_app_and_admin_routes_to_their_networks() {
         let response = from(7).get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "{path}");
     }
+}
+
+/// On a WebSocket listener, an upgrade request that stops halfway is held
+/// to the same deadline (the bytes held count, the layers announcing no
+/// length).
+#[tokio::test]
+async fn cuts_a_websocket_upgrade_that_stalls() {
+    let server = Server::start_with_args(
+        "[gateway.frame_read]\nunknown_ms = 1000\n",
+        &["--listener", "ws=127.0.0.1:0"],
+    );
+    let ws = server.gateways["ws"]
+        .trim_start_matches("ws://")
+        .trim_end_matches("/v1/connect");
+    let mut stream = tokio::net::TcpStream::connect(ws).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: herald\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0; 64];
+    let read = tokio::time::timeout(WAIT, stream.read(&mut buffer))
+        .await
+        .expect("the stalled upgrade is cut");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the end, got {read:?}"
+    );
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= Duration::from_secs(1),
+        "cut after {cut_after:?}"
+    );
+    server
+        .wait_for_metric(
+            "herald_connections_closed_total{reason=\"read_timeout\"}",
+            1,
+        )
+        .await;
 }
