@@ -1454,12 +1454,20 @@ impl<D: Driver> Shard<D> {
                     continue;
                 }
             };
+            // While the shard itself holds input back (the outbox is full,
+            // or the ring has no buffer to receive into), a frame may be
+            // whole in the socket: the deadline waits for reading to resume.
+            let held_back = self.outbox.len() >= OUTBOX_LEN_MAX
+                || !self.held_input.is_empty()
+                || !self.recv_rearm.is_empty();
             let deadline = self.stall_deadline(slot, since);
-            if now >= deadline {
+            if now < deadline {
+                self.stall_wheel.insert(deadline, key);
+            } else if held_back {
+                self.stall_wheel.insert(now + TICK, key);
+            } else {
                 tracing::debug!(slot, "closing a connection whose frame stalled");
                 self.remove_conn(slot, ConnEnd::ReadTimeout);
-            } else {
-                self.stall_wheel.insert(deadline, key);
             }
         }
         self.expired = expired;

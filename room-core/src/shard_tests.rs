@@ -105,6 +105,7 @@ on_both_drivers!(
     limits_new_connections_per_address_a_second,
     cuts_a_frame_that_trickles_past_its_deadline_and_serves_others,
     gives_a_longer_frame_and_a_slower_network_more_time,
+    waits_with_a_frame_deadline_while_the_shard_holds_input_back,
 );
 
 /// One client connection, as the test sees it.
@@ -1541,4 +1542,45 @@ fn gives_a_longer_frame_and_a_slower_network_more_time<const R: bool>() {
     h.advance(Duration::from_secs(1) + TICK);
     h.assert_removed(&slow);
     assert_eq!(h.closed("read_timeout"), 1);
+}
+
+/// While the shard itself holds input back (its outbox is full), a frame
+/// that is late may be whole in the socket: it is not cut then, and its
+/// rest is read once the control plane takes the events.
+fn waits_with_a_frame_deadline_while_the_shard_holds_input_back<const R: bool>() {
+    const CHANNEL_LEN: usize = 64;
+    let mut h = Harness::<R>::with(CHANNEL_LEN, |_| {});
+    let (busy, _) = h.open("alice");
+    let mut late = h.connect();
+    let hello_bytes = encoded(&[hello()]);
+    h.send_bytes(&late, &hello_bytes[..2]);
+    let upstreams: Vec<Frame> = (1..=1_000)
+        .map(|request_id| Frame::Upstream {
+            app: APP.to_owned(),
+            request_id,
+            route: None,
+            payload: Bytes::from_static(b"u"),
+        })
+        .collect();
+    while h.shard.outbox.len() < OUTBOX_LEN_MAX {
+        h.send(&busy, &upstreams);
+    }
+    h.send_bytes(&late, &hello_bytes[2..]);
+    // Past its deadline (2 s and a little) with its rest unread.
+    h.advance(Duration::from_secs(3));
+    assert!(h.is_open(&late));
+    assert_eq!(h.closed("read_timeout"), 0);
+    for _ in 0..SETTLE_TURNS_MAX {
+        h.events();
+        if h.shard.outbox.is_empty() && h.shard.held_input.is_empty() {
+            break;
+        }
+        h.settle();
+    }
+    assert!(matches!(
+        h.received(&mut late).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+    h.advance(Duration::from_secs(3));
+    assert!(h.is_open(&late));
 }
