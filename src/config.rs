@@ -81,6 +81,16 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_DRAIN_SPREAD_SECS: u64 = 30;
 /// A drain longer than an hour is a stuck shutdown, not a gentle one.
 const DRAIN_SPREAD_SECS_MAX: u64 = 3_600;
+/// The time a frame that has begun to arrive may take, before its length
+/// counts: more where the network is slow or lossy.
+pub const DEFAULT_FRAME_READ_UNKNOWN_MS: u64 = 10_000;
+pub const DEFAULT_FRAME_READ_WIFI_MS: u64 = 5_000;
+pub const DEFAULT_FRAME_READ_CELLULAR_MS: u64 = 15_000;
+pub const DEFAULT_FRAME_READ_WIRED_MS: u64 = 5_000;
+/// ... and the slowest a frame may arrive: a 64 KiB frame gets another
+/// minute.
+pub const DEFAULT_FRAME_READ_BYTES_PER_SEC_MIN: u32 = 1_024;
+const FRAME_READ_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 /// How long one webhook attempt may take.
 pub const DEFAULT_WEBHOOK_TIMEOUT_SECS: u64 = 10;
 /// How long an upstream is retried; its client waits for the answer.
@@ -140,6 +150,10 @@ pub struct AdminSection {
     /// What `/v1/admin` calls send as `Authorization: Bearer`; at least 32
     /// characters.
     pub api_key: String,
+    /// The networks the admin API and page answer; others get 403.
+    /// Empty: any.
+    #[serde(default)]
+    pub allowed_cidrs: Vec<String>,
 }
 
 impl ClusterSection {
@@ -230,6 +244,10 @@ pub struct GatewaySection {
     /// them all at once.
     pub drain_spread_secs: u64,
     pub heartbeat_secs: HeartbeatSection,
+    /// Limits per client address; none: no limit.
+    pub per_ip: Option<PerIpSection>,
+    /// How long a frame that has begun to arrive may take to finish.
+    pub frame_read: FrameReadSection,
     /// Pin each shard to its own CPU (of those the process may use); turn
     /// off when several processes share the CPUs.
     pub pin_shards: bool,
@@ -299,6 +317,138 @@ impl IoSetting {
     }
 }
 
+/// `[gateway.per_ip]`: what one client address may open. A connection
+/// past a limit is turned away with GOAWAY(overloaded) and a retry hint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerIpSection {
+    /// Connections open at once from one address (an IPv6 /64).
+    pub connections_max: Option<u32>,
+    /// New connections a second from one address ...
+    pub new_per_sec: Option<f64>,
+    /// ... and how many may come at once above that rate (default: one
+    /// second's worth).
+    pub new_burst: Option<u32>,
+    /// Networks exempt from both limits (a carrier's NAT): CIDRs like
+    /// "10.0.0.0/8" or "2001:db8::/32", or single addresses.
+    pub allow_cidrs: Vec<String>,
+}
+
+impl PerIpSection {
+    /// The gateway's limits (checked by `validate`).
+    pub fn limits(&self) -> herald_room::PerIpConfig {
+        herald_room::PerIpConfig {
+            connections_max: self.connections_max,
+            new_per_sec: self.new_per_sec.map(|per_sec| herald_proto::rate::Rate {
+                per_sec,
+                burst: self.new_burst.unwrap_or((per_sec.ceil() as u32).max(1)),
+            }),
+            allowed: parse_cidrs(&self.allow_cidrs).expect("validated"),
+        }
+    }
+
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.connections_max.is_none() && self.new_per_sec.is_none() {
+            problems
+                .push("[gateway.per_ip] needs connections_max or new_per_sec (or both)".to_owned());
+        }
+        if self.connections_max == Some(0) {
+            problems.push("gateway.per_ip.connections_max must be at least 1".to_owned());
+        }
+        if let Some(per_sec) = self.new_per_sec
+            && !(per_sec.is_finite() && per_sec > 0.0)
+        {
+            problems.push(format!(
+                "gateway.per_ip.new_per_sec must be above 0, not {per_sec}"
+            ));
+        }
+        if self.new_burst == Some(0) {
+            problems.push("gateway.per_ip.new_burst must be at least 1".to_owned());
+        }
+        if self.new_burst.is_some() && self.new_per_sec.is_none() {
+            problems.push("gateway.per_ip.new_burst needs new_per_sec".to_owned());
+        }
+        if let Err(problem) = parse_cidrs(&self.allow_cidrs) {
+            problems.push(format!("gateway.per_ip.allow_cidrs: {problem}"));
+        }
+    }
+}
+
+/// Parses a list of networks: CIDRs ("10.0.0.0/8", "2001:db8::/32") or
+/// single addresses.
+pub fn parse_cidrs(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    list.iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    format!(
+                        "{text:?} is not a network: write a CIDR like \"10.0.0.0/8\" or \"2001:db8::/32\", or an address"
+                    )
+                })
+        })
+        .collect()
+}
+
+/// `[gateway.frame_read]`: a frame that has begun to arrive must be whole
+/// within its network's time plus its length at `bytes_per_sec_min`, or
+/// the connection is closed (`read_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FrameReadSection {
+    /// Before HELLO, and for clients that do not say.
+    pub unknown_ms: u64,
+    pub wifi_ms: u64,
+    pub cellular_ms: u64,
+    pub wired_ms: u64,
+    pub bytes_per_sec_min: u32,
+}
+
+impl Default for FrameReadSection {
+    fn default() -> Self {
+        FrameReadSection {
+            unknown_ms: DEFAULT_FRAME_READ_UNKNOWN_MS,
+            wifi_ms: DEFAULT_FRAME_READ_WIFI_MS,
+            cellular_ms: DEFAULT_FRAME_READ_CELLULAR_MS,
+            wired_ms: DEFAULT_FRAME_READ_WIRED_MS,
+            bytes_per_sec_min: DEFAULT_FRAME_READ_BYTES_PER_SEC_MIN,
+        }
+    }
+}
+
+impl FrameReadSection {
+    pub fn deadlines(&self) -> herald_room::ReadDeadlines {
+        herald_room::ReadDeadlines {
+            unknown: Duration::from_millis(self.unknown_ms),
+            wifi: Duration::from_millis(self.wifi_ms),
+            cellular: Duration::from_millis(self.cellular_ms),
+            wired: Duration::from_millis(self.wired_ms),
+            bytes_per_sec_min: self.bytes_per_sec_min,
+        }
+    }
+
+    fn check(&self, problems: &mut Vec<String>) {
+        for (name, ms) in [
+            ("unknown_ms", self.unknown_ms),
+            ("wifi_ms", self.wifi_ms),
+            ("cellular_ms", self.cellular_ms),
+            ("wired_ms", self.wired_ms),
+        ] {
+            if !FRAME_READ_MS_RANGE.contains(&ms) {
+                problems.push(format!(
+                    "gateway.frame_read.{name} must be {} to {}, not {ms}",
+                    FRAME_READ_MS_RANGE.start(),
+                    FRAME_READ_MS_RANGE.end()
+                ));
+            }
+        }
+        if self.bytes_per_sec_min == 0 {
+            problems.push("gateway.frame_read.bytes_per_sec_min must be at least 1".to_owned());
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeartbeatSection {
@@ -325,6 +475,9 @@ pub struct ApiSection {
     pub idle_timeout_secs: u64,
     /// API connections at once; past it new ones wait in the backlog.
     pub connections_max: usize,
+    /// The networks the app routes (`/v1/apps/...`) answer; others get
+    /// 403. Empty: any.
+    pub allowed_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -546,6 +699,8 @@ impl Default for GatewaySection {
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             drain_spread_secs: DEFAULT_DRAIN_SPREAD_SECS,
             heartbeat_secs: HeartbeatSection::default(),
+            per_ip: None,
+            frame_read: FrameReadSection::default(),
             pin_shards: true,
         }
     }
@@ -574,6 +729,7 @@ impl Default for ApiSection {
             body_read_timeout_secs: DEFAULT_BODY_READ_TIMEOUT_SECS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             connections_max: DEFAULT_API_CONNECTIONS_MAX,
+            allowed_cidrs: Vec::new(),
         }
     }
 }
@@ -628,6 +784,14 @@ impl Config {
                 "[admin] api_key must be at least {} characters",
                 herald_control::admin::ADMIN_KEY_LEN_MIN
             ));
+        }
+        if let Some(admin) = &self.admin
+            && let Err(problem) = parse_cidrs(&admin.allowed_cidrs)
+        {
+            problems.push(format!("[admin] allowed_cidrs: {problem}"));
+        }
+        if let Err(problem) = parse_cidrs(&self.api.allowed_cidrs) {
+            problems.push(format!("[api] allowed_cidrs: {problem}"));
         }
         if self.apps.is_empty() && self.admin.is_none() {
             problems.push(
@@ -716,6 +880,10 @@ impl Config {
                 gateway.send_queue_frames_max
             ));
         }
+        if let Some(per_ip) = &gateway.per_ip {
+            per_ip.check(&mut problems);
+        }
+        gateway.frame_read.check(&mut problems);
         if gateway.drain_spread_secs > DRAIN_SPREAD_SECS_MAX {
             problems.push(format!(
                 "gateway.drain_spread_secs must be at most {DRAIN_SPREAD_SECS_MAX}, not {}",
@@ -1081,6 +1249,75 @@ mod tests {
         );
         let error = webhook_error("", "timeout_secs = 0").unwrap();
         assert!(error.contains("timeout_secs must be 1 to"), "{error}");
+    }
+
+    /// The problems of the default config with one app and `toml` added.
+    fn problems_with(toml: &str) -> Vec<String> {
+        let mut config: Config = toml::from_str(toml).unwrap();
+        config.apps = vec![app()];
+        config.problems()
+    }
+
+    #[test]
+    fn per_ip_limits_and_allowed_networks_are_checked() {
+        let config: Config = toml::from_str(
+            "[gateway.per_ip]\nconnections_max = 5\nnew_per_sec = 2.5\n\
+             allow_cidrs = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\n",
+        )
+        .unwrap();
+        let limits = config.gateway.per_ip.as_ref().unwrap().limits();
+        assert_eq!(limits.connections_max, Some(5));
+        let rate = limits.new_per_sec.unwrap();
+        assert_eq!((rate.per_sec, rate.burst), (2.5, 3));
+        assert_eq!(limits.allowed.len(), 3);
+        assert!(limits.allowed[2].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+
+        for (toml, expected) in [
+            (
+                "[gateway.per_ip]\nconnections_max = 5\nallow_cidrs = [\"10.0.0.0/33\"]",
+                "gateway.per_ip.allow_cidrs: \"10.0.0.0/33\" is not a network",
+            ),
+            (
+                "[gateway.per_ip]\nallow_cidrs = []",
+                "needs connections_max or new_per_sec",
+            ),
+            (
+                "[gateway.per_ip]\nconnections_max = 0",
+                "connections_max must be at least 1",
+            ),
+            (
+                "[gateway.per_ip]\nnew_per_sec = 0.0",
+                "new_per_sec must be above 0",
+            ),
+            (
+                "[gateway.per_ip]\nconnections_max = 1\nnew_burst = 2",
+                "new_burst needs new_per_sec",
+            ),
+            (
+                "[api]\nallowed_cidrs = [\"localhost\"]",
+                "[api] allowed_cidrs: \"localhost\"",
+            ),
+            (
+                "[admin]\napi_key = \"0123456789012345678901234567890123\"\n\
+                 allowed_cidrs = [\"10.0.0.1/8/8\"]",
+                "[admin] allowed_cidrs",
+            ),
+            (
+                "[gateway.frame_read]\nwifi_ms = 0",
+                "gateway.frame_read.wifi_ms must be 100 to",
+            ),
+            (
+                "[gateway.frame_read]\nbytes_per_sec_min = 0",
+                "bytes_per_sec_min must be at least 1",
+            ),
+        ] {
+            let problems = problems_with(toml);
+            assert!(
+                problems.iter().any(|problem| problem.contains(expected)),
+                "{toml}: {problems:?}"
+            );
+        }
+        assert!(problems_with("[api]\nallowed_cidrs = [\"127.0.0.1/32\", \"::1\"]").is_empty());
     }
 
     #[test]

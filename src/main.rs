@@ -30,7 +30,7 @@ use herald_control::router::Router;
 use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
-use herald_room::metrics::CLOSE_REASONS;
+use herald_room::metrics::{CLOSE_REASONS, TURN_AWAY_REASONS};
 use herald_room::{
     AppAccess, AppUpdater, Gateway, GatewayConfig, GatewayError, GatewayMetrics, TlsAcceptor,
     TokenSecret, TransportKind, WebSocketSettings,
@@ -515,6 +515,12 @@ fn gateway_config(
         send_queue_frames_max: config.gateway.send_queue_frames_max,
         command_queue_len: config.gateway.command_queue_len,
         accept_rate: config.gateway.accept_rate.map(config::RateSection::rate),
+        per_ip: config
+            .gateway
+            .per_ip
+            .as_ref()
+            .map(config::PerIpSection::limits),
+        read_deadlines: config.gateway.frame_read.deadlines(),
         pin_shards: config.gateway.pin_shards,
     }
 }
@@ -638,6 +644,10 @@ fn control_config(config: &Config) -> ControlConfig {
         http: config.http_limits(),
         ack_flush_interval: Duration::from_millis(config.storage.ack_flush_interval_ms),
         purge_interval: Duration::from_secs(config.storage.purge_interval_secs),
+        api_allowed: config::parse_cidrs(&config.api.allowed_cidrs).expect("validated"),
+        admin_allowed: config.admin.as_ref().map_or_else(Vec::new, |admin| {
+            config::parse_cidrs(&admin.allowed_cidrs).expect("validated")
+        }),
     }
 }
 
@@ -1258,6 +1268,18 @@ fn render_gateway_metrics(metrics: &GatewayMetrics, apps: &AppUpdater, text: &mu
         let _ = writeln!(
             text,
             "herald_connections_closed_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP herald_connections_turned_away_total Client connections turned away with \
+         GOAWAY(overloaded), by the limit they met.\n\
+         # TYPE herald_connections_turned_away_total counter"
+    );
+    for (reason, count) in TURN_AWAY_REASONS.iter().zip(s.turned_away) {
+        let _ = writeln!(
+            text,
+            "herald_connections_turned_away_total{{reason=\"{reason}\"}} {count}"
         );
     }
     let _ = writeln!(

@@ -8,10 +8,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Number;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -37,8 +39,8 @@ use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::input::{
-    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, decode_payload_base64, parse_json,
-    read_body, whole_number,
+    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, closing, decode_payload_base64,
+    parse_json, read_body, whole_number,
 };
 use crate::overview::OverviewSources;
 use crate::pace::PaceShares;
@@ -109,6 +111,10 @@ pub fn router(
     };
     let ttl_secs_max = config.ttl_secs_max;
     let admin_key = config.admin_api_key.clone();
+    let allowed = Arc::new(AllowedNetworks {
+        api: config.api_allowed.clone(),
+        admin: config.admin_allowed.clone(),
+    });
     let overview = OverviewSources {
         delivery: delivery.clone(),
         directory: directory.clone(),
@@ -145,12 +151,64 @@ pub fn router(
             ApiError::internal("the server failed on this request").into_response()
         }))
         .layer(middleware::from_fn_with_state(body_limits, read_body))
+        .layer(middleware::from_fn_with_state(allowed, check_peer))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
         .layer(middleware::from_fn(trace::trace_requests))
         .with_state(state)
+}
+
+/// The networks each part of the API answers (`allowed_cidrs`); an empty
+/// list: any.
+struct AllowedNetworks {
+    /// The app routes, `/v1/apps/...`.
+    api: Vec<IpNet>,
+    /// The admin API and its page.
+    admin: Vec<IpNet>,
+}
+
+impl AllowedNetworks {
+    /// The list that covers `path`, and the key that sets it; `None` for
+    /// the routes open to all (probes, metrics, dispatch, the document).
+    fn covering(&self, path: &str) -> Option<(&[IpNet], &'static str)> {
+        if path.starts_with("/v1/apps/") {
+            Some((&self.api, "[api] allowed_cidrs"))
+        } else if path.starts_with("/v1/admin/") || path == "/admin" || path.starts_with("/admin/")
+        {
+            Some((&self.admin, "[admin] allowed_cidrs"))
+        } else {
+            None
+        }
+    }
+}
+
+/// Refuses, with 403 `forbidden`, a request from an address outside the
+/// networks its route allows, before its body is read (so the connection
+/// closes after the answer). A request without a peer address (one the
+/// HTTP server did not accept) is refused where a list is set.
+async fn check_peer(
+    State(allowed): State<Arc<AllowedNetworks>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some((networks, key)) = allowed.covering(request.uri().path())
+        && !networks.is_empty()
+    {
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip().to_canonical());
+        if !peer.is_some_and(|peer| networks.iter().any(|net| net.contains(&peer))) {
+            let shown = peer.map_or_else(|| "unknown".to_owned(), |peer| peer.to_string());
+            return closing(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("this address ({shown}) is not in {key}"),
+            ));
+        }
+    }
+    next.run(request).await
 }
 
 async fn count_requests(
@@ -355,7 +413,7 @@ pub(crate) struct PushReply {
         (status = 200, description = "Stored (and sent to the user's connections)", body = PushReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -411,7 +469,7 @@ async fn push(
         (status = 200, description = "Stored for every user", body = MulticastReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -523,7 +581,7 @@ pub(crate) struct PullReply {
         (status = 200, description = "The messages", body = PullReply),
         (status = 400, description = "`bad_request`: a query or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`", body = ErrorBody),
     ),
@@ -596,7 +654,7 @@ pub(crate) struct PresenceReply {
         (status = 200, description = "Whether the user is online, and where", body = PresenceReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
     ),
     security(("app_key" = [])),
@@ -656,7 +714,7 @@ pub(crate) struct AppStatsReply {
         (status = 200, description = "The app's connections, messages and broadcasts", body = AppStatsReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
     ),
@@ -721,7 +779,7 @@ pub(crate) struct KickReply {
         (status = 200, description = "The user's connections were told and closed", body = KickReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
     ),
     security(("app_key" = [])),
@@ -781,7 +839,7 @@ pub(crate) struct BroadcastReply {
         (status = 200, description = "Stored; the fan-out has started", body = BroadcastReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `broadcast_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -916,7 +974,7 @@ pub(crate) struct BroadcastProgressReply {
         (status = 200, description = "The broadcast and its progress", body = BroadcastProgressReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
         (status = 404, description = "`unknown_app` or `unknown_broadcast`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`", body = ErrorBody),
     ),

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use crate::http::HttpLimits;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -18,4 +20,10 @@ pub struct ControlConfig {
     pub http: HttpLimits,
     pub ack_flush_interval: Duration,
     pub purge_interval: Duration,
+    /// `[api] allowed_cidrs`: the networks the app routes (`/v1/apps/`)
+    /// answer; empty: any.
+    pub api_allowed: Vec<IpNet>,
+    /// `[admin] allowed_cidrs`: the networks the admin API and page
+    /// answer; empty: any.
+    pub admin_allowed: Vec<IpNet>,
 }

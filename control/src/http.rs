@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::ConnectInfo;
 use axum::http::header;
 use futures_util::TryFutureExt;
 use hyper::Request;
@@ -126,9 +127,9 @@ pub async fn serve(
             slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, peer)) => (stream, peer),
                 Err(error) => {
                     if !is_client_error(&error) {
                         tracing::warn!(%error, "accepting an API connection failed");
@@ -148,7 +149,9 @@ pub async fn serve(
             limits.idle_timeout,
         ));
         let router = router.clone();
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            // What `allowed_cidrs` is checked against.
+            request.extensions_mut().insert(ConnectInfo(peer));
             let done = ResponseDone::start(activity.clone());
             router.clone().oneshot(request).map_ok(move |response| {
                 if response

@@ -86,7 +86,7 @@ fn body_too_large(limits: BodyLimits) -> ApiError {
 
 /// An answer given before the body was read whole: the connection cannot
 /// carry another request.
-fn closing(error: ApiError) -> Response {
+pub(crate) fn closing(error: ApiError) -> Response {
     let mut response = error.into_response();
     response
         .headers_mut()

@@ -412,6 +412,11 @@ impl ServerConn {
     }
 
     /// The earliest instant at which `handle_timeout` has work to do.
+    /// The network the client said it is on (unknown before its HELLO).
+    pub fn network(&self) -> NetworkType {
+        self.network
+    }
+
     pub fn poll_timeout(&self) -> Instant {
         match self.auth_deadline {
             Some(auth) => auth.min(self.heartbeat_deadline),

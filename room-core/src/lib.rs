@@ -17,6 +17,7 @@
 mod auth;
 mod driver;
 pub mod metrics;
+mod per_ip;
 mod pool;
 mod shard;
 pub mod transport;
@@ -27,18 +28,48 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use herald_proto::NetworkType;
 pub use herald_proto::plane::TokenSecret;
 use herald_proto::plane::{GatewayApp, ShardCommand, ShardEvent};
 use herald_proto::server::ServerConfig;
 
 pub use auth::AppSecrets;
 pub use metrics::{GatewayMetrics, GatewaySnapshot};
+pub use per_ip::PerIpConfig;
 pub use shard::LISTENERS_MAX;
 pub use transport::{CertificateError, TlsAcceptor, TransportKind, WebSocketSettings};
 
 pub use driver::uring::RecvBuffers;
+
+/// How long a frame that has begun to arrive may take to finish: a base
+/// time for the client's network (before its HELLO: `unknown`), plus its
+/// length at `bytes_per_sec_min`. A client that trickles a frame slower
+/// than that is cut (`read_timeout`); only a connection holding part of a
+/// frame has the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadDeadlines {
+    pub unknown: Duration,
+    pub wifi: Duration,
+    pub cellular: Duration,
+    pub wired: Duration,
+    /// At least 1.
+    pub bytes_per_sec_min: u32,
+}
+
+impl ReadDeadlines {
+    /// The time a frame of `len` bytes may take on `network`.
+    pub fn for_frame(&self, network: NetworkType, len: usize) -> Duration {
+        let base = match network {
+            NetworkType::Unknown => self.unknown,
+            NetworkType::Wifi => self.wifi,
+            NetworkType::Cellular => self.cellular,
+            NetworkType::Wired => self.wired,
+        };
+        base + Duration::from_secs_f64(len as f64 / f64::from(self.bytes_per_sec_min.max(1)))
+    }
+}
 
 /// How the shards do their sockets' I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,6 +128,9 @@ pub struct GatewayConfig {
     /// over the shards); past it they are turned away with
     /// GOAWAY(overloaded) and a jittered retry delay. `None`: no limit.
     pub accept_rate: Option<herald_proto::rate::Rate>,
+    /// Limits per client address, across every shard; `None`: none.
+    pub per_ip: Option<PerIpConfig>,
+    pub read_deadlines: ReadDeadlines,
     /// Pin shard `i` to the `i`-th CPU this process may run on (its
     /// affinity mask, so `taskset` and cpusets choose the CPUs). Off when
     /// several processes share the CPUs: pinned, they would all crowd the
@@ -276,6 +310,10 @@ impl Gateway {
             Vec::new()
         };
         let metrics = Arc::new(GatewayMetrics::new(config.shards));
+        let per_ip = config
+            .per_ip
+            .clone()
+            .map(|limits| Arc::new(per_ip::PerIpLimits::new(limits)));
         let mut apps = AppUpdater::new(metrics.clone());
         let initial_apps = apps.table(&config.apps);
         let mut commands = Vec::with_capacity(config.shards);
@@ -294,6 +332,8 @@ impl Gateway {
                     per_sec: rate.per_sec / config.shards as f64,
                     burst: (rate.burst / config.shards as u32).max(1),
                 }),
+                per_ip: per_ip.clone(),
+                read_deadlines: config.read_deadlines,
                 metrics: metrics.clone(),
                 tls: config.tls.clone(),
                 websocket: config.websocket.clone(),

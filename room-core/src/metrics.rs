@@ -9,10 +9,11 @@ use crossbeam_utils::CachePadded;
 use herald_proto::server::CloseReason;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 
+use crate::per_ip::Refusal;
 use crate::transport::TransportEnd;
 
 /// Why connections ended, as metric labels, in a fixed order.
-pub const CLOSE_REASONS: [&str; 15] = [
+pub const CLOSE_REASONS: [&str; 16] = [
     "protocol_error",
     "client_error",
     "auth_timeout",
@@ -28,7 +29,38 @@ pub const CLOSE_REASONS: [&str; 15] = [
     "tls_error",
     "websocket_upgrade_refused",
     "websocket_error",
+    "read_timeout",
 ];
+
+/// Why connections were turned away with GOAWAY(overloaded), as
+/// `herald_connections_turned_away_total` labels them.
+pub const TURN_AWAY_REASONS: [&str; 3] = ["accept_rate", "per_ip_connections", "per_ip_rate"];
+
+/// Why a new connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnAway {
+    /// The gateway's `accept_rate`.
+    AcceptRate,
+    /// Its address's limits (`[gateway.per_ip]`).
+    PerIp(Refusal),
+}
+
+impl TurnAway {
+    pub fn label(self) -> &'static str {
+        match self {
+            TurnAway::AcceptRate => "accept_rate",
+            TurnAway::PerIp(refusal) => refusal.label(),
+        }
+    }
+
+    fn index(self) -> usize {
+        let label = self.label();
+        TURN_AWAY_REASONS
+            .iter()
+            .position(|&known| known == label)
+            .expect("every TurnAway label is in TURN_AWAY_REASONS")
+    }
+}
 
 /// How a connection ended, from the gateway's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +75,9 @@ pub enum ConnEnd {
     FlushTimeout,
     /// Its TLS or WebSocket layer failed.
     Transport(TransportEnd),
+    /// A frame it began to send did not finish within its deadline
+    /// (`[gateway.frame_read]`).
+    ReadTimeout,
 }
 
 impl ConnEnd {
@@ -53,6 +88,7 @@ impl ConnEnd {
             ConnEnd::Io => "io_error",
             ConnEnd::FlushTimeout => "flush_timeout",
             ConnEnd::Transport(end) => end.label(),
+            ConnEnd::ReadTimeout => "read_timeout",
         }
     }
 
@@ -110,6 +146,7 @@ pub struct ShardCounters {
     pushes_out: Counter,
     acks_in: Counter,
     closed: [Counter; CLOSE_REASONS.len()],
+    turned_away: [Counter; TURN_AWAY_REASONS.len()],
     /// Set once the shard's series exists in the registry.
     turn_seconds: Option<Histogram>,
 }
@@ -129,6 +166,10 @@ impl ShardCounters {
 
     pub fn connection_refused(&self) {
         self.connections_refused.add(1);
+    }
+
+    pub fn turned_away(&self, reason: TurnAway) {
+        self.turned_away[reason.index()].add(1);
     }
 
     pub fn connection_closed(&self, end: ConnEnd) {
@@ -165,6 +206,8 @@ pub struct GatewaySnapshot {
     pub acks_in: u64,
     /// Indexed like [`CLOSE_REASONS`].
     pub closed: [u64; CLOSE_REASONS.len()],
+    /// Indexed like [`TURN_AWAY_REASONS`].
+    pub turned_away: [u64; TURN_AWAY_REASONS.len()],
 }
 
 pub struct GatewayMetrics {
@@ -259,6 +302,9 @@ impl GatewayMetrics {
             sum.pushes_out += shard.pushes_out.get();
             sum.acks_in += shard.acks_in.get();
             for (total, counter) in sum.closed.iter_mut().zip(&shard.closed) {
+                *total += counter.get();
+            }
+            for (total, counter) in sum.turned_away.iter_mut().zip(&shard.turned_away) {
                 *total += counter.get();
             }
         }

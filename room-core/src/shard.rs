@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,9 +40,11 @@ use herald_proto::{Frame, GoAwayReason, decode_slice, encode, encoded_len};
 use prometheus::Histogram;
 use slab::Slab;
 
+use crate::ReadDeadlines;
 use crate::auth::AppSecrets;
 use crate::driver::{Driver, Event, Input, SendBuffer, TOKEN_BITS_MAX, WakeFd};
-use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters};
+use crate::metrics::{ConnEnd, GatewayMetrics, ShardCounters, TurnAway};
+use crate::per_ip::{PerIpLimits, Refusal};
 use crate::pool::BufferPool;
 use crate::transport::{
     self, CloseCode, Message, TlsAcceptor, Transport, TransportEnd, TransportKind, Upgrade,
@@ -77,6 +80,11 @@ const CONN_POLL_ROUNDS_MAX: usize = 16;
 /// reading (backpressure instead of an unbounded queue). Commands may still
 /// add catch-up requests past it, at most one per binding.
 const OUTBOX_LEN_MAX: usize = 4096;
+
+/// Entries' room the `stalls` and `counted` maps keep without shrinking:
+/// a storm of connections holding partial frames grows them far past what
+/// a usual moment needs, and they do not keep that.
+const SIDE_MAP_KEPT_CAPACITY: usize = 64;
 
 /// Commands handled per turn of the loop.
 const COMMAND_BATCH_MAX: usize = 256;
@@ -130,6 +138,10 @@ pub struct ShardSettings {
     pub send_queue_frames_max: usize,
     /// This shard's share of the gateway's accept-rate limit, if any.
     pub accept_rate: Option<Rate>,
+    /// The gateway's per-address limits, shared by every shard.
+    pub per_ip: Option<Arc<PerIpLimits>>,
+    /// How long a frame that has begun to arrive may take to finish.
+    pub read_deadlines: ReadDeadlines,
     pub metrics: Arc<GatewayMetrics>,
     /// For tls and wss listeners.
     pub tls: Option<TlsAcceptor>,
@@ -260,6 +272,26 @@ pub(crate) struct Shard<D> {
     readers_waiting: Vec<usize>,
     /// Set once draining: how far the GOAWAYs have got.
     drain: Option<DrainProgress>,
+    /// The address each connection counted in the per-address limits is
+    /// counted under, by slot: kept here, not in `Conn`, so a connection
+    /// pays for it only when the limits are on.
+    counted: HashMap<usize, IpAddr>,
+    /// Connections holding part of a frame (or of a TLS record, WebSocket
+    /// frame or upgrade request), by slot: an idle connection has no entry
+    /// and no timer.
+    stalls: HashMap<usize, Stall>,
+    /// The deadlines of `stalls`, apart from the heartbeat deadlines of
+    /// `wheel` so that each connection keeps at most one entry in each.
+    stall_wheel: TimerWheel,
+}
+
+/// A connection's input that stopped short of a whole frame.
+struct Stall {
+    /// When the unfinished frame began (the first read that left input
+    /// held, or the last one that completed a frame and still left some);
+    /// `None` once nothing is held but the entry in `stall_wheel` is still
+    /// out.
+    since: Option<Instant>,
 }
 
 /// A drain's GOAWAYs, sent in even batches over its spread as the tick
@@ -404,6 +436,9 @@ impl<D: Driver> Shard<D> {
             outbox: VecDeque::new(),
             readers_waiting: Vec::new(),
             drain: None,
+            counted: HashMap::new(),
+            stalls: HashMap::new(),
+            stall_wheel: TimerWheel::new(now),
         }
     }
 
@@ -512,9 +547,13 @@ impl<D: Driver> Shard<D> {
                     listener.ready = true;
                 }
             }
-            Event::Accepted { listener, socket } => {
+            Event::Accepted {
+                listener,
+                socket,
+                peer,
+            } => {
                 if let Some(transport) = self.listeners.get(listener).map(|l| l.transport) {
-                    self.accept_one(socket, transport, now);
+                    self.accept_one(socket, peer, transport, now);
                 }
             }
             Event::AcceptStopped { listener, error } => {
@@ -744,38 +783,56 @@ impl<D: Driver> Shard<D> {
         let listener = self.listeners[index].socket.as_raw_fd();
         let transport = self.listeners[index].transport;
         for _ in 0..ACCEPT_BATCH_MAX {
-            // SAFETY: accept4(2) without an address buffer.
-            let fd = unsafe {
-                libc::accept4(
-                    listener,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                let error = io::Error::last_os_error();
-                match error.raw_os_error() {
-                    Some(libc::EAGAIN) => self.listeners[index].ready = false,
-                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
-                    _ => {
-                        // Out of descriptors or memory: pause instead of
-                        // spinning on the same error.
-                        tracing::warn!(%error, "accept failed");
-                        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+            // SAFETY: accept4(2) writes at most the length it is given into
+            // the address storage socket2 hands it.
+            let accepted = unsafe {
+                socket2::SockAddr::try_init(|address, address_len| {
+                    let fd = libc::accept4(
+                        listener,
+                        address.cast(),
+                        address_len,
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    );
+                    if fd < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(fd)
                     }
+                })
+            };
+            let (fd, address) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    match error.raw_os_error() {
+                        Some(libc::EAGAIN) => self.listeners[index].ready = false,
+                        Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                        _ => {
+                            // Out of descriptors or memory: pause instead of
+                            // spinning on the same error.
+                            tracing::warn!(%error, "accept failed");
+                            self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                        }
+                    }
+                    return;
                 }
-                return;
-            }
+            };
             // SAFETY: fd is the new descriptor accept4 just returned.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            self.accept_one(socket, transport, now);
+            let peer = address.as_socket().map(|address| address.ip());
+            self.accept_one(socket, peer, transport, now);
         }
     }
 
     /// Takes a connection just accepted: refused past the connection
-    /// limit, turned away past the accept rate, opened otherwise.
-    fn accept_one(&mut self, socket: OwnedFd, transport: TransportKind, now: Instant) {
+    /// limit, turned away past its address's limits or the accept rate,
+    /// opened otherwise.
+    fn accept_one(
+        &mut self,
+        socket: OwnedFd,
+        peer: Option<IpAddr>,
+        transport: TransportKind,
+        now: Instant,
+    ) {
         if self.conns.len() >= self.settings.connections_max {
             self.counters().connection_refused();
             return;
@@ -784,16 +841,47 @@ impl<D: Driver> Shard<D> {
         let Some(slot) = self.open_conn(socket, transport, now) else {
             return;
         };
-        let over_limit = self
-            .accept_limiter
-            .as_mut()
-            .is_some_and(|limiter| limiter.take(1, now).is_err());
-        if over_limit {
+        let mut turned_away = None;
+        if let Some(limits) = &self.settings.per_ip
+            && let Some(key) = peer.and_then(|peer| limits.key(peer))
+        {
+            match limits.admit(key, now) {
+                Ok(()) => {
+                    self.counted.insert(slot, key);
+                }
+                Err(refusal) => turned_away = Some(TurnAway::PerIp(refusal)),
+            }
+        }
+        if turned_away.is_none()
+            && self
+                .accept_limiter
+                .as_mut()
+                .is_some_and(|limiter| limiter.take(1, now).is_err())
+        {
+            turned_away = Some(TurnAway::AcceptRate);
+            self.release_address(slot);
+        }
+        if let Some(reason) = turned_away {
             // Told when to come back rather than left to time out; the
             // usual lingering close makes sure the GOAWAY arrives.
-            let delay_ms = self.turn_away_delay_ms(now);
+            self.counters().turned_away(reason);
+            let mut delay_ms = self.turn_away_delay_ms(now);
+            if let TurnAway::PerIp(Refusal::Rate { wait }) = reason {
+                // No sooner than its address may open another.
+                let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+                delay_ms = delay_ms.saturating_add(wait_ms).min(TURN_AWAY_DELAY_MAX_MS);
+            }
             self.conns[slot].server.turn_away(delay_ms, &mut self.out);
             self.apply(slot, now);
+        }
+    }
+
+    /// The connection no longer counts toward its address's limit.
+    fn release_address(&mut self, slot: usize) {
+        if let Some(key) = self.counted.remove(&slot)
+            && let Some(limits) = &self.settings.per_ip
+        {
+            limits.release(key, Instant::now());
         }
     }
 
@@ -915,6 +1003,8 @@ impl<D: Driver> Shard<D> {
         if let Some(partial) = partial {
             self.read_pool.give(partial);
         }
+        self.stalls.remove(&slot);
+        self.release_address(slot);
         if let Some(queue) = queue {
             self.write_pool.give(queue);
         }
@@ -1276,10 +1366,16 @@ impl<D: Driver> Shard<D> {
     /// Decodes the bytes just read (after any partial frame held from
     /// before) and runs them through the connection logic.
     fn handle_input(&mut self, slot: usize, input: &mut [u8], now: Instant) {
-        if self.conns[slot].transport.is_some() {
-            self.handle_transport_input(slot, input, now);
-            return;
-        }
+        let frames = if self.conns[slot].transport.is_some() {
+            self.handle_transport_input(slot, input, now)
+        } else {
+            self.handle_stream_input(slot, input, now)
+        };
+        self.watch_stall(slot, frames > 0, now);
+    }
+
+    /// Plain TCP: the bytes are Herald frames. Returns the frames decoded.
+    fn handle_stream_input(&mut self, slot: usize, input: &mut [u8], now: Instant) -> u64 {
         let Shard {
             settings,
             conns,
@@ -1293,6 +1389,88 @@ impl<D: Driver> Shard<D> {
         let frames = decode_stream(server, partial, input, settings, out, read_pool, now);
         self.counters().frames_in(frames);
         self.apply(slot, now);
+        frames
+    }
+
+    /// After a read: starts the connection's frame deadline when the read
+    /// left part of a frame held, moves it when the read finished a frame
+    /// and began another, and lets it go when nothing is held.
+    fn watch_stall(&mut self, slot: usize, finished_frames: bool, now: Instant) {
+        let conn = &self.conns[slot];
+        if conn.closing.is_some() {
+            return;
+        }
+        let held = held_input(conn).is_some();
+        match self.stalls.get_mut(&slot) {
+            Some(stall) if !held => stall.since = None,
+            Some(stall) if stall.since.is_none() || finished_frames => stall.since = Some(now),
+            Some(_) => {}
+            None if held => {
+                self.stalls.insert(slot, Stall { since: Some(now) });
+                let deadline = self.stall_deadline(slot, now);
+                self.stall_wheel.insert(
+                    deadline,
+                    TimerKey {
+                        slot: slot as u32,
+                        generation: conn.generation,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// When the frame a connection holds part of must be whole: its
+    /// network's base time, plus its length (announced, or held so far
+    /// where the layers do not say) at the slowest rate allowed.
+    fn stall_deadline(&self, slot: usize, since: Instant) -> Instant {
+        let conn = &self.conns[slot];
+        let len = held_input(conn).unwrap_or(0);
+        since
+            + self
+                .settings
+                .read_deadlines
+                .for_frame(conn.server.network(), len)
+    }
+
+    /// Fires the frame deadlines: a connection whose frame is still not
+    /// whole is cut; one that moved on is looked at again later.
+    fn handle_stalls(&mut self, now: Instant) {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.stall_wheel.advance(now, &mut expired);
+        for key in expired.drain(..) {
+            let slot = key.slot as usize;
+            if self
+                .conns
+                .get(slot)
+                .is_none_or(|conn| conn.generation != key.generation)
+            {
+                continue;
+            }
+            let since = match self.stalls.get(&slot) {
+                Some(Stall { since: Some(since) }) if self.conns[slot].closing.is_none() => *since,
+                _ => {
+                    self.stalls.remove(&slot);
+                    continue;
+                }
+            };
+            // While the shard itself holds input back (the outbox is full,
+            // or the ring has no buffer to receive into), a frame may be
+            // whole in the socket: the deadline waits for reading to resume.
+            let held_back = self.outbox.len() >= OUTBOX_LEN_MAX
+                || !self.held_input.is_empty()
+                || !self.recv_rearm.is_empty();
+            let deadline = self.stall_deadline(slot, since);
+            if now < deadline {
+                self.stall_wheel.insert(deadline, key);
+            } else if held_back {
+                self.stall_wheel.insert(now + TICK, key);
+            } else {
+                tracing::debug!(slot, "closing a connection whose frame stalled");
+                self.remove_conn(slot, ConnEnd::ReadTimeout);
+            }
+        }
+        self.expired = expired;
     }
 
     /// Runs the bytes just read through the connection's TLS and
@@ -1300,12 +1478,12 @@ impl<D: Driver> Shard<D> {
     /// connection logic, then sends what each layer answers, in order: the
     /// TLS handshake flight, the upgrade response, pongs and echoes, the
     /// connection logic's frames.
-    fn handle_transport_input(&mut self, slot: usize, input: &mut [u8], now: Instant) {
+    fn handle_transport_input(&mut self, slot: usize, input: &mut [u8], now: Instant) -> u64 {
         let mut transport = self.conns[slot].transport.take().expect("a transport");
         let mut plain = std::mem::take(&mut self.plain_in);
         let mut handshake_out = std::mem::take(&mut self.handshake_out);
         let mut reply = std::mem::take(&mut self.transport_reply);
-        let ended = self.run_layers(
+        let (frames, ended) = self.run_layers(
             slot,
             &mut transport,
             input,
@@ -1354,10 +1532,12 @@ impl<D: Driver> Shard<D> {
                 self.start_close(slot, end, now);
             }
         }
+        frames
     }
 
     /// The TLS layer, then the WebSocket layer or the Herald byte stream.
-    /// Returns why the connection must end, if it must.
+    /// Returns the Herald frames decoded, and why the connection must end,
+    /// if it must.
     fn run_layers(
         &mut self,
         slot: usize,
@@ -1365,7 +1545,7 @@ impl<D: Driver> Shard<D> {
         input: &mut [u8],
         layered: Layered<'_>,
         now: Instant,
-    ) -> Option<LayerEnd> {
+    ) -> (u64, Option<LayerEnd>) {
         let Layered {
             plain,
             handshake_out,
@@ -1401,7 +1581,7 @@ impl<D: Driver> Shard<D> {
                 });
                 if let Err(error) = read {
                     tracing::debug!(%error, "closing a TLS connection");
-                    return Some(LayerEnd::Tls);
+                    return (0, Some(LayerEnd::Tls));
                 }
                 plain
             }
@@ -1460,9 +1640,9 @@ impl<D: Driver> Shard<D> {
         };
         self.counters().frames_in(frames);
         if let Err(end) = result {
-            return Some(end);
+            return (frames, Some(end));
         }
-        peer_closed.then_some(LayerEnd::PeerClosed)
+        (frames, peer_closed.then_some(LayerEnd::PeerClosed))
     }
 
     /// Hands `bytes` to the driver now if nothing waits ahead of them;
@@ -1794,6 +1974,12 @@ impl<D: Driver> Shard<D> {
             self.advance_paced(now);
         }
         self.advance_drain(now);
+        if let Some(limits) = &self.settings.per_ip {
+            limits.sweep(now);
+        }
+        self.handle_stalls(now);
+        shrink_sparse(&mut self.stalls);
+        shrink_sparse(&mut self.counted);
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {
@@ -2084,6 +2270,37 @@ fn with_pending<E>(
         }
     }
     Ok(())
+}
+
+/// Gives back most of a map's room once it is less than a quarter full.
+fn shrink_sparse<V>(map: &mut HashMap<usize, V>) {
+    if map.capacity() > SIDE_MAP_KEPT_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to((map.len() * 2).max(SIDE_MAP_KEPT_CAPACITY));
+    }
+}
+
+/// How much input a connection holds short of a whole unit (a Herald
+/// frame, or on TLS and WebSocket also a record, a frame or the upgrade
+/// request), as the length that unit will have where the Herald frame's
+/// prefix says it and the bytes held otherwise; `None` if nothing is held.
+fn held_input(conn: &Conn) -> Option<usize> {
+    let partial = conn.partial.as_deref();
+    let mut held = partial.map(|partial| {
+        match (conn.transport.is_none(), partial.first_chunk::<4>()) {
+            // Plain TCP: `partial` begins with a frame's length prefix.
+            (true, Some(prefix)) => (4 + u32::from_be_bytes(*prefix) as usize).max(partial.len()),
+            _ => partial.len(),
+        }
+    });
+    if let Some(transport) = &conn.transport {
+        for pending in [&transport.tls_pending, &transport.ws_pending]
+            .into_iter()
+            .flatten()
+        {
+            held = Some(held.unwrap_or(0) + pending.len());
+        }
+    }
+    held
 }
 
 /// The event that unregisters a connection's bindings, if it has any;

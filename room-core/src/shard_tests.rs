@@ -8,6 +8,7 @@
 //! io_uring's buffer ring. No network, no sleeping: time moves only when a
 //! test moves it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,10 +27,12 @@ use herald_proto::{
 };
 
 use super::{CLOSE_FLUSH_TIMEOUT, LoopEnds, OUTBOX_LEN_MAX, SCRATCH_LEN, Shard, ShardSettings};
+use crate::ReadDeadlines;
 use crate::auth::AppSecrets;
 use crate::driver::fake::FakeDriver;
 use crate::driver::{Driver as _, Event, Input, SendBuffer, WakeFd};
-use crate::metrics::{CLOSE_REASONS, GatewayMetrics};
+use crate::metrics::{CLOSE_REASONS, GatewayMetrics, TURN_AWAY_REASONS};
+use crate::per_ip::{PerIpConfig, PerIpLimits};
 use crate::transport::{TransportKind, WebSocketSettings};
 use crate::wheel::TICK;
 
@@ -44,6 +47,15 @@ const STORAGE_EPOCH: u64 = 7;
 const EVENTS_LEN: usize = 1 << 16;
 /// Turns `settle` takes before it decides the shard spins.
 const SETTLE_TURNS_MAX: usize = 1_000;
+/// A frame's time: 2 s before HELLO (4 s on cellular), plus a second per
+/// 100 bytes.
+const READ_DEADLINES: ReadDeadlines = ReadDeadlines {
+    unknown: Duration::from_secs(2),
+    wifi: Duration::from_secs(2),
+    cellular: Duration::from_secs(4),
+    wired: Duration::from_secs(2),
+    bytes_per_sec_min: 100,
+};
 
 /// Runs each named test, generic over the driver kind, on both kinds.
 macro_rules! on_both_drivers {
@@ -89,6 +101,11 @@ on_both_drivers!(
     drains_every_connection_then_reports_drained,
     spreads_a_drains_goaways_over_its_window_with_jittered_hints,
     stops_reading_while_the_outbox_is_full,
+    limits_connections_per_address_but_not_allow_listed_ones,
+    limits_new_connections_per_address_a_second,
+    cuts_a_frame_that_trickles_past_its_deadline_and_serves_others,
+    gives_a_longer_frame_and_a_slower_network_more_time,
+    waits_with_a_frame_deadline_while_the_shard_holds_input_back,
 );
 
 /// One client connection, as the test sees it.
@@ -246,6 +263,8 @@ impl<const R: bool> Harness<R> {
             send_queue_bytes_max: 64 * 1024,
             send_queue_frames_max: 1024,
             accept_rate: None,
+            per_ip: None,
+            read_deadlines: READ_DEADLINES,
             metrics: metrics.clone(),
             tls: None,
             websocket: WebSocketSettings::default(),
@@ -302,7 +321,12 @@ impl<const R: bool> Harness<R> {
 
     /// A client connects; the shard takes it.
     fn connect(&mut self) -> Client {
-        let fd = self.driver().connect(0);
+        self.connect_from(None)
+    }
+
+    /// A client at `peer` connects; the shard takes it.
+    fn connect_from(&mut self, peer: Option<IpAddr>) -> Client {
+        let fd = self.driver().connect_from(0, peer);
         self.settle();
         let token = self
             .driver()
@@ -421,6 +445,12 @@ impl<const R: bool> Harness<R> {
                 stored_at: Instant::now(),
             },
         });
+    }
+
+    /// Connections turned away for `label` (a `TURN_AWAY_REASONS` entry).
+    fn turned_away(&self, label: &str) -> u64 {
+        let index = TURN_AWAY_REASONS.iter().position(|&l| l == label).unwrap();
+        self.metrics.snapshot().turned_away[index]
     }
 
     /// Connections that ended for `label` (a `CLOSE_REASONS` entry).
@@ -1340,4 +1370,217 @@ fn uring_waits_for_receive_buffers_then_reads_in_order() {
     assert!(h.driver().is_receiving(client.token));
     assert_eq!(h.received(&mut client), vec![Frame::Pong; 3]);
     assert!(h.shard.recv_rearm.is_empty());
+}
+
+fn per_ip(connections_max: Option<u32>, new_per_sec: Option<Rate>) -> Option<Arc<PerIpLimits>> {
+    Some(Arc::new(PerIpLimits::new(PerIpConfig {
+        connections_max,
+        new_per_sec,
+        allowed: vec!["10.0.0.0/8".parse().unwrap()],
+    })))
+}
+
+/// The retry hint of a GOAWAY(overloaded), if that is what came.
+fn overloaded_hint(frames: &[Frame]) -> Option<u32> {
+    match frames {
+        [
+            Frame::GoAway {
+                reason: GoAwayReason::OVERLOADED,
+                reconnect_delay_ms,
+            },
+        ] => *reconnect_delay_ms,
+        _ => None,
+    }
+}
+
+/// Past its address's connection limit, a client is turned away with
+/// GOAWAY(overloaded) and a retry hint; other addresses, and those of an
+/// allow-listed network, are not; a connection that closes makes room.
+fn limits_connections_per_address_but_not_allow_listed_ones<const R: bool>() {
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| s.per_ip = per_ip(Some(2), None));
+    let a = Some("192.0.2.1".parse().unwrap());
+    let b = Some("192.0.2.2".parse().unwrap());
+    let nat = Some("10.1.2.3".parse().unwrap());
+    let mut first: Vec<Client> = (0..2).map(|_| h.connect_from(a)).collect();
+    let mut over = h.connect_from(a);
+    let hint = overloaded_hint(&h.received(&mut over)).expect("GOAWAY(overloaded) with a hint");
+    assert!((1_000..=60_000).contains(&hint), "hint {hint} ms");
+    assert!(h.is_closing(&over));
+    h.end(&over);
+    assert_eq!(h.turned_away("per_ip_connections"), 1);
+    assert_eq!(h.closed("overloaded"), 1);
+
+    let mut others: Vec<Client> = std::iter::once(h.connect_from(b))
+        .chain((0..5).map(|_| h.connect_from(nat)))
+        .collect();
+    for client in first.iter_mut().chain(&mut others) {
+        assert!(h.received(client).is_empty(), "taken, and told nothing");
+    }
+    assert_eq!(h.turned_away("per_ip_connections"), 1);
+
+    h.end(&first[0]);
+    let mut again = h.connect_from(a);
+    h.send(&again, &[hello()]);
+    assert!(matches!(
+        h.received(&mut again).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+}
+
+/// Past its address's rate of new connections, a client is turned away
+/// until the bucket refills, with a hint no sooner than that; another
+/// address is not held up meanwhile.
+fn limits_new_connections_per_address_a_second<const R: bool>() {
+    let mut h = Harness::<R>::with(EVENTS_LEN, |s| {
+        s.per_ip = per_ip(
+            None,
+            Some(Rate {
+                per_sec: 1.0,
+                burst: 2,
+            }),
+        );
+    });
+    let a = Some("192.0.2.1".parse().unwrap());
+    let b = Some("192.0.2.2".parse().unwrap());
+    for _ in 0..2 {
+        let mut client = h.connect_from(a);
+        assert!(h.received(&mut client).is_empty());
+    }
+    let mut over = h.connect_from(a);
+    let hint = overloaded_hint(&h.received(&mut over)).expect("GOAWAY(overloaded) with a hint");
+    // The bucket has a token again in a second; the usual hint comes on top.
+    assert!((2_000..=60_000).contains(&hint), "hint {hint} ms");
+    assert_eq!(h.turned_away("per_ip_rate"), 1);
+    let mut other = h.connect_from(b);
+    assert!(h.received(&mut other).is_empty());
+
+    h.advance(Duration::from_secs(1));
+    let mut later = h.connect_from(a);
+    assert!(h.received(&mut later).is_empty());
+    assert_eq!(h.turned_away("per_ip_rate"), 1);
+}
+
+/// The frame bytes of a PING announced as `len` bytes long, cut after
+/// its length prefix and `body` bytes.
+fn announced_frame(len: u32, body: usize) -> Vec<u8> {
+    let mut bytes = len.to_be_bytes().to_vec();
+    bytes.resize(4 + body, 0);
+    bytes
+}
+
+/// A client that sends the start of a frame and then trickles its bytes
+/// slower than the deadline allows is cut (`read_timeout`), with no timer
+/// before it began and none after; a client on the same shard is answered
+/// all along.
+fn cuts_a_frame_that_trickles_past_its_deadline_and_serves_others<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let (mut normal, _) = h.open("alice");
+    let slow = h.connect();
+    assert!(
+        h.shard.stalls.is_empty(),
+        "no deadline without a partial frame"
+    );
+    // 100 bytes announced: 2 s, plus 1.04 s for 104 bytes.
+    let bytes = announced_frame(100, 0);
+    h.send_bytes(&slow, &bytes);
+    assert!(h.shard.stalls.contains_key(&slow.slot()));
+    for _ in 0..5 {
+        h.advance(Duration::from_millis(500));
+        h.send_bytes(&slow, &[0]);
+        h.send(&normal, &[Frame::Ping]);
+        assert!(matches!(h.received(&mut normal).as_slice(), [Frame::Pong]));
+    }
+    assert!(h.is_open(&slow), "2.5 s in, within its 3.04 s");
+    h.advance(Duration::from_millis(500) + TICK);
+    h.assert_removed(&slow);
+    assert_eq!(h.closed("read_timeout"), 1);
+    assert!(h.shard.stalls.is_empty());
+    h.send(&normal, &[Frame::Ping]);
+    assert!(matches!(h.received(&mut normal).as_slice(), [Frame::Pong]));
+}
+
+/// The deadline grows with the frame's announced length and the client's
+/// network, and starts again with each frame: a client that finishes its
+/// frames in time is never cut.
+fn gives_a_longer_frame_and_a_slower_network_more_time<const R: bool>() {
+    let mut h = Harness::<R>::new();
+    let mut client = h.connect();
+    let hello = Frame::Hello {
+        device_id: "alice-phone".to_owned(),
+        client_version: "test".to_owned(),
+        network: NetworkType::Cellular,
+    };
+    h.send(&client, &[hello]);
+    assert!(matches!(
+        h.received(&mut client).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+    // Cellular: 4 s, plus a second per 100 bytes of the BIND. In time;
+    // then the PING's deadline counts from its own start.
+    let mut bind_bytes = encoded(&[bind("alice")]);
+    bind_bytes.extend(encoded(&[Frame::Ping]));
+    let split = bind_bytes.len() - 3;
+    h.send_bytes(&client, &bind_bytes[..4]);
+    h.advance(Duration::from_secs(4));
+    assert!(h.is_open(&client));
+    h.send_bytes(&client, &bind_bytes[4..split]);
+    assert!(matches!(
+        h.received(&mut client).as_slice(),
+        [Frame::BindOk { .. }]
+    ));
+    h.advance(Duration::from_secs(3));
+    assert!(h.is_open(&client), "the PING's deadline began with it");
+    h.send_bytes(&client, &bind_bytes[split..]);
+    assert!(matches!(h.received(&mut client).as_slice(), [Frame::Pong]));
+    h.advance(Duration::from_secs(10));
+    assert!(h.is_open(&client), "nothing held, nothing due");
+
+    let slow = h.connect();
+    h.send_bytes(&slow, &announced_frame(300, 10));
+    h.advance(Duration::from_secs(4));
+    assert!(h.is_open(&slow), "2 s, plus 3 s for its 304 bytes");
+    h.advance(Duration::from_secs(1) + TICK);
+    h.assert_removed(&slow);
+    assert_eq!(h.closed("read_timeout"), 1);
+}
+
+/// While the shard itself holds input back (its outbox is full), a frame
+/// that is late may be whole in the socket: it is not cut then, and its
+/// rest is read once the control plane takes the events.
+fn waits_with_a_frame_deadline_while_the_shard_holds_input_back<const R: bool>() {
+    const CHANNEL_LEN: usize = 64;
+    let mut h = Harness::<R>::with(CHANNEL_LEN, |_| {});
+    let (busy, _) = h.open("alice");
+    let mut late = h.connect();
+    let hello_bytes = encoded(&[hello()]);
+    h.send_bytes(&late, &hello_bytes[..2]);
+    let upstreams: Vec<Frame> = (1..=1_000)
+        .map(|request_id| Frame::Upstream {
+            app: APP.to_owned(),
+            request_id,
+            route: None,
+            payload: Bytes::from_static(b"u"),
+        })
+        .collect();
+    while h.shard.outbox.len() < OUTBOX_LEN_MAX {
+        h.send(&busy, &upstreams);
+    }
+    h.send_bytes(&late, &hello_bytes[2..]);
+    // Past its deadline (2 s and a little) with its rest unread.
+    h.advance(Duration::from_secs(3));
+    assert!(h.is_open(&late));
+    assert_eq!(h.closed("read_timeout"), 0);
+    for _ in 0..SETTLE_TURNS_MAX {
+        h.events();
+        if h.shard.outbox.is_empty() && h.shard.held_input.is_empty() {
+            break;
+        }
+        h.settle();
+    }
+    assert!(matches!(
+        h.received(&mut late).as_slice(),
+        [Frame::HelloOk { .. }]
+    ));
+    h.advance(Duration::from_secs(3));
+    assert!(h.is_open(&late));
 }

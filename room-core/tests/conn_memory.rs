@@ -166,6 +166,14 @@ fn config(io: IoDriver, tls: Option<&Pki>) -> GatewayConfig {
         command_queue_len: 1024,
         send_queue_frames_max: 1024,
         accept_rate: None,
+        per_ip: None,
+        read_deadlines: herald_room::ReadDeadlines {
+            unknown: Duration::from_secs(10),
+            wifi: Duration::from_secs(10),
+            cellular: Duration::from_secs(10),
+            wired: Duration::from_secs(10),
+            bytes_per_sec_min: 1024,
+        },
         pin_shards: true,
     }
 }
@@ -405,6 +413,14 @@ fn connections_killed_mid_send_and_mid_receive_leave_nothing_behind() {
             wifi: DEADLINE_INTERVAL,
             cellular: DEADLINE_INTERVAL,
             wired: DEADLINE_INTERVAL,
+        };
+        // The half frames' deadlines pass too: their length adds little.
+        config.read_deadlines = herald_room::ReadDeadlines {
+            unknown: DEADLINE_INTERVAL / 2,
+            wifi: DEADLINE_INTERVAL / 2,
+            cellular: DEADLINE_INTERVAL / 2,
+            wired: DEADLINE_INTERVAL / 2,
+            bytes_per_sec_min: 1 << 20,
         };
         let gateway = Gateway::start(config, events_tx).unwrap();
         let addr = gateway.local_addr();

@@ -181,12 +181,17 @@ impl Server {
 
     /// `herald serve` on the test config as `edit` rewrites it.
     pub fn start_with_edited_config(edit: impl FnOnce(String) -> String) -> Server {
+        Server::start_with_edited_config_on(Io::Uring, edit)
+    }
+
+    /// `start_with_edited_config` on the gateway driver `io`.
+    pub fn start_with_edited_config_on(io: Io, edit: impl FnOnce(String) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config_path = write_config(dir.path(), 60, "");
         let text = std::fs::read_to_string(&config_path).unwrap();
         std::fs::write(&config_path, edit(text)).unwrap();
         let data_dir = dir.path().join("data");
-        let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0", Io::Uring);
+        let mut server = Server::spawn(Some(&config_path), &data_dir, "127.0.0.1:0", io);
         server._dir = Some(dir);
         server
     }
@@ -603,6 +608,17 @@ impl RawClient {
         }
     }
 
+    /// Connects from the loopback address `source` (127.0.0.2, ...), as a
+    /// client at another address would.
+    pub async fn connect_from(addr: &str, source: std::net::IpAddr) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        RawClient {
+            stream: socket.connect(addr.parse().unwrap()).await.unwrap(),
+            buffer: BytesMut::new(),
+        }
+    }
+
     /// Connects, says HELLO as `device` and binds `user` to the test app.
     pub async fn bound(addr: &str, device: &str, user: &str, last_seq: Option<u64>) -> RawClient {
         RawClient::bound_tagged(addr, device, user, last_seq, None, &[]).await
@@ -684,6 +700,11 @@ impl RawClient {
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// `send_raw` that reports a connection the server closed.
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
     }
 
     /// The next frame, or `None` once the server closed the connection.

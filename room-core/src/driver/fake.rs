@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::ptr::NonNull;
@@ -44,10 +45,21 @@ const RECV_BUFFERS_DEFAULT: usize = 64;
 /// What the kernel reports at a coming `wait`, in the order scripted.
 #[derive(Debug)]
 enum Kernel {
-    Connect { listener: usize, socket: OwnedFd },
-    Bytes { token: u64, bytes: Vec<u8> },
-    End { token: u64 },
-    Failed { token: u64 },
+    Connect {
+        listener: usize,
+        socket: OwnedFd,
+        peer: Option<IpAddr>,
+    },
+    Bytes {
+        token: u64,
+        bytes: Vec<u8>,
+    },
+    End {
+        token: u64,
+    },
+    Failed {
+        token: u64,
+    },
     Event(Event),
 }
 
@@ -164,6 +176,11 @@ impl<const RECEIVES: bool> FakeDriver<RECEIVES> {
     /// wait. Returns the raw descriptor of the shard's socket, which
     /// [`token_of`](Self::token_of) finds once the shard added it.
     pub fn connect(&mut self, listener: usize) -> RawFd {
+        self.connect_from(listener, None)
+    }
+
+    /// A client at `peer` connects on `listener`, as [`connect`](Self::connect).
+    pub fn connect_from(&mut self, listener: usize, peer: Option<IpAddr>) -> RawFd {
         let socket = if RECEIVES {
             // SAFETY: eventfd(2) takes no pointers; a negative result is an
             // error.
@@ -183,7 +200,11 @@ impl<const RECEIVES: bool> FakeDriver<RECEIVES> {
             shard_end
         };
         let fd = socket.as_raw_fd();
-        self.script.push_back(Kernel::Connect { listener, socket });
+        self.script.push_back(Kernel::Connect {
+            listener,
+            socket,
+            peer,
+        });
         fd
     }
 
@@ -361,7 +382,15 @@ impl<const RECEIVES: bool> FakeDriver<RECEIVES> {
         while let Some(entry) = self.script.pop_front() {
             let Some(token) = entry.input_of() else {
                 events.push(match entry {
-                    Kernel::Connect { listener, socket } => Event::Accepted { listener, socket },
+                    Kernel::Connect {
+                        listener,
+                        socket,
+                        peer,
+                    } => Event::Accepted {
+                        listener,
+                        socket,
+                        peer,
+                    },
                     Kernel::Event(event) => event,
                     _ => unreachable!("input is handled below"),
                 });

@@ -25,6 +25,7 @@ pub(crate) mod fake;
 pub(crate) mod uring;
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -107,8 +108,13 @@ pub(crate) enum Event {
     Wake,
     /// epoll: a listener may have connections waiting; the shard accepts.
     Acceptable { listener: usize },
-    /// io_uring: the kernel accepted a connection on a listener.
-    Accepted { listener: usize, socket: OwnedFd },
+    /// io_uring: the kernel accepted a connection on a listener, from
+    /// `peer` (`None` if the socket has no IP address).
+    Accepted {
+        listener: usize,
+        socket: OwnedFd,
+        peer: Option<IpAddr>,
+    },
     /// io_uring: a listener's accepting stopped, on an error or by the
     /// kernel's choice; the shard arms it again when it should.
     AcceptStopped {

@@ -207,7 +207,18 @@ impl UringDriver {
                     // SAFETY: the kernel installed this new descriptor for
                     // us; nothing else owns it.
                     let socket = unsafe { OwnedFd::from_raw_fd(result) };
-                    events.push(Event::Accepted { listener, socket });
+                    // The multishot accept gives no address: one
+                    // getpeername(2) per connection.
+                    let peer = socket2::SockRef::from(&socket)
+                        .peer_addr()
+                        .ok()
+                        .and_then(|address| address.as_socket())
+                        .map(|address| address.ip());
+                    events.push(Event::Accepted {
+                        listener,
+                        socket,
+                        peer,
+                    });
                 }
                 if !more && result != -libc::ECANCELED {
                     events.push(Event::AcceptStopped {
