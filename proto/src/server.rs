@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UnbindReason,
     UpstreamStatus,
@@ -847,6 +849,20 @@ impl ServerConn {
         let progressed = broadcasts.iter().any(|b| b.seq > after);
         binding.end_broadcast_fills(next, progressed, out);
         owed_sent
+    }
+
+    /// A message pushed with `"store": false`: sent now if `app` is bound
+    /// here, else dropped (it is never stored, so nothing owes it later).
+    /// It has no seq, so it goes out at once whatever the delivery window
+    /// holds.
+    pub fn transient(&mut self, app: &str, payload: &Bytes, out: &mut Output) {
+        if self.phase != Phase::Open || self.binding_mut(app).is_none() {
+            return;
+        }
+        out.transmit.push(Frame::Transient {
+            app: app.to_owned(),
+            payload: payload.clone(),
+        });
     }
 
     pub fn upstream_ack(
