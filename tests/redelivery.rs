@@ -61,7 +61,10 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     for _ in 0..REDELIVERIES_MAX {
         server.wait_connections("alice", 0).await;
         let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
-        assert_eq!(phone.recv_push().await, (1, "crashes the client".to_owned()));
+        assert_eq!(
+            phone.recv_push().await,
+            (1, "crashes the client".to_owned())
+        );
     }
     assert_eq!(counter(&server, &parked_series).await, 0);
 
@@ -81,7 +84,10 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     // Another device of the user still gets message 1: parking is per
     // device.
     let mut tablet = RawClient::bound(&server.gateway, "tablet", "alice", None).await;
-    assert_eq!(tablet.recv_push().await, (1, "crashes the client".to_owned()));
+    assert_eq!(
+        tablet.recv_push().await,
+        (1, "crashes the client".to_owned())
+    );
     assert_eq!(tablet.recv_push().await, (2, "the next one".to_owned()));
     drop(tablet);
 
@@ -103,7 +109,10 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     receiver.assert_all_signed();
     assert_eq!(calls.len(), 1, "{calls:?}");
     let call = &calls[0];
-    assert_eq!((call.event.as_str(), call.route.as_str()), ("parked", "ops"));
+    assert_eq!(
+        (call.event.as_str(), call.route.as_str()),
+        ("parked", "ops")
+    );
     assert_eq!(call.path, "/parked");
     let body = &call.body;
     assert_eq!(body["kind"], "parked");

@@ -92,7 +92,11 @@ async fn a_transient_push_reaches_bound_connections_only_and_is_never_stored(io:
         assert_eq!(recv_transient(client).await, "online");
     }
     assert_eq!(
-        counter(&server, &format!("herald_transient_deliveries_total{{app=\"{APP}\"}}")).await,
+        counter(
+            &server,
+            &format!("herald_transient_deliveries_total{{app=\"{APP}\"}}")
+        )
+        .await,
         4
     );
 
@@ -101,7 +105,11 @@ async fn a_transient_push_reaches_bound_connections_only_and_is_never_stored(io:
     assert!(pulled(&server, "alice").await.is_empty());
     assert!(pulled(&server, "bob").await.is_empty());
     assert_eq!(
-        counter(&server, &format!("herald_messages_stored_total{{app=\"{APP}\"}}")).await,
+        counter(
+            &server,
+            &format!("herald_messages_stored_total{{app=\"{APP}\"}}")
+        )
+        .await,
         0
     );
     drop(phone);
@@ -165,7 +173,10 @@ async fn the_rust_sdk_reports_a_transient_message() {
     let server = Server::start();
     let mut client = Client::start(sdk_options(&server.gateway, token("carol", 3600)));
     loop {
-        match tokio::time::timeout(WAIT, client.next_event()).await.unwrap() {
+        match tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .unwrap()
+        {
             Some(Event::Bound { .. }) => break,
             Some(Event::Closed(terminal)) => panic!("closed: {terminal:?}"),
             _ => {}
@@ -174,7 +185,9 @@ async fn the_rust_sdk_reports_a_transient_message() {
     server.wait_connections("carol", 1).await;
     let (_, reply) = push_transient(&server, "carol", "typing").await;
     assert_eq!(reply["delivered_to"], 1, "{reply}");
-    let event = tokio::time::timeout(WAIT, client.next_event()).await.unwrap();
+    let event = tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .unwrap();
     assert_eq!(
         event,
         Some(Event::Transient {
@@ -183,7 +196,10 @@ async fn the_rust_sdk_reports_a_transient_message() {
         })
     );
     assert_eq!(server.push("carol", "stored").await["seq"], 1);
-    match tokio::time::timeout(WAIT, client.next_event()).await.unwrap() {
+    match tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .unwrap()
+    {
         Some(Event::Push(push)) => assert_eq!(push.seq, 1),
         other => panic!("expected the stored push, got {other:?}"),
     }

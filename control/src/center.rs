@@ -563,7 +563,11 @@ async fn multicast(
         .iter()
         .map(|result| PushResultJson::new(&result.stored, result.online))
         .collect();
-    Ok(Json(MulticastOutcome::Stored(MulticastReply { results, replayed })).into_response())
+    Ok(Json(MulticastOutcome::Stored(MulticastReply {
+        results,
+        replayed,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -293,7 +293,12 @@ impl Delivery {
     /// storing it (a push with `"store": false`): nothing is acked or sent
     /// again, so a connection that binds later never sees it. Returns, per
     /// user in `users`' order, how many connections it was handed to.
-    pub async fn push_transient(&self, app: &AppId, users: &[String], payload: Bytes) -> Vec<usize> {
+    pub async fn push_transient(
+        &self,
+        app: &AppId,
+        users: &[String],
+        payload: Bytes,
+    ) -> Vec<usize> {
         let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
         let mut delivered_to = Vec::with_capacity(users.len());
         for user in users {
@@ -738,8 +743,8 @@ impl Delivery {
                 // resume point below its cursor (it never acked): only a
                 // message the cursor is past, the one parked then, is
                 // dropped again, never one that was not tried.
-                let parked_before = starts > u64::from(self.redeliveries_max) + 1
-                    && messages[0].seq <= cursor;
+                let parked_before =
+                    starts > u64::from(self.redeliveries_max) + 1 && messages[0].seq <= cursor;
                 if first_parks || parked_before {
                     // The fill resumes after the parked message: the client
                     // gets the next ones as if it had acked it.

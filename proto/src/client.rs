@@ -75,7 +75,10 @@ pub enum ClientEvent {
     /// A message that was never stored (typing indicators, presence): not
     /// acked, outside the inbox's seqs, and not sent again after a
     /// reconnect.
-    Transient { app: String, payload: Bytes },
+    Transient {
+        app: String,
+        payload: Bytes,
+    },
     UpstreamAck {
         app: String,
         request_id: u64,
@@ -793,7 +796,10 @@ mod tests {
         );
         conn.handle_frame(now, push(3));
         assert!(
-            matches!(conn.poll_event(), Some(ClientEvent::Push(Push { seq: 3, .. }))),
+            matches!(
+                conn.poll_event(),
+                Some(ClientEvent::Push(Push { seq: 3, .. }))
+            ),
             "the inbox's seqs go on where they were"
         );
     }

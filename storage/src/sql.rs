@@ -16,10 +16,9 @@ use crate::dialect::{Dialect, Merge, Pools};
 use crate::group_commit::{Committer, StoreJob};
 use crate::{
     AckCursor, AppRow, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, FillStart, GroupCommit,
-    InboxHead,
-    InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError,
-    StoreOutcome, StoredBroadcast, delete_in_batches, from_db, new_message_id, stored_broadcast,
-    to_db,
+    InboxHead, InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS,
+    StorageError, StoreOutcome, StoredBroadcast, delete_in_batches, from_db, new_message_id,
+    stored_broadcast, to_db,
 };
 
 /// Stores that may wait for the committers; past this a caller waits to be

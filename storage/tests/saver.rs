@@ -425,9 +425,21 @@ async fn fill_starts_are_counted_in_a_row_per_device(db: TestDb) {
     assert_eq!(fill_start(&saver, "phone", 0, T0 + 1).await, 2);
     assert_eq!(fill_start(&saver, "laptop", 0, T0 + 1).await, 1);
     saver.save_acks(&[ack("phone", 4)], T0 + 2).await.unwrap();
-    assert_eq!(fill_start(&saver, "phone", 0, T0 + 3).await, 3, "acks do not reset it");
-    assert_eq!(cursor(&saver, "phone").await, Some(4), "nor does it move the cursor");
-    assert_eq!(fill_start(&saver, "phone", 4, T0 + 4).await, 1, "a new start");
+    assert_eq!(
+        fill_start(&saver, "phone", 0, T0 + 3).await,
+        3,
+        "acks do not reset it"
+    );
+    assert_eq!(
+        cursor(&saver, "phone").await,
+        Some(4),
+        "nor does it move the cursor"
+    );
+    assert_eq!(
+        fill_start(&saver, "phone", 4, T0 + 4).await,
+        1,
+        "a new start"
+    );
     assert_eq!(fill_start(&saver, "phone", 4, T0 + 5).await, 2);
     assert_eq!(fill_start(&saver, "phone", 0, T0 + 6).await, 1);
 }
