@@ -8,8 +8,9 @@ mod support;
 
 use std::time::Duration;
 
+use support::cluster::{Cluster, eventually};
 use support::webhook::{Answer, Receiver};
-use support::{APP, RawClient, Server, TOKEN_SECRET, WAIT};
+use support::{API_KEY, APP, RawClient, Server, TOKEN_SECRET, WAIT};
 
 const SECRET: &str = "webhook-secret-0123456789abcdef-0123";
 
@@ -121,4 +122,48 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     assert_eq!(body["device_id"], "phone");
     assert_eq!(body["seq"], 1);
     assert_eq!(body["message_id"], first["message_id"]);
+}
+
+/// `delivery.redeliveries_max` when the config does not set it, as the
+/// README's configuration reference gives it.
+const DEFAULT_REDELIVERIES_MAX: usize = 10;
+
+/// In a cluster the count is in the database, so binds on different room
+/// nodes count in one row: a device that crashes on a message wherever it
+/// reconnects has it parked all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn binds_on_different_room_nodes_count_toward_one_park() {
+    const TEST: &str = "binds_on_different_room_nodes_count_toward_one_park";
+    let Some(cluster) = Cluster::start(TEST, 2, 1).await else {
+        return;
+    };
+    let control = &cluster.controls[0];
+    let parked_series = format!("herald_messages_parked_total{{app=\"{APP}\"}}");
+    let offline = || async {
+        let (_, presence) = control
+            .get(&format!("/v1/apps/{APP}/users/fred/presence"), API_KEY)
+            .await;
+        presence["connections"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    };
+    control.push("fred", "crashes the client").await;
+    for bind in 0..DEFAULT_REDELIVERIES_MAX {
+        eventually("fred is offline", offline).await;
+        let room = &cluster.rooms[bind % 2];
+        let mut phone = RawClient::bound(&room.gateway, "phone", "fred", None).await;
+        assert_eq!(
+            phone.recv_push().await,
+            (1, "crashes the client".to_owned())
+        );
+    }
+    eventually("fred is offline", offline).await;
+    let room = &cluster.rooms[DEFAULT_REDELIVERIES_MAX % 2];
+    let mut phone = RawClient::bound(&room.gateway, "phone", "fred", None).await;
+    room.wait_for_metric(&parked_series, 1).await;
+    phone.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(control.push("fred", "the next one").await["seq"], 2);
+    assert_eq!(phone.recv_push().await, (2, "the next one".to_owned()));
+    let other = &cluster.rooms[(DEFAULT_REDELIVERIES_MAX + 1) % 2];
+    assert_eq!(counter(other, &parked_series).await, 0, "parked once");
 }
