@@ -77,10 +77,14 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     phone.expect_silence(Duration::from_millis(300)).await;
     assert_eq!(server.push("alice", "the next one").await["seq"], 2);
     assert_eq!(phone.recv_push().await, (2, "the next one".to_owned()));
-    // The ack reaches the control plane before the close does, so the
-    // phone's next bind resumes after it.
+    // Once the phone's cursor (2) is written, no device owes an ack.
     phone.ack(2).await;
     drop(phone);
+    eventually("the phone's ack is written", || async {
+        let (_, stats) = server.get(&format!("/v1/apps/{APP}/stats"), API_KEY).await;
+        stats["messages_pending"] == 0
+    })
+    .await;
 
     // Another device of the user still gets message 1: parking is per
     // device.
