@@ -1359,6 +1359,36 @@ mod tests {
     }
 
     #[test]
+    fn a_transient_message_goes_out_at_once_outside_the_window_and_only_when_bound() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let window = u64::from(h.config.inflight_pushes_max);
+        for seq in 1..=window {
+            h.deliver(seq);
+        }
+        let payload = Bytes::from_static(b"typing");
+        for app in ["chat", "other"] {
+            h.out.clear();
+            h.conn.transient(app, &payload, &mut h.out);
+            let expected = (app == "chat").then(|| Frame::Transient {
+                app: app.to_owned(),
+                payload: payload.clone(),
+            });
+            assert_eq!(
+                h.out.transmit,
+                Vec::from_iter(expected),
+                "{app}: sent though the window is full, and only to a bound app"
+            );
+            assert!(h.out.events.is_empty(), "nothing to catch up or ack");
+        }
+        let out = h.deliver(window + 1);
+        assert!(
+            pushed_seqs(out).is_empty(),
+            "the window is as full as before"
+        );
+    }
+
+    #[test]
     fn deliver_before_the_first_fill_is_caught_up_after_it() {
         let mut h = Harness::new();
         h.hello(NetworkType::Wifi);
