@@ -68,6 +68,11 @@ pub const DEFAULT_API_CONNECTIONS_MAX: usize = 1024;
 /// Longest API timeout a config may set.
 const API_TIMEOUT_SECS_MAX: u64 = 3600;
 pub const DEFAULT_ACK_FLUSH_INTERVAL_MS: u64 = 200;
+/// A client that crashes on a message before acking it gets it on every
+/// bind; after this many binds in a row it is parked for that device.
+pub const DEFAULT_REDELIVERIES_MAX: u32 = 10;
+/// Past this a stuck device reconnects for hours before parking helps.
+const REDELIVERIES_MAX_MAX: u32 = 1_000;
 pub const DEFAULT_PURGE_INTERVAL_SECS: u64 = 60;
 /// Bounds of the `storage.group_commit_*` settings: a transaction of more
 /// calls or recipients holds the write lock (SQLite) or the inbox heads'
@@ -111,6 +116,7 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub api: ApiSection,
     pub storage: StorageSection,
+    pub delivery: DeliverySection,
     pub webhooks: WebhooksSection,
     pub log: LogSection,
     /// Only for `herald room` and `herald control`.
@@ -577,6 +583,25 @@ impl AppSection {
     }
 }
 
+/// `[delivery]`: how stored messages reach devices that do not ack them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Binds in a row a device's first fill may start at one message it
+    /// never acks; on the next, the message is parked for the device (its
+    /// cursor moves past it, a `parked` webhook event goes out). 0: never
+    /// parked.
+    pub redeliveries_max: u32,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        DeliverySection {
+            redeliveries_max: DEFAULT_REDELIVERIES_MAX,
+        }
+    }
+}
+
 /// `[webhooks]`: how every app's webhook calls are made and retried.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -666,6 +691,7 @@ impl Default for Config {
             gateway: GatewaySection::default(),
             api: ApiSection::default(),
             storage: StorageSection::default(),
+            delivery: DeliverySection::default(),
             webhooks: WebhooksSection::default(),
             log: LogSection::default(),
             cluster: None,
@@ -844,6 +870,11 @@ impl Config {
         }
         if let Err(problem) = self.webhooks.check() {
             problems.push(problem.to_string());
+        }
+        if self.delivery.redeliveries_max > REDELIVERIES_MAX_MAX {
+            problems.push(format!(
+                "delivery.redeliveries_max must be 0 (never park) to {REDELIVERIES_MAX_MAX}"
+            ));
         }
         let gateway = &self.gateway;
         if gateway.apps_per_connection_max == 0
@@ -1180,6 +1211,25 @@ mod tests {
         let error = config.validate().unwrap_err().to_string();
         assert!(
             error.contains("gateway.drain_spread_secs must be at most 3600"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn redeliveries_max_is_0_to_1000() {
+        let mut config = Config {
+            apps: vec![app()],
+            ..Config::default()
+        };
+        assert_eq!(config.delivery.redeliveries_max, DEFAULT_REDELIVERIES_MAX);
+        for valid in [0, 1_000] {
+            config.delivery.redeliveries_max = valid;
+            config.validate().unwrap();
+        }
+        config.delivery.redeliveries_max = 1_001;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("delivery.redeliveries_max must be 0 (never park) to 1000"),
             "{error}"
         );
     }

@@ -140,6 +140,16 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
                 writeln!(stdout, "{line}")?;
                 stdout.flush()?;
             }
+            Event::Transient { app, payload } => {
+                // Never stored: no seq and no message id.
+                let line = serde_json::json!({
+                    "kind": "transient",
+                    "app": app,
+                    "payload": String::from_utf8_lossy(&payload),
+                });
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            }
             Event::Connected { gateway, .. } => {
                 eprintln!("herald listen: connected to {gateway}");
             }

@@ -840,6 +840,7 @@ async fn run_node(
         coordinator,
         metrics,
         config.gateway.inflight_pushes_max,
+        config.delivery.redeliveries_max,
     );
     if let Some(link) = &link {
         // Deliveries must reach this node before any session is registered.

@@ -160,6 +160,13 @@ pub enum Event {
     /// A broadcast to the app's users (its `seq` counts the app's
     /// broadcasts). Acked like a push, with `ack_broadcast` in manual mode.
     Broadcast(Push),
+    /// A message the app pushed with `"store": false` (typing indicators,
+    /// live presence): it reached this client because it was bound then;
+    /// it is not acked, has no seq, and is never delivered again.
+    Transient {
+        app: String,
+        payload: Bytes,
+    },
     UpstreamAck {
         app: String,
         request_id: u64,
@@ -681,6 +688,7 @@ async fn connect_and_run(
                 }
                 ClientEvent::Push(push) => Event::Push(push),
                 ClientEvent::Broadcast(broadcast) => Event::Broadcast(broadcast),
+                ClientEvent::Transient { app, payload } => Event::Transient { app, payload },
                 ClientEvent::UpstreamAck {
                     app,
                     request_id,

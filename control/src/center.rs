@@ -290,6 +290,12 @@ pub(crate) struct MessageBody {
     /// 1 to 128 bytes; the same key within the message's TTL replays the
     /// first call's reply.
     idempotency_key: Option<String>,
+    /// Default true. `false`: a transient message (typing indicators, live
+    /// presence), never stored: it goes only to the connections bound now,
+    /// is not acked and never sent again, and the reply says how many
+    /// connections it went to (`delivered_to`). Takes neither `ttl_secs`
+    /// nor `idempotency_key`.
+    store: Option<bool>,
     /// Multicast only (required there, refused on a push): 1 to
     /// `api.multicast_users_max` user ids.
     users: Option<Vec<String>>,
@@ -301,6 +307,8 @@ struct CheckedMessage {
     payload: Bytes,
     ttl: Duration,
     idempotency_key: Option<String>,
+    /// False for a transient message: handed to bound connections only.
+    store: bool,
 }
 
 fn check_message(
@@ -327,6 +335,20 @@ fn check_message(
             ),
         ));
     }
+    let store = body.store.unwrap_or(true);
+    if !store {
+        // Nothing is kept, so nothing can expire or be replayed.
+        for (field, given) in [
+            ("ttl_secs", body.ttl_secs.is_some()),
+            ("idempotency_key", body.idempotency_key.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::bad_request(format!(
+                    "\"{field}\" does not go with \"store\": false: a transient message is never stored"
+                )));
+            }
+        }
+    }
     let ttl_secs = match &body.ttl_secs {
         None => app.settings.default_ttl_secs,
         Some(ttl) => whole_number("ttl_secs", ttl, 1..=state.config.ttl_secs_max)?,
@@ -342,7 +364,34 @@ fn check_message(
         payload: Bytes::from(payload),
         ttl: Duration::from_secs(ttl_secs),
         idempotency_key: body.idempotency_key,
+        store,
     })
+}
+
+/// The reply to a multicast: stored, or transient (`"store": false`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum MulticastOutcome<'a> {
+    Stored(MulticastReply<'a>),
+    Transient(TransientMulticastReply<'a>),
+}
+
+/// The reply to a transient multicast.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TransientMulticastReply<'a> {
+    /// One per distinct user, in the order the call listed them.
+    results: Vec<TransientResultJson<'a>>,
+    /// The connections it went to, over every user.
+    delivered_to: usize,
+}
+
+/// One user's result of a transient multicast.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TransientResultJson<'a> {
+    user: &'a str,
+    /// The user's connections bound when it was pushed, which it went to
+    /// (0: the user was offline, and the message is gone).
+    delivered_to: usize,
 }
 
 /// The reply to a multicast: typed rather than built as a `Value`, since a
@@ -385,7 +434,23 @@ fn as_text<T: std::fmt::Display, S: Serializer>(
     serializer.collect_str(value)
 }
 
-/// The reply to a push.
+/// The reply to a push: stored, or transient (`"store": false`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum PushOutcome {
+    Stored(PushReply),
+    Transient(TransientPushReply),
+}
+
+/// The reply to a transient push.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TransientPushReply {
+    /// The user's connections bound when it was pushed, which it went to
+    /// (0: the user was offline, and the message is gone).
+    delivered_to: usize,
+}
+
+/// The reply to a stored push.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct PushReply {
     /// The message's sequence in the user's inbox for this app.
@@ -403,14 +468,14 @@ pub(crate) struct PushReply {
     path = "/v1/apps/{app}/users/{user}/messages",
     tag = "messages",
     summary = "Push to one user",
-    description = "Stores the message in the user's inbox, durably, then sends it to the user's bound connections.",
+    description = "Stores the message in the user's inbox, durably, then sends it to the user's bound connections. With `\"store\": false`, only sends it to the connections bound now (a transient message: never stored, acked or sent again).",
     params(
         ("app" = String, Path, description = "The app's id"),
         ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
     ),
     request_body(content = MessageBody, example = json!({"payload": "hello", "ttl_secs": 3600, "idempotency_key": "order-17"})),
     responses(
-        (status = 200, description = "Stored (and sent to the user's connections)", body = PushReply),
+        (status = 200, description = "Stored (and sent to the user's connections); or, transient, sent to `delivered_to` connections", body = PushOutcome),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
         (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
@@ -426,7 +491,7 @@ async fn push(
     ApiPath((app, user)): ApiPath<(String, String)>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
-) -> Result<Json<PushReply>, ApiError> {
+) -> Result<Json<PushOutcome>, ApiError> {
     let app = authorize_user(&state, &app, &user, &headers)?;
     if body.users.is_some() {
         return Err(ApiError::bad_request(
@@ -435,6 +500,15 @@ async fn push(
     }
     let message = check_message(&state, &app, body)?;
     admit_pushes(&app, 1)?;
+    if !message.store {
+        let delivered_to = state
+            .delivery
+            .push_transient(&app.id, std::slice::from_ref(&user), message.payload)
+            .await;
+        return Ok(Json(PushOutcome::Transient(TransientPushReply {
+            delivered_to: delivered_to.iter().sum(),
+        })));
+    }
     let (results, replayed) = state
         .delivery
         .push(
@@ -449,12 +523,12 @@ async fn push(
     let result = results
         .first()
         .ok_or_else(|| ApiError::internal("storage returned no result"))?;
-    Ok(Json(PushReply {
+    Ok(Json(PushOutcome::Stored(PushReply {
         seq: result.stored.seq,
         message_id: result.stored.message_id.to_string(),
         online: result.online,
         replayed,
-    }))
+    })))
 }
 
 #[utoipa::path(
@@ -462,11 +536,11 @@ async fn push(
     path = "/v1/apps/{app}/messages",
     tag = "messages",
     summary = "Push to many users",
-    description = "One message to each user listed in `users` (duplicates are sent once); all share one `message_id`.",
+    description = "One message to each user listed in `users` (duplicates are sent once); all share one `message_id`. With `\"store\": false`, only sent to the users' connections bound now (transient).",
     params(("app" = String, Path, description = "The app's id")),
     request_body(content = MessageBody, example = json!({"users": ["alice", "bob"], "payload": "hello"})),
     responses(
-        (status = 200, description = "Stored for every user", body = MulticastReply),
+        (status = 200, description = "Stored for every user; or, transient, sent to `delivered_to` connections", body = MulticastOutcome),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
         (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
@@ -516,6 +590,22 @@ async fn multicast(
     }
     let message = check_message(&state, &app, body)?;
     admit_pushes(&app, users.len() as u64)?;
+    if !message.store {
+        let delivered_to = state
+            .delivery
+            .push_transient(&app.id, &users, message.payload)
+            .await;
+        let results = users
+            .iter()
+            .zip(&delivered_to)
+            .map(|(user, &delivered_to)| TransientResultJson { user, delivered_to })
+            .collect();
+        let reply = TransientMulticastReply {
+            results,
+            delivered_to: delivered_to.iter().sum(),
+        };
+        return Ok(Json(MulticastOutcome::Transient(reply)).into_response());
+    }
     let (results, replayed) = state
         .delivery
         .push(
@@ -531,7 +621,11 @@ async fn multicast(
         .iter()
         .map(|result| PushResultJson::new(&result.stored, result.online))
         .collect();
-    Ok(Json(MulticastReply { results, replayed }).into_response())
+    Ok(Json(MulticastOutcome::Stored(MulticastReply {
+        results,
+        replayed,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -890,6 +984,7 @@ async fn broadcast(
             payload_base64: body.payload_base64,
             ttl_secs: body.ttl_secs,
             idempotency_key: None,
+            store: None,
             users: None,
         },
     )?;

@@ -80,7 +80,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// `t=<unix seconds>,v1=<hex HMAC-SHA256>` (one `v1` per secret).
 pub const SIGNATURE_HEADER: &str = "Herald-Signature";
-/// `upstream`, `online` or `offline`.
+/// `upstream`, `online`, `offline` or `parked`.
 pub const EVENT_HEADER: &str = "Herald-Event";
 /// The route the call was made for.
 pub const ROUTE_HEADER: &str = "Herald-Route";
@@ -96,6 +96,9 @@ pub enum WebhookEvent {
     Online,
     /// A user's binding of the app ended.
     Offline,
+    /// A device never acked a message through `delivery.redeliveries_max`
+    /// binds in a row: it is not sent to that device again.
+    Parked,
 }
 
 impl WebhookEvent {
@@ -104,6 +107,7 @@ impl WebhookEvent {
             WebhookEvent::Upstream => "upstream",
             WebhookEvent::Online => "online",
             WebhookEvent::Offline => "offline",
+            WebhookEvent::Parked => "parked",
         }
     }
 }
@@ -397,6 +401,33 @@ impl Coordinator {
             "device_id": device_id,
             "at_ms": unix_ms(),
         }));
+        self.enqueue_advisory(queue, event, body);
+    }
+
+    /// Tells each of the app's routes that takes `parked` that a message
+    /// was parked for a device (it never acked it); dropped (and counted)
+    /// when the app's queue is full, like the user-state events.
+    pub fn parked(&self, app: &str, user: &str, device_id: &str, seq: u64, message_id: &str) {
+        let event = WebhookEvent::Parked;
+        let apps = self.apps.read().expect("coordinator lock");
+        let Some(queue) = apps.get(app) else {
+            return;
+        };
+        let body = to_bytes(&json!({
+            "kind": event.as_str(),
+            "app": app,
+            "user": user,
+            "device_id": device_id,
+            "seq": seq,
+            "message_id": message_id,
+            "at_ms": unix_ms(),
+        }));
+        self.enqueue_advisory(queue, event, body);
+    }
+
+    /// Queues an advisory event (user state, parked) for each of the app's
+    /// routes that takes it, retried until the state deadline.
+    fn enqueue_advisory(&self, queue: &AppQueue, event: WebhookEvent, body: Bytes) {
         let deadline = Instant::now() + self.caller.policy.state_deadline;
         for (index, route) in queue.webhooks.routes.iter().enumerate() {
             if route.events.contains(&event) {

@@ -22,7 +22,7 @@ use herald_proto::plane::{
     Bound, CatchUp, ConnCommand, ConnEvent, ConnId, PushMessage, ShardCommand, ShardEvent,
 };
 use herald_storage::{
-    AckCursor, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
+    AckCursor, FillStart, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
 };
 use tokio::sync::Notify;
 
@@ -124,6 +124,9 @@ pub struct Delivery {
     register: Arc<dyn Register>,
     /// Messages read for a connection's first fill: its delivery window.
     fill_limit: u32,
+    /// Binds in a row a device's fill may start at one message it never
+    /// acks before that message is parked for it (0: never parked).
+    redeliveries_max: u32,
     /// Acks not yet written: the highest seq per (app, user, device).
     pending_acks: Mutex<HashMap<AckKey, u64>>,
     drained_shards: AtomicU64,
@@ -146,6 +149,7 @@ impl Delivery {
         coordinator: Coordinator,
         metrics: Arc<Metrics>,
         fill_limit: u32,
+        redeliveries_max: u32,
     ) -> Arc<Delivery> {
         let router = Arc::new(router);
         Arc::new(Delivery {
@@ -154,6 +158,7 @@ impl Delivery {
             saver,
             register,
             fill_limit,
+            redeliveries_max,
             pending_acks: Mutex::default(),
             drained_shards: AtomicU64::new(0),
             drained: Notify::new(),
@@ -284,6 +289,51 @@ impl Delivery {
         Ok((results, outcome.replayed))
     }
 
+    /// Hands `payload` to the bound connections of each user without
+    /// storing it (a push with `"store": false`): nothing is acked or sent
+    /// again, so a connection that binds later never sees it. Returns, per
+    /// user in `users`' order, how many connections it was handed to.
+    pub async fn push_transient(
+        &self,
+        app: &AppId,
+        users: &[String],
+        payload: Bytes,
+    ) -> Vec<usize> {
+        let mut remote: HashMap<(String, u64), Vec<ConnId>> = HashMap::new();
+        let mut delivered_to = Vec::with_capacity(users.len());
+        for user in users {
+            let sessions = self.sessions(app, user).await;
+            delivered_to.push(sessions.len());
+            self.metrics
+                .transient_deliveries
+                .with_label_values(&[&**app])
+                .inc_by(sessions.len() as u64);
+            for session in sessions {
+                if !self.router.is_local(&session) {
+                    remote
+                        .entry((session.node, session.instance))
+                        .or_default()
+                        .push(session.conn);
+                    continue;
+                }
+                let command = ConnCommand::Transient {
+                    app: app.clone(),
+                    payload: payload.clone(),
+                };
+                self.router.to_conn(session.conn, command).await;
+            }
+        }
+        for ((node, instance), conns) in remote {
+            let message = NodeMessage::Transient {
+                app: app.clone(),
+                payload: payload.clone(),
+                conns,
+            };
+            self.router.to_node(&node, instance, message).await;
+        }
+        delivered_to
+    }
+
     fn count_delivery(&self, app: &str, payload_len: usize) {
         self.metrics.deliveries.with_label_values(&[app]).inc();
         self.metrics
@@ -383,6 +433,19 @@ impl Delivery {
                     self.router
                         .to_conn(conn, ConnCommand::Kick { reason })
                         .await;
+                }
+            }
+            NodeMessage::Transient {
+                app,
+                payload,
+                conns,
+            } => {
+                for conn in conns {
+                    let command = ConnCommand::Transient {
+                        app: app.clone(),
+                        payload: payload.clone(),
+                    };
+                    self.router.to_conn(conn, command).await;
                 }
             }
         }
@@ -663,7 +726,7 @@ impl Delivery {
                 }
             };
             // Nothing stored past the resume point: no read, an empty fill.
-            let (messages, more) = if head.last_seq <= after {
+            let (mut messages, more) = if head.last_seq <= after {
                 (Vec::new(), false)
             } else {
                 let read = self.read_inbox(conn, &bound.app, &bound.user, after, self.fill_limit);
@@ -672,6 +735,24 @@ impl Delivery {
                     None => continue,
                 }
             };
+            let mut after = after;
+            if !messages.is_empty() && self.redeliveries_max > 0 {
+                let starts = self.count_fill_start(&bound, after).await;
+                let first_parks = starts == u64::from(self.redeliveries_max) + 1;
+                // Past the first park at this start, the client claims a
+                // resume point below its cursor (it never acked): only a
+                // message the cursor is past, the one parked then, is
+                // dropped again, never one that was not tried.
+                let parked_before =
+                    starts > u64::from(self.redeliveries_max) + 1 && messages[0].seq <= cursor;
+                if first_parks || parked_before {
+                    // The fill resumes after the parked message: the client
+                    // gets the next ones as if it had acked it.
+                    let parked = messages.remove(0);
+                    self.park(&bound, &parked, first_parks);
+                    after = parked.seq;
+                }
+            }
             self.count_fill(&bound.app, &messages);
             let missed = broadcasts
                 .get(&*bound.app)
@@ -695,6 +776,59 @@ impl Delivery {
                 })
                 .await;
         }
+    }
+
+    /// How many binds of the device in a row (this one included) started
+    /// their fill after `after`; 0 when storage cannot say, so the message
+    /// is sent rather than parked on a guess.
+    async fn count_fill_start(&self, bound: &Bound, after: u64) -> u64 {
+        let start = FillStart {
+            app: &bound.app,
+            user: &bound.user,
+            device_id: &bound.device_id,
+            after,
+        };
+        match self.saver.count_fill_start(&start, unix_ms()).await {
+            Ok(starts) => starts,
+            Err(error) => {
+                tracing::warn!(%error, app.id = %bound.app, "counting a fill's start failed");
+                0
+            }
+        }
+    }
+
+    /// Parks `message` for the bound device, which never acked it through
+    /// `redeliveries_max` binds in a row: its cursor moves past it (with
+    /// the next ack flush), so it is not sent to that device again. The
+    /// metric and the `parked` webhook event come once, on the bind that
+    /// passed the max (`first`); a client that keeps claiming a resume
+    /// point below the cursor finds the message dropped again on each
+    /// later bind.
+    fn park(&self, bound: &Bound, message: &StoredMessage, first: bool) {
+        {
+            let mut pending = self.pending_acks.lock().expect("ack lock");
+            let key = AckKey::new(&bound.app, &bound.user, &bound.device_id);
+            let acked = pending.entry(key).or_insert(message.seq);
+            *acked = (*acked).max(message.seq);
+        }
+        if !first {
+            return;
+        }
+        tracing::info!(
+            app.id = %bound.app, user.id = %bound.user, device.id = %bound.device_id,
+            seq = message.seq, "a message the device never acked is parked for it"
+        );
+        self.metrics
+            .messages_parked
+            .with_label_values(&[&*bound.app])
+            .inc();
+        self.coordinator.parked(
+            &bound.app,
+            &bound.user,
+            &bound.device_id,
+            message.seq,
+            &message.message_id.to_string(),
+        );
     }
 
     /// A device's cursor past its inbox's head (left by a reset or restore

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub binds: IntCounterVec,
     pub messages_stored: IntCounterVec,
     pub deliveries: IntCounterVec,
+    pub transient_deliveries: IntCounterVec,
+    pub messages_parked: IntCounterVec,
     pub broadcasts: IntCounterVec,
     pub acks: IntCounterVec,
     pub upstreams: IntCounterVec,
@@ -145,6 +147,18 @@ impl Metrics {
                 &registry,
                 "herald_deliveries_total",
                 "Stored messages handed to a connection's shard (one per connection).",
+            ),
+            transient_deliveries: app_counter(
+                &registry,
+                "herald_transient_deliveries_total",
+                "Transient (\"store\": false) messages handed to a bound connection's shard \
+                 (one per connection).",
+            ),
+            messages_parked: app_counter(
+                &registry,
+                "herald_messages_parked_total",
+                "Messages parked for a device that never acked them \
+                 (past delivery.redeliveries_max binds in a row).",
             ),
             broadcasts: app_counter(
                 &registry,
@@ -279,6 +293,8 @@ impl Metrics {
             &self.binds,
             &self.messages_stored,
             &self.deliveries,
+            &self.transient_deliveries,
+            &self.messages_parked,
             &self.broadcasts,
             &self.acks,
             &self.upstreams,

@@ -72,6 +72,13 @@ pub enum ClientEvent {
     /// A broadcast to the app's users; `seq` is the app's broadcast
     /// sequence, apart from the inbox's.
     Broadcast(Push),
+    /// A message that was never stored (typing indicators, presence): not
+    /// acked, outside the inbox's seqs, and not sent again after a
+    /// reconnect.
+    Transient {
+        app: String,
+        payload: Bytes,
+    },
     UpstreamAck {
         app: String,
         request_id: u64,
@@ -293,6 +300,12 @@ impl ClientConn {
                     seq,
                     payload,
                 }));
+            }
+            Frame::Transient { app, payload } => {
+                if self.app_mut(&app).is_some() {
+                    self.events
+                        .push_back(ClientEvent::Transient { app, payload });
+                }
             }
             Frame::Broadcast {
                 app,
@@ -750,6 +763,44 @@ mod tests {
         assert_eq!(
             conn.resume_points().collect::<Vec<_>>(),
             [("chat", Some(4), None)]
+        );
+    }
+
+    #[test]
+    fn a_transient_message_is_an_event_that_moves_no_seq_and_is_not_acked() {
+        let now = Instant::now();
+        let mut conn = start(now, Some(2));
+        hello_ok(&mut conn, now);
+        drain(&mut conn);
+        assert!(matches!(conn.poll_event(), Some(ClientEvent::Ready { .. })));
+        let transient = |app: &str| Frame::Transient {
+            app: app.to_owned(),
+            payload: Bytes::from_static(b"typing"),
+        };
+        conn.handle_frame(now, transient("chat"));
+        conn.handle_frame(now, transient("other"));
+        let events: Vec<ClientEvent> = std::iter::from_fn(|| conn.poll_event()).collect();
+        assert_eq!(
+            events,
+            [ClientEvent::Transient {
+                app: "chat".to_owned(),
+                payload: Bytes::from_static(b"typing")
+            }],
+            "only a bound app's transient message is reported"
+        );
+        assert!(!conn.is_closed());
+        assert!(drain(&mut conn).is_empty(), "nothing is acked");
+        assert_eq!(
+            conn.resume_points().collect::<Vec<_>>(),
+            [("chat", Some(2), None)]
+        );
+        conn.handle_frame(now, push(3));
+        assert!(
+            matches!(
+                conn.poll_event(),
+                Some(ClientEvent::Push(Push { seq: 3, .. }))
+            ),
+            "the inbox's seqs go on where they were"
         );
     }
 

@@ -187,6 +187,7 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Ping | Frame::Pong => 0,
         Frame::Push { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
         Frame::Ack { app, .. } | Frame::BroadcastAck { app, .. } => str_len(APP, app) + 8,
+        Frame::Transient { app, payload } => str_len(APP, app) + payload.len(),
         Frame::Broadcast { app, payload, .. } => str_len(APP, app) + 16 + 8 + payload.len(),
         Frame::Upstream {
             app,
@@ -243,7 +244,9 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             check_str(APP, app)?;
             check_str(TEXT, message)
         }
-        Frame::Push { app, payload, .. } | Frame::Broadcast { app, payload, .. } => {
+        Frame::Push { app, payload, .. }
+        | Frame::Broadcast { app, payload, .. }
+        | Frame::Transient { app, payload } => {
             check_str(APP, app)?;
             check_payload(payload)
         }
@@ -381,6 +384,10 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
         Frame::Ack { app, seq } | Frame::BroadcastAck { app, seq } => {
             put_str(dst, APP, app);
             dst.put_u64(*seq);
+        }
+        Frame::Transient { app, payload } => {
+            put_str(dst, APP, app);
+            dst.put_slice(payload);
         }
         Frame::Upstream {
             app,
@@ -609,6 +616,10 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             app: r.str(APP)?,
             seq: r.u64()?,
         },
+        Op::Transient => Frame::Transient {
+            app: r.str(APP)?,
+            payload: r.payload()?,
+        },
         Op::Broadcast => Frame::Broadcast {
             app: r.str(APP)?,
             message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
@@ -769,6 +780,13 @@ mod tests {
                     seq: 1,
                 },
                 "0000000f 01 09 04 63686174 0000000000000001",
+            ),
+            (
+                Frame::Transient {
+                    app: "chat".into(),
+                    payload: Bytes::from_static(b"hi"),
+                },
+                "00000009 01 13 04 63686174 6869",
             ),
             (
                 Frame::Upstream {

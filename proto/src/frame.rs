@@ -64,6 +64,12 @@ pub enum Frame {
     /// Client -> server: the client holds every message of `app` up to and
     /// including `seq`.
     Ack { app: String, seq: u64 },
+    /// Server -> client: a message for the bound user that was never stored
+    /// (a push with `"store": false`: typing indicators, live presence). It
+    /// has no seq: the client does not ack it, and it does not move the
+    /// client's resume point. Only connections bound when it was pushed get
+    /// it; it is never sent again.
+    Transient { app: String, payload: Bytes },
     /// Server -> client: one broadcast to every (targeted) user of the app.
     /// `seq` is the app's broadcast sequence, apart from inbox sequences.
     Broadcast {
@@ -166,6 +172,7 @@ pub enum Op {
     BroadcastAck = 0x10,
     Reset = 0x11,
     UpstreamRouted = 0x12,
+    Transient = 0x13,
 }
 
 impl Op {
@@ -189,6 +196,7 @@ impl Op {
             0x10 => Op::BroadcastAck,
             0x11 => Op::Reset,
             0x12 => Op::UpstreamRouted,
+            0x13 => Op::Transient,
             _ => return None,
         })
     }
@@ -206,6 +214,7 @@ impl Frame {
             Frame::Pong => Op::Pong,
             Frame::Push { .. } => Op::Push,
             Frame::Ack { .. } => Op::Ack,
+            Frame::Transient { .. } => Op::Transient,
             Frame::Upstream { route: None, .. } => Op::Upstream,
             Frame::Upstream { route: Some(_), .. } => Op::UpstreamRouted,
             Frame::UpstreamAck { .. } => Op::UpstreamAck,

@@ -199,6 +199,9 @@ pub enum ConnCommand {
     /// channel between nodes was down for a while): check storage for
     /// messages past what was sent, as a `CatchUp` does.
     Resync { app: AppId },
+    /// A message pushed with `"store": false` for the user bound to `app`:
+    /// sent if the binding is still there, never stored nor sent again.
+    Transient { app: AppId, payload: Bytes },
     /// The outcome of an UPSTREAM the connection sent.
     UpstreamAck {
         app: AppId,

@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::frame::{
     BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UnbindReason,
     UpstreamStatus,
@@ -854,6 +856,20 @@ impl ServerConn {
         owed_sent
     }
 
+    /// A message pushed with `"store": false`: sent now if `app` is bound
+    /// here, else dropped (it is never stored, so nothing owes it later).
+    /// It has no seq, so it goes out at once whatever the delivery window
+    /// holds.
+    pub fn transient(&mut self, app: &str, payload: &Bytes, out: &mut Output) {
+        if self.phase != Phase::Open || self.binding_mut(app).is_none() {
+            return;
+        }
+        out.transmit.push(Frame::Transient {
+            app: app.to_owned(),
+            payload: payload.clone(),
+        });
+    }
+
     pub fn upstream_ack(
         &mut self,
         app: &str,
@@ -1345,6 +1361,36 @@ mod tests {
         assert_eq!(catch_ups(out), [(7, 2)]);
         let out = h.fill(7, &[8, 9], false);
         assert_eq!(pushed_seqs(out), [8, 9]);
+    }
+
+    #[test]
+    fn a_transient_message_goes_out_at_once_outside_the_window_and_only_when_bound() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let window = u64::from(h.config.inflight_pushes_max);
+        for seq in 1..=window {
+            h.deliver(seq);
+        }
+        let payload = Bytes::from_static(b"typing");
+        for app in ["chat", "other"] {
+            h.out.clear();
+            h.conn.transient(app, &payload, &mut h.out);
+            let expected = (app == "chat").then(|| Frame::Transient {
+                app: app.to_owned(),
+                payload: payload.clone(),
+            });
+            assert_eq!(
+                h.out.transmit,
+                Vec::from_iter(expected),
+                "{app}: sent though the window is full, and only to a bound app"
+            );
+            assert!(h.out.events.is_empty(), "nothing to catch up or ack");
+        }
+        let out = h.deliver(window + 1);
+        assert!(
+            pushed_seqs(out).is_empty(),
+            "the window is as full as before"
+        );
     }
 
     #[test]

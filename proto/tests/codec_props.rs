@@ -11,7 +11,7 @@ use herald_proto::limits::{
     ROUTE_LEN_MAX, TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 use herald_proto::{
-    BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType,
+    BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op,
     ResetSequence, UnbindReason, UpstreamStatus, decode, decode_slice, encode, encoded_len,
 };
 use proptest::prelude::*;
@@ -163,6 +163,7 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
             }
         ),
         (app(), any::<u64>()).prop_map(|(app, seq)| Frame::Ack { app, seq }),
+        (app(), payload(sizes)).prop_map(|(app, payload)| Frame::Transient { app, payload }),
         (
             app(),
             any::<u64>(),
@@ -248,7 +249,8 @@ fn decode_untrusted(bytes: &[u8]) -> Result<(), TestCaseError> {
 fn plausible_frame() -> impl Strategy<Value = Vec<u8>> {
     (
         prop_oneof![9 => Just(1u8), 1 => any::<u8>()],
-        0u8..=0x0f,
+        // Every op up to the newest, and an unknown one past it.
+        0u8..=Op::Transient as u8 + 1,
         proptest::collection::vec(
             prop_oneof![3 => any::<u8>(), 1 => Just(0u8), 1 => Just(1u8)],
             0..96,

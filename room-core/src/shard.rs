@@ -1827,6 +1827,7 @@ impl<D: Driver> Shard<D> {
                 owed_sent = Some((app, owed));
             }
             ConnCommand::Resync { app } => server.resync(&app, config, out),
+            ConnCommand::Transient { app, payload } => server.transient(&app, &payload, out),
             ConnCommand::UpstreamAck {
                 app,
                 request_id,

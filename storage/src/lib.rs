@@ -297,6 +297,21 @@ impl Saver {
         on_engine!(self, engine => retried(|| engine.lower_ack_cursor(ack)).await)
     }
 
+    /// Notes that a bind's fill of the device's inbox starts after
+    /// `start.after` and returns how many binds of the device in a row (on
+    /// any node) started their fill there, this one included: a device
+    /// that never acks the message after it gets it again on every bind.
+    /// A device without a cursor gets one at 0.
+    pub async fn count_fill_start(
+        &self,
+        start: &FillStart<'_>,
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        let count =
+            on_engine!(self, engine => retried(|| engine.count_fill_start(start, now_ms)).await)?;
+        from_db(count, "device_cursors.redeliveries")
+    }
+
     /// The last broadcast seq `app` handed out (0: none ever), expired or
     /// not.
     pub async fn broadcast_head(&self, app: &str) -> Result<u64, StorageError> {
@@ -816,6 +831,15 @@ pub struct AckCursor<'a> {
     pub user: &'a str,
     pub device_id: &'a str,
     pub acked_seq: u64,
+}
+
+/// Where a bind's first fill of a device's inbox starts: after `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillStart<'a> {
+    pub app: &'a str,
+    pub user: &'a str,
+    pub device_id: &'a str,
+    pub after: u64,
 }
 
 /// Makes a new message id: the low 6 bytes of `now_ms` big-endian, so ids

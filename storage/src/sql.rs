@@ -15,10 +15,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::dialect::{Dialect, Merge, Pools};
 use crate::group_commit::{Committer, StoreJob};
 use crate::{
-    AckCursor, AppRow, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, GroupCommit, InboxHead,
-    InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, StorageError,
-    StoreOutcome, StoredBroadcast, delete_in_batches, from_db, new_message_id, stored_broadcast,
-    to_db,
+    AckCursor, AppRow, BATCH_ROWS_MAX, BroadcastRow, CommitCounters, FillStart, GroupCommit,
+    InboxHead, InboxKey, MessageId, MessageRow, NewBroadcast, NewMessage, PURGE_BATCH_ROWS,
+    StorageError, StoreOutcome, StoredBroadcast, delete_in_batches, from_db, new_message_id,
+    stored_broadcast, to_db,
 };
 
 /// Stores that may wait for the committers; past this a caller waits to be
@@ -65,6 +65,12 @@ pub(crate) struct Statements {
     pub(crate) raise_cursors: String,
     propose_epoch: Arc<str>,
     lower_ack_cursor: Arc<str>,
+    /// Counts a fill starting after `redelivery_after` again, or restarts
+    /// the count at a new start. `redeliveries` is set first: MySQL
+    /// assigns left to right, the others from the old row.
+    count_fill_start: Arc<str>,
+    first_fill_start: Arc<str>,
+    fill_starts: Arc<str>,
     broadcast_head: Arc<str>,
     messages_unexpired: Arc<str>,
     messages_unacked: Arc<str>,
@@ -121,6 +127,18 @@ impl Statements {
             )),
             lower_ack_cursor: sql("UPDATE device_cursors SET acked_seq = ? \
                  WHERE app = ? AND user_id = ? AND device_id = ? AND acked_seq > ?"),
+            count_fill_start: sql("UPDATE device_cursors SET \
+                 redeliveries = CASE WHEN redelivery_after = ? THEN redeliveries + 1 ELSE 1 END, \
+                 redelivery_after = ? \
+                 WHERE app = ? AND user_id = ? AND device_id = ?"),
+            // A device that never acked has no cursor yet: it starts at 0.
+            first_fill_start: built(format!(
+                "INSERT INTO device_cursors (app, user_id, device_id, acked_seq, updated_at_ms, \
+                 redelivery_after, redeliveries) VALUES (?, ?, ?, 0, ?, ?, 1){}",
+                D::on_conflict_ignore("app, user_id, device_id")
+            )),
+            fill_starts: sql("SELECT redeliveries FROM device_cursors \
+                 WHERE app = ? AND user_id = ? AND device_id = ?"),
             broadcast_head: sql("SELECT last_seq FROM broadcast_heads WHERE app = ?"),
             messages_unexpired: sql(
                 "SELECT COUNT(*) FROM messages WHERE app = ? AND expires_at_ms > ?",
@@ -325,6 +343,43 @@ where
                 .fetch_one(&self.pools.writer)
                 .await?,
         )
+    }
+
+    /// See [`crate::Saver::count_fill_start`]: in one transaction, so two
+    /// binds of the device on two nodes count one after the other.
+    pub(crate) async fn count_fill_start(
+        &self,
+        start: &FillStart<'_>,
+        now_ms: u64,
+    ) -> Result<i64, StorageError> {
+        let after = to_db(start.after);
+        let mut tx = self.pools.writer.begin_with(D::BEGIN).await?;
+        let updated = sqlx::query(text(&self.sql.count_fill_start))
+            .bind(after)
+            .bind(after)
+            .bind(start.app)
+            .bind(start.user)
+            .bind(start.device_id)
+            .execute(&mut *tx)
+            .await?;
+        if D::rows_affected(&updated) == 0 {
+            sqlx::query(text(&self.sql.first_fill_start))
+                .bind(start.app)
+                .bind(start.user)
+                .bind(start.device_id)
+                .bind(to_db(now_ms))
+                .bind(after)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let count = sqlx::query_scalar(text(&self.sql.fill_starts))
+            .bind(start.app)
+            .bind(start.user)
+            .bind(start.device_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(count)
     }
 
     /// Sets a device's cursor down to `acked_seq` if it is above it.

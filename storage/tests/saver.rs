@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use engines::TestDb;
 use herald_storage::{
-    AckCursor, CommitCounts, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
+    AckCursor, CommitCounts, FillStart, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
     MessageCounts, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
     StoredApp,
 };
@@ -398,6 +398,50 @@ async fn a_device_cursor_can_be_lowered_for_a_reset(db: TestDb) {
         Some(1),
         "rises again from there"
     );
+}
+
+/// Alice's `device`'s fill starts after `after`: how many binds in a row
+/// started there.
+async fn fill_start(saver: &Saver, device: &str, after: u64, now_ms: u64) -> u64 {
+    let start = FillStart {
+        app: APP,
+        user: "alice",
+        device_id: device,
+        after,
+    };
+    saver.count_fill_start(&start, now_ms).await.unwrap()
+}
+
+/// Fills starting at one seq are counted in a row per device; a new start
+/// counts from 1 again, and acks leave the count alone.
+async fn fill_starts_are_counted_in_a_row_per_device(db: TestDb) {
+    let saver = db.open().await;
+    assert_eq!(fill_start(&saver, "phone", 0, T0).await, 1);
+    assert_eq!(
+        cursor(&saver, "phone").await,
+        Some(0),
+        "a device that never acked gets a cursor at 0"
+    );
+    assert_eq!(fill_start(&saver, "phone", 0, T0 + 1).await, 2);
+    assert_eq!(fill_start(&saver, "laptop", 0, T0 + 1).await, 1);
+    saver.save_acks(&[ack("phone", 4)], T0 + 2).await.unwrap();
+    assert_eq!(
+        fill_start(&saver, "phone", 0, T0 + 3).await,
+        3,
+        "acks do not reset it"
+    );
+    assert_eq!(
+        cursor(&saver, "phone").await,
+        Some(4),
+        "nor does it move the cursor"
+    );
+    assert_eq!(
+        fill_start(&saver, "phone", 4, T0 + 4).await,
+        1,
+        "a new start"
+    );
+    assert_eq!(fill_start(&saver, "phone", 4, T0 + 5).await, 2);
+    assert_eq!(fill_start(&saver, "phone", 0, T0 + 6).await, 1);
 }
 
 /// Every node on a database reads one epoch; a new database has another.
@@ -1126,6 +1170,7 @@ on_every_engine!(
     messages_after_skips_expired_messages,
     device_cursors_only_rise,
     a_device_cursor_can_be_lowered_for_a_reset,
+    fill_starts_are_counted_in_a_row_per_device,
     message_counts_tell_stored_from_unacked,
     the_storage_epoch_is_written_once_per_database,
     broadcast_head_counts_expired_ones_too,

@@ -3,6 +3,8 @@
 //! binary form: the payload travels as its own bytes, once per message
 //! however many connections it names, and decoding input that is not a
 //! message this code wrote gives a [`NodeMessageError`], never a panic.
+//! A node that meets a kind it does not know (a newer node's) drops that
+//! message with `UnknownKind`.
 //!
 //! The form (integers big-endian; `str` is a u16 length and UTF-8; `bytes`
 //! a u32 length and the bytes; `conn` is shard u16, slot u32, generation
@@ -13,6 +15,7 @@
 //! | deliver (1) | app `str`, message id 16 bytes, payload `bytes`, u32 count, count x (`conn`, seq u64) |
 //! | broadcast (2) | app `str`, seq u64, broadcast id 16 bytes, payload `bytes`, u16 count, count x tag `str`, created at u64 ms, expires at u64 ms, paced u8 (0 or 1) and if 1 the rate f64, low priority u8 (0 or 1), u16 count, count x (node `str`, share f64) |
 //! | kick (3) | reason u16, u32 count, count x `conn` |
+//! | transient (4) | app `str`, payload `bytes`, u32 count, count x `conn` |
 //!
 //! A message sent for an API call is wrapped with the call's request id:
 //! format byte 2, the id `str`, then the message as above (format 1), so
@@ -46,6 +49,7 @@ const FORMAT_TRACED: u8 = 2;
 const DELIVER: u8 = 1;
 const BROADCAST: u8 = 2;
 const KICK: u8 = 3;
+const TRANSIENT: u8 = 4;
 
 /// Bytes of one connection id on the wire.
 const CONN_LEN: usize = 2 + 4 + 4;
@@ -72,6 +76,13 @@ pub enum NodeMessage {
     },
     Kick {
         reason: GoAwayReason,
+        conns: Vec<ConnId>,
+    },
+    /// A message pushed with `"store": false` for connections of this
+    /// node: never stored, so it has no seq.
+    Transient {
+        app: AppId,
+        payload: Bytes,
         conns: Vec<ConnId>,
     },
 }
@@ -149,6 +160,19 @@ impl NodeMessage {
             NodeMessage::Kick { reason, conns } => {
                 out.put_u8(KICK);
                 out.put_u16(reason.0);
+                out.put_u32(count_u32(conns.len()));
+                for conn in conns {
+                    put_conn(&mut out, *conn);
+                }
+            }
+            NodeMessage::Transient {
+                app,
+                payload,
+                conns,
+            } => {
+                out.put_u8(TRANSIENT);
+                put_str(&mut out, app);
+                put_bytes(&mut out, payload);
                 out.put_u32(count_u32(conns.len()));
                 for conn in conns {
                     put_conn(&mut out, *conn);
@@ -252,6 +276,20 @@ impl NodeMessage {
                 }
                 NodeMessage::Kick { reason, conns }
             }
+            TRANSIENT => {
+                let app = AppId::from(input.str()?);
+                let payload = input.bytes()?;
+                let count = input.count_u32(CONN_LEN)?;
+                let mut conns = Vec::with_capacity(count);
+                for _ in 0..count {
+                    conns.push(input.conn()?);
+                }
+                NodeMessage::Transient {
+                    app,
+                    payload,
+                    conns,
+                }
+            }
             kind => return Err(NodeMessageError::UnknownKind(kind)),
         };
         match input.0.len() {
@@ -265,6 +303,7 @@ impl NodeMessage {
             NodeMessage::Deliver { payload, .. } => payload.len(),
             NodeMessage::Broadcast { stored, .. } => stored.payload.len(),
             NodeMessage::Kick { .. } => 0,
+            NodeMessage::Transient { payload, .. } => payload.len(),
         }
     }
 }
@@ -448,6 +487,11 @@ mod tests {
             },
             NodeMessage::Kick {
                 reason: GoAwayReason::KICKED,
+                conns: conns().to_vec(),
+            },
+            NodeMessage::Transient {
+                app: AppId::from("chat"),
+                payload: Bytes::from_static(b"typing"),
                 conns: conns().to_vec(),
             },
         ]

@@ -15,6 +15,7 @@ import {
   type BindFailedEvent,
   type BoundEvent,
   type BroadcastEvent,
+  type TransientEvent,
   type PushEvent,
   type ResetEvent,
   type UnboundEvent,
@@ -142,6 +143,7 @@ export type ClientEvent =
   | BindFailedEvent
   | PushEvent
   | BroadcastEvent
+  | TransientEvent
   | UpstreamAckEvent
   | ResetEvent
   | UnboundEvent
@@ -621,6 +623,7 @@ export class HeraldClient {
             case "broadcast":
               this.hub.emit(event, this.autoAck ? () => this.ackHandled(c, event) : undefined);
               break;
+            case "transient":
             case "upstreamAck":
             case "reset":
               this.hub.emit(event);

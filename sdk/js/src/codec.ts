@@ -48,6 +48,7 @@ export const Op = {
   BroadcastAck: 0x10,
   Reset: 0x11,
   UpstreamRouted: 0x12,
+  Transient: 0x13,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -160,6 +161,7 @@ const OP_NAMES = [
   "BROADCAST_ACK",
   "RESET",
   "UPSTREAM_ROUTED",
+  "TRANSIENT",
 ];
 
 function nameIn(names: readonly string[], code: number): string {
@@ -200,6 +202,8 @@ export type Frame =
   | { type: "pong" }
   | { type: "push"; app: string; messageId: Uint8Array; seq: bigint; payload: Uint8Array }
   | { type: "ack"; app: string; seq: bigint }
+  /** A message the app pushed with `"store": false`: no seq, not acked, never sent again. */
+  | { type: "transient"; app: string; payload: Uint8Array }
   /**
    * With a `route` the data goes to that webhook route (on the wire op
    * UPSTREAM_ROUTED), else to the app's default route.
@@ -228,6 +232,7 @@ const OP_OF: { [T in FrameType]: Op } = {
   pong: Op.Pong,
   push: Op.Push,
   ack: Op.Ack,
+  transient: Op.Transient,
   upstream: Op.Upstream,
   upstreamAck: Op.UpstreamAck,
   unbind: Op.Unbind,
@@ -553,6 +558,13 @@ export function encodeFrame(frame: Frame): Uint8Array {
       w.u64(seq);
       break;
     }
+    case "transient": {
+      const app = strBytes(APP, frame.app);
+      const payload = checkPayload(frame.payload);
+      w.str(APP, app);
+      w.raw(payload);
+      break;
+    }
     case "upstream": {
       const app = strBytes(APP, frame.app);
       const requestId = checkU64("request_id", frame.requestId);
@@ -714,7 +726,7 @@ class Reader {
 }
 
 function isOp(byte: number): byte is Op {
-  return byte >= Op.Hello && byte <= Op.UpstreamRouted;
+  return byte >= Op.Hello && byte <= Op.Transient;
 }
 
 function decodeBody(body: Uint8Array): Frame {
@@ -796,6 +808,11 @@ function decodeBody(body: Uint8Array): Frame {
     case Op.BroadcastAck: {
       const app = r.str(APP);
       frame = { type: opByte === Op.Ack ? "ack" : "broadcastAck", app, seq: r.u64() };
+      break;
+    }
+    case Op.Transient: {
+      const app = r.str(APP);
+      frame = { type: "transient", app, payload: r.payload() };
       break;
     }
     case Op.Upstream: {

@@ -91,6 +91,16 @@ export interface PushEvent extends Message {
 export interface BroadcastEvent extends Message {
   type: "broadcast";
 }
+/**
+ * A message the app pushed with `"store": false` (typing indicators, live
+ * presence): it reached this client because it was bound then. It has no
+ * seq, is not acked, and is never delivered again.
+ */
+export interface TransientEvent {
+  type: "transient";
+  app: string;
+  payload: Uint8Array;
+}
 export interface UpstreamAckEvent {
   type: "upstreamAck";
   app: string;
@@ -128,6 +138,7 @@ export type ConnEvent =
   | BindFailedEvent
   | PushEvent
   | BroadcastEvent
+  | TransientEvent
   | UpstreamAckEvent
   | ResetEvent
   | UnboundEvent
@@ -350,6 +361,11 @@ export class ClientConn {
         });
         return;
       }
+      case "transient":
+        // For an app this side unbound (or never bound): dropped.
+        if (this.app(frame.app) === undefined) return;
+        this.events.push({ type: "transient", app: frame.app, payload: frame.payload });
+        return;
       case "upstreamAck":
         this.events.push({
           type: "upstreamAck",

@@ -40,6 +40,7 @@ const DOCUMENTED: Record<string, Frame> = {
   PONG: { type: "pong" },
   PUSH: { type: "push", app: "chat", messageId: ID, seq: 1n, payload: ascii("hi") },
   ACK: { type: "ack", app: "chat", seq: 1n },
+  TRANSIENT: { type: "transient", app: "chat", payload: ascii("hi") },
   UPSTREAM: { type: "upstream", app: "chat", requestId: 5n, payload: ascii("up") },
   UPSTREAM_ROUTED: { type: "upstream", app: "chat", requestId: 5n, route: "orders", payload: ascii("up") },
   UPSTREAM_ACK: { type: "upstreamAck", app: "chat", requestId: 5n, status: 0 },
@@ -178,7 +179,7 @@ describe("decoding malformed input", () => {
       ["00 ee", "unsupported_version", {}], // the version is checked before the op
       ["01 ee", "unknown_op", { op: 0xee }],
       ["01 00", "unknown_op", { op: 0 }],
-      ["01 13", "unknown_op", { op: 0x13 }],
+      ["01 14", "unknown_op", { op: 0x14 }],
       ["01 06 00", "trailing_bytes", { op: 0x06 }],
       ["01 09 04 63", "truncated", { op: 0x09 }],
       ["01 09 00 0000000000000001", "empty_field", { field: "app" }],

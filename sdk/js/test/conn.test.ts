@@ -233,6 +233,20 @@ describe("delivery", () => {
     assert.deepEqual(conn.resumePoints(), [{ app: "chat", lastSeq: undefined, lastBroadcastSeq: 2n }]);
   });
 
+  test("a transient message is an event for a bound app, moves no seq and is not acked", () => {
+    const conn = start(2n);
+    open(conn);
+    const typing = new TextEncoder().encode("typing");
+    conn.handleFrame(T0, { type: "transient", app: "chat", payload: typing });
+    conn.handleFrame(T0, { type: "transient", app: "other", payload: typing });
+    assert.deepEqual(events(conn), [{ type: "transient", app: "chat", payload: typing }], "only the bound app's");
+    assert.equal(conn.isOpen, true);
+    assert.deepEqual(drain(conn), [], "nothing is acked");
+    assert.deepEqual(conn.resumePoints(), [{ app: "chat", lastSeq: 2n, lastBroadcastSeq: undefined }]);
+    conn.handleFrame(T0, push(3n));
+    assert.deepEqual(seqsOf(events(conn), "push"), [3n], "the inbox's seqs go on where they were");
+  });
+
   test("acks before HELLO_OK or after the close send nothing", () => {
     const conn = start();
     drain(conn);
