@@ -19,7 +19,7 @@ use herald_proto::plane::{
     TokenSecret,
 };
 use herald_proto::rate::Rate;
-use herald_proto::server::{HeartbeatIntervals, ServerConfig};
+use herald_proto::server::{HeartbeatRanges, ServerConfig};
 use herald_proto::{
     BindErrorCode, Frame, GoAwayReason, MessageId, NetworkType, TokenClaims, decode_slice, encode,
     encoded_len, sign_token,
@@ -125,12 +125,7 @@ struct Harness<const R: bool> {
 
 fn server_config() -> ServerConfig {
     ServerConfig {
-        heartbeat: HeartbeatIntervals {
-            unknown: HEARTBEAT,
-            wifi: HEARTBEAT,
-            cellular: HEARTBEAT,
-            wired: HEARTBEAT,
-        },
+        heartbeat: HeartbeatRanges::fixed(HEARTBEAT),
         auth_timeout: AUTH_TIMEOUT,
         bind_failures_max: 3,
         apps_per_conn_max: 4,
