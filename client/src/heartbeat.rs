@@ -95,7 +95,10 @@ impl HeartbeatLearner {
         self.in_force = server_interval;
         self.answered = 0;
         self.server_max = None;
-        let held = self.learned.get(&self.key).map(|l| millis(l.held_ms))?;
+        let held = self
+            .learned
+            .get(&self.key)
+            .map(|l| Duration::from_millis(l.held_ms))?;
         (held != server_interval).then(|| self.propose(held))
     }
 
@@ -129,7 +132,7 @@ impl HeartbeatLearner {
         let entry = self.learned[&self.key];
         let next = self.in_force + self.probe.step;
         let capped = self.server_max.is_some_and(|max| next > max);
-        let held_back = now_ms < entry.hold_until_ms && next > millis(entry.held_ms);
+        let held_back = now_ms < entry.hold_until_ms && next > Duration::from_millis(entry.held_ms);
         (!capped && !held_back).then(|| self.propose(next))
     }
 
@@ -141,7 +144,7 @@ impl HeartbeatLearner {
         let held = self
             .learned
             .get(&self.key)
-            .map(|l| millis(l.held_ms))
+            .map(|l| Duration::from_millis(l.held_ms))
             .filter(|held| *held < failed)
             .unwrap_or_else(|| failed.saturating_sub(self.probe.step))
             .max(INTERVAL_MIN);
@@ -164,7 +167,9 @@ impl HeartbeatLearner {
     /// The interval learned for the current network, if any.
     #[cfg(test)]
     fn learned(&self) -> Option<Duration> {
-        self.learned.get(&self.key).map(|l| millis(l.held_ms))
+        self.learned
+            .get(&self.key)
+            .map(|l| Duration::from_millis(l.held_ms))
     }
 
     fn propose(&mut self, interval: Duration) -> Duration {
@@ -193,15 +198,11 @@ fn load(path: &Path) -> HashMap<String, Learned> {
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| as_ms(since))
+        .map_or(0, as_ms)
 }
 
 fn as_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn millis(ms: u64) -> Duration {
-    Duration::from_millis(ms)
 }
 
 #[cfg(test)]
