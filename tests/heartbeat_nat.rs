@@ -1,7 +1,8 @@
 //! The adaptive heartbeat against a NAT: an SDK, probing, behind a relay
 //! that silently drops flows idle for more than T, converges to an
 //! interval below T, then holds its connection; with T raised, it climbs.
-//! Run for the Rust SDK over TCP, and for the JS SDK in Node over ws
+//! Run for the Rust SDK over TCP (behind a NAT that drops silently, and
+//! one that resets), and for the JS SDK in Node over ws
 //! (`sdk/js/e2e/heartbeat_nat.mjs`; needs Node 20+ and the SDK's npm
 //! packages, else skipped, except with CI=true).
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use herald_client::{Client, Event, HeartbeatProbe};
 use support::cluster::service_missing;
-use support::nat::NatRelay;
+use support::nat::{Forget, NatRelay};
 use support::{Server, sdk_options, token};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
@@ -212,10 +213,9 @@ async fn scenario(server: &Server, relay: &NatRelay, sdk: &mut Sdk) {
     assert_eq!(observed, seen.connects + seen.intervals_set.len());
 }
 
-#[tokio::test]
-async fn the_rust_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises() {
+async fn rust_sdk_behind(forget: Forget) {
     let server = server();
-    let relay = NatRelay::start(&server.gateway, NAT_IDLE).await;
+    let relay = NatRelay::start_forgetting(&server.gateway, NAT_IDLE, forget).await;
     let mut sdk = Sdk::Rust(Client::start(herald_client::ClientOptions {
         heartbeat_probe: Some(HeartbeatProbe {
             step: STEP,
@@ -227,6 +227,18 @@ async fn the_rust_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rise
         ..sdk_options(&relay.addr, token("alice", 3600))
     }));
     scenario(&server, &relay, &mut sdk).await;
+}
+
+#[tokio::test]
+async fn the_rust_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises() {
+    rust_sdk_behind(Forget::Silently).await;
+}
+
+/// A NAT that resets a forgotten flow: the connection is lost at once,
+/// with its PING unanswered, rather than timing out.
+#[tokio::test]
+async fn the_rust_sdk_learns_the_same_from_a_nat_that_resets_forgotten_flows() {
+    rust_sdk_behind(Forget::WithReset).await;
 }
 
 const JS_TEST: &str = "the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises";

@@ -594,6 +594,22 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
 }
 
 /// A random duration in [0, bound].
+/// A connection lost without GOAWAY while its PING was unanswered died
+/// idle at the interval in force: the heartbeat was too long for the NAT
+/// (one that resets the flow rather than dropping it silently).
+fn heartbeat_failed(
+    conn: &ClientConn,
+    learner: &mut Option<HeartbeatLearner>,
+    handshake_done: bool,
+) {
+    if handshake_done
+        && conn.ping_unanswered()
+        && let Some(learner) = learner.as_mut()
+    {
+        learner.failed();
+    }
+}
+
 fn jitter(bound: Duration) -> Duration {
     bound.mul_f64(rand::random::<f64>())
 }
@@ -677,6 +693,7 @@ async fn connect_and_run(
         if !output.is_empty()
             && let Err(error) = transport.send(&mut output).await
         {
+            heartbeat_failed(&conn, learner, handshake_done);
             return lost(error, handshake_done);
         }
         for (app, acked, broadcast_acked) in conn.resume_points() {
@@ -757,6 +774,7 @@ async fn connect_and_run(
                     return lost(format!("protocol error {code}: {message}"), handshake_done);
                 }
                 ClientEvent::TimedOut => {
+                    // Silent past twice the interval: the PING went unanswered.
                     if handshake_done && let Some(learner) = learner.as_mut() {
                         learner.failed();
                     }
@@ -785,7 +803,10 @@ async fn connect_and_run(
         tokio::select! {
             received = transport.receive() => match received {
                 Ok(frame) => conn.handle_frame(Instant::now().into_std(), frame),
-                Err(error) => return lost(error, handshake_done),
+                Err(error) => {
+                    heartbeat_failed(&conn, learner, handshake_done);
+                    return lost(error, handshake_done);
+                }
             },
             () = tokio::time::sleep_until(Instant::from_std(deadline)) => {
                 conn.handle_timeout(Instant::now().into_std());

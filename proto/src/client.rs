@@ -151,6 +151,8 @@ pub struct ClientConn {
     phase: Phase,
     heartbeat_interval: Option<Duration>,
     next_ping: Option<Instant>,
+    /// A PING went out and its PONG has not come back.
+    ping_unanswered: bool,
     silence_deadline: Instant,
     apps: Vec<AppState>,
     /// The storage epoch the resume points belong to.
@@ -173,6 +175,7 @@ impl ClientConn {
             phase: Phase::AwaitHelloOk,
             heartbeat_interval: None,
             next_ping: None,
+            ping_unanswered: false,
             silence_deadline: now + HANDSHAKE_TIMEOUT,
             apps: config
                 .apps
@@ -229,6 +232,7 @@ impl ClientConn {
             && now >= next
         {
             self.transmit.push_back(Frame::Ping);
+            self.ping_unanswered = true;
             self.next_ping = Some(now + interval);
         }
     }
@@ -280,7 +284,10 @@ impl ClientConn {
                 self.events
                     .push_back(ClientEvent::BindFailed { app, code, message });
             }
-            Frame::Pong => self.events.push_back(ClientEvent::PingAnswered),
+            Frame::Pong => {
+                self.ping_unanswered = false;
+                self.events.push_back(ClientEvent::PingAnswered);
+            }
             Frame::Heartbeat { interval_ms } if self.phase == Phase::Open => {
                 let interval = Duration::from_millis(u64::from(interval_ms.max(100)));
                 self.heartbeat_interval = Some(interval);
@@ -412,6 +419,13 @@ impl ClientConn {
             interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         });
         Ok(())
+    }
+
+    /// A PING is waiting for its PONG: a connection lost now died while
+    /// its heartbeat was out (a NAT that forgot the flow answers a PING
+    /// with a reset, if not with silence).
+    pub fn ping_unanswered(&self) -> bool {
+        self.ping_unanswered
     }
 
     /// The heartbeat interval the client pings at, once HELLO_OK set it.
@@ -765,8 +779,10 @@ mod tests {
         assert!(drain(&mut conn).is_empty());
         conn.handle_timeout(now + Duration::from_secs(3));
         assert_eq!(drain(&mut conn), vec![Frame::Ping]);
+        assert!(conn.ping_unanswered());
         conn.handle_frame(now + Duration::from_secs(3), Frame::Pong);
         assert_eq!(conn.poll_event(), Some(ClientEvent::PingAnswered));
+        assert!(!conn.ping_unanswered());
         // Silent for twice the new interval: dead.
         conn.handle_timeout(now + Duration::from_millis(8_999));
         assert!(!conn.is_closed());

@@ -3,7 +3,8 @@
 //! limit the way a carrier NAT drops a mapping: silently. Bytes that come
 //! after are discarded, in both directions, and nothing is closed (no FIN,
 //! no RST), so each end learns only by its own timeouts. The limit can be
-//! changed while flows run.
+//! changed while flows run. Some NATs answer a packet of a forgotten flow
+//! with a reset instead: [`Forget::WithReset`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// What the relay does with a flow it finds idle past the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forget {
+    /// Discards its bytes from then on, and closes nothing.
+    Silently,
+    /// Resets both ends (RST) at the first packet after the limit.
+    WithReset,
+}
 
 /// A running relay; it stops when dropped.
 pub struct NatRelay {
@@ -22,6 +33,7 @@ pub struct NatRelay {
 }
 
 struct Shared {
+    forget: Forget,
     idle_limit_ms: AtomicU64,
     flows: AtomicU64,
     dropped: AtomicU64,
@@ -35,13 +47,26 @@ struct Flow {
     /// Set once the flow was idle past the limit: nothing more is
     /// forwarded.
     dead: std::sync::atomic::AtomicBool,
+    /// Woken when the flow dies and is to be reset: the direction that did
+    /// not see it stops reading, so that both halves close.
+    reset: Notify,
 }
 
 impl NatRelay {
+    /// A relay that forgets idle flows silently.
     pub async fn start(upstream: &str, idle_limit: Duration) -> NatRelay {
+        NatRelay::start_forgetting(upstream, idle_limit, Forget::Silently).await
+    }
+
+    pub async fn start_forgetting(
+        upstream: &str,
+        idle_limit: Duration,
+        forget: Forget,
+    ) -> NatRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shared = Arc::new(Shared {
+            forget,
             idle_limit_ms: AtomicU64::new(idle_limit.as_millis() as u64),
             flows: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -55,11 +80,17 @@ impl NatRelay {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         continue;
                     };
+                    if forget == Forget::WithReset {
+                        // Closed with a zero linger, a socket sends RST.
+                        client.set_zero_linger().unwrap();
+                        server.set_zero_linger().unwrap();
+                    }
                     shared.flows.fetch_add(1, Ordering::Relaxed);
                     let flow = Arc::new(Flow {
                         started: Instant::now(),
                         last_active_ms: AtomicU64::new(0),
                         dead: Default::default(),
+                        reset: Notify::new(),
                     });
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
@@ -108,9 +139,12 @@ async fn forward(
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            },
+            () = flow.reset.notified() => return,
         };
         let now_ms = flow.started.elapsed().as_millis() as u64;
         let idle_ms = now_ms.saturating_sub(flow.last_active_ms.load(Ordering::Relaxed));
@@ -121,6 +155,11 @@ async fn forward(
             shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
         if flow.dead.load(Ordering::Relaxed) {
+            if shared.forget == Forget::WithReset {
+                // Both halves of both sockets drop: RST to each end.
+                flow.reset.notify_waiters();
+                return;
+            }
             continue;
         }
         flow.last_active_ms.store(now_ms, Ordering::Relaxed);

@@ -746,6 +746,9 @@ export class HeraldClient {
         pump();
       };
       socket.onclose = (event) => {
+        // Lost while a PING was out: the heartbeat was too long for a NAT
+        // that resets the flow it forgot rather than dropping it silently.
+        if (!done && handshakeDone && conn?.pingUnanswered === true) this.learner?.failed();
         finish(endedByClose(event.code, event.reason, handshakeDone));
       };
     });

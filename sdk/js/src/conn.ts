@@ -181,6 +181,7 @@ export class ClientConn {
   private phase: Phase = "awaitHelloOk";
   private heartbeatIntervalMs: number | undefined;
   private nextPing: number | undefined;
+  private pingOut = false;
   private silenceDeadline: number;
   private readonly apps: AppState[];
   private epoch: bigint | undefined;
@@ -242,6 +243,7 @@ export class ClientConn {
     }
     if (this.nextPing !== undefined && this.heartbeatIntervalMs !== undefined && now >= this.nextPing) {
       this.transmit.push({ type: "ping" });
+      this.pingOut = true;
       this.nextPing = now + this.heartbeatIntervalMs;
     }
   }
@@ -325,6 +327,7 @@ export class ClientConn {
         return;
       }
       case "pong":
+        this.pingOut = false;
         this.events.push({ type: "pingAnswered" });
         return;
       case "heartbeat": {
@@ -467,6 +470,11 @@ export class ClientConn {
    * and a `RangeError` for a payload over 65,024 bytes or a route that is
    * not 1 to 64 bytes.
    */
+  /** A PING is waiting for its PONG. */
+  get pingUnanswered(): boolean {
+    return this.pingOut;
+  }
+
   /**
    * Asks the server to put `intervalMs` in force (HEARTBEAT); pings keep
    * their old interval until the answer (`heartbeatSet`). Only servers

@@ -96,8 +96,10 @@ describe("ClientConn heartbeat negotiation", () => {
     assert.equal(conn.pollTimeout(), T0 + 3_000);
     conn.handleTimeout(T0 + 3_000);
     assert.deepEqual(conn.pollTransmit(), { type: "ping" });
+    assert.equal(conn.pingUnanswered, true);
     conn.handleFrame(T0 + 3_000, { type: "pong" });
     assert.deepEqual(conn.pollEvent(), { type: "pingAnswered" });
+    assert.equal(conn.pingUnanswered, false);
     conn.handleTimeout(T0 + 8_999);
     assert.equal(conn.isClosed, false);
     conn.handleTimeout(T0 + 9_000);
