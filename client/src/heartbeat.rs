@@ -5,7 +5,8 @@
 //! held: it is remembered, and the client proposes one `step` longer
 //! (HEARTBEAT; the server answers the interval in force, clamped to its
 //! range). When a connection goes silent (no PONG to a PING: the NAT
-//! dropped the idle flow), the interval in force failed: the client falls
+//! dropped the idle flow), or is lost while a PING is out (a NAT that
+//! resets forgotten flows), the interval in force failed: the client falls
 //! back to the last one that held and does not probe above it for `hold`.
 //! What was learned is kept per network type, and per carrier or Wi-Fi
 //! network id when the application supplies one.
