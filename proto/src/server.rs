@@ -35,7 +35,7 @@ pub struct HeartbeatRange {
 impl HeartbeatRange {
     /// The interval in force for a client that asked for `proposed_ms`:
     /// rounded down to whole seconds and clamped to the range.
-    pub fn clamp_ms(&self, proposed_ms: u32) -> u16 {
+    pub fn in_force_secs(&self, proposed_ms: u32) -> u16 {
         let secs = u16::try_from(proposed_ms / 1000).unwrap_or(u16::MAX);
         secs.clamp(self.min_secs, self.max_secs)
     }
@@ -510,7 +510,7 @@ impl ServerConn {
                 let secs = config
                     .heartbeat
                     .for_network(self.network)
-                    .clamp_ms(interval_ms);
+                    .in_force_secs(interval_ms);
                 self.set_heartbeat(now, secs, out);
                 out.transmit.push(Frame::Heartbeat {
                     interval_ms: u32::from(secs) * 1000,
