@@ -2,6 +2,7 @@
 //! TOML format, defaults for everything but the apps (and, for the cluster
 //! commands, the `[cluster]` section), and command-line overrides.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use herald_control::apps::SECRET_LEN_MIN;
 use herald_control::coordinator::{AppWebhooks, WebhookEvent, WebhookPolicy, WebhookRoute};
+use herald_proto::NetworkType;
 use herald_proto::limits::{APPS_PER_CONN_MAX, PAYLOAD_LEN_MAX};
 use herald_storage::GroupCommit;
 use serde::{Deserialize, Serialize};
@@ -41,11 +43,21 @@ pub const DEFAULT_INFLIGHT_PUSHES_MAX: u32 = 32;
 /// loop (256 commands each), not a buffer for the whole fan-out: the control
 /// plane waits when it is full.
 pub const DEFAULT_COMMAND_QUEUE_LEN: usize = 4 * 1024;
-pub const DEFAULT_HEARTBEAT_UNKNOWN_SECS: u64 = 60;
-pub const DEFAULT_HEARTBEAT_WIFI_SECS: u64 = 120;
-/// Cellular carriers' NATs drop idle mappings sooner than home routers.
-pub const DEFAULT_HEARTBEAT_CELLULAR_SECS: u64 = 45;
-pub const DEFAULT_HEARTBEAT_WIRED_SECS: u64 = 240;
+/// The heartbeat a network type gets without `[gateway.heartbeat.<type>]`:
+/// (start, min, max) seconds. Carriers' NATs drop idle mappings sooner than
+/// home routers, and older radio generations' sooner still; the ranges
+/// leave room for a probing client to find its own NAT's limit.
+pub fn default_heartbeat(network: NetworkType) -> (u64, u64, u64) {
+    match network {
+        NetworkType::Unknown => (60, 20, 300),
+        NetworkType::Wifi => (120, 30, 600),
+        NetworkType::Wired => (240, 60, 1800),
+        NetworkType::Cellular2g | NetworkType::Cellular3g => (30, 15, 240),
+        NetworkType::Cellular4g | NetworkType::Cellular5g => (45, 20, 420),
+    }
+}
+/// The longest heartbeat interval any setting may name.
+pub const HEARTBEAT_SECS_MAX: u64 = 3600;
 /// 4 KiB, the customary push payload limit of mobile push services.
 pub const DEFAULT_PAYLOAD_BYTES_MAX: usize = 4 * 1024;
 pub const DEFAULT_MULTICAST_USERS_MAX: usize = 1_000;
@@ -249,7 +261,13 @@ pub struct GatewaySection {
     /// its clients come back to the other nodes at a steady rate; 0 sends
     /// them all at once.
     pub drain_spread_secs: u64,
-    pub heartbeat_secs: HeartbeatSection,
+    /// `[gateway.heartbeat.<network type>]`: start interval and negotiable
+    /// range per type; types left out keep `default_heartbeat`.
+    pub heartbeat: BTreeMap<String, HeartbeatRangeSection>,
+    /// The older form, `[gateway.heartbeat_secs]` with `unknown`, `wifi`,
+    /// `cellular` and `wired`: each value is the type's start interval
+    /// (`cellular` that of 2g to 5g), its range widened to include it.
+    pub heartbeat_secs: Option<LegacyHeartbeatSection>,
     /// Limits per client address; none: no limit.
     pub per_ip: Option<PerIpSection>,
     /// How long a frame that has begun to arrive may take to finish.
@@ -455,13 +473,26 @@ impl FrameReadSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HeartbeatSection {
-    pub unknown: u64,
-    pub wifi: u64,
-    pub cellular: u64,
-    pub wired: u64,
+/// `[gateway.heartbeat.<network type>]`; a key left out keeps the type's
+/// default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRangeSection {
+    /// The interval HELLO_OK hands out.
+    pub start_secs: Option<u64>,
+    /// The range a client's HEARTBEAT proposal is clamped to.
+    pub min_secs: Option<u64>,
+    pub max_secs: Option<u64>,
+}
+
+/// `[gateway.heartbeat_secs]`, the form before negotiation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyHeartbeatSection {
+    pub unknown: Option<u64>,
+    pub wifi: Option<u64>,
+    pub cellular: Option<u64>,
+    pub wired: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -724,21 +755,11 @@ impl Default for GatewaySection {
             drain_reconnect_delay_ms: DEFAULT_DRAIN_RECONNECT_DELAY_MS,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             drain_spread_secs: DEFAULT_DRAIN_SPREAD_SECS,
-            heartbeat_secs: HeartbeatSection::default(),
+            heartbeat: BTreeMap::new(),
+            heartbeat_secs: None,
             per_ip: None,
             frame_read: FrameReadSection::default(),
             pin_shards: true,
-        }
-    }
-}
-
-impl Default for HeartbeatSection {
-    fn default() -> Self {
-        HeartbeatSection {
-            unknown: DEFAULT_HEARTBEAT_UNKNOWN_SECS,
-            wifi: DEFAULT_HEARTBEAT_WIFI_SECS,
-            cellular: DEFAULT_HEARTBEAT_CELLULAR_SECS,
-            wired: DEFAULT_HEARTBEAT_WIRED_SECS,
         }
     }
 }
@@ -921,15 +942,44 @@ impl Config {
                 gateway.drain_spread_secs
             ));
         }
-        let heartbeat = &gateway.heartbeat_secs;
-        for (name, secs) in [
-            ("unknown", heartbeat.unknown),
-            ("wifi", heartbeat.wifi),
-            ("cellular", heartbeat.cellular),
-            ("wired", heartbeat.wired),
-        ] {
-            if secs == 0 || secs > 3600 {
-                problems.push(format!("gateway.heartbeat_secs.{name} must be 1 to 3600"));
+        if gateway.heartbeat_secs.is_some() && !gateway.heartbeat.is_empty() {
+            problems.push(
+                "gateway.heartbeat_secs is the older form of gateway.heartbeat.<type>: \
+                 use one of them"
+                    .to_owned(),
+            );
+        }
+        if let Some(legacy) = &gateway.heartbeat_secs {
+            for (name, secs) in [
+                ("unknown", legacy.unknown),
+                ("wifi", legacy.wifi),
+                ("cellular", legacy.cellular),
+                ("wired", legacy.wired),
+            ] {
+                if secs.is_some_and(|secs| secs == 0 || secs > HEARTBEAT_SECS_MAX) {
+                    problems.push(format!(
+                        "gateway.heartbeat_secs.{name} must be 1 to {HEARTBEAT_SECS_MAX}"
+                    ));
+                }
+            }
+        }
+        for name in gateway.heartbeat.keys() {
+            // `cellular` parses (as 4g) for old HELLOs, not as a section.
+            if name == "cellular" || name.parse::<NetworkType>().is_err() {
+                problems.push(format!(
+                    "gateway.heartbeat.{name}: unknown network type (expected 2g, 3g, 4g, \
+                     5g, wifi, wired or unknown)"
+                ));
+            }
+        }
+        for (network, range) in self.heartbeat_settings() {
+            let (start, min, max) = range;
+            let name = network.as_str();
+            if !(1 <= min && min <= start && start <= max && max <= HEARTBEAT_SECS_MAX) {
+                problems.push(format!(
+                    "gateway.heartbeat.{name} needs 1 <= min_secs <= start_secs <= max_secs \
+                     <= {HEARTBEAT_SECS_MAX}, not min {min}, start {start}, max {max}"
+                ));
             }
         }
         if let Some(rate) = gateway.accept_rate
@@ -1105,14 +1155,49 @@ impl Config {
         }
     }
 
-    pub fn heartbeat(&self) -> herald_proto::server::HeartbeatIntervals {
-        let h = &self.gateway.heartbeat_secs;
-        herald_proto::server::HeartbeatIntervals {
-            unknown: Duration::from_secs(h.unknown),
-            wifi: Duration::from_secs(h.wifi),
-            cellular: Duration::from_secs(h.cellular),
-            wired: Duration::from_secs(h.wired),
+    /// (start, min, max) seconds per network type, from the defaults and
+    /// either form of the section.
+    fn heartbeat_settings(&self) -> impl Iterator<Item = (NetworkType, (u64, u64, u64))> + '_ {
+        NetworkType::ALL.into_iter().map(|network| {
+            let (mut start, mut min, mut max) = default_heartbeat(network);
+            if let Some(section) = self.gateway.heartbeat.get(network.as_str()) {
+                start = section.start_secs.unwrap_or(start);
+                min = section.min_secs.unwrap_or(min);
+                max = section.max_secs.unwrap_or(max);
+            }
+            if let Some(legacy) = &self.gateway.heartbeat_secs {
+                let secs = match network {
+                    NetworkType::Unknown => legacy.unknown,
+                    NetworkType::Wifi => legacy.wifi,
+                    NetworkType::Wired => legacy.wired,
+                    NetworkType::Cellular2g
+                    | NetworkType::Cellular3g
+                    | NetworkType::Cellular4g
+                    | NetworkType::Cellular5g => legacy.cellular,
+                };
+                if let Some(secs) = secs {
+                    start = secs;
+                    min = min.min(secs);
+                    max = max.max(secs);
+                }
+            }
+            (network, (start, min, max))
+        })
+    }
+
+    /// The gateway's heartbeat ranges; call after `validate`, which keeps
+    /// every figure within `HEARTBEAT_SECS_MAX`.
+    pub fn heartbeat(&self) -> herald_proto::server::HeartbeatRanges {
+        let mut ranges = herald_proto::server::HeartbeatRanges::fixed(Duration::ZERO);
+        for (network, (start, min, max)) in self.heartbeat_settings() {
+            let secs = |value: u64| u16::try_from(value).unwrap_or(u16::MAX);
+            ranges.0[network.index()] = herald_proto::server::HeartbeatRange {
+                start_secs: secs(start),
+                min_secs: secs(min),
+                max_secs: secs(max),
+            };
         }
+        ranges
     }
 }
 
@@ -1433,6 +1518,101 @@ mod tests {
         }
     }
 
+    /// The config with `gateway` lines (TOML under `[gateway]`) and one app.
+    fn with_gateway(lines: &str) -> anyhow::Result<Config> {
+        let text = format!(
+            "[gateway]\n{lines}\n[[apps]]\nid = \"chat\"\napi_key = \"0123456789abcdef\"\n\
+             token_secret = \"0123456789abcdef0123\"\n"
+        );
+        let config: Config = toml::from_str(&text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn heartbeat_ranges_per_network_type_with_defaults_for_the_rest() {
+        let config = with_gateway(
+            "[gateway.heartbeat.3g]\nstart_secs = 20\nmin_secs = 10\nmax_secs = 90\n\
+             [gateway.heartbeat.wifi]\nmax_secs = 900\n",
+        )
+        .unwrap();
+        let heartbeat = config.heartbeat();
+        let range = |network| *heartbeat.for_network(network);
+        assert_eq!(
+            range(NetworkType::Cellular3g),
+            herald_proto::server::HeartbeatRange {
+                start_secs: 20,
+                min_secs: 10,
+                max_secs: 90,
+            }
+        );
+        let (wifi_start, wifi_min, _) = default_heartbeat(NetworkType::Wifi);
+        assert_eq!(u64::from(range(NetworkType::Wifi).start_secs), wifi_start);
+        assert_eq!(u64::from(range(NetworkType::Wifi).min_secs), wifi_min);
+        assert_eq!(range(NetworkType::Wifi).max_secs, 900);
+        for network in NetworkType::ALL {
+            let (start, min, max) = default_heartbeat(network);
+            assert!(min <= start && start <= max, "{network:?}");
+        }
+    }
+
+    #[test]
+    fn the_older_heartbeat_section_still_works_and_not_with_the_new_one() {
+        let config = with_gateway("[gateway.heartbeat_secs]\ncellular = 10\nwired = 4000\n");
+        let error = config.unwrap_err().to_string();
+        assert!(
+            error.contains("gateway.heartbeat_secs.wired must be 1 to 3600"),
+            "{error}"
+        );
+
+        let config = with_gateway("[gateway.heartbeat_secs]\ncellular = 10\n").unwrap();
+        let heartbeat = config.heartbeat();
+        for network in [NetworkType::Cellular2g, NetworkType::Cellular5g] {
+            let range = heartbeat.for_network(network);
+            assert_eq!((range.start_secs, range.min_secs), (10, 10), "{network:?}");
+        }
+
+        let error = with_gateway(
+            "[gateway.heartbeat_secs]\nwifi = 10\n[gateway.heartbeat.wifi]\nstart_secs = 10\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("use one of them"), "{error}");
+    }
+
+    #[test]
+    fn bad_heartbeat_ranges_are_refused_with_the_reason() {
+        for (lines, expected) in [
+            (
+                "[gateway.heartbeat.6g]\nstart_secs = 10\n",
+                "gateway.heartbeat.6g: unknown network type",
+            ),
+            (
+                "[gateway.heartbeat.cellular]\nstart_secs = 10\n",
+                "gateway.heartbeat.cellular: unknown network type",
+            ),
+            (
+                "[gateway.heartbeat.4g]\nstart_secs = 10\nmin_secs = 20\n",
+                "gateway.heartbeat.4g needs 1 <= min_secs <= start_secs",
+            ),
+            (
+                "[gateway.heartbeat.wired]\nmax_secs = 4000\n",
+                "gateway.heartbeat.wired needs",
+            ),
+            (
+                "[gateway.heartbeat.wifi]\nmin_secs = 0\n",
+                "gateway.heartbeat.wifi needs",
+            ),
+            (
+                "[gateway.heartbeat.wifi]\nstart = 5\n",
+                "unknown field `start`",
+            ),
+        ] {
+            let error = format!("{:#}", with_gateway(lines).unwrap_err());
+            assert!(error.contains(expected), "{lines}: {error}");
+        }
+    }
+
     #[test]
     fn the_cluster_section_is_checked() {
         let mut config = Config {
@@ -1486,11 +1666,12 @@ mod tests {
         "#;
         let config: Config = toml::from_str(text).unwrap();
         config.validate().unwrap();
-        assert_eq!(config.gateway.heartbeat_secs.cellular, 30);
-        assert_eq!(
-            config.gateway.heartbeat_secs.wifi,
-            DEFAULT_HEARTBEAT_WIFI_SECS
-        );
+        let heartbeat = config.heartbeat();
+        let range = |network| *heartbeat.for_network(network);
+        assert_eq!(range(NetworkType::Cellular3g).start_secs, 30);
+        assert_eq!(range(NetworkType::Cellular4g).start_secs, 30);
+        let wifi = default_heartbeat(NetworkType::Wifi);
+        assert_eq!(u64::from(range(NetworkType::Wifi).start_secs), wifi.0);
         assert_eq!(config.apps[0].default_ttl_secs, DEFAULT_APP_TTL_SECS);
         // Set here; left out, it is resolved from the open-file limit.
         assert_eq!(config.gateway.connections_per_shard_max, Some(1000));

@@ -119,6 +119,7 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
             max: Duration::from_secs(30),
         },
         connect_timeout: Duration::from_secs(10),
+        heartbeat_probe: None,
     });
     let mut stdout = std::io::stdout();
     while let Some(event) = client.next_event().await {

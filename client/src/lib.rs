@@ -36,6 +36,7 @@
 //!     ack_mode: AckMode::Auto,
 //!     reconnect: Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(30) },
 //!     connect_timeout: Duration::from_secs(10),
+//!     heartbeat_probe: None,
 //! });
 //! while let Some(event) = client.next_event().await {
 //!     match event {
@@ -49,6 +50,7 @@
 //! ```
 
 mod address;
+mod heartbeat;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -65,9 +67,11 @@ use herald_proto::{BindErrorCode, GoAwayReason, UpstreamStatus, encode};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use heartbeat::HeartbeatLearner;
 use transport::{FrameTransport, TlsTrust};
 
 pub use address::{GatewayAddress, GatewayAddressError, Transport};
+pub use heartbeat::HeartbeatProbe;
 pub use herald_proto::client::Push;
 pub use herald_proto::{NetworkType, ResetSequence, UnbindReason};
 
@@ -138,6 +142,11 @@ pub struct ClientOptions {
     pub ack_mode: AckMode,
     pub reconnect: Backoff,
     pub connect_timeout: Duration,
+    /// Probe for a longer heartbeat interval and negotiate it with the
+    /// server (see [`HeartbeatProbe`]); `None` pings at the interval the
+    /// server hands out. Needs a server that negotiates (HEARTBEAT): one
+    /// that refuses the first proposal turns probing off for the client.
+    pub heartbeat_probe: Option<HeartbeatProbe>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +166,11 @@ pub enum Event {
         message: String,
     },
     Push(Push),
+    /// The server answered a heartbeat proposal: the client pings at
+    /// `interval` from now on (only with `heartbeat_probe`).
+    HeartbeatSet {
+        interval: Duration,
+    },
     /// A broadcast to the app's users (its `seq` counts the app's
     /// broadcasts). Acked like a push, with `ack_broadcast` in manual mode.
     Broadcast(Push),
@@ -397,6 +411,10 @@ async fn drive(
     let mut delay = options.reconnect.initial;
     let mut gateways = Gateways::default();
     let mut tls = TlsTrust::new(options.ca_file.clone());
+    let mut learner = options
+        .heartbeat_probe
+        .clone()
+        .map(|probe| HeartbeatLearner::new(probe, options.network));
     loop {
         let (gateway, dispatch_error) = gateways.next(&options).await;
         if let Some(error) = dispatch_error
@@ -413,6 +431,7 @@ async fn drive(
                 &options,
                 &mut tls,
                 &mut resume,
+                &mut learner,
                 &events,
                 &mut commands,
             )
@@ -538,7 +557,10 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
     ];
     match network {
         NetworkType::Wifi | NetworkType::Wired => query.push(("net", "wifi")),
-        NetworkType::Cellular => query.push(("net", "4g")),
+        // The dispatcher knows no 5g: it is served like 4g.
+        NetworkType::Cellular4g | NetworkType::Cellular5g => query.push(("net", "4g")),
+        NetworkType::Cellular3g => query.push(("net", "3g")),
+        NetworkType::Cellular2g => query.push(("net", "2g")),
         NetworkType::Unknown => {}
     }
     if let Some(region) = &dispatch.region {
@@ -579,6 +601,22 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
 }
 
 /// A random duration in [0, bound].
+/// A connection lost without GOAWAY while its PING was unanswered died
+/// idle at the interval in force: the heartbeat was too long for the NAT
+/// (one that resets the flow rather than dropping it silently).
+fn heartbeat_failed(
+    conn: &ClientConn,
+    learner: &mut Option<HeartbeatLearner>,
+    handshake_done: bool,
+) {
+    if handshake_done
+        && conn.ping_unanswered()
+        && let Some(learner) = learner.as_mut()
+    {
+        learner.failed();
+    }
+}
+
 fn jitter(bound: Duration) -> Duration {
     bound.mul_f64(rand::random::<f64>())
 }
@@ -607,6 +645,7 @@ async fn connect_and_run(
     options: &ClientOptions,
     tls: &mut TlsTrust,
     resume: &mut ResumePoints,
+    learner: &mut Option<HeartbeatLearner>,
     events: &mpsc::Sender<Event>,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
@@ -661,6 +700,7 @@ async fn connect_and_run(
         if !output.is_empty()
             && let Err(error) = transport.send(&mut output).await
         {
+            heartbeat_failed(&conn, learner, handshake_done);
             return lost(error, handshake_done);
         }
         for (app, acked, broadcast_acked) in conn.resume_points() {
@@ -673,6 +713,12 @@ async fn connect_and_run(
             let event = match event {
                 ClientEvent::Ready { heartbeat_interval } => {
                     handshake_done = true;
+                    if let Some(proposal) = learner
+                        .as_mut()
+                        .and_then(|learner| learner.connected(heartbeat_interval))
+                    {
+                        let _ = conn.propose_heartbeat(proposal);
+                    }
                     Event::Connected {
                         gateway: gateway.to_owned(),
                         heartbeat_interval,
@@ -728,9 +774,32 @@ async fn connect_and_run(
                     };
                 }
                 ClientEvent::ServerError { code, message } => {
+                    // A server that predates HEARTBEAT refuses it: stop
+                    // proposing, or every connection would end the same.
+                    if learner.as_ref().is_some_and(|l| l.awaiting_answer()) {
+                        *learner = None;
+                    }
                     return lost(format!("protocol error {code}: {message}"), handshake_done);
                 }
-                ClientEvent::TimedOut => return lost("server went silent", handshake_done),
+                ClientEvent::TimedOut => {
+                    // Silent past twice the interval: the PING went unanswered.
+                    if handshake_done && let Some(learner) = learner.as_mut() {
+                        learner.failed();
+                    }
+                    return lost("server went silent", handshake_done);
+                }
+                ClientEvent::PingAnswered => {
+                    if let Some(proposal) = learner.as_mut().and_then(|l| l.ping_answered()) {
+                        let _ = conn.propose_heartbeat(proposal);
+                    }
+                    continue;
+                }
+                ClientEvent::HeartbeatSet { interval } => {
+                    if let Some(learner) = learner.as_mut() {
+                        learner.set(interval);
+                    }
+                    Event::HeartbeatSet { interval }
+                }
             };
             if events.send(event).await.is_err() {
                 return Ended::Terminal(Terminal::ClosedByClient);
@@ -742,7 +811,10 @@ async fn connect_and_run(
         tokio::select! {
             received = transport.receive() => match received {
                 Ok(frame) => conn.handle_frame(Instant::now().into_std(), frame),
-                Err(error) => return lost(error, handshake_done),
+                Err(error) => {
+                    heartbeat_failed(&conn, learner, handshake_done);
+                    return lost(error, handshake_done);
+                }
             },
             () = tokio::time::sleep_until(Instant::from_std(deadline)) => {
                 conn.handle_timeout(Instant::now().into_std());

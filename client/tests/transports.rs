@@ -303,6 +303,7 @@ fn options(gateway: String, ca_file: Option<&NamedTempFile>) -> ClientOptions {
             max: Duration::from_millis(200),
         },
         connect_timeout: Duration::from_secs(5),
+        heartbeat_probe: None,
     }
 }
 

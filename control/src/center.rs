@@ -725,7 +725,8 @@ pub(crate) struct ConnectionJson {
     conn_id: String,
     device_id: String,
     connected_at_ms: u64,
-    /// `wifi`, `cellular`, `wired` or `unknown`, as the client said.
+    /// `2g`, `3g`, `4g`, `5g`, `wifi`, `wired` or `unknown`, as the client
+    /// said (an older client's `cellular` is `4g`).
     network: &'static str,
 }
 

@@ -114,6 +114,13 @@ pub enum ClientEvent {
     /// The server sent nothing within twice the heartbeat interval (or did
     /// not answer HELLO in time): the connection is dead.
     TimedOut,
+    /// The server answered a PING: one heartbeat interval held.
+    PingAnswered,
+    /// The server answered a HEARTBEAT proposal with the interval now in
+    /// force (the proposal clamped to the server's range).
+    HeartbeatSet {
+        interval: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +158,8 @@ pub struct ClientConn {
     phase: Phase,
     heartbeat_interval: Option<Duration>,
     next_ping: Option<Instant>,
+    /// A PING went out and its PONG has not come back.
+    ping_unanswered: bool,
     silence_deadline: Instant,
     apps: Vec<AppState>,
     /// The storage epoch the resume points belong to.
@@ -173,6 +182,7 @@ impl ClientConn {
             phase: Phase::AwaitHelloOk,
             heartbeat_interval: None,
             next_ping: None,
+            ping_unanswered: false,
             silence_deadline: now + HANDSHAKE_TIMEOUT,
             apps: config
                 .apps
@@ -229,6 +239,7 @@ impl ClientConn {
             && now >= next
         {
             self.transmit.push_back(Frame::Ping);
+            self.ping_unanswered = true;
             self.next_ping = Some(now + interval);
         }
     }
@@ -280,7 +291,18 @@ impl ClientConn {
                 self.events
                     .push_back(ClientEvent::BindFailed { app, code, message });
             }
-            Frame::Pong => {}
+            Frame::Pong => {
+                self.ping_unanswered = false;
+                self.events.push_back(ClientEvent::PingAnswered);
+            }
+            Frame::Heartbeat { interval_ms } if self.phase == Phase::Open => {
+                let interval = Duration::from_millis(u64::from(interval_ms.max(100)));
+                self.heartbeat_interval = Some(interval);
+                self.next_ping = Some(now + interval);
+                self.silence_deadline = now + interval * 2;
+                self.events
+                    .push_back(ClientEvent::HeartbeatSet { interval });
+            }
             Frame::Push {
                 app,
                 message_id,
@@ -396,6 +418,32 @@ impl ClientConn {
                 });
             }
         }
+    }
+
+    /// Asks the server to put `interval` in force (HEARTBEAT); the client
+    /// pings at its old interval until the answer (`HeartbeatSet`) comes.
+    /// Only servers that negotiate understand it: one that does not closes
+    /// the connection with a protocol error.
+    pub fn propose_heartbeat(&mut self, interval: Duration) -> Result<(), ClientError> {
+        if self.phase != Phase::Open {
+            return Err(ClientError::Closed);
+        }
+        self.transmit.push_back(Frame::Heartbeat {
+            interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        });
+        Ok(())
+    }
+
+    /// A PING is waiting for its PONG: a connection lost now died while
+    /// its heartbeat was out (a NAT that forgot the flow answers a PING
+    /// with a reset, if not with silence).
+    pub fn ping_unanswered(&self) -> bool {
+        self.ping_unanswered
+    }
+
+    /// The heartbeat interval the client pings at, once HELLO_OK set it.
+    pub fn heartbeat_interval(&self) -> Option<Duration> {
+        self.heartbeat_interval
     }
 
     /// Acks every message of `app` up to `seq`. Returns false (and sends
@@ -720,6 +768,39 @@ mod tests {
             std::iter::from_fn(|| conn.poll_event())
                 .any(|e| matches!(e, ClientEvent::Push(p) if p.seq == 1))
         );
+    }
+
+    #[test]
+    fn a_negotiated_interval_moves_the_pings_and_the_silence_deadline() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        hello_ok(&mut conn, now);
+        drain(&mut conn);
+        conn.propose_heartbeat(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            drain(&mut conn),
+            vec![Frame::Heartbeat { interval_ms: 5_000 }]
+        );
+        // The server clamped it to 3 s.
+        conn.handle_frame(now, Frame::Heartbeat { interval_ms: 3_000 });
+        let events: Vec<_> = std::iter::from_fn(|| conn.poll_event()).collect();
+        assert!(events.contains(&ClientEvent::HeartbeatSet {
+            interval: Duration::from_secs(3)
+        }));
+        assert_eq!(conn.heartbeat_interval(), Some(Duration::from_secs(3)));
+        conn.handle_timeout(now + Duration::from_millis(2_999));
+        assert!(drain(&mut conn).is_empty());
+        conn.handle_timeout(now + Duration::from_secs(3));
+        assert_eq!(drain(&mut conn), vec![Frame::Ping]);
+        assert!(conn.ping_unanswered());
+        conn.handle_frame(now + Duration::from_secs(3), Frame::Pong);
+        assert_eq!(conn.poll_event(), Some(ClientEvent::PingAnswered));
+        assert!(!conn.ping_unanswered());
+        // Silent for twice the new interval: dead.
+        conn.handle_timeout(now + Duration::from_millis(8_999));
+        assert!(!conn.is_closed());
+        conn.handle_timeout(now + Duration::from_secs(9));
+        assert!(conn.is_closed());
     }
 
     #[test]

@@ -207,6 +207,7 @@ fn body_len(frame: &Frame) -> usize {
         } => 2 + opt_len(reconnect_delay_ms, 4),
         Frame::Error { message, .. } => 2 + str_len(TEXT, message),
         Frame::Reset { app, .. } => str_len(APP, app) + 1 + 8,
+        Frame::Heartbeat { .. } => 4,
     }
 }
 
@@ -225,7 +226,11 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             check_str(DEVICE_ID, device_id)?;
             check_str(CLIENT_VERSION, client_version)
         }
-        Frame::HelloOk { .. } | Frame::Ping | Frame::Pong | Frame::GoAway { .. } => Ok(()),
+        Frame::HelloOk { .. }
+        | Frame::Ping
+        | Frame::Pong
+        | Frame::GoAway { .. }
+        | Frame::Heartbeat { .. } => Ok(()),
         Frame::Bind {
             app, token, tags, ..
         } => {
@@ -437,6 +442,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u8(*sequence as u8);
             dst.put_u64(*after);
         }
+        Frame::Heartbeat { interval_ms } => dst.put_u32(*interval_ms),
     }
     Ok(())
 }
@@ -605,6 +611,9 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             message: r.str(TEXT)?,
         },
         Op::Ping => Frame::Ping,
+        Op::Heartbeat => Frame::Heartbeat {
+            interval_ms: r.u32()?,
+        },
         Op::Pong => Frame::Pong,
         Op::Push => Frame::Push {
             app: r.str(APP)?,
@@ -765,6 +774,12 @@ mod tests {
             ),
             (Frame::Ping, "00000002 01 06"),
             (Frame::Pong, "00000002 01 07"),
+            (
+                Frame::Heartbeat {
+                    interval_ms: 90_000,
+                },
+                "00000006 01 14 00015f90",
+            ),
             (
                 Frame::Push {
                     app: "chat".into(),
@@ -1099,6 +1114,17 @@ mod tests {
                 device_id: "dev1".into(),
                 client_version: "1.0".into(),
                 network: NetworkType::Unknown,
+            })
+        );
+        // Byte 2, `cellular` before the generations, is 4g.
+        assert_eq!(
+            decode_slice(&unhex("0000000c 01 01 04 64657631 03 312e30 02"))
+                .unwrap()
+                .map(|(frame, _)| frame),
+            Some(Frame::Hello {
+                device_id: "dev1".into(),
+                client_version: "1.0".into(),
+                network: NetworkType::Cellular4g,
             })
         );
     }

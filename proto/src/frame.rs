@@ -121,6 +121,12 @@ pub enum Frame {
         sequence: ResetSequence,
         after: u64,
     },
+    /// Heartbeat negotiation. Client -> server: the interval the client is
+    /// about to ping at. Server -> client, only ever in answer to one: the
+    /// interval in force, the proposal clamped to the server's range for
+    /// the connection's network type. A server never sends it unasked, so
+    /// clients that do not negotiate never see it.
+    Heartbeat { interval_ms: u32 },
 }
 
 /// Which of an app's two sequences a RESET moves back.
@@ -173,6 +179,7 @@ pub enum Op {
     Reset = 0x11,
     UpstreamRouted = 0x12,
     Transient = 0x13,
+    Heartbeat = 0x14,
 }
 
 impl Op {
@@ -197,6 +204,7 @@ impl Op {
             0x11 => Op::Reset,
             0x12 => Op::UpstreamRouted,
             0x13 => Op::Transient,
+            0x14 => Op::Heartbeat,
             _ => return None,
         })
     }
@@ -224,55 +232,86 @@ impl Frame {
             Frame::Broadcast { .. } => Op::Broadcast,
             Frame::BroadcastAck { .. } => Op::BroadcastAck,
             Frame::Reset { .. } => Op::Reset,
+            Frame::Heartbeat { .. } => Op::Heartbeat,
         }
     }
 }
 
 /// The kind of network the client is on; the server picks the heartbeat
-/// interval from it (cellular NATs drop idle mappings sooner than wifi ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// interval and its negotiable range from it (carrier NATs drop idle
+/// mappings sooner than wifi ones, and older radio generations sooner
+/// still).
+///
+/// Byte 2 was `cellular` before the generations were told apart; it is
+/// 4g now, so an old client's `cellular` gets the 4g settings and a new
+/// client's 4g reads as `cellular` on an old server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum NetworkType {
     Unknown = 0,
     Wifi = 1,
-    Cellular = 2,
+    Cellular4g = 2,
     Wired = 3,
+    Cellular2g = 4,
+    Cellular3g = 5,
+    Cellular5g = 6,
 }
 
 impl NetworkType {
+    /// Every type, in byte order: what per-type tables are indexed by.
+    pub const ALL: [NetworkType; 7] = [
+        NetworkType::Unknown,
+        NetworkType::Wifi,
+        NetworkType::Cellular4g,
+        NetworkType::Wired,
+        NetworkType::Cellular2g,
+        NetworkType::Cellular3g,
+        NetworkType::Cellular5g,
+    ];
+
     /// Unknown bytes decode as `Unknown` so that a newer client's network
     /// type never fails a HELLO.
     pub fn from_u8(byte: u8) -> NetworkType {
-        match byte {
-            1 => NetworkType::Wifi,
-            2 => NetworkType::Cellular,
-            3 => NetworkType::Wired,
-            _ => NetworkType::Unknown,
-        }
+        NetworkType::ALL
+            .get(usize::from(byte))
+            .copied()
+            .unwrap_or(NetworkType::Unknown)
+    }
+
+    /// The type's position in [`NetworkType::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             NetworkType::Unknown => "unknown",
             NetworkType::Wifi => "wifi",
-            NetworkType::Cellular => "cellular",
+            NetworkType::Cellular4g => "4g",
             NetworkType::Wired => "wired",
+            NetworkType::Cellular2g => "2g",
+            NetworkType::Cellular3g => "3g",
+            NetworkType::Cellular5g => "5g",
         }
     }
 }
 
 impl FromStr for NetworkType {
     type Err = String;
+    /// `cellular`, the name from before the generations were told apart,
+    /// reads as 4g (the same byte).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "unknown" => Ok(NetworkType::Unknown),
-            "wifi" => Ok(NetworkType::Wifi),
-            "cellular" => Ok(NetworkType::Cellular),
-            "wired" => Ok(NetworkType::Wired),
-            other => Err(format!(
-                "unknown network type {other:?} (expected unknown, wifi, cellular or wired)"
-            )),
+        if s == "cellular" {
+            return Ok(NetworkType::Cellular4g);
         }
+        NetworkType::ALL
+            .into_iter()
+            .find(|network| network.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown network type {s:?} (expected 2g, 3g, 4g, 5g, wifi, wired or unknown)"
+                )
+            })
     }
 }
 

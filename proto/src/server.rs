@@ -24,30 +24,52 @@ use crate::ids::{AppId, UserId};
 use crate::limits::APPS_PER_CONN_MAX;
 use crate::plane::{Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PushMessage};
 
-/// Per-network heartbeat intervals the server hands out in HELLO_OK.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeartbeatIntervals {
-    pub unknown: Duration,
-    pub wifi: Duration,
-    pub cellular: Duration,
-    pub wired: Duration,
+/// One network type's heartbeat: the interval HELLO_OK hands out, and the
+/// range a client may negotiate within (HEARTBEAT). Whole seconds: that is
+/// what the gateway keeps per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatRange {
+    pub start_secs: u16,
+    pub min_secs: u16,
+    pub max_secs: u16,
 }
 
-impl HeartbeatIntervals {
-    pub fn for_network(&self, network: NetworkType) -> Duration {
-        match network {
-            NetworkType::Unknown => self.unknown,
-            NetworkType::Wifi => self.wifi,
-            NetworkType::Cellular => self.cellular,
-            NetworkType::Wired => self.wired,
-        }
+impl HeartbeatRange {
+    /// The interval in force for a client that asked for `proposed_ms`:
+    /// rounded down to whole seconds and clamped to the range.
+    pub fn in_force_secs(&self, proposed_ms: u32) -> u16 {
+        let secs = u16::try_from(proposed_ms / 1000).unwrap_or(u16::MAX);
+        secs.clamp(self.min_secs, self.max_secs)
+    }
+}
+
+/// Heartbeat settings per network type, indexed by `NetworkType::index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatRanges(pub [HeartbeatRange; NetworkType::ALL.len()]);
+
+impl HeartbeatRanges {
+    /// The same fixed interval for every network type: nothing to
+    /// negotiate.
+    pub fn fixed(interval: Duration) -> HeartbeatRanges {
+        let secs = u16::try_from(interval.as_secs()).unwrap_or(u16::MAX);
+        HeartbeatRanges(
+            [HeartbeatRange {
+                start_secs: secs,
+                min_secs: secs,
+                max_secs: secs,
+            }; NetworkType::ALL.len()],
+        )
+    }
+
+    pub fn for_network(&self, network: NetworkType) -> &HeartbeatRange {
+        &self.0[network.index()]
     }
 }
 
 /// The settings every connection of a gateway shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    pub heartbeat: HeartbeatIntervals,
+    pub heartbeat: HeartbeatRanges,
     /// HELLO and a first successful BIND must both arrive within this time.
     pub auth_timeout: Duration,
     /// Failed BINDs a connection may make before it is closed.
@@ -61,13 +83,10 @@ pub struct ServerConfig {
     pub storage_epoch: u64,
 }
 
-impl ServerConfig {
-    /// The time a connection may stay silent: one interval plus half of one
-    /// more for network jitter, so a client that pings on time is never cut.
-    pub fn heartbeat_deadline(&self, network: NetworkType) -> Duration {
-        let interval = self.heartbeat.for_network(network);
-        interval + interval / 2
-    }
+/// The time a connection may stay silent: one interval plus half of one
+/// more for network jitter, so a client that pings on time is never cut.
+fn heartbeat_deadline(interval_secs: u16) -> Duration {
+    Duration::from_millis(u64::from(interval_secs) * 1500)
 }
 
 /// What a connection does with a broadcast that reached its shard.
@@ -154,17 +173,24 @@ pub struct Output {
     pub transmit: Vec<Frame>,
     pub events: Vec<ConnEvent>,
     pub close: Option<CloseReason>,
+    /// Set when the connection's heartbeat interval was set (HELLO) or
+    /// negotiated (HEARTBEAT): what the gateway's metric observes.
+    pub heartbeat_set: Option<(NetworkType, Duration)>,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.transmit.is_empty() && self.events.is_empty() && self.close.is_none()
+        self.transmit.is_empty()
+            && self.events.is_empty()
+            && self.close.is_none()
+            && self.heartbeat_set.is_none()
     }
 
     pub fn clear(&mut self) {
         self.transmit.clear();
         self.events.clear();
         self.close = None;
+        self.heartbeat_set = None;
     }
 }
 
@@ -383,6 +409,9 @@ pub struct ServerConn {
     /// Set until the first successful BIND.
     auth_deadline: Option<Instant>,
     heartbeat_deadline: Instant,
+    /// The interval in force, in whole seconds (it fits the struct's
+    /// padding, which a `Duration` would not).
+    heartbeat_secs: u16,
     bind_failures: u32,
     bindings: Vec<Binding>,
 }
@@ -392,13 +421,18 @@ impl ServerConn {
     /// wall clock.
     pub fn new(now: Instant, connected_at_ms: u64, config: &ServerConfig) -> ServerConn {
         debug_assert!(config.apps_per_conn_max <= APPS_PER_CONN_MAX);
+        let unknown_secs = config
+            .heartbeat
+            .for_network(NetworkType::Unknown)
+            .start_secs;
         ServerConn {
             phase: Phase::AwaitHello,
             device_id: Box::default(),
             network: NetworkType::Unknown,
             connected_at_ms,
             auth_deadline: Some(now + config.auth_timeout),
-            heartbeat_deadline: now + config.heartbeat_deadline(NetworkType::Unknown),
+            heartbeat_deadline: now + heartbeat_deadline(unknown_secs),
+            heartbeat_secs: unknown_secs,
             bind_failures: 0,
             bindings: Vec::new(),
         }
@@ -459,7 +493,7 @@ impl ServerConn {
             return;
         }
         // Any frame proves the client alive, not only PING.
-        self.heartbeat_deadline = now + config.heartbeat_deadline(self.network);
+        self.heartbeat_deadline = now + heartbeat_deadline(self.heartbeat_secs);
         match (self.phase, frame) {
             (
                 Phase::AwaitHello,
@@ -472,11 +506,21 @@ impl ServerConn {
                 self.device_id = device_id.into_boxed_str();
                 self.network = network;
                 self.phase = Phase::Open;
-                self.heartbeat_deadline = now + config.heartbeat_deadline(network);
-                let interval = config.heartbeat.for_network(network);
+                let start_secs = config.heartbeat.for_network(network).start_secs;
+                self.set_heartbeat(now, start_secs, out);
                 out.transmit.push(Frame::HelloOk {
-                    heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+                    heartbeat_interval_ms: u32::from(start_secs) * 1000,
                     storage_epoch: Some(config.storage_epoch),
+                });
+            }
+            (Phase::Open, Frame::Heartbeat { interval_ms }) => {
+                let secs = config
+                    .heartbeat
+                    .for_network(self.network)
+                    .in_force_secs(interval_ms);
+                self.set_heartbeat(now, secs, out);
+                out.transmit.push(Frame::Heartbeat {
+                    interval_ms: u32::from(secs) * 1000,
                 });
             }
             (
@@ -559,6 +603,20 @@ impl ServerConn {
                 );
             }
         }
+    }
+
+    /// Puts `secs` in force from `now`. The deadline only moves here; the
+    /// shard's timer wheel, which fires at the deadline it was given, puts
+    /// the connection back at the new one when it fires early.
+    fn set_heartbeat(&mut self, now: Instant, secs: u16, out: &mut Output) {
+        self.heartbeat_secs = secs;
+        self.heartbeat_deadline = now + heartbeat_deadline(secs);
+        out.heartbeat_set = Some((self.network, Duration::from_secs(u64::from(secs))));
+    }
+
+    /// The heartbeat interval in force.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.heartbeat_secs))
     }
 
     fn handle_bind(
@@ -1010,12 +1068,22 @@ mod tests {
 
     fn config() -> ServerConfig {
         ServerConfig {
-            heartbeat: HeartbeatIntervals {
-                unknown: Duration::from_secs(60),
-                wifi: Duration::from_secs(120),
-                cellular: Duration::from_secs(30),
-                wired: Duration::from_secs(240),
-            },
+            // 4g: 30 s in [20, 90]; the others 60 s in [30, 300].
+            heartbeat: HeartbeatRanges(NetworkType::ALL.map(|network| {
+                if network == NetworkType::Cellular4g {
+                    HeartbeatRange {
+                        start_secs: 30,
+                        min_secs: 20,
+                        max_secs: 90,
+                    }
+                } else {
+                    HeartbeatRange {
+                        start_secs: 60,
+                        min_secs: 30,
+                        max_secs: 300,
+                    }
+                }
+            })),
             auth_timeout: Duration::from_secs(10),
             bind_failures_max: 3,
             apps_per_conn_max: 2,
@@ -1152,7 +1220,7 @@ mod tests {
     #[test]
     fn hello_gets_the_interval_of_its_network() {
         let mut h = Harness::new();
-        let out = h.hello(NetworkType::Cellular);
+        let out = h.hello(NetworkType::Cellular4g);
         assert_eq!(
             out.transmit,
             vec![Frame::HelloOk {
@@ -1160,6 +1228,59 @@ mod tests {
                 storage_epoch: Some(7),
             }]
         );
+        assert_eq!(
+            out.heartbeat_set,
+            Some((NetworkType::Cellular4g, Duration::from_secs(30)))
+        );
+    }
+
+    #[test]
+    fn a_proposed_interval_is_clamped_to_the_range_and_answered() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Cellular4g);
+        h.bind("chat", "ok:alice", None);
+        for (proposed_ms, in_force_secs) in [(45_500, 45u16), (5_000, 20), (600_000, 90)] {
+            let out = h.frame(Frame::Heartbeat {
+                interval_ms: proposed_ms,
+            });
+            assert_eq!(
+                out.transmit,
+                vec![Frame::Heartbeat {
+                    interval_ms: u32::from(in_force_secs) * 1000
+                }]
+            );
+            let in_force = Duration::from_secs(u64::from(in_force_secs));
+            assert_eq!(out.heartbeat_set, Some((NetworkType::Cellular4g, in_force)));
+            assert_eq!(h.conn.heartbeat_interval(), in_force);
+        }
+    }
+
+    #[test]
+    fn a_negotiated_interval_moves_the_deadline() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Cellular4g); // 30 s interval, 45 s deadline
+        h.bind("chat", "ok:alice", None);
+        h.frame(Frame::Heartbeat {
+            interval_ms: 80_000,
+        });
+        // 80 s in force: silent for 119 s is fine, 120 s is not.
+        let deadline = h.now + Duration::from_secs(120);
+        assert_eq!(h.conn.poll_timeout(), deadline);
+        assert!(h.advance(Duration::from_secs(119)).is_empty());
+        let out = h.advance(Duration::from_secs(1));
+        assert_eq!(out.close, Some(CloseReason::HeartbeatTimeout));
+    }
+
+    #[test]
+    fn a_heartbeat_before_hello_is_a_protocol_error() {
+        let mut h = Harness::new();
+        let out = h.frame(Frame::Heartbeat {
+            interval_ms: 80_000,
+        });
+        assert!(matches!(
+            out.close,
+            Some(CloseReason::ProtocolError(ErrorCode::UNEXPECTED_FRAME))
+        ));
     }
 
     #[test]
@@ -1338,7 +1459,7 @@ mod tests {
     #[test]
     fn silent_connection_is_closed_and_a_pinging_one_is_not() {
         let mut h = Harness::new();
-        h.hello(NetworkType::Cellular); // 30 s interval, 45 s deadline
+        h.hello(NetworkType::Cellular4g); // 30 s interval, 45 s deadline
         h.bind("chat", "ok:alice", None);
         for _ in 0..10 {
             assert!(h.advance(Duration::from_secs(30)).is_empty());

@@ -81,12 +81,7 @@ fn payload(sizes: Sizes) -> BoxedStrategy<Bytes> {
 }
 
 fn network() -> impl Strategy<Value = NetworkType> {
-    prop_oneof![
-        Just(NetworkType::Unknown),
-        Just(NetworkType::Wifi),
-        Just(NetworkType::Cellular),
-        Just(NetworkType::Wired),
-    ]
+    proptest::sample::select(NetworkType::ALL.to_vec())
 }
 
 /// Every variant of `Frame`, every field within its limits.
@@ -154,6 +149,7 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
         }),
         Just(Frame::Ping),
         Just(Frame::Pong),
+        any::<u32>().prop_map(|interval_ms| Frame::Heartbeat { interval_ms }),
         (app(), any::<[u8; 16]>(), any::<u64>(), payload(sizes)).prop_map(
             |(app, id, seq, payload)| Frame::Push {
                 app,

@@ -52,6 +52,7 @@ pub use driver::uring::RecvBuffers;
 pub struct ReadDeadlines {
     pub unknown: Duration,
     pub wifi: Duration,
+    /// 2g to 5g.
     pub cellular: Duration,
     pub wired: Duration,
     /// At least 1.
@@ -64,7 +65,10 @@ impl ReadDeadlines {
         let base = match network {
             NetworkType::Unknown => self.unknown,
             NetworkType::Wifi => self.wifi,
-            NetworkType::Cellular => self.cellular,
+            NetworkType::Cellular2g
+            | NetworkType::Cellular3g
+            | NetworkType::Cellular4g
+            | NetworkType::Cellular5g => self.cellular,
             NetworkType::Wired => self.wired,
         };
         base + Duration::from_secs_f64(len as f64 / f64::from(self.bytes_per_sec_min.max(1)))

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
+use herald_proto::NetworkType;
 use herald_proto::server::CloseReason;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 
@@ -135,6 +136,13 @@ const WRITE_BUCKETS: &[f64] = &[
     1.0, 5.0,
 ];
 
+/// Heartbeat intervals, in seconds: from the seconds tests and probing
+/// clients start at to the half hour a wired client may keep.
+const HEARTBEAT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 450.0,
+    600.0, 900.0, 1800.0,
+];
+
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct ShardCounters {
@@ -149,6 +157,9 @@ pub struct ShardCounters {
     turned_away: [Counter; TURN_AWAY_REASONS.len()],
     /// Set once the shard's series exists in the registry.
     turn_seconds: Option<Histogram>,
+    /// The heartbeat-interval series, indexed by `NetworkType::index`
+    /// (empty until the registry has them).
+    heartbeat_seconds: Vec<Histogram>,
 }
 
 impl ShardCounters {
@@ -156,6 +167,13 @@ impl ShardCounters {
     pub fn turn(&self, seconds: f64) {
         if let Some(histogram) = &self.turn_seconds {
             histogram.observe(seconds);
+        }
+    }
+
+    /// A connection's heartbeat interval was set (HELLO) or negotiated.
+    pub fn heartbeat_set(&self, network: NetworkType, interval_secs: f64) {
+        if let Some(histogram) = self.heartbeat_seconds.get(network.index()) {
+            histogram.observe(interval_secs);
         }
     }
 
@@ -247,7 +265,22 @@ impl GatewayMetrics {
             &["app"],
         )
         .expect("valid histogram");
-        for collector in [turn_seconds.clone(), write_seconds.clone()] {
+        let heartbeat_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_heartbeat_interval_seconds",
+                "Heartbeat intervals put in force, by network type: observed at HELLO \
+                 (the type's start interval) and at each HEARTBEAT negotiation (the \
+                 clamped interval).",
+            )
+            .buckets(HEARTBEAT_BUCKETS.to_vec()),
+            &["network"],
+        )
+        .expect("valid histogram");
+        for collector in [
+            turn_seconds.clone(),
+            write_seconds.clone(),
+            heartbeat_seconds.clone(),
+        ] {
             registry
                 .register(Box::new(collector))
                 .expect("metric names are unique");
@@ -256,6 +289,10 @@ impl GatewayMetrics {
             shards: (0..shards)
                 .map(|shard| ShardCounters {
                     turn_seconds: Some(turn_seconds.with_label_values(&[&shard.to_string()])),
+                    heartbeat_seconds: NetworkType::ALL
+                        .iter()
+                        .map(|network| heartbeat_seconds.with_label_values(&[network.as_str()]))
+                        .collect(),
                     ..ShardCounters::default()
                 })
                 .collect(),

@@ -1161,6 +1161,12 @@ impl<D: Driver> Shard<D> {
     /// frames, send them or queue them, forward its events, start its
     /// close.
     fn apply(&mut self, slot: usize, now: Instant) {
+        // Counted before the answer goes out, so that a client that saw it
+        // finds it in the metric.
+        if let Some((network, interval)) = self.out.heartbeat_set.take() {
+            self.counters()
+                .heartbeat_set(network, interval.as_secs_f64());
+        }
         let encoded = self.encoded.take();
         let (sent, ready) = self.encode_output(slot, encoded.as_ref());
         self.send_or_queue(slot, sent, ready);

@@ -20,7 +20,7 @@ use herald_proto::plane::{
     TokenSecret,
 };
 use herald_proto::rate::Rate;
-use herald_proto::server::{HeartbeatIntervals, ServerConfig};
+use herald_proto::server::{HeartbeatRanges, ServerConfig};
 use herald_proto::{
     BindErrorCode, Frame, GoAwayReason, MessageId, NetworkType, TokenClaims, decode_slice, encode,
     encoded_len, sign_token,
@@ -142,12 +142,7 @@ struct Harness<const R: bool> {
 
 fn server_config() -> ServerConfig {
     ServerConfig {
-        heartbeat: HeartbeatIntervals {
-            unknown: HEARTBEAT,
-            wifi: HEARTBEAT,
-            cellular: HEARTBEAT,
-            wired: HEARTBEAT,
-        },
+        heartbeat: HeartbeatRanges::fixed(HEARTBEAT),
         auth_timeout: AUTH_TIMEOUT,
         bind_failures_max: 3,
         apps_per_conn_max: 4,
@@ -1508,7 +1503,7 @@ fn gives_a_longer_frame_and_a_slower_network_more_time<const R: bool>() {
     let hello = Frame::Hello {
         device_id: "alice-phone".to_owned(),
         client_version: "test".to_owned(),
-        network: NetworkType::Cellular,
+        network: NetworkType::Cellular4g,
     };
     h.send(&client, &[hello]);
     assert!(matches!(

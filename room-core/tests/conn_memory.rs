@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use herald_proto::ids::AppId;
 use herald_proto::plane::{ConnCommand, ConnEvent, ShardCommand, ShardEvent};
-use herald_proto::server::{HeartbeatIntervals, ServerConfig};
+use herald_proto::server::{HeartbeatRanges, ServerConfig};
 use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
 use herald_room::{Gateway, GatewayConfig, IoDriver, ListenerConfig, TlsAcceptor, TransportKind};
 
@@ -141,12 +141,7 @@ fn config(io: IoDriver, tls: Option<&Pki>) -> GatewayConfig {
         websocket: Default::default(),
         shards: 1,
         server: ServerConfig {
-            heartbeat: HeartbeatIntervals {
-                unknown: interval,
-                wifi: interval,
-                cellular: interval,
-                wired: interval,
-            },
+            heartbeat: HeartbeatRanges::fixed(interval),
             auth_timeout: Duration::from_secs(30),
             bind_failures_max: 3,
             apps_per_conn_max: 4,
@@ -408,12 +403,7 @@ fn connections_killed_mid_send_and_mid_receive_leave_nothing_behind() {
         let (events_tx, events_rx) = async_channel::bounded(CHURN * 8);
         let mut config = config(io, None);
         config.server.auth_timeout = DEADLINE_INTERVAL;
-        config.server.heartbeat = HeartbeatIntervals {
-            unknown: DEADLINE_INTERVAL,
-            wifi: DEADLINE_INTERVAL,
-            cellular: DEADLINE_INTERVAL,
-            wired: DEADLINE_INTERVAL,
-        };
+        config.server.heartbeat = HeartbeatRanges::fixed(DEADLINE_INTERVAL);
         // The half frames' deadlines pass too: their length adds little.
         config.read_deadlines = herald_room::ReadDeadlines {
             unknown: DEADLINE_INTERVAL / 2,

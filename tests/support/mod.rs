@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod cluster;
+pub mod nat;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader};
@@ -514,6 +515,7 @@ pub fn sdk_options(gateway: &str, token: String) -> herald_client::ClientOptions
             max: Duration::from_millis(500),
         },
         connect_timeout: Duration::from_secs(2),
+        heartbeat_probe: None,
     }
 }
 

@@ -341,7 +341,7 @@ mod tests {
             node: "room-2".to_owned(),
             instance: 1_764_000_000_123,
             device_id: "phone|with|bars".to_owned(),
-            network: NetworkType::Cellular,
+            network: NetworkType::Cellular4g,
             connected_at_ms: 42,
         };
         let field = session_field(&session.node, session.instance, session.conn);

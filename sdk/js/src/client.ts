@@ -24,6 +24,7 @@ import {
 } from "./conn.js";
 import { type DispatchOptions, type FetchLike, askDispatcher, isWebSocketUrl } from "./dispatch.js";
 import { EventHub, type EventStream } from "./events.js";
+import { HeartbeatLearner, type HeartbeatProbeOptions } from "./heartbeat.js";
 import {
   type BackoffOptions,
   type BindFailure,
@@ -42,13 +43,18 @@ import {
 import { type ResumeState, type ResumeStore, parseState, parseU64, tokenClaims } from "./storage.js";
 import { type WebSocketConstructor, type WebSocketLike, WS_OPEN, resolveWebSocket } from "./websocket.js";
 
-export type NetworkName = "unknown" | "wifi" | "cellular" | "wired";
+/** A network type; `cellular`, the name from before the radio generations were told apart, is 4g. */
+export type NetworkName = "unknown" | "wifi" | "wired" | "2g" | "3g" | "4g" | "5g" | "cellular";
 
 const NETWORKS: Record<NetworkName, NetworkType> = {
   unknown: Network.Unknown,
   wifi: Network.Wifi,
-  cellular: Network.Cellular,
   wired: Network.Wired,
+  "2g": Network.Cellular2g,
+  "3g": Network.Cellular3g,
+  "4g": Network.Cellular4g,
+  "5g": Network.Cellular5g,
+  cellular: Network.Cellular4g,
 };
 
 /** One app to bind. */
@@ -81,6 +87,13 @@ export interface ClientOptions {
   network?: NetworkName;
   /** The apps to bind (1 to 16). */
   apps: AppToken[];
+  /**
+   * Probe for a longer heartbeat interval and negotiate it with the server
+   * (see `HeartbeatProbeOptions`); unset: ping at the server's interval.
+   * A server that refuses the first proposal (it predates HEARTBEAT) turns
+   * probing off for the client.
+   */
+  heartbeatProbe?: HeartbeatProbeOptions;
   /** `auto` (default): a push or broadcast is acked once every listener handled it. `manual`: call `ack`/`ackBroadcast`. */
   ackMode?: "auto" | "manual";
   /** Reconnect backoff bounds (default 200 ms doubling up to 30 s). */
@@ -118,6 +131,12 @@ export interface ConnectedEvent {
   storageEpoch: bigint | undefined;
 }
 
+/** The server answered a heartbeat proposal: the client pings at `intervalMs` from now on (only with `heartbeatProbe`). */
+export interface HeartbeatSetEvent {
+  type: "heartbeatSet";
+  intervalMs: number;
+}
+
 /** The dispatcher could not be asked; the client tries the gateway that last worked, or the configured ones. */
 export interface DispatchFailedEvent {
   type: "dispatchFailed";
@@ -147,6 +166,7 @@ export type ClientEvent =
   | UpstreamAckEvent
   | ResetEvent
   | UnboundEvent
+  | HeartbeatSetEvent
   | DispatchFailedEvent
   | DisconnectedEvent
   | ClosedEvent;
@@ -235,6 +255,7 @@ export class HeraldClient {
   private readonly random: () => number;
   private readonly timers: Timers;
   private readonly webSocket: WebSocketConstructor | undefined;
+  private learner: HeartbeatLearner | undefined;
 
   private readonly backoff: Backoff;
   private readonly gatewayList: Gateways;
@@ -276,6 +297,14 @@ export class HeraldClient {
     this.clientVersion = options.clientVersion ?? `herald-client-js/${SDK_VERSION}`;
     this.networkName = networkName;
     this.network = NETWORKS[networkName];
+    if (options.heartbeatProbe !== undefined) {
+      const probe = options.heartbeatProbe;
+      if (!(probe.stepMs > 0) || !(probe.holdMs >= 0) || !Number.isInteger(probe.healthyBeforeProbe)) {
+        throw new TypeError("heartbeatProbe: stepMs > 0, holdMs >= 0 and an integer healthyBeforeProbe");
+      }
+      // The learned interval is kept by the type's current name: `cellular` is 4g.
+      this.learner = new HeartbeatLearner(probe, networkName === "cellular" ? "4g" : networkName);
+    }
     this.apps = options.apps.map((a) => ({ app: a.app, token: a.token, tags: [...(a.tags ?? [])] }));
     // Every frame this client will send from the options must encode: fail now, not at each connection.
     encodeFrame({ type: "hello", deviceId: this.deviceId, clientVersion: this.clientVersion, network: this.network });
@@ -598,8 +627,10 @@ export class HeraldClient {
         // 3. What it reports.
         for (let event = c.pollEvent(); event !== undefined; event = c.pollEvent()) {
           switch (event.type) {
-            case "ready":
+            case "ready": {
               handshakeDone = true;
+              const proposal = this.learner?.connected(event.heartbeatIntervalMs);
+              if (proposal !== undefined) c.proposeHeartbeat(proposal);
               this.stateValue = "connected";
               this.hub.emit({
                 type: "connected",
@@ -607,6 +638,16 @@ export class HeraldClient {
                 heartbeatIntervalMs: event.heartbeatIntervalMs,
                 storageEpoch: event.storageEpoch,
               });
+              break;
+            }
+            case "pingAnswered": {
+              const proposal = this.learner?.pingAnswered();
+              if (proposal !== undefined) c.proposeHeartbeat(proposal);
+              break;
+            }
+            case "heartbeatSet":
+              this.learner?.set(event.intervalMs);
+              this.hub.emit(event);
               break;
             case "bound":
               this.hub.emit(event);
@@ -645,12 +686,15 @@ export class HeraldClient {
               );
               return;
             case "serverError":
+              // A server that predates HEARTBEAT refuses it: stop proposing.
+              if (this.learner?.awaitingAnswer === true) this.learner = undefined;
               finish(lost(`server sent ERROR ${event.codeName}: ${event.message}`, handshakeDone, { protocolError: true }));
               return;
             case "protocolError":
               finish(lost(`bad frame from the server: ${event.message}`, handshakeDone, { protocolError: true }));
               return;
             case "timedOut":
+              if (handshakeDone) this.learner?.failed();
               finish(lost(handshakeDone ? "server went silent" : "no HELLO_OK in time", handshakeDone));
               return;
           }
@@ -705,6 +749,9 @@ export class HeraldClient {
         pump();
       };
       socket.onclose = (event) => {
+        // Lost while a PING was out: the heartbeat was too long for a NAT
+        // that resets the flow it forgot rather than dropping it silently.
+        if (!done && handshakeDone && conn?.pingUnanswered === true) this.learner?.failed();
         finish(endedByClose(event.code, event.reason, handshakeDone));
       };
     });

@@ -49,11 +49,23 @@ export const Op = {
   Reset: 0x11,
   UpstreamRouted: 0x12,
   Transient: 0x13,
+  Heartbeat: 0x14,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
-/** HELLO's network byte. A receiver reads any other value as unknown. */
-export const NetworkType = { Unknown: 0, Wifi: 1, Cellular: 2, Wired: 3 } as const;
+/**
+ * HELLO's network byte. A receiver reads any other value as unknown. Byte 2
+ * was `cellular` before the radio generations were told apart: it is 4g.
+ */
+export const NetworkType = {
+  Unknown: 0,
+  Wifi: 1,
+  Cellular4g: 2,
+  Wired: 3,
+  Cellular2g: 4,
+  Cellular3g: 5,
+  Cellular5g: 6,
+} as const;
 export type NetworkType = (typeof NetworkType)[keyof typeof NetworkType];
 
 /** RESET's sequence byte. */
@@ -162,6 +174,7 @@ const OP_NAMES = [
   "RESET",
   "UPSTREAM_ROUTED",
   "TRANSIENT",
+  "HEARTBEAT",
 ];
 
 function nameIn(names: readonly string[], code: number): string {
@@ -216,7 +229,9 @@ export type Frame =
   | { type: "error"; code: number; message: string }
   | { type: "broadcast"; app: string; messageId: Uint8Array; seq: bigint; payload: Uint8Array }
   | { type: "broadcastAck"; app: string; seq: bigint }
-  | { type: "reset"; app: string; sequence: ResetSequence; after: bigint };
+  | { type: "reset"; app: string; sequence: ResetSequence; after: bigint }
+  /** Client to server: the interval about to be used; server to client: the interval in force. */
+  | { type: "heartbeat"; intervalMs: number };
 
 export type FrameType = Frame["type"];
 /** The frame of one type, e.g. `FrameOf<"push">`. */
@@ -241,6 +256,7 @@ const OP_OF: { [T in FrameType]: Op } = {
   broadcast: Op.Broadcast,
   broadcastAck: Op.BroadcastAck,
   reset: Op.Reset,
+  heartbeat: Op.Heartbeat,
 };
 
 /** The op byte of a frame. */
@@ -626,6 +642,9 @@ export function encodeFrame(frame: Frame): Uint8Array {
       w.u64(after);
       break;
     }
+    case "heartbeat":
+      w.u32(checkInt("interval_ms", frame.intervalMs, 0xffff_ffff));
+      break;
     default: {
       const unknown: { type?: unknown } = frame;
       throw new EncodeError("invalid_value", "type", `unknown frame type ${String(unknown.type)}`);
@@ -726,7 +745,7 @@ class Reader {
 }
 
 function isOp(byte: number): byte is Op {
-  return byte >= Op.Hello && byte <= Op.Transient;
+  return byte >= Op.Hello && byte <= Op.Heartbeat;
 }
 
 function decodeBody(body: Uint8Array): Frame {
@@ -748,7 +767,7 @@ function decodeBody(body: Uint8Array): Frame {
       const deviceId = r.str(DEVICE_ID);
       const clientVersion = r.str(CLIENT_VERSION);
       const byte = r.u8();
-      frame = { type: "hello", deviceId, clientVersion, network: byte <= NetworkType.Wired ? byte : NetworkType.Unknown };
+      frame = { type: "hello", deviceId, clientVersion, network: byte <= NetworkType.Cellular5g ? byte : NetworkType.Unknown };
       break;
     }
     case Op.HelloOk: {
@@ -862,6 +881,9 @@ function decodeBody(body: Uint8Array): Frame {
       frame = { type: "reset", app, sequence, after: r.u64() };
       break;
     }
+    case Op.Heartbeat:
+      frame = { type: "heartbeat", intervalMs: r.u32() };
+      break;
   }
   r.finish();
   return frame;

@@ -149,7 +149,11 @@ export type ConnEvent =
   /** This side found a protocol error in what the server sent; ERROR is queued, then close. */
   | { type: "protocolError"; code: number; codeName: string; message: string }
   /** The server sent nothing within twice the heartbeat interval (or did not answer HELLO in time). */
-  | { type: "timedOut" };
+  | { type: "timedOut" }
+  /** The server answered a PING: one heartbeat interval held. */
+  | { type: "pingAnswered" }
+  /** The server answered a HEARTBEAT proposal with the interval now in force. */
+  | { type: "heartbeatSet"; intervalMs: number };
 
 /** Why `upstream` refused. */
 export class ConnError extends Error {
@@ -188,6 +192,7 @@ export class ClientConn {
   private phase: Phase = "awaitHelloOk";
   private heartbeatIntervalMs: number | undefined;
   private nextPing: number | undefined;
+  private pingOut = false;
   private silenceDeadline: number;
   private readonly apps: AppState[];
   private epoch: bigint | undefined;
@@ -249,6 +254,7 @@ export class ClientConn {
     }
     if (this.nextPing !== undefined && this.heartbeatIntervalMs !== undefined && now >= this.nextPing) {
       this.transmit.push({ type: "ping" });
+      this.pingOut = true;
       this.nextPing = now + this.heartbeatIntervalMs;
     }
   }
@@ -332,7 +338,18 @@ export class ClientConn {
         return;
       }
       case "pong":
+        this.pingOut = false;
+        this.events.push({ type: "pingAnswered" });
         return;
+      case "heartbeat": {
+        if (this.phase !== "open") break;
+        const interval = Math.max(frame.intervalMs, HEARTBEAT_INTERVAL_MIN_MS);
+        this.heartbeatIntervalMs = interval;
+        this.nextPing = now + interval;
+        this.silenceDeadline = now + interval * 2;
+        this.events.push({ type: "heartbeatSet", intervalMs: interval });
+        return;
+      }
       case "push": {
         const state = this.app(frame.app);
         if (state === undefined) return;
@@ -469,6 +486,21 @@ export class ClientConn {
    * and a `RangeError` for a payload over 65,024 bytes or a route that is
    * not 1 to 64 bytes.
    */
+  /** A PING is waiting for its PONG. */
+  get pingUnanswered(): boolean {
+    return this.pingOut;
+  }
+
+  /**
+   * Asks the server to put `intervalMs` in force (HEARTBEAT); pings keep
+   * their old interval until the answer (`heartbeatSet`). Only servers
+   * that negotiate understand it: one that does not closes with ERROR.
+   */
+  proposeHeartbeat(intervalMs: number): void {
+    if (this.phase !== "open") throw new ConnError("closed", "the connection is not open");
+    this.transmit.push({ type: "heartbeat", intervalMs: Math.min(Math.round(intervalMs), 0xffff_ffff) });
+  }
+
   upstream(app: string, payload: Uint8Array, route?: string): bigint {
     if (this.phase !== "open") throw new ConnError("closed", "the connection is not open");
     if (this.app(app)?.user === undefined) throw new ConnError("not_bound", `app ${JSON.stringify(app)} is not bound`);

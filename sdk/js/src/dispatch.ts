@@ -29,7 +29,13 @@ export function dispatchNet(network: string): string | undefined {
     case "wired":
       return "wifi";
     case "cellular":
+    case "4g":
+    // The dispatcher knows no 5g: it is served like 4g.
+    case "5g":
       return "4g";
+    case "3g":
+    case "2g":
+      return network;
     default:
       return undefined;
   }

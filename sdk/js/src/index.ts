@@ -14,6 +14,7 @@ export * from "./conn.js";
 export * from "./reconnect.js";
 export * from "./dispatch.js";
 export * from "./storage.js";
+export * from "./heartbeat.js";
 export * from "./client.js";
 export { EventStream } from "./events.js";
 export type { WebSocketConstructor, WebSocketLike } from "./websocket.js";

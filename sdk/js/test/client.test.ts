@@ -108,7 +108,7 @@ describe("connecting", () => {
     assert.throws(() => new HeraldClient({ ...base, apps: [{ app: "a", token: "" }, { app: "a", token: "" }] }), TypeError);
     assert.throws(() => new HeraldClient({ ...base, deviceId: "" }), /device_id/);
     assert.throws(() => new HeraldClient({ ...base, apps: [{ app: "x".repeat(65), token: "t" }] }), /app/);
-    assert.throws(() => new HeraldClient({ ...base, network: "5g" as "wifi" }), TypeError);
+    assert.throws(() => new HeraldClient({ ...base, network: "6g" as "wifi" }), TypeError);
   });
 
   test("an unreachable gateway: the next one at once, then a wait when all failed", async () => {

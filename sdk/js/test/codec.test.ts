@@ -38,6 +38,7 @@ const DOCUMENTED: Record<string, Frame> = {
   BIND_ERR: { type: "bindErr", app: "chat", code: 2, message: "expired" },
   PING: { type: "ping" },
   PONG: { type: "pong" },
+  HEARTBEAT: { type: "heartbeat", intervalMs: 90_000 },
   PUSH: { type: "push", app: "chat", messageId: ID, seq: 1n, payload: ascii("hi") },
   ACK: { type: "ack", app: "chat", seq: 1n },
   TRANSIENT: { type: "transient", app: "chat", payload: ascii("hi") },
@@ -179,7 +180,7 @@ describe("decoding malformed input", () => {
       ["00 ee", "unsupported_version", {}], // the version is checked before the op
       ["01 ee", "unknown_op", { op: 0xee }],
       ["01 00", "unknown_op", { op: 0 }],
-      ["01 14", "unknown_op", { op: 0x14 }],
+      ["01 15", "unknown_op", { op: 0x15 }],
       ["01 06 00", "trailing_bytes", { op: 0x06 }],
       ["01 09 04 63", "truncated", { op: 0x09 }],
       ["01 09 00 0000000000000001", "empty_field", { field: "app" }],

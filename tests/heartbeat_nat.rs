@@ -1,0 +1,297 @@
+//! The adaptive heartbeat against a NAT: an SDK, probing, behind a relay
+//! that silently drops flows idle for more than T, converges to an
+//! interval below T, then holds its connection; with T raised, it climbs.
+//! Run for the Rust SDK over TCP (behind a NAT that drops silently, and
+//! one that resets), and for the JS SDK in Node over ws
+//! (`sdk/js/e2e/heartbeat_nat.mjs`; needs Node 20+ and the SDK's npm
+//! packages, else skipped, except with CI=true).
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_client::{Client, Event, HeartbeatProbe};
+use support::cluster::service_missing;
+use support::nat::{Forget, NatRelay};
+use support::{Server, sdk_options, token};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
+use tokio::time::Instant;
+
+/// The relay's first idle limit: between 3 s (which holds) and 4 s (which
+/// does not) for a client probing 1, 2, 3, 4 s...
+const NAT_IDLE: Duration = Duration::from_millis(3_500);
+/// The raised limit, which 4 s and 5 s fit under.
+const NAT_IDLE_RAISED: Duration = Duration::from_secs(8);
+/// Each probe is this much longer.
+const STEP: Duration = Duration::from_secs(1);
+/// Answered PINGs before an interval counts as held.
+const HEALTHY_BEFORE_PROBE: u32 = 2;
+/// After a failure the client probes no higher for this long: through the
+/// steady phase, so that it shows no connection lost.
+const HOLD: Duration = Duration::from_secs(25);
+/// How long the steady phase watches for a lost connection.
+const STEADY: Duration = Duration::from_secs(15);
+/// Disconnects the client may take to find an interval below the limit:
+/// the probe that fails, and one more for a timing accident.
+const PROBES_FAILED_MAX: usize = 2;
+
+/// The gateway's wifi heartbeat: 1 s to start, negotiable up to 30 s; a ws
+/// listener beside plain TCP for the JS SDK.
+fn server() -> Server {
+    Server::start_with_edited_config(|text| {
+        let legacy = text
+            .find("[gateway.heartbeat_secs]")
+            .expect("the support config has the section");
+        let end = text[legacy..].find("[api]").unwrap() + legacy;
+        format!(
+            "{}[gateway.heartbeat.wifi]\nstart_secs = 1\nmin_secs = 1\nmax_secs = 30\n\
+             [[gateway.listeners]]\naddress = \"127.0.0.1:0\"\ntransport = \"ws\"\n{}",
+            &text[..legacy],
+            &text[end..]
+        )
+    })
+}
+
+/// The events the scenario follows, from either SDK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Observed {
+    Connected,
+    Disconnected,
+    HeartbeatSet(Duration),
+    Other,
+}
+
+/// A probing client of either SDK.
+enum Sdk {
+    Rust(Client),
+    /// The Node process, and its stdout's lines; its stdin is held open
+    /// (it exits when it closes).
+    Node {
+        child: Child,
+        lines: Lines<BufReader<ChildStdout>>,
+    },
+}
+
+impl Sdk {
+    async fn next(&mut self) -> Observed {
+        match self {
+            Sdk::Rust(client) => match client.next_event().await.expect("the client stopped") {
+                Event::Connected { .. } => Observed::Connected,
+                Event::Disconnected { .. } => Observed::Disconnected,
+                Event::HeartbeatSet { interval } => Observed::HeartbeatSet(interval),
+                _ => Observed::Other,
+            },
+            Sdk::Node { child, lines } => {
+                let Some(line) = lines.next_line().await.unwrap() else {
+                    let status = child.wait().await.unwrap();
+                    panic!("the Node client exited: {status}");
+                };
+                let event: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("not a JSON event from Node: {line}"));
+                match event["type"].as_str() {
+                    Some("connected") => Observed::Connected,
+                    Some("disconnected") => Observed::Disconnected,
+                    Some("heartbeatSet") => Observed::HeartbeatSet(Duration::from_millis(
+                        event["intervalMs"].as_u64().expect("intervalMs"),
+                    )),
+                    Some("closed") => panic!("the Node client stopped: {line}"),
+                    _ => Observed::Other,
+                }
+            }
+        }
+    }
+}
+
+/// What the client did up to a point.
+#[derive(Debug, Default)]
+struct Seen {
+    connects: usize,
+    disconnects: usize,
+    intervals_set: Vec<Duration>,
+}
+
+/// Reads events until `done` says so (true) or `until` passes (false).
+async fn watch(
+    sdk: &mut Sdk,
+    seen: &mut Seen,
+    until: Instant,
+    mut done: impl FnMut(&Seen, Observed) -> bool,
+) -> bool {
+    loop {
+        let Ok(event) = tokio::time::timeout_at(until, sdk.next()).await else {
+            return false;
+        };
+        match event {
+            Observed::Connected => seen.connects += 1,
+            Observed::Disconnected => seen.disconnects += 1,
+            Observed::HeartbeatSet(interval) => seen.intervals_set.push(interval),
+            Observed::Other => {}
+        }
+        if done(seen, event) {
+            return true;
+        }
+    }
+}
+
+/// Converge, hold, climb; then check the gateway's metric against what
+/// the client saw.
+async fn scenario(server: &Server, relay: &NatRelay, sdk: &mut Sdk) {
+    let mut seen = Seen::default();
+
+    // Converge: a probe above the limit fails, and after the reconnect the
+    // client settles below it.
+    let converged = watch(
+        sdk,
+        &mut seen,
+        Instant::now() + Duration::from_secs(90),
+        |seen, event| {
+            seen.disconnects > 0
+                && matches!(event, Observed::HeartbeatSet(interval) if interval < NAT_IDLE)
+        },
+    )
+    .await;
+    assert!(converged, "never settled below the limit: {seen:?}");
+    assert!(
+        seen.disconnects <= PROBES_FAILED_MAX,
+        "{} probes failed: {seen:?}",
+        seen.disconnects
+    );
+    assert_eq!(relay.dropped() as usize, seen.disconnects);
+    let settled = *seen.intervals_set.last().unwrap();
+    assert!(
+        settled + STEP > NAT_IDLE,
+        "settled at {settled:?}, more than a step below the limit"
+    );
+
+    // Steady: no connection lost, no interval above the limit.
+    let disconnects = seen.disconnects;
+    let sets = seen.intervals_set.len();
+    let lost = watch(sdk, &mut seen, Instant::now() + STEADY, |seen, _| {
+        seen.disconnects > disconnects
+    })
+    .await;
+    assert!(!lost, "a connection was lost while steady: {seen:?}");
+    assert!(
+        seen.intervals_set[sets..].iter().all(|i| *i < NAT_IDLE),
+        "probed above the limit while holding: {seen:?}"
+    );
+
+    // The limit rises: once the hold is over the client climbs past the
+    // old limit, and an interval above it holds (the next probe starts
+    // only after it held).
+    relay.set_idle_limit(NAT_IDLE_RAISED);
+    let climbed = watch(
+        sdk,
+        &mut seen,
+        Instant::now() + HOLD + Duration::from_secs(40),
+        |seen, event| {
+            seen.disconnects > disconnects
+                || matches!(event, Observed::HeartbeatSet(interval) if interval > NAT_IDLE + STEP)
+        },
+    )
+    .await;
+    assert!(climbed, "never climbed: {seen:?}");
+    assert_eq!(
+        seen.disconnects, disconnects,
+        "a connection was lost while climbing: {seen:?}"
+    );
+
+    // The gateway observed every interval it put in force: one at each
+    // HELLO, one at each negotiation.
+    let metrics = server.metrics().await;
+    let observed = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("herald_heartbeat_interval_seconds_count{network=\"wifi\"} ")
+        })
+        .expect("the wifi heartbeat series")
+        .parse::<usize>()
+        .unwrap();
+    assert_eq!(observed, seen.connects + seen.intervals_set.len());
+}
+
+async fn rust_sdk_behind(forget: Forget) {
+    let server = server();
+    let relay = NatRelay::start_forgetting(&server.gateway, NAT_IDLE, forget).await;
+    let mut sdk = Sdk::Rust(Client::start(herald_client::ClientOptions {
+        heartbeat_probe: Some(HeartbeatProbe {
+            step: STEP,
+            healthy_before_probe: HEALTHY_BEFORE_PROBE,
+            hold: HOLD,
+            network_id: Some("test-nat".to_owned()),
+            store: None,
+        }),
+        ..sdk_options(&relay.addr, token("alice", 3600))
+    }));
+    scenario(&server, &relay, &mut sdk).await;
+}
+
+#[tokio::test]
+async fn the_rust_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises() {
+    rust_sdk_behind(Forget::Silently).await;
+}
+
+/// A NAT that resets a forgotten flow: the connection is lost at once,
+/// with its PING unanswered, rather than timing out.
+#[tokio::test]
+async fn the_rust_sdk_learns_the_same_from_a_nat_that_resets_forgotten_flows() {
+    rust_sdk_behind(Forget::WithReset).await;
+}
+
+const JS_TEST: &str = "the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises";
+
+#[tokio::test]
+async fn the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises() {
+    let sdk_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
+    let node_missing = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err();
+    if node_missing || !sdk_dir.join("node_modules/ws").exists() {
+        let Some(never) = service_missing(
+            JS_TEST,
+            "node or sdk/js/node_modules is missing: run scripts/install-test-tools.sh".to_owned(),
+        ) else {
+            return;
+        };
+        match never {}
+    }
+    let build = tokio::process::Command::new("npm")
+        .args(["run", "build"])
+        .current_dir(&sdk_dir)
+        .output()
+        .await
+        .expect("run npm run build");
+    assert!(
+        build.status.success(),
+        "the JS SDK does not build:\n{}",
+        String::from_utf8_lossy(&build.stdout)
+    );
+
+    let server = server();
+    let ws = server.gateways.get("ws").expect("a ws listener");
+    let ws_addr = ws
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.strip_suffix("/v1/connect"))
+        .unwrap_or_else(|| panic!("a ws URL: {ws}"));
+    let relay = NatRelay::start(ws_addr, NAT_IDLE).await;
+    let mut child = tokio::process::Command::new("node")
+        .arg("e2e/heartbeat_nat.mjs")
+        .arg(format!("ws://{}/v1/connect", relay.addr))
+        .arg(token("alice", 3600))
+        .arg(STEP.as_millis().to_string())
+        .arg(HEALTHY_BEFORE_PROBE.to_string())
+        .arg(HOLD.as_millis().to_string())
+        .current_dir(&sdk_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start node");
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut sdk = Sdk::Node { child, lines };
+    scenario(&server, &relay, &mut sdk).await;
+}
