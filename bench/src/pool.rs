@@ -44,8 +44,11 @@ pub fn worker_count(connections: u64) -> u64 {
     connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1)
 }
 
+/// What each user received, by user.
+pub type Deliveries = BTreeMap<u64, Delivered>;
+
 /// A worker's progress, latency histogram (V2, base64) and deliveries.
-type WorkerReport = (Progress, String, BTreeMap<u64, Delivered>);
+type WorkerReport = (Progress, String, Deliveries);
 
 struct WorkerHandle {
     child: Child,
@@ -285,7 +288,7 @@ impl Workers {
     /// users are the workers' own, so the maps do not overlap).
     pub fn report_with_deliveries(
         &mut self,
-    ) -> anyhow::Result<(Vec<Progress>, Histogram<u64>, BTreeMap<u64, Delivered>)> {
+    ) -> anyhow::Result<(Vec<Progress>, Histogram<u64>, Deliveries)> {
         for worker in &self.workers {
             *worker.report.lock().unwrap() = None;
         }
