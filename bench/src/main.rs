@@ -17,6 +17,7 @@ mod pool;
 mod procfs;
 mod push;
 mod search;
+mod soak;
 mod systems;
 mod transport;
 mod tuning;
@@ -82,6 +83,15 @@ enum Scenario {
     /// One 256-byte message to every connected client, through Herald,
     /// Mosquitto and NATS: time to the last receipt, and peak memory.
     Broadcast(Common),
+    /// Churn for --duration: reconnects, unicast pushes and broadcasts;
+    /// every accepted message received exactly once, and the gateways'
+    /// memory growth.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        soak: soak::SoakArgs,
+    },
     /// Every scenario in turn.
     All {
         #[command(flatten)]
@@ -295,6 +305,7 @@ impl Common {
             // Bare clients reply only in the `bare-acked` row.
             ack_broadcasts: target != Target::Bare,
             drain_to: None,
+            track_deliveries: false,
         }
     }
 
@@ -366,6 +377,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(scenario: Scenario) -> anyhow::Result<()> {
     let mut drain = None;
+    let mut soak_args = None;
     let (name, mut common, fraction, push_args) = match scenario {
         Scenario::Connect(c) => ("connect", c, 0.0, None),
         Scenario::Idle(c) => ("idle", c, 0.0, None),
@@ -388,6 +400,10 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
         } => ("storm", common, fraction, None),
         Scenario::Peers(c) => ("peers", c, 0.0, None),
         Scenario::Broadcast(c) => ("broadcast", c, 0.0, None),
+        Scenario::Soak { common, soak } => {
+            soak_args = Some(soak);
+            ("soak", common, 0.0, None)
+        }
         Scenario::All {
             common,
             fraction,
@@ -439,6 +455,9 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
             runtime.block_on(broadcast::broadcast(&common))?,
         );
     }
+    if let Some(soak_args) = &soak_args {
+        record("soak", runtime.block_on(soak::soak(&common, soak_args))?);
+    }
     let report = json!({
         "scenario": name,
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -459,6 +478,12 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
     anyhow::ensure!(
         !common.quick || failures == 0,
         "{failures} failures in a --quick run"
+    );
+    // A soak's failures are messages lost, unexpected or duplicated (and
+    // API errors): the run's target is none.
+    anyhow::ensure!(
+        soak_args.is_none() || failures == 0,
+        "{failures} messages lost, unexpected or duplicated, or API errors, in the soak"
     );
     Ok(())
 }
@@ -1377,6 +1402,9 @@ fn print_summary(report: &Value) {
     }
     if let Some(p) = r.get("push") {
         print_push_summary(p);
+    }
+    if let Some(s) = r.get("soak") {
+        soak::print_summary(s);
     }
     if let Some(s) = r.get("storm") {
         for (name, s) in rows(s) {

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::systems::{AppCreds, CONNECTIONS_PER_PROCESS};
 use crate::transport::Transport;
-use crate::worker::{Progress, Target, WorkerMessage, WorkerSpec};
+use crate::worker::{Delivered, Progress, Target, WorkerMessage, WorkerSpec};
 
 /// Source addresses per worker: 127.(worker + 2).0.1 and up.
 pub const SOURCES_PER_WORKER: u8 = 16;
@@ -44,11 +44,17 @@ pub fn worker_count(connections: u64) -> u64 {
     connections.div_ceil(CONNECTIONS_PER_PROCESS).max(1)
 }
 
+/// What each user received, by user.
+pub type Deliveries = BTreeMap<u64, Delivered>;
+
+/// A worker's progress, latency histogram (V2, base64) and deliveries.
+type WorkerReport = (Progress, String, Deliveries);
+
 struct WorkerHandle {
     child: Child,
     stdin: ChildStdin,
     progress: Arc<Mutex<Progress>>,
-    report: Arc<Mutex<Option<(Progress, String)>>>,
+    report: Arc<Mutex<Option<WorkerReport>>>,
 }
 
 pub struct Workers {
@@ -83,6 +89,9 @@ pub struct Clients<'a> {
     pub ack_broadcasts: bool,
     /// Where clients a drain sends away come back (`WorkerSpec::drain_to`).
     pub drain_to: Option<SocketAddr>,
+    /// Keep what each user receives and resume from it
+    /// (`WorkerSpec::track_deliveries`).
+    pub track_deliveries: bool,
 }
 
 /// What ramping up to N connections took.
@@ -135,6 +144,7 @@ impl Workers {
                 ca_file: clients.ca_file.map(Path::to_owned),
                 handshakes_in_flight: Some(in_flight as usize),
                 drain_to: clients.drain_to,
+                track_deliveries: clients.track_deliveries,
             };
             let mut child = Command::new(&exe)
                 .arg("worker")
@@ -158,7 +168,11 @@ impl Workers {
                         Ok(WorkerMessage::Report {
                             progress,
                             latency_us_v2,
-                        }) => *report_in.lock().unwrap() = Some((progress, latency_us_v2)),
+                            deliveries,
+                        }) => {
+                            *report_in.lock().unwrap() =
+                                Some((progress, latency_us_v2, deliveries));
+                        }
                         Err(_) => {}
                     }
                 }
@@ -266,6 +280,15 @@ impl Workers {
 
     /// Asks every worker for its report; merges the latency histograms.
     pub fn report(&mut self) -> anyhow::Result<(Vec<Progress>, Histogram<u64>)> {
+        let (progress, latency, _) = self.report_with_deliveries()?;
+        Ok((progress, latency))
+    }
+
+    /// `report`, and what each user received (with `track_deliveries`;
+    /// users are the workers' own, so the maps do not overlap).
+    pub fn report_with_deliveries(
+        &mut self,
+    ) -> anyhow::Result<(Vec<Progress>, Histogram<u64>, Deliveries)> {
         for worker in &self.workers {
             *worker.report.lock().unwrap() = None;
         }
@@ -273,8 +296,9 @@ impl Workers {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut progress = Vec::new();
+        let mut deliveries = BTreeMap::new();
         for worker in &self.workers {
-            let (p, encoded) = loop {
+            let (p, encoded, delivered) = loop {
                 if let Some(report) = worker.report.lock().unwrap().take() {
                     break report;
                 }
@@ -289,7 +313,8 @@ impl Workers {
                 .map_err(|error| anyhow::anyhow!("histogram: {error:?}"))?;
             merged.add(&histogram)?;
             progress.push(p);
+            deliveries.extend(delivered);
         }
-        Ok((progress, merged))
+        Ok((progress, merged, deliveries))
     }
 }

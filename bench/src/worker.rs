@@ -89,6 +89,11 @@ pub struct WorkerSpec {
     /// the next gateway the dispatcher names; none: a GOAWAY is a failure.
     #[serde(default)]
     pub drain_to: Option<SocketAddr>,
+    /// Herald clients keep every push and broadcast seq they receive (for
+    /// the report's `deliveries`) and resume from the last one on each
+    /// reconnect, as the SDK resumes from its last ack (`soak`).
+    #[serde(default)]
+    pub track_deliveries: bool,
 }
 
 fn tcp() -> Transport {
@@ -123,13 +128,24 @@ pub struct Progress {
 /// The length of a `Progress::drain_returns` slot.
 pub const DRAIN_RETURN_SLOT_MS: u64 = 100;
 
+/// The seqs one user's client received, in order of receipt, duplicates
+/// included.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Delivered {
+    pub pushes: Vec<u64>,
+    pub broadcasts: Vec<u64>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WorkerMessage {
     Progress(Progress),
-    /// Receipt latency histogram (microseconds), hdrhistogram V2, base64.
+    /// Receipt latency histogram (microseconds), hdrhistogram V2, base64;
+    /// with `track_deliveries`, what each user received.
     Report {
         progress: Progress,
         latency_us_v2: String,
+        #[serde(default)]
+        deliveries: BTreeMap<u64, Delivered>,
     },
 }
 
@@ -139,11 +155,52 @@ struct State {
     tls: Option<TlsConnector>,
     progress: RefCell<Progress>,
     latency_us: RefCell<Histogram<u64>>,
-    /// Connections with index below this are dropped at the next epoch.
-    drop_below: Cell<u64>,
+    /// At the next epoch, `drop_count` connections are dropped from index
+    /// `drop_from` on (wrapping around).
+    drop_from: Cell<u64>,
+    drop_count: Cell<u64>,
     storming: Cell<bool>,
     /// Permits to connect and handshake (`handshakes_in_flight`).
     handshakes: Option<tokio::sync::Semaphore>,
+    /// By user, with `track_deliveries`.
+    deliveries: RefCell<BTreeMap<u64, Delivered>>,
+}
+
+impl State {
+    /// Whether the next epoch drops connection `index`.
+    fn dropped(&self, index: u64) -> bool {
+        let connections = self.spec.connections.max(1);
+        (index + connections - self.drop_from.get() % connections) % connections
+            < self.drop_count.get()
+    }
+
+    /// Where user `user` resumes: the last push and broadcast seqs it
+    /// received (and acked), when deliveries are tracked.
+    fn resume_point(&self, user: u64) -> (Option<u64>, Option<u64>) {
+        if !self.spec.track_deliveries {
+            return (None, None);
+        }
+        let deliveries = self.deliveries.borrow();
+        let Some(delivered) = deliveries.get(&user) else {
+            return (None, None);
+        };
+        (
+            delivered.pushes.iter().copied().max(),
+            delivered.broadcasts.iter().copied().max(),
+        )
+    }
+
+    fn record_seq(&self, user: u64, seq: u64, broadcast: bool) {
+        if self.spec.track_deliveries {
+            let mut deliveries = self.deliveries.borrow_mut();
+            let delivered = deliveries.entry(user).or_default();
+            if broadcast {
+                delivered.broadcasts.push(seq);
+            } else {
+                delivered.pushes.push(seq);
+            }
+        }
+    }
 }
 
 enum Ended {
@@ -204,9 +261,11 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 ..Progress::default()
             }),
             latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-            drop_below: Cell::new(0),
+            drop_from: Cell::new(0),
+            drop_count: Cell::new(0),
             storming: Cell::new(false),
             handshakes: spec.handshakes_in_flight.map(tokio::sync::Semaphore::new),
+            deliveries: RefCell::new(BTreeMap::new()),
             spec,
             tls,
         });
@@ -217,10 +276,19 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         while let Some(line) = lines.next_line().await? {
             let line = line.trim();
-            if let Some(fraction) = line.strip_prefix("drop ") {
-                let fraction: f64 = fraction.parse().context("drop takes a fraction")?;
-                let n = (state.spec.connections as f64 * fraction.clamp(0.0, 1.0)) as u64;
-                state.drop_below.set(n);
+            if let Some(args) = line.strip_prefix("drop ") {
+                // `drop FRACTION [FROM]`: FROM, a fraction too, is where in
+                // the worker's connections the dropped ones start.
+                let mut args = args.split(' ');
+                let mut fraction = || -> anyhow::Result<f64> {
+                    let arg = args.next().unwrap_or("0");
+                    let value: f64 = arg.parse().context("drop takes fractions")?;
+                    Ok(value.clamp(0.0, 1.0))
+                };
+                let connections = state.spec.connections as f64;
+                let n = (connections * fraction()?) as u64;
+                state.drop_from.set((connections * fraction()?) as u64);
+                state.drop_count.set(n);
                 // With nobody to drop, the storm is over at once.
                 state.storming.set(n > 0);
                 state.progress.borrow_mut().storm_back_at_ms = (n == 0).then(unix_ms);
@@ -233,6 +301,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 emit(&WorkerMessage::Report {
                     progress: state.progress.borrow().clone(),
                     latency_us_v2: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    deliveries: state.deliveries.borrow().clone(),
                 });
             }
         }
@@ -536,6 +605,7 @@ async fn handshake(
     match spec.target {
         Target::Bare => Ok(()),
         Target::Herald => {
+            let (last_seq, last_broadcast_seq) = state.resume_point(user);
             let expires = unix_ms() / 1000 + 24 * 3600;
             let token = sign_token(
                 spec.token_secret.as_bytes(),
@@ -560,8 +630,8 @@ async fn handshake(
                 &Frame::Bind {
                     app: spec.app.clone(),
                     token,
-                    last_seq: None,
-                    last_broadcast_seq: None,
+                    last_seq,
+                    last_broadcast_seq,
                     tags: Vec::new(),
                 },
             )
@@ -640,7 +710,7 @@ async fn hold(
     loop {
         tokio::select! {
             changed = drop_rx.changed() => {
-                if changed.is_err() || index < state.drop_below.get() {
+                if changed.is_err() || state.dropped(index) {
                     return Ended::Dropped;
                 }
             }
@@ -665,7 +735,8 @@ async fn hold(
                     return Ended::Failed(kind);
                 }
                 let handled = Box::pin(async {
-                    let drained = handle_input(state, stream, input).await?;
+                    let drained =
+                        handle_input(state, spec.first_user + index, stream, input).await?;
                     stream.flush_replies().await?;
                     Ok(drained)
                 })
@@ -684,6 +755,7 @@ async fn hold(
 /// GOAWAY when the clients follow drains (`drain_to`).
 async fn handle_input(
     state: &State,
+    user: u64,
     stream: &mut Conn,
     input: &mut BytesMut,
 ) -> Result<Option<u32>, &'static str> {
@@ -695,12 +767,14 @@ async fn handle_input(
                         app, seq, payload, ..
                     } => {
                         record_receipt(state, &payload);
+                        state.record_seq(user, seq, false);
                         send_frame(stream, &Frame::Ack { app, seq }).await?;
                     }
                     Frame::Broadcast {
                         app, seq, payload, ..
                     } => {
                         record_receipt(state, &payload);
+                        state.record_seq(user, seq, true);
                         if state.spec.ack_broadcasts {
                             send_frame(stream, &Frame::BroadcastAck { app, seq }).await?;
                         }

@@ -380,3 +380,68 @@ fn the_quick_push_measures_a_cluster_on_each_engine() {
         );
     }
 }
+
+/// The CI version of the hour of churn: two minutes, 3,000 connections on
+/// two gateways, a tenth reconnecting every 20 s, a broadcast every 40 s.
+/// Every accepted push and broadcast must arrive exactly once; the memory
+/// growth is printed, not asserted (two minutes of it is noise).
+#[test]
+fn a_two_minute_soak_loses_duplicates_and_invents_nothing() {
+    let report = bench_report(&[
+        "soak",
+        "--connections",
+        "3000",
+        "--gateways",
+        "2",
+        "--duration",
+        "120",
+        "--push-rate",
+        "50",
+        "--reconnect-every",
+        "20",
+        "--broadcast-every",
+        "40",
+        "--sample-every",
+        "2",
+    ]);
+    let soak = &report["results"]["soak"];
+    assert_eq!(soak["completed"], true, "{soak:#}");
+    assert_eq!(soak["failures_total"], 0, "{soak:#}");
+    for kind in ["pushes", "broadcasts"] {
+        for count in ["lost", "unexpected", "duplicated"] {
+            assert_eq!(soak[kind][count], 0, "{kind} {count}: {soak:#}");
+        }
+    }
+    // Rounds at 20, 40, ... 100 s (the one due at 120 s is the end), each
+    // a tenth of the 3,000: every one came back as a session of its own.
+    assert_eq!(soak["reconnect_rounds"], 5);
+    assert!(
+        soak["sessions"].as_u64().unwrap() >= 3000 + 5 * 300,
+        "{soak:#}"
+    );
+    assert_eq!(soak["connected_at_end"], 3000);
+    let accepted = soak["pushes_accepted"].as_u64().unwrap();
+    assert!(
+        accepted > 50 * 100,
+        "{accepted} pushes accepted at 50/s for 120 s"
+    );
+    // Broadcasts at 20, 60 and 100 s, to each gateway.
+    assert_eq!(
+        soak["broadcasts_accepted_per_gateway"],
+        serde_json::json!([3, 3])
+    );
+    assert_eq!(soak["broadcasts_received_per_connection"]["min"], 3);
+    let memory = &soak["memory"];
+    assert_eq!(memory["warm_up_secs"], 30);
+    assert!(
+        memory["gateways_rss"]["baseline_mean_bytes"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(memory["gateways_rss"]["end_mean_bytes"].as_f64().unwrap() > 0.0);
+    println!(
+        "soak memory growth (not asserted): {}",
+        memory["gateways_rss"]["growth"]
+    );
+}
