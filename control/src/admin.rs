@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::admin_page;
-use crate::api_error::{ApiError, ErrorBody, ErrorCode};
+use crate::api_error::{AdminKeyRefusals, ApiError, ErrorBody, ErrorCode};
 use crate::apps::{
     AdminError, App, AppPatch, AppSettings, Apps, RateLimit, SecretKind, constant_time_eq,
 };
@@ -149,8 +149,7 @@ pub(crate) struct CreateAppBody {
     responses(
         (status = 201, description = "Created: the app and its secrets, shown only this once", body = CreatedApp),
         (status = 400, description = "`malformed_json` or `bad_request`: a body the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 409, description = "`app_exists`: the id is taken (or its deleted app is still being emptied)", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`: nothing changed; retry", body = ErrorBody),
     ),
@@ -206,8 +205,7 @@ pub(crate) struct AppList {
     summary = "List the apps",
     responses(
         (status = 200, description = "Every app's settings, never a secret", body = AppList),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
     ),
     security(("admin_key" = [])),
 )]
@@ -242,8 +240,7 @@ fn find(state: &AdminState, app: &str) -> Result<Arc<App>, ApiError> {
     responses(
         (status = 200, description = "The app's settings", body = AppJson),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
     ),
     security(("admin_key" = [])),
@@ -269,8 +266,7 @@ async fn get_app(
     responses(
         (status = 200, description = "The app's settings after the change", body = AppJson),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`: nothing changed; retry", body = ErrorBody),
     ),
@@ -322,8 +318,7 @@ pub(crate) struct RotatedSecret {
     responses(
         (status = 200, description = "The new value, under the name `what` gave", body = RotatedSecret),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`: nothing changed; retry", body = ErrorBody),
     ),
@@ -364,8 +359,7 @@ async fn rotate(
     summary = "Nodes, apps and broadcasts (what the admin page shows)",
     responses(
         (status = 200, description = "The overview", body = Overview),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
     ),
     security(("admin_key" = [])),
@@ -393,8 +387,7 @@ async fn get_overview(
     responses(
         (status = 200, description = "Deleted; its stored data goes in the background", body = DeletedApp),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: not the admin key, the admin API is off, or the caller's address is not in `[admin] allowed_cidrs`", body = ErrorBody),
+        AdminKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`: nothing changed; retry", body = ErrorBody),
     ),

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::http::{StatusCode, header};
+use std::collections::BTreeMap;
+
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoResponses, ToSchema};
 
 /// What went wrong, as the API names it. Each code has one HTTP status.
 /// Serialized in snake_case (`bad_request`): the strings README's "Errors"
@@ -67,6 +70,53 @@ impl ErrorCode {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+}
+
+/// An error reply as the OpenAPI document lists it.
+fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+    let body = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("ErrorBody")))
+        .build();
+    ResponseBuilder::new()
+        .description(description)
+        .content("application/json", body)
+        .build()
+        .into()
+}
+
+/// 401 without a key, 403 with `forbidden` saying why.
+fn key_refusals(forbidden: &str) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    BTreeMap::from([
+        (
+            "401".to_owned(),
+            error_response("`unauthorized`: no `Authorization: Bearer` header"),
+        ),
+        ("403".to_owned(), error_response(forbidden)),
+    ])
+}
+
+/// How every route an app's key opens refuses a caller (OpenAPI).
+pub struct AppKeyRefusals;
+
+impl IntoResponses for AppKeyRefusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        key_refusals(
+            "`forbidden`: the key is not this app's, or the caller's address is not in \
+             `[api] allowed_cidrs`",
+        )
+    }
+}
+
+/// How every admin route refuses a caller (OpenAPI).
+pub struct AdminKeyRefusals;
+
+impl IntoResponses for AdminKeyRefusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        key_refusals(
+            "`forbidden`: not the admin key, the admin API is off, or the caller's address \
+             is not in `[admin] allowed_cidrs`",
+        )
+    }
 }
 
 #[derive(Serialize, ToSchema)]

@@ -31,7 +31,7 @@ use herald_proto::plane::BroadcastMode;
 use herald_storage::StoredRef;
 
 use crate::admin;
-use crate::api_error::{ApiError, ErrorBody, ErrorCode};
+use crate::api_error::{ApiError, AppKeyRefusals, ErrorBody, ErrorCode};
 use crate::apps::{App, Apps};
 use crate::clock::unix_ms;
 use crate::cluster::directory::{LoadProbe, NodeDirectory, NodeRecord};
@@ -39,8 +39,8 @@ use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::input::{
-    ApiPath, ApiQuery, BodyLimits, JsonBody, RawBody, bearer, closing, decode_payload_base64,
-    parse_json, read_body, whole_number,
+    ApiPath, ApiQuery, AppUserPath, BodyLimits, JsonBody, RawBody, bearer, closing,
+    decode_payload_base64, parse_json, read_body, whole_number,
 };
 use crate::overview::OverviewSources;
 use crate::pace::PaceShares;
@@ -470,15 +470,13 @@ pub(crate) struct PushReply {
     summary = "Push to one user",
     description = "Stores the message in the user's inbox, durably, then sends it to the user's bound connections. With `\"store\": false`, only sends it to the connections bound now (a transient message: never stored, acked or sent again).",
     params(
-        ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        AppUserPath,
     ),
     request_body(content = MessageBody, example = json!({"payload": "hello", "ttl_secs": 3600, "idempotency_key": "order-17"})),
     responses(
         (status = 200, description = "Stored (and sent to the user's connections); or, transient, sent to `delivered_to` connections", body = PushOutcome),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -488,7 +486,7 @@ pub(crate) struct PushReply {
 )]
 async fn push(
     State(state): State<Arc<CenterState>>,
-    ApiPath((app, user)): ApiPath<(String, String)>,
+    ApiPath(AppUserPath { app, user }): ApiPath<AppUserPath>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Json<PushOutcome>, ApiError> {
@@ -542,8 +540,7 @@ async fn push(
     responses(
         (status = 200, description = "Stored for every user; or, transient, sent to `delivered_to` connections", body = MulticastOutcome),
         (status = 400, description = "`malformed_json` or `bad_request`: a body, user id or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `push_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -667,15 +664,13 @@ pub(crate) struct PullReply {
     summary = "Pull stored messages",
     description = "The user's unexpired messages after `after`, oldest first. Other query parameters are refused.",
     params(
-        ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        AppUserPath,
         PullQuery,
     ),
     responses(
         (status = 200, description = "The messages", body = PullReply),
         (status = 400, description = "`bad_request`: a query or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`", body = ErrorBody),
     ),
@@ -683,7 +678,7 @@ pub(crate) struct PullReply {
 )]
 async fn pull(
     State(state): State<Arc<CenterState>>,
-    ApiPath((app, user)): ApiPath<(String, String)>,
+    ApiPath(AppUserPath { app, user }): ApiPath<AppUserPath>,
     headers: HeaderMap,
     query: Result<ApiQuery<PullQuery>, ApiError>,
 ) -> Result<Json<PullReply>, ApiError> {
@@ -742,21 +737,19 @@ pub(crate) struct PresenceReply {
     tag = "users",
     summary = "A user's connections",
     params(
-        ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        AppUserPath,
     ),
     responses(
         (status = 200, description = "Whether the user is online, and where", body = PresenceReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
     ),
     security(("app_key" = [])),
 )]
 async fn presence(
     State(state): State<Arc<CenterState>>,
-    ApiPath((app, user)): ApiPath<(String, String)>,
+    ApiPath(AppUserPath { app, user }): ApiPath<AppUserPath>,
     headers: HeaderMap,
 ) -> Result<Json<PresenceReply>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
@@ -808,8 +801,7 @@ pub(crate) struct AppStatsReply {
     responses(
         (status = 200, description = "The app's connections, messages and broadcasts", body = AppStatsReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable` or `register_unavailable`", body = ErrorBody),
     ),
@@ -867,21 +859,19 @@ pub(crate) struct KickReply {
     tag = "users",
     summary = "Close every connection of a user",
     params(
-        ("app" = String, Path, description = "The app's id"),
-        ("user" = String, Path, description = "The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)", min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        AppUserPath,
     ),
     responses(
         (status = 200, description = "The user's connections were told and closed", body = KickReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
     ),
     security(("app_key" = [])),
 )]
 async fn kick(
     State(state): State<Arc<CenterState>>,
-    ApiPath((app, user)): ApiPath<(String, String)>,
+    ApiPath(AppUserPath { app, user }): ApiPath<AppUserPath>,
     headers: HeaderMap,
 ) -> Result<Json<KickReply>, ApiError> {
     authorize_user(&state, &app, &user, &headers)?;
@@ -933,8 +923,7 @@ pub(crate) struct BroadcastReply {
     responses(
         (status = 200, description = "Stored; the fan-out has started", body = BroadcastReply),
         (status = 400, description = "`malformed_json` or `bad_request`: a body or path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the payload or the body is over its limit", body = ErrorBody),
         (status = 429, description = "`rate_limited`: the app's `broadcast_rate` is used up (see `Retry-After`)", body = ErrorBody),
@@ -1069,8 +1058,7 @@ pub(crate) struct BroadcastProgressReply {
     responses(
         (status = 200, description = "The broadcast and its progress", body = BroadcastProgressReply),
         (status = 400, description = "`bad_request`: a path the call does not take", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization: Bearer` header", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key is not this app's, or the caller's address is not in `[api] allowed_cidrs`", body = ErrorBody),
+        AppKeyRefusals,
         (status = 404, description = "`unknown_app` or `unknown_broadcast`", body = ErrorBody),
         (status = 503, description = "`storage_unavailable`", body = ErrorBody),
     ),

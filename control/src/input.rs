@@ -21,9 +21,26 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::api_error::{ApiError, ErrorCode};
+use utoipa::IntoParams;
+
+/// The path of a user's routes, `/v1/apps/{app}/users/{user}/...`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AppUserPath {
+    /// The app's id
+    pub app: String,
+    /// The user's id: 1 to 128 bytes of UTF-8 without control characters (`%2F` for `/`)
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
+    )]
+    pub user: String,
+}
 
 /// What a request body may be: its size and how long it may take to arrive.
 #[derive(Debug, Clone, Copy)]
