@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::cluster::service_missing;
 use support::{API_KEY, APP, RawClient, Server, WAIT};
 
 const ADMIN_KEY: &str = "admin-page-test-key-0123456789-0123456789";
@@ -183,29 +182,10 @@ async fn the_overview_counts_an_apps_clients_messages_and_broadcasts() {
 async fn the_admin_page_in_chromium_shows_the_connections_and_a_broadcast_reaching_100_percent() {
     const TEST: &str =
         "the_admin_page_in_chromium_shows_the_connections_and_a_broadcast_reaching_100_percent";
+    let Some((sdk, chromium)) = support::browser_tools(TEST) else {
+        return;
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sdk = root.join("sdk/js");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
-    let missing = [
-        (
-            Command::new("node").arg("--version").output().is_err(),
-            "node",
-        ),
-        (
-            !sdk.join("node_modules/playwright-core").exists(),
-            "sdk/js/node_modules (npm ci)",
-        ),
-        (!Path::new(&chromium).exists(), "chromium"),
-    ];
-    if let Some((_, what)) = missing.iter().find(|(missing, _)| *missing) {
-        let Some(never) = service_missing(
-            TEST,
-            format!("{what} is not installed: run scripts/install-test-tools.sh"),
-        ) else {
-            return;
-        };
-        match never {}
-    }
 
     let server = with_admin_key();
     let mut clients = Vec::new();

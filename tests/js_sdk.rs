@@ -14,36 +14,16 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::cluster::service_missing;
 use support::herald_bin;
 
 const TEST: &str = "js_sdk_unit_tests_and_browser_end_to_end";
 
 #[test]
 fn js_sdk_unit_tests_and_browser_end_to_end() {
+    let Some((sdk, chromium)) = support::browser_tools(TEST) else {
+        return;
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sdk = root.join("sdk/js");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
-    let missing = [
-        (
-            Command::new("node").arg("--version").output().is_err(),
-            "node",
-        ),
-        (
-            !sdk.join("node_modules/playwright-core").exists(),
-            "sdk/js/node_modules (npm ci)",
-        ),
-        (!Path::new(&chromium).exists(), "chromium"),
-    ];
-    if let Some((_, what)) = missing.iter().find(|(missing, _)| *missing) {
-        let Some(never) = service_missing(
-            TEST,
-            format!("{what} is not installed: run scripts/install-test-tools.sh"),
-        ) else {
-            return;
-        };
-        match never {}
-    }
 
     // The unit tests build the SDK (dist/) that the example page imports.
     let unit = Command::new("npm")

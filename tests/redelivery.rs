@@ -39,16 +39,6 @@ fn server(receiver: &Receiver) -> Server {
     })
 }
 
-/// The value of the counter series `series` (name and labels), 0 if absent.
-async fn counter(server: &Server, series: &str) -> u64 {
-    server
-        .metrics()
-        .await
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     let receiver = Receiver::start(SECRET, |_, _| Answer::Status(200)).await;
@@ -67,7 +57,7 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
             (1, "crashes the client".to_owned())
         );
     }
-    assert_eq!(counter(&server, &parked_series).await, 0);
+    assert_eq!(server.counter(&parked_series).await, 0);
 
     // The next bind past the max: parked, not sent; a later message
     // arrives, and its ack covers the parked one.
@@ -100,7 +90,7 @@ async fn a_message_a_device_never_acks_is_parked_and_the_next_ones_arrive() {
     server.wait_connections("alice", 0).await;
     let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
     phone.expect_silence(Duration::from_millis(300)).await;
-    assert_eq!(counter(&server, &parked_series).await, 1);
+    assert_eq!(server.counter(&parked_series).await, 1);
 
     // The webhook got one `parked` event, signed, naming the message.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -169,5 +159,5 @@ async fn binds_on_different_room_nodes_count_toward_one_park() {
     assert_eq!(control.push("fred", "the next one").await["seq"], 2);
     assert_eq!(phone.recv_push().await, (2, "the next one".to_owned()));
     let other = &cluster.rooms[(DEFAULT_REDELIVERIES_MAX + 1) % 2];
-    assert_eq!(counter(other, &parked_series).await, 0, "parked once");
+    assert_eq!(other.counter(&parked_series).await, 0, "parked once");
 }

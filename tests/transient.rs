@@ -45,16 +45,6 @@ async fn pulled(server: &Server, user: &str) -> Vec<Value> {
     reply["messages"].as_array().unwrap().clone()
 }
 
-/// The value of the counter series `series` (name and labels), 0 if absent.
-async fn counter(server: &Server, series: &str) -> u64 {
-    server
-        .metrics()
-        .await
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn a_transient_push_reaches_bound_connections_only_and_is_never_stored(io: Io) {
     let server = Server::start_on(io);
     let mut phone = RawClient::bound(&server.gateway, "phone", "alice", None).await;
@@ -92,11 +82,11 @@ async fn a_transient_push_reaches_bound_connections_only_and_is_never_stored(io:
         assert_eq!(recv_transient(client).await, "online");
     }
     assert_eq!(
-        counter(
-            &server,
-            &format!("herald_transient_deliveries_total{{app=\"{APP}\"}}")
-        )
-        .await,
+        server
+            .counter(&format!(
+                "herald_transient_deliveries_total{{app=\"{APP}\"}}"
+            ))
+            .await,
         4
     );
 
@@ -105,11 +95,9 @@ async fn a_transient_push_reaches_bound_connections_only_and_is_never_stored(io:
     assert!(pulled(&server, "alice").await.is_empty());
     assert!(pulled(&server, "bob").await.is_empty());
     assert_eq!(
-        counter(
-            &server,
-            &format!("herald_messages_stored_total{{app=\"{APP}\"}}")
-        )
-        .await,
+        server
+            .counter(&format!("herald_messages_stored_total{{app=\"{APP}\"}}"))
+            .await,
         0
     );
     drop(phone);

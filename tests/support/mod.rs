@@ -395,6 +395,16 @@ impl Server {
             .await
             .unwrap()
     }
+
+    /// The value of the counter series `series` (name and labels), 0 if
+    /// absent.
+    pub async fn counter(&self, series: &str) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 /// The status and the JSON body (or the raw text if it is not JSON).
@@ -759,6 +769,33 @@ impl RawClient {
             panic!("expected silence, got {frame:?}");
         }
     }
+}
+
+/// The JS SDK's folder and chromium's path, when node, the SDK's npm
+/// packages (playwright-core) and chromium are all installed; else `None`
+/// after saying which is missing (under CI=true a missing one fails).
+pub fn browser_tools(test: &str) -> Option<(PathBuf, String)> {
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    let missing = [
+        (
+            Command::new("node").arg("--version").output().is_err(),
+            "node",
+        ),
+        (
+            !sdk.join("node_modules/playwright-core").exists(),
+            "sdk/js/node_modules (npm ci)",
+        ),
+        (!Path::new(&chromium).exists(), "chromium"),
+    ];
+    if let Some((_, what)) = missing.iter().find(|(missing, _)| *missing) {
+        let never = cluster::service_missing(
+            test,
+            format!("{what} is not installed: run scripts/install-test-tools.sh"),
+        )?;
+        match never {}
+    }
+    Some((sdk, chromium))
 }
 
 /// Waits until no socket listens on `addr` any more. A killed process's
