@@ -84,9 +84,15 @@ pub struct Metrics {
     ack_clocks: Mutex<AckClocks>,
 }
 
+/// The (seq, stored at) of each message delivered live on one binding and
+/// not yet acked, oldest first.
+type Waiting = VecDeque<(u64, Instant)>;
+
 #[derive(Default)]
 struct AckClocks {
-    by_binding: HashMap<(ConnId, AppId), VecDeque<(u64, Instant)>>,
+    /// By connection, so that its close drops its clocks at once; each
+    /// connection's few bound apps in a list.
+    by_conn: HashMap<ConnId, Vec<(AppId, Waiting)>>,
     len: usize,
 }
 
@@ -238,7 +244,15 @@ impl Metrics {
         if clocks.len >= ACK_CLOCKS_MAX {
             return;
         }
-        let waiting = clocks.by_binding.entry((conn, app.clone())).or_default();
+        let bindings = clocks.by_conn.entry(conn).or_default();
+        let index = match bindings.iter().position(|(bound, _)| bound == app) {
+            Some(index) => index,
+            None => {
+                bindings.push((app.clone(), VecDeque::new()));
+                bindings.len() - 1
+            }
+        };
+        let waiting = &mut bindings[index].1;
         let dropped = if waiting.len() >= ACK_CLOCKS_PER_BINDING_MAX {
             waiting.pop_front();
             1
@@ -254,10 +268,13 @@ impl Metrics {
         self.acks.with_label_values(&[app]).inc();
         let now = Instant::now();
         let mut clocks = self.ack_clocks.lock().expect("ack clocks lock");
-        let key = (conn, app.clone());
-        let Some(waiting) = clocks.by_binding.get_mut(&key) else {
+        let Some(bindings) = clocks.by_conn.get_mut(&conn) else {
             return;
         };
+        let Some(index) = bindings.iter().position(|(bound, _)| bound == app) else {
+            return;
+        };
+        let waiting = &mut bindings[index].1;
         let histogram = self.ack_seconds.with_label_values(&[app]);
         let mut settled = 0;
         while let Some(&(delivered_seq, stored_at)) = waiting.front() {
@@ -269,7 +286,10 @@ impl Metrics {
             settled += 1;
         }
         if waiting.is_empty() {
-            clocks.by_binding.remove(&key);
+            bindings.swap_remove(index);
+            if bindings.is_empty() {
+                clocks.by_conn.remove(&conn);
+            }
         }
         clocks.len -= settled;
     }
@@ -277,14 +297,12 @@ impl Metrics {
     /// The connection is gone: its deliveries will never be acked by it.
     pub fn closed(&self, conn: ConnId) {
         let mut clocks = self.ack_clocks.lock().expect("ack clocks lock");
-        let AckClocks { by_binding, len } = &mut *clocks;
-        by_binding.retain(|(bound, _), waiting| {
-            let keep = *bound != conn;
-            if !keep {
-                *len -= waiting.len();
-            }
-            keep
-        });
+        if let Some(bindings) = clocks.by_conn.remove(&conn) {
+            clocks.len -= bindings
+                .iter()
+                .map(|(_, waiting)| waiting.len())
+                .sum::<usize>();
+        }
     }
 
     /// Every series of a deleted app goes, so deleted apps do not pile up.
