@@ -838,6 +838,16 @@ impl<D: Driver> Shard<D> {
             return;
         }
         set_nodelay(&socket);
+        // io_uring's accept gives no address: getpeername(2), only when
+        // addresses are limited.
+        let peer = match (peer, &self.settings.per_ip) {
+            (None, Some(_)) => socket2::SockRef::from(&socket)
+                .peer_addr()
+                .ok()
+                .and_then(|address| address.as_socket())
+                .map(|address| address.ip()),
+            _ => peer,
+        };
         let Some(slot) = self.open_conn(socket, transport, now) else {
             return;
         };

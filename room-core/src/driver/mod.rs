@@ -108,8 +108,9 @@ pub(crate) enum Event {
     Wake,
     /// epoll: a listener may have connections waiting; the shard accepts.
     Acceptable { listener: usize },
-    /// io_uring: the kernel accepted a connection on a listener, from
-    /// `peer` (`None` if the socket has no IP address).
+    /// io_uring: the kernel accepted a connection on a listener. Its
+    /// multishot accept gives no address: `peer` is `None`, and the shard
+    /// asks the socket when it needs one (fake drivers in tests give one).
     Accepted {
         listener: usize,
         socket: OwnedFd,

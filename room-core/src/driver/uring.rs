@@ -207,17 +207,12 @@ impl UringDriver {
                     // SAFETY: the kernel installed this new descriptor for
                     // us; nothing else owns it.
                     let socket = unsafe { OwnedFd::from_raw_fd(result) };
-                    // The multishot accept gives no address: one
-                    // getpeername(2) per connection.
-                    let peer = socket2::SockRef::from(&socket)
-                        .peer_addr()
-                        .ok()
-                        .and_then(|address| address.as_socket())
-                        .map(|address| address.ip());
+                    // The multishot accept gives no address; the shard
+                    // asks for it only when it limits per address.
                     events.push(Event::Accepted {
                         listener,
                         socket,
-                        peer,
+                        peer: None,
                     });
                 }
                 if !more && result != -libc::ECANCELED {
