@@ -60,6 +60,10 @@ pub fn default_heartbeat(network: NetworkType) -> (u64, u64, u64) {
 pub const HEARTBEAT_SECS_MAX: u64 = 3600;
 /// 4 KiB, the customary push payload limit of mobile push services.
 pub const DEFAULT_PAYLOAD_BYTES_MAX: usize = 4 * 1024;
+/// A push with `"delivery": "notify"` may carry what a frame can.
+pub const DEFAULT_NOTIFY_PAYLOAD_BYTES_MAX: usize = PAYLOAD_LEN_MAX;
+/// A multicast's clients pull over (users / this) seconds by default.
+pub const DEFAULT_NOTIFY_PULLS_PER_SEC: u32 = 1_000;
 pub const DEFAULT_MULTICAST_USERS_MAX: usize = 1_000;
 pub const DEFAULT_PULL_LIMIT_MAX: u32 = 100;
 /// 30 days.
@@ -500,6 +504,10 @@ pub struct LegacyHeartbeatSection {
 pub struct ApiSection {
     pub listen: SocketAddr,
     pub payload_bytes_max: usize,
+    /// Largest payload of a push with `"delivery": "notify"`.
+    pub notify_payload_bytes_max: usize,
+    /// The pulls a second a multicast's default pull spread aims at.
+    pub notify_pulls_per_sec: u32,
     pub multicast_users_max: usize,
     pub pull_limit_max: u32,
     pub ttl_secs_max: u64,
@@ -769,6 +777,8 @@ impl Default for ApiSection {
         ApiSection {
             listen: DEFAULT_API_LISTEN.parse().expect("valid default"),
             payload_bytes_max: DEFAULT_PAYLOAD_BYTES_MAX,
+            notify_payload_bytes_max: DEFAULT_NOTIFY_PAYLOAD_BYTES_MAX,
+            notify_pulls_per_sec: DEFAULT_NOTIFY_PULLS_PER_SEC,
             multicast_users_max: DEFAULT_MULTICAST_USERS_MAX,
             pull_limit_max: DEFAULT_PULL_LIMIT_MAX,
             ttl_secs_max: DEFAULT_TTL_SECS_MAX,
@@ -913,14 +923,29 @@ impl Config {
                 "api.payload_bytes_max must be 1 to {PAYLOAD_LEN_MAX} (the protocol's limit)"
             ));
         }
+        if self.api.notify_payload_bytes_max == 0
+            || self.api.notify_payload_bytes_max > PAYLOAD_LEN_MAX
+        {
+            problems.push(format!(
+                "api.notify_payload_bytes_max must be 1 to {PAYLOAD_LEN_MAX} (the protocol's limit)"
+            ));
+        }
+        if self.api.notify_pulls_per_sec == 0 {
+            problems.push("api.notify_pulls_per_sec must be at least 1".to_owned());
+        }
         // A full window of the largest pushes must fit in a connection's
-        // queue, or a client that reads normally could be cut as slow.
-        let window_bytes =
-            gateway.inflight_pushes_max as usize * (self.api.payload_bytes_max + 128);
+        // queue, or a client that reads normally could be cut as slow; and
+        // with it the one notify message a client that cannot pull gets
+        // whole at a time.
+        let window_bytes = gateway.inflight_pushes_max as usize
+            * (self.api.payload_bytes_max + 128)
+            + self.api.notify_payload_bytes_max
+            + 128;
         if gateway.send_queue_bytes_max < window_bytes {
             problems.push(format!(
-                "gateway.send_queue_bytes_max ({}) must hold a full delivery window: \
-                 inflight_pushes_max x (payload_bytes_max + 128) = {window_bytes}",
+                "gateway.send_queue_bytes_max ({}) must hold a full delivery window and one \
+                 notify message: inflight_pushes_max x (payload_bytes_max + 128) + \
+                 notify_payload_bytes_max + 128 = {window_bytes}",
                 gateway.send_queue_bytes_max
             ));
         }

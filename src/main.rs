@@ -638,6 +638,8 @@ fn control_config(config: &Config) -> ControlConfig {
     ControlConfig {
         admin_api_key: config.admin.as_ref().map(|admin| admin.api_key.clone()),
         payload_bytes_max: config.api.payload_bytes_max,
+        notify_payload_bytes_max: config.api.notify_payload_bytes_max,
+        notify_pulls_per_sec: config.api.notify_pulls_per_sec,
         multicast_users_max: config.api.multicast_users_max,
         pull_limit_max: config.api.pull_limit_max,
         ttl_secs_max: config.api.ttl_secs_max,

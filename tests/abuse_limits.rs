@@ -102,6 +102,7 @@ async fn limits_connections_per_address_except_allow_listed_networks(io: Io) {
                 device_id: "phone".to_owned(),
                 client_version: "test".to_owned(),
                 network: herald_proto::NetworkType::Wifi,
+                features: herald_proto::Features::ALL,
             })
             .await;
         match client.recv().await {

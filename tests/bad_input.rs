@@ -741,6 +741,7 @@ async fn a_second_hello_is_refused_naming_the_reason(io: Io) {
             device_id: "phone".to_owned(),
             client_version: "test".to_owned(),
             network: herald_proto::NetworkType::Wifi,
+            features: herald_proto::Features::ALL,
         })
         .await;
     let message = expect_protocol_error(&mut client, ErrorCode::UNEXPECTED_FRAME).await;

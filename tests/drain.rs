@@ -40,6 +40,7 @@ async fn bind(gateway: &str, user: &str) -> Result<(TcpStream, BytesMut), String
         device_id: "phone".to_owned(),
         client_version: "drain-test".to_owned(),
         network: NetworkType::Wifi,
+        features: herald_proto::Features::ALL,
     };
     let bind = Frame::Bind {
         app: APP.to_owned(),

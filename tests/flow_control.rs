@@ -140,6 +140,7 @@ async fn past_its_accept_rate_the_gateway_turns_connections_away_with_a_retry_de
                 device_id: "storm".to_owned(),
                 client_version: "test".to_owned(),
                 network: herald_proto::NetworkType::Wifi,
+                features: herald_proto::Features::ALL,
             })
             .await;
         match client.recv().await {

@@ -300,6 +300,7 @@ impl RawWs {
             device_id: "raw".to_owned(),
             client_version: "test".to_owned(),
             network: NetworkType::Wifi,
+            features: herald_proto::Features::ALL,
         })
         .await;
         assert!(matches!(self.recv_herald().await, Frame::HelloOk { .. }));
@@ -434,6 +435,7 @@ async fn websocket_violations_get_their_close_codes_and_are_counted() {
             device_id: "two".to_owned(),
             client_version: String::new(),
             network: NetworkType::Wifi,
+            features: herald_proto::Features::ALL,
         },
         &mut bytes,
     )
@@ -537,6 +539,7 @@ async fn bad_tls_input_is_closed_and_counted_and_others_are_served() {
             device_id: "tls".to_owned(),
             client_version: String::new(),
             network: NetworkType::Wifi,
+            features: herald_proto::Features::ALL,
         },
         &mut hello,
     )

@@ -23,7 +23,9 @@ use base64::Engine as _;
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer as _, V2Serializer};
-use herald_proto::{Frame, GoAwayReason, NetworkType, TokenClaims, decode, encode, sign_token};
+use herald_proto::{
+    Features, Frame, GoAwayReason, NetworkType, TokenClaims, decode, encode, sign_token,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -622,6 +624,7 @@ async fn handshake(
                     device_id: format!("d{user}"),
                     client_version: "herald-bench/1".to_owned(),
                     network: NetworkType::Wifi,
+                    features: Features::NONE,
                 },
             )
             .await?;

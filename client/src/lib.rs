@@ -51,6 +51,7 @@
 
 mod address;
 mod heartbeat;
+mod pull;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -68,12 +69,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use heartbeat::HeartbeatLearner;
+use pull::Puller;
 use transport::{FrameTransport, TlsTrust};
 
 pub use address::{GatewayAddress, GatewayAddressError, Transport};
 pub use heartbeat::HeartbeatProbe;
 pub use herald_proto::client::Push;
-pub use herald_proto::{NetworkType, ResetSequence, UnbindReason};
+pub use herald_proto::{MessageId, NetworkType, ResetSequence, UnbindReason};
 
 /// Events the driver holds for the application before it stops reading the
 /// socket: a slow application slows the connection, it never grows memory.
@@ -166,6 +168,27 @@ pub enum Event {
         message: String,
     },
     Push(Push),
+    /// A message pushed with `"delivery": "notify"` arrived as a notice:
+    /// its `size` and `hint` now, its body as an `Event::Push` once the
+    /// client pulled it (after a random delay the server chose, so that
+    /// many clients do not pull at once). Pushes of the app that come after
+    /// it wait for that body, so every app's messages arrive in seq order.
+    /// Nothing to ack: the `Push` that follows is acked as any.
+    Notified {
+        app: String,
+        seq: u64,
+        message_id: MessageId,
+        size: u32,
+        hint: String,
+    },
+    /// The body of a message announced by `Notified` is gone (it expired
+    /// before the pull): there is nothing to show. Acked like a push, so
+    /// the messages after it go on.
+    NotifyGone {
+        app: String,
+        seq: u64,
+        message_id: MessageId,
+    },
     /// The server answered a heartbeat proposal: the client pings at
     /// `interval` from now on (only with `heartbeat_probe`).
     HeartbeatSet {
@@ -310,6 +333,10 @@ impl Client {
                 Event::Push(push) => Some(Command::Ack {
                     app: push.app.clone(),
                     seq: push.seq,
+                }),
+                Event::NotifyGone { app, seq, .. } => Some(Command::Ack {
+                    app: app.clone(),
+                    seq: *seq,
                 }),
                 Event::Broadcast(broadcast) => Some(Command::AckBroadcast {
                     app: broadcast.app.clone(),
@@ -600,7 +627,6 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
     Ok(answer.gateways)
 }
 
-/// A random duration in [0, bound].
 /// A connection lost without GOAWAY while its PING was unanswered died
 /// idle at the interval in force: the heartbeat was too long for the NAT
 /// (one that resets the flow rather than dropping it silently).
@@ -617,6 +643,7 @@ fn heartbeat_failed(
     }
 }
 
+/// A random duration in [0, bound].
 fn jitter(bound: Duration) -> Duration {
     bound.mul_f64(rand::random::<f64>())
 }
@@ -688,7 +715,12 @@ async fn connect_and_run(
     let mut output = BytesMut::new();
     let mut handshake_done = false;
     let mut bind_failures = 0;
+    let mut puller = Puller::default();
     loop {
+        for (app, seq) in puller.due(Instant::now().into_std()) {
+            // Not bound any more: the binding's end drops its notices too.
+            let _ = conn.pull(&app, seq);
+        }
         while let Some(frame) = conn.poll_transmit() {
             if let Err(error) = encode(&frame, &mut output) {
                 return lost(
@@ -709,6 +741,7 @@ async fn connect_and_run(
                 .insert(app.to_owned(), (acked, broadcast_acked));
         }
         resume.storage_epoch = conn.storage_epoch();
+        let mut released = Vec::new();
         while let Some(event) = conn.poll_event() {
             let event = match event {
                 ClientEvent::Ready { heartbeat_interval } => {
@@ -732,7 +765,24 @@ async fn connect_and_run(
                     }
                     Event::BindFailed { app, code, message }
                 }
-                ClientEvent::Push(push) => Event::Push(push),
+                ClientEvent::Push(push) => match puller.push(push) {
+                    Some(event) => event,
+                    None => continue,
+                },
+                ClientEvent::Notify(notification) => {
+                    puller.notify(notification, Instant::now().into_std())
+                }
+                ClientEvent::Pulled {
+                    app,
+                    seq,
+                    status,
+                    message_id,
+                    payload,
+                } => {
+                    let now = Instant::now().into_std();
+                    released.extend(puller.pulled(&app, seq, status, message_id, payload, now));
+                    continue;
+                }
                 ClientEvent::Broadcast(broadcast) => Event::Broadcast(broadcast),
                 ClientEvent::Transient { app, payload } => Event::Transient { app, payload },
                 ClientEvent::UpstreamAck {
@@ -805,9 +855,15 @@ async fn connect_and_run(
                 return Ended::Terminal(Terminal::ClosedByClient);
             }
         }
+        for event in released {
+            if events.send(event).await.is_err() {
+                return Ended::Terminal(Terminal::ClosedByClient);
+            }
+        }
         let Some(deadline) = conn.poll_timeout() else {
             return lost("connection closed", handshake_done);
         };
+        let deadline = puller.next_due().map_or(deadline, |due| due.min(deadline));
         tokio::select! {
             received = transport.receive() => match received {
                 Ok(frame) => conn.handle_frame(Instant::now().into_std(), frame),

@@ -520,6 +520,7 @@ impl Broadcasts {
                             seq: m.seq,
                             message_id: m.message_id,
                             payload: m.payload.clone(),
+                            notice: m.notice.clone(),
                         }
                     })
                     .collect();

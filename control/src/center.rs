@@ -27,8 +27,10 @@ use serde_json::Number;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::{IntoParams, ToSchema};
 
-use herald_proto::plane::BroadcastMode;
-use herald_storage::StoredRef;
+use herald_proto::limits::HINT_LEN_MAX;
+use herald_proto::plane::{BroadcastMode, Notice};
+use herald_proto::{TokenError, verify_token};
+use herald_storage::{StoredMessage, StoredRef};
 
 use crate::admin;
 use crate::api_error::{ApiError, AppKeyRefusals, ErrorBody, ErrorCode};
@@ -39,7 +41,7 @@ use crate::config::ControlConfig;
 use crate::delivery::Delivery;
 use crate::dispatcher::{self, Net};
 use crate::input::{
-    ApiPath, ApiQuery, AppUserPath, BodyLimits, JsonBody, RawBody, bearer, closing,
+    ApiPath, ApiQuery, AppUserPath, BodyLimits, JsonBody, RawBody, bearer, bearer_of, closing,
     decode_payload_base64, parse_json, read_body, whole_number,
 };
 use crate::overview::OverviewSources;
@@ -106,7 +108,11 @@ pub fn router(
     let body_limits = BodyLimits {
         // Base64 grows a payload by a third, JSON escaping can double text;
         // allow for both and let the payload check give the precise error.
-        bytes_max: config.payload_bytes_max * 2 + 64 * 1024,
+        bytes_max: config
+            .payload_bytes_max
+            .max(config.notify_payload_bytes_max)
+            * 2
+            + 64 * 1024,
         read_timeout: config.http.body_read_timeout,
     };
     let ttl_secs_max = config.ttl_secs_max;
@@ -138,6 +144,7 @@ pub fn router(
         .route("/v1/apps/{app}/broadcasts", post(broadcast))
         .route("/v1/apps/{app}/broadcasts/{id}", get(broadcast_progress))
         .route("/v1/apps/{app}/stats", get(app_stats))
+        .route("/v1/client/apps/{app}/messages", get(client_pull))
         .route("/v1/dispatch", get(dispatch))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -296,10 +303,38 @@ pub(crate) struct MessageBody {
     /// connections it went to (`delivered_to`). Takes neither `ttl_secs`
     /// nor `idempotency_key`.
     store: Option<bool>,
+    /// Default `push`: the message goes whole. `notify`: clients get a
+    /// small NOTIFY (seq, size, `hint`) and pull the body (PULL over their
+    /// connection, or `GET /v1/client/apps/{app}/messages`); the payload
+    /// may then be up to `api.notify_payload_bytes_max`. Clients that
+    /// predate it get the whole message as a push.
+    delivery: Option<DeliveryMode>,
+    /// `notify` only: up to 1,024 bytes of text the client sees before it
+    /// pulls (a subject line, a sender). Default empty.
+    hint: Option<String>,
+    /// `notify` only: clients pull after a random delay of 0 to this many
+    /// milliseconds (0 to 600,000), so that many clients do not pull at
+    /// once. Default: 0 for one user; for a multicast, its users over
+    /// `api.notify_pulls_per_sec`.
+    #[schema(value_type = Option<u32>, minimum = 0, maximum = 600000)]
+    pull_spread_ms: Option<Number>,
     /// Multicast only (required there, refused on a push): 1 to
     /// `api.multicast_users_max` user ids.
     users: Option<Vec<String>>,
 }
+
+/// How a stored message reaches its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DeliveryMode {
+    /// Whole, in a PUSH.
+    Push,
+    /// Announced in a NOTIFY; the client pulls the body.
+    Notify,
+}
+
+/// The longest pull spread a push may ask for: ten minutes.
+const PULL_SPREAD_MS_MAX: u64 = 600_000;
 
 struct CheckedMessage {
     /// The bytes the body was parsed into, shared from here to storage and
@@ -309,13 +344,18 @@ struct CheckedMessage {
     idempotency_key: Option<String>,
     /// False for a transient message: handed to bound connections only.
     store: bool,
+    /// Set for `"delivery": "notify"`.
+    notice: Option<Notice>,
 }
 
+/// Checks a push's fields; `recipients` is how many users it is for.
 fn check_message(
     state: &CenterState,
     app: &App,
     body: MessageBody,
+    recipients: usize,
 ) -> Result<CheckedMessage, ApiError> {
+    let notify = body.delivery == Some(DeliveryMode::Notify);
     let payload = match (body.payload, body.payload_base64) {
         (Some(text), None) => text.into_bytes(),
         (None, Some(encoded)) => decode_payload_base64(&encoded)?,
@@ -325,17 +365,60 @@ fn check_message(
             ));
         }
     };
-    if payload.len() > state.config.payload_bytes_max {
+    let (payload_max, limit_name) = if notify {
+        (
+            state.config.notify_payload_bytes_max,
+            "the limit with \"delivery\": \"notify\"",
+        )
+    } else {
+        (state.config.payload_bytes_max, "the limit")
+    };
+    if payload.len() > payload_max {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!(
-                "payload is {} bytes; the limit is {}",
-                payload.len(),
-                state.config.payload_bytes_max
+                "payload is {} bytes; {limit_name} is {payload_max}",
+                payload.len()
             ),
         ));
     }
     let store = body.store.unwrap_or(true);
+    if !notify {
+        for (field, given) in [
+            ("hint", body.hint.is_some()),
+            ("pull_spread_ms", body.pull_spread_ms.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::bad_request(format!(
+                    "\"{field}\" goes only with \"delivery\": \"notify\""
+                )));
+            }
+        }
+    } else if !store {
+        return Err(ApiError::bad_request(
+            "\"delivery\": \"notify\" does not go with \"store\": false: \
+             a transient message is never stored, so there is nothing to pull",
+        ));
+    }
+    let hint = body.hint.unwrap_or_default();
+    if hint.len() > HINT_LEN_MAX {
+        return Err(ApiError::bad_request(format!(
+            "hint is {} bytes; the limit is {HINT_LEN_MAX}",
+            hint.len()
+        )));
+    }
+    let pull_spread_ms = match &body.pull_spread_ms {
+        Some(spread) => whole_number("pull_spread_ms", spread, 0..=PULL_SPREAD_MS_MAX)?,
+        // Enough to keep the pulls near the configured rate.
+        None => (recipients as u64 * 1000)
+            .div_ceil(u64::from(state.config.notify_pulls_per_sec.max(1)))
+            .saturating_sub(1)
+            .min(PULL_SPREAD_MS_MAX),
+    };
+    let notice = notify.then(|| Notice {
+        pull_spread_ms: pull_spread_ms as u32,
+        hint: Arc::from(hint),
+    });
     if !store {
         // Nothing is kept, so nothing can expire or be replayed.
         for (field, given) in [
@@ -365,6 +448,7 @@ fn check_message(
         ttl: Duration::from_secs(ttl_secs),
         idempotency_key: body.idempotency_key,
         store,
+        notice,
     })
 }
 
@@ -496,7 +580,7 @@ async fn push(
             "\"users\" belongs to POST /v1/apps/{app}/messages",
         ));
     }
-    let message = check_message(&state, &app, body)?;
+    let message = check_message(&state, &app, body, 1)?;
     admit_pushes(&app, 1)?;
     if !message.store {
         let delivered_to = state
@@ -515,6 +599,7 @@ async fn push(
             message.payload,
             message.ttl,
             message.idempotency_key,
+            message.notice,
         )
         .await
         .map_err(ApiError::storage)?;
@@ -585,7 +670,7 @@ async fn multicast(
     for user in &users {
         check_user(user)?;
     }
-    let message = check_message(&state, &app, body)?;
+    let message = check_message(&state, &app, body, users.len())?;
     admit_pushes(&app, users.len() as u64)?;
     if !message.store {
         let delivered_to = state
@@ -611,6 +696,7 @@ async fn multicast(
             message.payload,
             message.ttl,
             message.idempotency_key,
+            message.notice,
         )
         .await
         .map_err(ApiError::storage)?;
@@ -645,8 +731,37 @@ pub(crate) struct PulledMessage {
     payload: Option<String>,
     /// The payload in standard, padded base64.
     payload_base64: String,
+    /// How it was pushed: `push` or `notify`.
+    delivery: DeliveryMode,
+    /// `notify` only: the hint it was pushed with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
     created_at_ms: u64,
     expires_at_ms: u64,
+}
+
+impl PulledMessage {
+    fn new(message: &StoredMessage) -> PulledMessage {
+        PulledMessage {
+            seq: message.seq,
+            message_id: message.message_id.to_string(),
+            payload: std::str::from_utf8(&message.payload)
+                .ok()
+                .map(str::to_owned),
+            payload_base64: BASE64.encode(&message.payload),
+            delivery: if message.notice.is_some() {
+                DeliveryMode::Notify
+            } else {
+                DeliveryMode::Push
+            },
+            hint: message
+                .notice
+                .as_ref()
+                .map(|notice| notice.hint.to_string()),
+            created_at_ms: message.created_at_ms,
+            expires_at_ms: message.expires_at_ms,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -686,6 +801,16 @@ async fn pull(
     // nothing from the query's errors.
     authorize_user(&state, &app, &user, &headers)?;
     let ApiQuery(query) = query?;
+    read_inbox(&state, &app, &user, query).await.map(Json)
+}
+
+/// The messages a pull asks for.
+async fn read_inbox(
+    state: &CenterState,
+    app: &str,
+    user: &str,
+    query: PullQuery,
+) -> Result<PullReply, ApiError> {
     let limit = query.limit.unwrap_or(state.config.pull_limit_max);
     if limit == 0 || limit > state.config.pull_limit_max {
         return Err(ApiError::bad_request(format!(
@@ -696,21 +821,86 @@ async fn pull(
     let (messages, more) = state
         .delivery
         .saver()
-        .messages_after(&app, &user, query.after.unwrap_or(0), limit, unix_ms())
+        .messages_after(app, user, query.after.unwrap_or(0), limit, unix_ms())
         .await
         .map_err(ApiError::storage)?;
-    let messages = messages
-        .iter()
-        .map(|m| PulledMessage {
-            seq: m.seq,
-            message_id: m.message_id.to_string(),
-            payload: std::str::from_utf8(&m.payload).ok().map(str::to_owned),
-            payload_base64: BASE64.encode(&m.payload),
-            created_at_ms: m.created_at_ms,
-            expires_at_ms: m.expires_at_ms,
-        })
-        .collect();
-    Ok(Json(PullReply { messages, more }))
+    let messages = messages.iter().map(PulledMessage::new).collect();
+    Ok(PullReply { messages, more })
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct ClientAppPath {
+    /// The app's id
+    app: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/client/apps/{app}/messages",
+    tag = "client",
+    summary = "Pull stored messages, as a client",
+    description = "For clients rather than business servers: the messages of the user a client token was issued to (the token the client binds with, as `Authorization: Bearer <client token>`), after `after`, oldest first. How a client that got a NOTIFY may fetch the body over HTTPS instead of PULL. Not limited by `[api] allowed_cidrs`.",
+    params(
+        ClientAppPath,
+        PullQuery,
+    ),
+    responses(
+        (status = 200, description = "The messages", body = PullReply),
+        (status = 400, description = "`bad_request`: a query or path the call does not take", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no `Authorization: Bearer <client token>`, or a token that is malformed, expired, not signed with the app's token secret or not issued for this app", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 503, description = "`storage_unavailable`", body = ErrorBody),
+    ),
+    security(("client_token" = [])),
+)]
+async fn client_pull(
+    State(state): State<Arc<CenterState>>,
+    ApiPath(ClientAppPath { app }): ApiPath<ClientAppPath>,
+    headers: HeaderMap,
+    query: Result<ApiQuery<PullQuery>, ApiError>,
+) -> Result<Json<PullReply>, ApiError> {
+    let Some(found) = state.apps.table().get(app.as_str()).cloned() else {
+        return Err(ApiError::new(
+            ErrorCode::UnknownApp,
+            format!("no app {app:?} on this server"),
+        ));
+    };
+    let token = bearer_of(&headers, "client token")?;
+    let now_ms = unix_ms();
+    let mut refusal = None;
+    let claims = found
+        .secrets
+        .token_secret
+        .valid_at(now_ms)
+        .find_map(|secret| {
+            match verify_token(secret.value.as_bytes(), &app, token, now_ms / 1000) {
+                Ok(claims) => Some(claims),
+                Err(error) => {
+                    // A signature that matches says more than one that does
+                    // not (the secret is right, the token is not).
+                    if refusal.is_none_or(|first| first == TokenError::BadSignature) {
+                        refusal = Some(error);
+                    }
+                    None
+                }
+            }
+        });
+    let Some(claims) = claims else {
+        let message = match refusal.unwrap_or(TokenError::BadSignature) {
+            TokenError::Expired => "the client token expired".to_owned(),
+            TokenError::WrongApp => format!("the client token was not issued for app {app:?}"),
+            TokenError::BadSignature => {
+                "the client token is not signed with the app's token secret".to_owned()
+            }
+            TokenError::Malformed => "the client token is malformed".to_owned(),
+        };
+        return Err(ApiError::new(ErrorCode::Unauthorized, message));
+    };
+    let ApiQuery(query) = query?;
+    read_inbox(&state, &app, &claims.user, query)
+        .await
+        .map(Json)
 }
 
 /// One of a user's connections.
@@ -975,8 +1165,12 @@ async fn broadcast(
             ttl_secs: body.ttl_secs,
             idempotency_key: None,
             store: None,
+            delivery: None,
+            hint: None,
+            pull_spread_ms: None,
             users: None,
         },
+        1,
     )?;
     admit_broadcast(&app)?;
     // The pace is the whole system's: each room node takes a share by its

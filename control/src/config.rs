@@ -13,6 +13,11 @@ pub struct ControlConfig {
     pub admin_api_key: Option<String>,
     /// Largest push payload, in bytes.
     pub payload_bytes_max: usize,
+    /// Largest payload of a push with `"delivery": "notify"`, in bytes.
+    pub notify_payload_bytes_max: usize,
+    /// The pulls a second a multicast's default pull spread aims at: its
+    /// users' clients pull over `users / notify_pulls_per_sec` seconds.
+    pub notify_pulls_per_sec: u32,
     pub multicast_users_max: usize,
     pub pull_limit_max: u32,
     pub ttl_secs_max: u64,

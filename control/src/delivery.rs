@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use herald_proto::GoAwayReason;
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{
-    Bound, CatchUp, ConnCommand, ConnEvent, ConnId, PushMessage, ShardCommand, ShardEvent,
+    Bound, CatchUp, ConnCommand, ConnEvent, ConnId, Notice, PullAnswer, PushMessage, ShardCommand,
+    ShardEvent,
 };
+use herald_proto::{GoAwayReason, PullStatus};
 use herald_storage::{
     AckCursor, FillStart, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
 };
@@ -210,6 +211,7 @@ impl Delivery {
         payload: Bytes,
         ttl: Duration,
         idempotency_key: Option<String>,
+        notice: Option<Notice>,
     ) -> Result<(Vec<PushResult>, bool), StorageError> {
         let started = Instant::now();
         let outcome = self
@@ -221,6 +223,7 @@ impl Delivery {
                 ttl_ms: ttl.as_millis() as u64,
                 now_ms: unix_ms(),
                 idempotency_key,
+                notice: notice.clone(),
             })
             .await?;
         let stored_at = Instant::now();
@@ -259,6 +262,7 @@ impl Delivery {
                         seq: stored.seq,
                         message_id: stored.message_id,
                         payload: payload.clone(),
+                        notice: notice.clone(),
                     };
                     self.metrics
                         .delivered(session.conn, app, stored.seq, stored_at);
@@ -280,6 +284,7 @@ impl Delivery {
                     app: app.clone(),
                     message_id,
                     payload: payload.clone(),
+                    notice: notice.clone(),
                     targets,
                 };
                 tracing::debug!(node.id = %node, connections = targets_len, "sent to its room node");
@@ -398,6 +403,7 @@ impl Delivery {
                 app,
                 message_id,
                 payload,
+                notice,
                 targets,
             } => {
                 // The storing node's clock is not this one's: here a
@@ -408,6 +414,7 @@ impl Delivery {
                         seq,
                         message_id,
                         payload: payload.clone(),
+                        notice: notice.clone(),
                     };
                     self.metrics.delivered(conn, &app, seq, arrived_at);
                     tracing::debug!(%conn, seq, "arrived; handed to its shard");
@@ -447,6 +454,30 @@ impl Delivery {
                     };
                     self.router.to_conn(conn, command).await;
                 }
+            }
+        }
+    }
+
+    /// The body of message `seq` of (app, user)'s inbox, for a PULL.
+    async fn pull(&self, app: &str, user: &str, seq: u64) -> PullAnswer {
+        let Some(after) = seq.checked_sub(1) else {
+            return PullAnswer::Refused(PullStatus::GONE);
+        };
+        match self
+            .saver
+            .messages_after(app, user, after, 1, unix_ms())
+            .await
+        {
+            Ok((messages, _)) => match messages.into_iter().next() {
+                Some(message) if message.seq == seq => PullAnswer::Message {
+                    message_id: message.message_id,
+                    payload: message.payload,
+                },
+                _ => PullAnswer::Refused(PullStatus::GONE),
+            },
+            Err(error) => {
+                tracing::warn!(app.id = %app, seq, %error, "a pull could not read storage");
+                PullAnswer::Refused(PullStatus::UNAVAILABLE)
             }
         }
     }
@@ -534,6 +565,15 @@ impl Delivery {
                 ConnEvent::CatchUp(catch_up) => {
                     let this = self.clone();
                     tokio::spawn(async move { this.fill(conn, catch_up).await });
+                }
+                ConnEvent::Pull { app, user, seq } => {
+                    self.metrics.pulls.with_label_values(&[&*app]).inc();
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let answer = this.pull(&app, &user, seq).await;
+                        let command = ConnCommand::PullReply { app, seq, answer };
+                        this.router.to_conn(conn, command).await;
+                    });
                 }
                 ConnEvent::Upstream {
                     app,
@@ -927,6 +967,7 @@ impl Delivery {
                 seq: m.seq,
                 message_id: m.message_id,
                 payload: m.payload,
+                notice: m.notice,
             })
             .collect();
         let command = ConnCommand::Fill {

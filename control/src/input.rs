@@ -324,24 +324,31 @@ pub(crate) fn whole_number(
 
 /// The key of an `Authorization: Bearer <key>` header.
 pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let unauthorized = |message| ApiError::new(ErrorCode::Unauthorized, message);
+    bearer_of(headers, "api key")
+}
+
+/// The `Authorization: Bearer` value, named `credential` in the errors.
+pub(crate) fn bearer_of<'h>(headers: &'h HeaderMap, credential: &str) -> Result<&'h str, ApiError> {
+    let unauthorized = |message: String| ApiError::new(ErrorCode::Unauthorized, message);
     let key = match headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str())
     {
         None => {
-            return Err(unauthorized(
-                "missing `Authorization: Bearer <api key>` header",
-            ));
+            return Err(unauthorized(format!(
+                "missing `Authorization: Bearer <{credential}>` header"
+            )));
         }
         Some(Err(_)) => {
-            return Err(unauthorized(
-                "the Authorization header must be visible ASCII: `Bearer <api key>`",
-            ));
+            return Err(unauthorized(format!(
+                "the Authorization header must be visible ASCII: `Bearer <{credential}>`"
+            )));
         }
-        Some(Ok(value)) => value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <api key>`"))?,
+        Some(Ok(value)) => value.strip_prefix("Bearer ").ok_or_else(|| {
+            unauthorized(format!(
+                "the Authorization header must be `Bearer <{credential}>`"
+            ))
+        })?,
     };
     Ok(key.trim())
 }

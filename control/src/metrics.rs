@@ -71,6 +71,7 @@ pub struct Metrics {
     pub broadcasts: IntCounterVec,
     pub acks: IntCounterVec,
     pub upstreams: IntCounterVec,
+    pub pulls: IntCounterVec,
     pub payload_bytes_in: IntCounterVec,
     pub payload_bytes_out: IntCounterVec,
     pub fills: IntCounter,
@@ -180,6 +181,11 @@ impl Metrics {
                 &registry,
                 "herald_upstreams_total",
                 "UPSTREAM frames received from clients.",
+            ),
+            pulls: app_counter(
+                &registry,
+                "herald_pulls_total",
+                "PULL frames received from clients (bodies of messages pushed to be pulled).",
             ),
             payload_bytes_in: app_counter(
                 &registry,
@@ -316,6 +322,7 @@ impl Metrics {
             &self.broadcasts,
             &self.acks,
             &self.upstreams,
+            &self.pulls,
             &self.payload_bytes_in,
             &self.payload_bytes_out,
         ] {

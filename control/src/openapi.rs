@@ -36,6 +36,7 @@ use crate::{admin, center};
         center::broadcast,
         center::broadcast_progress,
         center::app_stats,
+        center::client_pull,
         center::dispatch,
         center::livez,
         center::readyz,
@@ -55,6 +56,7 @@ use crate::{admin, center};
         (name = "users", description = "Users' connections"),
         (name = "broadcasts", description = "One message to every (tagged) client of an app"),
         (name = "clients", description = "What clients call before they connect; no key"),
+        (name = "client", description = "What clients call with their client token (the token they bind with)"),
         (name = "admin", description = "Apps at runtime; the admin key (`[admin] api_key`)"),
         (name = "operations", description = "Health, metrics and this document; no key"),
     ),
@@ -77,6 +79,11 @@ impl Modify for SecuritySchemes {
             (
                 "admin_key",
                 "The admin key (`[admin] api_key` in the config), as `Authorization: Bearer <admin key>`",
+            ),
+            (
+                "client_token",
+                "A client token the app's business server issued (`herald token`, or signed with \
+                 the app's token secret), as `Authorization: Bearer <client token>`",
             ),
         ] {
             components.add_security_scheme(
@@ -278,12 +285,15 @@ mod tests {
         let schemes = &document["components"]["securitySchemes"];
         assert_eq!(schemes["app_key"]["scheme"], "bearer");
         assert_eq!(schemes["admin_key"]["scheme"], "bearer");
+        assert_eq!(schemes["client_token"]["scheme"], "bearer");
         for (path, item) in document["paths"].as_object().unwrap() {
             for (method, operation) in item.as_object().unwrap() {
                 let key = if path.starts_with("/v1/apps/") {
                     Some("app_key")
                 } else if path.starts_with("/v1/admin/") {
                     Some("admin_key")
+                } else if path.starts_with("/v1/client/") {
+                    Some("client_token")
                 } else {
                     None
                 };
@@ -295,8 +305,15 @@ mod tests {
                             security[0].get(key).is_some(),
                             "{method} {path}: {security}"
                         );
-                        for status in ["401", "403"] {
-                            let body = &responses[status]["content"]["application/json"]["schema"];
+                        // A client token is right or wrong: there is no
+                        // valid one that lacks a permission.
+                        let statuses: &[&str] = if key == "client_token" {
+                            &["401"]
+                        } else {
+                            &["401", "403"]
+                        };
+                        for status in statuses {
+                            let body = &responses[*status]["content"]["application/json"]["schema"];
                             assert_eq!(
                                 body["$ref"], "#/components/schemas/ErrorBody",
                                 "{method} {path} {status}"

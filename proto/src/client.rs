@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, ResetSequence,
-    UnbindReason, UpstreamStatus,
+    BindErrorCode, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType, PullStatus,
+    ResetSequence, UnbindReason, UpstreamStatus,
 };
 use crate::limits::ROUTE_LEN_MAX;
 
@@ -51,6 +51,18 @@ pub struct Push {
     pub payload: Bytes,
 }
 
+/// A NOTIFY: message `seq` of `app` is `size` bytes, to be pulled after a
+/// random delay of up to `pull_spread`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub app: String,
+    pub message_id: MessageId,
+    pub seq: u64,
+    pub size: u32,
+    pub pull_spread: Duration,
+    pub hint: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     /// The server answered HELLO.
@@ -69,6 +81,16 @@ pub enum ClientEvent {
     /// A message not delivered before on this connection or an earlier one
     /// (as far as the resume point tells).
     Push(Push),
+    /// A message pushed to be pulled: its body comes with `pull`.
+    Notify(Notification),
+    /// The answer to a `pull`.
+    Pulled {
+        app: String,
+        seq: u64,
+        status: PullStatus,
+        message_id: MessageId,
+        payload: Bytes,
+    },
     /// A broadcast to the app's users; `seq` is the app's broadcast
     /// sequence, apart from the inbox's.
     Broadcast(Push),
@@ -177,6 +199,7 @@ impl ClientConn {
             device_id: config.device_id,
             client_version: config.client_version,
             network: config.network,
+            features: Features::ALL,
         });
         ClientConn {
             phase: Phase::AwaitHelloOk,
@@ -322,6 +345,45 @@ impl ClientConn {
                     seq,
                     payload,
                 }));
+            }
+            Frame::Notify {
+                app,
+                message_id,
+                seq,
+                size,
+                pull_spread_ms,
+                hint,
+            } => {
+                let Some(state) = self.app_mut(&app) else {
+                    return;
+                };
+                if state.delivered.is_some_and(|delivered| seq <= delivered) {
+                    return;
+                }
+                state.delivered = Some(seq);
+                self.events.push_back(ClientEvent::Notify(Notification {
+                    app,
+                    message_id,
+                    seq,
+                    size,
+                    pull_spread: Duration::from_millis(u64::from(pull_spread_ms)),
+                    hint,
+                }));
+            }
+            Frame::PullReply {
+                app,
+                seq,
+                status,
+                message_id,
+                payload,
+            } => {
+                self.events.push_back(ClientEvent::Pulled {
+                    app,
+                    seq,
+                    status,
+                    message_id,
+                    payload,
+                });
             }
             Frame::Transient { app, payload } => {
                 if self.app_mut(&app).is_some() {
@@ -490,6 +552,22 @@ impl ClientConn {
             seq,
         });
         true
+    }
+
+    /// Asks for the body of message `seq` of `app` (one a NOTIFY
+    /// announced); the answer comes as `ClientEvent::Pulled`.
+    pub fn pull(&mut self, app: &str, seq: u64) -> Result<(), ClientError> {
+        if self.phase != Phase::Open {
+            return Err(ClientError::Closed);
+        }
+        if self.app_mut(app).and_then(|s| s.user.as_ref()).is_none() {
+            return Err(ClientError::NotBound);
+        }
+        self.transmit.push_back(Frame::Pull {
+            app: app.to_owned(),
+            seq,
+        });
+        Ok(())
     }
 
     /// Queues data for the app's business server, for its webhook `route`

@@ -9,13 +9,13 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
-    UnbindReason, UpstreamStatus,
+    BindErrorCode, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType, Op,
+    PullStatus, ResetSequence, UnbindReason, UpstreamStatus,
 };
 use crate::limits::{
     APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX,
-    FRAME_BODY_LEN_MIN, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION, ROUTE_LEN_MAX,
-    TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    FRAME_BODY_LEN_MIN, HINT_LEN_MAX, LENGTH_PREFIX_LEN, PAYLOAD_LEN_MAX, PROTOCOL_VERSION,
+    ROUTE_LEN_MAX, TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
 };
 
 /// Why bytes from the peer are not a v1 frame. Every variant is final for
@@ -120,6 +120,12 @@ const ROUTE: StrField = StrField {
     non_empty: true,
     wide: false,
 };
+const HINT: StrField = StrField {
+    name: "hint",
+    len_max: HINT_LEN_MAX,
+    non_empty: false,
+    wide: true,
+};
 const TEXT: StrField = StrField {
     name: "message",
     len_max: TEXT_LEN_MAX,
@@ -163,8 +169,14 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Hello {
             device_id,
             client_version,
+            features,
             ..
-        } => str_len(DEVICE_ID, device_id) + str_len(CLIENT_VERSION, client_version) + 1,
+        } => {
+            str_len(DEVICE_ID, device_id)
+                + str_len(CLIENT_VERSION, client_version)
+                + 1
+                + if *features == Features::NONE { 0 } else { 4 }
+        }
         Frame::HelloOk { storage_epoch, .. } => 4 + trailing_len(storage_epoch),
         Frame::Bind {
             app,
@@ -208,6 +220,9 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Error { message, .. } => 2 + str_len(TEXT, message),
         Frame::Reset { app, .. } => str_len(APP, app) + 1 + 8,
         Frame::Heartbeat { .. } => 4,
+        Frame::Notify { app, hint, .. } => str_len(APP, app) + 16 + 8 + 4 + 4 + str_len(HINT, hint),
+        Frame::Pull { app, .. } => str_len(APP, app) + 8,
+        Frame::PullReply { app, payload, .. } => str_len(APP, app) + 8 + 2 + 16 + payload.len(),
     }
 }
 
@@ -267,7 +282,16 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
             }
             check_payload(payload)
         }
+        Frame::Notify { app, hint, .. } => {
+            check_str(APP, app)?;
+            check_str(HINT, hint)
+        }
+        Frame::PullReply { app, payload, .. } => {
+            check_str(APP, app)?;
+            check_payload(payload)
+        }
         Frame::Ack { app, .. }
+        | Frame::Pull { app, .. }
         | Frame::BroadcastAck { app, .. }
         | Frame::UpstreamAck { app, .. }
         | Frame::Unbind { app, .. }
@@ -327,10 +351,14 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             device_id,
             client_version,
             network,
+            features,
         } => {
             put_str(dst, DEVICE_ID, device_id);
             put_str(dst, CLIENT_VERSION, client_version);
             dst.put_u8(*network as u8);
+            if *features != Features::NONE {
+                dst.put_u32(features.0);
+            }
         }
         Frame::HelloOk {
             heartbeat_interval_ms,
@@ -386,7 +414,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u64(*seq);
             dst.put_slice(payload);
         }
-        Frame::Ack { app, seq } | Frame::BroadcastAck { app, seq } => {
+        Frame::Ack { app, seq } | Frame::BroadcastAck { app, seq } | Frame::Pull { app, seq } => {
             put_str(dst, APP, app);
             dst.put_u64(*seq);
         }
@@ -443,6 +471,34 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u64(*after);
         }
         Frame::Heartbeat { interval_ms } => dst.put_u32(*interval_ms),
+        Frame::Notify {
+            app,
+            message_id,
+            seq,
+            size,
+            pull_spread_ms,
+            hint,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_slice(&message_id.0);
+            dst.put_u64(*seq);
+            dst.put_u32(*size);
+            dst.put_u32(*pull_spread_ms);
+            put_str(dst, HINT, hint);
+        }
+        Frame::PullReply {
+            app,
+            seq,
+            status,
+            message_id,
+            payload,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_u64(*seq);
+            dst.put_u16(status.0);
+            dst.put_slice(&message_id.0);
+            dst.put_slice(payload);
+        }
     }
     Ok(())
 }
@@ -529,6 +585,14 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn trailing_u32(&mut self) -> Result<Option<u32>, DecodeError> {
+        if self.rest.is_empty() {
+            Ok(None)
+        } else {
+            self.u32().map(Some)
+        }
+    }
+
     fn trailing_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         if self.rest.is_empty() {
             Ok(None)
@@ -570,6 +634,7 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             device_id: r.str(DEVICE_ID)?,
             client_version: r.str(CLIENT_VERSION)?,
             network: NetworkType::from_u8(r.u8()?),
+            features: Features(r.trailing_u32()?.unwrap_or(0)),
         },
         Op::HelloOk => Frame::HelloOk {
             heartbeat_interval_ms: r.u32()?,
@@ -672,6 +737,25 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             code: ErrorCode(r.u16()?),
             message: r.str(TEXT)?,
         },
+        Op::Notify => Frame::Notify {
+            app: r.str(APP)?,
+            message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
+            seq: r.u64()?,
+            size: r.u32()?,
+            pull_spread_ms: r.u32()?,
+            hint: r.str(HINT)?,
+        },
+        Op::Pull => Frame::Pull {
+            app: r.str(APP)?,
+            seq: r.u64()?,
+        },
+        Op::PullReply => Frame::PullReply {
+            app: r.str(APP)?,
+            seq: r.u64()?,
+            status: PullStatus(r.u16()?),
+            message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
+            payload: r.payload()?,
+        },
         Op::Reset => Frame::Reset {
             app: r.str(APP)?,
             sequence: ResetSequence::from_u8(r.u8()?)
@@ -737,6 +821,7 @@ mod tests {
                     device_id: "dev1".into(),
                     client_version: "1.0".into(),
                     network: NetworkType::Wifi,
+                    features: Features::NONE,
                 },
                 "0000000c 01 01 04 64657631 03 312e30 01",
             ),
@@ -771,6 +856,43 @@ mod tests {
                     message: "expired".into(),
                 },
                 "00000012 01 05 04 63686174 0002 0007 65787069726564",
+            ),
+            (
+                Frame::Hello {
+                    device_id: "dev1".into(),
+                    client_version: "1.0".into(),
+                    network: NetworkType::Wifi,
+                    features: Features::ALL,
+                },
+                "00000010 01 01 04 64657631 03 312e30 01 00000003",
+            ),
+            (
+                Frame::Notify {
+                    app: "chat".into(),
+                    message_id: id,
+                    seq: 3,
+                    size: 40_000,
+                    pull_spread_ms: 5_000,
+                    hint: "news".into(),
+                },
+                "0000002d 01 15 04 63686174 30313233343536373839616263646566 0000000000000003 00009c40 00001388 0004 6e657773",
+            ),
+            (
+                Frame::Pull {
+                    app: "chat".into(),
+                    seq: 3,
+                },
+                "0000000f 01 16 04 63686174 0000000000000003",
+            ),
+            (
+                Frame::PullReply {
+                    app: "chat".into(),
+                    seq: 3,
+                    status: PullStatus::OK,
+                    message_id: id,
+                    payload: Bytes::from_static(b"hi"),
+                },
+                "00000023 01 17 04 63686174 0000000000000003 0000 30313233343536373839616263646566 6869",
             ),
             (Frame::Ping, "00000002 01 06"),
             (Frame::Pong, "00000002 01 07"),
@@ -988,6 +1110,7 @@ mod tests {
                     device_id: String::new(),
                     client_version: "1.0".into(),
                     network: NetworkType::Wifi,
+                    features: Features::NONE,
                 },
                 EncodeError::EmptyField { field: "device_id" },
             ),
@@ -996,6 +1119,7 @@ mod tests {
                     device_id: "d".repeat(DEVICE_ID_LEN_MAX + 1),
                     client_version: String::new(),
                     network: NetworkType::Wifi,
+                    features: Features::NONE,
                 },
                 EncodeError::FieldTooLong { field: "device_id" },
             ),
@@ -1004,6 +1128,7 @@ mod tests {
                     device_id: "dev1".into(),
                     client_version: "v".repeat(CLIENT_VERSION_LEN_MAX + 1),
                     network: NetworkType::Wifi,
+                    features: Features::NONE,
                 },
                 EncodeError::FieldTooLong {
                     field: "client_version",
@@ -1114,6 +1239,7 @@ mod tests {
                 device_id: "dev1".into(),
                 client_version: "1.0".into(),
                 network: NetworkType::Unknown,
+                features: Features::NONE,
             })
         );
         // Byte 2, `cellular` before the generations, is 4g.
@@ -1125,6 +1251,7 @@ mod tests {
                 device_id: "dev1".into(),
                 client_version: "1.0".into(),
                 network: NetworkType::Cellular4g,
+                features: Features::NONE,
             })
         );
     }

@@ -19,6 +19,10 @@ pub enum Frame {
         device_id: String,
         client_version: String,
         network: NetworkType,
+        /// What the client understands beyond the first v1 ops. Optional on
+        /// the wire: a HELLO that ends after `network` has none, and one
+        /// with none is written without it.
+        features: Features,
     },
     /// Server -> client, reply to HELLO: the heartbeat interval the client
     /// must keep (it depends on the network type the client reported), and
@@ -127,6 +131,51 @@ pub enum Frame {
     /// the connection's network type. A server never sends it unasked, so
     /// clients that do not negotiate never see it.
     Heartbeat { interval_ms: u32 },
+    /// Server -> client: message `seq` of the app's inbox was pushed with
+    /// `"delivery": "notify"`: only its size and hint come; the client
+    /// pulls the body (PULL) after a random delay of up to
+    /// `pull_spread_ms`, and acks `seq` as for a PUSH. Sent only to clients
+    /// whose HELLO carried [`Features::NOTIFY`]; others get the PUSH.
+    Notify {
+        app: String,
+        message_id: MessageId,
+        seq: u64,
+        size: u32,
+        pull_spread_ms: u32,
+        hint: String,
+    },
+    /// Client -> server: send the body of message `seq` of the app's inbox.
+    Pull { app: String, seq: u64 },
+    /// Server -> client: the answer to a PULL. With [`PullStatus::OK`] it
+    /// carries the message; otherwise `message_id` is all zeros and the
+    /// payload empty.
+    PullReply {
+        app: String,
+        seq: u64,
+        status: PullStatus,
+        message_id: MessageId,
+        payload: Bytes,
+    },
+}
+
+/// The ops a client understands beyond the first v1 ones, as HELLO's
+/// trailing bit set. A server sends a frame of a later op only to a client
+/// that named it, so an older client never sees an op it cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Features(pub u32);
+
+impl Features {
+    pub const NONE: Features = Features(0);
+    /// TRANSIENT frames (`"store": false` pushes).
+    pub const TRANSIENT: Features = Features(1);
+    /// NOTIFY, PULL and PULL_REPLY (`"delivery": "notify"` pushes).
+    pub const NOTIFY: Features = Features(2);
+    /// Everything this version understands.
+    pub const ALL: Features = Features(Features::TRANSIENT.0 | Features::NOTIFY.0);
+
+    pub fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 /// Which of an app's two sequences a RESET moves back.
@@ -180,6 +229,9 @@ pub enum Op {
     UpstreamRouted = 0x12,
     Transient = 0x13,
     Heartbeat = 0x14,
+    Notify = 0x15,
+    Pull = 0x16,
+    PullReply = 0x17,
 }
 
 impl Op {
@@ -205,6 +257,9 @@ impl Op {
             0x12 => Op::UpstreamRouted,
             0x13 => Op::Transient,
             0x14 => Op::Heartbeat,
+            0x15 => Op::Notify,
+            0x16 => Op::Pull,
+            0x17 => Op::PullReply,
             _ => return None,
         })
     }
@@ -233,6 +288,9 @@ impl Frame {
             Frame::BroadcastAck { .. } => Op::BroadcastAck,
             Frame::Reset { .. } => Op::Reset,
             Frame::Heartbeat { .. } => Op::Heartbeat,
+            Frame::Notify { .. } => Op::Notify,
+            Frame::Pull { .. } => Op::Pull,
+            Frame::PullReply { .. } => Op::PullReply,
         }
     }
 }
@@ -459,5 +517,23 @@ code_type! {
         /// The route named in the UPSTREAM is not one of the app's webhook
         /// routes that takes upstream data.
         UNKNOWN_ROUTE = 5 => "unknown_route",
+    }
+}
+
+code_type! {
+    /// The outcome of a PULL.
+    PullStatus {
+        /// The message follows.
+        OK = 0 => "ok",
+        /// The inbox holds no such message (expired, or never stored):
+        /// there is nothing to pull, now or later.
+        GONE = 1 => "gone",
+        /// Storage did not answer; pull again later.
+        UNAVAILABLE = 2 => "unavailable",
+        /// The connection already has as many PULLs unanswered as it may;
+        /// pull again once one is answered.
+        BUSY = 3 => "busy",
+        /// The app is not bound on this connection.
+        NOT_BOUND = 4 => "not_bound",
     }
 }

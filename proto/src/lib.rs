@@ -27,8 +27,8 @@ pub mod transport;
 
 pub use codec::{DecodeError, EncodeError, decode, decode_slice, encode, encoded_len};
 pub use frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op, ResetSequence,
-    UnbindReason, UpstreamStatus,
+    BindErrorCode, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType, Op,
+    PullStatus, ResetSequence, UnbindReason, UpstreamStatus,
 };
 pub use token::{TokenClaims, TokenError, sign_token, verify_token};
 pub use transport::Transport;

@@ -48,6 +48,13 @@ pub const TAG_LEN_MAX: usize = 64;
 /// Longest webhook route name an UPSTREAM may carry, in bytes.
 pub const ROUTE_LEN_MAX: usize = 64;
 
+/// Longest hint a NOTIFY carries, in bytes.
+pub const HINT_LEN_MAX: usize = 1024;
+
+/// Most PULLs one connection may have unanswered at once; the server
+/// answers one more with `busy` without reading storage.
+pub const PULLS_IN_FLIGHT_MAX: usize = 4;
+
 /// Most apps one connection may have bound at once.
 pub const APPS_PER_CONN_MAX: usize = 16;
 
@@ -58,6 +65,9 @@ const _: () = assert!(2 + 1 + APP_ID_LEN_MAX + 16 + 8 + PAYLOAD_LEN_MAX <= FRAME
 // version + op + app (1 + len) + request id (8) + route (1 + len) + payload.
 const _: () =
     assert!(2 + 1 + APP_ID_LEN_MAX + 8 + 1 + ROUTE_LEN_MAX + PAYLOAD_LEN_MAX <= FRAME_BODY_LEN_MAX);
+// A PULL_REPLY with the longest app id and the largest payload must fit:
+// version + op + app (1 + len) + seq (8) + status (2) + message id (16) + payload.
+const _: () = assert!(2 + 1 + APP_ID_LEN_MAX + 8 + 2 + 16 + PAYLOAD_LEN_MAX <= FRAME_BODY_LEN_MAX);
 // A BIND with the longest app id and token must fit too.
 const _: () = assert!(
     2 + 1 + APP_ID_LEN_MAX + 2 + TOKEN_LEN_MAX + 9 + 9 + 1 + TAGS_PER_BIND_MAX * (1 + TAG_LEN_MAX)
@@ -71,3 +81,4 @@ const _: () = assert!(DEVICE_ID_LEN_MAX <= u8::MAX as usize);
 const _: () = assert!(CLIENT_VERSION_LEN_MAX <= u8::MAX as usize);
 const _: () = assert!(TOKEN_LEN_MAX <= u16::MAX as usize);
 const _: () = assert!(TEXT_LEN_MAX <= u16::MAX as usize);
+const _: () = assert!(HINT_LEN_MAX <= u16::MAX as usize);

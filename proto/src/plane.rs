@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::frame::{GoAwayReason, MessageId, NetworkType, UpstreamStatus};
+use crate::frame::{GoAwayReason, MessageId, NetworkType, PullStatus, UpstreamStatus};
 use crate::ids::{AppId, UserId};
 
 /// A connection's address: the shard that owns it, its slab slot and the
@@ -45,6 +45,30 @@ pub struct PushMessage {
     pub seq: u64,
     pub message_id: MessageId,
     pub payload: Bytes,
+    /// Set when it was pushed with `"delivery": "notify"`: a client that
+    /// can pull gets a NOTIFY, not the payload.
+    pub notice: Option<Notice>,
+}
+
+/// What a NOTIFY says besides the message's size: a pushed message's
+/// `"delivery": "notify"` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The client pulls after a random delay of up to this.
+    pub pull_spread_ms: u32,
+    /// Shown to the client before it pulls (0 to 1,024 bytes).
+    pub hint: Arc<str>,
+}
+
+/// The control plane's answer to a PULL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullAnswer {
+    Message {
+        message_id: MessageId,
+        payload: Bytes,
+    },
+    /// Any status but `ok`.
+    Refused(PullStatus),
 }
 
 /// One stored broadcast on its way to connections. `seq` is the app's
@@ -202,6 +226,12 @@ pub enum ConnCommand {
     /// A message pushed with `"store": false` for the user bound to `app`:
     /// sent if the binding is still there, never stored nor sent again.
     Transient { app: AppId, payload: Bytes },
+    /// The answer to a PULL the connection sent.
+    PullReply {
+        app: AppId,
+        seq: u64,
+        answer: PullAnswer,
+    },
     /// The outcome of an UPSTREAM the connection sent.
     UpstreamAck {
         app: AppId,
@@ -257,6 +287,13 @@ pub enum ConnEvent {
     BroadcastCatchUp {
         app: AppId,
         after: u64,
+    },
+    /// The client asks for the body of message `seq` of (app, user)'s
+    /// inbox; answered with a `PullReply`.
+    Pull {
+        app: AppId,
+        user: UserId,
+        seq: u64,
     },
     /// Data the client sent for the app's business server, for the
     /// webhook route it named (none: the app's default route).

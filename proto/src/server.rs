@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::frame::{
-    BindErrorCode, ErrorCode, Frame, GoAwayReason, NetworkType, ResetSequence, UnbindReason,
-    UpstreamStatus,
+    BindErrorCode, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType, PullStatus,
+    ResetSequence, UnbindReason, UpstreamStatus,
 };
 use crate::ids::{AppId, UserId};
-use crate::limits::APPS_PER_CONN_MAX;
-use crate::plane::{Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PushMessage};
+use crate::limits::{APPS_PER_CONN_MAX, PULLS_IN_FLIGHT_MAX};
+use crate::plane::{
+    Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PullAnswer, PushMessage,
+};
 
 /// One network type's heartbeat: the interval HELLO_OK hands out, and the
 /// range a client may negotiate within (HEARTBEAT). Whole seconds: that is
@@ -220,6 +222,9 @@ struct Binding {
     fill_pending: bool,
     /// Storage holds messages this connection is owed and has not been sent.
     behind: bool,
+    /// The next message owed is one to pull, going whole to a client that
+    /// cannot pull: no catch-up until every message sent is acked.
+    behind_whole: bool,
     /// What broadcasts may be targeted by (`platform=ios`, ...); `None`
     /// for most clients.
     tags: Option<Box<Tags>>,
@@ -325,14 +330,24 @@ impl Binding {
         window.saturating_sub(u32::try_from(inflight).unwrap_or(u32::MAX))
     }
 
+    /// Whether `message` may go out now. A message pushed to be pulled goes
+    /// whole (up to `api.notify_payload_bytes_max`) to a client that cannot
+    /// pull, so it goes only when nothing else is unacked: a window of
+    /// them would outgrow the send queue a window of ordinary pushes fits.
+    fn has_room_for(&self, message: &PushMessage, notify: bool, window: u32) -> bool {
+        let room = self.window_room(window);
+        room > 0 && (notify || message.notice.is_none() || room == window)
+    }
+
     /// Asks for a catch-up if the binding is behind, has room and has no
     /// request outstanding.
     fn request_catch_up(&mut self, window: u32, out: &mut Output) {
         let Some(sent) = self.sent() else { return };
         let room = self.window_room(window);
-        if !self.behind || self.fill_pending || room == 0 {
+        if !self.behind || self.fill_pending || room == 0 || (self.behind_whole && room < window) {
             return;
         }
+        self.behind_whole = false;
         self.behind = false;
         self.fill_pending = true;
         let with_broadcasts = self.broadcasts == BroadcastPhase::WithInbox;
@@ -384,13 +399,25 @@ impl Binding {
             .all(|tag| own.iter().any(|own| **own == **tag))
     }
 
-    fn push(&mut self, message: &PushMessage, out: &mut Output) {
+    /// Sends `message`: as NOTIFY when it was pushed to be pulled and the
+    /// client said it can pull (`notify`), else whole, as PUSH.
+    fn push(&mut self, message: &PushMessage, notify: bool, out: &mut Output) {
         self.set_sent(message.seq);
-        out.transmit.push(Frame::Push {
-            app: self.app.to_string(),
-            message_id: message.message_id,
-            seq: message.seq,
-            payload: message.payload.clone(),
+        out.transmit.push(match &message.notice {
+            Some(notice) if notify => Frame::Notify {
+                app: self.app.to_string(),
+                message_id: message.message_id,
+                seq: message.seq,
+                size: message.payload.len() as u32,
+                pull_spread_ms: notice.pull_spread_ms,
+                hint: notice.hint.to_string(),
+            },
+            _ => Frame::Push {
+                app: self.app.to_string(),
+                message_id: message.message_id,
+                seq: message.seq,
+                payload: message.payload.clone(),
+            },
         });
     }
 }
@@ -412,7 +439,12 @@ pub struct ServerConn {
     /// The interval in force, in whole seconds (it fits the struct's
     /// padding, which a `Duration` would not).
     heartbeat_secs: u16,
-    bind_failures: u32,
+    bind_failures: u16,
+    /// What HELLO said the client understands ([`Features`] bits this
+    /// version knows; they fit a byte, and the struct's padding).
+    features: u8,
+    /// PULLs sent to the control plane and not answered yet.
+    pulls_in_flight: u8,
     bindings: Vec<Binding>,
 }
 
@@ -434,8 +466,14 @@ impl ServerConn {
             heartbeat_deadline: now + heartbeat_deadline(unknown_secs),
             heartbeat_secs: unknown_secs,
             bind_failures: 0,
+            features: 0,
+            pulls_in_flight: 0,
             bindings: Vec::new(),
         }
+    }
+
+    fn understands(&self, feature: Features) -> bool {
+        Features(u32::from(self.features)).contains(feature)
     }
 
     pub fn is_closing(&self) -> bool {
@@ -501,10 +539,12 @@ impl ServerConn {
                     device_id,
                     client_version: _,
                     network,
+                    features,
                 },
             ) => {
                 self.device_id = device_id.into_boxed_str();
                 self.network = network;
+                self.features = (features.0 & Features::ALL.0) as u8;
                 self.phase = Phase::Open;
                 let start_secs = config.heartbeat.for_network(network).start_secs;
                 self.set_heartbeat(now, start_secs, out);
@@ -577,6 +617,7 @@ impl ServerConn {
                     status: UpstreamStatus::NOT_BOUND,
                 }),
             },
+            (Phase::Open, Frame::Pull { app, seq }) => self.handle_pull(app, seq, out),
             (Phase::Open, Frame::Unbind { app, .. }) => {
                 if let Some(index) = self.bindings.iter().position(|b| *b.app == *app) {
                     let binding = self.bindings.swap_remove(index);
@@ -665,6 +706,7 @@ impl ServerConn {
                         acked: 0,
                         fill_pending: true,
                         behind: false,
+                        behind_whole: false,
                         tags: (!resume.tags.is_empty()).then(|| {
                             let tags = resume.tags.into_iter().map(String::into_boxed_str);
                             Box::new(Tags(tags.collect()))
@@ -689,9 +731,9 @@ impl ServerConn {
         };
         // Every refusal counts, whatever its code: a client that keeps
         // sending BINDs the server refuses is broken or probing.
-        self.bind_failures += 1;
+        self.bind_failures = self.bind_failures.saturating_add(1);
         out.transmit.push(Frame::BindErr { app, code, message });
-        if self.bind_failures >= config.bind_failures_max {
+        if u32::from(self.bind_failures) >= config.bind_failures_max {
             self.close_with_goaway(GoAwayReason::AUTH_FAILED, CloseReason::AuthFailed, out);
         }
     }
@@ -730,6 +772,7 @@ impl ServerConn {
             return;
         }
         let window = config.inflight_pushes_max;
+        let notify = self.understands(Features::NOTIFY);
         let Some(binding) = self.binding_mut(app) else {
             return;
         };
@@ -742,10 +785,11 @@ impl ServerConn {
         if message.seq <= sent {
             return;
         }
-        if message.seq == sent + 1 && binding.window_room(window) > 0 {
-            binding.push(message, out);
+        if message.seq == sent + 1 && binding.has_room_for(message, notify, window) {
+            binding.push(message, notify, out);
         } else {
             binding.behind = true;
+            binding.behind_whole |= message.seq == sent + 1 && binding.window_room(window) > 0;
             binding.request_catch_up(window, out);
         }
     }
@@ -769,6 +813,7 @@ impl ServerConn {
             return;
         }
         let window = config.inflight_pushes_max;
+        let notify = self.understands(Features::NOTIFY);
         let Some(binding) = self.binding_mut(app) else {
             return;
         };
@@ -781,11 +826,12 @@ impl ServerConn {
             if message.seq <= sent {
                 continue;
             }
-            if binding.window_room(window) == 0 {
+            if !binding.has_room_for(message, notify, window) {
                 binding.behind = true;
+                binding.behind_whole = binding.window_room(window) > 0;
                 break;
             }
-            binding.push(message, out);
+            binding.push(message, notify, out);
         }
         if more {
             binding.behind = true;
@@ -915,16 +961,71 @@ impl ServerConn {
     }
 
     /// A message pushed with `"store": false`: sent now if `app` is bound
-    /// here, else dropped (it is never stored, so nothing owes it later).
-    /// It has no seq, so it goes out at once whatever the delivery window
-    /// holds.
+    /// here and the client understands TRANSIENT, else dropped (it is never
+    /// stored, so nothing owes it later). It has no seq, so it goes out at
+    /// once whatever the delivery window holds.
     pub fn transient(&mut self, app: &str, payload: &Bytes, out: &mut Output) {
-        if self.phase != Phase::Open || self.binding_mut(app).is_none() {
+        if self.phase != Phase::Open
+            || !self.understands(Features::TRANSIENT)
+            || self.binding_mut(app).is_none()
+        {
             return;
         }
         out.transmit.push(Frame::Transient {
             app: app.to_owned(),
             payload: payload.clone(),
+        });
+    }
+
+    /// A PULL for message `seq` of a bound app: it goes to the control
+    /// plane, which reads storage and answers with `pull_reply`, unless the
+    /// connection has as many PULLs unanswered as it may.
+    fn handle_pull(&mut self, app: String, seq: u64, out: &mut Output) {
+        let refusal = |status| Frame::PullReply {
+            app: app.clone(),
+            seq,
+            status,
+            message_id: MessageId([0; 16]),
+            payload: Bytes::new(),
+        };
+        let Some(binding) = self.bindings.iter().find(|b| *b.app == *app) else {
+            out.transmit.push(refusal(PullStatus::NOT_BOUND));
+            return;
+        };
+        if usize::from(self.pulls_in_flight) >= PULLS_IN_FLIGHT_MAX {
+            out.transmit.push(refusal(PullStatus::BUSY));
+            return;
+        }
+        out.events.push(ConnEvent::Pull {
+            app: binding.app.clone(),
+            user: UserId::from(&*binding.user),
+            seq,
+        });
+        self.pulls_in_flight += 1;
+    }
+
+    /// The control plane's answer to a PULL: the message, or why not.
+    pub fn pull_reply(&mut self, app: &str, seq: u64, reply: PullAnswer, out: &mut Output) {
+        self.pulls_in_flight = self.pulls_in_flight.saturating_sub(1);
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let (status, message_id, payload) = match reply {
+            _ if self.binding_mut(app).is_none() => {
+                (PullStatus::NOT_BOUND, MessageId([0; 16]), Bytes::new())
+            }
+            PullAnswer::Message {
+                message_id,
+                payload,
+            } => (PullStatus::OK, message_id, payload),
+            PullAnswer::Refused(status) => (status, MessageId([0; 16]), Bytes::new()),
+        };
+        out.transmit.push(Frame::PullReply {
+            app: app.to_owned(),
+            seq,
+            status,
+            message_id,
+            payload,
         });
     }
 
@@ -1044,7 +1145,8 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::frame::MessageId;
+    use crate::plane::Notice;
+    use std::sync::Arc;
 
     struct FixedAuth;
 
@@ -1097,6 +1199,7 @@ mod tests {
             seq,
             message_id: MessageId([seq as u8; 16]),
             payload: Bytes::from(format!("m{seq}")),
+            notice: None,
         }
     }
 
@@ -1151,6 +1254,7 @@ mod tests {
                 device_id: "phone".to_owned(),
                 client_version: "1.0".to_owned(),
                 network,
+                features: Features::ALL,
             })
         }
 
@@ -1511,6 +1615,174 @@ mod tests {
         assert!(
             pushed_seqs(out).is_empty(),
             "the window is as full as before"
+        );
+    }
+
+    #[test]
+    fn transient_and_notify_reach_only_clients_that_named_them_in_hello() {
+        let notice = Some(Notice {
+            pull_spread_ms: 2_000,
+            hint: Arc::from("news"),
+        });
+        for features in [Features::NONE, Features::TRANSIENT, Features::ALL] {
+            let mut h = Harness::new();
+            h.frame(Frame::Hello {
+                device_id: "phone".to_owned(),
+                client_version: "0.9".to_owned(),
+                network: NetworkType::Wifi,
+                features,
+            });
+            h.bind("chat", "ok:alice", None);
+            h.fill(0, &[], false);
+            h.out.clear();
+            h.conn
+                .transient("chat", &Bytes::from_static(b"typing"), &mut h.out);
+            assert_eq!(
+                h.out.transmit.len(),
+                usize::from(features.contains(Features::TRANSIENT)),
+                "{features:?}: TRANSIENT only to a client that understands it"
+            );
+            let pulled = PushMessage {
+                notice: notice.clone(),
+                ..message(1)
+            };
+            h.out.clear();
+            h.conn.deliver("chat", &pulled, &h.config, &mut h.out);
+            let expected = if features.contains(Features::NOTIFY) {
+                Frame::Notify {
+                    app: "chat".to_owned(),
+                    message_id: pulled.message_id,
+                    seq: 1,
+                    size: 2,
+                    pull_spread_ms: 2_000,
+                    hint: "news".to_owned(),
+                }
+            } else {
+                Frame::Push {
+                    app: "chat".to_owned(),
+                    message_id: pulled.message_id,
+                    seq: 1,
+                    payload: pulled.payload.clone(),
+                }
+            };
+            assert_eq!(h.out.transmit, [expected], "{features:?}");
+        }
+    }
+
+    #[test]
+    fn a_client_that_cannot_pull_gets_pushes_meant_to_be_pulled_one_at_a_time() {
+        let mut h = Harness::new();
+        h.frame(Frame::Hello {
+            device_id: "phone".to_owned(),
+            client_version: "0.9".to_owned(),
+            network: NetworkType::Wifi,
+            features: Features::NONE,
+        });
+        h.bind("chat", "ok:alice", None);
+        let large = |seq| PushMessage {
+            notice: Some(Notice {
+                pull_spread_ms: 0,
+                hint: Arc::from(""),
+            }),
+            ..message(seq)
+        };
+        let messages = [large(1), large(2), message(3)];
+        h.out.clear();
+        let fill = InboxFill {
+            after: 0,
+            messages: &messages,
+            more: false,
+            broadcasts_from: None,
+        };
+        h.conn.fill("chat", fill, &h.config, &mut h.out);
+        assert_eq!(
+            pushed_seqs(&h.out),
+            [1],
+            "the second waits for the first's ack"
+        );
+        let out = h.ack(1);
+        assert_eq!(catch_ups(out), [(1, 3)]);
+        let messages = [large(2), message(3)];
+        h.out.clear();
+        let fill = InboxFill {
+            after: 1,
+            messages: &messages,
+            more: false,
+            broadcasts_from: None,
+        };
+        h.conn.fill("chat", fill, &h.config, &mut h.out);
+        assert_eq!(pushed_seqs(&h.out), [2, 3], "ordinary pushes may follow it");
+    }
+
+    #[test]
+    fn a_pull_goes_to_the_control_plane_and_its_answer_back_to_the_client() {
+        let mut h = Harness::new();
+        h.open_bound(0);
+        let pull = |seq| Frame::Pull {
+            app: "chat".to_owned(),
+            seq,
+        };
+        let refused = |seq, status| Frame::PullReply {
+            app: "chat".to_owned(),
+            seq,
+            status,
+            message_id: MessageId([0; 16]),
+            payload: Bytes::new(),
+        };
+        for seq in 1..=PULLS_IN_FLIGHT_MAX as u64 {
+            let out = h.frame(pull(seq));
+            assert!(out.transmit.is_empty());
+            assert_eq!(
+                out.events,
+                [ConnEvent::Pull {
+                    app: AppId::from("chat"),
+                    user: UserId::from("alice"),
+                    seq,
+                }]
+            );
+        }
+        let busy = PULLS_IN_FLIGHT_MAX as u64 + 1;
+        let out = h.frame(pull(busy));
+        assert!(out.events.is_empty(), "storage is not asked past the bound");
+        assert_eq!(out.transmit, [refused(busy, PullStatus::BUSY)]);
+
+        h.out.clear();
+        let answer = PullAnswer::Message {
+            message_id: MessageId([1; 16]),
+            payload: Bytes::from_static(b"body"),
+        };
+        h.conn.pull_reply("chat", 1, answer, &mut h.out);
+        assert_eq!(
+            h.out.transmit,
+            [Frame::PullReply {
+                app: "chat".to_owned(),
+                seq: 1,
+                status: PullStatus::OK,
+                message_id: MessageId([1; 16]),
+                payload: Bytes::from_static(b"body"),
+            }]
+        );
+        h.out.clear();
+        h.conn
+            .pull_reply("chat", 2, PullAnswer::Refused(PullStatus::GONE), &mut h.out);
+        assert_eq!(h.out.transmit, [refused(2, PullStatus::GONE)]);
+        let out = h.frame(pull(busy));
+        assert_eq!(out.events.len(), 1, "answered pulls free their places");
+
+        let out = h.frame(Frame::Pull {
+            app: "other".to_owned(),
+            seq: 1,
+        });
+        assert!(out.events.is_empty());
+        assert_eq!(
+            out.transmit,
+            [Frame::PullReply {
+                app: "other".to_owned(),
+                seq: 1,
+                status: PullStatus::NOT_BOUND,
+                message_id: MessageId([0; 16]),
+                payload: Bytes::new(),
+            }]
         );
     }
 

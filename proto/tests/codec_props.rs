@@ -7,12 +7,14 @@
 
 use bytes::{Bytes, BytesMut};
 use herald_proto::limits::{
-    APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX, PAYLOAD_LEN_MAX,
-    ROUTE_LEN_MAX, TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX, USER_ID_LEN_MAX,
+    APP_ID_LEN_MAX, CLIENT_VERSION_LEN_MAX, DEVICE_ID_LEN_MAX, FRAME_BODY_LEN_MAX, HINT_LEN_MAX,
+    PAYLOAD_LEN_MAX, ROUTE_LEN_MAX, TAG_LEN_MAX, TAGS_PER_BIND_MAX, TEXT_LEN_MAX, TOKEN_LEN_MAX,
+    USER_ID_LEN_MAX,
 };
 use herald_proto::{
-    BindErrorCode, DecodeError, ErrorCode, Frame, GoAwayReason, MessageId, NetworkType, Op,
-    ResetSequence, UnbindReason, UpstreamStatus, decode, decode_slice, encode, encoded_len,
+    BindErrorCode, DecodeError, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType,
+    Op, PullStatus, ResetSequence, UnbindReason, UpstreamStatus, decode, decode_slice, encode,
+    encoded_len,
 };
 use proptest::prelude::*;
 
@@ -91,13 +93,17 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
         (
             text(DEVICE_ID_LEN_MAX, true, sizes),
             text(CLIENT_VERSION_LEN_MAX, false, sizes),
-            network()
+            network(),
+            any::<u32>()
         )
-            .prop_map(|(device_id, client_version, network)| Frame::Hello {
-                device_id,
-                client_version,
-                network
-            }),
+            .prop_map(
+                |(device_id, client_version, network, features)| Frame::Hello {
+                    device_id,
+                    client_version,
+                    network,
+                    features: Features(features),
+                }
+            ),
         (any::<u32>(), any::<Option<u64>>()).prop_map(|(heartbeat_interval_ms, storage_epoch)| {
             Frame::HelloOk {
                 heartbeat_interval_ms,
@@ -160,6 +166,37 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
         ),
         (app(), any::<u64>()).prop_map(|(app, seq)| Frame::Ack { app, seq }),
         (app(), payload(sizes)).prop_map(|(app, payload)| Frame::Transient { app, payload }),
+        (
+            app(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            text(HINT_LEN_MAX, false, sizes)
+        )
+            .prop_map(|(app, id, seq, size, pull_spread_ms, hint)| Frame::Notify {
+                app,
+                message_id: MessageId(id),
+                seq,
+                size,
+                pull_spread_ms,
+                hint,
+            }),
+        (app(), any::<u64>()).prop_map(|(app, seq)| Frame::Pull { app, seq }),
+        (
+            app(),
+            any::<u64>(),
+            any::<u16>(),
+            any::<[u8; 16]>(),
+            payload(sizes)
+        )
+            .prop_map(|(app, seq, status, id, payload)| Frame::PullReply {
+                app,
+                seq,
+                status: PullStatus(status),
+                message_id: MessageId(id),
+                payload,
+            }),
         (
             app(),
             any::<u64>(),
@@ -246,7 +283,7 @@ fn plausible_frame() -> impl Strategy<Value = Vec<u8>> {
     (
         prop_oneof![9 => Just(1u8), 1 => any::<u8>()],
         // Every op up to the newest, and an unknown one past it.
-        0u8..=Op::Transient as u8 + 1,
+        0u8..=Op::PullReply as u8 + 1,
         proptest::collection::vec(
             prop_oneof![3 => any::<u8>(), 1 => Just(0u8), 1 => Just(1u8)],
             0..96,

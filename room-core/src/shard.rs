@@ -1849,6 +1849,9 @@ impl<D: Driver> Shard<D> {
                 request_id,
                 status,
             } => server.upstream_ack(&app, request_id, status, out),
+            ConnCommand::PullReply { app, seq, answer } => {
+                server.pull_reply(&app, seq, answer, out)
+            }
             ConnCommand::Kick { reason } => server.kick(reason, out),
         }
         self.apply(slot, now);

@@ -198,6 +198,7 @@ fn hello() -> Frame {
         device_id: "phone".to_owned(),
         client_version: "test".to_owned(),
         network: NetworkType::Wifi,
+        features: herald_proto::Features::ALL,
     }
 }
 
@@ -224,6 +225,7 @@ fn message(seq: u64, payload_len: usize) -> PushMessage {
         seq,
         message_id: MessageId([seq as u8; 16]),
         payload: Bytes::from(vec![b'm'; payload_len]),
+        notice: None,
     }
 }
 
@@ -1504,6 +1506,7 @@ fn gives_a_longer_frame_and_a_slower_network_more_time<const R: bool>() {
         device_id: "alice-phone".to_owned(),
         client_version: "test".to_owned(),
         network: NetworkType::Cellular4g,
+        features: herald_proto::Features::ALL,
     };
     h.send(&client, &[hello]);
     assert!(matches!(

@@ -232,6 +232,7 @@ fn bind(mut stream: Box<dyn Stream>, user: usize) -> Box<dyn Stream> {
             device_id: format!("device-{user:07}"),
             client_version: "conn-memory/1".to_owned(),
             network: NetworkType::Wifi,
+            features: herald_proto::Features::NONE,
         },
     );
     assert!(matches!(

@@ -336,13 +336,14 @@ impl Dialect for MySqlDialect {
                ON h.app = r.app COLLATE utf8mb4_bin \
               AND h.user_id = r.user_id COLLATE utf8mb4_bin",
         insert_unicasts: "INSERT INTO messages \
-             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) \
+             (app, user_id, seq, message_id, payload, notice, created_at_ms, expires_at_ms) \
              SELECT r.app, r.user_id, r.seq, FROM_BASE64(r.message_id), FROM_BASE64(r.payload), \
-               r.created_at_ms, r.expires_at_ms FROM JSON_TABLE(?, '$[*]' COLUMNS ( \
+               FROM_BASE64(NULLIF(r.notice, '')), r.created_at_ms, r.expires_at_ms \
+             FROM JSON_TABLE(?, '$[*]' COLUMNS ( \
                app VARCHAR(64) PATH '$[0]', user_id VARCHAR(128) PATH '$[1]', \
                seq BIGINT PATH '$[2]', message_id VARCHAR(32) PATH '$[3]', \
                payload LONGTEXT PATH '$[4]', created_at_ms BIGINT PATH '$[5]', \
-               expires_at_ms BIGINT PATH '$[6]')) AS r",
+               expires_at_ms BIGINT PATH '$[6]', notice LONGTEXT PATH '$[7]')) AS r",
     });
 
     async fn open(url: &str) -> Result<Pools<MySql>, StorageError> {

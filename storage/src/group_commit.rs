@@ -63,6 +63,7 @@ where
     String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
     for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
     for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+    Option<Vec<u8>>: for<'q> Encode<'q, D::Db> + Type<D::Db>,
     usize: ColumnIndex<<D::Db as Database>::Row>,
 {
     pub(crate) async fn run(self) {
@@ -476,7 +477,7 @@ where
     fn push_unicasts(statement: &mut QueryBuilder<D::Db>, unicasts: &[(&NewMessage, &StoredRef)]) {
         statement.push(
             "INSERT INTO messages \
-             (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) ",
+             (app, user_id, seq, message_id, payload, notice, created_at_ms, expires_at_ms) ",
         );
         statement.push_values(unicasts, |mut row, (msg, stored)| {
             row.push_bind(&*msg.app)
@@ -484,6 +485,7 @@ where
                 .push_bind(to_db(stored.seq))
                 .push_bind(&stored.message_id.0[..])
                 .push_bind(&msg.payload[..])
+                .push_bind(msg.notice_column())
                 .push_bind(to_db(msg.now_ms))
                 .push_bind(to_db(msg.expires_at_ms()));
         });
@@ -512,13 +514,16 @@ where
         statement
             .push(
                 "INSERT INTO messages \
-                 (app, user_id, seq, message_id, payload, created_at_ms, expires_at_ms) SELECT ",
+                 (app, user_id, seq, message_id, payload, notice, created_at_ms, expires_at_ms) \
+                 SELECT ",
             )
             .push_bind(&*msg.app)
             .push(", r.user_id, r.seq, ")
             .push_bind(&first.message_id.0[..])
             .push(", ")
             .push_bind(&msg.payload[..])
+            .push(", ")
+            .push_bind(msg.notice_column())
             .push(", ")
             .push_bind(to_db(msg.now_ms))
             .push(", ")
@@ -562,6 +567,9 @@ fn unicast_arrays(unicasts: &[(&NewMessage, &StoredRef)]) -> Vec<String> {
             payload,
             msg.now_ms,
             msg.expires_at_ms(),
+            // JSON_TABLE reads "" as the empty string, which NULLIF makes NULL.
+            msg.notice_column()
+                .map_or_else(String::new, |column| BASE64.encode(column)),
         ));
     }
     if !rows.is_empty() {
@@ -624,6 +632,7 @@ mod tests {
             ttl_ms: 1,
             now_ms: 1,
             idempotency_key: None,
+            notice: None,
         };
         let stored = StoredRef {
             user: "u".to_string(),

@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 pub use herald_proto::MessageId;
 pub use herald_proto::ids::AppId;
+pub use herald_proto::plane::Notice;
 
 use dialect::{Dialect, MySqlDialect, PostgresDialect, SqliteDialect};
 use sql::SqlSaver;
@@ -578,6 +579,7 @@ struct MessageRow {
     seq: i64,
     message_id: Vec<u8>,
     payload: Vec<u8>,
+    notice: Option<Vec<u8>>,
     created_at_ms: i64,
     expires_at_ms: i64,
 }
@@ -593,10 +595,20 @@ impl MessageRow {
                     self.message_id.len()
                 ))
             })?;
+        let notice = match self.notice {
+            None => None,
+            Some(column) => Some(notice_from_column(&column).ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "message {} of app {app:?} user {user:?} has a malformed notice",
+                    self.seq
+                ))
+            })?),
+        };
         Ok(StoredMessage {
             seq: from_db(self.seq, "messages.seq")?,
             message_id,
             payload: Bytes::from(self.payload),
+            notice,
             created_at_ms: from_db(self.created_at_ms, "messages.created_at_ms")?,
             expires_at_ms: from_db(self.expires_at_ms, "messages.expires_at_ms")?,
         })
@@ -715,12 +727,33 @@ pub struct NewMessage {
     /// Unix milliseconds; time is passed in so tests control it.
     pub now_ms: u64,
     pub idempotency_key: Option<String>,
+    /// Set for a push with `"delivery": "notify"`.
+    pub notice: Option<Notice>,
 }
 
 impl NewMessage {
     fn expires_at_ms(&self) -> u64 {
         self.now_ms.saturating_add(self.ttl_ms)
     }
+
+    /// The `notice` column's value.
+    fn notice_column(&self) -> Option<Vec<u8>> {
+        self.notice.as_ref().map(|notice| {
+            let mut column = Vec::with_capacity(4 + notice.hint.len());
+            column.extend_from_slice(&notice.pull_spread_ms.to_be_bytes());
+            column.extend_from_slice(notice.hint.as_bytes());
+            column
+        })
+    }
+}
+
+/// A `notice` column's value read back.
+fn notice_from_column(column: &[u8]) -> Option<Notice> {
+    let (spread, hint) = column.split_first_chunk::<4>()?;
+    Some(Notice {
+        pull_spread_ms: u32::from_be_bytes(*spread),
+        hint: Arc::from(std::str::from_utf8(hint).ok()?),
+    })
 }
 
 /// Where one recipient's copy of a message was stored.
@@ -748,6 +781,8 @@ pub struct StoredMessage {
     pub seq: u64,
     pub message_id: MessageId,
     pub payload: Bytes,
+    /// Set when it was pushed with `"delivery": "notify"`.
+    pub notice: Option<Notice>,
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
 }

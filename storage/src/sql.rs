@@ -97,7 +97,8 @@ impl Statements {
         };
         Statements {
             messages_after: sql(
-                "SELECT seq, message_id, payload, created_at_ms, expires_at_ms FROM messages \
+                "SELECT seq, message_id, payload, notice, created_at_ms, expires_at_ms \
+                 FROM messages \
                  WHERE app = ? AND user_id = ? AND seq > ? AND expires_at_ms > ? \
                  ORDER BY seq LIMIT ?",
             ),
@@ -214,6 +215,7 @@ where
     String: for<'q> Encode<'q, D::Db> + Type<D::Db> + for<'r> Decode<'r, D::Db>,
     for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
     for<'a> &'a [u8]: Encode<'a, D::Db> + Type<D::Db>,
+    Option<Vec<u8>>: for<'q> Encode<'q, D::Db> + Type<D::Db>,
     usize: ColumnIndex<<D::Db as Database>::Row>,
     for<'r> MessageRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> BroadcastRow: FromRow<'r, <D::Db as Database>::Row>,

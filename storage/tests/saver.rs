@@ -9,14 +9,15 @@
 mod engines;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use engines::TestDb;
 use herald_storage::{
     AckCursor, CommitCounts, FillStart, GroupCommit, InboxHead, InboxKey, MESSAGES_AFTER_LIMIT_MAX,
-    MessageCounts, NewBroadcast, NewMessage, PURGE_BATCH_ROWS, Saver, StorageError, StoreOutcome,
-    StoredApp,
+    MessageCounts, NewBroadcast, NewMessage, Notice, PURGE_BATCH_ROWS, Saver, StorageError,
+    StoreOutcome, StoredApp,
 };
 
 const APP: &str = "app1";
@@ -43,6 +44,7 @@ async fn store(
             ttl_ms: HOUR_MS,
             now_ms,
             idempotency_key: None,
+            notice: None,
         })
         .await
         .unwrap()
@@ -112,6 +114,45 @@ async fn stored_message_reads_back_as_written(db: TestDb) {
     assert_eq!(message.message_id.0[..6], T0.to_be_bytes()[2..]);
 }
 
+/// A notice reads back with its message, whichever way the group was
+/// written: a unicast among others, a multicast, and one with a key.
+async fn a_notice_reads_back_with_its_message(db: TestDb) {
+    let saver = db.open().await;
+    let notice = Notice {
+        pull_spread_ms: 5_000,
+        hint: Arc::from("a long read ✓"),
+    };
+    let send = |users: &[&str], notice: Option<Notice>, key: Option<&str>| NewMessage {
+        app: APP.into(),
+        users: self::users(users),
+        payload: Bytes::from_static(b"body"),
+        ttl_ms: HOUR_MS,
+        now_ms: T0,
+        idempotency_key: key.map(str::to_owned),
+        notice,
+    };
+    let (plain, unicast, multicast, keyed) = tokio::join!(
+        saver.store(send(&["alice"], None, None)),
+        saver.store(send(&["alice"], Some(notice.clone()), None)),
+        saver.store(send(&["alice", "bob"], Some(notice.clone()), None)),
+        saver.store(send(&["alice"], Some(notice.clone()), Some("k1"))),
+    );
+    for outcome in [&plain, &unicast, &multicast, &keyed] {
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let (messages, _) = saver.messages_after(APP, "alice", 0, 10, T0).await.unwrap();
+    let notices: Vec<_> = messages.iter().map(|m| m.notice.is_some()).collect();
+    assert_eq!(notices.iter().filter(|n| **n).count(), 3, "{notices:?}");
+    for message in &messages {
+        if let Some(read) = &message.notice {
+            assert_eq!(read, &notice);
+            assert_eq!(&message.payload[..], b"body");
+        }
+    }
+    let (bobs, _) = saver.messages_after(APP, "bob", 0, 10, T0).await.unwrap();
+    assert_eq!(bobs[0].notice.as_ref(), Some(&notice));
+}
+
 async fn seq_is_not_reused_after_purge(db: TestDb) {
     let saver = db.open().await;
     let alice = users(&["alice"]);
@@ -168,6 +209,7 @@ async fn idempotent_replay_returns_the_first_result_and_stores_nothing(db: TestD
         ttl_ms: HOUR_MS,
         now_ms,
         idempotency_key: Some("send-1".into()),
+        notice: None,
     };
     let first = saver.store(send(0, T0)).await.unwrap();
     assert!(!first.replayed);
@@ -201,6 +243,7 @@ async fn idempotency_key_past_its_ttl_stores_anew(db: TestDb) {
         ttl_ms: HOUR_MS,
         now_ms,
         idempotency_key: Some("send-1".into()),
+        notice: None,
     };
     let first = saver.store(send(T0)).await.unwrap();
     let expired = T0 + HOUR_MS;
@@ -268,6 +311,7 @@ async fn messages_after_skips_expired_messages(db: TestDb) {
         ttl_ms,
         now_ms: T0,
         idempotency_key: None,
+        notice: None,
     };
     saver.store(send(HOUR_MS)).await.unwrap(); // seq 1
     saver.store(send(10)).await.unwrap(); // seq 2, expires first
@@ -486,6 +530,7 @@ async fn purge_removes_only_expired_rows(db: TestDb) {
         ttl_ms,
         now_ms: T0,
         idempotency_key,
+        notice: None,
     };
     saver.store(send(10, Some("short".into()))).await.unwrap(); // seq 1
     saver
@@ -585,6 +630,7 @@ async fn concurrent_stores_get_gapless_distinct_seqs(db: TestDb) {
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
+                        notice: None,
                     })
                     .await
             })
@@ -661,6 +707,7 @@ async fn unreadable_idempotency_record_is_reported_as_corrupt(db: TestDb) {
             ttl_ms: HOUR_MS,
             now_ms: T0,
             idempotency_key: Some("broken".into()),
+            notice: None,
         })
         .await;
     assert!(
@@ -751,6 +798,7 @@ async fn two_nodes_storing_at_once_get_gapless_distinct_seqs(db: TestDb) {
                         ttl_ms: HOUR_MS,
                         now_ms: T0,
                         idempotency_key: None,
+                        notice: None,
                     })
                     .await
                     .expect("store failed with two nodes writing")
@@ -801,6 +849,7 @@ async fn one_key_sent_at_once_stores_once(nodes: &[Saver], calls: usize) {
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: Some("order-7".into()),
+                    notice: None,
                 })
                 .await
                 .expect("store with a key failed")
@@ -863,6 +912,7 @@ async fn a_store_that_fails_half_way_fails_alone(db: TestDb) {
                     ttl_ms: HOUR_MS,
                     now_ms: T0,
                     idempotency_key: None,
+                    notice: None,
                 })
                 .await
         })
@@ -1161,6 +1211,7 @@ async fn an_app_is_created_once_changed_by_version_and_deleted_with_its_rows(db:
 on_every_engine!(
     seqs_rise_per_inbox_and_are_independent_across_users_and_apps,
     stored_message_reads_back_as_written,
+    a_notice_reads_back_with_its_message,
     seq_is_not_reused_after_purge,
     multicast_shares_one_message_id_and_gives_each_user_one_seq,
     idempotent_replay_returns_the_first_result_and_stores_nothing,

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use herald_proto::{Frame, NetworkType, TokenClaims, decode, encode, sign_token};
+use herald_proto::{Features, Frame, NetworkType, TokenClaims, decode, encode, sign_token};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -574,6 +574,7 @@ pub async fn unread_client(addr: &str, device: &str, user: Option<&str>) -> TcpS
         device_id: device.to_owned(),
         client_version: "test".to_owned(),
         network: NetworkType::Wired,
+        features: Features::ALL,
     };
     encode(&hello, &mut frames).unwrap();
     if let Some(user) = user {
@@ -693,6 +694,7 @@ impl RawClient {
             device_id: device.to_owned(),
             client_version: "test".to_owned(),
             network: NetworkType::Wifi,
+            features: Features::ALL,
         })
         .await;
         match self.recv().await {

@@ -16,6 +16,7 @@
 //! | broadcast (2) | app `str`, seq u64, broadcast id 16 bytes, payload `bytes`, u16 count, count x tag `str`, created at u64 ms, expires at u64 ms, paced u8 (0 or 1) and if 1 the rate f64, low priority u8 (0 or 1), u16 count, count x (node `str`, share f64) |
 //! | kick (3) | reason u16, u32 count, count x `conn` |
 //! | transient (4) | app `str`, payload `bytes`, u32 count, count x `conn` |
+//! | deliver to pull (5) | a deliver's fields, then pull spread u32 ms and hint `str`: a message pushed with `"delivery": "notify"` |
 //!
 //! A message sent for an API call is wrapped with the call's request id:
 //! format byte 2, the id `str`, then the message as above (format 1), so
@@ -24,7 +25,9 @@
 use bytes::{BufMut, Bytes};
 
 use herald_proto::ids::AppId;
-use herald_proto::plane::{BroadcastMode, ConnId};
+use std::sync::Arc;
+
+use herald_proto::plane::{BroadcastMode, ConnId, Notice};
 use herald_proto::{GoAwayReason, MessageId};
 use herald_storage::StoredBroadcast;
 
@@ -50,6 +53,10 @@ const DELIVER: u8 = 1;
 const BROADCAST: u8 = 2;
 const KICK: u8 = 3;
 const TRANSIENT: u8 = 4;
+/// A deliver of a message pushed to be pulled. A kind of its own, so a
+/// node that predates it drops it (the binding catches up from storage)
+/// rather than misread it.
+const DELIVER_NOTICE: u8 = 5;
 
 /// Bytes of one connection id on the wire.
 const CONN_LEN: usize = 2 + 4 + 4;
@@ -64,6 +71,8 @@ pub enum NodeMessage {
         app: AppId,
         message_id: MessageId,
         payload: Bytes,
+        /// Set for a message pushed with `"delivery": "notify"`.
+        notice: Option<Notice>,
         targets: Vec<(ConnId, u64)>,
     },
     /// A stored broadcast for every room node's connections.
@@ -114,9 +123,14 @@ impl NodeMessage {
                 app,
                 message_id,
                 payload,
+                notice,
                 targets,
             } => {
-                out.put_u8(DELIVER);
+                out.put_u8(if notice.is_some() {
+                    DELIVER_NOTICE
+                } else {
+                    DELIVER
+                });
                 put_str(&mut out, app);
                 out.put_slice(&message_id.0);
                 put_bytes(&mut out, payload);
@@ -124,6 +138,10 @@ impl NodeMessage {
                 for (conn, seq) in targets {
                     put_conn(&mut out, *conn);
                     out.put_u64(*seq);
+                }
+                if let Some(notice) = notice {
+                    out.put_u32(notice.pull_spread_ms);
+                    put_str(&mut out, &notice.hint);
                 }
             }
             NodeMessage::Broadcast {
@@ -214,7 +232,7 @@ impl NodeMessage {
             return Err(NodeMessageError::UnknownFormat(format));
         }
         let message = match input.u8()? {
-            DELIVER => {
+            kind @ (DELIVER | DELIVER_NOTICE) => {
                 let app = AppId::from(input.str()?);
                 let message_id = MessageId(input.array()?);
                 let payload = input.bytes()?;
@@ -223,10 +241,19 @@ impl NodeMessage {
                 for _ in 0..count {
                     targets.push((input.conn()?, input.u64()?));
                 }
+                let notice = if kind == DELIVER_NOTICE {
+                    Some(Notice {
+                        pull_spread_ms: input.u32()?,
+                        hint: Arc::from(input.str()?),
+                    })
+                } else {
+                    None
+                };
                 NodeMessage::Deliver {
                     app,
                     message_id,
                     payload,
+                    notice,
                     targets,
                 }
             }
@@ -448,12 +475,24 @@ mod tests {
                 app: AppId::from("chat"),
                 message_id: MessageId([7; 16]),
                 payload: Bytes::from_static(b"hello"),
+                notice: None,
                 targets: vec![(a, 10), (b, u64::MAX)],
+            },
+            NodeMessage::Deliver {
+                app: AppId::from("chat"),
+                message_id: MessageId([8; 16]),
+                payload: Bytes::from_static(b"a long body"),
+                notice: Some(Notice {
+                    pull_spread_ms: 30_000,
+                    hint: Arc::from("new mail"),
+                }),
+                targets: vec![(a, 11)],
             },
             NodeMessage::Deliver {
                 app: AppId::from("\u{e9}"),
                 message_id: MessageId([0; 16]),
                 payload: Bytes::new(),
+                notice: None,
                 targets: Vec::new(),
             },
             NodeMessage::Broadcast {
@@ -533,6 +572,7 @@ mod tests {
             app: AppId::from("chat"),
             message_id: MessageId([7; 16]),
             payload: Bytes::from_static(payload),
+            notice: None,
             targets: (0..100)
                 .map(|slot| {
                     (
@@ -598,7 +638,7 @@ mod tests {
             NodeMessage::decode(&not_utf8),
             Err(NodeMessageError::NotUtf8)
         );
-        let mut bad_flag = examples()[3].encode();
+        let mut bad_flag = examples()[4].encode();
         let low_priority_at = bad_flag.len() - 2 - 1;
         bad_flag[low_priority_at] = 2;
         assert_eq!(
