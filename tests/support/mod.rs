@@ -649,6 +649,29 @@ impl RawClient {
         let mut client = RawClient::connect(addr).await;
         client.hello(device).await;
         client
+            .bind_user(user, last_seq, last_broadcast_seq, tags)
+            .await;
+        client
+    }
+
+    /// `bound`, for a client whose HELLO names `features` (NONE: a client
+    /// from before TRANSIENT and NOTIFY).
+    pub async fn bound_with(addr: &str, device: &str, user: &str, features: Features) -> RawClient {
+        let mut client = RawClient::connect(addr).await;
+        client.hello_with(device, features).await;
+        client.bind_user(user, None, None, &[]).await;
+        client
+    }
+
+    async fn bind_user(
+        &mut self,
+        user: &str,
+        last_seq: Option<u64>,
+        last_broadcast_seq: Option<u64>,
+        tags: &[&str],
+    ) {
+        let client = self;
+        client
             .send(Frame::Bind {
                 app: APP.to_owned(),
                 token: token(user, 3600),
@@ -661,7 +684,6 @@ impl RawClient {
             Some(Frame::BindOk { user: bound, .. }) => assert_eq!(bound, user),
             other => panic!("expected BIND_OK, got {other:?}"),
         }
-        client
     }
 
     /// Sends BIND of `app` with `token` and returns the answer.
@@ -690,11 +712,15 @@ impl RawClient {
     }
 
     pub async fn hello(&mut self, device: &str) -> u32 {
+        self.hello_with(device, Features::ALL).await
+    }
+
+    pub async fn hello_with(&mut self, device: &str, features: Features) -> u32 {
         self.send(Frame::Hello {
             device_id: device.to_owned(),
             client_version: "test".to_owned(),
             network: NetworkType::Wifi,
-            features: Features::ALL,
+            features,
         })
         .await;
         match self.recv().await {

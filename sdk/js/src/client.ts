@@ -2,7 +2,8 @@
  * HeraldClient: drives the sans-IO `ClientConn` over a WebSocket, and
  * reconnects with exponential backoff and full jitter, resuming every app
  * from its last acked seq and broadcast seq (the same rules as the Rust
- * SDK, `client/src/lib.rs`).
+ * SDK, `client/src/lib.rs`). NOTIFY frames are pulled and delivered in
+ * order by `Puller` (pull.ts) unless the application pulls itself.
  */
 
 import {
@@ -15,16 +16,19 @@ import {
   type BindFailedEvent,
   type BoundEvent,
   type BroadcastEvent,
+  type NotifyEvent,
   type TransientEvent,
   type PushEvent,
   type ResetEvent,
   type UnboundEvent,
   type UpstreamAckEvent,
   ClientConn,
+  ConnError,
 } from "./conn.js";
 import { type DispatchOptions, type FetchLike, askDispatcher, isWebSocketUrl } from "./dispatch.js";
 import { EventHub, type EventStream } from "./events.js";
 import { HeartbeatLearner, type HeartbeatProbeOptions } from "./heartbeat.js";
+import { type Delivery, type NotifyGoneEvent, Puller } from "./pull.js";
 import {
   type BackoffOptions,
   type BindFailure,
@@ -96,6 +100,13 @@ export interface ClientOptions {
   heartbeatProbe?: HeartbeatProbeOptions;
   /** `auto` (default): a push or broadcast is acked once every listener handled it. `manual`: call `ack`/`ackBroadcast`. */
   ackMode?: "auto" | "manual";
+  /**
+   * `true` (default): the body of a NOTIFY is pulled after a random delay
+   * of up to its `pullSpreadMs`, and comes as a `push` event (`pulled`
+   * true), in seq order with the other pushes. `false`: only the `notify`
+   * event; the application calls `pull`.
+   */
+  autoPull?: boolean;
   /** Reconnect backoff bounds (default 200 ms doubling up to 30 s). */
   reconnect?: Partial<BackoffOptions>;
   /** How long a WebSocket may take to open (default 10,000 ms). */
@@ -108,7 +119,7 @@ export interface ClientOptions {
   WebSocket?: WebSocketConstructor;
   /** A fetch implementation for the dispatcher (default: the global one). */
   fetch?: FetchLike;
-  /** Numbers in [0, 1) for the jitter (default Math.random). */
+  /** Numbers in [0, 1) for the jitter and the pull spread (default Math.random). */
   random?: () => number;
   /** Clock and timers (default performance.now and the global timers). */
   timers?: Timers;
@@ -121,6 +132,17 @@ export interface ClientOptions {
 export interface UpstreamOptions {
   /** The app's webhook route the data goes to; none: the app's default route. */
   route?: string;
+}
+
+/** The answer to `pull`. */
+export interface PullResult {
+  status: number;
+  /** `ok`, `gone`, `unavailable`, `busy`, `not_bound` or `unknown`. */
+  statusName: string;
+  /** The message's id as 32 lowercase hex digits; all zeros unless ok. */
+  messageId: string;
+  /** The message's body; empty unless ok. */
+  payload: Uint8Array;
 }
 
 export interface ConnectedEvent {
@@ -161,6 +183,8 @@ export type ClientEvent =
   | BoundEvent
   | BindFailedEvent
   | PushEvent
+  | NotifyEvent
+  | NotifyGoneEvent
   | BroadcastEvent
   | TransientEvent
   | UpstreamAckEvent
@@ -186,10 +210,13 @@ export type ClientState =
   /** Stopped for good. */
   | "closed";
 
-/** Why a call on the client was refused. */
+/**
+ * Why a call on the client was refused, or (`disconnected`) why a `pull`
+ * got no answer: its connection ended first.
+ */
 export class HeraldError extends Error {
-  readonly kind: "not_bound" | "closed";
-  constructor(kind: "not_bound" | "closed", message: string) {
+  readonly kind: "not_bound" | "closed" | "disconnected";
+  constructor(kind: "not_bound" | "closed" | "disconnected", message: string) {
     super(message);
     this.name = "HeraldError";
     this.kind = kind;
@@ -213,11 +240,13 @@ interface Resume {
 /** The live connection. */
 interface Current {
   conn: ClientConn | undefined;
+  puller: Puller;
   pump(): void;
   finish(ended: Ended): void;
 }
 
 const utf8 = new TextEncoder();
+const U64_MAX = (1n << 64n) - 1n;
 
 function toBytes(data: unknown): Uint8Array | string | undefined {
   if (typeof data === "string") return data;
@@ -247,6 +276,7 @@ export class HeraldClient {
   private readonly network: NetworkType;
   private apps: AppToken[];
   private readonly autoAck: boolean;
+  private readonly autoPull: boolean;
   private readonly connectTimeoutMs: number;
   private readonly dispatchTimeoutMs: number;
   private readonly dispatch: DispatchOptions | undefined;
@@ -311,6 +341,7 @@ export class HeraldClient {
     for (const a of this.apps) encodeFrame({ type: "bind", app: a.app, token: a.token, tags: a.tags ?? [] });
 
     this.autoAck = (options.ackMode ?? "auto") === "auto";
+    this.autoPull = options.autoPull ?? true;
     this.connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     this.dispatchTimeoutMs = options.dispatchTimeoutMs ?? 5_000;
     this.dispatch = options.dispatch;
@@ -419,6 +450,40 @@ export class HeraldClient {
   }
 
   /**
+   * Asks for the body of message `seq` of `app`, one a `notify` event
+   * announced (for `autoPull: false`; the spread of the NOTIFY's
+   * `pullSpreadMs` is yours to keep). At most 4 PULLs are out at once; more
+   * wait their turn. Rejects with `HeraldError`: `not_bound` or `closed`
+   * as `upstream` throws, `disconnected` if the connection ended before
+   * the answer (pull again once bound); a `RangeError` for a seq that is
+   * not a u64. Ack the seq once you hold the body (or it is `gone`).
+   */
+  async pull(app: string, seq: bigint | number): Promise<PullResult> {
+    if (this.stateValue === "closed") throw new HeraldError("closed", "the client is closed");
+    const s = BigInt(seq);
+    if (s < 0n || s > U64_MAX) throw new RangeError(`a seq is in 0..=2^64-1, not ${s}`);
+    const current = this.current;
+    if (current?.conn === undefined || !current.conn.isOpen || current.conn.boundUser(app) === undefined) {
+      throw new HeraldError("not_bound", `not connected, or app ${JSON.stringify(app)} is not bound`);
+    }
+    return new Promise((resolve, reject) => {
+      current.puller.request({
+        app,
+        seq: s,
+        answer: (reply) =>
+          resolve({ status: reply.status, statusName: reply.statusName, messageId: reply.messageId, payload: reply.payload }),
+        lost: () =>
+          reject(
+            this.closing
+              ? new HeraldError("closed", "the client is closed")
+              : new HeraldError("disconnected", "the connection ended before the PULL was answered"),
+          ),
+      });
+      current.pump();
+    });
+  }
+
+  /**
    * Stops pushes for `app`: UNBIND on the live connection, and the app is
    * not bound on later ones. Returns false if the app is not one of the
    * client's.
@@ -428,6 +493,7 @@ export class HeraldClient {
     if (index < 0) return false;
     this.apps.splice(index, 1);
     const current = this.current;
+    current?.puller.forget(app);
     if (current?.conn?.unbind(app)) current.pump();
     return true;
   }
@@ -580,6 +646,8 @@ export class HeraldClient {
         timers.clearTimeout(connectTimer);
         timers.clearTimeout(deadlineTimer);
         conn?.close();
+        // What was pulled or held and not acked comes again on the next bind.
+        puller.close();
         if (socket !== undefined) {
           socket.onopen = null;
           socket.onmessage = null;
@@ -608,20 +676,47 @@ export class HeraldClient {
         }, wait);
       };
 
-      const pump = (): void => {
-        if (done || conn === undefined) return;
-        const c = conn;
-        // 1. What the state machine sends (an ERROR before its close, too).
+      /** Hands a message to the application; under auto ack it is acked once handled. */
+      const deliver = (c: ClientConn, event: Delivery | BroadcastEvent): void => {
+        this.hub.emit(event, this.autoAck ? () => this.ackHandled(c, event) : undefined);
+      };
+
+      const puller = new Puller({
+        pull: (app, seq) => {
+          try {
+            conn!.pull(app, seq);
+            return true;
+          } catch (error) {
+            if (error instanceof ConnError) return false;
+            throw error;
+          }
+        },
+        flush: () => pump(),
+        deliver: (event) => deliver(conn!, event),
+        timers,
+        random: this.random,
+      });
+
+      /** Sends what the state machine queued; false if the connection ended. */
+      const transmit = (c: ClientConn): boolean => {
         for (let frame = c.pollTransmit(); frame !== undefined; frame = c.pollTransmit()) {
           let bytes: Uint8Array;
           try {
             bytes = encodeFrame(frame);
           } catch (error) {
             finish(lost(`cannot encode ${frame.type}: ${message(error)}`, handshakeDone));
-            return;
+            return false;
           }
           if (socket !== undefined && socket.readyState === WS_OPEN) socket.send(bytes);
         }
+        return true;
+      };
+
+      const pump = (): void => {
+        if (done || conn === undefined) return;
+        const c = conn;
+        // 1. What the state machine sends (an ERROR before its close, too).
+        if (!transmit(c)) return;
         // 2. Where to resume on the next connection.
         this.takeResumePoints(c);
         // 3. What it reports.
@@ -661,8 +756,19 @@ export class HeraldClient {
               }
               break;
             case "push":
+              if (this.autoPull) puller.push(event);
+              else deliver(c, event);
+              break;
             case "broadcast":
-              this.hub.emit(event, this.autoAck ? () => this.ackHandled(c, event) : undefined);
+              deliver(c, event);
+              break;
+            case "notify":
+              // At once, so the app can show the hint before the body is there.
+              this.hub.emit(event);
+              if (this.autoPull) puller.notify(event);
+              break;
+            case "pulled":
+              puller.answered(event);
               break;
             case "transient":
             case "upstreamAck":
@@ -673,6 +779,7 @@ export class HeraldClient {
               // Deleted: not bound on later connections either.
               const index = this.apps.findIndex((a) => a.app === event.app);
               if (index >= 0) this.apps.splice(index, 1);
+              puller.forget(event.app);
               this.hub.emit(event);
               break;
             }
@@ -699,7 +806,9 @@ export class HeraldClient {
               return;
           }
         }
-        // 4. When to look again (heartbeat, silence deadline).
+        // 4. What handling the events queued (PULLs, a heartbeat proposal).
+        if (!transmit(c)) return;
+        // 5. When to look again (heartbeat, silence deadline).
         schedule();
       };
 
@@ -707,6 +816,7 @@ export class HeraldClient {
         get conn() {
           return conn;
         },
+        puller,
         pump,
         finish,
       };
@@ -757,11 +867,14 @@ export class HeraldClient {
     });
   }
 
-  /** Auto ack: `event` was handled. Only on the connection that delivered it. */
-  private ackHandled(conn: ClientConn, event: PushEvent | BroadcastEvent): void {
+  /**
+   * Auto ack: `event` was handled (a gone notify counts as delivered). Only
+   * on the connection that delivered it.
+   */
+  private ackHandled(conn: ClientConn, event: Delivery | BroadcastEvent): void {
     const current = this.current;
     if (current === undefined || current.conn !== conn) return;
-    const acked = event.type === "push" ? conn.ack(event.app, event.seq) : conn.ackBroadcast(event.app, event.seq);
+    const acked = event.type === "broadcast" ? conn.ackBroadcast(event.app, event.seq) : conn.ack(event.app, event.seq);
     if (acked) current.pump();
   }
 

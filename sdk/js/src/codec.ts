@@ -21,6 +21,10 @@ export const DEVICE_ID_LEN_MAX = 128;
 export const CLIENT_VERSION_LEN_MAX = 64;
 export const TOKEN_LEN_MAX = 1024;
 export const TEXT_LEN_MAX = 1024;
+/** Longest hint a NOTIFY carries, in bytes (may be empty). */
+export const HINT_LEN_MAX = 1024;
+/** Most PULLs one connection may have unanswered; the server answers one more with `busy`. */
+export const PULLS_IN_FLIGHT_MAX = 4;
 export const APPS_PER_CONN_MAX = 16;
 export const TAGS_PER_BIND_MAX = 8;
 export const TAG_LEN_MAX = 64;
@@ -50,6 +54,9 @@ export const Op = {
   UpstreamRouted: 0x12,
   Transient: 0x13,
   Heartbeat: 0x14,
+  Notify: 0x15,
+  Pull: 0x16,
+  PullReply: 0x17,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -67,6 +74,18 @@ export const NetworkType = {
   Cellular5g: 6,
 } as const;
 export type NetworkType = (typeof NetworkType)[keyof typeof NetworkType];
+
+/**
+ * HELLO's `features` bits: the ops a client understands beyond the first v1
+ * ones. The server sends TRANSIENT and NOTIFY only to a client that named
+ * them; a receiver ignores bits it does not know.
+ */
+export const Features = {
+  /** TRANSIENT frames (`"store": false` pushes). */
+  Transient: 0x1,
+  /** NOTIFY, PULL and PULL_REPLY (`"delivery": "notify"` pushes). */
+  Notify: 0x2,
+} as const;
 
 /** RESET's sequence byte. */
 export const ResetSequence = { Inbox: 0, Broadcasts: 1 } as const;
@@ -115,6 +134,17 @@ export const UpstreamStatus = {
   UnknownRoute: 5,
 } as const;
 
+export const PullStatus = {
+  Ok: 0,
+  /** The inbox holds no such message (expired, or never stored): ack the seq and go on. */
+  Gone: 1,
+  /** Storage did not answer; pull again later. */
+  Unavailable: 2,
+  /** The connection already has as many PULLs unanswered as it may; pull again later. */
+  Busy: 3,
+  NotBound: 4,
+} as const;
+
 const GOAWAY_NAMES = [
   "",
   "kicked",
@@ -153,6 +183,7 @@ const UPSTREAM_NAMES = [
   "not_bound",
   "unknown_route",
 ];
+const PULL_NAMES = ["ok", "gone", "unavailable", "busy", "not_bound"];
 const OP_NAMES = [
   "",
   "HELLO",
@@ -175,6 +206,9 @@ const OP_NAMES = [
   "UPSTREAM_ROUTED",
   "TRANSIENT",
   "HEARTBEAT",
+  "NOTIFY",
+  "PULL",
+  "PULL_REPLY",
 ];
 
 function nameIn(names: readonly string[], code: number): string {
@@ -191,6 +225,8 @@ export const bindErrorName = (code: number): string => nameIn(BIND_ERROR_NAMES, 
 export const errorCodeName = (code: number): string => nameIn(ERROR_NAMES, code);
 /** The snake_case name of an UPSTREAM_ACK status. */
 export const upstreamStatusName = (code: number): string => nameIn(UPSTREAM_NAMES, code);
+/** The snake_case name of a PULL_REPLY status. */
+export const pullStatusName = (code: number): string => nameIn(PULL_NAMES, code);
 /** The name of an op as docs/protocol.md spells it (HELLO_OK, ...). */
 export const opName = (op: number): string => nameIn(OP_NAMES, op);
 /** The name of a RESET sequence: "inbox" or "broadcasts". */
@@ -199,7 +235,11 @@ export const resetSequenceName = (sequence: ResetSequence): "inbox" | "broadcast
 
 /** One frame of wire protocol v1. Both directions share the type. */
 export type Frame =
-  | { type: "hello"; deviceId: string; clientVersion: string; network: number }
+  /**
+   * `features` (the `Features` bits) came later in v1: written only when
+   * not 0, and decoded as 0 from a HELLO without it.
+   */
+  | { type: "hello"; deviceId: string; clientVersion: string; network: number; features?: number }
   | { type: "helloOk"; heartbeatIntervalMs: number; storageEpoch?: bigint }
   | {
       type: "bind";
@@ -231,7 +271,23 @@ export type Frame =
   | { type: "broadcastAck"; app: string; seq: bigint }
   | { type: "reset"; app: string; sequence: ResetSequence; after: bigint }
   /** Client to server: the interval about to be used; server to client: the interval in force. */
-  | { type: "heartbeat"; intervalMs: number };
+  | { type: "heartbeat"; intervalMs: number }
+  /**
+   * Message `seq` pushed to be pulled: its size and hint, not its body; pull
+   * it after a random delay of up to `pullSpreadMs`, ack it as a PUSH.
+   */
+  | {
+      type: "notify";
+      app: string;
+      messageId: Uint8Array;
+      seq: bigint;
+      size: number;
+      pullSpreadMs: number;
+      hint: string;
+    }
+  | { type: "pull"; app: string; seq: bigint }
+  /** `messageId` is all zeros and `payload` empty unless `status` is ok. */
+  | { type: "pullReply"; app: string; seq: bigint; status: number; messageId: Uint8Array; payload: Uint8Array };
 
 export type FrameType = Frame["type"];
 /** The frame of one type, e.g. `FrameOf<"push">`. */
@@ -257,6 +313,9 @@ const OP_OF: { [T in FrameType]: Op } = {
   broadcastAck: Op.BroadcastAck,
   reset: Op.Reset,
   heartbeat: Op.Heartbeat,
+  notify: Op.Notify,
+  pull: Op.Pull,
+  pullReply: Op.PullReply,
 };
 
 /** The op byte of a frame. */
@@ -361,6 +420,7 @@ const TOKEN: StrField = { name: "token", lenMax: TOKEN_LEN_MAX, nonEmpty: false,
 const TAG: StrField = { name: "tag", lenMax: TAG_LEN_MAX, nonEmpty: true, wide: false };
 const ROUTE: StrField = { name: "route", lenMax: ROUTE_LEN_MAX, nonEmpty: true, wide: false };
 const TEXT: StrField = { name: "message", lenMax: TEXT_LEN_MAX, nonEmpty: false, wide: true };
+const HINT: StrField = { name: "hint", lenMax: HINT_LEN_MAX, nonEmpty: false, wide: true };
 
 const U64_MAX = (1n << 64n) - 1n;
 const utf8Encoder = new TextEncoder();
@@ -502,9 +562,13 @@ export function encodeFrame(frame: Frame): Uint8Array {
       const deviceId = strBytes(DEVICE_ID, frame.deviceId);
       const clientVersion = strBytes(CLIENT_VERSION, frame.clientVersion);
       const network = checkInt("network", frame.network, 0xff);
+      const features = checkInt("features", frame.features ?? 0, 0xffff_ffff);
       w.str(DEVICE_ID, deviceId);
       w.str(CLIENT_VERSION, clientVersion);
       w.u8(network);
+      // A field that came later in v1: a HELLO without features is written
+      // as before, so a server that predates the field reads it.
+      if (features !== 0) w.u32(features);
       break;
     }
     case "helloOk": {
@@ -567,7 +631,8 @@ export function encodeFrame(frame: Frame): Uint8Array {
       break;
     }
     case "ack":
-    case "broadcastAck": {
+    case "broadcastAck":
+    case "pull": {
       const app = strBytes(APP, frame.app);
       const seq = checkU64("seq", frame.seq);
       w.str(APP, app);
@@ -645,6 +710,34 @@ export function encodeFrame(frame: Frame): Uint8Array {
     case "heartbeat":
       w.u32(checkInt("interval_ms", frame.intervalMs, 0xffff_ffff));
       break;
+    case "notify": {
+      const app = strBytes(APP, frame.app);
+      const messageId = checkMessageId(frame.messageId);
+      const seq = checkU64("seq", frame.seq);
+      const size = checkInt("size", frame.size, 0xffff_ffff);
+      const pullSpreadMs = checkInt("pull_spread_ms", frame.pullSpreadMs, 0xffff_ffff);
+      const hint = strBytes(HINT, frame.hint);
+      w.str(APP, app);
+      w.raw(messageId);
+      w.u64(seq);
+      w.u32(size);
+      w.u32(pullSpreadMs);
+      w.str(HINT, hint);
+      break;
+    }
+    case "pullReply": {
+      const app = strBytes(APP, frame.app);
+      const seq = checkU64("seq", frame.seq);
+      const status = checkInt("status", frame.status, 0xffff);
+      const messageId = checkMessageId(frame.messageId);
+      const payload = checkPayload(frame.payload);
+      w.str(APP, app);
+      w.u64(seq);
+      w.u16(status);
+      w.raw(messageId);
+      w.raw(payload);
+      break;
+    }
     default: {
       const unknown: { type?: unknown } = frame;
       throw new EncodeError("invalid_value", "type", `unknown frame type ${String(unknown.type)}`);
@@ -745,7 +838,7 @@ class Reader {
 }
 
 function isOp(byte: number): byte is Op {
-  return byte >= Op.Hello && byte <= Op.Heartbeat;
+  return byte >= Op.Hello && byte <= Op.PullReply;
 }
 
 function decodeBody(body: Uint8Array): Frame {
@@ -767,7 +860,10 @@ function decodeBody(body: Uint8Array): Frame {
       const deviceId = r.str(DEVICE_ID);
       const clientVersion = r.str(CLIENT_VERSION);
       const byte = r.u8();
-      frame = { type: "hello", deviceId, clientVersion, network: byte <= NetworkType.Cellular5g ? byte : NetworkType.Unknown };
+      const network = byte <= NetworkType.Cellular5g ? byte : NetworkType.Unknown;
+      // features came later in v1: the frame may end before it.
+      const features = r.remaining === 0 ? 0 : r.u32();
+      frame = { type: "hello", deviceId, clientVersion, network, features };
       break;
     }
     case Op.HelloOk: {
@@ -824,9 +920,28 @@ function decodeBody(body: Uint8Array): Frame {
       break;
     }
     case Op.Ack:
-    case Op.BroadcastAck: {
+    case Op.BroadcastAck:
+    case Op.Pull: {
       const app = r.str(APP);
-      frame = { type: opByte === Op.Ack ? "ack" : "broadcastAck", app, seq: r.u64() };
+      const type = opByte === Op.Ack ? "ack" : opByte === Op.Pull ? "pull" : "broadcastAck";
+      frame = { type, app, seq: r.u64() };
+      break;
+    }
+    case Op.Notify: {
+      const app = r.str(APP);
+      const messageId = r.take(MESSAGE_ID_LEN);
+      const seq = r.u64();
+      const size = r.u32();
+      const pullSpreadMs = r.u32();
+      frame = { type: "notify", app, messageId, seq, size, pullSpreadMs, hint: r.str(HINT) };
+      break;
+    }
+    case Op.PullReply: {
+      const app = r.str(APP);
+      const seq = r.u64();
+      const status = r.u16();
+      const messageId = r.take(MESSAGE_ID_LEN);
+      frame = { type: "pullReply", app, seq, status, messageId, payload: r.payload() };
       break;
     }
     case Op.Transient: {

@@ -6,8 +6,9 @@
  * messages, frames and the time, and drains `pollTransmit` and `pollEvent`.
  * It sends HELLO, binds every configured app once the server answers,
  * pings at the interval the server chose, times out a silent server, drops
- * pushes and broadcasts it already delivered, sends cumulative ACKs,
- * follows RESET and drops resume points from another storage epoch.
+ * pushes, notifies and broadcasts it already delivered, sends cumulative
+ * ACKs and PULLs, follows RESET and drops resume points from another
+ * storage epoch. When to pull a notified message is the driver's choice.
  *
  * Time is a number of milliseconds on any monotonic clock the driver
  * chooses (`performance.now()`, or a test's counter).
@@ -18,6 +19,7 @@ import {
   type NetworkType,
   DecodeError,
   ErrorCode,
+  Features,
   PAYLOAD_LEN_MAX,
   ROUTE_LEN_MAX,
   ResetSequence as Sequence,
@@ -27,6 +29,7 @@ import {
   goAwayReasonName,
   opName,
   frameOp,
+  pullStatusName,
   resetSequenceName,
   unbindReasonName,
   toHex,
@@ -87,6 +90,42 @@ export interface BindFailedEvent {
 }
 export interface PushEvent extends Message {
   type: "push";
+  /**
+   * Whether the body came in a PULL_REPLY after a NOTIFY (the client
+   * pulled it) rather than in a PUSH. This state machine reports only
+   * PUSH frames as pushes (false); the driver builds the pulled ones.
+   */
+  pulled: boolean;
+}
+/**
+ * Message `seq` of `app` was pushed to be pulled: its size and hint came,
+ * not its body. Pull it after a random delay of 0 to `pullSpreadMs`, and
+ * ack the seq once the body is held (or the pull said it is gone).
+ */
+export interface NotifyEvent {
+  type: "notify";
+  app: string;
+  /** The message's id as 32 lowercase hex digits. */
+  messageId: string;
+  seq: bigint;
+  /** The body's length in bytes. */
+  size: number;
+  pullSpreadMs: number;
+  /** Text from the push, for the app to show before the body is there. */
+  hint: string;
+}
+/** The answer to a PULL. */
+export interface PulledEvent {
+  type: "pulled";
+  app: string;
+  seq: bigint;
+  status: number;
+  /** `ok`, `gone`, `unavailable`, `busy`, `not_bound` or `unknown`. */
+  statusName: string;
+  /** All zeros unless `status` is ok. */
+  messageId: string;
+  /** Empty unless `status` is ok. */
+  payload: Uint8Array;
 }
 export interface BroadcastEvent extends Message {
   type: "broadcast";
@@ -137,6 +176,8 @@ export type ConnEvent =
   | BoundEvent
   | BindFailedEvent
   | PushEvent
+  | NotifyEvent
+  | PulledEvent
   | BroadcastEvent
   | TransientEvent
   | UpstreamAckEvent
@@ -155,7 +196,7 @@ export type ConnEvent =
   /** The server answered a HEARTBEAT proposal with the interval now in force. */
   | { type: "heartbeatSet"; intervalMs: number };
 
-/** Why `upstream` refused. */
+/** Why `upstream` or `pull` refused. */
 export class ConnError extends Error {
   readonly kind: "not_bound" | "closed";
   constructor(kind: "not_bound" | "closed", message: string) {
@@ -207,6 +248,7 @@ export class ClientConn {
       deviceId: config.deviceId,
       clientVersion: config.clientVersion,
       network: config.network,
+      features: Features.Transient | Features.Notify,
     });
     this.silenceDeadline = now + HANDSHAKE_TIMEOUT_MS;
     this.apps = config.apps.map((credentials) => ({
@@ -361,9 +403,39 @@ export class ClientConn {
           messageId: toHex(frame.messageId),
           seq: frame.seq,
           payload: frame.payload,
+          pulled: false,
         });
         return;
       }
+      case "notify": {
+        const state = this.app(frame.app);
+        if (state === undefined) return;
+        // A NOTIFY takes a PUSH's place in the inbox: the same de-duplication,
+        // and it moves the resume point the same way once acked.
+        if (state.delivered !== undefined && frame.seq <= state.delivered) return;
+        state.delivered = frame.seq;
+        this.events.push({
+          type: "notify",
+          app: frame.app,
+          messageId: toHex(frame.messageId),
+          seq: frame.seq,
+          size: frame.size,
+          pullSpreadMs: frame.pullSpreadMs,
+          hint: frame.hint,
+        });
+        return;
+      }
+      case "pullReply":
+        this.events.push({
+          type: "pulled",
+          app: frame.app,
+          seq: frame.seq,
+          status: frame.status,
+          statusName: pullStatusName(frame.status),
+          messageId: toHex(frame.messageId),
+          payload: frame.payload,
+        });
+        return;
       case "broadcast": {
         const state = this.app(frame.app);
         if (state === undefined) return;
@@ -521,6 +593,18 @@ export class ClientConn {
         : { type: "upstream", app, requestId, route, payload },
     );
     return requestId;
+  }
+
+  /**
+   * Asks for the body of message `seq` of `app` (one a NOTIFY announced);
+   * the answer comes as a `pulled` event. Throws `ConnError` when the
+   * connection is not open or the app is not bound. How many PULLs are out
+   * at once is the caller's to limit (`PULLS_IN_FLIGHT_MAX`).
+   */
+  pull(app: string, seq: bigint): void {
+    if (this.phase !== "open") throw new ConnError("closed", "the connection is not open");
+    if (this.app(app)?.user === undefined) throw new ConnError("not_bound", `app ${JSON.stringify(app)} is not bound`);
+    this.transmit.push({ type: "pull", app, seq });
   }
 
   /**

@@ -16,7 +16,18 @@ import {
   tokenClaims,
 } from "herald-client";
 
-import { type FakeSocket, ManualClock, fakeWebSocket, mintToken, pushFrame, record, settle } from "./helpers.js";
+import {
+  type FakeSocket,
+  ManualClock,
+  fakeWebSocket,
+  messageIdOf,
+  mintToken,
+  notifyFrame,
+  pullReplyFrame,
+  pushFrame,
+  record,
+  settle,
+} from "./helpers.js";
 
 const GATEWAY = "ws://gw-a.test/v1/connect";
 const GATEWAY_B = "ws://gw-b.test/v1/connect";
@@ -84,7 +95,7 @@ describe("connecting", () => {
     const socket = last();
     assert.equal(socket.url, GATEWAY);
     socket.open();
-    assert.deepEqual(socket.take(), [{ type: "hello", deviceId: "dev1", clientVersion: "test/1", network: 1 }]);
+    assert.deepEqual(socket.take(), [{ type: "hello", deviceId: "dev1", clientVersion: "test/1", network: 1, features: 3 }]);
     socket.receive({ type: "helloOk", heartbeatIntervalMs: 30_000, storageEpoch: 3n });
     assert.deepEqual(socket.take(), [
       { type: "bind", app: "chat", token: "a", tags: [] },
@@ -332,6 +343,243 @@ describe("delivery and acks", () => {
     assert.equal(failures.length, 1);
     assert.deepEqual(socket.take(), [{ type: "ack", app: "chat", seq: 1n }]);
     await client.close();
+  });
+});
+
+describe("notify, then pull", () => {
+  const hex = (seq: bigint) => Buffer.from(messageIdOf(seq)).toString("hex");
+  const text = (payload: Uint8Array) => new TextDecoder().decode(payload);
+  const pull = (seq: bigint): Frame => ({ type: "pull", app: "chat", seq });
+  const ack = (seq: bigint): Frame => ({ type: "ack", app: "chat", seq });
+
+  test("a NOTIFY: the notify event at once, the PULL after the spread, then the body as a pulled push, acked", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n, { pullSpreadMs: 1_000, hint: "news" }));
+    await settle();
+    assert.deepEqual(only(events, "notify"), [
+      { type: "notify", app: "chat", messageId: hex(1n), seq: 1n, size: 2, pullSpreadMs: 1_000, hint: "news" },
+    ]);
+    assert.deepEqual(socket.take(), []);
+    // random() is 0.5: the PULL goes out half-way through the spread.
+    await clock.advance(499);
+    assert.deepEqual(socket.take(), []);
+    await clock.advance(1);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    assert.deepEqual(only(events, "push"), []);
+    socket.receive(pullReplyFrame(1n));
+    await settle();
+    assert.deepEqual(only(events, "push"), [
+      { type: "push", app: "chat", messageId: hex(1n), seq: 1n, payload: new TextEncoder().encode("m1"), pulled: true },
+    ]);
+    assert.deepEqual(socket.take(), [ack(1n)], "acked as a PUSH once handled");
+    await client.close();
+  });
+
+  test("messages reach the app in seq order: what follows a NOTIFY waits for its body", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n));
+    socket.receive(pushFrame(2n));
+    socket.receive(notifyFrame(3n));
+    socket.receive(pushFrame(4n));
+    await clock.advance(0);
+    assert.deepEqual(socket.take(), [pull(1n), pull(3n)]);
+    assert.deepEqual(only(events, "notify").map((n) => n.seq), [1n, 3n], "notify events do not wait");
+    socket.receive(pullReplyFrame(3n));
+    await settle();
+    assert.deepEqual(only(events, "push"), [], "3's body came first: nothing can go before 1's");
+    socket.receive(pullReplyFrame(1n));
+    await settle();
+    assert.deepEqual(
+      only(events, "push").map((p) => [p.seq, p.pulled, text(p.payload)]),
+      [
+        [1n, true, "m1"],
+        [2n, false, "m2"],
+        [3n, true, "m3"],
+        [4n, false, "m4"],
+      ],
+    );
+    assert.deepEqual(socket.take(), [ack(1n), ack(2n), ack(3n), ack(4n)]);
+    socket.receive(pushFrame(5n));
+    await settle();
+    assert.deepEqual(only(events, "push").at(-1)?.seq, 5n, "nothing held: a PUSH goes straight through");
+    await client.close();
+  });
+
+  test("gone: notifyGone in the body's place, its seq acked, and what waited released", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n));
+    socket.receive(pushFrame(2n));
+    await clock.advance(0);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    socket.receive(pullReplyFrame(1n, 1));
+    await settle();
+    assert.deepEqual(
+      events.flatMap((e) => (e.type === "notifyGone" || e.type === "push" ? [[e.type, e.seq]] : [])),
+      [
+        ["notifyGone", 1n],
+        ["push", 2n],
+      ],
+    );
+    assert.deepEqual(only(events, "notifyGone"), [{ type: "notifyGone", app: "chat", seq: 1n, messageId: hex(1n) }]);
+    assert.deepEqual(socket.take(), [ack(1n), ack(2n)]);
+    await client.close();
+  });
+
+  test("gone in manual ack mode: the app acks the seq", async () => {
+    const { client, last, clock, events } = setup({ ackMode: "manual" });
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n));
+    await clock.advance(0);
+    socket.take();
+    socket.receive(pullReplyFrame(1n, 1));
+    await settle();
+    assert.equal(only(events, "notifyGone").length, 1);
+    assert.deepEqual(socket.take(), []);
+    assert.equal(client.ack("chat", 1n), true);
+    assert.deepEqual(socket.take(), [ack(1n)]);
+    await client.close();
+  });
+
+  test("unavailable or busy: pulled again after a backoff from 1 s, doubling", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n));
+    await clock.advance(0);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    socket.receive(pullReplyFrame(1n, 2));
+    // Full jitter with random() 0.5: half of 1 s, then half of 2 s.
+    await clock.advance(499);
+    assert.deepEqual(socket.take(), []);
+    await clock.advance(1);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    socket.receive(pullReplyFrame(1n, 3));
+    await clock.advance(999);
+    assert.deepEqual(socket.take(), []);
+    await clock.advance(1);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    socket.receive(pullReplyFrame(1n));
+    await settle();
+    assert.deepEqual(only(events, "push").map((p) => p.seq), [1n]);
+    assert.deepEqual(socket.take(), [ack(1n)]);
+    await client.close();
+  });
+
+  test("at most 4 PULLs out at once; the next goes when one is answered", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    for (let seq = 1n; seq <= 6n; seq++) socket.receive(notifyFrame(seq));
+    await clock.advance(0);
+    assert.deepEqual(socket.take(), [pull(1n), pull(2n), pull(3n), pull(4n)]);
+    socket.receive(pullReplyFrame(2n));
+    await settle();
+    assert.deepEqual(socket.take(), [pull(5n)]);
+    for (const seq of [1n, 3n, 4n, 5n]) socket.receive(pullReplyFrame(seq));
+    await settle();
+    assert.deepEqual(socket.take(), [pull(6n), ack(1n), ack(2n), ack(3n), ack(4n), ack(5n)]);
+    socket.receive(pullReplyFrame(6n));
+    await settle();
+    assert.deepEqual(only(events, "push").map((p) => p.seq), [1n, 2n, 3n, 4n, 5n, 6n]);
+    await client.close();
+  });
+
+  test("not_bound: what is held for the app is dropped, unacked", async () => {
+    const { client, last, clock, events } = setup();
+    await client.start();
+    const socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n));
+    socket.receive(pushFrame(2n));
+    await clock.advance(0);
+    socket.take();
+    socket.receive(pullReplyFrame(1n, 4));
+    await clock.advance(60_000);
+    assert.deepEqual(only(events, "push"), []);
+    assert.deepEqual(socket.take().filter((f) => f.type !== "ping"), []);
+    await client.close();
+  });
+
+  test("a disconnect forgets pending pulls and held messages; the server sends them again", async () => {
+    const { client, last, clock, sockets, events } = setup();
+    await client.start();
+    let socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(pushFrame(1n));
+    socket.receive(notifyFrame(2n, { pullSpreadMs: 10_000 }));
+    socket.receive(pushFrame(3n));
+    await settle();
+    assert.deepEqual(socket.take(), [ack(1n)]);
+    socket.serverClose(1006);
+    await clock.advance(100);
+    assert.equal(sockets.length, 2);
+    socket = last();
+    const [bind] = await handshake(socket);
+    assert.ok(bind?.type === "bind" && bind.lastSeq === 1n, "resumes after the acked seq");
+    await clock.advance(10_000);
+    assert.deepEqual(socket.take().filter((f) => f.type !== "ping"), [], "the old connection's PULL is not sent");
+    socket.receive(notifyFrame(2n));
+    socket.receive(pushFrame(3n));
+    await clock.advance(0);
+    assert.deepEqual(socket.take(), [pull(2n)]);
+    socket.receive(pullReplyFrame(2n));
+    await settle();
+    assert.deepEqual(only(events, "push").map((p) => p.seq), [1n, 2n, 3n]);
+    assert.deepEqual(only(events, "notify").map((n) => n.seq), [2n, 2n], "once per connection");
+    assert.deepEqual(socket.take(), [ack(2n), ack(3n)]);
+    await client.close();
+  });
+
+  test("without autoPull: only the notify event, nothing held, and pull() answers", async () => {
+    const { client, last, clock, events } = setup({ autoPull: false, ackMode: "manual" });
+    await client.start();
+    await assert.rejects(client.pull("chat", 1n), (e: unknown) => e instanceof HeraldError && e.kind === "not_bound");
+    let socket = last();
+    await handshake(socket);
+    socket.take();
+    socket.receive(notifyFrame(1n, { pullSpreadMs: 0 }));
+    socket.receive(pushFrame(2n));
+    await clock.advance(1_000);
+    assert.deepEqual(types(events).slice(-2), ["notify", "push"]);
+    assert.deepEqual(only(events, "push")[0]?.pulled, false);
+    assert.deepEqual(socket.take().filter((f) => f.type !== "ping"), [], "no PULL by itself");
+    const answer = client.pull("chat", 1n);
+    assert.deepEqual(socket.take(), [pull(1n)]);
+    socket.receive(pullReplyFrame(1n));
+    assert.deepEqual(await answer, { status: 0, statusName: "ok", messageId: hex(1n), payload: new TextEncoder().encode("m1") });
+    await assert.rejects(client.pull("news", 1n), (e: unknown) => e instanceof HeraldError && e.kind === "not_bound");
+    await assert.rejects(client.pull("chat", -1n), RangeError);
+    const lostAnswer = client.pull("chat", 1n);
+    socket.serverClose(1006);
+    await assert.rejects(lostAnswer, (e: unknown) => e instanceof HeraldError && e.kind === "disconnected");
+    await clock.advance(100);
+    socket = last();
+    await handshake(socket);
+    const closing = client.pull("chat", 1n);
+    await client.close();
+    await assert.rejects(closing, (e: unknown) => e instanceof HeraldError && e.kind === "closed");
+    await assert.rejects(client.pull("chat", 1n), (e: unknown) => e instanceof HeraldError && e.kind === "closed");
   });
 });
 

@@ -10,9 +10,13 @@ import {
   EncodeError,
   ErrorCode,
   FRAME_BODY_LEN_MAX,
+  Features,
   type Frame,
+  type FrameOf,
+  HINT_LEN_MAX,
   LENGTH_PREFIX_LEN,
   PAYLOAD_LEN_MAX,
+  PullStatus,
   TAGS_PER_BIND_MAX,
   TEXT_LEN_MAX,
   TOKEN_LEN_MAX,
@@ -20,6 +24,7 @@ import {
   decodeMessage,
   encodeFrame,
   fromHex,
+  pullStatusName,
   toHex,
 } from "herald-client";
 
@@ -28,10 +33,18 @@ const ID = ascii("0123456789abcdef");
 
 /**
  * The frame each worked example of docs/protocol.md decodes to, by the
- * example's bold name. The bytes come from the document itself.
+ * example's bold name ("NAME (2)" for the second under one name, "The
+ * same NAME ..."). The bytes come from the document itself.
  */
 const DOCUMENTED: Record<string, Frame> = {
-  HELLO: { type: "hello", deviceId: "dev1", clientVersion: "1.0", network: 1 },
+  HELLO: { type: "hello", deviceId: "dev1", clientVersion: "1.0", network: 1, features: 0 },
+  "HELLO (2)": {
+    type: "hello",
+    deviceId: "dev1",
+    clientVersion: "1.0",
+    network: 1,
+    features: Features.Transient | Features.Notify,
+  },
   HELLO_OK: { type: "helloOk", heartbeatIntervalMs: 120_000, storageEpoch: 7n },
   BIND: { type: "bind", app: "chat", token: "tok", lastSeq: 7n, tags: [] },
   BIND_OK: { type: "bindOk", app: "chat", user: "alice" },
@@ -41,11 +54,15 @@ const DOCUMENTED: Record<string, Frame> = {
   HEARTBEAT: { type: "heartbeat", intervalMs: 90_000 },
   PUSH: { type: "push", app: "chat", messageId: ID, seq: 1n, payload: ascii("hi") },
   ACK: { type: "ack", app: "chat", seq: 1n },
+  NOTIFY: { type: "notify", app: "chat", messageId: ID, seq: 3n, size: 40_000, pullSpreadMs: 5_000, hint: "news" },
+  PULL: { type: "pull", app: "chat", seq: 3n },
+  PULL_REPLY: { type: "pullReply", app: "chat", seq: 3n, status: PullStatus.Ok, messageId: ID, payload: ascii("hi") },
   TRANSIENT: { type: "transient", app: "chat", payload: ascii("hi") },
   UPSTREAM: { type: "upstream", app: "chat", requestId: 5n, payload: ascii("up") },
   UPSTREAM_ROUTED: { type: "upstream", app: "chat", requestId: 5n, route: "orders", payload: ascii("up") },
   UPSTREAM_ACK: { type: "upstreamAck", app: "chat", requestId: 5n, status: 0 },
   UNBIND: { type: "unbind", app: "chat" },
+  "UNBIND (2)": { type: "unbind", app: "chat", reason: 1 },
   GOAWAY: { type: "goAway", reason: 2, reconnectDelayMs: 1000 },
   RESET: { type: "reset", app: "chat", sequence: 0, after: 0n },
   ERROR: { type: "error", code: 1, message: "bad" },
@@ -70,10 +87,21 @@ const EXTRA: Array<[string, Frame]> = [
   ["00000005 01 0d 0001 00", { type: "goAway", reason: 1 }],
   ["00000010 01 11 04 63686174 01 ffffffffffffffff", { type: "reset", app: "chat", sequence: 1, after: 2n ** 64n - 1n }],
   ["0000000b 01 05 04 63686174 0063 0000", { type: "bindErr", app: "chat", code: 99, message: "" }],
-  ["00000009 01 0c 04 63686174 0001", { type: "unbind", app: "chat", reason: 1 }],
+  [
+    "00000029 01 15 04 63686174 00000000000000000000000000000000 0000000000000009 00000000 00000000 0000",
+    { type: "notify", app: "chat", messageId: new Uint8Array(16), seq: 9n, size: 0, pullSpreadMs: 0, hint: "" },
+  ],
+  [
+    "00000021 01 17 04 63686174 0000000000000003 0001 00000000000000000000000000000000",
+    { type: "pullReply", app: "chat", seq: 3n, status: PullStatus.Gone, messageId: new Uint8Array(16), payload: new Uint8Array() },
+  ],
 ];
 
-/** The `**NAME** ...` examples of the "Worked examples" section: name and hex text. */
+/**
+ * The examples of the "Worked examples" section, name and hex text: each
+ * code block under a `**NAME**` paragraph, the second one (a variant, "The
+ * same NAME ...") as "NAME (2)".
+ */
 function documentedExamples(): Map<string, string> {
   const doc = readFileSync(new URL("../../../../docs/protocol.md", import.meta.url), "utf8");
   const start = doc.indexOf("\n## Worked examples");
@@ -81,10 +109,17 @@ function documentedExamples(): Map<string, string> {
   const next = doc.indexOf("\n## ", start + 1);
   const section = doc.slice(start, next < 0 ? undefined : next);
   const examples = new Map<string, string>();
-  for (const match of section.matchAll(/^\*\*([A-Z_]+)\*\*[\s\S]*?^```\n([\s\S]*?)\n```/gm)) {
-    const [, name, hex] = match;
-    assert.ok(!examples.has(name!), `one example for ${name}`);
-    examples.set(name!, hex!.trim());
+  // split with a capturing group: [before, name, its text, name, its text, ...]
+  const parts = section.split(/^\*\*([A-Z_]+)\*\*/m);
+  for (let i = 1; i < parts.length; i += 2) {
+    const name = parts[i]!;
+    assert.ok(!examples.has(name), `one example paragraph for ${name}`);
+    let n = 0;
+    for (const [, hex] of parts[i + 1]!.matchAll(/^```\n([\s\S]*?)\n```/gm)) {
+      n++;
+      examples.set(n === 1 ? name : `${name} (${n})`, hex!.trim());
+    }
+    assert.ok(n > 0, `${name} has its bytes`);
   }
   return examples;
 }
@@ -180,7 +215,7 @@ describe("decoding malformed input", () => {
       ["00 ee", "unsupported_version", {}], // the version is checked before the op
       ["01 ee", "unknown_op", { op: 0xee }],
       ["01 00", "unknown_op", { op: 0 }],
-      ["01 15", "unknown_op", { op: 0x15 }],
+      ["01 18", "unknown_op", { op: 0x18 }],
       ["01 06 00", "trailing_bytes", { op: 0x06 }],
       ["01 09 04 63", "truncated", { op: 0x09 }],
       ["01 09 00 0000000000000001", "empty_field", { field: "app" }],
@@ -211,6 +246,16 @@ describe("decoding malformed input", () => {
       ["01 0d 0002 01 00", "truncated", { op: 0x0d }],
       ["01 0d 0002 01 000003e8 00", "trailing_bytes", { op: 0x0d }],
       ["01 0e 0001", "truncated", { op: 0x0e }],
+      ["01 01 04 64657631 03 312e30 01 0000", "truncated", { op: 0x01 }], // a cut features field
+      ["01 01 04 64657631 03 312e30 01 00000003 00", "trailing_bytes", { op: 0x01 }],
+      [`01 15 04 63686174 ${"00".repeat(16)} 0000000000000003 00009c40 00001388 0401`, "field_too_long", { field: "hint" }],
+      [`01 15 04 63686174 ${"00".repeat(16)} 0000000000000003 00009c40 00001388 0001 ff`, "invalid_utf8", { field: "hint" }],
+      [`01 15 04 63686174 ${"00".repeat(16)} 0000000000000003 00009c40 00001388`, "truncated", { op: 0x15 }],
+      [`01 15 04 63686174 ${"00".repeat(16)} 0000000000000003 00009c40 00001388 0000 00`, "trailing_bytes", { op: 0x15 }],
+      ["01 16 00 0000000000000003", "empty_field", { field: "app" }],
+      ["01 16 04 63686174 0000000000000003 00", "trailing_bytes", { op: 0x16 }],
+      ["01 16 04 63686174 00000003", "truncated", { op: 0x16 }],
+      ["01 17 04 63686174 0000000000000003 0000 3031", "truncated", { op: 0x17 }],
       // Overlong and surrogate UTF-8 forms are invalid, as in Rust.
       ["01 0c 02 c0af", "invalid_utf8", { field: "app" }],
       ["01 0c 03 eda080", "invalid_utf8", { field: "app" }],
@@ -228,15 +273,21 @@ describe("decoding malformed input", () => {
     }
   });
 
-  test("a PUSH payload one byte over the limit is refused, though the frame fits", () => {
-    const bodyLen = 2 + 2 + 16 + 8 + PAYLOAD_LEN_MAX + 1;
-    assert.ok(bodyLen <= FRAME_BODY_LEN_MAX);
-    const bytes = new Uint8Array(LENGTH_PREFIX_LEN + bodyLen);
-    new DataView(bytes.buffer).setUint32(0, bodyLen);
-    bytes.set([1, 0x08, 1, 0x61], 4);
-    const error = decodeError(bytes);
-    assert.equal(error.kind, "field_too_long");
-    assert.equal(error.field, "payload");
+  test("a PUSH or PULL_REPLY payload one byte over the limit is refused, though the frame fits", () => {
+    // After the app `a`: PUSH's message id and seq; PULL_REPLY's seq, status and message id.
+    for (const [op, fields] of [
+      [0x08, 16 + 8],
+      [0x17, 8 + 2 + 16],
+    ]) {
+      const bodyLen = 2 + 2 + fields! + PAYLOAD_LEN_MAX + 1;
+      assert.ok(bodyLen <= FRAME_BODY_LEN_MAX);
+      const bytes = new Uint8Array(LENGTH_PREFIX_LEN + bodyLen);
+      new DataView(bytes.buffer).setUint32(0, bodyLen);
+      bytes.set([1, op!, 1, 0x61], 4);
+      const error = decodeError(bytes);
+      assert.equal(error.kind, "field_too_long", `op ${op}`);
+      assert.equal(error.field, "payload", `op ${op}`);
+    }
   });
 
   test("a WebSocket message must hold exactly one frame", () => {
@@ -260,12 +311,36 @@ describe("decoding malformed input", () => {
       deviceId: "dev1",
       clientVersion: "1.0",
       network: 0,
+      features: 0,
+    });
+  });
+
+  test("HELLO's features: 0 when absent, written only when not 0, unknown bits kept", () => {
+    const without = "0000000c 01 01 04 64657631 03 312e30 01";
+    const hello = { type: "hello", deviceId: "dev1", clientVersion: "1.0", network: 1 } as const;
+    assert.equal(toHex(encodeFrame(hello)), toHex(unhex(without)));
+    assert.equal(toHex(encodeFrame({ ...hello, features: 0 })), toHex(unhex(without)));
+    assert.deepEqual(decodeMessage(unhex("00000010 01 01 04 64657631 03 312e30 01 ffffffff")), {
+      ...hello,
+      features: 0xffff_ffff,
     });
   });
 
   test("unknown codes pass through", () => {
     assert.deepEqual(decodeMessage(unhex("00000005 01 0d 1234 00")), { type: "goAway", reason: 0x1234 });
     assert.deepEqual(decodeMessage(unhex("00000006 01 0e ffff 0000")), { type: "error", code: 0xffff, message: "" });
+    assert.deepEqual(decodeMessage(unhex(`00000021 01 17 04 63686174 0000000000000003 0009 ${"00".repeat(16)}`)), {
+      type: "pullReply",
+      app: "chat",
+      seq: 3n,
+      status: 9,
+      messageId: new Uint8Array(16),
+      payload: new Uint8Array(),
+    });
+    assert.deepEqual(
+      [0, 1, 2, 3, 4, 9].map(pullStatusName),
+      ["ok", "gone", "unavailable", "busy", "not_bound", "unknown"],
+    );
   });
 
   test("a leading byte order mark is kept, not stripped", () => {
@@ -289,6 +364,25 @@ describe("decoding malformed input", () => {
 describe("encoding", () => {
   test("the encoder refuses what the decoder would", () => {
     const long = (n: number, c = "a") => c.repeat(n);
+    const notify = (fields: Partial<FrameOf<"notify">>): Frame => ({
+      type: "notify",
+      app: "chat",
+      messageId: ID,
+      seq: 1n,
+      size: 1,
+      pullSpreadMs: 0,
+      hint: "",
+      ...fields,
+    });
+    const pullReply = (fields: Partial<FrameOf<"pullReply">>): Frame => ({
+      type: "pullReply",
+      app: "chat",
+      seq: 1n,
+      status: 0,
+      messageId: ID,
+      payload: new Uint8Array(),
+      ...fields,
+    });
     const cases: Array<[Frame, string, string]> = [
       [{ type: "hello", deviceId: "", clientVersion: "1.0", network: 1 }, "empty_field", "device_id"],
       [{ type: "hello", deviceId: long(DEVICE_ID_LEN_MAX + 1), clientVersion: "", network: 1 }, "field_too_long", "device_id"],
@@ -317,6 +411,16 @@ describe("encoding", () => {
       [{ type: "goAway", reason: 2, reconnectDelayMs: 2 ** 32 }, "invalid_value", "reconnect_delay_ms"],
       [{ type: "reset", app: "chat", sequence: 2 as 0, after: 0n }, "invalid_value", "sequence"],
       [{ type: "helloOk", heartbeatIntervalMs: 1.5 }, "invalid_value", "heartbeat_interval_ms"],
+      [{ type: "hello", deviceId: "d", clientVersion: "", network: 1, features: 2 ** 32 }, "invalid_value", "features"],
+      [notify({ hint: "h".repeat(HINT_LEN_MAX + 1) }), "field_too_long", "hint"],
+      [notify({ hint: "\udc00" }), "invalid_value", "hint"],
+      [notify({ size: 2 ** 32 }), "invalid_value", "size"],
+      [notify({ pullSpreadMs: -1 }), "invalid_value", "pull_spread_ms"],
+      [notify({ messageId: new Uint8Array(17) }), "invalid_value", "message_id"],
+      [{ type: "pull", app: "", seq: 1n }, "empty_field", "app"],
+      [{ type: "pull", app: "chat", seq: -1n }, "invalid_value", "seq"],
+      [pullReply({ status: 65_536 }), "invalid_value", "status"],
+      [pullReply({ payload: new Uint8Array(PAYLOAD_LEN_MAX + 1) }), "field_too_long", "payload"],
     ];
     for (const [frame, kind, field] of cases) {
       const error = encodeError(frame);
@@ -337,6 +441,23 @@ describe("encoding", () => {
         lastSeq: 1n,
         lastBroadcastSeq: 2n,
         tags: Array(TAGS_PER_BIND_MAX).fill("g".repeat(64)),
+      },
+      {
+        type: "pullReply",
+        app: "a".repeat(APP_ID_LEN_MAX),
+        seq: 2n ** 64n - 1n,
+        status: 0xffff,
+        messageId: new Uint8Array(16).fill(0xff),
+        payload: new Uint8Array(PAYLOAD_LEN_MAX).fill(7),
+      },
+      {
+        type: "notify",
+        app: "a".repeat(APP_ID_LEN_MAX),
+        messageId: new Uint8Array(16).fill(0xff),
+        seq: 2n ** 64n - 1n,
+        size: 0xffff_ffff,
+        pullSpreadMs: 0xffff_ffff,
+        hint: "é".repeat(HINT_LEN_MAX / 2),
       },
     ];
     for (const frame of frames) {

@@ -82,7 +82,7 @@ const seqsOf = (list: ConnEvent[], type: "push" | "broadcast"): bigint[] =>
 describe("handshake", () => {
   test("HELLO first, then BIND with the resume point after HELLO_OK, and PING on the interval", () => {
     const conn = start(4n);
-    assert.deepEqual(drain(conn), [{ type: "hello", deviceId: "phone", clientVersion: "test", network: 1 }]);
+    assert.deepEqual(drain(conn), [{ type: "hello", deviceId: "phone", clientVersion: "test", network: 1, features: 3 }]);
     assert.equal(conn.isOpen, false);
     conn.handleFrame(T0, helloOk());
     assert.deepEqual(drain(conn), [
@@ -214,6 +214,7 @@ describe("delivery", () => {
         messageId: "30313233343536373839616263646566",
         seq: 1n,
         payload: new TextEncoder().encode("hi"),
+        pulled: false,
       },
     ]);
   });
@@ -257,6 +258,94 @@ describe("delivery", () => {
     conn.close();
     assert.equal(conn.ack("chat", 1n), false);
     assert.deepEqual(drain(conn), []);
+  });
+});
+
+describe("notify and pull", () => {
+  const notify = (seq: bigint, app = "chat"): Frame => ({
+    type: "notify",
+    app,
+    messageId: fromHex("30313233343536373839616263646566"),
+    seq,
+    size: 40_000,
+    pullSpreadMs: 5_000,
+    hint: "news",
+  });
+
+  test("a NOTIFY takes a PUSH's place: de-duplicated by seq, acked, and it moves the resume point", () => {
+    const conn = start(2n);
+    open(conn);
+    conn.handleFrame(T0, notify(2n));
+    conn.handleFrame(T0, notify(3n));
+    conn.handleFrame(T0, push(3n));
+    conn.handleFrame(T0, notify(3n));
+    conn.handleFrame(T0, push(4n));
+    conn.handleFrame(T0, notify(4n));
+    conn.handleFrame(T0, notify(5n, "other"));
+    const seen = events(conn);
+    assert.deepEqual(seen, [
+      {
+        type: "notify",
+        app: "chat",
+        messageId: "30313233343536373839616263646566",
+        seq: 3n,
+        size: 40_000,
+        pullSpreadMs: 5_000,
+        hint: "news",
+      },
+      { type: "push", app: "chat", messageId: "0".repeat(32), seq: 4n, payload: new Uint8Array(), pulled: false },
+    ]);
+    assert.equal(conn.ack("chat", 3n), true, "a notified seq is acked as a pushed one");
+    assert.deepEqual(drain(conn), [{ type: "ack", app: "chat", seq: 3n }]);
+    assert.deepEqual(conn.resumePoints(), [{ app: "chat", lastSeq: 3n, lastBroadcastSeq: undefined }]);
+  });
+
+  test("pull queues a PULL for a bound app of an open connection", () => {
+    const conn = start();
+    drain(conn);
+    assert.throws(() => conn.pull("chat", 3n), (e: unknown) => e instanceof ConnError && e.kind === "closed");
+    conn.handleFrame(T0, helloOk());
+    drain(conn);
+    assert.throws(() => conn.pull("chat", 3n), (e: unknown) => e instanceof ConnError && e.kind === "not_bound");
+    conn.handleFrame(T0, { type: "bindOk", app: "chat", user: "alice" });
+    assert.throws(() => conn.pull("news", 3n), (e: unknown) => e instanceof ConnError && e.kind === "not_bound");
+    conn.pull("chat", 3n);
+    conn.pull("chat", 3n);
+    assert.deepEqual(drain(conn), [
+      { type: "pull", app: "chat", seq: 3n },
+      { type: "pull", app: "chat", seq: 3n },
+    ]);
+    conn.close();
+    assert.throws(() => conn.pull("chat", 3n), (e: unknown) => e instanceof ConnError && e.kind === "closed");
+  });
+
+  test("a PULL_REPLY is a pulled event, its status named (unknown codes kept)", () => {
+    const conn = start();
+    open(conn);
+    conn.handleFrame(T0, {
+      type: "pullReply",
+      app: "chat",
+      seq: 3n,
+      status: 0,
+      messageId: fromHex("30313233343536373839616263646566"),
+      payload: new TextEncoder().encode("hi"),
+    });
+    conn.handleFrame(T0, { type: "pullReply", app: "chat", seq: 4n, status: 1, messageId: new Uint8Array(16), payload: new Uint8Array() });
+    conn.handleFrame(T0, { type: "pullReply", app: "chat", seq: 5n, status: 77, messageId: new Uint8Array(16), payload: new Uint8Array() });
+    assert.deepEqual(events(conn), [
+      {
+        type: "pulled",
+        app: "chat",
+        seq: 3n,
+        status: 0,
+        statusName: "ok",
+        messageId: "30313233343536373839616263646566",
+        payload: new TextEncoder().encode("hi"),
+      },
+      { type: "pulled", app: "chat", seq: 4n, status: 1, statusName: "gone", messageId: "0".repeat(32), payload: new Uint8Array() },
+      { type: "pulled", app: "chat", seq: 5n, status: 77, statusName: "unknown", messageId: "0".repeat(32), payload: new Uint8Array() },
+    ]);
+    assert.deepEqual(drain(conn), [], "nothing is acked by itself");
   });
 });
 
@@ -385,6 +474,7 @@ describe("closing and errors", () => {
       { type: "ack", app: "chat", seq: 1n },
       { type: "hello", deviceId: "d", clientVersion: "", network: 0 },
       { type: "ping" },
+      { type: "pull", app: "chat", seq: 1n },
       helloOk(),
     ];
     for (const frame of frames) {

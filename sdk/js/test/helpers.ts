@@ -147,6 +147,8 @@ export function record(client: HeraldClient): ClientEvent[] {
     "bound",
     "bindFailed",
     "push",
+    "notify",
+    "notifyGone",
     "broadcast",
     "upstreamAck",
     "reset",
@@ -178,9 +180,32 @@ export function mintToken(secret: string, app: string, user: string, expiresAt =
   return `${claims.toString("base64url")}.${tag.toString("base64url")}`;
 }
 
-/** A PUSH frame of `app` with the seq in its message id. */
-export function pushFrame(seq: bigint, payload = `m${seq}`, app = "chat"): Frame {
+/** The message id the frames below give message `seq`: the seq in its last 8 bytes. */
+export function messageIdOf(seq: bigint): Uint8Array {
   const messageId = new Uint8Array(16);
   new DataView(messageId.buffer).setBigUint64(8, seq);
-  return { type: "push", app, messageId, seq, payload: new TextEncoder().encode(payload) };
+  return messageId;
+}
+
+/** A PUSH frame of `app` with the seq in its message id. */
+export function pushFrame(seq: bigint, payload = `m${seq}`, app = "chat"): Frame {
+  return { type: "push", app, messageId: messageIdOf(seq), seq, payload: new TextEncoder().encode(payload) };
+}
+
+/** A NOTIFY frame of `app` for message `seq`, its body `m{seq}` to be pulled. */
+export function notifyFrame(seq: bigint, { pullSpreadMs = 0, hint = `h${seq}`, app = "chat" } = {}): Frame {
+  return { type: "notify", app, messageId: messageIdOf(seq), seq, size: `m${seq}`.length, pullSpreadMs, hint };
+}
+
+/** A PULL_REPLY frame for message `seq` of `app`: with status ok (0), its body `m{seq}`. */
+export function pullReplyFrame(seq: bigint, status = 0, app = "chat"): Frame {
+  const ok = status === 0;
+  return {
+    type: "pullReply",
+    app,
+    seq,
+    status,
+    messageId: ok ? messageIdOf(seq) : new Uint8Array(16),
+    payload: new TextEncoder().encode(ok ? `m${seq}` : ""),
+  };
 }
