@@ -151,6 +151,31 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
                 writeln!(stdout, "{line}")?;
                 stdout.flush()?;
             }
+            Event::Notified {
+                app,
+                seq,
+                message_id,
+                size,
+                hint,
+            } => {
+                // Its body follows as a push once the client pulled it.
+                let line = serde_json::json!({
+                    "kind": "notify",
+                    "app": app,
+                    "seq": seq,
+                    "message_id": message_id.to_string(),
+                    "size": size,
+                    "hint": hint,
+                });
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            }
+            Event::NotifyGone { app, seq, .. } => {
+                eprintln!(
+                    "herald listen: the body of app {app:?}'s message {seq} expired before it \
+                     was pulled"
+                );
+            }
             Event::Connected { gateway, .. } => {
                 eprintln!("herald listen: connected to {gateway}");
             }
