@@ -148,8 +148,12 @@ struct Common {
     /// pushes per second.
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Seconds to hold (idle) or to push (push).
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to hold (idle), to push (push) or to churn (soak; default
+    /// 30, soak: 3600).
+    #[arg(long = "duration")]
+    duration_arg: Option<u64>,
+    /// `--duration`, or the scenario's default.
+    #[arg(skip)]
     duration: u64,
     /// Client heartbeat interval, and the gateways' configured one.
     #[arg(long, default_value_t = 60)]
@@ -413,6 +417,9 @@ fn run(scenario: Scenario) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
     };
+    common.duration = common
+        .duration_arg
+        .unwrap_or(if name == "soak" { 3600 } else { 30 });
     common.apply_quick();
     common.check()?;
     // Before anything starts: the host's limits for this many connections,

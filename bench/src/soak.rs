@@ -103,13 +103,44 @@ impl SoakArgs {
 struct Sample {
     at: f64,
     rss: Vec<u64>,
+    /// What SQLite holds of each gateway's RSS (its page caches), from its
+    /// `/metrics`; 0 when it did not answer.
+    sqlite: Vec<u64>,
     slab: u64,
 }
 
-/// Reads the gateways' RSS and the kernel's slab every `every` until
-/// stopped.
+impl Sample {
+    /// The gateways' RSS less what SQLite holds of it.
+    fn rss_without_sqlite(&self) -> u64 {
+        self.rss
+            .iter()
+            .zip(&self.sqlite)
+            .map(|(rss, sqlite)| rss.saturating_sub(*sqlite))
+            .sum()
+    }
+}
+
+/// `herald_storage_sqlite_memory_bytes` from the `/metrics` of the API at
+/// `api`, over a plain blocking request (the sampler is a thread).
+fn sqlite_bytes(api: SocketAddr) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("herald_storage_sqlite_memory_bytes "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Reads the gateways' RSS, what SQLite holds of it and the kernel's slab
+/// every `every` until stopped.
 fn sample_memory(
     pids: Vec<u32>,
+    apis: Vec<SocketAddr>,
     start: Instant,
     every: Duration,
     stop: Arc<AtomicBool>,
@@ -124,6 +155,10 @@ fn sample_memory(
                     rss: pids
                         .iter()
                         .map(|&pid| procfs::rss_bytes(pid).unwrap_or(0))
+                        .collect(),
+                    sqlite: apis
+                        .iter()
+                        .map(|&api| sqlite_bytes(api).unwrap_or(0))
                         .collect(),
                     slab: procfs::slab_bytes().unwrap_or(0),
                 });
@@ -254,6 +289,7 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let sampler = sample_memory(
         gateways.servers.iter().map(|s| s.pid()).collect(),
+        apis.clone(),
         start,
         Duration::from_secs(args.sample_every),
         stop_sampling.clone(),
@@ -339,6 +375,8 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
         .map(|g| growth_json(&samples, baseline, end_window, |s| s.rss[g]))
         .collect();
     let all = growth_json(&samples, baseline, end_window, |s| s.rss.iter().sum());
+    let without_sqlite = growth_json(&samples, baseline, end_window, Sample::rss_without_sqlite);
+    let sqlite = growth_json(&samples, baseline, end_window, |s| s.sqlite.iter().sum());
     let slab = growth_json(&samples, baseline, end_window, |s| s.slab);
     let completed = connected_at_end == common.connections && churn_secs >= end;
     let failures_total = pushes.total() + broadcasts.total() + sent.api_errors;
@@ -376,6 +414,8 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
             "baseline_window_secs": [baseline.0, baseline.1],
             "end_window_secs": [end_window.0, end],
             "gateways_rss": all,
+            "gateways_sqlite": sqlite,
+            "gateways_rss_without_sqlite": without_sqlite,
             "per_gateway_rss": per_gateway,
             "kernel_slab": slab,
         },
@@ -557,6 +597,16 @@ pub fn print_summary(s: &Value) {
             f(&g["growth"]) * 100.0,
         );
     }
+    let (sqlite, rest) = (&m["gateways_sqlite"], &m["gateways_rss_without_sqlite"]);
+    println!(
+        "soak memory of it SQLite holds (its page caches, bounded; `herald_storage_sqlite_memory_bytes`): \
+         {:.1} -> {:.1} MiB; the rest: {:.1} -> {:.1} MiB, growth {:+.2}%",
+        mib(&sqlite["baseline_mean_bytes"]),
+        mib(&sqlite["end_mean_bytes"]),
+        mib(&rest["baseline_mean_bytes"]),
+        mib(&rest["end_mean_bytes"]),
+        f(&rest["growth"]) * 100.0,
+    );
     let k = &m["kernel_slab"];
     println!(
         "soak kernel slab (host-wide, both ends' sockets): {:.1} -> {:.1} MiB, growth {:+.2}%",

@@ -584,7 +584,8 @@ async fn dispatched(dispatch: &Dispatch, network: NetworkType) -> Result<Vec<Str
     ];
     match network {
         NetworkType::Wifi | NetworkType::Wired => query.push(("net", "wifi")),
-        // The dispatcher knows no 5g: it is served like 4g.
+        // Dispatchers before `wired` and `5g` refuse them; both are served
+        // as wifi and 4g are, so those are what the client asks for.
         NetworkType::Cellular4g | NetworkType::Cellular5g => query.push(("net", "4g")),
         NetworkType::Cellular3g => query.push(("net", "3g")),
         NetworkType::Cellular2g => query.push(("net", "2g")),

@@ -1311,8 +1311,9 @@ pub(crate) struct DispatchQuery {
         pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
     )]
     user: String,
-    /// `wifi` (the default), `4g`, `3g` or `2g`.
-    #[param(pattern = "^(wifi|4g|3g|2g)$")]
+    /// `wifi` (the default), `wired`, `5g`, `4g`, `3g` or `2g`: slow
+    /// networks (3g, 2g) get a shorter list.
+    #[param(pattern = "^(wifi|wired|5g|4g|3g|2g)$")]
     net: Option<String>,
     /// Prefer gateways of this region.
     region: Option<String>,
@@ -1357,7 +1358,9 @@ async fn dispatch(
     let net = match query.net.as_deref() {
         None => Net::Wifi,
         Some(text) => Net::parse(text).ok_or_else(|| {
-            ApiError::bad_request(format!("net {text:?} is not one of wifi, 4g, 3g, 2g"))
+            ApiError::bad_request(format!(
+                "net {text:?} is not one of wifi, wired, 5g, 4g, 3g, 2g"
+            ))
         })?,
     };
     let transport = query.transport.as_deref().unwrap_or("tcp");
@@ -1450,6 +1453,15 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
         let _ = writeln!(
             text,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    if let Some(bytes) = state.delivery.saver().engine_memory_bytes() {
+        let _ = writeln!(
+            text,
+            "# HELP herald_storage_sqlite_memory_bytes Memory SQLite holds in this process \
+             (its page caches, bounded; they fill as the inbox grows).\n\
+             # TYPE herald_storage_sqlite_memory_bytes gauge\n\
+             herald_storage_sqlite_memory_bytes {bytes}"
         );
     }
     state.delivery.metrics().encode(&mut text);

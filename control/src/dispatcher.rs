@@ -15,6 +15,8 @@ use crate::cluster::directory::NodeRecord;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Net {
     Wifi,
+    Wired,
+    FiveG,
     FourG,
     ThreeG,
     TwoG,
@@ -24,6 +26,8 @@ impl Net {
     pub fn parse(text: &str) -> Option<Net> {
         Some(match text {
             "wifi" => Net::Wifi,
+            "wired" => Net::Wired,
+            "5g" => Net::FiveG,
             "4g" => Net::FourG,
             "3g" => Net::ThreeG,
             "2g" => Net::TwoG,
@@ -36,7 +40,7 @@ impl Net {
     /// gets a short list.
     pub fn addresses_max(self) -> usize {
         match self {
-            Net::Wifi | Net::FourG => 8,
+            Net::Wifi | Net::Wired | Net::FiveG | Net::FourG => 8,
             Net::ThreeG | Net::TwoG => 3,
         }
     }

@@ -195,6 +195,21 @@ impl Saver {
         }
     }
 
+    /// Bytes SQLite holds in this process (its page caches, mostly), or
+    /// `None` on a networked engine, whose memory is the server's. The
+    /// page caches fill as the inbox grows, up to their bounds (see
+    /// `dialect.rs`): memory a node holds once warm, not a leak.
+    pub fn engine_memory_bytes(&self) -> Option<u64> {
+        match self.engine {
+            // SAFETY: sqlite3_memory_used takes no argument and only reads
+            // SQLite's memory statistics (under its own mutex).
+            Engine::Sqlite(_) => {
+                Some(u64::try_from(unsafe { libsqlite3_sys::sqlite3_memory_used() }).unwrap_or(0))
+            }
+            _ => None,
+        }
+    }
+
     /// The engine's name, for logs and metrics.
     pub fn engine_name(&self) -> &'static str {
         match self.engine {

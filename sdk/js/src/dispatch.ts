@@ -30,7 +30,8 @@ export function dispatchNet(network: string): string | undefined {
       return "wifi";
     case "cellular":
     case "4g":
-    // The dispatcher knows no 5g: it is served like 4g.
+    // Dispatchers before `wired` and `5g` refuse them; both are served as
+    // wifi and 4g are, so those are what the client asks for.
     case "5g":
       return "4g";
     case "3g":
