@@ -354,7 +354,7 @@ async fn every_route_answers_bad_input_with_the_documented_json_error() {
         ),
         (
             "GET",
-            "/v1/dispatch?app=chat&user=alice&net=5g".into(),
+            "/v1/dispatch?app=chat&user=alice&net=6g".into(),
             None,
             400,
             "bad_request",

@@ -302,13 +302,14 @@ async fn a_body_past_the_limit_is_refused_from_its_headers() {
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     }
 
-    // A chunked body is refused once it passes the limit (1024 x 2 + 64 KiB
-    // with the test config's payload_bytes_max), without its last chunk.
+    // A chunked body is refused once it passes the limit (65,024 x 2 + 64
+    // KiB: twice the larger payload limit, notify's, and room for the rest),
+    // without its last chunk.
     let mut stream = TcpStream::connect(&server.api).await.unwrap();
     let head = push_head_lines("Transfer-Encoding: chunked\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
     let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
-    for _ in 0..5 {
+    for _ in 0..13 {
         stream.write_all(chunk.as_bytes()).await.unwrap();
     }
     let response = tokio::time::timeout(quick, read_response(&mut stream))
