@@ -8,12 +8,10 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use herald_client::{Client, Event, HeartbeatProbe};
-use support::cluster::service_missing;
 use support::nat::{Forget, NatRelay};
 use support::{Server, sdk_options, token};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -245,31 +243,9 @@ const JS_TEST: &str = "the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_
 
 #[tokio::test]
 async fn the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises() {
-    let sdk_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
-    let node_missing = std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_err();
-    if node_missing || !sdk_dir.join("node_modules/ws").exists() {
-        let Some(never) = service_missing(
-            JS_TEST,
-            "node or sdk/js/node_modules is missing: run scripts/install-test-tools.sh".to_owned(),
-        ) else {
-            return;
-        };
-        match never {}
-    }
-    let build = tokio::process::Command::new("npm")
-        .args(["run", "build"])
-        .current_dir(&sdk_dir)
-        .output()
-        .await
-        .expect("run npm run build");
-    assert!(
-        build.status.success(),
-        "the JS SDK does not build:\n{}",
-        String::from_utf8_lossy(&build.stdout)
-    );
+    let Some(sdk_dir) = support::js_sdk_built(JS_TEST).await else {
+        return;
+    };
 
     let server = server();
     let ws = server.gateways.get("ws").expect("a ws listener");

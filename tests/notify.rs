@@ -13,7 +13,7 @@ use bytes::Bytes;
 use herald_client::{Client, Event};
 use herald_proto::{Features, Frame, MessageId, PullStatus};
 use serde_json::{Value, json};
-use support::cluster::{Cluster, eventually, service_missing};
+use support::cluster::{Cluster, eventually};
 use support::{API_KEY, APP, Io, RawClient, Server, WAIT, sdk_options, token};
 
 /// Pushes `body` (with `"delivery": "notify"` added) to `user`.
@@ -316,16 +316,7 @@ async fn a_multicast_spreads_its_pulls_by_default() {
 async fn the_rust_sdk_pulls_the_body_and_keeps_the_order() {
     let server = Server::start();
     let mut client = Client::start(sdk_options(&server.gateway, token("dana", 3600)));
-    loop {
-        match tokio::time::timeout(WAIT, client.next_event())
-            .await
-            .unwrap()
-        {
-            Some(Event::Bound { .. }) => break,
-            Some(Event::Closed(terminal)) => panic!("closed: {terminal:?}"),
-            _ => {}
-        }
-    }
+    support::until_bound(&mut client).await;
     server.wait_connections("dana", 1).await;
     push_notify(
         &server,
@@ -410,31 +401,9 @@ const JS_TEST: &str = "the_js_sdk_pulls_the_body_and_keeps_the_order";
 async fn the_js_sdk_pulls_the_body_and_keeps_the_order() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    let sdk_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
-    let node_missing = std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_err();
-    if node_missing || !sdk_dir.join("node_modules/ws").exists() {
-        let Some(never) = service_missing(
-            JS_TEST,
-            "node or sdk/js/node_modules is missing: run scripts/install-test-tools.sh".to_owned(),
-        ) else {
-            return;
-        };
-        match never {}
-    }
-    let build = tokio::process::Command::new("npm")
-        .args(["run", "build"])
-        .current_dir(&sdk_dir)
-        .output()
-        .await
-        .expect("run npm run build");
-    assert!(
-        build.status.success(),
-        "the JS SDK does not build:\n{}",
-        String::from_utf8_lossy(&build.stdout)
-    );
+    let Some(sdk_dir) = support::js_sdk_built(JS_TEST).await else {
+        return;
+    };
     let server = Server::start_with_edited_config(|text| {
         text.replacen(
             "[api]\n",

@@ -160,16 +160,7 @@ async fn store_false_refuses_what_only_a_stored_message_takes() {
 async fn the_rust_sdk_reports_a_transient_message() {
     let server = Server::start();
     let mut client = Client::start(sdk_options(&server.gateway, token("carol", 3600)));
-    loop {
-        match tokio::time::timeout(WAIT, client.next_event())
-            .await
-            .unwrap()
-        {
-            Some(Event::Bound { .. }) => break,
-            Some(Event::Closed(terminal)) => panic!("closed: {terminal:?}"),
-            _ => {}
-        }
-    }
+    support::until_bound(&mut client).await;
     server.wait_connections("carol", 1).await;
     let (_, reply) = push_transient(&server, "carol", "typing").await;
     assert_eq!(reply["delivered_to"], 1, "{reply}");

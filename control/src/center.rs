@@ -29,7 +29,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use herald_proto::limits::HINT_LEN_MAX;
 use herald_proto::plane::{BroadcastMode, Notice};
-use herald_proto::{TokenError, verify_token};
+use herald_proto::{TokenError, verify_token_with_any};
 use herald_storage::{StoredMessage, StoredRef};
 
 use crate::admin;
@@ -868,26 +868,13 @@ async fn client_pull(
     };
     let token = bearer_of(&headers, "client token")?;
     let now_ms = unix_ms();
-    let mut refusal = None;
-    let claims = found
+    let secrets = found
         .secrets
         .token_secret
         .valid_at(now_ms)
-        .find_map(|secret| {
-            match verify_token(secret.value.as_bytes(), &app, token, now_ms / 1000) {
-                Ok(claims) => Some(claims),
-                Err(error) => {
-                    // A signature that matches says more than one that does
-                    // not (the secret is right, the token is not).
-                    if refusal.is_none_or(|first| first == TokenError::BadSignature) {
-                        refusal = Some(error);
-                    }
-                    None
-                }
-            }
-        });
-    let Some(claims) = claims else {
-        let message = match refusal.unwrap_or(TokenError::BadSignature) {
+        .map(|secret| secret.value.as_bytes());
+    let claims = verify_token_with_any(secrets, &app, token, now_ms / 1000).map_err(|error| {
+        let message = match error {
             TokenError::Expired => "the client token expired".to_owned(),
             TokenError::WrongApp => format!("the client token was not issued for app {app:?}"),
             TokenError::BadSignature => {
@@ -895,8 +882,8 @@ async fn client_pull(
             }
             TokenError::Malformed => "the client token is malformed".to_owned(),
         };
-        return Err(ApiError::new(ErrorCode::Unauthorized, message));
-    };
+        ApiError::new(ErrorCode::Unauthorized, message)
+    })?;
     let ApiQuery(query) = query?;
     read_inbox(&state, &app, &claims.user, query)
         .await

@@ -332,13 +332,9 @@ impl ClientConn {
                 seq,
                 payload,
             } => {
-                let Some(state) = self.app_mut(&app) else {
-                    return;
-                };
-                if state.delivered.is_some_and(|delivered| seq <= delivered) {
+                if !self.first_delivery(&app, seq) {
                     return;
                 }
-                state.delivered = Some(seq);
                 self.events.push_back(ClientEvent::Push(Push {
                     app,
                     message_id,
@@ -354,13 +350,9 @@ impl ClientConn {
                 pull_spread_ms,
                 hint,
             } => {
-                let Some(state) = self.app_mut(&app) else {
-                    return;
-                };
-                if state.delivered.is_some_and(|delivered| seq <= delivered) {
+                if !self.first_delivery(&app, seq) {
                     return;
                 }
-                state.delivered = Some(seq);
                 self.events.push_back(ClientEvent::Notify(Notification {
                     app,
                     message_id,
@@ -551,6 +543,20 @@ impl ClientConn {
             app: app.to_owned(),
             seq,
         });
+        true
+    }
+
+    /// Whether inbox message `seq` of `app` (a PUSH, or a NOTIFY in its
+    /// place) is new: a bound app's seq past what was delivered. Marks it
+    /// delivered.
+    fn first_delivery(&mut self, app: &str, seq: u64) -> bool {
+        let Some(state) = self.app_mut(app) else {
+            return false;
+        };
+        if state.delivered.is_some_and(|delivered| seq <= delivered) {
+            return false;
+        }
+        state.delivered = Some(seq);
         true
     }
 

@@ -30,5 +30,5 @@ pub use frame::{
     BindErrorCode, ErrorCode, Features, Frame, GoAwayReason, MessageId, NetworkType, Op,
     PullStatus, ResetSequence, UnbindReason, UpstreamStatus,
 };
-pub use token::{TokenClaims, TokenError, sign_token, verify_token};
+pub use token::{TokenClaims, TokenError, sign_token, verify_token, verify_token_with_any};
 pub use transport::Transport;

@@ -117,6 +117,31 @@ pub fn sign_token(secret: &[u8], claims: &TokenClaims) -> Result<String, TokenEr
     ))
 }
 
+/// `verify_token` against each of `secrets` (the current one and those a
+/// rotation retired whose grace has not ended): the claims of the first that
+/// verifies. Otherwise the most telling error: a secret whose signature
+/// matches says more than one that does not (the secret is right, the token
+/// is not), so `BadSignature` is kept only when every secret gave it.
+pub fn verify_token_with_any<'s>(
+    secrets: impl IntoIterator<Item = &'s [u8]>,
+    app: &str,
+    token: &str,
+    now_unix_secs: u64,
+) -> Result<TokenClaims, TokenError> {
+    let mut first_error = None;
+    for secret in secrets {
+        match verify_token(secret, app, token, now_unix_secs) {
+            Ok(claims) => return Ok(claims),
+            Err(error) => {
+                if first_error.is_none_or(|first| first == TokenError::BadSignature) {
+                    first_error = Some(error);
+                }
+            }
+        }
+    }
+    Err(first_error.unwrap_or(TokenError::BadSignature))
+}
+
 /// Checks a BIND's token for `app` and returns its claims. The checks run in
 /// this order, and the first that fails is the error: form and length
 /// (`Malformed`), signature (`BadSignature`, compared in constant time), app

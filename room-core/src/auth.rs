@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{GatewayApp, TokenSecret};
 use herald_proto::server::{Authenticated, Authenticator, BindRejection};
-use herald_proto::{BindErrorCode, TokenError, verify_token};
+use herald_proto::{BindErrorCode, TokenError, verify_token_with_any};
 
 /// An app as one shard checks BINDs for it.
 #[derive(Debug)]
@@ -82,36 +82,24 @@ impl Authenticator for AppSecrets {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let now_ms = now.as_millis() as u64;
-        let mut first_error = None;
-        let claims = auth
+        let secrets = auth
             .secrets
             .iter()
             .filter(|secret| secret.retires_at_ms.is_none_or(|at| at > now_ms))
-            .find_map(
-                |secret| match verify_token(&secret.secret, app, token, now.as_secs()) {
-                    Ok(claims) => Some(claims),
-                    Err(error) => {
-                        // A signature that matches says more than one
-                        // that does not (the secret is right, the token
-                        // is not).
-                        if first_error.is_none_or(|first| first == TokenError::BadSignature) {
-                            first_error = Some(error);
-                        }
-                        None
-                    }
-                },
-            );
-        let Some(claims) = claims else {
-            let error = first_error.unwrap_or(TokenError::BadSignature);
-            return Err(BindRejection {
-                code: error.bind_error_code(),
-                message: match error {
-                    TokenError::Expired => "token expired".to_owned(),
-                    TokenError::WrongApp => format!("token was not issued for app {app:?}"),
-                    TokenError::BadSignature => "token signature does not match".to_owned(),
-                    TokenError::Malformed => "token is malformed".to_owned(),
-                },
-            });
+            .map(|secret| secret.secret.as_slice());
+        let claims = match verify_token_with_any(secrets, app, token, now.as_secs()) {
+            Ok(claims) => claims,
+            Err(error) => {
+                return Err(BindRejection {
+                    code: error.bind_error_code(),
+                    message: match error {
+                        TokenError::Expired => "token expired".to_owned(),
+                        TokenError::WrongApp => format!("token was not issued for app {app:?}"),
+                        TokenError::BadSignature => "token signature does not match".to_owned(),
+                        TokenError::Malformed => "token is malformed".to_owned(),
+                    },
+                });
+            }
         };
         let max = auth.max_connections.unwrap_or(u32::MAX);
         if auth

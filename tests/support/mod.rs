@@ -799,6 +799,47 @@ impl RawClient {
     }
 }
 
+/// The JS SDK's folder, built (`npm run build`), when node and the SDK's
+/// npm packages are installed; else `None` after saying which is missing
+/// (under CI=true a missing one fails).
+pub async fn js_sdk_built(test: &str) -> Option<PathBuf> {
+    let sdk_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/js");
+    let node_missing = Command::new("node").arg("--version").output().is_err();
+    if node_missing || !sdk_dir.join("node_modules/ws").exists() {
+        let never = cluster::service_missing(
+            test,
+            "node or sdk/js/node_modules is missing: run scripts/install-test-tools.sh".to_owned(),
+        )?;
+        match never {}
+    }
+    let build = tokio::process::Command::new("npm")
+        .args(["run", "build"])
+        .current_dir(&sdk_dir)
+        .output()
+        .await
+        .expect("run npm run build");
+    assert!(
+        build.status.success(),
+        "the JS SDK does not build:\n{}",
+        String::from_utf8_lossy(&build.stdout)
+    );
+    Some(sdk_dir)
+}
+
+/// Takes the SDK client's events until its first app is bound.
+pub async fn until_bound(client: &mut herald_client::Client) {
+    loop {
+        match tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .expect("bound in time")
+        {
+            Some(herald_client::Event::Bound { .. }) => return,
+            Some(herald_client::Event::Closed(terminal)) => panic!("closed: {terminal:?}"),
+            _ => {}
+        }
+    }
+}
+
 /// The JS SDK's folder and chromium's path, when node, the SDK's npm
 /// packages (playwright-core) and chromium are all installed; else `None`
 /// after saying which is missing (under CI=true a missing one fails).
