@@ -19,9 +19,26 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 
 /// Resident memory of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    Ok(rss(pid)?.total)
+}
+
+/// A process's resident memory and the file-backed part of it.
+pub struct Rss {
+    pub total: u64,
+    /// `RssFile`: pages of mapped files, chiefly the executable's code and
+    /// read-only data, which every process running it shares and the kernel
+    /// can drop and read again.
+    pub file: u64,
+}
+
+/// Resident memory of a process, in bytes, with its file-backed part.
+pub fn rss(pid: u32) -> anyhow::Result<Rss> {
     let text = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} is gone"))?;
-    kib_field(&text, "VmRSS").context("no VmRSS in /proc/PID/status")
+    Ok(Rss {
+        total: kib_field(&text, "VmRSS").context("no VmRSS in /proc/PID/status")?,
+        file: kib_field(&text, "RssFile").context("no RssFile in /proc/PID/status")?,
+    })
 }
 
 /// The process listening on `addr` (TCP, IPv4): the socket's inode from

@@ -103,6 +103,8 @@ impl SoakArgs {
 struct Sample {
     at: f64,
     rss: Vec<u64>,
+    /// The file-backed part of each gateway's RSS (`RssFile`).
+    file: Vec<u64>,
     /// What SQLite holds of each gateway's RSS (its page caches), from its
     /// `/metrics`; 0 when it did not answer.
     sqlite: Vec<u64>,
@@ -117,6 +119,13 @@ impl Sample {
             .zip(&self.sqlite)
             .map(|(rss, sqlite)| rss.saturating_sub(*sqlite))
             .sum()
+    }
+
+    /// The gateways' anonymous memory (RSS less its file-backed pages)
+    /// less what SQLite holds of it: the heap, stacks and rings.
+    fn anonymous_without_sqlite(&self) -> u64 {
+        self.rss_without_sqlite()
+            .saturating_sub(self.file.iter().sum())
     }
 }
 
@@ -150,12 +159,14 @@ fn sample_memory(
         let mut next = start;
         while !stop.load(Ordering::Relaxed) {
             if Instant::now() >= next {
+                let rss: Vec<procfs::Rss> = pids
+                    .iter()
+                    .map(|&pid| procfs::rss(pid).unwrap_or(procfs::Rss { total: 0, file: 0 }))
+                    .collect();
                 samples.push(Sample {
                     at: start.elapsed().as_secs_f64(),
-                    rss: pids
-                        .iter()
-                        .map(|&pid| procfs::rss_bytes(pid).unwrap_or(0))
-                        .collect(),
+                    rss: rss.iter().map(|r| r.total).collect(),
+                    file: rss.iter().map(|r| r.file).collect(),
                     sqlite: apis
                         .iter()
                         .map(|&api| sqlite_bytes(api).unwrap_or(0))
@@ -377,6 +388,13 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
     let all = growth_json(&samples, baseline, end_window, |s| s.rss.iter().sum());
     let without_sqlite = growth_json(&samples, baseline, end_window, Sample::rss_without_sqlite);
     let sqlite = growth_json(&samples, baseline, end_window, |s| s.sqlite.iter().sum());
+    let file = growth_json(&samples, baseline, end_window, |s| s.file.iter().sum());
+    let anonymous = growth_json(
+        &samples,
+        baseline,
+        end_window,
+        Sample::anonymous_without_sqlite,
+    );
     let slab = growth_json(&samples, baseline, end_window, |s| s.slab);
     let completed = connected_at_end == common.connections && churn_secs >= end;
     let failures_total = pushes.total() + broadcasts.total() + sent.api_errors;
@@ -405,6 +423,10 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
             "max": broadcasts_per_connection.1,
         },
         "receipt_latency_us": percentiles(&latency),
+        "receipts_later_than": {
+            "1s": latency.count_between(1_000_000, u64::MAX),
+            "10s": latency.count_between(10_000_000, u64::MAX),
+        },
         "memory": {
             "what": "VmRSS of each `herald serve` process (gateway and control plane in one)",
             "sample_every_secs": args.sample_every,
@@ -416,6 +438,8 @@ pub async fn soak(common: &Common, args: &SoakArgs) -> anyhow::Result<Value> {
             "gateways_rss": all,
             "gateways_sqlite": sqlite,
             "gateways_rss_without_sqlite": without_sqlite,
+            "gateways_file_backed": file,
+            "gateways_anonymous_without_sqlite": anonymous,
             "per_gateway_rss": per_gateway,
             "kernel_slab": slab,
         },
@@ -545,7 +569,8 @@ pub fn print_summary(s: &Value) {
     );
     println!(
         "soak pushes: {} accepted of {} API calls ({} errors); lost {}, unexpected {}, \
-         duplicated {}; receipt latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+         duplicated {}; receipt latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+         ({} receipts later than 1 s, {} later than 10 s)",
         s["pushes_accepted"],
         s["api_calls"],
         s["api_errors"],
@@ -555,6 +580,8 @@ pub fn print_summary(s: &Value) {
         f(&s["receipt_latency_us"]["p50"]) / 1000.0,
         f(&s["receipt_latency_us"]["p99"]) / 1000.0,
         f(&s["receipt_latency_us"]["max"]) / 1000.0,
+        s["receipts_later_than"]["1s"],
+        s["receipts_later_than"]["10s"],
     );
     println!(
         "soak broadcasts: {} accepted per gateway; received per connection min {} max {}; \
@@ -606,6 +633,20 @@ pub fn print_summary(s: &Value) {
         mib(&rest["baseline_mean_bytes"]),
         mib(&rest["end_mean_bytes"]),
         f(&rest["growth"]) * 100.0,
+    );
+    let (file, anonymous) = (
+        &m["gateways_file_backed"],
+        &m["gateways_anonymous_without_sqlite"],
+    );
+    println!(
+        "soak memory, the rest split: file-backed (RssFile: the executable's pages, shared by \
+         every gateway process) {:.1} -> {:.1} MiB; anonymous (heap, stacks, rings) {:.1} -> \
+         {:.1} MiB, growth {:+.2}%",
+        mib(&file["baseline_mean_bytes"]),
+        mib(&file["end_mean_bytes"]),
+        mib(&anonymous["baseline_mean_bytes"]),
+        mib(&anonymous["end_mean_bytes"]),
+        f(&anonymous["growth"]) * 100.0,
     );
     let k = &m["kernel_slab"];
     println!(

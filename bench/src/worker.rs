@@ -710,6 +710,16 @@ async fn hold(
     // Spread heartbeats over the interval instead of sending them in waves.
     let phase = interval.mul_f64((index % 1000) as f64 / 1000.0);
     let mut heartbeat = tokio::time::interval_at((Instant::now() + phase).into(), interval);
+    // The server's first pushes may have come in the same read as its last
+    // handshake reply: left there, they would wait for the next read,
+    // which the server (waiting for their acks) sends only as a PONG.
+    if !input.is_empty() {
+        match take_input(state, index, stream, input).await {
+            Ok(Some(hint_ms)) => return Ended::Drained(hint_ms),
+            Ok(None) => {}
+            Err(kind) => return Ended::Failed(kind),
+        }
+    }
     loop {
         tokio::select! {
             changed = drop_rx.changed() => {
@@ -718,7 +728,7 @@ async fn hold(
                 }
             }
             _ = heartbeat.tick() => {
-                // Boxed, as the input's handling below: what runs once a
+                // Boxed, as the input's handling (`take_input`): what runs once a
                 // minute need not take room in every idle client's future.
                 let sent = Box::pin(async {
                     match spec.target {
@@ -737,14 +747,7 @@ async fn hold(
                 if let Err(kind) = read {
                     return Ended::Failed(kind);
                 }
-                let handled = Box::pin(async {
-                    let drained =
-                        handle_input(state, spec.first_user + index, stream, input).await?;
-                    stream.flush_replies().await?;
-                    Ok(drained)
-                })
-                .await;
-                match handled {
+                match take_input(state, index, stream, input).await {
                     Ok(Some(hint_ms)) => return Ended::Drained(hint_ms),
                     Ok(None) => {}
                     Err(kind) => return Ended::Failed(kind),
@@ -752,6 +755,22 @@ async fn hold(
             }
         }
     }
+}
+
+/// Handles the frames `input` holds and sends the replies; boxed, as
+/// what runs per read need not take room in every idle client's future.
+async fn take_input(
+    state: &State,
+    index: u64,
+    stream: &mut Conn,
+    input: &mut BytesMut,
+) -> Result<Option<u32>, &'static str> {
+    Box::pin(async {
+        let drained = handle_input(state, state.spec.first_user + index, stream, input).await?;
+        stream.flush_replies().await?;
+        Ok(drained)
+    })
+    .await
 }
 
 /// Takes what the server sent; returns the reconnect hint of a drain's

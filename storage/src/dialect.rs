@@ -241,10 +241,15 @@ impl Dialect for SqliteDialect {
             // and deleted every commit.
             .pragma("temp_store", "MEMORY");
         // A ping before each use would be a round trip to the connection's
-        // worker thread that tells nothing its statements do not.
+        // worker thread that tells nothing its statements do not. A SQLite
+        // connection does not go stale, so it is kept for the process's
+        // life: sqlx's default recycling (idle 10 minutes, at most 30) only
+        // threw its page cache away to be read and allocated again.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
             .connect_with(
                 options
@@ -257,6 +262,8 @@ impl Dialect for SqliteDialect {
         let reader = SqlitePoolOptions::new()
             .max_connections(SQLITE_READ_CONNECTIONS_MAX)
             .test_before_acquire(false)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
             .connect_with(options.create_if_missing(false))
             .await?;
