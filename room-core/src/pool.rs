@@ -18,6 +18,9 @@ pub struct BufferPool {
     free: Vec<Box<BytesMut>>,
     buffer_capacity: usize,
     free_max: usize,
+    /// The fewest buffers the free list held since the last `shed_unused`:
+    /// that many were not needed even at the period's busiest moment.
+    free_low: usize,
 }
 
 impl BufferPool {
@@ -29,13 +32,28 @@ impl BufferPool {
             free: Vec::with_capacity(free_max),
             buffer_capacity,
             free_max,
+            free_low: 0,
         }
     }
 
     pub fn take(&mut self) -> Box<BytesMut> {
-        self.free
+        let buffer = self
+            .free
             .pop()
-            .unwrap_or_else(|| Box::new(BytesMut::with_capacity(self.buffer_capacity)))
+            .unwrap_or_else(|| Box::new(BytesMut::with_capacity(self.buffer_capacity)));
+        self.free_low = self.free_low.min(self.free.len());
+        buffer
+    }
+
+    /// Frees the buffers that no one took since the last call. The free
+    /// list otherwise stays at the high-water mark of every burst so far (a
+    /// reconnect round, a broadcast), so a node's memory would creep up
+    /// with its luckiest coincidence of bursts; called every few seconds,
+    /// it keeps what the recent bursts used.
+    pub fn shed_unused(&mut self) {
+        let kept = self.free.len() - self.free_low;
+        self.free.truncate(kept);
+        self.free_low = kept;
     }
 
     /// Returns a buffer. One that grew past twice the standard size (a large
@@ -72,6 +90,30 @@ mod tests {
         let again = pool.take();
         assert!(again.is_empty());
         assert!(again.capacity() >= 1024);
+    }
+
+    #[test]
+    fn buffers_untouched_for_a_period_are_shed() {
+        let mut pool = BufferPool::new(64, 8);
+        let burst: Vec<_> = (0..6).map(|_| pool.take()).collect();
+        for buffer in burst {
+            pool.give(buffer);
+        }
+        assert_eq!(pool.free_len(), 6);
+        // The burst's period: the list was empty at its busiest.
+        pool.shed_unused();
+        assert_eq!(pool.free_len(), 6);
+        // A quieter period takes two at most: four were never needed.
+        let quiet: Vec<_> = (0..2).map(|_| pool.take()).collect();
+        for buffer in quiet {
+            pool.give(buffer);
+        }
+        pool.shed_unused();
+        assert_eq!(pool.free_len(), 2);
+        // A period with no use at all frees the rest.
+        pool.shed_unused();
+        assert_eq!(pool.free_len(), 0);
+        assert!(pool.take().capacity() >= 64);
     }
 
     #[test]

@@ -69,6 +69,10 @@ const WRITE_BUFFER_CAPACITY: usize = 4 * 1024;
 /// 4.5 MiB per shard.
 const POOL_FREE_MAX: usize = 1024;
 
+/// How often the pools free the buffers no one took meanwhile (the
+/// process returns freed heap to the kernel as often).
+const POOL_SHED_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Events the outbox keeps room for between turns.
 const OUTBOX_KEPT_CAPACITY: usize = 64;
 
@@ -265,6 +269,8 @@ pub(crate) struct Shard<D> {
     write_seconds: HashMap<AppId, Histogram>,
     read_pool: BufferPool,
     write_pool: BufferPool,
+    /// When the pools next shed the buffers unused since the last time.
+    pools_shed_at: Instant,
     wheel: TimerWheel,
     expired: Vec<TimerKey>,
     outbox: VecDeque<ShardEvent>,
@@ -431,6 +437,7 @@ impl<D: Driver> Shard<D> {
             write_seconds: HashMap::new(),
             read_pool: BufferPool::new(READ_BUFFER_CAPACITY, POOL_FREE_MAX),
             write_pool: BufferPool::new(WRITE_BUFFER_CAPACITY, POOL_FREE_MAX),
+            pools_shed_at: now + POOL_SHED_INTERVAL,
             wheel: TimerWheel::new(now),
             expired: Vec::new(),
             outbox: VecDeque::new(),
@@ -2000,6 +2007,11 @@ impl<D: Driver> Shard<D> {
         self.handle_stalls(now);
         shrink_sparse(&mut self.stalls);
         shrink_sparse(&mut self.counted);
+        if now >= self.pools_shed_at {
+            self.read_pool.shed_unused();
+            self.write_pool.shed_unused();
+            self.pools_shed_at = now + POOL_SHED_INTERVAL;
+        }
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for key in expired.drain(..) {
