@@ -23,6 +23,7 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// A process's resident memory and the file-backed part of it.
+#[derive(Default)]
 pub struct Rss {
     pub total: u64,
     /// `RssFile`: pages of mapped files, chiefly the executable's code and

@@ -161,7 +161,7 @@ fn sample_memory(
             if Instant::now() >= next {
                 let rss: Vec<procfs::Rss> = pids
                     .iter()
-                    .map(|&pid| procfs::rss(pid).unwrap_or(procfs::Rss { total: 0, file: 0 }))
+                    .map(|&pid| procfs::rss(pid).unwrap_or_default())
                     .collect();
                 samples.push(Sample {
                     at: start.elapsed().as_secs_f64(),

@@ -47,9 +47,8 @@ impl BufferPool {
 
     /// Frees the buffers that no one took since the last call. The free
     /// list otherwise stays at the high-water mark of every burst so far (a
-    /// reconnect round, a broadcast), so a node's memory would creep up
-    /// with its luckiest coincidence of bursts; called every few seconds,
-    /// it keeps what the recent bursts used.
+    /// reconnect round, a broadcast); called every few seconds, it keeps
+    /// what the recent bursts used.
     pub fn shed_unused(&mut self) {
         let kept = self.free.len() - self.free_low;
         self.free.truncate(kept);
