@@ -47,6 +47,11 @@ const SQLITE_PAGE_CACHE_KIB: u32 = 512;
 /// are allocated as they are used, so an idle node holds little of it.
 const SQLITE_WRITER_CACHE_KIB: u32 = 16 * 1024;
 
+/// The page caches of one database's connections together, at their
+/// bounds: the size of SQLite's page-cache region (`sqlite_memory.rs`).
+const SQLITE_PAGE_CACHES_KIB: usize =
+    (SQLITE_WRITER_CACHE_KIB + SQLITE_READ_CONNECTIONS_MAX * SQLITE_PAGE_CACHE_KIB) as usize;
+
 /// WAL frames after which a commit folds the WAL back into the database
 /// file (SQLite's default is 1,000). Stores to many inboxes touch many
 /// pages of the messages' primary key, and a page written again before the
@@ -223,6 +228,7 @@ impl Dialect for SqliteDialect {
         "(SELECT value ->> 0 AS user_id, value ->> 1 AS seq FROM json_each(?))";
 
     async fn open(path: &str) -> Result<Pools<Sqlite>, StorageError> {
+        crate::sqlite_memory::reserve_page_caches(SQLITE_PAGE_CACHES_KIB);
         let path = Path::new(path);
         let options = SqliteConnectOptions::new()
             .filename(path)

@@ -18,6 +18,7 @@
 mod dialect;
 mod group_commit;
 mod sql;
+mod sqlite_memory;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -196,15 +197,21 @@ impl Saver {
     }
 
     /// Bytes SQLite holds in this process (its page caches, mostly), or
-    /// `None` on a networked engine, whose memory is the server's. The
-    /// page caches fill as the inbox grows, up to their bounds (see
+    /// `None` on a networked engine, whose memory is the server's: what it
+    /// allocated with `malloc`, and the part of its page-cache region it
+    /// ever used (`sqlite_memory.rs`), which stays resident. The page
+    /// caches fill as the inbox grows, up to their bounds (see
     /// `dialect.rs`): memory a node holds once warm, not a leak.
     pub fn engine_memory_bytes(&self) -> Option<u64> {
         match self.engine {
-            // SAFETY: sqlite3_memory_used takes no argument and only reads
-            // SQLite's memory statistics (under its own mutex).
             Engine::Sqlite(_) => {
-                Some(u64::try_from(unsafe { libsqlite3_sys::sqlite3_memory_used() }).unwrap_or(0))
+                // SAFETY: sqlite3_memory_used takes no argument and only
+                // reads SQLite's memory statistics (under its own mutex).
+                let allocated = unsafe { libsqlite3_sys::sqlite3_memory_used() };
+                Some(
+                    u64::try_from(allocated).unwrap_or(0)
+                        + sqlite_memory::page_cache_region_bytes(),
+                )
             }
             _ => None,
         }
