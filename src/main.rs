@@ -1073,14 +1073,16 @@ fn process_cpu_ticks() -> Option<u64> {
 }
 
 /// glibc gives threads up to eight heap arenas per core, and each arena keeps
-/// its own freed memory: a burst served by many threads (shards, runtime
-/// workers, SQLite's) leaves every arena it touched at its peak. One arena
-/// per shard and one for the control plane are enough for a process that
-/// runs one loop per core.
+/// its own freed memory: a burst served by many threads leaves every arena
+/// it touched at its peak. The limit is set once storage is open, before
+/// the shards start: the runtime's workers and SQLite's connection threads
+/// have their arenas by then and keep them, and later threads (the shards)
+/// make no new one once that many exist. Set before any thread started, it
+/// put SQLite's threads in the shards' arenas, and a 12-minute churn run
+/// grew 4.9 MiB against 1.2 MiB: SQLite's churn fragmented them.
 fn limit_heap_arenas(shards: usize) {
     let arenas = libc::c_int::try_from(shards + 1).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt only changes allocator tuning; it is called before
-    // the shard and runtime threads start.
+    // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 

@@ -105,7 +105,8 @@ struct Sample {
     rss: Vec<u64>,
     /// The file-backed part of each gateway's RSS (`RssFile`).
     file: Vec<u64>,
-    /// What SQLite holds of each gateway's RSS (its page caches), from its
+    /// What SQLite holds of each gateway's RSS (its page-cache region and
+    /// what it allocates besides), from its
     /// `/metrics`; 0 when it did not answer.
     sqlite: Vec<u64>,
     slab: u64,
@@ -626,7 +627,7 @@ pub fn print_summary(s: &Value) {
     }
     let (sqlite, rest) = (&m["gateways_sqlite"], &m["gateways_rss_without_sqlite"]);
     println!(
-        "soak memory of it SQLite holds (its page caches, bounded; `herald_storage_sqlite_memory_bytes`): \
+        "soak memory of it SQLite holds (its page-cache region and allocations; `herald_storage_sqlite_memory_bytes`): \
          {:.1} -> {:.1} MiB; the rest: {:.1} -> {:.1} MiB, growth {:+.2}%",
         mib(&sqlite["baseline_mean_bytes"]),
         mib(&sqlite["end_mean_bytes"]),

@@ -1446,7 +1446,7 @@ async fn metrics(State(state): State<Arc<CenterState>>) -> Response {
         let _ = writeln!(
             text,
             "# HELP herald_storage_sqlite_memory_bytes Memory SQLite holds in this process \
-             (its page caches, bounded; they fill as the inbox grows).\n\
+             (its page-cache region, resident from startup, and what it allocates besides).\n\
              # TYPE herald_storage_sqlite_memory_bytes gauge\n\
              herald_storage_sqlite_memory_bytes {bytes}"
         );

@@ -38,13 +38,13 @@ const SQLITE_READ_CONNECTIONS_MAX: u32 = 4;
 
 /// Page cache per SQLite read connection, in KiB (SQLite's default is 2,000).
 /// Reads are indexed point and range lookups, so a small cache costs little
-/// speed; it is memory every node holds once it is warm.
+/// speed; it is part of the region every node allocates at startup.
 const SQLITE_PAGE_CACHE_KIB: u32 = 512;
 
 /// The writer's page cache, in KiB. Its working set is the inbox heads and
 /// the pages of the messages' primary key that recent stores touched; a
-/// page that is not cached is read (from the OS) inside the commit. Pages
-/// are allocated as they are used, so an idle node holds little of it.
+/// page that is not cached is read (from the OS) inside the commit. Its
+/// pages come from the region allocated at startup (`sqlite_memory.rs`).
 const SQLITE_WRITER_CACHE_KIB: u32 = 16 * 1024;
 
 /// The page caches of one database's connections together, at their

@@ -13,7 +13,9 @@
 //! three (`sql.rs`, and `group_commit.rs` for stores); `dialect.rs` holds
 //! what really differs. Each engine has its own migrations
 //! (`migrations/<engine>`) of the same schema; what the engines must agree
-//! on is tested against all three (`tests/saver.rs`).
+//! on is tested against all three (`tests/saver.rs`). SQLite's page
+//! caches take their memory from one region allocated at startup
+//! (`sqlite_memory.rs`).
 
 mod dialect;
 mod group_commit;
@@ -196,12 +198,11 @@ impl Saver {
         }
     }
 
-    /// Bytes SQLite holds in this process (its page caches, mostly), or
-    /// `None` on a networked engine, whose memory is the server's: what it
-    /// allocated with `malloc`, and the part of its page-cache region it
-    /// ever used (`sqlite_memory.rs`), which stays resident. The page
-    /// caches fill as the inbox grows, up to their bounds (see
-    /// `dialect.rs`): memory a node holds once warm, not a leak.
+    /// Bytes SQLite holds in this process, or `None` on a networked
+    /// engine, whose memory is the server's: the region its page caches
+    /// take their pages from (`sqlite_memory.rs`), all resident from the
+    /// first open, and what it allocated with `malloc` besides
+    /// (statements, in-memory journals, pages past the region).
     pub fn engine_memory_bytes(&self) -> Option<u64> {
         match self.engine {
             Engine::Sqlite(_) => {
