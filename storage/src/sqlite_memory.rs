@@ -59,6 +59,10 @@ fn reserve(caches_kib: usize) -> Option<Region> {
     let slot_bytes = (PAGE_BYTES + header).next_multiple_of(8);
     let slots = caches_kib * 1_024 / PAGE_BYTES;
     let len = slot_bytes * slots;
+    let (slot, count) = (
+        c_int::try_from(slot_bytes).ok()?,
+        c_int::try_from(slots).ok()?,
+    );
     // SAFETY: a fresh private anonymous mapping, touched by no one else.
     let region = unsafe {
         libc::mmap(
@@ -74,10 +78,6 @@ fn reserve(caches_kib: usize) -> Option<Region> {
         tracing::warn!("no region for SQLite's page caches: they allocate with malloc");
         return None;
     }
-    let (slot, count) = (
-        c_int::try_from(slot_bytes).ok()?,
-        c_int::try_from(slots).ok()?,
-    );
     // SAFETY: the region is `slots` slots of `slot_bytes`, aligned to a
     // page, and lives for the rest of the process (it is never unmapped
     // once SQLite has it).
