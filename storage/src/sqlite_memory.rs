@@ -63,30 +63,23 @@ fn reserve(caches_kib: usize) -> Option<Region> {
         c_int::try_from(slot_bytes).ok()?,
         c_int::try_from(slots).ok()?,
     );
-    // SAFETY: a fresh private anonymous mapping, touched by no one else.
-    let region = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
+    // SQLite keeps the region for the rest of the process: it is leaked,
+    // and u64 words keep its slots 8-byte aligned as SQLite asks.
+    let region: &'static mut [u64] = vec![0u64; len / 8].leak();
+    // SAFETY: the region is `slots` slots of `slot_bytes` (a multiple of
+    // 8), 8-byte aligned, used by no one else and never freed.
+    let rc = unsafe {
+        ffi::sqlite3_config(
+            ffi::SQLITE_CONFIG_PAGECACHE,
+            region.as_mut_ptr().cast::<std::ffi::c_void>(),
+            slot,
+            count,
         )
     };
-    if region == libc::MAP_FAILED {
-        tracing::warn!("no region for SQLite's page caches: they allocate with malloc");
-        return None;
-    }
-    // SAFETY: the region is `slots` slots of `slot_bytes`, aligned to a
-    // page, and lives for the rest of the process (it is never unmapped
-    // once SQLite has it).
-    let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_PAGECACHE, region, slot, count) };
     if rc != ffi::SQLITE_OK {
         // SQLite was initialized already (another library opened a
-        // database first): it keeps using malloc.
-        // SAFETY: the mapping made above, which SQLite did not take.
-        unsafe { libc::munmap(region, len) };
+        // database first): it keeps using malloc; the region is a
+        // one-off loss of the process.
         tracing::debug!(rc, "SQLite refused a page-cache region");
         return None;
     }
