@@ -27,7 +27,9 @@ use herald_control::coordinator::{AppWebhooks, Coordinator};
 use herald_control::link::{RedisRemote, RoomLink};
 use herald_control::metrics::Metrics;
 use herald_control::router::Router;
-use herald_control::{ControlConfig, Delivery, MemoryRegister, NodeName, Register, Remote};
+use herald_control::{
+    ControlConfig, Delivery, DeliveryLimits, MemoryRegister, NodeName, Register, Remote,
+};
 use herald_proto::server::ServerConfig;
 use herald_proto::{TokenClaims, sign_token};
 use herald_room::metrics::{CLOSE_REASONS, TURN_AWAY_REASONS};
@@ -841,8 +843,11 @@ async fn run_node(
         register,
         coordinator,
         metrics,
-        config.gateway.inflight_pushes_max,
-        config.delivery.redeliveries_max,
+        DeliveryLimits {
+            fill_limit: config.gateway.inflight_pushes_max,
+            redeliveries_max: config.delivery.redeliveries_max,
+            timeouts_kept_for: config.heartbeat().longest(),
+        },
     );
     if let Some(link) = &link {
         // Deliveries must reach this node before any session is registered.

@@ -1,6 +1,8 @@
 //! The Redis register against a real Redis and a real Redis Cluster: what
 //! a room node writes, a control node reads; a node's restart or departure
-//! hides its sessions and they are cleaned up; a lost register is refilled.
+//! hides its sessions and they are cleaned up; a lost register is refilled;
+//! a timed-out session waits for its device's next bind (and the same in
+//! memory).
 //! The single server is `HERALD_TEST_REDIS_URL` (default: the local one,
 //! logical database 15, emptied first); the cluster is three redis-server
 //! processes the test starts. Without them the test is skipped, except
@@ -14,7 +16,8 @@ use herald_control::cluster::connection::{RedisConn, RedisTarget, connect};
 use herald_control::cluster::directory::{LoadProbe, NodeDirectory, NodeLoad};
 use herald_control::cluster::register::RedisRegister;
 use herald_control::link::RoomLink;
-use herald_control::{Change, Register, Session};
+use herald_control::register::{DeviceBinding, SessionTimeout};
+use herald_control::{Change, MemoryRegister, Register, Session};
 use herald_proto::NetworkType;
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::ConnId;
@@ -85,6 +88,13 @@ async fn on_one_redis() {
     }
     let target = RedisTarget::Single(url.clone());
     sessions_follow_their_node(&target, || async { flush_redis(&url).await.unwrap() }).await;
+    let room = room(&target, "room-t", 1).await;
+    timeouts_wait_for_the_next_bind(&*room.register).await;
+}
+
+#[tokio::test]
+async fn timeouts_in_memory() {
+    timeouts_wait_for_the_next_bind(&MemoryRegister::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,6 +103,86 @@ async fn on_a_redis_cluster() {
         return;
     };
     sessions_follow_their_node(&cluster.target(), || async { cluster.flush() }).await;
+    let room = room(&cluster.target(), "room-t", 1).await;
+    timeouts_wait_for_the_next_bind(&*room.register).await;
+}
+
+/// A session closed at its heartbeat deadline is told to its device's next
+/// bind of the app, once; not if the device already had another session
+/// (it came back by itself), nor after it expires.
+async fn timeouts_wait_for_the_next_bind(register: &dyn Register) {
+    let binding = |user: &str, device: &str| DeviceBinding {
+        app: AppId::from("chat"),
+        user: UserId::from(user),
+        device_id: device.to_owned(),
+    };
+    let timeout = SessionTimeout {
+        network: NetworkType::Cellular4g,
+        interval_ms: 45_000,
+        closed_at_ms: 1_764_000_000_000,
+    };
+    let minute = std::time::Duration::from_secs(60);
+    // Device 1 of tim times out; tim's device 2 is still connected.
+    register
+        .apply(vec![add("tim", 1, "room-t", 1), add("tim", 2, "room-t", 1)])
+        .await
+        .unwrap();
+    let removed = Change::Remove {
+        app: AppId::from("chat"),
+        user: UserId::from("tim"),
+        conn: conn(1),
+    };
+    register.apply(vec![removed]).await.unwrap();
+    register
+        .remember_timeouts(vec![(binding("tim", "device-1"), timeout)], minute)
+        .await
+        .unwrap();
+    let asked = vec![
+        binding("tim", "device-1"),
+        binding("tim", "device-2"),
+        binding("tom", "device-1"),
+    ];
+    assert_eq!(
+        register.take_timeouts(asked.clone()).await.unwrap(),
+        [Some(timeout), None, None]
+    );
+    assert_eq!(
+        register.take_timeouts(asked).await.unwrap(),
+        [None, None, None],
+        "told once"
+    );
+    // Device 2 reconnected (a new session) before its old one timed out.
+    register
+        .apply(vec![add("tim", 2, "room-t", 1)])
+        .await
+        .unwrap();
+    register
+        .remember_timeouts(vec![(binding("tim", "device-2"), timeout)], minute)
+        .await
+        .unwrap();
+    assert_eq!(
+        register
+            .take_timeouts(vec![binding("tim", "device-2")])
+            .await
+            .unwrap(),
+        [None],
+        "the device came back by itself"
+    );
+    // Kept for a while only.
+    let short = std::time::Duration::from_millis(50);
+    register
+        .remember_timeouts(vec![(binding("tom", "device-1"), timeout)], short)
+        .await
+        .unwrap();
+    tokio::time::sleep(short * 3).await;
+    assert_eq!(
+        register
+            .take_timeouts(vec![binding("tom", "device-1")])
+            .await
+            .unwrap(),
+        [None],
+        "expired"
+    );
 }
 
 /// The scenario on `target`; `flush` empties it.

@@ -8,6 +8,10 @@
 //! dropped the idle flow), or is lost while a PING is out (a NAT that
 //! resets forgotten flows), the interval in force failed: the client falls
 //! back to the last one that held and does not probe above it for `hold`.
+//! The server may also say, on the next connection, that it closed the
+//! previous one at its heartbeat deadline (SESSION_TIMED_OUT): the pings
+//! stopped arriving, so a loss the client could not explain counts the
+//! same way, for the interval the server names.
 //! What was learned is kept per network type, and per carrier or Wi-Fi
 //! network id when the application supplies one.
 
@@ -52,11 +56,22 @@ struct Learned {
     hold_until_ms: u64,
 }
 
+/// One connection, as far as explaining its loss goes.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionRecord {
+    /// When its handshake finished, unix milliseconds.
+    started_ms: u64,
+    /// Its loss is explained (counted as a failure, or the server said why
+    /// with GOAWAY): a later report of its timeout changes nothing.
+    explained: bool,
+}
+
 /// The probing state of one client: what it learned, and where the
 /// current connection stands.
 #[derive(Debug)]
 pub(crate) struct HeartbeatLearner {
     probe: HeartbeatProbe,
+    network: NetworkType,
     /// `network type` or `network type/network id`.
     key: String,
     learned: HashMap<String, Learned>,
@@ -69,6 +84,10 @@ pub(crate) struct HeartbeatLearner {
     /// The server clamped a proposal below what was asked: its maximum for
     /// this connection, above which probing is pointless.
     server_max: Option<Duration>,
+    current: Option<ConnectionRecord>,
+    /// The connection before the current one: what a SESSION_TIMED_OUT on
+    /// the current one is about.
+    previous: Option<ConnectionRecord>,
 }
 
 impl HeartbeatLearner {
@@ -80,12 +99,15 @@ impl HeartbeatLearner {
         let learned = probe.store.as_deref().map(load).unwrap_or_default();
         HeartbeatLearner {
             probe,
+            network,
             key,
             learned,
             in_force: Duration::ZERO,
             proposed: None,
             answered: 0,
             server_max: None,
+            current: None,
+            previous: None,
         }
     }
 
@@ -96,6 +118,11 @@ impl HeartbeatLearner {
         self.in_force = server_interval;
         self.answered = 0;
         self.server_max = None;
+        self.proposed = None;
+        self.previous = self.current.replace(ConnectionRecord {
+            started_ms: unix_ms(),
+            explained: false,
+        });
         let held = self
             .learned
             .get(&self.key)
@@ -141,7 +168,45 @@ impl HeartbeatLearner {
     /// the NAT dropped it. Falls back to the last interval that held (one
     /// step down if that one failed) and holds probing there.
     pub(crate) fn failed(&mut self) {
-        let failed = self.in_force;
+        self.explained();
+        self.fail_at(self.in_force);
+        self.proposed = None;
+    }
+
+    /// The server said why the current connection ends (GOAWAY).
+    pub(crate) fn explained(&mut self) {
+        if let Some(current) = &mut self.current {
+            current.explained = true;
+        }
+    }
+
+    /// The server closed the previous connection at its heartbeat deadline
+    /// `closed_ago` ago, while it pinged at `interval` on `network`. If
+    /// that connection's loss was not explained already and the report is
+    /// about it (not about one from before it), the interval failed.
+    /// Returns the interval to propose now, when the current connection's
+    /// is above what is left to hold.
+    pub(crate) fn previous_timed_out(
+        &mut self,
+        network: NetworkType,
+        interval: Duration,
+        closed_ago: Duration,
+    ) -> Option<Duration> {
+        let previous = self.previous.as_mut()?;
+        let closed_at_ms = unix_ms().saturating_sub(as_ms(closed_ago));
+        if previous.explained || closed_at_ms < previous.started_ms || network != self.network {
+            return None;
+        }
+        previous.explained = true;
+        let held = self.fail_at(interval);
+        let pinging_at = self.proposed.unwrap_or(self.in_force);
+        (pinging_at > held).then(|| self.propose(held))
+    }
+
+    /// Counts `failed` as an interval the NAT did not keep: falls back to
+    /// the last one that held below it (one step down if none did) and
+    /// holds probing there. Returns that interval.
+    fn fail_at(&mut self, failed: Duration) -> Duration {
         let held = self
             .learned
             .get(&self.key)
@@ -156,8 +221,8 @@ impl HeartbeatLearner {
                 hold_until_ms: unix_ms() + as_ms(self.probe.hold),
             },
         );
-        self.proposed = None;
         self.save();
+        held
     }
 
     /// A proposal is out and unanswered.
@@ -268,6 +333,80 @@ mod tests {
         learner.set(SECS_40);
         learner.failed();
         assert_eq!(learner.learned(), Some(SECS_30));
+    }
+
+    #[test]
+    fn a_timeout_the_server_reports_counts_for_an_unexplained_loss_only() {
+        let mut learner = HeartbeatLearner::new(probe(None), NetworkType::Wifi);
+        let report = |learner: &mut HeartbeatLearner, network, interval| {
+            learner.previous_timed_out(network, interval, Duration::ZERO)
+        };
+        // The first connection: nothing before it to report about.
+        learner.connected(SECS_30);
+        assert_eq!(report(&mut learner, NetworkType::Wifi, SECS_30), None);
+        learner.ping_answered();
+        assert_eq!(learner.ping_answered(), Some(SECS_40));
+        learner.set(SECS_40);
+        // Lost without a PING out; the next connection starts at 30 s (what
+        // held), and the server says the 40 s one timed out.
+        assert_eq!(learner.connected(SECS_30), None);
+        assert_eq!(
+            report(&mut learner, NetworkType::Cellular4g, SECS_40),
+            None,
+            "another network type"
+        );
+        assert_eq!(report(&mut learner, NetworkType::Wifi, SECS_40), None);
+        assert_eq!(learner.learned(), Some(SECS_30));
+        learner.ping_answered();
+        assert_eq!(learner.ping_answered(), None, "no probe above 30 s for now");
+        // Reported once per lost connection.
+        learner.failed();
+        assert_eq!(learner.learned(), Some(Duration::from_secs(20)));
+        learner.connected(SECS_30);
+        assert_eq!(
+            report(&mut learner, NetworkType::Wifi, SECS_30),
+            None,
+            "that loss was counted already"
+        );
+        assert_eq!(learner.learned(), Some(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn a_reported_timeout_of_the_interval_in_force_moves_the_current_connection_down() {
+        let mut learner = HeartbeatLearner::new(probe(None), NetworkType::Wifi);
+        learner.connected(SECS_30);
+        learner.ping_answered();
+        learner.ping_answered();
+        learner.set(SECS_40);
+        learner.ping_answered();
+        learner.ping_answered();
+        learner.set(SECS_50);
+        learner.ping_answered();
+        learner.ping_answered();
+        // 50 s held once; the next connection starts there, and hears that
+        // the last one timed out at 50 s after all.
+        assert_eq!(learner.connected(SECS_30), Some(SECS_50));
+        learner.set(SECS_50);
+        assert_eq!(
+            learner.previous_timed_out(NetworkType::Wifi, SECS_50, Duration::ZERO),
+            Some(SECS_40)
+        );
+        assert_eq!(learner.learned(), Some(SECS_40));
+    }
+
+    #[test]
+    fn a_report_about_a_connection_before_the_last_changes_nothing() {
+        let mut learner = HeartbeatLearner::new(probe(None), NetworkType::Wifi);
+        learner.connected(SECS_30);
+        std::thread::sleep(Duration::from_millis(20));
+        learner.connected(SECS_30);
+        // Closed an hour ago: before the previous connection began.
+        let an_hour = Duration::from_secs(3600);
+        assert_eq!(
+            learner.previous_timed_out(NetworkType::Wifi, SECS_30, an_hour),
+            None
+        );
+        assert_eq!(learner.learned(), None);
     }
 
     #[test]

@@ -818,6 +818,9 @@ async fn connect_and_run(
                     reason,
                     reconnect_delay_ms,
                 } => {
+                    if let Some(learner) = learner.as_mut() {
+                        learner.explained();
+                    }
                     return Ended::Lost {
                         error: format!("server sent GOAWAY ({reason})"),
                         handshake_done,
@@ -850,6 +853,21 @@ async fn connect_and_run(
                         learner.set(interval);
                     }
                     Event::HeartbeatSet { interval }
+                }
+                ClientEvent::PreviousTimedOut {
+                    network,
+                    interval,
+                    closed_ago,
+                } => {
+                    // The last connection's pings stopped arriving: if it
+                    // was lost without a known cause, its interval failed.
+                    if let Some(proposal) = learner
+                        .as_mut()
+                        .and_then(|l| l.previous_timed_out(network, interval, closed_ago))
+                    {
+                        let _ = conn.propose_heartbeat(proposal);
+                    }
+                    continue;
                 }
             };
             if events.send(event).await.is_err() {

@@ -21,7 +21,7 @@ use herald_proto::plane::{
     Bound, CatchUp, ConnCommand, ConnEvent, ConnId, Notice, PullAnswer, PushMessage, ShardCommand,
     ShardEvent,
 };
-use herald_proto::{GoAwayReason, PullStatus};
+use herald_proto::{Features, GoAwayReason, PullStatus};
 use herald_storage::{
     AckCursor, FillStart, InboxKey, NewMessage, Saver, StorageError, StoredMessage, StoredRef,
 };
@@ -32,7 +32,7 @@ use crate::clock::unix_ms;
 use crate::cluster::channel::NodeMessage;
 use crate::coordinator::Coordinator;
 use crate::metrics::Metrics;
-use crate::register::{Change, Register, Session};
+use crate::register::{Change, DeviceBinding, Register, Session, SessionTimeout};
 use crate::router::{NodeName, Router};
 
 /// Longest wait between two tries of a fill storage could not serve.
@@ -100,7 +100,7 @@ fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
             user: user.clone(),
             conn: *conn,
         }],
-        ConnEvent::Closed { bindings } => bindings
+        ConnEvent::Closed { bindings, .. } => bindings
             .iter()
             .map(|(app, user)| Change::Remove {
                 app: app.clone(),
@@ -112,6 +112,40 @@ fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
     }
 }
 
+/// What the batch's heartbeat timeouts leave to remember: one per binding
+/// of each connection closed at its heartbeat deadline.
+fn session_timeouts(batch: &[ShardEvent]) -> Vec<(DeviceBinding, SessionTimeout)> {
+    let closed_at_ms = unix_ms();
+    let mut timeouts = Vec::new();
+    for event in batch {
+        let ShardEvent::Conn {
+            event:
+                ConnEvent::Closed {
+                    bindings,
+                    timed_out: Some(timed_out),
+                },
+            ..
+        } = event
+        else {
+            continue;
+        };
+        for (app, user) in bindings {
+            let binding = DeviceBinding {
+                app: app.clone(),
+                user: user.clone(),
+                device_id: timed_out.device_id.clone(),
+            };
+            let timeout = SessionTimeout {
+                network: timed_out.network,
+                interval_ms: timed_out.interval_ms,
+                closed_at_ms,
+            };
+            timeouts.push((binding, timeout));
+        }
+    }
+    timeouts
+}
+
 /// One recipient's result of a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushResult {
@@ -119,15 +153,26 @@ pub struct PushResult {
     pub online: bool,
 }
 
+/// The bounds a node's delivery works within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// Messages read for a connection's first fill: its delivery window.
+    pub fill_limit: u32,
+    /// Binds in a row a device's fill may start at one message it never
+    /// acks before that message is parked for it (0: never parked).
+    pub redeliveries_max: u32,
+    /// How long a connection closed at its heartbeat deadline is
+    /// remembered for the device's next bind: as long as the longest
+    /// interval a client may negotiate, which is about how long a client
+    /// pinging at it takes to notice a dead connection and come back.
+    pub timeouts_kept_for: Duration,
+}
+
 pub struct Delivery {
     router: Arc<Router>,
     saver: Saver,
     register: Arc<dyn Register>,
-    /// Messages read for a connection's first fill: its delivery window.
-    fill_limit: u32,
-    /// Binds in a row a device's fill may start at one message it never
-    /// acks before that message is parked for it (0: never parked).
-    redeliveries_max: u32,
+    limits: DeliveryLimits,
     /// Acks not yet written: the highest seq per (app, user, device).
     pending_acks: Mutex<HashMap<AckKey, u64>>,
     drained_shards: AtomicU64,
@@ -149,8 +194,7 @@ impl Delivery {
         register: Arc<dyn Register>,
         coordinator: Coordinator,
         metrics: Arc<Metrics>,
-        fill_limit: u32,
-        redeliveries_max: u32,
+        limits: DeliveryLimits,
     ) -> Arc<Delivery> {
         let router = Arc::new(router);
         Arc::new(Delivery {
@@ -158,8 +202,7 @@ impl Delivery {
             router,
             saver,
             register,
-            fill_limit,
-            redeliveries_max,
+            limits,
             pending_acks: Mutex::default(),
             drained_shards: AtomicU64::new(0),
             drained: Notify::new(),
@@ -525,6 +568,17 @@ impl Delivery {
         {
             tracing::warn!(%error, "register update failed");
         }
+        // After the removals above, so the timed-out session itself does
+        // not count as the device's other session; before any later bind.
+        let timeouts = session_timeouts(batch);
+        if !timeouts.is_empty()
+            && let Err(error) = self
+                .register
+                .remember_timeouts(timeouts, self.limits.timeouts_kept_for)
+                .await
+        {
+            tracing::warn!(%error, "timed-out sessions not remembered");
+        }
         for event in batch.iter() {
             self.report_user_state(event);
         }
@@ -613,11 +667,56 @@ impl Delivery {
                 }
             }
         }
+        let told: Vec<(ConnId, DeviceBinding)> = resumes
+            .iter()
+            .filter(|(_, bound)| bound.features.contains(Features::SESSION_TIMED_OUT))
+            .map(|(conn, bound)| {
+                let binding = DeviceBinding {
+                    app: bound.app.clone(),
+                    user: bound.user.clone(),
+                    device_id: bound.device_id.clone(),
+                };
+                (*conn, binding)
+            })
+            .collect();
+        if !told.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.report_timeouts(told).await });
+        }
         if !resumes.is_empty() {
             // Storage reads run beside the event loop, so a slow read never
             // holds up registering the next connections.
             let this = self.clone();
             tokio::spawn(async move { this.resume(resumes).await });
+        }
+    }
+
+    /// Tells each new binding whose device's previous connection of the
+    /// app timed out (SESSION_TIMED_OUT).
+    async fn report_timeouts(&self, binds: Vec<(ConnId, DeviceBinding)>) {
+        let bindings = binds.iter().map(|(_, binding)| binding.clone()).collect();
+        let timeouts = match self.register.take_timeouts(bindings).await {
+            Ok(timeouts) => timeouts,
+            Err(error) => {
+                tracing::warn!(%error, "timed-out sessions not read");
+                return;
+            }
+        };
+        let now_ms = unix_ms();
+        for ((conn, binding), timeout) in binds.into_iter().zip(timeouts) {
+            let Some(timeout) = timeout else { continue };
+            self.metrics
+                .session_timeouts_reported
+                .with_label_values(&[&*binding.app])
+                .inc();
+            let closed_ago_ms = now_ms.saturating_sub(timeout.closed_at_ms);
+            let command = ConnCommand::SessionTimedOut {
+                app: binding.app,
+                network: timeout.network,
+                interval_ms: timeout.interval_ms,
+                closed_ago_ms: u32::try_from(closed_ago_ms).unwrap_or(u32::MAX),
+            };
+            self.router.to_conn(conn, command).await;
         }
     }
 
@@ -638,7 +737,7 @@ impl Delivery {
             ConnEvent::Unbound { app, user } => {
                 self.coordinator.user_state(app, user, *conn, None, false);
             }
-            ConnEvent::Closed { bindings } => {
+            ConnEvent::Closed { bindings, .. } => {
                 for (app, user) in bindings {
                     self.coordinator.user_state(app, user, *conn, None, false);
                 }
@@ -769,22 +868,23 @@ impl Delivery {
             let (mut messages, more) = if head.last_seq <= after {
                 (Vec::new(), false)
             } else {
-                let read = self.read_inbox(conn, &bound.app, &bound.user, after, self.fill_limit);
+                let read =
+                    self.read_inbox(conn, &bound.app, &bound.user, after, self.limits.fill_limit);
                 match read.await {
                     Some(found) => found,
                     None => continue,
                 }
             };
             let mut after = after;
-            if !messages.is_empty() && self.redeliveries_max > 0 {
+            if !messages.is_empty() && self.limits.redeliveries_max > 0 {
                 let starts = self.count_fill_start(&bound, after).await;
-                let first_parks = starts == u64::from(self.redeliveries_max) + 1;
+                let first_parks = starts == u64::from(self.limits.redeliveries_max) + 1;
                 // Past the first park at this start, the client claims a
                 // resume point below its cursor (it never acked): only a
                 // message the cursor is past, the one parked then, is
                 // dropped again, never one that was not tried.
-                let parked_before =
-                    starts > u64::from(self.redeliveries_max) + 1 && messages[0].seq <= cursor;
+                let parked_before = starts > u64::from(self.limits.redeliveries_max) + 1
+                    && messages[0].seq <= cursor;
                 if first_parks || parked_before {
                     // The fill resumes after the parked message: the client
                     // gets the next ones as if it had acked it.

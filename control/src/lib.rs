@@ -41,7 +41,7 @@ pub mod trace;
 
 pub use center::{MetricsRenderer, router};
 pub use config::ControlConfig;
-pub use delivery::Delivery;
+pub use delivery::{Delivery, DeliveryLimits};
 pub use http::HttpLimits;
 pub use register::{Change, MemoryRegister, Register, Session};
 pub use router::{NodeName, Remote};

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub transient_deliveries: IntCounterVec,
     pub messages_parked: IntCounterVec,
+    pub session_timeouts_reported: IntCounterVec,
     pub broadcasts: IntCounterVec,
     pub acks: IntCounterVec,
     pub upstreams: IntCounterVec,
@@ -166,6 +167,12 @@ impl Metrics {
                 "herald_messages_parked_total",
                 "Messages parked for a device that never acked them \
                  (past delivery.redeliveries_max binds in a row).",
+            ),
+            session_timeouts_reported: app_counter(
+                &registry,
+                "herald_session_timeouts_reported_total",
+                "Binds told that the device's previous connection was closed at its \
+                 heartbeat deadline (SESSION_TIMED_OUT).",
             ),
             broadcasts: app_counter(
                 &registry,
@@ -319,6 +326,7 @@ impl Metrics {
             &self.deliveries,
             &self.transient_deliveries,
             &self.messages_parked,
+            &self.session_timeouts_reported,
             &self.broadcasts,
             &self.acks,
             &self.upstreams,

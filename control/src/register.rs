@@ -4,9 +4,10 @@
 //! (`RedisRegister`, in `cluster::register`), behind one trait. A user may have
 //! several devices connected; a push goes to every one of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
 
@@ -59,6 +60,25 @@ pub enum Change {
     },
 }
 
+/// A device's binding of an app: what a remembered timeout is kept under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceBinding {
+    pub app: AppId,
+    pub user: UserId,
+    pub device_id: String,
+}
+
+/// A connection the gateway closed at its heartbeat deadline, kept for the
+/// device's next bind of the app (SESSION_TIMED_OUT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimeout {
+    pub network: NetworkType,
+    /// The heartbeat interval in force on it.
+    pub interval_ms: u32,
+    /// When it was closed, unix milliseconds.
+    pub closed_at_ms: u64,
+}
+
 #[async_trait::async_trait]
 pub trait Register: Send + Sync {
     /// Applies `changes` in order. They come in batches so that a reconnect
@@ -69,6 +89,66 @@ pub trait Register: Send + Sync {
     /// What this node's own sessions come to, per app (none on a node that
     /// only reads a shared register).
     fn online(&self) -> BTreeMap<String, AppOnline>;
+    /// Remembers each timeout for `kept_for`, unless its device has another
+    /// session of that app and user by now (it reconnected by itself, so it
+    /// knows the connection died). Apply the timed-out session's removal
+    /// first.
+    async fn remember_timeouts(
+        &self,
+        timeouts: Vec<(DeviceBinding, SessionTimeout)>,
+        kept_for: Duration,
+    ) -> Result<(), RegisterError>;
+    /// Takes (reads and forgets) the timeout remembered for each binding,
+    /// in order: what each is told once.
+    async fn take_timeouts(
+        &self,
+        bindings: Vec<DeviceBinding>,
+    ) -> Result<Vec<Option<SessionTimeout>>, RegisterError>;
+}
+
+/// Timeouts the in-memory register keeps at most: past it the oldest go
+/// first (a lost report costs a client one probe more, nothing else).
+const TIMEOUTS_KEPT_MAX: usize = 100_000;
+
+/// Remembered timeouts, by `app\0user\0device`.
+#[derive(Debug, Default)]
+struct Timeouts {
+    by_binding: HashMap<Box<str>, (SessionTimeout, Instant)>,
+    /// Keys in the order they were remembered, with when each expires:
+    /// the front goes first. An entry taken or remembered again since
+    /// leaves a stale one here, which expiry skips.
+    order: VecDeque<(Box<str>, Instant)>,
+}
+
+impl Timeouts {
+    fn remember(&mut self, key: Box<str>, timeout: SessionTimeout, expires: Instant, now: Instant) {
+        while let Some((front, front_expires)) = self.order.front()
+            && (*front_expires <= now || self.order.len() >= TIMEOUTS_KEPT_MAX)
+        {
+            if self
+                .by_binding
+                .get(front)
+                .is_some_and(|(_, expires)| expires == front_expires)
+            {
+                self.by_binding.remove(front);
+            }
+            self.order.pop_front();
+        }
+        self.order.push_back((key.clone(), expires));
+        self.by_binding.insert(key, (timeout, expires));
+    }
+
+    fn take(&mut self, key: &str, now: Instant) -> Option<SessionTimeout> {
+        let (timeout, expires) = self.by_binding.remove(key)?;
+        (expires > now).then_some(timeout)
+    }
+}
+
+fn binding_key(binding: &DeviceBinding) -> Box<str> {
+    let mut names = key(&binding.app, &binding.user);
+    names.push('\0');
+    names.push_str(&binding.device_id);
+    names.into_boxed_str()
 }
 
 /// An app's sessions on one node.
@@ -141,6 +221,7 @@ pub struct MemoryRegister {
     nodes: Mutex<Vec<(String, u64)>>,
     /// Kept as entries come and go, so reading it costs no walk.
     online: Mutex<BTreeMap<String, AppOnline>>,
+    timeouts: Mutex<Timeouts>,
 }
 
 impl Default for MemoryRegister {
@@ -150,6 +231,7 @@ impl Default for MemoryRegister {
             hasher: RandomState::new(),
             nodes: Mutex::default(),
             online: Mutex::default(),
+            timeouts: Mutex::default(),
         }
     }
 }
@@ -238,6 +320,17 @@ impl MemoryRegister {
         all
     }
 
+    /// Whether the device has a session of the binding's app and user.
+    fn has_device_session(&self, binding: &DeviceBinding) -> bool {
+        let key = key(&binding.app, &binding.user);
+        let hash = self.hash(&key);
+        let stripe = self.stripe(hash).lock().expect("register lock");
+        stripe
+            .table
+            .iter_hash(hash)
+            .any(|e| e.key() == key && e.device_id() == binding.device_id)
+    }
+
     fn remove(&self, app: &str, user: &str, conn: ConnId) {
         let key = key(app, user);
         let hash = self.hash(&key);
@@ -286,6 +379,38 @@ impl Register for MemoryRegister {
 
     fn online(&self) -> BTreeMap<String, AppOnline> {
         self.online.lock().expect("register lock").clone()
+    }
+
+    async fn remember_timeouts(
+        &self,
+        timeouts: Vec<(DeviceBinding, SessionTimeout)>,
+        kept_for: Duration,
+    ) -> Result<(), RegisterError> {
+        let now = Instant::now();
+        for (binding, timeout) in timeouts {
+            if self.has_device_session(&binding) {
+                continue;
+            }
+            self.timeouts.lock().expect("register lock").remember(
+                binding_key(&binding),
+                timeout,
+                now + kept_for,
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    async fn take_timeouts(
+        &self,
+        bindings: Vec<DeviceBinding>,
+    ) -> Result<Vec<Option<SessionTimeout>>, RegisterError> {
+        let now = Instant::now();
+        let mut timeouts = self.timeouts.lock().expect("register lock");
+        Ok(bindings
+            .iter()
+            .map(|binding| timeouts.take(&binding_key(binding), now))
+            .collect())
     }
 }
 
@@ -396,6 +521,32 @@ mod tests {
         register.apply(vec![remove(2, "alice")]).await.unwrap();
         assert!(register.sessions("chat", "alice").await.unwrap().is_empty());
         assert!(register.sessions("news", "alice").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn remembered_timeouts_are_bounded_and_the_oldest_go_first() {
+        let mut timeouts = Timeouts::default();
+        let timeout = SessionTimeout {
+            network: NetworkType::Wifi,
+            interval_ms: 120_000,
+            closed_at_ms: 1,
+        };
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        for i in 0..=TIMEOUTS_KEPT_MAX {
+            timeouts.remember(format!("chat\0u{i}\0d").into(), timeout, later, now);
+        }
+        assert_eq!(timeouts.by_binding.len(), TIMEOUTS_KEPT_MAX);
+        assert_eq!(timeouts.take("chat\0u0\0d", now), None, "the oldest went");
+        assert_eq!(timeouts.take("chat\0u1\0d", now), Some(timeout));
+        // Remembered again later: the first entry's expiry leaves the
+        // second one in place.
+        let soon = now + Duration::from_millis(1);
+        timeouts.remember("chat\0again\0d".into(), timeout, soon, now);
+        timeouts.remember("chat\0again\0d".into(), timeout, later, now);
+        timeouts.remember("chat\0next\0d".into(), timeout, later, soon);
+        assert_eq!(timeouts.take("chat\0again\0d", soon), Some(timeout));
+        assert_eq!(timeouts.take("chat\0next\0d", later), None, "expired");
     }
 
     #[tokio::test]

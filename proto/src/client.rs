@@ -143,6 +143,16 @@ pub enum ClientEvent {
     HeartbeatSet {
         interval: Duration,
     },
+    /// The server closed this device's previous connection because nothing
+    /// came from it within its heartbeat deadline: its pings, at `interval`
+    /// on `network`, stopped arriving. Reported once per connection (the
+    /// server says it for each app bound again).
+    PreviousTimedOut {
+        network: NetworkType,
+        interval: Duration,
+        /// How long before this connection's BIND the server closed it.
+        closed_ago: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +192,8 @@ pub struct ClientConn {
     next_ping: Option<Instant>,
     /// A PING went out and its PONG has not come back.
     ping_unanswered: bool,
+    /// `PreviousTimedOut` was reported on this connection.
+    previous_timed_out: bool,
     silence_deadline: Instant,
     apps: Vec<AppState>,
     /// The storage epoch the resume points belong to.
@@ -206,6 +218,7 @@ impl ClientConn {
             heartbeat_interval: None,
             next_ping: None,
             ping_unanswered: false,
+            previous_timed_out: false,
             silence_deadline: now + HANDSHAKE_TIMEOUT,
             apps: config
                 .apps
@@ -375,6 +388,22 @@ impl ClientConn {
                     status,
                     message_id,
                     payload,
+                });
+            }
+            Frame::SessionTimedOut {
+                app,
+                network,
+                interval_ms,
+                closed_ago_ms,
+            } => {
+                if self.previous_timed_out || self.app_mut(&app).is_none() {
+                    return;
+                }
+                self.previous_timed_out = true;
+                self.events.push_back(ClientEvent::PreviousTimedOut {
+                    network,
+                    interval: Duration::from_millis(u64::from(interval_ms)),
+                    closed_ago: Duration::from_millis(u64::from(closed_ago_ms)),
                 });
             }
             Frame::Transient { app, payload } => {
@@ -851,6 +880,34 @@ mod tests {
         assert!(
             std::iter::from_fn(|| conn.poll_event())
                 .any(|e| matches!(e, ClientEvent::Push(p) if p.seq == 1))
+        );
+    }
+
+    #[test]
+    fn a_previous_timeout_is_reported_once_per_connection() {
+        let now = Instant::now();
+        let mut conn = start(now, None);
+        hello_ok(&mut conn, now);
+        let timed_out = |app: &str| Frame::SessionTimedOut {
+            app: app.to_owned(),
+            network: NetworkType::Cellular4g,
+            interval_ms: 45_000,
+            closed_ago_ms: 2_000,
+        };
+        // Not an app of this connection: ignored.
+        conn.handle_frame(now, timed_out("mail"));
+        conn.handle_frame(now, timed_out("chat"));
+        conn.handle_frame(now, timed_out("chat"));
+        let reports: Vec<ClientEvent> = std::iter::from_fn(|| conn.poll_event())
+            .filter(|e| matches!(e, ClientEvent::PreviousTimedOut { .. }))
+            .collect();
+        assert_eq!(
+            reports,
+            [ClientEvent::PreviousTimedOut {
+                network: NetworkType::Cellular4g,
+                interval: Duration::from_secs(45),
+                closed_ago: Duration::from_secs(2),
+            }]
         );
     }
 

@@ -223,6 +223,7 @@ fn body_len(frame: &Frame) -> usize {
         Frame::Notify { app, hint, .. } => str_len(APP, app) + 16 + 8 + 4 + 4 + str_len(HINT, hint),
         Frame::Pull { app, .. } => str_len(APP, app) + 8,
         Frame::PullReply { app, payload, .. } => str_len(APP, app) + 8 + 2 + 16 + payload.len(),
+        Frame::SessionTimedOut { app, .. } => str_len(APP, app) + 1 + 4 + 4,
     }
 }
 
@@ -295,7 +296,8 @@ fn check(frame: &Frame) -> Result<(), EncodeError> {
         | Frame::BroadcastAck { app, .. }
         | Frame::UpstreamAck { app, .. }
         | Frame::Unbind { app, .. }
-        | Frame::Reset { app, .. } => check_str(APP, app),
+        | Frame::Reset { app, .. }
+        | Frame::SessionTimedOut { app, .. } => check_str(APP, app),
         Frame::Error { message, .. } => check_str(TEXT, message),
     }
 }
@@ -498,6 +500,17 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
             dst.put_u16(status.0);
             dst.put_slice(&message_id.0);
             dst.put_slice(payload);
+        }
+        Frame::SessionTimedOut {
+            app,
+            network,
+            interval_ms,
+            closed_ago_ms,
+        } => {
+            put_str(dst, APP, app);
+            dst.put_u8(*network as u8);
+            dst.put_u32(*interval_ms);
+            dst.put_u32(*closed_ago_ms);
         }
     }
     Ok(())
@@ -756,6 +769,12 @@ fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             message_id: MessageId(r.take(16)?.try_into().expect("16 bytes")),
             payload: r.payload()?,
         },
+        Op::SessionTimedOut => Frame::SessionTimedOut {
+            app: r.str(APP)?,
+            network: NetworkType::from_u8(r.u8()?),
+            interval_ms: r.u32()?,
+            closed_ago_ms: r.u32()?,
+        },
         Op::Reset => Frame::Reset {
             app: r.str(APP)?,
             sequence: ResetSequence::from_u8(r.u8()?)
@@ -864,7 +883,7 @@ mod tests {
                     network: NetworkType::Wifi,
                     features: Features::ALL,
                 },
-                "00000010 01 01 04 64657631 03 312e30 01 00000003",
+                "00000010 01 01 04 64657631 03 312e30 01 00000007",
             ),
             (
                 Frame::Notify {
@@ -893,6 +912,15 @@ mod tests {
                     payload: Bytes::from_static(b"hi"),
                 },
                 "00000023 01 17 04 63686174 0000000000000003 0000 30313233343536373839616263646566 6869",
+            ),
+            (
+                Frame::SessionTimedOut {
+                    app: "chat".into(),
+                    network: NetworkType::Cellular4g,
+                    interval_ms: 45_000,
+                    closed_ago_ms: 1_500,
+                },
+                "00000010 01 18 04 63686174 02 0000afc8 000005dc",
             ),
             (Frame::Ping, "00000002 01 06"),
             (Frame::Pong, "00000002 01 07"),

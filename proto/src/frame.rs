@@ -156,6 +156,19 @@ pub enum Frame {
         message_id: MessageId,
         payload: Bytes,
     },
+    /// Server -> client, after BIND_OK: the server closed this device's
+    /// previous connection bound to `app` because nothing came from it
+    /// within its heartbeat deadline (1.5 times `interval_ms`, the interval
+    /// in force then, on `network`), `closed_ago_ms` before this bind. A
+    /// client that lost that connection without knowing why learns that
+    /// its pings stopped arriving: the interval did not hold. Sent only to
+    /// clients whose HELLO carried [`Features::SESSION_TIMED_OUT`].
+    SessionTimedOut {
+        app: String,
+        network: NetworkType,
+        interval_ms: u32,
+        closed_ago_ms: u32,
+    },
 }
 
 /// The ops a client understands beyond the first v1 ones, as HELLO's
@@ -170,8 +183,12 @@ impl Features {
     pub const TRANSIENT: Features = Features(1);
     /// NOTIFY, PULL and PULL_REPLY (`"delivery": "notify"` pushes).
     pub const NOTIFY: Features = Features(2);
+    /// SESSION_TIMED_OUT (the previous connection's heartbeat deadline
+    /// passed).
+    pub const SESSION_TIMED_OUT: Features = Features(4);
     /// Everything this version understands.
-    pub const ALL: Features = Features(Features::TRANSIENT.0 | Features::NOTIFY.0);
+    pub const ALL: Features =
+        Features(Features::TRANSIENT.0 | Features::NOTIFY.0 | Features::SESSION_TIMED_OUT.0);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0
@@ -232,6 +249,7 @@ pub enum Op {
     Notify = 0x15,
     Pull = 0x16,
     PullReply = 0x17,
+    SessionTimedOut = 0x18,
 }
 
 impl Op {
@@ -260,6 +278,7 @@ impl Op {
             0x15 => Op::Notify,
             0x16 => Op::Pull,
             0x17 => Op::PullReply,
+            0x18 => Op::SessionTimedOut,
             _ => return None,
         })
     }
@@ -291,6 +310,7 @@ impl Frame {
             Frame::Notify { .. } => Op::Notify,
             Frame::Pull { .. } => Op::Pull,
             Frame::PullReply { .. } => Op::PullReply,
+            Frame::SessionTimedOut { .. } => Op::SessionTimedOut,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::frame::{GoAwayReason, MessageId, NetworkType, PullStatus, UpstreamStatus};
+use crate::frame::{Features, GoAwayReason, MessageId, NetworkType, PullStatus, UpstreamStatus};
 use crate::ids::{AppId, UserId};
 
 /// A connection's address: the shard that owns it, its slab slot and the
@@ -238,6 +238,14 @@ pub enum ConnCommand {
         request_id: u64,
         status: UpstreamStatus,
     },
+    /// The device's previous connection bound to `app` timed out: tell
+    /// the client (SESSION_TIMED_OUT), if it understands it.
+    SessionTimedOut {
+        app: AppId,
+        network: NetworkType,
+        interval_ms: u32,
+        closed_ago_ms: u32,
+    },
     /// Send GOAWAY with `reason`, flush, close.
     Kick { reason: GoAwayReason },
 }
@@ -265,8 +273,11 @@ pub enum ConnEvent {
     },
     /// The connection is closing or closed and takes no more pushes:
     /// unregister these bindings. Sent once, when the close begins.
+    /// `timed_out` is set when the gateway closed it because its heartbeat
+    /// deadline passed.
     Closed {
         bindings: Vec<(AppId, UserId)>,
+        timed_out: Option<TimedOut>,
     },
     /// The device holds every message of (app, user) up to `seq`.
     Ack {
@@ -325,6 +336,20 @@ pub struct Bound {
     /// The last broadcast the client holds; `None`: it keeps no count, so
     /// it gets every unexpired broadcast.
     pub client_last_broadcast_seq: Option<u64>,
+    /// The later ops the client's HELLO said it understands.
+    pub features: Features,
+}
+
+/// A connection the gateway closed because nothing came from it within its
+/// heartbeat deadline: the device's next bind of each of its apps is told
+/// (SESSION_TIMED_OUT), so a client that did not see why it lost the
+/// connection learns that its pings stopped arriving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedOut {
+    pub device_id: String,
+    pub network: NetworkType,
+    /// The heartbeat interval in force when it was closed.
+    pub interval_ms: u32,
 }
 
 /// The connection is owed stored messages of (app, user) after `after` and

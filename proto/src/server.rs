@@ -23,7 +23,7 @@ use crate::frame::{
 use crate::ids::{AppId, UserId};
 use crate::limits::{APPS_PER_CONN_MAX, PULLS_IN_FLIGHT_MAX};
 use crate::plane::{
-    Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PullAnswer, PushMessage,
+    Bound, BroadcastMessage, BroadcastsNext, CatchUp, ConnEvent, PullAnswer, PushMessage, TimedOut,
 };
 
 /// One network type's heartbeat: the interval HELLO_OK hands out, and the
@@ -65,6 +65,12 @@ impl HeartbeatRanges {
 
     pub fn for_network(&self, network: NetworkType) -> &HeartbeatRange {
         &self.0[network.index()]
+    }
+
+    /// The longest interval any network type may negotiate.
+    pub fn longest(&self) -> Duration {
+        let secs = self.0.iter().map(|range| range.max_secs).max();
+        Duration::from_secs(u64::from(secs.unwrap_or(0)))
     }
 }
 
@@ -723,6 +729,7 @@ impl ServerConn {
                         connected_at_ms: self.connected_at_ms,
                         client_last_seq: resume.last_seq,
                         client_last_broadcast_seq: resume.last_broadcast_seq,
+                        features: Features(u32::from(self.features)),
                     }));
                     return;
                 }
@@ -975,6 +982,41 @@ impl ServerConn {
             app: app.to_owned(),
             payload: payload.clone(),
         });
+    }
+
+    /// The device's previous connection bound to `app` timed out: tell the
+    /// client, if `app` is bound here and the client understands
+    /// SESSION_TIMED_OUT.
+    pub fn session_timed_out(
+        &mut self,
+        app: &str,
+        network: NetworkType,
+        interval_ms: u32,
+        closed_ago_ms: u32,
+        out: &mut Output,
+    ) {
+        if self.phase != Phase::Open
+            || !self.understands(Features::SESSION_TIMED_OUT)
+            || self.binding_mut(app).is_none()
+        {
+            return;
+        }
+        out.transmit.push(Frame::SessionTimedOut {
+            app: app.to_owned(),
+            network,
+            interval_ms,
+            closed_ago_ms,
+        });
+    }
+
+    /// What the register is told of a connection the gateway closed
+    /// because its heartbeat deadline passed.
+    pub fn timed_out(&self) -> TimedOut {
+        TimedOut {
+            device_id: self.device_id.to_string(),
+            network: self.network,
+            interval_ms: u32::from(self.heartbeat_secs) * 1_000,
+        }
     }
 
     /// A PULL for message `seq` of a bound app: it goes to the control
@@ -1492,6 +1534,7 @@ mod tests {
                 connected_at_ms: CONNECTED_AT_MS,
                 client_last_seq: Some(7),
                 client_last_broadcast_seq: None,
+                features: Features::ALL,
             })]
         );
         let bound: Vec<_> = h
@@ -1667,6 +1710,51 @@ mod tests {
             };
             assert_eq!(h.out.transmit, [expected], "{features:?}");
         }
+    }
+
+    #[test]
+    fn session_timed_out_reaches_only_a_bound_app_of_a_client_that_named_it() {
+        for features in [Features::TRANSIENT, Features::ALL] {
+            let mut h = Harness::new();
+            h.frame(Frame::Hello {
+                device_id: "phone".to_owned(),
+                client_version: "0.9".to_owned(),
+                network: NetworkType::Cellular4g,
+                features,
+            });
+            h.bind("chat", "ok:alice", None);
+            h.out.clear();
+            h.conn
+                .session_timed_out("mail", NetworkType::Wifi, 90_000, 1_200, &mut h.out);
+            assert!(h.out.transmit.is_empty(), "mail is not bound");
+            h.conn
+                .session_timed_out("chat", NetworkType::Wifi, 90_000, 1_200, &mut h.out);
+            let expected =
+                features
+                    .contains(Features::SESSION_TIMED_OUT)
+                    .then(|| Frame::SessionTimedOut {
+                        app: "chat".to_owned(),
+                        network: NetworkType::Wifi,
+                        interval_ms: 90_000,
+                        closed_ago_ms: 1_200,
+                    });
+            assert_eq!(h.out.transmit, Vec::from_iter(expected), "{features:?}");
+        }
+    }
+
+    #[test]
+    fn a_timed_out_connection_reports_its_device_network_and_interval() {
+        let mut h = Harness::new();
+        h.hello(NetworkType::Cellular4g);
+        let interval = h.conn.heartbeat_interval();
+        assert_eq!(
+            h.conn.timed_out(),
+            TimedOut {
+                device_id: "phone".to_owned(),
+                network: NetworkType::Cellular4g,
+                interval_ms: interval.as_millis() as u32,
+            }
+        );
     }
 
     #[test]

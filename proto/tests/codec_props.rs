@@ -183,6 +183,14 @@ fn frame(sizes: Sizes) -> impl Strategy<Value = Frame> {
                 hint,
             }),
         (app(), any::<u64>()).prop_map(|(app, seq)| Frame::Pull { app, seq }),
+        (app(), network(), any::<u32>(), any::<u32>()).prop_map(
+            |(app, network, interval_ms, closed_ago_ms)| Frame::SessionTimedOut {
+                app,
+                network,
+                interval_ms,
+                closed_ago_ms,
+            }
+        ),
         (
             app(),
             any::<u64>(),
@@ -283,7 +291,7 @@ fn plausible_frame() -> impl Strategy<Value = Vec<u8>> {
     (
         prop_oneof![9 => Just(1u8), 1 => any::<u8>()],
         // Every op up to the newest, and an unknown one past it.
-        0u8..=Op::PullReply as u8 + 1,
+        0u8..=Op::SessionTimedOut as u8 + 1,
         proptest::collection::vec(
             prop_oneof![3 => any::<u8>(), 1 => Just(0u8), 1 => Just(1u8)],
             0..96,

@@ -1038,7 +1038,7 @@ impl<D: Driver> Shard<D> {
         self.counters().connection_closed(end);
         // A connection that began a close was unregistered then.
         if closing.is_none()
-            && let Some(event) = closed_event(id, &server, &self.settings.auth)
+            && let Some(event) = closed_event(id, &server, end, &self.settings.auth)
         {
             self.outbox.push_back(event);
         }
@@ -1696,7 +1696,7 @@ impl<D: Driver> Shard<D> {
         if conn.closing.is_some() {
             return;
         }
-        if let Some(event) = closed_event(id, &conn.server, &self.settings.auth) {
+        if let Some(event) = closed_event(id, &conn.server, end, &self.settings.auth) {
             self.outbox.push_back(event);
         }
         if conn.receiving && D::RECEIVES {
@@ -1859,6 +1859,12 @@ impl<D: Driver> Shard<D> {
             ConnCommand::PullReply { app, seq, answer } => {
                 server.pull_reply(&app, seq, answer, out)
             }
+            ConnCommand::SessionTimedOut {
+                app,
+                network,
+                interval_ms,
+                closed_ago_ms,
+            } => server.session_timed_out(&app, network, interval_ms, closed_ago_ms, out),
             ConnCommand::Kick { reason } => server.kick(reason, out),
         }
         self.apply(slot, now);
@@ -2336,8 +2342,14 @@ fn held_input(conn: &Conn) -> Option<usize> {
 }
 
 /// The event that unregisters a connection's bindings, if it has any;
-/// their apps count them no more.
-fn closed_event(conn: ConnId, server: &ServerConn, auth: &AppSecrets) -> Option<ShardEvent> {
+/// their apps count them no more. A heartbeat timeout is reported with
+/// them, for the device's next binds.
+fn closed_event(
+    conn: ConnId,
+    server: &ServerConn,
+    end: ConnEnd,
+    auth: &AppSecrets,
+) -> Option<ShardEvent> {
     let bindings: Vec<(AppId, UserId)> = server
         .bindings()
         .map(|(app, user)| {
@@ -2345,9 +2357,14 @@ fn closed_event(conn: ConnId, server: &ServerConn, auth: &AppSecrets) -> Option<
             (app.clone(), UserId::from(user))
         })
         .collect();
+    let timed_out =
+        (end == ConnEnd::Closed(CloseReason::HeartbeatTimeout)).then(|| server.timed_out());
     (!bindings.is_empty()).then_some(ShardEvent::Conn {
         conn,
-        event: ConnEvent::Closed { bindings },
+        event: ConnEvent::Closed {
+            bindings,
+            timed_out,
+        },
     })
 }
 

@@ -17,7 +17,7 @@ use herald_proto::client::{AppCredentials, ClientConfig, ClientConn, ClientEvent
 use herald_proto::ids::{AppId, UserId};
 use herald_proto::plane::{
     Bound, ConnCommand, ConnEvent, ConnId, GatewayApp, PushMessage, ShardCommand, ShardEvent,
-    TokenSecret,
+    TimedOut, TokenSecret,
 };
 use herald_proto::rate::Rate;
 use herald_proto::server::{HeartbeatRanges, ServerConfig};
@@ -769,7 +769,11 @@ fn cuts_off_a_slow_consumer_past_the_byte_limit<const R: bool>() {
         [
             ShardEvent::Conn {
                 conn,
-                event: ConnEvent::Closed { bindings },
+                event:
+                    ConnEvent::Closed {
+                        bindings,
+                        timed_out: None,
+                    },
             },
         ] => {
             assert_eq!(*conn, id);
@@ -917,9 +921,18 @@ fn heartbeats_keep_a_connection_and_silence_ends_it<const R: bool>() {
         h.received(&mut client),
         [goaway(GoAwayReason::HEARTBEAT_TIMEOUT)]
     );
+    // The register hears why, for the device's next bind.
+    let expected = TimedOut {
+        device_id: "alice-phone".to_owned(),
+        network: NetworkType::Wifi,
+        interval_ms: HEARTBEAT.as_millis() as u32,
+    };
     assert!(matches!(
         h.events().as_slice(),
-        [ShardEvent::Conn { conn, event: ConnEvent::Closed { .. } }] if *conn == id
+        [ShardEvent::Conn {
+            conn,
+            event: ConnEvent::Closed { timed_out: Some(timed_out), .. },
+        }] if *conn == id && *timed_out == expected
     ));
     h.end(&client);
     assert_eq!(h.closed("heartbeat_timeout"), 1);
@@ -964,7 +977,11 @@ fn frees_the_slot_on_the_clients_end<const R: bool>() {
         [
             ShardEvent::Conn {
                 conn,
-                event: ConnEvent::Closed { bindings },
+                event:
+                    ConnEvent::Closed {
+                        bindings,
+                        timed_out: None,
+                    },
             },
         ] => {
             assert_eq!(*conn, id);

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
@@ -16,7 +16,10 @@ use herald_proto::plane::ConnId;
 
 use crate::cluster::connection::RedisConn;
 use crate::cluster::directory::{NodeDirectory, is_alive};
-use crate::register::{AppOnline, Change, MemoryRegister, Register, RegisterError, Session};
+use crate::register::{
+    AppOnline, Change, DeviceBinding, MemoryRegister, Register, RegisterError, Session,
+    SessionTimeout,
+};
 
 /// Commands per pipeline: a reconnect storm of 20,000 binds is 20 round
 /// trips, and one pipeline's reply stays a few hundred KiB.
@@ -41,6 +44,49 @@ const CLUSTER_PIPELINES_IN_FLIGHT_MAX: usize = 256;
 fn sessions_key(app: &str, user: &str) -> String {
     format!("herald:{{{app}:{user}}}:sessions")
 }
+
+/// Where a device's timed-out connection is remembered: beside the user's
+/// sessions (one cluster slot), so one script reads both.
+fn timeout_key(binding: &DeviceBinding) -> String {
+    format!(
+        "herald:{{{}:{}}}:timed_out:{}",
+        binding.app, binding.user, binding.device_id
+    )
+}
+
+fn timeout_value(timeout: &SessionTimeout) -> String {
+    format!(
+        "{}|{}|{}",
+        timeout.network as u8, timeout.interval_ms, timeout.closed_at_ms
+    )
+}
+
+/// Reads back a remembered timeout; `None` for one this code did not write.
+fn parse_timeout(value: &str) -> Option<SessionTimeout> {
+    let mut value = value.splitn(3, '|');
+    Some(SessionTimeout {
+        network: NetworkType::from_u8(value.next()?.parse().ok()?),
+        interval_ms: value.next()?.parse().ok()?,
+        closed_at_ms: value.next()?.parse().ok()?,
+    })
+}
+
+/// Remembers a timeout (KEYS[2] = ARGV[2] for ARGV[3] ms) unless the user's
+/// sessions (KEYS[1]) hold one of the device (ARGV[1]), in one step: the
+/// device may be binding again on another node at the same moment.
+static REMEMBER_TIMEOUT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+            if string.match(value, '^[^|]*|[^|]*|(.*)$') == ARGV[1] then
+                return 0
+            end
+        end
+        redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+        return 1
+        ",
+    )
+});
 
 fn session_field(node: &str, instance: u64, conn: ConnId) -> String {
     format!("{instance}|{conn}|{node}")
@@ -323,6 +369,69 @@ impl Register for RedisRegister {
             .as_ref()
             .map_or_else(BTreeMap::new, |own| own.sessions.online())
     }
+
+    async fn remember_timeouts(
+        &self,
+        timeouts: Vec<(DeviceBinding, SessionTimeout)>,
+        kept_for: Duration,
+    ) -> Result<(), RegisterError> {
+        let kept_ms = u64::try_from(kept_for.as_millis()).unwrap_or(u64::MAX);
+        futures_util::stream::iter(timeouts)
+            .map(|(binding, timeout)| {
+                let mut redis = self.redis.clone();
+                let mut invocation = REMEMBER_TIMEOUT.prepare_invoke();
+                invocation
+                    .key(sessions_key(&binding.app, &binding.user))
+                    .key(timeout_key(&binding))
+                    .arg(&binding.device_id)
+                    .arg(timeout_value(&timeout))
+                    .arg(kept_ms);
+                async move { invocation.invoke_async::<i64>(&mut redis).await }
+            })
+            .buffer_unordered(CLUSTER_PIPELINES_IN_FLIGHT_MAX)
+            .try_collect::<Vec<i64>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn take_timeouts(
+        &self,
+        bindings: Vec<DeviceBinding>,
+    ) -> Result<Vec<Option<SessionTimeout>>, RegisterError> {
+        let values: Vec<Option<String>> = match &self.redis {
+            RedisConn::Single(_) => {
+                let mut redis = self.redis.clone();
+                let mut values = Vec::with_capacity(bindings.len());
+                for batch in bindings.chunks(PIPELINE_COMMANDS_MAX) {
+                    let mut pipe = redis::pipe();
+                    for binding in batch {
+                        pipe.get_del(timeout_key(binding));
+                    }
+                    values.extend(pipe.query_async::<Vec<Option<String>>>(&mut redis).await?);
+                }
+                values
+            }
+            // One key per command, in order, many in flight at once.
+            RedisConn::Cluster(_) => {
+                futures_util::stream::iter(bindings)
+                    .map(|binding| {
+                        let mut redis = self.redis.clone();
+                        async move {
+                            redis
+                                .get_del::<_, Option<String>>(timeout_key(&binding))
+                                .await
+                        }
+                    })
+                    .buffered(CLUSTER_PIPELINES_IN_FLIGHT_MAX)
+                    .try_collect()
+                    .await?
+            }
+        };
+        Ok(values
+            .iter()
+            .map(|value| value.as_deref().and_then(parse_timeout))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -353,10 +462,27 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_reads_back_as_written() {
+        let timeout = SessionTimeout {
+            network: NetworkType::Cellular3g,
+            interval_ms: 45_000,
+            closed_at_ms: 1_764_000_000_123,
+        };
+        assert_eq!(parse_timeout(&timeout_value(&timeout)), Some(timeout));
+        assert_eq!(parse_timeout("3|x|1"), None);
+    }
+
+    #[test]
     fn a_users_keys_share_one_cluster_slot() {
         let key = sessions_key("chat", "alice");
         assert_eq!(key, "herald:{chat:alice}:sessions");
         assert_eq!(hash_tag(&key), "chat:alice");
+        let binding = DeviceBinding {
+            app: AppId::from("chat"),
+            user: UserId::from("alice"),
+            device_id: "phone".to_owned(),
+        };
+        assert_eq!(hash_tag(&timeout_key(&binding)), "chat:alice");
         // A user id holding braces still hashes by a prefix every key of
         // that user shares.
         assert_eq!(hash_tag(&sessions_key("chat", "a}b")), "chat:a");
