@@ -4,7 +4,10 @@
 //! Run for the Rust SDK over TCP (behind a NAT that drops silently, and
 //! one that resets), and for the JS SDK in Node over ws
 //! (`sdk/js/e2e/heartbeat_nat.mjs`; needs Node 20+ and the SDK's npm
-//! packages, else skipped, except with CI=true).
+//! packages, else skipped, except with CI=true). And the gateway's report
+//! of a connection it closed at its heartbeat deadline (SESSION_TIMED_OUT):
+//! what a raw client's next bind hears, and what each SDK makes of it after
+//! an outage.
 
 mod support;
 
@@ -12,8 +15,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use herald_client::{Client, Event, HeartbeatProbe};
+use herald_proto::{Features, Frame, NetworkType};
 use support::nat::{Forget, NatRelay};
-use support::{Server, sdk_options, token};
+use support::{APP, RawClient, Server, sdk_options, token};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 use tokio::time::Instant;
@@ -270,4 +274,140 @@ async fn the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises(
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut sdk = Sdk::Node { child, lines };
     scenario(&server, &relay, &mut sdk).await;
+}
+
+/// The gateway closes a silent connection at its heartbeat deadline and
+/// tells the device's next bind of the app, once: the network and the
+/// interval in force then, and how long ago. Not a device that had come
+/// back before the old connection timed out, nor a client whose HELLO did
+/// not name the feature.
+#[tokio::test]
+async fn the_next_bind_hears_that_the_last_connection_timed_out() {
+    let server = Server::start_with(1, "");
+    let gateway = &server.gateway;
+    // Silent: GOAWAY(heartbeat_timeout) 1.5 s after BIND. The client
+    // then closes its end.
+    let timed_out = |mut client: RawClient| async move {
+        let goaway = Frame::GoAway {
+            reason: herald_proto::GoAwayReason::HEARTBEAT_TIMEOUT,
+            reconnect_delay_ms: None,
+        };
+        assert_eq!(client.recv().await, Some(goaway));
+    };
+
+    timed_out(RawClient::bound(gateway, "phone", "alice", None).await).await;
+    let mut again = RawClient::bound(gateway, "phone", "alice", None).await;
+    match again.recv().await {
+        Some(Frame::SessionTimedOut {
+            app,
+            network,
+            interval_ms,
+            closed_ago_ms,
+        }) => {
+            assert_eq!(app, APP);
+            assert_eq!(network, NetworkType::Wifi);
+            assert_eq!(interval_ms, 1_000);
+            assert!(closed_ago_ms < 5_000, "closed {closed_ago_ms} ms ago");
+        }
+        other => panic!("expected SESSION_TIMED_OUT, got {other:?}"),
+    }
+    again.expect_silence(Duration::from_millis(200)).await;
+    drop(again);
+    let mut third = RawClient::bound(gateway, "phone", "alice", None).await;
+    third.expect_silence(Duration::from_millis(300)).await;
+    drop(third);
+
+    // The device came back by itself before its old connection timed out
+    // (and pings on the new one meanwhile).
+    let mut old = RawClient::bound(gateway, "tablet", "alice", None).await;
+    let mut new = RawClient::bound(gateway, "tablet", "alice", None).await;
+    let goaway = loop {
+        new.send(Frame::Ping).await;
+        assert_eq!(new.recv().await, Some(Frame::Pong));
+        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(300), old.recv()).await {
+            break frame;
+        }
+    };
+    assert!(matches!(goaway, Some(Frame::GoAway { .. })), "{goaway:?}");
+    drop(old);
+    drop(new);
+    let mut later = RawClient::bound(gateway, "tablet", "alice", None).await;
+    later.expect_silence(Duration::from_millis(300)).await;
+    drop(later);
+
+    // An older client is not told.
+    timed_out(RawClient::bound_with(gateway, "watch", "alice", Features::NONE).await).await;
+    let mut older = RawClient::bound_with(gateway, "watch", "alice", Features::NONE).await;
+    older.expect_silence(Duration::from_millis(300)).await;
+
+    let series = format!("herald_session_timeouts_reported_total{{app=\"{APP}\"}}");
+    assert_eq!(server.counter(&series).await, 1);
+}
+
+/// A connection lost with no PING out (the client's network went away)
+/// is not one the client counts against its interval. When the gateway
+/// closed it at its heartbeat deadline before the client could come back,
+/// the next bind says so, and the SDK counts the interval that was in
+/// force then as failed: it holds below it instead of probing it again.
+#[tokio::test]
+async fn the_rust_sdk_counts_a_timeout_the_gateway_reports_after_an_outage() {
+    let server = server();
+    // A NAT that never forgets an idle flow: only the outage cuts.
+    let relay = NatRelay::start(&server.gateway, Duration::from_secs(3600)).await;
+    let mut sdk = Sdk::Rust(Client::start(herald_client::ClientOptions {
+        heartbeat_probe: Some(HeartbeatProbe {
+            step: STEP,
+            healthy_before_probe: HEALTHY_BEFORE_PROBE,
+            hold: HOLD,
+            network_id: None,
+            store: None,
+        }),
+        ..sdk_options(&relay.addr, token("alice", 3600))
+    }));
+    outage_scenario(&server, &relay, &mut sdk).await;
+}
+
+/// Probe to 3 s; the network goes away just after the 3 s answer (no PING
+/// out) for longer than the gateway's deadline; the client comes back at
+/// the 2 s that held, hears that the 3 s connection timed out, and then
+/// does not probe 3 s again while it holds.
+async fn outage_scenario(server: &Server, relay: &NatRelay, sdk: &mut Sdk) {
+    const PROBED: Duration = Duration::from_secs(3);
+    const HELD: Duration = Duration::from_secs(2);
+    let mut seen = Seen::default();
+    let probed = watch(
+        sdk,
+        &mut seen,
+        Instant::now() + Duration::from_secs(30),
+        |_, event| event == Observed::HeartbeatSet(PROBED),
+    )
+    .await;
+    assert!(probed, "never probed {PROBED:?}: {seen:?}");
+    relay.outage();
+    let back = watch(
+        sdk,
+        &mut seen,
+        Instant::now() + Duration::from_secs(30),
+        |seen, event| seen.disconnects > 0 && event == Observed::HeartbeatSet(HELD),
+    )
+    .await;
+    assert!(back, "never came back at {HELD:?}: {seen:?}");
+    assert!(!relay.in_outage());
+    let series = format!("herald_session_timeouts_reported_total{{app=\"{APP}\"}}");
+    server.wait_for_metric(&series, 1).await;
+
+    // Without the report, 3 s would be probed again after two answered
+    // PINGs at 2 s; with it, 3 s failed and is held off.
+    let sets = seen.intervals_set.len();
+    let disconnects = seen.disconnects;
+    let probed_again = watch(sdk, &mut seen, Instant::now() + 5 * HELD, |seen, event| {
+        seen.disconnects > disconnects
+            || matches!(event, Observed::HeartbeatSet(interval) if interval > HELD)
+    })
+    .await;
+    assert!(
+        !probed_again,
+        "probed above {HELD:?} again or lost the connection: {:?}",
+        &seen.intervals_set[sets..]
+    );
 }

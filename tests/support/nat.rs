@@ -4,7 +4,11 @@
 //! after are discarded, in both directions, and nothing is closed (no FIN,
 //! no RST), so each end learns only by its own timeouts. The limit can be
 //! changed while flows run. Some NATs answer a packet of a forgotten flow
-//! with a reset instead: [`Forget::WithReset`].
+//! with a reset instead: [`Forget::WithReset`]. An outage
+//! ([`NatRelay::outage`]) takes the client's network away instead: the
+//! client's end of every flow is reset at once, the upstream's stays open
+//! and silent, and nothing gets through until the upstream gave up on
+//! each of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +41,11 @@ struct Shared {
     idle_limit_ms: AtomicU64,
     flows: AtomicU64,
     dropped: AtomicU64,
+    /// Counts outages; each flow watches it.
+    outages: tokio::sync::watch::Sender<u64>,
+    /// Flows cut by an outage whose upstream has not closed yet: while
+    /// any is left, new flows are refused.
+    cut_open: AtomicU64,
 }
 
 /// One flow's state, shared by its two directions.
@@ -50,6 +59,11 @@ struct Flow {
     /// Woken when the flow dies and is to be reset: the direction that did
     /// not see it stops reading, so that both halves close.
     reset: Notify,
+    /// After an outage cut the flow: the client's read half is gone and
+    /// the flow counts in `cut_open`.
+    client_cut: Notify,
+    /// After an outage cut the flow: the upstream closed its end.
+    upstream_closed: Notify,
 }
 
 impl NatRelay {
@@ -70,6 +84,8 @@ impl NatRelay {
             idle_limit_ms: AtomicU64::new(idle_limit.as_millis() as u64),
             flows: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            outages: tokio::sync::watch::Sender::new(0),
+            cut_open: AtomicU64::new(0),
         });
         let upstream = upstream.to_owned();
         let task = tokio::spawn({
@@ -77,6 +93,11 @@ impl NatRelay {
             async move {
                 let mut flows = tokio::task::JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
+                    if shared.cut_open.load(Ordering::Relaxed) > 0 {
+                        // The client's network is still down.
+                        client.set_zero_linger().unwrap();
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         continue;
                     };
@@ -91,11 +112,20 @@ impl NatRelay {
                         last_active_ms: AtomicU64::new(0),
                         dead: Default::default(),
                         reset: Notify::new(),
+                        client_cut: Notify::new(),
+                        upstream_closed: Notify::new(),
                     });
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    for (from, to) in [(client_read, server_write), (server_read, client_write)] {
-                        flows.spawn(forward(from, to, flow.clone(), shared.clone()));
+                    let directions = [
+                        (client_read, server_write, Direction::Up),
+                        (server_read, client_write, Direction::Down),
+                    ];
+                    for (from, to, direction) in directions {
+                        let outage = shared.outages.subscribe();
+                        let task =
+                            forward(from, to, direction, outage, flow.clone(), shared.clone());
+                        flows.spawn(task);
                     }
                 }
             }
@@ -119,6 +149,27 @@ impl NatRelay {
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
+
+    /// The client's network goes away: the client's end of every flow is
+    /// reset now, the upstream's stays open and hears nothing more, and
+    /// new flows are refused until the upstream closed each cut one.
+    pub fn outage(&self) {
+        self.shared.outages.send_modify(|outages| *outages += 1);
+    }
+
+    /// Whether flows cut by an outage still wait for their upstream.
+    pub fn in_outage(&self) -> bool {
+        self.shared.cut_open.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Which way a forwarding task copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
 }
 
 impl Drop for NatRelay {
@@ -134,6 +185,8 @@ impl Drop for NatRelay {
 async fn forward(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
+    direction: Direction,
+    mut outage: tokio::sync::watch::Receiver<u64>,
     flow: Arc<Flow>,
     shared: Arc<Shared>,
 ) {
@@ -145,6 +198,10 @@ async fn forward(
                 Ok(read) => read,
             },
             () = flow.reset.notified() => return,
+            Ok(()) = outage.changed() => {
+                cut(from, to, direction, &flow, &shared).await;
+                return;
+            }
         };
         let now_ms = flow.started.elapsed().as_millis() as u64;
         let idle_ms = now_ms.saturating_sub(flow.last_active_ms.load(Ordering::Relaxed));
@@ -173,5 +230,39 @@ async fn forward(
     } else {
         // Hold the write half open: a dropped flow tells nobody anything.
         std::future::pending::<()>().await;
+    }
+}
+
+/// An outage cuts a flow. Up: the client's socket is reset (its read half
+/// goes here, its write half in the Down task), and the upstream's write
+/// half is held, silent, until the upstream closed. Down: reads the
+/// upstream, discarding, until it closes.
+async fn cut(
+    from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    direction: Direction,
+    flow: &Flow,
+    shared: &Shared,
+) {
+    match direction {
+        Direction::Up => {
+            shared.cut_open.fetch_add(1, Ordering::Relaxed);
+            from.as_ref().set_zero_linger().unwrap();
+            drop(from);
+            flow.client_cut.notify_one();
+            flow.upstream_closed.notified().await;
+            drop(to);
+            shared.cut_open.fetch_sub(1, Ordering::Relaxed);
+        }
+        Direction::Down => {
+            // Counted first, so that the client's reconnect finds the
+            // network still down.
+            flow.client_cut.notified().await;
+            drop(to);
+            let mut from = from;
+            let mut discard = [0u8; 4096];
+            while matches!(from.read(&mut discard).await, Ok(read) if read > 0) {}
+            flow.upstream_closed.notify_one();
+        }
     }
 }
