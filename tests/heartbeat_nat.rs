@@ -252,12 +252,21 @@ async fn the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises(
     };
 
     let server = server();
+    let relay = NatRelay::start(ws_addr(&server), NAT_IDLE).await;
+    let mut sdk = node_sdk(&sdk_dir, &relay);
+    scenario(&server, &relay, &mut sdk).await;
+}
+
+/// The gateway's ws listener, as `host:port`.
+fn ws_addr(server: &Server) -> &str {
     let ws = server.gateways.get("ws").expect("a ws listener");
-    let ws_addr = ws
-        .strip_prefix("ws://")
+    ws.strip_prefix("ws://")
         .and_then(|rest| rest.strip_suffix("/v1/connect"))
-        .unwrap_or_else(|| panic!("a ws URL: {ws}"));
-    let relay = NatRelay::start(ws_addr, NAT_IDLE).await;
+        .unwrap_or_else(|| panic!("a ws URL: {ws}"))
+}
+
+/// The JS SDK's probing client in Node, connected through `relay`.
+fn node_sdk(sdk_dir: &std::path::Path, relay: &NatRelay) -> Sdk {
     let mut child = tokio::process::Command::new("node")
         .arg("e2e/heartbeat_nat.mjs")
         .arg(format!("ws://{}/v1/connect", relay.addr))
@@ -265,15 +274,14 @@ async fn the_js_sdk_finds_the_nat_limit_holds_below_it_and_climbs_when_it_rises(
         .arg(STEP.as_millis().to_string())
         .arg(HEALTHY_BEFORE_PROBE.to_string())
         .arg(HOLD.as_millis().to_string())
-        .current_dir(&sdk_dir)
+        .current_dir(sdk_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start node");
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut sdk = Sdk::Node { child, lines };
-    scenario(&server, &relay, &mut sdk).await;
+    Sdk::Node { child, lines }
 }
 
 /// The gateway closes a silent connection at its heartbeat deadline and
@@ -364,6 +372,19 @@ async fn the_rust_sdk_counts_a_timeout_the_gateway_reports_after_an_outage() {
         }),
         ..sdk_options(&relay.addr, token("alice", 3600))
     }));
+    outage_scenario(&server, &relay, &mut sdk).await;
+}
+
+const JS_OUTAGE_TEST: &str = "the_js_sdk_counts_a_timeout_the_gateway_reports_after_an_outage";
+
+#[tokio::test]
+async fn the_js_sdk_counts_a_timeout_the_gateway_reports_after_an_outage() {
+    let Some(sdk_dir) = support::js_sdk_built(JS_OUTAGE_TEST).await else {
+        return;
+    };
+    let server = server();
+    let relay = NatRelay::start(ws_addr(&server), Duration::from_secs(3600)).await;
+    let mut sdk = node_sdk(&sdk_dir, &relay);
     outage_scenario(&server, &relay, &mut sdk).await;
 }
 

@@ -112,24 +112,24 @@ fn register_changes(name: &NodeName, event: &ShardEvent) -> Vec<Change> {
     }
 }
 
-/// What the batch's heartbeat timeouts leave to remember: one per binding
-/// of each connection closed at its heartbeat deadline.
-fn session_timeouts(batch: &[ShardEvent]) -> Vec<(DeviceBinding, SessionTimeout)> {
+/// What a connection closed at its heartbeat deadline leaves to remember:
+/// one timeout per binding (none for any other event).
+fn session_timeouts(event: &ShardEvent) -> Vec<(DeviceBinding, SessionTimeout)> {
+    let ShardEvent::Conn {
+        event:
+            ConnEvent::Closed {
+                bindings,
+                timed_out: Some(timed_out),
+            },
+        ..
+    } = event
+    else {
+        return Vec::new();
+    };
     let closed_at_ms = unix_ms();
-    let mut timeouts = Vec::new();
-    for event in batch {
-        let ShardEvent::Conn {
-            event:
-                ConnEvent::Closed {
-                    bindings,
-                    timed_out: Some(timed_out),
-                },
-            ..
-        } = event
-        else {
-            continue;
-        };
-        for (app, user) in bindings {
+    bindings
+        .iter()
+        .map(|(app, user)| {
             let binding = DeviceBinding {
                 app: app.clone(),
                 user: user.clone(),
@@ -140,10 +140,9 @@ fn session_timeouts(batch: &[ShardEvent]) -> Vec<(DeviceBinding, SessionTimeout)
                 interval_ms: timed_out.interval_ms,
                 closed_at_ms,
             };
-            timeouts.push((binding, timeout));
-        }
-    }
-    timeouts
+            (binding, timeout)
+        })
+        .collect()
 }
 
 /// One recipient's result of a push.
@@ -558,27 +557,26 @@ impl Delivery {
     async fn handle_events(self: &Arc<Self>, batch: &mut Vec<ShardEvent>) {
         // Register changes are applied first, in event order, so a Closed
         // can never overtake the Bound before it, and a resume below never
-        // runs before its binding is registered.
-        let changes: Vec<Change> = batch
-            .iter()
-            .flat_map(|event| register_changes(self.router.name(), event))
-            .collect();
-        if !changes.is_empty()
-            && let Err(error) = self.register.apply(changes).await
-        {
-            tracing::warn!(%error, "register update failed");
+        // runs before its binding is registered. A heartbeat timeout is
+        // remembered where it falls in that order: after its own session's
+        // removal, before the removals of sessions that closed after it
+        // (the device's other session is judged as it was at the timeout).
+        let mut changes: Vec<Change> = Vec::new();
+        for event in batch.iter() {
+            changes.extend(register_changes(self.router.name(), event));
+            let timeouts = session_timeouts(event);
+            if !timeouts.is_empty() {
+                self.apply_register(std::mem::take(&mut changes)).await;
+                if let Err(error) = self
+                    .register
+                    .remember_timeouts(timeouts, self.limits.timeouts_kept_for)
+                    .await
+                {
+                    tracing::warn!(%error, "timed-out sessions not remembered");
+                }
+            }
         }
-        // After the removals above, so the timed-out session itself does
-        // not count as the device's other session; before any later bind.
-        let timeouts = session_timeouts(batch);
-        if !timeouts.is_empty()
-            && let Err(error) = self
-                .register
-                .remember_timeouts(timeouts, self.limits.timeouts_kept_for)
-                .await
-        {
-            tracing::warn!(%error, "timed-out sessions not remembered");
-        }
+        self.apply_register(changes).await;
         for event in batch.iter() {
             self.report_user_state(event);
         }
@@ -688,6 +686,14 @@ impl Delivery {
             // holds up registering the next connections.
             let this = self.clone();
             tokio::spawn(async move { this.resume(resumes).await });
+        }
+    }
+
+    async fn apply_register(&self, changes: Vec<Change>) {
+        if !changes.is_empty()
+            && let Err(error) = self.register.apply(changes).await
+        {
+            tracing::warn!(%error, "register update failed");
         }
     }
 

@@ -503,13 +503,15 @@ impl<D: Driver> Shard<D> {
             }
         }
         self.run_connections(now);
-        let Some(outbox_blocked) = self.flush_outbox(events) else {
-            return Ok(false);
-        };
+        // Before the flush: a connection the tick closes leaves the register
+        // now, not a tick later (after a close the client made since).
         if now >= *next_tick {
             self.handle_tick(now);
             *next_tick = now + TICK;
         }
+        let Some(outbox_blocked) = self.flush_outbox(events) else {
+            return Ok(false);
+        };
 
         let busy = commands_left
             || !self.run_queue.is_empty()

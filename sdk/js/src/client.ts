@@ -744,6 +744,14 @@ export class HeraldClient {
               this.learner?.set(event.intervalMs);
               this.hub.emit(event);
               break;
+            case "previousTimedOut": {
+              // The last connection's pings stopped arriving: if it was lost
+              // without a known cause, its interval failed.
+              if (event.network !== this.network) break;
+              const proposal = this.learner?.previousTimedOut(event.intervalMs, event.closedAgoMs);
+              if (proposal !== undefined) c.proposeHeartbeat(proposal);
+              break;
+            }
             case "bound":
               this.hub.emit(event);
               break;
@@ -784,6 +792,7 @@ export class HeraldClient {
               break;
             }
             case "goAway":
+              this.learner?.explained();
               finish(
                 endedByGoAway(
                   { reason: event.reason, reasonName: event.reasonName, reconnectDelayMs: event.reconnectDelayMs },

@@ -57,6 +57,7 @@ export const Op = {
   Notify: 0x15,
   Pull: 0x16,
   PullReply: 0x17,
+  SessionTimedOut: 0x18,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -77,14 +78,16 @@ export type NetworkType = (typeof NetworkType)[keyof typeof NetworkType];
 
 /**
  * HELLO's `features` bits: the ops a client understands beyond the first v1
- * ones. The server sends TRANSIENT and NOTIFY only to a client that named
- * them; a receiver ignores bits it does not know.
+ * ones. The server sends TRANSIENT, NOTIFY and SESSION_TIMED_OUT only to a
+ * client that named them; a receiver ignores bits it does not know.
  */
 export const Features = {
   /** TRANSIENT frames (`"store": false` pushes). */
   Transient: 0x1,
   /** NOTIFY, PULL and PULL_REPLY (`"delivery": "notify"` pushes). */
   Notify: 0x2,
+  /** SESSION_TIMED_OUT (the previous connection's heartbeat deadline passed). */
+  SessionTimedOut: 0x4,
 } as const;
 
 /** RESET's sequence byte. */
@@ -209,6 +212,7 @@ const OP_NAMES = [
   "NOTIFY",
   "PULL",
   "PULL_REPLY",
+  "SESSION_TIMED_OUT",
 ];
 
 function nameIn(names: readonly string[], code: number): string {
@@ -287,7 +291,13 @@ export type Frame =
     }
   | { type: "pull"; app: string; seq: bigint }
   /** `messageId` is all zeros and `payload` empty unless `status` is ok. */
-  | { type: "pullReply"; app: string; seq: bigint; status: number; messageId: Uint8Array; payload: Uint8Array };
+  | { type: "pullReply"; app: string; seq: bigint; status: number; messageId: Uint8Array; payload: Uint8Array }
+  /**
+   * After BIND_OK: the server closed this device's previous connection of
+   * `app` at its heartbeat deadline, `closedAgoMs` before the bind, while it
+   * pinged at `intervalMs` on `network`.
+   */
+  | { type: "sessionTimedOut"; app: string; network: number; intervalMs: number; closedAgoMs: number };
 
 export type FrameType = Frame["type"];
 /** The frame of one type, e.g. `FrameOf<"push">`. */
@@ -316,6 +326,7 @@ const OP_OF: { [T in FrameType]: Op } = {
   notify: Op.Notify,
   pull: Op.Pull,
   pullReply: Op.PullReply,
+  sessionTimedOut: Op.SessionTimedOut,
 };
 
 /** The op byte of a frame. */
@@ -738,6 +749,17 @@ export function encodeFrame(frame: Frame): Uint8Array {
       w.raw(payload);
       break;
     }
+    case "sessionTimedOut": {
+      const app = strBytes(APP, frame.app);
+      const network = checkInt("network", frame.network, 0xff);
+      const intervalMs = checkInt("interval_ms", frame.intervalMs, 0xffff_ffff);
+      const closedAgoMs = checkInt("closed_ago_ms", frame.closedAgoMs, 0xffff_ffff);
+      w.str(APP, app);
+      w.u8(network);
+      w.u32(intervalMs);
+      w.u32(closedAgoMs);
+      break;
+    }
     default: {
       const unknown: { type?: unknown } = frame;
       throw new EncodeError("invalid_value", "type", `unknown frame type ${String(unknown.type)}`);
@@ -838,7 +860,7 @@ class Reader {
 }
 
 function isOp(byte: number): byte is Op {
-  return byte >= Op.Hello && byte <= Op.PullReply;
+  return byte >= Op.Hello && byte <= Op.SessionTimedOut;
 }
 
 function decodeBody(body: Uint8Array): Frame {
@@ -999,6 +1021,13 @@ function decodeBody(body: Uint8Array): Frame {
     case Op.Heartbeat:
       frame = { type: "heartbeat", intervalMs: r.u32() };
       break;
+    case Op.SessionTimedOut: {
+      const app = r.str(APP);
+      const network = r.u8();
+      const intervalMs = r.u32();
+      frame = { type: "sessionTimedOut", app, network, intervalMs, closedAgoMs: r.u32() };
+      break;
+    }
   }
   r.finish();
   return frame;

@@ -194,7 +194,13 @@ export type ConnEvent =
   /** The server answered a PING: one heartbeat interval held. */
   | { type: "pingAnswered" }
   /** The server answered a HEARTBEAT proposal with the interval now in force. */
-  | { type: "heartbeatSet"; intervalMs: number };
+  | { type: "heartbeatSet"; intervalMs: number }
+  /**
+   * The server closed this device's previous connection at its heartbeat
+   * deadline: its pings, at `intervalMs` on `network`, stopped arriving.
+   * Reported once per connection (the server says it for each app bound again).
+   */
+  | { type: "previousTimedOut"; network: number; intervalMs: number; closedAgoMs: number };
 
 /** Why `upstream` or `pull` refused. */
 export class ConnError extends Error {
@@ -234,6 +240,8 @@ export class ClientConn {
   private heartbeatIntervalMs: number | undefined;
   private nextPing: number | undefined;
   private pingOut = false;
+  /** `previousTimedOut` was reported on this connection. */
+  private previousTimedOut = false;
   private silenceDeadline: number;
   private readonly apps: AppState[];
   private epoch: bigint | undefined;
@@ -248,7 +256,7 @@ export class ClientConn {
       deviceId: config.deviceId,
       clientVersion: config.clientVersion,
       network: config.network,
-      features: Features.Transient | Features.Notify,
+      features: Features.Transient | Features.Notify | Features.SessionTimedOut,
     });
     this.silenceDeadline = now + HANDSHAKE_TIMEOUT_MS;
     this.apps = config.apps.map((credentials) => ({
@@ -383,6 +391,13 @@ export class ClientConn {
         this.pingOut = false;
         this.events.push({ type: "pingAnswered" });
         return;
+      case "sessionTimedOut": {
+        if (this.previousTimedOut || this.app(frame.app) === undefined) return;
+        this.previousTimedOut = true;
+        const { network, intervalMs, closedAgoMs } = frame;
+        this.events.push({ type: "previousTimedOut", network, intervalMs, closedAgoMs });
+        return;
+      }
       case "heartbeat": {
         if (this.phase !== "open") break;
         const interval = Math.max(frame.intervalMs, HEARTBEAT_INTERVAL_MIN_MS);

@@ -10,6 +10,10 @@
  * dropped the idle flow), or closes while a PING is out (a NAT that
  * resets forgotten flows), the interval in force failed: the client falls
  * back to the last one that held and does not probe above it for `holdMs`.
+ * The server may also say, on the next connection, that it closed the
+ * previous one at its heartbeat deadline (SESSION_TIMED_OUT): a loss the
+ * client could not explain then counts the same way, for the interval the
+ * server names.
  * What was learned is kept per network type, and per carrier or Wi-Fi
  * network id when the application supplies one.
  */
@@ -45,6 +49,14 @@ interface Learned {
   holdUntilMs: number;
 }
 
+/** One connection, as far as explaining its loss goes. */
+interface ConnectionRecord {
+  /** When its handshake finished (wall clock, ms since the epoch). */
+  startedMs: number;
+  /** Its loss is explained (counted as a failure, or the server said why with GOAWAY). */
+  explained: boolean;
+}
+
 /** The probing state of one client: what it learned, and where the current connection stands. */
 export class HeartbeatLearner {
   private readonly key: string;
@@ -55,6 +67,9 @@ export class HeartbeatLearner {
   private proposedMs: number | undefined;
   private answered = 0;
   private serverMaxMs: number | undefined;
+  private current: ConnectionRecord | undefined;
+  /** The connection before the current one: what a SESSION_TIMED_OUT on the current one is about. */
+  private previous: ConnectionRecord | undefined;
 
   constructor(
     private readonly probe: HeartbeatProbeOptions,
@@ -72,6 +87,9 @@ export class HeartbeatLearner {
     this.inForceMs = serverIntervalMs;
     this.answered = 0;
     this.serverMaxMs = undefined;
+    this.proposedMs = undefined;
+    this.previous = this.current;
+    this.current = { startedMs: this.wallClock(), explained: false };
     const held = this.learnedByKey[this.key]?.heldMs;
     if (held === undefined || held === serverIntervalMs) return undefined;
     this.proposedMs = held;
@@ -106,15 +124,48 @@ export class HeartbeatLearner {
 
   /** The connection went silent at the interval in force: fall back and hold. */
   failed(): void {
-    const failed = this.inForceMs;
-    const held = this.learnedByKey[this.key]?.heldMs;
-    const fallback = held !== undefined && held < failed ? held : failed - this.probe.stepMs;
-    this.learnedByKey[this.key] = {
-      heldMs: Math.max(fallback, INTERVAL_MIN_MS),
-      holdUntilMs: this.wallClock() + this.probe.holdMs,
-    };
+    this.explained();
+    this.failAt(this.inForceMs);
     this.proposedMs = undefined;
+  }
+
+  /** The server said why the current connection ends (GOAWAY). */
+  explained(): void {
+    if (this.current !== undefined) this.current.explained = true;
+  }
+
+  /**
+   * The server closed the previous connection at its heartbeat deadline
+   * `closedAgoMs` ago, while it pinged at `intervalMs` (on this client's
+   * network type: the caller checks). If that connection's loss was not
+   * explained already and the report is about it (not about one from
+   * before it), the interval failed. Returns the interval to propose now,
+   * when the current connection's is above what is left to hold.
+   */
+  previousTimedOut(intervalMs: number, closedAgoMs: number): number | undefined {
+    const previous = this.previous;
+    if (previous === undefined || previous.explained) return undefined;
+    if (this.wallClock() - closedAgoMs < previous.startedMs) return undefined;
+    previous.explained = true;
+    const held = this.failAt(intervalMs);
+    const pingingAt = this.proposedMs ?? this.inForceMs;
+    if (pingingAt <= held) return undefined;
+    this.proposedMs = held;
+    return held;
+  }
+
+  /**
+   * Counts `failedMs` as an interval the NAT did not keep: falls back to the
+   * last one that held below it (one step down if none did) and holds
+   * probing there. Returns that interval.
+   */
+  private failAt(failedMs: number): number {
+    const held = this.learnedByKey[this.key]?.heldMs;
+    const fallback = held !== undefined && held < failedMs ? held : failedMs - this.probe.stepMs;
+    const heldMs = Math.max(fallback, INTERVAL_MIN_MS);
+    this.learnedByKey[this.key] = { heldMs, holdUntilMs: this.wallClock() + this.probe.holdMs };
     this.save();
+    return heldMs;
   }
 
   /** A proposal is out and unanswered. */

@@ -95,7 +95,7 @@ describe("connecting", () => {
     const socket = last();
     assert.equal(socket.url, GATEWAY);
     socket.open();
-    assert.deepEqual(socket.take(), [{ type: "hello", deviceId: "dev1", clientVersion: "test/1", network: 1, features: 3 }]);
+    assert.deepEqual(socket.take(), [{ type: "hello", deviceId: "dev1", clientVersion: "test/1", network: 1, features: 7 }]);
     socket.receive({ type: "helloOk", heartbeatIntervalMs: 30_000, storageEpoch: 3n });
     assert.deepEqual(socket.take(), [
       { type: "bind", app: "chat", token: "a", tags: [] },

@@ -82,7 +82,7 @@ const seqsOf = (list: ConnEvent[], type: "push" | "broadcast"): bigint[] =>
 describe("handshake", () => {
   test("HELLO first, then BIND with the resume point after HELLO_OK, and PING on the interval", () => {
     const conn = start(4n);
-    assert.deepEqual(drain(conn), [{ type: "hello", deviceId: "phone", clientVersion: "test", network: 1, features: 3 }]);
+    assert.deepEqual(drain(conn), [{ type: "hello", deviceId: "phone", clientVersion: "test", network: 1, features: 7 }]);
     assert.equal(conn.isOpen, false);
     conn.handleFrame(T0, helloOk());
     assert.deepEqual(drain(conn), [

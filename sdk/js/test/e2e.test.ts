@@ -138,7 +138,7 @@ describe("end to end over ws", { timeout: 15_000 }, () => {
       deviceId: "e2e-device",
       clientVersion: "e2e",
       network: 3,
-      features: 3,
+      features: 7,
     });
     first.send({ type: "helloOk", heartbeatIntervalMs: 60_000, storageEpoch: 9n });
     assert.deepEqual(await first.expect("bind"), { type: "bind", app: "chat", token: "tok", tags: ["platform=node"] });

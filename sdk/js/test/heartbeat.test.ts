@@ -63,6 +63,65 @@ describe("HeartbeatLearner", () => {
     assert.equal(learner.pingAnswered(), 40_000);
   });
 
+  test("a timeout the server reports counts for an unexplained loss only, once", () => {
+    let wall = T0;
+    const learner = new HeartbeatLearner(probe(new MapStorage()), "wifi", () => wall);
+    // The first connection: nothing before it to report about.
+    learner.connected(30_000);
+    assert.equal(learner.previousTimedOut(30_000, 0), undefined);
+    learner.pingAnswered();
+    assert.equal(learner.pingAnswered(), 40_000);
+    learner.set(40_000);
+    wall += 60_000;
+    // Lost with no PING out; the next connection starts at the 30 s that
+    // held, and the server says the 40 s one timed out.
+    assert.equal(learner.connected(30_000), undefined);
+    assert.equal(learner.previousTimedOut(40_000, 1_000), undefined);
+    assert.equal(learner.learnedMs, 30_000);
+    learner.pingAnswered();
+    assert.equal(learner.pingAnswered(), undefined, "no probe above 30 s for now");
+    // A loss already counted is not counted again.
+    learner.failed();
+    assert.equal(learner.learnedMs, 20_000);
+    wall += 60_000;
+    learner.connected(30_000);
+    assert.equal(learner.previousTimedOut(30_000, 0), undefined);
+    assert.equal(learner.learnedMs, 20_000);
+  });
+
+  test("a reported timeout of the interval in force moves the current connection down", () => {
+    let wall = T0;
+    const learner = new HeartbeatLearner(probe(new MapStorage()), "wifi", () => wall);
+    learner.connected(30_000);
+    learner.pingAnswered();
+    learner.pingAnswered();
+    learner.set(40_000);
+    learner.pingAnswered();
+    learner.pingAnswered();
+    learner.set(50_000);
+    learner.pingAnswered();
+    learner.pingAnswered();
+    wall += 600_000;
+    assert.equal(learner.connected(30_000), 50_000);
+    learner.set(50_000);
+    assert.equal(learner.previousTimedOut(50_000, 0), 40_000);
+    assert.equal(learner.learnedMs, 40_000);
+  });
+
+  test("a report about a connection before the last, or after a GOAWAY, changes nothing", () => {
+    let wall = T0;
+    const learner = new HeartbeatLearner(probe(new MapStorage()), "wifi", () => wall);
+    learner.connected(30_000);
+    wall += 1_000;
+    learner.connected(30_000);
+    wall += 1_000;
+    assert.equal(learner.previousTimedOut(30_000, 3_600_000), undefined, "closed before it began");
+    learner.explained();
+    learner.connected(30_000);
+    assert.equal(learner.previousTimedOut(30_000, 0), undefined, "the server said why");
+    assert.equal(learner.learnedMs, undefined);
+  });
+
   test("learned intervals are kept in the storage per network type and id", () => {
     const storage = new MapStorage();
     const learner = new HeartbeatLearner(probe(storage), "wifi");
@@ -78,6 +137,31 @@ describe("HeartbeatLearner", () => {
 });
 
 describe("ClientConn heartbeat negotiation", () => {
+  test("a previous timeout is reported once per connection, for a bound app", () => {
+    const conn = new ClientConn(T0, {
+      deviceId: "phone",
+      clientVersion: "test",
+      network: 1,
+      apps: [{ app: "chat", token: "t", tags: [] }],
+      storageEpoch: undefined,
+    });
+    conn.handleFrame(T0, { type: "helloOk", heartbeatIntervalMs: 1_000 });
+    while (conn.pollEvent() !== undefined);
+    const report = (app: string): Frame => ({
+      type: "sessionTimedOut",
+      app,
+      network: 2,
+      intervalMs: 45_000,
+      closedAgoMs: 2_000,
+    });
+    conn.handleFrame(T0, report("mail"));
+    conn.handleFrame(T0, report("chat"));
+    conn.handleFrame(T0, report("chat"));
+    const reports = [];
+    for (let e = conn.pollEvent(); e !== undefined; e = conn.pollEvent()) reports.push(e);
+    assert.deepEqual(reports, [{ type: "previousTimedOut", network: 2, intervalMs: 45_000, closedAgoMs: 2_000 }]);
+  });
+
   test("a proposal goes out, and the answer moves the pings and the silence deadline", () => {
     const conn = new ClientConn(T0, {
       deviceId: "phone",
