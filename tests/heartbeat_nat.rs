@@ -6,8 +6,8 @@
 //! (`sdk/js/e2e/heartbeat_nat.mjs`; needs Node 20+ and the SDK's npm
 //! packages, else skipped, except with CI=true). And the gateway's report
 //! of a connection it closed at its heartbeat deadline (SESSION_TIMED_OUT):
-//! what a raw client's next bind hears, and what each SDK makes of it after
-//! an outage.
+//! what a raw client's next bind hears (on one node, and on another node
+//! of a cluster), and what each SDK makes of it after an outage.
 
 mod support;
 
@@ -350,6 +350,77 @@ async fn the_next_bind_hears_that_the_last_connection_timed_out() {
 
     let series = format!("herald_session_timeouts_reported_total{{app=\"{APP}\"}}");
     assert_eq!(server.counter(&series).await, 1);
+}
+
+/// In a cluster the timeout is kept with the register: a device whose
+/// connection timed out on one room node hears it when it binds on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_on_another_room_node_hears_of_the_timeout() {
+    const TEST: &str = "a_bind_on_another_room_node_hears_of_the_timeout";
+    let Some(engines) = support::cluster::Engines::create(TEST).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rooms: Vec<Server> = ["room-0", "room-1"]
+        .into_iter()
+        .map(|node| {
+            let path = support::cluster::write_node_config(
+                dir.path(),
+                node,
+                &engines.redis,
+                &engines.database_url,
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, text.replacen("wifi = 60", "wifi = 1", 1)).unwrap();
+            Server::spawn_node("room", &path, None)
+        })
+        .collect();
+
+    let mut first = RawClient::bound(&rooms[0].gateway, "phone", "carol", None).await;
+    let goaway = Frame::GoAway {
+        reason: herald_proto::GoAwayReason::HEARTBEAT_TIMEOUT,
+        reconnect_delay_ms: None,
+    };
+    assert_eq!(first.recv().await, Some(goaway));
+    drop(first);
+    // Room-0's control plane writes the timeout to Redis as it takes the
+    // close: wait for it, so the bind below cannot overtake it.
+    let herald_control::cluster::connection::RedisTarget::Single(redis_url) = &engines.redis else {
+        unreachable!("the engines' Redis is one server")
+    };
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("herald:{{{APP}:carol}}:timed_out:phone");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis::AsyncCommands::exists::<_, bool>(&mut redis, &key)
+        .await
+        .unwrap()
+    {
+        assert!(Instant::now() < deadline, "the timeout never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = RawClient::bound(&rooms[1].gateway, "phone", "carol", None).await;
+    match again.recv().await {
+        Some(Frame::SessionTimedOut {
+            app,
+            network,
+            interval_ms,
+            ..
+        }) => assert_eq!(
+            (app.as_str(), network, interval_ms),
+            (APP, NetworkType::Wifi, 1_000)
+        ),
+        other => panic!("expected SESSION_TIMED_OUT, got {other:?}"),
+    }
+    assert!(
+        !redis::AsyncCommands::exists::<_, bool>(&mut redis, &key)
+            .await
+            .unwrap(),
+        "taken by the bind"
+    );
 }
 
 /// A connection lost with no PING out (the client's network went away)
