@@ -1017,6 +1017,9 @@ impl<D: Driver> Shard<D> {
             receiving,
             ..
         } = self.conns.remove(slot);
+        // Counted before the socket goes: a client that sees its connection
+        // end, then reads /metrics, finds the close there.
+        self.counters().connection_closed(end);
         self.driver
             .remove_conn(socket, conn_token(slot, generation), receiving);
         if let Some(partial) = partial {
@@ -1037,7 +1040,6 @@ impl<D: Driver> Shard<D> {
                 self.read_pool.give(buffer);
             }
         }
-        self.counters().connection_closed(end);
         // A connection that began a close was unregistered then.
         if closing.is_none()
             && let Some(event) = closed_event(id, &server, end, &self.settings.auth)
