@@ -122,6 +122,16 @@ async fn timeouts_wait_for_the_next_bind(register: &dyn Register) {
         closed_at_ms: 1_764_000_000_000,
     };
     let minute = std::time::Duration::from_secs(60);
+    let remember = |binding, kept_for| async move {
+        register
+            .remember_timeouts(vec![(binding, timeout)], kept_for)
+            .await
+            .unwrap();
+    };
+    let take = |binding| async move {
+        let taken = register.take_timeouts(vec![binding]).await.unwrap();
+        taken[0]
+    };
     // Device 1 of tim times out; tim's device 2 is still connected.
     register
         .apply(vec![add("tim", 1, "room-t", 1), add("tim", 2, "room-t", 1)])
@@ -133,10 +143,7 @@ async fn timeouts_wait_for_the_next_bind(register: &dyn Register) {
         conn: conn(1),
     };
     register.apply(vec![removed]).await.unwrap();
-    register
-        .remember_timeouts(vec![(binding("tim", "device-1"), timeout)], minute)
-        .await
-        .unwrap();
+    remember(binding("tim", "device-1"), minute).await;
     let asked = vec![
         binding("tim", "device-1"),
         binding("tim", "device-2"),
@@ -156,33 +163,17 @@ async fn timeouts_wait_for_the_next_bind(register: &dyn Register) {
         .apply(vec![add("tim", 2, "room-t", 1)])
         .await
         .unwrap();
-    register
-        .remember_timeouts(vec![(binding("tim", "device-2"), timeout)], minute)
-        .await
-        .unwrap();
+    remember(binding("tim", "device-2"), minute).await;
     assert_eq!(
-        register
-            .take_timeouts(vec![binding("tim", "device-2")])
-            .await
-            .unwrap(),
-        [None],
+        take(binding("tim", "device-2")).await,
+        None,
         "the device came back by itself"
     );
     // Kept for a while only.
     let short = std::time::Duration::from_millis(50);
-    register
-        .remember_timeouts(vec![(binding("tom", "device-1"), timeout)], short)
-        .await
-        .unwrap();
+    remember(binding("tom", "device-1"), short).await;
     tokio::time::sleep(short * 3).await;
-    assert_eq!(
-        register
-            .take_timeouts(vec![binding("tom", "device-1")])
-            .await
-            .unwrap(),
-        [None],
-        "expired"
-    );
+    assert_eq!(take(binding("tom", "device-1")).await, None, "expired");
 }
 
 /// The scenario on `target`; `flush` empties it.

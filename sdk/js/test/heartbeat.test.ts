@@ -136,16 +136,22 @@ describe("HeartbeatLearner", () => {
   });
 });
 
+/** A connection that got HELLO_OK (1 s) for the app `chat`. */
+function openConn(): ClientConn {
+  const conn = new ClientConn(T0, {
+    deviceId: "phone",
+    clientVersion: "test",
+    network: 1,
+    apps: [{ app: "chat", token: "t", tags: [] }],
+    storageEpoch: undefined,
+  });
+  conn.handleFrame(T0, { type: "helloOk", heartbeatIntervalMs: 1_000 });
+  return conn;
+}
+
 describe("ClientConn heartbeat negotiation", () => {
   test("a previous timeout is reported once per connection, for a bound app", () => {
-    const conn = new ClientConn(T0, {
-      deviceId: "phone",
-      clientVersion: "test",
-      network: 1,
-      apps: [{ app: "chat", token: "t", tags: [] }],
-      storageEpoch: undefined,
-    });
-    conn.handleFrame(T0, { type: "helloOk", heartbeatIntervalMs: 1_000 });
+    const conn = openConn();
     while (conn.pollEvent() !== undefined);
     const report = (app: string): Frame => ({
       type: "sessionTimedOut",
@@ -163,14 +169,7 @@ describe("ClientConn heartbeat negotiation", () => {
   });
 
   test("a proposal goes out, and the answer moves the pings and the silence deadline", () => {
-    const conn = new ClientConn(T0, {
-      deviceId: "phone",
-      clientVersion: "test",
-      network: 1,
-      apps: [{ app: "chat", token: "t", tags: [] }],
-      storageEpoch: undefined,
-    });
-    conn.handleFrame(T0, { type: "helloOk", heartbeatIntervalMs: 1_000 });
+    const conn = openConn();
     while (conn.pollTransmit() !== undefined);
     while (conn.pollEvent() !== undefined);
     conn.proposeHeartbeat(5_000);
